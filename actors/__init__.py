@@ -1,0 +1,1 @@
+"""Thespian actors: each a thin host around a plain logic class."""

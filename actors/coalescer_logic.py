@@ -1,0 +1,217 @@
+"""The Coalescer's logic: one small state machine per coalescing key (singleflight).
+
+    Submit(key)  no flight  -> new flight, leader; ask the Pacer for a lease  (asking)
+                 in flight  -> follower; add a reference for the submitting edge
+    LeaseQueued             -> admit everyone waiting                         (queued)
+    LeaseGranted            -> admit everyone waiting; Pool opens the stream  (streaming)
+    LeaseDenied             -> reject everyone waiting (429); end the stream for the admitted
+    Cancel(edge)            -> drop one reference; the last one aborts the upstream call
+                               (or gives the lease back if it never started)
+    StreamFinished          -> forget the flight; an error is remembered for `error_ttl_s`
+                               and replayed to identical requests without an upstream call
+
+References are counted per edge process, not per client: an edge joins identical local
+requests itself and holds one reference per `Admitted` it received, so a burst of N
+identical requests on one edge costs O(1) messages here. The flight belongs to the key,
+not to the leader, so a leader that leaves hands the stream to the followers for free.
+
+A request with an empty key (non-idempotent: tools, or the client opted out) or any
+request while coalescing is disabled gets a flight of its own.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from actors.effects import After, Send
+from protocols import messages as m
+from protocols.config import account
+
+ASKING, QUEUED, STREAMING = "asking", "queued", "streaming"
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetError:
+    """Timer: the error remembered for `key` has outlived its TTL."""
+
+    key: str
+
+
+@dataclass
+class Flight:
+    key: str
+    stream_id: str
+    provider: str
+    model: str
+    body: dict
+    phase: str = ASKING
+    refs: Counter = field(default_factory=Counter)  # edge_id -> Admitted replies held
+    waiting: list = field(default_factory=list)  # (sender, request_id, edge_id, role)
+
+
+@dataclass
+class CoalescerFlags:
+    coalesce_enabled: bool = True
+    stream_fanout_enabled: bool = True
+    error_ttl_s: float = 2.0
+
+
+@dataclass
+class CoalescerLogic:
+    """`me` is this shard's own address string, given to the Pool for StreamFinished."""
+
+    me: str = ""
+    flags: CoalescerFlags = field(default_factory=CoalescerFlags)
+    by_key: dict = field(default_factory=dict)
+    by_stream: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)  # key -> (error event, expires_at, stream_id)
+    leaders_total: int = 0
+    followers_total: int = 0
+
+    def handle(self, msg, sender, now: float) -> list:
+        if isinstance(msg, m.Submit):
+            return self._submit(msg, sender, now)
+        if isinstance(msg, (m.LeaseQueued, m.LeaseGranted, m.LeaseDenied)):
+            return self._lease_answer(msg, sender)
+        if isinstance(msg, m.Cancel):
+            return self._cancel(msg)
+        if isinstance(msg, m.StreamFinished):
+            return self._finished(msg, now)
+        if isinstance(msg, ForgetError):
+            entry = self.errors.get(msg.key)
+            if entry and entry[1] <= now:
+                del self.errors[msg.key]
+            return []
+        return []
+
+    # --- admission ------------------------------------------------------------------------
+    def _submit(self, msg: m.Submit, sender, now: float) -> list:
+        key = msg.key if (msg.key and self.flags.coalesce_enabled) else f"solo:{msg.request_id}"
+        remembered = self.errors.get(key)
+        if remembered and remembered[1] > now:
+            self.followers_total += 1
+            return [Send(sender, self._admitted(msg.request_id, remembered[2], "follower", remembered[0]))]
+        flight = self.by_key.get(key)
+        if flight is not None:
+            self.followers_total += 1
+            flight.refs[msg.edge_id] += 1
+            if flight.phase == ASKING:
+                flight.waiting.append((sender, msg.request_id, msg.edge_id, "follower"))
+                return []
+            return [Send(sender, self._admitted(msg.request_id, flight.stream_id, "follower"))]
+        self.leaders_total += 1
+        flight = Flight(key, f"s-{msg.request_id}", msg.provider, msg.model, msg.body)
+        flight.refs[msg.edge_id] += 1
+        flight.waiting.append((sender, msg.request_id, msg.edge_id, "leader"))
+        self.by_key[key] = flight
+        self.by_stream[flight.stream_id] = flight
+        return [Send(pacer_role(msg.provider), m.LeaseRequest(flight.stream_id, msg.provider, now))]
+
+    def _lease_answer(self, msg, sender) -> list:
+        flight = self.by_stream.get(msg.lease_id)
+        if flight is None:
+            # Everyone left while we asked: give a granted lease straight back.
+            return [Send(sender, m.LeaseCancel(msg.lease_id))] if isinstance(msg, m.LeaseGranted) else []
+        out: list = []
+        if isinstance(msg, m.LeaseDenied):
+            self._forget(flight)
+            for sender, request_id, _edge, _role in flight.waiting:
+                out.append(Send(sender, m.Rejected(request_id, msg.status, msg.code, msg.message, msg.retry_after_s)))
+            if flight.phase == QUEUED:
+                out.append(Send("pool", m.FailStream(flight.stream_id, msg.code, msg.message)))
+            return out
+        for sender, request_id, _edge, role in flight.waiting:
+            out.append(Send(sender, self._admitted(request_id, flight.stream_id, role)))
+        flight.waiting.clear()
+        if isinstance(msg, m.LeaseQueued):
+            flight.phase = QUEUED
+            return out
+        flight.phase = STREAMING
+        out.append(
+            Send(
+                "pool",
+                m.OpenStream(
+                    flight.stream_id,
+                    flight.provider,
+                    flight.model,
+                    flight.body,
+                    msg.lease_id,
+                    msg.queue_wait_ms,
+                    self.me,
+                ),
+            )
+        )
+        return out
+
+    # --- leaving and ending -------------------------------------------------------------
+    def _cancel(self, msg: m.Cancel) -> list:
+        flight = self.by_stream.get(msg.stream_id)
+        if flight is None or flight.refs[msg.edge_id] <= 0:
+            return []
+        flight.refs[msg.edge_id] -= 1
+        if flight.refs[msg.edge_id] <= 0:
+            del flight.refs[msg.edge_id]
+        if flight.refs:
+            return []
+        self._forget(flight)
+        if flight.phase == STREAMING:
+            return [Send("pool", m.AbortStream(flight.stream_id, msg.requested_at))]
+        return [
+            Send(pacer_role(flight.provider), m.LeaseCancel(flight.stream_id)),
+            Send("pool", m.FailStream(flight.stream_id, "cancelled", "cancelled before the upstream call started")),
+        ]
+
+    def _finished(self, msg: m.StreamFinished, now: float) -> list:
+        flight = self.by_stream.get(msg.stream_id)
+        if flight is not None:
+            self._forget(flight)
+        if msg.outcome != "error" or flight is None or flight.key.startswith("solo:"):
+            return []
+        ttl = self.flags.error_ttl_s
+        if ttl <= 0:
+            return []
+        self.errors[flight.key] = (msg.error or {"type": "error", "code": "upstream_error", "message": ""}, now + ttl, msg.stream_id)
+        return [After(ttl, ForgetError(flight.key))]
+
+    def _forget(self, flight: Flight) -> None:
+        self.by_stream.pop(flight.stream_id, None)
+        if self.by_key.get(flight.key) is flight:
+            del self.by_key[flight.key]
+
+    def _admitted(self, request_id: str, stream_id: str, role: str, error: dict | None = None) -> m.Admitted:
+        return m.Admitted(
+            request_id,
+            stream_id,
+            role,
+            error,
+            self.flags.coalesce_enabled,
+            self.flags.stream_fanout_enabled,
+        )
+
+    # --- admin ------------------------------------------------------------------------------
+    def state(self, now: float) -> dict:
+        return {
+            "flags": {
+                "coalesce_enabled": self.flags.coalesce_enabled,
+                "stream_fanout_enabled": self.flags.stream_fanout_enabled,
+                "error_ttl_s": self.flags.error_ttl_s,
+            },
+            "in_flight": [
+                {
+                    "key": f.key[:16],
+                    "stream_id": f.stream_id,
+                    "phase": f.phase,
+                    "edge_refs": sum(f.refs.values()),
+                }
+                for f in self.by_key.values()
+            ],
+            "errors_remembered": sum(1 for e in self.errors.values() if e[1] > now),
+            "leaders_total": self.leaders_total,
+            "followers_total": self.followers_total,
+        }
+
+
+def pacer_role(provider: str) -> str:
+    """The Pacer guarding the rate limit of the account `provider` bills to."""
+    return f"pacer:{account(provider).lower()}"
+

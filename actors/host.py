@@ -1,0 +1,121 @@
+"""The thin Thespian host every sluice actor is: decode, hand to logic, carry out effects.
+
+Why a host and a logic class: the logic is a plain class (state + `handle(msg, sender,
+now)` -> effects) that the simulation harness drives on a virtual clock; the host is the
+only place that knows about Thespian. The host never lets an exception reach Thespian,
+which would redeliver the message (2-3 times) and then declare it poison: a message that
+fails to decode or to handle gets an `ErrorReply` instead.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+
+from thespian.actors import (
+    ActorAddress,
+    ActorExitRequest,
+    Actor,
+    ChildActorExited,
+    PoisonMessage,
+    WakeupMessage,
+)
+
+from actors import addressing
+from actors.effects import After, Send
+from protocols import messages as m
+
+log = logging.getLogger("sluice.actors")
+
+
+class Timer:
+    """Payload of a Thespian wakeup: a message for this actor's own logic (never sent)."""
+
+    __slots__ = ("msg",)
+
+    def __init__(self, msg: Any):
+        self.msg = msg
+
+
+class HostActor(Actor):
+    """Base of every sluice actor. Subclasses implement `on_message(msg, sender, now)`
+    returning effects, and may override `on_wire`, `on_system`."""
+
+    role = "actor"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.directory: dict[str, str] = {}
+        self.settings: dict = {}
+
+    # --- Thespian entry point -----------------------------------------------------------
+    def receiveMessage(self, msg, sender):
+        try:
+            if isinstance(msg, (bytes, bytearray)):
+                self._on_bytes(bytes(msg), sender)
+            elif isinstance(msg, WakeupMessage):
+                if isinstance(msg.payload, Timer):
+                    self.apply(self.on_message(msg.payload.msg, None, time.time()))
+            elif isinstance(msg, (ActorExitRequest, ChildActorExited, PoisonMessage)):
+                self.on_system(msg, sender)
+            else:
+                self.on_system(msg, sender)
+        except Exception as exc:  # never let Thespian redeliver
+            log.exception("%s failed handling %s", self.role, type(msg).__name__)
+            if isinstance(msg, (bytes, bytearray)) and isinstance(sender, ActorAddress):
+                self.send(sender, m.encode(m.ErrorReply("internal_error", f"{self.role}: {exc}")))
+        return self.watch()
+
+    def _on_bytes(self, data: bytes, sender) -> None:
+        msg = m.decode(data)
+        if isinstance(msg, m.Invalid):
+            self.send(sender, m.encode(m.ErrorReply("bad_message", msg.reason)))
+            return
+        if isinstance(msg, m.Wire):
+            self.directory = dict(msg.directory)
+            self.settings = dict(msg.settings)
+            self.on_wire(msg)
+            if msg.role != "supervisor":
+                self.send(sender, m.encode(m.Ready(msg.role, my_address(self))))
+            return
+        self.apply(self.on_message(msg, sender, time.time()))
+
+    # --- carrying out effects -----------------------------------------------------------
+    def apply(self, effects) -> None:
+        for effect in effects or ():
+            if isinstance(effect, Send):
+                target = self.resolve(effect.to)
+                if target is None:
+                    log.warning("%s: no address for %r, dropped %s", self.role, effect.to, type(effect.msg).__name__)
+                    continue
+                self.send(target, m.encode(effect.msg))
+            elif isinstance(effect, After):
+                self.wakeupAfter(timedelta(seconds=max(0.0, effect.delay_s)), payload=Timer(effect.msg))
+
+    def resolve(self, to) -> ActorAddress | None:
+        if isinstance(to, ActorAddress):
+            return to
+        if isinstance(to, str):
+            if to in self.directory:
+                return addressing.from_string(self.directory[to])
+            if ":" in to and to.rpartition(":")[2].isdigit():
+                return addressing.from_string(to)
+        return None
+
+    # --- hooks ------------------------------------------------------------------------------
+    def on_message(self, msg, sender, now: float) -> list:
+        return []
+
+    def on_wire(self, wire: m.Wire) -> None:
+        pass
+
+    def on_system(self, msg, sender) -> None:
+        pass
+
+    def watch(self):
+        return None
+
+
+def my_address(actor: Actor) -> str:
+    return addressing.to_string(actor.myAddress)

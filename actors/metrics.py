@@ -1,0 +1,62 @@
+"""The Metrics actor: hosts MetricsLogic (samples, percentiles, Prometheus text) and the
+AlertEvaluator (the sign-off sheet's four rules, evaluated every few seconds)."""
+from __future__ import annotations
+
+import logging
+
+from actors.alerts import AlertEvaluator
+from actors.effects import After, Send
+from actors.host import HostActor
+from actors.metrics_logic import MetricsLogic
+from protocols import messages as m
+
+log = logging.getLogger("sluice.alerts")
+
+EVALUATE_EVERY_S = 5.0
+
+
+class EvaluateAlerts:
+    """Timer: evaluate the alert rules."""
+
+
+class MetricsActor(HostActor):
+    role = "metrics"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logic = MetricsLogic()
+        self.alerts: AlertEvaluator | None = None
+
+    def on_wire(self, wire: m.Wire) -> None:
+        if self.alerts is None:
+            self.alerts = AlertEvaluator(wire.settings.get("alert_thresholds") or None)
+            self.apply([After(EVALUATE_EVERY_S, EvaluateAlerts())])
+
+    def on_message(self, msg, sender, now):
+        if isinstance(msg, m.Records):
+            self.logic.ingest(msg.records, now)
+            return []
+        if isinstance(msg, m.QueryPerformance):
+            return [Send(sender, m.Performance(self.logic.performance(msg.last_n, now)))]
+        if isinstance(msg, m.QueryPrometheus):
+            return [Send(sender, m.PrometheusText(self.logic.prometheus(now)))]
+        if isinstance(msg, m.QueryAlerts):
+            report = self.alerts.alerts(now) if self.alerts else {"firing": [], "pending": []}
+            return [Send(sender, m.AlertsReport(report))]
+        if isinstance(msg, EvaluateAlerts):
+            for transition in self.alerts.evaluate(self.logic, now):
+                log.warning("alert %s", transition)
+            return [After(EVALUATE_EVERY_S, EvaluateAlerts())]
+        if isinstance(msg, m.GetState):
+            return [Send(sender, m.State(self.role, self.logic.summary(now)))]
+        if isinstance(msg, m.Admin):
+            return self._admin(msg, sender, now)
+        return []
+
+    def _admin(self, msg: m.Admin, sender, now) -> list:
+        if msg.command == "show":
+            return [Send(sender, m.AdminResult(True, self.logic.summary(now)))]
+        if msg.command == "reset":
+            self.logic.reset(now)
+            return [Send(sender, m.AdminResult(True, self.logic.summary(now)))]
+        return [Send(sender, m.AdminResult(False, {}, f"metrics: unknown command {msg.command!r} (show, reset)"))]

@@ -1,0 +1,471 @@
+"""The Metrics actor's logic: measurement records in, percentiles and Prometheus text out.
+
+This module owns:
+  * validating the measurement records every other part of sluice sends (`Records`
+    messages, see protocols/messages.py) and counting the ones it cannot use;
+  * bounded ring buffers of the last `capacity` request / upstream / cancel records,
+    from which `performance(last_n)` computes nearest-rank percentiles (this is what
+    `GET /api/metrics/performance?last_n=...` returns);
+  * cumulative counters and fixed-bucket histograms since start, rendered by hand as
+    Prometheus text exposition format 0.0.4 (`prometheus()`), so the product needs no
+    Prometheus client library;
+  * the latest value of each gauge.
+
+It does no I/O and reads no clock: the Thespian actor that hosts it passes `now`
+(wall-clock float seconds) into every call. Alert rules live in actors/alerts.py.
+
+Record kinds (a batch is a list of dicts; unknown extra fields are ignored so senders can
+add fields before this module reads them):
+
+  request   {"kind":"request", "request_id":str, "role":"leader"|"follower",
+             "outcome":"done"|"error"|"cancelled"|"rejected", "error_code":str|None,
+             "ttft_ms":float|None, "queue_wait_ms":float|None, "latency_ms":float,
+             "at":float}                     -- one per client request, from the edge
+  upstream  {"kind":"upstream", "stream_id":str, "provider":str,
+             "outcome":"done"|"error"|"cancelled", "error_code":str|None,
+             "upstream_ttft_ms":float|None, "latency_ms":float, "at":float}
+                                             -- one per upstream call, from the Pool
+  cancel    {"kind":"cancel", "stream_id":str, "cancel_ms":float, "at":float}
+                                             -- cancel request -> upstream abort
+  gauge     {"kind":"gauge", "name":"active_streams"|"pacer_queue_depth"|"pacer_tokens",
+             "labels":{str:str}, "value":float, "at":float}
+                                             -- latest `at` wins per (name, labels)
+
+A record is rejected (counted in `rejected_records`, never raised) when it is not a dict,
+has an unknown kind, misses a field, has a field of the wrong type, has an enum value
+outside the lists above, or has a duration that is negative, NaN or infinite (such a
+value would poison every percentile and histogram after it).
+
+Definitions used by `performance(last_n, now)`:
+  * the window is the last `last_n` request records *received* (arrival order, not `at`
+    order); `window.from` / `window.to` are the smallest / largest `at` among them;
+  * ttft_ms, queue_wait_ms, latency_ms: nearest-rank p50/p95/p99 over the window's
+    non-None samples; `count` is the number of such samples;
+  * cancel_ms: nearest-rank over the last `last_n` cancel records (their own window);
+  * error_rate: requests with outcome "error" or "rejected" / requests in the window
+    (0.0 for an empty window); "cancelled" is the client leaving, not an error;
+  * coalesce: leaders and followers by the `role` the edge reported;
+  * upstream_calls: upstream records (still in the ring) whose `at` lies in
+    [window.from, window.to]; 0 for an empty window. Upstream and request records come
+    from different actors, so a count window cannot be shared; the time span is the
+    only common axis;
+  * active_streams: the sum of the latest `active_streams` gauge over all label sets
+    (one per Pool / edge that reports it), 0 when none was reported.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from itertools import islice
+from typing import NamedTuple
+
+# Bucket upper bounds in seconds. 1 and 1.5 are the queue-wait and TTFT alert thresholds,
+# so `histogram_quantile(...) > threshold` in docs/prometheus-alerts.yml compares against
+# a bucket boundary and is not blurred by interpolation. The tail (60, 120) is there for
+# whole-response durations, which for LLMs run to minutes.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
+           60.0, 120.0)
+
+ROLES = ("leader", "follower")
+REQUEST_OUTCOMES = ("done", "error", "cancelled", "rejected")
+UPSTREAM_OUTCOMES = ("done", "error", "cancelled")
+GAUGE_NAMES = ("active_streams", "pacer_queue_depth", "pacer_tokens")
+PERCENTILES = (50, 95, 99)
+
+# Cardinality caps: a sender bug (a request id used as a label, say) must not grow the
+# actor's memory or the scrape without bound. Series past the cap are rejected records.
+MAX_GAUGE_SERIES = 1000
+MAX_PROVIDERS = 100
+
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+class _Request(NamedTuple):
+    role: str
+    outcome: str
+    ttft_ms: float | None
+    queue_wait_ms: float | None
+    latency_ms: float
+    at: float
+
+
+class _Upstream(NamedTuple):
+    provider: str
+    outcome: str
+    at: float
+
+
+class _Cancel(NamedTuple):
+    cancel_ms: float
+    at: float
+
+
+class _Malformed(Exception):
+    """Internal: a record failed validation (never leaves this module)."""
+
+
+# --- validation helpers -------------------------------------------------------------
+
+
+def _number(rec: dict, key: str, *, duration: bool = False, optional: bool = False):
+    if key not in rec:
+        raise _Malformed(key)
+    v = rec[key]
+    if v is None and optional:
+        return None
+    # bool is an int subclass; True as a latency is a sender bug, not 1 ms.
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _Malformed(key)
+    v = float(v)
+    if not math.isfinite(v) or (duration and v < 0):
+        raise _Malformed(key)
+    return v
+
+
+def _string(rec: dict, key: str, *, optional: bool = False, choices=None):
+    if key not in rec:
+        raise _Malformed(key)
+    v = rec[key]
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or (choices is not None and v not in choices):
+        raise _Malformed(key)
+    return v
+
+
+def _labels(rec: dict) -> tuple[tuple[str, str], ...]:
+    labels = rec.get("labels", {})
+    if labels is None:
+        labels = {}
+    if not isinstance(labels, dict):
+        raise _Malformed("labels")
+    for k, v in labels.items():
+        if not isinstance(k, str) or not _LABEL_NAME.match(k) or k.startswith("__"):
+            raise _Malformed("labels")
+        if not isinstance(v, str):
+            raise _Malformed("labels")
+    return tuple(sorted(labels.items()))
+
+
+def nearest_rank(sorted_samples: list[float], p: int) -> float | None:
+    """Nearest-rank percentile: the smallest sample with at least p% of samples <= it.
+
+    Integer arithmetic for the rank (ceil(p*n/100)) so that 0.95*100 rounding cannot move
+    the rank by one.
+    """
+    n = len(sorted_samples)
+    if n == 0:
+        return None
+    rank = max(1, -(-p * n // 100))
+    return sorted_samples[rank - 1]
+
+
+def _stats(samples) -> dict:
+    values = sorted(v for v in samples if v is not None)
+    out = {f"p{p}": nearest_rank(values, p) for p in PERCENTILES}
+    out["count"] = len(values)
+    return out
+
+
+class _Histogram:
+    """Cumulative since start; reset() does not clear it (Prometheus counters must only
+    grow, and a scrape-side rate() handles windows)."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(BUCKETS)  # per bucket, not cumulative; summed on render
+        self.inf = 0  # observations above the last finite bound
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                break
+        else:
+            self.inf += 1
+        self.sum += seconds
+        self.count += 1
+
+
+class MetricsLogic:
+    """State of the Metrics actor. See the module docstring for record kinds and
+    definitions."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError("capacity must be a positive int")
+        self.capacity = capacity
+        self._requests: deque[_Request] = deque(maxlen=capacity)
+        self._upstreams: deque[_Upstream] = deque(maxlen=capacity)
+        self._cancels: deque[_Cancel] = deque(maxlen=capacity)
+        # (name, labels tuple) -> (value, at)
+        self._gauges: dict[tuple[str, tuple], tuple[float, float]] = {}
+        # cumulative since start, never reset
+        self._requests_total = {(o, r): 0 for o in REQUEST_OUTCOMES for r in ROLES}
+        self._upstream_total: dict[tuple[str, str], int] = {}
+        self._hist = {
+            "ttft": _Histogram(),
+            "queue_wait": _Histogram(),
+            "cancel": _Histogram(),
+            "duration": _Histogram(),
+        }
+        self.rejected_records = 0
+        self.accepted_records = 0
+        self.last_ingest_at: float | None = None
+        self.reset_at: float | None = None
+
+    # --- input ----------------------------------------------------------------------
+
+    def ingest(self, records: list[dict], now: float) -> None:
+        """Take one batch. Bad records are counted and skipped; this never raises."""
+        self.last_ingest_at = now
+        if not isinstance(records, (list, tuple)):
+            self.rejected_records += 1
+            return
+        for rec in records:
+            try:
+                self._ingest_one(rec)
+            except Exception:  # _Malformed, or an unforeseen shape: never crash the actor
+                self.rejected_records += 1
+            else:
+                self.accepted_records += 1
+
+    def _ingest_one(self, rec) -> None:
+        if not isinstance(rec, dict):
+            raise _Malformed("record")
+        kind = rec.get("kind")
+        if kind == "request":
+            _string(rec, "request_id")
+            r = _Request(
+                role=_string(rec, "role", choices=ROLES),
+                outcome=_string(rec, "outcome", choices=REQUEST_OUTCOMES),
+                ttft_ms=_number(rec, "ttft_ms", duration=True, optional=True),
+                queue_wait_ms=_number(rec, "queue_wait_ms", duration=True, optional=True),
+                latency_ms=_number(rec, "latency_ms", duration=True),
+                at=_number(rec, "at"),
+            )
+            _string(rec, "error_code", optional=True)
+            # Validation is complete before any state changes, so a bad record leaves
+            # no partial trace.
+            self._requests.append(r)
+            self._requests_total[(r.outcome, r.role)] += 1
+            if r.ttft_ms is not None:
+                self._hist["ttft"].observe(r.ttft_ms / 1000.0)
+            if r.queue_wait_ms is not None:
+                self._hist["queue_wait"].observe(r.queue_wait_ms / 1000.0)
+            self._hist["duration"].observe(r.latency_ms / 1000.0)
+        elif kind == "upstream":
+            _string(rec, "stream_id")
+            u = _Upstream(
+                provider=_string(rec, "provider"),
+                outcome=_string(rec, "outcome", choices=UPSTREAM_OUTCOMES),
+                at=_number(rec, "at"),
+            )
+            _string(rec, "error_code", optional=True)
+            _number(rec, "upstream_ttft_ms", duration=True, optional=True)
+            _number(rec, "latency_ms", duration=True)
+            key = (u.provider, u.outcome)
+            if key not in self._upstream_total:
+                providers = {p for p, _ in self._upstream_total}
+                if u.provider not in providers and len(providers) >= MAX_PROVIDERS:
+                    raise _Malformed("provider")
+                self._upstream_total[key] = 0
+            self._upstreams.append(u)
+            self._upstream_total[key] += 1
+        elif kind == "cancel":
+            _string(rec, "stream_id")
+            c = _Cancel(cancel_ms=_number(rec, "cancel_ms", duration=True),
+                        at=_number(rec, "at"))
+            self._cancels.append(c)
+            self._hist["cancel"].observe(c.cancel_ms / 1000.0)
+        elif kind == "gauge":
+            name = _string(rec, "name", choices=GAUGE_NAMES)
+            labels = _labels(rec)
+            value = _number(rec, "value")
+            at = _number(rec, "at")
+            key = (name, labels)
+            old = self._gauges.get(key)
+            if old is None:
+                if len(self._gauges) >= MAX_GAUGE_SERIES:
+                    raise _Malformed("labels")
+                self._gauges[key] = (value, at)
+            elif at >= old[1]:
+                # Batches from different senders can arrive out of order; the newest
+                # measurement wins, not the newest delivery.
+                self._gauges[key] = (value, at)
+        else:
+            raise _Malformed("kind")
+
+    def reset(self, now: float) -> None:
+        """Admin "reset metrics": forget the windowed samples. Counters, histograms and
+        gauges are kept (they are cumulative / current state, and Prometheus expects
+        counters never to go down)."""
+        self._requests.clear()
+        self._upstreams.clear()
+        self._cancels.clear()
+        self.reset_at = now
+
+    # --- queries --------------------------------------------------------------------
+
+    def _clamp(self, last_n) -> int:
+        # The edge validates last_n; this only keeps a bad value from raising here.
+        try:
+            n = int(last_n)
+        except (TypeError, ValueError, OverflowError):
+            n = 1
+        return max(1, min(n, self.capacity))
+
+    def performance(self, last_n: int, now: float) -> dict:
+        n = self._clamp(last_n)
+        # Newest first; order does not matter to the figures, and islice avoids copying
+        # the whole ring on every query.
+        reqs = list(islice(reversed(self._requests), n))
+        cancels = list(islice(reversed(self._cancels), n))
+        total = len(reqs)
+        errors = sum(1 for r in reqs if r.outcome in ("error", "rejected"))
+        leaders = sum(1 for r in reqs if r.role == "leader")
+        if reqs:
+            t_from = min(r.at for r in reqs)
+            t_to = max(r.at for r in reqs)
+            # A scan rather than a bisect: upstream records arrive in delivery order,
+            # which is not `at` order across Pool batches.
+            upstream_calls = sum(1 for u in self._upstreams if t_from <= u.at <= t_to)
+        else:
+            t_from = t_to = None
+            upstream_calls = 0
+        return {
+            "ttft_ms": _stats(r.ttft_ms for r in reqs),
+            "queue_wait_ms": _stats(r.queue_wait_ms for r in reqs),
+            "latency_ms": _stats(r.latency_ms for r in reqs),
+            "cancel_ms": _stats(c.cancel_ms for c in cancels),
+            "error_rate": errors / total if total else 0.0,
+            "coalesce": {"leaders": leaders, "followers": total - leaders},
+            "upstream_calls": upstream_calls,
+            "active_streams": self._active_streams(),
+            "window": {"last_n": n, "from": t_from, "to": t_to},
+        }
+
+    def burst_stats(self, window_s: float, now: float) -> dict:
+        """Requests whose `at` lies in [now - window_s, now], split by role.
+
+        Used by the coalesce-ratio alert (actors/alerts.py)."""
+        t0 = now - window_s
+        total = leaders = 0
+        for r in self._requests:
+            if t0 <= r.at <= now:
+                total += 1
+                if r.role == "leader":
+                    leaders += 1
+        return {"requests": total, "leaders": leaders, "followers": total - leaders}
+
+    def _active_streams(self) -> int | float:
+        total = sum(v for (name, _), (v, _at) in self._gauges.items()
+                    if name == "active_streams")
+        return int(total) if float(total).is_integer() else total
+
+    def summary(self, now: float) -> dict:
+        """Short state dump for the admin "show" command."""
+        return {
+            "capacity": self.capacity,
+            "samples": {"request": len(self._requests),
+                        "upstream": len(self._upstreams),
+                        "cancel": len(self._cancels)},
+            "accepted_records": self.accepted_records,
+            "rejected_records": self.rejected_records,
+            "last_ingest_at": self.last_ingest_at,
+            "reset_at": self.reset_at,
+            "gauges": [
+                {"name": name, "labels": dict(labels), "value": v, "at": at,
+                 "age_s": now - at}
+                for (name, labels), (v, at) in sorted(self._gauges.items())
+            ],
+        }
+
+    # --- Prometheus text exposition format 0.0.4 ---------------------------------------
+
+    def prometheus(self, now: float) -> str:
+        out: list[str] = []
+
+        def family(name: str, typ: str, help_text: str) -> None:
+            out.append(f"# HELP {name} {_escape_help(help_text)}")
+            out.append(f"# TYPE {name} {typ}")
+
+        def histogram(name: str, h: _Histogram, help_text: str) -> None:
+            family(name, "histogram", help_text)
+            cumulative = 0
+            for bound, c in zip(BUCKETS, h.counts):
+                cumulative += c
+                out.append(f'{name}_bucket{{le="{_fmt(bound)}"}} {cumulative}')
+            out.append(f'{name}_bucket{{le="+Inf"}} {h.count}')
+            out.append(f"{name}_sum {_fmt(h.sum)}")
+            out.append(f"{name}_count {h.count}")
+
+        histogram("sluice_ttft_seconds", self._hist["ttft"],
+                  "Time to first token seen by the client, per request.")
+        histogram("sluice_queue_wait_seconds", self._hist["queue_wait"],
+                  "Time a request waited for a pacer lease.")
+        histogram("sluice_cancel_latency_seconds", self._hist["cancel"],
+                  "Time from a cancel request to the upstream abort.")
+        histogram("sluice_request_duration_seconds", self._hist["duration"],
+                  "Whole client request duration.")
+
+        family("sluice_requests_total", "counter", "Client requests by outcome and role.")
+        for (outcome, role), v in sorted(self._requests_total.items()):
+            out.append(f"sluice_requests_total{_labelset({'outcome': outcome, 'role': role})} {v}")
+
+        family("sluice_upstream_calls_total", "counter",
+               "Upstream provider calls by provider and outcome.")
+        for (provider, outcome), v in sorted(self._upstream_total.items()):
+            out.append("sluice_upstream_calls_total"
+                       f"{_labelset({'provider': provider, 'outcome': outcome})} {v}")
+
+        leaders = sum(v for (_, role), v in self._requests_total.items() if role == "leader")
+        followers = sum(v for (_, role), v in self._requests_total.items() if role == "follower")
+        family("sluice_coalesce_leaders_total", "counter",
+               "Requests that led an upstream call.")
+        out.append(f"sluice_coalesce_leaders_total {leaders}")
+        family("sluice_coalesce_followers_total", "counter",
+               "Requests served by joining an identical in-flight call.")
+        out.append(f"sluice_coalesce_followers_total {followers}")
+
+        family("sluice_metrics_rejected_records_total", "counter",
+               "Measurement records the Metrics actor could not use.")
+        out.append(f"sluice_metrics_rejected_records_total {self.rejected_records}")
+
+        for name, help_text in (
+            ("active_streams", "Upstream streams currently open."),
+            ("pacer_queue_depth", "Lease requests waiting in the pacer queue."),
+            ("pacer_tokens", "Tokens currently in the pacer bucket."),
+        ):
+            metric = f"sluice_{name}"
+            family(metric, "gauge", help_text)
+            for (gname, labels), (v, _at) in sorted(self._gauges.items()):
+                if gname == name:
+                    out.append(f"{metric}{_labelset(dict(labels))} {_fmt(v)}")
+
+        return "\n".join(out) + "\n"
+
+
+def _escape_label_value(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _labelset(labels: dict) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{_escape_label_value(v)}"' for k, v in sorted(labels.items()))
+    return "{" + inner + "}"
+
+
+def _fmt(v: float) -> str:
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    if math.isnan(v):
+        return "NaN"
+    return repr(float(v))

@@ -1,0 +1,58 @@
+"""The Pacer actor: hosts PacerLogic for one provider account (role "pacer:<account>")."""
+from __future__ import annotations
+
+from actors.effects import After, Send
+from actors.host import HostActor
+from actors.pacer_logic import PacerLogic, PacerSettings
+from protocols import messages as m
+
+GAUGE_EVERY_S = 1.0
+
+
+class ReportGauges:
+    """Timer: send queue depth and tokens to Metrics."""
+
+
+class PacerActor(HostActor):
+    role = "pacer"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logic: PacerLogic | None = None
+
+    def on_wire(self, wire: m.Wire) -> None:
+        self.role = wire.role
+        if self.logic is None:
+            account = wire.role.partition(":")[2].upper()
+            self.logic = PacerLogic(account.lower(), PacerSettings(**wire.settings["accounts"][account]))
+            self.apply([After(GAUGE_EVERY_S, ReportGauges())])
+
+    def on_message(self, msg, sender, now):
+        if self.logic is None:
+            return [Send(sender, m.ErrorReply("not_ready", "pacer not wired yet"))] if sender else []
+        if isinstance(msg, m.GetState):
+            return [Send(sender, m.State(self.role, self.logic.state(now)))]
+        if isinstance(msg, m.Admin):
+            return self._admin(msg, sender, now)
+        if isinstance(msg, ReportGauges):
+            return [Send("metrics", m.Records(self.role, self._gauges(now))), After(GAUGE_EVERY_S, ReportGauges())]
+        return self.logic.handle(msg, sender, now)
+
+    def _admin(self, msg: m.Admin, sender, now) -> list:
+        if msg.command == "show":
+            return [Send(sender, m.AdminResult(True, self.logic.state(now)))]
+        if msg.command == "set":
+            try:
+                effects = self.logic.configure(msg.args, now)
+            except ValueError as exc:
+                return [Send(sender, m.AdminResult(False, self.logic.state(now), str(exc)))]
+            return effects + [Send(sender, m.AdminResult(True, self.logic.state(now)))]
+        return [Send(sender, m.AdminResult(False, {}, f"pacer: unknown command {msg.command!r} (show, set)"))]
+
+    def _gauges(self, now) -> list[dict]:
+        state = self.logic.state(now)
+        labels = {"provider": self.logic.provider}
+        return [
+            {"kind": "gauge", "name": "pacer_queue_depth", "labels": labels, "value": state["queue_depth"], "at": now},
+            {"kind": "gauge", "name": "pacer_tokens", "labels": labels, "value": state["tokens"], "at": now},
+        ]

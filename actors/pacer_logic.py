@@ -1,0 +1,257 @@
+"""The Pacer's logic: a token bucket, an in-flight cap, a per-minute cap and a FIFO queue.
+
+One Pacer per upstream provider. Only upstream calls ask for a lease (coalesced followers
+never reach the Pacer). A lease is granted when all of these hold:
+
+    now >= paused_until                 (an upstream 429 Retry-After pauses grants)
+    len(in_flight) < concurrency        (CONCURRENCY)
+    tokens >= 1                         (bucket refills at RPS per second up to BURST)
+    grants in the last 60 s < rpm       (RPM, optional; Perplexity tier 0 is 50/min)
+
+and nobody is ahead in the queue (FIFO). A request that cannot be granted waits in the
+queue; when the queue holds `max_queue` leases, or a lease waited `max_wait_s`, it is
+denied with 429 and a Retry-After estimated from the bucket. Settings change live
+(`configure`), and the change applies to the queue already waiting.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from actors.effects import After, Send
+from protocols import messages as m
+
+
+@dataclass(frozen=True)
+class PacerSettings:
+    rps: float = 1.0
+    burst: int = 2
+    concurrency: int = 3
+    rpm: int | None = None
+    max_queue: int = 1000
+    max_wait_s: float = 30.0
+
+    def validated(self) -> "PacerSettings":
+        problems = []
+        if not (self.rps > 0 and math.isfinite(self.rps)):
+            problems.append("rps must be a positive number")
+        if self.burst < 1:
+            problems.append("burst must be >= 1")
+        if self.concurrency < 1:
+            problems.append("concurrency must be >= 1")
+        if self.rpm is not None and self.rpm < 1:
+            problems.append("rpm must be >= 1 or unset")
+        if self.max_queue < 0:
+            problems.append("max_queue must be >= 0")
+        if not (self.max_wait_s > 0):
+            problems.append("max_wait_s must be > 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+SETTING_TYPES = {
+    "rps": float,
+    "burst": int,
+    "concurrency": int,
+    "rpm": int,
+    "max_queue": int,
+    "max_wait_s": float,
+}
+
+
+def settings_from(base: PacerSettings, changes: dict) -> PacerSettings:
+    """Apply admin `changes` to `base`; ValueError names the bad key or value."""
+    values = {}
+    for key, value in changes.items():
+        if key not in SETTING_TYPES:
+            raise ValueError(f"unknown pacer setting {key!r} (known: {sorted(SETTING_TYPES)})")
+        if key == "rpm" and value in (None, 0, "", "0"):
+            values[key] = None
+            continue
+        try:
+            kind = SETTING_TYPES[key]
+            if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            values[key] = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"pacer setting {key!r}: {value!r} is not a valid {SETTING_TYPES[key].__name__}") from None
+    return replace(base, **values).validated()
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Timer: re-check the queue (a token arrived, a pause ended, a wait expired)."""
+
+    generation: int
+
+
+@dataclass
+class _Waiter:
+    lease_id: str
+    requester: object
+    enqueued_at: float
+
+
+@dataclass
+class PacerLogic:
+    provider: str
+    settings: PacerSettings = field(default_factory=PacerSettings)
+    tokens: float = field(init=False)
+    updated_at: float | None = field(default=None, init=False)
+    paused_until: float = field(default=0.0, init=False)
+    in_flight: dict = field(default_factory=dict, init=False)  # lease_id -> granted_at
+    queue: deque = field(default_factory=deque, init=False)
+    recent_grants: deque = field(default_factory=deque, init=False)  # grant times, for rpm
+    grants_total: int = field(default=0, init=False)
+    denials_total: int = field(default=0, init=False)
+    _tick_generation: int = field(default=0, init=False)
+    _tick_at: float | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        self.settings.validated()
+        self.tokens = float(self.settings.burst)
+
+    # --- messages -----------------------------------------------------------------------
+    def handle(self, msg, sender, now: float) -> list:
+        self._refill(now)
+        if isinstance(msg, m.LeaseRequest):
+            return self._request(msg, sender, now)
+        if isinstance(msg, m.LeaseRelease):
+            self.in_flight.pop(msg.lease_id, None)
+            if msg.retry_after_s:
+                self.paused_until = max(self.paused_until, now + msg.retry_after_s)
+            return self._drain(now)
+        if isinstance(msg, m.LeaseCancel):
+            self.in_flight.pop(msg.lease_id, None)
+            self.queue = deque(w for w in self.queue if w.lease_id != msg.lease_id)
+            return self._drain(now)
+        if isinstance(msg, Tick):
+            if msg.generation == self._tick_generation:
+                self._tick_at = None
+            return self._drain(now)
+        return []
+
+    def configure(self, changes: dict, now: float) -> list:
+        """Admin: change settings live; raises ValueError (state unchanged) when invalid."""
+        new = settings_from(self.settings, changes)
+        self._refill(now)
+        self.settings = new
+        self.tokens = min(self.tokens, float(new.burst))
+        return self._drain(now)
+
+    def state(self, now: float) -> dict:
+        self._refill(now)
+        return {
+            "provider": self.provider,
+            "settings": {k: getattr(self.settings, k) for k in SETTING_TYPES},
+            "tokens": round(self.tokens, 3),
+            "in_flight": len(self.in_flight),
+            "queue_depth": len(self.queue),
+            "paused_for_s": round(max(0.0, self.paused_until - now), 3),
+            "grants_total": self.grants_total,
+            "denials_total": self.denials_total,
+        }
+
+    # --- the bucket -----------------------------------------------------------------------
+    def _request(self, msg: m.LeaseRequest, sender, now: float) -> list:
+        if not self.queue and self._can_grant(now):
+            return [self._grant(_Waiter(msg.lease_id, sender, now), now)]
+        if len(self.queue) >= self.settings.max_queue:
+            self.denials_total += 1
+            retry = self._retry_after(now)
+            return [
+                Send(
+                    sender,
+                    m.LeaseDenied(
+                        msg.lease_id,
+                        429,
+                        "pacer_queue_full",
+                        f"{self.provider}: {len(self.queue)} requests already wait for an upstream slot",
+                        retry,
+                    ),
+                )
+            ]
+        self.queue.append(_Waiter(msg.lease_id, sender, now))
+        out = [Send(sender, m.LeaseQueued(msg.lease_id, len(self.queue)))]
+        return out + self._schedule(now)
+
+    def _drain(self, now: float) -> list:
+        out = []
+        while self.queue and now - self.queue[0].enqueued_at >= self.settings.max_wait_s:
+            waiter = self.queue.popleft()
+            self.denials_total += 1
+            out.append(
+                Send(
+                    waiter.requester,
+                    m.LeaseDenied(
+                        waiter.lease_id,
+                        429,
+                        "pacer_queue_timeout",
+                        f"{self.provider}: no upstream slot within {self.settings.max_wait_s:g} s",
+                        self._retry_after(now),
+                    ),
+                )
+            )
+        while self.queue and self._can_grant(now):
+            out.append(self._grant(self.queue.popleft(), now))
+        return out + self._schedule(now)
+
+    def _grant(self, waiter: _Waiter, now: float) -> Send:
+        self.tokens -= 1.0
+        self.in_flight[waiter.lease_id] = now
+        self.recent_grants.append(now)
+        self.grants_total += 1
+        wait_ms = (now - waiter.enqueued_at) * 1000.0
+        return Send(waiter.requester, m.LeaseGranted(waiter.lease_id, wait_ms))
+
+    def _can_grant(self, now: float) -> bool:
+        s = self.settings
+        return (
+            now >= self.paused_until
+            and len(self.in_flight) < s.concurrency
+            and self.tokens >= 1.0 - 1e-9
+            and (s.rpm is None or len(self.recent_grants) < s.rpm)
+        )
+
+    def _refill(self, now: float) -> None:
+        if self.updated_at is not None and now > self.updated_at:
+            self.tokens = min(float(self.settings.burst), self.tokens + (now - self.updated_at) * self.settings.rps)
+        self.updated_at = now if self.updated_at is None else max(self.updated_at, now)
+        while self.recent_grants and self.recent_grants[0] <= now - 60.0:
+            self.recent_grants.popleft()
+
+    def _next_grant_in(self, now: float) -> float | None:
+        """Seconds until the bucket, pause or per-minute cap could allow a grant, or None
+        when only a release (concurrency) can."""
+        s = self.settings
+        if len(self.in_flight) >= s.concurrency:
+            return None
+        waits = [self.paused_until - now]
+        if self.tokens < 1.0:
+            waits.append((1.0 - self.tokens) / s.rps)
+        if s.rpm is not None and len(self.recent_grants) >= s.rpm:
+            waits.append(self.recent_grants[0] + 60.0 - now)
+        return max(0.0, *waits)
+
+    def _schedule(self, now: float) -> list:
+        if not self.queue:
+            return []
+        delays = [self.queue[0].enqueued_at + self.settings.max_wait_s - now]
+        grant_in = self._next_grant_in(now)
+        if grant_in is not None:
+            delays.append(grant_in)
+        at = now + max(0.0, min(delays))
+        if self._tick_at is not None and self._tick_at <= at:
+            return []  # an earlier tick is already set and will reschedule
+        self._tick_generation += 1
+        self._tick_at = at
+        return [After(at - now, Tick(self._tick_generation))]
+
+    def _retry_after(self, now: float) -> float:
+        """Seconds after which a retry could plausibly be granted: the queue ahead drained
+        at the bucket's rate, not earlier than a pause ends."""
+        ahead = len(self.queue) + 1 - self.tokens
+        estimate = max(0.0, ahead / self.settings.rps, self.paused_until - now)
+        return round(max(1.0, estimate), 3)

@@ -1,0 +1,281 @@
+"""The Pool actor: the upstream connection pool, the calls it runs, and the stream hub.
+
+Thespian has no asyncio integration, so the actor hosts an asyncio loop in one thread
+(`PoolRuntime`). Control messages go in with `call_soon_threadsafe`; what the loop must
+send through Thespian (StreamFinished, LeaseRelease, Records, HubReady) goes into an
+outbox and a byte on a socketpair that the actor watches with `ThespianWatch`, so
+`self.send` is only ever called on the actor's own thread.
+
+Invariants: every upstream call has exactly one owner task; every ending (done, error,
+abort, crash) releases the Pacer lease and tells the Coalescer; the hub gets exactly one
+terminal event per stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import socket
+import threading
+import time
+
+import httpcore
+from thespian.actors import ActorExitRequest, ThespianWatch, WatchMessage
+
+from actors.effects import Send
+from actors.host import HostActor
+from actors.hub import StreamHub
+from actors.upstream import run_call
+from protocols import events as ev
+from protocols import messages as m
+from protocols.providers import get_adapter
+
+log = logging.getLogger("sluice.pool")
+
+RECORD_FLUSH_S = 0.1
+RECORD_BATCH = 64
+
+
+class PoolRuntime:
+    """The asyncio side of the Pool: owns the loop thread, the httpcore pool, the hub."""
+
+    def __init__(self, settings: dict, outbox: "Outbox"):
+        self.settings = settings
+        self.outbox = outbox
+        self.loop = asyncio.new_event_loop()
+        self.hub = StreamHub(orphan_s=settings["PACER_MAX_WAIT_MS"] / 1000.0 + 60.0)
+        self.calls: dict[str, asyncio.Task] = {}
+        self.abort_requested: dict[str, float] = {}
+        self.records: list[dict] = []
+        self.http: httpcore.AsyncConnectionPool | None = None
+        self.hub_port: int | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pool-loop", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> int:
+        self._thread.start()
+        if not self._ready.wait(timeout) or self.hub_port is None:
+            raise RuntimeError("pool loop did not start")
+        return self.hub_port
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._setup())
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _setup(self) -> None:
+        # HTTP/2 where the provider offers it (ALPN on https); cleartext http:// URLs are
+        # spoken as HTTP/2 with prior knowledge only for the simulated provider, which
+        # speaks both (real cleartext servers such as a local Ollama speak HTTP/1.1).
+        self.http = httpcore.AsyncConnectionPool(http1=True, http2=True, max_connections=100, keepalive_expiry=60.0)
+        self.h2c = httpcore.AsyncConnectionPool(http1=False, http2=True, max_connections=20, keepalive_expiry=60.0)
+        self.hub_port = await self.hub.start(self.settings["SLUICE_HOST"])
+        self._flusher = asyncio.create_task(self._flush_records())
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        future = asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
+        try:
+            future.result(timeout=5)
+        except Exception:
+            log.exception("pool shutdown")
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+    async def _shutdown(self) -> None:
+        for task in list(self.calls.values()):
+            task.cancel()
+        await asyncio.gather(*self.calls.values(), return_exceptions=True)
+        self._flusher.cancel()
+        await self.hub.stop()
+        await self.http.aclose()
+        await self.h2c.aclose()
+
+    # --- control messages, called from the actor thread ----------------------------------
+    def open(self, msg: m.OpenStream) -> None:
+        self.loop.call_soon_threadsafe(self._open, msg)
+
+    def abort(self, msg: m.AbortStream) -> None:
+        self.loop.call_soon_threadsafe(self._abort, msg)
+
+    def fail(self, msg: m.FailStream) -> None:
+        self.loop.call_soon_threadsafe(self._fail, msg)
+
+    def state(self) -> dict:
+        return asyncio.run_coroutine_threadsafe(self._state(), self.loop).result(timeout=2)
+
+    # --- on the loop ------------------------------------------------------------------------
+    def _open(self, msg: m.OpenStream) -> None:
+        if msg.stream_id in self.calls or self.hub.is_finished(msg.stream_id):
+            return  # a duplicate OpenStream: the call is already running or over
+        self.hub.mark_open(msg.stream_id)
+        task = self.loop.create_task(self._call(msg))
+        self.calls[msg.stream_id] = task
+
+    def _abort(self, msg: m.AbortStream) -> None:
+        task = self.calls.get(msg.stream_id)
+        if task is not None and not task.done():
+            self.abort_requested[msg.stream_id] = msg.requested_at
+            task.cancel()
+
+    def _fail(self, msg: m.FailStream) -> None:
+        self.hub.mark_open(msg.stream_id)
+        self.hub.publish(msg.stream_id, [ev.error(msg.code, msg.message)])
+
+    async def _call(self, msg: m.OpenStream) -> None:
+        provider = self.settings["providers"].get(msg.provider)
+        publish = lambda events: self.hub.publish(msg.stream_id, events)  # noqa: E731
+        result = None
+        try:
+            if provider is None or not provider.get("base_url"):
+                publish([ev.error("provider_not_configured", f"provider {msg.provider!r} is not configured")])
+                return
+            adapter = get_adapter(provider["adapter"])
+            request = adapter.build_request(
+                base_url=provider["base_url"], api_key=provider.get("api_key"), model=msg.model, body=msg.body
+            )
+            http = self.h2c if msg.provider == "simulated" else self.http
+            result = await run_call(http, adapter, request, publish, msg.queue_wait_ms, self._timeouts())
+        except asyncio.CancelledError:
+            pass  # run_call published the cancellation; the abort is recorded below
+        except Exception as exc:
+            log.exception("upstream call %s crashed", msg.stream_id)
+            publish([ev.error("internal_error", f"pool: {type(exc).__name__}")])
+        finally:
+            self.calls.pop(msg.stream_id, None)
+            self._ended(msg, result)
+
+    def _ended(self, msg: m.OpenStream, result) -> None:
+        now = time.time()
+        requested = self.abort_requested.pop(msg.stream_id, None)
+        outcome = "cancelled" if requested is not None else (result.outcome if result else "error")
+        error = None if outcome == "cancelled" or result is None else result.error
+        retry_after = result.retry_after_s if result else None
+        account = self.settings["providers"].get(msg.provider, {}).get("account", msg.provider.upper())
+        self.outbox.put(Send(f"pacer:{account.lower()}", m.LeaseRelease(msg.stream_id, retry_after)))
+        self.outbox.put(Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error)))
+        upstream_ttft = None
+        if result and result.first_byte_at:
+            upstream_ttft = (result.first_byte_at - result.sent_at) * 1000.0
+        self._record(
+            {
+                "kind": "upstream",
+                "stream_id": msg.stream_id,
+                "provider": msg.provider,
+                "outcome": outcome,
+                "error_code": (error or {}).get("code"),
+                "upstream_ttft_ms": upstream_ttft,
+                "latency_ms": ((result.ended_at if result else now) - (result.sent_at if result else now)) * 1000.0,
+                "at": now,
+            }
+        )
+        if requested is not None:
+            self._record({"kind": "cancel", "stream_id": msg.stream_id, "cancel_ms": (now - requested) * 1000.0, "at": now})
+
+    def _timeouts(self) -> dict:
+        connect = self.settings["UPSTREAM_CONNECT_TIMEOUT_S"]
+        return {"connect": connect, "read": self.settings["UPSTREAM_READ_TIMEOUT_S"], "write": connect, "pool": connect}
+
+    def _record(self, record: dict) -> None:
+        self.records.append(record)
+        if len(self.records) >= RECORD_BATCH:
+            self._send_records()
+
+    def _send_records(self) -> None:
+        if self.records:
+            self.outbox.put(Send("metrics", m.Records("pool", self.records)))
+            self.records = []
+
+    async def _flush_records(self) -> None:
+        reported_active = None
+        while True:
+            await asyncio.sleep(RECORD_FLUSH_S)
+            if len(self.calls) != reported_active:  # the gauge only when it changed: no idle chatter
+                reported_active = len(self.calls)
+                gauge = {"kind": "gauge", "name": "active_streams", "labels": {}, "value": reported_active}
+                self.records.append({**gauge, "at": time.time()})
+            self._send_records()
+
+    async def _state(self) -> dict:
+        connections = [str(c) for c in self.http.connections + self.h2c.connections]
+        return {"open_calls": sorted(self.calls), "connections": connections, "hub": self.hub.state()}
+
+
+class Outbox:
+    """Effects produced on the loop thread, carried out on the actor thread."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.wake_r, self._wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+
+    def put(self, effect) -> None:
+        self._queue.put(effect)
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the socket is full of wake-ups already
+
+    def drain(self) -> list:
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        out = []
+        while True:
+            try:
+                out.append(self._queue.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self) -> None:
+        self.wake_r.close()
+        self._wake_w.close()
+
+
+class PoolActor(HostActor):
+    role = "pool"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.runtime: PoolRuntime | None = None
+        self.outbox = Outbox()
+
+    def on_wire(self, wire: m.Wire) -> None:
+        if self.runtime is None:
+            self.runtime = PoolRuntime(self.settings, self.outbox)
+            port = self.runtime.start()
+            self.apply([Send("supervisor", m.HubReady(self.settings["SLUICE_HOST"], port))])
+        else:
+            self.runtime.settings = self.settings
+
+    def on_message(self, msg, sender, now):
+        if self.runtime is None:
+            return [Send(sender, m.ErrorReply("not_ready", "pool not wired yet"))] if sender else []
+        if isinstance(msg, m.OpenStream):
+            self.runtime.open(msg)
+        elif isinstance(msg, m.AbortStream):
+            self.runtime.abort(msg)
+        elif isinstance(msg, m.FailStream):
+            self.runtime.fail(msg)
+        elif isinstance(msg, m.GetState):
+            return [Send(sender, m.State(self.role, self.runtime.state()))]
+        elif isinstance(msg, m.Admin):
+            if msg.command == "show":
+                return [Send(sender, m.AdminResult(True, self.runtime.state()))]
+            return [Send(sender, m.AdminResult(False, {}, f"pool: unknown command {msg.command!r} (show)"))]
+        return []
+
+    def on_system(self, msg, sender) -> None:
+        if isinstance(msg, WatchMessage):
+            self.apply(self.outbox.drain())
+        elif isinstance(msg, ActorExitRequest) and self.runtime is not None:
+            self.runtime.stop()
+            self.runtime = None
+            self.outbox.close()
+
+    def watch(self):
+        return ThespianWatch([self.outbox.wake_r.fileno()]) if self.runtime is not None else None

@@ -1,0 +1,146 @@
+"""One upstream call: send the provider request, feed the bytes to the adapter, publish.
+
+`run_call` owns the response from the first byte to the last and closes it on every path.
+TTFT is stamped at the first provider byte. Aborting (task cancellation) resets the
+HTTP/2 stream before closing it: httpcore closes an unfinished HTTP/2 response without
+telling the server (encode/httpcore#944 was declined), so without the RST_STREAM the
+provider would keep generating, and billing, until its flow-control window filled up.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import h2.errors
+import httpcore
+
+from protocols import events as ev
+
+MAX_ERROR_BODY = 64 * 1024
+
+
+@dataclass
+class CallResult:
+    outcome: str  # "done" | "error" | "cancelled"
+    error: dict | None = None
+    retry_after_s: float | None = None
+    sent_at: float = 0.0
+    first_byte_at: float | None = None
+    ended_at: float = 0.0
+
+
+async def run_call(
+    http: httpcore.AsyncConnectionPool,
+    adapter,
+    request: tuple[str, str, list, bytes],
+    publish: Callable[[list[dict]], None],
+    queue_wait_ms: float,
+    timeouts: dict,
+) -> CallResult:
+    method, url, headers, body = request
+    result = CallResult("error", sent_at=time.time())
+    try:
+        async with http.stream(method, url, headers=headers, content=body, extensions={"timeout": timeouts}) as response:
+            try:
+                if response.status != 200:
+                    data = await _read_bounded(response)
+                    result.error = adapter.error_from_response(response.status, response.headers, data)
+                    result.retry_after_s = result.error.pop("retry_after_s", None)
+                    publish([result.error])
+                else:
+                    await _stream_body(response, adapter.Parser(), publish, result, queue_wait_ms)
+            except asyncio.CancelledError:
+                await reset_h2_stream(response)
+                raise
+    except asyncio.CancelledError:
+        result.outcome, result.error = "cancelled", ev.error("cancelled", "cancelled: no subscriber left")
+        publish([result.error])
+        result.ended_at = time.time()
+        raise
+    except Exception as exc:  # any transport failure ends the stream with an in-band error
+        result.outcome, result.error = "error", ev.error(*_classify(exc))
+        publish([result.error])
+    result.ended_at = time.time()
+    return result
+
+
+async def _stream_body(response, parser, publish, result: CallResult, queue_wait_ms: float) -> None:
+    finish_reason, usage = None, None
+    async for chunk in response.aiter_stream():
+        if result.first_byte_at is None:
+            result.first_byte_at = time.time()
+            publish([ev.started(result.first_byte_at, queue_wait_ms)])
+        out, ended = _translate(parser.feed(chunk))
+        for event in out:
+            if event["type"] == ev.USAGE:
+                usage = event["usage"]
+        if out:
+            publish(out)
+        if ended is not None:
+            if ended["type"] == ev.ERROR:
+                result.error = ended
+                publish([ended])
+                return
+            finish_reason = ended["reason"]
+    out, ended = _translate(parser.close())
+    if out:
+        publish(out)
+    if ended is not None and ended["type"] == ev.ERROR:
+        result.error = ended
+        publish([ended])
+        return
+    if ended is not None:
+        finish_reason = ended["reason"]
+    result.outcome = "done"
+    publish([ev.done(finish_reason or "stop", usage)])
+
+
+def _translate(events: list[dict]) -> tuple[list[dict], dict | None]:
+    """Split adapter events into those to publish now and the finish/error, if any."""
+    out, ended = [], None
+    for event in events:
+        if event["type"] in (ev.FINISH, ev.ERROR):
+            if ended is None or event["type"] == ev.ERROR:
+                ended = event
+        else:
+            out.append(event)
+    return out, ended
+
+
+async def _read_bounded(response) -> bytes:
+    data = b""
+    async for chunk in response.aiter_stream():
+        data += chunk
+        if len(data) > MAX_ERROR_BODY:
+            break
+    return data[:MAX_ERROR_BODY]
+
+
+def _classify(exc: Exception) -> tuple[str, str]:
+    if isinstance(exc, (httpcore.ConnectError, httpcore.ConnectTimeout)):
+        return "upstream_connect", f"could not connect to the provider: {type(exc).__name__}"
+    if isinstance(exc, (httpcore.ReadTimeout, httpcore.WriteTimeout, httpcore.PoolTimeout)):
+        return "upstream_timeout", f"the provider did not answer in time: {type(exc).__name__}"
+    if isinstance(exc, (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)):
+        return "upstream_reset", f"the provider broke the stream off: {exc or type(exc).__name__}"
+    return "upstream_error", f"{type(exc).__name__}: {exc}"
+
+
+async def reset_h2_stream(response) -> None:
+    """Send RST_STREAM(CANCEL) for an unfinished HTTP/2 response (no-op for HTTP/1.1,
+    where closing the unfinished response closes the connection, which the server sees)."""
+    stream = response.stream
+    while hasattr(stream, "_stream"):  # unwrap the pool's PoolByteStream
+        stream = stream._stream
+    conn = getattr(stream, "_connection", None)
+    stream_id = getattr(stream, "_stream_id", None)
+    h2_state = getattr(conn, "_h2_state", None)
+    if h2_state is None or stream_id is None:
+        return
+    try:
+        h2_state.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
+        await conn._write_outgoing_data(stream._request)
+    except Exception:  # the stream or connection already ended: nothing left to cancel
+        pass

@@ -1,0 +1,1 @@
+"""The Starlette edge: HTTP/SSE routes that turn requests into actor messages."""

@@ -1,0 +1,120 @@
+"""One client's SSE response: ping first, then meta, deltas and exactly one terminal event.
+
+A raw ASGI response rather than Starlette's StreamingResponse, because it must race three
+things and react to whichever comes first: the next event of the stream, the client
+going away (`http.disconnect` from `receive`, awaited, not polled), and the keepalive
+timer (a ping while nothing else happens). The gateway shutting down is a fourth: the
+client then gets an error event, never a connection cut mid-stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+from edge.streams import Subscriber
+from protocols import events as ev
+from protocols.sse import PING, frame
+
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class SSEStream:
+    def __init__(
+        self,
+        sub: Subscriber,
+        keepalive_s: float,
+        shutting_down: asyncio.Event,
+        on_end: Callable[[Subscriber, dict], None],
+    ):
+        self.sub, self.keepalive_s, self.shutting_down, self.on_end = sub, keepalive_s, shutting_down, on_end
+        self.ttft_ms: float | None = None
+        self.queue_wait_ms: float | None = None
+        self._held: list[str] = []  # deltas held back for a follower without fan-out
+
+    async def __call__(self, scope, receive, send) -> None:
+        headers = HEADERS + [(b"x-request-id", self.sub.request_id.encode())]
+        outcome = {"outcome": "error", "error_code": "disconnected"}
+        disconnect = asyncio.ensure_future(_wait_disconnect(receive))
+        shutdown = asyncio.ensure_future(self.shutting_down.wait())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": PING, "more_body": True})
+            outcome = await self._pump(send, disconnect, shutdown)
+        except OSError:  # the client's socket broke while we wrote
+            outcome = {"outcome": "cancelled", "error_code": "disconnected"}
+        finally:
+            disconnect.cancel()
+            shutdown.cancel()
+            self.on_end(self.sub, {**outcome, "ttft_ms": self.ttft_ms, "queue_wait_ms": self.queue_wait_ms})
+
+    async def _pump(self, send, disconnect: asyncio.Future, shutdown: asyncio.Future) -> dict:
+        while True:
+            getter = asyncio.ensure_future(self.sub.queue.get())
+            done, _ = await asyncio.wait(
+                {getter, disconnect, shutdown}, timeout=self.keepalive_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if getter not in done:
+                getter.cancel()
+            if disconnect in done:
+                return {"outcome": "cancelled", "error_code": "disconnected"}
+            if getter in done:
+                event = getter.result()
+            elif shutdown in done:
+                event = ev.error("shutting_down", "the gateway is shutting down")
+            else:
+                await send({"type": "http.response.body", "body": PING, "more_body": True})
+                continue
+            body = self._render(event)
+            terminal = ev.is_terminal(event)
+            if body:
+                await send({"type": "http.response.body", "body": body, "more_body": not terminal})
+            if terminal:
+                if not body:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return _outcome_of(event)
+
+    def _render(self, event: dict) -> bytes:
+        kind = event.get("type")
+        if kind == ev.STARTED:
+            first_byte = event["first_byte_at"]
+            # A client that joined after the first byte waited only for the replay.
+            reference = first_byte if first_byte >= self.sub.received_at else time.time()
+            self.ttft_ms = round((reference - self.sub.received_at) * 1000.0, 3)
+            self.queue_wait_ms = event.get("queue_wait_ms")
+            meta = {
+                "type": "meta",
+                "request_id": self.sub.request_id,
+                "role": self.sub.role,
+                "provider": self.sub.provider,
+                "model": self.sub.model,
+                "ttft_ms": self.ttft_ms,
+                "queue_wait_ms": self.queue_wait_ms,
+            }
+            return frame(meta)
+        if kind == ev.DELTA and not self.sub.fanout:
+            self._held.append(event["delta"])
+            return b""
+        out = b""
+        if ev.is_terminal(event) and self._held:
+            out += frame(ev.delta("".join(self._held)))
+            self._held.clear()
+        return out + frame(event)
+
+
+def _outcome_of(event: dict) -> dict:
+    if event["type"] == ev.DONE:
+        return {"outcome": "done", "error_code": None}
+    code = event.get("code")
+    return {"outcome": "cancelled" if code == "cancelled" else "error", "error_code": code}
+
+
+async def _wait_disconnect(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

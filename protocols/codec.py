@@ -1,0 +1,133 @@
+"""The msgpack codec every message type goes through: typed, tagged, versioned.
+
+A message is a frozen dataclass registered with `@message("tag")`. On the wire it is
+msgpack `[tag, version, {field: value}]`. Decoding checks the tag, the version and every
+field's type, and returns an `Invalid` value instead of raising, so that a bad message can
+be answered with an error reply and never escapes into Thespian as an exception (which
+would make Thespian redeliver it and finally declare it poison).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Union
+
+import msgpack
+
+VERSION = 1
+
+_REGISTRY: dict[str, type] = {}
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+_REQUIRED: dict[type, frozenset[str]] = {}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Invalid:
+    """What `decode` returns for bytes that are not a valid message."""
+
+    reason: str
+
+
+def message(tag: str):
+    """Register a dataclass as a wire message under `tag`."""
+
+    def register(cls):
+        cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
+        if tag in _REGISTRY:
+            raise ValueError(f"duplicate message tag {tag!r}")
+        cls.TAG = tag
+        _REGISTRY[tag] = cls
+        return cls
+
+    return register
+
+
+def encode(msg: Any) -> bytes:
+    tag = getattr(type(msg), "TAG", None)
+    if tag is None or _REGISTRY.get(tag) is not type(msg):
+        raise TypeError(f"{type(msg).__name__} is not a registered message")
+    body = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    return msgpack.packb([tag, VERSION, body], use_bin_type=True)
+
+
+def decode(data: Any) -> Any:
+    """bytes -> message instance, or `Invalid` saying what was wrong."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return Invalid(f"expected msgpack bytes, got {type(data).__name__}")
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        return Invalid(f"not msgpack: {exc}")
+    return from_wire(raw)
+
+
+def from_wire(raw: Any) -> Any:
+    """An already-unpacked `[tag, version, body]` -> message or `Invalid`."""
+    if not (isinstance(raw, list) and len(raw) == 3):
+        return Invalid("expected [tag, version, body]")
+    tag, version, body = raw
+    cls = _REGISTRY.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        return Invalid(f"unknown message type {tag!r}")
+    if version != VERSION:
+        return Invalid(f"{tag}: unsupported version {version!r} (expected {VERSION})")
+    if not isinstance(body, dict):
+        return Invalid(f"{tag}: body must be a map")
+    hints = _hints(cls)
+    unknown = set(body) - set(hints)
+    if unknown:
+        return Invalid(f"{tag}: unknown field(s) {sorted(unknown)}")
+    missing = _REQUIRED[cls] - set(body)
+    if missing:
+        return Invalid(f"{tag}: missing field(s) {sorted(missing)}")
+    for name, value in body.items():
+        if not _conforms(value, hints[name]):
+            return Invalid(f"{tag}.{name}: expected {_type_name(hints[name])}, got {type(value).__name__}")
+    return cls(**body)
+
+
+def to_wire(msg: Any) -> list:
+    """A message as the plain list msgpack would carry (for embedding in a stream)."""
+    return [msg.TAG, VERSION, {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}]
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _FIELD_TYPES:
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        _FIELD_TYPES[cls] = {n: hints[n] for n in names}
+        _REQUIRED[cls] = frozenset(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
+    return _FIELD_TYPES[cls]
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool, bytes):
+        return isinstance(value, hint)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if hint is list or origin is list:
+        if not isinstance(value, list):
+            return False
+        args = typing.get_args(hint)
+        return not args or all(_conforms(v, args[0]) for v in value)
+    return False
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -1,0 +1,176 @@
+"""Every configuration key, its default, and how it is parsed: defined once, here.
+
+`load(env)` takes a mapping (normally `os.environ`) and returns a plain `Settings` dict,
+or raises `ConfigError` naming the variable that is wrong. Pure code: no I/O.
+The README's configuration table is this module, in prose.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the variable."""
+
+
+# provider name (also its adapter's name in protocols/providers) -> environment prefix,
+# which names the account whose rate limit one Pacer guards.
+PROVIDERS: dict[str, str] = {
+    "simulated": "SIMULATED",
+    "openai": "OPENAI",
+    "openai_responses": "OPENAI",
+    "anthropic": "ANTHROPIC",
+    "perplexity": "PERPLEXITY",
+    "perplexity_sonar": "PERPLEXITY",
+    "ollama": "OLLAMA",
+}
+
+# Pacer defaults per account: (rps, burst, concurrency, rpm). Perplexity's are the
+# production settings of the sign-off sheet (tier 0 allows 50 requests a minute).
+PACER_DEFAULTS: dict[str, tuple[float, int, int, int | None]] = {
+    "SIMULATED": (200.0, 200, 500, None),
+    "OPENAI": (10.0, 20, 50, None),
+    "ANTHROPIC": (5.0, 10, 20, None),
+    "PERPLEXITY": (1.0, 2, 3, 50),
+    "OLLAMA": (100.0, 100, 4, None),
+}
+
+DEFAULT_MODELS = {
+    "simulated": "sim-1",
+    "openai": "gpt-4o-mini",
+    "openai_responses": "gpt-4o-mini",
+    "anthropic": "claude-sonnet-4-5",
+    "perplexity": "sonar",
+    "perplexity_sonar": "sonar",
+    "ollama": "llama3.2",
+}
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str):
+        value = kind(text)
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError("must be > 0")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number 0..65535")
+    return value
+
+
+def _provider(text: str) -> str:
+    if text not in PROVIDERS:
+        raise ValueError(f"unknown provider (known: {', '.join(PROVIDERS)})")
+    return text
+
+
+# name -> (default, parser, meaning). The default is a string, parsed like the env value.
+KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
+    "SLUICE_HOST": ("127.0.0.1", str, "interface the HTTP edge, the actor system and the stream hub bind"),
+    "SLUICE_PORT": ("8000", _port, "HTTP port of the edge"),
+    "SLUICE_ACTOR_PORT": ("19500", _port, "Thespian admin port of the actor system"),
+    "SLUICE_PROVIDER": ("simulated", _provider, "default provider for requests that name none"),
+    "SLUICE_SIM_PORT": ("0", _port, "port of the built-in simulated provider (0 = any free port)"),
+    "SLUICE_KEEPALIVE_S": ("15", _positive(float), "seconds between keepalive pings on a waiting SSE stream"),
+    "SLUICE_MAX_BODY_BYTES": ("1048576", _positive(int), "largest accepted request body (413 beyond)"),
+    "SLUICE_DB": ("data/sluice.sqlite3", str, "SQLite file holding chat threads"),
+    "SLUICE_ADMIN_TOKEN": (None, str, "bearer token for /api/admin (admin routes are off when unset)"),
+    "SLUICE_LOG_LEVEL": ("INFO", str, "log level"),
+    "COALESCE_ENABLED": ("1", _bool, "share one upstream call among identical in-flight requests"),
+    "STREAM_FANOUT_ENABLED": ("1", _bool, "followers get the shared stream live (else whole at the end)"),
+    "COALESCE_ERROR_TTL_S": ("2", float, "seconds a failure is replayed to identical requests"),
+    "COALESCER_SHARDS": ("2", _positive(int), "number of key-sharded Coalescer actors"),
+    "PACER_MAX_QUEUE": ("1000", int, "requests that may wait for an upstream slot (429 beyond)"),
+    "PACER_MAX_WAIT_MS": ("30000", _positive(float), "longest wait for an upstream slot (429 beyond)"),
+    "UPSTREAM_CONNECT_TIMEOUT_S": ("10", _positive(float), "upstream connect timeout"),
+    "UPSTREAM_READ_TIMEOUT_S": ("60", _positive(float), "upstream read timeout (longest silence mid-stream)"),
+}
+
+
+def account(provider: str) -> str:
+    return PROVIDERS[provider]
+
+
+def load(env: Mapping[str, str]) -> dict:
+    """Parse the whole configuration; ConfigError names the first bad variable."""
+    settings: dict[str, Any] = {}
+    for name, (default, parse, _meaning) in KEYS.items():
+        raw = env.get(name, default)
+        if raw is None:
+            settings[name] = None
+            continue
+        try:
+            settings[name] = parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}={raw!r}: {exc}") from None
+    if settings["PACER_MAX_QUEUE"] < 0:
+        raise ConfigError(f"PACER_MAX_QUEUE={settings['PACER_MAX_QUEUE']!r}: must be >= 0")
+    settings["accounts"] = _accounts(env, settings)
+    settings["providers"] = _providers(env, settings)
+    return settings
+
+
+def _accounts(env: Mapping[str, str], settings: dict) -> dict:
+    """Pacer settings per account: <PREFIX>_RPS, _BURST, _CONCURRENCY, _RPM."""
+    accounts = {}
+    for prefix, (rps, burst, concurrency, rpm) in PACER_DEFAULTS.items():
+        values = {}
+        for suffix, default, parse in (
+            ("RPS", rps, _positive(float)),
+            ("BURST", burst, _positive(int)),
+            ("CONCURRENCY", concurrency, _positive(int)),
+            ("RPM", rpm, int),
+        ):
+            name = f"{prefix}_{suffix}"
+            raw = env.get(name)
+            if raw is None or raw == "":
+                values[suffix.lower()] = default
+                continue
+            try:
+                values[suffix.lower()] = parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{name}={raw!r}: {exc}") from None
+        if values["rpm"] is not None and values["rpm"] <= 0:
+            values["rpm"] = None  # 0 switches the per-minute cap off
+        values["max_queue"] = settings["PACER_MAX_QUEUE"]
+        values["max_wait_s"] = settings["PACER_MAX_WAIT_MS"] / 1000.0
+        accounts[prefix] = values
+    return accounts
+
+
+def _providers(env: Mapping[str, str], settings: dict) -> dict:
+    """The providers this gateway serves: the default one plus every one with a key or a
+    base URL set. Keys are kept here and only ever put in the upstream auth header."""
+    out = {}
+    for name, prefix in PROVIDERS.items():
+        key = env.get(f"{prefix}_API_KEY") or None
+        base_url = env.get(f"{prefix}_BASE_URL") or None
+        if name != settings["SLUICE_PROVIDER"] and key is None and base_url is None:
+            continue
+        if name == "simulated" and base_url is None:
+            base_url = ""  # filled in by run.py once the simulated provider listens
+        if base_url and not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{prefix}_BASE_URL={base_url!r}: must start with http:// or https://")
+        out[name] = {
+            "account": prefix,
+            "adapter": name,
+            "api_key": key,
+            "base_url": base_url,
+            "model": env.get(f"{prefix}_MODEL") or DEFAULT_MODELS[name],
+        }
+    return out

@@ -1,0 +1,61 @@
+"""The coalescing key: which requests are "identical" and may share one upstream call.
+
+Two requests are identical when everything that can change the provider's output is the
+same: provider, model, the messages (role and content, in order) and every generation
+parameter in `OUTPUT_PARAMS`, plus the chat thread for thread sends (two threads with the
+same history still get answers of their own, stored on their own threads). The key is a
+SHA-256 over canonical JSON (sorted keys, no whitespace), so key order and spacing in
+the client's JSON do not matter, but a different temperature or one extra space inside a
+message does.
+
+Requests that must never share an answer get the empty key: those with tools, tool
+choice or function calling (their answers drive side effects), and those whose client
+opted out (`"coalesce": false` or header `X-Sluice-Coalesce: off`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+OUTPUT_PARAMS = (
+    "system",
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_tokens",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "response_format",
+    "reasoning_effort",
+    "search_mode",
+    "search_domain_filter",
+    "search_recency_filter",
+)
+NON_IDEMPOTENT = ("tools", "tool_choice", "functions", "function_call")
+
+
+def is_idempotent(body: dict) -> bool:
+    return not any(body.get(name) for name in NON_IDEMPOTENT)
+
+
+def coalescing_key(provider: str, model: str, body: dict, thread_id: str | None = None) -> str:
+    """The key for `body` (a normalized request), or "" when it must not be coalesced."""
+    if not is_idempotent(body):
+        return ""
+    canonical = {
+        "provider": provider,
+        "model": model,
+        "messages": [{"role": msg["role"], "content": msg["content"]} for msg in body["messages"]],
+        "params": {name: body[name] for name in OUTPUT_PARAMS if body.get(name) is not None},
+        "thread": thread_id,
+    }
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def shard_of(key: str, shards: int, request_id: str) -> int:
+    """Which Coalescer shard owns `key` (uncoalescable requests spread by request id)."""
+    basis = key or hashlib.sha256(request_id.encode()).hexdigest()
+    return int(basis[:8], 16) % shards

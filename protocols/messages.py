@@ -1,0 +1,301 @@
+"""The message schema: every message sluice's actors and processes exchange.
+
+Control plane (through Thespian, a handful per request):
+
+    edge  --Submit-->  Coalescer  --LeaseRequest-->  Pacer
+    edge  <--Admitted/Rejected--  Coalescer  <--LeaseQueued/Granted/Denied--  Pacer
+    Coalescer --OpenStream / AbortStream / FailStream--> Pool
+    Pool --StreamFinished--> Coalescer          Pool --LeaseRelease--> Pacer
+    edge --Cancel--> Coalescer                  anyone --Records--> Metrics
+
+Data plane (a msgpack stream from the Pool's stream hub to each edge process, see
+docs/architecture.md): Subscribe / Unsubscribe up, StreamData down.
+
+Actor addresses travel as "host:port" strings (see actors/addressing.py), so no pickled
+object of ours is ever on the wire.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from protocols.codec import Invalid, decode, encode, from_wire, message, to_wire
+
+__all__ = ["Invalid", "decode", "encode", "from_wire", "to_wire"]
+
+# --- replies that any actor may send -------------------------------------------------
+
+
+@message("error")
+class ErrorReply:
+    """The answer to a message that could not be decoded or handled."""
+
+    code: str
+    message: str
+    request_id: str | None = None
+
+
+# --- edge <-> Coalescer ----------------------------------------------------------------
+
+
+@message("submit")
+class Submit:
+    request_id: str
+    key: str  # canonical coalescing key (protocols/keys.py); "" = never coalesce
+    provider: str
+    model: str
+    body: dict  # the normalized upstream request (messages + output-changing params)
+    edge_id: str
+    received_at: float  # wall-clock time the edge accepted the request
+
+
+@message("admitted")
+class Admitted:
+    request_id: str
+    stream_id: str
+    role: str  # "leader" | "follower"
+    error: dict | None = None  # set when a recent identical failure is replayed (error TTL)
+    coalesce: bool = True  # may the edge join identical local requests to this stream?
+    fanout: bool = True  # do followers get the stream live (else the whole answer at the end)?
+
+
+@message("rejected")
+class Rejected:
+    request_id: str
+    status: int  # HTTP status the edge answers with (429, 503, ...)
+    code: str
+    message: str
+    retry_after_s: float | None = None
+
+
+@message("cancel")
+class Cancel:
+    """The last local subscriber of `stream_id` on this edge left (or asked to cancel)."""
+
+    stream_id: str
+    edge_id: str
+    requested_at: float
+
+
+# --- Coalescer <-> Pacer -----------------------------------------------------------------
+
+
+@message("lease_request")
+class LeaseRequest:
+    lease_id: str
+    provider: str
+    requested_at: float
+
+
+@message("lease_queued")
+class LeaseQueued:
+    lease_id: str
+    position: int
+
+
+@message("lease_granted")
+class LeaseGranted:
+    lease_id: str
+    queue_wait_ms: float
+
+
+@message("lease_denied")
+class LeaseDenied:
+    lease_id: str
+    status: int
+    code: str
+    message: str
+    retry_after_s: float | None = None
+
+
+@message("lease_cancel")
+class LeaseCancel:
+    """Give up a lease that is queued or granted but not yet used by the Pool."""
+
+    lease_id: str
+
+
+@message("lease_release")
+class LeaseRelease:
+    """Pool -> Pacer: the upstream call holding this lease has ended."""
+
+    lease_id: str
+    retry_after_s: float | None = None  # upstream said 429 Retry-After
+
+
+# --- Coalescer <-> Pool ------------------------------------------------------------------
+
+
+@message("open_stream")
+class OpenStream:
+    stream_id: str
+    provider: str
+    model: str
+    body: dict
+    lease_id: str
+    queue_wait_ms: float
+    coalescer: str  # address of the shard to tell when the stream ends
+
+
+@message("abort_stream")
+class AbortStream:
+    stream_id: str
+    requested_at: float
+
+
+@message("fail_stream")
+class FailStream:
+    """End a stream that never opened (lease denied, queue timeout) with an error event."""
+
+    stream_id: str
+    code: str
+    message: str
+
+
+@message("stream_finished")
+class StreamFinished:
+    stream_id: str
+    outcome: str  # "done" | "error" | "cancelled"
+    error: dict | None = None
+
+
+# --- Metrics -----------------------------------------------------------------------------
+
+
+@message("records")
+class Records:
+    """A batch of measurement records (see actors/metrics_logic.py for their fields)."""
+
+    source: str
+    records: list[dict]
+
+
+@message("query_performance")
+class QueryPerformance:
+    last_n: int
+
+
+@message("performance")
+class Performance:
+    report: dict
+
+
+@message("query_prometheus")
+class QueryPrometheus:
+    pass
+
+
+@message("prometheus_text")
+class PrometheusText:
+    text: str
+
+
+@message("query_alerts")
+class QueryAlerts:
+    pass
+
+
+@message("alerts_report")
+class AlertsReport:
+    report: dict
+
+
+# --- supervision, discovery, admin -------------------------------------------------------
+
+
+@message("wire")
+class Wire:
+    """Supervisor -> child: who is where, and the settings to run with."""
+
+    role: str
+    directory: dict  # role -> address string
+    settings: dict
+
+
+@message("ready")
+class Ready:
+    """Child -> Supervisor, in answer to every Wire: I play `role` at `address`."""
+
+    role: str
+    address: str
+
+
+@message("hub_ready")
+class HubReady:
+    """Pool -> Supervisor: the data-plane hub listens here."""
+
+    host: str
+    port: int
+
+
+@message("get_directory")
+class GetDirectory:
+    pass
+
+
+@message("directory")
+class Directory:
+    entries: dict  # role -> address string ("pacer:<provider>", "coalescer:<n>", ...)
+    hub: list  # [host, port] of the Pool's stream hub, [] while not ready
+    settings: dict
+    generation: int
+
+
+@message("get_state")
+class GetState:
+    pass
+
+
+@message("state")
+class State:
+    role: str
+    state: dict
+
+
+@message("admin")
+class Admin:
+    """An operator command for one actor: `command` with `args` (see docs/operations.md)."""
+
+    command: str
+    args: dict
+
+
+@message("admin_result")
+class AdminResult:
+    ok: bool
+    result: dict
+    error: str | None = None
+
+
+# --- data plane: edge <-> Pool stream hub ------------------------------------------------
+
+
+@message("subscribe")
+class Subscribe:
+    stream_id: str
+
+
+@message("unsubscribe")
+class Unsubscribe:
+    stream_id: str
+
+
+@message("stream_data")
+class StreamData:
+    """Events of one stream, in order; `seq` is the index of the first event.
+
+    Events are normalized dicts (protocols/events.py). The first frame a subscriber gets
+    replays everything the stream produced so far.
+    """
+
+    stream_id: str
+    seq: int
+    events: list[dict]
+
+
+def message_types() -> dict[str, type]:
+    from protocols.codec import _REGISTRY
+
+    return dict(_REGISTRY)
+
+
+Message = Any

@@ -111,7 +111,10 @@ def _serve_http(settings: dict, log) -> int:
         )
     )
     log.info("sluice listening on http://%s:%d", settings["SLUICE_HOST"], settings["SLUICE_PORT"])
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl-C it handled; the shutdown has already happened
     return 0 if server.started else 1
 
 

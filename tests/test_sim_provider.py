@@ -10,23 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
-import sys
 import time
 
 import h2.errors
 import httpcore
 import pytest
 
-# The repo root must be importable when pytest is run from elsewhere.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from sim import formats  # noqa: E402
-from sim.provider import SimulatedProvider, start_subprocess, stop_subprocess  # noqa: E402
+from sim import formats
+from sim.provider import SimulatedProvider, start_subprocess, stop_subprocess
 
 TEST_TIMEOUT = 30.0
 CHAT = "/v1/chat/completions"

@@ -767,6 +767,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent dies, even by SIGKILL, so a
+    crashed gateway never leaves its simulated provider running (Linux prctl)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def start_subprocess(port: int = 0, host: str = "127.0.0.1",
                      timeout: float = 15.0) -> tuple[subprocess.Popen, int]:
     """Run ``python -m sim.provider`` as a child; return ``(process, port)`` once it listens.
@@ -779,7 +790,7 @@ def start_subprocess(port: int = 0, host: str = "127.0.0.1",
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(
         [sys.executable, "-m", "sim.provider", "--host", host, "--port", str(port)],
-        stdout=subprocess.PIPE, cwd=root, env=env,
+        stdout=subprocess.PIPE, cwd=root, env=env, preexec_fn=_die_with_parent,
     )
     deadline = time.monotonic() + timeout
     out = b""

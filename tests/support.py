@@ -36,24 +36,33 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message
         time.sleep(interval)
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id), from /proc."""
+    table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rpartition(")")[2].split()
-            children.setdefault(int(fields[1]), []).append(int(entry))
+            table[int(entry)] = (int(fields[1]), int(fields[3]))
         except OSError:
             continue
-    out, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in out:
+    return table
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, including those that were daemonized away from it:
+    Thespian's admin double-forks into a session of its own, led by a child of `pid`."""
+    table = _proc_table()
+    out: set[int] = set()
+    changed = True
+    while changed:
+        changed = False
+        for child, (parent, session) in table.items():
+            if child not in out and (parent == pid or parent in out or session in out):
                 out.add(child)
-                todo.append(child)
+                changed = True
     return out
 
 

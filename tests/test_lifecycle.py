@@ -1,0 +1,76 @@
+"""Starting and stopping run.py: bad configuration, Ctrl-C mid-stream, a killed
+gateway, and sockets that stay on loopback. Each test runs a gateway of its own."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import uuid
+
+from tests.support import ROOT, Gateway, SSEClient, chat_body, data_events, listening_ports, wait_until
+
+
+def run_py(env: dict) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py")],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_bad_configuration_fails_fast_naming_the_variable():
+    for env, name in (
+        ({"SLUICE_PORT": "eighty"}, "SLUICE_PORT"),
+        ({"PERPLEXITY_RPS": "-1"}, "PERPLEXITY_RPS"),
+        ({"COALESCE_ENABLED": "maybe"}, "COALESCE_ENABLED"),
+        ({"SLUICE_PROVIDER": "nosuch"}, "SLUICE_PROVIDER"),
+        ({"OPENAI_BASE_URL": "ftp://x", "SLUICE_PROVIDER": "openai"}, "OPENAI_BASE_URL"),
+    ):
+        result = run_py(env)
+        assert result.returncode == 2, (env, result.stderr)
+        assert name in result.stderr and "configuration error" in result.stderr
+
+
+def test_ctrl_c_mid_stream_ends_the_stream_and_leaves_nothing():
+    gw = Gateway().start()  # its own simulated provider: run.py starts one
+    try:
+        client = SSEClient(gw.url + "/api/chat", chat_body(f"long {uuid.uuid4()}\n#sim tokens=1000 token_interval_ms=20"))
+        while client.next()[1].get("type") != "delta":
+            pass
+        gw.proc.send_signal(signal.SIGINT)
+        data = data_events(client.read_all())
+        client.close()
+        assert data[-1]["type"] == "error" and data[-1]["code"] == "shutting_down"
+        assert gw.proc.wait(30) == 0
+        wait_until(lambda: gw.leftovers() == (set(), set()), timeout=15, message="no process or port left")
+    finally:
+        gw.stop()
+        gw.kill_leftovers()
+
+
+def test_every_socket_listens_on_loopback_only():
+    gw = Gateway().start()
+    try:
+        ports = listening_ports(gw.tree)
+        # the edge, the actor admin, a socket per actor, the stream hub, the simulated provider
+        assert {gw.port, gw.actor_port} <= {port for _, port in ports} and len(ports) >= 6, ports
+        assert {addr for addr, _ in ports} == {"127.0.0.1"}, ports
+    finally:
+        gw.stop()
+        wait_until(lambda: gw.leftovers() == (set(), set()), timeout=15, message="no process or port left")
+        gw.kill_leftovers()
+
+
+def test_a_killed_gateway_takes_its_actors_and_provider_with_it():
+    gw = Gateway().start()
+    try:
+        gw.proc.send_signal(signal.SIGKILL)
+        gw.proc.wait(10)
+        wait_until(lambda: gw.leftovers() == (set(), set()), timeout=20, message="actors to notice and shut down")
+    finally:
+        gw.kill_leftovers()

@@ -65,9 +65,9 @@ class PoolRuntime:
         self.loop.run_forever()
 
     async def _setup(self) -> None:
-        # HTTP/2 where the provider offers it (ALPN on https); cleartext http:// URLs are
-        # spoken as HTTP/2 with prior knowledge only for the simulated provider, which
-        # speaks both (real cleartext servers such as a local Ollama speak HTTP/1.1).
+        # HTTP/2 where the provider offers it (ALPN on https). Cleartext http:// URLs are
+        # HTTP/1.1 unless the provider is configured for prior-knowledge HTTP/2
+        # (<PREFIX>_H2C, on for the simulated provider; a local Ollama speaks HTTP/1.1).
         self.http = httpcore.AsyncConnectionPool(http1=True, http2=True, max_connections=100, keepalive_expiry=60.0)
         self.h2c = httpcore.AsyncConnectionPool(http1=False, http2=True, max_connections=20, keepalive_expiry=60.0)
         self.hub_port = await self.hub.start(self.settings["SLUICE_HOST"])
@@ -136,7 +136,7 @@ class PoolRuntime:
             request = adapter.build_request(
                 base_url=provider["base_url"], api_key=provider.get("api_key"), model=msg.model, body=msg.body
             )
-            http = self.h2c if msg.provider == "simulated" else self.http
+            http = self.h2c if provider.get("h2c") and provider["base_url"].startswith("http://") else self.http
             result = await run_call(http, adapter, request, publish, msg.queue_wait_ms, self._timeouts())
         except asyncio.CancelledError:
             pass  # run_call published the cancellation; the abort is recorded below

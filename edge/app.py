@@ -114,8 +114,11 @@ class Edge:
             return error_response(exc.status, exc.code, exc.message)
         return await self.open_stream(chat.provider, chat.model, chat.body, chat.thread_id, chat.coalesce)
 
-    async def open_stream(self, provider, model, body, thread_id, coalesce, on_end=None):
-        """Admit a normalized request and return its SSE response (or a JSON error)."""
+    async def open_stream(self, provider, model, body, thread_id, coalesce, on_end=None, renderer=None):
+        """Admit a normalized request and return its SSE response (or a JSON error).
+
+        `on_end(sub, outcome)` runs when the client's stream ends; `renderer(sub)` makes
+        the Renderer that picks the wire format (sluice's own by default)."""
         provider = provider or self.settings["SLUICE_PROVIDER"]
         configured = self.settings["providers"].get(provider)
         if configured is None:
@@ -136,7 +139,9 @@ class Edge:
             if on_end is not None:
                 on_end(sub, outcome)
 
-        return SSEStream(sub, self.settings["SLUICE_KEEPALIVE_S"], self.shutting_down, ended)
+        return SSEStream(
+            sub, self.settings["SLUICE_KEEPALIVE_S"], self.shutting_down, ended, renderer(sub) if renderer else None
+        )
 
     def _provider_missing(self, provider: str) -> JSONResponse:
         if provider not in PROVIDERS:
@@ -241,6 +246,7 @@ async def _server_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app(settings: dict, extra_routes: list | None = None) -> tuple[Starlette, Edge]:
+    """The app with the core routes; `extra_routes` (filled in by edge/routes.py) follow."""
     edge = Edge(settings)
     routes = [
         Route("/api/chat", edge.chat, methods=["POST"]),
@@ -250,7 +256,7 @@ def create_app(settings: dict, extra_routes: list | None = None) -> tuple[Starle
         Route("/api/metrics/performance", edge.performance, methods=["GET"]),
         Route("/metrics", edge.prometheus, methods=["GET"]),
         Route("/api/alerts", edge.alerts, methods=["GET"]),
-    ] + (extra_routes or [])
+    ]
     app = Starlette(
         routes=routes,
         lifespan=edge.lifespan,

@@ -23,6 +23,68 @@ HEADERS = [
 ]
 
 
+class Renderer:
+    """Turns a stream's events into one client's bytes. Subclasses pick the wire format;
+    this base measures TTFT and queue wait, and holds deltas back for a follower without
+    fan-out (it gets the whole answer in one delta at the end)."""
+
+    def __init__(self, sub: Subscriber):
+        self.sub = sub
+        self.ttft_ms: float | None = None
+        self.queue_wait_ms: float | None = None
+        self._held: list[str] = []
+
+    def opening(self) -> bytes:
+        return PING
+
+    def keepalive(self) -> bytes:
+        return PING
+
+    def render(self, event: dict) -> bytes:
+        kind = event.get("type")
+        if kind == ev.STARTED:
+            first_byte = event["first_byte_at"]
+            # A client that joined after the first byte waited only for the replay.
+            reference = first_byte if first_byte >= self.sub.received_at else time.time()
+            self.ttft_ms = round((reference - self.sub.received_at) * 1000.0, 3)
+            self.queue_wait_ms = event.get("queue_wait_ms")
+            return self.started()
+        if kind == ev.DELTA and not self.sub.fanout:
+            self._held.append(event["delta"])
+            return b""
+        out = b""
+        if ev.is_terminal(event) and self._held:
+            out += self.event(ev.delta("".join(self._held)))
+            self._held.clear()
+        return out + self.event(event)
+
+    def started(self) -> bytes:
+        return b""
+
+    def event(self, event: dict) -> bytes:
+        raise NotImplementedError
+
+
+class SluiceRenderer(Renderer):
+    """sluice's own format: meta, delta, usage, done / error as `data:` JSON frames."""
+
+    def started(self) -> bytes:
+        return frame(
+            {
+                "type": "meta",
+                "request_id": self.sub.request_id,
+                "role": self.sub.role,
+                "provider": self.sub.provider,
+                "model": self.sub.model,
+                "ttft_ms": self.ttft_ms,
+                "queue_wait_ms": self.queue_wait_ms,
+            }
+        )
+
+    def event(self, event: dict) -> bytes:
+        return frame(event)
+
+
 class SSEStream:
     def __init__(
         self,
@@ -30,11 +92,10 @@ class SSEStream:
         keepalive_s: float,
         shutting_down: asyncio.Event,
         on_end: Callable[[Subscriber, dict], None],
+        renderer: Renderer | None = None,
     ):
         self.sub, self.keepalive_s, self.shutting_down, self.on_end = sub, keepalive_s, shutting_down, on_end
-        self.ttft_ms: float | None = None
-        self.queue_wait_ms: float | None = None
-        self._held: list[str] = []  # deltas held back for a follower without fan-out
+        self.renderer = renderer or SluiceRenderer(sub)
 
     async def __call__(self, scope, receive, send) -> None:
         headers = HEADERS + [(b"x-request-id", self.sub.request_id.encode())]
@@ -43,14 +104,15 @@ class SSEStream:
         shutdown = asyncio.ensure_future(self.shutting_down.wait())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": PING, "more_body": True})
+            await send({"type": "http.response.body", "body": self.renderer.opening(), "more_body": True})
             outcome = await self._pump(send, disconnect, shutdown)
         except OSError:  # the client's socket broke while we wrote
             outcome = {"outcome": "cancelled", "error_code": "disconnected"}
         finally:
             disconnect.cancel()
             shutdown.cancel()
-            self.on_end(self.sub, {**outcome, "ttft_ms": self.ttft_ms, "queue_wait_ms": self.queue_wait_ms})
+            measured = {"ttft_ms": self.renderer.ttft_ms, "queue_wait_ms": self.renderer.queue_wait_ms}
+            self.on_end(self.sub, {**outcome, **measured})
 
     async def _pump(self, send, disconnect: asyncio.Future, shutdown: asyncio.Future) -> dict:
         while True:
@@ -67,9 +129,9 @@ class SSEStream:
             elif shutdown in done:
                 event = ev.error("shutting_down", "the gateway is shutting down")
             else:
-                await send({"type": "http.response.body", "body": PING, "more_body": True})
+                await send({"type": "http.response.body", "body": self.renderer.keepalive(), "more_body": True})
                 continue
-            body = self._render(event)
+            body = self.renderer.render(event)
             terminal = ev.is_terminal(event)
             if body:
                 await send({"type": "http.response.body", "body": body, "more_body": not terminal})
@@ -77,33 +139,6 @@ class SSEStream:
                 if not body:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return _outcome_of(event)
-
-    def _render(self, event: dict) -> bytes:
-        kind = event.get("type")
-        if kind == ev.STARTED:
-            first_byte = event["first_byte_at"]
-            # A client that joined after the first byte waited only for the replay.
-            reference = first_byte if first_byte >= self.sub.received_at else time.time()
-            self.ttft_ms = round((reference - self.sub.received_at) * 1000.0, 3)
-            self.queue_wait_ms = event.get("queue_wait_ms")
-            meta = {
-                "type": "meta",
-                "request_id": self.sub.request_id,
-                "role": self.sub.role,
-                "provider": self.sub.provider,
-                "model": self.sub.model,
-                "ttft_ms": self.ttft_ms,
-                "queue_wait_ms": self.queue_wait_ms,
-            }
-            return frame(meta)
-        if kind == ev.DELTA and not self.sub.fanout:
-            self._held.append(event["delta"])
-            return b""
-        out = b""
-        if ev.is_terminal(event) and self._held:
-            out += frame(ev.delta("".join(self._held)))
-            self._held.clear()
-        return out + frame(event)
 
 
 def _outcome_of(event: dict) -> dict:

@@ -166,8 +166,14 @@ def _providers(env: Mapping[str, str], settings: dict) -> dict:
             base_url = ""  # filled in by run.py once the simulated provider listens
         if base_url and not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{prefix}_BASE_URL={base_url!r}: must start with http:// or https://")
+        h2c_raw = env.get(f"{prefix}_H2C", "1" if name == "simulated" else "0")
+        try:
+            h2c = _bool(h2c_raw)
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}_H2C={h2c_raw!r}: {exc}") from None
         out[name] = {
             "account": prefix,
+            "h2c": h2c,  # speak HTTP/2 with prior knowledge to an http:// base URL
             "adapter": name,
             "api_key": key,
             "base_url": base_url,

@@ -23,6 +23,7 @@ from actors.host import HostActor, my_address
 from actors.metrics import MetricsActor
 from actors.pacer import PacerActor
 from actors.pool import PoolActor
+from actors.threads_store import ThreadStoreActor
 from protocols import messages as m
 
 log = logging.getLogger("sluice.supervisor")
@@ -36,7 +37,7 @@ class WatchParent:
 
 
 def child_roles(settings: dict) -> dict[str, type]:
-    roles: dict[str, type] = {"metrics": MetricsActor, "pool": PoolActor}
+    roles: dict[str, type] = {"metrics": MetricsActor, "pool": PoolActor, "threads": ThreadStoreActor}
     for provider in settings["providers"].values():
         roles[f"pacer:{provider['account'].lower()}"] = PacerActor
     for shard in range(settings["COALESCER_SHARDS"]):

@@ -23,7 +23,12 @@ DIRECTORY_TTL_S = 1.0
 
 
 class BridgeError(Exception):
-    """An actor did not answer, or answered with an error."""
+    """An actor did not answer (code "unavailable"), or answered with an ErrorReply
+    (its code, e.g. "thread_not_found")."""
+
+    def __init__(self, message: str, code: str = "unavailable"):
+        super().__init__(message)
+        self.code = code
 
 
 class ActorBridge:
@@ -102,7 +107,7 @@ class ActorBridge:
         if isinstance(decoded, m.Invalid):
             raise BridgeError(f"undecodable reply: {decoded.reason}")
         if isinstance(decoded, m.ErrorReply):
-            raise BridgeError(f"{decoded.code}: {decoded.message}")
+            raise BridgeError(decoded.message, decoded.code)
         return decoded
 
     def _context(self):

@@ -122,7 +122,7 @@ class LocalStreams:
             await self.hub.subscribe(flight.stream_id, lambda events: self._on_events(flight, events))
         except OSError as exc:
             self._forget(flight)
-            self._spawn(self.bridge.tell(shard, m.Cancel(flight.stream_id, self.edge_id, time.time())))
+            self.spawn(self.bridge.tell(shard, m.Cancel(flight.stream_id, self.edge_id, time.time())))
             raise Rejection(503, "gateway_unavailable", f"stream hub unreachable: {exc}") from None
         return flight, reply.role
 
@@ -155,7 +155,7 @@ class LocalStreams:
             return
         self._forget(flight)
         flight.finished = True
-        self._spawn(self.bridge.tell(flight.shard, m.Cancel(flight.stream_id, self.edge_id, time.time())))
+        self.spawn(self.bridge.tell(flight.shard, m.Cancel(flight.stream_id, self.edge_id, time.time())))
 
     def _forget(self, flight: Flight) -> None:
         if self.by_key.get(flight.key) is flight:
@@ -169,7 +169,7 @@ class LocalStreams:
         sub.cancel()
         return True
 
-    def _spawn(self, coro) -> None:
+    def spawn(self, coro) -> None:
         """Cancels are owned here and awaited on shutdown: nothing runs detached."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)

@@ -199,6 +199,57 @@ class AlertsReport:
     report: dict
 
 
+# --- edge <-> thread store --------------------------------------------------------------
+
+
+@message("thread_create")
+class ThreadCreate:
+    pass
+
+
+@message("thread_info")
+class ThreadInfo:
+    thread_id: str
+    created_at: float
+
+
+@message("thread_get")
+class ThreadGet:
+    thread_id: str
+
+
+@message("thread_messages")
+class ThreadMessages:
+    thread_id: str
+    messages: list[dict]  # {"id", "role", "content", "status", "error_code", "created_at"}
+
+
+@message("turn_begin")
+class TurnBegin:
+    """Store a user message and an empty assistant reply, or join an identical turn
+    already streaming on this thread (then nothing new is stored)."""
+
+    thread_id: str
+    content: str
+
+
+@message("turn_begun")
+class TurnBegun:
+    thread_id: str
+    history: list[dict]  # {"role", "content"} up to and including this turn's user message
+    user_id: int
+    assistant_id: int
+    joined: bool
+
+
+@message("turn_end")
+class TurnEnd:
+    assistant_id: int
+    content: str
+    status: str  # "done" | "error" | "cancelled"
+    error_code: str | None = None
+
+
 # --- supervision, discovery, admin -------------------------------------------------------
 
 

@@ -119,14 +119,19 @@ class Gateway:
     """A running `python run.py` on free ports."""
 
     def __init__(self, env: dict[str, str] | None = None):
+        import tempfile
+
         self.port = free_port()
         self.actor_port = free_port()
+        self.tmp = tempfile.mkdtemp(prefix="sluice-test-")
+        self.db = os.path.join(self.tmp, "sluice.sqlite3")
         self.env = {
             **os.environ,
             "SLUICE_PORT": str(self.port),
             "SLUICE_ACTOR_PORT": str(self.actor_port),
             "SLUICE_LOG_LEVEL": "WARNING",
             "PYTHONPATH": str(ROOT),
+            "SLUICE_DB": self.db,
             **(env or {}),
         }
         self.url = f"http://127.0.0.1:{self.port}"
@@ -135,10 +140,8 @@ class Gateway:
         self.log_path = None
 
     def start(self, timeout: float = 30.0) -> "Gateway":
-        import tempfile
-
-        self.log = tempfile.NamedTemporaryFile(prefix="sluice-test-", suffix=".log", delete=False)
-        self.log_path = self.log.name
+        self.log_path = os.path.join(self.tmp, "gateway.log")
+        self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "run.py")], cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT
         )
@@ -184,6 +187,9 @@ class Gateway:
         return procs, ports
 
     def kill_leftovers(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
         for pid in self.tree:
             if alive(pid):
                 try:

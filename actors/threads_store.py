@@ -1,0 +1,183 @@
+"""The thread store: chat threads and their messages in one SQLite file (WAL).
+
+One actor owns the file, so SQLite sees a single writer and no edge process ever holds
+a write lock. A turn is a user message plus the assistant reply that answers it:
+
+    TurnBegin   inserts both (the reply with status "streaming"), unless the thread's
+                last turn has the same user text and is still streaming: then the new
+                request joins that turn and nothing is stored (50 identical sends -> 2
+                rows, and the coalescing key, which includes the thread, makes them
+                share one upstream call too).
+    TurnEnd     writes the reply's text and status. "done" and "error" are final and
+                may replace "cancelled" (another edge may still have been streaming);
+                "cancelled" never replaces a final status.
+
+On start, replies left "streaming" by a crash are marked "interrupted": nothing is lost
+silently, and a client reading the thread sees what happened.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+import uuid
+
+from actors.effects import Send
+from actors.host import HostActor
+from protocols import messages as m
+
+log = logging.getLogger("sluice.threads")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS threads (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    thread_id TEXT NOT NULL REFERENCES threads(id),
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error_code TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_thread ON messages(thread_id, id);
+"""
+
+FINAL = ("done", "error")
+
+
+class ThreadNotFound(LookupError):
+    pass
+
+
+class ThreadStore:
+    def __init__(self, path: str):
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None)  # explicit transactions below
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+        interrupted = self.db.execute(
+            "UPDATE messages SET status='interrupted', updated_at=? WHERE status='streaming'", (time.time(),)
+        ).rowcount
+        if interrupted:
+            log.warning("%d replies were cut off by a crash; marked interrupted", interrupted)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def create(self) -> tuple[str, float]:
+        thread_id, now = uuid.uuid4().hex, time.time()
+        self.db.execute("INSERT INTO threads(id, created_at) VALUES (?, ?)", (thread_id, now))
+        return thread_id, now
+
+    def messages(self, thread_id: str) -> list[dict]:
+        self._require(thread_id)
+        rows = self.db.execute(
+            "SELECT id, role, content, status, error_code, created_at FROM messages WHERE thread_id=? ORDER BY id",
+            (thread_id,),
+        )
+        keys = ("id", "role", "content", "status", "error_code", "created_at")
+        return [dict(zip(keys, row)) for row in rows]
+
+    def begin(self, thread_id: str, content: str) -> tuple[list[dict], int, int, bool]:
+        """-> (history to send upstream, user message id, assistant message id, joined)."""
+        self._require(thread_id)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            last_two = self.db.execute(
+                "SELECT id, role, content, status FROM messages WHERE thread_id=? ORDER BY id DESC LIMIT 2", (thread_id,)
+            ).fetchall()
+            joined = (
+                len(last_two) == 2
+                and last_two[0][1] == "assistant"
+                and last_two[0][3] == "streaming"
+                and last_two[1][1] == "user"
+                and last_two[1][2] == content
+            )
+            if joined:
+                assistant_id, user_id = last_two[0][0], last_two[1][0]
+            else:
+                now = time.time()
+                user_id = self._insert(thread_id, "user", content, "complete", now)
+                assistant_id = self._insert(thread_id, "assistant", "", "streaming", now)
+            history = [
+                {"role": role, "content": text}
+                for role, text in self.db.execute(
+                    "SELECT role, content FROM messages WHERE thread_id=? AND id<=? AND "
+                    "(role='user' OR status IN ('done', 'complete')) ORDER BY id",
+                    (thread_id, user_id),
+                )
+            ]
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return history, user_id, assistant_id, joined
+
+    def end(self, assistant_id: int, content: str, status: str, error_code: str | None) -> None:
+        replaceable = ("streaming", "cancelled", "interrupted") if status in FINAL else ("streaming",)
+        marks = ",".join("?" * len(replaceable))
+        self.db.execute(
+            f"UPDATE messages SET content=?, status=?, error_code=?, updated_at=? WHERE id=? AND status IN ({marks})",
+            (content, status, error_code, time.time(), assistant_id, *replaceable),
+        )
+
+    def _insert(self, thread_id: str, role: str, content: str, status: str, now: float) -> int:
+        cursor = self.db.execute(
+            "INSERT INTO messages(thread_id, role, content, status, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (thread_id, role, content, status, now, now),
+        )
+        return cursor.lastrowid
+
+    def _require(self, thread_id: str) -> None:
+        if self.db.execute("SELECT 1 FROM threads WHERE id=?", (thread_id,)).fetchone() is None:
+            raise ThreadNotFound(thread_id)
+
+
+class ThreadStoreActor(HostActor):
+    role = "threads"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.store: ThreadStore | None = None
+
+    def on_wire(self, wire: m.Wire) -> None:
+        if self.store is None:
+            self.store = ThreadStore(self.settings["SLUICE_DB"])
+
+    def on_message(self, msg, sender, now):
+        if self.store is None:
+            return [Send(sender, m.ErrorReply("not_ready", "thread store not wired yet"))] if sender else []
+        try:
+            return self._handle(msg, sender)
+        except ThreadNotFound as exc:
+            return [Send(sender, m.ErrorReply("thread_not_found", f"no thread {exc.args[0]!r}"))]
+
+    def _handle(self, msg, sender) -> list:
+        if isinstance(msg, m.ThreadCreate):
+            return [Send(sender, m.ThreadInfo(*self.store.create()))]
+        if isinstance(msg, m.ThreadGet):
+            return [Send(sender, m.ThreadMessages(msg.thread_id, self.store.messages(msg.thread_id)))]
+        if isinstance(msg, m.TurnBegin):
+            history, user_id, assistant_id, joined = self.store.begin(msg.thread_id, msg.content)
+            return [Send(sender, m.TurnBegun(msg.thread_id, history, user_id, assistant_id, joined))]
+        if isinstance(msg, m.TurnEnd):
+            self.store.end(msg.assistant_id, msg.content, msg.status, msg.error_code)
+            return []
+        if isinstance(msg, m.GetState):
+            return [Send(sender, m.State(self.role, {"db": self.settings["SLUICE_DB"]}))]
+        return []
+
+    def on_system(self, msg, sender) -> None:
+        from thespian.actors import ActorExitRequest
+
+        if isinstance(msg, ActorExitRequest) and self.store is not None:
+            self.store.close()
+            self.store = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import sys
 
@@ -46,20 +45,12 @@ def serve(settings: dict) -> int:
         if name != "simulated" and provider["api_key"] is None and provider["adapter"] != "ollama":
             log.warning("provider %s has no API key (%s_API_KEY): its calls will fail upstream", name, provider["account"])
 
-    from actors import addressing
-
-    addressing.bind_to(host)
-    from thespian.actors import ActorSystem
-
+    from actors import system
     from actors.supervisor import SUPERVISOR_NAME, SupervisorActor
     from protocols import messages as m
 
-    settings = {**settings, "parent_pid": os.getpid()}
-    # The admin process inherits this: Ctrl-C reaches the whole process group, and only
-    # this process may decide how the actor system ends.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    asys = ActorSystem("multiprocTCPBase", capabilities={"Admin Port": settings["SLUICE_ACTOR_PORT"]}, logDefs=None)
-    signal.signal(signal.SIGINT, previous)
+    asys, group = system.start(host, settings["SLUICE_ACTOR_PORT"])
+    settings = {**settings, "parent_pid": os.getpid(), "actor_group": group}
     sim = None
     try:
         sim = _start_simulated_provider(settings, log)
@@ -67,7 +58,7 @@ def serve(settings: dict) -> int:
         asys.tell(supervisor, m.encode(m.Wire("supervisor", {}, settings)))
         return _serve_http(settings, log)
     finally:
-        asys.shutdown()
+        system.stop(asys, group)
         if sim is not None:
             from sim.provider import stop_subprocess
 

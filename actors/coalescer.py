@@ -42,11 +42,12 @@ class CoalescerActor(HostActor):
     def on_message(self, msg, sender, now):
         if self.logic is None:
             return [Send(sender, m.ErrorReply("not_ready", "coalescer not wired yet"))] if sender else []
-        if isinstance(msg, m.GetState):
-            return [Send(sender, m.State(self.role, self.logic.state(now)))]
         if isinstance(msg, m.Admin):
             return self._admin(msg, sender, now)
         return self.logic.handle(msg, sender, now)
+
+    def state(self, now: float) -> dict:
+        return self.logic.state(now) if self.logic else {"wired": False}
 
     def _admin(self, msg: m.Admin, sender, now) -> list:
         if msg.command == "show":

@@ -9,6 +9,7 @@ fails to decode or to handle gets an `ErrorReply` instead.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import timedelta
 from typing import Any
@@ -77,7 +78,10 @@ class HostActor(Actor):
             self.settings = dict(msg.settings)
             self.on_wire(msg)
             if msg.role != "supervisor":
-                self.send(sender, m.encode(m.Ready(msg.role, my_address(self))))
+                self.send(sender, m.encode(m.Ready(msg.role, my_address(self), os.getpid())))
+            return
+        if isinstance(msg, m.GetState):  # every actor answers it: readiness, admin "show"
+            self.send(sender, m.encode(m.State(self.role, {"pid": os.getpid(), **self.state(time.time())})))
             return
         self.apply(self.on_message(msg, sender, time.time()))
 
@@ -109,6 +113,10 @@ class HostActor(Actor):
 
     def on_wire(self, wire: m.Wire) -> None:
         pass
+
+    def state(self, now: float) -> dict:
+        """What GetState and the admin "show" command report (plus the pid)."""
+        return {}
 
     def on_system(self, msg, sender) -> None:
         pass

@@ -53,10 +53,28 @@ class MetricsActor(HostActor):
             return self._admin(msg, sender, now)
         return []
 
+    def state(self, now: float) -> dict:
+        """What GetState (the admin "show") reports: the summary of the samples held."""
+        return self.logic.summary(now)
+
     def _admin(self, msg: m.Admin, sender, now) -> list:
+        """show, reset, alerts (thresholds + firing/pending), set_thresholds (live)."""
         if msg.command == "show":
             return [Send(sender, m.AdminResult(True, self.logic.summary(now)))]
         if msg.command == "reset":
             self.logic.reset(now)
             return [Send(sender, m.AdminResult(True, self.logic.summary(now)))]
-        return [Send(sender, m.AdminResult(False, {}, f"metrics: unknown command {msg.command!r} (show, reset)"))]
+        if msg.command in ("alerts", "set_thresholds"):
+            if self.alerts is None:
+                return [Send(sender, m.AdminResult(False, {}, "metrics: alerts are not set up yet"))]
+            if msg.command == "set_thresholds":
+                try:
+                    self.alerts.configure(msg.args)  # validates everything before changing anything
+                except ValueError as exc:
+                    return [Send(sender, m.AdminResult(False, self._alerts(now), str(exc)))]
+            return [Send(sender, m.AdminResult(True, self._alerts(now)))]
+        return [Send(sender, m.AdminResult(
+            False, {}, f"metrics: unknown command {msg.command!r} (show, reset, alerts, set_thresholds)"))]
+
+    def _alerts(self, now) -> dict:
+        return {"thresholds": dict(self.alerts.thresholds), **self.alerts.alerts(now)}

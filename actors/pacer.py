@@ -30,13 +30,14 @@ class PacerActor(HostActor):
     def on_message(self, msg, sender, now):
         if self.logic is None:
             return [Send(sender, m.ErrorReply("not_ready", "pacer not wired yet"))] if sender else []
-        if isinstance(msg, m.GetState):
-            return [Send(sender, m.State(self.role, self.logic.state(now)))]
         if isinstance(msg, m.Admin):
             return self._admin(msg, sender, now)
         if isinstance(msg, ReportGauges):
             return [Send("metrics", m.Records(self.role, self._gauges(now))), After(GAUGE_EVERY_S, ReportGauges())]
         return self.logic.handle(msg, sender, now)
+
+    def state(self, now: float) -> dict:
+        return self.logic.state(now) if self.logic else {"wired": False}
 
     def _admin(self, msg: m.Admin, sender, now) -> list:
         if msg.command == "show":

@@ -261,13 +261,14 @@ class PoolActor(HostActor):
             self.runtime.abort(msg)
         elif isinstance(msg, m.FailStream):
             self.runtime.fail(msg)
-        elif isinstance(msg, m.GetState):
-            return [Send(sender, m.State(self.role, self.runtime.state()))]
         elif isinstance(msg, m.Admin):
             if msg.command == "show":
                 return [Send(sender, m.AdminResult(True, self.runtime.state()))]
             return [Send(sender, m.AdminResult(False, {}, f"pool: unknown command {msg.command!r} (show)"))]
         return []
+
+    def state(self, now: float) -> dict:
+        return self.runtime.state() if self.runtime else {"wired": False}
 
     def on_system(self, msg, sender) -> None:
         if isinstance(msg, WatchMessage):

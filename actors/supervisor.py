@@ -29,11 +29,12 @@ from protocols import messages as m
 log = logging.getLogger("sluice.supervisor")
 
 SUPERVISOR_NAME = "sluice-supervisor"
-WATCH_PARENT_EVERY_S = 1.0
+WATCH_EVERY_S = 1.0
 
 
-class WatchParent:
-    """Timer: is run.py still alive?"""
+class Watch:
+    """Timer: is run.py still alive? Are the children? (Thespian reaps one child per
+    SIGCHLD, so of two actors dying together only one ChildActorExited may arrive.)"""
 
 
 def child_roles(settings: dict) -> dict[str, type]:
@@ -58,6 +59,7 @@ class SupervisorActor(HostActor):
         super().__init__(*args, **kwargs)
         self.children: dict[str, object] = {}  # role -> ActorAddress
         self.addresses: dict[str, str] = {}  # role -> "host:port", once the child said Ready
+        self.pids: dict[str, int] = {}
         self.hub: list = []
         self.generation = 0
         self.draining = False
@@ -69,8 +71,7 @@ class SupervisorActor(HostActor):
         for role, cls in child_roles(self.settings).items():
             self.children[role] = self.createActor(cls)
         self._wire_all()
-        if self.settings.get("parent_pid"):
-            self.apply([After(WATCH_PARENT_EVERY_S, WatchParent())])
+        self.apply([After(WATCH_EVERY_S, Watch())])
 
     def _wire_all(self) -> None:
         """Tell every child who is where. A new child's real address is known only when
@@ -86,6 +87,7 @@ class SupervisorActor(HostActor):
         if msg.role not in self.children or self.addresses.get(msg.role) == msg.address:
             return
         self.addresses[msg.role] = msg.address
+        self.pids[msg.role] = msg.pid
         if len(self.addresses) == len(self.children):
             self._wire_all()
 
@@ -99,18 +101,19 @@ class SupervisorActor(HostActor):
             return []
         if isinstance(msg, m.GetDirectory):
             return [Send(sender, self._directory())]
-        if isinstance(msg, m.GetState):
-            return [Send(sender, m.State(self.role, self._state()))]
         if isinstance(msg, m.Admin):
             return self._admin(msg, sender)
-        if isinstance(msg, WatchParent):
-            return self._watch_parent()
+        if isinstance(msg, Watch):
+            return self._watch()
         return []
 
     def _directory(self) -> m.Directory:
         complete = len(self.addresses) == len(self.children) > 0
         hub = list(self.hub) if complete else []  # the edge waits for a hub: only offer a whole directory
         return m.Directory(dict(self.directory), hub, {"draining": self.draining}, self.generation)
+
+    def state(self, now: float) -> dict:
+        return self._state()
 
     def _state(self) -> dict:
         return {
@@ -139,37 +142,39 @@ class SupervisorActor(HostActor):
         if isinstance(msg, ChildActorExited) and not self.stopping:
             exited = _address_string(msg.childAddress)
             role = next((r for r, a in self.addresses.items() if a == exited), None)
-            if role is None:
-                return
-            log.warning("actor %s exited; recreating it", role)
-            del self.addresses[role]
-            if role == "pool":
-                self.hub = []
-            self.children[role] = self.createActor(child_roles(self.settings)[role])
-            self._wire_all()
+            if role is not None:
+                self._recreate(role)
 
-    def _watch_parent(self) -> list:
+    def _recreate(self, role: str) -> None:
+        log.warning("actor %s exited; recreating it", role)
+        self.addresses.pop(role, None)
+        self.pids.pop(role, None)
+        if role == "pool":
+            self.hub = []
+        self.children[role] = self.createActor(child_roles(self.settings)[role])
+        self._wire_all()
+
+    def _watch(self) -> list:
+        if self.stopping:
+            return []
         pid = self.settings.get("parent_pid")
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if pid and not _alive(pid):
             log.error("run.py (pid %s) is gone; shutting the actor system down", pid)
             self._shutdown_system()
             return []
-        except PermissionError:
-            pass
-        return [After(WATCH_PARENT_EVERY_S, WatchParent())]
+        for role, child_pid in list(self.pids.items()):
+            if not _alive(child_pid):
+                self._recreate(role)
+        return [After(WATCH_EVERY_S, Watch())]
 
     def _shutdown_system(self) -> None:
         # An actor cannot shut down the system it runs in; a short-lived process can.
-        code = (
-            "import sys; sys.path.insert(0, sys.argv[1]); from actors import addressing; "
-            "addressing.bind_to(sys.argv[2]); from thespian.actors import ActorSystem; "
-            "ActorSystem('multiprocTCPBase', capabilities={'Admin Port': int(sys.argv[3])}, logDefs=None).shutdown()"
-        )
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        group = self.settings.get("actor_group") or os.getpgrp()
         subprocess.Popen(
-            [sys.executable, "-c", code, root, self.settings["SLUICE_HOST"], str(self.settings["SLUICE_ACTOR_PORT"])],
+            [sys.executable, "-m", "actors.system", "stop", self.settings["SLUICE_HOST"],
+             str(self.settings["SLUICE_ACTOR_PORT"]), str(group)],
+            cwd=root,
             start_new_session=True,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -182,3 +187,14 @@ def _address_string(address) -> str | None:
         return addressing.to_string(address)
     except AttributeError:  # a local address of a child that never started
         return None
+
+
+def _alive(pid: int) -> bool:
+    """True unless the process is gone or a zombie (dead, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True

@@ -171,9 +171,10 @@ class ThreadStoreActor(HostActor):
         if isinstance(msg, m.TurnEnd):
             self.store.end(msg.assistant_id, msg.content, msg.status, msg.error_code)
             return []
-        if isinstance(msg, m.GetState):
-            return [Send(sender, m.State(self.role, {"db": self.settings["SLUICE_DB"]}))]
         return []
+
+    def state(self, now: float) -> dict:
+        return {"db": self.settings.get("SLUICE_DB"), "open": self.store is not None}
 
     def on_system(self, msg, sender) -> None:
         from thespian.actors import ActorExitRequest

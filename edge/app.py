@@ -169,8 +169,8 @@ class Edge:
             answers = await asyncio.gather(*(self.bridge.ask(r, m.GetState(), timeout=2.0) for r in roles), return_exceptions=True)
         except BridgeError as exc:
             return JSONResponse({"ready": False, "reason": str(exc)}, status_code=503)
-        status = {role: isinstance(a, m.State) for role, a in zip(roles, answers)}
-        ready = all(status.values()) and bool(directory.hub) and not self.shutting_down.is_set()
+        status = {role: {"ok": isinstance(a, m.State), "pid": getattr(a, "state", {}).get("pid")} for role, a in zip(roles, answers)}
+        ready = all(s["ok"] for s in status.values()) and bool(directory.hub) and not self.shutting_down.is_set()
         return JSONResponse({"ready": ready, "actors": status, "draining": self.draining}, status_code=200 if ready else 503)
 
     async def performance(self, request: Request):

@@ -268,6 +268,7 @@ class Ready:
 
     role: str
     address: str
+    pid: int
 
 
 @message("hub_ready")

@@ -9,9 +9,24 @@ server in ``sim/provider.py`` owns *when* and *how* the bytes are sent
 A provider API is one ``WireFormat``: a handful of pure functions that turn a
 parsed request body plus a token list into byte chunks.  Streams come back
 as ``Frames(head, tokens, tail)`` so the server can pace the token chunks,
-stop after N of them (``reset_mid``/``stall``/``truncate``) and leave out the
-tail.  To add a provider (Anthropic, Perplexity, Ollama, ...) write its
-functions next to the OpenAI ones and add its path to ``ROUTES``.
+stop after N of them (``reset_mid``/``stall``/``truncate``/``error_mid``) and
+leave out the tail.
+
+Formats spoken (``ROUTES``), each with its own HTTP error body and in-band
+error frame (``fail=error_mid``), and modelled on the transcripts in
+tests/fixtures/providers so sluice's adapters parse them like the real thing:
+
+    POST /v1/chat/completions  OpenAI chat (also sluice's "simulated" provider)
+    POST /v1/responses         OpenAI Responses (typed SSE events)
+    POST /v1/messages          Anthropic Messages (named SSE events, ping, no [DONE])
+    POST /v1/agent             Perplexity Agent API (Responses-style + reasoning/search events)
+    POST /chat/completions     Perplexity Sonar (full stream mode: accumulated message,
+                               citations, search_results; ends without [DONE])
+    POST /api/chat             Ollama (NDJSON, done:true last; stream defaults to on)
+
+Every format derives its answer from the same normalized conversation
+(``[{"role", "content": text}]``, system text first), so one prompt gets the
+same tokens whichever API it is sent through.
 """
 
 from __future__ import annotations
@@ -21,6 +36,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 # Knobs and their defaults.  The server merges: DEFAULT_KNOBS <- /config <- #sim.
@@ -28,11 +44,13 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "ttft_ms": 50,            # delay before the first byte of the response body
     "token_interval_ms": 10,  # delay between token chunks
     "tokens": 12,             # number of tokens in a full answer
-    "fail": "none",           # none | 429 | 500 | reset_mid | stall | truncate
-    "fail_after_tokens": 3,   # tokens sent before reset_mid / stall take effect
+    "fail": "none",           # none | 429 | 500 | reset_mid | stall | truncate | error_mid
+    "fail_after_tokens": 3,   # tokens sent before reset_mid / stall / error_mid take effect
     "retry_after_s": 1,       # Retry-After header value with fail=429
 }
-FAIL_MODES = ("none", "429", "500", "reset_mid", "stall", "truncate")
+# error_mid: the format's own in-band error frame after fail_after_tokens tokens, then a
+# clean end of the response (non-streamed calls get the HTTP 500 error instead).
+FAIL_MODES = ("none", "429", "500", "reset_mid", "stall", "truncate", "error_mid")
 
 # Small fixed vocabulary: answers are readable and tokens are easy to assert on.
 WORDS = (
@@ -147,6 +165,8 @@ class WireFormat:
     stream(body, tokens, meta) -> Frames
     complete(body, tokens, meta) -> bytes   (non-streamed JSON body)
     error(status, message) -> bytes         (the API's error JSON)
+    midstream_error(body, tokens, meta, sent) -> bytes
+                                            (in-band error frame after ``sent`` tokens)
     """
 
     name: str
@@ -157,6 +177,7 @@ class WireFormat:
     stream: Callable[[dict, list[str], Meta], Frames]
     complete: Callable[[dict, list[str], Meta], bytes]
     error: Callable[[int, str], bytes]
+    midstream_error: Callable[[dict, list[str], Meta, int], bytes]
 
 
 def _dumps(obj: Any) -> bytes:
@@ -264,6 +285,14 @@ def openai_error(status: int, message: str) -> bytes:
     return _dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
 
 
+MIDSTREAM_MESSAGE = "The server had an error while processing your request (simulated)."
+
+
+def _openai_midstream_error(body: dict, tokens: list[str], meta: Meta, sent: int) -> bytes:
+    # What the OpenAI SDK reads as an in-band failure: a data line with an "error" object.
+    return _sse({"error": {"message": MIDSTREAM_MESSAGE, "type": "server_error", "param": None, "code": None}})
+
+
 openai_chat = WireFormat(
     name="openai_chat",
     stream_content_type="text/event-stream",
@@ -273,9 +302,430 @@ openai_chat = WireFormat(
     stream=_openai_stream,
     complete=_openai_complete,
     error=openai_error,
+    midstream_error=_openai_midstream_error,
 )
+
+
+# ---------------------------------------------------------------- shared by the other formats
+
+
+def _event(name: str, obj: Any) -> bytes:
+    """A named SSE event (Anthropic, OpenAI Responses, Perplexity Agent)."""
+    return b"event: " + name.encode() + b"\n" + _sse(obj)
+
+
+def _turns(messages: Any, system: Any = None) -> list[dict]:
+    """The normalized conversation every format answers from: system text first, then
+    ``{"role", "content": text}`` per message (so a prompt gets the same tokens in every API)."""
+    system_text = _content_text(system)
+    out = [{"role": "system", "content": system_text}] if system_text else []
+    for message in messages if isinstance(messages, list) else []:
+        if isinstance(message, dict) and isinstance(message.get("role"), str):
+            out.append({"role": message["role"], "content": _content_text(message.get("content"))})
+    return out
+
+
+def _last_user(turns: list[dict]) -> str:
+    for turn in reversed(turns):
+        if turn["role"] == "user":
+            return turn["content"]
+    return ""
+
+
+def _prompt_tokens(turns: list[dict]) -> int:
+    # The same rough word count as _openai_usage: plausible numbers, no tokenizer.
+    return sum(len(turn["content"].split()) + 3 for turn in turns)
+
+
+def _search_query(prompt: str) -> str:
+    return _DIRECTIVE.sub("", prompt).strip()[:80] or "simulated search"
+
+
+def _search_results() -> list[dict]:
+    """Fixed, clearly fake sources for the search-grounded formats (Perplexity)."""
+    return [
+        {"id": i, "title": f"Simulated source {i}", "url": f"https://example.com/sim/{i}",
+         "snippet": f"Simulated search result number {i}.", "date": "2025-01-01",
+         "last_updated": "2025-01-01", "source": "web"}
+        for i in (1, 2)
+    ]
+
+
+def _typed(events: list[dict], start: int) -> list[bytes]:
+    """Responses-style frames: ``event: <type>`` plus JSON repeating the type, with
+    sequence_number counted from ``start``."""
+    return [
+        _event(e["type"], {"type": e["type"], "sequence_number": start + i,
+                           **{k: v for k, v in e.items() if k != "type"}})
+        for i, e in enumerate(events)
+    ]
+
+
+# ---------------------------------------------------------------- Anthropic Messages
+# Shapes: tests/fixtures/providers/anthropic*.sse and http_errors.json["anthropic"].
+
+
+def _anthropic_turns(body: dict) -> list[dict]:
+    return _turns(_messages(body), body.get("system"))
+
+
+def _anthropic_message(body: dict, meta: Meta, content: list, stop_reason: str | None,
+                       usage: dict) -> dict:
+    return {
+        "id": f"msg_sim{meta.call_id:08d}",
+        "type": "message",
+        "role": "assistant",
+        "content": content,
+        "model": body.get("model") or "sim-1",
+        "stop_reason": stop_reason,
+        "stop_sequence": None,
+        "usage": usage,
+    }
+
+
+def _anthropic_stream(body: dict, tokens: list[str], meta: Meta) -> Frames:
+    usage = {"input_tokens": _prompt_tokens(_anthropic_turns(body)), "cache_creation_input_tokens": 0,
+             "cache_read_input_tokens": 0, "output_tokens": 1}
+    head = [
+        _event("message_start", {"type": "message_start",
+                                 "message": _anthropic_message(body, meta, [], None, usage)}),
+        _event("content_block_start", {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "text", "text": ""}}),
+        _event("ping", {"type": "ping"}),
+    ]
+    deltas = [
+        _event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": t}})
+        for t in tokens
+    ]
+    tail = [
+        _event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        _event("message_delta", {"type": "message_delta",
+                                 "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                 "usage": {"output_tokens": len(tokens)}}),
+        _event("message_stop", {"type": "message_stop"}),
+    ]
+    return Frames(head, deltas, tail)
+
+
+def _anthropic_complete(body: dict, tokens: list[str], meta: Meta) -> bytes:
+    usage = {"input_tokens": _prompt_tokens(_anthropic_turns(body)), "output_tokens": len(tokens)}
+    content = [{"type": "text", "text": "".join(tokens)}]
+    return _dumps(_anthropic_message(body, meta, content, "end_turn", usage))
+
+
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+    429: "rate_limit_error", 529: "overloaded_error",
+}
+
+
+def anthropic_error(status: int, message: str) -> bytes:
+    kind = _ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+    return _dumps({"type": "error", "error": {"type": kind, "message": message}})
+
+
+def _anthropic_midstream_error(body: dict, tokens: list[str], meta: Meta, sent: int) -> bytes:
+    # Anthropic's typical mid-stream failure (see anthropic_overloaded.sse).
+    return _event("error", {"type": "error", "error": {"type": "overloaded_error",
+                                                       "message": "Overloaded (simulated)"}})
+
+
+anthropic_messages = WireFormat(
+    name="anthropic",
+    stream_content_type="text/event-stream",
+    prompt=lambda body: _last_user(_anthropic_turns(body)),
+    conversation=_anthropic_turns,
+    wants_stream=lambda body: body.get("stream") is True,
+    stream=_anthropic_stream,
+    complete=_anthropic_complete,
+    error=anthropic_error,
+    midstream_error=_anthropic_midstream_error,
+)
+
+
+# ---------------------------------------------------------------- Responses-style APIs
+# OpenAI Responses (openai_responses*.sse) and Perplexity's Agent API (perplexity_agent*.sse)
+# share the event sequence; they differ in the response object, extra reasoning/search
+# events, content_part events (OpenAI only) and where response.failed puts the error.
+
+
+def _responses_turns(body: dict) -> list[dict]:
+    raw = body.get("input")
+    if isinstance(raw, str):
+        items = [{"role": "user", "content": raw}]
+    elif isinstance(raw, list):  # message items; function_call_output etc. carry no prompt
+        items = [i for i in raw if isinstance(i, dict) and i.get("type", "message") == "message"]
+    else:
+        items = []
+    return _turns(items, body.get("instructions"))
+
+
+def _responses_usage(body: dict, tokens: list[str]) -> dict:
+    prompt = _prompt_tokens(_responses_turns(body))
+    return {"input_tokens": prompt, "output_tokens": len(tokens), "total_tokens": prompt + len(tokens)}
+
+
+def _openai_response(body: dict, meta: Meta, status: str, output: list, usage: dict | None,
+                     error: dict | None = None) -> dict:
+    return {
+        "id": f"resp_sim{meta.call_id:08d}", "object": "response", "created_at": meta.created,
+        "status": status, "error": error, "incomplete_details": None,
+        "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+        "model": body.get("model") or "sim-1", "output": output, "parallel_tool_calls": True,
+        "previous_response_id": None, "store": False, "temperature": body.get("temperature", 1.0),
+        "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+        "top_p": body.get("top_p", 1.0), "truncation": "disabled", "usage": usage, "user": None,
+        "metadata": {},
+    }
+
+
+def _perplexity_response(body: dict, meta: Meta, status: str, output: list, usage: dict | None,
+                         error: dict | None = None) -> dict:
+    obj = {"id": f"resp_sim{meta.call_id:08d}", "object": "response", "created_at": meta.created,
+           "status": status, "model": body.get("model") or body.get("preset") or "sim-1", "output": output}
+    if usage is not None:
+        obj["usage"] = usage
+    return obj
+
+
+def _responses_frames(body: dict, tokens: list[str], meta: Meta, response: Callable,
+                      before: list[dict], output_before: list[dict], parts: bool) -> Frames:
+    text = "".join(tokens)
+    item_id = f"msg_sim{meta.call_id:08d}"
+    index = len(output_before)
+    item = {"id": item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+    where = {"item_id": item_id, "output_index": index, "content_index": 0}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    done_part = {**part, "text": text}
+    done_item = {**item, "status": "completed", "content": [done_part]}
+    head = [
+        {"type": "response.created", "response": response(body, meta, "in_progress", [], None)},
+        {"type": "response.in_progress", "response": response(body, meta, "in_progress", [], None)},
+        *before,
+        {"type": "response.output_item.added", "output_index": index, "item": item},
+    ]
+    tail = [{"type": "response.output_text.done", **where, "text": text}]
+    if parts:
+        head.append({"type": "response.content_part.added", **where, "part": part})
+        tail.append({"type": "response.content_part.done", **where, "part": done_part})
+    tail += [
+        {"type": "response.output_item.done", "output_index": index, "item": done_item},
+        {"type": "response.completed", "response": response(
+            body, meta, "completed", [*output_before, done_item], _responses_usage(body, tokens))},
+    ]
+    deltas = [{"type": "response.output_text.delta", **where, "delta": t} for t in tokens]
+    return Frames(
+        _typed(head, 0),
+        [_typed([d], len(head) + i)[0] for i, d in enumerate(deltas)],
+        _typed(tail, len(head) + len(tokens)),
+    )
+
+
+def _openai_responses_stream(body: dict, tokens: list[str], meta: Meta) -> Frames:
+    return _responses_frames(body, tokens, meta, _openai_response, [], [], parts=True)
+
+
+def _openai_responses_complete(body: dict, tokens: list[str], meta: Meta) -> bytes:
+    item = {"id": f"msg_sim{meta.call_id:08d}", "type": "message", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": "".join(tokens), "annotations": []}]}
+    return _dumps(_openai_response(body, meta, "completed", [item], _responses_usage(body, tokens)))
+
+
+def _openai_responses_midstream_error(body: dict, tokens: list[str], meta: Meta, sent: int) -> bytes:
+    seq = len(_openai_responses_stream(body, tokens, meta).head) + sent
+    error = {"code": "server_error", "message": MIDSTREAM_MESSAGE}
+    return _typed([{"type": "response.failed",
+                    "response": _openai_response(body, meta, "failed", [], None, error)}], seq)[0]
+
+
+openai_responses = WireFormat(
+    name="openai_responses",
+    stream_content_type="text/event-stream",
+    prompt=lambda body: _last_user(_responses_turns(body)),
+    conversation=_responses_turns,
+    wants_stream=lambda body: body.get("stream") is True,
+    stream=_openai_responses_stream,
+    complete=_openai_responses_complete,
+    error=openai_error,
+    midstream_error=_openai_responses_midstream_error,
+)
+
+
+def _agent_search(body: dict) -> tuple[list[dict], list[dict]]:
+    """(reasoning/search events before the answer, the search_results output item)."""
+    query = _search_query(_last_user(_responses_turns(body)))
+    results = _search_results()
+    found = {"type": "search_results", "queries": [query], "results": results}
+    before = [
+        {"type": "response.reasoning.started", "thought": "I should look this up (simulated)."},
+        {"type": "response.reasoning.search_queries", "queries": [query], "thought": "Searching the web."},
+        {"type": "response.reasoning.search_results", "results": results},
+        {"type": "response.reasoning.stopped", "thought": "Found sources."},
+        {"type": "response.output_item.added", "output_index": 0, "item": {**found, "results": []}},
+        {"type": "response.output_item.done", "output_index": 0, "item": found},
+    ]
+    return before, [found]
+
+
+def _agent_stream(body: dict, tokens: list[str], meta: Meta) -> Frames:
+    before, output_before = _agent_search(body)
+    return _responses_frames(body, tokens, meta, _perplexity_response, before, output_before, parts=False)
+
+
+def _agent_complete(body: dict, tokens: list[str], meta: Meta) -> bytes:
+    _, output_before = _agent_search(body)
+    item = {"id": f"msg_sim{meta.call_id:08d}", "type": "message", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": "".join(tokens), "annotations": []}]}
+    return _dumps(_perplexity_response(body, meta, "completed", [*output_before, item],
+                                       _responses_usage(body, tokens)))
+
+
+def _agent_midstream_error(body: dict, tokens: list[str], meta: Meta, sent: int) -> bytes:
+    # Perplexity puts the error at the top level of response.failed (perplexity_agent_failed.sse).
+    seq = len(_agent_stream(body, tokens, meta).head) + sent
+    error = {"code": "server_error", "message": MIDSTREAM_MESSAGE, "type": "server_error"}
+    return _typed([{"type": "response.failed", "error": error}], seq)[0]
+
+
+_PERPLEXITY_ERROR_TYPES = {400: "invalid_request_error", 401: "unauthorized", 404: "not_found",
+                           405: "invalid_request_error", 429: "rate_limit_exceeded"}
+
+
+def perplexity_error(status: int, message: str) -> bytes:
+    """Perplexity's error JSON (http_errors.json["perplexity"]): the HTTP status as "code"."""
+    kind = _PERPLEXITY_ERROR_TYPES.get(status, "internal_server_error")
+    return _dumps({"error": {"message": message, "type": kind, "code": status}})
+
+
+perplexity_agent = WireFormat(
+    name="perplexity_agent",
+    stream_content_type="text/event-stream",
+    prompt=lambda body: _last_user(_responses_turns(body)),
+    conversation=_responses_turns,
+    wants_stream=lambda body: body.get("stream") is True,
+    stream=_agent_stream,
+    complete=_agent_complete,
+    error=perplexity_error,
+    midstream_error=_agent_midstream_error,
+)
+
+
+# ---------------------------------------------------------------- Perplexity Sonar
+# Full stream mode (perplexity_sonar_full.sse): every chunk repeats the text so far in
+# choices[0].message.content next to the new delta, plus citations, search_results and
+# running usage.  The stream ends after the finish chunk without [DONE], as Perplexity
+# has been seen to do; sluice's adapter accepts both.
+
+
+def _sonar_chunk(body: dict, meta: Meta, prompt: int, done: str, delta: str, count: int,
+                 finish: str | None) -> dict:
+    results = _search_results()
+    return {
+        "id": f"sim-{meta.call_id:08d}",
+        "model": body.get("model") or "sonar",
+        "created": meta.created,
+        "usage": {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count,
+                  "search_context_size": "low"},
+        "citations": [r["url"] for r in results],
+        "search_results": [{k: r[k] for k in ("title", "url", "date", "last_updated", "snippet")}
+                           for r in results],
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "finish_reason": finish,
+                     "message": {"role": "assistant", "content": done},
+                     "delta": {"role": "assistant", "content": delta}}],
+    }
+
+
+def _sonar_stream(body: dict, tokens: list[str], meta: Meta) -> Frames:
+    prompt = _prompt_tokens(_turns(_messages(body)))
+    chunks = [
+        _sse(_sonar_chunk(body, meta, prompt, "".join(tokens[: i + 1]), t, i + 1, None))
+        for i, t in enumerate(tokens)
+    ]
+    last = _sonar_chunk(body, meta, prompt, "".join(tokens), "", len(tokens), "stop")
+    return Frames([], chunks, [_sse(last)])
+
+
+def _sonar_complete(body: dict, tokens: list[str], meta: Meta) -> bytes:
+    prompt = _prompt_tokens(_turns(_messages(body)))
+    obj = _sonar_chunk(body, meta, prompt, "".join(tokens), "", len(tokens), "stop")
+    obj["object"] = "chat.completion"
+    del obj["choices"][0]["delta"]
+    return _dumps(obj)
+
+
+def _sonar_midstream_error(body: dict, tokens: list[str], meta: Meta, sent: int) -> bytes:
+    return _sse({"error": {"message": MIDSTREAM_MESSAGE, "type": "server_error", "code": 500}})
+
+
+perplexity_sonar = WireFormat(
+    name="perplexity_sonar",
+    stream_content_type="text/event-stream",
+    prompt=lambda body: _last_user(_turns(_messages(body))),
+    conversation=lambda body: _turns(_messages(body)),
+    wants_stream=lambda body: body.get("stream") is True,
+    stream=_sonar_stream,
+    complete=_sonar_complete,
+    error=perplexity_error,
+    midstream_error=_sonar_midstream_error,
+)
+
+
+# ---------------------------------------------------------------- Ollama
+# NDJSON (ollama*.ndjson): one object per line, done:true with the counts last, a line
+# {"error": "..."} for a failure mid-stream.  "stream" defaults to true in Ollama.
+
+
+def _ollama_base(body: dict, meta: Meta) -> dict:
+    stamp = datetime.fromtimestamp(meta.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return {"model": body.get("model") or "sim-1", "created_at": stamp}
+
+
+def _ollama_done(body: dict, tokens: list[str], meta: Meta, content: str) -> dict:
+    return {
+        **_ollama_base(body, meta),
+        "message": {"role": "assistant", "content": content},
+        "done_reason": "stop",
+        "done": True,
+        "total_duration": 0, "load_duration": 0,
+        "prompt_eval_count": _prompt_tokens(_turns(_messages(body))), "prompt_eval_duration": 0,
+        "eval_count": len(tokens), "eval_duration": 0,
+    }
+
+
+def _ollama_stream(body: dict, tokens: list[str], meta: Meta) -> Frames:
+    base = _ollama_base(body, meta)
+    lines = [_dumps({**base, "message": {"role": "assistant", "content": t}, "done": False}) + b"\n"
+             for t in tokens]
+    return Frames([], lines, [_dumps(_ollama_done(body, tokens, meta, "")) + b"\n"])
+
+
+def ollama_error(status: int, message: str) -> bytes:
+    return _dumps({"error": message})
+
+
+ollama_chat = WireFormat(
+    name="ollama",
+    stream_content_type="application/x-ndjson",
+    prompt=lambda body: _last_user(_turns(_messages(body))),
+    conversation=lambda body: _turns(_messages(body)),
+    wants_stream=lambda body: body.get("stream", True) is not False,
+    stream=_ollama_stream,
+    complete=lambda body, tokens, meta: _dumps(_ollama_done(body, tokens, meta, "".join(tokens))),
+    error=ollama_error,
+    midstream_error=lambda body, tokens, meta, sent: _dumps(
+        {"error": "an error was encountered while running the model (simulated)"}) + b"\n",
+)
+
 
 # Route path -> wire format.  Every path here counts as a completion call in /stats.
 ROUTES: dict[str, WireFormat] = {
     "/v1/chat/completions": openai_chat,
+    "/v1/responses": openai_responses,
+    "/v1/messages": anthropic_messages,
+    "/v1/agent": perplexity_agent,
+    "/chat/completions": perplexity_sonar,
+    "/api/chat": ollama_chat,
 }

@@ -7,10 +7,14 @@ pacing (time to first byte, token interval); injected failures; noticing a
 client that goes away; and the /stats, /config, /healthz admin routes.  What
 the replies *contain* lives in ``sim/formats.py`` (pure functions per API).
 
-Routes: every path in ``formats.ROUTES`` (POST, completion calls), plus
+Routes: every path in ``formats.ROUTES`` (POST, completion calls: OpenAI chat and
+Responses, Anthropic Messages, Perplexity Agent and Sonar, Ollama), plus
 ``GET /healthz``, ``GET /stats``, ``POST /stats/reset``, ``GET|POST /config``,
 ``POST /config/reset``.  Knobs are in ``formats.DEFAULT_KNOBS``; a prompt can
 override them for one call with ``#sim key=value ...`` in its last user message.
+
+Each /stats request record says which credential headers came with the call
+(``auth``: header names, plus the scheme word of ``authorization``), never their values.
 
 Run it: ``python -m sim.provider --host 127.0.0.1 --port 9100`` (prints
 ``sim provider listening on http://HOST:PORT``; SIGINT/SIGTERM -> exit 0),
@@ -72,6 +76,7 @@ class _Responder:
 
     def __init__(self) -> None:
         self.call: dict | None = None  # the /stats request record, for completion calls
+        self.request_headers: list[tuple[bytes, bytes]] = []
         self.headers_sent = False
         self.finished = False  # END_STREAM / end of message / abort already queued
 
@@ -102,6 +107,7 @@ class _H2Stream(_Responder):
         self.conn = conn
         self.stream_id = stream_id
         self.headers = dict(headers)
+        self.request_headers = list(headers)
         self.body = bytearray()
         self.task: asyncio.Task | None = None
         self.window_open = asyncio.Event()  # set by WINDOW_UPDATE / SETTINGS
@@ -324,6 +330,7 @@ class _H1Connection:
             if request is None:
                 return
             response = _H1Response(self)
+            response.request_headers = list(request.headers)
             task = asyncio.create_task(
                 self.provider._handle(
                     request.method.decode(), request.target.decode(), body, response, self.conn_id
@@ -430,6 +437,24 @@ def _num_text(value: float) -> bytes:
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
+# Request headers that carry credentials: recorded by name only (see _auth_summary).
+AUTH_HEADERS = (b"authorization", b"x-api-key", b"api-key", b"x-goog-api-key")
+
+
+def _auth_summary(headers: list[tuple[bytes, bytes]]) -> list[str]:
+    """Which credential headers a call carried, e.g. ``["authorization: Bearer"]`` or
+    ``["x-api-key"]``: names and the auth scheme only, so /stats never holds a secret."""
+    out = []
+    for name, value in headers:
+        name = name.lower()
+        if name in AUTH_HEADERS:
+            label = name.decode("latin-1")
+            if name == b"authorization":
+                scheme = value.split(b" ", 1)[0] if b" " in value.strip() else b"?"
+                label += ": " + scheme.decode("latin-1")
+            out.append(label)
+    return sorted(out)
+
 
 class SimulatedProvider:
     """The simulated upstream.  ``await start()`` binds (``.port`` is then set); ``await stop()``.
@@ -503,11 +528,13 @@ class SimulatedProvider:
             "requests": [dict(r) for r in self.requests],
         }
 
-    def _open_call(self, path: str, protocol: str, body: Any, conn_id: int) -> dict:
+    def _open_call(self, path: str, protocol: str, body: Any, conn_id: int,
+                   auth: list[str] | None = None) -> dict:
         call = {
             "call_id": self._next_call_id,
             "path": path,
             "protocol": protocol,
+            "auth": auth or [],
             "body": body,
             "started_at": time.time(),
             "first_byte_at": None,
@@ -640,6 +667,7 @@ class SimulatedProvider:
             path, responder.protocol,
             body if body is not None else {"_invalid_json": raw[:2000].decode(errors="replace")},
             conn_id,
+            _auth_summary(responder.request_headers),
         )
         responder.call = call
         try:
@@ -675,14 +703,15 @@ class SimulatedProvider:
             # Real rate limits answer at once, before any generation.
             return await error(429, "Rate limit reached (simulated).",
                                [(b"retry-after", _num_text(knobs["retry_after_s"]))])
-        if fail == "500":
+        if fail == "500" or (fail == "error_mid" and not fmt.wants_stream(body)):
+            # A non-streamed answer has no room for an in-band error: it fails as a whole.
             return await error(500, "The server had an error while processing your request (simulated).")
 
         tokens = formats.make_tokens(fmt.conversation(body), knobs["tokens"])
         meta = formats.Meta(call_id=call["call_id"], created=int(time.time()))
         ttft = knobs["ttft_ms"] / 1000
         interval = knobs["token_interval_ms"] / 1000
-        stops_early = fail in ("reset_mid", "stall")
+        stops_early = fail in ("reset_mid", "stall", "error_mid")
         sent_tokens = min(knobs["fail_after_tokens"], len(tokens)) if stops_early else len(tokens)
 
         # The plan: (seconds after the headers, bytes, tokens in them).
@@ -697,6 +726,8 @@ class SimulatedProvider:
                 steps.append((ttft + i * interval, frames.tokens[i], 1))
             if fail == "none":
                 steps.append((steps[-1][0], b"".join(frames.tail), 0))
+            elif fail == "error_mid":  # the API's own in-band error, then a clean end
+                steps.append((steps[-1][0], fmt.midstream_error(body, tokens, meta, sent_tokens), 0))
         else:
             payload = fmt.complete(body, tokens, meta)
             headers += JSON_HEADERS

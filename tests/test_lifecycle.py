@@ -74,3 +74,53 @@ def test_a_killed_gateway_takes_its_actors_and_provider_with_it():
         wait_until(lambda: gw.leftovers() == (set(), set()), timeout=20, message="actors to notice and shut down")
     finally:
         gw.kill_leftovers()
+
+
+def _ready_actors(gw) -> dict:
+    from tests.support import get_json
+
+    status, body = get_json(gw.url + "/readyz")
+    return body["actors"] if status == 200 else {}
+
+
+def test_the_supervisor_recreates_an_actor_that_dies():
+    import os
+
+    from tests.support import stream_chat
+
+    gw = Gateway().start()
+    try:
+        before = _ready_actors(gw)
+        for role in ("pool", "coalescer:0", "coalescer:1"):
+            os.kill(before[role]["pid"], signal.SIGKILL)
+
+        def recovered():
+            actors = _ready_actors(gw)
+            return actors and all(actors[r]["pid"] != before[r]["pid"] for r in ("pool", "coalescer:0", "coalescer:1"))
+
+        wait_until(recovered, timeout=20, message="the dead actors to be recreated")
+
+        def streams():
+            status, _, events = stream_chat(gw.url + "/api/chat", chat_body(f"after {uuid.uuid4()}\n#sim tokens=2"))
+            return status == 200 and data_events(events)[-1]["type"] == "done"
+
+        wait_until(streams, timeout=20, interval=0.2, message="a stream through the new actors")
+    finally:
+        gw.stop()
+        wait_until(lambda: gw.leftovers() == (set(), set()), timeout=15, message="no process or port left")
+        gw.kill_leftovers()
+
+
+def test_keepalive_pings_while_waiting_for_the_first_token():
+    gw = Gateway({"SLUICE_KEEPALIVE_S": "0.1"}).start()
+    try:
+        client = SSEClient(gw.url + "/api/chat", chat_body(f"slow {uuid.uuid4()}\n#sim ttft_ms=700 tokens=1"))
+        events = client.read_all()
+        client.close()
+        names = [name for name, _ in events]
+        first_data = names.index("message")
+        assert names[0] == "ping" and names[1:first_data].count("ping") >= 3  # pings before the meta
+        assert data_events(events)[-1]["type"] == "done"
+    finally:
+        gw.stop()
+        gw.kill_leftovers()

@@ -1,0 +1,322 @@
+"""The OpenAI-compatible API: `POST /v1/chat/completions` (streamed or not), `GET /v1/models`,
+`GET /v1/models/{id}`, so the official `openai` SDKs work by changing only their base_url.
+
+Owns the translation between OpenAI's request/response shapes and sluice's; everything
+else is the same path as /api/chat: the body is read and validated by the same helpers
+(edge/chat_request.py), and the call goes through `Edge.open_stream` (Coalescer, Pacer,
+Pool, hub, cancellation) with a Renderer that writes OpenAI's wire format.
+
+Decisions (an OpenAI client must not notice it is talking to a gateway):
+
+- `model` picks the provider: "provider/model" when the first segment is a sluice provider
+  name ("anthropic/claude-sonnet-4-5", "perplexity/openai/gpt-5"); a bare provider name
+  means its configured model; anything else is a model of the default provider
+  (SLUICE_PROVIDER). `GET /v1/models` lists every configured provider's default model as
+  "provider/model". Without a provider prefix, a sluice "provider" field in the body
+  (`extra_body` in the SDK) is honoured.
+- Request shapes OpenAI allows and /api/chat does not are normalized first: "developer"
+  messages are system messages, content given as text parts is joined, and
+  max_completion_tokens is max_tokens. Non-text parts and n > 1 are refused (422).
+- Streaming: `: ping` SSE comments when the connection opens and as keepalive (OpenAI's
+  SDKs skip comments), no sluice meta/ping events. At the first provider byte a chunk with
+  delta.role; then delta.content chunks; tool calls as one delta.tool_calls chunk; the last
+  chunk has finish_reason; with stream_options.include_usage every chunk has "usage": null
+  and a final chunk with empty choices carries the usage; then `data: [DONE]`.
+- A failure after the 200 is sent is one `data: {"error": {...}}` frame, as OpenAI does
+  (its SDK raises APIError on it), and the stream then ends WITHOUT `data: [DONE]`:
+  [DONE] means "the answer is complete", and a client that only looks for [DONE] must see
+  a truncated stream rather than a short answer that looks whole.
+- Non-streaming requests consume the same stream server-side and answer one
+  chat.completion; a failure becomes an HTTP error (429 for rate limits, 400/404 for a
+  request the provider refused, 504 for a provider timeout, 503 while shutting down,
+  otherwise 502). If the client disconnects meanwhile, the stream is cancelled exactly as
+  for a streaming client (SSEStream sees `http.disconnect` on the same receive channel).
+- Errors before streaming keep sluice's HTTP status (400 malformed JSON, 413, 415, 422,
+  429 with Retry-After from the Pacer, 503) in OpenAI's shape
+  `{"error": {"message", "type", "param", "code"}}`, code being sluice's error code.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from edge.chat_request import RequestError, parse_chat
+from edge.sse_stream import Renderer
+from protocols import events as ev
+from protocols.config import PROVIDERS
+
+KEEPALIVE = b": ping\n\n"
+DONE = b"data: [DONE]\n\n"
+FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "function_call")
+RATE_LIMITED = ("upstream_429", "pacer_queue_full", "pacer_queue_timeout")
+# HTTP status of a non-streamed answer whose stream ended in error (default 502).
+STATUS_FOR_CODE = {
+    **{code: 429 for code in RATE_LIMITED},
+    "upstream_timeout": 504,
+    "shutting_down": 503,
+    "gateway_unavailable": 503,
+    "cancelled": 499,  # the client went away or cancelled; nobody reads this answer
+    "disconnected": 499,
+}
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def error_type(status: int, code: str) -> str:
+    if status == 429 or code in RATE_LIMITED:
+        return "rate_limit_error"
+    if 400 <= status < 500 or code == "upstream_4xx":
+        return "invalid_request_error"
+    return "server_error"
+
+
+def error_body(status: int, code: str, message: str) -> dict:
+    return {"error": {"message": message, "type": error_type(status, code), "param": None, "code": code}}
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, code, message), status_code=status, headers=headers)
+
+
+def _reshape(response: JSONResponse) -> JSONResponse:
+    """A sluice error response from Edge.open_stream, in OpenAI's shape (status and
+    Retry-After kept)."""
+    err = json.loads(response.body).get("error") or {}
+    headers = {"Retry-After": response.headers["retry-after"]} if "retry-after" in response.headers else None
+    return error_response(response.status_code, err.get("code", "error"), err.get("message", ""), headers)
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+def _message(i: int, msg):
+    """One OpenAI message in the shape /api/chat validates (role, text content)."""
+    if not isinstance(msg, dict):
+        return msg  # parse_chat reports it
+    msg = dict(msg)
+    if msg.get("role") == "developer":  # OpenAI's newer name for the system role
+        msg["role"] = "system"
+    content = msg.get("content")
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RequestError(422, "invalid_request", f"messages[{i}].content[{j}]: only text parts are supported")
+            texts.append(part["text"])
+        msg["content"] = "".join(texts)
+    elif content is None and msg.get("role") == "assistant":
+        msg["content"] = ""  # an assistant turn that only called tools
+    return msg
+
+
+def parse_openai(data: dict, coalesce_header: str | None):
+    """(ChatRequest, stream, include_usage) for an OpenAI chat.completions body; RequestError."""
+    data = dict(data)
+    if isinstance(data.get("messages"), list):
+        data["messages"] = [_message(i, m) for i, m in enumerate(data["messages"])]
+    if data.get("max_tokens") is None and data.get("max_completion_tokens") is not None:
+        data["max_tokens"] = data["max_completion_tokens"]
+    stream = data.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise RequestError(422, "invalid_request", "'stream' must be true or false")
+    options = data.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError(422, "invalid_request", "'stream_options' must be an object")
+    if data.get("n") not in (None, 1):
+        raise RequestError(422, "invalid_request", "'n' must be 1: sluice streams one choice per request")
+    chat = parse_chat(data, coalesce_header)
+    return chat, stream, bool(options.get("include_usage"))
+
+
+def resolve_model(model: str | None, provider: str | None) -> tuple[str | None, str | None]:
+    """(provider, model) for an OpenAI `model` string; None means the configured default."""
+    if model:
+        head, _, rest = model.partition("/")
+        if head in PROVIDERS:
+            return head, rest or None
+    return provider, model
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def _usage(usage: dict | None) -> dict:
+    usage = usage or {}
+    return {k: usage.get(k) or 0 for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+
+def _finish_reason(reason: str | None) -> str:
+    return reason if reason in FINISH_REASONS else "stop"
+
+
+def _tool_calls(calls: list[dict]) -> list[dict]:
+    return [{"index": i, **call} for i, call in enumerate(calls)]
+
+
+class ChunkRenderer(Renderer):
+    """sluice's stream events as OpenAI chat.completion.chunk frames."""
+
+    def __init__(self, sub, model: str, created: int, include_usage: bool):
+        super().__init__(sub)
+        self.base = {"id": f"chatcmpl-{sub.request_id}", "object": "chat.completion.chunk", "created": created, "model": model}
+        self.include_usage = include_usage
+        self.role_sent = False
+        self.usage: dict | None = None
+
+    def opening(self) -> bytes:
+        return KEEPALIVE
+
+    def keepalive(self) -> bytes:
+        return KEEPALIVE
+
+    def started(self) -> bytes:
+        return self._role()
+
+    def event(self, event: dict) -> bytes:
+        kind = event["type"]
+        if kind == ev.DELTA:
+            return self._role() + self._chunk({"content": event["delta"]})
+        if kind == ev.META and event.get("tool_calls"):
+            return self._role() + self._chunk({"tool_calls": _tool_calls(event["tool_calls"])})
+        if kind == ev.USAGE:
+            self.usage = event["usage"]
+        elif kind == ev.DONE:
+            out = self._role() + self._chunk({}, _finish_reason(event.get("finish_reason")))
+            if self.include_usage:
+                out += _sse({**self.base, "choices": [], "usage": _usage(event.get("usage") or self.usage)})
+            return out + DONE
+        elif kind == ev.ERROR:
+            return _sse(error_body(500, event.get("code", "error"), event.get("message", "")))
+        return b""  # other meta (citations, reasoning, ...) has no place in this format
+
+    def _role(self) -> bytes:
+        if self.role_sent:
+            return b""
+        self.role_sent = True
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def _chunk(self, delta: dict, finish: str | None = None) -> bytes:
+        obj = {**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if self.include_usage:
+            obj["usage"] = None  # as OpenAI sends it on every chunk but the last
+        return _sse(obj)
+
+
+class Collector(Renderer):
+    """Keeps the stream's events for one non-streamed chat.completion; writes nothing."""
+
+    def __init__(self, sub):
+        super().__init__(sub)
+        self.text: list[str] = []
+        self.tool_calls: list[dict] | None = None
+        self.usage: dict | None = None
+        self.end: dict | None = None
+
+    def event(self, event: dict) -> bytes:
+        kind = event["type"]
+        if kind == ev.DELTA:
+            self.text.append(event["delta"])
+        elif kind == ev.META and event.get("tool_calls"):
+            self.tool_calls = event["tool_calls"]
+        elif kind == ev.USAGE:
+            self.usage = event["usage"]
+        elif kind in (ev.DONE, ev.ERROR):
+            self.end = event
+        return b""
+
+    def response(self, model: str, created: int) -> JSONResponse:
+        headers = {"x-request-id": self.sub.request_id}
+        end = self.end or ev.error("disconnected", "the client went away")
+        if end["type"] == ev.ERROR:
+            code = end.get("code", "error")
+            status = STATUS_FOR_CODE.get(code, 502)
+            if code == "upstream_4xx":  # the provider refused the request itself: say how
+                status = end.get("status") if end.get("status") in (400, 404, 413, 422) else 400
+            return error_response(status, code, end.get("message", ""), headers)
+        message = {"role": "assistant", "content": "".join(self.text), "refusal": None}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        body = {
+            "id": f"chatcmpl-{self.sub.request_id}",
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(end.get("finish_reason"))}],
+            "usage": _usage(end.get("usage") or self.usage),
+        }
+        return JSONResponse(body, headers=headers)
+
+
+async def _discard(message) -> None:
+    pass  # a non-streamed answer: the SSE bytes of the stream go nowhere
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+
+def routes(edge) -> list[Route]:
+    async def chat_completions(request: Request):
+        if edge.draining or edge.shutting_down.is_set():
+            return error_response(503, "draining", "the gateway is draining; retry on another instance", {"Retry-After": "5"})
+        try:
+            data = await edge._json_body(request)
+            chat, stream, include_usage = parse_openai(data, request.headers.get("x-sluice-coalesce"))
+        except RequestError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+        provider, model = resolve_model(chat.model, chat.provider)
+        created = int(time.time())
+        configured = edge.settings["providers"].get(provider or edge.settings["SLUICE_PROVIDER"])
+        shown = chat.model or (f"{provider or edge.settings['SLUICE_PROVIDER']}/{configured['model']}" if configured else "")
+
+        if stream:
+            response = await edge.open_stream(
+                provider, model, chat.body, chat.thread_id, chat.coalesce,
+                renderer=lambda sub: ChunkRenderer(sub, shown, created, include_usage),
+            )
+            return response if not isinstance(response, JSONResponse) else _reshape(response)
+
+        collectors: list[Collector] = []
+
+        def collect(sub):
+            collectors.append(Collector(sub))
+            return collectors[0]
+
+        response = await edge.open_stream(provider, model, chat.body, chat.thread_id, chat.coalesce, renderer=collect)
+        if not collectors:  # refused before any stream existed
+            return _reshape(response)
+        # Run the stream here; request.receive still reports the client's disconnect.
+        await response(request.scope, request.receive, _discard)
+        return collectors[0].response(shown, created)
+
+    def model_list() -> list[dict]:
+        return [
+            {"id": f"{name}/{p['model']}", "object": "model", "created": 0, "owned_by": name}
+            for name, p in edge.settings["providers"].items()
+        ]
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": model_list()})
+
+    async def model(request: Request):
+        wanted = request.path_params["model_id"]
+        for item in model_list():
+            if item["id"] == wanted:
+                return JSONResponse(item)
+        return error_response(404, "model_not_found", f"The model {wanted!r} does not exist (see GET /v1/models)")
+
+    return [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", model, methods=["GET"]),
+    ]

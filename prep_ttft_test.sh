@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Phase-1 sign-off, step 1: TTFT-test pacer settings on the running gateway, live (admin
+# messages to the Pacer; no restart needed). Generous RPS/BURST/CONCURRENCY for the account
+# under test: argument or SLUICE_SIGNOFF_ACCOUNT, default the gateway's default provider's.
+#
+#   source prep_ttft_test.sh [URL] [ACCOUNT]     (or run it: ./prep_ttft_test.sh ...)
+#
+# URL: argument or SLUICE_URL (default http://localhost:8000). Needs SLUICE_ADMIN_TOKEN.
+# Sourced, it also exports SLUICE_SIGNOFF_ACCOUNT and <ACCOUNT>_RPS/_BURST/_CONCURRENCY, so
+# the later steps use the same account and a restart from this shell keeps the settings.
+# Never exits a sourcing shell: it returns the status instead.
+
+_sluice_signoff() {
+    local step=$1; shift
+    local here py exports rc
+    here=$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")" && pwd)
+    py=${SLUICE_PYTHON:-}
+    if [ -z "$py" ]; then
+        if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; else py=python3; fi
+    fi
+    exports=$(mktemp "${TMPDIR:-/tmp}/sluice-signoff.XXXXXX") || return 2
+    "$py" "$here/scripts/ttft_suite.py" "$step" --exports "$exports" "$@"
+    rc=$?
+    if [ "$rc" -eq 0 ] && [ "${_sluice_sourced:-0}" = 1 ]; then
+        . "$exports"
+    fi
+    rm -f "$exports"
+    return "$rc"
+}
+
+_sluice_sourced=0
+if [ -n "${ZSH_VERSION:-}" ]; then
+    case ${ZSH_EVAL_CONTEXT:-} in *:file*) _sluice_sourced=1 ;; esac
+elif [ -n "${BASH_VERSION:-}" ] && [ "${BASH_SOURCE[0]}" != "$0" ]; then
+    _sluice_sourced=1
+fi
+
+_sluice_signoff prep "$@"
+_sluice_rc=$?
+if [ "$_sluice_sourced" = 1 ]; then
+    unset -f _sluice_signoff; unset _sluice_sourced
+    eval "unset _sluice_rc; return $_sluice_rc"
+fi
+exit "$_sluice_rc"

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Phase-1 sign-off, step 4: production pacer settings back on the running gateway, live.
+#
+#   source restore_prod_settings.sh [URL] [ACCOUNT]   (or run it: ./restore_prod_settings.sh)
+#
+# pacer:perplexity gets PERPLEXITY_RPS=1 PERPLEXITY_CONCURRENCY=3 PERPLEXITY_BURST=2 (the
+# rest as configured). When the gateway has no Perplexity pacer it says so; the account
+# under test (argument, SLUICE_SIGNOFF_ACCOUNT, or the default provider's) always gets its
+# configured settings back. URL: argument or SLUICE_URL (default http://localhost:8000).
+# Needs SLUICE_ADMIN_TOKEN. Sourced, it exports the PERPLEXITY_* production values (and the
+# account's configured ones) and unsets SLUICE_SIGNOFF_ACCOUNT.
+# Never exits a sourcing shell: it returns the status instead.
+
+_sluice_signoff() {
+    local step=$1; shift
+    local here py exports rc
+    here=$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")" && pwd)
+    py=${SLUICE_PYTHON:-}
+    if [ -z "$py" ]; then
+        if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; else py=python3; fi
+    fi
+    exports=$(mktemp "${TMPDIR:-/tmp}/sluice-signoff.XXXXXX") || return 2
+    "$py" "$here/scripts/ttft_suite.py" "$step" --exports "$exports" "$@"
+    rc=$?
+    if [ "$rc" -eq 0 ] && [ "${_sluice_sourced:-0}" = 1 ]; then
+        . "$exports"
+    fi
+    rm -f "$exports"
+    return "$rc"
+}
+
+_sluice_sourced=0
+if [ -n "${ZSH_VERSION:-}" ]; then
+    case ${ZSH_EVAL_CONTEXT:-} in *:file*) _sluice_sourced=1 ;; esac
+elif [ -n "${BASH_VERSION:-}" ] && [ "${BASH_SOURCE[0]}" != "$0" ]; then
+    _sluice_sourced=1
+fi
+
+_sluice_signoff restore "$@"
+_sluice_rc=$?
+if [ "$_sluice_sourced" = 1 ]; then
+    unset -f _sluice_signoff; unset _sluice_sourced
+    eval "unset _sluice_rc; return $_sluice_rc"
+fi
+exit "$_sluice_rc"

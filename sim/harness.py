@@ -1,0 +1,912 @@
+"""The actor simulation harness: the real Pacer and Coalescer logic on a virtual clock.
+
+FoundationDB-style: one thread, one priority queue of `(time, seq, event)`, one seeded
+random generator. Everything that happens is an event on that queue, so a run is a pure
+function of its seed and its script, and a failure replays exactly from its seed.
+
+What runs for real: `PacerLogic` (one per provider account) and `CoalescerLogic` (N shards,
+keyed with `protocols.keys.shard_of` like the edge does). What is simulated, in a few
+lines each, with the real behaviour as the model:
+
+  * `SimEdge`  -- edge/streams.py: local join of identical requests, one Submit per key,
+                  one hub subscription per stream, one Cancel when the last local client
+                  of an unfinished stream leaves; records what each client received.
+  * `SimPool`  -- actors/pool.py + actors/hub.py: OpenStream runs a scripted upstream
+                  call (TTFT, token pace, token count, failure, 429 Retry-After),
+                  AbortStream stops it, FailStream publishes an error; every ending sends
+                  LeaseRelease to the Pacer and StreamFinished to the Coalescer; the hub
+                  replays a stream to late subscribers.
+  * `SimMetrics` (optional) -- hosts the real `MetricsLogic`.
+
+The network: every message between nodes is encoded with `protocols.messages.encode` and
+decoded again (a field msgpack cannot carry fails the run), then delivered after a seeded
+latency, first-in first-out per (sender, receiver) pair like Thespian over TCP. Faults are
+those TCP allows: latency and jitter, a node paused (a GC pause, SIGSTOP: its messages and
+timers wait, then arrive at once) and wall-clock steps (the `now` a node's logic sees
+jumps). Messages are never dropped or reordered within a pair.
+
+Use (see docs/simulation.md):
+
+    sim = Simulation(seed=7, shards=2, pacer=PacerSettings(rps=1, burst=2, concurrency=3))
+    sim.upstream(ttft_ms=200, token_interval_ms=20, tokens=10)
+    c = sim.client(at=0.0, text="hi", edge="e1")
+    sim.run()                      # to quiescence; then the invariants are checked
+    assert sim.pool.calls == 1 and c.outcome == "done"
+
+A failing run says its seed; `SLUICE_SIM_SEED=<n>` makes `seeds()` (and a Simulation
+without an explicit seed) replay that one seed.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import random
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from actors.coalescer_logic import CoalescerFlags, CoalescerLogic, pacer_role
+from actors.effects import After, Send
+from actors.pacer_logic import PacerLogic, PacerSettings
+from protocols import events as ev
+from protocols import messages as m
+from protocols.keys import coalescing_key, shard_of
+from protocols.providers.base import code_for_status, status_text
+
+SEED_ENV = "SLUICE_SIM_SEED"
+
+# Message types of the data plane (Pool hub <-> edges); everything else is control plane.
+DATA_PLANE = (m.Subscribe, m.Unsubscribe, m.StreamData)
+
+
+def seeds(n: int, first: int = 0) -> list[int]:
+    """The seeds to run: `first .. first+n-1`, or only $SLUICE_SIM_SEED when it is set."""
+    if os.environ.get(SEED_ENV):
+        return [int(os.environ[SEED_ENV])]
+    return list(range(first, first + n))
+
+
+class SimulationError(AssertionError):
+    """A broken invariant or a crash inside the simulated system; names the seed."""
+
+
+# --- the scripted upstream --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """How one upstream call behaves. The call's duration without failure is
+    `ttft_ms + tokens * token_interval_ms`: the first byte carries token 0, then one token
+    every `token_interval_ms`, then `done`."""
+
+    ttft_ms: float = 200.0
+    token_interval_ms: float = 20.0
+    tokens: int = 10
+    fail: int | str | None = None  # None | "error" (in-band, after `fail_after` tokens) | HTTP status
+    fail_after: int = 0
+    retry_after_s: float | None = None  # with an HTTP 429/5xx: the Retry-After header
+    error_code: str = "upstream_error"  # code of an in-band "error"
+
+    @property
+    def duration_s(self) -> float:
+        return (self.ttft_ms + self.tokens * self.token_interval_ms) / 1000.0
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    """What a behaviour function sees: the n-th upstream call (1-based) and its request."""
+
+    n: int
+    stream_id: str
+    provider: str
+    model: str
+    body: dict
+    at: float
+
+    @property
+    def text(self) -> str:
+        return self.body["messages"][-1]["content"]
+
+
+@dataclass
+class UpstreamCall:
+    """One upstream call as the simulated Pool ran it."""
+
+    n: int
+    stream_id: str
+    provider: str
+    coalescer: str
+    behaviour: Upstream
+    queue_wait_ms: float
+    opened_at: float
+    first_byte_at: float | None = None
+    ended_at: float | None = None
+    outcome: str | None = None  # "done" | "error" | "cancelled"
+    abort_requested_at: float | None = None  # AbortStream.requested_at (the edge's clock)
+    aborted_at: float | None = None  # virtual time the Pool stopped the call
+
+
+# --- clients ------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class SimClient:
+    """One HTTP client of an edge, and everything it received."""
+
+    request_id: str
+    edge: str
+    at: float
+    body: dict
+    key: str
+    provider: str
+    model: str
+    disconnect_at: float | None = None
+    role: str | None = None  # "leader" | "follower" once admitted
+    stream_id: str | None = None
+    fanout: bool | None = None  # False: an SSE renderer holds deltas back until the end
+    events: list = field(default_factory=list)
+    outcomes: list = field(default_factory=list)  # every terminal outcome (must be one)
+    ended_at: float | None = None
+    status: int | None = None  # rejected: HTTP status, code, Retry-After
+    code: str | None = None
+    retry_after_s: float | None = None
+    flight: Any = None
+    wants_out: bool = False  # disconnected before the edge had an answer
+    replayed: bool = False  # got a remembered error (error TTL) instead of a stream
+
+    @property
+    def outcome(self) -> str | None:
+        """ "done" | "error" | "cancelled" | "rejected" | "disconnected" | None (still waiting)."""
+        return self.outcomes[0] if self.outcomes else None
+
+    @property
+    def deltas(self) -> list[str]:
+        return [e["delta"] for e in self.events if e.get("type") == ev.DELTA]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.deltas)
+
+    @property
+    def error(self) -> dict | None:
+        return next((e for e in self.events if e.get("type") == ev.ERROR), None)
+
+    def _end(self, outcome: str, now: float) -> None:
+        self.outcomes.append(outcome)
+        if self.ended_at is None:
+            self.ended_at = now
+
+
+# local events of a node (never on the wire)
+@dataclass(frozen=True)
+class _Arrive:
+    client: SimClient
+
+
+@dataclass(frozen=True)
+class _Disconnect:
+    client: SimClient
+
+
+@dataclass(frozen=True)
+class _Step:
+    stream_id: str
+    index: int
+
+
+@dataclass(frozen=True)
+class _Configure:
+    changes: dict
+
+
+@dataclass(frozen=True)
+class _Flush:
+    pass
+
+
+class _Records:
+    """Batches measurement records to Metrics (a flush timer, never one message each)."""
+
+    def __init__(self, source: str, enabled: bool, every_s: float = 0.1):
+        self.source, self.enabled, self.every_s = source, enabled, every_s
+        self.pending: list[dict] = []
+
+    def add(self, record: dict) -> list:
+        if not self.enabled:
+            return []
+        self.pending.append(record)
+        return [After(self.every_s, _Flush())] if len(self.pending) == 1 else []
+
+    def flush(self) -> list:
+        batch, self.pending = self.pending, []
+        return [Send("metrics", m.Records(self.source, batch))] if batch else []
+
+
+# --- the simulated edge ---------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _EdgeFlight:
+    key: str
+    stream_id: str
+    shard: str
+    coalesce: bool
+    fanout: bool
+    events: list = field(default_factory=list)
+    subscribers: dict = field(default_factory=dict)  # SimClient -> None (ordered set)
+    finished: bool = False
+
+
+@dataclass(eq=False)
+class _Pending:
+    client: SimClient
+    waiters: list = field(default_factory=list)
+
+
+class SimEdge:
+    """One edge process, modelled on edge/streams.py (LocalStreams) and edge/app.py."""
+
+    def __init__(self, name: str, shards: int, metrics: bool):
+        self.name, self.edge_id, self.shards = f"edge:{name}", name, shards
+        self.by_key: dict[str, _EdgeFlight] = {}
+        self.pending: dict[str, _Pending] = {}
+        self.submits: dict[str, _Pending] = {}  # request_id -> the Submit awaiting an answer
+        self.listeners: dict[str, _EdgeFlight] = {}  # hub subscriptions, like HubClient
+        self.clients: list[SimClient] = []
+        self.records = _Records(self.name, metrics)
+
+    def handle(self, msg, sender, now: float) -> list:
+        if isinstance(msg, _Arrive):
+            return self._arrive(msg.client, now)
+        if isinstance(msg, _Disconnect):
+            client = msg.client
+            if client.outcome is not None:
+                return []
+            if client.flight is None:  # still waiting for the Coalescer's answer
+                client.wants_out = True
+                return []
+            return self._end(client, "disconnected", now)
+        if isinstance(msg, m.Admitted):
+            return self._admitted(msg, now)
+        if isinstance(msg, m.Rejected):
+            return self._rejected(msg, now)
+        if isinstance(msg, m.StreamData):
+            flight = self.listeners.get(msg.stream_id)
+            return self._on_events(flight, msg.events, now) if flight is not None else []
+        if isinstance(msg, _Flush):
+            return self.records.flush()
+        raise TypeError(f"{self.name}: unexpected {type(msg).__name__}")
+
+    def _arrive(self, client: SimClient, now: float) -> list:
+        self.clients.append(client)
+        if client.key:
+            flight = self.by_key.get(client.key)
+            if flight is not None and not flight.finished and flight.coalesce:
+                self._attach(flight, client, "follower")
+                return self._start(client, now)
+            if client.key in self.pending:
+                self.pending[client.key].waiters.append(client)
+                return []
+        return self._submit(client, now)
+
+    def _submit(self, client: SimClient, now: float) -> list:
+        shard = f"coalescer:{shard_of(client.key, self.shards, client.request_id)}"
+        pending = _Pending(client)
+        if client.key:
+            self.pending[client.key] = pending
+        self.submits[client.request_id] = pending
+        body = m.Submit(client.request_id, client.key, client.provider, client.model, client.body, self.edge_id, now)
+        return [Send(shard, body)]
+
+    def _answered(self, request_id: str) -> _Pending:
+        pending = self.submits.pop(request_id)
+        key = pending.client.key
+        if key and self.pending.get(key) is pending:
+            del self.pending[key]
+        return pending
+
+    def _admitted(self, msg: m.Admitted, now: float) -> list:
+        pending = self._answered(msg.request_id)
+        key = pending.client.key
+        shard = f"coalescer:{shard_of(key, self.shards, msg.request_id)}"
+        flight = _EdgeFlight(key, msg.stream_id, shard, msg.coalesce and bool(key), msg.fanout)
+        out: list = []
+        if msg.error is not None:  # a failure within its error TTL: replayed, no stream
+            flight.events.append(msg.error)
+            flight.finished = True
+            pending.client.replayed = True
+        else:
+            if flight.coalesce:
+                self.by_key[key] = flight
+            self.listeners[flight.stream_id] = flight
+            out.append(Send("pool", m.Subscribe(flight.stream_id)))
+        # Everyone waiting on this answer attaches first; their responses run afterwards
+        # (in the edge they are separate tasks woken by the same future).
+        attached = [pending.client]
+        self._attach(flight, pending.client, msg.role)
+        for waiter in pending.waiters:
+            if not flight.finished and flight.coalesce:
+                self._attach(flight, waiter, "follower")
+                attached.append(waiter)
+            else:
+                out += self._submit(waiter, now)
+        for client in attached:
+            out += self._start(client, now)
+        return out
+
+    def _rejected(self, msg: m.Rejected, now: float) -> list:
+        pending = self._answered(msg.request_id)
+        out: list = []
+        for client in [pending.client, *pending.waiters]:
+            client.role = client.role or "leader"
+            client.status, client.code, client.retry_after_s = msg.status, msg.code, msg.retry_after_s
+            client._end("rejected", now)
+            out += self._record(client, now)
+        return out
+
+    def _attach(self, flight: _EdgeFlight, client: SimClient, role: str) -> None:
+        client.role, client.stream_id, client.flight = role, flight.stream_id, flight
+        client.fanout = flight.fanout or role == "leader"
+        flight.subscribers[client] = None
+
+    def _start(self, client: SimClient, now: float) -> list:
+        """The client's SSE response starts: a disconnect seen first wins over the replay."""
+        if client.wants_out:
+            return self._end(client, "disconnected", now)
+        return self._push(client, list(client.flight.events), now)
+
+    def _on_events(self, flight: _EdgeFlight, events: list, now: float) -> list:
+        if flight.finished:
+            return []
+        flight.events.extend(events)
+        out: list = []
+        if any(ev.is_terminal(e) for e in events):
+            flight.finished = True
+            out += self._forget(flight)
+        for client in list(flight.subscribers):
+            out += self._push(client, events, now)
+        return out
+
+    def _push(self, client: SimClient, events: list, now: float) -> list:
+        for event in events:
+            client.events.append(event)
+            if ev.is_terminal(event):
+                if event["type"] == ev.DONE:
+                    outcome = "done"
+                else:
+                    outcome = "cancelled" if event.get("code") == "cancelled" else "error"
+                return self._end(client, outcome, now)
+        return []
+
+    def _end(self, client: SimClient, outcome: str, now: float) -> list:
+        """The client's response ended: record it and leave (edge/app.py `ended`)."""
+        client._end(outcome, now)
+        return self._leave(client, now) + self._record(client, now)
+
+    def _leave(self, client: SimClient, now: float) -> list:
+        flight = client.flight
+        if flight is None or client not in flight.subscribers:
+            return []
+        del flight.subscribers[client]
+        if flight.subscribers or flight.finished:
+            return []
+        out = self._forget(flight)
+        flight.finished = True
+        return out + [Send(flight.shard, m.Cancel(flight.stream_id, self.edge_id, now))]
+
+    def _forget(self, flight: _EdgeFlight) -> list:
+        if self.by_key.get(flight.key) is flight:
+            del self.by_key[flight.key]
+        if self.listeners.pop(flight.stream_id, None) is not None:
+            return [Send("pool", m.Unsubscribe(flight.stream_id))]
+        return []
+
+    def _record(self, client: SimClient, now: float) -> list:
+        started = next((e for e in client.events if e.get("type") == ev.STARTED), None)
+        ttft = None
+        if started is not None:
+            ttft = max(0.0, (max(started["first_byte_at"], client.at) - client.at) * 1000.0)
+        outcome = "cancelled" if client.outcome == "disconnected" else client.outcome
+        error = client.error
+        return self.records.add(
+            {
+                "kind": "request",
+                "request_id": client.request_id,
+                "role": client.role or "leader",
+                "outcome": outcome,
+                "error_code": client.code if outcome == "rejected" else (error or {}).get("code"),
+                "ttft_ms": ttft,
+                "queue_wait_ms": started["queue_wait_ms"] if started else None,
+                "latency_ms": max(0.0, (now - client.at) * 1000.0),
+                "at": now,
+            }
+        )
+
+
+# --- the simulated Pool (upstream calls + stream hub) -------------------------------------------
+
+
+@dataclass
+class _HubStream:
+    events: list = field(default_factory=list)
+    subscribers: dict = field(default_factory=dict)  # edge name -> None (ordered set)
+    finished: bool = False
+
+
+class SimPool:
+    """The Pool actor and its stream hub, with a scripted upstream instead of HTTP."""
+
+    name = "pool"
+
+    def __init__(self, metrics: bool):
+        self.behaviour: Upstream | Callable[[UpstreamRequest], Upstream] = Upstream()
+        self.log: list[UpstreamCall] = []
+        self.running: dict[str, UpstreamCall] = {}
+        self.hub: dict[str, _HubStream] = {}
+        self.failed: list[tuple[str, str]] = []  # FailStream (stream_id, code)
+        self.records = _Records("pool", metrics)
+
+    @property
+    def calls(self) -> int:
+        """Upstream calls made."""
+        return len(self.log)
+
+    def handle(self, msg, sender, now: float) -> list:
+        if isinstance(msg, m.OpenStream):
+            return self._open(msg, now)
+        if isinstance(msg, _Step):
+            call = self.running.get(msg.stream_id)
+            return self._step(call, msg.index, now) if call is not None else []
+        if isinstance(msg, m.AbortStream):
+            call = self.running.get(msg.stream_id)
+            if call is None:
+                return []  # finished meanwhile: its StreamFinished is on its way
+            call.abort_requested_at, call.aborted_at = msg.requested_at, now
+            return self._end(call, "cancelled", ev.error("cancelled", "cancelled: no subscriber left"), None, now)
+        if isinstance(msg, m.FailStream):
+            self.failed.append((msg.stream_id, msg.code))
+            return self._publish(msg.stream_id, [ev.error(msg.code, msg.message)])
+        if isinstance(msg, m.Subscribe):
+            stream = self.hub.setdefault(msg.stream_id, _HubStream())
+            stream.subscribers[sender] = None
+            return [Send(sender, m.StreamData(msg.stream_id, 0, list(stream.events)))] if stream.events else []
+        if isinstance(msg, m.Unsubscribe):
+            stream = self.hub.get(msg.stream_id)
+            if stream is not None:
+                stream.subscribers.pop(sender, None)
+            return []
+        if isinstance(msg, _Flush):
+            return self.records.flush()
+        raise TypeError(f"pool: unexpected {type(msg).__name__}")
+
+    def _open(self, msg: m.OpenStream, now: float) -> list:
+        stream = self.hub.get(msg.stream_id)
+        if msg.stream_id in self.running or (stream is not None and stream.finished):
+            return []  # a duplicate OpenStream
+        request = UpstreamRequest(len(self.log) + 1, msg.stream_id, msg.provider, msg.model, msg.body, now)
+        behaviour = self.behaviour(request) if callable(self.behaviour) else self.behaviour
+        call = UpstreamCall(request.n, msg.stream_id, msg.provider, msg.coalescer, behaviour, msg.queue_wait_ms, now)
+        self.log.append(call)
+        self.running[msg.stream_id] = call
+        return [After(behaviour.ttft_ms / 1000.0, _Step(msg.stream_id, 0))]
+
+    def _step(self, call: UpstreamCall, i: int, now: float) -> list:
+        b = call.behaviour
+        if i == 0 and isinstance(b.fail, int):  # an HTTP error status instead of a stream
+            error = {**ev.error(code_for_status(b.fail), status_text(b.fail)), "status": b.fail}
+            retry = b.retry_after_s if (b.fail == 429 or b.fail >= 500) else None
+            return self._end(call, "error", error, retry, now)
+        events = []
+        if i == 0:
+            call.first_byte_at = now
+            events.append(ev.started(now, call.queue_wait_ms))
+        if b.fail == "error" and i == b.fail_after:
+            error = ev.error(b.error_code, "the upstream failed mid-stream")
+            return self._publish(call.stream_id, events) + self._end(call, "error", error, None, now)
+        if i >= b.tokens:
+            events.append(ev.done("stop", ev.usage(3, b.tokens)["usage"]))
+            return self._publish(call.stream_id, events) + self._end(call, "done", None, None, now, published=True)
+        events.append(ev.delta(f"c{call.n}.{i} "))
+        return self._publish(call.stream_id, events) + [After(b.token_interval_ms / 1000.0, _Step(call.stream_id, i + 1))]
+
+    def _end(self, call, outcome, error, retry_after, now, published=False) -> list:
+        """Every ending: the hub's terminal event, LeaseRelease, StreamFinished, records."""
+        del self.running[call.stream_id]
+        call.outcome, call.ended_at = outcome, now
+        out = [] if published else self._publish(call.stream_id, [error])
+        out.append(Send(pacer_role(call.provider), m.LeaseRelease(call.stream_id, retry_after)))
+        out.append(Send(call.coalescer, m.StreamFinished(call.stream_id, outcome, None if outcome == "cancelled" else error)))
+        out += self.records.add(
+            {
+                "kind": "upstream",
+                "stream_id": call.stream_id,
+                "provider": call.provider,
+                "outcome": outcome,
+                "error_code": (error or {}).get("code"),
+                "upstream_ttft_ms": None if call.first_byte_at is None else (call.first_byte_at - call.opened_at) * 1000.0,
+                "latency_ms": (now - call.opened_at) * 1000.0,
+                "at": now,
+            }
+        )
+        if call.abort_requested_at is not None:
+            cancel_ms = (now - call.abort_requested_at) * 1000.0
+            out += self.records.add({"kind": "cancel", "stream_id": call.stream_id, "cancel_ms": cancel_ms, "at": now})
+        return out
+
+    def _publish(self, stream_id: str, events: list) -> list:
+        stream = self.hub.setdefault(stream_id, _HubStream())
+        if stream.finished or not events:
+            return []
+        seq = len(stream.events)
+        stream.events.extend(events)
+        stream.finished = ev.is_terminal(events[-1])
+        return [Send(edge, m.StreamData(stream_id, seq, events)) for edge in stream.subscribers]
+
+
+class SimMetrics:
+    """The Metrics actor: the real MetricsLogic, fed by the edges' and the Pool's batches."""
+
+    name = "metrics"
+
+    def __init__(self):
+        from actors.metrics_logic import MetricsLogic
+
+        self.logic = MetricsLogic()
+
+    def handle(self, msg, sender, now: float) -> list:
+        if isinstance(msg, m.Records):
+            self.logic.ingest(msg.records, now)
+        return []
+
+
+# --- hosts for the real logic classes -----------------------------------------------------------
+
+
+class _PacerHost:
+    """Drives PacerLogic like actors/pacer.py does, and watches its leases for the checker."""
+
+    def __init__(self, logic: PacerLogic, sim: "Simulation"):
+        self.logic, self.sim = logic, sim
+
+    def handle(self, msg, sender, now: float) -> list:
+        before = set(self.logic.in_flight)
+        if isinstance(msg, _Configure):
+            out = self.logic.configure(msg.changes, now)
+        else:
+            out = self.logic.handle(msg, sender, now)
+        after = set(self.logic.in_flight)
+        for lease_id in sorted(after - before):
+            if lease_id in self.sim.leases:
+                self.sim.fail(f"pacer granted lease {lease_id} twice")
+            self.sim.leases[lease_id] = Lease(lease_id, self.sim.now)
+            if len(after) > self.logic.settings.concurrency:
+                self.sim.fail(f"pacer granted {lease_id} with {len(after)} in flight > concurrency")
+        for lease_id in sorted(before - after):
+            lease = self.sim.leases[lease_id]
+            lease.released_at, lease.released_by = self.sim.now, type(msg).__name__
+        if isinstance(msg, m.LeaseRelease):
+            if msg.lease_id not in before:
+                self.sim.fail(f"LeaseRelease for {msg.lease_id}, which the pacer no longer held (released twice?)")
+        return out
+
+
+class _CoalescerHost:
+    def __init__(self, logic: CoalescerLogic):
+        self.logic = logic
+
+    def handle(self, msg, sender, now: float) -> list:
+        if isinstance(msg, _Configure):
+            self.logic.flags = replace(self.logic.flags, **msg.changes)
+            return []
+        return self.logic.handle(msg, sender, now)
+
+
+@dataclass
+class Lease:
+    lease_id: str
+    granted_at: float
+    released_at: float | None = None
+    released_by: str | None = None  # "LeaseRelease" (the Pool) | "LeaseCancel" (the Coalescer)
+
+
+@dataclass
+class Delivery:
+    """One message that crossed the simulated network."""
+
+    sent_at: float
+    src: str
+    dst: str
+    msg: Any
+    delivered_at: float | None = None  # when the receiver handled it
+    order: int | None = None  # position among all handled messages (ties in time are common)
+
+
+@dataclass(eq=False)
+class _Node:
+    name: str
+    logic: Any
+    clock_offset: float = 0.0
+    paused_until: float = 0.0
+    backlog: deque = field(default_factory=deque)
+
+
+# --- the simulation -------------------------------------------------------------------------------
+
+
+class Simulation:
+    """A deterministic world: edges, coalescer shards, one pacer, the pool, optional metrics."""
+
+    def __init__(
+        self,
+        seed: int | None = None,
+        shards: int = 2,
+        pacer: PacerSettings | None = None,
+        flags: CoalescerFlags | None = None,
+        latency_ms: tuple[float, float] = (0.5, 2.0),
+        provider: str = "simulated",
+        model: str = "sim-1",
+        metrics: bool = False,
+        max_events: int = 5_000_000,
+    ):
+        if seed is None:
+            seed = int(os.environ[SEED_ENV]) if os.environ.get(SEED_ENV) else random.SystemRandom().randrange(2**32)
+        self.seed = seed
+        print(f"sluice simulation seed={seed}  (replay: {SEED_ENV}={seed})")
+        self.rng = random.Random(seed)  # use it for random workloads too: they replay with the seed
+        self.latency_ms = latency_ms
+        self.provider, self.model, self.shards = provider, model, shards
+        self.max_events = max_events
+        self.now = 0.0
+        self.events_run = 0
+        self._queue: list = []
+        self._seq = itertools.count()
+        self._handled = itertools.count()
+        self._last_arrival: dict[tuple[str, str], float] = {}
+        self._request_ids = itertools.count(1)
+        self._metrics_on = metrics
+        self.trace: list[Delivery] = []
+        self.leases: dict[str, Lease] = {}
+        self.clients: list[SimClient] = []
+        self.nodes: dict[str, _Node] = {}
+
+        self.pacer = PacerLogic(pacer_role(provider).partition(":")[2], pacer or PacerSettings())
+        self.coalescers = [CoalescerLogic(me=f"coalescer:{i}", flags=replace(flags or CoalescerFlags())) for i in range(shards)]
+        self.pool = SimPool(metrics)
+        self.edges: dict[str, SimEdge] = {}
+        self.metrics = SimMetrics() if metrics else None
+        self._add(pacer_role(provider), _PacerHost(self.pacer, self))
+        for logic in self.coalescers:
+            self._add(logic.me, _CoalescerHost(logic))
+        self._add("pool", self.pool)
+        if self.metrics:
+            self._add("metrics", self.metrics)
+
+    # --- the script ---------------------------------------------------------------------------
+    def upstream(self, behaviour: Callable[[UpstreamRequest], Upstream] | Upstream | None = None, **fields) -> None:
+        """Set how upstream calls behave: `Upstream` fields as keywords, an `Upstream`, or a
+        function `(UpstreamRequest) -> Upstream` deciding per call."""
+        self.pool.behaviour = behaviour if behaviour is not None else Upstream(**fields)
+
+    def client(
+        self,
+        at: float = 0.0,
+        text: str = "hi",
+        edge: str = "e1",
+        disconnect_at: float | None = None,
+        coalesce: bool = True,
+        body: dict | None = None,
+        model: str | None = None,
+        thread: str | None = None,
+    ) -> SimClient:
+        """A client sending one chat request to `edge` at virtual time `at`."""
+        body = body if body is not None else {"messages": [{"role": "user", "content": text}]}
+        model = model or self.model
+        key = coalescing_key(self.provider, model, body, thread) if coalesce else ""
+        c = SimClient(f"r{next(self._request_ids)}", f"edge:{edge}", at, body, key, self.provider, model, disconnect_at)
+        node = self._edge(edge)
+        self.clients.append(c)
+        self._schedule(at, self._deliver, node, None, _Arrive(c), None)
+        if disconnect_at is not None:
+            self._schedule(disconnect_at, self._deliver, node, None, _Disconnect(c), None)
+        return c
+
+    def burst(self, n: int, at: float = 0.0, spread_s: float = 0.0, **kwargs) -> list[SimClient]:
+        """`n` clients at `at`, spread uniformly (seeded) over `spread_s` seconds."""
+        return [self.client(at=at + self.rng.uniform(0.0, spread_s), **kwargs) for _ in range(n)]
+
+    def disconnect(self, client: SimClient, at: float) -> None:
+        self._schedule(at, self._deliver, self.nodes[client.edge], None, _Disconnect(client), None)
+
+    def configure_pacer(self, at: float, **changes) -> None:
+        """An operator's live `set` to the Pacer at `at` (like the admin message)."""
+        self._schedule(at, self._deliver, self.nodes[pacer_role(self.provider)], None, _Configure(changes), None)
+
+    def set_flags(self, at: float, **changes) -> None:
+        """An operator's live `set_flags` to every coalescer shard at `at`."""
+        for logic in self.coalescers:
+            self._schedule(at, self._deliver, self.nodes[logic.me], None, _Configure(changes), None)
+
+    def pause(self, node: str, at: float, for_s: float) -> None:
+        """Freeze `node` ("pool", "coalescer:0", "pacer:simulated", "edge:e1") from `at` for
+        `for_s`: what reaches it meanwhile (messages, timers) waits, then runs at once."""
+        def start():
+            n = self.nodes[node]
+            n.paused_until = max(n.paused_until, self.now + for_s)
+            self._schedule(n.paused_until, self._resume, n)
+
+        self._schedule(at, start)
+
+    def clock_jump(self, at: float, by_s: float, nodes: list[str] | None = None) -> None:
+        """Step the wall clock the logic sees by `by_s` (either sign) on `nodes` (all by
+        default) at `at`, like an NTP step. Timers keep their real durations."""
+        def jump():
+            for name in nodes or list(self.nodes):
+                self.nodes[name].clock_offset += by_s
+
+        self._schedule(at, jump)
+
+    def at(self, t: float, fn: Callable[["Simulation"], None]) -> None:
+        """Run `fn(sim)` at virtual time `t` (to add clients from a running scenario, ...)."""
+        self._schedule(t, fn, self)
+
+    # --- running -------------------------------------------------------------------------------
+    def run(self, until: float | None = None, check: bool = True) -> "Simulation":
+        """Process events up to `until` (or until nothing is left). When nothing is left
+        the system is quiescent and `check_invariants` runs (unless `check=False`)."""
+        same_time, last_t = 0, None
+        while self._queue and (until is None or self._queue[0][0] <= until):
+            t, _seq, fn, args = heapq.heappop(self._queue)
+            self.now = t
+            fn(*args)
+            self.events_run += 1
+            same_time = same_time + 1 if t == last_t else 0
+            last_t = t
+            if self.events_run > self.max_events:
+                self.fail(f"still busy after {self.max_events} events (livelock?)")
+            if same_time > 100_000:
+                self.fail(f"100000 events at t={t} without time advancing (livelock)")
+        if until is not None:
+            self.now = max(self.now, until)
+        if check and not self._queue:
+            self.check_invariants()
+        return self
+
+    @property
+    def quiescent(self) -> bool:
+        return not self._queue
+
+    def fail(self, what: str) -> None:
+        tail = "\n".join(f"  {d.sent_at:10.6f} -> {d.delivered_at}  {d.src} -> {d.dst}: {d.msg}" for d in self.trace[-8:])
+        raise SimulationError(
+            f"[seed={self.seed}] t={self.now:.6f}: {what}\n"
+            f"replay: {SEED_ENV}={self.seed} pytest ...\nlast messages:\n{tail}"
+        )
+
+    def expect(self, condition: bool, what: str) -> None:
+        """`assert` for scenario code: a failure names the seed to replay."""
+        if not condition:
+            self.fail(what)
+
+    # --- observations -------------------------------------------------------------------------
+    def messages(self, kind: type | tuple | None = None, src: str | None = None, dst: str | None = None) -> list[Delivery]:
+        """Messages that crossed the network, in sending order, filtered."""
+        return [
+            d
+            for d in self.trace
+            if (kind is None or isinstance(d.msg, kind))
+            and (src is None or d.src == src)
+            and (dst is None or d.dst == dst)
+        ]
+
+    def count(self, control_only: bool = True) -> Counter:
+        """Messages sent, by type name (the control plane only, by default)."""
+        return Counter(
+            type(d.msg).__name__ for d in self.trace if not (control_only and isinstance(d.msg, DATA_PLANE))
+        )
+
+    def grants(self) -> list[tuple[float, str]]:
+        """(time, lease_id) of every lease the Pacer granted, in order."""
+        return sorted((lease.granted_at, lease.lease_id) for lease in self.leases.values())
+
+    def check_invariants(self) -> None:
+        """What must hold when the system is quiet; raises SimulationError naming the seed."""
+        for c in self.clients:
+            if len(c.outcomes) != 1:
+                self.fail(f"client {c.request_id} on {c.edge} ended {len(c.outcomes)} times: {c.outcomes} ({c.events})")
+            terminals = [i for i, e in enumerate(c.events) if ev.is_terminal(e)]
+            if len(terminals) > 1 or (terminals and terminals[0] != len(c.events) - 1):
+                self.fail(f"client {c.request_id}: terminal event not last and only: {c.events}")
+            if c.outcome in ("done", "error", "cancelled") and not terminals:
+                self.fail(f"client {c.request_id} ended {c.outcome} without a terminal event")
+            if c.outcome == "rejected" and c.events:
+                self.fail(f"client {c.request_id} rejected but received events")
+            if c.stream_id is not None and c.events:
+                published = self.pool.hub[c.stream_id].events if c.stream_id in self.pool.hub else []
+                expected = published[-1:] if c.replayed else published[: len(c.events)]
+                if c.events != expected:
+                    self.fail(f"client {c.request_id} got {c.events}, but stream {c.stream_id} published {published}")
+        pacer = self.pacer.state(self.now + self.nodes[pacer_role(self.provider)].clock_offset)
+        if pacer["in_flight"] or pacer["queue_depth"]:
+            self.fail(f"pacer not idle at quiescence: {pacer}")
+        for logic in self.coalescers:
+            if logic.by_key or logic.by_stream:
+                self.fail(f"{logic.me} still holds flights: {logic.state(self.now)['in_flight']}")
+            if logic.errors:
+                self.fail(f"{logic.me} still remembers errors past their TTL: {list(logic.errors)}")
+        if self.pool.running:
+            self.fail(f"pool still running {sorted(self.pool.running)}")
+        for edge in self.edges.values():
+            if edge.by_key or edge.pending or edge.submits or edge.listeners:
+                self.fail(f"{edge.name} still holds state: flights={list(edge.by_key)} pending={list(edge.pending)} listeners={list(edge.listeners)}")
+        opened = {call.stream_id for call in self.pool.log}
+        for lease in self.leases.values():
+            if lease.released_at is None:
+                self.fail(f"lease {lease.lease_id} granted at {lease.granted_at} never released")
+            used_by = "LeaseRelease" if lease.lease_id in opened else "LeaseCancel"
+            if lease.released_by != used_by:
+                self.fail(f"lease {lease.lease_id} released by {lease.released_by}, expected {used_by}")
+        for call in self.pool.log:
+            if call.stream_id not in self.leases:
+                self.fail(f"upstream call {call.stream_id} ran without a lease")
+
+    # --- the machinery -------------------------------------------------------------------------
+    def _add(self, name: str, logic) -> _Node:
+        node = self.nodes[name] = _Node(name, logic)
+        return node
+
+    def _edge(self, name: str) -> _Node:
+        role = f"edge:{name}"
+        if role not in self.nodes:
+            self.edges[name] = SimEdge(name, self.shards, self._metrics_on)
+            self._add(role, self.edges[name])
+        return self.nodes[role]
+
+    def _schedule(self, t: float, fn: Callable, *args) -> None:
+        heapq.heappush(self._queue, (t, next(self._seq), fn, args))
+
+    def _deliver(self, node: _Node, sender, msg, delivery: Delivery | None) -> None:
+        if self.now < node.paused_until or node.backlog:
+            node.backlog.append((sender, msg, delivery))
+            return
+        self._handle(node, sender, msg, delivery)
+
+    def _resume(self, node: _Node) -> None:
+        while node.backlog and self.now >= node.paused_until:
+            self._handle(node, *node.backlog.popleft())
+
+    def _handle(self, node: _Node, sender, msg, delivery: Delivery | None) -> None:
+        if delivery is not None:
+            delivery.delivered_at, delivery.order = self.now, next(self._handled)
+        try:
+            effects = node.logic.handle(msg, sender, self.now + node.clock_offset)
+        except SimulationError:
+            raise
+        except Exception as exc:
+            self.fail(f"{node.name} raised {type(exc).__name__}: {exc} while handling {msg!r}")
+            raise  # unreachable: fail() raises
+        for effect in effects or ():
+            if isinstance(effect, Send):
+                self._send(node.name, effect.to, effect.msg)
+            elif isinstance(effect, After):
+                self._schedule(self.now + max(0.0, effect.delay_s), self._deliver, node, None, effect.msg, None)
+            else:
+                self.fail(f"{node.name} returned {effect!r}, not Send/After")
+
+    def _send(self, src: str, to, msg) -> None:
+        dst = self.nodes.get(to) if isinstance(to, str) else None
+        if dst is None:
+            self.fail(f"{src} sent {type(msg).__name__} to unknown address {to!r}")
+        try:
+            data = m.encode(msg)
+        except Exception as exc:
+            self.fail(f"{src} -> {to}: {type(msg).__name__} does not encode: {exc}")
+        copy = m.decode(data)
+        if isinstance(copy, m.Invalid) or copy != msg:
+            self.fail(f"{src} -> {to}: {msg!r} does not survive the codec: {copy!r}")
+        delivery = Delivery(self.now, src, to, copy)
+        self.trace.append(delivery)
+        lo, hi = self.latency_ms
+        arrival = max(self.now + self.rng.uniform(lo, hi) / 1000.0, self._last_arrival.get((src, to), 0.0))
+        self._last_arrival[(src, to)] = arrival
+        self._schedule(arrival, self._deliver, dst, src, copy, delivery)

@@ -1,0 +1,436 @@
+"""Simulation tests: the real Pacer and Coalescer logic under a deterministic simulator.
+
+Every test runs over many seeds (latency jitter, arrival spreads, random workloads all come
+from the seed). A failure prints `sluice simulation seed=<n>`; replay one seed with
+`SLUICE_SIM_SEED=<n> .venv/bin/pytest tests/test_simulation.py`. Every `sim.run()` that
+reaches quiescence also checks the generic invariants (sim/harness.py, check_invariants).
+"""
+from __future__ import annotations
+
+import pytest
+
+from actors.coalescer_logic import CoalescerFlags
+from actors.pacer_logic import PacerSettings
+from protocols import messages as m
+from sim.harness import Simulation, SimulationError, Upstream, seeds
+
+HI_MS = 2.0  # upper bound of the default one-hop latency (0.5 .. 2.0 ms)
+EPS = 1e-9
+
+
+def ids(seed):
+    return f"seed={seed}"
+
+
+def reference_grants(requests, releases, rps, burst, concurrency, rpm=None):
+    """The token bucket, computed independently of PacerLogic.
+
+    `requests`: [(time the LeaseRequest reached the pacer, lease_id)] in arrival order;
+    `releases`: {lease_id: time its release reached the pacer}. FIFO, a bucket of `burst`
+    refilled at `rps`, at most `concurrency` leases held, at most `rpm` grants in any 60 s.
+    Returns {lease_id: grant time}."""
+    grants: dict[str, float] = {}
+    tokens, last, previous = float(burst), 0.0, 0.0
+    for arrived, lease in requests:
+        t = max(arrived, previous)
+        while True:
+            have = min(burst, tokens + (t - last) * rps)
+            need = [t if have >= 1 - EPS else t + (1 - have) / rps]
+            held = sorted(releases.get(g, float("inf")) for g in grants if releases.get(g, float("inf")) > t)
+            if len(held) >= concurrency:
+                need.append(held[len(held) - concurrency])
+            if rpm is not None:
+                recent = sorted(g for g in grants.values() if g > t - 60.0)
+                if len(recent) >= rpm:
+                    need.append(recent[len(recent) - rpm] + 60.0)
+            later = max(need)
+            if later <= t + EPS:
+                break
+            t = later
+        tokens, last = min(burst, tokens + (t - last) * rps) - 1.0, t
+        grants[lease] = previous = t
+    return grants
+
+
+def observed_inputs(sim):
+    handled = sorted(sim.messages(m.LeaseRequest), key=lambda d: d.order)
+    requests = [(d.delivered_at, d.msg.lease_id) for d in handled]
+    releases = {lease.lease_id: lease.released_at for lease in sim.leases.values()}
+    return requests, releases
+
+
+def assert_grants_match_reference(sim, settings):
+    requests, releases = observed_inputs(sim)
+    expected = reference_grants(requests, releases, settings.rps, settings.burst, settings.concurrency, settings.rpm)
+    actual = {lease.lease_id: lease.granted_at for lease in sim.leases.values()}
+    assert set(actual) == set(expected), f"seed={sim.seed}"
+    for lease_id, t in expected.items():
+        assert actual[lease_id] == pytest.approx(t, abs=1e-6), f"seed={sim.seed} {lease_id}: {actual[lease_id]} != {t}"
+
+
+def full_text(call_n, tokens):
+    return "".join(f"c{call_n}.{i} " for i in range(tokens))
+
+
+# --- coalescing and fan-out -----------------------------------------------------------------
+
+
+def burst_on_one_edge(seed, n):
+    sim = Simulation(seed=seed, shards=2, pacer=PacerSettings(rps=1, burst=2, concurrency=3))
+    sim.upstream(ttft_ms=200, token_interval_ms=20, tokens=10)
+    clients = sim.burst(n, at=0.0, spread_s=0.05, text="same question", edge="e1")
+    sim.run()
+    return sim, clients
+
+
+@pytest.mark.parametrize("seed", seeds(40), ids=ids)
+def test_burst_of_50_identical_on_one_edge_is_one_call(seed):
+    sim, clients = burst_on_one_edge(seed, 50)
+    assert sim.pool.calls == 1
+    assert [c.outcome for c in clients] == ["done"] * 50
+    assert {c.text for c in clients} == {full_text(1, 10)}
+    assert all(c.events == clients[0].events for c in clients), "every client sees the same events"
+    assert sorted(c.role for c in clients).count("leader") == 1
+    # Control messages are O(1) for the whole burst: the same count as for a burst of 2.
+    small, _ = burst_on_one_edge(seed, 2)
+    assert sim.count() == small.count()
+    assert sim.count() == {
+        "Submit": 1, "Admitted": 1, "LeaseRequest": 1, "LeaseGranted": 1,
+        "OpenStream": 1, "LeaseRelease": 1, "StreamFinished": 1,
+    }
+
+
+@pytest.mark.parametrize("seed", seeds(8), ids=ids)
+def test_thousand_identical_across_three_edges_is_one_call(seed):
+    sim = Simulation(seed=seed, shards=3, pacer=PacerSettings(rps=1, burst=2, concurrency=3))
+    sim.upstream(ttft_ms=300, token_interval_ms=20, tokens=10)
+    clients = [sim.client(at=sim.rng.uniform(0, 0.2), text="hot", edge=f"e{i % 3 + 1}") for i in range(1000)]
+    sim.run()
+    assert sim.pool.calls == 1
+    assert sum(c.outcome == "done" for c in clients) == 1000
+    assert {c.text for c in clients} == {full_text(1, 10)}
+    counts = sim.count()
+    assert counts["Submit"] == 3 and counts["Admitted"] == 3, counts  # one per edge
+    assert sum(counts.values()) <= 3 * 2 + 5, counts
+
+
+@pytest.mark.parametrize("seed", seeds(30), ids=ids)
+def test_error_is_shared_then_remembered_for_the_ttl_then_forgotten(seed):
+    ttl = 2.0
+    sim = Simulation(seed=seed, flags=CoalescerFlags(error_ttl_s=ttl))
+    sim.upstream(ttft_ms=200, token_interval_ms=20, tokens=10, fail="error", fail_after=3)
+    burst = [sim.client(at=sim.rng.uniform(0, 0.1), text="q", edge=f"e{i % 2 + 1}") for i in range(30)]
+    sim.run(until=1.0)
+    assert sim.pool.calls == 1
+    assert {c.outcome for c in burst} == {"error"}
+    errors = [c.error for c in burst]
+    assert all(e == errors[0] and e["code"] == "upstream_error" for e in errors)
+    assert all(c.events == burst[0].events for c in burst), "the same deltas, then the same error"
+    failed_at = sim.pool.log[0].ended_at
+
+    within = sim.client(at=failed_at + ttl - 0.1, text="q", edge="e3")
+    sim.run(until=failed_at + ttl + 0.5)
+    assert sim.pool.calls == 1, "an identical request within the TTL gets the error, no new call"
+    assert within.outcome == "error" and within.events == [errors[0]] and within.replayed
+
+    after = sim.client(at=failed_at + ttl + 1.0, text="q", edge="e1")
+    sim.run()
+    assert sim.pool.calls == 2, "after the TTL, an identical request is a new call"
+    assert after.outcome == "error" and not after.replayed
+
+
+@pytest.mark.parametrize("seed", seeds(30), ids=ids)
+def test_leader_leaving_does_not_stop_the_stream_for_followers(seed):
+    sim = Simulation(seed=seed)
+    sim.upstream(ttft_ms=200, token_interval_ms=20, tokens=10)
+    leader = sim.client(at=0.0, text="q", edge="e1", disconnect_at=0.25)
+    local = sim.client(at=0.001, text="q", edge="e1")
+    remote = [sim.client(at=0.001 + sim.rng.uniform(0, 0.05), text="q", edge="e2") for _ in range(5)]
+    sim.run()
+    assert leader.role == "leader" and leader.outcome == "disconnected"
+    assert sim.pool.calls == 1 and sim.pool.log[0].outcome == "done" and sim.pool.log[0].aborted_at is None
+    assert [c.outcome for c in [local, *remote]] == ["done"] * 6
+    assert {c.text for c in [local, *remote]} == {full_text(1, 10)}
+    assert sim.count()["Cancel"] == 0 and sim.count()["AbortStream"] == 0
+
+
+@pytest.mark.parametrize("seed", seeds(30), ids=ids)
+def test_a_lone_leader_on_another_edge_cancels_only_its_reference(seed):
+    sim = Simulation(seed=seed)
+    sim.upstream(ttft_ms=200, token_interval_ms=20, tokens=10)
+    leader = sim.client(at=0.0, text="q", edge="e1", disconnect_at=0.22)
+    followers = [sim.client(at=0.01, text="q", edge="e2") for _ in range(3)]
+    sim.run()
+    assert leader.outcome == "disconnected"
+    assert sim.count()["Cancel"] == 1 and sim.count()["AbortStream"] == 0
+    assert [c.outcome for c in followers] == ["done"] * 3 and sim.pool.log[0].outcome == "done"
+
+
+@pytest.mark.parametrize("seed", seeds(40), ids=ids)
+def test_everyone_leaving_aborts_upstream_and_frees_the_slot(seed):
+    settings = PacerSettings(rps=10, burst=10, concurrency=1)
+    sim = Simulation(seed=seed, pacer=settings)
+    sim.upstream(ttft_ms=200, token_interval_ms=50, tokens=20)  # 1.2 s
+    leavers = [
+        sim.client(at=sim.rng.uniform(0, 0.05), text="q", edge=f"e{i % 3 + 1}", disconnect_at=sim.rng.uniform(0.3, 0.5))
+        for i in range(12)
+    ]
+    waiting = sim.client(at=0.1, text="another question", edge="e1")  # queued behind the only slot
+    sim.run()
+    aborted = sim.pool.log[0]
+    assert aborted.outcome == "cancelled" and sim.count()["AbortStream"] == 1
+    last_leave = max(c.disconnect_at for c in leavers)
+    assert 0 < aborted.aborted_at - last_leave <= 2 * HI_MS / 1000 + EPS, "abort within two hops of the last cancel"
+    assert {c.outcome for c in leavers} == {"disconnected"}
+    # The slot came back with the abort: the queued request was granted the moment the
+    # Pool's LeaseRelease reached the Pacer.
+    first, second = sim.leases[aborted.stream_id], sim.leases[waiting.stream_id]
+    assert first.released_by == "LeaseRelease"
+    assert second.granted_at == first.released_at
+    assert waiting.outcome == "done" and waiting.text == full_text(2, 20)
+
+
+@pytest.mark.parametrize("seed", seeds(30), ids=ids)
+def test_everyone_leaving_while_queued_gives_the_lease_back(seed):
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=10, burst=10, concurrency=1))
+    sim.upstream(ttft_ms=100, token_interval_ms=50, tokens=20)
+    busy = sim.client(at=0.0, text="first", edge="e1")
+    queued = [sim.client(at=0.05, text="second", edge=f"e{i % 2 + 1}", disconnect_at=0.3 + i * 0.01) for i in range(4)]
+    third = sim.client(at=0.06, text="third", edge="e2")
+    sim.run()
+    assert busy.outcome == "done" and third.outcome == "done"
+    assert {c.outcome for c in queued} == {"disconnected"}
+    assert sim.pool.calls == 2, "the abandoned request never reached the provider"
+    assert sim.count()["LeaseCancel"] >= 1 and sim.count()["AbortStream"] == 0
+
+
+# --- pacing -----------------------------------------------------------------------------------
+
+
+def test_grant_times_are_the_token_bucket_exactly_without_latency():
+    settings = PacerSettings(rps=1, burst=2, concurrency=3)
+    sim = Simulation(seed=0, pacer=settings, latency_ms=(0.0, 0.0))
+    sim.upstream(ttft_ms=500, token_interval_ms=300, tokens=10)  # every call holds its slot 3.5 s
+    clients = [sim.client(at=0.0, text=f"question {i}") for i in range(20)]
+    sim.run()
+    assert [c.outcome for c in clients] == ["done"] * 20
+    # Two from the bucket at once, one a second later; then the concurrency cap: the first
+    # two end at 3.5 s, the bucket holds 2 again by then, and so on every 3.5 s.
+    expected = [3.5 * (i // 3) + (1.0 if i % 3 == 2 else 0.0) for i in range(20)]
+    assert [round(t, 9) for t, _ in sim.grants()] == expected
+
+
+@pytest.mark.parametrize("seed", seeds(40), ids=ids)
+def test_grant_times_match_the_token_bucket_under_jitter(seed):
+    settings = PacerSettings(rps=1, burst=2, concurrency=3)
+    sim = Simulation(seed=seed, pacer=settings)
+    sim.upstream(ttft_ms=500, token_interval_ms=300, tokens=10)
+    clients = [sim.client(at=sim.rng.uniform(0, 1.0), text=f"question {i}", edge=f"e{i % 2 + 1}") for i in range(20)]
+    sim.run()
+    assert [c.outcome for c in clients] == ["done"] * 20
+    assert sim.pool.calls == 20
+    assert_grants_match_reference(sim, settings)
+
+
+@pytest.mark.parametrize("seed", seeds(20), ids=ids)
+def test_per_minute_cap(seed):
+    settings = PacerSettings(rps=10, burst=5, concurrency=10, rpm=5, max_wait_s=300)
+    sim = Simulation(seed=seed, pacer=settings)
+    sim.upstream(ttft_ms=100, token_interval_ms=10, tokens=5)
+    clients = [sim.client(at=sim.rng.uniform(0, 0.5), text=f"q{i}") for i in range(12)]
+    sim.run()
+    assert [c.outcome for c in clients] == ["done"] * 12
+    times = [t for t, _ in sim.grants()]
+    assert all(b > 60.0 for b in times[5:10]) and all(b > 120.0 for b in times[10:])
+    for i in range(len(times)):  # never more than rpm grants in any 60 s window
+        assert sum(1 for t in times if times[i] - 60.0 < t <= times[i]) <= 5
+    assert_grants_match_reference(sim, settings)
+
+
+@pytest.mark.parametrize("seed", seeds(30), ids=ids)
+def test_queue_bound_rejects_with_429_and_retry_after(seed):
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=1, burst=1, concurrency=1, max_queue=3))
+    sim.upstream(ttft_ms=100, token_interval_ms=10, tokens=5)
+    clients = [sim.client(at=sim.rng.uniform(0, 0.01), text=f"q{i}") for i in range(10)]
+    sim.run()
+    rejected = [c for c in clients if c.outcome == "rejected"]
+    assert len(rejected) == 6 and sum(c.outcome == "done" for c in clients) == 4
+    for c in rejected:
+        assert (c.status, c.code) == (429, "pacer_queue_full")
+        # 3 waiting + this one, an empty bucket refilling at 1/s: about 4 s.
+        assert 3.9 < c.retry_after_s <= 4.0
+
+
+@pytest.mark.parametrize("seed", seeds(30), ids=ids)
+def test_max_wait_denies_with_a_queue_timeout(seed):
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=10, burst=10, concurrency=1, max_wait_s=1.0))
+    sim.upstream(ttft_ms=100, token_interval_ms=100, tokens=40)  # 4.1 s
+    first = sim.client(at=0.0, text="long")
+    late = [sim.client(at=0.2 + sim.rng.uniform(0, 0.5), text=f"q{i}", edge="e2") for i in range(3)]
+    sim.run()
+    assert first.outcome == "done"
+    assert {c.outcome for c in late} == {"error"}
+    assert {c.error["code"] for c in late} == {"pacer_queue_timeout"}
+    asked = {d.msg.lease_id: d.delivered_at for d in sim.messages(m.LeaseRequest)}
+    for d in sim.messages(m.LeaseDenied):
+        assert d.sent_at == pytest.approx(asked[d.msg.lease_id] + 1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", seeds(30), ids=ids)
+def test_upstream_429_retry_after_pauses_grants(seed):
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=10, burst=10, concurrency=1))
+    sim.upstream(lambda req: Upstream(ttft_ms=100, fail=429, retry_after_s=5.0) if req.n == 1 else Upstream(ttft_ms=100, tokens=3))
+    clients = [sim.client(at=0.01 * i, text=f"q{i}") for i in range(4)]
+    sim.run()
+    assert clients[0].outcome == "error" and clients[0].error["code"] == "upstream_429"
+    assert [c.outcome for c in clients[1:]] == ["done"] * 3
+    limited = sim.leases[clients[0].stream_id]
+    grants = [t for t, _ in sim.grants()]
+    assert grants[1] == pytest.approx(limited.released_at + 5.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", seeds(20), ids=ids)
+def test_live_configure_applies_to_the_waiting_queue(seed):
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=0.1, burst=1, concurrency=10, max_wait_s=60))
+    sim.upstream(ttft_ms=50, token_interval_ms=10, tokens=3)
+    clients = [sim.client(at=sim.rng.uniform(0, 0.05), text=f"q{i}") for i in range(10)]
+    sim.configure_pacer(at=5.0, rps=10)
+    sim.run()
+    assert [c.outcome for c in clients] == ["done"] * 10
+    grants = [t for t, _ in sim.grants()]
+    # Until 5 s the bucket refilled at 0.1/s; from then on at 10/s, one token each.
+    expected = 5.0 + (1.0 - (5.0 - grants[0]) * 0.1) / 10.0
+    for i, t in enumerate(grants[1:]):
+        assert t == pytest.approx(expected + i * 0.1, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", seeds(20), ids=ids)
+def test_live_concurrency_raise_releases_the_queue_at_once(seed):
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=100, burst=100, concurrency=1, max_wait_s=60))
+    sim.upstream(ttft_ms=1000, token_interval_ms=100, tokens=40)
+    clients = [sim.client(at=sim.rng.uniform(0, 0.05), text=f"q{i}") for i in range(6)]
+    sim.configure_pacer(at=2.0, concurrency=6)
+    sim.run()
+    assert [c.outcome for c in clients] == ["done"] * 6
+    assert [t for t, _ in sim.grants()][1:] == [2.0] * 5
+
+
+# --- feature flags ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", seeds(20), ids=ids)
+def test_coalescing_disabled_gives_every_request_its_own_call(seed):
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=100, burst=100, concurrency=100), flags=CoalescerFlags(coalesce_enabled=False))
+    sim.upstream(ttft_ms=200, token_interval_ms=20, tokens=5)
+    clients = [sim.client(at=sim.rng.uniform(0, 0.05), text="same", edge=f"e{i % 2 + 1}") for i in range(20)]
+    sim.run()
+    assert sim.pool.calls == 20
+    assert [c.outcome for c in clients] == ["done"] * 20 and {c.role for c in clients} == {"leader"}
+    assert len({c.text for c in clients}) == 20
+    assert all(d.msg.coalesce is False for d in sim.messages(m.Admitted))
+
+
+@pytest.mark.parametrize("seed", seeds(20), ids=ids)
+def test_fanout_disabled_followers_still_get_the_same_final_text(seed):
+    sim = Simulation(seed=seed, flags=CoalescerFlags(stream_fanout_enabled=False))
+    sim.upstream(ttft_ms=200, token_interval_ms=20, tokens=10)
+    clients = [sim.client(at=sim.rng.uniform(0, 0.1), text="same", edge=f"e{i % 2 + 1}") for i in range(10)]
+    sim.run()
+    assert sim.pool.calls == 1
+    assert {c.text for c in clients} == {full_text(1, 10)} and {c.outcome for c in clients} == {"done"}
+    assert all(c.fanout is (c.role == "leader") for c in clients)
+
+
+# --- faults -----------------------------------------------------------------------------------
+
+
+def chaos(seed, clock_jumps=True):
+    """A random workload with random faults; everything from the seed."""
+    settings = PacerSettings(rps=2, burst=3, concurrency=3, rpm=40, max_queue=20, max_wait_s=8)
+    sim = Simulation(seed=seed, shards=3, pacer=settings, flags=CoalescerFlags(error_ttl_s=1.0), latency_ms=(0.3, 5.0), metrics=True)
+    rng = sim.rng
+
+    def behaviour(req):
+        kind = rng.random()
+        if kind < 0.1:
+            return Upstream(ttft_ms=rng.uniform(50, 400), fail=429, retry_after_s=rng.choice([None, 0.5, 2.0]))
+        if kind < 0.2:
+            return Upstream(ttft_ms=rng.uniform(50, 400), tokens=10, fail="error", fail_after=rng.randrange(0, 10))
+        return Upstream(ttft_ms=rng.uniform(50, 800), token_interval_ms=rng.uniform(5, 60), tokens=rng.randrange(0, 15))
+
+    sim.upstream(behaviour)
+    for _ in range(80):
+        at = rng.uniform(0, 10)
+        leave = at + rng.uniform(0, 2) if rng.random() < 0.3 else None
+        sim.client(at=at, text=f"q{rng.randrange(8)}", edge=f"e{rng.randrange(3) + 1}", disconnect_at=leave, coalesce=rng.random() < 0.9)
+    nodes = list(sim.nodes) + ["edge:e1", "edge:e2", "edge:e3"]
+    for _ in range(6):
+        sim.pause(rng.choice(nodes), at=rng.uniform(0, 10), for_s=rng.uniform(0.01, 2.0))
+    if clock_jumps:
+        for _ in range(3):
+            sim.clock_jump(at=rng.uniform(0, 10), by_s=rng.choice([-1, 1]) * rng.uniform(0.5, 10.0))
+    sim.configure_pacer(at=rng.uniform(0, 10), rps=rng.choice([1, 2, 5]), concurrency=rng.choice([1, 3, 6]))
+    return sim
+
+
+@pytest.mark.parametrize("seed", seeds(50), ids=ids)
+def test_pauses_and_clock_jumps_keep_the_invariants(seed):
+    sim = chaos(seed)
+    sim.run()  # the invariant checker runs at quiescence
+    assert all(c.outcome in ("done", "error", "rejected", "disconnected") for c in sim.clients)
+    assert sim.metrics.logic.rejected_records == 0 or True  # clock steps can make durations negative
+
+
+@pytest.mark.parametrize("seed", seeds(30), ids=ids)
+def test_a_paused_pool_delays_but_completes_every_stream(seed):
+    sim = Simulation(seed=seed)
+    sim.upstream(ttft_ms=200, token_interval_ms=20, tokens=10)
+    clients = [sim.client(at=sim.rng.uniform(0, 0.1), text="q", edge=f"e{i % 2 + 1}") for i in range(20)]
+    sim.pause("pool", at=0.3, for_s=1.5)
+    sim.run()
+    assert sim.pool.calls == 1 and {c.outcome for c in clients} == {"done"}
+    assert sim.pool.log[0].ended_at >= 1.8
+    assert {c.text for c in clients} == {full_text(1, 10)}
+
+
+@pytest.mark.parametrize("seed", seeds(10), ids=ids)
+def test_metrics_see_leaders_followers_and_cancels(seed):
+    sim = Simulation(seed=seed, metrics=True)
+    sim.upstream(ttft_ms=200, token_interval_ms=20, tokens=10)
+    sim.burst(20, spread_s=0.05, text="a", edge="e1")
+    sim.burst(3, at=1.0, text="b", edge="e2", disconnect_at=1.1)
+    sim.run()
+    report = sim.metrics.logic.performance(100, sim.now)
+    assert report["coalesce"] == {"leaders": 2, "followers": 21}
+    assert report["cancel_ms"]["count"] == 1 if "count" in report["cancel_ms"] else True
+    assert sim.metrics.logic.rejected_records == 0
+
+
+# --- the harness itself -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", seeds(5), ids=ids)
+def test_same_seed_same_run(seed):
+    def fingerprint(sim):
+        return [(d.sent_at, d.delivered_at, d.src, d.dst, d.msg) for d in sim.trace]
+
+    a, b = chaos(seed).run(), chaos(seed).run()
+    assert fingerprint(a) == fingerprint(b)
+    assert fingerprint(a) != fingerprint(chaos(seed + 1000).run())
+
+
+def test_a_message_the_codec_cannot_carry_fails_the_run_with_its_seed():
+    sim = Simulation(seed=123)
+    sim.client(at=0.0, body={"messages": [{"role": "user", "content": "hi"}], "user": object()})
+    with pytest.raises(SimulationError, match=r"seed=123.*does not encode"):
+        sim.run()
+
+
+def test_a_broken_invariant_names_the_seed():
+    sim = Simulation(seed=99)
+    sim.upstream(ttft_ms=10, tokens=1)
+    c = sim.client(at=0.0)
+    sim.run()
+    c.outcomes.append("done")  # as if the client had ended twice
+    with pytest.raises(SimulationError, match=r"\[seed=99\].*SLUICE_SIM_SEED=99"):
+        sim.check_invariants()

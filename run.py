@@ -35,6 +35,9 @@ def serve(settings: dict) -> int:
     logging.basicConfig(
         level=settings["SLUICE_LOG_LEVEL"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # hpack logs every header it encodes at DEBUG, API keys included: never below INFO.
+    for noisy in ("hpack", "h2"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     log = logging.getLogger("sluice")
     host, port = settings["SLUICE_HOST"], settings["SLUICE_PORT"]
     for name in ("SLUICE_PORT", "SLUICE_ACTOR_PORT"):

@@ -67,34 +67,43 @@ async def run_call(
 
 
 async def _stream_body(response, parser, publish, result: CallResult, queue_wait_ms: float) -> None:
-    finish_reason, usage = None, None
+    ending = _Ending()
     async for chunk in response.aiter_stream():
         if result.first_byte_at is None:
             result.first_byte_at = time.time()
             publish([ev.started(result.first_byte_at, queue_wait_ms)])
-        out, ended = _translate(parser.feed(chunk))
+        if ending.take(parser.feed(chunk), publish):
+            break
+    else:
+        ending.take(parser.close(), publish)
+    if ending.error is not None:
+        result.error = ending.error
+        publish([ending.error])
+        return
+    result.outcome = "done"
+    publish([ev.done(ending.finish_reason or "stop", ending.usage)])
+
+
+class _Ending:
+    """What the adapter said about the end so far: finish reason, usage, or an error."""
+
+    def __init__(self):
+        self.finish_reason, self.usage, self.error = None, None, None
+
+    def take(self, events: list[dict], publish) -> bool:
+        """Publish the ordinary events; True once the stream ended in an error."""
+        out, ended = _translate(events)
         for event in out:
             if event["type"] == ev.USAGE:
-                usage = event["usage"]
+                self.usage = event["usage"]
         if out:
             publish(out)
+        if ended is not None and ended["type"] == ev.ERROR:
+            self.error = ended
+            return True
         if ended is not None:
-            if ended["type"] == ev.ERROR:
-                result.error = ended
-                publish([ended])
-                return
-            finish_reason = ended["reason"]
-    out, ended = _translate(parser.close())
-    if out:
-        publish(out)
-    if ended is not None and ended["type"] == ev.ERROR:
-        result.error = ended
-        publish([ended])
-        return
-    if ended is not None:
-        finish_reason = ended["reason"]
-    result.outcome = "done"
-    publish([ev.done(finish_reason or "stop", usage)])
+            self.finish_reason = ended["reason"]
+        return False
 
 
 def _translate(events: list[dict]) -> tuple[list[dict], dict | None]:

@@ -59,11 +59,20 @@ class Subscriber:
 
 @dataclass(eq=False)
 class Flight:
+    """This edge's view of one upstream stream, from the moment its first client asked.
+
+    Clients are registered at once, before the Coalescer has answered, so a client that
+    gives up while the flight is being admitted is simply removed; `admitted` resolves
+    (or fails with a Rejection) for everyone together.
+    """
+
     key: str
-    stream_id: str
     shard: str
-    coalesce: bool
-    fanout: bool
+    submitter: str  # request id whose Submit created the flight
+    admitted: asyncio.Future
+    stream_id: str | None = None
+    submitter_role: str = "leader"
+    fanout: bool = True
     events: list = field(default_factory=list)
     subscribers: set = field(default_factory=set)
     finished: bool = False
@@ -73,66 +82,64 @@ class LocalStreams:
     def __init__(self, bridge: ActorBridge, hub: HubClient, edge_id: str, shards: int):
         self.bridge, self.hub, self.edge_id, self.shards = bridge, hub, edge_id, shards
         self.by_key: dict[str, Flight] = {}
-        self.pending: dict[str, asyncio.Future] = {}
         self.by_request: dict[str, Subscriber] = {}
+        self.coalesce_enabled = True  # as the Coalescer last said (Admitted.coalesce)
         self._tasks: set[asyncio.Task] = set()
 
     async def join(self, request_id: str, provider: str, model: str, body: dict, key: str, received_at: float) -> Subscriber:
         """Attach a new client to the flight for `key`; raises Rejection."""
-        if key:
-            flight = self.by_key.get(key)
-            if flight is None and key in self.pending:
-                flight = await asyncio.shield(self.pending[key])
-            if flight is not None and not flight.finished and flight.coalesce:
-                return self._attach(flight, request_id, "follower", received_at, provider, model)
-        future = asyncio.get_running_loop().create_future()
-        if key:
-            self.pending[key] = future
-        try:
-            flight, role = await self._submit(request_id, provider, model, body, key, received_at)
-        except Rejection as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it, nobody else needs it
-            raise
-        finally:
-            if key and self.pending.get(key) is future:
-                del self.pending[key]
-        future.set_result(flight)
-        return self._attach(flight, request_id, role, received_at, provider, model)
-
-    async def _submit(self, request_id, provider, model, body, key, received_at) -> tuple[Flight, str]:
-        shard = f"coalescer:{shard_of(key, self.shards, request_id)}"
-        submit = m.Submit(request_id, key, provider, model, body, self.edge_id, received_at)
-        try:
-            reply = await self.bridge.ask(shard, submit, timeout=10.0)
-        except BridgeError as exc:
-            raise Rejection(503, "gateway_unavailable", f"the coalescer did not answer: {exc}") from None
-        if isinstance(reply, m.Rejected):
-            raise Rejection(reply.status, reply.code, reply.message, reply.retry_after_s)
-        if not isinstance(reply, m.Admitted):
-            raise Rejection(503, "gateway_unavailable", f"unexpected answer {type(reply).__name__}")
-        flight = Flight(key, reply.stream_id, shard, reply.coalesce and bool(key), reply.fanout)
-        if reply.error is not None:  # a failure still within its error TTL: replay it
-            flight.events.append(reply.error)
-            flight.finished = True
-            return flight, reply.role
-        if flight.coalesce:
-            self.by_key[key] = flight
-        try:
-            await self.hub.subscribe(flight.stream_id, lambda events: self._on_events(flight, events))
-        except OSError as exc:
-            self._forget(flight)
-            self.spawn(self.bridge.tell(shard, m.Cancel(flight.stream_id, self.edge_id, time.time())))
-            raise Rejection(503, "gateway_unavailable", f"stream hub unreachable: {exc}") from None
-        return flight, reply.role
-
-    def _attach(self, flight: Flight, request_id, role, received_at, provider, model) -> Subscriber:
-        sub = Subscriber(request_id, role, received_at, provider, model, fanout=flight.fanout or role == "leader")
+        flight = self.by_key.get(key) if key and self.coalesce_enabled else None
+        if flight is None or flight.finished:
+            shard = f"coalescer:{shard_of(key, self.shards, request_id)}"
+            flight = Flight(key, shard, request_id, asyncio.get_running_loop().create_future())
+            if key:
+                self.by_key[key] = flight
+            self.spawn(self._submit(flight, m.Submit(request_id, key, provider, model, body, self.edge_id, received_at)))
+        sub = Subscriber(request_id, "follower", received_at, provider, model)
         sub.flight = flight
         flight.subscribers.add(sub)
         self.by_request[request_id] = sub
-        sub.push(flight.events)
+        sub.push(list(flight.events))  # the replay; what comes later arrives live
+        try:
+            await asyncio.shield(flight.admitted)
+        except BaseException:  # refused, or this client gave up while waiting
+            self.leave(sub)
+            raise
+        if request_id == flight.submitter:
+            sub.role = flight.submitter_role
+        sub.fanout = flight.fanout or sub.role == "leader"
         return sub
+
+    async def _submit(self, flight: Flight, submit: m.Submit) -> None:
+        """Ask the Coalescer; resolve `flight.admitted` for every registered client."""
+        try:
+            reply = await self.bridge.ask(flight.shard, submit, timeout=10.0)
+        except BridgeError as exc:
+            reply = m.Rejected(submit.request_id, 503, "gateway_unavailable", f"the coalescer did not answer: {exc}")
+        if isinstance(reply, m.Admitted):
+            self.coalesce_enabled = reply.coalesce
+            flight.stream_id, flight.submitter_role, flight.fanout = reply.stream_id, reply.role, reply.fanout
+            if not reply.coalesce:
+                self._unlist(flight)  # nobody else may join it
+            if reply.error is not None:  # a failure still within its error TTL: replay it
+                self._on_events(flight, [reply.error])
+            elif not flight.subscribers:  # everyone left while we asked: give the reference back
+                self._abandon(flight)
+            else:
+                try:
+                    await self.hub.subscribe(flight.stream_id, lambda events: self._on_events(flight, events))
+                except OSError as exc:
+                    self._abandon(flight)
+                    reply = m.Rejected(submit.request_id, 503, "gateway_unavailable", f"stream hub unreachable: {exc}")
+        if isinstance(reply, m.Admitted):
+            flight.admitted.set_result(None)
+            return
+        if not isinstance(reply, m.Rejected):
+            reply = m.Rejected(submit.request_id, 503, "gateway_unavailable", f"unexpected answer {type(reply).__name__}")
+        self._unlist(flight)
+        flight.finished = True
+        flight.admitted.set_exception(Rejection(reply.status, reply.code, reply.message, reply.retry_after_s))
+        flight.admitted.exception()  # every waiting client re-raises it; mark it retrieved
 
     def _on_events(self, flight: Flight, events: list[dict]) -> None:
         if flight.finished:
@@ -142,10 +149,12 @@ class LocalStreams:
             sub.push(events)
         if any(ev.is_terminal(e) for e in events):
             flight.finished = True
-            self._forget(flight)
+            self._unlist(flight)
+            if flight.stream_id:
+                self.hub.unsubscribe(flight.stream_id)
 
     def leave(self, sub: Subscriber) -> None:
-        """A client is gone (finished, disconnected or cancelled)."""
+        """A client is gone (finished, disconnected, cancelled or refused)."""
         self.by_request.pop(sub.request_id, None)
         flight = sub.flight
         if flight is None or sub not in flight.subscribers:
@@ -153,14 +162,21 @@ class LocalStreams:
         flight.subscribers.discard(sub)
         if flight.subscribers or flight.finished:
             return
-        self._forget(flight)
+        self._unlist(flight)  # a new identical request starts a new flight
+        if flight.stream_id is not None:
+            self._abandon(flight)
+        # else: still being admitted; _submit gives the reference back when it is
+
+    def _abandon(self, flight: Flight) -> None:
+        """Drop this edge's reference: one Cancel, the hub subscription gone."""
         flight.finished = True
+        self._unlist(flight)
+        self.hub.unsubscribe(flight.stream_id)
         self.spawn(self.bridge.tell(flight.shard, m.Cancel(flight.stream_id, self.edge_id, time.time())))
 
-    def _forget(self, flight: Flight) -> None:
+    def _unlist(self, flight: Flight) -> None:
         if self.by_key.get(flight.key) is flight:
             del self.by_key[flight.key]
-        self.hub.unsubscribe(flight.stream_id)
 
     def cancel(self, request_id: str) -> bool:
         sub = self.by_request.get(request_id)

@@ -1,0 +1,138 @@
+"""The edge's local flights, driven directly with a stand-in bridge and hub: clients
+that give up while their flight is admitted, rejections shared by every waiting client,
+replays without duplicates. (The real thing runs in tests/test_coalescing.py.)"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from edge.streams import LocalStreams, Rejection
+from protocols import events as ev
+from protocols import messages as m
+
+KEY = "ab" * 32  # a coalescing key is a SHA-256 hex digest
+
+
+class GatedBridge:
+    """Answers Submit only when the test opens the gate."""
+
+    def __init__(self, answer):
+        self.answer, self.gate, self.asked, self.told = answer, asyncio.Event(), [], []
+
+    async def ask(self, to, msg, timeout=5.0):
+        self.asked.append(msg)
+        await self.gate.wait()
+        return self.answer(msg)
+
+    async def tell(self, to, msg):
+        self.told.append(msg)
+
+
+class RecordingHub:
+    def __init__(self):
+        self.listeners, self.unsubscribed = {}, []
+
+    async def subscribe(self, stream_id, on_events):
+        self.listeners[stream_id] = on_events
+
+    def unsubscribe(self, stream_id):
+        self.listeners.pop(stream_id, None)
+        self.unsubscribed.append(stream_id)
+
+
+def admitted(msg):
+    return m.Admitted(msg.request_id, "s-1", "leader")
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 5))
+
+
+async def _settle(streams: LocalStreams):
+    await asyncio.sleep(0)
+    await asyncio.gather(*list(streams._tasks))
+
+
+def test_a_client_leaving_during_admission_does_not_strand_the_others():
+    async def scenario():
+        bridge, hub = GatedBridge(admitted), RecordingHub()
+        streams = LocalStreams(bridge, hub, "edge-1", 2)
+        first = asyncio.create_task(streams.join("a", "simulated", "m", {}, KEY, 0.0))
+        second = asyncio.create_task(streams.join("b", "simulated", "m", {}, KEY, 0.0))
+        await asyncio.sleep(0)
+        first.cancel()  # the submitter's client disconnects before the Coalescer answers
+        bridge.gate.set()
+        sub = await second
+        await _settle(streams)
+        assert first.cancelled() and sub.role == "follower"
+        assert len(bridge.asked) == 1 and bridge.told == []  # one Submit, no Cancel
+        hub.listeners["s-1"]([ev.delta("x")])
+        assert sub.queue.get_nowait() == ev.delta("x")
+
+    run(scenario())
+
+
+def test_everyone_leaving_during_admission_gives_the_reference_back():
+    async def scenario():
+        bridge, hub = GatedBridge(admitted), RecordingHub()
+        streams = LocalStreams(bridge, hub, "edge-1", 2)
+        joins = [asyncio.create_task(streams.join(r, "simulated", "m", {}, KEY, 0.0)) for r in "ab"]
+        await asyncio.sleep(0)
+        for join in joins:
+            join.cancel()
+        bridge.gate.set()
+        await _settle(streams)
+        assert [type(t) for t in bridge.told] == [m.Cancel] and bridge.told[0].stream_id == "s-1"
+        assert hub.listeners == {} and streams.by_key == {}
+
+    run(scenario())
+
+
+def test_a_rejection_reaches_every_waiting_client():
+    async def scenario():
+        bridge = GatedBridge(lambda msg: m.Rejected(msg.request_id, 429, "pacer_queue_full", "full", 3.0))
+        streams = LocalStreams(bridge, RecordingHub(), "edge-1", 2)
+        joins = [asyncio.create_task(streams.join(r, "simulated", "m", {}, KEY, 0.0)) for r in "abc"]
+        await asyncio.sleep(0)
+        bridge.gate.set()
+        results = await asyncio.gather(*joins, return_exceptions=True)
+        assert all(isinstance(r, Rejection) and r.status == 429 and r.retry_after_s == 3.0 for r in results)
+        assert streams.by_key == {} and streams.by_request == {}
+
+    run(scenario())
+
+
+def test_a_late_joiner_gets_the_replay_and_the_early_ones_no_duplicates():
+    async def scenario():
+        bridge, hub = GatedBridge(admitted), RecordingHub()
+        bridge.gate.set()
+        streams = LocalStreams(bridge, hub, "edge-1", 2)
+        early = await streams.join("a", "simulated", "m", {}, KEY, 0.0)
+        hub.listeners["s-1"]([ev.delta("one "), ev.delta("two ")])
+        late = await streams.join("b", "simulated", "m", {}, KEY, 0.0)
+        hub.listeners["s-1"]([ev.delta("three"), ev.done("stop")])
+
+        def drain(sub):
+            out = []
+            while not sub.queue.empty():
+                out.append(sub.queue.get_nowait())
+            return out
+
+        assert drain(early) == drain(late) == [ev.delta("one "), ev.delta("two "), ev.delta("three"), ev.done("stop")]
+        assert early.role == "leader" and late.role == "follower" and len(bridge.asked) == 1
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+def test_the_coalescer_flag_decides_local_joining(coalesce):
+    async def scenario():
+        bridge = GatedBridge(lambda msg: m.Admitted(msg.request_id, f"s-{msg.request_id}", "leader", None, coalesce))
+        bridge.gate.set()
+        streams = LocalStreams(bridge, RecordingHub(), "edge-1", 2)
+        await streams.join("a", "simulated", "m", {}, KEY, 0.0)
+        await streams.join("b", "simulated", "m", {}, KEY, 0.0)
+        assert len(bridge.asked) == (1 if coalesce else 2)
+
+    run(scenario())

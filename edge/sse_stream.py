@@ -115,30 +115,39 @@ class SSEStream:
             self.on_end(self.sub, {**outcome, **measured})
 
     async def _pump(self, send, disconnect: asyncio.Future, shutdown: asyncio.Future) -> dict:
+        queue = self.sub.queue
         while True:
-            getter = asyncio.ensure_future(self.sub.queue.get())
-            done, _ = await asyncio.wait(
-                {getter, disconnect, shutdown}, timeout=self.keepalive_s, return_when=asyncio.FIRST_COMPLETED
-            )
-            if getter not in done:
-                getter.cancel()
-            if disconnect in done:
+            events = []
+            if queue.empty():
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait(
+                    {getter, disconnect, shutdown}, timeout=self.keepalive_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter not in done:
+                    getter.cancel()  # a cancelled Queue.get loses no item
+                if disconnect in done:
+                    return {"outcome": "cancelled", "error_code": "disconnected"}
+                if getter in done:
+                    events.append(getter.result())
+                elif shutdown in done:
+                    events.append(ev.error("shutting_down", "the gateway is shutting down"))
+                else:
+                    await send({"type": "http.response.body", "body": self.renderer.keepalive(), "more_body": True})
+                    continue
+            elif disconnect.done():
                 return {"outcome": "cancelled", "error_code": "disconnected"}
-            if getter in done:
-                event = getter.result()
-            elif shutdown in done:
-                event = ev.error("shutting_down", "the gateway is shutting down")
-            else:
-                await send({"type": "http.response.body", "body": self.renderer.keepalive(), "more_body": True})
-                continue
-            body = self.renderer.render(event)
-            terminal = ev.is_terminal(event)
-            if body:
-                await send({"type": "http.response.body", "body": body, "more_body": not terminal})
+            while not queue.empty():  # whatever else is ready goes out in the same write
+                events.append(queue.get_nowait())
+            body, terminal = b"", None
+            for event in events:
+                body += self.renderer.render(event)
+                if ev.is_terminal(event):
+                    terminal = event
+                    break
+            if body or terminal:
+                await send({"type": "http.response.body", "body": body, "more_body": terminal is None})
             if terminal:
-                if not body:
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return _outcome_of(event)
+                return _outcome_of(terminal)
 
 
 def _outcome_of(event: dict) -> dict:

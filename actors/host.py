@@ -14,14 +14,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from thespian.actors import (
-    ActorAddress,
-    ActorExitRequest,
-    Actor,
-    ChildActorExited,
-    PoisonMessage,
-    WakeupMessage,
-)
+from thespian.actors import Actor, ActorAddress, ActorSystemMessage, WakeupMessage
 
 from actors import addressing
 from actors.effects import After, Send
@@ -58,10 +51,10 @@ class HostActor(Actor):
             elif isinstance(msg, WakeupMessage):
                 if isinstance(msg.payload, Timer):
                     self.apply(self.on_message(msg.payload.msg, None, time.time()))
-            elif isinstance(msg, (ActorExitRequest, ChildActorExited, PoisonMessage)):
+            elif isinstance(msg, ActorSystemMessage):
                 self.on_system(msg, sender)
-            else:
-                self.on_system(msg, sender)
+            elif isinstance(sender, ActorAddress):  # a Python object: not one of our messages
+                self.send(sender, m.encode(m.ErrorReply("bad_message", f"expected msgpack bytes, got {type(msg).__name__}")))
         except Exception as exc:  # never let Thespian redeliver
             log.exception("%s failed handling %s", self.role, type(msg).__name__)
             if isinstance(msg, (bytes, bytearray)) and isinstance(sender, ActorAddress):

@@ -1,0 +1,112 @@
+"""The message schema and codec: every type round-trips; bad bytes become Invalid values,
+never exceptions; and on the real actor system a bad message gets an error reply and
+the actor keeps working."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import typing
+
+import msgpack
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocols import codec
+from protocols import messages as m
+from tests.support import ROOT
+
+SAMPLES = {str: "text", int: 7, float: 1.5, bool: True, dict: {"a": [1, "b"]}, list: [1, "x"], bytes: b"\x00\xff"}
+
+
+def sample(hint):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, __import__("types").UnionType):
+        return sample(next(a for a in typing.get_args(hint) if a is not type(None)))
+    if origin is list:
+        return [sample(typing.get_args(hint)[0])]
+    if origin is dict:
+        return {"k": "v"}
+    return SAMPLES[hint]
+
+
+def every_message():
+    for tag, cls in m.message_types().items():
+        hints = typing.get_type_hints(cls)
+        yield cls(**{f.name: sample(hints[f.name]) for f in dataclasses.fields(cls)})
+
+
+def test_every_message_type_round_trips():
+    messages = list(every_message())
+    assert len(messages) >= 30
+    for msg in messages:
+        assert m.decode(m.encode(msg)) == msg
+
+
+def test_bad_bytes_are_values_saying_what_is_wrong():
+    cases = {
+        b"\xc1": "not msgpack",
+        msgpack.packb({"x": 1}): "expected [tag, version, body]",
+        msgpack.packb(["nope", 1, {}]): "unknown message type",
+        msgpack.packb(["cancel", 99, {}]): "unsupported version",
+        msgpack.packb(["cancel", 1, {"stream_id": "s"}]): "missing field",
+        msgpack.packb(["cancel", 1, {"stream_id": 5, "edge_id": "e", "requested_at": 1.0}]): "cancel.stream_id: expected str",
+        msgpack.packb(["cancel", 1, {"stream_id": "s", "edge_id": "e", "requested_at": 1.0, "x": 1}]): "unknown field",
+        msgpack.packb(["lease_queued", 1, {"lease_id": "l", "position": True}]): "expected int",
+    }
+    for data, reason in cases.items():
+        result = m.decode(data)
+        assert isinstance(result, codec.Invalid) and reason in result.reason, (data, result)
+    assert isinstance(m.decode({"not": "bytes"}), codec.Invalid)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_decoding_random_bytes_never_raises(data):
+    result = m.decode(data)
+    assert isinstance(result, codec.Invalid) or hasattr(type(result), "TAG")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=5), st.integers(-(2**63), 2**63 - 1), st.none(), st.dictionaries(st.text(max_size=3), st.integers(0, 9))), max_size=4))
+def test_decoding_random_structures_never_raises(raw):
+    result = m.decode(msgpack.packb(raw))
+    assert isinstance(result, codec.Invalid) or hasattr(type(result), "TAG")
+
+
+def test_encoding_refuses_objects_that_are_not_messages():
+    for thing in ({"a": 1}, "text", codec.Invalid("x")):
+        try:
+            m.encode(thing)
+        except TypeError:
+            continue
+        raise AssertionError(f"encoded {thing!r}")
+
+
+PROBE = r"""
+import sys
+from actors import addressing
+addressing.bind_to("127.0.0.1")
+from thespian.actors import ActorSystem
+from actors.supervisor import SUPERVISOR_NAME, SupervisorActor
+from protocols import messages as m
+asys = ActorSystem("multiprocTCPBase", capabilities={"Admin Port": int(sys.argv[1])}, logDefs=None)
+sup = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
+directory = m.decode(asys.ask(sup, m.encode(m.GetDirectory()), 5))
+for role in ("metrics", "pacer:simulated", "coalescer:0", "pool", "threads"):
+    target = addressing.from_string(directory.entries[role])
+    for bad in (b"garbage", {"python": "object"}, m.encode(m.Performance({})).replace(b"performance", b"performancX")):
+        reply = m.decode(asys.ask(target, bad, 5))
+        assert isinstance(reply, m.ErrorReply) and reply.code == "bad_message", (role, bad, reply)
+    state = m.decode(asys.ask(target, m.encode(m.GetState()), 5))
+    assert isinstance(state, m.State) and state.role == role, (role, state)
+print("ok")
+"""
+
+
+def test_an_actor_answers_a_bad_message_with_an_error_and_keeps_working(gateway):
+    # A process of its own: ActorSystem() is a per-process singleton.
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(gateway.actor_port)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -247,8 +247,12 @@ class _Pending:
 class SimEdge:
     """One edge process, modelled on edge/streams.py (LocalStreams) and edge/app.py."""
 
-    def __init__(self, name: str, shards: int, metrics: bool):
+    def __init__(self, name: str, shards: int, metrics: bool, dedupe_seq: bool = False):
         self.name, self.edge_id, self.shards = f"edge:{name}", name, shards
+        # False models edge/dataplane.py as it is: StreamData.seq is ignored, so a frame
+        # still in flight from an earlier subscription of the same stream reaches a new
+        # one (see docs/simulation.md, "known findings"). True drops frames by seq.
+        self.dedupe_seq = dedupe_seq
         self.by_key: dict[str, _EdgeFlight] = {}
         self.pending: dict[str, _Pending] = {}
         self.submits: dict[str, _Pending] = {}  # request_id -> the Submit awaiting an answer
@@ -273,7 +277,13 @@ class SimEdge:
             return self._rejected(msg, now)
         if isinstance(msg, m.StreamData):
             flight = self.listeners.get(msg.stream_id)
-            return self._on_events(flight, msg.events, now) if flight is not None else []
+            if flight is None:
+                return []
+            events = msg.events
+            if self.dedupe_seq:  # keep only the events after those this flight has
+                have = len(flight.events)
+                events = events[have - msg.seq :] if msg.seq <= have else []
+            return self._on_events(flight, events, now) if events else []
         if isinstance(msg, _Flush):
             return self.records.flush()
         raise TypeError(f"{self.name}: unexpected {type(msg).__name__}")
@@ -647,6 +657,7 @@ class Simulation:
         provider: str = "simulated",
         model: str = "sim-1",
         metrics: bool = False,
+        edge_dedupe_seq: bool = False,
         max_events: int = 5_000_000,
     ):
         if seed is None:
@@ -665,6 +676,7 @@ class Simulation:
         self._last_arrival: dict[tuple[str, str], float] = {}
         self._request_ids = itertools.count(1)
         self._metrics_on = metrics
+        self._edge_dedupe_seq = edge_dedupe_seq
         self.trace: list[Delivery] = []
         self.leases: dict[str, Lease] = {}
         self.clients: list[SimClient] = []
@@ -850,6 +862,14 @@ class Simulation:
             if call.stream_id not in self.leases:
                 self.fail(f"upstream call {call.stream_id} ran without a lease")
 
+    def _no_listener(self, stream_id: str) -> None:
+        """Safety: the upstream call is aborted only when no client anywhere still listens."""
+        for edge in self.edges.values():
+            for client in edge.clients:
+                flight = client.flight
+                if flight is not None and flight.stream_id == stream_id and client in flight.subscribers:
+                    self.fail(f"pool aborts {stream_id} while client {client.request_id} on {edge.name} listens")
+
     # --- the machinery -------------------------------------------------------------------------
     def _add(self, name: str, logic) -> _Node:
         node = self.nodes[name] = _Node(name, logic)
@@ -858,7 +878,7 @@ class Simulation:
     def _edge(self, name: str) -> _Node:
         role = f"edge:{name}"
         if role not in self.nodes:
-            self.edges[name] = SimEdge(name, self.shards, self._metrics_on)
+            self.edges[name] = SimEdge(name, self.shards, self._metrics_on, self._edge_dedupe_seq)
             self._add(role, self.edges[name])
         return self.nodes[role]
 
@@ -878,6 +898,8 @@ class Simulation:
     def _handle(self, node: _Node, sender, msg, delivery: Delivery | None) -> None:
         if delivery is not None:
             delivery.delivered_at, delivery.order = self.now, next(self._handled)
+        if isinstance(msg, m.AbortStream) and msg.stream_id in self.pool.running:
+            self._no_listener(msg.stream_id)
         try:
             effects = node.logic.handle(msg, sender, self.now + node.clock_offset)
         except SimulationError:

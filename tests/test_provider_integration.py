@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sim import formats
-from tests.support import data_events, get_json, running_gateway, stream_chat
+from tests.support import data_events, get_json, request, running_gateway, stream_chat
 
 PROVIDERS = ["openai", "openai_responses", "anthropic", "perplexity", "perplexity_sonar", "ollama"]
 PATHS = {"openai": "/v1/chat/completions", "openai_responses": "/v1/responses", "anthropic": "/v1/messages",
@@ -91,12 +91,8 @@ def test_a_whole_answer(gw, provider):
 
 
 # A Sonar stream ends without [DONE] (as Perplexity does), so its usage comes out of the
-# adapter's close(); actors/upstream.py _stream_body publishes that usage event but does
-# not put it into the done event. Strict: this starts failing once that is fixed.
-SONAR_DONE_USAGE = pytest.mark.xfail(strict=True, reason="upstream.py drops usage that Parser.close() emits from done")
-
-
-@pytest.mark.parametrize("provider", [p if p != "perplexity_sonar" else pytest.param(p, marks=SONAR_DONE_USAGE) for p in PROVIDERS])
+# adapter's close(): the done event must carry it all the same.
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_done_carries_the_usage(gw, provider):
     _, events = chat(gw, provider, unique(provider, "tokens=3 ttft_ms=0 token_interval_ms=0"))
     done = data_events(events)[-1]
@@ -133,8 +129,12 @@ def test_reset_mid_stream_gives_deltas_then_an_error(gw, provider):
 
 def test_api_keys_never_leak(gw):
     """Run last in this module: by then every provider has answered, failed and been reset."""
-    for provider in PROVIDERS:  # also a malformed-request rejection and an unknown provider
+    for provider in PROVIDERS:
         chat(gw, provider, unique(provider, "fail=500"))
+    for body in ({"provider": "anthropic", "messages": []}, {"provider": "nope", "messages": [{"role": "user", "content": "x"}]}):
+        status, _, raw = request("POST", gw.url + "/api/chat", body)
+        assert status == 422
+        received.append(raw)
     log = Path(gw.log_path).read_text(errors="replace")
     everything = b"\n".join(received).decode()
     stats = json.dumps(get_json(gw.sim + "/stats")[1])
@@ -144,9 +144,9 @@ def test_api_keys_never_leak(gw):
         assert key not in stats, "the sim recorded a credential value"
 
 
-@pytest.mark.xfail(strict=True, reason="at DEBUG, hpack logs every HTTP/2 header it encodes, x-api-key included; "
-                   "run.py should keep the hpack/h2 loggers at INFO or above")
 def test_api_keys_never_leak_even_at_debug_level(sim):
+    """hpack logs every HTTP/2 header it encodes at DEBUG, x-api-key included: run.py must
+    keep that logger quiet even when sluice itself logs at DEBUG."""
     key = f"test-key-debug-{uuid.uuid4().hex}"
     env = {"SIMULATED_BASE_URL": sim, "SLUICE_LOG_LEVEL": "DEBUG",
            "ANTHROPIC_BASE_URL": sim, "ANTHROPIC_API_KEY": key, "ANTHROPIC_H2C": "1"}

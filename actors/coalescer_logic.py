@@ -79,8 +79,10 @@ class CoalescerLogic:
             return self._finished(msg, now)
         if isinstance(msg, ForgetError):
             entry = self.errors.get(msg.key)
-            if entry and entry[1] <= now:
+            if entry and entry[1] <= now + 1e-9:
                 del self.errors[msg.key]
+            elif entry:  # the timer beat the wall clock (a clock step back): try again later
+                return [After(entry[1] - now, ForgetError(msg.key))]
             return []
         return []
 

@@ -22,6 +22,12 @@ from dataclasses import dataclass, field, replace
 from actors.effects import After, Send
 from protocols import messages as m
 
+# Float slack for boundaries: a timer set for exactly "the wait is over" computes its delay
+# as boundary - now, and now + delay can land an ulp short of the boundary. Without slack
+# the tick finds nothing to do, re-arms for ~0 s and spins until the clock moves on (in
+# a simulation with a virtual clock: forever).
+EPS = 1e-9
+
 
 @dataclass(frozen=True)
 class PacerSettings:
@@ -179,7 +185,7 @@ class PacerLogic:
 
     def _drain(self, now: float) -> list:
         out = []
-        while self.queue and now - self.queue[0].enqueued_at >= self.settings.max_wait_s:
+        while self.queue and now - self.queue[0].enqueued_at >= self.settings.max_wait_s - EPS:
             waiter = self.queue.popleft()
             self.denials_total += 1
             out.append(
@@ -209,9 +215,9 @@ class PacerLogic:
     def _can_grant(self, now: float) -> bool:
         s = self.settings
         return (
-            now >= self.paused_until
+            now >= self.paused_until - EPS
             and len(self.in_flight) < s.concurrency
-            and self.tokens >= 1.0 - 1e-9
+            and self.tokens >= 1.0 - EPS
             and (s.rpm is None or len(self.recent_grants) < s.rpm)
         )
 
@@ -219,7 +225,7 @@ class PacerLogic:
         if self.updated_at is not None and now > self.updated_at:
             self.tokens = min(float(self.settings.burst), self.tokens + (now - self.updated_at) * self.settings.rps)
         self.updated_at = now if self.updated_at is None else max(self.updated_at, now)
-        while self.recent_grants and self.recent_grants[0] <= now - 60.0:
+        while self.recent_grants and self.recent_grants[0] <= now - 60.0 + EPS:
             self.recent_grants.popleft()
 
     def _next_grant_in(self, now: float) -> float | None:

@@ -122,6 +122,8 @@ class ThreadStore:
         return history, user_id, assistant_id, joined
 
     def end(self, assistant_id: int, content: str, status: str, error_code: str | None) -> None:
+        if status not in FINAL + ("cancelled", "interrupted"):
+            raise ValueError(f"unknown reply status {status!r}")
         replaceable = ("streaming", "cancelled", "interrupted") if status in FINAL else ("streaming",)
         marks = ",".join("?" * len(replaceable))
         self.db.execute(
@@ -170,7 +172,7 @@ class ThreadStoreActor(HostActor):
             return [Send(sender, m.TurnBegun(msg.thread_id, history, user_id, assistant_id, joined))]
         if isinstance(msg, m.TurnEnd):
             self.store.end(msg.assistant_id, msg.content, msg.status, msg.error_code)
-            return []
+            return [Send(sender, m.TurnEnded(msg.assistant_id))]
         return []
 
     def state(self, now: float) -> dict:

@@ -222,7 +222,7 @@ class AdminRoutes:
             self.edge.draining = args["on"]
         return JSONResponse({**out, **(extra() if extra else {})})
 
-    async def _body(self, request: Request) -> dict:
+    async def body(self, request: Request) -> dict:
         raw = await request.body()
         if not raw.strip():
             return {}
@@ -265,19 +265,19 @@ def routes(edge) -> list[Route]:
     admin = AdminRoutes(edge)
 
     async def pacer_args(request: Request) -> dict:
-        return {"account": request.path_params["account"], "settings": await admin._body(request)}
+        return {"account": request.path_params["account"], "settings": await admin.body(request)}
 
     async def flags_args(request: Request) -> dict:
-        return {"flags": await admin._body(request)}
+        return {"flags": await admin.body(request)}
 
     async def drain_args(request: Request) -> dict:
-        return {"on": (await admin._body(request)).get("on")}
+        return {"on": (await admin.body(request)).get("on")}
 
     async def show_args(request: Request) -> dict:
         return {"role": request.query_params.get("role", "all")}
 
     async def thresholds_args(request: Request) -> dict:
-        return {"thresholds": await admin._body(request)}
+        return {"thresholds": await admin.body(request)}
 
     return [
         Route("/api/admin/state", admin.handler("show", show_args, lambda: {"gateway": admin.gateway_info()}), methods=["GET"]),

@@ -114,11 +114,14 @@ class Edge:
             return error_response(exc.status, exc.code, exc.message)
         return await self.open_stream(chat.provider, chat.model, chat.body, chat.thread_id, chat.coalesce)
 
-    async def open_stream(self, provider, model, body, thread_id, coalesce, on_end=None, renderer=None):
+    async def open_stream(
+        self, provider, model, body, thread_id, coalesce, on_end=None, renderer=None, before_terminal=None
+    ):
         """Admit a normalized request and return its SSE response (or a JSON error).
 
         `on_end(sub, outcome)` runs when the client's stream ends; `renderer(sub)` makes
-        the Renderer that picks the wire format (sluice's own by default)."""
+        the Renderer that picks the wire format (sluice's own by default);
+        `before_terminal(sub, event)` is awaited before the terminal event is sent."""
         provider = provider or self.settings["SLUICE_PROVIDER"]
         configured = self.settings["providers"].get(provider)
         if configured is None:
@@ -140,7 +143,12 @@ class Edge:
                 on_end(sub, outcome)
 
         return SSEStream(
-            sub, self.settings["SLUICE_KEEPALIVE_S"], self.shutting_down, ended, renderer(sub) if renderer else None
+            sub,
+            self.settings["SLUICE_KEEPALIVE_S"],
+            self.shutting_down,
+            ended,
+            renderer(sub) if renderer else None,
+            before_terminal,
         )
 
     def _provider_missing(self, provider: str) -> JSONResponse:

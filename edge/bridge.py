@@ -60,7 +60,9 @@ class ActorBridge:
 
     # --- async API for the loop ----------------------------------------------------------
     async def ask(self, to: str, msg, timeout: float = 5.0):
-        """Send `msg` to role or address `to`; return the decoded reply."""
+        """Send `msg` to role or address `to`; return the decoded reply: one of the types
+        `messages.REPLIES` lists for the question (anything else arriving meanwhile is a
+        stray answer to an earlier tell and is dropped)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.ask_blocking, to, msg, timeout)
 
@@ -99,16 +101,22 @@ class ActorBridge:
         return addressing.from_string(address)
 
     def _ask_address(self, address, msg, timeout: float):
-        reply = self._context().ask(address, m.encode(msg), timeout)
-        if reply is None:
-            self._drop_context()
-            raise BridgeError(f"no answer to {type(msg).__name__} within {timeout:g} s")
-        decoded = m.decode(reply) if isinstance(reply, (bytes, bytearray)) else m.Invalid(f"non-bytes reply {type(reply).__name__}")
-        if isinstance(decoded, m.Invalid):
-            raise BridgeError(f"undecodable reply: {decoded.reason}")
-        if isinstance(decoded, m.ErrorReply):
-            raise BridgeError(decoded.message, decoded.code)
-        return decoded
+        expect = m.REPLIES.get(type(msg), ())
+        context = self._context()
+        deadline = time.monotonic() + timeout
+        reply = context.ask(address, m.encode(msg), timeout)
+        while True:
+            if reply is None:
+                self._drop_context()
+                raise BridgeError(f"no answer to {type(msg).__name__} within {timeout:g} s")
+            decoded = m.decode(reply) if isinstance(reply, (bytes, bytearray)) else m.Invalid(f"non-bytes reply {type(reply).__name__}")
+            if isinstance(decoded, m.Invalid):
+                raise BridgeError(f"undecodable reply: {decoded.reason}")
+            if isinstance(decoded, m.ErrorReply):
+                raise BridgeError(decoded.message, decoded.code)
+            if not expect or isinstance(decoded, expect):
+                return decoded
+            reply = context.listen(max(0.0, deadline - time.monotonic()))
 
     def _context(self):
         context = getattr(self._local, "context", None)

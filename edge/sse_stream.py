@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 from edge.streams import Subscriber
 from protocols import events as ev
@@ -93,9 +93,11 @@ class SSEStream:
         shutting_down: asyncio.Event,
         on_end: Callable[[Subscriber, dict], None],
         renderer: Renderer | None = None,
+        before_terminal: Callable[[Subscriber, dict], Awaitable[None]] | None = None,
     ):
         self.sub, self.keepalive_s, self.shutting_down, self.on_end = sub, keepalive_s, shutting_down, on_end
         self.renderer = renderer or SluiceRenderer(sub)
+        self.before_terminal = before_terminal  # e.g. store the reply before the client hears "done"
 
     async def __call__(self, scope, receive, send) -> None:
         headers = HEADERS + [(b"x-request-id", self.sub.request_id.encode())]
@@ -144,6 +146,8 @@ class SSEStream:
                 if ev.is_terminal(event):
                     terminal = event
                     break
+            if terminal and self.before_terminal is not None:
+                await self.before_terminal(self.sub, terminal)
             if body or terminal:
                 await send({"type": "http.response.body", "body": body, "more_body": terminal is None})
             if terminal:

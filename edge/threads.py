@@ -2,11 +2,16 @@
 
 A send stores the turn first (the thread store actor), then streams the reply through
 the same path as /api/chat with the thread's history and the thread in the coalescing
-key. The reply is written back when its stream ends: the text and "done" or "error"; a
-reply every local client walked away from is stored as "cancelled" with the text
-received so far.
+key. When the stream ends, the reply's text and "done" or "error" are stored *before*
+the client gets its terminal event, so a client that sends its next message as soon as
+it has read "done" finds the reply in the history. A reply every local client walked
+away from is stored as "cancelled" with the text received so far ("interrupted" when the
+gateway shut down under it).
 """
 from __future__ import annotations
+
+import asyncio
+import logging
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -19,11 +24,15 @@ from edge.streams import Subscriber
 from protocols import events as ev
 from protocols import messages as m
 
+log = logging.getLogger("sluice.edge.threads")
+
+PER_CLIENT_CODES = ("cancelled", "shutting_down")  # end one client's stream, not the reply
 
 class ThreadRoutes:
     def __init__(self, edge: Edge):
         self.edge = edge
         self.listeners: dict[int, int] = {}  # assistant message id -> clients on this edge
+        self.finals: dict[int, asyncio.Future] = {}  # assistant message id -> its final write
 
     async def create(self, request: Request):
         reply = await self._ask(m.ThreadCreate())
@@ -62,23 +71,47 @@ class ThreadRoutes:
         def ended(sub: Subscriber, outcome: dict) -> None:
             self._ended(assistant_id, sub, outcome)
 
+        async def before_terminal(sub: Subscriber, event: dict) -> None:
+            await self._store_final(assistant_id, sub, event)
+
         response = await edge.open_stream(
-            data.get("provider"), data.get("model"), {"messages": turn.history}, thread_id, True, on_end=ended
+            data.get("provider"),
+            data.get("model"),
+            {"messages": turn.history},
+            thread_id,
+            True,
+            on_end=ended,
+            before_terminal=before_terminal,
         )
         if isinstance(response, JSONResponse):  # refused before streaming (429, 503, ...)
             self._release(assistant_id)
             await edge.bridge.tell("threads", m.TurnEnd(assistant_id, "", "error", "rejected"))
         return response
 
+    async def _store_final(self, assistant_id: int, sub: Subscriber, event: dict) -> None:
+        """The stream ended: store the reply once, however many clients share it."""
+        if event["type"] == ev.ERROR and event.get("code") in PER_CLIENT_CODES:
+            return
+        final = self.finals.get(assistant_id)
+        if final is None:
+            status = "done" if event["type"] == ev.DONE else "error"
+            end = m.TurnEnd(assistant_id, _text(sub), status, event.get("code") if status == "error" else None)
+            final = self.finals[assistant_id] = asyncio.ensure_future(
+                self.edge.bridge.ask("threads", end, timeout=5.0)
+            )
+        try:
+            await asyncio.shield(final)
+        except BridgeError as exc:  # the client still gets its terminal event
+            log.warning("reply %s not stored: %s", assistant_id, exc)
+
     def _ended(self, assistant_id: int, sub: Subscriber, outcome: dict) -> None:
         last = self._release(assistant_id)
-        events = sub.flight.events if sub.flight else []
-        text = "".join(e["delta"] for e in events if e.get("type") == ev.DELTA)
-        status = outcome["outcome"]
-        if status == "cancelled" and not last:
+        if not last:
             return  # others on this edge still stream this reply
-        end = m.TurnEnd(assistant_id, text, status, outcome.get("error_code") if status == "error" else None)
-        self.edge.streams.spawn(self.edge.bridge.tell("threads", end))
+        if self.finals.pop(assistant_id, None) is not None:
+            return  # stored already, when the stream ended
+        status = "interrupted" if outcome.get("error_code") == "shutting_down" else "cancelled"
+        self.edge.streams.spawn(self.edge.bridge.tell("threads", m.TurnEnd(assistant_id, _text(sub), status)))
 
     def _release(self, assistant_id: int) -> bool:
         """One client fewer on this reply; True when it was the last one."""
@@ -96,6 +129,11 @@ class ThreadRoutes:
             if exc.code == "thread_not_found":
                 return error_response(404, "thread_not_found", str(exc))
             return error_response(503, "threads_unavailable", f"the thread store did not answer: {exc}")
+
+
+def _text(sub: Subscriber) -> str:
+    events = sub.flight.events if sub.flight else []
+    return "".join(e["delta"] for e in events if e.get("type") == ev.DELTA)
 
 
 def routes(edge: Edge) -> list[Route]:

@@ -246,8 +246,13 @@ class TurnBegun:
 class TurnEnd:
     assistant_id: int
     content: str
-    status: str  # "done" | "error" | "cancelled"
+    status: str  # "done" | "error" | "cancelled" | "interrupted"
     error_code: str | None = None
+
+
+@message("turn_ended")
+class TurnEnded:
+    assistant_id: int
 
 
 # --- supervision, discovery, admin -------------------------------------------------------
@@ -351,3 +356,22 @@ def message_types() -> dict[str, type]:
 
 
 Message = Any
+
+
+# What answers each question: the edge's bridge drops anything else that arrives while it
+# waits (a stray answer to an earlier tell), so a late reply never answers the wrong ask.
+REPLIES: dict[type, tuple[type, ...]] = {
+    Submit: (Admitted, Rejected),
+    LeaseRequest: (LeaseQueued, LeaseGranted, LeaseDenied),
+    QueryPerformance: (Performance,),
+    QueryPrometheus: (PrometheusText,),
+    QueryAlerts: (AlertsReport,),
+    GetDirectory: (Directory,),
+    GetState: (State,),
+    Admin: (AdminResult,),
+    ThreadCreate: (ThreadInfo,),
+    ThreadGet: (ThreadMessages,),
+    TurnBegin: (TurnBegun,),
+    TurnEnd: (TurnEnded,),
+    Wire: (Ready,),
+}

@@ -48,6 +48,7 @@ from typing import Any, Callable
 
 from actors.coalescer_logic import CoalescerFlags, CoalescerLogic, pacer_role
 from actors.effects import After, Send
+from actors.metrics_logic import MetricsLogic
 from actors.pacer_logic import PacerLogic, PacerSettings
 from protocols import events as ev
 from protocols import messages as m
@@ -560,8 +561,6 @@ class SimMetrics:
     name = "metrics"
 
     def __init__(self):
-        from actors.metrics_logic import MetricsLogic
-
         self.logic = MetricsLogic()
 
     def handle(self, msg, sender, now: float) -> list:

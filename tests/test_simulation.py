@@ -139,6 +139,20 @@ def test_error_is_shared_then_remembered_for_the_ttl_then_forgotten(seed):
     assert after.outcome == "error" and not after.replayed
 
 
+@pytest.mark.parametrize("seed", seeds(20), ids=ids)
+def test_a_remembered_error_is_forgotten_even_when_its_timer_fires_early(seed):
+    # Thespian fires wakeups by perf_counter, up to 10 us early, while the logic reads
+    # time.time(); a wall-clock step back makes the gap large. Either way the TTL timer
+    # can come before the expiry it was set for, and the error must still be forgotten.
+    sim = Simulation(seed=seed, flags=CoalescerFlags(error_ttl_s=2.0))
+    sim.upstream(ttft_ms=100, fail=500)
+    first = sim.client(at=0.0, text="q")
+    sim.clock_jump(at=1.0, by_s=-sim.rng.uniform(0.001, 5.0), nodes=[lg.me for lg in sim.coalescers])
+    sim.run()  # the checker fails if an error outlives the run
+    assert first.outcome == "error" and first.error["code"] == "upstream_5xx"
+    assert all(not lg.errors for lg in sim.coalescers)
+
+
 @pytest.mark.parametrize("seed", seeds(30), ids=ids)
 def test_leader_leaving_does_not_stop_the_stream_for_followers(seed):
     sim = Simulation(seed=seed)
@@ -243,7 +257,7 @@ def test_per_minute_cap(seed):
     times = [t for t, _ in sim.grants()]
     assert all(b > 60.0 for b in times[5:10]) and all(b > 120.0 for b in times[10:])
     for i in range(len(times)):  # never more than rpm grants in any 60 s window
-        assert sum(1 for t in times if times[i] - 60.0 < t <= times[i]) <= 5
+        assert sum(1 for t in times if times[i] - 60.0 + 1e-6 < t <= times[i]) <= 5
     assert_grants_match_reference(sim, settings)
 
 
@@ -344,10 +358,16 @@ def test_fanout_disabled_followers_still_get_the_same_final_text(seed):
 # --- faults -----------------------------------------------------------------------------------
 
 
-def chaos(seed, clock_jumps=True):
-    """A random workload with random faults; everything from the seed."""
+def chaos(seed, latency_ms=(0.3, 5.0)):
+    """A random workload with random faults and live setting changes; all from the seed.
+
+    The edges drop stale frames by seq (see test_the_real_edge_rule_duplicates_events_on_rejoin),
+    so that a failure here points at the actor logic."""
     settings = PacerSettings(rps=2, burst=3, concurrency=3, rpm=40, max_queue=20, max_wait_s=8)
-    sim = Simulation(seed=seed, shards=3, pacer=settings, flags=CoalescerFlags(error_ttl_s=1.0), latency_ms=(0.3, 5.0), metrics=True)
+    sim = Simulation(
+        seed=seed, shards=3, pacer=settings, flags=CoalescerFlags(error_ttl_s=1.0),
+        latency_ms=latency_ms, metrics=True, edge_dedupe_seq=True,
+    )
     rng = sim.rng
 
     def behaviour(req):
@@ -366,19 +386,19 @@ def chaos(seed, clock_jumps=True):
     nodes = list(sim.nodes) + ["edge:e1", "edge:e2", "edge:e3"]
     for _ in range(6):
         sim.pause(rng.choice(nodes), at=rng.uniform(0, 10), for_s=rng.uniform(0.01, 2.0))
-    if clock_jumps:
-        for _ in range(3):
-            sim.clock_jump(at=rng.uniform(0, 10), by_s=rng.choice([-1, 1]) * rng.uniform(0.5, 10.0))
+    for _ in range(3):
+        sim.clock_jump(at=rng.uniform(0, 10), by_s=rng.choice([-1, 1]) * rng.uniform(0.5, 10.0))
     sim.configure_pacer(at=rng.uniform(0, 10), rps=rng.choice([1, 2, 5]), concurrency=rng.choice([1, 3, 6]))
+    sim.set_flags(at=rng.uniform(0, 10), coalesce_enabled=rng.random() < 0.5, error_ttl_s=rng.choice([0.0, 0.5, 2.0]))
     return sim
 
 
 @pytest.mark.parametrize("seed", seeds(50), ids=ids)
 def test_pauses_and_clock_jumps_keep_the_invariants(seed):
     sim = chaos(seed)
-    sim.run()  # the invariant checker runs at quiescence
+    sim.run()  # to quiescence: the invariant checker runs there
+    assert sim.quiescent
     assert all(c.outcome in ("done", "error", "rejected", "disconnected") for c in sim.clients)
-    assert sim.metrics.logic.rejected_records == 0 or True  # clock steps can make durations negative
 
 
 @pytest.mark.parametrize("seed", seeds(30), ids=ids)
@@ -394,19 +414,66 @@ def test_a_paused_pool_delays_but_completes_every_stream(seed):
 
 
 @pytest.mark.parametrize("seed", seeds(10), ids=ids)
-def test_metrics_see_leaders_followers_and_cancels(seed):
+def test_metrics_see_leaders_followers_and_cancel_latency(seed):
     sim = Simulation(seed=seed, metrics=True)
     sim.upstream(ttft_ms=200, token_interval_ms=20, tokens=10)
     sim.burst(20, spread_s=0.05, text="a", edge="e1")
-    sim.burst(3, at=1.0, text="b", edge="e2", disconnect_at=1.1)
+    sim.burst(3, at=1.0, text="b", edge="e2", disconnect_at=1.3)
     sim.run()
     report = sim.metrics.logic.performance(100, sim.now)
     assert report["coalesce"] == {"leaders": 2, "followers": 21}
-    assert report["cancel_ms"]["count"] == 1 if "count" in report["cancel_ms"] else True
-    assert sim.metrics.logic.rejected_records == 0
+    assert report["cancel_ms"]["count"] == 1 and report["cancel_ms"]["p99"] <= 2 * HI_MS
+    assert report["error_rate"] == 0.0 and sim.metrics.logic.rejected_records == 0
+
+
+def rejoin(seed, dedupe):
+    """e1's only client leaves a stream that e2 keeps alive, and a new identical client
+    arrives on e1 at once: e1 unsubscribes and subscribes the same stream again while
+    frames of the first subscription are still on the wire."""
+    sim = Simulation(seed=seed, latency_ms=(0.1, 10.0), edge_dedupe_seq=dedupe)
+    sim.upstream(ttft_ms=50, token_interval_ms=1, tokens=200)
+    sim.client(at=0.0, text="q", edge="e2")
+    sim.client(at=0.001, text="q", edge="e1", disconnect_at=0.1)
+    again = sim.client(at=0.1, text="q", edge="e1")
+    sim.run()
+    assert again.outcome == "done" and again.text == full_text(1, 200)
+
+
+@pytest.mark.parametrize("seed", seeds(30), ids=ids)
+def test_rejoining_a_stream_on_the_same_edge_sees_each_event_once(seed):
+    rejoin(seed, dedupe=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=SimulationError,
+    reason="edge/dataplane.py ignores StreamData.seq: a frame of an earlier subscription still "
+    "in flight reaches a re-subscription of the same stream on the same edge (duplicated, "
+    "out-of-order events); the edge should drop frames by seq like SimEdge(dedupe_seq=True)",
+)
+def test_the_real_edge_rule_duplicates_events_on_rejoin():
+    for seed in range(40):  # about 40 % of these seeds hit the race
+        rejoin(seed, dedupe=False)
 
 
 # --- the harness itself -----------------------------------------------------------------------
+
+
+def test_the_documented_example():
+    sim = Simulation(seed=7, shards=2, pacer=PacerSettings(rps=1, burst=2, concurrency=3), flags=CoalescerFlags(), latency_ms=(0.5, 2.0))
+    sim.upstream(ttft_ms=200, token_interval_ms=20, tokens=10, fail=None)
+    c = sim.client(at=0.0, text="hi", edge="e1", disconnect_at=None)
+    sim.run(until=60.0)
+    assert sim.quiescent  # so the invariants were checked
+    assert sim.pool.calls == 1 and c.outcome == "done"
+
+
+def test_a_seed_from_the_environment_replays_one_run(monkeypatch):
+    monkeypatch.setenv("SLUICE_SIM_SEED", "4242")
+    assert seeds(50) == [4242]
+    assert Simulation().seed == 4242
+    monkeypatch.delenv("SLUICE_SIM_SEED")
+    assert seeds(3) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("seed", seeds(5), ids=ids)
@@ -432,5 +499,5 @@ def test_a_broken_invariant_names_the_seed():
     c = sim.client(at=0.0)
     sim.run()
     c.outcomes.append("done")  # as if the client had ended twice
-    with pytest.raises(SimulationError, match=r"\[seed=99\].*SLUICE_SIM_SEED=99"):
+    with pytest.raises(SimulationError, match=r"(?s)\[seed=99\].*SLUICE_SIM_SEED=99"):
         sim.check_invariants()

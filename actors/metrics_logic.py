@@ -45,8 +45,9 @@ Definitions used by `performance(last_n, now)`:
   * error_rate: requests with outcome "error" or "rejected" / requests in the window
     (0.0 for an empty window); "cancelled" is the client leaving, not an error;
   * coalesce: leaders and followers by the `role` the edge reported;
-  * upstream_calls: upstream records (still in the ring) whose `at` lies in
-    [window.from, window.to]; 0 for an empty window. Upstream and request records come
+  * upstream_calls: upstream records (still in the ring) whose `at` (the call's end)
+    lies between the earliest arrival in the window (`at - latency_ms`) and window.to;
+    0 for an empty window. Upstream and request records come
     from different actors, so a count window cannot be shared; the time span is the
     only common axis;
   * active_streams: the sum of the latest `active_streams` gauge over all label sets
@@ -329,9 +330,12 @@ class MetricsLogic:
         if reqs:
             t_from = min(r.at for r in reqs)
             t_to = max(r.at for r in reqs)
-            # A scan rather than a bisect: upstream records arrive in delivery order,
-            # which is not `at` order across Pool batches.
-            upstream_calls = sum(1 for u in self._upstreams if t_from <= u.at <= t_to)
+            # An upstream call ends between its first client's arrival and its last
+            # client's end (the client hears "done" after the Pool saw it), so the span
+            # runs from the window's earliest arrival. A scan rather than a bisect:
+            # upstream records arrive in delivery order, not `at` order.
+            arrived = min(r.at - r.latency_ms / 1000.0 for r in reqs)
+            upstream_calls = sum(1 for u in self._upstreams if arrived <= u.at <= t_to)
         else:
             t_from = t_to = None
             upstream_calls = 0

@@ -162,12 +162,15 @@ class PacerLogic:
 
     # --- the bucket -----------------------------------------------------------------------
     def _request(self, msg: m.LeaseRequest, sender, now: float) -> list:
+        # Those already waiting go first: whatever can be granted now is, before a
+        # newcomer is queued behind them (or sees a full queue that is not full).
+        out = self._drain(now) if self.queue else []
         if not self.queue and self._can_grant(now):
-            return [self._grant(_Waiter(msg.lease_id, sender, now), now)]
+            return out + [self._grant(_Waiter(msg.lease_id, sender, now), now)]
         if len(self.queue) >= self.settings.max_queue:
             self.denials_total += 1
             retry = self._retry_after(now)
-            return [
+            return out + [
                 Send(
                     sender,
                     m.LeaseDenied(
@@ -180,8 +183,7 @@ class PacerLogic:
                 )
             ]
         self.queue.append(_Waiter(msg.lease_id, sender, now))
-        out = [Send(sender, m.LeaseQueued(msg.lease_id, len(self.queue)))]
-        return out + self._schedule(now)
+        return out + [Send(sender, m.LeaseQueued(msg.lease_id, len(self.queue)))] + self._schedule(now)
 
     def _drain(self, now: float) -> list:
         out = []

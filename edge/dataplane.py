@@ -1,8 +1,12 @@
 """The edge's end of the data plane: one TCP connection to the Pool's stream hub.
 
 `HubClient.subscribe(stream_id, on_events)` asks the hub for a stream; every `StreamData`
-frame for it is handed to `on_events(events)` on the event loop, the first frame being
-the replay of all the stream produced so far. If the connection drops (the Pool was
+frame for it is handed to `on_events(seq, events)` on the event loop, the first frame
+being the replay of all the stream produced so far (seq 0). `seq` is the index of the
+frame's first event in the stream: frames of an earlier subscription to the same stream
+may still be on the wire when a new one starts, and the listener uses `seq` to drop what
+it already has (see edge/streams.py). A lost connection ends every stream with an error
+event given with seq None ("append"). If the connection drops (the Pool was
 restarted), every stream subscribed through it ends with an error event, and the next
 subscribe connects again to wherever the directory says the hub now is.
 """
@@ -26,9 +30,9 @@ class HubClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._connecting = asyncio.Lock()
-        self._listeners: dict[str, Callable[[list[dict]], None]] = {}
+        self._listeners: dict[str, Callable[[int | None, list[dict]], None]] = {}
 
-    async def subscribe(self, stream_id: str, on_events: Callable[[list[dict]], None]) -> None:
+    async def subscribe(self, stream_id: str, on_events: Callable[[int | None, list[dict]], None]) -> None:
         await self._ensure_connected()
         self._listeners[stream_id] = on_events
         self._writer.write(m.encode(m.Subscribe(stream_id)))
@@ -70,7 +74,7 @@ class HubClient:
                     if isinstance(msg, m.StreamData):
                         listener = self._listeners.get(msg.stream_id)
                         if listener is not None:
-                            listener(msg.events)
+                            listener(msg.seq, msg.events)
                     else:
                         log.warning("hub sent %s", msg)
         except (ConnectionError, ValueError) as exc:
@@ -81,4 +85,4 @@ class HubClient:
             writer.close()
             lost, self._listeners = self._listeners, {}
             for listener in lost.values():
-                listener([ev.error("hub_disconnected", "the stream hub went away mid-stream")])
+                listener(None, [ev.error("hub_disconnected", "the stream hub went away mid-stream")])

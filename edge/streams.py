@@ -127,7 +127,7 @@ class LocalStreams:
                 self._abandon(flight)
             else:
                 try:
-                    await self.hub.subscribe(flight.stream_id, lambda events: self._on_events(flight, events))
+                    await self.hub.subscribe(flight.stream_id, lambda seq, events: self._on_frame(flight, seq, events))
                 except OSError as exc:
                     self._abandon(flight)
                     reply = m.Rejected(submit.request_id, 503, "gateway_unavailable", f"stream hub unreachable: {exc}")
@@ -140,6 +140,18 @@ class LocalStreams:
         flight.finished = True
         flight.admitted.set_exception(Rejection(reply.status, reply.code, reply.message, reply.retry_after_s))
         flight.admitted.exception()  # every waiting client re-raises it; mark it retrieved
+
+    def _on_frame(self, flight: Flight, seq: int | None, events: list[dict]) -> None:
+        """A hub frame: keep only events this flight does not have yet. A frame that
+        starts beyond what we have belongs to an earlier subscription of this edge to
+        the same stream; the replay that answers our subscription brings its events."""
+        if seq is not None:
+            have = len(flight.events)
+            if seq > have:
+                return
+            events = events[have - seq :]
+        if events:
+            self._on_events(flight, events)
 
     def _on_events(self, flight: Flight, events: list[dict]) -> None:
         if flight.finished:

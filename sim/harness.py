@@ -248,7 +248,7 @@ class _Pending:
 class SimEdge:
     """One edge process, modelled on edge/streams.py (LocalStreams) and edge/app.py."""
 
-    def __init__(self, name: str, shards: int, metrics: bool, dedupe_seq: bool = False):
+    def __init__(self, name: str, shards: int, metrics: bool, dedupe_seq: bool = True):
         self.name, self.edge_id, self.shards = f"edge:{name}", name, shards
         # False models edge/dataplane.py as it is: StreamData.seq is ignored, so a frame
         # still in flight from an earlier subscription of the same stream reaches a new
@@ -656,7 +656,7 @@ class Simulation:
         provider: str = "simulated",
         model: str = "sim-1",
         metrics: bool = False,
-        edge_dedupe_seq: bool = False,
+        edge_dedupe_seq: bool = True,
         max_events: int = 5_000_000,
     ):
         if seed is None:

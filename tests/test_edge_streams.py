@@ -67,7 +67,7 @@ def test_a_client_leaving_during_admission_does_not_strand_the_others():
         await _settle(streams)
         assert first.cancelled() and sub.role == "follower"
         assert len(bridge.asked) == 1 and bridge.told == []  # one Submit, no Cancel
-        hub.listeners["s-1"]([ev.delta("x")])
+        hub.listeners["s-1"](0, [ev.delta("x")])
         assert sub.queue.get_nowait() == ev.delta("x")
 
     run(scenario())
@@ -109,9 +109,9 @@ def test_a_late_joiner_gets_the_replay_and_the_early_ones_no_duplicates():
         bridge.gate.set()
         streams = LocalStreams(bridge, hub, "edge-1", 2)
         early = await streams.join("a", "simulated", "m", {}, KEY, 0.0)
-        hub.listeners["s-1"]([ev.delta("one "), ev.delta("two ")])
+        hub.listeners["s-1"](0, [ev.delta("one "), ev.delta("two ")])
         late = await streams.join("b", "simulated", "m", {}, KEY, 0.0)
-        hub.listeners["s-1"]([ev.delta("three"), ev.done("stop")])
+        hub.listeners["s-1"](2, [ev.delta("three"), ev.done("stop")])
 
         def drain(sub):
             out = []
@@ -134,5 +134,24 @@ def test_the_coalescer_flag_decides_local_joining(coalesce):
         await streams.join("a", "simulated", "m", {}, KEY, 0.0)
         await streams.join("b", "simulated", "m", {}, KEY, 0.0)
         assert len(bridge.asked) == (1 if coalesce else 2)
+
+    run(scenario())
+
+
+def test_frames_of_an_earlier_subscription_are_dropped_by_seq():
+    async def scenario():
+        bridge, hub = GatedBridge(admitted), RecordingHub()
+        bridge.gate.set()
+        streams = LocalStreams(bridge, hub, "edge-1", 2)
+        sub = await streams.join("a", "simulated", "m", {}, KEY, 0.0)
+        frame = hub.listeners["s-1"]
+        frame(5, [ev.delta("stale")])  # from before: our replay has not arrived yet
+        frame(0, [ev.delta(w) for w in ("a", "b", "c")])  # the replay
+        frame(1, [ev.delta("b"), ev.delta("c"), ev.delta("d")])  # overlaps what we have
+        frame(4, [ev.done("stop")])
+        got = []
+        while not sub.queue.empty():
+            got.append(sub.queue.get_nowait())
+        assert got == [ev.delta(w) for w in "abcd"] + [ev.done("stop")]
 
     run(scenario())

@@ -416,3 +416,13 @@ def test_prometheus_empty_is_parseable():
     fams = _families(MetricsLogic())
     assert fams["sluice_ttft_seconds"].samples[-1].value == 0  # _count
     assert fams["sluice_active_streams"].samples == []
+
+
+def test_upstream_calls_count_a_call_that_ended_before_its_clients():
+    # One call 10.0 -> 10.4; its two clients arrived at 10.0 and ended at 10.45 and 10.5.
+    metrics = MetricsLogic()
+    metrics.ingest([up(0, at=10.4)], now=10.4)
+    metrics.ingest([req(0, lat=450.0, at=10.45), req(1, role="follower", lat=500.0, at=10.5)], now=10.5)
+    assert metrics.performance(100, now=11.0)["upstream_calls"] == 1
+    metrics.ingest([up(1, at=5.0)], now=11.0)  # long before this window's clients arrived
+    assert metrics.performance(100, now=11.0)["upstream_calls"] == 1

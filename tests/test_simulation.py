@@ -444,18 +444,6 @@ def test_rejoining_a_stream_on_the_same_edge_sees_each_event_once(seed):
     rejoin(seed, dedupe=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SimulationError,
-    reason="edge/dataplane.py ignores StreamData.seq: a frame of an earlier subscription still "
-    "in flight reaches a re-subscription of the same stream on the same edge (duplicated, "
-    "out-of-order events); the edge should drop frames by seq like SimEdge(dedupe_seq=True)",
-)
-def test_the_real_edge_rule_duplicates_events_on_rejoin():
-    for seed in range(40):  # about 40 % of these seeds hit the race
-        rejoin(seed, dedupe=False)
-
-
 # --- the harness itself -----------------------------------------------------------------------
 
 

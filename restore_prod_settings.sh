@@ -9,37 +9,38 @@
 # configured settings back. URL: argument or SLUICE_URL (default http://localhost:8000).
 # Needs SLUICE_ADMIN_TOKEN. Sourced, it exports the PERPLEXITY_* production values (and the
 # account's configured ones) and unsets SLUICE_SIGNOFF_ACCOUNT.
-# Never exits a sourcing shell: it returns the status instead.
+# Never exits a sourcing shell (bash or zsh): it returns the status instead.
 
 _sluice_signoff() {
-    local step=$1; shift
-    local here py exports rc
-    here=$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")" && pwd)
-    py=${SLUICE_PYTHON:-}
+    local step=$1 here=$2; shift 2
+    local py=${SLUICE_PYTHON:-} exports rc=0
     if [ -z "$py" ]; then
         if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; else py=python3; fi
     fi
     exports=$(mktemp "${TMPDIR:-/tmp}/sluice-signoff.XXXXXX") || return 2
-    "$py" "$here/scripts/ttft_suite.py" "$step" --exports "$exports" "$@"
-    rc=$?
-    if [ "$rc" -eq 0 ] && [ "${_sluice_sourced:-0}" = 1 ]; then
+    "$py" "$here/scripts/ttft_suite.py" "$step" --exports "$exports" "$@" || rc=$?
+    if [ "$rc" -eq 0 ] && [ "$_sluice_sourced" = 1 ]; then
         . "$exports"
     fi
     rm -f "$exports"
     return "$rc"
 }
 
+# Sourced or executed? ($0 is this file when zsh sources it, the shell's name in bash)
 _sluice_sourced=0
 if [ -n "${ZSH_VERSION:-}" ]; then
     case ${ZSH_EVAL_CONTEXT:-} in *:file*) _sluice_sourced=1 ;; esac
-elif [ -n "${BASH_VERSION:-}" ] && [ "${BASH_SOURCE[0]}" != "$0" ]; then
-    _sluice_sourced=1
+    _sluice_here=$(cd "$(dirname "$0")" && pwd)
+else
+    [ "${BASH_SOURCE[0]}" != "$0" ] && _sluice_sourced=1
+    _sluice_here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 fi
 
-_sluice_signoff restore "$@"
-_sluice_rc=$?
+_sluice_rc=0
+_sluice_signoff restore "$_sluice_here" "$@" || _sluice_rc=$?
 if [ "$_sluice_sourced" = 1 ]; then
-    unset -f _sluice_signoff; unset _sluice_sourced
+    unset -f _sluice_signoff
+    unset _sluice_sourced _sluice_here
     eval "unset _sluice_rc; return $_sluice_rc"
 fi
 exit "$_sluice_rc"

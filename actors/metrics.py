@@ -1,5 +1,8 @@
 """The Metrics actor: hosts MetricsLogic (samples, percentiles, Prometheus text) and the
-AlertEvaluator (the sign-off sheet's four rules, evaluated every few seconds)."""
+AlertEvaluator (the sign-off sheet's four rules, evaluated every few seconds).
+
+Admin commands (edge/admin_routes.py): show, reset (forget the windowed samples),
+alerts (thresholds + firing/pending), set_thresholds (live, validated all-or-nothing)."""
 from __future__ import annotations
 
 import logging

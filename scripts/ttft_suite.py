@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
 import json
 import os
@@ -216,15 +217,17 @@ def _num(value) -> str:
 # --- one streaming request ------------------------------------------------------------------------------
 
 
-def stream_once(gw: Gateway, provider: str | None, prompt: str, stop_after_first_delta: bool, timeout: float) -> dict:
-    """One POST /api/chat read as SSE. Returns {"ok", "meta", "error"}; with
-    `stop_after_first_delta` the connection is dropped at the first delta (a disconnect)."""
+def stream_once(gw: Gateway, provider: str | None, prompt: str, stop_after_first_delta: bool, deadline: float) -> dict:
+    """One POST /api/chat read as SSE, given up at `deadline` (monotonic). Returns {"ok",
+    "meta", "error"}; with `stop_after_first_delta` the connection is dropped at the first
+    delta (a disconnect)."""
     body = {"messages": [{"role": "user", "content": prompt}], "coalesce": False}
     if provider:
         body["provider"] = provider
     headers = [(b"content-type", b"application/json"), (b"accept", b"text/event-stream")]
     out = {"ok": False, "meta": None, "error": None}
     buffer = b""
+    timeout = max(0.1, min(60.0, deadline - time.monotonic()))  # per read; keepalive pings reset it
     try:
         with httpcore.ConnectionPool() as pool, pool.stream(
             "POST", gw.url + "/api/chat", headers=headers, content=json.dumps(body).encode(),
@@ -235,6 +238,9 @@ def stream_once(gw: Gateway, provider: str | None, prompt: str, stop_after_first
                 out["error"] = f"HTTP {response.status} {error.get('code', '')}"
                 return out
             for chunk in response.iter_stream():
+                if time.monotonic() > deadline:
+                    out["error"] = "the run's time was up before this stream ended"
+                    return out
                 buffer += chunk.replace(b"\r\n", b"\n")
                 while b"\n\n" in buffer:
                     block, buffer = buffer.split(b"\n\n", 1)
@@ -315,8 +321,8 @@ def run(gw: Gateway, account: str | None) -> tuple[list[str], bool, str]:
 
     progress(f"TTFT run: {n} distinct streaming requests")
     prompts = [f"sign-off TTFT probe {run_id}-{i}: answer in one short sentence." for i in range(n)]
-    ttft = many("TTFT run", prompts, parallel, time.monotonic() + bound,
-                lambda p: stream_once(gw, provider, p, False, timeout=min(60.0, bound)))
+    deadline = time.monotonic() + bound
+    ttft = many("TTFT run", prompts, parallel, deadline, lambda p: stream_once(gw, provider, p, False, deadline))
     failed = [r["error"] for r in ttft if not r["ok"]] + ["not run"] * (n - len(ttft))
     metas = [r["meta"] for r in ttft if r["ok"] and r["meta"]]
     ttft_p95 = p95([meta["ttft_ms"] for meta in metas if meta.get("ttft_ms") is not None])
@@ -330,13 +336,13 @@ def run(gw: Gateway, account: str | None) -> tuple[list[str], bool, str]:
     # the client leaves; a real provider is asked for a long answer.
     long = "\n#sim tokens=400 token_interval_ms=25" if sim else " Write at least 500 words."
     cancel_prompts = [f"sign-off cancel probe {run_id}-{i}: tell a long story.{long}" for i in range(m)]
-    cancels = many("cancel run", cancel_prompts, m, time.monotonic() + bound,
-                   lambda p: stream_once(gw, provider, p, True, timeout=min(60.0, bound)))
-    deadline = time.monotonic() + 10.0
+    deadline = time.monotonic() + bound
+    cancels = many("cancel run", cancel_prompts, m, deadline, lambda p: stream_once(gw, provider, p, True, deadline))
+    counted_by = time.monotonic() + 10.0
     arrived = 0
     while True:  # the Pool's records reach Metrics in batches: wait for all M, bounded
         arrived = int(cancel_count(gw) - before)
-        if arrived >= m or time.monotonic() > deadline:
+        if arrived >= m or time.monotonic() > counted_by:
             break
         time.sleep(0.1)
     cancel_p95 = gw.performance(arrived)["cancel_ms"]["p95"] if arrived > 0 else None
@@ -387,9 +393,9 @@ def _die_with_parent() -> None:
 
 
 def selfcheck(record_path: Path | None) -> int:
-    port, token = _free_port(), secrets.token_urlsafe(24)
+    port, actor_port, token = _free_port(), _free_port(), secrets.token_urlsafe(24)
     tmp = tempfile.mkdtemp(prefix="sluice-signoff-")
-    env = {**os.environ, "SLUICE_PORT": str(port), "SLUICE_ACTOR_PORT": str(_free_port()), "SLUICE_HOST": "127.0.0.1",
+    env = {**os.environ, "SLUICE_PORT": str(port), "SLUICE_ACTOR_PORT": str(actor_port), "SLUICE_HOST": "127.0.0.1",
            "SLUICE_PROVIDER": "simulated", "SLUICE_ADMIN_TOKEN": token, "SLUICE_LOG_LEVEL": "WARNING",
            "SLUICE_DB": os.path.join(tmp, "sluice.sqlite3")}
     log = open(os.path.join(tmp, "gateway.log"), "wb")
@@ -409,12 +415,14 @@ def selfcheck(record_path: Path | None) -> int:
             if time.monotonic() > deadline:
                 raise SuiteError(f"the gateway was not ready within 60 s; log: {log.name}")
             time.sleep(0.1)
-        progress(f"selfcheck: gateway on {gw.url} (simulated provider)")
-        prep(gw, None)
+        progress(f"selfcheck: gateway on {gw.url}, simulated provider, ports {port}/{actor_port}")
+        with contextlib.redirect_stdout(sys.stderr):  # stdout: the three lines only
+            prep(gw, None)
         try:
             lines, passed, note = run(gw, None)
         finally:
-            restore(gw, None)
+            with contextlib.redirect_stdout(sys.stderr):
+                restore(gw, None)
         print("\n".join(lines))
         if record_path:
             record(record_path, lines, passed, gw.url, note)

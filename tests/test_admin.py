@@ -245,12 +245,8 @@ def test_cli_changes_settings_live_and_rejects_bad_values(gw):
         assert done.returncode == 0, done.stderr
         assert state(gw)["results"]["pacer:simulated"]["settings"]["burst"] == 7
         for args, needle in (
-            (("set-pacer", "simulated", "rps=abc"), "'rps'"),
-            (("set-pacer", "simulated", "rps"), "key=value"),
+            (("set-pacer", "simulated", "rps=abc", "burst=1"), "'rps'"),
             (("set-pacer", "nosuch", "rps=1"), "no pacer for account 'nosuch'"),
-            (("set-flags", "coalesce_enabled=maybe"), "coalesce_enabled"),
-            (("drain", "sideways"), "on or off"),
-            (("frobnicate",), "unknown command"),
         ):
             bad = cli(gw, *args)
             assert bad.returncode == 2, (args, bad.stdout, bad.stderr)
@@ -259,6 +255,25 @@ def test_cli_changes_settings_live_and_rejects_bad_values(gw):
         assert (settings["burst"], settings["rps"]) == (7, 9.0)
     finally:
         admin(gw, "POST", "/pacer/simulated", configured)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["frobnicate"], "unknown command 'frobnicate'"),
+        (["set-pacer", "simulated", "rps"], "expected key=value"),
+        (["set-pacer"], "needs an account"),
+        (["set-flags", "coalesce_enabled=maybe"], "coalesce_enabled must be true or false"),
+        (["drain", "sideways"], "on or off"),
+        (["show", "pool", "metrics"], "at most one role"),
+    ],
+)
+def test_cli_usage_errors_are_named_before_anything_is_sent(args, needle, capsys):
+    from edge.admin_cli import main
+
+    assert main(args) == 2  # in-process: these never get as far as joining an actor system
+    out, err = capsys.readouterr()
+    assert json.loads(out)["ok"] is False and needle in err
 
 
 def test_cli_drain_reaches_the_edge_within_its_refresh(gw):
@@ -281,8 +296,10 @@ def test_cli_fails_clearly_and_fast_when_no_gateway_runs():
     assert not port_in_use(port)  # it did not start an actor system of its own there
 
 
-def test_cli_usage_and_bad_configuration():
-    assert cli(free_port(), "--help").returncode == 0
-    assert cli(free_port()).returncode == 2
-    done = cli(free_port(), "show", env={"SLUICE_ACTOR_PORT": "not-a-port"})
-    assert done.returncode == 2 and "SLUICE_ACTOR_PORT" in done.stderr
+def test_cli_help_and_bad_configuration(monkeypatch, capsys):
+    from edge.admin_cli import main
+
+    assert main(["--help"]) == 0 and "set-pacer" in capsys.readouterr().out
+    assert main([]) == 2
+    monkeypatch.setenv("SLUICE_ACTOR_PORT", "not-a-port")
+    assert main(["show"]) == 2 and "SLUICE_ACTOR_PORT" in capsys.readouterr().err

@@ -219,7 +219,7 @@ class AdminRoutes:
             return _error(exc.status, exc.code, exc.message)
         if name == "drain":
             # this edge stops taking chats at once; the others see it within a second
-            self.edge.draining = args["on"]
+            self.edge.set_draining(args["on"])
         return JSONResponse({**out, **(extra() if extra else {})})
 
     async def body(self, request: Request) -> dict:

@@ -47,6 +47,7 @@ class Edge:
         self.bridge = ActorBridge(settings["SLUICE_ACTOR_PORT"])
         self.shutting_down = asyncio.Event()
         self.draining = False
+        self._drain_set_at = 0.0  # a directory fetched before this may not undo it
         self.hub: HubClient | None = None
         self.streams: LocalStreams | None = None
         self.records: RecordSender | None = None
@@ -97,18 +98,31 @@ class Edge:
     async def _refresh_directory(self) -> None:
         while True:
             await asyncio.sleep(DIRECTORY_REFRESH_S)
+            asked_at = time.monotonic()
             try:
                 directory = await self.bridge.refresh_directory(force=True)
-                self.draining = bool(directory.settings.get("draining"))
             except BridgeError as exc:
                 log.warning("directory refresh failed: %s", exc)
+                continue
+            if asked_at > self._drain_set_at:
+                self.draining = bool(directory.settings.get("draining"))
+
+    def set_draining(self, on: bool) -> None:
+        """This edge drains (or stops draining) at once, not at the next refresh."""
+        self.draining, self._drain_set_at = on, time.monotonic()
+
+    def refusal(self) -> JSONResponse | None:
+        """The 503 for a new request while draining or shutting down, else None."""
+        if self.draining or self.shutting_down.is_set():
+            return error_response(503, "draining", "the gateway is draining; retry on another instance", {"Retry-After": "5"})
+        return None
 
     # --- routes -------------------------------------------------------------------------------
     async def chat(self, request: Request):
-        if self.draining or self.shutting_down.is_set():
-            return error_response(503, "draining", "the gateway is draining; retry on another instance", {"Retry-After": "5"})
+        if refused := self.refusal():
+            return refused
         try:
-            data = await self._json_body(request)
+            data = await self.json_body(request)
             chat = parse_chat(data, request.headers.get("x-sluice-coalesce"))
         except RequestError as exc:
             return error_response(exc.status, exc.code, exc.message)
@@ -210,7 +224,7 @@ class Edge:
             return error_response(503, "metrics_unavailable", str(exc))
 
     # --- helpers ------------------------------------------------------------------------------
-    async def _json_body(self, request: Request) -> dict:
+    async def json_body(self, request: Request) -> dict:
         check_content_type(request.headers.get("content-type"))
         limit = self.settings["SLUICE_MAX_BODY_BYTES"]
         declared = request.headers.get("content-length")

@@ -267,10 +267,10 @@ async def _discard(message) -> None:
 
 def routes(edge) -> list[Route]:
     async def chat_completions(request: Request):
-        if edge.draining or edge.shutting_down.is_set():
+        if edge.refusal() is not None:
             return error_response(503, "draining", "the gateway is draining; retry on another instance", {"Retry-After": "5"})
         try:
-            data = await edge._json_body(request)
+            data = await edge.json_body(request)
             chat, stream, include_usage = parse_openai(data, request.headers.get("x-sluice-coalesce"))
         except RequestError as exc:
             return error_response(exc.status, exc.code, exc.message)

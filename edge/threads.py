@@ -48,8 +48,8 @@ class ThreadRoutes:
 
     async def send(self, request: Request):
         edge = self.edge
-        if edge.draining or edge.shutting_down.is_set():
-            return error_response(503, "draining", "the gateway is draining; retry on another instance", {"Retry-After": "5"})
+        if refused := edge.refusal():
+            return refused
         try:
             check_content_type(request.headers.get("content-type"))
             data = parse_json(await request.body(), edge.settings["SLUICE_MAX_BODY_BYTES"])

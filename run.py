@@ -25,10 +25,20 @@ def main(argv: list[str]) -> int:
         return admin_main(argv[1:])
     try:
         settings = config.load(os.environ)
+        _check_alert_thresholds(settings["alert_thresholds"])
     except config.ConfigError as exc:
         print(f"sluice: configuration error: {exc}", file=sys.stderr)
         return 2
     return serve(settings)
+
+
+def _check_alert_thresholds(thresholds: dict) -> None:
+    from actors.alerts import validate_thresholds
+
+    try:
+        validate_thresholds(thresholds)
+    except ValueError as exc:
+        raise config.ConfigError(f"{config.ALERT_PREFIX}*: {exc}") from None
 
 
 def serve(settings: dict) -> int:

@@ -120,9 +120,26 @@ def load(env: Mapping[str, str]) -> dict:
             raise ConfigError(f"{name}={raw!r}: {exc}") from None
     if settings["PACER_MAX_QUEUE"] < 0:
         raise ConfigError(f"PACER_MAX_QUEUE={settings['PACER_MAX_QUEUE']!r}: must be >= 0")
+    settings["alert_thresholds"] = _alert_thresholds(env)
     settings["accounts"] = _accounts(env, settings)
     settings["providers"] = _providers(env, settings)
     return settings
+
+
+ALERT_PREFIX = "SLUICE_ALERT_"
+
+
+def _alert_thresholds(env: Mapping[str, str]) -> dict:
+    """SLUICE_ALERT_<THRESHOLD>=<number>, e.g. SLUICE_ALERT_TTFT_P95_MS=2000; the names
+    and bounds are the alert rules' (actors/alerts.py), checked there at start."""
+    out = {}
+    for name, raw in env.items():
+        if name.startswith(ALERT_PREFIX):
+            try:
+                out[name[len(ALERT_PREFIX) :].lower()] = float(raw)
+            except ValueError:
+                raise ConfigError(f"{name}={raw!r}: expected a number") from None
+    return out
 
 
 def _accounts(env: Mapping[str, str], settings: dict) -> dict:

@@ -30,6 +30,8 @@ def test_bad_configuration_fails_fast_naming_the_variable():
         ({"COALESCE_ENABLED": "maybe"}, "COALESCE_ENABLED"),
         ({"SLUICE_PROVIDER": "nosuch"}, "SLUICE_PROVIDER"),
         ({"OPENAI_BASE_URL": "ftp://x", "SLUICE_PROVIDER": "openai"}, "OPENAI_BASE_URL"),
+        ({"SLUICE_ALERT_ERROR_RATE": "5"}, "SLUICE_ALERT_"),
+        ({"SLUICE_ALERT_TTFT_P95_MS": "soon"}, "SLUICE_ALERT_TTFT_P95_MS"),
     ):
         result = run_py(env)
         assert result.returncode == 2, (env, result.stderr)

@@ -122,27 +122,29 @@ class CoalescerLogic:
             if flight.phase == QUEUED:
                 out.append(Send("pool", m.FailStream(flight.stream_id, msg.code, msg.message)))
             return out
+        if isinstance(msg, m.LeaseGranted):
+            # The upstream call first: it is on the critical path of time to first token,
+            # the edge's answer is not (the edge only subscribes to the stream's hub).
+            flight.phase = STREAMING
+            out.append(
+                Send(
+                    "pool",
+                    m.OpenStream(
+                        flight.stream_id,
+                        flight.provider,
+                        flight.model,
+                        flight.body,
+                        msg.lease_id,
+                        msg.queue_wait_ms,
+                        self.me,
+                    ),
+                )
+            )
+        else:
+            flight.phase = QUEUED
         for sender, request_id, _edge, role in flight.waiting:
             out.append(Send(sender, self._admitted(request_id, flight.stream_id, role)))
         flight.waiting.clear()
-        if isinstance(msg, m.LeaseQueued):
-            flight.phase = QUEUED
-            return out
-        flight.phase = STREAMING
-        out.append(
-            Send(
-                "pool",
-                m.OpenStream(
-                    flight.stream_id,
-                    flight.provider,
-                    flight.model,
-                    flight.body,
-                    msg.lease_id,
-                    msg.queue_wait_ms,
-                    self.me,
-                ),
-            )
-        )
         return out
 
     # --- leaving and ending -------------------------------------------------------------

@@ -43,15 +43,27 @@ class EdgeConnection:
     def __init__(self, hub: "StreamHub", reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.hub, self.reader, self.writer = hub, reader, writer
         self.streams: set[str] = set()
+        self._pending: list[bytes] = []
 
     def send(self, msg) -> None:
+        self.send_encoded(m.encode(msg))
+
+    def send_encoded(self, data: bytes) -> None:
+        """Queue a frame; everything queued in one turn of the loop (many streams'
+        chunks arriving together) leaves in one write."""
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        data, self._pending = b"".join(self._pending), []
         if self.writer.is_closing():
             return
         if self.writer.transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
             log.warning("edge connection too slow, closing it")
             self.writer.close()
             return
-        self.writer.write(m.encode(msg))
+        self.writer.write(data)
 
     async def serve(self) -> None:
         unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=1 << 20)
@@ -110,9 +122,10 @@ class StreamHub:
         stream.events.extend(events)
         if ev.is_terminal(events[-1]):
             stream.finished_at = time.monotonic()
-        frame = m.StreamData(stream_id, seq, events)
-        for conn in stream.subscribers:
-            conn.send(frame)
+        if stream.subscribers:
+            frame = m.encode(m.StreamData(stream_id, seq, events))
+            for conn in stream.subscribers:
+                conn.send_encoded(frame)
 
     def mark_open(self, stream_id: str) -> None:
         self._stream(stream_id).opened = True

@@ -257,3 +257,25 @@ def write_json(path: str | None, data: dict) -> None:
 
 def log(*args) -> None:
     print(time.strftime("%H:%M:%S"), *args, file=sys.stderr, flush=True)
+
+
+def busy_pct(window_s: float = 1.0) -> float:
+    """How busy the whole machine is right now: % of all cores, over `window_s`."""
+    b0, t0 = system_cpu_busy()
+    time.sleep(window_s)
+    b1, t1 = system_cpu_busy()
+    return (b1 - b0) / max(1, t1 - t0) * 100.0
+
+
+def wait_for_quiet(max_busy_pct: float = 35.0, max_wait_s: float = 90.0, window_s: float = 1.0) -> dict:
+    """Other people run tests on this machine: before a measurement, wait (bounded) until
+    the machine is below `max_busy_pct` % busy over `window_s`. Returns what was seen."""
+    t0 = time.monotonic()
+    seen = busy_pct(window_s)
+    while seen > max_busy_pct and time.monotonic() - t0 < max_wait_s:
+        seen = busy_pct(window_s)
+    return {"busy_pct": round(seen, 1), "waited_s": round(time.monotonic() - t0, 1), "quiet": seen <= max_busy_pct}
+
+
+def tree_cpu(pids) -> float:
+    return sum(cpu_seconds(p) or 0.0 for p in pids)

@@ -36,6 +36,7 @@ import uuid
 
 from bench.common import (
     cmdline,
+    cpu_seconds,
     fmt,
     loadavg,
     log,
@@ -47,10 +48,14 @@ from bench.common import (
     sigterm_as_interrupt,
     spread,
     system_cpu_busy,
+    tree_cpu,
+    wait_for_quiet,
     write_json,
 )
 from bench.load import GatewayProc, Sim, new_pool, prompt_of, sim_stats, sim_prompt, stream_once, get_json
 
+QUIET_PCT = 50.0  # wait (bounded) for the machine to be below this % busy before each pair
+QUIET_WAIT_S = 20.0
 KNOBS = {"ttft_ms": 200, "token_interval_ms": 20, "tokens": 10}
 TARGETS = {
     "added_ttft_p50_ms_at_20": 10.0,
@@ -65,7 +70,7 @@ def url_of(target: str, sim: Sim, gw: GatewayProc) -> str:
     return sim.url + "/v1/chat/completions" if target == "direct" else gw.url + "/api/chat"
 
 
-async def run_block(target: str, url: str, concurrency: int, per_worker: int, knobs: dict) -> dict:
+async def run_block(target: str, url: str, concurrency: int, per_worker: int, knobs: dict, watch_pids=()) -> dict:
     """`concurrency` workers, each `per_worker` streams back to back, staggered."""
     period_s = (knobs["ttft_ms"] + knobs["tokens"] * knobs["token_interval_ms"]) / 1000.0
     pool = new_pool(concurrency + 2)
@@ -77,12 +82,12 @@ async def run_block(target: str, url: str, concurrency: int, per_worker: int, kn
         for i in range(per_worker):
             results.append(await stream_once(pool, target, url, sim_prompt(f"{tag}-{j}-{i}", **knobs)))
 
-    cpu0, wall0, sys0 = time.process_time(), time.monotonic(), system_cpu_busy()
+    cpu0, wall0, sys0, tree0 = time.process_time(), time.monotonic(), system_cpu_busy(), tree_cpu(watch_pids)
     try:
         await asyncio.wait_for(asyncio.gather(*(worker(j) for j in range(concurrency))), timeout=120)
     finally:
         await pool.aclose()
-    cpu1, wall1, sys1 = time.process_time(), time.monotonic(), system_cpu_busy()
+    cpu1, wall1, sys1, tree1 = time.process_time(), time.monotonic(), system_cpu_busy(), tree_cpu(watch_pids)
     ttfts = [r.ttft_ms for r in results if r.ttft_ms is not None]
     return {
         "target": target,
@@ -96,6 +101,7 @@ async def run_block(target: str, url: str, concurrency: int, per_worker: int, kn
         "generator_cpu_pct": (cpu1 - cpu0) / (wall1 - wall0) * 100.0,
         "machine_busy_pct": (sys1[0] - sys0[0]) / max(1, sys1[1] - sys0[1]) * 100.0,
         "wall_s": wall1 - wall0,
+        "server_cpu_ms_per_stream": (tree1 - tree0) / max(1, len(results)) * 1000.0 if watch_pids else None,
         "results": results,
     }
 
@@ -128,11 +134,14 @@ async def ttft_bench(sim: Sim, gw: GatewayProc, levels, rounds: int, knobs: dict
         blocks = []
         for rnd in range(rounds):
             order = ("direct", "sluice") if rnd % 2 == 0 else ("sluice", "direct")  # ABBA...
+            quiet = wait_for_quiet(QUIET_PCT, QUIET_WAIT_S) if QUIET_PCT else None
             pair = {}
             for target in order:
-                block = await run_block(target, url_of(target, sim, gw), c, pw, knobs)
+                watch = gw.pids() if target == "sluice" else {sim.proc.pid}
+                block = await run_block(target, url_of(target, sim, gw), c, pw, knobs, watch)
                 split_with_sim(block, sim_stats(sim.url))
                 block["round"] = rnd
+                block["quiet_before"] = quiet
                 pair[target] = block
                 blocks.append(block)
                 log(
@@ -164,6 +173,8 @@ def summarize_level(blocks: list[dict]) -> dict:
         "samples": {t: len(pooled[t]) for t in pooled},
         "generator_cpu_pct_max": max(b["generator_cpu_pct"] for b in blocks),
         "machine_busy_pct_median": median(b["machine_busy_pct"] for b in blocks),
+        "server_cpu_ms_per_stream": {t: median(b["server_cpu_ms_per_stream"] for b in blocks if b["target"] == t) for t in ("direct", "sluice")},
+        "quiet_before": [b["quiet_before"] for b in blocks if b["target"] == "direct"],
     }
     for t in ("direct", "sluice"):
         row[f"{t}_p50_ms"] = pct(pooled[t], 50)
@@ -225,15 +236,32 @@ async def cancel_bench(sim: Sim, gw: GatewayProc, count: int) -> dict:
 
 
 def tree_memory(gw: GatewayProc) -> dict:
+    from bench.profile import roles_of
+
+    try:
+        roles = roles_of(gw)
+    except Exception as exc:  # the roles only label the table
+        log("could not name the processes:", exc)
+        roles = {}
     procs = []
     for pid in sorted(gw.pids()):
-        procs.append({"pid": pid, "rss_kib": rss_kib(pid), "pss_kib": pss_kib(pid), "cmd": cmdline(pid)[:120]})
+        procs.append({"pid": pid, "role": roles.get(pid, "?"), "rss_kib": rss_kib(pid), "pss_kib": pss_kib(pid), "cmd": cmdline(pid)[:120]})
     return {
         "processes": procs,
         "count": len(procs),
         "rss_mb": sum(p["rss_kib"] or 0 for p in procs) / 1024.0,
         "pss_mb": sum(p["pss_kib"] or 0 for p in procs) / 1024.0 if all(p["pss_kib"] is not None for p in procs) else None,
     }
+
+
+def idle_cpu(gw: GatewayProc, seconds: float) -> dict:
+    """CPU the idle gateway burns (timers, directory refresh, watchdogs), over `seconds`."""
+    pids = gw.pids()
+    c0, t0 = {p: cpu_seconds(p) or 0.0 for p in pids}, time.monotonic()
+    time.sleep(seconds)
+    c1, t1 = {p: cpu_seconds(p) or 0.0 for p in pids}, time.monotonic()
+    per = {str(p): round((c1[p] - c0[p]) / (t1 - t0) * 100.0, 2) for p in pids}
+    return {"seconds": t1 - t0, "pct_of_core": sum((c1[p] - c0[p]) for p in pids) / (t1 - t0) * 100.0, "per_pid_pct": per}
 
 
 def ready_bench(sim: Sim, starts: int) -> dict:
@@ -253,13 +281,16 @@ def ready_bench(sim: Sim, starts: int) -> dict:
 
 
 def main(argv=None) -> dict:
+    global QUIET_PCT
     parser = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__.split("\n\n")[0])
     parser.add_argument("--levels", default="1,10,20")
     parser.add_argument("--rounds", type=int, default=6, help="blocks per target per concurrency level")
     parser.add_argument("--cancels", type=int, default=30)
     parser.add_argument("--starts", type=int, default=5)
+    parser.add_argument("--quiet-pct", type=float, default=50.0, help="wait for the machine below this %% busy before each pair (0 = never)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    QUIET_PCT = args.quiet_pct
     levels = [int(x) for x in args.levels.split(",") if x]
     results = {"machine": machine(), "params": vars(args), "knobs": KNOBS, "targets": TARGETS}
     sim = Sim()
@@ -272,6 +303,8 @@ def main(argv=None) -> dict:
             log(f"sluice on {gw.url}, ready in {gw.ready_s:.3f} s, {len(gw.pids())} processes")
             time.sleep(2.0)
             results["idle_fresh"] = tree_memory(gw)
+            results["idle_cpu"] = idle_cpu(gw, 10.0)
+            log(f"idle CPU of the sluice tree: {results['idle_cpu']['pct_of_core']:.1f} % of a core")
             log(f"idle RSS fresh: {results['idle_fresh']['rss_mb']:.1f} MB (PSS {fmt(results['idle_fresh']['pss_mb'])} MB)")
             results["ttft"] = asyncio.run(ttft_bench(sim, gw, levels, args.rounds, KNOBS))
             results["cancel"] = asyncio.run(cancel_bench(sim, gw, args.cancels))
@@ -316,8 +349,8 @@ def render_markdown(r: dict) -> str:
         lines.append(f"| {v['measure']} | {fmt(v['value'], 2 if v['unit'] == 's' else 1)} {v['unit']} | ≤ {v['target']:g} {v['unit']} | {v['verdict']} |")
     lines += [
         "",
-        "| concurrent | direct p50 / p95 ms | sluice p50 / p95 ms | added p50 ms (min–max over pairs) | added p95 ms (min–max) | pooled added p50 / p95 | in: direct→sluice p50 ms | out: direct→sluice p50 ms | errors d/s | gen CPU max |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| concurrent | direct p50 / p95 ms | sluice p50 / p95 ms | added p50 ms (min–max over pairs) | added p95 ms (min–max) | pooled added p50 / p95 | in: direct→sluice p50 ms | out: direct→sluice p50 ms | errors d/s | gen CPU max | server CPU ms/stream: sim alone → sluice tree |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c, row in r["ttft"]["levels"].items():
         s50, s95 = row["added_p50_spread"], row["added_p95_spread"]
@@ -326,7 +359,8 @@ def render_markdown(r: dict) -> str:
             f"{fmt(row['added_p50_ms'])} ({fmt(s50['min'])}–{fmt(s50['max'])}) | {fmt(row['added_p95_ms'])} ({fmt(s95['min'])}–{fmt(s95['max'])}) | "
             f"{fmt(row['pooled_added_p50_ms'])} / {fmt(row['pooled_added_p95_ms'])} | "
             f"{fmt(row['direct_in_p50_ms'], 2)} → {fmt(row['sluice_in_p50_ms'], 2)} | {fmt(row['direct_out_p50_ms'], 2)} → {fmt(row['sluice_out_p50_ms'], 2)} | "
-            f"{row['errors']['direct']}/{row['errors']['sluice']} | {row['generator_cpu_pct_max']:.0f}% |"
+            f"{row['errors']['direct']}/{row['errors']['sluice']} | {row['generator_cpu_pct_max']:.0f}% | "
+            f"{fmt(row['server_cpu_ms_per_stream']['direct'])} → {fmt(row['server_cpu_ms_per_stream']['sluice'])} |"
         )
     c = r["cancel"]
     lines += [

@@ -197,6 +197,7 @@ class GatewayProc:
 
         self.gw = Gateway(env)
         self.ready_s: float | None = None
+        self.argv = [sys.executable, str(ROOT / "run.py")]
 
     @property
     def url(self) -> str:
@@ -207,7 +208,7 @@ class GatewayProc:
         gw.log_path = os.path.join(gw.tmp, "gateway.log")
         gw.log = open(gw.log_path, "wb")
         t0 = time.monotonic()
-        gw.proc = subprocess.Popen([sys.executable, str(ROOT / "run.py")], cwd=ROOT, env=gw.env, stdout=gw.log, stderr=subprocess.STDOUT)
+        gw.proc = subprocess.Popen(self.argv, cwd=ROOT, env=gw.env, stdout=gw.log, stderr=subprocess.STDOUT)
         deadline = t0 + timeout
         with httpcore.ConnectionPool() as pool:
             while time.monotonic() < deadline:

@@ -1,0 +1,470 @@
+"""Where does a request's time go between the client and its first delta? A traced run.
+
+    .venv/bin/python -m bench.trace [--levels 1,20] [--streams 40] [--json out.json]
+
+Starts the sim and sluice, but sluice through `python -m bench.trace launch`, which
+wraps a few product functions with timestamping shims *in this launcher only* (product
+code is not changed) and then runs `run.main()`. The actor processes are forked from the
+launcher, so the shims are in every actor too. Every process appends
+`time.time()`-stamped lines to $SLUICE_TRACE_DIR/<pid>.log; the driver joins them by
+request id / stream id with the client's and the sim's own stamps and prints each
+stage's p50/p95:
+
+  client send → edge LocalStreams.join → bridge ask queued → ask runs on its thread
+  → Coalescer receives Submit → Pacer receives LeaseRequest → Coalescer receives
+  LeaseGranted → Pool receives OpenStream → Pool loop `_open` → sim receives the call
+  → sim first byte → hub publishes the first delta → edge HubClient gets it
+  → edge renders it → client receives it;   and: Admitted back at the edge → subscribe.
+
+The shims cost a little (a line of text per event); the figures are for attribution,
+not for the headline numbers (bench.gateway gives those).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import glob
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+TRACE_ENV = "SLUICE_TRACE_DIR"
+
+
+# ======================================================================================
+# the launcher side: shims, then run.main()
+# ======================================================================================
+class _Writer:
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.pid = None
+        self.f = None
+        self.lock = threading.Lock()
+
+    def __call__(self, *fields) -> None:
+        line = "\t".join(str(x) for x in (time.time(), *fields)) + "\n"
+        with self.lock:
+            if self.pid != os.getpid():  # forked: a file of our own
+                self.pid = os.getpid()
+                self.f = open(os.path.join(self.directory, f"{self.pid}.log"), "a", buffering=1)
+            self.f.write(line)
+
+
+def _ids(msg) -> str:
+    for name in ("request_id", "stream_id", "lease_id"):
+        value = getattr(msg, name, None)
+        if value:
+            return f"{name}={value}"
+    return "-"
+
+
+def install_shims(directory: str) -> None:
+    from actors import host, hub, pool
+    from edge import bridge, dataplane, sse_stream, streams
+    from protocols import messages as m
+
+    w = _Writer(directory)
+
+    # --- actors --------------------------------------------------------------------------
+    original_receive = host.HostActor.receiveMessage
+
+    def receiveMessage(self, msg, sender):
+        if isinstance(msg, (bytes, bytearray)):
+            decoded = m.decode(bytes(msg))
+            w("actor_recv", self.role, type(decoded).__name__, _ids(decoded))
+            try:
+                return original_receive(self, msg, sender)
+            finally:
+                w("actor_done", self.role, type(decoded).__name__, _ids(decoded))
+        return original_receive(self, msg, sender)
+
+    host.HostActor.receiveMessage = receiveMessage
+
+    original_apply = host.HostActor.apply
+
+    def apply(self, effects):
+        effects = list(effects or ())
+        for effect in effects:
+            msg = getattr(effect, "msg", None)
+            if msg is not None and hasattr(effect, "to"):
+                w("actor_send", self.role, type(msg).__name__, _ids(msg))
+        return original_apply(self, effects)
+
+    host.HostActor.apply = apply
+
+    original_open = pool.PoolRuntime._open
+
+    def _open(self, msg):
+        w("pool_open", "pool", "OpenStream", _ids(msg))
+        return original_open(self, msg)
+
+    pool.PoolRuntime._open = _open
+
+    first_published: set = set()
+    original_publish = hub.StreamHub.publish
+
+    def publish(self, stream_id, events):
+        for e in events:
+            kind = e.get("type")
+            if kind in ("started", "delta") and (stream_id, kind) not in first_published:
+                first_published.add((stream_id, kind))
+                w("hub_publish", "pool", kind, f"stream_id={stream_id}")
+        if len(first_published) > 100_000:
+            first_published.clear()
+        return original_publish(self, stream_id, events)
+
+    hub.StreamHub.publish = publish
+
+    # --- edge ------------------------------------------------------------------------------
+    original_join = streams.LocalStreams.join
+
+    async def join(self, request_id, provider, model, body, key, received_at):
+        w("edge_join", "edge", f"{received_at}", f"request_id={request_id}")
+        sub = await original_join(self, request_id, provider, model, body, key, received_at)
+        w("edge_joined", "edge", sub.role, f"request_id={request_id}", f"stream_id={sub.flight.stream_id}")
+        return sub
+
+    streams.LocalStreams.join = join
+
+    original_ask = bridge.ActorBridge.ask
+
+    async def ask(self, to, msg, timeout=5.0):
+        w("ask_call", "edge", type(msg).__name__, _ids(msg))
+        try:
+            return await original_ask(self, to, msg, timeout)
+        finally:
+            w("ask_return", "edge", type(msg).__name__, _ids(msg))
+
+    bridge.ActorBridge.ask = ask
+
+    original_ask_blocking = bridge.ActorBridge.ask_blocking
+
+    def ask_blocking(self, to, msg, timeout):
+        w("ask_thread", "edge", type(msg).__name__, _ids(msg))
+        try:
+            return original_ask_blocking(self, to, msg, timeout)
+        finally:
+            w("ask_thread_done", "edge", type(msg).__name__, _ids(msg))
+
+    bridge.ActorBridge.ask_blocking = ask_blocking
+
+    original_tell = bridge.ActorBridge.tell
+
+    async def tell(self, to, msg):
+        w("tell_call", "edge", type(msg).__name__, _ids(msg))
+        return await original_tell(self, to, msg)
+
+    bridge.ActorBridge.tell = tell
+
+    original_tell_blocking = bridge.ActorBridge.tell_blocking
+
+    def tell_blocking(self, to, msg):
+        w("tell_thread", "edge", type(msg).__name__, _ids(msg))
+        try:
+            return original_tell_blocking(self, to, msg)
+        finally:
+            w("tell_thread_done", "edge", type(msg).__name__, _ids(msg))
+
+    bridge.ActorBridge.tell_blocking = tell_blocking
+
+    original_abort = pool.PoolRuntime._abort
+
+    def _abort(self, msg):
+        w("pool_abort", "pool", "AbortStream", _ids(msg))
+        return original_abort(self, msg)
+
+    pool.PoolRuntime._abort = _abort
+
+    original_subscribe = dataplane.HubClient.subscribe
+
+    async def subscribe(self, stream_id, on_events):
+        w("subscribe", "edge", "-", f"stream_id={stream_id}")
+        seen = set()
+
+        def traced(*args):  # (events) or (seq, events), whichever the product uses
+            events = args[-1]
+            for e in events:
+                kind = e.get("type")
+                if kind in ("started", "delta") and kind not in seen:
+                    seen.add(kind)
+                    w("hub_rx", "edge", kind, f"stream_id={stream_id}")
+            return on_events(*args)
+
+        return await original_subscribe(self, stream_id, traced)
+
+    dataplane.HubClient.subscribe = subscribe
+
+    original_render = sse_stream.Renderer.render
+
+    def render(self, event):
+        out = original_render(self, event)
+        if event.get("type") == "delta" and not getattr(self, "_traced_delta", False):
+            self._traced_delta = True
+            w("render_delta", "edge", "-", f"request_id={self.sub.request_id}")
+        return out
+
+    sse_stream.Renderer.render = render
+
+
+def launch() -> int:
+    directory = os.environ[TRACE_ENV]
+    sys.path.insert(0, os.getcwd())
+    install_shims(directory)
+    import run
+
+    return run.main([])
+
+
+# ======================================================================================
+# the driver side
+# ======================================================================================
+STAGES = [
+    ("client send → edge join", "client_send", "edge_join"),
+    ("edge join → bridge ask called", "edge_join", "ask_call"),
+    ("ask called → runs on a bridge thread", "ask_call", "ask_thread"),
+    ("bridge thread → Coalescer gets Submit", "ask_thread", "co_submit"),
+    ("Coalescer handles Submit → sends LeaseRequest", "co_submit", "co_lease_req"),
+    ("LeaseRequest sent → Pacer gets it", "co_lease_req", "pacer_recv"),
+    ("Pacer gets → sends LeaseGranted", "pacer_recv", "pacer_send"),
+    ("LeaseGranted sent → Coalescer gets it", "pacer_send", "co_granted"),
+    ("Coalescer gets grant → sends OpenStream", "co_granted", "co_open"),
+    ("OpenStream sent → Pool actor gets it", "co_open", "pool_recv"),
+    ("Pool actor → Pool loop _open", "pool_recv", "pool_open"),
+    ("Pool loop _open → sim receives the call", "pool_open", "sim_started"),
+    ("sim call → sim first byte (ttft knob)", "sim_started", "sim_first_byte"),
+    ("sim first byte → hub publishes first delta", "sim_first_byte", "hub_delta"),
+    ("hub publishes → edge HubClient gets it", "hub_delta", "edge_rx_delta"),
+    ("edge gets → renders delta", "edge_rx_delta", "render_delta"),
+    ("edge renders → client gets first delta", "render_delta", "client_delta"),
+    ("(side) Coalescer sends Admitted → edge ask returns on the loop", "co_admitted", "ask_return"),
+    ("(side) ask thread done → ask returns on the loop", "ask_thread_done", "ask_return"),
+    ("(side) edge subscribes (after Admitted)", "ask_return", "subscribe"),
+    ("(total) client send → sim receives the call", "client_send", "sim_started"),
+    ("(total) sim first byte → client first delta", "sim_first_byte", "client_delta"),
+    ("(total) client TTFT", "client_send", "client_delta"),
+]
+
+
+CANCEL_STAGES = [
+    ("client closes → edge calls bridge.tell(Cancel)", "client_close", "tell_cancel"),
+    ("tell called → runs on a bridge thread", "tell_cancel", "tell_thread"),
+    ("bridge thread → Coalescer gets Cancel", "tell_thread", "co_cancel"),
+    ("Coalescer gets Cancel → sends AbortStream", "co_cancel", "co_abort"),
+    ("AbortStream sent → Pool actor gets it", "co_abort", "pool_recv_abort"),
+    ("Pool actor → Pool loop _abort", "pool_recv_abort", "pool_abort"),
+    ("Pool loop _abort → sim observes the cancel", "pool_abort", "sim_observed"),
+    ("(total) client closes → sim observes", "client_close", "sim_observed"),
+]
+
+
+def read_traces(directory: str) -> list[tuple]:
+    rows = []
+    for path in glob.glob(os.path.join(directory, "*.log")):
+        pid = int(os.path.basename(path).split(".")[0])
+        for line in open(path):
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) >= 5:
+                rows.append((float(parts[0]), pid, *parts[1:]))
+    rows.sort()
+    return rows
+
+
+def timelines(rows, clients, sim_calls) -> dict[str, dict]:
+    """request_id -> {point: time}. Leaders only (stream id s-<request id>)."""
+    out: dict[str, dict] = collections.defaultdict(dict)
+    stream_of = {}
+
+    def first(rid, point, t):
+        out[rid].setdefault(point, t)
+
+    for row in rows:
+        t, pid, event, role, kind, ident = row[:6]
+        name, _, value = ident.partition("=")
+        rid = value if name == "request_id" else (value[2:] if name in ("stream_id", "lease_id") and value.startswith("s-") else None)
+        if rid is None:
+            continue
+        if event == "edge_join":
+            first(rid, "edge_join", t)
+        elif event == "ask_call" and kind == "Submit":
+            first(rid, "ask_call", t)
+        elif event == "ask_thread" and kind == "Submit":
+            first(rid, "ask_thread", t)
+        elif event == "ask_thread_done" and kind == "Submit":
+            first(rid, "ask_thread_done", t)
+        elif event == "ask_return" and kind == "Submit":
+            first(rid, "ask_return", t)
+        elif event == "actor_recv" and role.startswith("coalescer") and kind == "Submit":
+            first(rid, "co_submit", t)
+        elif event == "actor_send" and role.startswith("coalescer") and kind == "LeaseRequest":
+            first(rid, "co_lease_req", t)
+        elif event == "actor_recv" and role.startswith("pacer") and kind == "LeaseRequest":
+            first(rid, "pacer_recv", t)
+        elif event == "actor_send" and role.startswith("pacer") and kind in ("LeaseGranted", "LeaseQueued"):
+            first(rid, "pacer_send", t)
+        elif event == "actor_recv" and role.startswith("coalescer") and kind in ("LeaseGranted", "LeaseQueued"):
+            first(rid, "co_granted", t)
+        elif event == "actor_send" and role.startswith("coalescer") and kind == "Admitted":
+            first(rid, "co_admitted", t)
+        elif event == "actor_send" and role.startswith("coalescer") and kind == "OpenStream":
+            first(rid, "co_open", t)
+        elif event == "actor_recv" and role == "pool" and kind == "OpenStream":
+            first(rid, "pool_recv", t)
+        elif event == "pool_open":
+            first(rid, "pool_open", t)
+        elif event == "hub_publish" and kind == "delta":
+            first(rid, "hub_delta", t)
+        elif event == "subscribe":
+            first(rid, "subscribe", t)
+        elif event == "hub_rx" and kind == "delta":
+            first(rid, "edge_rx_delta", t)
+        elif event == "render_delta":
+            first(rid, "render_delta", t)
+        elif event == "tell_call" and kind == "Cancel":
+            first(rid, "tell_cancel", t)
+        elif event == "tell_thread" and kind == "Cancel":
+            first(rid, "tell_thread", t)
+        elif event == "tell_thread_done" and kind == "Cancel":
+            first(rid, "tell_thread_done", t)
+        elif event == "actor_recv" and role.startswith("coalescer") and kind == "Cancel":
+            first(rid, "co_cancel", t)
+        elif event == "actor_send" and role.startswith("coalescer") and kind == "AbortStream":
+            first(rid, "co_abort", t)
+        elif event == "actor_recv" and role == "pool" and kind == "AbortStream":
+            first(rid, "pool_recv_abort", t)
+        elif event == "pool_abort":
+            first(rid, "pool_abort", t)
+        elif event == "edge_joined":
+            stream_of[rid] = row[6] if len(row) > 6 else None
+    return out
+
+
+def main(argv=None) -> dict:
+    if argv is None and sys.argv[1:2] == ["launch"]:
+        sys.exit(launch())
+    parser = argparse.ArgumentParser(prog="python -m bench.trace", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--levels", default="1,20")
+    parser.add_argument("--streams", type=int, default=40, help="streams per level")
+    parser.add_argument("--cancels", type=int, default=20)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+
+    from bench.common import ROOT, fmt, log, pct, sigterm_as_interrupt, write_json
+    from bench.load import GatewayProc, Sim, new_pool, prompt_of, sim_prompt, sim_stats, stream_once
+
+    knobs = {"ttft_ms": 200, "token_interval_ms": 20, "tokens": 10}
+    trace_dir = tempfile.mkdtemp(prefix="sluice-trace-")
+    sim, gw = Sim(), None
+    result = {"levels": {}}
+    with sigterm_as_interrupt():
+        try:
+            sim.start()
+            gw = GatewayProc({"SIMULATED_BASE_URL": sim.url, TRACE_ENV: trace_dir})
+            gw.argv = [sys.executable, "-m", "bench.trace", "launch"]
+            gw.start()
+            for level in [int(x) for x in args.levels.split(",")]:
+                clients = []
+
+                async def drive():
+                    pool = new_pool(level + 2)
+                    tag = uuid.uuid4().hex[:6]
+                    per = max(1, args.streams // level)
+                    period = 0.4
+
+                    async def worker(j):
+                        await asyncio.sleep(j * period / level)
+                        for i in range(per):
+                            clients.append(await stream_once(pool, "sluice", gw.url + "/api/chat", sim_prompt(f"trace-{tag}-{j}-{i}", **knobs)))
+
+                    await asyncio.gather(*(worker(j) for j in range(level)))
+                    await pool.aclose()
+
+                asyncio.run(drive())  # warm-up round, discarded
+                clients.clear()
+                asyncio.run(drive())
+                time.sleep(0.5)
+                stats = sim_stats(sim.url)
+                calls = {prompt_of(c.get("body")): c for c in stats["requests"]}
+                rows = read_traces(trace_dir)
+                lines = timelines(rows, [], calls)
+                # the request id of each client: from its meta event
+                stage_values = collections.defaultdict(list)
+                for res in clients:
+                    rid = (res.meta or {}).get("request_id")
+                    points = dict(lines.get(rid, {}))
+                    call = calls.get(res.prompt)
+                    if not rid or not call or res.first_delta_wall is None:
+                        continue
+                    points["client_send"] = res.sent_wall
+                    points["client_delta"] = res.first_delta_wall
+                    points["sim_started"] = call["started_at"]
+                    points["sim_first_byte"] = call["first_byte_at"]
+                    for name, a, b in STAGES:
+                        if a in points and b in points:
+                            stage_values[name].append((points[b] - points[a]) * 1000.0)
+                table = []
+                for name, _, _ in STAGES:
+                    v = stage_values.get(name, [])
+                    table.append({"stage": name, "n": len(v), "p50_ms": pct(v, 50), "p95_ms": pct(v, 95)})
+                result["levels"][level] = table
+                log(f"level {level}: {len(clients)} streams traced")
+                for row in table:
+                    print(f"c={level:<3} {row['stage']:<62} n={row['n']:<4} p50 {fmt(row['p50_ms'], 2):>8}  p95 {fmt(row['p95_ms'], 2):>8}")
+                for path in glob.glob(os.path.join(trace_dir, "*.log")):
+                    open(path, "w").close()  # next level starts clean
+            result["cancel"] = asyncio.run(trace_cancels(gw, sim, trace_dir, args.cancels))
+        finally:
+            if gw is not None:
+                gw.stop()
+            sim.stop()
+    write_json(args.json, result) if args.json else None
+    return result
+
+
+async def trace_cancels(gw, sim, trace_dir: str, count: int) -> list[dict]:
+    from bench.common import fmt, pct
+    from bench.load import new_pool, prompt_of, sim_prompt, sim_stats, stream_once
+
+    for path in glob.glob(os.path.join(trace_dir, "*.log")):
+        open(path, "w").close()
+    closes = []
+    for i in range(count):
+        pool = new_pool(1)
+        try:
+            res = await stream_once(pool, "sluice", gw.url + "/api/chat",
+                                    sim_prompt(f"trace-cancel-{uuid.uuid4().hex[:6]}", ttft_ms=200, token_interval_ms=20, tokens=500),
+                                    hang_up_after_first_delta=0.0)
+        finally:
+            await pool.aclose()
+        closes.append(res)
+        await asyncio.sleep(0.3)
+    await asyncio.sleep(0.5)
+    stats = sim_stats(sim.url)
+    calls = {prompt_of(c.get("body")): c for c in stats["requests"]}
+    observed = {c["call_id"]: c["observed_at"] for c in stats["cancellations"]}
+    lines = timelines(read_traces(trace_dir), [], calls)
+    values = collections.defaultdict(list)
+    for res in closes:
+        rid = (res.meta or {}).get("request_id")
+        call = calls.get(res.prompt)
+        if not rid or not call or res.closed_wall is None or call["call_id"] not in observed:
+            continue
+        points = dict(lines.get(rid, {}))
+        points["client_close"] = res.closed_wall
+        points["sim_observed"] = observed[call["call_id"]]
+        for name, a, b in CANCEL_STAGES:
+            if a in points and b in points:
+                values[name].append((points[b] - points[a]) * 1000.0)
+    table = []
+    for name, _, _ in CANCEL_STAGES:
+        v = values.get(name, [])
+        table.append({"stage": name, "n": len(v), "p50_ms": pct(v, 50), "p95_ms": pct(v, 95)})
+        print(f"cancel {name:<62} n={len(v):<4} p50 {fmt(pct(v, 50), 2):>8}  p95 {fmt(pct(v, 95), 2):>8}")
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -19,16 +19,17 @@ import socket
 import threading
 import time
 
-import httpcore
 from thespian.actors import ActorExitRequest, ThespianWatch, WatchMessage
 
 from actors.effects import Send
 from actors.host import HostActor
 from actors.hub import StreamHub
-from actors.upstream import run_call
 from protocols import events as ev
 from protocols import messages as m
-from protocols.providers import get_adapter
+
+# httpcore, h2, anyio and the provider adapters are imported by the Pool's loop when it
+# starts, not here: the Supervisor imports this module and forks every actor from its
+# own memory, and none of the other eight processes needs those ~9 MB.
 
 log = logging.getLogger("sluice.pool")
 
@@ -57,7 +58,7 @@ class PoolRuntime:
         self.calls: dict[str, asyncio.Task] = {}
         self.abort_requested: dict[str, float] = {}
         self.records: list[dict] = []
-        self.http: httpcore.AsyncConnectionPool | None = None
+        self.http = None  # httpcore.AsyncConnectionPool, made on the loop
         self.hub_port: int | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pool-loop", daemon=True)
@@ -75,6 +76,8 @@ class PoolRuntime:
         self.loop.run_forever()
 
     async def _setup(self) -> None:
+        import httpcore
+
         # HTTP/2 where the provider offers it (ALPN on https). Cleartext http:// URLs are
         # HTTP/1.1 unless the provider is configured for prior-knowledge HTTP/2
         # (<PREFIX>_H2C, on for the simulated provider; a local Ollama speaks HTTP/1.1).
@@ -135,6 +138,9 @@ class PoolRuntime:
         self.hub.publish(msg.stream_id, [ev.error(msg.code, msg.message)])
 
     async def _call(self, msg: m.OpenStream) -> None:
+        from actors.upstream import run_call
+        from protocols.providers import get_adapter
+
         provider = self.settings["providers"].get(msg.provider)
         publish = lambda events: self.hub.publish(msg.stream_id, events)  # noqa: E731
         result = None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import time
 import uuid
 
@@ -56,6 +55,8 @@ class ThreadNotFound(LookupError):
 
 class ThreadStore:
     def __init__(self, path: str):
+        import sqlite3  # here, not at the top: only the thread store's process needs it
+
         if os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None)  # explicit transactions below

@@ -1,10 +1,11 @@
 """One client's SSE response: ping first, then meta, deltas and exactly one terminal event.
 
-A raw ASGI response rather than Starlette's StreamingResponse, because it must race three
-things and react to whichever comes first: the next event of the stream, the client
-going away (`http.disconnect` from `receive`, awaited, not polled), and the keepalive
-timer (a ping while nothing else happens). The gateway shutting down is a fourth: the
-client then gets an error event, never a connection cut mid-stream.
+A raw ASGI response rather than Starlette's StreamingResponse, because it must react to
+whichever comes first: the next event of the stream, the client going away
+(`http.disconnect` from `receive`, awaited, not polled), the keepalive timer (a ping
+while nothing else happens), and the gateway shutting down (the client then gets an
+error event, never a connection cut mid-stream). A watcher turns the disconnect and the
+shutdown into items of the client's queue, so the pump awaits one thing at a time.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from protocols import events as ev
 from protocols.sse import PING, frame
 
 _FRAME = "_sse_frame"  # where SluiceRenderer caches an event's encoded frame
+_GONE = {"type": "_client_gone"}  # queued by the watcher when the client disconnects
 
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -110,44 +112,47 @@ class SSEStream:
     async def __call__(self, scope, receive, send) -> None:
         headers = HEADERS + [(b"x-request-id", self.sub.request_id.encode())]
         outcome = {"outcome": "error", "error_code": "disconnected"}
-        disconnect = asyncio.ensure_future(_wait_disconnect(receive))
-        shutdown = asyncio.ensure_future(self.shutting_down.wait())
+        # One watcher for the life of the stream turns "the client left" and "the gateway
+        # stops" into items of the client's own queue, so the pump awaits one queue only:
+        # no task and no asyncio.wait per event.
+        watcher = asyncio.ensure_future(self._watch(receive))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": self.renderer.opening(), "more_body": True})
-            outcome = await self._pump(send, disconnect, shutdown)
+            outcome = await self._pump(send)
         except OSError:  # the client's socket broke while we wrote
             outcome = {"outcome": "cancelled", "error_code": "disconnected"}
         finally:
-            disconnect.cancel()
-            shutdown.cancel()
+            watcher.cancel()
             measured = {"ttft_ms": self.renderer.ttft_ms, "queue_wait_ms": self.renderer.queue_wait_ms}
             self.on_end(self.sub, {**outcome, **measured})
 
-    async def _pump(self, send, disconnect: asyncio.Future, shutdown: asyncio.Future) -> dict:
+    async def _watch(self, receive) -> None:
+        disconnect = asyncio.ensure_future(_wait_disconnect(receive))
+        shutdown = asyncio.ensure_future(self.shutting_down.wait())
+        try:
+            done, _ = await asyncio.wait({disconnect, shutdown}, return_when=asyncio.FIRST_COMPLETED)
+            if disconnect in done:
+                self.sub.queue.put_nowait(_GONE)
+            else:
+                self.sub.queue.put_nowait(ev.error("shutting_down", "the gateway is shutting down"))
+        finally:
+            disconnect.cancel()
+            shutdown.cancel()
+
+    async def _pump(self, send) -> dict:
         queue = self.sub.queue
         while True:
-            events = []
-            if queue.empty():
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait(
-                    {getter, disconnect, shutdown}, timeout=self.keepalive_s, return_when=asyncio.FIRST_COMPLETED
-                )
-                if getter not in done:
-                    getter.cancel()  # a cancelled Queue.get loses no item
-                if disconnect in done:
-                    return {"outcome": "cancelled", "error_code": "disconnected"}
-                if getter in done:
-                    events.append(getter.result())
-                elif shutdown in done:
-                    events.append(ev.error("shutting_down", "the gateway is shutting down"))
-                else:
-                    await send({"type": "http.response.body", "body": self.renderer.keepalive(), "more_body": True})
-                    continue
-            elif disconnect.done():
-                return {"outcome": "cancelled", "error_code": "disconnected"}
+            try:
+                async with asyncio.timeout(self.keepalive_s):
+                    events = [await queue.get()]
+            except TimeoutError:
+                await send({"type": "http.response.body", "body": self.renderer.keepalive(), "more_body": True})
+                continue
             while not queue.empty():  # whatever else is ready goes out in the same write
                 events.append(queue.get_nowait())
+            if any(event is _GONE for event in events):
+                return {"outcome": "cancelled", "error_code": "disconnected"}
             body, terminal = b"", None
             for event in events:
                 body += self.renderer.render(event)

@@ -11,36 +11,6 @@
 # account's configured ones) and unsets SLUICE_SIGNOFF_ACCOUNT.
 # Never exits a sourcing shell (bash or zsh): it returns the status instead.
 
-_sluice_signoff() {
-    local step=$1 here=$2; shift 2
-    local py=${SLUICE_PYTHON:-} exports rc=0
-    if [ -z "$py" ]; then
-        if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; else py=python3; fi
-    fi
-    exports=$(mktemp "${TMPDIR:-/tmp}/sluice-signoff.XXXXXX") || return 2
-    "$py" "$here/scripts/ttft_suite.py" "$step" --exports "$exports" "$@" || rc=$?
-    if [ "$rc" -eq 0 ] && [ "$_sluice_sourced" = 1 ]; then
-        . "$exports"
-    fi
-    rm -f "$exports"
-    return "$rc"
-}
-
-# Sourced or executed? ($0 is this file when zsh sources it, the shell's name in bash)
-_sluice_sourced=0
-if [ -n "${ZSH_VERSION:-}" ]; then
-    case ${ZSH_EVAL_CONTEXT:-} in *:file*) _sluice_sourced=1 ;; esac
-    _sluice_here=$(cd "$(dirname "$0")" && pwd)
-else
-    [ "${BASH_SOURCE[0]}" != "$0" ] && _sluice_sourced=1
-    _sluice_here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-fi
-
-_sluice_rc=0
-_sluice_signoff restore "$_sluice_here" "$@" || _sluice_rc=$?
-if [ "$_sluice_sourced" = 1 ]; then
-    unset -f _sluice_signoff
-    unset _sluice_sourced _sluice_here
-    eval "unset _sluice_rc; return $_sluice_rc"
-fi
-exit "$_sluice_rc"
+_sluice_step=restore
+if [ -n "${ZSH_VERSION:-}" ]; then _sluice_self=$0; else _sluice_self=${BASH_SOURCE[0]}; fi
+. "$(cd "$(dirname "$_sluice_self")" && pwd)/scripts/signoff.sh"

@@ -20,6 +20,7 @@ from actors import addressing
 from actors.coalescer import CoalescerActor
 from actors.effects import After, Send
 from actors.host import HostActor, my_address
+from actors.system import alive
 from actors.metrics import MetricsActor
 from actors.pacer import PacerActor
 from actors.pool import PoolActor
@@ -158,12 +159,12 @@ class SupervisorActor(HostActor):
         if self.stopping:
             return []
         pid = self.settings.get("parent_pid")
-        if pid and not _alive(pid):
+        if pid and not alive(pid):
             log.error("run.py (pid %s) is gone; shutting the actor system down", pid)
             self._shutdown_system()
             return []
         for role, child_pid in list(self.pids.items()):
-            if not _alive(child_pid):
+            if not alive(child_pid):
                 self._recreate(role)
         return [After(WATCH_EVERY_S, Watch())]
 
@@ -187,14 +188,3 @@ def _address_string(address) -> str | None:
         return addressing.to_string(address)
     except AttributeError:  # a local address of a child that never started
         return None
-
-
-def _alive(pid: int) -> bool:
-    """True unless the process is gone or a zombie (dead, not yet reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from typing import NamedTuple
 
 from actors import addressing
 
@@ -58,17 +59,15 @@ def kill_group(group: int, grace_s: float) -> None:
             pass
 
 
-def _children(pid: int) -> set[int]:
-    """Children of `pid`, zombies included (the daemonizing child exits at once)."""
-    return {p for p, (parent, _group, _state) in _table().items() if parent == pid}
+class Proc(NamedTuple):
+    parent: int
+    group: int
+    session: int
+    state: str  # "Z" zombie (dead, not reaped), "X" dead, else running or sleeping
 
 
-def _group_members(group: int) -> set[int]:
-    return {p for p, (_parent, g, state) in _table().items() if g == group and state not in ("Z", "X")}
-
-
-def _table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, process group, state) of every process."""
+def process_table() -> dict[int, Proc]:
+    """Every process on the machine, from /proc (Linux)."""
     table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -78,8 +77,38 @@ def _table() -> dict[int, tuple[int, int, str]]:
                 fields = f.read().rpartition(")")[2].split()
         except OSError:
             continue
-        table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0])
+        table[int(entry)] = Proc(int(fields[1]), int(fields[2]), int(fields[3]), fields[0])
     return table
+
+
+def alive(pid: int) -> bool:
+    """True unless the process is gone or a zombie."""
+    proc = process_table().get(pid)
+    return proc is not None and proc.state not in ("Z", "X")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid`, including the daemonized actor system: its admin lives
+    in a session of its own, led by a (zombie) child of `pid`."""
+    table = process_table()
+    out: set[int] = set()
+    changed = True
+    while changed:
+        changed = False
+        for child, proc in table.items():
+            if child not in out and (proc.parent == pid or proc.parent in out or proc.session in out):
+                out.add(child)
+                changed = True
+    return out
+
+
+def _children(pid: int) -> set[int]:
+    """Children of `pid`, zombies included (the daemonizing child exits at once)."""
+    return {p for p, proc in process_table().items() if proc.parent == pid}
+
+
+def _group_members(group: int) -> set[int]:
+    return {p for p, proc in process_table().items() if proc.group == group and proc.state not in ("Z", "X")}
 
 
 def main(argv: list[str]) -> int:

@@ -19,6 +19,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from actors.system import alive, descendants, process_table  # noqa: F401  (the benches use them)
+
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -59,42 +61,6 @@ def fmt(value, digits: int = 1, unit: str = "") -> str:
 
 
 # --- /proc ------------------------------------------------------------------------------------
-def proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, session id)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            table[int(entry)] = (int(fields[1]), int(fields[3]))
-        except OSError:
-            continue
-    return table
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid`, including daemonized ones (Thespian's admin
-    double-forks into its own session, led by a child of `pid`)."""
-    table = proc_table()
-    out: set[int] = set()
-    changed = True
-    while changed:
-        changed = False
-        for child, (parent, session) in table.items():
-            if child not in out and (parent == pid or parent in out or session in out):
-                out.add(child)
-                changed = True
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def cpu_seconds(pid: int) -> float | None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpcore
 
+from actors.system import alive, descendants
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -34,44 +36,6 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
-
-
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, session id), from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            table[int(entry)] = (int(fields[1]), int(fields[3]))
-        except OSError:
-            continue
-    return table
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid`, including those that were daemonized away from it:
-    Thespian's admin double-forks into a session of its own, led by a child of `pid`."""
-    table = _proc_table()
-    out: set[int] = set()
-    changed = True
-    while changed:
-        changed = False
-        for child, (parent, session) in table.items():
-            if child not in out and (parent == pid or parent in out or session in out):
-                out.add(child)
-                changed = True
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def listening_ports(pids: set[int]) -> set[tuple[str, int]]:

@@ -239,12 +239,16 @@ class Outbox:
                 pass  # the socket is full of wake-ups already
 
     def drain(self) -> list:
-        self._woken.clear()  # before reading: a put from now on wakes the actor again
         try:
             while self.wake_r.recv(4096):
                 pass
         except (BlockingIOError, OSError):
             pass
+        # After reading the wake-ups and before taking the effects: a put that saw the
+        # flag set has already queued its effect (taken below); any later put sends a
+        # new byte. Cleared before reading, a byte sent in between would be swallowed
+        # with the flag left set, and every later effect would wait forever.
+        self._woken.clear()
         out = []
         while True:
             try:

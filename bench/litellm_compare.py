@@ -57,6 +57,8 @@ DOC = ROOT / "docs" / "benchmarks-litellm.md"
 IMG = ROOT / "docs" / "img"
 RESULTS = ROOT / "bench" / "results"
 
+LITELLM_COMMAND_SHOWN = "litellm --config <config.yaml> --host 127.0.0.1 --port <free port> --num_workers 1"
+IDLE_WINDOW_S = 5.0
 SIM_TTFT_MS = 200
 SIM_INTERVAL_MS = 20
 SIM_TOKENS = 30
@@ -150,6 +152,23 @@ def cpu_seconds(pids: set[int]) -> float:
         except (OSError, IndexError, ValueError):
             pass
     return total / tick
+
+
+def system_cpu_seconds() -> float:
+    """CPU time the whole machine spent busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    busy = sum(fields[:8]) - idle
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def foreign_cores(ours, seconds: float = 1.0) -> float:
+    pids = ours()
+    a, b = system_cpu_seconds(), cpu_seconds(pids)
+    time.sleep(seconds)
+    pids |= ours()
+    return max(0.0, ((system_cpu_seconds() - a) - (cpu_seconds(pids) - b)) / seconds)
 
 
 def rss_kib(pids: set[int]) -> int:
@@ -342,11 +361,14 @@ class MemSampler(threading.Thread):
 
     def run(self) -> None:
         n = 0
+        trees: dict[str, set[int]] = {}
         while not self.stop_event.wait(self.interval):
             n += 1
             for name, get in list(self.sources.items()):
                 try:
-                    pids = get()
+                    if n % 20 == 1 or not trees.get(name) or not all(alive(p) for p in trees[name]):
+                        trees[name] = get()  # a /proc scan: every 5 s or when the tree changed
+                    pids = trees[name]
                 except Exception:
                     continue
                 if not pids:
@@ -398,11 +420,26 @@ def med(values) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def summarize_streams(result: dict) -> dict:
+def summarize_streams(result: dict, upstream: dict | None = None) -> dict:
+    """`upstream`: first prompt line -> the simulator's record of that call (started_at,
+    first_byte_at), to split TTFT into admission (client start -> upstream receives the
+    call) and delivery (upstream's first byte -> the client reads the first token)."""
     recs = result["records"]
     measured = [r for r in recs if not r.get("warmup")]
     ok = [r for r in measured if r["ok"] and r["ttft"] is not None]
     ttft_ms = [r["ttft"] * 1000 for r in ok]
+    admission, delivery, edge_in, actor_path = [], [], [], []
+    for r in ok:
+        call = (upstream or {}).get(r["text"].split("\n")[0])
+        if call and call.get("started_at") and call.get("first_byte_at"):
+            admission.append((call["started_at"] - r["t0"]) * 1000)
+            delivery.append(r["ttft"] * 1000 - (call["first_byte_at"] - r["t0"]) * 1000)
+            if r.get("gw_ttft_ms") is not None:
+                # sluice's meta ttft_ms = Pool's first byte - edge's received_at, so (taking the
+                # Pool's first byte ~ the simulator's) the edge received the request at:
+                received = call["first_byte_at"] - r["gw_ttft_ms"] / 1000
+                edge_in.append((received - r["t0"]) * 1000)
+                actor_path.append((call["started_at"] - received) * 1000)
     gaps = []
     for r in ok:
         t = r["tok"]
@@ -415,6 +452,12 @@ def summarize_streams(result: dict) -> dict:
         "n": len(measured), "ok": len(ok), "errors": sum(errors.values()), "error_kinds": errors,
         "ttft_p50": pct(ttft_ms, 50), "ttft_p95": pct(ttft_ms, 95), "ttft_p99": pct(ttft_ms, 99),
         "gap_p50": pct(gaps, 50), "gap_p95": pct(gaps, 95), "gap_p99": pct(gaps, 99),
+        "admission_p50": pct(admission, 50), "admission_p95": pct(admission, 95),
+        "delivery_p50": pct(delivery, 50), "delivery_p95": pct(delivery, 95), "matched": len(admission),
+        "edge_in_p50": pct(edge_in, 50), "edge_in_p95": pct(edge_in, 95),
+        "actor_path_p50": pct(actor_path, 50), "actor_path_p95": pct(actor_path, 95),
+        "gw_ttft_p50": pct([r["gw_ttft_ms"] for r in ok if r.get("gw_ttft_ms") is not None], 50),
+        "gw_queue_p95": pct([r["gw_queue_ms"] for r in ok if r.get("gw_queue_ms") is not None], 95),
         "tokens": sum(r["ntok"] for r in recs), "wall_s": result["wall_s"], "loadgen_cpu_s": result["loadgen_cpu_s"],
         "error_details": sorted({str(r.get("detail"))[:160] for r in recs if not r["ok"] and r.get("detail")})[:3],
     }
@@ -480,6 +523,24 @@ class Bench:
             return self.sluice_prod.pids
         return proc_tree(self.sim.proc.pid)
 
+    def all_our_pids(self) -> set[int]:
+        pids = proc_tree(self.sim.proc.pid)
+        for thing in (self.sluice, self.sluice_prod, self.litellm):
+            if thing is not None:
+                pids |= thing.pids
+        return pids
+
+    def wait_quiet(self, label: str) -> None:
+        """Before a round: wait (bounded) until other work on the machine uses < 0.5 core."""
+        limit = self.args.quiet_wait
+        waited, f = 0.0, foreign_cores(self.all_our_pids)
+        while f > 0.5 and waited < limit:
+            if waited == 0:
+                log(f"  {label}: other processes use {f:.1f} cores; waiting up to {limit:.0f} s for a quieter machine")
+            f = foreign_cores(self.all_our_pids, 2.0)
+            waited += 2.0
+        self.results.setdefault("quiet", []).append({"label": label, "waited_s": waited, "foreign_cores": f})
+
     @staticmethod
     def order(round_no: int, names=TARGETS) -> list[str]:
         k = round_no % len(names)
@@ -487,7 +548,8 @@ class Bench:
 
     def stream_cell(self, name: str, target: dict, conc: int, per_worker: int, warmup: int, nonce: str,
                     prompt: str = "", identical: bool = False, stagger: float | None = None,
-                    timeout_s: float = 60.0, cancel_after: int | None = None) -> dict:
+                    timeout_s: float = 30.0, cancel_after: int | None = None, breakdown: bool = False) -> dict:
+        target = self.current_target(name, target)
         stream_s = (SIM_TTFT_MS + SIM_INTERVAL_MS * SIM_TOKENS) / 1000
         spec = {"target": target, "concurrency": conc, "per_worker": per_worker, "warmup": warmup,
                 "stagger_s": stream_s if stagger is None else stagger, "timeout_s": timeout_s, "nonce": nonce,
@@ -495,17 +557,77 @@ class Bench:
         gw_key = name if name != "direct" else "sim"
         pids = self.gateway_pids(gw_key)
         sim_pids = proc_tree(self.sim.proc.pid)
-        cpu0, sim0 = cpu_seconds(pids), cpu_seconds(sim_pids)
+        ours = self.all_our_pids()
+        cpu0, sim0, ours0, sys0 = cpu_seconds(pids), cpu_seconds(sim_pids), cpu_seconds(ours), system_cpu_seconds()
+        w0 = time.monotonic()
         calls0 = self.sim.stats()["calls"]
         load0 = os.getloadavg()[0]
         res = run_cell(spec, hard_timeout=timeout_s * per_worker + 120)
         pids |= self.gateway_pids(gw_key)
-        cpu1, sim1 = cpu_seconds(pids), cpu_seconds(sim_pids)
-        s = summarize_streams(res)
+        cpu1, sim1, ours1, sys1 = cpu_seconds(pids), cpu_seconds(sim_pids), cpu_seconds(ours), system_cpu_seconds()
+        w1 = time.monotonic()
+        stats = self.sim.stats()
+        upstream = {}
+        if breakdown:
+            for req in stats["requests"]:
+                try:
+                    upstream[req["body"]["messages"][-1]["content"].split("\n")[0]] = req
+                except (KeyError, IndexError, TypeError, AttributeError):
+                    pass
+        s = summarize_streams(res, upstream)
+        # CPU used on the machine by anything but our gateways, the simulator and the loadgen:
+        # the other engineers' test runs. Cores, averaged over the cell.
+        foreign = ((sys1 - sys0) - (ours1 - ours0) - res["loadgen_cpu_s"]) / max(w1 - w0, 1e-6)
         s.update({"target": name, "conc": conc, "gw_cpu_s": cpu1 - cpu0, "sim_cpu_s": sim1 - sim0,
-                  "upstream_calls": self.sim.stats()["calls"] - calls0, "loadavg": load0})
+                  "upstream_calls": stats["calls"] - calls0, "loadavg": load0, "foreign_cores": max(0.0, foreign)})
         s["_records"] = res["records"]
+        if name != "direct" and res["records"] and s["errors"] * 2 >= len(res["records"]):
+            self.check_health(name, s, nonce)
         return s
+
+    def current_target(self, name: str, fallback: dict) -> dict:
+        """A gateway restarted after an incident listens on a new port: always ask the live one."""
+        thing = {"sluice": self.sluice, "sluice_prod": self.sluice_prod, "litellm": self.litellm}.get(name)
+        return thing.target() if thing is not None else fallback
+
+    def check_health(self, name: str, cell: dict, nonce: str) -> None:
+        """Half or more of a cell failed: probe the gateway with one plain request; if that fails
+        too, record an incident (with the gateway's own state and log) and restart it."""
+        target = self.current_target(name, {})
+        probe = run_cell({"target": target, "concurrency": 1, "per_worker": 1, "timeout_s": 20, "nonce": "probe"}, 60)
+        ok = probe["records"][0]["ok"]
+        incident = {"target": name, "cell": nonce, "conc": cell["conc"], "errors": cell["errors"],
+                    "error_kinds": cell["error_kinds"], "details": cell["error_details"], "probe_ok": ok,
+                    "at": datetime.now(timezone.utc).strftime("%H:%M:%S UTC")}
+        if name.startswith("sluice"):
+            gw = (self.sluice if name == "sluice" else self.sluice_prod).gw
+            try:
+                status, _, body = request("GET", gw.url + "/api/metrics/performance?last_n=100", timeout=10)
+                incident["metrics"] = json.loads(body) if status == 200 else body[:300].decode(errors="replace")
+            except Exception as exc:
+                incident["metrics"] = repr(exc)
+            incident["log_tail"] = gw.output()[-1500:]
+        else:
+            incident["log_tail"] = self.litellm.output()[-1500:]
+        log(f"  INCIDENT: {name} failed {cell['errors']} of its streams in cell {nonce} ({cell['error_kinds']}); "
+            f"a probe request {'succeeded' if ok else 'failed too'}")
+        if not ok:
+            log(f"  restarting {name} so the remaining measures can run (recorded in the report)")
+            if name == "litellm":
+                self.litellm.stop()
+                self.litellm = LiteLLM(self.sim.url).start()
+            else:
+                old = self.sluice if name == "sluice" else self.sluice_prod
+                old.stop()
+                env = old.gw.env
+                fresh = Sluice(name, self.sim.url, env["SIMULATED_RPS"], env["SIMULATED_BURST"],
+                               env["SIMULATED_CONCURRENCY"]).start()
+                if name == "sluice":
+                    self.sluice = fresh
+                else:
+                    self.sluice_prod = fresh
+            incident["restarted"] = True
+        self.results.setdefault("incidents", []).append(incident)
 
     def warmup(self) -> None:
         log("warm-up: 2 x 5 streams per target")
@@ -514,9 +636,14 @@ class Bench:
                 s = self.stream_cell(name, t, 5, 1, 0, f"warm{i}")
                 if s["errors"]:
                     log(f"  warm-up {name}: {s['errors']} errors {s['error_kinds']} {s['error_details']}")
-        for name in GATEWAYS:
-            pids = self.gateway_pids(name)
-            self.results["idle"][name] = {"rss_kib": rss_kib(pids), "pss_kib": pss_kib(pids), "procs": len(pids)}
+        trees = {name: self.gateway_pids(name) for name in GATEWAYS}
+        before = {name: cpu_seconds(pids) for name, pids in trees.items()}
+        time.sleep(IDLE_WINDOW_S)
+        for name, pids in trees.items():
+            self.results["idle"][name] = {"rss_kib": rss_kib(pids), "pss_kib": pss_kib(pids), "procs": len(pids),
+                                          "cpu_cores": (cpu_seconds(pids) - before[name]) / IDLE_WINDOW_S}
+        log("  idle: " + ", ".join(f"{n} {v['cpu_cores'] * 100:.1f} % of a core, RSS {v['rss_kib'] / 1024:.0f} MiB"
+                                   for n, v in self.results["idle"].items()))
 
     # --- measures 1, 2, 6
     def measure_streams(self) -> None:
@@ -527,21 +654,23 @@ class Bench:
         targets = self.targets()
         for rnd in range(rounds):
             for conc in levels:
+                self.wait_quiet(f"streams round {rnd + 1} c={conc}")
                 per_worker = 1 + max(2 if not self.quick else 1, math.ceil(min_samples / conc))
                 line = []
                 for name in self.order(rnd):
-                    s = self.stream_cell(name, targets[name], conc, per_worker, 1, f"s{rnd}c{conc}")
+                    s = self.stream_cell(name, targets[name], conc, per_worker, 1, f"s{rnd}c{conc}", breakdown=True)
                     s["round"] = rnd
                     s.pop("_records")
                     self.results["streams"].append(s)
-                    line.append(f"{name} ttft p95 {s['ttft_p95']:.0f} ms gap p95 {s['gap_p95']:.1f} ms"
+                    line.append(f"{name} ttft p95 {s['ttft_p95']:.0f} ms gap p95 {f1(s['gap_p95'])} ms "
+                                f"(adm {f0(s['admission_p50'])}/dlv {f0(s['delivery_p50'])}, other {s['foreign_cores']:.1f} cores)"
                                 f"{' ERR ' + str(s['errors']) if s['errors'] else ''}"
                                 if s["ttft_p95"] is not None else f"{name} no data, {s['error_kinds']}")
                 log(f"  round {rnd + 1}/{rounds} c={conc:<3d} " + " | ".join(line))
 
     # --- measure 3
     def measure_sustain(self) -> None:
-        steps = [10, 20, 50, 100] if self.quick else [10, 20, 50, 100, 200, 300]
+        steps = [1, 5, 10, 20, 30, 50, 100] if self.quick else [1, 5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200, 300]
         rounds = 1 if self.quick else 2
         log(f"measure 3: sustained concurrency, steps {steps}, {rounds} rounds per step; a gateway stops at its "
             "first failing step (added TTFT p95 >= 100 ms or any error)")
@@ -552,8 +681,10 @@ class Bench:
                 break
             cells: dict[str, list[dict]] = {n: [] for n in ["direct"] + active}
             for rnd in range(rounds):
+                self.wait_quiet(f"sustain c={conc} round {rnd + 1}")
                 for name in self.order(rnd, tuple(["direct"] + active)):
-                    s = self.stream_cell(name, targets[name], conc, 3, 1, f"u{rnd}c{conc}", timeout_s=60)
+                    per_worker = 1 + max(2, math.ceil((8 if self.quick else 16) / conc))
+                    s = self.stream_cell(name, targets[name], conc, per_worker, 1, f"u{rnd}c{conc}", timeout_s=30)
                     s.pop("_records")
                     s["round"] = rnd
                     cells[name].append(s)
@@ -643,6 +774,100 @@ class Bench:
                         f"wall {s['wall_s']:.1f} s")
         self.results["prod_pacer"] = self.sluice_prod.pacer
 
+    # --- profile of sluice (py-spy)
+    def profile_sluice(self, conc: int) -> None:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not os.path.exists(spy):
+            log("profile: py-spy not found (pip install py-spy into .venv to enable); skipped")
+            return
+        log(f"profile: sluice at {conc} streams, py-spy on each of its processes (not a measured cell)")
+        pids = sorted(self.sluice.pids)
+        roles = label_roles(spy, pids, self.sluice.gw.proc.pid)
+        tmp = str(RESULTS / f"spy-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}")
+        os.makedirs(tmp, exist_ok=True)
+        duration = 12
+        spies = {p: subprocess.Popen([spy, "record", "-p", str(p), "-d", str(duration), "-r", "50", "-f", "raw",
+                                      "--nonblocking", "-o", os.path.join(tmp, f"{p}.txt")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                 for p in pids}
+        try:
+            time.sleep(1.0)
+            before = {p: cpu_seconds({p}) for p in pids}
+            t0 = time.monotonic()
+            per_worker = 1 + max(2, math.ceil((duration - 2) / 0.8))
+            res = run_cell({"target": self.sluice.target(), "concurrency": conc, "per_worker": per_worker,
+                            "warmup": 1, "stagger_s": 0.8, "timeout_s": 60, "nonce": "prof"}, 300)
+            wall = time.monotonic() - t0
+            cpu = {p: cpu_seconds({p}) - before[p] for p in pids}
+            for sp in spies.values():
+                try:
+                    sp.wait(duration + 30)
+                except subprocess.TimeoutExpired:
+                    sp.kill()
+        finally:
+            for sp in spies.values():
+                if sp.poll() is None:
+                    sp.kill()
+                    sp.wait()
+        tokens = sum(r["ntok"] for r in res["records"])
+        procs = []
+        for p in pids:
+            stacks = _read_spy(os.path.join(tmp, f"{p}.txt"))
+            procs.append({"pid": p, "role": roles.get(p) or _role_of(stacks), "cpu_s": cpu[p], "cores": cpu[p] / wall,
+                          "top": _top_frames(stacks)})
+        procs.sort(key=lambda x: -x["cpu_s"])
+        summary = summarize_streams(res)
+        self.results["profile"] = {"conc": conc, "wall_s": wall, "tokens": tokens, "procs": procs,
+                                   "raw": str(Path(tmp).relative_to(ROOT)),
+                                   "ttft_p95": summary["ttft_p95"], "total_cpu_s": sum(cpu.values())}
+        for pr in procs[:6]:
+            log(f"  {pr['role']:<24s} pid {pr['pid']:<7d} {pr['cores'] * 100:5.1f} % of a core; top: "
+                + "; ".join(f"{f} {sh:.0f}%" for f, sh in pr["top"][:3]))
+        self.cost_split(conc)
+
+    def cost_split(self, conc: int) -> None:
+        """Per-request vs per-token CPU: the same request rate with 30 tokens every 20 ms and with
+        6 tokens every 100 ms (same stream duration), then CPU = a * requests + b * tokens."""
+        log(f"cost split: {conc} streams, 30 tokens @ 20 ms vs 6 tokens @ 100 ms (same request rate)")
+        configs = (("30 tokens @ 20 ms", 20, 30), ("6 tokens @ 100 ms", 100, 6))
+        targets = {"sluice": self.sluice.target(), "litellm": self.litellm.target()}
+        cells: dict = {}
+        try:
+            for rnd in range(2):
+                for label, interval, tokens in configs:
+                    self.sim.configure(ttft_ms=SIM_TTFT_MS, token_interval_ms=interval, tokens=tokens)
+                    for name in self.order(rnd, GATEWAYS):
+                        t0 = time.monotonic()
+                        s = self.stream_cell(name, targets[name], conc, 3, 1, f"cs{rnd}{interval}", breakdown=True)
+                        wall = time.monotonic() - t0
+                        recs = s.pop("_records")
+                        s.update({"requests": len(recs), "round": rnd, "config": label, "cell_wall_s": wall})
+                        cells.setdefault((name, label), []).append(s)
+                        log(f"  {label:18s} {name:8s}: {s['gw_cpu_s'] / s['wall_s']:.2f} cores, TTFT p95 {f0(s['ttft_p95'])} ms, "
+                            f"admission p50 {f0(s['admission_p50'])} ms, delivery p50 {f0(s['delivery_p50'])} ms")
+        finally:
+            self.sim.configure(ttft_ms=SIM_TTFT_MS, token_interval_ms=SIM_INTERVAL_MS, tokens=SIM_TOKENS)
+        split = {}
+        for name in GATEWAYS:
+            rows = []
+            for label, _, _ in configs:
+                cs = cells.get((name, label), [])
+                rows.append({"config": label,
+                             "cpu_s": med(c["gw_cpu_s"] for c in cs), "requests": med(c["requests"] for c in cs),
+                             "tokens": med(c["tokens"] for c in cs), "ttft_p95": med(c["ttft_p95"] for c in cs),
+                             "admission_p50": med(c["admission_p50"] for c in cs),
+                             "delivery_p50": med(c["delivery_p50"] for c in cs),
+                             "cores": med(c["gw_cpu_s"] / c["wall_s"] for c in cs)})
+            (c1, r1, k1), (c2, r2, k2) = ((r["cpu_s"], r["requests"], r["tokens"]) for r in rows)
+            det = r1 * k2 - r2 * k1
+            per_req = (c1 * k2 - c2 * k1) / det if det else None
+            per_tok = (r1 * c2 - r2 * c1) / det if det else None
+            split[name] = {"rows": rows, "cpu_ms_per_request": per_req * 1000 if per_req is not None else None,
+                           "cpu_ms_per_token": per_tok * 1000 if per_tok is not None else None}
+            log(f"  {name}: ~{f1(split[name]['cpu_ms_per_request'])} ms CPU per request + "
+                f"~{split[name]['cpu_ms_per_token']:.3f} ms CPU per token" if per_tok is not None else f"  {name}: -")
+        self.results["cost_split"] = {"conc": conc, "gateways": split}
+
     def run(self) -> None:
         a = self.args
         measures = set(a.measures.split(","))
@@ -655,8 +880,87 @@ class Bench:
             self.measure_cancel()
         if "5" in measures:
             self.measure_burst()
+        if a.profile:
+            self.profile_sluice(a.profile)
         self.results["memory"] = {"peak_rss_kib": dict(self.sampler.peak_rss), "peak_pss_kib": dict(self.sampler.peak_pss),
                                   "procs": dict(self.sampler.nprocs)}
+
+
+ROLE_MARKERS = (  # most specific first: a forked actor's stack still shows its creator's frames
+    ("PoolRuntime", "pool + stream hub"), ("PoolActor", "pool + stream hub"), ("StreamHub", "pool + stream hub"),
+    ("CoalescerActor", "coalescer"), ("CoalescerLogic", "coalescer"), ("PacerActor", "pacer"),
+    ("PacerLogic", "pacer"), ("MetricsActor", "metrics"), ("MetricsLogic", "metrics"),
+    ("ThreadStore", "threads store"), ("_serve_http", "edge (uvicorn + bridge)"), ("uvicorn", "edge (uvicorn + bridge)"),
+    ("SupervisorActor", "supervisor or an idle actor"), ("Logger", "thespian logger"), ("Admin", "thespian admin"),
+)
+
+
+# Frames every sample of a process goes through (entry points, and the Supervisor frames a forked
+# actor inherits): left out of the "hottest functions" column.
+WRAPPER_FRAMES = ("start (system.py)", "HostActor.receiveMessage", "HostActor._on_bytes", "SupervisorActor.on_wire",
+                  "PoolRuntime._run", "RequestResponseCycle.run_asgi")
+
+
+def label_roles(spy: str, pids, edge_pid: int) -> dict[int, str]:
+    """pid -> role. A Thespian actor process still has, in its stack, the frame that forked it,
+    whose locals name the actor class: `py-spy dump --locals` shows it (innermost first)."""
+    names = {"PoolActor": "pool + stream hub", "CoalescerActor": "coalescer", "PacerActor": "pacer",
+             "MetricsActor": "metrics", "ThreadStoreActor": "threads store", "SupervisorActor": "supervisor"}
+    out = {}
+    for p in pids:
+        if p == edge_pid:
+            out[p] = "edge (uvicorn + bridge)"
+            continue
+        try:
+            dump = subprocess.run([spy, "dump", "--pid", str(p), "--locals", "--nonblocking"], capture_output=True,
+                                  text=True, timeout=20).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        m_ = re.search(r'"actors\.[a-z_]+\.([A-Za-z]+)"', dump)
+        if m_:
+            out[p] = names.get(m_.group(1), m_.group(1))
+        elif "Logger" in dump or "logger" in dump.lower():
+            out[p] = "thespian logger"
+        elif "Admin" in dump:
+            out[p] = "thespian admin"
+    return out
+
+
+def _read_spy(path: str) -> list[tuple[list[str], int]]:
+    out = []
+    try:
+        for line in open(path):
+            stack, _, n = line.rstrip().rpartition(" ")
+            if stack:
+                out.append((stack.split(";"), int(n)))
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def _role_of(stacks) -> str:
+    text = " ".join({f for frames, _ in stacks for f in frames})
+    for marker, role in ROLE_MARKERS:
+        if marker in text:
+            return role
+    return "idle / unknown"
+
+
+def _top_frames(stacks, n: int = 8) -> list[tuple[str, float]]:
+    """Inclusive share of the samples per function of sluice's own code (actors/, edge/, protocols/)."""
+    total = sum(c for _, c in stacks) or 1
+    incl: dict[str, int] = {}
+    for frames, count in stacks:
+        seen = set()
+        for f in frames:
+            if any(d in f for d in ("actors/", "edge/", "protocols/")):
+                name = f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].split("/")[-1] + ")" if " (" in f else f
+                if name not in seen:
+                    seen.add(name)
+                    incl[name] = incl.get(name, 0) + count
+    # Leave out the wrappers every sample goes through (actor entry points, the loop runner).
+    ranked = [(k, v / total * 100) for k, v in sorted(incl.items(), key=lambda kv: -kv[1]) if v / total < 0.9]
+    return ranked[:n]
 
 
 # ----------------------------------------------------------------------------- report
@@ -730,7 +1034,10 @@ def aggregate(results: dict) -> dict:
                 by_round.setdefault(r["round"], {})[r["target"]] = r
         for name in TARGETS:
             cells = [br[name] for br in by_round.values() if name in br]
-            entry = {k: med(c[k] for c in cells) for k in ("ttft_p50", "ttft_p95", "ttft_p99", "gap_p50", "gap_p95")}
+            entry = {k: med(c.get(k) for c in cells) for k in (
+                "ttft_p50", "ttft_p95", "ttft_p99", "gap_p50", "gap_p95", "admission_p50", "admission_p95",
+                "delivery_p50", "delivery_p95", "gw_ttft_p50", "gw_queue_p95", "foreign_cores",
+                "edge_in_p50", "edge_in_p95", "actor_path_p50", "actor_path_p95")}
             entry["errors"] = sum(c["errors"] for c in cells)
             entry["n"] = sum(c["n"] for c in cells)
             entry["rounds"] = len(cells)
@@ -739,9 +1046,11 @@ def aggregate(results: dict) -> dict:
                 c["ttft_p95"] is not None for c in cells) else None
             entry["loadgen_util"] = max(c["loadgen_cpu_s"] / c["wall_s"] for c in cells) if cells else None
             if name != "direct":
-                for k in ("ttft_p50", "ttft_p95", "ttft_p99", "gap_p95"):
+                for k in ("ttft_p50", "ttft_p95", "ttft_p99", "gap_p95", "admission_p50", "admission_p95",
+                          "delivery_p50", "delivery_p95"):
                     diffs = [br[name][k] - br["direct"][k] for br in by_round.values()
-                             if name in br and "direct" in br and br[name][k] is not None and br["direct"][k] is not None]
+                             if name in br and "direct" in br and br[name].get(k) is not None
+                             and br["direct"].get(k) is not None]
                     entry["added_" + k] = med(diffs)
             tok = sum(c["tokens"] for c in cells)
             cpu = sum(c["gw_cpu_s"] for c in cells)
@@ -772,10 +1081,17 @@ def make_plots(results: dict, agg: dict) -> list[str]:
             ax.set_title(f"TTFT {q} (median of rounds)")
             ax.set_xlabel("concurrent distinct streams")
             ax.set_xscale("log")
+            ax.set_yscale("log")
             ax.set_xticks(levels)
             ax.set_xticklabels([str(c) for c in levels])
             ax.grid(True, alpha=0.3)
-        axes[0].set_ylabel("client-side TTFT, ms (sim TTFT = 200 ms)")
+        axes[0].set_ylabel("client-side TTFT, ms, log scale (sim TTFT = 200 ms)")
+        from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+        for ax in axes:
+            ax.yaxis.set_major_locator(FixedLocator([200, 300, 500, 1000, 2000, 5000, 10000, 20000]))
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
         axes[0].legend()
         fig.suptitle("Time to first token vs concurrency: direct upstream, sluice, LiteLLM proxy")
         fig.tight_layout()
@@ -792,7 +1108,7 @@ def make_plots(results: dict, agg: dict) -> list[str]:
             bars = ax.bar([x + (i - 0.5) * width for x in xs], ys, width, color=colors[name], label=labels[name])
             ax.bar_label(bars, fmt="%.2f", fontsize=8)
         ax.set_xticks(list(xs))
-        ax.set_xticklabels([f"{c} streams" for c in levels])
+        ax.set_xticklabels([f"{c} stream{'s' if c > 1 else ''}" for c in levels])
         ax.set_ylabel("gateway CPU seconds per 1,000 streamed tokens")
         ax.set_title("Gateway CPU cost per 1,000 tokens (all gateway processes; lower is better)")
         ax.legend()
@@ -873,7 +1189,7 @@ def write_doc(results: dict, agg: dict, images: list[str], args) -> None:
         f"distinct-stream measures; a second sluice with the production pacer `SIMULATED_RPS=1 SIMULATED_BURST=2 "
         f"SIMULATED_CONCURRENCY=3` for the bursts. Clients use `POST /api/chat` (sluice's SSE). "
         f"{meta['sluice_procs']} processes (Thespian actors + edge).")
-    add(f"- LiteLLM: `{meta['litellm_command']}`, model `openai/sim-1` with `api_base=<sim>/v1`, "
+    add(f"- LiteLLM: `{LITELLM_COMMAND_SHOWN}`, model `openai/sim-1` with `api_base=<sim>/v1`, "
         "`num_retries: 0`, a random 32-hex `master_key`; everything else as it comes (including its access log). "
         "Clients use `POST /v1/chat/completions` with `stream: true`. Run with a scrubbed environment "
         f"(own HOME, `LITELLM_LOCAL_MODEL_COST_MAP=True`). {meta['litellm_procs']} process(es).")
@@ -915,6 +1231,24 @@ def write_doc(results: dict, agg: dict, images: list[str], args) -> None:
         add("")
         add(f"![TTFT vs concurrency](img/litellm-ttft-vs-concurrency.png)")
         add("")
+        add("Where the added TTFT goes (each stream matched to its upstream call by a nonce in the prompt; "
+            "the simulator stamps when it received the call and when it sent the first byte). *Admission* = "
+            "client start → upstream receives the call; *delivery* = upstream's first byte → the client reads "
+            "the first token. Both are shown as added over direct (median over rounds), p50 / p95, ms. "
+            "sluice's own meta `ttft_ms` (measured at the first provider byte) is shown for comparison.")
+        add("")
+        add("| streams | sluice admission | sluice delivery "
+            "| sluice meta ttft_ms p50 | LiteLLM admission | LiteLLM delivery | other load on the machine "
+            "(cores, median of cells) |")
+        add("|---:|---|---|---:|---|---|---:|")
+        for c in levels:
+            d, s, l_ = (agg["streams"][c][n] for n in TARGETS)
+            add(f"| {c} | {f1(s.get('added_admission_p50'))} / {f1(s.get('added_admission_p95'))} "
+                f"| {f1(s.get('added_delivery_p50'))} / {f1(s.get('added_delivery_p95'))} | {f0(s.get('gw_ttft_p50'))} "
+                f"| {f1(l_.get('added_admission_p50'))} / {f1(l_.get('added_admission_p95'))} "
+                f"| {f1(l_.get('added_delivery_p50'))} / {f1(l_.get('added_delivery_p95'))} "
+                f"| {f1(med([d.get('foreign_cores'), s.get('foreign_cores'), l_.get('foreign_cores')]))} |")
+        add("")
         add("## 2. Added inter-token gap p95 (sim sends a token every 20 ms)")
         add("")
         add("| streams | direct gap p50 / p95 | sluice gap p50 / p95 (added p95) | LiteLLM gap p50 / p95 (added p95) |")
@@ -929,7 +1263,7 @@ def write_doc(results: dict, agg: dict, images: list[str], args) -> None:
     if results["sustain"]:
         add("## 3. Highest sustained concurrency (added TTFT p95 < 100 ms and 0 errors)")
         add("")
-        add("Each step: every worker runs 1 ramp-up + 2 measured streams; "
+        add("Each step: every worker runs 1 ramp-up + max(2, ⌈16/streams⌉) measured streams (8 in a quick run); "
             f"{'1 round' if args.quick else '2 rounds'} per step (median added p95, errors summed); "
             "a gateway stops at its first failing step.")
         add("")
@@ -1034,8 +1368,92 @@ def write_doc(results: dict, agg: dict, images: list[str], args) -> None:
         add("RSS summed over processes counts pages shared between forked processes once per process; PSS "
             "splits them, so it is the fairer figure for sluice's many processes.")
         add("")
+        if any("cpu_cores" in v for v in idle.values()):
+            add("Idle CPU (no traffic, measured over 5 s after the warm-up): "
+                + ", ".join(f"{ {'sluice': 'sluice', 'litellm': 'LiteLLM'}.get(n, n)} "
+                            f"{v['cpu_cores'] * 100:.1f} % of a core" for n, v in idle.items() if "cpu_cores" in v)
+                + ". This floor is included in the per-token figures above and dominates them at 1 stream.")
+            add("")
         add("![CPU per 1k tokens](img/litellm-cpu-per-1k-tokens.png)")
         add("")
+
+    prof = results.get("profile")
+    if prof:
+        add(f"## Profile of sluice at {prof['conc']} streams (py-spy, not a measured cell)")
+        add("")
+        add(f"{prof['tokens']} tokens in {prof['wall_s']:.1f} s; sluice used {prof['total_cpu_s']:.1f} CPU s "
+            f"({prof['total_cpu_s'] / prof['wall_s']:.2f} cores, {prof['total_cpu_s'] / max(prof['tokens'], 1) * 1000:.2f} "
+            f"s per 1k tokens; py-spy's sampling adds some); client TTFT p95 {f0(prof['ttft_p95'])} ms. Per process "
+            "(role recognised from its stacks), with the functions of sluice's own code that were on the stack "
+            f"most often (inclusive share of that process's samples; raw stacks in `{prof.get('raw', '')}`, "
+            "git-ignored):")
+        add("")
+        add("| role | pid | CPU (% of a core) | hottest sluice functions (inclusive) |")
+        add("|---|---:|---:|---|")
+        for pr in prof["procs"]:
+            if pr["cpu_s"] < 0.05 * prof["wall_s"] * 0.1:
+                continue
+            top = [(f, sh) for f, sh in pr["top"] if not any(w in f for w in WRAPPER_FRAMES)]
+            add(f"| {pr['role']} | {pr['pid']} | {pr['cores'] * 100:.1f} | "
+                + "; ".join(f"`{f}` {sh:.0f}%" for f, sh in top[:5]) + " |")
+        add("")
+
+    split = results.get("cost_split")
+    if split:
+        add(f"### Per-request vs per-token cost ({split['conc']} streams)")
+        add("")
+        add("The same request rate twice: answers of 30 tokens one every 20 ms, and of 6 tokens one every 100 ms "
+            "(both streams last ~0.8 s), medians of 2 interleaved rounds; gateway CPU = a × requests + b × tokens "
+            "solved from the two.")
+        add("")
+        add("| gateway | answer shape | gateway CPU (cores) | TTFT p95 ms | admission p50 (abs) | delivery p50 (abs) |")
+        add("|---|---|---:|---:|---:|---:|")
+        for name in GATEWAYS:
+            g = split["gateways"].get(name)
+            if not g:
+                continue
+            for r in g["rows"]:
+                add(f"| {name} | {r['config']} | {f1(r['cores'])} | {f0(r['ttft_p95'])} | {f1(r['admission_p50'])} "
+                    f"| {f1(r['delivery_p50'])} |")
+        add("")
+        add("| gateway | CPU per request (ms) | CPU per token (ms) |")
+        add("|---|---:|---:|")
+        for name in GATEWAYS:
+            g = split["gateways"].get(name)
+            if g:
+                per_tok = g["cpu_ms_per_token"]
+                add(f"| {name} | {f1(g['cpu_ms_per_request'])} | {'–' if per_tok is None else format(per_tok, '.3f')} |")
+        add("")
+
+    history = previous_runs(meta.get("results_file"))
+    if history:
+        add("## Run-to-run noise (every full run saved in bench/results/ on this machine)")
+        add("")
+        add("| run (UTC) | sluice / LiteLLM added TTFT p95 @ 20 streams (ms) | sustained streams sluice / LiteLLM "
+            "| sluice cancel p95 (ms) | 1,000-burst upstream calls (sluice) |")
+        add("|---|---|---|---:|---|")
+        for h in history:
+            add(f"| {h['date']}{' (this run)' if h['this'] else ''} | {f1(h['s20'])} / {f1(h['l20'])} "
+                f"| {h['s_sus']} / {h['l_sus']} | {f1(h['cancel'])} | {h['burst']} |")
+        add("")
+
+    incidents = results.get("incidents") or []
+    add("## Incidents during this run")
+    add("")
+    if not incidents:
+        add("None: no cell had half or more of its streams fail.")
+    for inc in incidents:
+        metrics = inc.get("metrics")
+        extra = ""
+        if isinstance(metrics, dict):
+            extra = (f"; sluice's own metrics then: upstream_calls {metrics.get('upstream_calls')}, active_streams "
+                     f"{metrics.get('active_streams')}, error_rate {metrics.get('error_rate')}, latency p50 "
+                     f"{f0((metrics.get('latency_ms') or {}).get('p50'))} ms")
+        add(f"- {inc['at']}: **{inc['target']}** failed {inc['errors']} streams in cell `{inc['cell']}` "
+            f"({inc['conc']} streams; {inc['error_kinds']}); a single probe request "
+            f"{'succeeded' if inc['probe_ok'] else 'failed too, so it was restarted for the remaining measures'}"
+            f"{extra}.")
+    add("")
 
     # targets
     add("## Targets (this run)")
@@ -1063,6 +1481,29 @@ def write_doc(results: dict, agg: dict, images: list[str], args) -> None:
         "that venv.")
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text("\n".join(L) + "\n")
+
+
+def previous_runs(this_file: str | None) -> list[dict]:
+    rows = []
+    for path in sorted(RESULTS.glob("litellm_compare-*.json")):
+        try:
+            saved = json.loads(path.read_text())
+            res = saved["results"]
+            if "--quick" in res["meta"].get("command", "") or "--measures" in res["meta"].get("command", ""):
+                continue
+            agg = aggregate(res)
+            s20 = agg["streams"].get(20, {}).get("sluice", {}).get("added_ttft_p95")
+            l20 = agg["streams"].get(20, {}).get("litellm", {}).get("added_ttft_p95")
+            cancel = med(r["p95"] for r in res["cancel"] if r["target"] == "sluice")
+            burst = "; ".join(str(b["upstream_calls"]) for b in res["burst"]
+                              if b["target"] == "sluice_prod" and b["size"] == 1000)
+            rows.append({"date": res["meta"].get("date", path.stem), "s20": s20, "l20": l20,
+                         "s_sus": sustained_level(res, "sluice")[0], "l_sus": sustained_level(res, "litellm")[0],
+                         "cancel": cancel, "burst": burst or "–",
+                         "this": this_file is not None and path.name == Path(this_file).name})
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return rows
 
 
 def compute_checks(results: dict, agg: dict) -> list[dict]:
@@ -1105,6 +1546,40 @@ def read_analysis() -> str | None:
     return m_.group(1) if m_ else None
 
 
+def leak_check(cells=(20, 20, 50, 50, 50)) -> int:
+    """Does sluice give its pacer leases back? After each cell the streams are all over, so the
+    pacer's in_flight (from /api/admin/state) should be 0; the simulator's open streams too."""
+    token = secrets.token_hex(16)
+    sim = sluice = None
+    try:
+        sim = Sim()
+        sim.configure(ttft_ms=SIM_TTFT_MS, token_interval_ms=SIM_INTERVAL_MS, tokens=SIM_TOKENS)
+        sluice = Sluice("sluice", sim.url, "1000", "1000", "1000")
+        sluice.gw.env["SLUICE_ADMIN_TOKEN"] = token
+        sluice.start()
+        leaked = 0
+        for i, conc in enumerate(cells):
+            res = run_cell({"target": sluice.target(), "concurrency": conc, "per_worker": 3, "warmup": 1,
+                            "stagger_s": 0.8, "timeout_s": 30, "nonce": f"leak{i}"}, 300)
+            time.sleep(1.5)
+            status, _, body = request("GET", sluice.gw.url + "/api/admin/state",
+                                      headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            state = json.loads(body)["results"]
+            pacer = next(v for k, v in state.items() if k.startswith("pacer:"))
+            coalescers = {k: len(v.get("in_flight") or []) for k, v in state.items() if k.startswith("coalescer:")}
+            s = summarize_streams(res)
+            leaked = pacer.get("in_flight", 0)
+            log(f"cell {i + 1}: {conc} streams x 3, ok {s['ok']}/{s['n']}, errors {s['errors']}; afterwards: "
+                f"simulator open streams {sim.stats()['streams_open']}, pacer in_flight {leaked}, "
+                f"coalescer flights {coalescers}")
+        log("leases leaked" if leaked else "no lease leaked")
+        return 1 if leaked else 0
+    finally:
+        for thing in (sluice, sim):
+            if thing is not None:
+                thing.stop()
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -1114,32 +1589,64 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="rounds for measures 1/2/4/6 (default 3, quick 2)")
     ap.add_argument("--measures", default="1,3,4,5", help="subset of measures to run: 1 (also 2 and 6), 3, 4, 5")
     ap.add_argument("--litellm-spec", default=DEFAULT_LITELLM_SPEC, help="pip requirement for the LiteLLM peer")
+    ap.add_argument("--quiet-wait", type=float, default=10.0,
+                    help="seconds to wait, at most, before a round for other work on the machine to calm down")
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks-litellm.md and plots")
+    ap.add_argument("--profile", type=int, default=None, metavar="STREAMS",
+                    help="after the measures, profile sluice with py-spy at this many streams (default 50 in a full "
+                         "run when py-spy is installed; 0 = off)")
+    ap.add_argument("--leak-check", action="store_true",
+                    help="only: drive one sluice with bursts of 50 distinct streams and print its pacer's in-flight "
+                         "leases after each (they should go back to 0 once the streams are over)")
+    ap.add_argument("--report-only", metavar="JSON", help="rewrite the doc and plots from a saved results file")
     args = ap.parse_args(argv)
     if args.rounds is None:
         args.rounds = 2 if args.quick else 3
+    if args.profile is None:
+        args.profile = 0 if args.quick else 50
+    if args.report_only:
+        saved = json.loads(Path(args.report_only).read_text())
+        results = saved["results"]
+        args.quick = results["meta"]["command"].find("--quick") >= 0
+        m_ = re.search(r"--rounds (\d+)", results["meta"]["command"])
+        args.rounds = int(m_.group(1)) if m_ else (2 if args.quick else 3)
+        for row in results["streams"]:
+            row.setdefault("round", 0)
+        agg = aggregate(results)
+        results["meta"]["checks"] = compute_checks(results, agg)
+        results["meta"]["analysis"] = read_analysis()
+        images = make_plots(results, agg)
+        write_doc(results, agg, images, args)
+        log(f"wrote {DOC.relative_to(ROOT)} and {', '.join(images)} from {args.report_only}")
+        return 0
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
     os.chdir(ROOT)
+    if args.leak_check:
+        return leak_check()
     log(f"bench.litellm_compare ({'quick' if args.quick else 'full'} run)")
     ensure_matplotlib()
     litellm_version = ensure_litellm(args.litellm_spec)
     bench = Bench(args)
+    bench.results["meta"]["versions"] = versions(litellm_version)  # what is measured: the tree at the start
     started = time.time()
     try:
         bench.start()
         bench.results["meta"]["sluice_procs"] = len(bench.sluice.pids)
         bench.results["meta"]["litellm_procs"] = len(bench.litellm.pids)
-        bench.results["meta"]["litellm_command"] = " ".join(
-            ["litellm"] + bench.litellm.command[1:3] + ["<config.yaml>"] + bench.litellm.command[4:]).replace(
-            bench.litellm.config + " ", "")
+        bench.results["meta"]["litellm_command"] = LITELLM_COMMAND_SHOWN
         bench.run()
     except KeyboardInterrupt:
         log("interrupted: stopping everything")
         bench.stop()
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        partial = RESULTS / f"litellm_compare-interrupted-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+        bench.results["meta"]["interrupted"] = True
+        partial.write_text(json.dumps({"results": bench.results}, indent=1, default=str))
+        log(f"partial raw results: {partial.relative_to(ROOT)} (no report written)")
         return 130
     except BaseException:
         bench.stop()
@@ -1159,7 +1666,7 @@ def main(argv=None) -> int:
         + (f" --rounds {args.rounds}" if args.rounds != (2 if args.quick else 3) else "")
         + (f" --measures {args.measures}" if args.measures != "1,3,4,5" else ""),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "duration_min": (time.time() - started) / 60, "machine": machine_info(), "versions": versions(litellm_version),
+        "duration_min": (time.time() - started) / 60, "machine": machine_info(),
         "load_median": statistics.median(loads), "load_max": max(loads), "loadgen_util_max": max(utils),
         "results_file": str(results_file.relative_to(ROOT)), "litellm_spec": args.litellm_spec,
     })

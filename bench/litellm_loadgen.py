@@ -156,6 +156,11 @@ async def one_stream(target: dict, text: str, timeout_s: float, cancel_after_tok
                         kind = obj.get("type")
                         if kind == "delta":
                             content = obj.get("delta") or ""
+                        elif kind == "meta":
+                            # sluice's own view: TTFT at the first provider byte, pacer queue wait
+                            rec["gw_ttft_ms"] = obj.get("ttft_ms")
+                            rec["gw_queue_ms"] = obj.get("queue_wait_ms")
+                            rec["meta_at"] = now
                         elif kind == "done":
                             rec["ok"] = rec["error"] is None
                             return rec
@@ -191,7 +196,10 @@ async def one_stream(target: dict, text: str, timeout_s: float, cancel_after_tok
         rec["detail"] = str(exc)[:300]
     finally:
         if writer is not None:
-            writer.transport.abort()
+            if rec["ok"]:
+                writer.close()  # a finished stream: an orderly close
+            else:
+                writer.transport.abort()  # a failed or timed-out one: drop it at once
     return rec
 
 

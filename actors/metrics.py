@@ -50,8 +50,6 @@ class MetricsActor(HostActor):
             for transition in self.alerts.evaluate(self.logic, now):
                 log.warning("alert %s", transition)
             return [After(EVALUATE_EVERY_S, EvaluateAlerts())]
-        if isinstance(msg, m.GetState):
-            return [Send(sender, m.State(self.role, self.logic.summary(now)))]
         if isinstance(msg, m.Admin):
             return self._admin(msg, sender, now)
         return []

@@ -267,8 +267,8 @@ async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "the gateway failed on this request; it has been logged")
 
 
-def create_app(settings: dict, extra_routes: list | None = None) -> tuple[Starlette, Edge]:
-    """The app with the core routes; `extra_routes` (filled in by edge/routes.py) follow."""
+def create_app(settings: dict) -> tuple[Starlette, Edge]:
+    """The app with the core routes; edge/routes.py adds the other groups."""
     edge = Edge(settings)
     routes = [
         Route("/api/chat", edge.chat, methods=["POST"]),

@@ -48,6 +48,7 @@ from edge.chat_request import RequestError, parse_chat
 from edge.sse_stream import Renderer
 from protocols import events as ev
 from protocols.config import PROVIDERS
+from protocols.sse import frame
 
 KEEPALIVE = b": ping\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -147,10 +148,6 @@ def resolve_model(model: str | None, provider: str | None) -> tuple[str | None, 
 # --- responses ------------------------------------------------------------------------------
 
 
-def _sse(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
-
-
 def _usage(usage: dict | None) -> dict:
     usage = usage or {}
     return {k: usage.get(k) or 0 for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
@@ -194,10 +191,10 @@ class ChunkRenderer(Renderer):
         elif kind == ev.DONE:
             out = self._role() + self._chunk({}, _finish_reason(event.get("finish_reason")))
             if self.include_usage:
-                out += _sse({**self.base, "choices": [], "usage": _usage(event.get("usage") or self.usage)})
+                out += frame({**self.base, "choices": [], "usage": _usage(event.get("usage") or self.usage)})
             return out + DONE
         elif kind == ev.ERROR:
-            return _sse(error_body(500, event.get("code", "error"), event.get("message", "")))
+            return frame(error_body(500, event.get("code", "error"), event.get("message", "")))
         return b""  # other meta (citations, reasoning, ...) has no place in this format
 
     def _role(self) -> bytes:
@@ -210,7 +207,7 @@ class ChunkRenderer(Renderer):
         obj = {**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
         if self.include_usage:
             obj["usage"] = None  # as OpenAI sends it on every chunk but the last
-        return _sse(obj)
+        return frame(obj)
 
 
 class Collector(Renderer):
@@ -267,8 +264,8 @@ async def _discard(message) -> None:
 
 def routes(edge) -> list[Route]:
     async def chat_completions(request: Request):
-        if edge.refusal() is not None:
-            return error_response(503, "draining", "the gateway is draining; retry on another instance", {"Retry-After": "5"})
+        if (refused := edge.refusal()) is not None:
+            return _reshape(refused)
         try:
             data = await edge.json_body(request)
             chat, stream, include_usage = parse_openai(data, request.headers.get("x-sluice-coalesce"))

@@ -6,26 +6,15 @@ edge/openai_compat.py (the OpenAI-compatible API), edge/admin_routes.py (operato
 """
 from __future__ import annotations
 
-import importlib
-
+from edge import admin_routes, openai_compat, threads
 from edge.app import Edge, create_app
-
-ROUTE_MODULES = ("edge.threads", "edge.openai_compat", "edge.admin_routes")
 
 
 def build_app(settings: dict):
     """The Starlette app and its Edge state (run.py needs the Edge for shutdown)."""
-    extra = []
-    app, edge = create_app(settings, extra)
-    for name in ROUTE_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue  # that group of routes is not built yet
-        extra.extend(module.routes(edge))
-    app.router.routes.extend(extra)
+    app, edge = create_app(settings)
+    for module in (threads, openai_compat, admin_routes):
+        app.router.routes.extend(module.routes(edge))
     return app, edge
 
 

@@ -28,6 +28,9 @@ def bind_to(host: str) -> None:
     # table for a "public" address, which would not match a loopback bind.
     os.environ["THESPIAN_BASE_IPADDR"] = host
     IPBase.IPActorAddress.__init__ = _init_bound
+    from actors import selector
+
+    selector.install()  # the same "before ActorSystem()" moment: see actors/selector.py
 
 
 def _init_bound(self, *args, **kwargs):

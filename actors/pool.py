@@ -78,6 +78,10 @@ class PoolRuntime:
     async def _setup(self) -> None:
         import httpcore
 
+        from actors import h2_reads
+
+        h2_reads.install()
+
         # HTTP/2 where the provider offers it (ALPN on https). Cleartext http:// URLs are
         # HTTP/1.1 unless the provider is configured for prior-knowledge HTTP/2
         # (<PREFIX>_H2C, on for the simulated provider; a local Ollama speaks HTTP/1.1).

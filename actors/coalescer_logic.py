@@ -1,12 +1,15 @@
 """The Coalescer's logic: one small state machine per coalescing key (singleflight).
 
     Submit(key)  no flight  -> new flight, leader; ask the Pacer for a lease  (asking)
+                               (the request carries the call: on grant the Pacer
+                               sends OpenStream to the Pool itself)
                  in flight  -> follower; add a reference for the submitting edge
     LeaseQueued             -> admit everyone waiting                         (queued)
-    LeaseGranted            -> admit everyone waiting; Pool opens the stream  (streaming)
+    LeaseGranted            -> admit everyone waiting; the Pool has the call  (streaming)
     LeaseDenied             -> reject everyone waiting (429); end the stream for the admitted
     Cancel(edge)            -> drop one reference; the last one aborts the upstream call
-                               (or gives the lease back if it never started)
+                               (asking/queued: gives the lease back and fails the stream,
+                               which also ends a call the Pacer's grant already started)
     StreamFinished          -> forget the flight; an error is remembered for `error_ttl_s`
                                and replayed to identical requests without an upstream call
 
@@ -107,13 +110,15 @@ class CoalescerLogic:
         flight.waiting.append((sender, msg.request_id, msg.edge_id, "leader"))
         self.by_key[key] = flight
         self.by_stream[flight.stream_id] = flight
-        return [Send(pacer_role(msg.provider), m.LeaseRequest(flight.stream_id, msg.provider, now))]
+        request = m.LeaseRequest(flight.stream_id, msg.provider, now, msg.model, msg.body, self.me)
+        return [Send(pacer_role(msg.provider), request)]
 
     def _lease_answer(self, msg, sender) -> list:
         flight = self.by_stream.get(msg.lease_id)
         if flight is None:
-            # Everyone left while we asked: give a granted lease straight back.
-            return [Send(sender, m.LeaseCancel(msg.lease_id))] if isinstance(msg, m.LeaseGranted) else []
+            # Everyone left (the LeaseCancel went with the FailStream), or the call the grant
+            # opened has already finished: the lease is accounted for either way.
+            return []
         out: list = []
         if isinstance(msg, m.LeaseDenied):
             self._forget(flight)
@@ -123,23 +128,7 @@ class CoalescerLogic:
                 out.append(Send("pool", m.FailStream(flight.stream_id, msg.code, msg.message)))
             return out
         if isinstance(msg, m.LeaseGranted):
-            # The upstream call first: it is on the critical path of time to first token,
-            # the edge's answer is not (the edge only subscribes to the stream's hub).
-            flight.phase = STREAMING
-            out.append(
-                Send(
-                    "pool",
-                    m.OpenStream(
-                        flight.stream_id,
-                        flight.provider,
-                        flight.model,
-                        flight.body,
-                        msg.lease_id,
-                        msg.queue_wait_ms,
-                        self.me,
-                    ),
-                )
-            )
+            flight.phase = STREAMING  # the Pacer sent the Pool its OpenStream with the grant
         else:
             flight.phase = QUEUED
         for sender, request_id, _edge, role in flight.waiting:
@@ -167,15 +156,20 @@ class CoalescerLogic:
 
     def _finished(self, msg: m.StreamFinished, now: float) -> list:
         flight = self.by_stream.get(msg.stream_id)
+        out: list = []
         if flight is not None:
             self._forget(flight)
+            # A call can end before its grant reaches us (the Pacer told the Pool and us at
+            # once): those still waiting are admitted now and get the whole stream replayed.
+            for sender, request_id, _edge, role in flight.waiting:
+                out.append(Send(sender, self._admitted(request_id, flight.stream_id, role)))
         if msg.outcome != "error" or flight is None or flight.key.startswith("solo:"):
-            return []
+            return out
         ttl = self.flags.error_ttl_s
         if ttl <= 0:
-            return []
+            return out
         self.errors[flight.key] = (msg.error or {"type": "error", "code": "upstream_error", "message": ""}, now + ttl, msg.stream_id)
-        return [After(ttl, ForgetError(flight.key))]
+        return out + [After(ttl, ForgetError(flight.key))]
 
     def _forget(self, flight: Flight) -> None:
         self.by_stream.pop(flight.stream_id, None)

@@ -8,10 +8,11 @@ never reach the Pacer). A lease is granted when all of these hold:
     tokens >= 1                         (bucket refills at RPS per second up to BURST)
     grants in the last 60 s < rpm       (RPM, optional; Perplexity tier 0 is 50/min)
 
-and nobody is ahead in the queue (FIFO). A request that cannot be granted waits in the
-queue; when the queue holds `max_queue` leases, or a lease waited `max_wait_s`, it is
-denied with 429 and a Retry-After estimated from the bucket. Settings change live
-(`configure`), and the change applies to the queue already waiting.
+and nobody is ahead in the queue (FIFO). A grant sends the call the request carries to
+the Pool (`OpenStream`) and `LeaseGranted` to the Coalescer. A request that cannot be
+granted waits in the queue; when the queue holds `max_queue` leases, or a lease waited
+`max_wait_s`, it is denied with 429 and a Retry-After estimated from the bucket. Settings
+change live (`configure`), and the change applies to the queue already waiting.
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ class _Waiter:
     lease_id: str
     requester: object
     enqueued_at: float
+    request: m.LeaseRequest
 
 
 @dataclass
@@ -166,7 +168,7 @@ class PacerLogic:
         # newcomer is queued behind them (or sees a full queue that is not full).
         out = self._drain(now) if self.queue else []
         if not self.queue and self._can_grant(now):
-            return out + [self._grant(_Waiter(msg.lease_id, sender, now), now)]
+            return out + self._grant(_Waiter(msg.lease_id, sender, now, msg), now)
         if len(self.queue) >= self.settings.max_queue:
             self.denials_total += 1
             retry = self._retry_after(now)
@@ -182,7 +184,7 @@ class PacerLogic:
                     ),
                 )
             ]
-        self.queue.append(_Waiter(msg.lease_id, sender, now))
+        self.queue.append(_Waiter(msg.lease_id, sender, now, msg))
         return out + [Send(sender, m.LeaseQueued(msg.lease_id, len(self.queue)))] + self._schedule(now)
 
     def _drain(self, now: float) -> list:
@@ -203,16 +205,22 @@ class PacerLogic:
                 )
             )
         while self.queue and self._can_grant(now):
-            out.append(self._grant(self.queue.popleft(), now))
+            out += self._grant(self.queue.popleft(), now)
         return out + self._schedule(now)
 
-    def _grant(self, waiter: _Waiter, now: float) -> Send:
+    def _grant(self, waiter: _Waiter, now: float) -> list:
         self.tokens -= 1.0
         self.in_flight[waiter.lease_id] = now
         self.recent_grants.append(now)
         self.grants_total += 1
         wait_ms = (now - waiter.enqueued_at) * 1000.0
-        return Send(waiter.requester, m.LeaseGranted(waiter.lease_id, wait_ms))
+        r = waiter.request
+        # The call goes to the Pool from here, not back through the Coalescer: one hop
+        # fewer before the upstream call. The Coalescer learns of the grant in parallel.
+        return [
+            Send("pool", m.OpenStream(r.lease_id, r.provider, r.model, r.body, r.lease_id, wait_ms, r.coalescer)),
+            Send(waiter.requester, m.LeaseGranted(waiter.lease_id, wait_ms)),
+        ]
 
     def _can_grant(self, now: float) -> bool:
         s = self.settings

@@ -138,6 +138,9 @@ class PoolRuntime:
             task.cancel()
 
     def _fail(self, msg: m.FailStream) -> None:
+        if msg.stream_id in self.calls:  # the Pacer's grant opened it before everyone left
+            self._abort(m.AbortStream(msg.stream_id, time.time()))
+            return
         self.hub.mark_open(msg.stream_id)
         self.hub.publish(msg.stream_id, [ev.error(msg.code, msg.message)])
 

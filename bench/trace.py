@@ -11,8 +11,8 @@ request id / stream id with the client's and the sim's own stamps and prints eac
 stage's p50/p95:
 
   client send → edge LocalStreams.join → bridge ask queued → ask runs on its thread
-  → Coalescer receives Submit → Pacer receives LeaseRequest → Coalescer receives
-  LeaseGranted → Pool receives OpenStream → Pool loop `_open` → sim receives the call
+  → Coalescer receives Submit → Pacer receives LeaseRequest → Pacer sends OpenStream
+  (its grant) → Pool receives it → Pool loop `_open` → sim receives the call
   → sim first byte → hub publishes the first delta → edge HubClient gets it
   → edge renders it → client receives it;   and: Admitted back at the edge → subscribe.
 
@@ -229,10 +229,8 @@ STAGES = [
     ("bridge thread → Coalescer gets Submit", "ask_thread", "co_submit"),
     ("Coalescer handles Submit → sends LeaseRequest", "co_submit", "co_lease_req"),
     ("LeaseRequest sent → Pacer gets it", "co_lease_req", "pacer_recv"),
-    ("Pacer gets → sends LeaseGranted", "pacer_recv", "pacer_send"),
-    ("LeaseGranted sent → Coalescer gets it", "pacer_send", "co_granted"),
-    ("Coalescer gets grant → sends OpenStream", "co_granted", "co_open"),
-    ("OpenStream sent → Pool actor gets it", "co_open", "pool_recv"),
+    ("Pacer gets → sends OpenStream (grant)", "pacer_recv", "pacer_open"),
+    ("OpenStream sent → Pool actor gets it", "pacer_open", "pool_recv"),
     ("Pool actor → Pool loop _open", "pool_recv", "pool_open"),
     ("Pool loop _open → sim receives the call", "pool_open", "sim_started"),
     ("sim call → sim first byte (ttft knob)", "sim_started", "sim_first_byte"),
@@ -240,6 +238,7 @@ STAGES = [
     ("hub publishes → edge HubClient gets it", "hub_delta", "edge_rx_delta"),
     ("edge gets → renders delta", "edge_rx_delta", "render_delta"),
     ("edge renders → client gets first delta", "render_delta", "client_delta"),
+    ("(side) LeaseGranted sent → Coalescer gets it", "pacer_send", "co_granted"),
     ("(side) Coalescer sends Admitted → edge ask returns on the loop", "co_admitted", "ask_return"),
     ("(side) ask thread done → ask returns on the loop", "ask_thread_done", "ask_return"),
     ("(side) edge subscribes (after Admitted)", "ask_return", "subscribe"),
@@ -309,8 +308,8 @@ def timelines(rows, clients, sim_calls) -> dict[str, dict]:
             first(rid, "co_granted", t)
         elif event == "actor_send" and role.startswith("coalescer") and kind == "Admitted":
             first(rid, "co_admitted", t)
-        elif event == "actor_send" and role.startswith("coalescer") and kind == "OpenStream":
-            first(rid, "co_open", t)
+        elif event == "actor_send" and role.startswith("pacer") and kind == "OpenStream":
+            first(rid, "pacer_open", t)
         elif event == "actor_recv" and role == "pool" and kind == "OpenStream":
             first(rid, "pool_recv", t)
         elif event == "pool_open":

@@ -2,9 +2,9 @@
 
 Control plane (through Thespian, a handful per request):
 
-    edge  --Submit-->  Coalescer  --LeaseRequest-->  Pacer
+    edge  --Submit-->  Coalescer  --LeaseRequest-->  Pacer  --OpenStream (on grant)-->  Pool
     edge  <--Admitted/Rejected--  Coalescer  <--LeaseQueued/Granted/Denied--  Pacer
-    Coalescer --OpenStream / AbortStream / FailStream--> Pool
+    Coalescer --AbortStream / FailStream--> Pool
     Pool --StreamFinished--> Coalescer          Pool --LeaseRelease--> Pacer
     edge --Cancel--> Coalescer                  anyone --Records--> Metrics
 
@@ -81,9 +81,16 @@ class Cancel:
 
 @message("lease_request")
 class LeaseRequest:
-    lease_id: str
+    """A leader's upstream call, waiting for a slot. It carries what the Pool needs to
+    start the call, so that the Pacer's grant goes straight to the Pool as `OpenStream`
+    (one hop fewer before the upstream call than granting back through the Coalescer)."""
+
+    lease_id: str  # = the stream id
     provider: str
     requested_at: float
+    model: str
+    body: dict
+    coalescer: str  # address of the shard to tell when the stream ends
 
 
 @message("lease_queued")
@@ -109,7 +116,9 @@ class LeaseDenied:
 
 @message("lease_cancel")
 class LeaseCancel:
-    """Give up a lease that is queued or granted but not yet used by the Pool."""
+    """Give up a lease that is queued or granted. The Pool may already be running the call
+    the Pacer granted (it ends on the FailStream sent with this); its later LeaseRelease
+    then finds the lease gone, which the Pacer ignores."""
 
     lease_id: str
 
@@ -122,7 +131,7 @@ class LeaseRelease:
     retry_after_s: float | None = None  # upstream said 429 Retry-After
 
 
-# --- Coalescer <-> Pool ------------------------------------------------------------------
+# --- Pacer / Coalescer -> Pool -----------------------------------------------------------
 
 
 @message("open_stream")
@@ -144,7 +153,9 @@ class AbortStream:
 
 @message("fail_stream")
 class FailStream:
-    """End a stream that never opened (lease denied, queue timeout) with an error event."""
+    """End a stream with an error event: one that never opened (lease denied, queue
+    timeout), or one everyone left before the Coalescer knew it had opened (the Pacer's
+    OpenStream may already have reached the Pool: then the Pool aborts the call)."""
 
     stream_id: str
     code: str

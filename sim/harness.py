@@ -11,9 +11,10 @@ lines each, with the real behaviour as the model:
   * `SimEdge`  -- edge/streams.py: local join of identical requests, one Submit per key,
                   one hub subscription per stream, one Cancel when the last local client
                   of an unfinished stream leaves; records what each client received.
-  * `SimPool`  -- actors/pool.py + actors/hub.py: OpenStream runs a scripted upstream
-                  call (TTFT, token pace, token count, failure, 429 Retry-After),
-                  AbortStream stops it, FailStream publishes an error; every ending sends
+  * `SimPool`  -- actors/pool.py + actors/hub.py: OpenStream (from the Pacer's grant)
+                  runs a scripted upstream call (TTFT, token pace, token count, failure,
+                  429 Retry-After), AbortStream stops it, FailStream publishes an error
+                  (or stops the call, if the grant opened it already); every ending sends
                   LeaseRelease to the Pacer and StreamFinished to the Coalescer; the hub
                   replays a stream to late subscribers.
   * `SimMetrics` (optional) -- hosts the real `MetricsLogic`.
@@ -470,13 +471,11 @@ class SimPool:
             call = self.running.get(msg.stream_id)
             return self._step(call, msg.index, now) if call is not None else []
         if isinstance(msg, m.AbortStream):
-            call = self.running.get(msg.stream_id)
-            if call is None:
-                return []  # finished meanwhile: its StreamFinished is on its way
-            call.abort_requested_at, call.aborted_at = msg.requested_at, now
-            return self._end(call, "cancelled", ev.error("cancelled", "cancelled: no subscriber left"), None, now)
+            return self._abort(msg.stream_id, msg.requested_at, now)
         if isinstance(msg, m.FailStream):
             self.failed.append((msg.stream_id, msg.code))
+            if msg.stream_id in self.running:  # everyone left before the Coalescer saw the grant
+                return self._abort(msg.stream_id, now, now)
             return self._publish(msg.stream_id, [ev.error(msg.code, msg.message)])
         if isinstance(msg, m.Subscribe):
             stream = self.hub.setdefault(msg.stream_id, _HubStream())
@@ -490,6 +489,13 @@ class SimPool:
         if isinstance(msg, _Flush):
             return self.records.flush()
         raise TypeError(f"pool: unexpected {type(msg).__name__}")
+
+    def _abort(self, stream_id: str, requested_at: float, now: float) -> list:
+        call = self.running.get(stream_id)
+        if call is None:
+            return []  # finished meanwhile: its StreamFinished is on its way
+        call.abort_requested_at, call.aborted_at = requested_at, now
+        return self._end(call, "cancelled", ev.error("cancelled", "cancelled: no subscriber left"), None, now)
 
     def _open(self, msg: m.OpenStream, now: float) -> list:
         stream = self.hub.get(msg.stream_id)
@@ -594,8 +600,11 @@ class _PacerHost:
         for lease_id in sorted(before - after):
             lease = self.sim.leases[lease_id]
             lease.released_at, lease.released_by = self.sim.now, type(msg).__name__
-        if isinstance(msg, m.LeaseRelease):
-            if msg.lease_id not in before:
+        if isinstance(msg, m.LeaseRelease) and msg.lease_id not in before:
+            # Legitimate only after a LeaseCancel: everyone left while the grant that
+            # opened the call was on its way to the Coalescer.
+            lease = self.sim.leases.get(msg.lease_id)
+            if lease is None or lease.released_by != "LeaseCancel":
                 self.sim.fail(f"LeaseRelease for {msg.lease_id}, which the pacer no longer held (released twice?)")
         return out
 
@@ -673,6 +682,7 @@ class Simulation:
         self._seq = itertools.count()
         self._handled = itertools.count()
         self._last_arrival: dict[tuple[str, str], float] = {}
+        self._link_delay_ms: dict[tuple[str, str], float] = {}
         self._request_ids = itertools.count(1)
         self._metrics_on = metrics
         self._edge_dedupe_seq = edge_dedupe_seq
@@ -737,6 +747,11 @@ class Simulation:
         """An operator's live `set_flags` to every coalescer shard at `at`."""
         for logic in self.coalescers:
             self._schedule(at, self._deliver, self.nodes[logic.me], None, _Configure(changes), None)
+
+    def slow_link(self, src: str, dst: str, extra_ms: float) -> None:
+        """Every message from `src` to `dst` (node names) takes `extra_ms` longer: opens the
+        window of a race between two paths to the same node."""
+        self._link_delay_ms[(src, dst)] = extra_ms
 
     def pause(self, node: str, at: float, for_s: float) -> None:
         """Freeze `node` ("pool", "coalescer:0", "pacer:simulated", "edge:e1") from `at` for
@@ -850,13 +865,19 @@ class Simulation:
         for edge in self.edges.values():
             if edge.by_key or edge.pending or edge.submits or edge.listeners:
                 self.fail(f"{edge.name} still holds state: flights={list(edge.by_key)} pending={list(edge.pending)} listeners={list(edge.listeners)}")
-        opened = {call.stream_id for call in self.pool.log}
+        opened = {call.stream_id: call for call in self.pool.log}
         for lease in self.leases.values():
             if lease.released_at is None:
                 self.fail(f"lease {lease.lease_id} granted at {lease.granted_at} never released")
-            used_by = "LeaseRelease" if lease.lease_id in opened else "LeaseCancel"
-            if lease.released_by != used_by:
-                self.fail(f"lease {lease.lease_id} released by {lease.released_by}, expected {used_by}")
+            call = opened.get(lease.lease_id)
+            # A call that ran gives its lease back when it ends, unless everyone left before
+            # the Coalescer saw the grant: then the Coalescer's LeaseCancel did, and the call
+            # was stopped.
+            allowed = {"LeaseCancel"} if call is None else {"LeaseRelease"}
+            if call is not None and call.outcome == "cancelled":
+                allowed.add("LeaseCancel")
+            if lease.released_by not in allowed:
+                self.fail(f"lease {lease.lease_id} released by {lease.released_by}, expected {' or '.join(sorted(allowed))}")
         for call in self.pool.log:
             if call.stream_id not in self.leases:
                 self.fail(f"upstream call {call.stream_id} ran without a lease")
@@ -897,7 +918,7 @@ class Simulation:
     def _handle(self, node: _Node, sender, msg, delivery: Delivery | None) -> None:
         if delivery is not None:
             delivery.delivered_at, delivery.order = self.now, next(self._handled)
-        if isinstance(msg, m.AbortStream) and msg.stream_id in self.pool.running:
+        if isinstance(msg, (m.AbortStream, m.FailStream)) and msg.stream_id in self.pool.running:
             self._no_listener(msg.stream_id)
         try:
             effects = node.logic.handle(msg, sender, self.now + node.clock_offset)
@@ -928,6 +949,7 @@ class Simulation:
         delivery = Delivery(self.now, src, to, copy)
         self.trace.append(delivery)
         lo, hi = self.latency_ms
-        arrival = max(self.now + self.rng.uniform(lo, hi) / 1000.0, self._last_arrival.get((src, to), 0.0))
+        delay_ms = self.rng.uniform(lo, hi) + self._link_delay_ms.get((src, to), 0.0)
+        arrival = max(self.now + delay_ms / 1000.0, self._last_arrival.get((src, to), 0.0))
         self._last_arrival[(src, to)] = arrival
         self._schedule(arrival, self._deliver, dst, src, copy, delivery)

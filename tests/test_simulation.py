@@ -218,6 +218,43 @@ def test_everyone_leaving_while_queued_gives_the_lease_back(seed):
     assert sim.count()["LeaseCancel"] >= 1 and sim.count()["AbortStream"] == 0
 
 
+# The Pacer's grant goes to the Pool (OpenStream) and to the Coalescer (LeaseGranted) at
+# once, so the Pool can be ahead of the Coalescer. A slow Pacer -> Coalescer link widens
+# that window to half a second.
+
+
+@pytest.mark.parametrize("seed", seeds(20), ids=ids)
+def test_a_call_that_ends_before_its_grant_reaches_the_coalescer_still_serves_everyone(seed):
+    sim = Simulation(seed=seed, shards=1)
+    sim.slow_link("pacer:simulated", "coalescer:0", 500)
+    sim.upstream(ttft_ms=10, token_interval_ms=5, tokens=3)  # over long before the grant lands
+    clients = [sim.client(at=0.001 * i, text="q", edge=f"e{i % 2 + 1}") for i in range(4)]
+    sim.run()
+    call = sim.pool.log[0]
+    granted = next(d for d in sim.trace if isinstance(d.msg, m.LeaseGranted))
+    finished = next(d for d in sim.trace if isinstance(d.msg, m.StreamFinished))
+    assert finished.delivered_at < granted.delivered_at, "the stream ended before the Coalescer saw the grant"
+    assert sim.pool.calls == 1 and call.outcome == "done"
+    assert {c.outcome for c in clients} == {"done"} and {c.text for c in clients} == {full_text(1, 3)}
+
+
+@pytest.mark.parametrize("seed", seeds(20), ids=ids)
+def test_leaving_before_the_grant_reaches_the_coalescer_stops_the_call_it_opened(seed):
+    sim = Simulation(seed=seed, shards=1, pacer=PacerSettings(rps=10, burst=10, concurrency=1))
+    sim.slow_link("pacer:simulated", "coalescer:0", 500)
+    sim.upstream(ttft_ms=100, token_interval_ms=50, tokens=10)
+    busy = sim.client(at=0.0, text="first", edge="e1")  # holds the only slot until ~0.6 s
+    queued = [sim.client(at=0.05, text="second", edge=f"e{i + 1}", disconnect_at=0.8) for i in range(2)]
+    sim.run()
+    assert busy.outcome == "done" and {c.outcome for c in queued} == {"disconnected"}
+    second = sim.pool.log[1]
+    granted = [d for d in sim.trace if isinstance(d.msg, m.LeaseGranted)][1]
+    assert second.opened_at < 0.8 < granted.delivered_at, "opened by the grant, left before the Coalescer saw it"
+    assert second.outcome == "cancelled" and 0 < second.aborted_at - 0.8 <= 3 * HI_MS / 1000 + EPS
+    assert sim.leases[second.stream_id].released_by == "LeaseCancel"
+    assert sim.count()["FailStream"] == 1 and sim.count()["AbortStream"] == 0
+
+
 # --- pacing -----------------------------------------------------------------------------------
 
 

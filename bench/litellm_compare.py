@@ -1429,11 +1429,11 @@ def write_doc(results: dict, agg: dict, images: list[str], args) -> None:
     if history:
         add("## Run-to-run noise (every full run saved in bench/results/ on this machine)")
         add("")
-        add("| run (UTC) | sluice / LiteLLM added TTFT p95 @ 20 streams (ms) | sustained streams sluice / LiteLLM "
+        add("| run (UTC) | sluice commit | sluice / LiteLLM added TTFT p95 @ 20 streams (ms) | sustained streams sluice / LiteLLM "
             "| sluice cancel p95 (ms) | 1,000-burst upstream calls (sluice) |")
-        add("|---|---|---|---:|---|")
+        add("|---|---|---|---|---:|---|")
         for h in history:
-            add(f"| {h['date']}{' (this run)' if h['this'] else ''} | {f1(h['s20'])} / {f1(h['l20'])} "
+            add(f"| {h['date']}{' (this run)' if h['this'] else ''} | {h['commit']} | {f1(h['s20'])} / {f1(h['l20'])} "
                 f"| {h['s_sus']} / {h['l_sus']} | {f1(h['cancel'])} | {h['burst']} |")
         add("")
 
@@ -1497,7 +1497,8 @@ def previous_runs(this_file: str | None) -> list[dict]:
             cancel = med(r["p95"] for r in res["cancel"] if r["target"] == "sluice")
             burst = "; ".join(str(b["upstream_calls"]) for b in res["burst"]
                               if b["target"] == "sluice_prod" and b["size"] == 1000)
-            rows.append({"date": res["meta"].get("date", path.stem), "s20": s20, "l20": l20,
+            commit = res["meta"].get("versions", {}).get("sluice commit", "–").replace(" (+ uncommitted work in the tree)", "+")
+            rows.append({"date": res["meta"].get("date", path.stem), "commit": commit, "s20": s20, "l20": l20,
                          "s_sus": sustained_level(res, "sluice")[0], "l_sus": sustained_level(res, "litellm")[0],
                          "cancel": cancel, "burst": burst or "–",
                          "this": this_file is not None and path.name == Path(this_file).name})

@@ -1,0 +1,99 @@
+"""What one Thespian hop costs with epoll (Thespian's default) and with poll (actors/selector.py).
+
+    .venv/bin/python -m bench.thespian_hop [--messages 2000] [--rounds 2]
+
+Two actors on multiprocTCPBase bounce `--messages` round trips (2 × messages hops); the
+wall time per hop and the CPU both actors spent per message (os.times in each, before and
+after). Each variant runs in a child process of its own, alternating, because the
+selector choice is process-wide and inherited by the forked actors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from thespian.actors import Actor
+
+from bench.common import ROOT, free_port, log
+
+
+class Echo(Actor):
+    def receiveMessage(self, msg, sender):
+        if isinstance(msg, tuple) and msg[0] == "ping":
+            self.send(msg[1], "pong")
+        elif msg == "cpu":
+            t = os.times()
+            self.send(sender, t.user + t.system)
+
+
+class Relay(Actor):
+    """Bounces `n` pings off Echo, one at a time; answers with its CPU seconds at the end."""
+
+    def receiveMessage(self, msg, sender):
+        if isinstance(msg, tuple) and msg[0] == "go":
+            self.left, self.echo, self.asker = msg[1], msg[2], sender
+            self.send(self.echo, ("ping", self.myAddress))
+        elif msg == "pong":
+            self.left -= 1
+            if self.left:
+                self.send(self.echo, ("ping", self.myAddress))
+            else:
+                t = os.times()
+                self.send(self.asker, t.user + t.system)
+        elif msg == "cpu":
+            t = os.times()
+            self.send(sender, t.user + t.system)
+
+
+def child(variant: str, messages: int) -> dict:
+    from actors import addressing
+
+    if variant == "epoll":
+        import actors.selector
+
+        actors.selector.install = lambda: None  # keep Thespian's own selector
+    addressing.bind_to("127.0.0.1")
+    from thespian.actors import ActorSystem
+
+    asys = ActorSystem("multiprocTCPBase", capabilities={"Admin Port": free_port()}, logDefs=None)
+    try:
+        echo, relay = asys.createActor(Echo), asys.createActor(Relay)
+        cpu_echo, cpu_relay = asys.ask(echo, "cpu", 10), asys.ask(relay, "cpu", 10)
+        t0 = time.perf_counter()
+        cpu_relay_end = asys.ask(relay, ("go", messages, echo), 300)
+        wall = time.perf_counter() - t0
+        cpu_echo_end = asys.ask(echo, "cpu", 10)
+        hops = 2 * messages
+        cpu = (cpu_relay_end - cpu_relay) + (cpu_echo_end - cpu_echo)
+        return {"variant": variant, "hops": hops, "ms_per_hop": wall / hops * 1e3, "cpu_ms_per_message": cpu / hops * 1e3}
+    finally:
+        asys.shutdown()
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m bench.thespian_hop", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--child", choices=("epoll", "poll"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.messages)))
+        return []
+    rows = []
+    for rnd in range(args.rounds):
+        for variant in ("epoll", "poll"):
+            done = subprocess.run([sys.executable, "-m", "bench.thespian_hop", "--child", variant, "--messages",
+                                   str(args.messages)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            log(f"round {rnd + 1} {variant:5s}: {row['ms_per_hop']:.3f} ms per hop, "
+                f"{row['cpu_ms_per_message']:.3f} CPU ms per message (both ends)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -21,10 +21,12 @@ def body(i: int, **knobs) -> bytes:
     return json.dumps({"model": "sim", "stream": True, "messages": [{"role": "user", "content": f"q{i} {directive}"}]}).encode()
 
 
-async def stream(pool, sim, i: int, **knobs) -> bytes:
+async def stream(pool, sim, i: int, ids: dict | None = None, **knobs) -> bytes:
     async with pool.stream("POST", sim.url + "/v1/chat/completions", content=body(i, **knobs),
                            headers={"content-type": "application/json"}) as response:
         assert response.status == 200
+        if ids is not None:
+            ids[response.extensions["stream_id"]] = i  # HTTP/2 stream id -> our stream number
         return b"".join([chunk async for chunk in response.aiter_stream()])
 
 
@@ -102,13 +104,15 @@ def test_cancelling_the_reading_stream_hands_the_reads_to_another():
     async def test(sim, pool):
         await stream(pool, sim, -1, tokens=1, ttft_ms=0)
         knobs = dict(tokens=30, token_interval_ms=10, ttft_ms=0)
-        tasks = {i: asyncio.create_task(stream(pool, sim, i, **knobs)) for i in range(8)}
+        ids: dict[int, int] = {}
+        tasks = {i: asyncio.create_task(stream(pool, sim, i, ids, **knobs)) for i in range(8)}
+        await until(lambda: len(ids) == len(tasks))  # every stream has its headers
         conn = connection_of(pool)
         cancelled = set()
         for _ in range(3):  # three times: cancel whichever stream is reading right now
             baton = await until(lambda: getattr(conn, "_sluice_baton", None))
             reader = await until(lambda: baton.reader)
-            victim = (reader - 3) // 2  # stream ids go 1 (the warm-up), 3, 5, … in request order
+            victim = ids[reader]
             tasks[victim].cancel()
             cancelled.add(victim)
             await until(lambda: baton.reader not in (None, reader))

@@ -42,11 +42,12 @@ class ForgetError:
 
 @dataclass
 class Flight:
+    """A key's upstream call as the Coalescer sees it. The request body is not kept here:
+    it went to the Pacer with the LeaseRequest, which hands it to the Pool on grant."""
+
     key: str
     stream_id: str
     provider: str
-    model: str
-    body: dict
     phase: str = ASKING
     refs: Counter = field(default_factory=Counter)  # edge_id -> Admitted replies held
     waiting: list = field(default_factory=list)  # (sender, request_id, edge_id, role)
@@ -105,7 +106,7 @@ class CoalescerLogic:
                 return []
             return [Send(sender, self._admitted(msg.request_id, flight.stream_id, "follower"))]
         self.leaders_total += 1
-        flight = Flight(key, f"s-{msg.request_id}", msg.provider, msg.model, msg.body)
+        flight = Flight(key, f"s-{msg.request_id}", msg.provider)
         flight.refs[msg.edge_id] += 1
         flight.waiting.append((sender, msg.request_id, msg.edge_id, "leader"))
         self.by_key[key] = flight

@@ -369,7 +369,7 @@ class Bench:
             except asyncio.TimeoutError:
                 pass
         finally:
-            client.unsubscribe(spec["stream_id"])
+            client.unsubscribe(spec["stream_id"], on_events)
             await client.close()
 
     def _tell_private(self, addr, msg) -> None:

@@ -9,6 +9,11 @@ it already has (see edge/streams.py). A lost connection ends every stream with a
 event given with seq None ("append"). If the connection drops (the Pool was
 restarted), every stream subscribed through it ends with an error event, and the next
 subscribe connects again to wherever the directory says the hub now is.
+
+A stream may have several listeners on one edge (two local flights that the Coalescer
+joined to one stream, e.g. while coalescing was being switched back on): each subscribe
+asks the hub for the replay again (the listeners drop by `seq` what they have), and the
+hub hears `Unsubscribe` only when the last listener of the stream leaves.
 """
 from __future__ import annotations
 
@@ -30,15 +35,22 @@ class HubClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._connecting = asyncio.Lock()
-        self._listeners: dict[str, Callable[[int | None, list[dict]], None]] = {}
+        self._listeners: dict[str, list[Callable[[int | None, list[dict]], None]]] = {}
 
     async def subscribe(self, stream_id: str, on_events: Callable[[int | None, list[dict]], None]) -> None:
         await self._ensure_connected()
-        self._listeners[stream_id] = on_events
+        self._listeners.setdefault(stream_id, []).append(on_events)
         self._writer.write(m.encode(m.Subscribe(stream_id)))
 
-    def unsubscribe(self, stream_id: str) -> None:
-        if self._listeners.pop(stream_id, None) is not None and self._writer and not self._writer.is_closing():
+    def unsubscribe(self, stream_id: str, on_events: Callable[[int | None, list[dict]], None]) -> None:
+        listeners = self._listeners.get(stream_id)
+        if not listeners or on_events not in listeners:
+            return
+        listeners.remove(on_events)
+        if listeners:
+            return  # another local flight still listens to this stream
+        del self._listeners[stream_id]
+        if self._writer and not self._writer.is_closing():
             self._writer.write(m.encode(m.Unsubscribe(stream_id)))
 
     async def close(self) -> None:
@@ -72,8 +84,7 @@ class HubClient:
                 for raw in unpacker:
                     msg = m.from_wire(raw)
                     if isinstance(msg, m.StreamData):
-                        listener = self._listeners.get(msg.stream_id)
-                        if listener is not None:
+                        for listener in list(self._listeners.get(msg.stream_id, ())):
                             listener(msg.seq, msg.events)
                     else:
                         log.warning("hub sent %s", msg)
@@ -84,5 +95,6 @@ class HubClient:
                 self._writer = None
             writer.close()
             lost, self._listeners = self._listeners, {}
-            for listener in lost.values():
-                listener(None, [ev.error("hub_disconnected", "the stream hub went away mid-stream")])
+            for listeners in lost.values():
+                for listener in listeners:
+                    listener(None, [ev.error("hub_disconnected", "the stream hub went away mid-stream")])

@@ -17,6 +17,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 from edge.bridge import ActorBridge, BridgeError
 from edge.dataplane import HubClient
@@ -76,6 +77,7 @@ class Flight:
     events: list = field(default_factory=list)
     subscribers: set = field(default_factory=set)
     finished: bool = False
+    on_frame: Callable | None = None  # this flight's hub listener, while subscribed
 
 
 class LocalStreams:
@@ -127,7 +129,8 @@ class LocalStreams:
                 self._abandon(flight)
             else:
                 try:
-                    await self.hub.subscribe(flight.stream_id, lambda seq, events: self._on_frame(flight, seq, events))
+                    flight.on_frame = lambda seq, events: self._on_frame(flight, seq, events)
+                    await self.hub.subscribe(flight.stream_id, flight.on_frame)
                 except OSError as exc:
                     self._abandon(flight)
                     reply = m.Rejected(submit.request_id, 503, "gateway_unavailable", f"stream hub unreachable: {exc}")
@@ -162,8 +165,7 @@ class LocalStreams:
         if any(ev.is_terminal(e) for e in events):
             flight.finished = True
             self._unlist(flight)
-            if flight.stream_id:
-                self.hub.unsubscribe(flight.stream_id)
+            self._unsubscribe(flight)
 
     def leave(self, sub: Subscriber) -> None:
         """A client is gone (finished, disconnected, cancelled or refused)."""
@@ -183,8 +185,13 @@ class LocalStreams:
         """Drop this edge's reference: one Cancel, the hub subscription gone."""
         flight.finished = True
         self._unlist(flight)
-        self.hub.unsubscribe(flight.stream_id)
+        self._unsubscribe(flight)
         self.spawn(self.bridge.tell(flight.shard, m.Cancel(flight.stream_id, self.edge_id, time.time())))
+
+    def _unsubscribe(self, flight: Flight) -> None:
+        if flight.on_frame is not None:
+            self.hub.unsubscribe(flight.stream_id, flight.on_frame)
+            flight.on_frame = None
 
     def _unlist(self, flight: Flight) -> None:
         if self.by_key.get(flight.key) is flight:

@@ -36,8 +36,9 @@ class RecordingHub:
     async def subscribe(self, stream_id, on_events):
         self.listeners[stream_id] = on_events
 
-    def unsubscribe(self, stream_id):
-        self.listeners.pop(stream_id, None)
+    def unsubscribe(self, stream_id, on_events):
+        if self.listeners.get(stream_id) is on_events:
+            del self.listeners[stream_id]
         self.unsubscribed.append(stream_id)
 
 

@@ -251,7 +251,11 @@ def test_leaving_before_the_grant_reaches_the_coalescer_stops_the_call_it_opened
     granted = [d for d in sim.trace if isinstance(d.msg, m.LeaseGranted)][1]
     assert second.opened_at < 0.8 < granted.delivered_at, "opened by the grant, left before the Coalescer saw it"
     assert second.outcome == "cancelled" and 0 < second.aborted_at - 0.8 <= 3 * HI_MS / 1000 + EPS
-    assert sim.leases[second.stream_id].released_by == "LeaseCancel"
+    # The Coalescer's LeaseCancel and the stopped call's LeaseRelease race to the Pacer:
+    # whichever lands first frees the slot, the other finds it gone (the invariants check
+    # the slot was freed exactly once).
+    lease = sim.leases[second.stream_id]
+    assert lease.released_by in ("LeaseCancel", "LeaseRelease") and lease.released_at - 0.8 <= 4 * HI_MS / 1000 + EPS
     assert sim.count()["FailStream"] == 1 and sim.count()["AbortStream"] == 0
 
 
@@ -436,6 +440,18 @@ def test_pauses_and_clock_jumps_keep_the_invariants(seed):
     sim.run()  # to quiescence: the invariant checker runs there
     assert sim.quiescent
     assert all(c.outcome in ("done", "error", "rejected", "disconnected") for c in sim.clients)
+
+
+@pytest.mark.parametrize("seed", [10737, 21945], ids=ids)
+def test_chaos_seeds_that_once_failed(seed):
+    # 10737: a queued stream's clients left while its grant was on the way; the call it
+    # opened finished before the Coalescer's FailStream arrived, and the Coalescer's
+    # LeaseCancel reached the Pacer before the Pool's LeaseRelease (both legitimate).
+    # 21945: two local flights of one edge ended up on one stream; when one left, the
+    # edge's single hub listener per stream cut the other off (a client waited forever).
+    sim = chaos(seed)
+    sim.run()
+    assert sim.quiescent
 
 
 @pytest.mark.parametrize("seed", seeds(30), ids=ids)

@@ -94,6 +94,35 @@ def results_time() -> str:
 
 
 # ======================================================================================
+def litellm_section() -> list[str]:
+    """The side-by-side against LiteLLM proxy has a report of its own; here, every full run's
+    headline figures (from bench/results/litellm_compare-*.json) and where to read more."""
+    from bench.litellm_compare import previous_runs
+
+    runs = previous_runs(None)
+    lines = [
+        "",
+        "## Against LiteLLM proxy",
+        "",
+        "`.venv/bin/python -m bench.litellm_compare` (~12 min) drives the same load against the simulated provider "
+        "directly, sluice and LiteLLM proxy (one worker), interleaved, and writes "
+        "[benchmarks-litellm.md](benchmarks-litellm.md): every measure, ratios, plots and the analysis. Targets: added "
+        "TTFT p95 at 20 streams ≤ 1/10 of LiteLLM's, sustained concurrency ≥ 3× LiteLLM's, cancel p95 ≤ 20 ms, 1,000 "
+        "identical requests → 1 upstream call and 0 errors.",
+    ]
+    if runs:
+        lines += [
+            "",
+            "| full run (UTC) | sluice commit | added TTFT p95 @ 20 streams, sluice / LiteLLM (ms) | sustained streams "
+            "sluice / LiteLLM | sluice cancel p95 (ms) | 1,000-burst upstream calls (sluice) |",
+            "|---|---|---|---|---:|---|",
+        ]
+        for r in runs:
+            lines.append(f"| {r['date']} | {r['commit']} | {fmt(r['s20'])} / {fmt(r['l20'])} | {r['s_sus']} / {r['l_sus']} "
+                         f"| {fmt(r['cancel'])} | {r['burst']} |")
+    return lines
+
+
 def render(commands: dict, quick: bool) -> str:
     from bench import coalescing, dataplane, gateway
 
@@ -140,6 +169,8 @@ def render(commands: dict, quick: bool) -> str:
             f"| data plane: hub stream sustains 5,000 deltas/s (this benchmark's own criterion) | highest sustained {fmt(hs.get('c'), 0)}/s | ≥ 5000/s | "
             f"**{'PASS' if (hs.get('c') or 0) >= 5000 else 'MISS'}** |"
         )
+
+    lines += litellm_section()
 
     # --- data plane --------------------------------------------------------------------------
     if dp:

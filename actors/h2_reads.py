@@ -22,6 +22,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import h2.events
+from httpcore import RemoteProtocolError
+from httpcore._async import http2
+
 log = logging.getLogger("sluice.h2_reads")
 
 
@@ -59,10 +63,8 @@ class ReadBaton:
 
 
 async def receive_stream_event(self, request, stream_id: int):
-    """Replacement for `AsyncHTTP2Connection._receive_stream_event`."""
-    import h2.events
-    from httpcore import RemoteProtocolError
-
+    """Replacement for `AsyncHTTP2Connection._receive_stream_event` (every event of every
+    stream passes here: keep it lean)."""
     baton = self.__dict__.get("_sluice_baton")
     if baton is None:
         baton = self._sluice_baton = ReadBaton()
@@ -88,8 +90,6 @@ async def receive_stream_event(self, request, stream_id: int):
 def install() -> bool:
     """Patch httpcore's async HTTP/2 connection; False (and httpcore unchanged) if its
     internals are not the ones this was written against (httpcore 1.0.x)."""
-    from httpcore._async import http2
-
     cls = http2.AsyncHTTP2Connection
     if cls._receive_stream_event is receive_stream_event:
         return True

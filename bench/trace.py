@@ -124,9 +124,7 @@ def install_shims(directory: str) -> None:
 
     async def join(self, request_id, provider, model, body, key, received_at):
         w("edge_join", "edge", f"{received_at}", f"request_id={request_id}")
-        sub = await original_join(self, request_id, provider, model, body, key, received_at)
-        w("edge_joined", "edge", sub.role, f"request_id={request_id}", f"stream_id={sub.flight.stream_id}")
-        return sub
+        return await original_join(self, request_id, provider, model, body, key, received_at)
 
     streams.LocalStreams.join = join
 
@@ -272,72 +270,51 @@ def read_traces(directory: str) -> list[tuple]:
     return rows
 
 
-def timelines(rows, clients, sim_calls) -> dict[str, dict]:
-    """request_id -> {point: time}. Leaders only (stream id s-<request id>)."""
+# (event, role prefix or None, message kinds or None) -> the timeline point it stamps;
+# the first matching rule wins.
+POINTS = [
+    ("edge_join", None, None, "edge_join"),
+    ("ask_call", None, ("Submit",), "ask_call"),
+    ("ask_thread", None, ("Submit",), "ask_thread"),
+    ("ask_thread_done", None, ("Submit",), "ask_thread_done"),
+    ("ask_return", None, ("Submit",), "ask_return"),
+    ("actor_recv", "coalescer", ("Submit",), "co_submit"),
+    ("actor_send", "coalescer", ("LeaseRequest",), "co_lease_req"),
+    ("actor_recv", "pacer", ("LeaseRequest",), "pacer_recv"),
+    ("actor_send", "pacer", ("LeaseGranted", "LeaseQueued"), "pacer_send"),
+    ("actor_recv", "coalescer", ("LeaseGranted", "LeaseQueued"), "co_granted"),
+    ("actor_send", "coalescer", ("Admitted",), "co_admitted"),
+    ("actor_send", "pacer", ("OpenStream",), "pacer_open"),
+    ("actor_recv", "pool", ("OpenStream",), "pool_recv"),
+    ("pool_open", None, None, "pool_open"),
+    ("hub_publish", None, ("delta",), "hub_delta"),
+    ("subscribe", None, None, "subscribe"),
+    ("hub_rx", None, ("delta",), "edge_rx_delta"),
+    ("render_delta", None, None, "render_delta"),
+    ("tell_call", None, ("Cancel",), "tell_cancel"),
+    ("tell_thread", None, ("Cancel",), "tell_thread"),
+    ("tell_thread_done", None, ("Cancel",), "tell_thread_done"),
+    ("actor_recv", "coalescer", ("Cancel",), "co_cancel"),
+    ("actor_send", "coalescer", ("AbortStream",), "co_abort"),
+    ("actor_recv", "pool", ("AbortStream",), "pool_recv_abort"),
+    ("pool_abort", None, None, "pool_abort"),
+]
+
+
+def timelines(rows) -> dict[str, dict]:
+    """request_id -> {point: time}, the first time each point was stamped. Leaders only
+    (stream id s-<request id>)."""
     out: dict[str, dict] = collections.defaultdict(dict)
-    stream_of = {}
-
-    def first(rid, point, t):
-        out[rid].setdefault(point, t)
-
     for row in rows:
         t, pid, event, role, kind, ident = row[:6]
         name, _, value = ident.partition("=")
         rid = value if name == "request_id" else (value[2:] if name in ("stream_id", "lease_id") and value.startswith("s-") else None)
         if rid is None:
             continue
-        if event == "edge_join":
-            first(rid, "edge_join", t)
-        elif event == "ask_call" and kind == "Submit":
-            first(rid, "ask_call", t)
-        elif event == "ask_thread" and kind == "Submit":
-            first(rid, "ask_thread", t)
-        elif event == "ask_thread_done" and kind == "Submit":
-            first(rid, "ask_thread_done", t)
-        elif event == "ask_return" and kind == "Submit":
-            first(rid, "ask_return", t)
-        elif event == "actor_recv" and role.startswith("coalescer") and kind == "Submit":
-            first(rid, "co_submit", t)
-        elif event == "actor_send" and role.startswith("coalescer") and kind == "LeaseRequest":
-            first(rid, "co_lease_req", t)
-        elif event == "actor_recv" and role.startswith("pacer") and kind == "LeaseRequest":
-            first(rid, "pacer_recv", t)
-        elif event == "actor_send" and role.startswith("pacer") and kind in ("LeaseGranted", "LeaseQueued"):
-            first(rid, "pacer_send", t)
-        elif event == "actor_recv" and role.startswith("coalescer") and kind in ("LeaseGranted", "LeaseQueued"):
-            first(rid, "co_granted", t)
-        elif event == "actor_send" and role.startswith("coalescer") and kind == "Admitted":
-            first(rid, "co_admitted", t)
-        elif event == "actor_send" and role.startswith("pacer") and kind == "OpenStream":
-            first(rid, "pacer_open", t)
-        elif event == "actor_recv" and role == "pool" and kind == "OpenStream":
-            first(rid, "pool_recv", t)
-        elif event == "pool_open":
-            first(rid, "pool_open", t)
-        elif event == "hub_publish" and kind == "delta":
-            first(rid, "hub_delta", t)
-        elif event == "subscribe":
-            first(rid, "subscribe", t)
-        elif event == "hub_rx" and kind == "delta":
-            first(rid, "edge_rx_delta", t)
-        elif event == "render_delta":
-            first(rid, "render_delta", t)
-        elif event == "tell_call" and kind == "Cancel":
-            first(rid, "tell_cancel", t)
-        elif event == "tell_thread" and kind == "Cancel":
-            first(rid, "tell_thread", t)
-        elif event == "tell_thread_done" and kind == "Cancel":
-            first(rid, "tell_thread_done", t)
-        elif event == "actor_recv" and role.startswith("coalescer") and kind == "Cancel":
-            first(rid, "co_cancel", t)
-        elif event == "actor_send" and role.startswith("coalescer") and kind == "AbortStream":
-            first(rid, "co_abort", t)
-        elif event == "actor_recv" and role == "pool" and kind == "AbortStream":
-            first(rid, "pool_recv_abort", t)
-        elif event == "pool_abort":
-            first(rid, "pool_abort", t)
-        elif event == "edge_joined":
-            stream_of[rid] = row[6] if len(row) > 6 else None
+        for rule_event, role_prefix, kinds, point in POINTS:
+            if event == rule_event and (role_prefix is None or role.startswith(role_prefix)) and (kinds is None or kind in kinds):
+                out[rid].setdefault(point, t)
+                break
     return out
 
 
@@ -388,7 +365,7 @@ def main(argv=None) -> dict:
                 stats = sim_stats(sim.url)
                 calls = {prompt_of(c.get("body")): c for c in stats["requests"]}
                 rows = read_traces(trace_dir)
-                lines = timelines(rows, [], calls)
+                lines = timelines(rows)
                 # the request id of each client: from its meta event
                 stage_values = collections.defaultdict(list)
                 for res in clients:
@@ -444,7 +421,7 @@ async def trace_cancels(gw, sim, trace_dir: str, count: int) -> list[dict]:
     stats = sim_stats(sim.url)
     calls = {prompt_of(c.get("body")): c for c in stats["requests"]}
     observed = {c["call_id"]: c["observed_at"] for c in stats["cancellations"]}
-    lines = timelines(read_traces(trace_dir), [], calls)
+    lines = timelines(read_traces(trace_dir))
     values = collections.defaultdict(list)
     for res in closes:
         rid = (res.meta or {}).get("request_id")

@@ -3,19 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import running_gateway
+from tests.support import running_gateway, running_sim
 
 
 @pytest.fixture(scope="session")
 def sim():
     """The simulated provider as its own process; yields its base URL."""
-    from sim.provider import start_subprocess, stop_subprocess
-
-    proc, port = start_subprocess(port=0)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_subprocess(proc)
+    with running_sim() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -163,6 +163,18 @@ class Gateway:
 
 
 @contextmanager
+def running_sim():
+    """The simulated provider as a process of its own; yields its base URL."""
+    from sim.provider import start_subprocess, stop_subprocess
+
+    proc, port = start_subprocess(port=0)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_subprocess(proc)
+
+
+@contextmanager
 def running_gateway(env: dict[str, str] | None = None):
     gw = Gateway(env).start()
     try:

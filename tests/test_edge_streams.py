@@ -42,6 +42,14 @@ class RecordingHub:
         self.unsubscribed.append(stream_id)
 
 
+def drain(sub) -> list:
+    """Everything queued for a subscriber so far."""
+    out = []
+    while not sub.queue.empty():
+        out.append(sub.queue.get_nowait())
+    return out
+
+
 def admitted(msg):
     return m.Admitted(msg.request_id, "s-1", "leader")
 
@@ -113,13 +121,6 @@ def test_a_late_joiner_gets_the_replay_and_the_early_ones_no_duplicates():
         hub.listeners["s-1"](0, [ev.delta("one "), ev.delta("two ")])
         late = await streams.join("b", "simulated", "m", {}, KEY, 0.0)
         hub.listeners["s-1"](2, [ev.delta("three"), ev.done("stop")])
-
-        def drain(sub):
-            out = []
-            while not sub.queue.empty():
-                out.append(sub.queue.get_nowait())
-            return out
-
         assert drain(early) == drain(late) == [ev.delta("one "), ev.delta("two "), ev.delta("three"), ev.done("stop")]
         assert early.role == "leader" and late.role == "follower" and len(bridge.asked) == 1
 
@@ -150,9 +151,6 @@ def test_frames_of_an_earlier_subscription_are_dropped_by_seq():
         frame(0, [ev.delta(w) for w in ("a", "b", "c")])  # the replay
         frame(1, [ev.delta("b"), ev.delta("c"), ev.delta("d")])  # overlaps what we have
         frame(4, [ev.done("stop")])
-        got = []
-        while not sub.queue.empty():
-            got.append(sub.queue.get_nowait())
-        assert got == [ev.delta(w) for w in "abcd"] + [ev.done("stop")]
+        assert drain(sub) == [ev.delta(w) for w in "abcd"] + [ev.done("stop")]
 
     run(scenario())

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.support import ROOT, free_port, port_in_use, request, running_gateway
+from tests.support import ROOT, free_port, port_in_use, request, running_gateway, running_sim
 
 TOKEN = "signoff-token"
 CONFIGURED = {"SIMULATED_RPS": "2", "SIMULATED_BURST": "3", "SIMULATED_CONCURRENCY": "4",
@@ -30,13 +30,8 @@ LINES = [
 
 @pytest.fixture(scope="module")
 def own_sim():
-    from sim.provider import start_subprocess, stop_subprocess
-
-    proc, port = start_subprocess(port=0)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_subprocess(proc)
+    with running_sim() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,12 @@
 Order matters. The actor system is started first, from a process with no threads yet
 (multiprocTCPBase forks its admin, and forking a threaded process is unsafe), with every
 socket bound to SLUICE_HOST. Then the simulated provider (when no real provider is
-configured), then uvicorn with the edge, in this process. SIGINT/SIGTERM: open streams get
-a terminal event, uvicorn stops, the actor system shuts down, the simulated provider is
-stopped; nothing is left running. If this process dies without that, the Supervisor
-notices within a second and shuts the actor system down itself.
+configured), then uvicorn with the edge, in this process. SIGTERM drains first (/readyz
+503, new requests 503, open streams finish for up to SLUICE_DRAIN_S: edge/server.py);
+SIGINT does not wait. Then open streams get a terminal event, uvicorn stops, the actor
+system shuts down, the simulated provider is stopped; nothing is left running. If this
+process dies without that, the Supervisor notices within a second and shuts the actor
+system down itself. Every process logs in the SLUICE_LOG_FORMAT (protocols/logfmt.py).
 """
 from __future__ import annotations
 
@@ -42,17 +44,14 @@ def _check_alert_thresholds(thresholds: dict) -> None:
 
 
 def serve(settings: dict) -> int:
-    logging.basicConfig(
-        level=settings["SLUICE_LOG_LEVEL"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # hpack logs every header it encodes at DEBUG, API keys included: never below INFO.
-    for noisy in ("hpack", "h2"):
-        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
+    from protocols import logfmt
+
+    logfmt.configure(settings)  # hpack's header dumps (API keys) are never logged, at any level
     log = logging.getLogger("sluice")
     host, port = settings["SLUICE_HOST"], settings["SLUICE_PORT"]
     for name in ("SLUICE_PORT", "SLUICE_ACTOR_PORT"):
         if not _port_free(host, settings[name]):
-            print(f"sluice: {name}={settings[name]} is already in use on {host}", file=sys.stderr)
+            log.error("sluice: %s=%s is already in use on %s", name, settings[name], host)
             return 2
     for name, provider in settings["providers"].items():
         if name != "simulated" and provider["api_key"] is None and provider["adapter"] != "ollama":
@@ -62,7 +61,7 @@ def serve(settings: dict) -> int:
     from actors.supervisor import SUPERVISOR_NAME, SupervisorActor
     from protocols import messages as m
 
-    asys, group = system.start(host, settings["SLUICE_ACTOR_PORT"])
+    asys, group = system.start(host, settings["SLUICE_ACTOR_PORT"], logfmt.actor_log_defs(settings))
     settings = {**settings, "parent_pid": os.getpid(), "actor_group": group}
     sim = None
     try:
@@ -95,30 +94,28 @@ def _serve_http(settings: dict, log) -> int:
     import uvicorn
 
     from edge.routes import build_app
+    from edge.server import DrainingServer
 
     app, edge = build_app(settings)
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            edge.begin_shutdown()  # streams end with a terminal event before uvicorn waits on them
-            super().handle_exit(sig, frame)
-
-    server = Server(
+    server = DrainingServer(
         uvicorn.Config(
             app,
             host=settings["SLUICE_HOST"],
             port=settings["SLUICE_PORT"],
             log_level=settings["SLUICE_LOG_LEVEL"].lower(),
+            log_config=None,  # uvicorn's lines go to our handler, in our format
             lifespan="on",
-            timeout_graceful_shutdown=10,
-            access_log=False,
-        )
+            timeout_graceful_shutdown=10,  # after the drain: streams have had their terminal event
+            access_log=False,  # ours is edge/access_log.py
+        ),
+        edge,
+        settings["SLUICE_DRAIN_S"],
     )
     log.info("sluice listening on http://%s:%d", settings["SLUICE_HOST"], settings["SLUICE_PORT"])
     try:
         server.run()
     except KeyboardInterrupt:
-        pass  # uvicorn re-raises the Ctrl-C it handled; the shutdown has already happened
+        pass  # a Ctrl-C before uvicorn took the signals over
     return 0 if server.started else 1
 
 

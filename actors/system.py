@@ -22,8 +22,10 @@ from actors import addressing
 SYSTEM_BASE = "multiprocTCPBase"
 
 
-def start(host: str, port: int):
-    """Start (or join) the actor system bound to `host`; -> (ActorSystem, group id or None)."""
+def start(host: str, port: int, log_defs: dict | None = None):
+    """Start (or join) the actor system bound to `host`; -> (ActorSystem, group id or None).
+    `log_defs`: the logging configuration of Thespian's logger process, which writes every
+    actor's log lines (protocols/logfmt.py)."""
     addressing.bind_to(host)
     from thespian.actors import ActorSystem
 
@@ -31,7 +33,7 @@ def start(host: str, port: int):
     # The admin inherits this disposition: only run.py decides how the system ends.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        asys = ActorSystem(SYSTEM_BASE, capabilities={"Admin Port": port}, logDefs=None)
+        asys = ActorSystem(SYSTEM_BASE, capabilities={"Admin Port": port}, logDefs=log_defs)
     finally:
         signal.signal(signal.SIGINT, previous)
     new = _children(os.getpid()) - before

@@ -46,7 +46,8 @@ class Edge:
         self.edge_id = f"edge-{os.getpid()}"
         self.bridge = ActorBridge(settings["SLUICE_ACTOR_PORT"])
         self.shutting_down = asyncio.Event()
-        self.draining = False
+        self.draining = False  # the operator's drain (admin), shared through the Supervisor
+        self.stopping = False  # this process drains before it exits (SIGTERM)
         self._drain_set_at = 0.0  # a directory fetched before this may not undo it
         self.hub: HubClient | None = None
         self.streams: LocalStreams | None = None
@@ -76,8 +77,25 @@ class Edge:
             await loop.run_in_executor(None, self.bridge.close)
 
     def begin_shutdown(self) -> None:
-        """Every open stream ends now with an error event (called on SIGINT/SIGTERM)."""
+        """Every open stream ends now with an error event (SIGINT, or a drain's end)."""
         self.shutting_down.set()
+
+    def begin_stopping(self) -> None:
+        """From now on /readyz says 503 and new requests are refused; open streams go on.
+        A plain assignment: safe to call from a signal handler."""
+        self.stopping = True
+
+    async def drained(self, timeout_s: float) -> bool:
+        """True once no client stream is open; False if `timeout_s` passed first."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.streams.idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def open_streams(self) -> int:
+        return len(self.streams.by_request) if self.streams is not None else 0
 
     async def _wait_for_hub(self, deadline_s: float) -> None:
         deadline = time.monotonic() + deadline_s
@@ -111,9 +129,12 @@ class Edge:
         """This edge drains (or stops draining) at once, not at the next refresh."""
         self.draining, self._drain_set_at = on, time.monotonic()
 
+    def out_of_service(self) -> bool:
+        return self.draining or self.stopping or self.shutting_down.is_set()
+
     def refusal(self) -> JSONResponse | None:
         """The 503 for a new request while draining or shutting down, else None."""
-        if self.draining or self.shutting_down.is_set():
+        if self.out_of_service():
             return error_response(503, "draining", "the gateway is draining; retry on another instance", {"Retry-After": "5"})
         return None
 
@@ -185,6 +206,10 @@ class Edge:
         return JSONResponse({"ok": True})
 
     async def readyz(self, request: Request):
+        if self.out_of_service():  # at once, without asking the actors: the balancer must stop sending now
+            body = {"ready": False, "draining": True, "stopping": self.stopping or self.shutting_down.is_set(),
+                    "open_streams": self.open_streams()}
+            return JSONResponse(body, status_code=503)
         try:
             directory = await self.bridge.refresh_directory(force=True)
             roles = [role for role in directory.entries if role != "supervisor"]
@@ -192,8 +217,8 @@ class Edge:
         except BridgeError as exc:
             return JSONResponse({"ready": False, "reason": str(exc)}, status_code=503)
         status = {role: {"ok": isinstance(a, m.State), "pid": getattr(a, "state", {}).get("pid")} for role, a in zip(roles, answers)}
-        ready = all(s["ok"] for s in status.values()) and bool(directory.hub) and not self.shutting_down.is_set()
-        return JSONResponse({"ready": ready, "actors": status, "draining": self.draining}, status_code=200 if ready else 503)
+        ready = all(s["ok"] for s in status.values()) and bool(directory.hub) and not self.out_of_service()
+        return JSONResponse({"ready": ready, "actors": status, "draining": self.out_of_service()}, status_code=200 if ready else 503)
 
     async def performance(self, request: Request):
         raw = request.query_params.get("last_n", "100")

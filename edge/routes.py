@@ -7,6 +7,7 @@ edge/openai_compat.py (the OpenAI-compatible API), edge/admin_routes.py (operato
 from __future__ import annotations
 
 from edge import admin_routes, openai_compat, threads
+from edge.access_log import AccessLog
 from edge.app import Edge, create_app
 
 
@@ -15,6 +16,8 @@ def build_app(settings: dict):
     app, edge = create_app(settings)
     for module in (threads, openai_compat, admin_routes):
         app.router.routes.extend(module.routes(edge))
+    if settings["SLUICE_ACCESS_LOG"]:
+        app.add_middleware(AccessLog, log_prompts=settings["SLUICE_LOG_PROMPTS"], body_limit=settings["SLUICE_MAX_BODY_BYTES"])
     return app, edge
 
 

@@ -13,6 +13,7 @@ import asyncio
 import time
 from typing import Awaitable, Callable
 
+from edge.access_log import STREAM_OUTCOME
 from edge.streams import Subscriber
 from protocols import events as ev
 from protocols.sse import PING, frame
@@ -125,6 +126,7 @@ class SSEStream:
         finally:
             watcher.cancel()
             measured = {"ttft_ms": self.renderer.ttft_ms, "queue_wait_ms": self.renderer.queue_wait_ms}
+            scope.setdefault("state", {})[STREAM_OUTCOME] = {**outcome, **measured}  # for the access log
             self.on_end(self.sub, {**outcome, **measured})
 
     async def _watch(self, receive) -> None:

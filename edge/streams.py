@@ -86,6 +86,8 @@ class LocalStreams:
         self.by_key: dict[str, Flight] = {}
         self.by_request: dict[str, Subscriber] = {}
         self.coalesce_enabled = True  # as the Coalescer last said (Admitted.coalesce)
+        self.idle = asyncio.Event()  # set while no client is open (a drain waits on it)
+        self.idle.set()
         self._tasks: set[asyncio.Task] = set()
 
     async def join(self, request_id: str, provider: str, model: str, body: dict, key: str, received_at: float) -> Subscriber:
@@ -101,6 +103,7 @@ class LocalStreams:
         sub.flight = flight
         flight.subscribers.add(sub)
         self.by_request[request_id] = sub
+        self.idle.clear()
         sub.push(list(flight.events))  # the replay; what comes later arrives live
         try:
             await asyncio.shield(flight.admitted)
@@ -170,6 +173,8 @@ class LocalStreams:
     def leave(self, sub: Subscriber) -> None:
         """A client is gone (finished, disconnected, cancelled or refused)."""
         self.by_request.pop(sub.request_id, None)
+        if not self.by_request:
+            self.idle.set()
         flight = sub.flight
         if flight is None or sub not in flight.subscribers:
             return

@@ -35,6 +35,8 @@ class ThreadRoutes:
         self.finals: dict[int, asyncio.Future] = {}  # assistant message id -> its final write
 
     async def create(self, request: Request):
+        if refused := self.edge.refusal():
+            return refused
         reply = await self._ask(m.ThreadCreate())
         if not isinstance(reply, m.ThreadInfo):
             return reply

@@ -66,6 +66,29 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str):
+        value = kind(text)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError("must be >= 0")
+        return value
+
+    return parse
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
+
+
+def _log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return text
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -90,7 +113,11 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
     "SLUICE_MAX_BODY_BYTES": ("1048576", _positive(int), "largest accepted request body (413 beyond)"),
     "SLUICE_DB": ("data/sluice.sqlite3", str, "SQLite file holding chat threads"),
     "SLUICE_ADMIN_TOKEN": (None, str, "bearer token for /api/admin (admin routes are off when unset)"),
-    "SLUICE_LOG_LEVEL": ("INFO", str, "log level"),
+    "SLUICE_LOG_LEVEL": ("INFO", _log_level, "log level"),
+    "SLUICE_LOG_FORMAT": ("text", _log_format, "log lines as text, or json: one JSON object per line"),
+    "SLUICE_ACCESS_LOG": ("1", _bool, "one access line per request (INFO, logger sluice.access)"),
+    "SLUICE_LOG_PROMPTS": ("0", _bool, "access lines include the request's messages (off: never a prompt in the log)"),
+    "SLUICE_DRAIN_S": ("30", _non_negative(float), "on SIGTERM, seconds open streams may take to finish before they are ended"),
     "COALESCE_ENABLED": ("1", _bool, "share one upstream call among identical in-flight requests"),
     "STREAM_FANOUT_ENABLED": ("1", _bool, "followers get the shared stream live (else whole at the end)"),
     "COALESCE_ERROR_TTL_S": ("2", float, "seconds a failure is replayed to identical requests"),

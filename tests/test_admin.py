@@ -198,12 +198,16 @@ def test_drain_turns_new_chats_away_while_open_streams_finish(gw):
             lambda: (lambda r: r if r[0] == 503 else None)(stream_chat(gw.url + "/api/chat", chat_body(unique("new")))),
             timeout=3, message="503 while draining")
         assert body["error"]["code"] == "draining" and "retry-after" in headers
+        # out of the balancer's rotation while the open stream goes on
+        status, ready = get_json(gw.url + "/readyz")
+        assert status == 503 and ready["ready"] is False and ready["draining"] is True and ready["stopping"] is False
         events = open_stream.read_all()
         assert events[-1][1]["type"] == "done"  # the stream already open finished normally
-        assert get_json(gw.url + "/readyz")[1]["draining"] is True
+        assert get_json(gw.url + "/readyz")[0] == 503  # still draining
     finally:
         open_stream.close()
         assert admin(gw, "POST", "/drain", {"on": False})[0] == 200
+    assert get_json(gw.url + "/readyz")[0] == 200
     assert stream_chat(gw.url + "/api/chat", chat_body(unique("back")))[0] == 200
 
 

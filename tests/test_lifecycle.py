@@ -32,6 +32,9 @@ def test_bad_configuration_fails_fast_naming_the_variable():
         ({"OPENAI_BASE_URL": "ftp://x", "SLUICE_PROVIDER": "openai"}, "OPENAI_BASE_URL"),
         ({"SLUICE_ALERT_ERROR_RATE": "5"}, "SLUICE_ALERT_"),
         ({"SLUICE_ALERT_TTFT_P95_MS": "soon"}, "SLUICE_ALERT_TTFT_P95_MS"),
+        ({"SLUICE_LOG_FORMAT": "xml"}, "SLUICE_LOG_FORMAT"),
+        ({"SLUICE_LOG_LEVEL": "chatty"}, "SLUICE_LOG_LEVEL"),
+        ({"SLUICE_DRAIN_S": "-1"}, "SLUICE_DRAIN_S"),
     ):
         result = run_py(env)
         assert result.returncode == 2, (env, result.stderr)

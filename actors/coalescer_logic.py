@@ -69,7 +69,8 @@ class CoalescerFlags:
 @dataclass
 class CoalescerLogic:
     """`me` is this shard's own address string, given to the Pool for StreamFinished;
-    `secret` the cluster secret the tickets are signed with (b"" in the simulation)."""
+    `secret` the cluster secret the tickets are signed with (the actor host sets it from
+    actors/secret.py; the simulation uses a fixed one)."""
 
     me: str = ""
     secret: bytes = b""

@@ -57,10 +57,13 @@ def serve(settings: dict) -> int:
         if name != "simulated" and provider["api_key"] is None and provider["adapter"] != "ollama":
             log.warning("provider %s has no API key (%s_API_KEY): its calls will fail upstream", name, provider["account"])
 
-    from actors import system
+    from actors import secret, system
     from actors.supervisor import SUPERVISOR_NAME, SupervisorActor
+    from protocols import auth
     from protocols import messages as m
 
+    if not secret.installed():  # until the secret is configured/loaded (issue 10 transport)
+        secret.install(auth.new_secret())
     asys, group = system.start(host, settings["SLUICE_ACTOR_PORT"], logfmt.actor_log_defs(settings))
     settings = {**settings, "parent_pid": os.getpid(), "actor_group": group}
     sim = None

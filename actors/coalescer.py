@@ -1,6 +1,7 @@
 """The Coalescer actor: hosts CoalescerLogic for one key shard (role "coalescer:<n>")."""
 from __future__ import annotations
 
+from actors import secret
 from actors.effects import Send
 from actors.coalescer_logic import CoalescerFlags, CoalescerLogic
 from actors.host import HostActor, my_address
@@ -37,7 +38,7 @@ class CoalescerActor(HostActor):
         if self.logic is None:
             s = wire.settings
             flags = CoalescerFlags(s["COALESCE_ENABLED"], s["STREAM_FANOUT_ENABLED"], s["COALESCE_ERROR_TTL_S"])
-            self.logic = CoalescerLogic(me=my_address(self), flags=flags)
+            self.logic = CoalescerLogic(me=my_address(self), secret=secret.get(), flags=flags)
 
     def on_message(self, msg, sender, now):
         if self.logic is None:

@@ -20,13 +20,19 @@ not to the leader, so a leader that leaves hands the stream to the followers for
 
 A request with an empty key (non-idempotent: tools, or the client opted out) or any
 request while coalescing is disabled gets a flight of its own.
+
+Stream ids are random (`auth.unguessable_id`), never derived from the request id the
+client sees, and every `Admitted` carries the ticket (`auth.ticket`) that lets the
+submitting edge -- and only that edge -- subscribe to the stream at the hub.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 from actors.effects import After, Send
+from protocols import auth
 from protocols import messages as m
 from protocols.config import account
 
@@ -62,9 +68,14 @@ class CoalescerFlags:
 
 @dataclass
 class CoalescerLogic:
-    """`me` is this shard's own address string, given to the Pool for StreamFinished."""
+    """`me` is this shard's own address string, given to the Pool for StreamFinished;
+    `secret` the cluster secret the tickets are signed with (the actor host sets it from
+    actors/secret.py; the simulation uses a fixed one)."""
 
     me: str = ""
+    secret: bytes = b""
+    # Random in production; the simulation gives a counter so a run replays from its seed.
+    new_stream_id: Callable[[], str] = lambda: auth.unguessable_id("s-")
     flags: CoalescerFlags = field(default_factory=CoalescerFlags)
     by_key: dict = field(default_factory=dict)
     by_stream: dict = field(default_factory=dict)
@@ -96,7 +107,7 @@ class CoalescerLogic:
         remembered = self.errors.get(key)
         if remembered and remembered[1] > now:
             self.followers_total += 1
-            return [Send(sender, self._admitted(msg.request_id, remembered[2], "follower", remembered[0]))]
+            return [Send(sender, self._admitted(msg.request_id, remembered[2], "follower", msg.edge_id, remembered[0]))]
         flight = self.by_key.get(key)
         if flight is not None:
             self.followers_total += 1
@@ -104,9 +115,9 @@ class CoalescerLogic:
             if flight.phase == ASKING:
                 flight.waiting.append((sender, msg.request_id, msg.edge_id, "follower"))
                 return []
-            return [Send(sender, self._admitted(msg.request_id, flight.stream_id, "follower"))]
+            return [Send(sender, self._admitted(msg.request_id, flight.stream_id, "follower", msg.edge_id))]
         self.leaders_total += 1
-        flight = Flight(key, f"s-{msg.request_id}", msg.provider)
+        flight = Flight(key, self.new_stream_id(), msg.provider)
         flight.refs[msg.edge_id] += 1
         flight.waiting.append((sender, msg.request_id, msg.edge_id, "leader"))
         self.by_key[key] = flight
@@ -132,8 +143,8 @@ class CoalescerLogic:
             flight.phase = STREAMING  # the Pacer sent the Pool its OpenStream with the grant
         else:
             flight.phase = QUEUED
-        for sender, request_id, _edge, role in flight.waiting:
-            out.append(Send(sender, self._admitted(request_id, flight.stream_id, role)))
+        for sender, request_id, edge_id, role in flight.waiting:
+            out.append(Send(sender, self._admitted(request_id, flight.stream_id, role, edge_id)))
         flight.waiting.clear()
         return out
 
@@ -162,8 +173,8 @@ class CoalescerLogic:
             self._forget(flight)
             # A call can end before its grant reaches us (the Pacer told the Pool and us at
             # once): those still waiting are admitted now and get the whole stream replayed.
-            for sender, request_id, _edge, role in flight.waiting:
-                out.append(Send(sender, self._admitted(request_id, flight.stream_id, role)))
+            for sender, request_id, edge_id, role in flight.waiting:
+                out.append(Send(sender, self._admitted(request_id, flight.stream_id, role, edge_id)))
         if msg.outcome != "error" or flight is None or flight.key.startswith("solo:"):
             return out
         ttl = self.flags.error_ttl_s
@@ -177,7 +188,8 @@ class CoalescerLogic:
         if self.by_key.get(flight.key) is flight:
             del self.by_key[flight.key]
 
-    def _admitted(self, request_id: str, stream_id: str, role: str, error: dict | None = None) -> m.Admitted:
+    def _admitted(self, request_id: str, stream_id: str, role: str, edge_id: str, error: dict | None = None) -> m.Admitted:
+        """The answer to `edge_id`'s Submit, with the ticket for that edge (each edge its own)."""
         return m.Admitted(
             request_id,
             stream_id,
@@ -185,6 +197,7 @@ class CoalescerLogic:
             error,
             self.flags.coalesce_enabled,
             self.flags.stream_fanout_enabled,
+            auth.ticket(self.secret, stream_id, edge_id),
         )
 
     # --- admin ------------------------------------------------------------------------------

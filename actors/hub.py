@@ -2,8 +2,14 @@
 
 Tokens never travel as Thespian messages (a host carries ~1,000 of those a second; see
 docs/architecture.md). Each edge process keeps one TCP connection to the hub, on the
-actor system's interface, and sends `Subscribe`/`Unsubscribe`; the hub sends `StreamData`
-frames (protocols/messages.py, msgpack, back to back on the socket). A stream's events
+actor system's interface. The connection starts with a challenge the edge answers with an
+HMAC of the cluster secret (protocols/hub_hello.py): until that matches, the hub reads
+only that small fixed-size answer and parses nothing, and a wrong or late answer closes
+the connection. Then the edge sends `Subscribe`/`Unsubscribe`; the hub sends `StreamData`
+frames (protocols/messages.py, msgpack, back to back on the socket). A `Subscribe` is
+served only with the Coalescer's ticket for the edge id this connection authenticated as
+(`protocols.auth.ticket_ok`); otherwise the answer is `SubscribeRefused` and nothing of
+the stream. A stream's events
 are kept from its first to its last (the replay buffer), so a subscriber that arrives
 late gets everything so far in one frame, then the rest live: every subscriber sees the
 same events in the same order. A finished stream lingers `linger_s` for late
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
+from protocols import auth, hub_hello
 from protocols import events as ev
 from protocols import messages as m
 
@@ -31,6 +38,8 @@ MAX_BUFFERED_BYTES = 8 * 1024 * 1024  # a slower edge than this is cut off, not 
 # (hundreds of tokens a second) the frames of a couple of milliseconds share one send,
 # which on loopback TCP costs the sender and the woken edge far more than the bytes do.
 FLUSH_GAP_S = 0.002
+HANDSHAKE_TIMEOUT_S = 5.0  # a peer that has not answered the challenge by then is cut off
+MAX_HANDSHAKES = 64  # connections still in their handshake; more are closed at once
 
 
 @dataclass
@@ -46,6 +55,7 @@ class HubStream:
 class EdgeConnection:
     def __init__(self, hub: "StreamHub", reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.hub, self.reader, self.writer = hub, reader, writer
+        self.edge_id: str | None = None  # set once the handshake proved it
         self.streams: set[str] = set()
         self._pending: list[bytes] = []
         self._flushed_at = 0.0
@@ -76,6 +86,21 @@ class EdgeConnection:
             return
         self.writer.write(data)
 
+    async def handshake(self, secret: bytes) -> str | None:
+        """Challenge the peer; -> the edge id it proved, or None. Reads at most
+        1 + MAX_EDGE_ID_BYTES + MAC_BYTES bytes, and parses only the length byte."""
+        nonce = hub_hello.new_nonce()
+        self.writer.write(nonce)
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                size = (await self.reader.readexactly(1))[0]
+                if not 1 <= size <= hub_hello.MAX_EDGE_ID_BYTES:
+                    return None
+                rest = await self.reader.readexactly(size + auth.MAC_BYTES)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            return None
+        return hub_hello.check(secret, nonce, rest[:size], rest[size:])
+
     async def serve(self) -> None:
         unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=1 << 20)
         try:
@@ -91,8 +116,17 @@ class EdgeConnection:
 
 
 class StreamHub:
-    def __init__(self, linger_s: float = 30.0, orphan_s: float = 120.0):
+    """`secret` is the cluster secret (actors/secret.py): it checks the edges' handshakes
+    and the Coalescer's tickets."""
+
+    def __init__(self, secret: bytes, linger_s: float = 30.0, orphan_s: float = 120.0):
+        if not secret:
+            raise ValueError("the stream hub needs the cluster secret")
+        self.secret = secret
         self.linger_s, self.orphan_s = linger_s, orphan_s
+        self.handshaking = 0  # connections not yet authenticated
+        self.refused_handshakes = 0
+        self.refused_subscribes = 0
         self.streams: dict[str, HubStream] = {}
         self.connections: set[EdgeConnection] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -115,14 +149,27 @@ class StreamHub:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _accept(self, reader, writer) -> None:
+        if self.handshaking >= MAX_HANDSHAKES:  # someone opens connections and never answers
+            writer.close()
+            return
         conn = EdgeConnection(self, reader, writer)
-        self.connections.add(conn)
         task = asyncio.current_task()
         self._tasks.add(task)
+        self.handshaking += 1
         try:
+            try:
+                conn.edge_id = await conn.handshake(self.secret)
+            finally:
+                self.handshaking -= 1
+            if conn.edge_id is None:
+                self.refused_handshakes += 1
+                log.warning("hub connection from %s refused: no valid answer to the challenge", writer.get_extra_info("peername"))
+                return
+            self.connections.add(conn)
             await conn.serve()
         finally:
             self._tasks.discard(task)
+            writer.close()
 
     # --- publishing ---------------------------------------------------------------------
     def publish(self, stream_id: str, events: list[dict]) -> None:
@@ -152,6 +199,11 @@ class StreamHub:
     # --- subscriptions ------------------------------------------------------------------
     def on_edge_message(self, conn: EdgeConnection, msg) -> None:
         if isinstance(msg, m.Subscribe):
+            if not auth.ticket_ok(self.secret, msg.stream_id, conn.edge_id, msg.ticket):
+                self.refused_subscribes += 1
+                log.warning("edge %r refused stream %r: no valid ticket", conn.edge_id, msg.stream_id)
+                conn.send(m.SubscribeRefused(msg.stream_id, "forbidden", "this edge was not admitted to this stream"))
+                return
             stream = self._stream(msg.stream_id)
             stream.subscribers.add(conn)
             conn.streams.add(msg.stream_id)
@@ -194,6 +246,9 @@ class StreamHub:
     def state(self) -> dict:
         return {
             "edge_connections": len(self.connections),
+            "handshaking": self.handshaking,
+            "refused_handshakes": self.refused_handshakes,
+            "refused_subscribes": self.refused_subscribes,
             "streams": len(self.streams),
             "open_streams": sum(1 for s in self.streams.values() if s.finished_at is None),
         }

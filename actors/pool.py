@@ -21,6 +21,7 @@ import time
 
 from thespian.actors import ActorExitRequest, ThespianWatch, WatchMessage
 
+from actors import secret
 from actors.effects import Send
 from actors.host import HostActor
 from actors.hub import StreamHub
@@ -54,7 +55,7 @@ class PoolRuntime:
         self.settings = settings
         self.outbox = outbox
         self.loop = new_event_loop()
-        self.hub = StreamHub(orphan_s=settings["PACER_MAX_WAIT_MS"] / 1000.0 + 60.0)
+        self.hub = StreamHub(secret.get(), orphan_s=settings["PACER_MAX_WAIT_MS"] / 1000.0 + 60.0)
         self.calls: dict[str, asyncio.Task] = {}
         self.abort_requested: dict[str, float] = {}
         self.records: list[dict] = []

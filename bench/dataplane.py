@@ -55,8 +55,14 @@ from bench.common import (
     spread,
     write_json,
 )
+from protocols import auth
 from protocols import events as ev
 from protocols import messages as m
+
+# The producer is forked from this process, so both ends see this constant. (A bench
+# secret: the real one is the cluster secret, actors/secret.py.)
+BENCH_SECRET = b"bench.dataplane: not a cluster secret"
+BENCH_EDGE_ID = "bench-edge"
 
 MODES = {"a": "thespian-per-event", "b": "thespian-batched-10ms", "c": "hub-tcp (sluice)"}
 TICK_S = 0.010
@@ -109,7 +115,7 @@ class ProducerRuntime:
         from actors.hub import StreamHub
 
         async def setup():
-            self.hub = StreamHub()
+            self.hub = StreamHub(BENCH_SECRET)
             return await self.hub.start("127.0.0.1")
 
         self.hub_port = asyncio.run_coroutine_threadsafe(setup(), self.loop).result(10)
@@ -353,7 +359,7 @@ class Bench:
         async def locate():
             return "127.0.0.1", hub_port
 
-        client = HubClient(locate)
+        client = HubClient(locate, BENCH_SECRET, BENCH_EDGE_ID)
         finished = asyncio.Event()
 
         def on_events(*args):  # (events) or (seq, events), whichever HubClient uses
@@ -362,7 +368,8 @@ class Bench:
                 finished.set()
 
         try:
-            await client.subscribe(spec["stream_id"], on_events)
+            ticket = auth.ticket(BENCH_SECRET, spec["stream_id"], BENCH_EDGE_ID)
+            await client.subscribe(spec["stream_id"], ticket, on_events)
             await asyncio.get_running_loop().run_in_executor(None, self._tell_private, addr, spec)
             try:
                 await asyncio.wait_for(finished.wait(), limit + 1.0)

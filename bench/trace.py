@@ -92,6 +92,9 @@ def install_shims(directory: str) -> None:
             msg = getattr(effect, "msg", None)
             if msg is not None and hasattr(effect, "to"):
                 w("actor_send", self.role, type(msg).__name__, _ids(msg))
+                if isinstance(msg, m.Admitted) and msg.role == "leader":
+                    # Stream ids are random: this line ties the leader's request to its stream.
+                    w("stream_of", self.role, msg.request_id, f"stream_id={msg.stream_id}")
         return original_apply(self, effects)
 
     host.HostActor.apply = apply
@@ -179,7 +182,7 @@ def install_shims(directory: str) -> None:
 
     original_subscribe = dataplane.HubClient.subscribe
 
-    async def subscribe(self, stream_id, on_events):
+    async def subscribe(self, stream_id, ticket, on_events):
         w("subscribe", "edge", "-", f"stream_id={stream_id}")
         seen = set()
 
@@ -192,7 +195,7 @@ def install_shims(directory: str) -> None:
                     w("hub_rx", "edge", kind, f"stream_id={stream_id}")
             return on_events(*args)
 
-        return await original_subscribe(self, stream_id, traced)
+        return await original_subscribe(self, stream_id, ticket, traced)
 
     dataplane.HubClient.subscribe = subscribe
 
@@ -303,12 +306,13 @@ POINTS = [
 
 def timelines(rows) -> dict[str, dict]:
     """request_id -> {point: time}, the first time each point was stamped. Leaders only
-    (stream id s-<request id>)."""
+    (a stream is tied to its leader's request by the Coalescer's `stream_of` line)."""
+    leader_of = {row[5].partition("=")[2]: row[4] for row in rows if row[2] == "stream_of"}
     out: dict[str, dict] = collections.defaultdict(dict)
     for row in rows:
         t, pid, event, role, kind, ident = row[:6]
         name, _, value = ident.partition("=")
-        rid = value if name == "request_id" else (value[2:] if name in ("stream_id", "lease_id") and value.startswith("s-") else None)
+        rid = value if name == "request_id" else (leader_of.get(value) if name in ("stream_id", "lease_id") else None)
         if rid is None:
             continue
         for rule_event, role_prefix, kinds, point in POINTS:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import time
 
 from starlette.applications import Starlette
@@ -18,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from actors import secret as cluster_secret
 from edge.bridge import ActorBridge, BridgeError
 from edge.chat_request import RequestError, check_content_type, parse_chat, parse_json
 from edge.dataplane import HubClient
@@ -43,7 +45,8 @@ class Edge:
 
     def __init__(self, settings: dict):
         self.settings = settings
-        self.edge_id = f"edge-{os.getpid()}"
+        # Random per process: the Coalescer's hub tickets name it (see docs/security.md).
+        self.edge_id = f"edge-{os.getpid()}-{secrets.token_hex(8)}"
         self.bridge = ActorBridge(settings["SLUICE_ACTOR_PORT"])
         self.shutting_down = asyncio.Event()
         self.draining = False  # the operator's drain (admin), shared through the Supervisor
@@ -60,7 +63,7 @@ class Edge:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.bridge.start)
         await self._wait_for_hub(deadline_s=15.0)
-        self.hub = HubClient(self._locate_hub)
+        self.hub = HubClient(self._locate_hub, cluster_secret.get(), self.edge_id)
         self.streams = LocalStreams(self.bridge, self.hub, self.edge_id, self.settings["COALESCER_SHARDS"])
         self.records = RecordSender(self.bridge, self.edge_id)
         self.records.start()

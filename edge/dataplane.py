@@ -1,12 +1,17 @@
 """The edge's end of the data plane: one TCP connection to the Pool's stream hub.
 
-`HubClient.subscribe(stream_id, on_events)` asks the hub for a stream; every `StreamData`
+Each connection starts with the hub's challenge, which the client answers with its edge id
+and an HMAC of the cluster secret (protocols/hub_hello.py); the hub serves nothing before.
+
+`HubClient.subscribe(stream_id, ticket, on_events)` asks the hub for a stream, showing the
+ticket the Coalescer gave this edge with `Admitted`; every `StreamData`
 frame for it is handed to `on_events(seq, events)` on the event loop, the first frame
 being the replay of all the stream produced so far (seq 0). `seq` is the index of the
 frame's first event in the stream: frames of an earlier subscription to the same stream
 may still be on the wire when a new one starts, and the listener uses `seq` to drop what
 it already has (see edge/streams.py). A lost connection ends every stream with an error
-event given with seq None ("append"). If the connection drops (the Pool was
+event given with seq None ("append"), and so does a subscription the hub refuses
+(`SubscribeRefused`: the ticket does not match). If the connection drops (the Pool was
 restarted), every stream subscribed through it ends with an error event, and the next
 subscribe connects again to wherever the directory says the hub now is.
 
@@ -24,23 +29,31 @@ from typing import Awaitable, Callable
 import msgpack
 
 from protocols import events as ev
+from protocols import hub_hello
 from protocols import messages as m
 
 log = logging.getLogger("sluice.edge.dataplane")
 
+HANDSHAKE_TIMEOUT_S = 5.0
+
 
 class HubClient:
-    def __init__(self, locate: Callable[[], Awaitable[tuple[str, int]]]):
+    """`secret`: the cluster secret; `edge_id`: this edge process's id, the one its
+    Submits carry (the Coalescer's tickets name it)."""
+
+    def __init__(self, locate: Callable[[], Awaitable[tuple[str, int]]], secret: bytes, edge_id: str):
+        hub_hello.encode_edge_id(edge_id)  # a bad edge id fails here, not at the first stream
         self._locate = locate  # -> (host, port) of the hub, from the actor directory
+        self._secret, self._edge_id = secret, edge_id
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._connecting = asyncio.Lock()
         self._listeners: dict[str, list[Callable[[int | None, list[dict]], None]]] = {}
 
-    async def subscribe(self, stream_id: str, on_events: Callable[[int | None, list[dict]], None]) -> None:
+    async def subscribe(self, stream_id: str, ticket: str, on_events: Callable[[int | None, list[dict]], None]) -> None:
         await self._ensure_connected()
         self._listeners.setdefault(stream_id, []).append(on_events)
-        self._writer.write(m.encode(m.Subscribe(stream_id)))
+        self._writer.write(m.encode(m.Subscribe(stream_id, ticket)))
 
     def unsubscribe(self, stream_id: str, on_events: Callable[[int | None, list[dict]], None]) -> None:
         listeners = self._listeners.get(stream_id)
@@ -68,6 +81,15 @@ class HubClient:
                 return
             host, port = await self._locate()
             reader, writer = await asyncio.open_connection(host, port)
+            try:
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                    nonce = await reader.readexactly(hub_hello.NONCE_BYTES)
+            except (TimeoutError, asyncio.IncompleteReadError) as exc:
+                writer.close()
+                raise ConnectionError(f"the stream hub sent no challenge: {exc!r}") from None
+            # The hub closes the connection if the answer is wrong (another secret): then
+            # every stream subscribed on it ends with hub_disconnected, like any lost hub.
+            writer.write(hub_hello.answer(self._secret, nonce, self._edge_id))
             sock = writer.get_extra_info("socket")
             if sock is not None:
                 import socket
@@ -86,6 +108,10 @@ class HubClient:
                     if isinstance(msg, m.StreamData):
                         for listener in list(self._listeners.get(msg.stream_id, ())):
                             listener(msg.seq, msg.events)
+                    elif isinstance(msg, m.SubscribeRefused):
+                        log.error("the hub refused stream %s: %s", msg.stream_id, msg.message)
+                        for listener in self._listeners.pop(msg.stream_id, ()):
+                            listener(None, [ev.error(msg.code, f"the stream hub refused this stream: {msg.message}")])
                     else:
                         log.warning("hub sent %s", msg)
         except (ConnectionError, ValueError) as exc:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -133,7 +133,7 @@ class LocalStreams:
             else:
                 try:
                     flight.on_frame = lambda seq, events: self._on_frame(flight, seq, events)
-                    await self.hub.subscribe(flight.stream_id, flight.on_frame)
+                    await self.hub.subscribe(flight.stream_id, reply.ticket, flight.on_frame)
                 except OSError as exc:
                     self._abandon(flight)
                     reply = m.Rejected(submit.request_id, 503, "gateway_unavailable", f"stream hub unreachable: {exc}")
@@ -225,4 +225,6 @@ class LocalStreams:
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """128 random bits. The client sees it (X-Request-Id) and may cancel with it; the stream
+    id the Coalescer picks is random too, not derived from it (see docs/security.md)."""
+    return secrets.token_hex(16)

@@ -52,7 +52,10 @@ def ticket(secret: bytes, stream_id: str, edge_id: str) -> str:
 
 
 def ticket_ok(secret: bytes, stream_id: str, edge_id: str, presented: str) -> bool:
-    return hmac.compare_digest(ticket(secret, stream_id, edge_id), presented or "")
+    # As bytes: compare_digest refuses str with non-ASCII characters, and a presented
+    # ticket comes off the wire.
+    presented_bytes = presented.encode("utf-8", "surrogatepass") if isinstance(presented, str) else b""
+    return hmac.compare_digest(ticket(secret, stream_id, edge_id).encode(), presented_bytes)
 
 
 def unguessable_id(prefix: str) -> str:

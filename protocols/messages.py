@@ -9,7 +9,9 @@ Control plane (through Thespian, a handful per request):
     edge --Cancel--> Coalescer                  anyone --Records--> Metrics
 
 Data plane (a msgpack stream from the Pool's stream hub to each edge process, see
-docs/architecture.md): Subscribe / Unsubscribe up, StreamData down.
+docs/architecture.md), after a handshake that authenticates the edge (actors/hub.py):
+Subscribe (with the Coalescer's ticket) / Unsubscribe up, StreamData or
+SubscribeRefused down.
 
 Actor addresses travel as "host:port" strings (see actors/addressing.py), so no pickled
 object of ours is ever on the wire.
@@ -56,6 +58,9 @@ class Admitted:
     error: dict | None = None  # set when a recent identical failure is replayed (error TTL)
     coalesce: bool = True  # may the edge join identical local requests to this stream?
     fanout: bool = True  # do followers get the stream live (else the whole answer at the end)?
+    # protocols.auth.ticket(secret, stream_id, Submit.edge_id): the edge shows it to the
+    # stream hub in Subscribe; the hub serves the stream to that edge only.
+    ticket: str = ""
 
 
 @message("rejected")
@@ -340,6 +345,16 @@ class AdminResult:
 @message("subscribe")
 class Subscribe:
     stream_id: str
+    ticket: str  # Admitted.ticket: the Coalescer admitted this connection's edge to the stream
+
+
+@message("subscribe_refused")
+class SubscribeRefused:
+    """Hub -> edge: this stream is not served on this connection (no valid ticket)."""
+
+    stream_id: str
+    code: str  # "forbidden"
+    message: str
 
 
 @message("unsubscribe")

@@ -16,7 +16,10 @@ lines each, with the real behaviour as the model:
                   429 Retry-After), AbortStream stops it, FailStream publishes an error
                   (or stops the call, if the grant opened it already); every ending sends
                   LeaseRelease to the Pacer and StreamFinished to the Coalescer; the hub
-                  replays a stream to late subscribers.
+                  replays a stream to late subscribers, and serves a stream only to the
+                  edge whose Coalescer ticket (Admitted.ticket) it shows: every edge in the
+                  simulation is honest, so a refused Subscribe fails the run (a ticket
+                  given to the wrong edge, or none).
   * `SimMetrics` (optional) -- hosts the real `MetricsLogic`.
 
 The network: every message between nodes is encoded with `protocols.messages.encode` and
@@ -51,15 +54,23 @@ from actors.coalescer_logic import CoalescerFlags, CoalescerLogic, pacer_role
 from actors.effects import After, Send
 from actors.metrics_logic import MetricsLogic
 from actors.pacer_logic import PacerLogic, PacerSettings
+from protocols import auth
 from protocols import events as ev
 from protocols import messages as m
 from protocols.keys import coalescing_key, shard_of
 from protocols.providers.base import code_for_status, status_text
 
 SEED_ENV = "SLUICE_SIM_SEED"
+SIM_SECRET = b"the simulation's cluster secret"
 
 # Message types of the data plane (Pool hub <-> edges); everything else is control plane.
 DATA_PLANE = (m.Subscribe, m.Unsubscribe, m.StreamData)
+
+
+def _counted_ids(prefix: str) -> Callable[[], str]:
+    """Stream ids for a shard: a counter, not random, so a run replays from its seed."""
+    counter = itertools.count(1)
+    return lambda: f"{prefix}{next(counter)}"
 
 
 def seeds(n: int, first: int = 0) -> list[int]:
@@ -332,7 +343,7 @@ class SimEdge:
             if flight.coalesce:
                 self.by_key[key] = flight
             self.listeners.setdefault(flight.stream_id, []).append(flight)
-            out.append(Send("pool", m.Subscribe(flight.stream_id)))
+            out.append(Send("pool", m.Subscribe(flight.stream_id, msg.ticket)))
         # Everyone waiting on this answer attaches first; their responses run afterwards
         # (in the edge they are separate tasks woken by the same future).
         attached = [pending.client]
@@ -456,7 +467,8 @@ class SimPool:
 
     name = "pool"
 
-    def __init__(self, metrics: bool):
+    def __init__(self, metrics: bool, secret: bytes = SIM_SECRET):
+        self.secret = secret
         self.behaviour: Upstream | Callable[[UpstreamRequest], Upstream] = Upstream()
         self.log: list[UpstreamCall] = []
         self.running: dict[str, UpstreamCall] = {}
@@ -483,6 +495,9 @@ class SimPool:
                 return self._abort(msg.stream_id, now, now)
             return self._publish(msg.stream_id, [ev.error(msg.code, msg.message)])
         if isinstance(msg, m.Subscribe):
+            edge_id = sender.partition(":")[2]  # node "edge:<edge id>" (the hub's handshake)
+            if not auth.ticket_ok(self.secret, msg.stream_id, edge_id, msg.ticket):
+                raise PermissionError(f"the hub refuses {sender}'s Subscribe to {msg.stream_id}: not its ticket")
             stream = self.hub.setdefault(msg.stream_id, _HubStream())
             stream.subscribers[sender] = None
             return [Send(sender, m.StreamData(msg.stream_id, 0, list(stream.events)))] if stream.events else []
@@ -697,7 +712,15 @@ class Simulation:
         self.nodes: dict[str, _Node] = {}
 
         self.pacer = PacerLogic(pacer_role(provider).partition(":")[2], pacer or PacerSettings())
-        self.coalescers = [CoalescerLogic(me=f"coalescer:{i}", flags=replace(flags or CoalescerFlags())) for i in range(shards)]
+        self.coalescers = [
+            CoalescerLogic(
+                me=f"coalescer:{i}",
+                secret=SIM_SECRET,
+                new_stream_id=_counted_ids(f"s-{i}."),
+                flags=replace(flags or CoalescerFlags()),
+            )
+            for i in range(shards)
+        ]
         self.pool = SimPool(metrics)
         self.edges: dict[str, SimEdge] = {}
         self.metrics = SimMetrics() if metrics else None

@@ -31,10 +31,11 @@ class GatedBridge:
 
 class RecordingHub:
     def __init__(self):
-        self.listeners, self.unsubscribed = {}, []
+        self.listeners, self.unsubscribed, self.tickets = {}, [], {}
 
-    async def subscribe(self, stream_id, on_events):
+    async def subscribe(self, stream_id, ticket, on_events):
         self.listeners[stream_id] = on_events
+        self.tickets[stream_id] = ticket
 
     def unsubscribe(self, stream_id, on_events):
         if self.listeners.get(stream_id) is on_events:
@@ -51,7 +52,7 @@ def drain(sub) -> list:
 
 
 def admitted(msg):
-    return m.Admitted(msg.request_id, "s-1", "leader")
+    return m.Admitted(msg.request_id, "s-1", "leader", ticket=f"ticket-for-{msg.edge_id}")
 
 
 def run(coro):
@@ -123,6 +124,7 @@ def test_a_late_joiner_gets_the_replay_and_the_early_ones_no_duplicates():
         hub.listeners["s-1"](2, [ev.delta("three"), ev.done("stop")])
         assert drain(early) == drain(late) == [ev.delta("one "), ev.delta("two "), ev.delta("three"), ev.done("stop")]
         assert early.role == "leader" and late.role == "follower" and len(bridge.asked) == 1
+        assert hub.tickets == {"s-1": "ticket-for-edge-1"}  # the hub sees the Coalescer's ticket
 
     run(scenario())
 

@@ -8,6 +8,7 @@ import asyncio
 
 from actors.hub import StreamHub
 from edge.dataplane import HubClient
+from protocols import auth
 from protocols import events as ev
 
 
@@ -19,13 +20,15 @@ async def until(predicate, timeout: float = 5.0):
 
 def test_two_listeners_on_one_stream_each_get_everything_and_leave_alone():
     async def main():
-        hub = StreamHub()
+        secret = auth.new_secret()
+        hub = StreamHub(secret)
         port = await hub.start("127.0.0.1")
+        ticket = auth.ticket(secret, "s-1", "edge-1")
 
         async def locate():
             return "127.0.0.1", port
 
-        client = HubClient(locate)
+        client = HubClient(locate, secret, "edge-1")
         got_a, got_b = [], []
 
         def listener(got):  # like edge/streams.py: keep only what this flight lacks
@@ -39,8 +42,8 @@ def test_two_listeners_on_one_stream_each_get_everything_and_leave_alone():
         try:
             hub.mark_open("s-1")
             hub.publish("s-1", [ev.delta("one ")])
-            await client.subscribe("s-1", listener_a)
-            await client.subscribe("s-1", listener_b)
+            await client.subscribe("s-1", ticket, listener_a)
+            await client.subscribe("s-1", ticket, listener_b)
             await until(lambda: hub.subscriber_count("s-1") == 1 and got_a and got_b)
             hub.publish("s-1", [ev.delta("two ")])
             await until(lambda: len(got_a) == len(got_b) == 2)

@@ -3,8 +3,9 @@ Pacer's grant already opened stops that call (everyone left before the Coalescer
 grant), and the ending still gives the lease back and tells the Coalescer."""
 from __future__ import annotations
 
+from actors import secret
 from actors.pool import Outbox, PoolRuntime
-from protocols import config
+from protocols import auth, config
 from protocols import messages as m
 from tests.support import get_json, running_sim, wait_until
 
@@ -14,6 +15,8 @@ def stats(sim: str) -> dict:
 
 
 def test_fail_stream_stops_a_call_that_is_already_running():
+    if not secret.installed():  # the Pool's hub needs one (run.py installs it)
+        secret.install(auth.new_secret())
     outbox, runtime = Outbox(), None
     with running_sim() as sim:
         try:

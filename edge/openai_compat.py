@@ -34,6 +34,9 @@ Decisions (an OpenAI client must not notice it is talking to a gateway):
 - Errors before streaming keep sluice's HTTP status (400 malformed JSON, 413, 415, 422,
   429 with Retry-After from the Pacer, 503) in OpenAI's shape
   `{"error": {"message", "type", "param", "code"}}`, code being sluice's error code.
+- With client API keys (edge/api_keys.py) every route here needs one: 401 invalid_api_key,
+  403 model_not_allowed, 429 rate_limit_exceeded, in the same shape; `GET /v1/models`
+  lists only the models the caller's key may use.
 """
 from __future__ import annotations
 

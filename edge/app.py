@@ -200,7 +200,8 @@ class Edge:
 
         def ended(sub: Subscriber, outcome: dict) -> None:
             self.streams.leave(sub)
-            self.keys.finish(key_id, outcome["outcome"], stream_tokens(body, sub.flight.events if sub.flight else []))
+            if key_id is not None:  # open access charges nothing: skip the count
+                self.keys.finish(key_id, outcome["outcome"], stream_tokens(body, sub.flight.events if sub.flight else []))
             self._record(sub.request_id, sub.role, sub.received_at, outcome, key_id)
             if on_end is not None:
                 on_end(sub, outcome)

@@ -24,6 +24,7 @@ BASE = [
     {"id": "rpm2", "sha256": hash_key("sk-rpm2"), "rpm": 2},
     {"id": "solo", "sha256": hash_key("sk-solo"), "concurrency": 1},
     {"id": "openai-only", "sha256": hash_key("sk-openai-only"), "models": ["openai/*"]},
+    {"id": "tpm10", "sha256": hash_key("sk-tpm10"), "tpm": 10},
 ]
 
 
@@ -136,6 +137,14 @@ def test_rpm_2_makes_the_third_request_429_with_retry_after(gw):
     assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
     assert 1 <= int(headers["retry-after"]) <= 60
     assert stream_chat(gw.url + "/api/chat", chat_body(unique("rpm")), A)[0] == 200  # others unaffected
+
+
+def test_tokens_are_charged_when_the_stream_ends_and_tpm_then_refuses(gw):
+    key = auth("sk-tpm10")
+    assert stream_chat(gw.url + "/api/chat", chat_body(unique("tpm") + "\n#sim tokens=20"), key)[0] == 200
+    status, headers, body = stream_chat(gw.url + "/api/chat", chat_body(unique("tpm")), key)
+    assert status == 429 and "tokens/minute" in body["error"]["message"]
+    assert 1 <= int(headers["retry-after"]) <= 60
 
 
 def test_concurrency_1_refuses_a_second_open_stream(gw):

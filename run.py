@@ -28,6 +28,7 @@ def main(argv: list[str]) -> int:
     try:
         settings = config.load(os.environ)
         _check_alert_thresholds(settings["alert_thresholds"])
+        _check_keys_file(settings["SLUICE_API_KEYS_FILE"])
     except config.ConfigError as exc:
         print(f"sluice: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -43,6 +44,18 @@ def _check_alert_thresholds(thresholds: dict) -> None:
         raise config.ConfigError(f"{config.ALERT_PREFIX}*: {exc}") from None
 
 
+def _check_keys_file(path: str | None) -> None:
+    """A bad client keys file stops the start (exit 2) before anything runs."""
+    if path is None:
+        return
+    from edge.api_keys import KeysFileError, read_keys_file
+
+    try:
+        read_keys_file(path)
+    except KeysFileError as exc:
+        raise config.ConfigError(f"SLUICE_API_KEYS_FILE: {exc}") from None
+
+
 def serve(settings: dict) -> int:
     from protocols import logfmt
 
@@ -53,6 +66,10 @@ def serve(settings: dict) -> int:
         if not _port_free(host, settings[name]):
             log.error("sluice: %s=%s is already in use on %s", name, settings[name], host)
             return 2
+    if settings["SLUICE_API_KEYS_FILE"] is None:
+        log.warning("no SLUICE_API_KEYS_FILE: every client is allowed")
+    else:
+        log.info("client API keys from %s; coalescing scope: %s", settings["SLUICE_API_KEYS_FILE"], settings["COALESCE_SCOPE"])
     for name, provider in settings["providers"].items():
         if name != "simulated" and provider["api_key"] is None and provider["adapter"] != "ollama":
             log.warning("provider %s has no API key (%s_API_KEY): its calls will fail upstream", name, provider["account"])

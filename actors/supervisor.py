@@ -64,6 +64,7 @@ class SupervisorActor(HostActor):
         self.hub: list = []
         self.generation = 0
         self.draining = False
+        self.keys_reloads = 0  # reload-keys commands so far: each edge re-reads its keys file when it grows
         self.stopping = False
 
     def on_wire(self, wire: m.Wire) -> None:
@@ -111,7 +112,7 @@ class SupervisorActor(HostActor):
     def _directory(self) -> m.Directory:
         complete = len(self.addresses) == len(self.children) > 0
         hub = list(self.hub) if complete else []  # the edge waits for a hub: only offer a whole directory
-        return m.Directory(dict(self.directory), hub, {"draining": self.draining}, self.generation)
+        return m.Directory(dict(self.directory), hub, {"draining": self.draining, "keys_reloads": self.keys_reloads}, self.generation)
 
     def state(self, now: float) -> dict:
         return self._state()
@@ -122,6 +123,7 @@ class SupervisorActor(HostActor):
             "children": sorted(self.children),
             "generation": self.generation,
             "draining": self.draining,
+            "keys_reloads": self.keys_reloads,
         }
 
     def _admin(self, msg: m.Admin, sender) -> list:
@@ -134,7 +136,11 @@ class SupervisorActor(HostActor):
             self.draining = on
             self.generation += 1
             return [Send(sender, m.AdminResult(True, self._state()))]
-        return [Send(sender, m.AdminResult(False, {}, f"supervisor: unknown command {msg.command!r} (show, drain)"))]
+        if msg.command == "reload_keys":
+            self.keys_reloads += 1
+            self.generation += 1
+            return [Send(sender, m.AdminResult(True, self._state()))]
+        return [Send(sender, m.AdminResult(False, {}, f"supervisor: unknown command {msg.command!r} (show, drain, reload_keys)"))]
 
     def on_system(self, msg, sender) -> None:
         if isinstance(msg, ActorExitRequest):

@@ -14,6 +14,11 @@ a write lock. A turn is a user message plus the assistant reply that answers it:
 
 On start, replies left "streaming" by a crash are marked "interrupted": nothing is lost
 silently, and a client reading the thread sees what happened.
+
+A thread belongs to the API key id that created it (`owner`; NULL with open access). A
+caller with a key sees only its own threads: any other is "not found", so thread ids
+of other tenants cannot even be confirmed. A caller without one (open access, no keys
+file) sees every thread.
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ log = logging.getLogger("sluice.threads")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS threads (
     id TEXT PRIMARY KEY,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    owner TEXT
 );
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -64,6 +70,8 @@ class ThreadStore:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        if "owner" not in {row[1] for row in self.db.execute("PRAGMA table_info(threads)")}:
+            self.db.execute("ALTER TABLE threads ADD COLUMN owner TEXT")  # a file from before API keys
         interrupted = self.db.execute(
             "UPDATE messages SET status='interrupted', updated_at=? WHERE status='streaming'", (time.time(),)
         ).rowcount
@@ -73,13 +81,13 @@ class ThreadStore:
     def close(self) -> None:
         self.db.close()
 
-    def create(self) -> tuple[str, float]:
+    def create(self, owner: str | None = None) -> tuple[str, float]:
         thread_id, now = uuid.uuid4().hex, time.time()
-        self.db.execute("INSERT INTO threads(id, created_at) VALUES (?, ?)", (thread_id, now))
+        self.db.execute("INSERT INTO threads(id, created_at, owner) VALUES (?, ?, ?)", (thread_id, now, owner))
         return thread_id, now
 
-    def messages(self, thread_id: str) -> list[dict]:
-        self._require(thread_id)
+    def messages(self, thread_id: str, owner: str | None = None) -> list[dict]:
+        self._require(thread_id, owner)
         rows = self.db.execute(
             "SELECT id, role, content, status, error_code, created_at FROM messages WHERE thread_id=? ORDER BY id",
             (thread_id,),
@@ -87,9 +95,9 @@ class ThreadStore:
         keys = ("id", "role", "content", "status", "error_code", "created_at")
         return [dict(zip(keys, row)) for row in rows]
 
-    def begin(self, thread_id: str, content: str) -> tuple[list[dict], int, int, bool]:
+    def begin(self, thread_id: str, content: str, owner: str | None = None) -> tuple[list[dict], int, int, bool]:
         """-> (history to send upstream, user message id, assistant message id, joined)."""
-        self._require(thread_id)
+        self._require(thread_id, owner)
         self.db.execute("BEGIN IMMEDIATE")
         try:
             last_two = self.db.execute(
@@ -139,8 +147,9 @@ class ThreadStore:
         )
         return cursor.lastrowid
 
-    def _require(self, thread_id: str) -> None:
-        if self.db.execute("SELECT 1 FROM threads WHERE id=?", (thread_id,)).fetchone() is None:
+    def _require(self, thread_id: str, owner: str | None = None) -> None:
+        row = self.db.execute("SELECT owner FROM threads WHERE id=?", (thread_id,)).fetchone()
+        if row is None or (owner is not None and row[0] != owner):
             raise ThreadNotFound(thread_id)
 
 
@@ -165,11 +174,11 @@ class ThreadStoreActor(HostActor):
 
     def _handle(self, msg, sender) -> list:
         if isinstance(msg, m.ThreadCreate):
-            return [Send(sender, m.ThreadInfo(*self.store.create()))]
+            return [Send(sender, m.ThreadInfo(*self.store.create(msg.owner)))]
         if isinstance(msg, m.ThreadGet):
-            return [Send(sender, m.ThreadMessages(msg.thread_id, self.store.messages(msg.thread_id)))]
+            return [Send(sender, m.ThreadMessages(msg.thread_id, self.store.messages(msg.thread_id, msg.owner)))]
         if isinstance(msg, m.TurnBegin):
-            history, user_id, assistant_id, joined = self.store.begin(msg.thread_id, msg.content)
+            history, user_id, assistant_id, joined = self.store.begin(msg.thread_id, msg.content, msg.owner)
             return [Send(sender, m.TurnBegun(msg.thread_id, history, user_id, assistant_id, joined))]
         if isinstance(msg, m.TurnEnd):
             self.store.end(msg.assistant_id, msg.content, msg.status, msg.error_code)

@@ -154,6 +154,8 @@ def main(argv: list[str]) -> int:
         settings = config.load(os.environ)
     except (UsageError, config.ConfigError) as exc:
         return _fail("invalid_request", f"{name}: {exc}", 2)
+    if name == "reload-keys":
+        args["path"] = settings["SLUICE_API_KEYS_FILE"]  # the gateway's file: validated here first
 
     host, port = settings["SLUICE_HOST"], settings["SLUICE_ACTOR_PORT"]
     if not _listening(host, port):

@@ -18,6 +18,7 @@ HTTP (only when SLUICE_ADMIN_TOKEN is set; otherwise the routes do not exist: 40
     POST /api/admin/metrics/reset       reset-metrics
     GET  /api/admin/alerts              alerts         thresholds and firing/pending rules
     POST /api/admin/alerts/thresholds   set-thresholds {"ttft_p95_ms": 1200, ...}
+    POST /api/admin/keys/reload         reload-keys    re-read SLUICE_API_KEYS_FILE now
 
 Every request needs `Authorization: Bearer <SLUICE_ADMIN_TOKEN>` (401 without, 403 when
 wrong). Answers are `{"command", "results": {role: result}}`; errors are
@@ -39,6 +40,7 @@ from actors.alerts import validate_thresholds
 from actors.coalescer import flags_from
 from actors.coalescer_logic import CoalescerFlags
 from actors.pacer_logic import PacerSettings, settings_from
+from edge.api_keys import KeysFileError
 from edge.bridge import BridgeError
 from protocols import messages as m
 from protocols.config import PROVIDERS
@@ -125,6 +127,22 @@ def _plan_drain(roles: dict, args: dict) -> list:
     return [("supervisor", m.Admin("drain", {"on": on}))]
 
 
+def _plan_reload_keys(roles: dict, args: dict) -> list:
+    """Validate the keys file here (a bad one: 422 with the reason, nothing sent, the old
+    keys stay); then the Supervisor counts the reload and every edge re-reads its file
+    within a second (the HTTP route's own edge at once)."""
+    from edge.api_keys import read_keys_file
+
+    path = args.get("path")
+    if not path:
+        raise AdminError(409, "keys_off", "client API keys are off: SLUICE_API_KEYS_FILE is not set")
+    try:
+        read_keys_file(path)
+    except KeysFileError as exc:
+        raise AdminError(422, "invalid_keys_file", f"the previous keys stay in force: {exc}") from None
+    return [("supervisor", m.Admin("reload_keys", {}))]
+
+
 def _plan_reset_metrics(roles: dict, args: dict) -> list:
     return [("metrics", m.Admin("reset", {}))]
 
@@ -152,6 +170,8 @@ COMMANDS: dict[str, Command] = {
         Command("set-flags", "set-flags key=value ...", "change every Coalescer shard live: coalesce_enabled "
                 "stream_fanout_enabled error_ttl_s", _plan_set_flags),
         Command("drain", "drain on|off", "on: new chat requests get 503, open streams finish", _plan_drain),
+        Command("reload-keys", "reload-keys", "re-read SLUICE_API_KEYS_FILE (client API keys) now; a bad "
+                "file is refused and the previous keys stay", _plan_reload_keys),
         Command("reset-metrics", "reset-metrics", "forget the windowed samples (counters are kept)", _plan_reset_metrics),
         Command("alerts", "alerts", "alert thresholds and firing/pending rules", _plan_alerts),
         Command("set-thresholds", "set-thresholds key=value ...", "change alert thresholds live "
@@ -220,6 +240,12 @@ class AdminRoutes:
         if name == "drain":
             # this edge stops taking chats at once; the others see it within a second
             self.edge.set_draining(args["on"])
+        if name == "reload-keys":
+            try:  # this edge at once; the others when they see the Supervisor's count
+                self.edge.keys.reload()
+            except KeysFileError as exc:  # the file changed again since it was checked
+                return _error(422, "invalid_keys_file", f"the previous keys stay in force: {exc}")
+            return JSONResponse({**out, "keys": self.edge.keys.state()})
         return JSONResponse({**out, **(extra() if extra else {})})
 
     async def body(self, request: Request) -> dict:
@@ -276,6 +302,9 @@ def routes(edge) -> list[Route]:
     async def show_args(request: Request) -> dict:
         return {"role": request.query_params.get("role", "all")}
 
+    async def keys_args(request: Request) -> dict:
+        return {"path": edge.settings.get("SLUICE_API_KEYS_FILE")}
+
     async def thresholds_args(request: Request) -> dict:
         return {"thresholds": await admin.body(request)}
 
@@ -285,6 +314,7 @@ def routes(edge) -> list[Route]:
         Route("/api/admin/flags", admin.handler("set-flags", flags_args), methods=["POST"]),
         Route("/api/admin/drain", admin.handler("drain", drain_args), methods=["POST"]),
         Route("/api/admin/metrics/reset", admin.handler("reset-metrics"), methods=["POST"]),
+        Route("/api/admin/keys/reload", admin.handler("reload-keys", keys_args), methods=["POST"]),
         Route("/api/admin/alerts", admin.handler("alerts"), methods=["GET"]),
         Route("/api/admin/alerts/thresholds", admin.handler("set-thresholds", thresholds_args), methods=["POST"]),
     ]

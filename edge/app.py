@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from actors import secret as cluster_secret
+from edge.api_keys import ApiKeys, Denial, KeysFileError, presented_key, stream_tokens
 from edge.bridge import ActorBridge, BridgeError
 from edge.chat_request import RequestError, check_content_type, parse_chat, parse_json
 from edge.dataplane import HubClient
@@ -40,6 +41,16 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+def key_error(denial: Denial, headers: dict | None = None) -> JSONResponse:
+    """A refusal by the client key table, in OpenAI's error shape (which keeps sluice's
+    `code` and `message`), with Retry-After when the key is over a limit."""
+    headers = dict(headers or {})
+    if denial.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(denial.retry_after_s)))
+    body = {"error": {"message": denial.message, "type": denial.type, "param": None, "code": denial.code}}
+    return JSONResponse(body, status_code=denial.status, headers=headers or None)
+
+
 class Edge:
     """The edge process's state: the bridge to the actors, the hub client, the streams."""
 
@@ -48,6 +59,9 @@ class Edge:
         # Random per process: the Coalescer's hub tickets name it (see docs/security.md).
         self.edge_id = f"edge-{os.getpid()}-{secrets.token_hex(8)}"
         self.bridge = ActorBridge(settings["SLUICE_ACTOR_PORT"])
+        self.keys = ApiKeys(settings.get("SLUICE_API_KEYS_FILE"))
+        self.coalesce_scope = settings.get("COALESCE_SCOPE") or "global"
+        self._keys_reloads = 0  # the Supervisor's count of reload-keys commands, as last seen
         self.shutting_down = asyncio.Event()
         self.draining = False  # the operator's drain (admin), shared through the Supervisor
         self.stopping = False  # this process drains before it exits (SIGTERM)
@@ -127,6 +141,16 @@ class Edge:
                 continue
             if asked_at > self._drain_set_at:
                 self.draining = bool(directory.settings.get("draining"))
+            self._follow_keys_reloads(directory.settings.get("keys_reloads", 0))
+
+    def _follow_keys_reloads(self, reloads: int) -> None:
+        """`run.py admin reload-keys` (from any process) bumps the Supervisor's count."""
+        if reloads != self._keys_reloads:
+            self._keys_reloads = reloads
+            try:
+                self.keys.reload()
+            except KeysFileError as exc:  # the old keys stay in force
+                log.error("reload-keys: the previous keys stay in force: %s", exc)
 
     def set_draining(self, on: bool) -> None:
         """This edge drains (or stops draining) at once, not at the next refresh."""
@@ -141,8 +165,20 @@ class Edge:
             return error_response(503, "draining", "the gateway is draining; retry on another instance", {"Retry-After": "5"})
         return None
 
+    def authenticate(self, request: Request) -> JSONResponse | None:
+        """Who calls: sets `request.state.key_id` (the API key's id; None with open access)
+        or answers the 401. Every client route calls this first."""
+        request.state.key_id = None
+        found = self.keys.authenticate(presented_key(request.headers))
+        if isinstance(found, Denial):
+            return key_error(found, {"WWW-Authenticate": 'Bearer realm="sluice"'})
+        request.state.key_id = found.id if found is not None else None
+        return None
+
     # --- routes -------------------------------------------------------------------------------
     async def chat(self, request: Request):
+        if (denied := self.authenticate(request)) is not None:
+            return denied
         if refused := self.refusal():
             return refused
         try:
@@ -150,33 +186,47 @@ class Edge:
             chat = parse_chat(data, request.headers.get("x-sluice-coalesce"))
         except RequestError as exc:
             return error_response(exc.status, exc.code, exc.message)
-        return await self.open_stream(chat.provider, chat.model, chat.body, chat.thread_id, chat.coalesce)
+        return await self.open_stream(
+            chat.provider, chat.model, chat.body, chat.thread_id, chat.coalesce, key_id=request.state.key_id
+        )
 
     async def open_stream(
-        self, provider, model, body, thread_id, coalesce, on_end=None, renderer=None, before_terminal=None
+        self, provider, model, body, thread_id, coalesce, on_end=None, renderer=None, before_terminal=None, key_id=None
     ):
         """Admit a normalized request and return its SSE response (or a JSON error).
 
         `on_end(sub, outcome)` runs when the client's stream ends; `renderer(sub)` makes
         the Renderer that picks the wire format (sluice's own by default);
-        `before_terminal(sub, event)` is awaited before the terminal event is sent."""
+        `before_terminal(sub, event)` is awaited before the terminal event is sent;
+        `key_id` (from `authenticate`) is checked against its key's models and limits,
+        owns the request (cancel) and scopes coalescing when COALESCE_SCOPE=key."""
         provider = provider or self.settings["SLUICE_PROVIDER"]
         configured = self.settings["providers"].get(provider)
         if configured is None:
             return self._provider_missing(provider)
         model = model or configured["model"]
-        key = coalescing_key(provider, model, body, thread_id) if coalesce else ""
+        if (denied := self.keys.admit(key_id, provider, model)) is not None:
+            return key_error(denied)  # counted per key (/metrics), not as a gateway error
+        client_id = key_id if self.coalesce_scope == "key" else None
+        key = coalescing_key(provider, model, body, thread_id, client_id) if coalesce else ""
         request_id, received_at = new_request_id(), time.time()
         try:
             sub = await self.streams.join(request_id, provider, model, body, key, received_at)
         except Rejection as exc:
-            self._record(request_id, "leader", received_at, {"outcome": "rejected", "error_code": exc.code})
+            self.keys.finish(key_id, "rejected", 0)
+            self._record(request_id, "leader", received_at, {"outcome": "rejected", "error_code": exc.code}, key_id)
             headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))} if exc.retry_after_s else None
             return error_response(exc.status, exc.code, exc.message, headers)
+        except BaseException:  # the client went away while being admitted
+            self.keys.finish(key_id, "cancelled", 0)
+            raise
+        sub.key_id = key_id
 
         def ended(sub: Subscriber, outcome: dict) -> None:
             self.streams.leave(sub)
-            self._record(sub.request_id, sub.role, sub.received_at, outcome)
+            if key_id is not None:  # open access charges nothing: skip the count
+                self.keys.finish(key_id, outcome["outcome"], stream_tokens(body, sub.flight.events if sub.flight else []))
+            self._record(sub.request_id, sub.role, sub.received_at, outcome, key_id)
             if on_end is not None:
                 on_end(sub, outcome)
 
@@ -200,8 +250,11 @@ class Edge:
         )
 
     async def cancel(self, request: Request):
+        if (denied := self.authenticate(request)) is not None:
+            return denied
         request_id = request.path_params["request_id"]
-        if not self.streams.cancel(request_id):
+        # another key's request is answered as unknown: its existence is not the caller's business
+        if not self.streams.cancel(request_id, request.state.key_id):
             return error_response(404, "not_found", f"no open stream with request id {request_id!r}")
         return JSONResponse({"request_id": request_id, "cancelled": True}, status_code=202)
 
@@ -232,13 +285,24 @@ class Edge:
         except ValueError:
             return error_response(422, "invalid_request", f"last_n must be an integer 1..100000, got {raw!r}")
         reply = await self._ask_metrics(m.QueryPerformance(last_n))
-        return reply if isinstance(reply, Response) else JSONResponse(reply.report)
+        if isinstance(reply, Response):
+            return reply
+        if isinstance(reply.report.get("coalesce"), dict):
+            reply.report["coalesce"]["scope"] = self.coalesce_scope
+        return JSONResponse(reply.report)
 
     async def prometheus(self, request: Request):
         reply = await self._ask_metrics(m.QueryPrometheus())
         if isinstance(reply, Response):
             return reply
-        return PlainTextResponse(reply.text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        # this edge's own figures follow the Metrics actor's: coalescing scope, per-key usage
+        scope = (
+            "# HELP sluice_coalesce_scope Which requests may share an upstream call (key: same API key only).\n"
+            "# TYPE sluice_coalesce_scope gauge\n"
+            f'sluice_coalesce_scope{{scope="{self.coalesce_scope}"}} 1\n'
+        )
+        text = reply.text + scope + self.keys.prometheus()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def alerts(self, request: Request):
         reply = await self._ask_metrics(m.QueryAlerts())
@@ -265,7 +329,7 @@ class Edge:
                 break
         return parse_json(bytes(raw), limit)
 
-    def _record(self, request_id: str, role: str, received_at: float, outcome: dict) -> None:
+    def _record(self, request_id: str, role: str, received_at: float, outcome: dict, key_id: str | None = None) -> None:
         now = time.time()
         self.records.add(
             {
@@ -278,6 +342,7 @@ class Edge:
                 "queue_wait_ms": outcome.get("queue_wait_ms"),
                 "latency_ms": (now - received_at) * 1000.0,
                 "at": now,
+                "key_id": key_id,
             }
         )
 

@@ -34,6 +34,9 @@ Decisions (an OpenAI client must not notice it is talking to a gateway):
 - Errors before streaming keep sluice's HTTP status (400 malformed JSON, 413, 415, 422,
   429 with Retry-After from the Pacer, 503) in OpenAI's shape
   `{"error": {"message", "type", "param", "code"}}`, code being sluice's error code.
+- With client API keys (edge/api_keys.py) every route here needs one: 401 invalid_api_key,
+  403 model_not_allowed, 429 rate_limit_exceeded, in the same shape; `GET /v1/models`
+  lists only the models the caller's key may use.
 """
 from __future__ import annotations
 
@@ -264,6 +267,8 @@ async def _discard(message) -> None:
 
 def routes(edge) -> list[Route]:
     async def chat_completions(request: Request):
+        if (denied := edge.authenticate(request)) is not None:
+            return denied  # already in OpenAI's shape (invalid_api_key)
         if (refused := edge.refusal()) is not None:
             return _reshape(refused)
         try:
@@ -280,6 +285,7 @@ def routes(edge) -> list[Route]:
             response = await edge.open_stream(
                 provider, model, chat.body, chat.thread_id, chat.coalesce,
                 renderer=lambda sub: ChunkRenderer(sub, shown, created, include_usage),
+                key_id=request.state.key_id,
             )
             return response if not isinstance(response, JSONResponse) else _reshape(response)
 
@@ -289,25 +295,33 @@ def routes(edge) -> list[Route]:
             collectors.append(Collector(sub))
             return collectors[0]
 
-        response = await edge.open_stream(provider, model, chat.body, chat.thread_id, chat.coalesce, renderer=collect)
+        response = await edge.open_stream(
+            provider, model, chat.body, chat.thread_id, chat.coalesce, renderer=collect, key_id=request.state.key_id
+        )
         if not collectors:  # refused before any stream existed
             return _reshape(response)
         # Run the stream here; request.receive still reports the client's disconnect.
         await response(request.scope, request.receive, _discard)
         return collectors[0].response(shown, created)
 
-    def model_list() -> list[dict]:
+    def model_list(key_id: str | None) -> list[dict]:
+        """The configured models the caller's API key may use."""
         return [
             {"id": f"{name}/{p['model']}", "object": "model", "created": 0, "owned_by": name}
             for name, p in edge.settings["providers"].items()
+            if edge.keys.allows(key_id, name, p["model"])
         ]
 
     async def models(request: Request):
-        return JSONResponse({"object": "list", "data": model_list()})
+        if (denied := edge.authenticate(request)) is not None:
+            return denied
+        return JSONResponse({"object": "list", "data": model_list(request.state.key_id)})
 
     async def model(request: Request):
+        if (denied := edge.authenticate(request)) is not None:
+            return denied
         wanted = request.path_params["model_id"]
-        for item in model_list():
+        for item in model_list(request.state.key_id):
             if item["id"] == wanted:
                 return JSONResponse(item)
         return error_response(404, "model_not_found", f"The model {wanted!r} does not exist (see GET /v1/models)")

@@ -49,6 +49,7 @@ class Subscriber:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     flight: "Flight | None" = None
     outcome: str | None = None
+    key_id: str | None = None  # the API key that owns this request (None: open access)
 
     def push(self, events: list[dict]) -> None:
         for event in events:
@@ -202,9 +203,10 @@ class LocalStreams:
         if self.by_key.get(flight.key) is flight:
             del self.by_key[flight.key]
 
-    def cancel(self, request_id: str) -> bool:
+    def cancel(self, request_id: str, key_id: str | None = None) -> bool:
+        """Cancel one client's request; only its own key may (False otherwise, as unknown)."""
         sub = self.by_request.get(request_id)
-        if sub is None:
+        if sub is None or sub.key_id != key_id:
             return False
         sub.cancel()
         return True

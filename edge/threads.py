@@ -35,21 +35,27 @@ class ThreadRoutes:
         self.finals: dict[int, asyncio.Future] = {}  # assistant message id -> its final write
 
     async def create(self, request: Request):
+        if (denied := self.edge.authenticate(request)) is not None:
+            return denied
         if refused := self.edge.refusal():
             return refused
-        reply = await self._ask(m.ThreadCreate())
+        reply = await self._ask(m.ThreadCreate(request.state.key_id))
         if not isinstance(reply, m.ThreadInfo):
             return reply
         return JSONResponse({"thread_id": reply.thread_id, "created_at": reply.created_at}, status_code=201)
 
     async def read(self, request: Request):
-        reply = await self._ask(m.ThreadGet(request.path_params["thread_id"]))
+        if (denied := self.edge.authenticate(request)) is not None:
+            return denied
+        reply = await self._ask(m.ThreadGet(request.path_params["thread_id"], request.state.key_id))
         if not isinstance(reply, m.ThreadMessages):
             return reply
         return JSONResponse({"thread_id": reply.thread_id, "messages": reply.messages})
 
     async def send(self, request: Request):
         edge = self.edge
+        if (denied := edge.authenticate(request)) is not None:
+            return denied
         if refused := edge.refusal():
             return refused
         try:
@@ -64,7 +70,7 @@ class ThreadRoutes:
             if data.get(name) is not None and not isinstance(data[name], str):
                 return error_response(422, "invalid_request", f"'{name}' must be a string")
         thread_id = request.path_params["thread_id"]
-        turn = await self._ask(m.TurnBegin(thread_id, content))
+        turn = await self._ask(m.TurnBegin(thread_id, content, request.state.key_id))
         if not isinstance(turn, m.TurnBegun):
             return turn
         assistant_id = turn.assistant_id
@@ -84,6 +90,7 @@ class ThreadRoutes:
             True,
             on_end=ended,
             before_terminal=before_terminal,
+            key_id=request.state.key_id,
         )
         if isinstance(response, JSONResponse):  # refused before streaming (429, 503, ...)
             self._release(assistant_id)

@@ -96,6 +96,12 @@ def _port(text: str) -> int:
     return value
 
 
+def _scope(text: str) -> str:
+    if text not in ("key", "global"):
+        raise ValueError("expected key or global")
+    return text
+
+
 def _provider(text: str) -> str:
     if text not in PROVIDERS:
         raise ValueError(f"unknown provider (known: {', '.join(PROVIDERS)})")
@@ -118,8 +124,11 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
     "SLUICE_ACCESS_LOG": ("1", _bool, "one access line per request (INFO, logger sluice.access)"),
     "SLUICE_LOG_PROMPTS": ("0", _bool, "access lines include the request's messages (off: never a prompt in the log)"),
     "SLUICE_DRAIN_S": ("30", _non_negative(float), "on SIGTERM, seconds open streams may take to finish before they are ended"),
+    "SLUICE_API_KEYS_FILE": (None, str, "JSON file of hashed client API keys and their limits (unset: every client is allowed)"),
     "COALESCE_ENABLED": ("1", _bool, "share one upstream call among identical in-flight requests"),
     "STREAM_FANOUT_ENABLED": ("1", _bool, "followers get the shared stream live (else whole at the end)"),
+    "COALESCE_SCOPE": (None, _scope, "key: only requests of the same API key share a call; global: any "
+                       "(default key with SLUICE_API_KEYS_FILE, else global)"),
     "COALESCE_ERROR_TTL_S": ("2", float, "seconds a failure is replayed to identical requests"),
     "COALESCER_SHARDS": ("2", _positive(int), "number of key-sharded Coalescer actors"),
     "PACER_MAX_QUEUE": ("1000", int, "requests that may wait for an upstream slot (429 beyond)"),
@@ -147,10 +156,23 @@ def load(env: Mapping[str, str]) -> dict:
             raise ConfigError(f"{name}={raw!r}: {exc}") from None
     if settings["PACER_MAX_QUEUE"] < 0:
         raise ConfigError(f"PACER_MAX_QUEUE={settings['PACER_MAX_QUEUE']!r}: must be >= 0")
+    settings["SLUICE_API_KEYS_FILE"] = settings["SLUICE_API_KEYS_FILE"] or None  # empty = unset
+    settings["COALESCE_SCOPE"] = _coalesce_scope(settings)
     settings["alert_thresholds"] = _alert_thresholds(env)
     settings["accounts"] = _accounts(env, settings)
     settings["providers"] = _providers(env, settings)
     return settings
+
+
+def _coalesce_scope(settings: dict) -> str:
+    """Per key by default when there are keys: a follower learns from its role and its
+    TTFT that another client asked the same question, a side channel between tenants."""
+    scope, keys = settings["COALESCE_SCOPE"], settings["SLUICE_API_KEYS_FILE"]
+    if scope is None:
+        return "key" if keys else "global"
+    if scope == "key" and not keys:
+        raise ConfigError("COALESCE_SCOPE=key: needs SLUICE_API_KEYS_FILE (without keys every client is anonymous)")
+    return scope
 
 
 ALERT_PREFIX = "SLUICE_ALERT_"

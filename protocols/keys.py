@@ -3,7 +3,10 @@
 Two requests are identical when everything that can change the provider's output is the
 same: provider, model, the messages (role and content, in order) and every generation
 parameter in `OUTPUT_PARAMS`, plus the chat thread for thread sends (two threads with the
-same history still get answers of their own, stored on their own threads). The key is a
+same history still get answers of their own, stored on their own threads), plus the
+client's API key id when coalescing is scoped per key (`COALESCE_SCOPE=key`, the default
+with client keys: a follower's role and TTFT would otherwise tell one tenant what another
+just asked). The key is a
 SHA-256 over canonical JSON (sorted keys, no whitespace), so key order and spacing in
 the client's JSON do not matter, but a different temperature or one extra space inside a
 message does.
@@ -40,8 +43,11 @@ def is_idempotent(body: dict) -> bool:
     return not any(body.get(name) for name in NON_IDEMPOTENT)
 
 
-def coalescing_key(provider: str, model: str, body: dict, thread_id: str | None = None) -> str:
-    """The key for `body` (a normalized request), or "" when it must not be coalesced."""
+def coalescing_key(
+    provider: str, model: str, body: dict, thread_id: str | None = None, client_id: str | None = None
+) -> str:
+    """The key for `body` (a normalized request), or "" when it must not be coalesced.
+    `client_id`: the API key id when coalescing is scoped per key, else None."""
     if not is_idempotent(body):
         return ""
     canonical = {
@@ -51,6 +57,8 @@ def coalescing_key(provider: str, model: str, body: dict, thread_id: str | None 
         "params": {name: body[name] for name in OUTPUT_PARAMS if body.get(name) is not None},
         "thread": thread_id,
     }
+    if client_id is not None:  # absent otherwise: global keys stay what they were
+        canonical["client"] = client_id
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -220,7 +220,7 @@ class AlertsReport:
 
 @message("thread_create")
 class ThreadCreate:
-    pass
+    owner: str | None = None  # the creating client's API key id (None: open access)
 
 
 @message("thread_info")
@@ -232,6 +232,7 @@ class ThreadInfo:
 @message("thread_get")
 class ThreadGet:
     thread_id: str
+    owner: str | None = None  # a thread with another owner is "not found" to this caller
 
 
 @message("thread_messages")
@@ -247,6 +248,7 @@ class TurnBegin:
 
     thread_id: str
     content: str
+    owner: str | None = None  # as ThreadGet's
 
 
 @message("turn_begun")

@@ -47,11 +47,16 @@ def hub_port(gw) -> int:
 
 
 def read_to_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    """All the hub sends until it closes the connection; fails if it keeps it open."""
+    """All the hub sends until it closes the connection; fails if it keeps it open. The hub
+    closes with our unread bytes in its buffer, so the kernel may answer with a reset,
+    which can also discard what it had sent (the challenge): a reset counts as the end."""
     sock.settimeout(timeout)
     out = bytearray()
-    while chunk := sock.recv(65536):
-        out += chunk
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
     return bytes(out)
 
 
@@ -83,8 +88,8 @@ def test_a_raw_socket_to_the_hub_gets_nothing_of_a_live_stream(gw):
                     raw.sendall(hub_hello.answer(answer_with, nonce, "edge-intruder"))
                 raw.sendall(m.encode(m.Subscribe(stream_id, auth.ticket(answer_with or b"", stream_id, "edge-intruder"))))
                 received = read_to_eof(raw)
-            expected = hub_hello.NONCE_BYTES if answer_with is None else 0  # the challenge, nothing more
-            assert len(received) == expected, received
+            most = hub_hello.NONCE_BYTES if answer_with is None else 0  # the challenge, nothing more
+            assert len(received) <= most, received
             assert marker.encode() not in received and b"delta" not in received
 
         events = data_events(client.read_all())  # the admitted client still gets everything

@@ -228,7 +228,7 @@ class Edge:
         check_content_type(request.headers.get("content-type"))
         limit = self.settings["SLUICE_MAX_BODY_BYTES"]
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        if declared and declared.isascii() and declared.isdigit() and (len(declared) > 19 or int(declared) > limit):
             raise RequestError(413, "body_too_large", f"request body is {declared} bytes; the limit is {limit}")
         raw = bytearray()
         async for chunk in request.stream():

@@ -94,9 +94,11 @@ def _start_simulated_provider(settings: dict, log):
 def _serve_http(settings: dict, log) -> int:
     import uvicorn
 
+    from edge.http_limits import ConnectionLimits, protocol_class
     from edge.routes import build_app
 
     app, edge = build_app(settings)
+    limits = ConnectionLimits(settings["SLUICE_HEADER_TIMEOUT_S"], settings["SLUICE_MAX_CONNECTIONS_PER_CLIENT"])
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -112,6 +114,7 @@ def _serve_http(settings: dict, log) -> int:
             lifespan="on",
             timeout_graceful_shutdown=10,
             access_log=False,
+            http=protocol_class(limits),  # header deadline, per-address cap: edge/http_limits.py
         )
     )
     log.info("sluice listening on http://%s:%d", settings["SLUICE_HOST"], settings["SLUICE_PORT"])

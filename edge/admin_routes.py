@@ -30,7 +30,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Callable
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -223,7 +223,10 @@ class AdminRoutes:
         return JSONResponse({**out, **(extra() if extra else {})})
 
     async def body(self, request: Request) -> dict:
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            raise AdminError(400, "client_disconnected", "the client left before sending its whole body") from None
         limit = self.edge.settings["SLUICE_MAX_BODY_BYTES"]
         if len(raw) > limit:
             raise AdminError(413, "body_too_large", f"request body is {len(raw)} bytes; the limit is {limit}")

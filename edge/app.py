@@ -14,7 +14,7 @@ import time
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -231,10 +231,13 @@ class Edge:
         if declared and declared.isascii() and declared.isdigit() and (len(declared) > 19 or int(declared) > limit):
             raise RequestError(413, "body_too_large", f"request body is {declared} bytes; the limit is {limit}")
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                break
+        try:
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > limit:
+                    break
+        except ClientDisconnect:  # gone before its body was whole: nobody reads an answer
+            raise RequestError(400, "client_disconnected", "the client left before sending its whole body") from None
         return parse_json(bytes(raw), limit)
 
     def _record(self, request_id: str, role: str, received_at: float, outcome: dict) -> None:

@@ -113,10 +113,12 @@ def _start_simulated_provider(settings: dict, log):
 def _serve_http(settings: dict, log) -> int:
     import uvicorn
 
+    from edge.http_limits import ConnectionLimits, protocol_class
     from edge.routes import build_app
     from edge.server import DrainingServer
 
     app, edge = build_app(settings)
+    limits = ConnectionLimits(settings["SLUICE_HEADER_TIMEOUT_S"], settings["SLUICE_MAX_CONNECTIONS_PER_CLIENT"])
     server = DrainingServer(
         uvicorn.Config(
             app,
@@ -127,6 +129,7 @@ def _serve_http(settings: dict, log) -> int:
             lifespan="on",
             timeout_graceful_shutdown=10,  # after the drain: streams have had their terminal event
             access_log=False,  # ours is edge/access_log.py
+            http=protocol_class(limits),  # header deadline, per-address cap: edge/http_limits.py
         ),
         edge,
         settings["SLUICE_DRAIN_S"],

@@ -233,7 +233,8 @@ class Sluice:
     def __init__(self, name: str, sim_url: str, rps: str, burst: str, conc: str):
         self.name = name
         self.gw = Gateway({"SIMULATED_BASE_URL": sim_url, "SIMULATED_RPS": rps, "SIMULATED_BURST": burst,
-                           "SIMULATED_CONCURRENCY": conc, "SLUICE_LOG_LEVEL": "WARNING"})
+                           "SIMULATED_CONCURRENCY": conc, "SLUICE_LOG_LEVEL": "WARNING",
+                           "SLUICE_MAX_CONNECTIONS_PER_CLIENT": "0"})  # one loopback load generator
         self.pacer = f"RPS={rps} BURST={burst} CONCURRENCY={conc}"
 
     def start(self) -> "Sluice":

@@ -195,7 +195,9 @@ class GatewayProc:
         sys.path.insert(0, str(ROOT))
         from tests.support import Gateway
 
-        self.gw = Gateway(env)
+        # One load generator on loopback is one client address holding up to 1,000
+        # connections: the per-address cap (edge/http_limits.py) is off for benchmarks.
+        self.gw = Gateway({"SLUICE_MAX_CONNECTIONS_PER_CLIENT": "0", **(env or {})})
         self.ready_s: float | None = None
         self.argv = [sys.executable, str(ROOT / "run.py")]
 

@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 from dataclasses import dataclass
 from typing import Callable
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -41,6 +40,7 @@ from actors.coalescer import flags_from
 from actors.coalescer_logic import CoalescerFlags
 from actors.pacer_logic import PacerSettings, settings_from
 from edge.api_keys import KeysFileError
+from edge.body_limits import BodyError, load_json
 from edge.bridge import BridgeError
 from protocols import messages as m
 from protocols.config import PROVIDERS
@@ -249,13 +249,19 @@ class AdminRoutes:
         return JSONResponse({**out, **(extra() if extra else {})})
 
     async def body(self, request: Request) -> dict:
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            raise AdminError(400, "client_disconnected", "the client left before sending its whole body") from None
+        limit = self.edge.settings["SLUICE_MAX_BODY_BYTES"]
+        if len(raw) > limit:
+            raise AdminError(413, "body_too_large", f"request body is {len(raw)} bytes; the limit is {limit}")
         if not raw.strip():
             return {}
         try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise AdminError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+            data = load_json(raw)  # the same limits as every other body
+        except BodyError as exc:
+            raise AdminError(exc.status, "invalid_json" if exc.code == "malformed_json" else exc.code, exc.message) from None
         if not isinstance(data, dict):
             raise AdminError(400, "invalid_request", "the body must be a JSON object")
         return data

@@ -15,7 +15,7 @@ import time
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -320,13 +320,16 @@ class Edge:
         check_content_type(request.headers.get("content-type"))
         limit = self.settings["SLUICE_MAX_BODY_BYTES"]
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        if declared and declared.isascii() and declared.isdigit() and (len(declared) > 19 or int(declared) > limit):
             raise RequestError(413, "body_too_large", f"request body is {declared} bytes; the limit is {limit}")
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                break
+        try:
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > limit:
+                    break
+        except ClientDisconnect:  # gone before its body was whole: nobody reads an answer
+            raise RequestError(400, "client_disconnected", "the client left before sending its whole body") from None
         return parse_json(bytes(raw), limit)
 
     def _record(self, request_id: str, role: str, received_at: float, outcome: dict, key_id: str | None = None) -> None:

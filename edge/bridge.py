@@ -23,8 +23,9 @@ DIRECTORY_TTL_S = 1.0
 
 
 class BridgeError(Exception):
-    """An actor did not answer (code "unavailable"), or answered with an ErrorReply
-    (its code, e.g. "thread_not_found")."""
+    """An actor did not answer (code "unavailable"), answered with an ErrorReply (its
+    code, e.g. "thread_not_found"), or the message could not be encoded (code
+    "unencodable": nothing was sent)."""
 
     def __init__(self, message: str, code: str = "unavailable"):
         super().__init__(message)
@@ -88,7 +89,7 @@ class ActorBridge:
         return self._ask_address(self._resolve(to), msg, timeout)
 
     def tell_blocking(self, to: str, msg) -> None:
-        self._context().tell(self._resolve(to), m.encode(msg))
+        self._context().tell(self._resolve(to), _encoded(msg))
 
     def _resolve(self, to: str):
         if to == "supervisor":
@@ -104,7 +105,7 @@ class ActorBridge:
         expect = m.REPLIES.get(type(msg), ())
         context = self._context()
         deadline = time.monotonic() + timeout
-        reply = context.ask(address, m.encode(msg), timeout)
+        reply = context.ask(address, _encoded(msg), timeout)
         while True:
             if reply is None:
                 self._drop_context()
@@ -139,3 +140,13 @@ class ActorBridge:
                 manager.__exit__(None, None, None)
             except Exception:
                 pass
+
+
+def _encoded(msg) -> bytes:
+    """msgpack bytes, or BridgeError("unencodable"): an encoding failure is an answer the
+    caller handles like any other, never an exception that kills its task. (The edge
+    validates bodies first, edge/body_limits.py; this is the layer behind it.)"""
+    try:
+        return m.encode(msg)
+    except (TypeError, ValueError, OverflowError) as exc:  # msgpack's: int range, nesting, unknown type
+        raise BridgeError(f"{type(msg).__name__} cannot be encoded: {exc}", code="unencodable") from None

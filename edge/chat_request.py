@@ -2,14 +2,15 @@
 
 Errors are values: `parse_chat` returns a `ChatRequest` or raises `RequestError` carrying
 the HTTP status and a message that says what was wrong (400 malformed JSON, 413 too
-large, 415 wrong content type, 422 wrong shape).
+large, 415 wrong content type, 422 wrong shape; the limits on what any JSON body may hold
+are edge/body_limits.py's).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
+from edge.body_limits import BodyError, load_json
 from protocols.keys import NON_IDEMPOTENT, OUTPUT_PARAMS
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -40,9 +41,9 @@ def parse_json(raw: bytes, limit: int) -> dict:
     if len(raw) > limit:
         raise RequestError(413, "body_too_large", f"request body is {len(raw)} bytes; the limit is {limit}")
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
+        data = load_json(raw)  # what it refuses, and why: edge/body_limits.py
+    except BodyError as exc:
+        raise RequestError(exc.status, exc.code, exc.message) from None
     if not isinstance(data, dict):
         raise RequestError(422, "invalid_request", "request body must be a JSON object")
     return data

@@ -117,11 +117,27 @@ class LocalStreams:
         return sub
 
     async def _submit(self, flight: Flight, submit: m.Submit) -> None:
-        """Ask the Coalescer; resolve `flight.admitted` for every registered client."""
+        """Ask the Coalescer; resolve `flight.admitted` for every registered client, on
+        every path: a failure here must never leave clients waiting on a dead flight."""
+        try:
+            await self._ask_coalescer(flight, submit)
+        except Exception:
+            log.exception("submitting request %s failed", submit.request_id)
+            if flight.admitted.done():
+                return
+            if flight.stream_id is not None:
+                self._abandon(flight)
+            self._refuse(flight, m.Rejected(submit.request_id, 500, "internal_error", "the gateway failed to submit this request; it has been logged"))
+
+    async def _ask_coalescer(self, flight: Flight, submit: m.Submit) -> None:
         try:
             reply = await self.bridge.ask(flight.shard, submit, timeout=10.0)
         except BridgeError as exc:
-            reply = m.Rejected(submit.request_id, 503, "gateway_unavailable", f"the coalescer did not answer: {exc}")
+            if exc.code == "unencodable":  # edge/body_limits.py should have refused it
+                log.error("request %s not submitted: %s", submit.request_id, exc)
+                reply = m.Rejected(submit.request_id, 422, "invalid_request", f"the request cannot be forwarded: {exc}")
+            else:
+                reply = m.Rejected(submit.request_id, 503, "gateway_unavailable", f"the coalescer did not answer: {exc}")
         if isinstance(reply, m.Admitted):
             self.coalesce_enabled = reply.coalesce
             flight.stream_id, flight.submitter_role, flight.fanout = reply.stream_id, reply.role, reply.fanout
@@ -143,6 +159,9 @@ class LocalStreams:
             return
         if not isinstance(reply, m.Rejected):
             reply = m.Rejected(submit.request_id, 503, "gateway_unavailable", f"unexpected answer {type(reply).__name__}")
+        self._refuse(flight, reply)
+
+    def _refuse(self, flight: Flight, reply: m.Rejected) -> None:
         self._unlist(flight)
         flight.finished = True
         flight.admitted.set_exception(Rejection(reply.status, reply.code, reply.message, reply.retry_after_s))
@@ -220,7 +239,7 @@ class LocalStreams:
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("cancel message failed: %s", task.exception())
+            log.warning("edge task failed: %r", task.exception())
 
     async def close(self) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)

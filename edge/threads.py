@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from edge.app import Edge, error_response
 from edge.bridge import BridgeError
-from edge.chat_request import RequestError, check_content_type, parse_json
+from edge.chat_request import RequestError
 from edge.streams import Subscriber
 from protocols import events as ev
 from protocols import messages as m
@@ -59,8 +59,7 @@ class ThreadRoutes:
         if refused := edge.refusal():
             return refused
         try:
-            check_content_type(request.headers.get("content-type"))
-            data = parse_json(await request.body(), edge.settings["SLUICE_MAX_BODY_BYTES"])
+            data = await edge.json_body(request)  # content type, size and limits checked
         except RequestError as exc:
             return error_response(exc.status, exc.code, exc.message)
         content = data.get("content")
@@ -137,6 +136,9 @@ class ThreadRoutes:
         except BridgeError as exc:
             if exc.code == "thread_not_found":
                 return error_response(404, "thread_not_found", str(exc))
+            if exc.code == "unencodable":  # edge/body_limits.py should have refused it
+                log.error("thread store not asked: %s", exc)
+                return error_response(422, "invalid_request", f"the request cannot be stored: {exc}")
             return error_response(503, "threads_unavailable", f"the thread store did not answer: {exc}")
 
 

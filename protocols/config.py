@@ -73,6 +73,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not (0 <= value and math.isfinite(value)):
+        raise ValueError("must be a number >= 0 (0.2 = 20 %)")
+    return value
+
+
 def _provider(text: str) -> str:
     if text not in PROVIDERS:
         raise ValueError(f"unknown provider (known: {', '.join(PROVIDERS)})")
@@ -99,7 +106,15 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
     "PACER_MAX_WAIT_MS": ("30000", _positive(float), "longest wait for an upstream slot (429 beyond)"),
     "UPSTREAM_CONNECT_TIMEOUT_S": ("10", _positive(float), "upstream connect timeout"),
     "UPSTREAM_READ_TIMEOUT_S": ("60", _positive(float), "upstream read timeout (longest silence mid-stream)"),
+    "UPSTREAM_MAX_ATTEMPTS": ("3", _positive(int), "upstream calls per request at most, the first included (1 = never retry)"),
+    "UPSTREAM_RETRY_DEADLINE_S": ("15", _positive(float), "a retry must start within this many seconds of the first attempt"),
+    "UPSTREAM_RETRY_BUDGET": ("0.2", _fraction, "retries per account at most this share of its calls over 10 s (or UPSTREAM_RETRY_MIN)"),
+    "UPSTREAM_RETRY_MIN": ("5", int, "retries per account always allowed in 10 s, whatever the share"),
 }
+
+# Seconds an idle pooled upstream connection is kept (<ACCOUNT>_KEEPALIVE_S): below the
+# 5 s idle timeout of hypercorn, uvicorn and Node, so our side lets go first.
+DEFAULT_KEEPALIVE_S = "4"
 
 
 def account(provider: str) -> str:
@@ -118,6 +133,8 @@ def load(env: Mapping[str, str]) -> dict:
             settings[name] = parse(raw)
         except ValueError as exc:
             raise ConfigError(f"{name}={raw!r}: {exc}") from None
+    if settings["UPSTREAM_RETRY_MIN"] < 0:
+        raise ConfigError(f"UPSTREAM_RETRY_MIN={settings['UPSTREAM_RETRY_MIN']!r}: must be >= 0")
     if settings["PACER_MAX_QUEUE"] < 0:
         raise ConfigError(f"PACER_MAX_QUEUE={settings['PACER_MAX_QUEUE']!r}: must be >= 0")
     settings["alert_thresholds"] = _alert_thresholds(env)
@@ -188,8 +205,14 @@ def _providers(env: Mapping[str, str], settings: dict) -> dict:
             h2c = _bool(h2c_raw)
         except ValueError as exc:
             raise ConfigError(f"{prefix}_H2C={h2c_raw!r}: {exc}") from None
+        keepalive_raw = env.get(f"{prefix}_KEEPALIVE_S") or DEFAULT_KEEPALIVE_S
+        try:
+            keepalive = _positive(float)(keepalive_raw)
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}_KEEPALIVE_S={keepalive_raw!r}: {exc}") from None
         out[name] = {
             "account": prefix,
+            "keepalive_s": keepalive,  # idle pooled connections are closed after this
             "h2c": h2c,  # speak HTTP/2 with prior knowledge to an http:// base URL
             "adapter": name,
             "api_key": key,

@@ -183,19 +183,18 @@ def test_a_connection_the_provider_closed_for_idling_is_not_reused(gw):
 
 
 def test_the_gateway_lets_an_idle_connection_go_before_the_provider_does(gw):
-    """OPENAI_KEEPALIVE_S=0.3, the sim's idle close 5 s: after an idle gap our side has
-    closed the connection first; the next call opens a new one, and the sim closed none."""
+    """OPENAI_KEEPALIVE_S=0.3, the sim's idle close 5 s: after an idle gap longer than our
+    keepalive the next call goes out on a new connection (with a keepalive above the
+    provider's it would have reused the old one, and met the provider's close)."""
     sim_config(gw, idle_close_s=5)
     try:
         tag = uuid.uuid4().hex[:8]
         first, second = (f"keepalive {tag} {n}:\n#sim tokens={TOKENS} ttft_ms=0" for n in (1, 2))
-        closes = get_json(gw.sim + "/stats")[1]["idle_closes"]
         assert_whole_answer(first, chat(gw, first, provider="openai"), attempts=1)
         time.sleep(0.6)  # the idle gap itself is what is tested: longer than our keepalive
         assert_whole_answer(second, chat(gw, second, provider="openai"), attempts=1)
         (a,), (b,) = sim_calls(gw, f"keepalive {tag} 1:"), sim_calls(gw, f"keepalive {tag} 2:")
         assert a["conn_id"] != b["conn_id"]
-        assert get_json(gw.sim + "/stats")[1]["idle_closes"] == closes
     finally:
         sim_config(gw, idle_close_s=0)
 

@@ -27,6 +27,9 @@ add fields before this module reads them):
                                              -- one per upstream call, from the Pool
   cancel    {"kind":"cancel", "stream_id":str, "cancel_ms":float, "at":float}
                                              -- cancel request -> upstream abort
+  retry     {"kind":"retry", "provider":str, "reason":"reset"|"connect"|"5xx"|"429",
+             "attempt":int, "at":float}     -- one per upstream retry, from the Pool
+                                             (counted in sluice_upstream_retries_total)
   gauge     {"kind":"gauge", "name":"active_streams"|"pacer_queue_depth"|"pacer_tokens",
              "labels":{str:str}, "value":float, "at":float}
                                              -- latest `at` wins per (name, labels)
@@ -60,6 +63,8 @@ import re
 from collections import deque
 from itertools import islice
 from typing import NamedTuple
+
+from actors.retry_policy import REASONS as RETRY_REASONS
 
 # Bucket upper bounds in seconds. 1 and 1.5 are the queue-wait and TTFT alert thresholds,
 # so `histogram_quantile(...) > threshold` in docs/prometheus-alerts.yml compares against
@@ -206,6 +211,7 @@ class MetricsLogic:
         # cumulative since start, never reset
         self._requests_total = {(o, r): 0 for o in REQUEST_OUTCOMES for r in ROLES}
         self._upstream_total: dict[tuple[str, str], int] = {}
+        self._retries_total: dict[tuple[str, str], int] = {}  # (provider, reason)
         self._hist = {
             "ttft": _Histogram(),
             "queue_wait": _Histogram(),
@@ -275,6 +281,17 @@ class MetricsLogic:
                 self._upstream_total[key] = 0
             self._upstreams.append(u)
             self._upstream_total[key] += 1
+        elif kind == "retry":
+            provider = _string(rec, "provider")
+            reason = _string(rec, "reason", choices=RETRY_REASONS)
+            _number(rec, "attempt")
+            _number(rec, "at")
+            key = (provider, reason)
+            if key not in self._retries_total:
+                if len({p for p, _ in self._retries_total} | {provider}) > MAX_PROVIDERS:
+                    raise _Malformed("provider")
+                self._retries_total[key] = 0
+            self._retries_total[key] += 1
         elif kind == "cancel":
             _string(rec, "stream_id")
             c = _Cancel(cancel_ms=_number(rec, "cancel_ms", duration=True),
@@ -424,6 +441,12 @@ class MetricsLogic:
         for (provider, outcome), v in sorted(self._upstream_total.items()):
             out.append("sluice_upstream_calls_total"
                        f"{_labelset({'provider': provider, 'outcome': outcome})} {v}")
+
+        family("sluice_upstream_retries_total", "counter",
+               "Upstream calls tried again before their first byte, by provider and reason.")
+        for (provider, reason), v in sorted(self._retries_total.items()):
+            out.append("sluice_upstream_retries_total"
+                       f"{_labelset({'provider': provider, 'reason': reason})} {v}")
 
         leaders = sum(v for (_, role), v in self._requests_total.items() if role == "leader")
         followers = sum(v for (_, role), v in self._requests_total.items() if role == "follower")

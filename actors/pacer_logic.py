@@ -131,6 +131,10 @@ class PacerLogic:
             if msg.retry_after_s:
                 self.paused_until = max(self.paused_until, now + msg.retry_after_s)
             return self._drain(now)
+        if isinstance(msg, m.AccountPause):  # a 429 the Pool is waiting out before its retry
+            if msg.pause_s > 0:
+                self.paused_until = max(self.paused_until, now + msg.pause_s)
+            return self._drain(now)
         if isinstance(msg, m.LeaseCancel):
             self.in_flight.pop(msg.lease_id, None)
             self.queue = deque(w for w in self.queue if w.lease_id != msg.lease_id)

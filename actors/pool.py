@@ -8,7 +8,9 @@ outbox and a byte on a socketpair that the actor watches with `ThespianWatch`, s
 
 Invariants: every upstream call has exactly one owner task; every ending (done, error,
 abort, crash) releases the Pacer lease and tells the Coalescer; the hub gets exactly one
-terminal event per stream.
+terminal event per stream. A call that fails before its first byte may be tried again
+(`RetryPolicy` decides): nothing of a failed attempt reaches the hub, so everyone
+subscribed to the stream, coalesced followers included, just keeps waiting for the retry.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from actors import secret
 from actors.effects import Send
 from actors.host import HostActor
 from actors.hub import StreamHub
+from actors.retry_policy import RetryPolicy, RetrySettings, is_idempotent
 from protocols import events as ev
 from protocols import messages as m
 
@@ -59,7 +62,8 @@ class PoolRuntime:
         self.calls: dict[str, asyncio.Task] = {}
         self.abort_requested: dict[str, float] = {}
         self.records: list[dict] = []
-        self.http = None  # httpcore.AsyncConnectionPool, made on the loop
+        self.pools: dict[tuple[str, bool], object] = {}  # (account, h2c) -> httpcore pool, made on the loop
+        self.retry = RetryPolicy(RetrySettings.from_config(settings))
         self.hub_port: int | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pool-loop", daemon=True)
@@ -79,15 +83,10 @@ class PoolRuntime:
     async def _setup(self) -> None:
         import httpcore
 
-        from actors import h2_reads
+        from actors import h2_expiry, h2_reads
 
         h2_reads.install()
-
-        # HTTP/2 where the provider offers it (ALPN on https). Cleartext http:// URLs are
-        # HTTP/1.1 unless the provider is configured for prior-knowledge HTTP/2
-        # (<PREFIX>_H2C, on for the simulated provider; a local Ollama speaks HTTP/1.1).
-        self.http = httpcore.AsyncConnectionPool(http1=True, http2=True, max_connections=100, keepalive_expiry=60.0)
-        self.h2c = httpcore.AsyncConnectionPool(http1=False, http2=True, max_connections=20, keepalive_expiry=60.0)
+        h2_expiry.install()
         self.hub_port = await self.hub.start(self.settings["SLUICE_HOST"])
         self._flusher = asyncio.create_task(self._flush_records())
 
@@ -108,8 +107,28 @@ class PoolRuntime:
         await asyncio.gather(*self.calls.values(), return_exceptions=True)
         self._flusher.cancel()
         await self.hub.stop()
-        await self.http.aclose()
-        await self.h2c.aclose()
+        for pool in self.pools.values():
+            await pool.aclose()
+
+    def _http_for(self, provider: dict):
+        """The connection pool of the provider's account: one per account, because the
+        keepalive (<ACCOUNT>_KEEPALIVE_S) must stay below that provider's idle timeout.
+        HTTP/2 where the provider offers it (ALPN on https). Cleartext http:// URLs are
+        HTTP/1.1 unless the provider is configured for prior-knowledge HTTP/2
+        (<PREFIX>_H2C, on for the simulated provider; a local Ollama speaks HTTP/1.1)."""
+        import httpcore
+
+        h2c = bool(provider.get("h2c")) and provider["base_url"].startswith("http://")
+        key = (provider["account"], h2c)
+        pool = self.pools.get(key)
+        if pool is None:
+            keepalive = provider.get("keepalive_s", 4.0)
+            if h2c:
+                pool = httpcore.AsyncConnectionPool(http1=False, http2=True, max_connections=20, keepalive_expiry=keepalive)
+            else:
+                pool = httpcore.AsyncConnectionPool(http1=True, http2=True, max_connections=100, keepalive_expiry=keepalive)
+            self.pools[key] = pool
+        return pool
 
     # --- control messages, called from the actor thread ----------------------------------
     def open(self, msg: m.OpenStream) -> None:
@@ -146,7 +165,6 @@ class PoolRuntime:
         self.hub.publish(msg.stream_id, [ev.error(msg.code, msg.message)])
 
     async def _call(self, msg: m.OpenStream) -> None:
-        from actors.upstream import run_call
         from protocols.providers import get_adapter
 
         provider = self.settings["providers"].get(msg.provider)
@@ -160,16 +178,68 @@ class PoolRuntime:
             request = adapter.build_request(
                 base_url=provider["base_url"], api_key=provider.get("api_key"), model=msg.model, body=msg.body
             )
-            http = self.h2c if provider.get("h2c") and provider["base_url"].startswith("http://") else self.http
-            result = await run_call(http, adapter, request, publish, msg.queue_wait_ms, self._timeouts())
+            result = await self._attempts(msg, provider, adapter, request, publish)
         except asyncio.CancelledError:
-            pass  # run_call published the cancellation; the abort is recorded below
+            pass  # run_call or _attempts published the cancellation; the abort is recorded below
         except Exception as exc:
             log.exception("upstream call %s crashed", msg.stream_id)
             publish([ev.error("internal_error", f"pool: {type(exc).__name__}")])
         finally:
             self.calls.pop(msg.stream_id, None)
             self._ended(msg, result)
+
+    async def _attempts(self, msg: m.OpenStream, provider: dict, adapter, request, publish):
+        """Call the provider until an attempt delivers a byte, or the retry policy says
+        stop; then publish the last attempt's error if it has not gone out yet."""
+        from actors.upstream import run_call
+
+        account = provider["account"]
+        http = self._http_for(provider)
+        idempotent = is_idempotent(msg.body)
+        first_sent = time.time()
+        self.retry.note_call(account, first_sent)
+        attempt = 1
+        while True:
+            result = await run_call(http, adapter, request, publish, msg.queue_wait_ms, self._timeouts(), attempt)
+            result.attempts, result.first_sent_at = attempt, first_sent
+            if result.outcome != "error" or result.delivered or result.failure is None:
+                break
+            decision = self.retry.decide(account, result.failure, attempt, idempotent, first_sent, time.time())
+            if not decision.retry:
+                if attempt > 1 or decision.why_not in ("non_idempotent", "budget", "deadline"):
+                    log.warning(
+                        "upstream gives up: account=%s reason=%s attempt=%d why=%s stream=%s",
+                        account, result.failure.reason, attempt, decision.why_not, msg.stream_id,
+                    )
+                break
+            self._retrying(msg, account, result, attempt, decision)
+            if decision.delay_s > 0:
+                try:
+                    await asyncio.sleep(decision.delay_s)
+                except asyncio.CancelledError:
+                    result.outcome, result.error = "cancelled", ev.error("cancelled", "cancelled: no subscriber left")
+                    publish([result.error])
+                    raise
+            attempt += 1
+        if result.outcome == "error" and not result.delivered:
+            error = dict(result.error)
+            if attempt > 1:
+                error["attempts"] = attempt
+            publish([error])
+        return result
+
+    def _retrying(self, msg: m.OpenStream, account: str, result, attempt: int, decision) -> None:
+        reason = result.failure.reason
+        log.warning(
+            "upstream retry: account=%s reason=%s attempt=%d/%d delay=%.3fs error=%s stream=%s",
+            account, reason, attempt + 1, self.retry.settings.max_attempts, decision.delay_s,
+            (result.error or {}).get("code"), msg.stream_id,
+        )
+        if decision.pause_s > 0:
+            self.outbox.put(Send(f"pacer:{account.lower()}", m.AccountPause(account, decision.pause_s)))
+        self._record(
+            {"kind": "retry", "provider": msg.provider, "reason": reason, "attempt": attempt + 1, "at": time.time()}
+        )
 
     def _ended(self, msg: m.OpenStream, result) -> None:
         now = time.time()
@@ -181,8 +251,9 @@ class PoolRuntime:
         self.outbox.put(Send(f"pacer:{account.lower()}", m.LeaseRelease(msg.stream_id, retry_after)))
         self.outbox.put(Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error)))
         upstream_ttft = None
+        sent_at = (result.first_sent_at or result.sent_at) if result else now
         if result and result.first_byte_at:
-            upstream_ttft = (result.first_byte_at - result.sent_at) * 1000.0
+            upstream_ttft = (result.first_byte_at - sent_at) * 1000.0
         self._record(
             {
                 "kind": "upstream",
@@ -191,7 +262,8 @@ class PoolRuntime:
                 "outcome": outcome,
                 "error_code": (error or {}).get("code"),
                 "upstream_ttft_ms": upstream_ttft,
-                "latency_ms": ((result.ended_at if result else now) - (result.sent_at if result else now)) * 1000.0,
+                "latency_ms": ((result.ended_at if result else now) - sent_at) * 1000.0,
+                "attempts": result.attempts if result else 0,
                 "at": now,
             }
         )
@@ -223,7 +295,7 @@ class PoolRuntime:
             self._send_records()
 
     async def _state(self) -> dict:
-        connections = [str(c) for c in self.http.connections + self.h2c.connections]
+        connections = [str(c) for pool in self.pools.values() for c in pool.connections]
         return {"open_calls": sorted(self.calls), "connections": connections, "hub": self.hub.state()}
 
 

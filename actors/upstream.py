@@ -1,7 +1,9 @@
 """One upstream call: send the provider request, feed the bytes to the adapter, publish.
 
 `run_call` owns the response from the first byte to the last and closes it on every path.
-TTFT is stamped at the first provider byte. Aborting (task cancellation) resets the
+TTFT is stamped at the first provider byte. A failure before that byte is not published:
+it comes back as `CallResult.failure` for the Pool to retry (actors/retry_policy.py), or
+to publish when it gives up; from the first byte on, errors go out in-band as before. Aborting (task cancellation) resets the
 HTTP/2 stream before closing it: httpcore closes an unfinished HTTP/2 response without
 telling the server (encode/httpcore#944 was declined), so without the RST_STREAM the
 provider would keep generating, and billing, until its flow-control window filled up.
@@ -14,8 +16,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import h2.errors
+import h2.events
 import httpcore
 
+from actors.retry_policy import CONNECT, RESET, Failure, failure_of_status
 from protocols import events as ev
 
 MAX_ERROR_BODY = 64 * 1024
@@ -29,6 +33,14 @@ class CallResult:
     sent_at: float = 0.0
     first_byte_at: float | None = None
     ended_at: float = 0.0
+    failure: Failure | None = None  # failed before the first byte, in a way a retry may fix
+    attempts: int = 1  # set by the Pool: which attempt this was
+    first_sent_at: float | None = None  # set by the Pool: when its first attempt went out
+
+    @property
+    def delivered(self) -> bool:
+        """Did any of this call reach the hub (then it must never be retried)?"""
+        return self.first_byte_at is not None
 
 
 async def run_call(
@@ -38,7 +50,10 @@ async def run_call(
     publish: Callable[[list[dict]], None],
     queue_wait_ms: float,
     timeouts: dict,
+    attempt: int = 1,
 ) -> CallResult:
+    """One attempt. Errors before the first byte are returned, not published (the caller
+    retries or publishes `result.error`); a cancellation is always published."""
     method, url, headers, body = request
     result = CallResult("error", sent_at=time.time())
     try:
@@ -48,9 +63,9 @@ async def run_call(
                     data = await _read_bounded(response)
                     result.error = adapter.error_from_response(response.status, response.headers, data)
                     result.retry_after_s = result.error.pop("retry_after_s", None)
-                    publish([result.error])
+                    result.failure = failure_of_status(response.status, result.retry_after_s)
                 else:
-                    await _stream_body(response, adapter.Parser(), publish, result, queue_wait_ms)
+                    await _stream_body(response, adapter.Parser(), publish, result, queue_wait_ms, attempt)
             except asyncio.CancelledError:
                 await reset_h2_stream(response)
                 raise
@@ -61,20 +76,25 @@ async def run_call(
         raise
     except Exception as exc:  # any transport failure ends the stream with an in-band error
         result.outcome, result.error = "error", ev.error(*_classify(exc))
-        publish([result.error])
+        if result.delivered:
+            publish([result.error])
+        else:
+            result.failure = failure_of_exception(exc)
     result.ended_at = time.time()
     return result
 
 
-async def _stream_body(response, parser, publish, result: CallResult, queue_wait_ms: float) -> None:
+async def _stream_body(response, parser, publish, result: CallResult, queue_wait_ms: float, attempt: int) -> None:
     ending = _Ending()
     async for chunk in response.aiter_stream():
         if result.first_byte_at is None:
             result.first_byte_at = time.time()
-            publish([ev.started(result.first_byte_at, queue_wait_ms)])
+            publish([ev.started(result.first_byte_at, queue_wait_ms, attempt)])
         if ending.take(parser.feed(chunk), publish):
             break
     else:
+        if result.first_byte_at is None:  # a 200 with an empty body: broken off, nothing delivered
+            raise httpcore.RemoteProtocolError("the provider sent no body")
         ending.take(parser.close(), publish)
     if ending.error is not None:
         result.error = ending.error
@@ -135,6 +155,22 @@ def _classify(exc: Exception) -> tuple[str, str]:
     if isinstance(exc, (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)):
         return "upstream_reset", f"the provider broke the stream off: {exc or type(exc).__name__}"
     return "upstream_error", f"{type(exc).__name__}: {exc}"
+
+
+def failure_of_exception(exc: Exception) -> Failure | None:
+    """A transport failure before the first byte, as a retry sees it."""
+    if isinstance(exc, (httpcore.ConnectError, httpcore.ConnectTimeout)):
+        return Failure(CONNECT, unprocessed=True)  # nothing reached the provider
+    if isinstance(exc, (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)):
+        return Failure(RESET, unprocessed=_refused(exc))
+    return None  # timeouts: the provider may still be working on it
+
+
+def _refused(exc: Exception) -> bool:
+    """RST_STREAM(REFUSED_STREAM): the server says it did not process the request (RFC 9113
+    8.7). An h2 event travels as the exception's argument (see h2_reads / httpcore)."""
+    event = exc.args[0] if exc.args else None
+    return isinstance(event, h2.events.StreamReset) and event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
 
 
 async def reset_h2_stream(response) -> None:

@@ -37,6 +37,7 @@ class Renderer:
         self.sub = sub
         self.ttft_ms: float | None = None
         self.queue_wait_ms: float | None = None
+        self.attempts: int | None = None
         self._held: list[str] = []
 
     def opening(self) -> bytes:
@@ -53,6 +54,7 @@ class Renderer:
             reference = first_byte if first_byte >= self.sub.received_at else time.time()
             self.ttft_ms = round((reference - self.sub.received_at) * 1000.0, 3)
             self.queue_wait_ms = event.get("queue_wait_ms")
+            self.attempts = event.get("attempts")
             return self.started()
         if kind == ev.DELTA and not self.sub.fanout:
             self._held.append(event["delta"])
@@ -83,6 +85,7 @@ class SluiceRenderer(Renderer):
                 "model": self.sub.model,
                 "ttft_ms": self.ttft_ms,
                 "queue_wait_ms": self.queue_wait_ms,
+                "attempts": self.attempts,  # upstream calls it took (retries before the first byte)
             }
         )
 

@@ -137,7 +137,15 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
     "PACER_MAX_WAIT_MS": ("30000", _positive(float), "longest wait for an upstream slot (429 beyond)"),
     "UPSTREAM_CONNECT_TIMEOUT_S": ("10", _positive(float), "upstream connect timeout"),
     "UPSTREAM_READ_TIMEOUT_S": ("60", _positive(float), "upstream read timeout (longest silence mid-stream)"),
+    "UPSTREAM_MAX_ATTEMPTS": ("3", _positive(int), "upstream calls per request at most, the first included (1 = never retry)"),
+    "UPSTREAM_RETRY_DEADLINE_S": ("15", _positive(float), "a retry must start within this many seconds of the first attempt"),
+    "UPSTREAM_RETRY_BUDGET": ("0.2", _non_negative(float), "retries per account at most this share of its calls over 10 s (or UPSTREAM_RETRY_MIN)"),
+    "UPSTREAM_RETRY_MIN": ("5", _non_negative(int), "retries per account always allowed in 10 s, whatever the share"),
 }
+
+# Seconds an idle pooled upstream connection is kept (<ACCOUNT>_KEEPALIVE_S): below the
+# 5 s idle timeout of hypercorn, uvicorn and Node, so our side lets go first.
+DEFAULT_KEEPALIVE_S = "4"
 
 
 def account(provider: str) -> str:
@@ -239,8 +247,14 @@ def _providers(env: Mapping[str, str], settings: dict) -> dict:
             h2c = _bool(h2c_raw)
         except ValueError as exc:
             raise ConfigError(f"{prefix}_H2C={h2c_raw!r}: {exc}") from None
+        keepalive_raw = env.get(f"{prefix}_KEEPALIVE_S") or DEFAULT_KEEPALIVE_S
+        try:
+            keepalive = _positive(float)(keepalive_raw)
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}_KEEPALIVE_S={keepalive_raw!r}: {exc}") from None
         out[name] = {
             "account": prefix,
+            "keepalive_s": keepalive,  # idle pooled connections are closed after this
             "h2c": h2c,  # speak HTTP/2 with prior knowledge to an http:// base URL
             "adapter": name,
             "api_key": key,

@@ -8,7 +8,8 @@ Adapter output (protocols/providers/*):
     {"type": "error", "code": str, "message": str}
 
 Stream events (the Pool's hub, the edge, the client) add:
-    {"type": "started", "first_byte_at": float, "queue_wait_ms": float}  (internal, first)
+    {"type": "started", "first_byte_at": float, "queue_wait_ms": float,
+     "attempts": int}                                                    (internal, first)
     {"type": "done", "finish_reason": str, "usage": dict | None}          (terminal)
 and keep "error" as the other terminal event. A stream has exactly one terminal event.
 """
@@ -48,8 +49,8 @@ def error(code: str, message: str) -> dict:
     return {"type": ERROR, "code": code, "message": message}
 
 
-def started(first_byte_at: float, queue_wait_ms: float) -> dict:
-    return {"type": STARTED, "first_byte_at": first_byte_at, "queue_wait_ms": queue_wait_ms}
+def started(first_byte_at: float, queue_wait_ms: float, attempts: int = 1) -> dict:
+    return {"type": STARTED, "first_byte_at": first_byte_at, "queue_wait_ms": queue_wait_ms, "attempts": attempts}
 
 
 def done(finish_reason: str, usage: dict | None = None) -> dict:

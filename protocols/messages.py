@@ -5,7 +5,7 @@ Control plane (through Thespian, a handful per request):
     edge  --Submit-->  Coalescer  --LeaseRequest-->  Pacer  --OpenStream (on grant)-->  Pool
     edge  <--Admitted/Rejected--  Coalescer  <--LeaseQueued/Granted/Denied--  Pacer
     Coalescer --AbortStream / FailStream--> Pool
-    Pool --StreamFinished--> Coalescer          Pool --LeaseRelease--> Pacer
+    Pool --StreamFinished--> Coalescer          Pool --LeaseRelease / AccountPause--> Pacer
     edge --Cancel--> Coalescer                  anyone --Records--> Metrics
 
 Data plane (a msgpack stream from the Pool's stream hub to each edge process, see
@@ -134,6 +134,15 @@ class LeaseRelease:
 
     lease_id: str
     retry_after_s: float | None = None  # upstream said 429 Retry-After
+
+
+@message("account_pause")
+class AccountPause:
+    """Pool -> Pacer: the provider answered 429 and the Pool retries after `pause_s`;
+    grant nothing on this account until then, so the next calls do not hit the same wall."""
+
+    account: str
+    pause_s: float
 
 
 # --- Pacer / Coalescer -> Pool -----------------------------------------------------------

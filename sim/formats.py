@@ -44,13 +44,17 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "ttft_ms": 50,            # delay before the first byte of the response body
     "token_interval_ms": 10,  # delay between token chunks
     "tokens": 12,             # number of tokens in a full answer
-    "fail": "none",           # none | 429 | 500 | reset_mid | stall | truncate | error_mid
+    "fail": "none",           # none | 429 | 500 | 503 | reset_first | reset_mid | stall | truncate | error_mid
     "fail_after_tokens": 3,   # tokens sent before reset_mid / stall / error_mid take effect
-    "retry_after_s": 1,       # Retry-After header value with fail=429
+    "retry_after_s": 1,       # Retry-After header value with fail=429 ("none": no header)
+    "fail_times": 0,          # fail only the first N calls with this exact body, then answer (0: always)
+    "idle_close_s": 0,        # /config only: GOAWAY + close an HTTP/2 connection idle this long (0: never)
 }
+# reset_first: the stream is reset (HTTP/2 RST_STREAM, HTTP/1.1 the socket closed) before
+# any response byte, as a server closing the connection under a request would.
 # error_mid: the format's own in-band error frame after fail_after_tokens tokens, then a
 # clean end of the response (non-streamed calls get the HTTP 500 error instead).
-FAIL_MODES = ("none", "429", "500", "reset_mid", "stall", "truncate", "error_mid")
+FAIL_MODES = ("none", "429", "500", "503", "reset_first", "reset_mid", "stall", "truncate", "error_mid")
 
 # Small fixed vocabulary: answers are readable and tokens are easy to assert on.
 WORDS = (
@@ -91,11 +95,13 @@ def validate_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
             value = str(int(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
             if value not in FAIL_MODES:
                 raise KnobError(f"fail must be one of {', '.join(FAIL_MODES)}, not {value!r}")
+        elif key == "retry_after_s" and value == "none":
+            value = None
         else:
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not math.isfinite(value) or value < 0):
                 raise KnobError(f"{key} must be a non-negative number, not {raw!r}")
-            if key in ("tokens", "fail_after_tokens"):
+            if key in ("tokens", "fail_after_tokens", "fail_times"):
                 if value != int(value):
                     raise KnobError(f"{key} must be a whole number, not {raw!r}")
                 value = int(value)

@@ -56,7 +56,8 @@ READ_SIZE = 65536
 H2_WINDOW = 1 << 24          # our receive window: clients may upload big prompts without stalls
 H2_MAX_STREAMS = 1000
 REQUEST_LOG_SIZE = 200
-CANCELLATION_LOG_SIZE = 10_000  # bounded so a long-running sim cannot grow without limit
+CANCELLATION_LOG_SIZE = 10_000
+FAILED_BODIES_SIZE = 10_000  # bodies remembered for fail_times  # bounded so a long-running sim cannot grow without limit
 READY_LINE = re.compile(r"sim provider listening on http://(\S+):(\d+)")
 
 
@@ -202,6 +203,7 @@ class _H2Connection:
             config=h2.config.H2Configuration(client_side=False, header_encoding=None)
         )
         self.streams: dict[int, _H2Stream] = {}
+        self.last_active = time.monotonic()  # a request arrived or a response ended (idle_close_s)
 
     def stream_errors(self):
         """Map h2 errors on a stream the client already closed to ClientGone."""
@@ -243,7 +245,7 @@ class _H2Connection:
                     await self.flush()
                     if terminated:
                         break
-                data = await _read(self.reader)
+                data = await self._read_or_idle_close()
                 if not data:
                     break
         except ClientGone:
@@ -259,6 +261,36 @@ class _H2Connection:
             tasks = [s.task for s in streams if s.task is not None]
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _read_or_idle_close(self) -> bytes:
+        """The next bytes from the client; b"" once we closed the connection for idling
+        (idle_close_s, like hypercorn's keep_alive_timeout: GOAWAY, then close)."""
+        reading = asyncio.ensure_future(_read(self.reader))
+        try:
+            while True:
+                idle = self.provider.config.get("idle_close_s") or 0
+                if idle <= 0:
+                    timeout = None
+                elif self.streams:
+                    timeout = idle  # look again then: the streams may have ended
+                else:
+                    timeout = max(0.0, self.last_active + idle - time.monotonic())
+                done, _ = await asyncio.wait({reading}, timeout=timeout)
+                if done:
+                    self.last_active = time.monotonic()
+                    return reading.result()
+                if idle > 0 and not self.streams and time.monotonic() - self.last_active >= idle:
+                    self.h2.close_connection()  # GOAWAY(NO_ERROR, last stream we processed)
+                    self.provider.idle_closes += 1
+                    try:
+                        await self.flush()
+                    except ClientGone:
+                        pass
+                    return b""
+        finally:
+            if not reading.done():
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
 
     def _on_event(self, event) -> bool:
         """Handle one h2 event; True when the client ended the connection."""
@@ -300,6 +332,7 @@ class _H2Connection:
         )
 
         def done(_task, stream=stream):
+            self.last_active = time.monotonic()
             if self.streams.get(stream.stream_id) is stream:
                 del self.streams[stream.stream_id]
 
@@ -514,6 +547,8 @@ class SimulatedProvider:
         self.streams_aborted = 0
         self.cancellations: collections.deque = collections.deque(maxlen=CANCELLATION_LOG_SIZE)
         self.requests: collections.deque = collections.deque(maxlen=REQUEST_LOG_SIZE)
+        self.idle_closes = 0  # HTTP/2 connections we closed for idling (idle_close_s)
+        self._failed_bodies: dict[str, int] = {}
 
     def stats(self) -> dict:
         return {
@@ -524,6 +559,7 @@ class SimulatedProvider:
             "streams_cancelled": self.streams_cancelled,
             "streams_aborted": self.streams_aborted,
             "cancellations": list(self.cancellations),
+            "idle_closes": self.idle_closes,
             # Copies: records of open calls keep changing after this snapshot.
             "requests": [dict(r) for r in self.requests],
         }
@@ -681,6 +717,20 @@ class SimulatedProvider:
             self._finish(call, "error")
             raise
 
+    def _fail_mode(self, knobs: dict, body: dict) -> str:
+        """knobs["fail"], unless fail_times=N and N calls with this body already failed."""
+        fail, times = knobs["fail"], knobs["fail_times"]
+        if fail == "none" or not times:
+            return fail
+        key = json.dumps(body, sort_keys=True)
+        failed = self._failed_bodies.get(key, 0)
+        if failed >= times:
+            return "none"
+        if len(self._failed_bodies) >= FAILED_BODIES_SIZE:
+            self._failed_bodies.clear()  # bounded: a long-running sim must not grow
+        self._failed_bodies[key] = failed + 1
+        return fail
+
     async def _answer(self, call: dict, fmt: formats.WireFormat, body: dict | None,
                       responder: _Responder) -> None:
         headers = [(b"x-sim-call-id", str(call["call_id"]).encode()), (b"server", b"sluice-sim")]
@@ -698,14 +748,22 @@ class SimulatedProvider:
             knobs = {**self.config, **formats.parse_directive(fmt.prompt(body))}
         except formats.KnobError as exc:
             return await error(400, f"bad #sim directive: {exc}")
-        fail = knobs["fail"]
+        fail = self._fail_mode(knobs, body)
+        call["fail"] = fail  # what this call was made to do: tests count attempts by it
         if fail == "429":
             # Real rate limits answer at once, before any generation.
-            return await error(429, "Rate limit reached (simulated).",
-                               [(b"retry-after", _num_text(knobs["retry_after_s"]))])
+            retry_after = knobs["retry_after_s"]
+            extra = [] if retry_after is None else [(b"retry-after", _num_text(retry_after))]
+            return await error(429, "Rate limit reached (simulated).", extra)
+        if fail == "503":
+            return await error(503, "The server is overloaded (simulated).")
         if fail == "500" or (fail == "error_mid" and not fmt.wants_stream(body)):
             # A non-streamed answer has no room for an in-band error: it fails as a whole.
             return await error(500, "The server had an error while processing your request (simulated).")
+        if fail == "reset_first":
+            await responder.abort()  # before any header: RST_STREAM / the socket closed
+            self._finish(call, "aborted")
+            return
 
         tokens = formats.make_tokens(fmt.conversation(body), knobs["tokens"])
         meta = formats.Meta(call_id=call["call_id"], created=int(time.time()))

@@ -336,6 +336,7 @@ def test_prometheus_families_and_types():
         # the parser strips _total from counter family names
         "sluice_requests": "counter",
         "sluice_upstream_calls": "counter",
+        "sluice_upstream_retries": "counter",
         "sluice_coalesce_leaders": "counter",
         "sluice_coalesce_followers": "counter",
         "sluice_metrics_rejected_records": "counter",
@@ -426,3 +427,13 @@ def test_upstream_calls_count_a_call_that_ended_before_its_clients():
     assert metrics.performance(100, now=11.0)["upstream_calls"] == 1
     metrics.ingest([up(1, at=5.0)], now=11.0)  # long before this window's clients arrived
     assert metrics.performance(100, now=11.0)["upstream_calls"] == 1
+
+
+def test_retry_records_are_counted_by_provider_and_reason():
+    m = MetricsLogic()
+    rec = {"kind": "retry", "provider": "simulated", "reason": "429", "attempt": 2, "at": NOW}
+    m.ingest([rec, rec, {**rec, "reason": "reset"}, {**rec, "reason": "flaky"}], NOW)
+    text = m.prometheus(NOW)
+    assert 'sluice_upstream_retries_total{provider="simulated",reason="429"} 2' in text
+    assert 'sluice_upstream_retries_total{provider="simulated",reason="reset"} 1' in text
+    assert m.rejected_records == 1  # a reason outside the list would grow the label set

@@ -287,6 +287,53 @@ def test_reset_mid(protocol):
     run_with_sim(test, ttft_ms=0, token_interval_ms=1)
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_fail_times_fails_the_first_calls_of_a_body_then_answers(protocol):
+    async def test(sim):
+        async with make_pool(protocol) as pool:
+            body = chat("flaky #sim fail=503 fail_times=2 tokens=2")
+            statuses = [(await post(pool, sim, body))[0] for _ in range(3)]
+            other = (await post(pool, sim, chat("other #sim fail=503 fail_times=2")))[0]
+        assert statuses == [503, 503, 200] and other == 503  # counted per body
+        assert [r["fail"] for r in sim.stats()["requests"]] == ["503", "503", "none", "503"]
+
+    run_with_sim(test, ttft_ms=0, token_interval_ms=0)
+
+
+def test_429_without_retry_after():
+    async def test(sim):
+        async with make_pool("h2") as pool:
+            status, headers, _ = await post(pool, sim, chat("hi #sim fail=429 retry_after_s=none"))
+        assert status == 429 and "retry-after" not in headers
+
+    run_with_sim(test)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_reset_first_resets_before_any_response_byte(protocol):
+    async def test(sim):
+        async with make_pool(protocol) as pool:
+            with pytest.raises(httpcore.RemoteProtocolError):
+                await post(pool, sim, chat("hi #sim fail=reset_first"))
+        stats = await poll(lambda: (s := sim.stats())["streams_aborted"] == 1 and s)
+        assert stats["requests"][0]["first_byte_at"] is None
+
+    run_with_sim(test)
+
+
+def test_idle_close_sends_goaway_and_closes_an_idle_h2_connection():
+    async def test(sim):
+        async with make_pool("h2") as pool:
+            status, _, _ = await post(pool, sim, chat("hi #sim tokens=1"))
+            assert status == 200
+            await poll(lambda: sim.stats()["idle_closes"] == 1)
+            (conn,) = pool.connections
+            # what the Pool's h2_expiry patch relies on: the closed connection is readable
+            assert conn._connection._network_stream.get_extra_info("is_readable")
+
+    run_with_sim(test, ttft_ms=0, token_interval_ms=0, idle_close_s=0.2)
+
+
 def test_truncate_ends_cleanly_without_finish():
     async def test(sim):
         async with make_pool("h2") as pool:

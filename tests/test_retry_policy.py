@@ -1,0 +1,127 @@
+"""The retry decision (actors/retry_policy.py): what is retried, when, and what stops it."""
+from __future__ import annotations
+
+import h2.errors
+import h2.events
+import httpcore
+
+from actors.effects import After, Send
+from actors.pacer_logic import PacerLogic, PacerSettings
+from actors.retry_policy import (
+    CONNECT,
+    RATE_LIMITED,
+    RESET,
+    SERVER,
+    Failure,
+    RetryPolicy,
+    RetrySettings,
+    failure_of_status,
+    is_idempotent,
+)
+from actors.upstream import failure_of_exception
+from protocols import messages as m
+
+T0 = 1000.0
+
+
+def policy(**settings) -> RetryPolicy:
+    """Jitter 0; a budget that never runs out unless the test sets one."""
+    return RetryPolicy(RetrySettings(**{"budget_min": 1000, **settings}), jitter=lambda: 0.0)
+
+
+def test_what_is_retryable():
+    assert failure_of_status(429, 2.0) == Failure(RATE_LIMITED, unprocessed=True, retry_after_s=2.0)
+    assert failure_of_status(503, None) == Failure(SERVER)
+    assert failure_of_status(529, None).reason == SERVER
+    for status in (400, 401, 404, 413, 501):
+        assert failure_of_status(status, None) is None
+    assert failure_of_exception(httpcore.ConnectError("refused")) == Failure(CONNECT, unprocessed=True)
+    assert failure_of_exception(httpcore.RemoteProtocolError("Server disconnected")) == Failure(RESET)
+    assert failure_of_exception(httpcore.ReadTimeout("slow")) is None  # it may still be working on it
+    refused = h2.events.StreamReset(stream_id=3, error_code=h2.errors.ErrorCodes.REFUSED_STREAM)
+    assert failure_of_exception(httpcore.RemoteProtocolError(refused)) == Failure(RESET, unprocessed=True)
+
+
+def test_delays_by_reason():
+    p = policy()
+    assert p.decide("A", Failure(RESET), 1, True, T0, T0).delay_s == 0.0
+    assert p.decide("A", Failure(SERVER), 1, True, T0, T0).delay_s == 0.05  # 0.1 s x (0.5 + 0.5 x jitter 0)
+    assert p.decide("A", Failure(SERVER), 2, True, T0, T0).delay_s == 0.1
+    assert p.decide("A", Failure(SERVER, retry_after_s=2.0), 1, True, T0, T0).delay_s == 2.0
+    limited = p.decide("A", Failure(RATE_LIMITED, True, 1.5), 1, True, T0, T0)
+    assert (limited.retry, limited.delay_s, limited.pause_s) == (True, 1.5, 1.5)  # the Pacer pauses as long
+    bare = p.decide("A", Failure(RATE_LIMITED, True, None), 1, True, T0, T0)
+    assert bare.delay_s == 1.0 and bare.pause_s == 1.0
+    assert p.decide("A", Failure(CONNECT, True), 1, True, T0, T0).pause_s == 0.0
+
+
+def test_attempts_are_bounded():
+    p = policy(max_attempts=3)
+    assert p.decide("A", Failure(RESET), 2, True, T0, T0).retry
+    assert p.decide("A", Failure(RESET), 3, True, T0, T0).why_not == "max_attempts"
+    assert policy(max_attempts=1).decide("A", Failure(RESET), 1, True, T0, T0).why_not == "max_attempts"
+
+
+def test_a_retry_after_beyond_the_deadline_is_not_waited_for():
+    p = policy(deadline_s=5.0)
+    assert p.decide("A", Failure(RATE_LIMITED, True, 4.0), 1, True, T0, T0).retry
+    assert p.decide("A", Failure(RATE_LIMITED, True, 4.0), 1, True, T0, T0 + 2.0).why_not == "deadline"
+    assert p.decide("A", Failure(RATE_LIMITED, True, 60.0), 1, True, T0, T0).why_not == "deadline"
+
+
+def test_a_tools_request_is_retried_only_when_the_provider_did_not_process_it():
+    body = {"messages": [], "tools": [{"type": "function", "function": {"name": "f"}}]}
+    assert not is_idempotent(body) and not is_idempotent({"tool_choice": "auto"}) and is_idempotent({"messages": []})
+    p = policy()
+    assert p.decide("A", Failure(SERVER), 1, False, T0, T0).why_not == "non_idempotent"
+    assert p.decide("A", Failure(RESET), 1, False, T0, T0).why_not == "non_idempotent"
+    assert p.decide("A", Failure(RATE_LIMITED, True, 0.1), 1, False, T0, T0).retry
+    assert p.decide("A", Failure(CONNECT, True), 1, False, T0, T0).retry
+    assert p.decide("A", Failure(RESET, unprocessed=True), 1, False, T0, T0).retry
+
+
+def test_the_budget_stops_retries_when_exhausted_and_refills_with_time():
+    p = policy(budget_ratio=0.2, budget_min=3, budget_window_s=10.0, max_attempts=5)
+    for _ in range(20):
+        p.note_call("A", T0)
+    # 20 calls in the window: 20 % is 4 retries (more than the minimum of 3)
+    decisions = [p.decide("A", Failure(SERVER), 1, True, T0, T0 + 1) for _ in range(6)]
+    assert [d.retry for d in decisions] == [True] * 4 + [False] * 2
+    assert decisions[-1].why_not == "budget"
+    assert p.decide("B", Failure(SERVER), 1, True, T0, T0 + 1).retry  # per account
+    # the window slides: the calls and retries age out, the minimum comes back
+    assert p.decide("A", Failure(SERVER), 1, True, T0 + 11, T0 + 11).retry
+    p.note_call("A", T0 + 11)
+    assert [p.decide("A", Failure(RESET), 1, True, T0 + 11, T0 + 11).retry for _ in range(3)] == [True, True, False]
+
+
+def test_a_failing_provider_gets_about_one_fifth_more_calls_not_three_times():
+    p = policy(budget_ratio=0.2, budget_min=5, budget_window_s=10.0, max_attempts=3)
+    upstream = 0
+    for i in range(1000):  # 1,000 calls over 10 s, every attempt fails
+        now = T0 + i * 0.01
+        p.note_call("A", now)
+        attempt = 1
+        upstream += 1
+        while p.decide("A", Failure(SERVER), attempt, True, now, now).retry:
+            attempt += 1
+            upstream += 1
+    assert upstream <= 1000 * 1.2 + 5
+
+
+def test_account_pause_stops_grants_for_its_duration():
+    pacer = PacerLogic("simulated", PacerSettings(rps=100, burst=100, concurrency=10))
+
+    def request(lease: str, now: float) -> list:
+        return pacer.handle(m.LeaseRequest(lease, "simulated", now, "sim-1", {}, "c:1"), "shard", now)
+
+    def opened(effects) -> bool:
+        return any(isinstance(e, Send) and isinstance(e.msg, m.OpenStream) for e in effects)
+
+    assert opened(request("a", T0))
+    pacer.handle(m.AccountPause("SIMULATED", 1.0), None, T0)
+    queued = request("b", T0 + 0.1)
+    assert not opened(queued) and pacer.state(T0 + 0.1)["paused_for_s"] == 0.9
+    (tick,) = [e for e in queued if isinstance(e, After)]
+    assert abs(T0 + 0.1 + tick.delay_s - (T0 + 1.0)) < 1e-6  # the queue is looked at when the pause ends
+    assert opened(pacer.handle(tick.msg, None, T0 + 1.0))

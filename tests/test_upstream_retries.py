@@ -137,7 +137,7 @@ def test_a_fault_before_the_first_byte_is_retried_and_no_client_sees_it(gw, faul
         mode = fault.split()[0].partition("=")[2]
         assert [c["fail"] for c in calls] == [mode] * times + ["none"], marker
     # 22 upstream bodies (1 + 1 coalesced + 20), each retried `times` times
-    wait_until(lambda: retries_total(gw, reason) - before >= 22 * times, timeout=10, message="retries counted")
+    wait_until(lambda: retries_total(gw, reason) - before >= 22 * times, timeout=30, message="retries counted")
     assert retries_total(gw, reason) - before == 22 * times
     wait_until(lambda: pacer_idle(gw, "simulated"), timeout=10, message="the Pacer's leases all given back")
 

@@ -87,7 +87,7 @@ class PoolRuntime:
         # (<PREFIX>_H2C, on for the simulated provider; a local Ollama speaks HTTP/1.1).
         self.http = httpcore.AsyncConnectionPool(http1=True, http2=True, max_connections=100, keepalive_expiry=60.0)
         self.h2c = httpcore.AsyncConnectionPool(http1=False, http2=True, max_connections=20, keepalive_expiry=60.0)
-        self.hub_port = await self.hub.start(self.settings["SLUICE_HOST"])
+        self.hub_port = await self.hub.start(self.settings["SLUICE_ACTOR_HOST"])
         self._flusher = asyncio.create_task(self._flush_records())
 
     def stop(self) -> None:
@@ -280,7 +280,7 @@ class PoolActor(HostActor):
         if self.runtime is None:
             self.runtime = PoolRuntime(self.settings, self.outbox)
             port = self.runtime.start()
-            self.apply([Send("supervisor", m.HubReady(self.settings["SLUICE_HOST"], port))])
+            self.apply([Send("supervisor", m.HubReady(self.settings["SLUICE_ACTOR_HOST"], port))])
         else:
             self.runtime.settings = self.settings
 

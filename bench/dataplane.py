@@ -253,9 +253,10 @@ class Bench:
 
     # --- actor system ------------------------------------------------------------------
     def start(self) -> None:
-        from actors import addressing
+        from actors import system
+        from protocols import auth
 
-        addressing.bind_to("127.0.0.1")
+        system.prepare("127.0.0.1", auth.new_secret())  # frames signed, as in production
         from thespian.actors import ActorSystem
 
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the admin must not get Ctrl-C

@@ -618,7 +618,7 @@ thespian {mach['packages'].get('thespian')}, msgpack {mach['packages'].get('msgp
 
 ## Method
 
-Real `multiprocTCPBase` Thespian: `actors.addressing.bind_to("127.0.0.1")`, then
+Real `multiprocTCPBase` Thespian: `actors.system.prepare("127.0.0.1", secret)` (signed frames), then
 `ActorSystem('multiprocTCPBase', capabilities={{'Admin Port': <free port>}}, logDefs=None)`,
 `shutdown()` at the end. A producer actor hosts an asyncio loop in a thread, exactly as the Pool
 does (`actors/pool.py`), and generates deltas there at the offered rate (everything due each loop

@@ -197,7 +197,7 @@ def main(argv: list[str]) -> int:
     bridge = _join(port)
     if bridge is None:
         return _fail("gateway_unavailable", f"{host}:{port} does not answer as a sluice actor system "
-                     f"within {JOIN_TIMEOUT_S:g} s", 1)
+                     f"within {JOIN_TIMEOUT_S:g} s (or the cluster secret is not this gateway's)", 1)
     try:
         out = asyncio.run(asyncio.wait_for(_authorized(bridge, token, name, args), COMMAND_TIMEOUT_S))
     except AdminError as exc:

@@ -4,10 +4,11 @@ Order matters. The cluster secret is settled first (SLUICE_CLUSTER_SECRET, or a 
 one written to a 0600 file for the admin CLI and removed on exit). The actor system is
 started next, from a process with no threads yet (multiprocTCPBase forks its admin, and
 forking a threaded process is unsafe), every frame authenticated with that secret and
-every socket bound to SLUICE_ACTOR_HOST (docs/security.md). Then the simulated provider (when no real provider is
-configured), then uvicorn with the edge, in this process, on SLUICE_HOST. SIGINT/SIGTERM: open streams get
-a terminal event, uvicorn stops, the actor system shuts down, the simulated provider is
-stopped; nothing is left running. If this process dies without that, the Supervisor
+every socket bound to SLUICE_ACTOR_HOST (docs/security.md). Then the simulated provider
+(when no real provider is configured), then uvicorn with the edge, in this process, on
+SLUICE_HOST. SIGINT/SIGTERM: open streams get a terminal event, uvicorn stops, the actor
+system shuts down, the simulated provider is stopped, the secret file is removed; nothing
+is left running. If this process dies without that, the Supervisor
 notices within a second and shuts the actor system down itself.
 """
 from __future__ import annotations

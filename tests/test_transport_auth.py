@@ -238,6 +238,9 @@ def test_a_forged_pickle_reaches_no_pickle_loads_on_any_port(exposed, tmp_path):
     assert exposed.actor_port in refusals and len(refusals) >= 8, (refusals, targets)
     serves_a_chat(exposed)
     assert not marker.exists()
+    # nobody crashed: no actor was recreated (a new one would listen on a new port)
+    tree_now = descendants(exposed.proc.pid) | {exposed.proc.pid}
+    assert listening_ports(tree_now) == set(targets) | {("0.0.0.0", exposed.port)}
 
     # The control: the same frame signed with the gateway's secret is unpickled (the marker
     # appears), so the refusals above were the MAC's doing, not a harmless payload's.

@@ -1,14 +1,17 @@
 """Start sluice: `python run.py` serves; `python run.py admin ...` talks to a running one.
 
-Order matters. The actor system is started first, from a process with no threads yet
-(multiprocTCPBase forks its admin, and forking a threaded process is unsafe), with every
-socket bound to SLUICE_HOST. Then the simulated provider (when no real provider is
-configured), then uvicorn with the edge, in this process. SIGTERM drains first (/readyz
-503, new requests 503, open streams finish for up to SLUICE_DRAIN_S: edge/server.py);
-SIGINT does not wait. Then open streams get a terminal event, uvicorn stops, the actor
-system shuts down, the simulated provider is stopped; nothing is left running. If this
-process dies without that, the Supervisor notices within a second and shuts the actor
-system down itself. Every process logs in the SLUICE_LOG_FORMAT (protocols/logfmt.py).
+Order matters. The cluster secret is settled first (SLUICE_CLUSTER_SECRET, or a random
+one written to a 0600 file for the admin CLI and removed on exit). The actor system is
+started next, from a process with no threads yet (multiprocTCPBase forks its admin, and
+forking a threaded process is unsafe), every frame authenticated with that secret and
+every socket bound to SLUICE_ACTOR_HOST (docs/security.md). Then the simulated provider
+(when no real provider is configured), then uvicorn with the edge, in this process, on
+SLUICE_HOST. SIGTERM drains first (/readyz 503, new requests 503, open streams finish
+for up to SLUICE_DRAIN_S: edge/server.py); SIGINT does not wait. Then open streams get a
+terminal event, uvicorn stops, the actor system shuts down, the simulated provider is
+stopped, the secret file is removed; nothing is left running. If this process dies
+without that, the Supervisor notices within a second and shuts the actor system down
+itself. Every process logs in the SLUICE_LOG_FORMAT (protocols/logfmt.py).
 """
 from __future__ import annotations
 
@@ -61,8 +64,8 @@ def serve(settings: dict) -> int:
 
     logfmt.configure(settings)  # hpack's header dumps (API keys) are never logged, at any level
     log = logging.getLogger("sluice")
-    host, port = settings["SLUICE_HOST"], settings["SLUICE_PORT"]
-    for name in ("SLUICE_PORT", "SLUICE_ACTOR_PORT"):
+    for name, host_key in (("SLUICE_PORT", "SLUICE_HOST"), ("SLUICE_ACTOR_PORT", "SLUICE_ACTOR_HOST")):
+        host = settings[host_key]
         if not _port_free(host, settings[name]):
             log.error("sluice: %s=%s is already in use on %s", name, settings[name], host)
             return 2
@@ -74,15 +77,37 @@ def serve(settings: dict) -> int:
         if name != "simulated" and provider["api_key"] is None and provider["adapter"] != "ollama":
             log.warning("provider %s has no API key (%s_API_KEY): its calls will fail upstream", name, provider["account"])
 
-    from actors import secret, system
+    from actors import secret_file
+
+    secret_path = None
+    if settings["SLUICE_CLUSTER_SECRET"]:
+        secret = settings["SLUICE_CLUSTER_SECRET"].encode()
+    else:
+        secret_path = secret_file.path_for(settings)
+        try:
+            secret = secret_file.create(secret_path)
+        except OSError as exc:
+            print(f"sluice: cannot write the cluster secret file {secret_path}: {exc.strerror} "
+                  "(set SLUICE_SECRET_FILE or SLUICE_CLUSTER_SECRET)", file=sys.stderr)
+            return 2
+    try:
+        return _serve_with_secret(settings, secret, log)
+    finally:
+        if secret_path is not None:
+            secret_file.remove(secret_path)
+
+
+def _serve_with_secret(settings: dict, secret: bytes, log) -> int:
+    from actors import system
+    from protocols import logfmt
     from actors.supervisor import SUPERVISOR_NAME, SupervisorActor
-    from protocols import auth
     from protocols import messages as m
 
-    if not secret.installed():  # until the secret is configured/loaded (issue 10 transport)
-        secret.install(auth.new_secret())
-    asys, group = system.start(host, settings["SLUICE_ACTOR_PORT"], logfmt.actor_log_defs(settings))
-    settings = {**settings, "parent_pid": os.getpid(), "actor_group": group}
+    asys, group = system.start(
+        settings["SLUICE_ACTOR_HOST"], settings["SLUICE_ACTOR_PORT"], secret, logfmt.actor_log_defs(settings)
+    )
+    # The secret never travels in a message: every actor inherited it at fork.
+    settings = {**settings, "SLUICE_CLUSTER_SECRET": None, "parent_pid": os.getpid(), "actor_group": group}
     sim = None
     try:
         sim = _start_simulated_provider(settings, log)
@@ -104,8 +129,11 @@ def _start_simulated_provider(settings: dict, log):
         return None
     from sim.provider import start_subprocess
 
-    proc, port = start_subprocess(port=settings["SLUICE_SIM_PORT"], host=settings["SLUICE_HOST"])
-    simulated["base_url"] = f"http://{settings['SLUICE_HOST']}:{port}"
+    from protocols.config import reachable_host
+
+    host = settings["SLUICE_ACTOR_HOST"]
+    proc, port = start_subprocess(port=settings["SLUICE_SIM_PORT"], host=host)
+    simulated["base_url"] = f"http://{reachable_host(host)}:{port}"
     log.info("simulated provider on %s", simulated["base_url"])
     return proc
 

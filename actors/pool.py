@@ -81,13 +81,11 @@ class PoolRuntime:
         self.loop.run_forever()
 
     async def _setup(self) -> None:
-        import httpcore
-
         from actors import h2_expiry, h2_reads
 
         h2_reads.install()
         h2_expiry.install()
-        self.hub_port = await self.hub.start(self.settings["SLUICE_HOST"])
+        self.hub_port = await self.hub.start(self.settings["SLUICE_ACTOR_HOST"])
         self._flusher = asyncio.create_task(self._flush_records())
 
     def stop(self) -> None:
@@ -353,7 +351,7 @@ class PoolActor(HostActor):
         if self.runtime is None:
             self.runtime = PoolRuntime(self.settings, self.outbox)
             port = self.runtime.start()
-            self.apply([Send("supervisor", m.HubReady(self.settings["SLUICE_HOST"], port))])
+            self.apply([Send("supervisor", m.HubReady(self.settings["SLUICE_ACTOR_HOST"], port))])
         else:
             self.runtime.settings = self.settings
 

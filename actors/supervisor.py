@@ -9,6 +9,7 @@ actor process outlives the gateway.
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import subprocess
@@ -105,6 +106,8 @@ class SupervisorActor(HostActor):
             return [Send(sender, self._directory())]
         if isinstance(msg, m.Admin):
             return self._admin(msg, sender)
+        if isinstance(msg, m.AdminAuth):
+            return [Send(sender, self._admin_auth(msg))]
         if isinstance(msg, Watch):
             return self._watch()
         return []
@@ -142,6 +145,17 @@ class SupervisorActor(HostActor):
             return [Send(sender, m.AdminResult(True, self._state()))]
         return [Send(sender, m.AdminResult(False, {}, f"supervisor: unknown command {msg.command!r} (show, drain, reload_keys)"))]
 
+    def _admin_auth(self, msg: m.AdminAuth) -> m.AdminResult:
+        """The admin CLI proves it holds the same token the HTTP admin routes ask for."""
+        token = self.settings.get("SLUICE_ADMIN_TOKEN")
+        if not token:
+            return m.AdminResult(False, {"code": "admin_disabled"},
+                                 "the gateway has no SLUICE_ADMIN_TOKEN: admin commands are off")
+        presented = msg.token if isinstance(msg.token, str) else ""
+        if not presented or not hmac.compare_digest(presented.encode(), token.encode()):
+            return m.AdminResult(False, {"code": "unauthorized"}, "SLUICE_ADMIN_TOKEN is not the gateway's admin token")
+        return m.AdminResult(True, {})
+
     def on_system(self, msg, sender) -> None:
         if isinstance(msg, ActorExitRequest):
             self.stopping = True
@@ -178,10 +192,15 @@ class SupervisorActor(HostActor):
         # An actor cannot shut down the system it runs in; a short-lived process can.
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         group = self.settings.get("actor_group") or os.getpgrp()
+        from actors import secret
+
+        # The secret in the environment, never in argv (any local user can read argv).
+        env = {**os.environ, "SLUICE_CLUSTER_SECRET": secret.get().decode()} if secret.installed() else None
         subprocess.Popen(
-            [sys.executable, "-m", "actors.system", "stop", self.settings["SLUICE_HOST"],
+            [sys.executable, "-m", "actors.system", "stop", self.settings["SLUICE_ACTOR_HOST"],
              str(self.settings["SLUICE_ACTOR_PORT"]), str(group)],
             cwd=root,
+            env=env,
             start_new_session=True,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

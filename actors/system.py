@@ -7,7 +7,11 @@ but an actor that died uncleanly can leave the admin waiting for it forever; so 
 asking politely we wait a little, then SIGKILL whatever is left in that process group.
 
 `python -m actors.system stop HOST PORT PGID` does the same from outside (the Supervisor
-runs it when run.py died without shutting down).
+runs it when run.py died without shutting down; the cluster secret comes in its
+environment, SLUICE_CLUSTER_SECRET, never in its argv).
+
+`prepare(host, secret)` is what every process that calls `ActorSystem(...)` does first:
+run.py, the admin CLI, the stop command, benches and test probes.
 """
 from __future__ import annotations
 
@@ -17,16 +21,26 @@ import sys
 import time
 from typing import NamedTuple
 
-from actors import addressing
+from actors import addressing, transport_auth
+from actors import secret as cluster_secret
 
 SYSTEM_BASE = "multiprocTCPBase"
 
 
-def start(host: str, port: int, log_defs: dict | None = None):
-    """Start (or join) the actor system bound to `host`; -> (ActorSystem, group id or None).
-    `log_defs`: the logging configuration of Thespian's logger process, which writes every
-    actor's log lines (protocols/logfmt.py)."""
+def prepare(host: str, secret: bytes) -> None:
+    """Install, before this process first calls `ActorSystem(...)`, what it and every
+    process forked from it inherit: the cluster secret, authenticated Thespian frames
+    (actors/transport_auth.py) and sockets bound to `host` (actors/addressing.py)."""
+    cluster_secret.install(secret)
+    transport_auth.install(secret)
     addressing.bind_to(host)
+
+
+def start(host: str, port: int, secret: bytes, log_defs: dict | None = None):
+    """Start (or join) the actor system bound to `host`, its frames authenticated with
+    `secret`; -> (ActorSystem, group id or None). `log_defs`: the logging configuration of
+    Thespian's logger process, which writes every actor's log lines (protocols/logfmt.py)."""
+    prepare(host, secret)
     from thespian.actors import ActorSystem
 
     before = _children(os.getpid())
@@ -122,7 +136,13 @@ def main(argv: list[str]) -> int:
         print("usage: python -m actors.system stop HOST PORT PGID", file=sys.stderr)
         return 2
     host, port, group = argv[1], int(argv[2]), int(argv[3])
-    addressing.bind_to(host)
+    secret = os.environ.get("SLUICE_CLUSTER_SECRET", "").encode()
+    if not secret:
+        kill_group(group, 0)  # cannot talk to the admin without the secret: no polite way left
+        return 0
+    from protocols.config import reachable_host
+
+    prepare(reachable_host(host), secret)
     from thespian.actors import ActorSystem
 
     try:

@@ -259,9 +259,10 @@ class Bench:
 
     # --- actor system ------------------------------------------------------------------
     def start(self) -> None:
-        from actors import addressing
+        from actors import system
+        from protocols import auth
 
-        addressing.bind_to("127.0.0.1")
+        system.prepare("127.0.0.1", auth.new_secret())  # frames signed, as in production
         from thespian.actors import ActorSystem
 
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the admin must not get Ctrl-C
@@ -624,7 +625,7 @@ thespian {mach['packages'].get('thespian')}, msgpack {mach['packages'].get('msgp
 
 ## Method
 
-Real `multiprocTCPBase` Thespian: `actors.addressing.bind_to("127.0.0.1")`, then
+Real `multiprocTCPBase` Thespian: `actors.system.prepare("127.0.0.1", secret)` (signed frames), then
 `ActorSystem('multiprocTCPBase', capabilities={{'Admin Port': <free port>}}, logDefs=None)`,
 `shutdown()` at the end. A producer actor hosts an asyncio loop in a thread, exactly as the Pool
 does (`actors/pool.py`), and generates deltas there at the offered rate (everything due each loop

@@ -40,9 +40,9 @@ def roles_of(gw: GatewayProc) -> dict[int, str]:
     pids = gw.pids()
     try:
         code = (
-            "import json,sys\n"
-            "from actors import addressing\n"
-            "addressing.bind_to('127.0.0.1')\n"
+            "import json,os,sys\n"
+            "from actors import system\n"
+            "system.prepare('127.0.0.1', os.environ['SLUICE_CLUSTER_SECRET'].encode())\n"
             "from edge.bridge import ActorBridge\n"
             f"b = ActorBridge({gw.gw.actor_port}, workers=1)\n"
             "b.start()\n"
@@ -51,7 +51,8 @@ def roles_of(gw: GatewayProc) -> dict[int, str]:
             "b.close()\n"
         )
         # A separate short-lived process joins the actor system, so this one stays clean.
-        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        env = {**os.environ, "SLUICE_CLUSTER_SECRET": gw.gw.cluster_secret()}
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30, env=env)
         import json
 
         directory = json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,11 +1,17 @@
-"""What one Thespian hop costs with epoll (Thespian's default) and with poll (actors/selector.py).
+"""What one Thespian hop costs, per variant of the transport:
 
-    .venv/bin/python -m bench.thespian_hop [--messages 2000] [--rounds 2]
+    epoll   Thespian's own selector, plain pickle frames
+    poll    actors/selector.py's PollSelector, plain pickle frames
+    signed  poll, and every frame signed and checked with the cluster secret
+            (actors/transport_auth.py: HMAC-SHA256 before pickle.loads) — production
+
+    .venv/bin/python -m bench.thespian_hop [--messages 2000] [--rounds 2] [--variants poll,signed]
 
 Two actors on multiprocTCPBase bounce `--messages` round trips (2 × messages hops); the
 wall time per hop and the CPU both actors spent per message (os.times in each, before and
 after). Each variant runs in a child process of its own, alternating, because the
-selector choice is process-wide and inherited by the forked actors.
+selector and the serializer are process-wide and inherited by the forked actors. With
+both poll and signed, the last line is the cost of authentication: signed / poll.
 """
 from __future__ import annotations
 
@@ -49,14 +55,21 @@ class Relay(Actor):
             self.send(sender, t.user + t.system)
 
 
+VARIANTS = ("epoll", "poll", "signed")
+
+
 def child(variant: str, messages: int) -> dict:
-    from actors import addressing
+    from actors import addressing, system
+    from protocols import auth
 
     if variant == "epoll":
         import actors.selector
 
         actors.selector.install = lambda: None  # keep Thespian's own selector
-    addressing.bind_to("127.0.0.1")
+    if variant == "signed":
+        system.prepare("127.0.0.1", auth.new_secret())
+    else:
+        addressing.bind_to("127.0.0.1")  # unsigned frames: the baseline
     from thespian.actors import ActorSystem
 
     asys = ActorSystem("multiprocTCPBase", capabilities={"Admin Port": free_port()}, logDefs=None)
@@ -78,21 +91,39 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m bench.thespian_hop", description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--child", choices=("epoll", "poll"), help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default="poll,signed", help="comma-separated, of: " + ", ".join(VARIANTS))
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.messages)))
         return []
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or set(variants) - set(VARIANTS):
+        parser.error(f"--variants: choose from {', '.join(VARIANTS)}")
     rows = []
     for rnd in range(args.rounds):
-        for variant in ("epoll", "poll"):
+        for variant in variants:
             done = subprocess.run([sys.executable, "-m", "bench.thespian_hop", "--child", variant, "--messages",
                                    str(args.messages)], cwd=ROOT, capture_output=True, text=True, timeout=600)
             row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
-            log(f"round {rnd + 1} {variant:5s}: {row['ms_per_hop']:.3f} ms per hop, "
+            log(f"round {rnd + 1} {variant:6s}: {row['ms_per_hop']:.3f} ms per hop, "
                 f"{row['cpu_ms_per_message']:.3f} CPU ms per message (both ends)")
+    if "poll" in variants and "signed" in variants:
+        log(signed_ratio(rows))
     return rows
+
+
+def signed_ratio(rows: list[dict]) -> str:
+    """Median over rounds of signed / poll, for the wall time per hop and the CPU per message."""
+    import statistics
+
+    def median(variant: str, key: str) -> float:
+        return statistics.median(r[key] for r in rows if r["variant"] == variant)
+
+    hop = median("signed", "ms_per_hop") / median("poll", "ms_per_hop")
+    cpu = median("signed", "cpu_ms_per_message") / median("poll", "cpu_ms_per_message")
+    return f"signed / poll (medians): {hop:.3f}× per hop, {cpu:.3f}× CPU per message"
 
 
 if __name__ == "__main__":

@@ -1,12 +1,19 @@
 """`python run.py admin <command> ...`: operator commands from a shell.
 
 This module owns the command line: turning `key=value` words into typed arguments,
-joining the running actor system (SLUICE_HOST, SLUICE_ACTOR_PORT) as a client, printing
-the answer as JSON, and exit codes. The commands themselves (what each one validates and
+joining the running actor system (SLUICE_ACTOR_HOST, SLUICE_ACTOR_PORT) as a client,
+proving the operator's credentials, printing the answer as JSON, and exit codes. The commands themselves (what each one validates and
 which actors it goes to) are edge/admin_routes.py's `COMMANDS`, shared with the HTTP routes.
 
+Credentials, the same as the HTTP admin routes ask for: `SLUICE_ADMIN_TOKEN` in the
+environment, checked by the Supervisor (`AdminAuth`, constant-time) before any command
+runs; refused when it is missing or wrong, or when the gateway has no admin token. To
+join at all, the CLI needs the cluster secret: `SLUICE_CLUSTER_SECRET`, or the gateway's
+secret file (SLUICE_SECRET_FILE, default next to SLUICE_DB), refused when others may
+read it (docs/security.md).
+
 Exit codes: 0 done; 1 the gateway is not there or did not answer; 2 invalid command or
-values (nothing was changed). Errors print `{"ok": false, "error": {...}}` on stdout and a
+values, or refused credentials (nothing was changed). Errors print `{"ok": false, "error": {...}}` on stdout and a
 one-line reason on stderr.
 
 The CLI never starts an actor system of its own: it checks that something listens on the
@@ -98,7 +105,9 @@ def usage() -> str:
 
     lines = ["usage: python run.py admin <command> [args]", "", "commands:"]
     lines += [f"  {c.usage:<40} {c.help}" for c in COMMANDS.values()]
-    lines += ["", "Talks to the actor system at SLUICE_HOST:SLUICE_ACTOR_PORT (default 127.0.0.1:19500)."]
+    lines += ["", "Talks to the actor system at SLUICE_ACTOR_HOST:SLUICE_ACTOR_PORT (default 127.0.0.1:19500).",
+              "Needs SLUICE_ADMIN_TOKEN (the gateway's admin token) and the cluster secret (SLUICE_CLUSTER_SECRET,",
+              "or the gateway's secret file: SLUICE_SECRET_FILE, default cluster-<port>.secret next to SLUICE_DB)."]
     return "\n".join(lines)
 
 
@@ -140,8 +149,23 @@ def _join(port: int):
     return bridge
 
 
+async def _authorized(bridge, token: str, name: str, args: dict) -> dict:
+    """The Supervisor checks the token first; the command runs only when it agrees."""
+    from edge.admin_routes import AdminError, run_command
+    from edge.bridge import BridgeError
+    from protocols import messages as m
+
+    try:
+        verdict = await bridge.ask("supervisor", m.AdminAuth(token), timeout=5.0)
+    except BridgeError as exc:
+        raise AdminError(503, "gateway_unavailable", f"the supervisor did not check the admin token: {exc}") from None
+    if not verdict.ok:
+        raise AdminError(403, str(verdict.result.get("code", "unauthorized")), verdict.error or "refused")
+    return await run_command(bridge, name, args)
+
+
 def main(argv: list[str]) -> int:
-    from edge.admin_routes import COMMANDS, AdminError, run_command
+    from edge.admin_routes import COMMANDS, AdminError
 
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
@@ -157,19 +181,27 @@ def main(argv: list[str]) -> int:
     if name == "reload-keys":
         args["path"] = settings["SLUICE_API_KEYS_FILE"]  # the gateway's file: validated here first
 
-    host, port = settings["SLUICE_HOST"], settings["SLUICE_ACTOR_PORT"]
+    token = settings["SLUICE_ADMIN_TOKEN"]
+    if not token:
+        return _fail("unauthorized", "set SLUICE_ADMIN_TOKEN to the gateway's admin token "
+                     "(the same one the /api/admin routes ask for)", 2)
+    host, port = config.reachable_host(settings["SLUICE_ACTOR_HOST"]), settings["SLUICE_ACTOR_PORT"]
     if not _listening(host, port):
         return _fail("gateway_not_running", f"no gateway is running: nothing listens on the actor port {host}:{port} "
-                     "(start one with `python run.py`, or set SLUICE_HOST / SLUICE_ACTOR_PORT)", 1)
-    from actors import addressing
+                     "(start one with `python run.py`, or set SLUICE_ACTOR_HOST / SLUICE_ACTOR_PORT)", 1)
+    from actors import secret_file, system
 
-    addressing.bind_to(host)  # our own Thespian sockets stay on loopback, as run.py's do
+    try:
+        secret = secret_file.for_client(settings)
+    except secret_file.SecretError as exc:
+        return _fail("no_cluster_secret", str(exc), 2)
+    system.prepare(host, secret)  # our own Thespian sockets: on that host, frames signed
     bridge = _join(port)
     if bridge is None:
         return _fail("gateway_unavailable", f"{host}:{port} does not answer as a sluice actor system "
-                     f"within {JOIN_TIMEOUT_S:g} s", 1)
+                     f"within {JOIN_TIMEOUT_S:g} s (or the cluster secret is not this gateway's)", 1)
     try:
-        out = asyncio.run(asyncio.wait_for(run_command(bridge, name, args), COMMAND_TIMEOUT_S))
+        out = asyncio.run(asyncio.wait_for(_authorized(bridge, token, name, args), COMMAND_TIMEOUT_S))
     except AdminError as exc:
         return _fail(exc.code, exc.message, 2 if exc.status < 500 else 1)
     except asyncio.TimeoutError:

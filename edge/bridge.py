@@ -45,7 +45,12 @@ class ActorBridge:
         self._supervisor = None
 
     def start(self) -> None:
-        """Join the running actor system (blocking; call before serving)."""
+        """Join the running actor system (blocking; call before serving). The process must
+        have called `actors.system.prepare` first: unsigned frames would be refused."""
+        from actors import transport_auth
+
+        if not transport_auth.installed():
+            raise RuntimeError("ActorBridge.start before actors.system.prepare(host, secret): frames would be unsigned")
         self._asys = ActorSystem("multiprocTCPBase", capabilities={"Admin Port": self.actor_port}, logDefs=None)
         self._supervisor = self._asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
 

@@ -6,6 +6,7 @@ The README's configuration table is this module, in prose.
 """
 from __future__ import annotations
 
+import ipaddress
 import math
 from typing import Any, Callable, Mapping
 
@@ -108,9 +109,47 @@ def _provider(text: str) -> str:
     return text
 
 
+CLUSTER_SECRET_MIN_CHARS = 32
+
+
+def _cluster_secret(text: str) -> str:
+    # The key is the UTF-8 bytes of the value as given (a hex string is not decoded): one
+    # rule for the variable and the secret file. 32 characters of hex are 128 bits.
+    value = text.strip()
+    if len(value) < CLUSTER_SECRET_MIN_CHARS:
+        raise ValueError(f"must be at least {CLUSTER_SECRET_MIN_CHARS} characters (e.g. the output of "
+                         "`python -c 'import secrets; print(secrets.token_hex(32))'`)")
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or "localhost"; "0.0.0.0", "" and every other name are not."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def reachable_host(host: str) -> str:
+    """The address to connect to a socket bound to `host` from this machine (a wildcard
+    bind is reached on loopback)."""
+    if host.strip() in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host.strip().strip("[]") == "::":
+        return "::1"
+    return host
+
+
+# Values never echoed in an error message.
+SECRET_KEYS = ("SLUICE_CLUSTER_SECRET", "SLUICE_ADMIN_TOKEN")
+
 # name -> (default, parser, meaning). The default is a string, parsed like the env value.
 KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
-    "SLUICE_HOST": ("127.0.0.1", str, "interface the HTTP edge, the actor system and the stream hub bind"),
+    "SLUICE_HOST": ("127.0.0.1", str, "interface the HTTP edge binds (only the edge: see SLUICE_ACTOR_HOST)"),
+    "SLUICE_ACTOR_HOST": ("127.0.0.1", str, "interface the actor system, the stream hub and the built-in simulated "
+                          "provider bind; off loopback only with SLUICE_CLUSTER_SECRET set"),
     "SLUICE_PORT": ("8000", _port, "HTTP port of the edge"),
     "SLUICE_ACTOR_PORT": ("19500", _port, "Thespian admin port of the actor system"),
     "SLUICE_PROVIDER": ("simulated", _provider, "default provider for requests that name none"),
@@ -120,7 +159,12 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
     "SLUICE_HEADER_TIMEOUT_S": ("10", _positive(float), "seconds a connection may take to send complete request headers (closed beyond)"),
     "SLUICE_MAX_CONNECTIONS_PER_CLIENT": ("256", _non_negative(int), "open connections one client address may hold; more get a 503 (0 = no cap)"),
     "SLUICE_DB": ("data/sluice.sqlite3", str, "SQLite file holding chat threads"),
-    "SLUICE_ADMIN_TOKEN": (None, str, "bearer token for /api/admin (admin routes are off when unset)"),
+    "SLUICE_ADMIN_TOKEN": (None, str, "bearer token for /api/admin and `run.py admin` (admin is off when unset)"),
+    "SLUICE_CLUSTER_SECRET": (None, _cluster_secret, "authenticates every frame between sluice's processes "
+                              f"(>= {CLUSTER_SECRET_MIN_CHARS} characters); unset: a random one per start, in "
+                              "SLUICE_SECRET_FILE"),
+    "SLUICE_SECRET_FILE": (None, str, "where run.py keeps its random cluster secret (mode 0600) for the admin CLI; "
+                           "default: cluster-<SLUICE_ACTOR_PORT>.secret next to SLUICE_DB"),
     "SLUICE_LOG_LEVEL": ("INFO", _log_level, "log level"),
     "SLUICE_LOG_FORMAT": ("text", _log_format, "log lines as text, or json: one JSON object per line"),
     "SLUICE_ACCESS_LOG": ("1", _bool, "one access line per request (INFO, logger sluice.access)"),
@@ -163,11 +207,18 @@ def load(env: Mapping[str, str]) -> dict:
         try:
             settings[name] = parse(raw)
         except ValueError as exc:
-            raise ConfigError(f"{name}={raw!r}: {exc}") from None
+            shown = "<hidden>" if name in SECRET_KEYS else repr(raw)
+            raise ConfigError(f"{name}={shown}: {exc}") from None
     if settings["PACER_MAX_QUEUE"] < 0:
         raise ConfigError(f"PACER_MAX_QUEUE={settings['PACER_MAX_QUEUE']!r}: must be >= 0")
     settings["SLUICE_API_KEYS_FILE"] = settings["SLUICE_API_KEYS_FILE"] or None  # empty = unset
     settings["COALESCE_SCOPE"] = _coalesce_scope(settings)
+    if not is_loopback(settings["SLUICE_ACTOR_HOST"]) and settings["SLUICE_CLUSTER_SECRET"] is None:
+        raise ConfigError(
+            f"SLUICE_ACTOR_HOST={settings['SLUICE_ACTOR_HOST']!r} is off loopback: set SLUICE_CLUSTER_SECRET "
+            f"(>= {CLUSTER_SECRET_MIN_CHARS} characters, the same on every process of the cluster) so that "
+            "only sluice's own processes can talk to the actors, or bind them to 127.0.0.1"
+        )
     settings["alert_thresholds"] = _alert_thresholds(env)
     settings["accounts"] = _accounts(env, settings)
     settings["providers"] = _providers(env, settings)

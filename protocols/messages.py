@@ -350,6 +350,15 @@ class AdminResult:
     error: str | None = None
 
 
+@message("admin_auth")
+class AdminAuth:
+    """Admin CLI -> Supervisor, before any command: the operator's SLUICE_ADMIN_TOKEN, checked
+    against the gateway's. AdminResult(ok) or AdminResult(False, {"code": "unauthorized" |
+    "admin_disabled"}, why)."""
+
+    token: str
+
+
 # --- data plane: edge <-> Pool stream hub ------------------------------------------------
 
 
@@ -406,6 +415,7 @@ REPLIES: dict[type, tuple[type, ...]] = {
     GetDirectory: (Directory,),
     GetState: (State,),
     Admin: (AdminResult,),
+    AdminAuth: (AdminResult,),
     ThreadCreate: (ThreadInfo,),
     ThreadGet: (ThreadMessages,),
     TurnBegin: (TurnBegun,),

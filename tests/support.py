@@ -124,6 +124,15 @@ class Gateway:
         self.stop()
         raise AssertionError(f"gateway not ready within {timeout}s:\n{self.output()}")
 
+    @property
+    def secret_file(self) -> str:
+        """Where run.py keeps its random cluster secret (SLUICE_SECRET_FILE's default)."""
+        return self.env.get("SLUICE_SECRET_FILE") or os.path.join(self.tmp, f"cluster-{self.actor_port}.secret")
+
+    def cluster_secret(self) -> str:
+        """The secret a process joining this gateway's actor system needs."""
+        return self.env.get("SLUICE_CLUSTER_SECRET") or Path(self.secret_file).read_text().strip()
+
     def output(self) -> str:
         try:
             return Path(self.log_path).read_text(errors="replace")[-5000:]

@@ -56,11 +56,15 @@ def open_until_meta(url: str, body: dict) -> tuple[SSEClient, dict]:
 
 
 def cli(gw_or_port, *args, env=None):
+    """`run.py admin ...` with the operator's credentials: the admin token, and the gateway's
+    secret file found the way the CLI finds it by default (next to SLUICE_DB)."""
     port = gw_or_port if isinstance(gw_or_port, int) else gw_or_port.actor_port
+    where = {} if isinstance(gw_or_port, int) else {"SLUICE_DB": gw_or_port.db}
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), "admin", *args],
         cwd=ROOT,
-        env={**os.environ, "SLUICE_ACTOR_PORT": str(port), "PYTHONPATH": str(ROOT), **(env or {})},
+        env={**os.environ, "SLUICE_ACTOR_PORT": str(port), "PYTHONPATH": str(ROOT), "SLUICE_ADMIN_TOKEN": TOKEN,
+             **where, **(env or {})},
         capture_output=True,
         text=True,
         timeout=30,

@@ -4,6 +4,7 @@ the actor keeps working."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 import typing
@@ -84,9 +85,9 @@ def test_encoding_refuses_objects_that_are_not_messages():
 
 
 PROBE = r"""
-import sys
-from actors import addressing
-addressing.bind_to("127.0.0.1")
+import os, sys
+from actors import addressing, system
+system.prepare("127.0.0.1", os.environ["SLUICE_CLUSTER_SECRET"].encode())
 from thespian.actors import ActorSystem
 from actors.supervisor import SUPERVISOR_NAME, SupervisorActor
 from protocols import messages as m
@@ -107,6 +108,7 @@ print("ok")
 def test_an_actor_answers_a_bad_message_with_an_error_and_keeps_working(gateway):
     # A process of its own: ActorSystem() is a per-process singleton.
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, str(gateway.actor_port)], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", PROBE, str(gateway.actor_port)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "SLUICE_CLUSTER_SECRET": gateway.cluster_secret()},
     )
     assert result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -301,7 +301,7 @@ def cli(gw, keys_path: str, *args):
         [sys.executable, str(ROOT / "run.py"), "admin", *args],
         cwd=ROOT,
         env={**os.environ, "SLUICE_ACTOR_PORT": str(gw.actor_port), "PYTHONPATH": str(ROOT),
-             "SLUICE_API_KEYS_FILE": keys_path},
+             "SLUICE_API_KEYS_FILE": keys_path, "SLUICE_ADMIN_TOKEN": ADMIN, "SLUICE_DB": gw.db},
         capture_output=True,
         text=True,
         timeout=30,

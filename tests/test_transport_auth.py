@@ -238,9 +238,11 @@ def test_a_forged_pickle_reaches_no_pickle_loads_on_any_port(exposed, tmp_path):
     assert exposed.actor_port in refusals and len(refusals) >= 8, (refusals, targets)
     serves_a_chat(exposed)
     assert not marker.exists()
-    # nobody crashed: no actor was recreated (a new one would listen on a new port)
+    # nobody crashed: every port listens still (a recreated actor would listen on a new
+    # one, its old port gone). New ports may appear: the edge's bridge opens a Thespian
+    # context, with a port of its own, per worker thread on first use.
     tree_now = descendants(exposed.proc.pid) | {exposed.proc.pid}
-    assert listening_ports(tree_now) == set(targets) | {("0.0.0.0", exposed.port)}
+    assert set(targets) | {("0.0.0.0", exposed.port)} <= listening_ports(tree_now)
 
     # The control: the same frame signed with the gateway's secret is unpickled (the marker
     # appears), so the refusals above were the MAC's doing, not a harmless payload's.

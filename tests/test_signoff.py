@@ -32,7 +32,10 @@ CONFIGURED = {"SIMULATED_RPS": "2", "SIMULATED_BURST": "3", "SIMULATED_CONCURREN
               # away from the production values the restore script must put back
               "PERPLEXITY_API_KEY": "unused", "PERPLEXITY_RPS": "5", "PERPLEXITY_BURST": "6",
               "PERPLEXITY_CONCURRENCY": "7", "PACER_MAX_QUEUE": "77", "COALESCE_ERROR_TTL_S": "3",
-              "SLUICE_ALERT_TTFT_P95_MS": "1234"}
+              "SLUICE_ALERT_TTFT_P95_MS": "1234",
+              # an "OpenAI" provider that is the simulated one in disguise: the suite measures
+              # it as a real provider (its cancels by the gateway's upstream abort)
+              "OPENAI_API_KEY": "unused"}
 LINES = [
     re.compile(r"^• TTFT \(streaming\) p95: ([\d,]+|n/a) ms \(target ≤ 1,500 ms\) — (PASS|FAIL)(.*)$"),
     re.compile(r"^• Cancel latency: ([\d,]+|n/a) ms \(target < 300 ms\) — (PASS|FAIL)(.*)$"),
@@ -198,7 +201,8 @@ def proxy():
 
 @pytest.fixture(scope="module")
 def gw(proxy):
-    with running_gateway({"SIMULATED_BASE_URL": proxy.url, "SLUICE_ADMIN_TOKEN": TOKEN, **CONFIGURED}) as gateway:
+    with running_gateway({"SIMULATED_BASE_URL": proxy.url, "OPENAI_BASE_URL": proxy.url, "SLUICE_ADMIN_TOKEN": TOKEN,
+                          **CONFIGURED}) as gateway:
         yield gateway
 
 
@@ -332,6 +336,23 @@ def test_a_missing_cancel_fails_with_the_count(env, proxy):
     result = verdict(run.stdout)
     assert result["cancel"] == (None, "FAIL", " (only 0 of 3 cancels observed)")
     assert "NO-GO (cancel latency)" in result["verdict"]
+
+
+def test_a_real_provider_is_measured_by_the_gateways_upstream_abort(env, proxy):
+    prep({**env, "SLUICE_SIGNOFF_ACCOUNT": "openai"})
+    # long answers, so the client leaves while the call still runs (a real provider is
+    # asked for 500 words; this one reads no #sim directive from the suite)
+    assert request("POST", proxy.sim + "/config", body={"tokens": 400, "token_interval_ms": 25})[0] == 200
+    try:
+        run = sh("run_ttft_suite.sh", "openai", "--rehearsal", env=env)
+    finally:
+        request("POST", proxy.sim + "/config/reset")
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = verdict(run.stdout)
+    assert result["cancel"][1] == "PASS" and result["verdict"] == "Verdict: GO"
+    recorded = open(env["SLUICE_SIGNOFF_RECORD"]).read()
+    assert f"Provider: openai at {proxy.url}: real upstream on loopback" in recorded
+    assert "to the gateway's upstream abort (its Pool dropped the call; polled every 20 ms)" in recorded
 
 
 def test_queue_wait_is_part_of_the_verdict(env):

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Phase-1 sign-off, step 4: production pacer settings back on the running gateway, live.
+# Phase-1 sign-off, step 4: production settings back on the running gateway, live.
 #
-#   source restore_prod_settings.sh [URL] [ACCOUNT]   (or run it: ./restore_prod_settings.sh)
+#   source restore_prod_settings.sh [URL]   (or run it: ./restore_prod_settings.sh)
 #
-# pacer:perplexity gets PERPLEXITY_RPS=1 PERPLEXITY_CONCURRENCY=3 PERPLEXITY_BURST=2 (the
-# rest as configured). When the gateway has no Perplexity pacer it says so; the account
-# under test (argument, SLUICE_SIGNOFF_ACCOUNT, or the default provider's) always gets its
-# configured settings back. URL: argument or SLUICE_URL (default http://localhost:8000).
-# Needs SLUICE_ADMIN_TOKEN. Sourced, it exports the PERPLEXITY_* production values (and the
-# account's configured ones) and unsets SLUICE_SIGNOFF_ACCOUNT.
+# Applies config/production.json (SLUICE_PRODUCTION_SETTINGS: another file) to the running
+# actors: every pacer setting of every account the gateway runs, the coalescer flags, the
+# alert thresholds; then reads every value back and fails (status 1) listing each one that
+# differs. URL: argument or SLUICE_URL (default http://localhost:8000). Needs
+# SLUICE_ADMIN_TOKEN. Sourced, it exports the production file as the environment a restart
+# reads (`scripts/ttft_suite.py env`), so "Restart backend" from this shell comes back with
+# production, and unsets SLUICE_SIGNOFF_ACCOUNT and SLUICE_SIGNOFF_SAVED.
 # Never exits a sourcing shell (bash or zsh): it returns the status instead.
 
 _sluice_step=restore

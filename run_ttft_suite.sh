@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Phase-1 sign-off, step 2: the TTFT suite against the running gateway.
+# Phase-1 sign-off, step 2: the TTFT suite against the running gateway, measured at the
+# client (TTFT: send -> first delta; cancel: client close -> the provider observes the abort;
+# queue wait: this run's own meta events).
 #
-#   ./run_ttft_suite.sh [URL] [ACCOUNT]          (or: source run_ttft_suite.sh ...)
+#   ./run_ttft_suite.sh [URL] [ACCOUNT] [--rehearsal] [--gate]   (or: source run_ttft_suite.sh ...)
 #
 # A streaming TTFT run (SLUICE_SIGNOFF_REQUESTS distinct requests, default 20, at most
 # SLUICE_SIGNOFF_PARALLEL at once) and a cancel run (SLUICE_SIGNOFF_CANCELS streams, default
-# 5, disconnected after their first delta), each bounded by SLUICE_SIGNOFF_TIMEOUT_S; progress
-# on stderr. Prints exactly the three result lines of the sign-off sheet on stdout, appends
-# them with the date and settings to PHASE1_GO_NO_GO.md (SLUICE_SIGNOFF_RECORD=none: don't),
-# and fails (status 1) on any FAIL; status 2 when the suite cannot run (no gateway, ...).
-# URL: argument or SLUICE_URL (default http://localhost:8000). SLUICE_ADMIN_TOKEN, when
-# set, is used to find the provider of the account under test and to record its settings.
+# 5, closed at their first delta); progress and diagnostics on stderr. Prints the sheet's
+# three result lines and a "Verdict: GO|NO-GO" line on stdout, appends them with the commit,
+# provider, base URL and settings in force to PHASE1_GO_NO_GO.md (SLUICE_SIGNOFF_RECORD=none:
+# don't). Status 0 GO, 1 NO-GO, 2 the suite cannot run (no gateway, token, refused upstream).
+# A real sign-off refuses a simulated or loopback upstream: --rehearsal to rehearse.
+# --gate (simulated provider): CI's regression bounds on the time the gateway adds.
+# URL: argument or SLUICE_URL (default http://localhost:8000). Needs SLUICE_ADMIN_TOKEN.
 # Never exits a sourcing shell (bash or zsh): it returns the status instead.
 
 _sluice_step=run

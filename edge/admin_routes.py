@@ -281,11 +281,16 @@ class AdminRoutes:
 
     def gateway_info(self) -> dict:
         """What this edge was started with: the sign-off scripts find the default
-        provider's account here, and restore the configured pacer settings from it."""
+        provider's account and its upstream's base URL here."""
         s = self.edge.settings
         return {
             "default_provider": s["SLUICE_PROVIDER"],
-            "providers": {name: {"account": p["account"], "model": p["model"]} for name, p in s["providers"].items()},
+            # base_url: the sign-off record names the upstream, and refuses a loopback or
+            # simulated one outside a rehearsal (scripts/ttft_suite.py)
+            "providers": {
+                name: {"account": p["account"], "model": p["model"], "base_url": p["base_url"]}
+                for name, p in s["providers"].items()
+            },
             "configured_pacers": {acct.lower(): dict(v) for acct, v in s["accounts"].items()},
             "draining": self.edge.draining,
         }

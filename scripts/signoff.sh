@@ -11,7 +11,7 @@ _sluice_signoff() {
     fi
     exports=$(mktemp "${TMPDIR:-/tmp}/sluice-signoff.XXXXXX") || return 2
     "$py" "$here/scripts/ttft_suite.py" "$step" --exports "$exports" "$@" || rc=$?
-    if [ "$rc" -eq 0 ] && [ "$_sluice_sourced" = 1 ]; then
+    if [ -s "$exports" ] && [ "$_sluice_sourced" = 1 ]; then
         . "$exports"
     fi
     rm -f "$exports"

@@ -1,39 +1,61 @@
-"""The phase-1 sign-off suite against a running gateway (stdlib + httpcore only).
+"""The phase-1 sign-off suite against a running gateway, measured at the client.
 
-This module owns the sign-off procedure of the phase-1 sheet, done without restarts: the
-pacer settings change through the admin routes of the running gateway.
+This module owns the measurements and the verdict of the phase-1 sheet, and the record
+they leave in PHASE1_GO_NO_GO.md. Settings (prep, restore, the production file) live in
+scripts/signoff_settings.py; the gateway client in scripts/signoff_http.py.
 
-    prep      TTFT-test pacer settings for the account under test   (prep_ttft_test.sh)
-    run       streaming TTFT run + cancel run; prints the 3 lines   (run_ttft_suite.sh)
-    restore   production pacer settings back                        (restore_prod_settings.sh)
-    selfcheck start a gateway on the simulated provider, prep, run, restore, stop it
-              (CI: one command, nothing left running)
+    prep      save the settings in force, then TTFT-test pacer settings (prep_ttft_test.sh)
+    run       streaming TTFT run + cancel run; the sheet's lines + a verdict (run_ttft_suite.sh)
+    restore   apply config/production.json, read every value back     (restore_prod_settings.sh)
+    verify    read every value back and compare with the production file (no change)
+    env       the production file as `export` lines (the environment a restart reads)
+    selfcheck start a gateway on the simulated provider, prep, run --rehearsal --gate,
+              restore, stop it (CI's regression gate: one command, nothing left running)
 
-Usage: ttft_suite.py COMMAND [URL] [ACCOUNT] [--exports FILE]. Environment:
+Usage: ttft_suite.py COMMAND [URL] [ACCOUNT] [--rehearsal] [--gate] [--exports FILE].
 
-    SLUICE_URL                 gateway URL (default http://localhost:8000)
-    SLUICE_ADMIN_TOKEN         the gateway's admin token (prep/restore need it)
+What is measured (the verdict), all at the client, over this run's own requests only:
+  * TTFT p95: from sending the request to receiving its first delta; the run FAILs also
+    when any of its requests fails. Nearest-rank p95.
+  * Cancel latency p95: from the client closing its connection (after the first delta)
+    to the provider observing the abort. With the simulated provider: its own record of
+    the reset (GET /stats, matched to this run's prompts). With a real provider, which
+    reports nothing: the gateway's upstream abort, i.e. the moment its Pool no longer holds
+    the call (GET /api/admin/state?role=pool, polled every 20 ms: late by at most one poll),
+    labelled as such. Fewer cancels observed than sent is a FAIL, with the count.
+  * Queue wait p95: the `queue_wait_ms` of this run's own meta events; OK (≈0) when it is
+    <= 10 ms for every request measured, INVESTIGATE otherwise or when a request's meta
+    has none. INVESTIGATE makes the verdict NO-GO.
+  Printed beside them, never as the verdict: the gateway's own meta `ttft_ms`, its own
+  `cancel_ms` (edge disconnect -> upstream abort, over its last M cancels, which may
+  include other clients'), and with the simulated provider the same client's TTFT
+  straight to the provider (interleaved with the gateway's requests).
+
+--gate (CI, simulated provider only): the time the gateway adds must stay within bounds
+that a regression crosses and noise does not: added TTFT p95 = p95(client TTFT through
+the gateway) - p95(client TTFT straight to the simulated provider), and cancel p95.
+
+--rehearsal: a run against a simulated or loopback upstream. Without it the run is a real
+sign-off and refuses such an upstream (exit 2).
+
+Environment:
+    SLUICE_URL, SLUICE_ADMIN_TOKEN (needed), SLUICE_CLIENT_KEY (sent on chat requests)
     SLUICE_SIGNOFF_ACCOUNT     pacer account under test (default: the default provider's)
-    SLUICE_SIGNOFF_REQUESTS    streaming requests in the TTFT run (default 20)
-    SLUICE_SIGNOFF_PARALLEL    of which at most this many at once (default 4)
-    SLUICE_SIGNOFF_CANCELS     streams disconnected after their first delta (default 5)
-    SLUICE_SIGNOFF_TIMEOUT_S   bound on each run, in seconds (default 120)
+    SLUICE_SIGNOFF_REQUESTS    streaming requests in the TTFT run (20; selfcheck 40)
+    SLUICE_SIGNOFF_PARALLEL    of which at most this many at once (4)
+    SLUICE_SIGNOFF_CANCELS     streams disconnected after their first delta (5; selfcheck 10)
+    SLUICE_SIGNOFF_TIMEOUT_S   bound on each run, in seconds (120)
+    SLUICE_SIGNOFF_CANCEL_WAIT_S  how long the provider may take to observe the cancels (5)
+    SLUICE_SIGNOFF_REHEARSAL=1 same as --rehearsal
+    SLUICE_SIGNOFF_RECORD      results file to append to (default PHASE1_GO_NO_GO.md; "none")
+    SLUICE_GATE_ADDED_TTFT_MS (50), SLUICE_GATE_CANCEL_MS (100), SLUICE_GATE_MIN_REQUESTS
+    (40), SLUICE_GATE_MIN_CANCELS (10): the regression gate's bounds
+    SLUICE_PRODUCTION_SETTINGS the production file (default config/production.json)
+    SLUICE_SIGNOFF_SAVE_DIR    where prep saves the settings in force (default data/)
     SLUICE_SIGNOFF_RPS / _BURST / _CONCURRENCY   prep's settings (default: at least 50)
-    SLUICE_SIGNOFF_RECORD      results file to append to (default PHASE1_GO_NO_GO.md next
-                               to this repo's scripts; "none" to skip)
 
-What is measured, and why:
-  * TTFT p95: the `ttft_ms` of each request's meta event, i.e. the gateway's own measure
-    (request accepted -> first provider byte), the figure the ttft alert watches. Every
-    request of the run must also succeed, or the run FAILs. Nearest-rank p95.
-  * Cancel latency: `cancel_ms.p95` of GET /api/metrics/performance over exactly the
-    cancels of this run (the Pool measures edge disconnect -> upstream abort). The run
-    waits until the Prometheus counter `sluice_cancel_latency_seconds_count` has grown by
-    M, then asks for last_n = the number that arrived.
-  * Queue wait p95: the `queue_wait_ms` of the TTFT run's meta events; ≈0 means <= 10 ms
-    (with prep's settings nothing should wait for a pacer slot at all).
-
-Exit codes: 0 all PASS; 1 a FAIL; 2 the suite could not run (no gateway, bad token, ...).
+Exit codes: 0 GO; 1 NO-GO (a FAIL, an INVESTIGATE, a gate crossed, a restore that did not
+restore); 2 the suite could not run (no gateway, bad token, refused upstream, ...).
 """
 from __future__ import annotations
 
@@ -41,6 +63,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import datetime
+import ipaddress
 import json
 import os
 import secrets
@@ -52,212 +75,138 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpcore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from signoff_http import (  # noqa: E402
+    Gateway, SuiteError, env_float, env_int, parse_json, progress, timeouts)
+import signoff_settings as settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_URL = "http://localhost:8000"
 TTFT_TARGET_MS = 1500.0
 CANCEL_TARGET_MS = 300.0
-QUEUE_WAIT_OK_MS = 10.0
-GENEROUS = 50  # prep: rps, burst and concurrency are raised to at least this
-PRODUCTION = {"rps": 1.0, "concurrency": 3, "burst": 2}  # the sheet's PERPLEXITY_* values
-PACER_KEYS = ("rps", "burst", "concurrency", "rpm", "max_queue", "max_wait_s")
+QUEUE_WAIT_OK_MS = 10.0  # "≈0": with prep's settings nothing should wait for a pacer slot
+POOL_POLL_S = 0.02
 
 
-class SuiteError(Exception):
-    """The suite cannot run (exit 2); the message says why and what to do."""
+# --- the upstream under test ------------------------------------------------------------------------------
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    try:
-        value = int(raw) if raw else default
-    except ValueError:
-        raise SuiteError(f"{name}={raw!r} is not a whole number") from None
-    if value < 1:
-        raise SuiteError(f"{name}={raw!r} must be >= 1")
-    return value
+@dataclass(frozen=True)
+class Upstream:
+    provider: str
+    account: str
+    model: str
+    base_url: str | None
+    simulated: bool
 
-
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-# --- HTTP ------------------------------------------------------------------------------------------
-
-
-class Gateway:
-    def __init__(self, url: str, token: str | None):
-        self.url, self.token = url.rstrip("/"), token
-        self.pool = httpcore.ConnectionPool()  # thread-safe: shared by the run's workers
-
-    def call(self, method: str, path: str, body=None, auth: bool = False, timeout: float = 10.0):
-        headers = [(b"accept", b"application/json")]
-        content = None
-        if body is not None:
-            content = json.dumps(body).encode()
-            headers.append((b"content-type", b"application/json"))
-        if auth:
-            headers.append((b"authorization", f"Bearer {self.token}".encode()))
+    @property
+    def loopback(self) -> bool:
+        host = urlsplit(self.base_url or "").hostname or ""
+        if host == "localhost" or host.endswith(".localhost"):
+            return True
         try:
-            r = self.pool.request(method, self.url + path, headers=headers, content=content,
-                                  extensions={"timeout": _timeouts(timeout)})
-        except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-            raise SuiteError(f"no gateway at {self.url} ({exc or 'connection refused'}): start it "
-                             f"(`python run.py`) or pass its URL (argument or SLUICE_URL)") from None
-        except httpcore.TimeoutException:
-            raise SuiteError(f"{method} {self.url}{path}: no answer within {timeout:g} s") from None
-        return r.status, r.content
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return address.is_loopback or address.is_unspecified
 
-    def admin(self, method: str, path: str, body=None) -> dict:
-        if not self.token:
-            raise SuiteError("SLUICE_ADMIN_TOKEN is not set: the admin routes need the gateway's token")
-        status, raw = self.call(method, "/api/admin" + path, body, auth=True)
-        if status == 404 and b"not_found" in raw:
-            raise SuiteError(f"{self.url} has no admin routes: start the gateway with SLUICE_ADMIN_TOKEN set")
-        if status in (401, 403):
-            raise SuiteError(f"the gateway refused SLUICE_ADMIN_TOKEN ({status}): it is not the gateway's token")
-        data = _json(raw)
-        if status != 200:
-            error = data.get("error", {}) if isinstance(data, dict) else {}
-            raise SuiteError(f"admin {path}: {status} {error.get('code', '')}: {error.get('message', raw[:200])}")
-        return data
-
-    def metrics_text(self) -> str:
-        status, raw = self.call("GET", "/metrics")
-        if status != 200:
-            raise SuiteError(f"GET /metrics answered {status}")
-        return raw.decode()
-
-    def performance(self, last_n: int) -> dict:
-        status, raw = self.call("GET", f"/api/metrics/performance?last_n={last_n}")
-        if status != 200:
-            raise SuiteError(f"GET /api/metrics/performance answered {status}")
-        return _json(raw)
+    def describe(self) -> str:
+        kind = "simulated upstream" if self.simulated else "real upstream"
+        where = " on loopback" if self.loopback else ""
+        return f"{self.provider} at {self.base_url or '(base URL not reported)'}: {kind}{where}"
 
 
-def _timeouts(seconds: float) -> dict:
-    return {"connect": seconds, "read": seconds, "write": seconds, "pool": seconds}
+def upstream_of(state: dict, provider: str, account: str) -> Upstream:
+    info = state["gateway"]["providers"][provider]
+    return Upstream(provider, account, info.get("model") or "", info.get("base_url"), provider == "simulated")
 
 
-def _json(raw: bytes):
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return {}
+def refuse_unless_rehearsal(up: Upstream, rehearsal: bool) -> None:
+    if rehearsal:
+        return
+    if up.simulated or up.loopback or not up.base_url:
+        why = ("it is the simulated provider" if up.simulated else "it is on loopback" if up.base_url
+               else "the gateway does not report its base URL")
+        raise SuiteError(f"refusing a real sign-off against {up.provider} at {up.base_url or '?'}: {why}. "
+                         f"A sign-off measures a real provider; pass --rehearsal (or SLUICE_SIGNOFF_REHEARSAL=1) "
+                         f"to rehearse against this one")
 
 
-# --- the account under test --------------------------------------------------------------------------
+# --- one streaming request, timed at the client --------------------------------------------------------------
 
 
-def target(gw: Gateway, account: str | None) -> tuple[str, str | None, dict]:
-    """(account, provider to send requests to, admin state); account lower-case."""
-    gw.call("GET", "/healthz")  # "no gateway" is the first thing to know
-    state = gw.admin("GET", "/state")
-    info = state["gateway"]
-    providers = info["providers"]
-    account = (account or providers[info["default_provider"]]["account"]).lower()
-    if f"pacer:{account}" not in state["results"]:
-        pacers = ", ".join(r.partition(":")[2] for r in sorted(state["results"]) if r.startswith("pacer:"))
-        raise SuiteError(f"the gateway has no pacer for account {account!r} (pacers: {pacers})")
-    matching = [n for n, p in providers.items() if p["account"].lower() == account]
-    provider = info["default_provider"] if info["default_provider"] in matching else matching[0]
-    return account, provider, state
+def gateway_event(data: bytes) -> tuple[str | None, dict]:
+    event = parse_json(data) if data else {}
+    return (event.get("type") if isinstance(event, dict) else None), (event if isinstance(event, dict) else {})
 
 
-def set_pacer(gw: Gateway, account: str, values: dict) -> dict:
-    return gw.admin("POST", f"/pacer/{account}", values)["results"][f"pacer:{account}"]["settings"]
+def openai_event(data: bytes) -> tuple[str | None, dict]:
+    """The simulated provider's OpenAI chat stream, read straight (the baseline)."""
+    if data.strip() == b"[DONE]":
+        return "done", {}
+    event = parse_json(data)
+    if not isinstance(event, dict):
+        return None, {}
+    if "error" in event:
+        return "error", {"code": "upstream", "message": str(event["error"])[:200]}
+    for choice in event.get("choices") or []:
+        if (choice.get("delta") or {}).get("content"):
+            return "delta", event
+    return None, event
 
 
-def _show(settings: dict) -> str:
-    return " ".join(f"{k}={settings[k]}" for k in PACER_KEYS if k in settings)
-
-
-def prep(gw: Gateway, account: str | None) -> list[str]:
-    account, _, state = target(gw, account)
-    before = state["results"][f"pacer:{account}"]["settings"]
-    wanted = {
-        "rps": float(os.environ.get("SLUICE_SIGNOFF_RPS") or max(before["rps"], GENEROUS)),
-        "burst": _env_int("SLUICE_SIGNOFF_BURST", max(before["burst"], GENEROUS)),
-        "concurrency": _env_int("SLUICE_SIGNOFF_CONCURRENCY", max(before["concurrency"], GENEROUS)),
-    }
-    after = set_pacer(gw, account, wanted)
-    print(f"prep: pacer:{account} was {_show(before)}")
-    print(f"prep: pacer:{account} now {_show(after)} (TTFT-test settings, live; no restart needed)")
-    prefix = account.upper()
-    return [f"export SLUICE_SIGNOFF_ACCOUNT={account}"] + [
-        f"export {prefix}_{k.upper()}={_num(after[k])}" for k in ("rps", "burst", "concurrency")
-    ]
-
-
-def restore(gw: Gateway, account: str | None) -> list[str]:
-    account, _, state = target(gw, account)
-    configured = state["gateway"]["configured_pacers"]
-    exports = ["unset SLUICE_SIGNOFF_ACCOUNT"]
-    if "pacer:perplexity" in state["results"]:
-        values = {**{k: configured["perplexity"][k] for k in PACER_KEYS}, **PRODUCTION}
-        print(f"restore: pacer:perplexity now {_show(set_pacer(gw, 'perplexity', values))} (production)")
-    else:
-        print("restore: no pacer:perplexity on this gateway (no Perplexity provider configured); "
-              f"restoring the configured settings of pacer:{account}")
-    exports += [f"export PERPLEXITY_{k.upper()}={_num(v)}" for k, v in PRODUCTION.items()]
-    if account != "perplexity":
-        values = {k: configured[account][k] for k in PACER_KEYS}
-        print(f"restore: pacer:{account} now {_show(set_pacer(gw, account, values))} (as configured at start)")
-        exports += [f"export {account.upper()}_{k.upper()}={_num(values[k])}" for k in ("rps", "burst", "concurrency")]
-    return exports
-
-
-def _num(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-# --- one streaming request ------------------------------------------------------------------------------
-
-
-def stream_once(gw: Gateway, provider: str | None, prompt: str, stop_after_first_delta: bool, deadline: float) -> dict:
-    """One POST /api/chat read as SSE, given up at `deadline` (monotonic). Returns {"ok",
-    "meta", "error"}; with `stop_after_first_delta` the connection is dropped at the first
-    delta (a disconnect)."""
-    body = {"messages": [{"role": "user", "content": prompt}], "coalesce": False}
-    if provider:
-        body["provider"] = provider
-    headers = [(b"content-type", b"application/json"), (b"accept", b"text/event-stream")]
-    out = {"ok": False, "meta": None, "error": None}
+def stream_once(url: str, body: dict, headers: list, read_event, deadline: float,
+                cancel: bool = False, before_close=None) -> dict:
+    """One streaming POST read as SSE until its terminal event, or (cancel) until its first
+    delta, when the client closes its connection. Returns {"ok", "error", "ttft_ms" (send
+    -> first delta, at the client), "request_id", "meta", "closed_at" (wall clock)}."""
+    out = {"ok": False, "error": None, "ttft_ms": None, "request_id": None, "meta": None, "closed_at": None}
     buffer = b""
     timeout = max(0.1, min(60.0, deadline - time.monotonic()))  # per read; keepalive pings reset it
     try:
-        with httpcore.ConnectionPool() as pool, pool.stream(
-            "POST", gw.url + "/api/chat", headers=headers, content=json.dumps(body).encode(),
-            extensions={"timeout": _timeouts(timeout)},
-        ) as response:
-            if response.status != 200:
-                error = _json(response.read()).get("error", {})
-                out["error"] = f"HTTP {response.status} {error.get('code', '')}"
-                return out
-            for chunk in response.iter_stream():
-                if time.monotonic() > deadline:
-                    out["error"] = "the run's time was up before this stream ended"
+        with httpcore.ConnectionPool() as pool:
+            sent = time.monotonic()
+            with pool.stream("POST", url, headers=headers, content=json.dumps(body).encode(),
+                             extensions={"timeout": timeouts(timeout)}) as response:
+                out["request_id"] = dict(response.headers).get(b"x-request-id", b"").decode() or None
+                if response.status != 200:
+                    error = parse_json(response.read()).get("error", {})
+                    out["error"] = f"HTTP {response.status} {error.get('code', '') if isinstance(error, dict) else ''}"
                     return out
-                buffer += chunk.replace(b"\r\n", b"\n")
-                while b"\n\n" in buffer:
-                    block, buffer = buffer.split(b"\n\n", 1)
-                    data = b"\n".join(line[5:].strip() for line in block.split(b"\n") if line.startswith(b"data:"))
-                    event = _json(data) if data else {}
-                    kind = event.get("type") if isinstance(event, dict) else None
-                    if kind == "meta":
-                        out["meta"] = event
-                    elif kind == "delta" and stop_after_first_delta:
-                        out["ok"] = True
-                        return out  # leaving the block closes the connection: the disconnect
-                    elif kind == "done":
-                        out["ok"] = True
+                for chunk in response.iter_stream():
+                    if time.monotonic() > deadline:
+                        out["error"] = "the run's time was up before this stream ended"
                         return out
-                    elif kind == "error":
-                        out["error"] = f"error event {event.get('code')}: {event.get('message', '')}"
-                        return out
+                    buffer += chunk.replace(b"\r\n", b"\n")
+                    while b"\n\n" in buffer:
+                        block, buffer = buffer.split(b"\n\n", 1)
+                        data = b"\n".join(line[5:].strip() for line in block.split(b"\n") if line.startswith(b"data:"))
+                        kind, event = read_event(data)
+                        if kind == "meta":
+                            out["meta"] = event
+                        elif kind == "delta" and out["ttft_ms"] is None:
+                            out["ttft_ms"] = (time.monotonic() - sent) * 1000.0
+                            if cancel:
+                                problem = before_close(out) if before_close else None
+                                if problem:
+                                    out["error"] = problem
+                                    return out
+                                out["ok"] = True
+                                out["closed_at"] = time.time()
+                                return out  # leaving both blocks closes the connection: the disconnect
+                        elif kind == "done":
+                            out["ok"] = out["ttft_ms"] is not None
+                            out["error"] = None if out["ok"] else "the stream ended without a delta"
+                            return out
+                        elif kind == "error":
+                            out["error"] = f"error event {event.get('code')}: {event.get('message', '')}"
+                            return out
         out["error"] = "the stream ended without a terminal event"
     except httpcore.TimeoutException:
         out["error"] = f"no progress within {timeout:g} s"
@@ -269,14 +218,13 @@ def stream_once(gw: Gateway, provider: str | None, prompt: str, stop_after_first
 def many(label: str, jobs: list, parallel: int, deadline: float, work) -> list[dict]:
     """Run `work(job)` for every job, `parallel` at a time, within `deadline`; show progress."""
     results: list[dict] = []
-    lock = threading.Lock()
     with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
         futures = [pool.submit(work, job) for job in jobs]
         try:
             for future in concurrent.futures.as_completed(futures, timeout=max(0.1, deadline - time.monotonic())):
-                with lock:
-                    results.append(future.result())
-                    ok = sum(1 for r in results if r["ok"])
+                results.append(future.result())
+                ok = sum(1 for r in results if r["ok"])
+                if len(results) % 10 == 0 or len(results) == len(jobs):
                     progress(f"  {label}: {len(results)}/{len(jobs)} done, {ok} ok")
         except concurrent.futures.TimeoutError:
             for f in futures:
@@ -293,80 +241,367 @@ def p95(values: list[float]) -> float | None:
     return values[max(1, -(-95 * len(values) // 100)) - 1]
 
 
-# --- the run ------------------------------------------------------------------------------------------------
+# --- where the abort is observed ----------------------------------------------------------------------------
 
 
-def cancel_count(gw: Gateway) -> float:
-    for line in gw.metrics_text().splitlines():
-        if line.startswith("sluice_cancel_latency_seconds_count"):
-            return float(line.split()[-1])
-    return 0.0
+def simulated_aborts(gw: Gateway, up: Upstream, markers: dict[str, float], wait_s: float) -> dict[str, float]:
+    """marker -> when the simulated provider saw its call reset (wall clock), for the
+    calls whose prompt carries the marker; polled from its /stats until every marker is
+    there or `wait_s` has passed."""
+    until = time.monotonic() + wait_s
+    while True:
+        status, raw = gw.call("GET", "/stats", base=up.base_url)
+        stats = parse_json(raw) if status == 200 else None
+        if not isinstance(stats, dict):
+            raise SuiteError(f"the simulated provider at {up.base_url} answered GET /stats with {status}")
+        observed = {c["call_id"]: c["observed_at"] for c in stats.get("cancellations", [])}
+        found = {}
+        for call in stats.get("requests", []):
+            text = json.dumps(call.get("body"))
+            for marker in markers:
+                if marker in text and call["call_id"] in observed:
+                    found[marker] = observed[call["call_id"]]
+        if len(found) == len(markers) or time.monotonic() > until:
+            return found
+        time.sleep(0.05)
 
 
-def run(gw: Gateway, account: str | None) -> tuple[list[str], bool, str]:
-    """The three result lines, whether all passed, and a settings note for the record."""
-    n = _env_int("SLUICE_SIGNOFF_REQUESTS", 20)
-    parallel = _env_int("SLUICE_SIGNOFF_PARALLEL", 4)
-    m = _env_int("SLUICE_SIGNOFF_CANCELS", 5)
-    bound = _env_int("SLUICE_SIGNOFF_TIMEOUT_S", 120)
-    provider, note = None, "provider: the gateway's default (no admin token to look it up)"
-    gw.call("GET", "/healthz")  # "no gateway" is the first thing to know
-    if gw.token:
-        account, provider, state = target(gw, account)
-        note = f"provider {provider}, pacer:{account} {_show(state['results'][f'pacer:{account}']['settings'])}"
-    note += f"; {n} streaming requests ({parallel} at a time), {m} cancels"
-    progress(f"sign-off against {gw.url}: {note}")
-    sim = provider == "simulated"
-    run_id = uuid.uuid4().hex[:8]
+class PoolAborts:
+    """A real provider reports nothing: the gateway's upstream abort is the moment its Pool
+    no longer holds the call (`open_calls` of GET /api/admin/state?role=pool), polled."""
 
-    progress(f"TTFT run: {n} distinct streaming requests")
-    prompts = [f"sign-off TTFT probe {run_id}-{i}: answer in one short sentence." for i in range(n)]
-    deadline = time.monotonic() + bound
-    ttft = many("TTFT run", prompts, parallel, deadline, lambda p: stream_once(gw, provider, p, False, deadline))
-    failed = [r["error"] for r in ttft if not r["ok"]] + ["not run"] * (n - len(ttft))
-    metas = [r["meta"] for r in ttft if r["ok"] and r["meta"]]
-    ttft_p95 = p95([meta["ttft_ms"] for meta in metas if meta.get("ttft_ms") is not None])
-    queue_p95 = p95([meta.get("queue_wait_ms") or 0.0 for meta in metas])
-    if failed:
-        progress(f"  {len(failed)} of {n} requests failed, e.g. {failed[0]}")
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+        self.watched: dict[str, float] = {}
+        self.gone: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._poll, name="pool-aborts", daemon=True)
 
-    progress(f"cancel run: {m} streams, each disconnected after its first delta")
-    before = cancel_count(gw)
-    # The simulated provider is told to answer slowly, so the stream is still running when
-    # the client leaves; a real provider is asked for a long answer.
-    long = "\n#sim tokens=400 token_interval_ms=25" if sim else " Write at least 500 words."
-    cancel_prompts = [f"sign-off cancel probe {run_id}-{i}: tell a long story.{long}" for i in range(m)]
-    deadline = time.monotonic() + bound
-    cancels = many("cancel run", cancel_prompts, m, deadline, lambda p: stream_once(gw, provider, p, True, deadline))
-    counted_by = time.monotonic() + 10.0
-    arrived = 0
-    while True:  # the Pool's records reach Metrics in batches: wait for all M, bounded
-        arrived = int(cancel_count(gw) - before)
-        if arrived >= m or time.monotonic() > counted_by:
-            break
-        time.sleep(0.1)
-    cancel_p95 = gw.performance(arrived)["cancel_ms"]["p95"] if arrived > 0 else None
-    if arrived < m:
-        progress(f"  only {arrived} of {m} cancels were measured ({sum(1 for r in cancels if r['ok'])} streams cut)")
+    def open_calls(self) -> set[str]:
+        results = self.gw.state("pool")["results"]
+        return {call for r in results.values() for call in r.get("open_calls", [])}
 
-    ttft_ok = ttft_p95 is not None and ttft_p95 <= TTFT_TARGET_MS and not failed
-    cancel_ok = cancel_p95 is not None and cancel_p95 < CANCEL_TARGET_MS
-    queue_ok = queue_p95 is not None and queue_p95 <= QUEUE_WAIT_OK_MS
+    @staticmethod
+    def stream_of(request_id: str | None) -> str | None:
+        # A request that leads its own upstream call (the suite sends coalesce: false)
+        # streams as "s-<request id>" (actors/coalescer_logic.py); checked before use.
+        return f"s-{request_id}" if request_id else None
+
+    def before_close(self, result: dict) -> str | None:
+        stream = self.stream_of(result["request_id"])
+        if stream is None or stream not in self.open_calls():
+            return f"cannot find this request's upstream call in the gateway's Pool (stream {stream!r})"
+        return None
+
+    def closed(self, result: dict) -> None:
+        with self.lock:
+            self.watched[self.stream_of(result["request_id"])] = result["closed_at"]
+
+    def _poll(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                calls = self.open_calls()
+            except SuiteError:
+                calls = None
+            answered = time.time()  # the call ended before this answer: late by at most one poll
+            if calls is not None:
+                with self.lock:
+                    for stream in self.watched:
+                        if stream not in calls and stream not in self.gone:
+                            self.gone[stream] = answered
+            self.stopping.wait(POOL_POLL_S)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.thread.join(5)
+
+    def wait(self, count: int, wait_s: float) -> dict[str, float]:
+        until = time.monotonic() + wait_s
+        while time.monotonic() < until:
+            with self.lock:
+                if len(self.gone) >= count:
+                    break
+            time.sleep(0.05)
+        with self.lock:
+            return dict(self.gone)
+
+
+# --- the run --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    lines: list[str]          # stdout: the sheet's three lines, the gate's lines, the verdict
+    go: bool
+    details: list[str]        # the record's header lines: commit, provider, settings, method
+    diagnostics: list[str]    # gateway-side figures and counts, never the verdict
+
+
+@dataclass
+class Measured:
+    """One TTFT run and one cancel run, at the client."""
+
+    n: int
+    m: int
+    failed: list[str]                 # errors of the TTFT run's requests (and "not run")
+    client_ttft: list[float]          # send -> first delta, through the gateway
+    direct_ttft: list[float] | None   # the same, straight to the simulated provider
+    direct_failed: int
+    queue_waits: list[float]          # meta queue_wait_ms of this run's requests
+    unmeasured_waits: int             # requests whose meta had none (or no meta at all)
+    gateway_ttft: list[float]         # meta ttft_ms: the gateway's own opinion
+    closed: int                       # cancel streams the client closed at their first delta
+    cancel_latencies: list[float]     # client close -> abort observed
+    observer: str
+    gateway_cancel_p95: float | None
+
+    @property
+    def client_p95(self):
+        return p95(self.client_ttft)
+
+    @property
+    def direct_p95(self):
+        return p95(self.direct_ttft or [])
+
+    @property
+    def added_p95(self):
+        if self.client_p95 is None or self.direct_p95 is None or self.direct_failed:
+            return None
+        return self.client_p95 - self.direct_p95
+
+    @property
+    def cancel_p95(self):
+        return p95(self.cancel_latencies) if len(self.cancel_latencies) == self.m else None
+
+
+class Run:
+    """One sign-off run: the account under test, its upstream, how many of what."""
+
+    def __init__(self, gw: Gateway, account: str | None, rehearsal: bool):
+        self.gw = gw
+        self.n = env_int("SLUICE_SIGNOFF_REQUESTS", 20)
+        self.parallel = env_int("SLUICE_SIGNOFF_PARALLEL", 4)
+        self.m = env_int("SLUICE_SIGNOFF_CANCELS", 5)
+        self.bound = env_int("SLUICE_SIGNOFF_TIMEOUT_S", 120)
+        self.cancel_wait = env_float("SLUICE_SIGNOFF_CANCEL_WAIT_S", 5.0)
+        self.account, self.provider, self.state = settings.target(gw, account)
+        self.up = upstream_of(self.state, self.provider, self.account)
+        refuse_unless_rehearsal(self.up, rehearsal)
+        self.running = settings.in_force(gw, self.state)
+
+    def to_gateway(self, prompt: str, deadline: float, **kw) -> dict:
+        body = {"messages": [{"role": "user", "content": prompt}], "coalesce": False, "provider": self.provider}
+        return stream_once(self.gw.url + "/api/chat", body, self.gw.chat_headers(), gateway_event, deadline, **kw)
+
+    def direct(self, prompt: str, deadline: float) -> dict:
+        body = {"model": self.up.model, "messages": [{"role": "user", "content": prompt}], "stream": True}
+        headers = [(b"content-type", b"application/json"), (b"accept", b"text/event-stream")]
+        url = self.up.base_url.rstrip("/") + "/v1/chat/completions"
+        return {**stream_once(url, body, headers, openai_event, deadline), "direct": True}
+
+    def measure(self) -> Measured:
+        n, m, parallel, up = self.n, self.m, self.parallel, self.up
+        run_id = uuid.uuid4().hex[:8]
+        # TTFT run; with the simulated provider, the same prompts straight to it, interleaved
+        baseline = up.simulated
+        progress(f"TTFT run: {n} distinct streaming requests" + (", each also sent straight to the simulated "
+                                                                  "provider (interleaved)" if baseline else ""))
+        jobs = []
+        for i in range(n):
+            # only the first delta is timed: with the simulated provider a short answer keeps the run short
+            short = "\n#sim tokens=3" if up.simulated else ""
+            jobs.append(("gateway", f"sign-off TTFT probe {run_id}-{i}: answer in one short sentence.{short}"))
+            if baseline:
+                jobs.append(("direct", f"sign-off TTFT probe {run_id}-{i} (direct): one short sentence.{short}"))
+        deadline = time.monotonic() + self.bound
+        if baseline:
+            # Not counted: the gateway's first calls open its upstream connections, which a
+            # gateway in service has open; the simulated provider costs nothing to warm up.
+            many("warm-up", [f"sign-off warm-up {run_id}-{i}" for i in range(parallel)], parallel, deadline,
+                 lambda prompt: self.to_gateway(prompt, deadline))
+        done = many("TTFT run", jobs, parallel, deadline,
+                    lambda job: self.direct(job[1], deadline) if job[0] == "direct" else self.to_gateway(job[1], deadline))
+        ttft = [r for r in done if not r.get("direct")]
+        straight = [r for r in done if r.get("direct")]
+        failed = [r["error"] for r in ttft if not r["ok"]] + ["not run"] * (n - len(ttft))
+        metas = [r["meta"] for r in ttft if r["ok"] and r["meta"]]
+        waits = [meta.get("queue_wait_ms") for meta in metas]
+        if failed:
+            progress(f"  {len(failed)} of {n} requests failed, e.g. {failed[0]}")
+
+        # cancel run
+        progress(f"cancel run: {m} streams, each closed by the client at its first delta")
+        # The simulated provider is told to answer slowly, so the stream still runs when the
+        # client leaves; a real provider is asked for a long answer.
+        long = "\n#sim tokens=400 token_interval_ms=25" if up.simulated else " Write at least 500 words."
+        markers = [f"sign-off cancel probe {run_id}-{i}:" for i in range(m)]
+        deadline = time.monotonic() + self.bound
+        watcher = None if up.simulated else PoolAborts(self.gw)
+        with watcher or contextlib.nullcontext():
+
+            def cancel_one(marker: str) -> dict:
+                result = self.to_gateway(f"{marker} tell a long story.{long}", deadline, cancel=True,
+                                         before_close=watcher.before_close if watcher else None)
+                if result["ok"] and watcher:
+                    watcher.closed(result)
+                return {**result, "marker": marker}
+
+            cancels = many("cancel run", markers, m, deadline, cancel_one)
+            closed = [r for r in cancels if r["ok"]]
+            if watcher is None:
+                seen = simulated_aborts(self.gw, up, {r["marker"]: r["closed_at"] for r in closed}, self.cancel_wait)
+                latencies = [(seen[r["marker"]] - r["closed_at"]) * 1000.0 for r in closed if r["marker"] in seen]
+                observer = "the simulated provider's own record of the reset"
+            else:
+                seen = watcher.wait(len(closed), self.cancel_wait)
+                latencies = [(seen[s] - r["closed_at"]) * 1000.0 for r in closed
+                             if (s := watcher.stream_of(r["request_id"])) in seen]
+                observer = (f"the gateway's upstream abort (its Pool dropped the call; polled every "
+                            f"{POOL_POLL_S * 1000:g} ms)")
+        for r in cancels:
+            if not r["ok"]:
+                progress(f"  a cancel stream failed before its first delta: {r['error']}")
+        try:
+            gateway_cancel = self.gw.performance(m)["cancel_ms"]["p95"]
+        except (SuiteError, KeyError, TypeError):
+            gateway_cancel = None
+        return Measured(
+            n=n, m=m, failed=failed,
+            client_ttft=[r["ttft_ms"] for r in ttft if r["ok"]],
+            direct_ttft=[r["ttft_ms"] for r in straight if r["ok"]] if baseline else None,
+            direct_failed=(sum(1 for r in straight if not r["ok"]) + n - len(straight)) if baseline else 0,
+            queue_waits=[w for w in waits if w is not None],
+            unmeasured_waits=sum(1 for w in waits if w is None) + (n - len(metas)),
+            gateway_ttft=[meta["ttft_ms"] for meta in metas if meta.get("ttft_ms") is not None],
+            closed=len(closed), cancel_latencies=latencies, observer=observer, gateway_cancel_p95=gateway_cancel,
+        )
+
+
+def judge(x: Measured, gate: dict | None) -> tuple[list[str], list[str], list[str]]:
+    """(lines, reasons for NO-GO from the sheet's criteria, reasons from the gate)."""
+    n, m = x.n, x.m
+    queue_p95 = p95(x.queue_waits)
+    ttft_ok = x.client_p95 is not None and x.client_p95 <= TTFT_TARGET_MS and not x.failed
+    cancel_ok = x.cancel_p95 is not None and x.cancel_p95 < CANCEL_TARGET_MS
+    queue_ok = queue_p95 is not None and queue_p95 <= QUEUE_WAIT_OK_MS and x.unmeasured_waits == 0
+    ttft_note = f" ({len(x.failed)} of {n} requests failed)" if x.failed else ""
+    cancel_note = "" if len(x.cancel_latencies) == m else f" (only {len(x.cancel_latencies)} of {m} cancels observed)"
+    queue_note = f" ({x.unmeasured_waits} of {n} requests without queue_wait_ms)" if x.unmeasured_waits else ""
     lines = [
-        f"• TTFT (streaming) p95: {_ms(ttft_p95)} ms (target ≤ 1,500 ms) — {'PASS' if ttft_ok else 'FAIL'}",
-        f"• Cancel latency: {_ms(cancel_p95)} ms (target < 300 ms) — {'PASS' if cancel_ok else 'FAIL'}",
-        f"• Queue wait p95 (TTFT run): {_ms(queue_p95)} ms — {'OK (≈0)' if queue_ok else 'INVESTIGATE'}",
+        f"• TTFT (streaming) p95: {_ms(x.client_p95)} ms (target ≤ 1,500 ms) — {'PASS' if ttft_ok else 'FAIL'}{ttft_note}",
+        f"• Cancel latency: {_ms(x.cancel_p95)} ms (target < 300 ms) — {'PASS' if cancel_ok else 'FAIL'}{cancel_note}",
+        f"• Queue wait p95 (TTFT run): {_ms(queue_p95)} ms — {'OK (≈0)' if queue_ok else 'INVESTIGATE'}{queue_note}",
     ]
-    return lines, ttft_ok and cancel_ok, note
+    sheet = [name for name, ok in (("TTFT", ttft_ok), ("cancel latency", cancel_ok), ("queue wait", queue_ok)) if not ok]
+    gated: list[str] = []
+    if gate:
+        added_ok = x.added_p95 is not None and x.added_p95 <= gate["added_ttft_ms"]
+        gate_cancel_ok = x.cancel_p95 is not None and x.cancel_p95 <= gate["cancel_ms"]
+        lines += [
+            f"• Gate: added TTFT p95 (gateway − direct): {_ms(x.added_p95)} ms (gate ≤ {gate['added_ttft_ms']:g} ms)"
+            f" — {'PASS' if added_ok else 'FAIL'}",
+            f"• Gate: cancel p95 (client close → provider saw the reset): {_ms(x.cancel_p95)} ms "
+            f"(gate ≤ {gate['cancel_ms']:g} ms) — {'PASS' if gate_cancel_ok else 'FAIL'}",
+        ]
+        gated = [name for name, ok in (("gate: added TTFT", added_ok), ("gate: cancel", gate_cancel_ok)) if not ok]
+    return lines, sheet, gated
+
+
+def run(gw: Gateway, account: str | None, rehearsal: bool, gate: bool) -> Verdict:
+    r = Run(gw, account, rehearsal)
+    bounds = _gate_bounds(r.up, r.n, r.m) if gate else None
+    progress(f"sign-off against {gw.url}: {r.up.describe()}; pacer:{r.account} "
+             f"{settings.show_pacer(r.running['pacers'][r.account])}; {r.n} streaming requests ({r.parallel} at a "
+             f"time), {r.m} cancels{'; rehearsal' if rehearsal else ''}")
+    attempts = []
+    while True:
+        x = r.measure()
+        lines, sheet, gated = judge(x, bounds)
+        attempts.append((x, lines, sheet, gated))
+        # Only timing alone may be retried: a second look tells noise (a loaded CI machine)
+        # from a regression, which crosses the bound every time. Anything else is final.
+        if not gated or sheet or len(attempts) >= (bounds or {}).get("attempts", 1):
+            break
+        progress(f"  the gate was crossed ({', '.join(gated)}); measuring again "
+                 f"(attempt {len(attempts) + 1} of {bounds['attempts']})")
+    reasons = sheet + gated
+    go = not reasons
+    lines.append("Verdict: GO" if go else f"Verdict: NO-GO ({', '.join(reasons)})")
+    details = [
+        f"Commit: {_commit()}",
+        f"Gateway: {gw.url}",
+        f"Provider: {r.up.describe()}",
+        f"Kind: {'rehearsal' if rehearsal else 'sign-off'}{' with the regression gate' if gate else ''}",
+        f"Settings in force: {settings.describe(r.running)}",
+        f"Run: {r.n} streaming requests ({r.parallel} at a time), {r.m} cancels, measured at the client: TTFT from "
+        f"sending the request to its first delta; cancel latency from the client closing its connection to "
+        f"{x.observer}; queue wait from the meta events of this run's own requests",
+    ]
+    diagnostics = [
+        f"gateway's own meta ttft_ms p95 (request accepted → first provider byte): {_ms(p95(x.gateway_ttft))} ms",
+        f"gateway's own cancel_ms p95 (edge disconnect → upstream abort) over its last {x.m} cancels, which may "
+        f"include other clients': {_ms(x.gateway_cancel_p95)} ms",
+        f"client TTFT p50 {_ms(_pct(x.client_ttft, 50))} ms, p95 {_ms(x.client_p95)} ms, max "
+        f"{_ms(_pct(x.client_ttft, 100))} ms over {len(x.client_ttft)} requests; cancels: {x.closed} of {x.m} "
+        f"closed at their first delta, {len(x.cancel_latencies)} observed",
+    ]
+    if x.direct_ttft is not None:
+        diagnostics.append(f"straight to the simulated provider (same client, interleaved, after {r.parallel} "
+                           f"uncounted warm-up requests): TTFT p95 {_ms(x.direct_p95)} ms over {len(x.direct_ttft)} "
+                           f"requests; added TTFT p95 = client p95 − direct p95 = {_ms(x.added_p95)} ms")
+    for i, (earlier, _, _, gated_then) in enumerate(attempts[:-1], 1):
+        diagnostics.append(f"gate attempt {i} of {len(attempts)} crossed ({', '.join(gated_then)}): added TTFT p95 "
+                           f"{_ms(earlier.added_p95)} ms, cancel p95 {_ms(earlier.cancel_p95)} ms")
+    return Verdict(lines, go, details, diagnostics)
+
+
+def _gate_bounds(up: Upstream, n: int, m: int) -> dict:
+    if not up.simulated:
+        raise SuiteError(f"--gate measures what the gateway adds over the simulated provider; "
+                         f"{up.provider} is not it")
+    bounds = {"added_ttft_ms": env_float("SLUICE_GATE_ADDED_TTFT_MS", 50.0),
+              "cancel_ms": env_float("SLUICE_GATE_CANCEL_MS", 100.0),
+              "min_requests": env_int("SLUICE_GATE_MIN_REQUESTS", 40),
+              "min_cancels": env_int("SLUICE_GATE_MIN_CANCELS", 10),
+              "attempts": env_int("SLUICE_GATE_ATTEMPTS", 3)}
+    if n < bounds["min_requests"] or m < bounds["min_cancels"]:
+        raise SuiteError(f"--gate needs at least {bounds['min_requests']} requests and {bounds['min_cancels']} "
+                         f"cancels for a p95 that noise does not move (have {n} and {m})")
+    return bounds
+
+
+def _pct(values: list[float], q: int) -> float | None:
+    values = sorted(values)
+    if not values:
+        return None
+    return values[max(1, -(-q * len(values) // 100)) - 1]
 
 
 def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{round(value):,}"
 
 
-def record(path: Path, lines: list[str], passed: bool, url: str, note: str) -> None:
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (the suite does not run from a git checkout)"
+    return f"{head}{' + uncommitted changes' if dirty else ''} (the suite's checkout; the gateway should run the same)"
+
+
+def record(path: Path, verdict: Verdict, rehearsal: bool) -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    entry = [f"### {stamp} — {'PASS' if passed else 'FAIL'}", "", f"Gateway {url}; {note}.", "", "```", *lines, "```", ""]
+    entry = [f"### {stamp} — {'GO' if verdict.go else 'NO-GO'} — {'rehearsal' if rehearsal else 'sign-off'}", "",
+             *[f"- {d}" for d in verdict.details], "", "```", *verdict.lines, "```", "",
+             "Diagnostics (not the verdict):", "", *[f"- {d}" for d in verdict.diagnostics], ""]
     new = not path.exists()
     with path.open("a", encoding="utf-8") as f:
         if new:
@@ -374,7 +609,13 @@ def record(path: Path, lines: list[str], passed: bool, url: str, note: str) -> N
         f.write("\n".join(entry) + "\n")
 
 
-# --- selfcheck: a whole sign-off on a gateway of our own ------------------------------------------------
+def show(verdict: Verdict) -> None:
+    for line in verdict.diagnostics:
+        progress(f"  diagnostic: {line}")
+    print("\n".join(verdict.lines), flush=True)
+
+
+# --- selfcheck: a whole rehearsal, gated, on a gateway of our own -----------------------------------------
 
 
 def _free_port() -> int:
@@ -398,10 +639,16 @@ def selfcheck(record_path: Path | None) -> int:
     env = {**os.environ, "SLUICE_PORT": str(port), "SLUICE_ACTOR_PORT": str(actor_port), "SLUICE_HOST": "127.0.0.1",
            "SLUICE_PROVIDER": "simulated", "SLUICE_ADMIN_TOKEN": token, "SLUICE_LOG_LEVEL": "WARNING",
            "SLUICE_DB": os.path.join(tmp, "sluice.sqlite3")}
+    env.pop("SIMULATED_BASE_URL", None)  # its own built-in simulated provider
+    # 60 requests, 2 at a time: a p95 that a loaded machine's noise moves little (docs/operations.md)
+    os.environ.setdefault("SLUICE_SIGNOFF_REQUESTS", "60")
+    os.environ.setdefault("SLUICE_SIGNOFF_PARALLEL", "2")
+    os.environ.setdefault("SLUICE_SIGNOFF_CANCELS", "10")
+    os.environ.setdefault("SLUICE_SIGNOFF_SAVE_DIR", tmp)
     log = open(os.path.join(tmp, "gateway.log"), "wb")
     proc = subprocess.Popen([sys.executable, str(ROOT / "run.py")], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-    gw = Gateway(f"http://127.0.0.1:{port}", token)
+    gw = Gateway(f"http://127.0.0.1:{port}", token, os.environ.get("SLUICE_CLIENT_KEY") or None)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -416,18 +663,19 @@ def selfcheck(record_path: Path | None) -> int:
                 raise SuiteError(f"the gateway was not ready within 60 s; log: {log.name}")
             time.sleep(0.1)
         progress(f"selfcheck: gateway on {gw.url}, simulated provider, ports {port}/{actor_port}")
-        with contextlib.redirect_stdout(sys.stderr):  # stdout: the three lines only
-            prep(gw, None)
+        settings.prep(gw, None, say=progress)
         try:
-            lines, passed, note = run(gw, None)
+            verdict = run(gw, None, rehearsal=True, gate=True)
         finally:
-            with contextlib.redirect_stdout(sys.stderr):
-                restore(gw, None)
-        print("\n".join(lines))
+            _, restored = settings.restore(gw, say=progress)
+        show(verdict)
         if record_path:
-            record(record_path, lines, passed, gw.url, note)
-        return 0 if passed else 1
+            record(record_path, verdict, rehearsal=True)
+        if not restored:
+            print("Restore: FAILED (see above)")
+        return 0 if verdict.go and restored else 1
     finally:
+        gw.pool.close()
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
         try:
@@ -445,10 +693,14 @@ def main(argv: list[str]) -> int:
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(encoding="utf-8")  # the result lines have • ≤ — in any locale
     parser = argparse.ArgumentParser(prog="ttft_suite.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("prep", "run", "restore", "selfcheck"))
+    parser.add_argument("command", choices=("prep", "run", "restore", "verify", "env", "selfcheck"))
     parser.add_argument("targets", nargs="*", metavar="URL|ACCOUNT",
                         help="the gateway URL (http...) and/or the pacer account under test")
-    parser.add_argument("--exports", help="write shell export lines here (for a sourcing shell)")
+    parser.add_argument("--rehearsal", action="store_true",
+                        help="allow a simulated or loopback upstream (the record says: rehearsal)")
+    parser.add_argument("--gate", action="store_true",
+                        help="CI regression gate: bound the TTFT and cancel time the gateway adds (simulated provider)")
+    parser.add_argument("--exports", help="write shell lines here (for a sourcing shell)")
     args = parser.parse_intermixed_args(argv)
     url = os.environ.get("SLUICE_URL") or DEFAULT_URL
     account = os.environ.get("SLUICE_SIGNOFF_ACCOUNT") or None
@@ -457,28 +709,38 @@ def main(argv: list[str]) -> int:
             url = word
         else:
             account = word
+    rehearsal = args.rehearsal or os.environ.get("SLUICE_SIGNOFF_REHEARSAL", "") in ("1", "true", "yes")
     recording = os.environ.get("SLUICE_SIGNOFF_RECORD", str(ROOT / "PHASE1_GO_NO_GO.md"))
     record_path = None if recording.lower() in ("", "none", "-") else Path(recording)
-    gw = Gateway(url, os.environ.get("SLUICE_ADMIN_TOKEN") or None)
+    gw = Gateway(url, os.environ.get("SLUICE_ADMIN_TOKEN") or None, os.environ.get("SLUICE_CLIENT_KEY") or None)
+    exports: list[str] = []
     try:
         if args.command == "selfcheck":
             return selfcheck(record_path if "SLUICE_SIGNOFF_RECORD" in os.environ else None)
+        if args.command == "env":
+            print("\n".join(settings.env_lines(settings.load_production())))
+            return 0
         if args.command == "run":
-            lines, passed, note = run(gw, account)
-            print("\n".join(lines), flush=True)
+            verdict = run(gw, account, args.rehearsal or rehearsal, args.gate)
+            show(verdict)
             if record_path:
-                record(record_path, lines, passed, url, note)
+                record(record_path, verdict, rehearsal)
                 progress(f"recorded in {record_path}")
-            return 0 if passed else 1
-        exports = (prep if args.command == "prep" else restore)(gw, account)
-        if args.exports:
-            Path(args.exports).write_text("\n".join(exports) + "\n")
-        return 0
+            return 0 if verdict.go else 1
+        if args.command == "verify":
+            return 0 if settings.verify(gw) else 1
+        if args.command == "prep":
+            exports = settings.prep(gw, account)
+            return 0
+        exports, restored = settings.restore(gw)
+        return 0 if restored else 1
     except SuiteError as exc:
         print(f"{args.command}: {exc}", file=sys.stderr)
         return 2
     finally:
         gw.pool.close()
+        if args.exports and exports:
+            Path(args.exports).write_text("\n".join(exports) + "\n")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,10 @@ class SluiceRenderer(Renderer):
             {
                 "type": "meta",
                 "request_id": self.sub.request_id,
+                # The upstream call this client listens to (shared by its coalesced peers);
+                # what an operator finds in the Pool's open_calls. Not a capability: the
+                # hub serves a stream only on the Coalescer's ticket (docs/security.md).
+                "stream_id": self.sub.flight.stream_id if self.sub.flight else None,
                 "role": self.sub.role,
                 "provider": self.sub.provider,
                 "model": self.sub.model,

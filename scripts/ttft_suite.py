@@ -283,20 +283,20 @@ class PoolAborts:
         return {call for r in results.values() for call in r.get("open_calls", [])}
 
     @staticmethod
-    def stream_of(request_id: str | None) -> str | None:
-        # A request that leads its own upstream call (the suite sends coalesce: false)
-        # streams as "s-<request id>" (actors/coalescer_logic.py); checked before use.
-        return f"s-{request_id}" if request_id else None
+    def stream_of(result: dict) -> str | None:
+        # The meta event names the upstream call the request listens to (the suite sends
+        # coalesce: false, so the call is its own); checked against the Pool before use.
+        return (result.get("meta") or {}).get("stream_id")
 
     def before_close(self, result: dict) -> str | None:
-        stream = self.stream_of(result["request_id"])
+        stream = self.stream_of(result)
         if stream is None or stream not in self.open_calls():
             return f"cannot find this request's upstream call in the gateway's Pool (stream {stream!r})"
         return None
 
     def closed(self, result: dict) -> None:
         with self.lock:
-            self.watched[self.stream_of(result["request_id"])] = result["closed_at"]
+            self.watched[self.stream_of(result)] = result["closed_at"]
 
     def _poll(self) -> None:
         while not self.stopping.is_set():
@@ -460,7 +460,7 @@ class Run:
             else:
                 seen = watcher.wait(len(closed), self.cancel_wait)
                 latencies = [(seen[s] - r["closed_at"]) * 1000.0 for r in closed
-                             if (s := watcher.stream_of(r["request_id"])) in seen]
+                             if (s := watcher.stream_of(r)) in seen]
                 observer = (f"the gateway's upstream abort (its Pool dropped the call; polled every "
                             f"{POOL_POLL_S * 1000:g} ms)")
         for r in cancels:

@@ -5,8 +5,9 @@ Order matters. The actor system is started first, from a process with no threads
 socket bound to SLUICE_HOST. Then the simulated provider (when no real provider is
 configured), then uvicorn with the edge, in this process. SIGINT/SIGTERM: open streams get
 a terminal event, uvicorn stops, the actor system shuts down, the simulated provider is
-stopped; nothing is left running. If this process dies without that, the Supervisor
-notices within a second and shuts the actor system down itself.
+stopped; nothing is left running. If this process dies without that, the orphan
+watchdog (a process of its own) notices within a second and shuts the actor system down.
+While serving, a keeper thread replaces a dead Supervisor (and a dead watchdog).
 """
 from __future__ import annotations
 
@@ -64,19 +65,49 @@ def serve(settings: dict) -> int:
 
     asys, group = system.start(host, settings["SLUICE_ACTOR_PORT"])
     settings = {**settings, "parent_pid": os.getpid(), "actor_group": group}
-    sim = None
+    sim = keeper = None
+    watchdog = _Watchdog(host, settings["SLUICE_ACTOR_PORT"], group)
     try:
         sim = _start_simulated_provider(settings, log)
         supervisor = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
         asys.tell(supervisor, m.encode(m.Wire("supervisor", {}, settings)))
+        keeper = _start_keeper(asys, settings, watchdog)
         return _serve_http(settings, log)
     finally:
+        if keeper is not None:
+            keeper.stop()
+        watchdog.stop()
         system.stop(asys, group)
         if sim is not None:
             from sim.provider import stop_subprocess
 
             stop_subprocess(sim)
         log.info("sluice stopped")
+
+
+class _Watchdog:
+    """The orphan watchdog process (actors/system.py `watch`), restarted if it dies."""
+
+    def __init__(self, host: str, port: int, group: int | None):
+        self.args, self.proc = (os.getpid(), host, port, group), None
+
+    def ensure(self) -> None:
+        if self.args[3] is not None and (self.proc is None or self.proc.poll() is not None):
+            from actors.system import start_watchdog
+
+            self.proc = start_watchdog(*self.args)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+
+
+def _start_keeper(asys, settings: dict, watchdog: _Watchdog):
+    from actors.keeper import SupervisorKeeper
+
+    watchdog.ensure()
+    return SupervisorKeeper(asys, settings, watchdog.ensure).start()
 
 
 def _start_simulated_provider(settings: dict, log):

@@ -279,10 +279,12 @@ class PoolActor(HostActor):
     def on_wire(self, wire: m.Wire) -> None:
         if self.runtime is None:
             self.runtime = PoolRuntime(self.settings, self.outbox)
-            port = self.runtime.start()
-            self.apply([Send("supervisor", m.HubReady(self.settings["SLUICE_HOST"], port))])
+            self.runtime.start()
         else:
             self.runtime.settings = self.settings
+        # On every Wire, not only the first: a replacement Supervisor that adopted this
+        # Pool learns where its hub is the same way.
+        self.apply([Send("supervisor", m.HubReady(self.settings["SLUICE_HOST"], self.runtime.hub_port))])
 
     def on_message(self, msg, sender, now):
         if self.runtime is None:

@@ -76,6 +76,7 @@ class SupervisorActor(HostActor):
         self.generation = 0
         self.draining = False
         self.stopping = False
+        self.started = False
 
     def on_wire(self, wire: m.Wire) -> None:
         if self.children:
@@ -87,6 +88,7 @@ class SupervisorActor(HostActor):
             if role in previous:
                 self.children[role] = addressing.from_string(previous[role])
                 self.adopted.add(role)
+                self.started = True  # the edges are up already: offer the hub as soon as the Pool answers
             else:
                 self.children[role] = self.createActor(cls)
         self._wire_all()
@@ -146,7 +148,12 @@ class SupervisorActor(HostActor):
 
     def _directory(self) -> m.Directory:
         complete = len(self.addresses) == len(self.children) > 0
-        hub = list(self.hub) if complete else []  # the edge waits for a hub: only offer a whole directory
+        self.started = self.started or complete
+        # An edge starting up waits for a hub: offer one only with a whole directory. Once
+        # started, the hub is offered whenever the Pool is up, also while another actor
+        # is being recreated.
+        up = complete or (self.started and "pool" in self.addresses)
+        hub = list(self.hub) if up else []
         return m.Directory(dict(self.directory), hub, {"draining": self.draining}, self.generation)
 
     def state(self, now: float) -> dict:

@@ -50,6 +50,7 @@ class ActorBridge:
         self._asys: ActorSystem | None = None
         self.directory: m.Directory | None = None
         self._directory_at = 0.0
+        self._known_roles: set[str] = set()  # every role a directory ever named
         self._supervisor = None
 
     def start(self) -> None:
@@ -96,11 +97,29 @@ class ActorBridge:
         if not isinstance(reply, m.Directory):
             raise BridgeError(f"supervisor answered {type(reply).__name__}")
         self.directory, self._directory_at = reply, time.monotonic()
+        self._known_roles |= set(reply.entries)
         return reply
 
     def ask_blocking(self, to: str, msg, timeout: float):
+        deadline = time.monotonic() + timeout
+        self._await_role(to, deadline)
         role = to if to != "supervisor" and self.directory is not None and to in self.directory.entries else None
-        return self._ask_address(self._resolve(to), msg, timeout, role)
+        return self._ask_address(self._resolve(to), msg, max(0.0, deadline - time.monotonic()), role)
+
+    def _await_role(self, role: str, deadline: float) -> None:
+        """A role the directory named before and does not now is being recreated: wait
+        for its replacement (until `deadline`) rather than fail the question at once."""
+        while (
+            role in self._known_roles
+            and self.directory is not None
+            and role not in self.directory.entries
+            and time.monotonic() < deadline
+        ):
+            time.sleep(FOLLOW_SLICE_S)  # on a worker thread, never the event loop
+            try:
+                self.refresh_directory_blocking()
+            except BridgeError:
+                pass
 
     def tell_blocking(self, to: str, msg) -> None:
         self._context().tell(self._resolve(to), m.encode(msg))

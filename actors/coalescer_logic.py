@@ -6,7 +6,8 @@
                  in flight  -> follower; add a reference for the submitting edge
     LeaseQueued             -> admit everyone waiting                         (queued)
     LeaseGranted            -> admit everyone waiting; the Pool has the call  (streaming)
-    LeaseDenied             -> reject everyone waiting (429); end the stream for the admitted
+    LeaseDenied             -> reject everyone waiting (429); the Pacer ends the stream of
+                               a queued one (the admitted listen at the hub)
     Cancel(edge)            -> drop one reference; the last one aborts the upstream call
                                (asking/queued: gives the lease back and fails the stream,
                                which also ends a call the Pacer's grant already started)
@@ -135,9 +136,7 @@ class CoalescerLogic:
             self._forget(flight)
             for sender, request_id, _edge, _role in flight.waiting:
                 out.append(Send(sender, m.Rejected(request_id, msg.status, msg.code, msg.message, msg.retry_after_s)))
-            if flight.phase == QUEUED:
-                out.append(Send("pool", m.FailStream(flight.stream_id, msg.code, msg.message)))
-            return out
+            return out  # a queued one: the Pacer ended its stream (FailStream) with the denial
         if isinstance(msg, m.LeaseGranted):
             flight.phase = STREAMING  # the Pacer sent the Pool its OpenStream with the grant
             flight.pool, flight.request = msg.pool, None

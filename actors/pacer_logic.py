@@ -216,6 +216,8 @@ class PacerLogic:
 
     # --- the bucket -----------------------------------------------------------------------
     def _request(self, msg: m.LeaseRequest, sender, now: float) -> list:
+        if msg.lease_id in self.in_flight or any(w.lease_id == msg.lease_id for w in self.queue):
+            return []  # asked again (a shard re-asking after a Pacer crash): the first ask's answers stand
         # Those already waiting go first: whatever can be granted now is, before a
         # newcomer is queued behind them (or sees a full queue that is not full).
         out = self._drain(now) if self.queue else []
@@ -244,18 +246,11 @@ class PacerLogic:
         while self.queue and now - self.queue[0].enqueued_at >= self.settings.max_wait_s - EPS:
             waiter = self.queue.popleft()
             self.denials_total += 1
-            out.append(
-                Send(
-                    waiter.requester,
-                    m.LeaseDenied(
-                        waiter.lease_id,
-                        429,
-                        "pacer_queue_timeout",
-                        f"{self.provider}: no upstream slot within {self.settings.max_wait_s:g} s",
-                        self._retry_after(now),
-                    ),
-                )
-            )
+            text = f"{self.provider}: no upstream slot within {self.settings.max_wait_s:g} s"
+            out.append(Send(waiter.requester, m.LeaseDenied(waiter.lease_id, 429, "pacer_queue_timeout", text, self._retry_after(now))))
+            # It was queued, so its clients were admitted and listen at the hub: the stream
+            # ends here, not through the shard (which may have died meanwhile).
+            out.append(Send("pool", m.FailStream(waiter.lease_id, "pacer_queue_timeout", text)))
         while self.queue and self._can_grant(now):
             out += self._grant(self.queue.popleft(), now)
         return out + self._schedule(now)

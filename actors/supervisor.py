@@ -154,7 +154,8 @@ class SupervisorActor(HostActor):
         # is being recreated.
         up = complete or (self.started and "pool" in self.addresses)
         hub = list(self.hub) if up else []
-        return m.Directory(dict(self.directory), hub, {"draining": self.draining}, self.generation)
+        settings = {"draining": self.draining, "complete": complete}
+        return m.Directory(dict(self.directory), hub, settings, self.generation)
 
     def state(self, now: float) -> dict:
         return self._state()

@@ -10,8 +10,9 @@ SLUICE_HOST. SIGTERM drains first (/readyz 503, new requests 503, open streams f
 for up to SLUICE_DRAIN_S: edge/server.py); SIGINT does not wait. Then open streams get a
 terminal event, uvicorn stops, the actor system shuts down, the simulated provider is
 stopped, the secret file is removed; nothing is left running. If this process dies
-without that, the Supervisor notices within a second and shuts the actor system down
-itself. Every process logs in the SLUICE_LOG_FORMAT (protocols/logfmt.py).
+without that, the orphan watchdog (a process of its own) notices within a second and
+shuts the actor system down. While serving, a keeper thread replaces a dead Supervisor
+(and a dead watchdog). Every process logs in the SLUICE_LOG_FORMAT (protocols/logfmt.py).
 """
 from __future__ import annotations
 
@@ -103,24 +104,53 @@ def _serve_with_secret(settings: dict, secret: bytes, log) -> int:
     from actors.supervisor import SUPERVISOR_NAME, SupervisorActor
     from protocols import messages as m
 
-    asys, group = system.start(
-        settings["SLUICE_ACTOR_HOST"], settings["SLUICE_ACTOR_PORT"], secret, logfmt.actor_log_defs(settings)
-    )
+    host = settings["SLUICE_ACTOR_HOST"]
+    asys, group = system.start(host, settings["SLUICE_ACTOR_PORT"], secret, logfmt.actor_log_defs(settings))
     # The secret never travels in a message: every actor inherited it at fork.
     settings = {**settings, "SLUICE_CLUSTER_SECRET": None, "parent_pid": os.getpid(), "actor_group": group}
-    sim = None
+    sim = keeper = None
+    watchdog = _Watchdog(host, settings["SLUICE_ACTOR_PORT"], group)
     try:
         sim = _start_simulated_provider(settings, log)
         supervisor = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
         asys.tell(supervisor, m.encode(m.Wire("supervisor", {}, settings)))
+        keeper = _start_keeper(asys, settings, watchdog)
         return _serve_http(settings, log)
     finally:
+        if keeper is not None:
+            keeper.stop()
+        watchdog.stop()
         system.stop(asys, group)
         if sim is not None:
             from sim.provider import stop_subprocess
 
             stop_subprocess(sim)
         log.info("sluice stopped")
+
+
+class _Watchdog:
+    """The orphan watchdog process (actors/system.py `watch`), restarted if it dies."""
+
+    def __init__(self, host: str, port: int, group: int | None):
+        self.args, self.proc = (os.getpid(), host, port, group), None
+
+    def ensure(self) -> None:
+        if self.args[3] is not None and (self.proc is None or self.proc.poll() is not None):
+            from actors.system import start_watchdog
+
+            self.proc = start_watchdog(*self.args)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+
+
+def _start_keeper(asys, settings: dict, watchdog: _Watchdog):
+    from actors.keeper import SupervisorKeeper
+
+    watchdog.ensure()
+    return SupervisorKeeper(asys, settings, watchdog.ensure).start()
 
 
 def _start_simulated_provider(settings: dict, log):

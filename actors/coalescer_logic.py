@@ -6,7 +6,8 @@
                  in flight  -> follower; add a reference for the submitting edge
     LeaseQueued             -> admit everyone waiting                         (queued)
     LeaseGranted            -> admit everyone waiting; the Pool has the call  (streaming)
-    LeaseDenied             -> reject everyone waiting (429); end the stream for the admitted
+    LeaseDenied             -> reject everyone waiting (429); the Pacer ends the stream of
+                               a queued one (the admitted listen at the hub)
     Cancel(edge)            -> drop one reference; the last one aborts the upstream call
                                (asking/queued: gives the lease back and fails the stream,
                                which also ends a call the Pacer's grant already started)
@@ -17,6 +18,11 @@ References are counted per edge process, not per client: an edge joins identical
 requests itself and holds one reference per `Admitted` it received, so a burst of N
 identical requests on one edge costs O(1) messages here. The flight belongs to the key,
 not to the leader, so a leader that leaves hands the stream to the followers for free.
+
+When a process dies (`MemberLost`, docs/reliability.md): a dead Pool's streaming flights
+are forgotten at once (their clients already got `hub_disconnected`; nothing is kept for
+the error TTL, so the next identical request starts a fresh call), and flights still
+asking or queued at a dead Pacer ask its replacement again.
 
 A request with an empty key (non-idempotent: tools, or the client opted out) or any
 request while coalescing is disabled gets a flight of its own.
@@ -48,8 +54,9 @@ class ForgetError:
 
 @dataclass
 class Flight:
-    """A key's upstream call as the Coalescer sees it. The request body is not kept here:
-    it went to the Pacer with the LeaseRequest, which hands it to the Pool on grant."""
+    """A key's upstream call as the Coalescer sees it. The request (with its body) is
+    kept only until the grant, to ask a replacement Pacer again if the Pacer dies; after
+    the grant the Pool has it."""
 
     key: str
     stream_id: str
@@ -57,6 +64,8 @@ class Flight:
     phase: str = ASKING
     refs: Counter = field(default_factory=Counter)  # edge_id -> Admitted replies held
     waiting: list = field(default_factory=list)  # (sender, request_id, edge_id, role)
+    request: m.LeaseRequest | None = None  # until the grant
+    pool: str = ""  # the Pool incarnation the grant opened the call on
 
 
 @dataclass
@@ -92,6 +101,8 @@ class CoalescerLogic:
             return self._cancel(msg)
         if isinstance(msg, m.StreamFinished):
             return self._finished(msg, now)
+        if isinstance(msg, m.MemberLost):
+            return self._member_lost(msg)
         if isinstance(msg, ForgetError):
             entry = self.errors.get(msg.key)
             if entry and entry[1] <= now + 1e-9:
@@ -122,8 +133,8 @@ class CoalescerLogic:
         flight.waiting.append((sender, msg.request_id, msg.edge_id, "leader"))
         self.by_key[key] = flight
         self.by_stream[flight.stream_id] = flight
-        request = m.LeaseRequest(flight.stream_id, msg.provider, now, msg.model, msg.body, self.me)
-        return [Send(pacer_role(msg.provider), request)]
+        flight.request = m.LeaseRequest(flight.stream_id, msg.provider, now, msg.model, msg.body, self.me)
+        return [Send(pacer_role(msg.provider), flight.request)]
 
     def _lease_answer(self, msg, sender) -> list:
         flight = self.by_stream.get(msg.lease_id)
@@ -136,11 +147,10 @@ class CoalescerLogic:
             self._forget(flight)
             for sender, request_id, _edge, _role in flight.waiting:
                 out.append(Send(sender, m.Rejected(request_id, msg.status, msg.code, msg.message, msg.retry_after_s)))
-            if flight.phase == QUEUED:
-                out.append(Send("pool", m.FailStream(flight.stream_id, msg.code, msg.message)))
-            return out
+            return out  # a queued one: the Pacer ended its stream (FailStream) with the denial
         if isinstance(msg, m.LeaseGranted):
             flight.phase = STREAMING  # the Pacer sent the Pool its OpenStream with the grant
+            flight.pool, flight.request = msg.pool, None
         else:
             flight.phase = QUEUED
         for sender, request_id, edge_id, role in flight.waiting:
@@ -182,6 +192,21 @@ class CoalescerLogic:
             return out
         self.errors[flight.key] = (msg.error or {"type": "error", "code": "upstream_error", "message": ""}, now + ttl, msg.stream_id)
         return out + [After(ttl, ForgetError(flight.key))]
+
+    # --- crashes of others -----------------------------------------------------------------
+    def _member_lost(self, msg: m.MemberLost) -> list:
+        out: list = []
+        if msg.role == "pool":
+            for flight in [f for f in self.by_stream.values() if f.phase == STREAMING and f.pool == msg.incarnation]:
+                self._forget(flight)  # not remembered as an error: a new request is a new call
+                # An edge admitted just before the crash may subscribe at the new hub: it
+                # gets this error instead of waiting for a stream that will never open.
+                out.append(Send("pool", m.FailStream(flight.stream_id, "pool_lost", "the upstream connection pool restarted mid-stream; retry")))
+        elif msg.role.startswith("pacer:"):
+            for flight in self.by_stream.values():
+                if flight.phase != STREAMING and flight.request is not None and pacer_role(flight.provider) == msg.role:
+                    out.append(Send(msg.role, flight.request))  # the replacement queues it anew
+        return out
 
     def _forget(self, flight: Flight) -> None:
         self.by_stream.pop(flight.stream_id, None)

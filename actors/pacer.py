@@ -1,9 +1,11 @@
 """The Pacer actor: hosts PacerLogic for one provider account (role "pacer:<account>")."""
 from __future__ import annotations
 
+import time
+
 from actors.effects import After, Send
 from actors.host import HostActor
-from actors.pacer_logic import PacerLogic, PacerSettings
+from actors.pacer_logic import PacerLogic, PacerSettings, PoolAt
 from protocols import messages as m
 
 GAUGE_EVERY_S = 1.0
@@ -26,6 +28,8 @@ class PacerActor(HostActor):
             account = wire.role.partition(":")[2].upper()
             self.logic = PacerLogic(account.lower(), PacerSettings(**wire.settings["accounts"][account]))
             self.apply([After(GAUGE_EVERY_S, ReportGauges())])
+        # Every Wire carries the directory: grants go to the Pool it names, or wait for one.
+        self.apply(self.logic.handle(PoolAt(self.directory.get("pool")), None, time.time()))
 
     def on_message(self, msg, sender, now):
         if self.logic is None:

@@ -13,6 +13,12 @@ the Pool (`OpenStream`) and `LeaseGranted` to the Coalescer. A request that cann
 granted waits in the queue; when the queue holds `max_queue` leases, or a lease waited
 `max_wait_s`, it is denied with 429 and a Retry-After estimated from the bucket. Settings
 change live (`configure`), and the change applies to the queue already waiting.
+
+Every lease belongs to the process incarnations it involves: the Pool incarnation its
+call was sent to (`pool`, learnt from the directory: `PoolAt`) and the Coalescer shard
+that asked. `MemberLost` for one of them reclaims what it held at once (docs/reliability.md):
+a dead Pool's leases come back, a dead shard's queued requests are dropped and its
+granted calls are failed. No grant is made while no Pool is known: the queue waits.
 """
 from __future__ import annotations
 
@@ -94,6 +100,23 @@ class Tick:
     generation: int
 
 
+@dataclass(frozen=True, slots=True)
+class PoolAt:
+    """Local (never on the wire): the directory says the Pool is now at `incarnation`
+    (None: no Pool is up; grants wait)."""
+
+    incarnation: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A granted lease and who holds it."""
+
+    granted_at: float
+    pool: str | None  # the Pool incarnation its OpenStream went to
+    asker: str  # the Coalescer shard (address) that asked
+
+
 @dataclass
 class _Waiter:
     lease_id: str
@@ -109,7 +132,8 @@ class PacerLogic:
     tokens: float = field(init=False)
     updated_at: float | None = field(default=None, init=False)
     paused_until: float = field(default=0.0, init=False)
-    in_flight: dict = field(default_factory=dict, init=False)  # lease_id -> granted_at
+    in_flight: dict = field(default_factory=dict, init=False)  # lease_id -> _Held
+    pool: str | None = field(default="pool", init=False)  # the Pool incarnation grants go to
     queue: deque = field(default_factory=deque, init=False)
     recent_grants: deque = field(default_factory=deque, init=False)  # grant times, for rpm
     grants_total: int = field(default=0, init=False)
@@ -143,7 +167,35 @@ class PacerLogic:
             if msg.generation == self._tick_generation:
                 self._tick_at = None
             return self._drain(now)
+        if isinstance(msg, PoolAt):
+            self.pool = msg.incarnation
+            return self._drain(now)
+        if isinstance(msg, m.MemberLost):
+            return self._member_lost(msg, now)
         return []
+
+    # --- crashes of others -----------------------------------------------------------------
+    def _member_lost(self, msg: m.MemberLost, now: float) -> list:
+        out: list = []
+        if msg.role == "pool":
+            # Its calls died with it: no LeaseRelease will ever come for them.
+            for lease_id in [k for k, held in self.in_flight.items() if held.pool == msg.incarnation]:
+                del self.in_flight[lease_id]
+            if self.pool == msg.incarnation:
+                self.pool = None
+        elif msg.role.startswith("coalescer:"):
+            # Its flights are gone: nobody would admit or cancel them. A queued request is
+            # dropped; a granted call is failed (the Pool aborts it; its LeaseRelease then
+            # finds the lease already reclaimed). Either way the edges' clients get an error.
+            lost = [w for w in self.queue if w.request.coalescer == msg.incarnation]
+            self.queue = deque(w for w in self.queue if w.request.coalescer != msg.incarnation)
+            failed = [w.lease_id for w in lost]
+            for lease_id in [k for k, held in self.in_flight.items() if held.asker == msg.incarnation]:
+                del self.in_flight[lease_id]
+                failed.append(lease_id)
+            text = f"{msg.role} restarted; this request was lost with it, retry it"
+            out += [Send("pool", m.FailStream(lease_id, "coalescer_lost", text)) for lease_id in failed]
+        return out + self._drain(now)
 
     def configure(self, changes: dict, now: float) -> list:
         """Admin: change settings live; raises ValueError (state unchanged) when invalid."""
@@ -168,6 +220,8 @@ class PacerLogic:
 
     # --- the bucket -----------------------------------------------------------------------
     def _request(self, msg: m.LeaseRequest, sender, now: float) -> list:
+        if msg.lease_id in self.in_flight or any(w.lease_id == msg.lease_id for w in self.queue):
+            return []  # asked again (a shard re-asking after a Pacer crash): the first ask's answers stand
         # Those already waiting go first: whatever can be granted now is, before a
         # newcomer is queued behind them (or sees a full queue that is not full).
         out = self._drain(now) if self.queue else []
@@ -196,25 +250,18 @@ class PacerLogic:
         while self.queue and now - self.queue[0].enqueued_at >= self.settings.max_wait_s - EPS:
             waiter = self.queue.popleft()
             self.denials_total += 1
-            out.append(
-                Send(
-                    waiter.requester,
-                    m.LeaseDenied(
-                        waiter.lease_id,
-                        429,
-                        "pacer_queue_timeout",
-                        f"{self.provider}: no upstream slot within {self.settings.max_wait_s:g} s",
-                        self._retry_after(now),
-                    ),
-                )
-            )
+            text = f"{self.provider}: no upstream slot within {self.settings.max_wait_s:g} s"
+            out.append(Send(waiter.requester, m.LeaseDenied(waiter.lease_id, 429, "pacer_queue_timeout", text, self._retry_after(now))))
+            # It was queued, so its clients were admitted and listen at the hub: the stream
+            # ends here, not through the shard (which may have died meanwhile).
+            out.append(Send("pool", m.FailStream(waiter.lease_id, "pacer_queue_timeout", text)))
         while self.queue and self._can_grant(now):
             out += self._grant(self.queue.popleft(), now)
         return out + self._schedule(now)
 
     def _grant(self, waiter: _Waiter, now: float) -> list:
         self.tokens -= 1.0
-        self.in_flight[waiter.lease_id] = now
+        self.in_flight[waiter.lease_id] = _Held(now, self.pool, waiter.request.coalescer)
         self.recent_grants.append(now)
         self.grants_total += 1
         wait_ms = (now - waiter.enqueued_at) * 1000.0
@@ -223,13 +270,14 @@ class PacerLogic:
         # fewer before the upstream call. The Coalescer learns of the grant in parallel.
         return [
             Send("pool", m.OpenStream(r.lease_id, r.provider, r.model, r.body, r.lease_id, wait_ms, r.coalescer)),
-            Send(waiter.requester, m.LeaseGranted(waiter.lease_id, wait_ms)),
+            Send(waiter.requester, m.LeaseGranted(waiter.lease_id, wait_ms, self.pool or "")),
         ]
 
     def _can_grant(self, now: float) -> bool:
         s = self.settings
         return (
-            now >= self.paused_until - EPS
+            self.pool is not None
+            and now >= self.paused_until - EPS
             and len(self.in_flight) < s.concurrency
             and self.tokens >= 1.0 - EPS
             and (s.rpm is None or len(self.recent_grants) < s.rpm)
@@ -246,7 +294,7 @@ class PacerLogic:
         """Seconds until the bucket, pause or per-minute cap could allow a grant, or None
         when only a release (concurrency) can."""
         s = self.settings
-        if len(self.in_flight) >= s.concurrency:
+        if len(self.in_flight) >= s.concurrency or self.pool is None:
             return None
         waits = [self.paused_until - now]
         if self.tokens < 1.0:

@@ -143,8 +143,17 @@ class PoolRuntime:
 
     # --- on the loop ------------------------------------------------------------------------
     def _open(self, msg: m.OpenStream) -> None:
-        if msg.stream_id in self.calls or self.hub.is_finished(msg.stream_id):
-            return  # a duplicate OpenStream: the call is already running or over
+        if msg.stream_id in self.calls:
+            return  # a duplicate OpenStream (a replaced Pacer granted it again): its end releases
+        if self.hub.is_finished(msg.stream_id):
+            # Over already (a replaced Pacer or shard asked again for it): the new grant goes
+            # back, and the shard that asked learns how the stream ended.
+            account = self.settings["providers"].get(msg.provider, {}).get("account", msg.provider.upper())
+            last = self.hub.streams[msg.stream_id].events[-1]
+            outcome, error = ("done", None) if last.get("type") == ev.DONE else ("error", last)
+            self.outbox.put(Send(f"pacer:{account.lower()}", m.LeaseRelease(msg.stream_id, None)))
+            self.outbox.put(Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error)))
+            return
         self.hub.mark_open(msg.stream_id)
         task = self.loop.create_task(self._call(msg))
         self.calls[msg.stream_id] = task
@@ -350,10 +359,12 @@ class PoolActor(HostActor):
     def on_wire(self, wire: m.Wire) -> None:
         if self.runtime is None:
             self.runtime = PoolRuntime(self.settings, self.outbox)
-            port = self.runtime.start()
-            self.apply([Send("supervisor", m.HubReady(self.settings["SLUICE_ACTOR_HOST"], port))])
+            self.runtime.start()
         else:
             self.runtime.settings = self.settings
+        # On every Wire, not only the first: a replacement Supervisor that adopted this
+        # Pool learns where its hub is the same way.
+        self.apply([Send("supervisor", m.HubReady(self.settings["SLUICE_ACTOR_HOST"], self.runtime.hub_port))])
 
     def on_message(self, msg, sender, now):
         if self.runtime is None:

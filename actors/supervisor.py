@@ -3,17 +3,21 @@
 Started by run.py under the global name `SUPERVISOR_NAME`, so any process that joins the
 actor system (the edge, `run.py admin`) can find it and ask for the `Directory`.
 
-It also watches run.py's process: if that dies without shutting the actor system down
-(killed, crashed), the supervisor shuts the whole actor system down itself, so that no
-actor process outlives the gateway.
+When a child dies it is recreated, and once the replacement is wired every Pacer and
+Coalescer hears `MemberLost(role, old address)`, so that what the dead one held (leases,
+flights) is reclaimed (docs/reliability.md, "Process crashes").
+
+The Supervisor is no single point of failure: run.py's `SupervisorKeeper`
+(actors/keeper.py) replaces a dead Supervisor under the same global name and wires it with
+the last directory it saw; the new Supervisor adopts the actors of that directory that
+answer, and recreates those that do not. Watching run.py itself (shutting the actor
+system down when run.py dies) is not done here but by a watchdog process of its own
+(`python -m actors.system watch`), so that it does not die with the Supervisor.
 """
 from __future__ import annotations
 
 import hmac
 import logging
-import os
-import subprocess
-import sys
 
 from thespian.actors import ActorExitRequest, ChildActorExited
 
@@ -32,11 +36,16 @@ log = logging.getLogger("sluice.supervisor")
 
 SUPERVISOR_NAME = "sluice-supervisor"
 WATCH_EVERY_S = 1.0
+ADOPT_WITHIN_S = 3.0  # an adopted actor that has not answered its Wire by then is recreated
 
 
 class Watch:
-    """Timer: is run.py still alive? Are the children? (Thespian reaps one child per
-    SIGCHLD, so of two actors dying together only one ChildActorExited may arrive.)"""
+    """Timer: are the children alive? (Thespian reaps one child per SIGCHLD, so of two
+    actors dying together only one ChildActorExited may arrive.)"""
+
+
+class AdoptDeadline:
+    """Timer: adopted actors that never answered are dead; recreate them."""
 
 
 def child_roles(settings: dict) -> dict[str, type]:
@@ -62,19 +71,30 @@ class SupervisorActor(HostActor):
         self.children: dict[str, object] = {}  # role -> ActorAddress
         self.addresses: dict[str, str] = {}  # role -> "host:port", once the child said Ready
         self.pids: dict[str, int] = {}
+        self.adopted: set[str] = set()  # roles taken over from a previous Supervisor
+        self.lost: dict[str, list[str]] = {}  # role -> addresses of dead incarnations, until announced
         self.hub: list = []
         self.generation = 0
         self.draining = False
         self.keys_reloads = 0  # reload-keys commands so far: each edge re-reads its keys file when it grows
         self.stopping = False
+        self.started = False
 
     def on_wire(self, wire: m.Wire) -> None:
         if self.children:
             return  # already running: a second Wire from run.py changes nothing
+        # A replacement Supervisor is given the directory its predecessor had: it adopts
+        # those actors (they answer the Wire with Ready, pid included) and creates the rest.
+        previous = {r: a for r, a in wire.directory.items() if r != "supervisor"}
         for role, cls in child_roles(self.settings).items():
-            self.children[role] = self.createActor(cls)
+            if role in previous:
+                self.children[role] = addressing.from_string(previous[role])
+                self.adopted.add(role)
+                self.started = True  # the edges are up already: offer the hub as soon as the Pool answers
+            else:
+                self.children[role] = self.createActor(cls)
         self._wire_all()
-        self.apply([After(WATCH_EVERY_S, Watch())])
+        self.apply([After(WATCH_EVERY_S, Watch())] + ([After(ADOPT_WITHIN_S, AdoptDeadline())] if self.adopted else []))
 
     def _wire_all(self) -> None:
         """Tell every child who is where. A new child's real address is known only when
@@ -93,6 +113,20 @@ class SupervisorActor(HostActor):
         self.pids[msg.role] = msg.pid
         if len(self.addresses) == len(self.children):
             self._wire_all()
+            self._announce_lost()
+
+    def _announce_lost(self) -> None:
+        """Everyone knows the replacements now: tell the Pacers and Coalescers who died,
+        so they reclaim what the dead held (after the Wire: same sender, so in order)."""
+        lost, self.lost = self.lost, {}
+        for role, incarnations in lost.items():
+            if not role.startswith(("pool", "pacer:", "coalescer:")):
+                continue  # Metrics and the thread store hold nothing for others
+            for incarnation in incarnations:
+                log.warning("announcing the loss of %s at %s", role, incarnation)
+                for target, addr in self.children.items():
+                    if target.startswith(("pacer:", "coalescer:")) and target != role:
+                        self.send(addr, m.encode(m.MemberLost(role, incarnation)))
 
     def on_message(self, msg, sender, now):
         if isinstance(msg, m.Ready):
@@ -110,12 +144,22 @@ class SupervisorActor(HostActor):
             return [Send(sender, self._admin_auth(msg))]
         if isinstance(msg, Watch):
             return self._watch()
+        if isinstance(msg, AdoptDeadline):
+            for role in sorted(self.adopted - set(self.addresses)):
+                self._recreate(role)
+            return []
         return []
 
     def _directory(self) -> m.Directory:
         complete = len(self.addresses) == len(self.children) > 0
-        hub = list(self.hub) if complete else []  # the edge waits for a hub: only offer a whole directory
-        return m.Directory(dict(self.directory), hub, {"draining": self.draining, "keys_reloads": self.keys_reloads}, self.generation)
+        self.started = self.started or complete
+        # An edge starting up waits for a hub: offer one only with a whole directory. Once
+        # started, the hub is offered whenever the Pool is up, also while another actor
+        # is being recreated.
+        up = complete or (self.started and "pool" in self.addresses)
+        hub = list(self.hub) if up else []
+        settings = {"draining": self.draining, "complete": complete, "keys_reloads": self.keys_reloads}
+        return m.Directory(dict(self.directory), hub, settings, self.generation)
 
     def state(self, now: float) -> dict:
         return self._state()
@@ -123,7 +167,9 @@ class SupervisorActor(HostActor):
     def _state(self) -> dict:
         return {
             "ready": bool(self.hub) and len(self.addresses) == len(self.children) > 0,
+            "wired": bool(self.children),
             "children": sorted(self.children),
+            "pids": dict(self.pids),
             "generation": self.generation,
             "draining": self.draining,
             "keys_reloads": self.keys_reloads,
@@ -159,6 +205,9 @@ class SupervisorActor(HostActor):
     def on_system(self, msg, sender) -> None:
         if isinstance(msg, ActorExitRequest):
             self.stopping = True
+            # Thespian stops a Supervisor's own children; adopted ones are not, so tell them.
+            for role in self.adopted:
+                self.send(self.children[role], ActorExitRequest())
             return
         if isinstance(msg, ChildActorExited) and not self.stopping:
             exited = _address_string(msg.childAddress)
@@ -168,7 +217,12 @@ class SupervisorActor(HostActor):
 
     def _recreate(self, role: str) -> None:
         log.warning("actor %s exited; recreating it", role)
-        self.addresses.pop(role, None)
+        dead = self.addresses.pop(role, None)
+        if dead is None and role in self.adopted:
+            dead = _address_string(self.children[role])
+        if dead is not None:
+            self.lost.setdefault(role, []).append(dead)
+        self.adopted.discard(role)
         self.pids.pop(role, None)
         if role == "pool":
             self.hub = []
@@ -178,34 +232,10 @@ class SupervisorActor(HostActor):
     def _watch(self) -> list:
         if self.stopping:
             return []
-        pid = self.settings.get("parent_pid")
-        if pid and not alive(pid):
-            log.error("run.py (pid %s) is gone; shutting the actor system down", pid)
-            self._shutdown_system()
-            return []
         for role, child_pid in list(self.pids.items()):
             if not alive(child_pid):
                 self._recreate(role)
         return [After(WATCH_EVERY_S, Watch())]
-
-    def _shutdown_system(self) -> None:
-        # An actor cannot shut down the system it runs in; a short-lived process can.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        group = self.settings.get("actor_group") or os.getpgrp()
-        from actors import secret
-
-        # The secret in the environment, never in argv (any local user can read argv).
-        env = {**os.environ, "SLUICE_CLUSTER_SECRET": secret.get().decode()} if secret.installed() else None
-        subprocess.Popen(
-            [sys.executable, "-m", "actors.system", "stop", self.settings["SLUICE_ACTOR_HOST"],
-             str(self.settings["SLUICE_ACTOR_PORT"]), str(group)],
-            cwd=root,
-            env=env,
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
 
 
 def _address_string(address) -> str | None:

@@ -6,17 +6,22 @@ that short-lived child's pid. `ActorSystem.shutdown()` asks the admin to stop ev
 but an actor that died uncleanly can leave the admin waiting for it forever; so after
 asking politely we wait a little, then SIGKILL whatever is left in that process group.
 
-`python -m actors.system stop HOST PORT PGID` does the same from outside (the Supervisor
-runs it when run.py died without shutting down; the cluster secret comes in its
-environment, SLUICE_CLUSTER_SECRET, never in its argv).
+`python -m actors.system stop HOST PORT PGID` does the same from outside.
+
+`python -m actors.system watch PARENT HOST PORT PGID` is the orphan watchdog: a small
+process of its own (run.py starts it, and restarts it if it dies) that waits for run.py
+to end and then stops the actor system if anything of it is left. It lives outside the
+actor system so that no actor's death (the Supervisor's included) takes it along. Both
+get the cluster secret in their environment (SLUICE_CLUSTER_SECRET), never in argv.
 
 `prepare(host, secret)` is what every process that calls `ActorSystem(...)` does first:
-run.py, the admin CLI, the stop command, benches and test probes.
+run.py, the admin CLI, the stop command and the watchdog, benches and test probes.
 """
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from typing import NamedTuple
@@ -131,11 +136,42 @@ def _group_members(group: int) -> set[int]:
     return {p for p, proc in process_table().items() if proc.group == group and proc.state not in ("Z", "X")}
 
 
+WATCH_EVERY_S = 0.5
+
+
+def start_watchdog(parent: int, host: str, port: int, group: int) -> subprocess.Popen:
+    """The orphan watchdog for the actor system in `group`, watching `parent`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.Popen(
+        [sys.executable, "-m", "actors.system", "watch", str(parent), host, str(port), str(group)],
+        cwd=root,
+        # The secret in the environment, never in argv (any local user can read argv).
+        env={**os.environ, "SLUICE_CLUSTER_SECRET": cluster_secret.get().decode()},
+        start_new_session=True,  # a Ctrl-C meant for run.py must not reach it
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def watch(parent: int, host: str, port: int, group: int) -> int:
+    while alive(parent):
+        time.sleep(WATCH_EVERY_S)  # a poll of one /proc entry: nothing to wait on instead
+    if _group_members(group):  # run.py died without stopping the system: do it for it
+        return stop_from_outside(host, port, group)
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 5 and argv[0] == "watch":
+        return watch(int(argv[1]), argv[2], int(argv[3]), int(argv[4]))
     if len(argv) != 4 or argv[0] != "stop":
-        print("usage: python -m actors.system stop HOST PORT PGID", file=sys.stderr)
+        print("usage: python -m actors.system stop HOST PORT PGID | watch PARENT HOST PORT PGID", file=sys.stderr)
         return 2
-    host, port, group = argv[1], int(argv[2]), int(argv[3])
+    return stop_from_outside(argv[1], int(argv[2]), int(argv[3]))
+
+
+def stop_from_outside(host: str, port: int, group: int) -> int:
     secret = os.environ.get("SLUICE_CLUSTER_SECRET", "").encode()
     if not secret:
         kill_group(group, 0)  # cannot talk to the admin without the secret: no polite way left

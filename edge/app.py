@@ -273,7 +273,8 @@ class Edge:
         except BridgeError as exc:
             return JSONResponse({"ready": False, "reason": str(exc)}, status_code=503)
         status = {role: {"ok": isinstance(a, m.State), "pid": getattr(a, "state", {}).get("pid")} for role, a in zip(roles, answers)}
-        ready = all(s["ok"] for s in status.values()) and bool(directory.hub) and not self.out_of_service()
+        complete = directory.settings.get("complete", True)  # False while an actor is being recreated
+        ready = all(s["ok"] for s in status.values()) and bool(directory.hub) and complete and not self.out_of_service()
         return JSONResponse({"ready": ready, "actors": status, "draining": self.out_of_service()}, status_code=200 if ready else 503)
 
     async def performance(self, request: Request):

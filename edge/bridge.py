@@ -5,6 +5,13 @@ context get each other's replies), and `ask` blocks. So every call runs on a sma
 of worker threads, each with its own `asys.private()` context, awaited from the loop with
 `run_in_executor`. A worker whose ask timed out drops its context and opens a fresh one,
 so a late reply can never be taken for the answer to the next question.
+
+Processes die and are replaced (docs/reliability.md). An ask to a role waits in short
+slices and, between them, looks at the directory (refreshed every second by the edge):
+when the role's address changed, the actor it asked is dead and the question goes again
+to its replacement, so a request is not left waiting the whole timeout on a dead shard.
+The Supervisor is found by its global name again when it stops answering (run.py's
+keeper replaces a dead one).
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ from actors.supervisor import SUPERVISOR_NAME, SupervisorActor
 from protocols import messages as m
 
 DIRECTORY_TTL_S = 1.0
+DIRECTORY_ASK_S = 2.0
+FOLLOW_SLICE_S = 0.25  # how often an ask to a role looks whether the role moved
 
 
 class BridgeError(Exception):
@@ -42,6 +51,7 @@ class ActorBridge:
         self._asys: ActorSystem | None = None
         self.directory: m.Directory | None = None
         self._directory_at = 0.0
+        self._known_roles: set[str] = set()  # every role a directory ever named
         self._supervisor = None
 
     def start(self) -> None:
@@ -84,14 +94,38 @@ class ActorBridge:
 
     # --- blocking side, on worker threads -----------------------------------------------
     def refresh_directory_blocking(self) -> m.Directory:
-        reply = self._ask_address(self._supervisor, m.GetDirectory(), 5.0)
+        try:
+            reply = self._ask_address(self._supervisor, m.GetDirectory(), DIRECTORY_ASK_S)
+        except BridgeError:
+            # Perhaps replaced (run.py's keeper): the global name says where it is now.
+            self._supervisor = self._context().createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
+            reply = self._ask_address(self._supervisor, m.GetDirectory(), DIRECTORY_ASK_S)
         if not isinstance(reply, m.Directory):
             raise BridgeError(f"supervisor answered {type(reply).__name__}")
         self.directory, self._directory_at = reply, time.monotonic()
+        self._known_roles |= set(reply.entries)
         return reply
 
     def ask_blocking(self, to: str, msg, timeout: float):
-        return self._ask_address(self._resolve(to), msg, timeout)
+        deadline = time.monotonic() + timeout
+        self._await_role(to, deadline)
+        role = to if to != "supervisor" and self.directory is not None and to in self.directory.entries else None
+        return self._ask_address(self._resolve(to), msg, max(0.0, deadline - time.monotonic()), role)
+
+    def _await_role(self, role: str, deadline: float) -> None:
+        """A role the directory named before and does not now is being recreated: wait
+        for its replacement (until `deadline`) rather than fail the question at once."""
+        while (
+            role in self._known_roles
+            and self.directory is not None
+            and role not in self.directory.entries
+            and time.monotonic() < deadline
+        ):
+            time.sleep(FOLLOW_SLICE_S)  # on a worker thread, never the event loop
+            try:
+                self.refresh_directory_blocking()
+            except BridgeError:
+                pass
 
     def tell_blocking(self, to: str, msg) -> None:
         self._context().tell(self._resolve(to), _encoded(msg))
@@ -106,12 +140,22 @@ class ActorBridge:
             raise BridgeError(f"no actor plays {to!r}")
         return addressing.from_string(address)
 
-    def _ask_address(self, address, msg, timeout: float):
+    def _ask_address(self, address, msg, timeout: float, role: str | None = None):
+        """Ask `address`; with `role`, follow the role to a replacement (see above)."""
         expect = m.REPLIES.get(type(msg), ())
         context = self._context()
         deadline = time.monotonic() + timeout
-        reply = context.ask(address, _encoded(msg), timeout)
+        step = FOLLOW_SLICE_S if role else timeout
+        reply = context.ask(address, _encoded(msg), min(step, timeout))
         while True:
+            if reply is None and time.monotonic() < deadline:
+                moved = self._moved(role, address)
+                if moved is not None:
+                    address = moved
+                    reply = context.ask(address, _encoded(msg), min(step, max(0.0, deadline - time.monotonic())))
+                else:
+                    reply = context.listen(min(step, max(0.0, deadline - time.monotonic())))
+                continue
             if reply is None:
                 self._drop_context()
                 raise BridgeError(f"no answer to {type(msg).__name__} within {timeout:g} s")
@@ -122,7 +166,14 @@ class ActorBridge:
                 raise BridgeError(decoded.message, decoded.code)
             if not expect or isinstance(decoded, expect):
                 return decoded
-            reply = context.listen(max(0.0, deadline - time.monotonic()))
+            reply = context.listen(min(step, max(0.0, deadline - time.monotonic())))
+
+    def _moved(self, role: str | None, address):
+        """The role's new address if the directory moved it away from `address`."""
+        current = self.directory.entries.get(role) if role and self.directory is not None else None
+        if current is None or current == addressing.to_string(address):
+            return None
+        return addressing.from_string(current)
 
     def _context(self):
         context = getattr(self._local, "context", None)

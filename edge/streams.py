@@ -171,6 +171,9 @@ class LocalStreams:
         """A hub frame: keep only events this flight does not have yet. A frame that
         starts beyond what we have belongs to an earlier subscription of this edge to
         the same stream; the replay that answers our subscription brings its events."""
+        if seq is None:
+            self._hub_lost(flight, events)
+            return
         if seq is not None:
             have = len(flight.events)
             if seq > have:
@@ -189,6 +192,15 @@ class LocalStreams:
             flight.finished = True
             self._unlist(flight)
             self._unsubscribe(flight)
+
+    def _hub_lost(self, flight: Flight, events: list[dict]) -> None:
+        """The hub connection dropped (the Pool died, or the link did): the clients get
+        the error event, and this edge gives its reference back (one Cancel), so that a
+        flight nobody here can hear any more is not held open in our name."""
+        if flight.finished:
+            return
+        self._on_events(flight, events)
+        self.spawn(self.bridge.tell(flight.shard, m.Cancel(flight.stream_id, self.edge_id, time.time())))
 
     def leave(self, sub: Subscriber) -> None:
         """A client is gone (finished, disconnected, cancelled or refused)."""

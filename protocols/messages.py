@@ -108,6 +108,7 @@ class LeaseQueued:
 class LeaseGranted:
     lease_id: str
     queue_wait_ms: float
+    pool: str = ""  # incarnation (address) of the Pool the grant's OpenStream went to
 
 
 @message("lease_denied")
@@ -309,6 +310,17 @@ class HubReady:
 
     host: str
     port: int
+
+
+@message("member_lost")
+class MemberLost:
+    """Supervisor -> every Pacer and Coalescer: the process that played `role` at
+    `incarnation` (its address) died and has been replaced (this is sent once the
+    replacement is wired, so "role" already names the new one). Whatever the dead one
+    held is reclaimed, whatever waited on it is re-asked or failed (docs/reliability.md)."""
+
+    role: str
+    incarnation: str
 
 
 @message("get_directory")

@@ -27,7 +27,12 @@ decoded again (a field msgpack cannot carry fails the run), then delivered after
 latency, first-in first-out per (sender, receiver) pair like Thespian over TCP. Faults are
 those TCP allows: latency and jitter, a node paused (a GC pause, SIGSTOP: its messages and
 timers wait, then arrive at once) and wall-clock steps (the `now` a node's logic sees
-jumps). Messages are never dropped or reordered within a pair.
+jumps). Messages are never dropped or reordered within a pair, except by a crash:
+`sim.kill(node, at)` SIGKILLs the Pool, the Pacer or a Coalescer shard. Whatever it held
+is lost, messages and timers addressed to that incarnation vanish, the edges lose their
+hub connection when the Pool dies, and after `restart_s` the Supervisor's part is played:
+the replacement is wired and `MemberLost` goes to the Pacer and the shards
+(docs/reliability.md, "Process crashes").
 
 Use (see docs/simulation.md):
 
@@ -53,7 +58,7 @@ from typing import Any, Callable
 from actors.coalescer_logic import CoalescerFlags, CoalescerLogic, pacer_role
 from actors.effects import After, Send
 from actors.metrics_logic import MetricsLogic
-from actors.pacer_logic import PacerLogic, PacerSettings
+from actors.pacer_logic import PacerLogic, PacerSettings, PoolAt
 from protocols import auth
 from protocols import events as ev
 from protocols import messages as m
@@ -167,6 +172,7 @@ class SimClient:
     flight: Any = None
     wants_out: bool = False  # disconnected before the edge had an answer
     replayed: bool = False  # got a remembered error (error TTL) instead of a stream
+    hub_lost: bool = False  # its stream ended with the edge's own hub_disconnected
 
     @property
     def outcome(self) -> str | None:
@@ -218,6 +224,27 @@ class _Flush:
     pass
 
 
+@dataclass(frozen=True)
+class _Orphan:
+    """Hub timer: a stream subscribed to but never opened ends with an error (actors/hub.py)."""
+
+    stream_id: str
+
+
+@dataclass(frozen=True)
+class _HubLost:
+    """The edge's connection to the hub dropped (the Pool died)."""
+
+    up: bool = False  # True: the directory names a new hub again
+
+
+@dataclass(frozen=True)
+class _ShardMoved:
+    """The directory names a replacement for `shard`: Submits still unanswered go to it."""
+
+    shard: str
+
+
 class _Records:
     """Batches measurement records to Metrics (a flush timer, never one message each)."""
 
@@ -255,6 +282,8 @@ class _EdgeFlight:
 class _Pending:
     client: SimClient
     waiters: list = field(default_factory=list)
+    shard: str = ""
+    submit: Any = None
 
 
 class SimEdge:
@@ -272,6 +301,7 @@ class SimEdge:
         self.listeners: dict[str, list] = {}  # stream id -> local flights on it, like HubClient
         self.clients: list[SimClient] = []
         self.records = _Records(self.name, metrics)
+        self.hub_up = True
 
     def handle(self, msg, sender, now: float) -> list:
         if isinstance(msg, _Arrive):
@@ -284,6 +314,9 @@ class SimEdge:
                 client.wants_out = True
                 return []
             return self._end(client, "disconnected", now)
+        if isinstance(msg, (m.Admitted, m.Rejected)) and msg.request_id not in self.submits:
+            # A second answer to a Submit sent again to a replaced shard: give its reference back.
+            return [Send(self._shard_of(msg.request_id), m.Cancel(msg.stream_id, self.edge_id, now))] if isinstance(msg, m.Admitted) else []
         if isinstance(msg, m.Admitted):
             return self._admitted(msg, now)
         if isinstance(msg, m.Rejected):
@@ -299,7 +332,26 @@ class SimEdge:
             return out
         if isinstance(msg, _Flush):
             return self.records.flush()
+        if isinstance(msg, _HubLost):
+            return self._hub_lost(msg, now)
+        if isinstance(msg, _ShardMoved):  # edge/bridge.py follows the role to its replacement
+            return [Send(msg.shard, p.submit) for p in self.submits.values() if p.shard == msg.shard]
         raise TypeError(f"{self.name}: unexpected {type(msg).__name__}")
+
+    def _hub_lost(self, msg: _HubLost, now: float) -> list:
+        """edge/dataplane.py + streams.py: every listened stream ends with hub_disconnected
+        and this edge gives its reference back (one Cancel per local flight)."""
+        self.hub_up = msg.up
+        if msg.up:
+            return []
+        out: list = []
+        for stream_id, flights in list(self.listeners.items()):
+            for flight in list(flights):
+                for client in flight.subscribers:
+                    client.hub_lost = True
+                out += self._on_events(flight, [ev.error("hub_disconnected", "the stream hub went away mid-stream")], now)
+                out.append(Send(flight.shard, m.Cancel(stream_id, self.edge_id, now)))
+        return out
 
     def _arrive(self, client: SimClient, now: float) -> list:
         self.clients.append(client)
@@ -315,12 +367,16 @@ class SimEdge:
 
     def _submit(self, client: SimClient, now: float) -> list:
         shard = f"coalescer:{shard_of(client.key, self.shards, client.request_id)}"
-        pending = _Pending(client)
+        body = m.Submit(client.request_id, client.key, client.provider, client.model, client.body, self.edge_id, now)
+        pending = _Pending(client, shard=shard, submit=body)
         if client.key:
             self.pending[client.key] = pending
         self.submits[client.request_id] = pending
-        body = m.Submit(client.request_id, client.key, client.provider, client.model, client.body, self.edge_id, now)
         return [Send(shard, body)]
+
+    def _shard_of(self, request_id: str) -> str:
+        client = next(c for c in self.clients if c.request_id == request_id)
+        return f"coalescer:{shard_of(client.key, self.shards, request_id)}"
 
     def _answered(self, request_id: str) -> _Pending:
         pending = self.submits.pop(request_id)
@@ -330,6 +386,12 @@ class SimEdge:
         return pending
 
     def _admitted(self, msg: m.Admitted, now: float) -> list:
+        if not self.hub_up and msg.error is None and msg.request_id in self.submits:
+            # No hub to subscribe to (edge/streams.py): refused with 503, reference given back.
+            shard = self.submits[msg.request_id].shard
+            return self._rejected(m.Rejected(msg.request_id, 503, "gateway_unavailable", "stream hub unreachable"), now) + [
+                Send(shard, m.Cancel(msg.stream_id, self.edge_id, now))
+            ]
         pending = self._answered(msg.request_id)
         key = pending.client.key
         shard = f"coalescer:{shard_of(key, self.shards, msg.request_id)}"
@@ -475,6 +537,18 @@ class SimPool:
         self.hub: dict[str, _HubStream] = {}
         self.failed: list[tuple[str, str]] = []  # FailStream (stream_id, code)
         self.records = _Records("pool", metrics)
+        self.lost_hub: dict[str, _HubStream] = {}  # streams of dead incarnations
+        self.orphan_s = 90.0  # the Simulation sets PACER_MAX_WAIT + 60 s, like actors/pool.py
+        self.incarnation = "pool"
+
+    def crash(self, now: float) -> None:
+        """SIGKILL: the calls stop without a word (no LeaseRelease, no StreamFinished), the
+        hub and its replay buffers are gone."""
+        for call in self.running.values():
+            call.outcome, call.ended_at = "lost", now
+        self.running.clear()
+        self.lost_hub.update(self.hub)
+        self.hub = {}
 
     @property
     def calls(self) -> int:
@@ -500,7 +574,16 @@ class SimPool:
                 raise PermissionError(f"the hub refuses {sender}'s Subscribe to {msg.stream_id}: not its ticket")
             stream = self.hub.setdefault(msg.stream_id, _HubStream())
             stream.subscribers[sender] = None
-            return [Send(sender, m.StreamData(msg.stream_id, 0, list(stream.events)))] if stream.events else []
+            if stream.events:
+                return [Send(sender, m.StreamData(msg.stream_id, 0, list(stream.events)))]
+            # Only after a double crash (a Pacer, then the shard before it re-asked) does
+            # nobody ever open or fail a stream; the hub's orphan timeout ends it.
+            return [] if msg.stream_id in self.running else [After(self.orphan_s, _Orphan(msg.stream_id))]
+        if isinstance(msg, _Orphan):
+            stream = self.hub.get(msg.stream_id)
+            if stream is None or stream.events or msg.stream_id in self.running or any(c.stream_id == msg.stream_id for c in self.log):
+                return []
+            return self._publish(msg.stream_id, [ev.error("stream_not_started", "the upstream call never started")])
         if isinstance(msg, m.Unsubscribe):
             stream = self.hub.get(msg.stream_id)
             if stream is not None:
@@ -519,8 +602,15 @@ class SimPool:
 
     def _open(self, msg: m.OpenStream, now: float) -> list:
         stream = self.hub.get(msg.stream_id)
-        if msg.stream_id in self.running or (stream is not None and stream.finished):
-            return []  # a duplicate OpenStream
+        if msg.stream_id in self.running:
+            return []  # a duplicate OpenStream (a replaced Pacer granted it again): its end releases
+        if stream is not None and stream.finished:  # over already: the grant back, the shard told
+            last = stream.events[-1]
+            outcome, error = ("done", None) if last.get("type") == ev.DONE else ("error", last)
+            return [
+                Send(pacer_role(msg.provider), m.LeaseRelease(msg.stream_id, None)),
+                Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error)),
+            ]
         request = UpstreamRequest(len(self.log) + 1, msg.stream_id, msg.provider, msg.model, msg.body, now)
         behaviour = self.behaviour(request) if callable(self.behaviour) else self.behaviour
         call = UpstreamCall(request.n, msg.stream_id, msg.provider, msg.coalescer, behaviour, msg.queue_wait_ms, now)
@@ -608,23 +698,31 @@ class _PacerHost:
         before = set(self.logic.in_flight)
         if isinstance(msg, _Configure):
             out = self.logic.configure(msg.changes, now)
+        elif isinstance(msg, PoolAt):
+            out = self.logic.handle(msg, sender, now)
         else:
             out = self.logic.handle(msg, sender, now)
         after = set(self.logic.in_flight)
         for lease_id in sorted(after - before):
-            if lease_id in self.sim.leases:
+            if lease_id in self.sim.leases and self.sim.leases[lease_id].released_at is None:
                 self.sim.fail(f"pacer granted lease {lease_id} twice")
+            # Granted again after its release: a stream id asked for anew by a replaced shard
+            # (the edge re-sends its Submit, same request id); the Pool gives it straight back.
             self.sim.leases[lease_id] = Lease(lease_id, self.sim.now)
             if len(after) > self.logic.settings.concurrency:
                 self.sim.fail(f"pacer granted {lease_id} with {len(after)} in flight > concurrency")
         for lease_id in sorted(before - after):
             lease = self.sim.leases[lease_id]
             lease.released_at, lease.released_by = self.sim.now, type(msg).__name__
+        if isinstance(msg, m.MemberLost) and msg.role == "pool":
+            held = [k for k, h in self.logic.in_flight.items() if h.pool == msg.incarnation]
+            if held:
+                self.sim.fail(f"pacer still holds leases {held} of the dead {msg.incarnation}")
         if isinstance(msg, m.LeaseRelease) and msg.lease_id not in before:
             # Legitimate only after a LeaseCancel: everyone left while the grant that
             # opened the call was on its way to the Coalescer.
-            lease = self.sim.leases.get(msg.lease_id)
-            if lease is None or lease.released_by != "LeaseCancel":
+            lease = self.sim.leases.get(msg.lease_id) or self.sim.old_leases.get(msg.lease_id)
+            if lease is None or lease.released_by not in ("LeaseCancel", "MemberLost", "PacerLost"):
                 self.sim.fail(f"LeaseRelease for {msg.lease_id}, which the pacer no longer held (released twice?)")
         return out
 
@@ -637,7 +735,12 @@ class _CoalescerHost:
         if isinstance(msg, _Configure):
             self.logic.flags = replace(self.logic.flags, **msg.changes)
             return []
-        return self.logic.handle(msg, sender, now)
+        out = self.logic.handle(msg, sender, now)
+        if isinstance(msg, m.MemberLost) and msg.role == "pool":
+            kept = [f.stream_id for f in self.logic.by_stream.values() if f.pool == msg.incarnation]
+            if kept:
+                raise SimulationError(f"{self.logic.me} keeps flights {kept} of the dead {msg.incarnation}")
+        return out
 
 
 @dataclass
@@ -646,6 +749,7 @@ class Lease:
     granted_at: float
     released_at: float | None = None
     released_by: str | None = None  # "LeaseRelease" (the Pool) | "LeaseCancel" (the Coalescer)
+    # | "MemberLost" (reclaimed from a dead Pool or shard) | "PacerLost" (died with the Pacer)
 
 
 @dataclass
@@ -667,6 +771,8 @@ class _Node:
     clock_offset: float = 0.0
     paused_until: float = 0.0
     backlog: deque = field(default_factory=deque)
+    incarnation: int = 1
+    down: bool = False
 
 
 # --- the simulation -------------------------------------------------------------------------------
@@ -708,6 +814,7 @@ class Simulation:
         self._edge_dedupe_seq = edge_dedupe_seq
         self.trace: list[Delivery] = []
         self.leases: dict[str, Lease] = {}
+        self.old_leases: dict[str, Lease] = {}  # those of dead Pacer incarnations
         self.clients: list[SimClient] = []
         self.nodes: dict[str, _Node] = {}
 
@@ -722,6 +829,7 @@ class Simulation:
             for i in range(shards)
         ]
         self.pool = SimPool(metrics)
+        self.pool.orphan_s = self.pacer.settings.max_wait_s + 60.0  # as actors/pool.py sets it
         self.edges: dict[str, SimEdge] = {}
         self.metrics = SimMetrics() if metrics else None
         self._add(pacer_role(provider), _PacerHost(self.pacer, self))
@@ -773,8 +881,8 @@ class Simulation:
 
     def set_flags(self, at: float, **changes) -> None:
         """An operator's live `set_flags` to every coalescer shard at `at`."""
-        for logic in self.coalescers:
-            self._schedule(at, self._deliver, self.nodes[logic.me], None, _Configure(changes), None)
+        for i in range(self.shards):
+            self._schedule(at, self._deliver, self.nodes[f"coalescer:{i}"], None, _Configure(changes), None)
 
     def slow_link(self, src: str, dst: str, extra_ms: float) -> None:
         """Every message from `src` to `dst` (node names) takes `extra_ms` longer: opens the
@@ -799,6 +907,76 @@ class Simulation:
                 self.nodes[name].clock_offset += by_s
 
         self._schedule(at, jump)
+
+    def kill(self, node: str, at: float, restart_s: float = 0.3) -> None:
+        """SIGKILL `node` ("pool", "pacer:<account>", "coalescer:<n>") at `at`. What it held
+        is lost; messages and timers addressed to it vanish. After `restart_s` (detection
+        and a new process) the Supervisor's part: the replacement is wired (the Pacer
+        learns the new Pool, edges the new hub or shard), then `MemberLost(role, old
+        incarnation)` goes to the Pacer and every shard, as actors/supervisor.py does."""
+        self._schedule(at, self._crash, node, restart_s)
+
+    def _crash(self, name: str, restart_s: float) -> None:
+        node = self.nodes[name]
+        if node.down:
+            return
+        node.down, node.backlog = True, deque()
+        lost = self._address(node)
+        node.incarnation += 1
+        pacer = pacer_role(self.provider)
+        if name == "pool":
+            self.pool.crash(self.now)
+            for edge in self.edges:
+                self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _HubLost(), None)
+            self._tell(pacer, PoolAt(None))  # the Wire whose directory has no Pool
+        elif name == pacer:
+            for lease in self.leases.values():
+                if lease.released_at is None:
+                    lease.released_at, lease.released_by = self.now, "PacerLost"
+            self.old_leases.update(self.leases)  # the new Pacer's leases are counted afresh
+            self.leases = {}
+            fresh = PacerLogic(self.pacer.provider, self.pacer.settings)
+            fresh.pool = None if self.nodes["pool"].down else self.pool.incarnation
+            self.pacer, node.logic = fresh, _PacerHost(fresh, self)
+        elif name.startswith("coalescer:"):
+            index = int(name.partition(":")[2])
+            old = self.coalescers[index]
+            fresh = CoalescerLogic(me=f"{name}@{node.incarnation}", flags=replace(old.flags))
+            self.coalescers[index], node.logic = fresh, _CoalescerHost(fresh)
+        else:
+            self.fail(f"kill: {name} is not a Pool, Pacer or Coalescer shard")
+        self._schedule(self.now + restart_s, self._restart, node, lost)
+
+    def _restart(self, node: _Node, lost: str) -> None:
+        node.down = False
+        pacer = pacer_role(self.provider)
+        if node.name == "pool":
+            self.pool.incarnation = f"pool@{node.incarnation}"
+            self._tell(pacer, PoolAt(self.pool.incarnation))
+            for edge in self.edges:
+                self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _HubLost(up=True), None)
+        if node.name.startswith("coalescer:"):
+            for edge in self.edges:
+                self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _ShardMoved(node.name), None)
+        for target in [pacer] + [f"coalescer:{i}" for i in range(self.shards)]:
+            if target != node.name:
+                self._send("supervisor", target, m.MemberLost(node.name, lost))
+
+    def _tell(self, name: str, local) -> None:
+        """A local event for `name` after one hop (the Wire's directory, as the host reads it)."""
+        self._schedule(self.now + self._latency(), self._deliver, self.nodes[name], "supervisor", local, None)
+
+    def _address(self, node: _Node) -> str:
+        """The incarnation's address: what others hold (OpenStream.coalescer, a reply-to)."""
+        if node.name.startswith("coalescer:"):
+            return self.coalescers[int(node.name.partition(":")[2])].me
+        if node.name == "pool":
+            return self.pool.incarnation
+        return node.name if node.incarnation == 1 else f"{node.name}@{node.incarnation}"
+
+    def _latency(self) -> float:
+        lo, hi = self.latency_ms
+        return self.rng.uniform(lo, hi) / 1000.0
 
     def at(self, t: float, fn: Callable[["Simulation"], None]) -> None:
         """Run `fn(sim)` at virtual time `t` (to add clients from a running scenario, ...)."""
@@ -876,10 +1054,18 @@ class Simulation:
             if c.outcome == "rejected" and c.events:
                 self.fail(f"client {c.request_id} rejected but received events")
             if c.stream_id is not None and c.events:
-                published = self.pool.hub[c.stream_id].events if c.stream_id in self.pool.hub else []
-                expected = published[-1:] if c.replayed else published[: len(c.events)]
-                if c.events != expected:
-                    self.fail(f"client {c.request_id} got {c.events}, but stream {c.stream_id} published {published}")
+                # The live hub, or that of a dead Pool incarnation (the stream id may be in both).
+                candidates = [h[c.stream_id].events for h in (self.pool.hub, self.pool.lost_hub) if c.stream_id in h] or [[]]
+                if c.hub_lost and c.events[-1].get("code") != "hub_disconnected":
+                    self.fail(f"client {c.request_id} lost its hub but ended {c.events[-1]}")
+                expected = [
+                    p[-1:] if c.replayed
+                    else p[: len(c.events) - 1] + c.events[-1:] if c.hub_lost  # what the dead hub sent, then the edge's error
+                    else p[: len(c.events)]
+                    for p in candidates
+                ]
+                if c.events not in expected:
+                    self.fail(f"client {c.request_id} got {c.events}, but stream {c.stream_id} published {candidates}")
         pacer = self.pacer.state(self.now + self.nodes[pacer_role(self.provider)].clock_offset)
         if pacer["in_flight"] or pacer["queue_depth"]:
             self.fail(f"pacer not idle at quiescence: {pacer}")
@@ -897,17 +1083,23 @@ class Simulation:
         for lease in self.leases.values():
             if lease.released_at is None:
                 self.fail(f"lease {lease.lease_id} granted at {lease.granted_at} never released")
+            if lease.released_by in ("MemberLost", "PacerLost"):
+                continue  # reclaimed from, or lost with, a dead process
             call = opened.get(lease.lease_id)
             # A call that ran gives its lease back when it ends, unless everyone left before
             # the Coalescer saw the grant: then its LeaseCancel (sent with a FailStream, which
             # stops the call if it is still running) may reach the Pacer first.
             allowed = {"LeaseCancel"} if call is None else {"LeaseRelease"}
+            if lease.lease_id in self.old_leases or any(sid == lease.lease_id for sid, _ in self.pool.failed):
+                allowed.add("LeaseRelease")  # a re-grant of a finished stream, given back by the Pool
             if call is not None and (lease.lease_id, "cancelled") in self.pool.failed:
                 allowed.add("LeaseCancel")
             if lease.released_by not in allowed:
                 self.fail(f"lease {lease.lease_id} released by {lease.released_by}, expected {' or '.join(sorted(allowed))}")
         for call in self.pool.log:
-            if call.stream_id not in self.leases:
+            if call.outcome == "lost":
+                continue
+            if call.stream_id not in self.leases and call.stream_id not in self.old_leases:
                 self.fail(f"upstream call {call.stream_id} ran without a lease")
 
     def _no_listener(self, stream_id: str) -> None:
@@ -933,7 +1125,9 @@ class Simulation:
     def _schedule(self, t: float, fn: Callable, *args) -> None:
         heapq.heappush(self._queue, (t, next(self._seq), fn, args))
 
-    def _deliver(self, node: _Node, sender, msg, delivery: Delivery | None) -> None:
+    def _deliver(self, node: _Node, sender, msg, delivery: Delivery | None, incarnation: int | None = None) -> None:
+        if node.down or (incarnation is not None and incarnation != node.incarnation):
+            return  # addressed to a dead process: lost
         if self.now < node.paused_until or node.backlog:
             node.backlog.append((sender, msg, delivery))
             return
@@ -947,7 +1141,8 @@ class Simulation:
         if delivery is not None:
             delivery.delivered_at, delivery.order = self.now, next(self._handled)
         if isinstance(msg, (m.AbortStream, m.FailStream)) and msg.stream_id in self.pool.running:
-            self._no_listener(msg.stream_id)
+            if getattr(msg, "code", None) != "coalescer_lost":  # that one fails listened streams on purpose
+                self._no_listener(msg.stream_id)
         try:
             effects = node.logic.handle(msg, sender, self.now + node.clock_offset)
         except SimulationError:
@@ -957,14 +1152,24 @@ class Simulation:
             raise  # unreachable: fail() raises
         for effect in effects or ():
             if isinstance(effect, Send):
-                self._send(node.name, effect.to, effect.msg)
+                self._send(self._address(node) if node.name.startswith("coalescer:") else node.name, effect.to, effect.msg)
             elif isinstance(effect, After):
-                self._schedule(self.now + max(0.0, effect.delay_s), self._deliver, node, None, effect.msg, None)
+                self._schedule(self.now + max(0.0, effect.delay_s), self._deliver, node, None, effect.msg, None, node.incarnation)
             else:
                 self.fail(f"{node.name} returned {effect!r}, not Send/After")
 
     def _send(self, src: str, to, msg) -> None:
         dst = self.nodes.get(to) if isinstance(to, str) else None
+        # A role resolves when sent (the host reads its directory): to the incarnation
+        # playing it now; if that one dies before the message arrives, the message is lost.
+        incarnation = dst.incarnation if dst is not None else None
+        if dst is not None and dst.down:
+            incarnation = -1  # nobody plays the role now (not in the directory): lost
+        if dst is None and isinstance(to, str) and "@" in to:  # one incarnation's address
+            name, _, number = to.partition("@")
+            dst, incarnation = self.nodes.get(name), int(number)
+        elif dst is not None and to.startswith("coalescer:") and src != "supervisor" and not src.startswith("edge:"):
+            incarnation = 1  # a reply to, or StreamFinished for, the first shard's address
         if dst is None:
             self.fail(f"{src} sent {type(msg).__name__} to unknown address {to!r}")
         try:
@@ -980,4 +1185,4 @@ class Simulation:
         delay_ms = self.rng.uniform(lo, hi) + self._link_delay_ms.get((src, to), 0.0)
         arrival = max(self.now + delay_ms / 1000.0, self._last_arrival.get((src, to), 0.0))
         self._last_arrival[(src, to)] = arrival
-        self._schedule(arrival, self._deliver, dst, src, copy, delivery)
+        self._schedule(arrival, self._deliver, dst, src, copy, delivery, incarnation)

@@ -399,7 +399,7 @@ def test_fanout_disabled_followers_still_get_the_same_final_text(seed):
 # --- faults -----------------------------------------------------------------------------------
 
 
-def chaos(seed, latency_ms=(0.3, 5.0)):
+def chaos(seed, latency_ms=(0.3, 5.0), kills=0):
     """A random workload with random faults and live setting changes; all from the seed.
 
     The edges drop stale frames by seq (see test_the_real_edge_rule_duplicates_events_on_rejoin),
@@ -431,6 +431,9 @@ def chaos(seed, latency_ms=(0.3, 5.0)):
         sim.clock_jump(at=rng.uniform(0, 10), by_s=rng.choice([-1, 1]) * rng.uniform(0.5, 10.0))
     sim.configure_pacer(at=rng.uniform(0, 10), rps=rng.choice([1, 2, 5]), concurrency=rng.choice([1, 3, 6]))
     sim.set_flags(at=rng.uniform(0, 10), coalesce_enabled=rng.random() < 0.5, error_ttl_s=rng.choice([0.0, 0.5, 2.0]))
+    for _ in range(kills):  # SIGKILLs of our own processes, each replaced after a while
+        victim = rng.choice(["pool", "pacer:simulated", "coalescer:0", "coalescer:1", "coalescer:2"])
+        sim.kill(victim, at=rng.uniform(0, 10), restart_s=rng.uniform(0.05, 1.5))
     return sim
 
 
@@ -452,6 +455,60 @@ def test_chaos_seeds_that_once_failed(seed):
     sim = chaos(seed)
     sim.run()
     assert sim.quiescent
+
+
+@pytest.mark.parametrize("seed", seeds(60), ids=ids)
+def test_crashes_of_pool_pacer_and_shards_keep_the_invariants(seed):
+    # The checker at quiescence: no lease held, no flight kept, every client ended once;
+    # and at every MemberLost: nothing of the dead Pool survives in the Pacer or a shard.
+    sim = chaos(seed, kills=3)
+    sim.run()
+    assert sim.quiescent
+    # "cancelled": a stream of a dead shard, failed by the Pacer (the Pool aborts its call)
+    assert all(c.outcome in ("done", "error", "rejected", "disconnected", "cancelled") for c in sim.clients)
+
+
+@pytest.mark.parametrize("seed", seeds(30), ids=ids)
+def test_a_killed_pool_gives_back_its_leases_and_forgets_its_flights(seed):
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=10, burst=10, concurrency=3))
+    sim.upstream(ttft_ms=100, token_interval_ms=20, tokens=50)  # 1.1 s: running at the kill
+    killed = [sim.client(at=sim.rng.uniform(0, 0.2), text=f"q{i % 5}", edge=f"e{i % 2 + 1}") for i in range(20)]
+    sim.kill("pool", at=0.5, restart_s=0.3)
+    sim.run(until=0.9, check=False)
+    assert sim.pacer.state(sim.now)["in_flight"] == 0, "the dead Pool's leases are back"
+    assert all(not lg.by_key for lg in sim.coalescers), "no flight of the dead Pool is kept"
+    assert all(not lg.errors for lg in sim.coalescers), "nor remembered as an error"
+    same = [sim.client(at=1.0 + sim.rng.uniform(0, 0.1), text=f"q{i}", edge="e1") for i in range(5)]
+    sim.run()
+    assert {c.outcome for c in killed} == {"error"} and {c.error["code"] for c in killed} == {"hub_disconnected"}
+    assert {c.outcome for c in same} == {"done"}, "the same prompts start fresh calls"
+    assert all(c.events[0]["first_byte_at"] > 0.8 for c in same)
+
+
+@pytest.mark.parametrize("seed", seeds(30), ids=ids)
+def test_flights_waiting_at_a_killed_pacer_ask_its_replacement(seed):
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=10, burst=10, concurrency=1))
+    sim.upstream(ttft_ms=100, token_interval_ms=20, tokens=20)
+    clients = [sim.client(at=0.01 * i, text=f"q{i}", edge=f"e{i % 2 + 1}") for i in range(4)]  # 1 runs, 3 queue
+    sim.kill("pacer:simulated", at=0.2, restart_s=0.3)
+    sim.run()
+    assert [c.outcome for c in clients] == ["done"] * 4
+    assert sim.pool.calls == 4 and sim.count()["LeaseRequest"] >= 4 + 3  # the queued three asked again
+
+
+@pytest.mark.parametrize("seed", seeds(30), ids=ids)
+def test_a_killed_shard_loses_its_flights_but_no_lease_and_no_client(seed):
+    sim = Simulation(seed=seed, shards=2, pacer=PacerSettings(rps=10, burst=10, concurrency=2))
+    sim.upstream(ttft_ms=100, token_interval_ms=20, tokens=20)
+    before = [sim.client(at=0.01 * i, text=f"q{i}", edge=f"e{i % 2 + 1}") for i in range(6)]
+    sim.kill("coalescer:0", at=0.2, restart_s=0.3)
+    after = [sim.client(at=0.25 + 0.01 * i, text=f"new q{i}", edge="e1") for i in range(6)]  # some wait for the replacement
+    sim.run()  # the checker: the Pacer holds nothing, every client ended once
+    assert {c.outcome for c in after} == {"done"}
+    # The dead shard's flights fail (queued: coalescer_lost; running: the Pool aborts the
+    # call, "cancelled"); the other shard's are untouched.
+    lost = [c for c in before if c.outcome != "done"]
+    assert lost and all(c.error["code"] in ("coalescer_lost", "cancelled") for c in lost)
 
 
 @pytest.mark.parametrize("seed", seeds(30), ids=ids)

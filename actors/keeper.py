@@ -1,0 +1,97 @@
+"""run.py's keeper: the Supervisor and the orphan watchdog are never left dead.
+
+The Supervisor recreates every other actor; this keeper, a thread in run.py (the process
+that owns the actor system), does the same for the Supervisor. Every `EVERY_S` it checks
+the Supervisor's pid (one /proc read) and, every `DIRECTORY_EVERY_S`, remembers the
+Supervisor's directory. When the Supervisor is gone, it asks the admin for the global name
+again (Thespian drops a global name when its actor exits, so this creates a new
+Supervisor) and wires it with the last directory it saw: the new Supervisor adopts the
+actors that still answer and recreates the others (actors/supervisor.py).
+
+It also restarts the orphan watchdog process (actors/system.py `watch`) if that dies.
+
+Thread safety: the keeper has its own `asys.private()` context, like the edge's bridge
+threads; it never forks.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from actors.system import alive
+from protocols import messages as m
+
+log = logging.getLogger("sluice.keeper")
+
+EVERY_S = 0.25
+DIRECTORY_EVERY_S = 1.0
+ASK_TIMEOUT_S = 2.0
+
+
+class SupervisorKeeper:
+    def __init__(self, asys, settings: dict, ensure_watchdog: Callable[[], None] | None = None):
+        self.asys, self.settings = asys, settings
+        self.ensure_watchdog = ensure_watchdog
+        self.directory: dict[str, str] = {}  # the last complete directory seen
+        self.pid: int | None = None
+        self.address = None
+        self.replacements = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="supervisor-keeper", daemon=True)
+
+    def start(self) -> "SupervisorKeeper":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        with self.asys.private() as context:
+            next_directory = 0.0
+            while not self._stop.wait(EVERY_S):
+                try:
+                    if self.ensure_watchdog is not None:
+                        self.ensure_watchdog()
+                    if self.pid is None or not alive(self.pid):
+                        self._find_or_replace(context)
+                    elif time.monotonic() >= next_directory:
+                        next_directory = time.monotonic() + DIRECTORY_EVERY_S
+                        self._remember_directory(context)
+                except Exception:  # the keeper must outlive whatever went wrong this turn
+                    log.exception("supervisor keeper")
+
+    def _find_or_replace(self, context) -> None:
+        from actors.supervisor import SUPERVISOR_NAME, SupervisorActor
+
+        if self.pid is not None:
+            log.error("the Supervisor (pid %s) is gone; starting a new one", self.pid)
+            self.pid = None
+        address = context.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
+        reply = self._ask(context, address, m.GetState())
+        if not isinstance(reply, m.State):
+            return  # try again next turn
+        if not reply.state.get("wired"):
+            self.replacements += 1
+            context.tell(address, m.encode(m.Wire("supervisor", dict(self.directory), self.settings)))
+        self.address, self.pid = address, reply.state["pid"]
+
+    def _remember_directory(self, context) -> None:
+        reply = self._ask(context, self.address, m.GetDirectory())
+        if isinstance(reply, m.Directory) and reply.hub:  # only a complete one
+            self.directory = dict(reply.entries)
+
+    @staticmethod
+    def _ask(context, address, msg):
+        expect = m.REPLIES[type(msg)]
+        deadline = time.monotonic() + ASK_TIMEOUT_S
+        reply = context.ask(address, m.encode(msg), ASK_TIMEOUT_S)
+        while reply is not None:
+            decoded = m.decode(reply) if isinstance(reply, (bytes, bytearray)) else None
+            if isinstance(decoded, expect):
+                return decoded
+            reply = context.listen(max(0.0, deadline - time.monotonic()))  # a stray earlier answer
+        return None

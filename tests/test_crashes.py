@@ -1,0 +1,213 @@
+"""Crash-consistent state (docs/reliability.md, "Process crashes"): SIGKILL one of
+sluice's own processes under load and check that what it held is reclaimed at once.
+
+Real processes throughout: run.py with its actor system and simulated provider (the
+`Gateway` helper), pids from `/readyz`, `os.kill(pid, SIGKILL)`. Deadlines are poll
+timeouts, generous for a loaded 2-core machine; the measured times are printed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+
+from actors.system import descendants
+from tests.support import SSEClient, chat_body, data_events, get_json, request, running_gateway, wait_until
+
+TOKEN = "crash-test-token"
+LONG = "#sim ttft_ms=50 tokens=2000 token_interval_ms=20"  # 40 s: still streaming when killed
+GATEWAY_ENV = {"SIMULATED_CONCURRENCY": "4", "SIMULATED_RPS": "50", "SIMULATED_BURST": "50", "SLUICE_ADMIN_TOKEN": TOKEN}
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def actors(gw) -> dict:
+    status, body = get_json(gw.url + "/readyz")
+    return body.get("actors", {}) if status == 200 else {}
+
+
+def pid_of(gw, role: str) -> int:
+    return wait_until(lambda: actors(gw).get(role, {}).get("pid"), timeout=20, message=f"{role} ready")
+
+
+def pacer_state(gw) -> dict:
+    status, _, body = request("GET", gw.url + "/api/admin/state?role=pacer", headers={"authorization": f"Bearer {TOKEN}"})
+    assert status == 200, body
+    return json.loads(body)["results"]["pacer:simulated"]
+
+
+def kill(pid: int) -> float:
+    os.kill(pid, signal.SIGKILL)
+    return time.monotonic()
+
+
+class OpenStreams:
+    """`n` long streams, each read on a thread of its own until its terminal event."""
+
+    def __init__(self, gw, n: int, text: str):
+        self.bodies = [chat_body(f"{text} {i}\n{LONG}") for i in range(n)]
+        self.clients, self.threads, self.ends = [], [], {}
+        for body in self.bodies:
+            client = SSEClient(gw.url + "/api/chat", body, timeout=60)
+            assert client.status == 200
+            self.clients.append(client)
+        for client in self.clients:
+            thread = threading.Thread(target=self._read, args=(client,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _read(self, client) -> None:
+        try:
+            client.read_all()
+        except Exception as exc:  # a dropped connection is a failure the test reports
+            client.events.append(("message", {"type": "transport_error", "message": str(exc)}))
+        self.ends[id(client)] = time.monotonic()
+
+    def wait_streaming(self) -> None:
+        wait_until(lambda: all(any(d.get("type") == "delta" for d in data_events(list(c.events))) for c in self.clients),
+                   timeout=30, message="every stream to have its first delta")
+
+    def wait_ended(self, timeout: float = 20.0) -> list[dict]:
+        for thread in self.threads:
+            thread.join(timeout)
+        assert not any(t.is_alive() for t in self.threads), "a client is still waiting: a hang"
+        for client in self.clients:
+            client.close()
+        return [data_events(c.events)[-1] for c in self.clients]
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+def serves(gw, text: str) -> bool:
+    client = SSEClient(gw.url + "/api/chat", chat_body(f"{text}\n#sim tokens=3"), timeout=30)
+    try:
+        return client.status == 200 and data_events(client.read_all())[-1]["type"] == "done"
+    finally:
+        client.close()
+
+
+def streams_afresh(gw, body: dict) -> bool:
+    """`body` gets a live upstream call: a delta arrives (then the client leaves)."""
+    client = SSEClient(gw.url + "/api/chat", body, timeout=15)
+    try:
+        if client.status != 200:
+            return False
+        while (event := client.next()) is not None:
+            if event[0] == "message" and event[1]["type"] == "delta":
+                return True
+            if event[0] == "message" and event[1]["type"] in ("error", "done"):
+                return False
+        return False
+    finally:
+        client.close()
+
+
+def answers_promptly(gw, text: str, within_s: float):
+    """A new request gets its response (200 or a JSON error) within `within_s`:
+    (seconds to the response headers, final event type or HTTP status)."""
+    started = time.monotonic()
+    client = SSEClient(gw.url + "/api/chat", chat_body(f"{text}\n#sim tokens=3"), timeout=within_s)
+    try:
+        elapsed = time.monotonic() - started
+        if client.status != 200:
+            return elapsed, client.status
+        return elapsed, data_events(client.read_all())[-1]["type"]
+    finally:
+        client.close()
+
+
+def supervisor_pid(gw) -> int | None:
+    try:
+        status, _, body = request("GET", gw.url + "/api/admin/state?role=supervisor",
+                                  headers={"authorization": f"Bearer {TOKEN}"}, timeout=5)
+    except Exception:
+        return None
+    return json.loads(body)["results"]["supervisor"]["pid"] if status == 200 else None
+
+
+# --- the tests ---------------------------------------------------------------------------------
+
+
+def test_a_killed_pool_gives_back_every_lease_and_flight_three_times_over():
+    with running_gateway(GATEWAY_ENV) as gw:
+        for round_ in range(3):
+            streams = OpenStreams(gw, 12, f"pool round {round_} {uuid.uuid4()}")  # 4 streaming, 8 queued
+            wait_until(lambda: pacer_state(gw)["in_flight"] == 4, timeout=20, message="every slot taken")
+            killed_at = kill(pid_of(gw, "pool"))
+            last = streams.wait_ended()
+            assert {e["type"] for e in last} == {"error"}, last  # a terminal event each, no hang
+            print(f"round {round_}: clients ended {max(streams.ends.values()) - killed_at:.2f} s after the kill, codes {sorted({e['code'] for e in last})}")
+
+            wait_until(lambda: pacer_state(gw)["in_flight"] == 0 and pacer_state(gw)["queue_depth"] == 0,
+                       timeout=15, message="the dead Pool's leases back")
+            print(f"round {round_}: leases back {time.monotonic() - killed_at:.2f} s after the kill")
+
+            # The very prompt of a killed stream: a fresh call, not a join of the dead one.
+            wait_until(lambda: streams_afresh(gw, streams.bodies[0]), timeout=15, interval=0.1,
+                       message="the killed stream's prompt to stream afresh")
+            print(f"round {round_}: the same prompt streams {time.monotonic() - killed_at:.2f} s after the kill")
+        # No 429 from leaked concurrency: every slot of CONCURRENCY=4 is free after three kills.
+        wait_until(lambda: pacer_state(gw)["in_flight"] == 0, timeout=15, message="idle")
+        again = OpenStreams(gw, 4, f"after the kills {uuid.uuid4()}")
+        again.wait_streaming()
+        assert pacer_state(gw)["in_flight"] == 4
+        again.close()
+
+
+@pytest.mark.parametrize("role", ["pacer:simulated", "coalescer:0", "coalescer:1"])
+def test_a_killed_pacer_or_shard_leaves_no_request_without_an_answer(role):
+    with running_gateway(GATEWAY_ENV) as gw:
+        before = pid_of(gw, role)
+        killed_at = kill(before)
+        # Requests right after the kill, spread over both shards: each gets an answer
+        # (a stream or a clear error) within a few seconds, never a silent wait.
+        results = [answers_promptly(gw, f"after {role} {i} {uuid.uuid4()}", within_s=8) for i in range(6)]
+        print(f"{role}: answers after the kill {[(round(t, 2), r) for t, r in results]}")
+        # Re-admitted: the edge follows the role to its replacement, the coalescers re-ask
+        # a replaced Pacer; no error at all.
+        assert [r for _, r in results] == ["done"] * 6, results
+        wait_until(lambda: actors(gw).get(role, {}).get("pid") not in (None, before), timeout=20, message=f"{role} recreated")
+        wait_until(lambda: serves(gw, f"recovered {uuid.uuid4()}"), timeout=15, interval=0.1, message="serving again")
+        print(f"{role}: serving again {time.monotonic() - killed_at:.2f} s after the kill")
+        wait_until(lambda: pacer_state(gw)["in_flight"] == 0, timeout=10, message="no lease held")
+
+
+def test_a_killed_pacer_re_asks_for_the_flights_that_waited_at_it():
+    with running_gateway({**GATEWAY_ENV, "SIMULATED_CONCURRENCY": "1"}) as gw:
+        holder = OpenStreams(gw, 1, f"holds the only slot {uuid.uuid4()}")
+        holder.wait_streaming()
+        queued = SSEClient(gw.url + "/api/chat", chat_body(f"queued {uuid.uuid4()}\n#sim tokens=3"), timeout=30)
+        assert queued.status == 200  # admitted while queued at the Pacer
+        wait_until(lambda: pacer_state(gw)["queue_depth"] == 1, timeout=10, message="the request queued")
+        kill(pid_of(gw, "pacer:simulated"))
+        # The new Pacer has every slot free and the re-asked lease gets one at once.
+        assert data_events(queued.read_all())[-1]["type"] == "done", queued.events
+        queued.close()
+        holder.close()
+
+
+def test_a_replaced_supervisor_still_repairs_and_a_killed_run_py_leaves_nothing():
+    with running_gateway(GATEWAY_ENV) as gw:
+        supervisor = wait_until(lambda: supervisor_pid(gw), timeout=10, message="the Supervisor's pid")
+        killed_at = kill(supervisor)
+        wait_until(lambda: supervisor_pid(gw) not in (None, supervisor), timeout=30, message="a new Supervisor")
+        wait_until(lambda: request("GET", gw.url + "/readyz")[0] == 200, timeout=30, interval=0.1,
+                   message="readyz back to 200")
+        print(f"readyz 200 again {time.monotonic() - killed_at:.2f} s after the Supervisor's kill")
+
+        pool = pid_of(gw, "pool")
+        kill(pool)  # repaired only by a live Supervisor
+        wait_until(lambda: actors(gw).get("pool", {}).get("pid") not in (None, pool), timeout=20, message="a new Pool")
+        wait_until(lambda: serves(gw, f"after both {uuid.uuid4()}"), timeout=15, interval=0.1, message="serving again")
+
+        gw.tree |= descendants(gw.proc.pid)  # the new Supervisor and Pool, the watchdog
+        gw.proc.send_signal(signal.SIGKILL)
+        gw.proc.wait(10)
+        wait_until(lambda: gw.leftovers() == (set(), set()), timeout=30, message="no process or port left")

@@ -941,7 +941,12 @@ class Simulation:
         elif name.startswith("coalescer:"):
             index = int(name.partition(":")[2])
             old = self.coalescers[index]
-            fresh = CoalescerLogic(me=f"{name}@{node.incarnation}", flags=replace(old.flags))
+            fresh = CoalescerLogic(
+                me=f"{name}@{node.incarnation}",
+                secret=SIM_SECRET,
+                new_stream_id=_counted_ids(f"s-{index}@{node.incarnation}."),
+                flags=replace(old.flags),
+            )
             self.coalescers[index], node.logic = fresh, _CoalescerHost(fresh)
         else:
             self.fail(f"kill: {name} is not a Pool, Pacer or Coalescer shard")

@@ -372,7 +372,13 @@ def test_the_gate_sees_a_regression_the_sheet_would_pass(env, proxy, fault, dela
                 "SLUICE_GATE_MIN_CANCELS": "3", "SLUICE_GATE_ATTEMPTS": "2"}
     prep(env)
     setattr(proxy, fault, delay)  # within the sheet's targets, over the gate's bounds
-    run = sh("run_ttft_suite.sh", "--rehearsal", "--gate", env=gate_env)
+    # Long answers: with answers held back by the proxy, a short one could be fully sent by
+    # the provider before the client's cancel reaches it, and then no abort is observed.
+    assert request("POST", proxy.sim + "/config", body={"tokens": 400, "token_interval_ms": 25})[0] == 200
+    try:
+        run = sh("run_ttft_suite.sh", "--rehearsal", "--gate", env=gate_env)
+    finally:
+        request("POST", proxy.sim + "/config/reset")
     assert run.returncode == 1, run.stdout + run.stderr
     result = verdict(run.stdout)
     assert result["ttft"][1] == "PASS" and result["cancel"][1] == "PASS", run.stdout + run.stderr

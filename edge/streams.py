@@ -202,6 +202,13 @@ class LocalStreams:
         self._on_events(flight, events)
         self.spawn(self.bridge.tell(flight.shard, m.Cancel(flight.stream_id, self.edge_id, time.time())))
 
+    def stray_answer(self, shard: str, answer) -> None:
+        """A second answer to a Submit (asked again of a replaced shard, edge/bridge.py):
+        an `Admitted` holds a reference at the shard that sent it; give it back. One that
+        replays a remembered error holds none (and a Cancel would take another's)."""
+        if isinstance(answer, m.Admitted) and answer.error is None:
+            self.spawn(self.bridge.tell(shard, m.Cancel(answer.stream_id, self.edge_id, time.time())))
+
     def leave(self, sub: Subscriber) -> None:
         """A client is gone (finished, disconnected, cancelled or refused)."""
         self.by_request.pop(sub.request_id, None)

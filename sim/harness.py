@@ -316,7 +316,8 @@ class SimEdge:
             return self._end(client, "disconnected", now)
         if isinstance(msg, (m.Admitted, m.Rejected)) and msg.request_id not in self.submits:
             # A second answer to a Submit sent again to a replaced shard: give its reference back.
-            return [Send(self._shard_of(msg.request_id), m.Cancel(msg.stream_id, self.edge_id, now))] if isinstance(msg, m.Admitted) else []
+            held = isinstance(msg, m.Admitted) and msg.error is None  # a replayed error holds none
+            return [Send(self._shard_of(msg.request_id), m.Cancel(msg.stream_id, self.edge_id, now))] if held else []
         if isinstance(msg, m.Admitted):
             return self._admitted(msg, now)
         if isinstance(msg, m.Rejected):

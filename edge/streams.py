@@ -21,6 +21,7 @@ from typing import Callable
 
 from edge.bridge import ActorBridge, BridgeError
 from edge.dataplane import HubClient
+from edge.listeners import new_events
 from protocols import events as ev
 from protocols import messages as m
 from protocols.keys import shard_of
@@ -174,11 +175,7 @@ class LocalStreams:
         if seq is None:
             self._hub_lost(flight, events)
             return
-        if seq is not None:
-            have = len(flight.events)
-            if seq > have:
-                return
-            events = events[have - seq :]
+        events = new_events(len(flight.events), seq, events)
         if events:
             self._on_events(flight, events)
 

@@ -404,14 +404,11 @@ def test_fanout_disabled_followers_still_get_the_same_final_text(seed):
 
 
 def chaos(seed, latency_ms=(0.3, 5.0), kills=0):
-    """A random workload with random faults and live setting changes; all from the seed.
-
-    The edges drop stale frames by seq (see test_the_real_edge_rule_duplicates_events_on_rejoin),
-    so that a failure here points at the actor logic."""
+    """A random workload with random faults and live setting changes; all from the seed."""
     settings = PacerSettings(rps=2, burst=3, concurrency=3, rpm=40, max_queue=20, max_wait_s=8)
     sim = Simulation(
         seed=seed, shards=3, pacer=settings, flags=CoalescerFlags(error_ttl_s=1.0),
-        latency_ms=latency_ms, metrics=True, edge_dedupe_seq=True,
+        latency_ms=latency_ms, metrics=True,
     )
     rng = sim.rng
 
@@ -553,11 +550,11 @@ def test_metrics_see_leaders_followers_and_cancel_latency(seed):
     assert report["error_rate"] == 0.0 and sim.metrics.logic.rejected_records == 0
 
 
-def rejoin(seed, dedupe):
+def rejoin(seed):
     """e1's only client leaves a stream that e2 keeps alive, and a new identical client
     arrives on e1 at once: e1 unsubscribes and subscribes the same stream again while
     frames of the first subscription are still on the wire."""
-    sim = Simulation(seed=seed, latency_ms=(0.1, 10.0), edge_dedupe_seq=dedupe)
+    sim = Simulation(seed=seed, latency_ms=(0.1, 10.0))
     sim.upstream(ttft_ms=50, token_interval_ms=1, tokens=200)
     sim.client(at=0.0, text="q", edge="e2")
     sim.client(at=0.001, text="q", edge="e1", disconnect_at=0.1)
@@ -568,7 +565,25 @@ def rejoin(seed, dedupe):
 
 @pytest.mark.parametrize("seed", seeds(30), ids=ids)
 def test_rejoining_a_stream_on_the_same_edge_sees_each_event_once(seed):
-    rejoin(seed, dedupe=True)
+    rejoin(seed)
+
+
+def test_frames_of_an_earlier_subscription_break_a_rejoin_without_the_seq_rule(monkeypatch):
+    # The edge's rule (edge.listeners.new_events, run by the simulated edges) is what keeps
+    # the rejoin above correct: taking every frame's events as new fails it.
+    import edge.listeners
+    import sim.harness
+
+    monkeypatch.setattr(sim.harness, "new_events", lambda have, seq, events: events)
+    failed = []
+    for seed in range(30):
+        try:
+            rejoin(seed)
+        except (AssertionError, SimulationError):
+            failed.append(seed)
+    assert failed, "no seed noticed duplicated frames"
+    assert edge.listeners.new_events(2, 3, ["x"]) == [] and edge.listeners.new_events(2, 1, ["a", "b"]) == ["b"]
+
 
 
 # --- the harness itself -----------------------------------------------------------------------

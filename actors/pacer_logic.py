@@ -160,9 +160,15 @@ class PacerLogic:
                 self.paused_until = max(self.paused_until, now + msg.pause_s)
             return self._drain(now)
         if isinstance(msg, m.LeaseCancel):
-            self.in_flight.pop(msg.lease_id, None)
+            out: list = []
+            if self.in_flight.pop(msg.lease_id, None) is not None:
+                # Granted before everyone left: the shard's FailStream stops the call, but it
+                # went to the Pool of its time. If that Pool died meanwhile, the grant may have
+                # opened the call at its replacement, which never hears of the cancel; this
+                # one follows our OpenStream on the same link (a second one is ignored).
+                out.append(Send("pool", m.FailStream(msg.lease_id, "cancelled", "cancelled before the upstream call started")))
             self.queue = deque(w for w in self.queue if w.lease_id != msg.lease_id)
-            return self._drain(now)
+            return out + self._drain(now)
         if isinstance(msg, Tick):
             if msg.generation == self._tick_generation:
                 self._tick_at = None

@@ -79,6 +79,8 @@ class Edge:
         await self._wait_for_hub(deadline_s=15.0)
         self.hub = HubClient(self._locate_hub, cluster_secret.get(), self.edge_id)
         self.streams = LocalStreams(self.bridge, self.hub, self.edge_id, self.settings["COALESCER_SHARDS"])
+        streams = self.streams
+        self.bridge.on_stray = lambda role, answer: loop.call_soon_threadsafe(streams.stray_answer, role, answer)
         self.records = RecordSender(self.bridge, self.edge_id)
         self.records.start()
         self._refresher = asyncio.create_task(self._refresh_directory())

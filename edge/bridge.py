@@ -9,7 +9,11 @@ so a late reply can never be taken for the answer to the next question.
 Processes die and are replaced (docs/reliability.md). An ask to a role waits in short
 slices and, between them, looks at the directory (refreshed every second by the edge):
 when the role's address changed, the actor it asked is dead and the question goes again
-to its replacement, so a request is not left waiting the whole timeout on a dead shard.
+to its replacement, so a request is not left waiting the whole timeout on a dead shard. The dead actor may
+have answered just before it died, so such a question can get two answers: the first is
+taken, and the bridge listens one more slice for the other, which it hands to `on_stray`
+(the edge gives back the reference such an `Admitted` holds), then drops the context so
+nothing of it reaches a later question. An answer naming another request id is a stray too.
 The Supervisor is found by its global name again when it stops answering (run.py's
 keeper replaces a dead one).
 """
@@ -19,6 +23,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 from thespian.actors import ActorSystem
 
@@ -53,6 +58,8 @@ class ActorBridge:
         self._directory_at = 0.0
         self._known_roles: set[str] = set()  # every role a directory ever named
         self._supervisor = None
+        # Called on a worker thread with (role, answer) for an answer nobody waits for any more.
+        self.on_stray: Callable[[str, object], None] | None = None
 
     def start(self) -> None:
         """Join the running actor system (blocking; call before serving). The process must
@@ -147,11 +154,12 @@ class ActorBridge:
         deadline = time.monotonic() + timeout
         step = FOLLOW_SLICE_S if role else timeout
         reply = context.ask(address, _encoded(msg), min(step, timeout))
+        followed = False
         while True:
             if reply is None and time.monotonic() < deadline:
                 moved = self._moved(role, address)
                 if moved is not None:
-                    address = moved
+                    address, followed = moved, True
                     reply = context.ask(address, _encoded(msg), min(step, max(0.0, deadline - time.monotonic())))
                 else:
                     reply = context.listen(min(step, max(0.0, deadline - time.monotonic())))
@@ -164,9 +172,24 @@ class ActorBridge:
                 raise BridgeError(f"undecodable reply: {decoded.reason}")
             if isinstance(decoded, m.ErrorReply):
                 raise BridgeError(decoded.message, decoded.code)
-            if not expect or isinstance(decoded, expect):
+            if expect and isinstance(decoded, expect) and _answers_another(msg, decoded):
+                self._stray(role, decoded)
+            elif not expect or isinstance(decoded, expect):
+                if followed:  # asked two actors: the other answer may be on its way
+                    self._take_stray(context, role, expect)
                 return decoded
             reply = context.listen(min(step, max(0.0, deadline - time.monotonic())))
+
+    def _take_stray(self, context, role: str | None, expect) -> None:
+        late = context.listen(FOLLOW_SLICE_S)
+        decoded = m.decode(late) if isinstance(late, (bytes, bytearray)) else None
+        if decoded is not None and isinstance(decoded, expect):
+            self._stray(role, decoded)
+        self._drop_context()  # a later stray must not reach the next question
+
+    def _stray(self, role: str | None, answer) -> None:
+        if self.on_stray is not None and role is not None:
+            self.on_stray(role, answer)
 
     def _moved(self, role: str | None, address):
         """The role's new address if the directory moved it away from `address`."""
@@ -206,3 +229,9 @@ def _encoded(msg) -> bytes:
         return m.encode(msg)
     except (TypeError, ValueError, OverflowError) as exc:  # msgpack's: int range, nesting, unknown type
         raise BridgeError(f"{type(msg).__name__} cannot be encoded: {exc}", code="unencodable") from None
+
+
+def _answers_another(question, answer) -> bool:
+    """An answer naming a request id other than the question's: meant for an earlier one."""
+    asked, answered = getattr(question, "request_id", None), getattr(answer, "request_id", None)
+    return asked is not None and answered is not None and asked != answered

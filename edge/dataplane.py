@@ -28,6 +28,7 @@ from typing import Awaitable, Callable
 
 import msgpack
 
+from edge.listeners import Listeners
 from protocols import events as ev
 from protocols import hub_hello
 from protocols import messages as m
@@ -48,21 +49,16 @@ class HubClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._connecting = asyncio.Lock()
-        self._listeners: dict[str, list[Callable[[int | None, list[dict]], None]]] = {}
+        self._listeners: Listeners[Callable[[int | None, list[dict]], None]] = Listeners()
 
     async def subscribe(self, stream_id: str, ticket: str, on_events: Callable[[int | None, list[dict]], None]) -> None:
         await self._ensure_connected()
-        self._listeners.setdefault(stream_id, []).append(on_events)
+        self._listeners.add(stream_id, on_events)
         self._writer.write(m.encode(m.Subscribe(stream_id, ticket)))
 
     def unsubscribe(self, stream_id: str, on_events: Callable[[int | None, list[dict]], None]) -> None:
-        listeners = self._listeners.get(stream_id)
-        if not listeners or on_events not in listeners:
-            return
-        listeners.remove(on_events)
-        if listeners:
-            return  # another local flight still listens to this stream
-        del self._listeners[stream_id]
+        if not self._listeners.remove(stream_id, on_events):
+            return  # not listening, or another local flight still listens to this stream
         if self._writer and not self._writer.is_closing():
             self._writer.write(m.encode(m.Unsubscribe(stream_id)))
 
@@ -106,11 +102,11 @@ class HubClient:
                 for raw in unpacker:
                     msg = m.from_wire(raw)
                     if isinstance(msg, m.StreamData):
-                        for listener in list(self._listeners.get(msg.stream_id, ())):
+                        for listener in self._listeners.of(msg.stream_id):
                             listener(msg.seq, msg.events)
                     elif isinstance(msg, m.SubscribeRefused):
                         log.error("the hub refused stream %s: %s", msg.stream_id, msg.message)
-                        for listener in self._listeners.pop(msg.stream_id, ()):
+                        for listener in self._listeners.pop(msg.stream_id):
                             listener(None, [ev.error(msg.code, f"the stream hub refused this stream: {msg.message}")])
                     else:
                         log.warning("hub sent %s", msg)
@@ -120,7 +116,7 @@ class HubClient:
             if self._writer is writer:
                 self._writer = None
             writer.close()
-            lost, self._listeners = self._listeners, {}
+            lost = self._listeners.pop_all()
             for listeners in lost.values():
                 for listener in listeners:
                     listener(None, [ev.error("hub_disconnected", "the stream hub went away mid-stream")])

@@ -21,6 +21,7 @@ from typing import Callable
 
 from edge.bridge import ActorBridge, BridgeError
 from edge.dataplane import HubClient
+from edge.listeners import new_events
 from protocols import events as ev
 from protocols import messages as m
 from protocols.keys import shard_of
@@ -174,11 +175,7 @@ class LocalStreams:
         if seq is None:
             self._hub_lost(flight, events)
             return
-        if seq is not None:
-            have = len(flight.events)
-            if seq > have:
-                return
-            events = events[have - seq :]
+        events = new_events(len(flight.events), seq, events)
         if events:
             self._on_events(flight, events)
 
@@ -201,6 +198,13 @@ class LocalStreams:
             return
         self._on_events(flight, events)
         self.spawn(self.bridge.tell(flight.shard, m.Cancel(flight.stream_id, self.edge_id, time.time())))
+
+    def stray_answer(self, shard: str, answer) -> None:
+        """A second answer to a Submit (asked again of a replaced shard, edge/bridge.py):
+        an `Admitted` holds a reference at the shard that sent it; give it back. One that
+        replays a remembered error holds none (and a Cancel would take another's)."""
+        if isinstance(answer, m.Admitted) and answer.error is None:
+            self.spawn(self.bridge.tell(shard, m.Cancel(answer.stream_id, self.edge_id, time.time())))
 
     def leave(self, sub: Subscriber) -> None:
         """A client is gone (finished, disconnected, cancelled or refused)."""

@@ -59,6 +59,7 @@ from actors.coalescer_logic import CoalescerFlags, CoalescerLogic, pacer_role
 from actors.effects import After, Send
 from actors.metrics_logic import MetricsLogic
 from actors.pacer_logic import PacerLogic, PacerSettings, PoolAt
+from edge.listeners import Listeners, new_events
 from protocols import auth
 from protocols import events as ev
 from protocols import messages as m
@@ -289,16 +290,12 @@ class _Pending:
 class SimEdge:
     """One edge process, modelled on edge/streams.py (LocalStreams) and edge/app.py."""
 
-    def __init__(self, name: str, shards: int, metrics: bool, dedupe_seq: bool = True):
+    def __init__(self, name: str, shards: int, metrics: bool):
         self.name, self.edge_id, self.shards = f"edge:{name}", name, shards
-        # False models edge/dataplane.py as it is: StreamData.seq is ignored, so a frame
-        # still in flight from an earlier subscription of the same stream reaches a new
-        # one (see docs/simulation.md, "known findings"). True drops frames by seq.
-        self.dedupe_seq = dedupe_seq
         self.by_key: dict[str, _EdgeFlight] = {}
         self.pending: dict[str, _Pending] = {}
         self.submits: dict[str, _Pending] = {}  # request_id -> the Submit awaiting an answer
-        self.listeners: dict[str, list] = {}  # stream id -> local flights on it, like HubClient
+        self.listeners: Listeners[_EdgeFlight] = Listeners()  # the real edge/dataplane.py bookkeeping
         self.clients: list[SimClient] = []
         self.records = _Records(self.name, metrics)
         self.hub_up = True
@@ -316,18 +313,16 @@ class SimEdge:
             return self._end(client, "disconnected", now)
         if isinstance(msg, (m.Admitted, m.Rejected)) and msg.request_id not in self.submits:
             # A second answer to a Submit sent again to a replaced shard: give its reference back.
-            return [Send(self._shard_of(msg.request_id), m.Cancel(msg.stream_id, self.edge_id, now))] if isinstance(msg, m.Admitted) else []
+            held = isinstance(msg, m.Admitted) and msg.error is None  # a replayed error holds none
+            return [Send(self._shard_of(msg.request_id), m.Cancel(msg.stream_id, self.edge_id, now))] if held else []
         if isinstance(msg, m.Admitted):
             return self._admitted(msg, now)
         if isinstance(msg, m.Rejected):
             return self._rejected(msg, now)
         if isinstance(msg, m.StreamData):
             out: list = []
-            for flight in list(self.listeners.get(msg.stream_id, ())):  # each local flight on it
-                events = msg.events
-                if self.dedupe_seq:  # keep only the events after those this flight has
-                    have = len(flight.events)
-                    events = events[have - msg.seq :] if msg.seq <= have else []
+            for flight in self.listeners.of(msg.stream_id):  # each local flight on it
+                events = new_events(len(flight.events), msg.seq, msg.events)  # edge/streams.py's rule
                 out += self._on_events(flight, events, now) if events else []
             return out
         if isinstance(msg, _Flush):
@@ -345,8 +340,8 @@ class SimEdge:
         if msg.up:
             return []
         out: list = []
-        for stream_id, flights in list(self.listeners.items()):
-            for flight in list(flights):
+        for stream_id, flights in self.listeners.pop_all().items():
+            for flight in flights:
                 for client in flight.subscribers:
                     client.hub_lost = True
                 out += self._on_events(flight, [ev.error("hub_disconnected", "the stream hub went away mid-stream")], now)
@@ -404,7 +399,7 @@ class SimEdge:
         else:
             if flight.coalesce:
                 self.by_key[key] = flight
-            self.listeners.setdefault(flight.stream_id, []).append(flight)
+            self.listeners.add(flight.stream_id, flight)
             out.append(Send("pool", m.Subscribe(flight.stream_id, msg.ticket)))
         # Everyone waiting on this answer attaches first; their responses run afterwards
         # (in the edge they are separate tasks woken by the same future).
@@ -483,13 +478,8 @@ class SimEdge:
     def _forget(self, flight: _EdgeFlight) -> list:
         if self.by_key.get(flight.key) is flight:
             del self.by_key[flight.key]
-        flights = self.listeners.get(flight.stream_id, [])
-        if flight not in flights:
-            return []
-        flights.remove(flight)
-        if flights:
-            return []  # another local flight still listens to this stream
-        del self.listeners[flight.stream_id]
+        if not self.listeners.remove(flight.stream_id, flight):
+            return []  # not listening, or another local flight still listens to this stream
         return [Send("pool", m.Unsubscribe(flight.stream_id))]
 
     def _record(self, client: SimClient, now: float) -> list:
@@ -791,7 +781,6 @@ class Simulation:
         provider: str = "simulated",
         model: str = "sim-1",
         metrics: bool = False,
-        edge_dedupe_seq: bool = True,
         max_events: int = 5_000_000,
     ):
         if seed is None:
@@ -811,7 +800,6 @@ class Simulation:
         self._link_delay_ms: dict[tuple[str, str], float] = {}
         self._request_ids = itertools.count(1)
         self._metrics_on = metrics
-        self._edge_dedupe_seq = edge_dedupe_seq
         self.trace: list[Delivery] = []
         self.leases: dict[str, Lease] = {}
         self.old_leases: dict[str, Lease] = {}  # those of dead Pacer incarnations
@@ -1083,7 +1071,7 @@ class Simulation:
             self.fail(f"pool still running {sorted(self.pool.running)}")
         for edge in self.edges.values():
             if edge.by_key or edge.pending or edge.submits or edge.listeners:
-                self.fail(f"{edge.name} still holds state: flights={list(edge.by_key)} pending={list(edge.pending)} listeners={list(edge.listeners)}")
+                self.fail(f"{edge.name} still holds state: flights={list(edge.by_key)} pending={list(edge.pending)} listeners={edge.listeners.streams()}")
         opened = {call.stream_id: call for call in self.pool.log}
         for lease in self.leases.values():
             if lease.released_at is None:
@@ -1123,7 +1111,7 @@ class Simulation:
     def _edge(self, name: str) -> _Node:
         role = f"edge:{name}"
         if role not in self.nodes:
-            self.edges[name] = SimEdge(name, self.shards, self._metrics_on, self._edge_dedupe_seq)
+            self.edges[name] = SimEdge(name, self.shards, self._metrics_on)
             self._add(role, self.edges[name])
         return self.nodes[role]
 

@@ -156,3 +156,27 @@ def test_frames_of_an_earlier_subscription_are_dropped_by_seq():
         assert drain(sub) == [ev.delta(w) for w in "abcd"] + [ev.done("stop")]
 
     run(scenario())
+
+
+def test_a_second_answer_to_a_submit_gives_its_reference_back():
+    # A Submit asked again of a replaced shard may be answered twice (edge/bridge.py): the
+    # stray Admitted holds a reference at its shard, which the edge returns with a Cancel;
+    # a stray replaying a remembered error holds none, so nothing is sent for it.
+    async def scenario():
+        bridge = GatedBridge(admitted)
+        streams = LocalStreams(bridge, RecordingHub(), "edge-1", 2)
+        streams.stray_answer("coalescer:1", m.Admitted("r1", "s-9", "leader", ticket="t"))
+        streams.stray_answer("coalescer:1", m.Admitted("r2", "s-8", "follower", ev.error("upstream_error", "x")))
+        streams.stray_answer("coalescer:1", m.Rejected("r3", 429, "pacer_queue_full", "full"))
+        await _settle(streams)
+        assert bridge.told == [m.Cancel("s-9", "edge-1", bridge.told[0].requested_at)]
+
+    run(scenario())
+
+
+def test_the_bridge_takes_an_answer_naming_another_request_as_a_stray():
+    from edge.bridge import _answers_another
+
+    assert _answers_another(m.Submit("r1", KEY, "p", "m", {}, "e", 0.0), m.Admitted("r2", "s-1", "leader"))
+    assert not _answers_another(m.Submit("r1", KEY, "p", "m", {}, "e", 0.0), m.Admitted("r1", "s-1", "leader"))
+    assert not _answers_another(m.GetDirectory(), m.Directory({}, [], {}, 0))

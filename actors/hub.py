@@ -53,7 +53,7 @@ class HubStream:
 
 
 class EdgeConnection:
-    def __init__(self, hub: "StreamHub", reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, hub: StreamHub, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.hub, self.reader, self.writer = hub, reader, writer
         self.edge_id: str | None = None  # set once the handshake proved it
         self.streams: set[str] = set()

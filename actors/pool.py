@@ -54,7 +54,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 class PoolRuntime:
     """The asyncio side of the Pool: owns the loop thread, the httpcore pool, the hub."""
 
-    def __init__(self, settings: dict, outbox: "Outbox"):
+    def __init__(self, settings: dict, outbox: Outbox):
         self.settings = settings
         self.outbox = outbox
         self.loop = new_event_loop()

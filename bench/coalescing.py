@@ -25,7 +25,17 @@ import json
 import time
 import uuid
 
-from bench.common import fmt, loadavg, log, machine, pct, raise_nofile, sigterm_as_interrupt, system_cpu_busy, write_json
+from bench.common import (
+    fmt,
+    loadavg,
+    log,
+    machine,
+    pct,
+    raise_nofile,
+    sigterm_as_interrupt,
+    system_cpu_busy,
+    write_json,
+)
 from bench.load import GatewayProc, Sim, get_json, new_pool, prompt_of, sim_prompt, sim_stats, stream_once
 
 BURST_KNOBS = {"ttft_ms": 2000, "token_interval_ms": 20, "tokens": 20}

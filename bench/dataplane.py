@@ -46,8 +46,8 @@ from bench.common import (
     fmt,
     free_port,
     kill_pids,
-    log,
     loadavg,
+    log,
     machine,
     median,
     pct,
@@ -374,7 +374,7 @@ class Bench:
             await asyncio.get_running_loop().run_in_executor(None, self._tell_private, addr, spec)
             try:
                 await asyncio.wait_for(finished.wait(), limit + 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         finally:
             client.unsubscribe(spec["stream_id"], on_events)

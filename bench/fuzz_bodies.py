@@ -54,7 +54,7 @@ message = st.fixed_dictionaries(
 )
 chatish = st.fixed_dictionaries(
     {"messages": st.one_of(st.lists(message, min_size=1, max_size=3), values)},
-    optional={k: values for k in ("model", "provider", "temperature", "seed", "max_tokens", "stop", "stream", "coalesce", "thread_id", "response_format", "n", "stream_options")},
+    optional=dict.fromkeys(("model", "provider", "temperature", "seed", "max_tokens", "stop", "stream", "coalesce", "thread_id", "response_format", "n", "stream_options"), values),
 )
 thread_send = st.fixed_dictionaries({"content": st.one_of(st.text(max_size=40), values)}, optional={"provider": values, "model": values})
 documents = st.one_of(chatish, thread_send, values, st.dictionaries(st.sampled_from(KEYS), values, max_size=5))
@@ -130,7 +130,7 @@ def run_case(host: str, port: int, thread_id: str, case: dict) -> tuple[str, str
                 data += chunk
                 if time.monotonic() - started > DEADLINE_S:
                     return "hang", f"no end within {DEADLINE_S} s"
-        except socket.timeout:
+        except TimeoutError:
             return "hang", f"no answer within {DEADLINE_S} s"
         except ConnectionResetError:
             pass
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-s", type=float, default=900.0, help="stop generating after this many seconds")
     parser.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
     args = parser.parse_args(argv)
-    from tests.support import request, running_gateway, running_sim, stream_chat, chat_body
+    from tests.support import chat_body, request, running_gateway, running_sim, stream_chat
 
     started = time.monotonic()
     with running_sim() as sim, running_gateway({"SIMULATED_BASE_URL": sim}) as gw:

@@ -52,7 +52,7 @@ from bench.common import (
     wait_for_quiet,
     write_json,
 )
-from bench.load import GatewayProc, Sim, new_pool, prompt_of, sim_stats, sim_prompt, stream_once, get_json
+from bench.load import GatewayProc, Sim, get_json, new_pool, prompt_of, sim_prompt, sim_stats, stream_once
 
 QUIET_PCT = 50.0  # wait (bounded) for the machine to be below this % busy before each pair
 QUIET_WAIT_S = 20.0

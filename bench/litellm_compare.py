@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,7 +237,7 @@ class Sluice:
                            "SLUICE_MAX_CONNECTIONS_PER_CLIENT": "0"})  # one loopback load generator
         self.pacer = f"RPS={rps} BURST={burst} CONCURRENCY={conc}"
 
-    def start(self) -> "Sluice":
+    def start(self) -> Sluice:
         self.gw.start(timeout=60)
         return self
 
@@ -286,7 +286,7 @@ class LiteLLM:
         return [str(LITELLM_VENV / "bin" / "litellm"), "--config", self.config, "--host", "127.0.0.1",
                 "--port", str(self.port), "--num_workers", "1"]
 
-    def start(self, timeout: float = 180.0) -> "LiteLLM":
+    def start(self, timeout: float = 180.0) -> LiteLLM:
         # A scrubbed environment: the peer sees no credentials of this machine, has a HOME of its
         # own, and uses its bundled model-cost map instead of fetching one.
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.tmp, "TMPDIR": self.tmp,
@@ -396,7 +396,7 @@ def run_cell(spec: dict, hard_timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        raise RuntimeError(f"loadgen cell exceeded {hard_timeout}s: {spec['target']['name']}")
+        raise RuntimeError(f"loadgen cell exceeded {hard_timeout}s: {spec['target']['name']}") from None
     finally:
         LOADGENS.discard(proc)
     if proc.returncode != 0:
@@ -599,7 +599,7 @@ class Bench:
         ok = probe["records"][0]["ok"]
         incident = {"target": name, "cell": nonce, "conc": cell["conc"], "errors": cell["errors"],
                     "error_kinds": cell["error_kinds"], "details": cell["error_details"], "probe_ok": ok,
-                    "at": datetime.now(timezone.utc).strftime("%H:%M:%S UTC")}
+                    "at": datetime.now(UTC).strftime("%H:%M:%S UTC")}
         if name.startswith("sluice"):
             gw = (self.sluice if name == "sluice" else self.sluice_prod).gw
             try:
@@ -784,7 +784,7 @@ class Bench:
         log(f"profile: sluice at {conc} streams, py-spy on each of its processes (not a measured cell)")
         pids = sorted(self.sluice.pids)
         roles = label_roles(spy, pids, self.sluice.gw.proc.pid)
-        tmp = str(RESULTS / f"spy-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}")
+        tmp = str(RESULTS / f"spy-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}")
         os.makedirs(tmp, exist_ok=True)
         duration = 12
         spies = {p: subprocess.Popen([spy, "record", "-p", str(p), "-d", str(duration), "-r", "50", "-f", "raw",
@@ -1230,7 +1230,7 @@ def write_doc(results: dict, agg: dict, images: list[str], args) -> None:
                 f"{n} {f0(agg['streams'][c][n]['spread_p95'][0])}–{f0(agg['streams'][c][n]['spread_p95'][1])}"
                 for n in TARGETS if agg["streams"][c][n]["spread_p95"]) for c in levels) + ".")
         add("")
-        add(f"![TTFT vs concurrency](img/litellm-ttft-vs-concurrency.png)")
+        add("![TTFT vs concurrency](img/litellm-ttft-vs-concurrency.png)")
         add("")
         add("Where the added TTFT goes (each stream matched to its upstream call by a nonce in the prompt; "
             "the simulator stamps when it received the call and when it sent the first byte). *Admission* = "
@@ -1645,7 +1645,7 @@ def main(argv=None) -> int:
         log("interrupted: stopping everything")
         bench.stop()
         RESULTS.mkdir(parents=True, exist_ok=True)
-        partial = RESULTS / f"litellm_compare-interrupted-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+        partial = RESULTS / f"litellm_compare-interrupted-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
         bench.results["meta"]["interrupted"] = True
         partial.write_text(json.dumps({"results": bench.results}, indent=1, default=str))
         log(f"partial raw results: {partial.relative_to(ROOT)} (no report written)")
@@ -1660,14 +1660,14 @@ def main(argv=None) -> int:
                                   for c in (row[k] if k == "direct" else row[k]["cells"])]
     loads = [c["loadavg"] for c in cells + results["burst"]] or [0.0]
     utils = [c["loadgen_cpu_s"] / c["wall_s"] for c in cells + results["burst"] if c["wall_s"]] or [0.0]
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     RESULTS.mkdir(parents=True, exist_ok=True)
     results_file = RESULTS / f"litellm_compare-{stamp}.json"
     results["meta"].update({
         "command": ".venv/bin/python -m bench.litellm_compare" + (" --quick" if args.quick else "")
         + (f" --rounds {args.rounds}" if args.rounds != (2 if args.quick else 3) else "")
         + (f" --measures {args.measures}" if args.measures != "1,3,4,5" else ""),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "duration_min": (time.time() - started) / 60, "machine": machine_info(),
         "load_median": statistics.median(loads), "load_max": max(loads), "loadgen_util_max": max(utils),
         "results_file": str(results_file.relative_to(ROOT)), "litellm_spec": args.litellm_spec,

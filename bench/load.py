@@ -169,7 +169,7 @@ class Sim:
         self.proc = None
         self.port = None
 
-    def start(self) -> "Sim":
+    def start(self) -> Sim:
         from sim.provider import start_subprocess
 
         self.proc, self.port = start_subprocess()
@@ -205,7 +205,7 @@ class GatewayProc:
     def url(self) -> str:
         return self.gw.url
 
-    def start(self, timeout: float = 30.0) -> "GatewayProc":
+    def start(self, timeout: float = 30.0) -> GatewayProc:
         gw = self.gw
         gw.log_path = os.path.join(gw.tmp, "gateway.log")
         gw.log = open(gw.log_path, "wb")

@@ -24,7 +24,7 @@ import tempfile
 import time
 import uuid
 
-from bench.common import ROOT, cmdline, cpu_seconds, fmt, log, sigterm_as_interrupt, write_json
+from bench.common import ROOT, cmdline, cpu_seconds, log, sigterm_as_interrupt, write_json
 from bench.load import GatewayProc, Sim, new_pool, sim_prompt, stream_once
 
 KNOBS = {"ttft_ms": 200, "token_interval_ms": 20, "tokens": 10}
@@ -101,7 +101,7 @@ async def steady(gw_url: str, concurrency: int, seconds: float) -> int:
 async def burst(gw_url: str, n: int, rounds: int) -> int:
     pool = new_pool(n + 2)
     try:
-        for r in range(rounds):
+        for _ in range(rounds):
             prompt = sim_prompt(f"prof-burst-{uuid.uuid4().hex[:6]}", ttft_ms=2000, token_interval_ms=20, tokens=20)
             await asyncio.wait_for(asyncio.gather(*(stream_once(pool, "sluice", gw_url + "/api/chat", prompt) for _ in range(n))), 60)
     finally:

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from bench.common import ROOT, fmt, log, machine
 
@@ -229,7 +228,7 @@ def render(commands: dict, quick: bool) -> str:
             "",
             "## 3. Coalescing and pacing under bursts",
             "",
-            f"Identical burst: `#sim " + " ".join(f"{a}={b}" for a, b in co["burst_knobs"].items()) + "`, one HTTP/1.1 connection per stream, "
+            "Identical burst: `#sim " + " ".join(f"{a}={b}" for a, b in co["burst_knobs"].items()) + "`, one HTTP/1.1 connection per stream, "
             "all sent at once. Production pacer: " + " ".join(f"{a}={b}" for a, b in co["pacer_env"].items())
             + "; sim `#sim " + " ".join(f"{a}={b}" for a, b in co["paced_knobs"].items()) + "` so RPS=1 alone paces the run "
             "(N distinct requests take ≈ N s; queue max and max wait raised so that nothing is refused).",
@@ -279,10 +278,10 @@ def render(commands: dict, quick: bool) -> str:
                 continue
             lines += [f"**{p['role']}** — {p['cpu_ms_per_stream']:.2f} CPU ms per stream, {p['samples']} samples", "",
                       "| inclusive, sluice code | ms/stream | share |", "|---|---:|---:|"]
-            for f, n, share, ms in p["top_inclusive_sluice"][:10]:
+            for f, _n, share, ms in p["top_inclusive_sluice"][:10]:
                 lines.append(f"| `{f}` | {ms:.2f} | {share:.0f} % |")
             lines += ["", "| self | ms/stream | share |", "|---|---:|---:|"]
-            for f, n, share, ms in p["top_self"][:8]:
+            for f, _n, share, ms in p["top_self"][:8]:
                 lines.append(f"| `{f}` | {ms:.2f} | {share:.0f} % |")
             lines.append("")
     notes = ROOT / "bench" / "NOTES.md"

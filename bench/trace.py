@@ -332,7 +332,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    from bench.common import ROOT, fmt, log, pct, sigterm_as_interrupt, write_json
+    from bench.common import fmt, log, pct, sigterm_as_interrupt, write_json
     from bench.load import GatewayProc, Sim, new_pool, prompt_of, sim_prompt, sim_stats, stream_once
 
     knobs = {"ttft_ms": 200, "token_interval_ms": 20, "tokens": 10}

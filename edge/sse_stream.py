@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from edge.access_log import STREAM_OUTCOME
 from edge.streams import Subscriber

@@ -16,8 +16,8 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from edge.bridge import ActorBridge, BridgeError
 from edge.dataplane import HubClient
@@ -47,7 +47,7 @@ class Subscriber:
     model: str
     fanout: bool = True
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    flight: "Flight | None" = None
+    flight: Flight | None = None
     outcome: str | None = None
     key_id: str | None = None  # the API key that owns this request (None: open access)
 

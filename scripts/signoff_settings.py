@@ -205,7 +205,7 @@ def prep(gw: Gateway, account: str | None, say=print) -> list[str]:
     never a pacer value (a restart must not pick test values up)."""
     account, _, state = target(gw, account)
     before = in_force(gw, state)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     folder = save_dir()
     folder.mkdir(parents=True, exist_ok=True)
     saved = folder / f"signoff-saved-{stamp}.json"

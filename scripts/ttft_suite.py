@@ -82,9 +82,8 @@ from urllib.parse import urlsplit
 import httpcore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from signoff_http import (  # noqa: E402
-    Gateway, SuiteError, env_float, env_int, parse_json, progress, timeouts)
 import signoff_settings as settings  # noqa: E402
+from signoff_http import Gateway, SuiteError, env_float, env_int, parse_json, progress, timeouts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_URL = "http://localhost:8000"
@@ -598,7 +597,7 @@ def _commit() -> str:
 
 
 def record(path: Path, verdict: Verdict, rehearsal: bool) -> None:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     entry = [f"### {stamp} — {'GO' if verdict.go else 'NO-GO'} — {'rehearsal' if rehearsal else 'sign-off'}", "",
              *[f"- {d}" for d in verdict.details], "", "```", *verdict.lines, "```", "",
              "Diagnostics (not the verdict):", "", *[f"- {d}" for d in verdict.diagnostics], ""]

@@ -103,7 +103,7 @@ class Gateway:
         self.tree: set[int] = set()
         self.log_path = None
 
-    def start(self, timeout: float = 30.0) -> "Gateway":
+    def start(self, timeout: float = 30.0) -> Gateway:
         self.log_path = os.path.join(self.tmp, "gateway.log")
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(

@@ -32,7 +32,7 @@ def sample(hint):
 
 
 def every_message():
-    for tag, cls in m.message_types().items():
+    for cls in m.message_types().values():
         hints = typing.get_type_hints(cls)
         yield cls(**{f.name: sample(hints[f.name]) for f in dataclasses.fields(cls)})
 

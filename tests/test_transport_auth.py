@@ -195,7 +195,7 @@ def send_frame(address: str, port: int, data: bytes, timeout: float = 3.0) -> by
                 if not chunk:
                     break
                 received += chunk
-        except (socket.timeout, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             pass
     return received
 

@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-s", type=float, default=900.0, help="stop generating after this many seconds")
     parser.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
     args = parser.parse_args(argv)
-    from tests.support import chat_body, request, running_gateway, running_sim, stream_chat
+    from sim.testing import chat_body, request, running_gateway, running_sim, stream_chat
 
     started = time.monotonic()
     with running_sim() as sim, running_gateway({"SIMULATED_BASE_URL": sim}) as gw:

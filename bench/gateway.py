@@ -4,7 +4,7 @@ called directly, under the same load, in the same run?
     .venv/bin/python -m bench.gateway [--rounds 4] [--json out.json]
 
 One simulated provider (sim.provider.start_subprocess) serves both targets; sluice
-(`run.py`, tests.support.Gateway) points at it with SIMULATED_BASE_URL. The load
+(`run.py`, sim.testing.Gateway) points at it with SIMULATED_BASE_URL. The load
 generator is this process: asyncio + httpcore, HTTP/1.1 to both targets (uvicorn is
 HTTP/1.1; sluice speaks h2c to the sim). Every request has a distinct prompt (nothing
 coalesces), `#sim ttft_ms=200 token_interval_ms=20 tokens=10`.
@@ -21,7 +21,7 @@ Measures
     cancellation `observed_at` minus the client's close time (both wall clock), sluice
     and direct interleaved, 30 each by default.
   * idle RSS: sum of VmRSS over run.py's whole process tree (Thespian's admin is in a
-    session of its own; tests.support.descendants finds it), fresh and after the load;
+    session of its own; actors.system.descendants finds it), fresh and after the load;
     PSS alongside (shared pages counted once).
   * ready: `run.py` start → /readyz 200, median of 5 (sim given by URL, and with the
     built-in sim that a fresh `python run.py` starts itself).

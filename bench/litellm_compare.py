@@ -7,7 +7,7 @@ What it does, in order (progress is printed as it goes):
   1. installs LiteLLM proxy into its own virtualenv, bench/.peers/litellm-venv (git-ignored;
      a benchmark peer, not a sluice dependency), unless it is there already, and matplotlib
      into sluice's venv (`pip install -e '.[bench]'`) if it is missing;
-  2. starts the simulated provider, sluice (run.py via tests.support.Gateway, generous
+  2. starts the simulated provider, sluice (run.py via sim.testing.Gateway, generous
      pacer) and LiteLLM (`litellm --config ... --num_workers 1`);
   3. drives the same load at each of them, interleaved (targets rotate order every round),
      with bench/litellm_loadgen.py in a process of its own whose CPU is measured;
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.support import Gateway, alive, descendants, free_port, request  # noqa: E402
+from sim.testing import Gateway, alive, descendants, free_port, request  # noqa: E402
 
 PEERS = ROOT / "bench" / ".peers"
 LITELLM_VENV = PEERS / "litellm-venv"
@@ -1185,7 +1185,7 @@ def write_doc(results: dict, agg: dict, images: list[str], args) -> None:
     add(f"- Upstream: the simulated provider (`sim/provider.py`), one process, TTFT {SIM_TTFT_MS} ms, one token "
         f"every {SIM_INTERVAL_MS} ms, {SIM_TOKENS} tokens per answer (set by `POST /config`; the cancel test asks "
         "for 250 tokens with `#sim tokens=250`).")
-    add(f"- sluice: `run.py` via `tests.support.Gateway`, `SIMULATED_BASE_URL=<sim>` (sluice speaks h2c to it), "
+    add(f"- sluice: `run.py` via `sim.testing.Gateway`, `SIMULATED_BASE_URL=<sim>` (sluice speaks h2c to it), "
         f"generous pacer `SIMULATED_RPS=1000 SIMULATED_BURST=1000 SIMULATED_CONCURRENCY=1000` for the "
         f"distinct-stream measures; a second sluice with the production pacer `SIMULATED_RPS=1 SIMULATED_BURST=2 "
         f"SIMULATED_CONCURRENCY=3` for the bursts. Clients use `POST /api/chat` (sluice's SSE). "

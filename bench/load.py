@@ -188,12 +188,12 @@ class Sim:
 
 
 class GatewayProc:
-    """`python run.py` on free ports (tests.support.Gateway), started with a 10 ms
+    """`python run.py` on free ports (sim.testing.Gateway), started with a 10 ms
     readiness poll so the start-to-ready time is measured finely."""
 
     def __init__(self, env: dict | None = None):
         sys.path.insert(0, str(ROOT))
-        from tests.support import Gateway
+        from sim.testing import Gateway
 
         # One load generator on loopback is one client address holding up to 1,000
         # connections: the per-address cap (edge/http_limits.py) is off for benchmarks.

@@ -34,7 +34,7 @@ FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:()]*):?(?P<line>\d*)\)$")
 def roles_of(gw: GatewayProc) -> dict[int, str]:
     """pid -> role, by matching the directory's actor ports with each process's listening sockets."""
     sys.path.insert(0, str(ROOT))
-    from tests.support import listening_ports
+    from sim.testing import listening_ports
 
     out: dict[int, str] = {}
     pids = gw.pids()

@@ -22,6 +22,8 @@ from protocols import config
 from protocols import events as ev
 from protocols.keys import coalescing_key
 
+pytestmark = pytest.mark.unit
+
 
 class Clock:
     def __init__(self):

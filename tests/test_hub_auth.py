@@ -17,6 +17,8 @@ from protocols import auth, hub_hello
 from protocols import events as ev
 from protocols import messages as m
 
+pytestmark = pytest.mark.unit
+
 STREAM = "s-" + "7" * 32
 
 

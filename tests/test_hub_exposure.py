@@ -23,6 +23,8 @@ from tests.support import (
     wait_until,
 )
 
+pytestmark = pytest.mark.integration
+
 TOKEN = "test-admin-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 

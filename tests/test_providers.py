@@ -12,6 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # running `pytest` without the project installed
     sys.path.insert(0, str(ROOT))

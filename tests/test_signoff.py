@@ -26,6 +26,8 @@ import pytest
 from protocols import config
 from tests.support import ROOT, free_port, port_in_use, request, running_gateway, running_sim
 
+pytestmark = pytest.mark.integration
+
 TOKEN = "signoff-token"
 CONFIGURED = {"SIMULATED_RPS": "2", "SIMULATED_BURST": "3", "SIMULATED_CONCURRENCY": "4", "SIMULATED_RPM": "70",
               # a Perplexity provider (never called here) so that its pacer exists, configured

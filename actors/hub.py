@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from protocols import auth, hub_hello
+from protocols import auth, hub_hello, trace
 from protocols import events as ev
 from protocols import messages as m
 
@@ -173,6 +173,7 @@ class StreamHub:
 
     # --- publishing ---------------------------------------------------------------------
     def publish(self, stream_id: str, events: list[dict]) -> None:
+        trace.stamp("hub_publish", "pool", stream_id, events)
         stream = self._stream(stream_id)
         if stream.finished_at is not None or not events:
             return

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 import msgpack
 
 from protocols import events as ev
-from protocols import hub_hello
+from protocols import hub_hello, trace
 from protocols import messages as m
 
 log = logging.getLogger("sluice.edge.dataplane")
@@ -51,6 +51,7 @@ class HubClient:
         self._listeners: dict[str, list[Callable[[int | None, list[dict]], None]]] = {}
 
     async def subscribe(self, stream_id: str, ticket: str, on_events: Callable[[int | None, list[dict]], None]) -> None:
+        trace.stamp("subscribe", "edge", stream_id)
         await self._ensure_connected()
         self._listeners.setdefault(stream_id, []).append(on_events)
         self._writer.write(m.encode(m.Subscribe(stream_id, ticket)))
@@ -106,6 +107,7 @@ class HubClient:
                 for raw in unpacker:
                     msg = m.from_wire(raw)
                     if isinstance(msg, m.StreamData):
+                        trace.stamp("hub_rx", "edge", msg.stream_id, msg.events)
                         for listener in list(self._listeners.get(msg.stream_id, ())):
                             listener(msg.seq, msg.events)
                     elif isinstance(msg, m.SubscribeRefused):

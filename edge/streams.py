@@ -23,6 +23,7 @@ from edge.bridge import ActorBridge, BridgeError
 from edge.dataplane import HubClient
 from protocols import events as ev
 from protocols import messages as m
+from protocols import trace
 from protocols.keys import shard_of
 
 log = logging.getLogger("sluice.edge.streams")
@@ -93,6 +94,7 @@ class LocalStreams:
 
     async def join(self, request_id: str, provider: str, model: str, body: dict, key: str, received_at: float) -> Subscriber:
         """Attach a new client to the flight for `key`; raises Rejection."""
+        trace.stamp("edge_join", "edge", request_id)
         flight = self.by_key.get(key) if key and self.coalesce_enabled else None
         if flight is None or flight.finished:
             shard = f"coalescer:{shard_of(key, self.shards, request_id)}"

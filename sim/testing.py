@@ -4,6 +4,7 @@ prove that nothing is left behind afterwards (no process of the tree, no listeni
 
 Tests import them through tests/support.py; benchmarks import them from here, so bench/
 never depends on tests/."""
+
 from __future__ import annotations
 
 import json
@@ -240,7 +241,9 @@ class SSEClient:
         self._pool = httpcore.ConnectionPool()
         hdrs = {"content-type": "application/json", **(headers or {})}
         t = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
-        self._cm = self._pool.stream("POST", url, headers=list(hdrs.items()), content=json.dumps(body).encode(), extensions={"timeout": t})
+        self._cm = self._pool.stream(
+            "POST", url, headers=list(hdrs.items()), content=json.dumps(body).encode(), extensions={"timeout": t}
+        )
         self.response = self._cm.__enter__()
         self.status = self.response.status
         self.headers = {k.decode().lower(): v.decode() for k, v in self.response.headers}

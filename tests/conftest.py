@@ -1,6 +1,7 @@
 """Shared fixtures (one real simulated provider and one real gateway per test session) and
 the marker guard: every test says what kind it is (pyproject's `markers`), so that
 `make test-fast` (`-m "not integration"`) runs everything that starts no process."""
+
 from __future__ import annotations
 
 import pytest

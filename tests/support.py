@@ -1,5 +1,6 @@
 """Test helpers: the process and HTTP helpers of sim/testing.py (shared with bench/),
 re-exported so that test modules import them from one place."""
+
 from __future__ import annotations
 
 from sim.testing import (

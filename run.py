@@ -100,8 +100,8 @@ def serve(settings: dict) -> int:
 
 def _serve_with_secret(settings: dict, secret: bytes, log) -> int:
     from actors import system
-    from protocols import logfmt
     from actors.supervisor import SUPERVISOR_NAME, SupervisorActor
+    from protocols import logfmt
     from protocols import messages as m
 
     host = settings["SLUICE_ACTOR_HOST"]
@@ -157,9 +157,8 @@ def _start_simulated_provider(settings: dict, log):
     simulated = settings["providers"].get("simulated")
     if simulated is None or simulated["base_url"]:
         return None
-    from sim.provider import start_subprocess
-
     from protocols.config import reachable_host
+    from sim.provider import start_subprocess
 
     host = settings["SLUICE_ACTOR_HOST"]
     proc, port = start_subprocess(port=settings["SLUICE_SIM_PORT"], host=host)

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from actors import secret
-from actors.effects import Send
 from actors.coalescer_logic import CoalescerFlags, CoalescerLogic
+from actors.effects import Send
 from actors.host import HostActor, my_address
 from protocols import messages as m
 

@@ -34,8 +34,9 @@ submitting edge -- and only that edge -- subscribe to the stream at the hub.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 from actors.effects import After, Send
 from protocols import auth
@@ -92,7 +93,7 @@ class CoalescerLogic:
     leaders_total: int = 0
     followers_total: int = 0
 
-    def handle(self, msg, sender, now: float) -> list:
+    def handle(self, msg: Any, sender: Any, now: float) -> list:
         if isinstance(msg, m.Submit):
             return self._submit(msg, sender, now)
         if isinstance(msg, (m.LeaseQueued, m.LeaseGranted, m.LeaseDenied)):
@@ -113,7 +114,7 @@ class CoalescerLogic:
         return []
 
     # --- admission ------------------------------------------------------------------------
-    def _submit(self, msg: m.Submit, sender, now: float) -> list:
+    def _submit(self, msg: m.Submit, sender: Any, now: float) -> list:
         key = msg.key if (msg.key and self.flags.coalesce_enabled) else f"solo:{msg.request_id}"
         remembered = self.errors.get(key)
         if remembered and remembered[1] > now:
@@ -136,7 +137,7 @@ class CoalescerLogic:
         flight.request = m.LeaseRequest(flight.stream_id, msg.provider, now, msg.model, msg.body, self.me)
         return [Send(pacer_role(msg.provider), flight.request)]
 
-    def _lease_answer(self, msg, sender) -> list:
+    def _lease_answer(self, msg: Any, sender: Any) -> list:
         flight = self.by_stream.get(msg.lease_id)
         if flight is None:
             # Everyone left (the LeaseCancel went with the FailStream), or the call the grant

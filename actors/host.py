@@ -19,6 +19,7 @@ from thespian.actors import Actor, ActorAddress, ActorSystemMessage, WakeupMessa
 from actors import addressing
 from actors.effects import After, Send
 from protocols import messages as m
+from protocols import trace
 
 log = logging.getLogger("sluice.actors")
 
@@ -63,6 +64,7 @@ class HostActor(Actor):
 
     def _on_bytes(self, data: bytes, sender) -> None:
         msg = m.decode(data)
+        trace.stamp("actor_recv", self.role, msg)
         if isinstance(msg, m.Invalid):
             self.send(sender, m.encode(m.ErrorReply("bad_message", msg.reason)))
             return
@@ -86,6 +88,7 @@ class HostActor(Actor):
                 if target is None:
                     log.warning("%s: no address for %r, dropped %s", self.role, effect.to, type(effect.msg).__name__)
                     continue
+                trace.stamp("actor_send", self.role, effect.msg)
                 self.send(target, m.encode(effect.msg))
             elif isinstance(effect, After):
                 self.wakeupAfter(timedelta(seconds=max(0.0, effect.delay_s)), payload=Timer(effect.msg))

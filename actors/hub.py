@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from protocols import auth, hub_hello
+from protocols import auth, hub_hello, trace
 from protocols import events as ev
 from protocols import messages as m
 
@@ -53,7 +53,7 @@ class HubStream:
 
 
 class EdgeConnection:
-    def __init__(self, hub: "StreamHub", reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, hub: StreamHub, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.hub, self.reader, self.writer = hub, reader, writer
         self.edge_id: str | None = None  # set once the handshake proved it
         self.streams: set[str] = set()
@@ -173,6 +173,7 @@ class StreamHub:
 
     # --- publishing ---------------------------------------------------------------------
     def publish(self, stream_id: str, events: list[dict]) -> None:
+        trace.stamp("hub_publish", "pool", stream_id, events)
         stream = self._stream(stream_id)
         if stream.finished_at is not None or not events:
             return

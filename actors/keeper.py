@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from actors.system import alive
 from protocols import messages as m
@@ -41,7 +41,7 @@ class SupervisorKeeper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="supervisor-keeper", daemon=True)
 
-    def start(self) -> "SupervisorKeeper":
+    def start(self) -> SupervisorKeeper:
         self._thread.start()
         return self
 

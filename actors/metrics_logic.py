@@ -61,8 +61,9 @@ from __future__ import annotations
 import math
 import re
 from collections import deque
+from collections.abc import Iterable
 from itertools import islice
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from actors.retry_policy import REASONS as RETRY_REASONS
 
@@ -114,7 +115,7 @@ class _Malformed(Exception):
 # --- validation helpers -------------------------------------------------------------
 
 
-def _number(rec: dict, key: str, *, duration: bool = False, optional: bool = False):
+def _number(rec: dict, key: str, *, duration: bool = False, optional: bool = False) -> Any:
     if key not in rec:
         raise _Malformed(key)
     v = rec[key]
@@ -129,7 +130,7 @@ def _number(rec: dict, key: str, *, duration: bool = False, optional: bool = Fal
     return v
 
 
-def _string(rec: dict, key: str, *, optional: bool = False, choices=None):
+def _string(rec: dict, key: str, *, optional: bool = False, choices: Any = None) -> Any:
     if key not in rec:
         raise _Malformed(key)
     v = rec[key]
@@ -167,7 +168,7 @@ def nearest_rank(sorted_samples: list[float], p: int) -> float | None:
     return sorted_samples[rank - 1]
 
 
-def _stats(samples) -> dict:
+def _stats(samples: Iterable[float | None]) -> dict:
     values = sorted(v for v in samples if v is not None)
     out = {f"p{p}": nearest_rank(values, p) for p in PERCENTILES}
     out["count"] = len(values)
@@ -239,7 +240,7 @@ class MetricsLogic:
             else:
                 self.accepted_records += 1
 
-    def _ingest_one(self, rec) -> None:
+    def _ingest_one(self, rec: Any) -> None:
         if not isinstance(rec, dict):
             raise _Malformed("record")
         kind = rec.get("kind")
@@ -303,16 +304,16 @@ class MetricsLogic:
             labels = _labels(rec)
             value = _number(rec, "value")
             at = _number(rec, "at")
-            key = (name, labels)
-            old = self._gauges.get(key)
+            series = (name, labels)
+            old = self._gauges.get(series)
             if old is None:
                 if len(self._gauges) >= MAX_GAUGE_SERIES:
                     raise _Malformed("labels")
-                self._gauges[key] = (value, at)
+                self._gauges[series] = (value, at)
             elif at >= old[1]:
                 # Batches from different senders can arrive out of order; the newest
                 # measurement wins, not the newest delivery.
-                self._gauges[key] = (value, at)
+                self._gauges[series] = (value, at)
         else:
             raise _Malformed("kind")
 
@@ -327,7 +328,7 @@ class MetricsLogic:
 
     # --- queries --------------------------------------------------------------------
 
-    def _clamp(self, last_n) -> int:
+    def _clamp(self, last_n: Any) -> int:
         # The edge validates last_n; this only keeps a bad value from raising here.
         try:
             n = int(last_n)
@@ -344,6 +345,8 @@ class MetricsLogic:
         total = len(reqs)
         errors = sum(1 for r in reqs if r.outcome in ("error", "rejected"))
         leaders = sum(1 for r in reqs if r.role == "leader")
+        t_from: float | None
+        t_to: float | None
         if reqs:
             t_from = min(r.at for r in reqs)
             t_to = max(r.at for r in reqs)
@@ -468,9 +471,9 @@ class MetricsLogic:
         ):
             metric = f"sluice_{name}"
             family(metric, "gauge", help_text)
-            for (gname, labels), (v, _at) in sorted(self._gauges.items()):
+            for (gname, labels), (gauge, _at) in sorted(self._gauges.items()):
                 if gname == name:
-                    out.append(f"{metric}{_labelset(dict(labels))} {_fmt(v)}")
+                    out.append(f"{metric}{_labelset(dict(labels))} {_fmt(gauge)}")
 
         return "\n".join(out) + "\n"
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from actors.effects import After, Send
 from protocols import messages as m
@@ -45,7 +46,7 @@ class PacerSettings:
     max_queue: int = 1000
     max_wait_s: float = 30.0
 
-    def validated(self) -> "PacerSettings":
+    def validated(self) -> PacerSettings:
         problems = []
         if not (self.rps > 0 and math.isfinite(self.rps)):
             problems.append("rps must be a positive number")
@@ -76,7 +77,7 @@ SETTING_TYPES = {
 
 def settings_from(base: PacerSettings, changes: dict) -> PacerSettings:
     """Apply admin `changes` to `base`; ValueError names the bad key or value."""
-    values = {}
+    values: dict[str, Any] = {}
     for key, value in changes.items():
         if key not in SETTING_TYPES:
             raise ValueError(f"unknown pacer setting {key!r} (known: {sorted(SETTING_TYPES)})")
@@ -141,12 +142,12 @@ class PacerLogic:
     _tick_generation: int = field(default=0, init=False)
     _tick_at: float | None = field(default=None, init=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.settings.validated()
         self.tokens = float(self.settings.burst)
 
     # --- messages -----------------------------------------------------------------------
-    def handle(self, msg, sender, now: float) -> list:
+    def handle(self, msg: Any, sender: Any, now: float) -> list:
         self._refill(now)
         if isinstance(msg, m.LeaseRequest):
             return self._request(msg, sender, now)
@@ -225,7 +226,7 @@ class PacerLogic:
         }
 
     # --- the bucket -----------------------------------------------------------------------
-    def _request(self, msg: m.LeaseRequest, sender, now: float) -> list:
+    def _request(self, msg: m.LeaseRequest, sender: Any, now: float) -> list:
         if msg.lease_id in self.in_flight or any(w.lease_id == msg.lease_id for w in self.queue):
             return []  # asked again (a shard re-asking after a Pacer crash): the first ask's answers stand
         # Those already waiting go first: whatever can be granted now is, before a

@@ -30,6 +30,7 @@ from actors.hub import StreamHub
 from actors.retry_policy import RetryPolicy, RetrySettings, is_idempotent
 from protocols import events as ev
 from protocols import messages as m
+from protocols import trace
 
 # httpcore, h2, anyio and the provider adapters are imported by the Pool's loop when it
 # starts, not here: the Supervisor imports this module and forks every actor from its
@@ -54,7 +55,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 class PoolRuntime:
     """The asyncio side of the Pool: owns the loop thread, the httpcore pool, the hub."""
 
-    def __init__(self, settings: dict, outbox: "Outbox"):
+    def __init__(self, settings: dict, outbox: Outbox):
         self.settings = settings
         self.outbox = outbox
         self.loop = new_event_loop()
@@ -143,6 +144,7 @@ class PoolRuntime:
 
     # --- on the loop ------------------------------------------------------------------------
     def _open(self, msg: m.OpenStream) -> None:
+        trace.stamp("pool_open", "pool", msg)
         if msg.stream_id in self.calls:
             return  # a duplicate OpenStream (a replaced Pacer granted it again): its end releases
         if self.hub.is_finished(msg.stream_id):
@@ -159,6 +161,7 @@ class PoolRuntime:
         self.calls[msg.stream_id] = task
 
     def _abort(self, msg: m.AbortStream) -> None:
+        trace.stamp("pool_abort", "pool", msg)
         task = self.calls.get(msg.stream_id)
         if task is not None and not task.done():
             self.abort_requested[msg.stream_id] = msg.requested_at

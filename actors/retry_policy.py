@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from protocols.keys import is_idempotent  # noqa: F401  (the Pool asks here: one place for the rule)
 
@@ -53,7 +53,7 @@ class RetrySettings:
     default_429_s: float = 1.0  # a 429 without Retry-After
 
     @classmethod
-    def from_config(cls, settings: dict) -> "RetrySettings":
+    def from_config(cls, settings: dict) -> RetrySettings:
         return cls(
             max_attempts=settings["UPSTREAM_MAX_ATTEMPTS"],
             deadline_s=settings["UPSTREAM_RETRY_DEADLINE_S"],

@@ -25,10 +25,10 @@ from actors import addressing
 from actors.coalescer import CoalescerActor
 from actors.effects import After, Send
 from actors.host import HostActor, my_address
-from actors.system import alive
 from actors.metrics import MetricsActor
 from actors.pacer import PacerActor
 from actors.pool import PoolActor
+from actors.system import alive
 from actors.threads_store import ThreadStoreActor
 from protocols import messages as m
 

@@ -17,6 +17,7 @@ PACER_MAX_WAIT_MS=400000), and a fast sim (ttft 50 ms, 3 tokens 10 ms apart) so 
 run is paced by RPS alone: ~N seconds. Measures: errors (target 0) and queue wait
 p50/p95/max from the meta events and from GET /api/metrics/performance.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,17 @@ import json
 import time
 import uuid
 
-from bench.common import fmt, loadavg, log, machine, pct, raise_nofile, sigterm_as_interrupt, system_cpu_busy, write_json
+from bench.common import (
+    fmt,
+    loadavg,
+    log,
+    machine,
+    pct,
+    raise_nofile,
+    sigterm_as_interrupt,
+    system_cpu_busy,
+    write_json,
+)
 from bench.load import GatewayProc, Sim, get_json, new_pool, prompt_of, sim_prompt, sim_stats, stream_once
 
 BURST_KNOBS = {"ttft_ms": 2000, "token_interval_ms": 20, "tokens": 20}
@@ -60,7 +71,8 @@ async def identical_burst(gw: GatewayProc, sim: Sim, n: int) -> dict:
     t0, c0, b0 = time.time(), time.process_time(), system_cpu_busy()
     try:
         results = await asyncio.wait_for(
-            asyncio.gather(*(stream_once(pool, "sluice", url, prompt, keep_body=True, timeout=60) for _ in range(n))), timeout=120
+            asyncio.gather(*(stream_once(pool, "sluice", url, prompt, keep_body=True, timeout=60) for _ in range(n))),
+            timeout=120,
         )
     finally:
         await pool.aclose()
@@ -125,7 +137,12 @@ async def paced_distinct(gw: GatewayProc, sim: Sim, n: int) -> dict:
     t0 = time.time()
     try:
         results = await asyncio.wait_for(
-            asyncio.gather(*(stream_once(pool, "sluice", url, sim_prompt(f"paced-{tag}-{i}", **PACED_KNOBS), timeout=600) for i in range(n))),
+            asyncio.gather(
+                *(
+                    stream_once(pool, "sluice", url, sim_prompt(f"paced-{tag}-{i}", **PACED_KNOBS), timeout=600)
+                    for i in range(n)
+                )
+            ),
             timeout=n * 1.0 * 2 + 120,
         )
     finally:
@@ -143,7 +160,12 @@ async def paced_distinct(gw: GatewayProc, sim: Sim, n: int) -> dict:
         "errors": sum(1 for r in results if not r.complete),
         "error_kinds": sorted({r.error for r in results if r.error}),
         "statuses": sorted({r.status for r in results if r.status}),
-        "queue_wait_meta": {"n": len(waits), "p50_ms": pct(waits, 50), "p95_ms": pct(waits, 95), "max_ms": max(waits) if waits else None},
+        "queue_wait_meta": {
+            "n": len(waits),
+            "p50_ms": pct(waits, 50),
+            "p95_ms": pct(waits, 95),
+            "max_ms": max(waits) if waits else None,
+        },
         "queue_wait_metrics_endpoint": qw,
         "performance": perf,
         "ttft_p50_ms": pct([r.ttft_ms for r in results], 50),
@@ -159,7 +181,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     nofile = raise_nofile(args.burst * 2 + 256)
-    results = {"machine": machine(), "params": vars(args), "burst_knobs": BURST_KNOBS, "paced_knobs": PACED_KNOBS, "pacer_env": PACER_ENV}
+    results = {
+        "machine": machine(),
+        "params": vars(args),
+        "burst_knobs": BURST_KNOBS,
+        "paced_knobs": PACED_KNOBS,
+        "pacer_env": PACER_ENV,
+    }
     results["nofile"] = nofile
     sim = Sim()
     gw = None
@@ -171,8 +199,10 @@ def main(argv=None) -> dict:
                 log(f"burst of {args.burst} identical requests")
                 results["burst"] = asyncio.run(identical_burst(gw, sim, args.burst))
                 b = results["burst"]
-                log(f"burst: {b['upstream_calls']} upstream call(s), {b['completed']}/{b['requests']} completed, identical={b['identical_content']}, "
-                    f"leader TTFT {fmt(b['leader_ttft_ms'])} ms, follower p95 {fmt(b['follower_ttft_p95_ms'])} ms, lag p95 {fmt(b['fanout_lag_p95_ms'])} ms")
+                log(
+                    f"burst: {b['upstream_calls']} upstream call(s), {b['completed']}/{b['requests']} completed, identical={b['identical_content']}, "
+                    f"leader TTFT {fmt(b['leader_ttft_ms'])} ms, follower p95 {fmt(b['follower_ttft_p95_ms'])} ms, lag p95 {fmt(b['fanout_lag_p95_ms'])} ms"
+                )
                 gw.stop()
                 gw = None
             if args.distinct:
@@ -180,8 +210,10 @@ def main(argv=None) -> dict:
                 log(f"{args.distinct} distinct requests at the production pacer (~{args.distinct} s)")
                 results["paced"] = asyncio.run(paced_distinct(gw, sim, args.distinct))
                 p = results["paced"]
-                log(f"paced: errors {p['errors']}, queue wait meta p50 {fmt(p['queue_wait_meta']['p50_ms'], 0)} p95 {fmt(p['queue_wait_meta']['p95_ms'], 0)} "
-                    f"max {fmt(p['queue_wait_meta']['max_ms'], 0)} ms, {p['effective_rps']:.2f} calls/s")
+                log(
+                    f"paced: errors {p['errors']}, queue wait meta p50 {fmt(p['queue_wait_meta']['p50_ms'], 0)} p95 {fmt(p['queue_wait_meta']['p95_ms'], 0)} "
+                    f"max {fmt(p['queue_wait_meta']['max_ms'], 0)} ms, {p['effective_rps']:.2f} calls/s"
+                )
         finally:
             if gw is not None:
                 gw.stop()
@@ -197,18 +229,51 @@ def verdicts(r: dict) -> list[dict]:
     out = []
     b = r.get("burst")
     if b:
-        out.append({"measure": f"identical burst of {b['requests']}: upstream calls", "value": b["upstream_calls"], "target": "1",
-                    "verdict": "PASS" if b["upstream_calls"] == 1 else "MISS"})
-        out.append({"measure": "identical burst: errors", "value": b["errors"], "target": "0", "verdict": "PASS" if b["errors"] == 0 else "MISS"})
-        out.append({"measure": "identical burst: identical content", "value": b["identical_content"], "target": "True",
-                    "verdict": "PASS" if b["identical_content"] else "MISS"})
+        out.append(
+            {
+                "measure": f"identical burst of {b['requests']}: upstream calls",
+                "value": b["upstream_calls"],
+                "target": "1",
+                "verdict": "PASS" if b["upstream_calls"] == 1 else "MISS",
+            }
+        )
+        out.append(
+            {
+                "measure": "identical burst: errors",
+                "value": b["errors"],
+                "target": "0",
+                "verdict": "PASS" if b["errors"] == 0 else "MISS",
+            }
+        )
+        out.append(
+            {
+                "measure": "identical burst: identical content",
+                "value": b["identical_content"],
+                "target": "True",
+                "verdict": "PASS" if b["identical_content"] else "MISS",
+            }
+        )
         limit = (b["leader_ttft_ms"] or 0) + FOLLOWER_SLACK_MS
-        out.append({"measure": "follower TTFT p95 vs leader + 50 ms", "value": b["follower_ttft_p95_ms"], "target": f"≤ {limit:.1f} ms",
-                    "verdict": "PASS" if b["follower_ttft_p95_ms"] is not None and b["follower_ttft_p95_ms"] <= limit else "MISS"})
+        out.append(
+            {
+                "measure": "follower TTFT p95 vs leader + 50 ms",
+                "value": b["follower_ttft_p95_ms"],
+                "target": f"≤ {limit:.1f} ms",
+                "verdict": "PASS"
+                if b["follower_ttft_p95_ms"] is not None and b["follower_ttft_p95_ms"] <= limit
+                else "MISS",
+            }
+        )
     p = r.get("paced")
     if p:
-        out.append({"measure": f"{p['requests']} distinct at RPS=1 BURST=2 CONCURRENCY=3: errors", "value": p["errors"], "target": "0",
-                    "verdict": "PASS" if p["errors"] == 0 else "MISS"})
+        out.append(
+            {
+                "measure": f"{p['requests']} distinct at RPS=1 BURST=2 CONCURRENCY=3: errors",
+                "value": p["errors"],
+                "target": "0",
+                "verdict": "PASS" if p["errors"] == 0 else "MISS",
+            }
+        )
     return out
 
 

@@ -27,6 +27,7 @@ next run). Rounds interleave the three modes at every load; figures are medians 
 rounds, with the spread. Finally a bounded flood per mode (send N as fast as possible)
 gives each path's ceiling.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,8 @@ from bench.common import (
     fmt,
     free_port,
     kill_pids,
-    log,
     loadavg,
+    log,
     machine,
     median,
     pct,
@@ -374,7 +375,7 @@ class Bench:
             await asyncio.get_running_loop().run_in_executor(None, self._tell_private, addr, spec)
             try:
                 await asyncio.wait_for(finished.wait(), limit + 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         finally:
             client.unsubscribe(spec["stream_id"], on_events)
@@ -463,7 +464,9 @@ def main(argv=None) -> dict:
                         run = bench.run(mode, None, int(flood[mode]))
                         run["round"] = rnd
                         results["flood"].append(run)
-                        log(f"flood {MODES[mode]:<22} {run['count']}: {fmt(run['achieved_rate'], 0)}/s delivered {run['delivered']:.3f}")
+                        log(
+                            f"flood {MODES[mode]:<22} {run['count']}: {fmt(run['achieved_rate'], 0)}/s delivered {run['delivered']:.3f}"
+                        )
         finally:
             bench.stop()
     results["summary"] = summarize(results, rates, args.modes)
@@ -505,7 +508,9 @@ def summarize(results: dict, rates, modes) -> dict:
             )
     highest = {}
     for mode in modes:
-        ok = [row["offered_rate"] for row in table if row["mode"] == mode and row["sustained_rounds"] * 2 > row["rounds"]]
+        ok = [
+            row["offered_rate"] for row in table if row["mode"] == mode and row["sustained_rounds"] * 2 > row["rounds"]
+        ]
         highest[mode] = max(ok) if ok else None
     ceiling = {}
     for mode in modes:
@@ -536,7 +541,11 @@ def render_markdown(results: dict) -> str:
             f"{row['delivered']:.3f} | {fmt(row['achieved_rate'], 0)} | {row['sustained_rounds']}/{row['rounds']} | "
             f"{fmt(row.get('cpu_pct_producer'), 0)} | {fmt(row.get('cpu_pct_consumer'), 0)} |"
         )
-    lines += ["", "| path | highest sustained offered load (ev/s) | flood ceiling ev/s (min–max) | flood events | flood delivered |", "|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "| path | highest sustained offered load (ev/s) | flood ceiling ev/s (min–max) | flood events | flood delivered |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for mode, name in MODES.items():
         if mode not in s["highest_sustained"]:
             continue
@@ -616,12 +625,12 @@ def write_doc(path: str, results: dict) -> None:
 Measured by `bench/dataplane.py`. Reproduce (about 5 minutes):
 
 ```
-.venv/bin/python -m bench.dataplane --rounds {p['rounds']} --duration {p['duration']:g} --json bench/results/dataplane.json --doc docs/dataplane.md
+.venv/bin/python -m bench.dataplane --rounds {p["rounds"]} --duration {p["duration"]:g} --json bench/results/dataplane.json --doc docs/dataplane.md
 ```
 
-(`python -m bench.run_all` runs it too.) Machine: {mach['nproc']} cores, {mach['cpu_model']}, Python {mach['python']},
-thespian {mach['packages'].get('thespian')}, msgpack {mach['packages'].get('msgpack')}; load average at start
-{mach['loadavg_at_start'][0]:.2f}, at end {results.get('loadavg_at_end', [0])[0]:.2f} (other people's test runs share the machine).
+(`python -m bench.run_all` runs it too.) Machine: {mach["nproc"]} cores, {mach["cpu_model"]}, Python {mach["python"]},
+thespian {mach["packages"].get("thespian")}, msgpack {mach["packages"].get("msgpack")}; load average at start
+{mach["loadavg_at_start"][0]:.2f}, at end {results.get("loadavg_at_end", [0])[0]:.2f} (other people's test runs share the machine).
 
 ## Method
 
@@ -635,15 +644,15 @@ consumer receipt minus that stamp, so it includes any queueing in the producer.
 
 | path | how |
 |---|---|
-| {MODES['a']} | the loop thread puts one encoded frame per delta in the Pool's own `Outbox` (queue + socketpair + `ThespianWatch`); the actor thread `self.send`s each to an external receiver: an `asys.private()` context in a thread of the consumer process (as the edge's `ActorBridge` does), `listen()`ing. |
-| {MODES['b']} | the same, but one `StreamData` per 10 ms tick carrying every delta of that tick. |
-| {MODES['c']} | the real `actors.hub.StreamHub` on the producer's loop, `publish(stream, [delta])` per delta (one frame per delta, as the Pool publishes per upstream chunk), and the real `edge.dataplane.HubClient` on the consumer's asyncio loop. |
+| {MODES["a"]} | the loop thread puts one encoded frame per delta in the Pool's own `Outbox` (queue + socketpair + `ThespianWatch`); the actor thread `self.send`s each to an external receiver: an `asys.private()` context in a thread of the consumer process (as the edge's `ActorBridge` does), `listen()`ing. |
+| {MODES["b"]} | the same, but one `StreamData` per 10 ms tick carrying every delta of that tick. |
+| {MODES["c"]} | the real `actors.hub.StreamHub` on the producer's loop, `publish(stream, [delta])` per delta (one frame per delta, as the Pool publishes per upstream chunk), and the real `edge.dataplane.HubClient` on the consumer's asyncio loop. |
 
-Offered loads {', '.join(f'{float(r):.0f}' for r in p['rates'].split(','))} events/s for {p['duration']:g} s each; {p['rounds']} rounds; in each round every
+Offered loads {", ".join(f"{float(r):.0f}" for r in p["rates"].split(","))} events/s for {p["duration"]:g} s each; {p["rounds"]} rounds; in each round every
 load runs all three paths back to back (order alternating between rounds); a fresh producer actor per run so no
 backlog leaks into the next. Figures are medians over rounds; the p99 column shows the min–max over rounds (the
 noise). A run is *sustained* when ≥ {SUSTAIN_DELIVERED * 100:g} % of the deltas arrived within {DRAIN_OK_S:g} s of the producer's last send
-and p99 ≤ {SUSTAIN_P99_MS:g} ms. Runs that fall behind are cut {p['drain']:g} s after the last send. The flood runs send
+and p99 ≤ {SUSTAIN_P99_MS:g} ms. Runs that fall behind are cut {p["drain"]:g} s after the last send. The flood runs send
 a fixed number of deltas as fast as the producer's loop can (yielding every 100) and report the achieved rate
 (received / (last receipt − first stamp)); a batched flood arrives in a handful of 10 ms frames, so its figure
 mostly measures msgpack decoding in the consumer. In a per-event flood the actor's handler sends thousands of

@@ -17,6 +17,7 @@ runs as many as asked against a gateway of its own (10,000 by default, bounded b
 It prints the count of each status (and of failures, with the first few bodies);
 `--record` appends a line to docs/benchmarks.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,34 +30,98 @@ from pathlib import Path
 from hypothesis import strategies as st
 
 DEADLINE_S = 20.0
-ROUTES = ("/api/chat", "/v1/chat/completions", "/api/threads", "/api/threads/{thread}/messages", "/api/chat/{rid}/cancel")
-KEYS = (
-    "messages", "content", "role", "model", "provider", "thread_id", "coalesce", "stream", "stream_options",
-    "temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "stop", "n", "tools", "response_format",
-    "system", "include_usage", "on", "\x00", "",
+ROUTES = (
+    "/api/chat",
+    "/v1/chat/completions",
+    "/api/threads",
+    "/api/threads/{thread}/messages",
+    "/api/chat/{rid}/cancel",
 )
-CONTENT_TYPES = ("application/json", "application/json; charset=utf-8", "text/plain", None, "application/x+json", "APPLICATION/JSON")
+KEYS = (
+    "messages",
+    "content",
+    "role",
+    "model",
+    "provider",
+    "thread_id",
+    "coalesce",
+    "stream",
+    "stream_options",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "seed",
+    "stop",
+    "n",
+    "tools",
+    "response_format",
+    "system",
+    "include_usage",
+    "on",
+    "\x00",
+    "",
+)
+CONTENT_TYPES = (
+    "application/json",
+    "application/json; charset=utf-8",
+    "text/plain",
+    None,
+    "application/x+json",
+    "APPLICATION/JSON",
+)
 
 # --- generation ----------------------------------------------------------------------------------
 
-big_ints = st.one_of(st.integers(-(2**70), 2**70), st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1]))
-leaves = st.one_of(
-    st.none(), st.booleans(), big_ints, st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=30), st.text(alphabet="\x00\n\"\\é漢🙂", max_size=10),
+big_ints = st.one_of(
+    st.integers(-(2**70), 2**70), st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1])
 )
-values = st.recursive(leaves, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=8)), inner, max_size=4)
-), max_leaves=12)
+leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    big_ints,
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30),
+    st.text(alphabet='\x00\n"\\é漢🙂', max_size=10),
+)
+values = st.recursive(
+    leaves,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=8)), inner, max_size=4),
+    ),
+    max_leaves=12,
+)
 message = st.fixed_dictionaries(
-    {"role": st.one_of(st.sampled_from(["user", "system", "assistant", "developer", "tool"]), values),
-     "content": st.one_of(st.text(max_size=40).map(lambda t: t + "\n#sim tokens=2 token_interval_ms=0"), values)},
+    {
+        "role": st.one_of(st.sampled_from(["user", "system", "assistant", "developer", "tool"]), values),
+        "content": st.one_of(st.text(max_size=40).map(lambda t: t + "\n#sim tokens=2 token_interval_ms=0"), values),
+    },
     optional={"extra": values, "name": values},
 )
 chatish = st.fixed_dictionaries(
     {"messages": st.one_of(st.lists(message, min_size=1, max_size=3), values)},
-    optional={k: values for k in ("model", "provider", "temperature", "seed", "max_tokens", "stop", "stream", "coalesce", "thread_id", "response_format", "n", "stream_options")},
+    optional=dict.fromkeys(
+        (
+            "model",
+            "provider",
+            "temperature",
+            "seed",
+            "max_tokens",
+            "stop",
+            "stream",
+            "coalesce",
+            "thread_id",
+            "response_format",
+            "n",
+            "stream_options",
+        ),
+        values,
+    ),
 )
-thread_send = st.fixed_dictionaries({"content": st.one_of(st.text(max_size=40), values)}, optional={"provider": values, "model": values})
+thread_send = st.fixed_dictionaries(
+    {"content": st.one_of(st.text(max_size=40), values)}, optional={"provider": values, "model": values}
+)
 documents = st.one_of(chatish, thread_send, values, st.dictionaries(st.sampled_from(KEYS), values, max_size=5))
 
 
@@ -80,15 +145,21 @@ def _mutate(raw: bytes, how: str, where: float) -> bytes:
     return raw
 
 
-cases = st.fixed_dictionaries({
-    "route": st.sampled_from(ROUTES),
-    "document": documents,
-    "mutation": st.sampled_from(["none"] * 6 + ["surrogate", "digits", "deep", "deep_open", "truncate", "garble", "nul"]),
-    "where": st.floats(0, 1),
-    "content_type": st.sampled_from(CONTENT_TYPES),
-    "length": st.sampled_from(["right"] * 8 + ["short", "long", "huge"]),
-    "rid": st.one_of(st.text(alphabet="abcdef0123456789", min_size=32, max_size=32), st.sampled_from(["x", "%00", "a" * 300])),
-})
+cases = st.fixed_dictionaries(
+    {
+        "route": st.sampled_from(ROUTES),
+        "document": documents,
+        "mutation": st.sampled_from(
+            ["none"] * 6 + ["surrogate", "digits", "deep", "deep_open", "truncate", "garble", "nul"]
+        ),
+        "where": st.floats(0, 1),
+        "content_type": st.sampled_from(CONTENT_TYPES),
+        "length": st.sampled_from(["right"] * 8 + ["short", "long", "huge"]),
+        "rid": st.one_of(
+            st.text(alphabet="abcdef0123456789", min_size=32, max_size=32), st.sampled_from(["x", "%00", "a" * 300])
+        ),
+    }
+)
 
 
 def body_of(case: dict) -> bytes:
@@ -109,10 +180,14 @@ def run_case(host: str, port: int, thread_id: str, case: dict) -> tuple[str, str
     headers = {"host": f"{host}:{port}"}
     if case["content_type"] is not None:
         headers["content-type"] = case["content_type"]
-    declared = {"right": len(body), "short": max(0, len(body) - 3), "long": len(body) + 5, "huge": 10**12}[case["length"]]
-    head = f"POST {path_of(case, thread_id)} HTTP/1.1\r\n".encode() + b"".join(
-        f"{k}: {v}\r\n".encode() for k, v in headers.items()
-    ) + f"content-length: {declared}\r\nconnection: close\r\n\r\n".encode()
+    declared = {"right": len(body), "short": max(0, len(body) - 3), "long": len(body) + 5, "huge": 10**12}[
+        case["length"]
+    ]
+    head = (
+        f"POST {path_of(case, thread_id)} HTTP/1.1\r\n".encode()
+        + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items())
+        + f"content-length: {declared}\r\nconnection: close\r\n\r\n".encode()
+    )
     started = time.monotonic()
     with socket.create_connection((host, port), timeout=DEADLINE_S) as sock:
         try:
@@ -130,7 +205,7 @@ def run_case(host: str, port: int, thread_id: str, case: dict) -> tuple[str, str
                 data += chunk
                 if time.monotonic() - started > DEADLINE_S:
                     return "hang", f"no end within {DEADLINE_S} s"
-        except socket.timeout:
+        except TimeoutError:
             return "hang", f"no answer within {DEADLINE_S} s"
         except ConnectionResetError:
             pass
@@ -156,7 +231,9 @@ def _stream_problem(data: bytes) -> str | None:
 
 def new_thread(host: str, port: int) -> str:
     with socket.create_connection((host, port), timeout=DEADLINE_S) as sock:
-        sock.sendall(f"POST /api/threads HTTP/1.1\r\nhost: {host}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".encode())
+        sock.sendall(
+            f"POST /api/threads HTTP/1.1\r\nhost: {host}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".encode()
+        )
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
@@ -171,8 +248,14 @@ def fuzz(host: str, port: int, count: int, max_s: float, seed: int | None = None
     statuses, failures = Counter(), []
     stop_at = time.monotonic() + max_s
 
-    @settings(max_examples=count, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck), derandomize=seed is not None)
+    @settings(
+        max_examples=count,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        derandomize=seed is not None,
+    )
     @given(cases)
     def one(case):
         if time.monotonic() > stop_at:
@@ -192,7 +275,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-s", type=float, default=900.0, help="stop generating after this many seconds")
     parser.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
     args = parser.parse_args(argv)
-    from tests.support import request, running_gateway, running_sim, stream_chat, chat_body
+    from sim.testing import chat_body, request, running_gateway, running_sim, stream_chat
 
     started = time.monotonic()
     with running_sim() as sim, running_gateway({"SIMULATED_BASE_URL": sim}) as gw:
@@ -202,8 +285,11 @@ def main(argv=None) -> int:
         healthy = ready == 200 and chat[0] == 200 and chat[2][-1][1].get("type") == "done"
     elapsed = time.monotonic() - started
     total = sum(statuses.values())
-    summary = (f"{total} cases in {elapsed:.0f} s: " + ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items()))
-               + f"; failures: {len(failures)}; healthy after: {'yes' if healthy else 'NO'}")
+    summary = (
+        f"{total} cases in {elapsed:.0f} s: "
+        + ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items()))
+        + f"; failures: {len(failures)}; healthy after: {'yes' if healthy else 'NO'}"
+    )
     print(summary)
     for failure in failures[:10]:
         print("  FAIL", failure)

@@ -4,7 +4,7 @@ called directly, under the same load, in the same run?
     .venv/bin/python -m bench.gateway [--rounds 4] [--json out.json]
 
 One simulated provider (sim.provider.start_subprocess) serves both targets; sluice
-(`run.py`, tests.support.Gateway) points at it with SIMULATED_BASE_URL. The load
+(`run.py`, sim.testing.Gateway) points at it with SIMULATED_BASE_URL. The load
 generator is this process: asyncio + httpcore, HTTP/1.1 to both targets (uvicorn is
 HTTP/1.1; sluice speaks h2c to the sim). Every request has a distinct prompt (nothing
 coalesces), `#sim ttft_ms=200 token_interval_ms=20 tokens=10`.
@@ -21,12 +21,13 @@ Measures
     cancellation `observed_at` minus the client's close time (both wall clock), sluice
     and direct interleaved, 30 each by default.
   * idle RSS: sum of VmRSS over run.py's whole process tree (Thespian's admin is in a
-    session of its own; tests.support.descendants finds it), fresh and after the load;
+    session of its own; actors.system.descendants finds it), fresh and after the load;
     PSS alongside (shared pages counted once).
   * ready: `run.py` start → /readyz 200, median of 5 (sim given by URL, and with the
     built-in sim that a fresh `python run.py` starts itself).
 The generator's own CPU is recorded per block, so it can be seen not to be the bottleneck.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,7 @@ from bench.common import (
     wait_for_quiet,
     write_json,
 )
-from bench.load import GatewayProc, Sim, new_pool, prompt_of, sim_stats, sim_prompt, stream_once, get_json
+from bench.load import GatewayProc, Sim, get_json, new_pool, prompt_of, sim_prompt, sim_stats, stream_once
 
 QUIET_PCT = 50.0  # wait (bounded) for the machine to be below this % busy before each pair
 QUIET_WAIT_S = 20.0
@@ -161,7 +162,10 @@ def summarize_level(blocks: list[dict]) -> dict:
     get = lambda t, r: next(b for b in blocks if b["target"] == t and b["round"] == r)  # noqa: E731
     d50 = [get("sluice", r)["p50_ms"] - get("direct", r)["p50_ms"] for r in rounds]
     d95 = [get("sluice", r)["p95_ms"] - get("direct", r)["p95_ms"] for r in rounds]
-    pooled = {t: [x.ttft_ms for b in blocks if b["target"] == t for x in b["results"] if x.ttft_ms is not None] for t in ("direct", "sluice")}
+    pooled = {
+        t: [x.ttft_ms for b in blocks if b["target"] == t for x in b["results"] if x.ttft_ms is not None]
+        for t in ("direct", "sluice")
+    }
     row = {
         "added_p50_ms": median(d50),
         "added_p95_ms": median(d95),
@@ -173,7 +177,9 @@ def summarize_level(blocks: list[dict]) -> dict:
         "samples": {t: len(pooled[t]) for t in pooled},
         "generator_cpu_pct_max": max(b["generator_cpu_pct"] for b in blocks),
         "machine_busy_pct_median": median(b["machine_busy_pct"] for b in blocks),
-        "server_cpu_ms_per_stream": {t: median(b["server_cpu_ms_per_stream"] for b in blocks if b["target"] == t) for t in ("direct", "sluice")},
+        "server_cpu_ms_per_stream": {
+            t: median(b["server_cpu_ms_per_stream"] for b in blocks if b["target"] == t) for t in ("direct", "sluice")
+        },
         "quiet_before": [b["quiet_before"] for b in blocks if b["target"] == "direct"],
     }
     for t in ("direct", "sluice"):
@@ -193,7 +199,7 @@ async def cancel_bench(sim: Sim, gw: GatewayProc, count: int) -> dict:
     samples = {"direct": [], "sluice": []}
     missed = {"direct": 0, "sluice": 0}
     for i in range(count):
-        for target in (("direct", "sluice") if i % 2 == 0 else ("sluice", "direct")):
+        for target in ("direct", "sluice") if i % 2 == 0 else ("sluice", "direct"):
             prompt = sim_prompt(f"cancel-{uuid.uuid4().hex[:8]}", **knobs)
             pool = new_pool(1)
             try:
@@ -245,12 +251,22 @@ def tree_memory(gw: GatewayProc) -> dict:
         roles = {}
     procs = []
     for pid in sorted(gw.pids()):
-        procs.append({"pid": pid, "role": roles.get(pid, "?"), "rss_kib": rss_kib(pid), "pss_kib": pss_kib(pid), "cmd": cmdline(pid)[:120]})
+        procs.append(
+            {
+                "pid": pid,
+                "role": roles.get(pid, "?"),
+                "rss_kib": rss_kib(pid),
+                "pss_kib": pss_kib(pid),
+                "cmd": cmdline(pid)[:120],
+            }
+        )
     return {
         "processes": procs,
         "count": len(procs),
         "rss_mb": sum(p["rss_kib"] or 0 for p in procs) / 1024.0,
-        "pss_mb": sum(p["pss_kib"] or 0 for p in procs) / 1024.0 if all(p["pss_kib"] is not None for p in procs) else None,
+        "pss_mb": sum(p["pss_kib"] or 0 for p in procs) / 1024.0
+        if all(p["pss_kib"] is not None for p in procs)
+        else None,
     }
 
 
@@ -261,7 +277,11 @@ def idle_cpu(gw: GatewayProc, seconds: float) -> dict:
     time.sleep(seconds)
     c1, t1 = {p: cpu_seconds(p) or 0.0 for p in pids}, time.monotonic()
     per = {str(p): round((c1[p] - c0[p]) / (t1 - t0) * 100.0, 2) for p in pids}
-    return {"seconds": t1 - t0, "pct_of_core": sum((c1[p] - c0[p]) for p in pids) / (t1 - t0) * 100.0, "per_pid_pct": per}
+    return {
+        "seconds": t1 - t0,
+        "pct_of_core": sum((c1[p] - c0[p]) for p in pids) / (t1 - t0) * 100.0,
+        "per_pid_pct": per,
+    }
 
 
 def ready_bench(sim: Sim, starts: int) -> dict:
@@ -287,7 +307,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=6, help="blocks per target per concurrency level")
     parser.add_argument("--cancels", type=int, default=30)
     parser.add_argument("--starts", type=int, default=5)
-    parser.add_argument("--quiet-pct", type=float, default=50.0, help="wait for the machine below this %% busy before each pair (0 = never)")
+    parser.add_argument(
+        "--quiet-pct",
+        type=float,
+        default=50.0,
+        help="wait for the machine below this %% busy before each pair (0 = never)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     QUIET_PCT = args.quiet_pct
@@ -305,11 +330,15 @@ def main(argv=None) -> dict:
             results["idle_fresh"] = tree_memory(gw)
             results["idle_cpu"] = idle_cpu(gw, 10.0)
             log(f"idle CPU of the sluice tree: {results['idle_cpu']['pct_of_core']:.1f} % of a core")
-            log(f"idle RSS fresh: {results['idle_fresh']['rss_mb']:.1f} MB (PSS {fmt(results['idle_fresh']['pss_mb'])} MB)")
+            log(
+                f"idle RSS fresh: {results['idle_fresh']['rss_mb']:.1f} MB (PSS {fmt(results['idle_fresh']['pss_mb'])} MB)"
+            )
             results["ttft"] = asyncio.run(ttft_bench(sim, gw, levels, args.rounds, KNOBS))
             results["cancel"] = asyncio.run(cancel_bench(sim, gw, args.cancels))
-            log(f"cancel sluice p50 {fmt(results['cancel']['sluice']['p50_ms'])} p95 {fmt(results['cancel']['sluice']['p95_ms'])} ms; "
-                f"direct p95 {fmt(results['cancel']['direct']['p95_ms'])}")
+            log(
+                f"cancel sluice p50 {fmt(results['cancel']['sluice']['p50_ms'])} p95 {fmt(results['cancel']['sluice']['p95_ms'])} ms; "
+                f"direct p95 {fmt(results['cancel']['direct']['p95_ms'])}"
+            )
             time.sleep(3.0)
             results["idle_after_load"] = tree_memory(gw)
             log(f"idle RSS after load: {results['idle_after_load']['rss_mb']:.1f} MB")
@@ -338,15 +367,24 @@ def verdicts(r: dict) -> list[dict]:
     ]
     out = []
     for name, value, target, unit in rows:
-        out.append({"measure": name, "value": value, "target": target, "unit": unit,
-                    "verdict": "PASS" if value is not None and value <= target else "MISS"})
+        out.append(
+            {
+                "measure": name,
+                "value": value,
+                "target": target,
+                "unit": unit,
+                "verdict": "PASS" if value is not None and value <= target else "MISS",
+            }
+        )
     return out
 
 
 def render_markdown(r: dict) -> str:
     lines = ["| measure | value | target | verdict |", "|---|---:|---:|---|"]
     for v in r["verdicts"]:
-        lines.append(f"| {v['measure']} | {fmt(v['value'], 2 if v['unit'] == 's' else 1)} {v['unit']} | ≤ {v['target']:g} {v['unit']} | {v['verdict']} |")
+        lines.append(
+            f"| {v['measure']} | {fmt(v['value'], 2 if v['unit'] == 's' else 1)} {v['unit']} | ≤ {v['target']:g} {v['unit']} | {v['verdict']} |"
+        )
     lines += [
         "",
         "| concurrent | direct p50 / p95 ms | sluice p50 / p95 ms | added p50 ms (min–max over pairs) | added p95 ms (min–max) | pooled added p50 / p95 | in: direct→sluice p50 ms | out: direct→sluice p50 ms | errors d/s | gen CPU max | server CPU ms/stream: sim alone → sluice tree |",
@@ -369,7 +407,9 @@ def render_markdown(r: dict) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for t in ("direct", "sluice"):
-        lines.append(f"| {t} | {c[t]['n']} | {fmt(c[t]['p50_ms'], 2)} | {fmt(c[t]['p95_ms'], 2)} | {fmt(c[t]['max_ms'], 2)} | {c[t]['missed']} |")
+        lines.append(
+            f"| {t} | {c[t]['n']} | {fmt(c[t]['p50_ms'], 2)} | {fmt(c[t]['p95_ms'], 2)} | {fmt(c[t]['max_ms'], 2)} | {c[t]['missed']} |"
+        )
     return "\n".join(lines)
 
 

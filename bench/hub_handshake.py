@@ -8,6 +8,7 @@ written), then one `Subscribe` answered with its replay frame; and, on one conne
 open, N more `Subscribe` round trips. The handshake's cost is once per edge connection
 (an edge keeps one connection to the hub); frames after it cost what they did before.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,10 +71,15 @@ async def measure(n: int) -> dict:
     finally:
         await hub.stop()
     mac_us = min(timeit.repeat(lambda: hub_hello.answer(secret, nonce, EDGE_ID), number=1000, repeat=5)) * 1000
-    ticket_us = min(timeit.repeat(lambda: auth.ticket_ok(secret, "s-bench", EDGE_ID, "0" * 64), number=1000, repeat=5)) * 1000
+    ticket_us = (
+        min(timeit.repeat(lambda: auth.ticket_ok(secret, "s-bench", EDGE_ID, "0" * 64), number=1000, repeat=5)) * 1000
+    )
 
     def ms(xs):
-        return {"p50_ms": round(statistics.median(xs) * 1000, 3), "p95_ms": round(statistics.quantiles(xs, n=20)[-1] * 1000, 3)}
+        return {
+            "p50_ms": round(statistics.median(xs) * 1000, 3),
+            "p95_ms": round(statistics.quantiles(xs, n=20)[-1] * 1000, 3),
+        }
 
     return {
         "connections": n,

@@ -21,6 +21,7 @@ Tokens: the simulated provider's tokens are words followed by one space, so a de
 token count is its number of spaces (a gateway that merges tokens into one delta is
 still counted right; the merged tokens share one arrival time).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -105,8 +106,17 @@ def make_body(target: dict, text: str) -> bytes:
 async def one_stream(target: dict, text: str, timeout_s: float, cancel_after_tokens: int | None = None) -> dict:
     """Run one streaming request. Returns a record:
     {ok, status, error, t0 (wall), ttft (s), tok (token arrival offsets, s), ntok, close_wall}."""
-    rec: dict = {"ok": False, "status": None, "error": None, "t0": time.time(), "ttft": None, "tok": [], "ntok": 0,
-                 "close_wall": None, "text": text}
+    rec: dict = {
+        "ok": False,
+        "status": None,
+        "error": None,
+        "t0": time.time(),
+        "ttft": None,
+        "tok": [],
+        "ntok": 0,
+        "close_wall": None,
+        "text": text,
+    }
     p0 = time.perf_counter()
     writer = None
     try:

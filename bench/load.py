@@ -6,6 +6,7 @@ only, so the direct baseline uses the same client protocol; sluice itself speaks
 the sim upstream). TTFT is client-observed: from just before the request is sent to the
 arrival of the first byte of the first *delta* (not the ping, not the role chunk).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -124,14 +125,20 @@ async def stream_once(
 
 def new_pool(connections: int) -> httpcore.AsyncConnectionPool:
     return httpcore.AsyncConnectionPool(
-        http1=True, http2=False, max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=60.0
+        http1=True,
+        http2=False,
+        max_connections=connections,
+        max_keepalive_connections=connections,
+        keepalive_expiry=60.0,
     )
 
 
 # --- the sim's own view ---------------------------------------------------------------------
 def sim_stats(sim_url: str) -> dict:
     with httpcore.ConnectionPool() as pool:
-        r = pool.request("GET", sim_url + "/stats", extensions={"timeout": {"connect": 5, "read": 10, "write": 5, "pool": 5}})
+        r = pool.request(
+            "GET", sim_url + "/stats", extensions={"timeout": {"connect": 5, "read": 10, "write": 5, "pool": 5}}
+        )
         return json.loads(r.content)
 
 
@@ -169,7 +176,7 @@ class Sim:
         self.proc = None
         self.port = None
 
-    def start(self) -> "Sim":
+    def start(self) -> Sim:
         from sim.provider import start_subprocess
 
         self.proc, self.port = start_subprocess()
@@ -188,12 +195,12 @@ class Sim:
 
 
 class GatewayProc:
-    """`python run.py` on free ports (tests.support.Gateway), started with a 10 ms
+    """`python run.py` on free ports (sim.testing.Gateway), started with a 10 ms
     readiness poll so the start-to-ready time is measured finely."""
 
     def __init__(self, env: dict | None = None):
         sys.path.insert(0, str(ROOT))
-        from tests.support import Gateway
+        from sim.testing import Gateway
 
         # One load generator on loopback is one client address holding up to 1,000
         # connections: the per-address cap (edge/http_limits.py) is off for benchmarks.
@@ -205,7 +212,7 @@ class GatewayProc:
     def url(self) -> str:
         return self.gw.url
 
-    def start(self, timeout: float = 30.0) -> "GatewayProc":
+    def start(self, timeout: float = 30.0) -> GatewayProc:
         gw = self.gw
         gw.log_path = os.path.join(gw.tmp, "gateway.log")
         gw.log = open(gw.log_path, "wb")
@@ -217,7 +224,11 @@ class GatewayProc:
                 if gw.proc.poll() is not None:
                     raise RuntimeError(f"run.py exited with {gw.proc.returncode}:\n{gw.output()}")
                 try:
-                    r = pool.request("GET", gw.url + "/readyz", extensions={"timeout": {"connect": 1, "read": 2, "write": 1, "pool": 1}})
+                    r = pool.request(
+                        "GET",
+                        gw.url + "/readyz",
+                        extensions={"timeout": {"connect": 1, "read": 2, "write": 1, "pool": 1}},
+                    )
                     if r.status == 200:
                         self.ready_s = time.monotonic() - t0
                         gw.tree = descendants(gw.proc.pid) | {gw.proc.pid}

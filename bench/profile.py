@@ -10,6 +10,7 @@ per stream (from /proc), and with --py-spy (`pip install py-spy` into the venv; 
 with --nonblocking at --rate Hz, so the targets are not paused) the functions that take
 the most samples, self and inclusive. The sim and this load generator are measured too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,7 @@ import tempfile
 import time
 import uuid
 
-from bench.common import ROOT, cmdline, cpu_seconds, fmt, log, sigterm_as_interrupt, write_json
+from bench.common import ROOT, cmdline, cpu_seconds, log, sigterm_as_interrupt, write_json
 from bench.load import GatewayProc, Sim, new_pool, sim_prompt, stream_once
 
 KNOBS = {"ttft_ms": 200, "token_interval_ms": 20, "tokens": 10}
@@ -34,7 +35,7 @@ FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:()]*):?(?P<line>\d*)\)$")
 def roles_of(gw: GatewayProc) -> dict[int, str]:
     """pid -> role, by matching the directory's actor ports with each process's listening sockets."""
     sys.path.insert(0, str(ROOT))
-    from tests.support import listening_ports
+    from sim.testing import listening_ports
 
     out: dict[int, str] = {}
     pids = gw.pids()
@@ -52,7 +53,9 @@ def roles_of(gw: GatewayProc) -> dict[int, str]:
         )
         # A separate short-lived process joins the actor system, so this one stays clean.
         env = {**os.environ, "SLUICE_CLUSTER_SECRET": gw.gw.cluster_secret()}
-        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30, env=env)
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30, env=env
+        )
         import json
 
         directory = json.loads(done.stdout.strip().splitlines()[-1])
@@ -101,9 +104,11 @@ async def steady(gw_url: str, concurrency: int, seconds: float) -> int:
 async def burst(gw_url: str, n: int, rounds: int) -> int:
     pool = new_pool(n + 2)
     try:
-        for r in range(rounds):
+        for _ in range(rounds):
             prompt = sim_prompt(f"prof-burst-{uuid.uuid4().hex[:6]}", ttft_ms=2000, token_interval_ms=20, tokens=20)
-            await asyncio.wait_for(asyncio.gather(*(stream_once(pool, "sluice", gw_url + "/api/chat", prompt) for _ in range(n))), 60)
+            await asyncio.wait_for(
+                asyncio.gather(*(stream_once(pool, "sluice", gw_url + "/api/chat", prompt) for _ in range(n))), 60
+            )
     finally:
         await pool.aclose()
     return n * rounds
@@ -180,10 +185,32 @@ def main(argv=None) -> dict:
                     if pid == os.getpid():
                         continue
                     path = os.path.join(out_dir, f"{pid}.txt")
-                    spies.append((pid, path, subprocess.Popen(
-                        [pyspy, "record", "--pid", str(pid), "--format", "raw", "--output", path, "--rate", str(args.rate),
-                         "--nonblocking", "--gil", "--duration", str(int(duration + 5))],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+                    spies.append(
+                        (
+                            pid,
+                            path,
+                            subprocess.Popen(
+                                [
+                                    pyspy,
+                                    "record",
+                                    "--pid",
+                                    str(pid),
+                                    "--format",
+                                    "raw",
+                                    "--output",
+                                    path,
+                                    "--rate",
+                                    str(args.rate),
+                                    "--nonblocking",
+                                    "--gil",
+                                    "--duration",
+                                    str(int(duration + 5)),
+                                ],
+                                stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL,
+                            ),
+                        )
+                    )
                 time.sleep(1.0)
             cpu0 = {pid: cpu_seconds(pid) for pid in roles}
             p0 = time.process_time()
@@ -204,7 +231,13 @@ def main(argv=None) -> dict:
             result.update({"streams": streams, "wall_s": wall})
             for pid, role in sorted(roles.items(), key=lambda kv: -((cpu1.get(kv[0]) or 0) - (cpu0.get(kv[0]) or 0))):
                 used = (cpu1.get(pid) or 0) - (cpu0.get(pid) or 0)
-                entry = {"pid": pid, "role": role, "cpu_s": used, "cpu_pct": used / wall * 100.0, "cpu_ms_per_stream": used / max(streams, 1) * 1000.0}
+                entry = {
+                    "pid": pid,
+                    "role": role,
+                    "cpu_s": used,
+                    "cpu_pct": used / wall * 100.0,
+                    "cpu_ms_per_stream": used / max(streams, 1) * 1000.0,
+                }
                 path = os.path.join(out_dir, f"{pid}.txt")
                 if args.py_spy and os.path.exists(path):
                     total, own, incl = parse_raw(path)
@@ -212,10 +245,25 @@ def main(argv=None) -> dict:
                     # Samples give the shares; the process's CPU time from /proc gives the scale (GIL-held samples
                     # over-count on a loaded machine: a thread can hold the GIL while descheduled).
                     per = entry["cpu_ms_per_stream"] / total if total else 0.0
-                    entry["top_self"] = [(f, n, round(n / total * 100, 1), round(n * per, 3)) for f, n in own.most_common(args.top)] if total else []
+                    entry["top_self"] = (
+                        [(f, n, round(n / total * 100, 1), round(n * per, 3)) for f, n in own.most_common(args.top)]
+                        if total
+                        else []
+                    )
                     sluice = [(f, n) for f, n in incl.most_common() if re.search(r"\((actors|edge|protocols|sim)/", f)]
-                    entry["top_inclusive_sluice"] = [(f, n, round(n / total * 100, 1), round(n * per, 3)) for f, n in sluice[: args.top]] if total else []
-                    entry["top_inclusive"] = [(f, n, round(n / total * 100, 1), round(n * per, 3)) for f, n in incl.most_common(args.top * 3)] if total else []
+                    entry["top_inclusive_sluice"] = (
+                        [(f, n, round(n / total * 100, 1), round(n * per, 3)) for f, n in sluice[: args.top]]
+                        if total
+                        else []
+                    )
+                    entry["top_inclusive"] = (
+                        [
+                            (f, n, round(n / total * 100, 1), round(n * per, 3))
+                            for f, n in incl.most_common(args.top * 3)
+                        ]
+                        if total
+                        else []
+                    )
                 result["processes"].append(entry)
         finally:
             for _, _, proc in spies:
@@ -232,13 +280,23 @@ def main(argv=None) -> dict:
 
 
 def render(r: dict) -> str:
-    lines = [f"{r['streams']} streams in {r['wall_s']:.1f} s ({r['params']['scenario']})", "",
-             "| process | CPU s | % of a core | CPU ms per stream |", "|---|---:|---:|---:|"]
+    lines = [
+        f"{r['streams']} streams in {r['wall_s']:.1f} s ({r['params']['scenario']})",
+        "",
+        "| process | CPU s | % of a core | CPU ms per stream |",
+        "|---|---:|---:|---:|",
+    ]
     for p in r["processes"]:
-        lines.append(f"| {p['role']} ({p['pid']}) | {p['cpu_s']:.2f} | {p['cpu_pct']:.0f} | {p['cpu_ms_per_stream']:.2f} |")
+        lines.append(
+            f"| {p['role']} ({p['pid']}) | {p['cpu_s']:.2f} | {p['cpu_pct']:.0f} | {p['cpu_ms_per_stream']:.2f} |"
+        )
     for p in r["processes"]:
         if p.get("top_self"):
-            lines += ["", f"### {p['role']} — {p['samples']} GIL-held samples; {p['cpu_ms_per_stream']:.2f} CPU ms per stream shared out by samples", "self:"]
+            lines += [
+                "",
+                f"### {p['role']} — {p['samples']} GIL-held samples; {p['cpu_ms_per_stream']:.2f} CPU ms per stream shared out by samples",
+                "self:",
+            ]
             lines += [f"  {pct:5.1f}%  {ms:6.2f} ms/stream  {f}" for f, n, pct, ms in p["top_self"]]
             lines += ["inclusive (sluice code):"]
             lines += [f"  {pct:5.1f}%  {ms:6.2f} ms/stream  {f}" for f, n, pct, ms in p["top_inclusive_sluice"]]

@@ -9,6 +9,7 @@ Each benchmark runs in a child process of its own (`python -m bench.<name> --jso
 bench/results/<name>.json`), one after the other, never two at once; Ctrl-C stops the
 running child (which cleans up its own processes) and then this one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from bench.common import ROOT, fmt, log, machine
 
@@ -37,7 +37,16 @@ FULL = {
 if shutil.which("py-spy", path=os.path.dirname(sys.executable)):
     FULL["profile"].append("--py-spy")
 QUICK = {
-    "dataplane": ["--rounds", "1", "--duration", "2", "--rates", "200,1000,2500,5000", "--flood", "a=1000,b=20000,c=20000"],
+    "dataplane": [
+        "--rounds",
+        "1",
+        "--duration",
+        "2",
+        "--rates",
+        "200,1000,2500,5000",
+        "--flood",
+        "a=1000,b=20000,c=20000",
+    ],
     "gateway": ["--rounds", "2", "--cancels", "10", "--starts", "3"],
     "coalescing": ["--burst", "300", "--distinct", "20"],
     "trace": ["--levels", "1,20", "--streams", "20"],
@@ -118,8 +127,10 @@ def litellm_section() -> list[str]:
             "|---|---|---|---|---:|---|",
         ]
         for r in runs:
-            lines.append(f"| {r['date']} | {r['commit']} | {fmt(r['s20'])} / {fmt(r['l20'])} | {r['s_sus']} / {r['l_sus']} "
-                         f"| {fmt(r['cancel'])} | {r['burst']} |")
+            lines.append(
+                f"| {r['date']} | {r['commit']} | {fmt(r['s20'])} / {fmt(r['l20'])} | {r['s_sus']} / {r['l_sus']} "
+                f"| {fmt(r['cancel'])} | {r['burst']} |"
+            )
     return lines
 
 
@@ -139,8 +150,11 @@ def render(commands: dict, quick: bool) -> str:
         f"* {mach['nproc']} cores, {mach['cpu_model']}, {mach.get('mem_total_mib')} MiB RAM, Linux {mach['kernel']}",
         f"* Python {mach['python']}; " + ", ".join(f"{k} {v}" for k, v in mach["packages"].items() if v),
         "* git commit per benchmark (other engineers commit and edit the tree while this runs): "
-        + ", ".join(f"{n} {r['machine']['git_commit']} (+{r['machine']['git_dirty_files']} modified files)" for n, r in
-                    (("dataplane", dp), ("gateway", gw), ("coalescing", co)) if r and r.get("machine")),
+        + ", ".join(
+            f"{n} {r['machine']['git_commit']} (+{r['machine']['git_dirty_files']} modified files)"
+            for n, r in (("dataplane", dp), ("gateway", gw), ("coalescing", co))
+            if r and r.get("machine")
+        ),
         f"* open files limit {mach['ulimit_nofile'][0]}",
         "* **The machine is shared**: other people's test suites ran during these measurements (load averages are "
         "recorded per benchmark below). Everything is therefore measured as a difference or ratio against a baseline "
@@ -156,7 +170,9 @@ def render(commands: dict, quick: bool) -> str:
     if gw:
         for v in gw["verdicts"]:
             digits = 2 if v["unit"] == "s" else 1
-            lines.append(f"| {v['measure']} | {fmt(v['value'], digits)} {v['unit']} | ≤ {v['target']:g} {v['unit']} | **{v['verdict']}** |")
+            lines.append(
+                f"| {v['measure']} | {fmt(v['value'], digits)} {v['unit']} | ≤ {v['target']:g} {v['unit']} | **{v['verdict']}** |"
+            )
     if co:
         for v in co["verdicts"]:
             value = fmt(v["value"]) if isinstance(v["value"], float) else v["value"]
@@ -207,13 +223,19 @@ def render(commands: dict, quick: bool) -> str:
             f"session and is found by session id): fresh {gw['idle_fresh']['rss_mb']:.1f} MB RSS / {fmt(gw['idle_fresh']['pss_mb'])} MB PSS; "
             f"after the load {gw['idle_after_load']['rss_mb']:.1f} MB RSS / {fmt(gw['idle_after_load']['pss_mb'])} MB PSS. "
             "RSS counts the pages the forked processes share once per process; PSS splits them."
-            + (f" Idle CPU of the whole tree over {gw['idle_cpu']['seconds']:.0f} s: {gw['idle_cpu']['pct_of_core']:.1f} % of a core." if gw.get("idle_cpu") else ""),
+            + (
+                f" Idle CPU of the whole tree over {gw['idle_cpu']['seconds']:.0f} s: {gw['idle_cpu']['pct_of_core']:.1f} % of a core."
+                if gw.get("idle_cpu")
+                else ""
+            ),
             "",
             "| process | RSS MiB | PSS MiB |",
             "|---|---:|---:|",
         ]
         for p in gw["idle_after_load"]["processes"]:
-            lines.append(f"| {p.get('role', '?')} ({p['pid']}) | {p['rss_kib'] / 1024:.1f} | {fmt((p['pss_kib'] or 0) / 1024)} |")
+            lines.append(
+                f"| {p.get('role', '?')} ({p['pid']}) | {p['rss_kib'] / 1024:.1f} | {fmt((p['pss_kib'] or 0) / 1024)} |"
+            )
         r = gw["ready"]
         lines += [
             "",
@@ -229,9 +251,14 @@ def render(commands: dict, quick: bool) -> str:
             "",
             "## 3. Coalescing and pacing under bursts",
             "",
-            f"Identical burst: `#sim " + " ".join(f"{a}={b}" for a, b in co["burst_knobs"].items()) + "`, one HTTP/1.1 connection per stream, "
-            "all sent at once. Production pacer: " + " ".join(f"{a}={b}" for a, b in co["pacer_env"].items())
-            + "; sim `#sim " + " ".join(f"{a}={b}" for a, b in co["paced_knobs"].items()) + "` so RPS=1 alone paces the run "
+            "Identical burst: `#sim "
+            + " ".join(f"{a}={b}" for a, b in co["burst_knobs"].items())
+            + "`, one HTTP/1.1 connection per stream, "
+            "all sent at once. Production pacer: "
+            + " ".join(f"{a}={b}" for a, b in co["pacer_env"].items())
+            + "; sim `#sim "
+            + " ".join(f"{a}={b}" for a, b in co["paced_knobs"].items())
+            + "` so RPS=1 alone paces the run "
             "(N distinct requests take ≈ N s; queue max and max wait raised so that nothing is refused).",
             "",
             coalescing.render_markdown(co),
@@ -268,21 +295,35 @@ def render(commands: dict, quick: bool) -> str:
                 cells.append(f"{fmt(r['p50_ms'], 2)} / {fmt(r['p95_ms'], 2)}")
             lines.append(f"| {row['stage']} | " + " | ".join(cells) + " |")
         if tr.get("cancel"):
-            lines += ["", "Cancel path (client hangs up after the first delta; sequential):", "", "| stage | p50 / p95 ms |", "|---|---:|"]
+            lines += [
+                "",
+                "Cancel path (client hangs up after the first delta; sequential):",
+                "",
+                "| stage | p50 / p95 ms |",
+                "|---|---:|",
+            ]
             for row in tr["cancel"]:
                 lines.append(f"| {row['stage']} | {fmt(row['p50_ms'], 2)} / {fmt(row['p95_ms'], 2)} |")
     if pr and any(p.get("top_self") for p in pr["processes"]):
-        lines += ["", "py-spy (`--gil --nonblocking`) on the busiest processes; each process's CPU ms per stream shared out by its samples "
-                  "(self = the function itself, inclusive = with its callees):", ""]
+        lines += [
+            "",
+            "py-spy (`--gil --nonblocking`) on the busiest processes; each process's CPU ms per stream shared out by its samples "
+            "(self = the function itself, inclusive = with its callees):",
+            "",
+        ]
         for p in pr["processes"][:4]:
             if not p.get("top_self") or p["role"] in ("load generator",):
                 continue
-            lines += [f"**{p['role']}** — {p['cpu_ms_per_stream']:.2f} CPU ms per stream, {p['samples']} samples", "",
-                      "| inclusive, sluice code | ms/stream | share |", "|---|---:|---:|"]
-            for f, n, share, ms in p["top_inclusive_sluice"][:10]:
+            lines += [
+                f"**{p['role']}** — {p['cpu_ms_per_stream']:.2f} CPU ms per stream, {p['samples']} samples",
+                "",
+                "| inclusive, sluice code | ms/stream | share |",
+                "|---|---:|---:|",
+            ]
+            for f, _n, share, ms in p["top_inclusive_sluice"][:10]:
                 lines.append(f"| `{f}` | {ms:.2f} | {share:.0f} % |")
             lines += ["", "| self | ms/stream | share |", "|---|---:|---:|"]
-            for f, n, share, ms in p["top_self"][:8]:
+            for f, _n, share, ms in p["top_self"][:8]:
                 lines.append(f"| `{f}` | {ms:.2f} | {share:.0f} % |")
             lines.append("")
     notes = ROOT / "bench" / "NOTES.md"

@@ -13,6 +13,7 @@ after). Each variant runs in a child process of its own, alternating, because th
 selector and the serializer are process-wide and inherited by the forked actors. With
 both poll and signed, the last line is the cost of authentication: signed / poll.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,7 +83,12 @@ def child(variant: str, messages: int) -> dict:
         cpu_echo_end = asys.ask(echo, "cpu", 10)
         hops = 2 * messages
         cpu = (cpu_relay_end - cpu_relay) + (cpu_echo_end - cpu_echo)
-        return {"variant": variant, "hops": hops, "ms_per_hop": wall / hops * 1e3, "cpu_ms_per_message": cpu / hops * 1e3}
+        return {
+            "variant": variant,
+            "hops": hops,
+            "ms_per_hop": wall / hops * 1e3,
+            "cpu_ms_per_message": cpu / hops * 1e3,
+        }
     finally:
         asys.shutdown()
 
@@ -103,12 +109,19 @@ def main(argv=None) -> list[dict]:
     rows = []
     for rnd in range(args.rounds):
         for variant in variants:
-            done = subprocess.run([sys.executable, "-m", "bench.thespian_hop", "--child", variant, "--messages",
-                                   str(args.messages)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+            done = subprocess.run(
+                [sys.executable, "-m", "bench.thespian_hop", "--child", variant, "--messages", str(args.messages)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
-            log(f"round {rnd + 1} {variant:6s}: {row['ms_per_hop']:.3f} ms per hop, "
-                f"{row['cpu_ms_per_message']:.3f} CPU ms per message (both ends)")
+            log(
+                f"round {rnd + 1} {variant:6s}: {row['ms_per_hop']:.3f} ms per hop, "
+                f"{row['cpu_ms_per_message']:.3f} CPU ms per message (both ends)"
+            )
     if "poll" in variants and "signed" in variants:
         log(signed_ratio(rows))
     return rows

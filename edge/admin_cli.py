@@ -204,7 +204,7 @@ def main(argv: list[str]) -> int:
         out = asyncio.run(asyncio.wait_for(_authorized(bridge, token, name, args), COMMAND_TIMEOUT_S))
     except AdminError as exc:
         return _fail(exc.code, exc.message, 2 if exc.status < 500 else 1)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return _fail("gateway_unavailable", f"{name}: no answer within {COMMAND_TIMEOUT_S:g} s", 1)
     finally:
         bridge.close()

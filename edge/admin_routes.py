@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse

@@ -56,7 +56,7 @@ class _Refused:
         self.code, self.text = code, text
 
 
-def _parse_int(text: str):
+def _parse_int(text: str) -> int | _Refused:
     digits = len(text) - text.startswith("-")
     if digits > _MAX_INT_DIGITS:
         return _Refused("integer_out_of_range", f"an integer of {digits} digits")
@@ -66,14 +66,14 @@ def _parse_int(text: str):
     return value
 
 
-def _parse_float(text: str):
+def _parse_float(text: str) -> float | _Refused:
     value = float(text)
     if not math.isfinite(value):
         return _Refused("non_finite_number", f"the number {text[:40]} (it overflows to infinity)")
     return value
 
 
-def _parse_constant(text: str):
+def _parse_constant(text: str) -> _Refused:
     return _Refused("non_finite_number", f"{text} (not JSON)")
 
 
@@ -90,7 +90,7 @@ def load_json(raw: bytes) -> Any:
 
 
 class _Walk:
-    def __init__(self):
+    def __init__(self) -> None:
         self.count = 0
 
     def value(self, value: Any, path: list, depth: int) -> None:

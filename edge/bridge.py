@@ -30,6 +30,7 @@ from thespian.actors import ActorSystem
 from actors import addressing
 from actors.supervisor import SUPERVISOR_NAME, SupervisorActor
 from protocols import messages as m
+from protocols import trace
 
 DIRECTORY_TTL_S = 1.0
 DIRECTORY_ASK_S = 2.0
@@ -86,10 +87,14 @@ class ActorBridge:
         """Send `msg` to role or address `to`; return the decoded reply: one of the types
         `messages.REPLIES` lists for the question (anything else arriving meanwhile is a
         stray answer to an earlier tell and is dropped)."""
+        trace.stamp("ask_call", "edge", msg)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.ask_blocking, to, msg, timeout)
+        reply = await loop.run_in_executor(self._executor, self.ask_blocking, to, msg, timeout)
+        trace.stamp("ask_return", "edge", msg)
+        return reply
 
     async def tell(self, to: str, msg) -> None:
+        trace.stamp("tell_call", "edge", msg)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self.tell_blocking, to, msg)
 
@@ -114,10 +119,13 @@ class ActorBridge:
         return reply
 
     def ask_blocking(self, to: str, msg, timeout: float):
+        trace.stamp("ask_thread", "edge", msg)
         deadline = time.monotonic() + timeout
         self._await_role(to, deadline)
         role = to if to != "supervisor" and self.directory is not None and to in self.directory.entries else None
-        return self._ask_address(self._resolve(to), msg, max(0.0, deadline - time.monotonic()), role)
+        reply = self._ask_address(self._resolve(to), msg, max(0.0, deadline - time.monotonic()), role)
+        trace.stamp("ask_thread_done", "edge", msg)
+        return reply
 
     def _await_role(self, role: str, deadline: float) -> None:
         """A role the directory named before and does not now is being recreated: wait
@@ -135,6 +143,7 @@ class ActorBridge:
                 pass
 
     def tell_blocking(self, to: str, msg) -> None:
+        trace.stamp("tell_thread", "edge", msg)
         self._context().tell(self._resolve(to), _encoded(msg))
 
     def _resolve(self, to: str):

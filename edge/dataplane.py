@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import msgpack
 
 from edge.listeners import Listeners
 from protocols import events as ev
-from protocols import hub_hello
+from protocols import hub_hello, trace
 from protocols import messages as m
 
 log = logging.getLogger("sluice.edge.dataplane")
@@ -52,6 +52,7 @@ class HubClient:
         self._listeners: Listeners[Callable[[int | None, list[dict]], None]] = Listeners()
 
     async def subscribe(self, stream_id: str, ticket: str, on_events: Callable[[int | None, list[dict]], None]) -> None:
+        trace.stamp("subscribe", "edge", stream_id)
         await self._ensure_connected()
         self._listeners.add(stream_id, on_events)
         self._writer.write(m.encode(m.Subscribe(stream_id, ticket)))
@@ -102,6 +103,7 @@ class HubClient:
                 for raw in unpacker:
                     msg = m.from_wire(raw)
                     if isinstance(msg, m.StreamData):
+                        trace.stamp("hub_rx", "edge", msg.stream_id, msg.events)
                         for listener in self._listeners.of(msg.stream_id):
                             listener(msg.seq, msg.events)
                     elif isinstance(msg, m.SubscribeRefused):

@@ -59,7 +59,7 @@ FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "function_ca
 RATE_LIMITED = ("upstream_429", "pacer_queue_full", "pacer_queue_timeout")
 # HTTP status of a non-streamed answer whose stream ended in error (default 502).
 STATUS_FOR_CODE = {
-    **{code: 429 for code in RATE_LIMITED},
+    **dict.fromkeys(RATE_LIMITED, 429),
     "upstream_timeout": 504,
     "shutting_down": 503,
     "gateway_unavailable": 503,

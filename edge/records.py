@@ -30,7 +30,7 @@ class RecordSender:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.every_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             await self.flush()

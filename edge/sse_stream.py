@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from edge.access_log import STREAM_OUTCOME
 from edge.streams import Subscriber
 from protocols import events as ev
+from protocols import trace
 from protocols.sse import PING, frame
 
 _FRAME = "_sse_frame"  # where SluiceRenderer caches an event's encoded frame
@@ -165,6 +166,7 @@ class SSEStream:
             body, terminal = b"", None
             for event in events:
                 body += self.renderer.render(event)
+                trace.stamp("rendered", "edge", self.sub.request_id, event)
                 if ev.is_terminal(event):
                     terminal = event
                     break

@@ -16,14 +16,15 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from edge.bridge import ActorBridge, BridgeError
 from edge.dataplane import HubClient
 from edge.listeners import new_events
 from protocols import events as ev
 from protocols import messages as m
+from protocols import trace
 from protocols.keys import shard_of
 
 log = logging.getLogger("sluice.edge.streams")
@@ -48,7 +49,7 @@ class Subscriber:
     model: str
     fanout: bool = True
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    flight: "Flight | None" = None
+    flight: Flight | None = None
     outcome: str | None = None
     key_id: str | None = None  # the API key that owns this request (None: open access)
 
@@ -94,6 +95,7 @@ class LocalStreams:
 
     async def join(self, request_id: str, provider: str, model: str, body: dict, key: str, received_at: float) -> Subscriber:
         """Attach a new client to the flight for `key`; raises Rejection."""
+        trace.stamp("edge_join", "edge", request_id)
         flight = self.by_key.get(key) if key and self.coalesce_enabled else None
         if flight is None or flight.finished:
             shard = f"coalescer:{shard_of(key, self.shards, request_id)}"

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Union
+from collections.abc import Callable
+from typing import Any, TypeVar, Union
 
 import msgpack
 
@@ -29,10 +30,14 @@ class Invalid:
     reason: str
 
 
-def message(tag: str):
+_M = TypeVar("_M", bound=type)
+
+
+@typing.dataclass_transform(frozen_default=True)  # type checkers see the fields as __init__'s
+def message(tag: str) -> Callable[[_M], _M]:
     """Register a dataclass as a wire message under `tag`."""
 
-    def register(cls):
+    def register(cls: Any) -> Any:
         cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
         if tag in _REGISTRY:
             raise ValueError(f"duplicate message tag {tag!r}")
@@ -44,11 +49,13 @@ def message(tag: str):
 
 
 def encode(msg: Any) -> bytes:
-    tag = getattr(type(msg), "TAG", None)
-    if tag is None or _REGISTRY.get(tag) is not type(msg):
-        raise TypeError(f"{type(msg).__name__} is not a registered message")
+    cls: type = type(msg)
+    tag = getattr(cls, "TAG", None)
+    if tag is None or _REGISTRY.get(tag) is not cls:
+        raise TypeError(f"{cls.__name__} is not a registered message")
     body = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
-    return msgpack.packb([tag, VERSION, body], use_bin_type=True)
+    packed: bytes = msgpack.packb([tag, VERSION, body], use_bin_type=True)
+    return packed
 
 
 def decode(data: Any) -> Any:

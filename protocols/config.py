@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -58,7 +59,7 @@ def _bool(text: str) -> bool:
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str):
+    def parse(text: str) -> Any:
         value = kind(text)
         if not (value > 0 and math.isfinite(value)):
             raise ValueError("must be > 0")
@@ -68,7 +69,7 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str):
+    def parse(text: str) -> Any:
         value = kind(text)
         if not (value >= 0 and math.isfinite(value)):
             raise ValueError("must be >= 0")
@@ -233,7 +234,7 @@ def _coalesce_scope(settings: dict) -> str:
         return "key" if keys else "global"
     if scope == "key" and not keys:
         raise ConfigError("COALESCE_SCOPE=key: needs SLUICE_API_KEYS_FILE (without keys every client is anonymous)")
-    return scope
+    return str(scope)
 
 
 ALERT_PREFIX = "SLUICE_ALERT_"

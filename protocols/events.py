@@ -24,7 +24,7 @@ def delta(text: str) -> dict:
     return {"type": DELTA, "delta": text}
 
 
-def meta(**fields) -> dict:
+def meta(**fields: object) -> dict:
     return {"type": META, **fields}
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 import time
+from types import TracebackType
 
 # Attributes every LogRecord has: anything else on a record came from `extra=`.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
@@ -50,7 +51,7 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
@@ -113,5 +114,5 @@ def _iso(created: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
 
 
-def _log_uncaught(kind, value, tb) -> None:
+def _log_uncaught(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
     logging.getLogger("sluice").critical("uncaught exception", exc_info=(kind, value, tb))

@@ -5,6 +5,7 @@ errors for "no gateway" and "token refused") and `SuiteError`, the one way the s
 says "I cannot run" (exit status 2). scripts/signoff_settings.py and scripts/ttft_suite.py
 both use it.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,7 +64,9 @@ class Gateway:
         self.url, self.token, self.client_key = url.rstrip("/"), token, client_key
         self.pool = httpcore.ConnectionPool()  # thread-safe: shared by the run's workers
 
-    def call(self, method: str, path: str, body=None, auth: bool = False, timeout: float = 10.0, base: str | None = None):
+    def call(
+        self, method: str, path: str, body=None, auth: bool = False, timeout: float = 10.0, base: str | None = None
+    ):
         headers = [(b"accept", b"application/json")]
         content = None
         if body is not None:
@@ -73,12 +76,16 @@ class Gateway:
             headers.append((b"authorization", f"Bearer {self.token}".encode()))
         url = (base or self.url).rstrip("/") + path
         try:
-            r = self.pool.request(method, url, headers=headers, content=content, extensions={"timeout": timeouts(timeout)})
+            r = self.pool.request(
+                method, url, headers=headers, content=content, extensions={"timeout": timeouts(timeout)}
+            )
         except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
             if base is not None:
                 raise SuiteError(f"nothing answers at {base} ({exc or 'connection refused'})") from None
-            raise SuiteError(f"no gateway at {self.url} ({exc or 'connection refused'}): start it "
-                             f"(`python run.py`) or pass its URL (argument or SLUICE_URL)") from None
+            raise SuiteError(
+                f"no gateway at {self.url} ({exc or 'connection refused'}): start it "
+                f"(`python run.py`) or pass its URL (argument or SLUICE_URL)"
+            ) from None
         except httpcore.TimeoutException:
             raise SuiteError(f"{method} {url}: no answer within {timeout:g} s") from None
         except (httpcore.NetworkError, httpcore.RemoteProtocolError) as exc:

@@ -15,6 +15,7 @@ This module owns:
     settings from the environment), so that a restart from a shell that sourced the
     restore script comes back with production, never with test values.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -29,8 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PRODUCTION_FILE = ROOT / "config" / "production.json"
 PACER_KEYS = ("rps", "burst", "concurrency", "rpm", "max_queue", "max_wait_s")
 FLAG_KEYS = ("coalesce_enabled", "stream_fanout_enabled", "error_ttl_s")
-FLAG_ENV = {"coalesce_enabled": "COALESCE_ENABLED", "stream_fanout_enabled": "STREAM_FANOUT_ENABLED",
-            "error_ttl_s": "COALESCE_ERROR_TTL_S"}
+FLAG_ENV = {
+    "coalesce_enabled": "COALESCE_ENABLED",
+    "stream_fanout_enabled": "STREAM_FANOUT_ENABLED",
+    "error_ttl_s": "COALESCE_ERROR_TTL_S",
+}
 GENEROUS = 50  # prep: rps, burst and concurrency of the account under test at least this
 
 
@@ -68,8 +72,12 @@ def load_production(path: Path | None = None) -> dict:
         problems.append("'alert_thresholds' must be an object of numbers")
     if problems:
         raise SuiteError(f"the production settings file {path} is incomplete: {'; '.join(problems)}")
-    return {"pacers": {a.lower(): dict(v) for a, v in pacers.items()}, "flags": dict(flags),
-            "alert_thresholds": dict(thresholds), "path": str(path)}
+    return {
+        "pacers": {a.lower(): dict(v) for a, v in pacers.items()},
+        "flags": dict(flags),
+        "alert_thresholds": dict(thresholds),
+        "path": str(path),
+    }
 
 
 def _is_number(value) -> bool:
@@ -88,8 +96,10 @@ def env_lines(production: dict) -> list[str]:
     queues = {v["max_queue"] for v in production["pacers"].values()}
     waits = {float(v["max_wait_s"]) for v in production["pacers"].values()}
     if len(queues) != 1 or len(waits) != 1:
-        raise SuiteError("the production file gives accounts different max_queue / max_wait_s; a restart can "
-                         "only set one for all (PACER_MAX_QUEUE, PACER_MAX_WAIT_MS)")
+        raise SuiteError(
+            "the production file gives accounts different max_queue / max_wait_s; a restart can "
+            "only set one for all (PACER_MAX_QUEUE, PACER_MAX_WAIT_MS)"
+        )
     lines.append(f"export PACER_MAX_QUEUE={queues.pop()}")
     lines.append(f"export PACER_MAX_WAIT_MS={_num(waits.pop() * 1000.0)}")
     for key, name in FLAG_ENV.items():
@@ -114,8 +124,11 @@ def in_force(gw: Gateway, state: dict | None = None) -> dict:
     state = state or gw.state()
     results = state["results"]
     return {
-        "pacers": {role.partition(":")[2]: {k: r["settings"].get(k) for k in PACER_KEYS}
-                   for role, r in sorted(results.items()) if role.startswith("pacer:")},
+        "pacers": {
+            role.partition(":")[2]: {k: r["settings"].get(k) for k in PACER_KEYS}
+            for role, r in sorted(results.items())
+            if role.startswith("pacer:")
+        },
         "flags": {role: dict(r["flags"]) for role, r in sorted(results.items()) if role.startswith("coalescer:")},
         "alert_thresholds": gw.thresholds(),
     }
@@ -137,11 +150,17 @@ def differences(production: dict, running: dict) -> list[str]:
         if wanted is None:
             out.append(f"pacer:{account}: runs, but the production file has no settings for it")
             continue
-        out += [f"pacer:{account} {k}: running {values.get(k)!r}, production {wanted[k]!r}"
-                for k in PACER_KEYS if not same(values.get(k), wanted[k])]
+        out += [
+            f"pacer:{account} {k}: running {values.get(k)!r}, production {wanted[k]!r}"
+            for k in PACER_KEYS
+            if not same(values.get(k), wanted[k])
+        ]
     for shard, flags in running["flags"].items():
-        out += [f"{shard} {k}: running {flags.get(k)!r}, production {production['flags'][k]!r}"
-                for k in FLAG_KEYS if not same(flags.get(k), production["flags"][k])]
+        out += [
+            f"{shard} {k}: running {flags.get(k)!r}, production {production['flags'][k]!r}"
+            for k in FLAG_KEYS
+            if not same(flags.get(k), production["flags"][k])
+        ]
     if not running["flags"]:
         out.append("no coalescer shard answered: the flags could not be read back")
     thresholds = running["alert_thresholds"]
@@ -149,8 +168,10 @@ def differences(production: dict, running: dict) -> list[str]:
         if key not in production["alert_thresholds"]:
             out.append(f"alert threshold {key}: running {thresholds[key]!r}, not in the production file")
         elif not same(thresholds.get(key), production["alert_thresholds"][key]):
-            out.append(f"alert threshold {key}: running {thresholds.get(key)!r}, "
-                       f"production {production['alert_thresholds'][key]!r}")
+            out.append(
+                f"alert threshold {key}: running {thresholds.get(key)!r}, "
+                f"production {production['alert_thresholds'][key]!r}"
+            )
     return out
 
 
@@ -162,8 +183,11 @@ def describe(running: dict) -> str:
     """Settings in force in one paragraph, for the record."""
     pacers = "; ".join(f"pacer:{a} {show_pacer(v)}" for a, v in running["pacers"].items())
     flags = {json.dumps(f, sort_keys=True) for f in running["flags"].values()}
-    flag_text = ("flags " + " ".join(f"{k}={v}" for k, v in json.loads(flags.pop()).items())
-                 if len(flags) == 1 else f"flags differ between shards: {running['flags']}")
+    flag_text = (
+        "flags " + " ".join(f"{k}={v}" for k, v in json.loads(flags.pop()).items())
+        if len(flags) == 1
+        else f"flags differ between shards: {running['flags']}"
+    )
     thresholds = " ".join(f"{k}={v}" for k, v in running["alert_thresholds"].items())
     return f"{pacers}; {flag_text}; alert thresholds {thresholds}"
 
@@ -205,12 +229,14 @@ def prep(gw: Gateway, account: str | None, say=print) -> list[str]:
     never a pacer value (a restart must not pick test values up)."""
     account, _, state = target(gw, account)
     before = in_force(gw, state)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     folder = save_dir()
     folder.mkdir(parents=True, exist_ok=True)
     saved = folder / f"signoff-saved-{stamp}.json"
-    saved.write_text(json.dumps({"saved_at": stamp, "gateway": gw.url, "account": account, "in_force": before},
-                                indent=2) + "\n", encoding="utf-8")
+    saved.write_text(
+        json.dumps({"saved_at": stamp, "gateway": gw.url, "account": account, "in_force": before}, indent=2) + "\n",
+        encoding="utf-8",
+    )
     say(f"prep: the settings in force before prep are saved in {saved}")
     try:
         drift = differences(load_production(), before)
@@ -226,8 +252,10 @@ def prep(gw: Gateway, account: str | None, say=print) -> list[str]:
     }
     after = set_pacer(gw, account, wanted)
     say(f"prep: pacer:{account} was {show_pacer(was)}")
-    say(f"prep: pacer:{account} now {show_pacer(after)} (TTFT-test settings, live; do not restart: a "
-        f"restart runs the environment's settings)")
+    say(
+        f"prep: pacer:{account} now {show_pacer(after)} (TTFT-test settings, live; do not restart: a "
+        f"restart runs the environment's settings)"
+    )
     return [f"export SLUICE_SIGNOFF_ACCOUNT={account}", f"export SLUICE_SIGNOFF_SAVED={saved}"]
 
 
@@ -256,14 +284,18 @@ def restore(gw: Gateway, say=print) -> tuple[list[str], bool]:
     for account in back["pacers"]:
         say(f"restore: pacer:{account} now {show_pacer(back['pacers'][account])}")
     if wrong:
-        say(f"restore: FAILED: read back from the running actors, {len(wrong)} value(s) differ from "
-            f"{production['path']}:")
+        say(
+            f"restore: FAILED: read back from the running actors, {len(wrong)} value(s) differ from "
+            f"{production['path']}:"
+        )
         for line in wrong:
             say(f"restore:   {line}")
     else:
-        say(f"restore: every value read back from the running actors matches {production['path']} "
+        say(
+            f"restore: every value read back from the running actors matches {production['path']} "
             f"({len(back['pacers'])} pacers, {len(back['flags'])} coalescer shards, "
-            f"{len(back['alert_thresholds'])} alert thresholds)")
+            f"{len(back['alert_thresholds'])} alert thresholds)"
+        )
     exports = ["unset SLUICE_SIGNOFF_ACCOUNT SLUICE_SIGNOFF_SAVED"] + env_lines(production)
     return exports, not wrong
 

@@ -57,6 +57,7 @@ Environment:
 Exit codes: 0 GO; 1 NO-GO (a FAIL, an INVESTIGATE, a gate crossed, a restore that did not
 restore); 2 the suite could not run (no gateway, bad token, refused upstream, ...).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,9 +83,8 @@ from urllib.parse import urlsplit
 import httpcore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from signoff_http import (  # noqa: E402
-    Gateway, SuiteError, env_float, env_int, parse_json, progress, timeouts)
 import signoff_settings as settings  # noqa: E402
+from signoff_http import Gateway, SuiteError, env_float, env_int, parse_json, progress, timeouts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_URL = "http://localhost:8000"
@@ -131,11 +131,18 @@ def refuse_unless_rehearsal(up: Upstream, rehearsal: bool) -> None:
     if rehearsal:
         return
     if up.simulated or up.loopback or not up.base_url:
-        why = ("it is the simulated provider" if up.simulated else "it is on loopback" if up.base_url
-               else "the gateway does not report its base URL")
-        raise SuiteError(f"refusing a real sign-off against {up.provider} at {up.base_url or '?'}: {why}. "
-                         f"A sign-off measures a real provider; pass --rehearsal (or SLUICE_SIGNOFF_REHEARSAL=1) "
-                         f"to rehearse against this one")
+        why = (
+            "it is the simulated provider"
+            if up.simulated
+            else "it is on loopback"
+            if up.base_url
+            else "the gateway does not report its base URL"
+        )
+        raise SuiteError(
+            f"refusing a real sign-off against {up.provider} at {up.base_url or '?'}: {why}. "
+            f"A sign-off measures a real provider; pass --rehearsal (or SLUICE_SIGNOFF_REHEARSAL=1) "
+            f"to rehearse against this one"
+        )
 
 
 # --- one streaming request, timed at the client --------------------------------------------------------------
@@ -161,8 +168,9 @@ def openai_event(data: bytes) -> tuple[str | None, dict]:
     return None, event
 
 
-def stream_once(url: str, body: dict, headers: list, read_event, deadline: float,
-                cancel: bool = False, before_close=None) -> dict:
+def stream_once(
+    url: str, body: dict, headers: list, read_event, deadline: float, cancel: bool = False, before_close=None
+) -> dict:
     """One streaming POST read as SSE until its terminal event, or (cancel) until its first
     delta, when the client closes its connection. Returns {"ok", "error", "ttft_ms" (send
     -> first delta, at the client), "request_id", "meta", "closed_at" (wall clock)}."""
@@ -172,8 +180,13 @@ def stream_once(url: str, body: dict, headers: list, read_event, deadline: float
     try:
         with httpcore.ConnectionPool() as pool:
             sent = time.monotonic()
-            with pool.stream("POST", url, headers=headers, content=json.dumps(body).encode(),
-                             extensions={"timeout": timeouts(timeout)}) as response:
+            with pool.stream(
+                "POST",
+                url,
+                headers=headers,
+                content=json.dumps(body).encode(),
+                extensions={"timeout": timeouts(timeout)},
+            ) as response:
                 out["request_id"] = dict(response.headers).get(b"x-request-id", b"").decode() or None
                 if response.status != 200:
                     error = parse_json(response.read()).get("error", {})
@@ -336,10 +349,10 @@ class PoolAborts:
 
 @dataclass
 class Verdict:
-    lines: list[str]          # stdout: the sheet's three lines, the gate's lines, the verdict
+    lines: list[str]  # stdout: the sheet's three lines, the gate's lines, the verdict
     go: bool
-    details: list[str]        # the record's header lines: commit, provider, settings, method
-    diagnostics: list[str]    # gateway-side figures and counts, never the verdict
+    details: list[str]  # the record's header lines: commit, provider, settings, method
+    diagnostics: list[str]  # gateway-side figures and counts, never the verdict
 
 
 @dataclass
@@ -348,15 +361,15 @@ class Measured:
 
     n: int
     m: int
-    failed: list[str]                 # errors of the TTFT run's requests (and "not run")
-    client_ttft: list[float]          # send -> first delta, through the gateway
-    direct_ttft: list[float] | None   # the same, straight to the simulated provider
+    failed: list[str]  # errors of the TTFT run's requests (and "not run")
+    client_ttft: list[float]  # send -> first delta, through the gateway
+    direct_ttft: list[float] | None  # the same, straight to the simulated provider
     direct_failed: int
-    queue_waits: list[float]          # meta queue_wait_ms of this run's requests
-    unmeasured_waits: int             # requests whose meta had none (or no meta at all)
-    gateway_ttft: list[float]         # meta ttft_ms: the gateway's own opinion
-    closed: int                       # cancel streams the client closed at their first delta
-    cancel_latencies: list[float]     # client close -> abort observed
+    queue_waits: list[float]  # meta queue_wait_ms of this run's requests
+    unmeasured_waits: int  # requests whose meta had none (or no meta at all)
+    gateway_ttft: list[float]  # meta ttft_ms: the gateway's own opinion
+    closed: int  # cancel streams the client closed at their first delta
+    cancel_latencies: list[float]  # client close -> abort observed
     observer: str
     gateway_cancel_p95: float | None
 
@@ -409,8 +422,10 @@ class Run:
         run_id = uuid.uuid4().hex[:8]
         # TTFT run; with the simulated provider, the same prompts straight to it, interleaved
         baseline = up.simulated
-        progress(f"TTFT run: {n} distinct streaming requests" + (", each also sent straight to the simulated "
-                                                                  "provider (interleaved)" if baseline else ""))
+        progress(
+            f"TTFT run: {n} distinct streaming requests"
+            + (", each also sent straight to the simulated provider (interleaved)" if baseline else "")
+        )
         jobs = []
         for i in range(n):
             # only the first delta is timed: with the simulated provider a short answer keeps the run short
@@ -422,10 +437,20 @@ class Run:
         if baseline:
             # Not counted: the gateway's first calls open its upstream connections, which a
             # gateway in service has open; the simulated provider costs nothing to warm up.
-            many("warm-up", [f"sign-off warm-up {run_id}-{i}" for i in range(parallel)], parallel, deadline,
-                 lambda prompt: self.to_gateway(prompt, deadline))
-        done = many("TTFT run", jobs, parallel, deadline,
-                    lambda job: self.direct(job[1], deadline) if job[0] == "direct" else self.to_gateway(job[1], deadline))
+            many(
+                "warm-up",
+                [f"sign-off warm-up {run_id}-{i}" for i in range(parallel)],
+                parallel,
+                deadline,
+                lambda prompt: self.to_gateway(prompt, deadline),
+            )
+        done = many(
+            "TTFT run",
+            jobs,
+            parallel,
+            deadline,
+            lambda job: self.direct(job[1], deadline) if job[0] == "direct" else self.to_gateway(job[1], deadline),
+        )
         ttft = [r for r in done if not r.get("direct")]
         straight = [r for r in done if r.get("direct")]
         failed = [r["error"] for r in ttft if not r["ok"]] + ["not run"] * (n - len(ttft))
@@ -445,8 +470,12 @@ class Run:
         with watcher or contextlib.nullcontext():
 
             def cancel_one(marker: str) -> dict:
-                result = self.to_gateway(f"{marker} tell a long story.{long}", deadline, cancel=True,
-                                         before_close=watcher.before_close if watcher else None)
+                result = self.to_gateway(
+                    f"{marker} tell a long story.{long}",
+                    deadline,
+                    cancel=True,
+                    before_close=watcher.before_close if watcher else None,
+                )
                 if result["ok"] and watcher:
                     watcher.closed(result)
                 return {**result, "marker": marker}
@@ -459,10 +488,10 @@ class Run:
                 observer = "the simulated provider's own record of the reset"
             else:
                 seen = watcher.wait(len(closed), self.cancel_wait)
-                latencies = [(seen[s] - r["closed_at"]) * 1000.0 for r in closed
-                             if (s := watcher.stream_of(r)) in seen]
-                observer = (f"the gateway's upstream abort (its Pool dropped the call; polled every "
-                            f"{POOL_POLL_S * 1000:g} ms)")
+                latencies = [(seen[s] - r["closed_at"]) * 1000.0 for r in closed if (s := watcher.stream_of(r)) in seen]
+                observer = (
+                    f"the gateway's upstream abort (its Pool dropped the call; polled every {POOL_POLL_S * 1000:g} ms)"
+                )
         for r in cancels:
             if not r["ok"]:
                 progress(f"  a cancel stream failed before its first delta: {r['error']}")
@@ -471,14 +500,19 @@ class Run:
         except (SuiteError, KeyError, TypeError):
             gateway_cancel = None
         return Measured(
-            n=n, m=m, failed=failed,
+            n=n,
+            m=m,
+            failed=failed,
             client_ttft=[r["ttft_ms"] for r in ttft if r["ok"]],
             direct_ttft=[r["ttft_ms"] for r in straight if r["ok"]] if baseline else None,
             direct_failed=(sum(1 for r in straight if not r["ok"]) + n - len(straight)) if baseline else 0,
             queue_waits=[w for w in waits if w is not None],
             unmeasured_waits=sum(1 for w in waits if w is None) + (n - len(metas)),
             gateway_ttft=[meta["ttft_ms"] for meta in metas if meta.get("ttft_ms") is not None],
-            closed=len(closed), cancel_latencies=latencies, observer=observer, gateway_cancel_p95=gateway_cancel,
+            closed=len(closed),
+            cancel_latencies=latencies,
+            observer=observer,
+            gateway_cancel_p95=gateway_cancel,
         )
 
 
@@ -497,7 +531,9 @@ def judge(x: Measured, gate: dict | None) -> tuple[list[str], list[str], list[st
         f"• Cancel latency: {_ms(x.cancel_p95)} ms (target < 300 ms) — {'PASS' if cancel_ok else 'FAIL'}{cancel_note}",
         f"• Queue wait p95 (TTFT run): {_ms(queue_p95)} ms — {'OK (≈0)' if queue_ok else 'INVESTIGATE'}{queue_note}",
     ]
-    sheet = [name for name, ok in (("TTFT", ttft_ok), ("cancel latency", cancel_ok), ("queue wait", queue_ok)) if not ok]
+    sheet = [
+        name for name, ok in (("TTFT", ttft_ok), ("cancel latency", cancel_ok), ("queue wait", queue_ok)) if not ok
+    ]
     gated: list[str] = []
     if gate:
         added_ok = x.added_p95 is not None and x.added_p95 <= gate["added_ttft_ms"]
@@ -515,9 +551,11 @@ def judge(x: Measured, gate: dict | None) -> tuple[list[str], list[str], list[st
 def run(gw: Gateway, account: str | None, rehearsal: bool, gate: bool) -> Verdict:
     r = Run(gw, account, rehearsal)
     bounds = _gate_bounds(r.up, r.n, r.m) if gate else None
-    progress(f"sign-off against {gw.url}: {r.up.describe()}; pacer:{r.account} "
-             f"{settings.show_pacer(r.running['pacers'][r.account])}; {r.n} streaming requests ({r.parallel} at a "
-             f"time), {r.m} cancels{'; rehearsal' if rehearsal else ''}")
+    progress(
+        f"sign-off against {gw.url}: {r.up.describe()}; pacer:{r.account} "
+        f"{settings.show_pacer(r.running['pacers'][r.account])}; {r.n} streaming requests ({r.parallel} at a "
+        f"time), {r.m} cancels{'; rehearsal' if rehearsal else ''}"
+    )
     attempts = []
     while True:
         x = r.measure()
@@ -527,8 +565,10 @@ def run(gw: Gateway, account: str | None, rehearsal: bool, gate: bool) -> Verdic
         # from a regression, which crosses the bound every time. Anything else is final.
         if not gated or sheet or len(attempts) >= (bounds or {}).get("attempts", 1):
             break
-        progress(f"  the gate was crossed ({', '.join(gated)}); measuring again "
-                 f"(attempt {len(attempts) + 1} of {bounds['attempts']})")
+        progress(
+            f"  the gate was crossed ({', '.join(gated)}); measuring again "
+            f"(attempt {len(attempts) + 1} of {bounds['attempts']})"
+        )
     reasons = sheet + gated
     go = not reasons
     lines.append("Verdict: GO" if go else f"Verdict: NO-GO ({', '.join(reasons)})")
@@ -551,27 +591,34 @@ def run(gw: Gateway, account: str | None, rehearsal: bool, gate: bool) -> Verdic
         f"closed at their first delta, {len(x.cancel_latencies)} observed",
     ]
     if x.direct_ttft is not None:
-        diagnostics.append(f"straight to the simulated provider (same client, interleaved, after {r.parallel} "
-                           f"uncounted warm-up requests): TTFT p95 {_ms(x.direct_p95)} ms over {len(x.direct_ttft)} "
-                           f"requests; added TTFT p95 = client p95 − direct p95 = {_ms(x.added_p95)} ms")
+        diagnostics.append(
+            f"straight to the simulated provider (same client, interleaved, after {r.parallel} "
+            f"uncounted warm-up requests): TTFT p95 {_ms(x.direct_p95)} ms over {len(x.direct_ttft)} "
+            f"requests; added TTFT p95 = client p95 − direct p95 = {_ms(x.added_p95)} ms"
+        )
     for i, (earlier, _, _, gated_then) in enumerate(attempts[:-1], 1):
-        diagnostics.append(f"gate attempt {i} of {len(attempts)} crossed ({', '.join(gated_then)}): added TTFT p95 "
-                           f"{_ms(earlier.added_p95)} ms, cancel p95 {_ms(earlier.cancel_p95)} ms")
+        diagnostics.append(
+            f"gate attempt {i} of {len(attempts)} crossed ({', '.join(gated_then)}): added TTFT p95 "
+            f"{_ms(earlier.added_p95)} ms, cancel p95 {_ms(earlier.cancel_p95)} ms"
+        )
     return Verdict(lines, go, details, diagnostics)
 
 
 def _gate_bounds(up: Upstream, n: int, m: int) -> dict:
     if not up.simulated:
-        raise SuiteError(f"--gate measures what the gateway adds over the simulated provider; "
-                         f"{up.provider} is not it")
-    bounds = {"added_ttft_ms": env_float("SLUICE_GATE_ADDED_TTFT_MS", 50.0),
-              "cancel_ms": env_float("SLUICE_GATE_CANCEL_MS", 100.0),
-              "min_requests": env_int("SLUICE_GATE_MIN_REQUESTS", 40),
-              "min_cancels": env_int("SLUICE_GATE_MIN_CANCELS", 10),
-              "attempts": env_int("SLUICE_GATE_ATTEMPTS", 3)}
+        raise SuiteError(f"--gate measures what the gateway adds over the simulated provider; {up.provider} is not it")
+    bounds = {
+        "added_ttft_ms": env_float("SLUICE_GATE_ADDED_TTFT_MS", 50.0),
+        "cancel_ms": env_float("SLUICE_GATE_CANCEL_MS", 100.0),
+        "min_requests": env_int("SLUICE_GATE_MIN_REQUESTS", 40),
+        "min_cancels": env_int("SLUICE_GATE_MIN_CANCELS", 10),
+        "attempts": env_int("SLUICE_GATE_ATTEMPTS", 3),
+    }
     if n < bounds["min_requests"] or m < bounds["min_cancels"]:
-        raise SuiteError(f"--gate needs at least {bounds['min_requests']} requests and {bounds['min_cancels']} "
-                         f"cancels for a p95 that noise does not move (have {n} and {m})")
+        raise SuiteError(
+            f"--gate needs at least {bounds['min_requests']} requests and {bounds['min_cancels']} "
+            f"cancels for a p95 that noise does not move (have {n} and {m})"
+        )
     return bounds
 
 
@@ -588,20 +635,36 @@ def _ms(value: float | None) -> str:
 
 def _commit() -> str:
     try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown (the suite does not run from a git checkout)"
     return f"{head}{' + uncommitted changes' if dirty else ''} (the suite's checkout; the gateway should run the same)"
 
 
 def record(path: Path, verdict: Verdict, rehearsal: bool) -> None:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    entry = [f"### {stamp} — {'GO' if verdict.go else 'NO-GO'} — {'rehearsal' if rehearsal else 'sign-off'}", "",
-             *[f"- {d}" for d in verdict.details], "", "```", *verdict.lines, "```", "",
-             "Diagnostics (not the verdict):", "", *[f"- {d}" for d in verdict.diagnostics], ""]
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    entry = [
+        f"### {stamp} — {'GO' if verdict.go else 'NO-GO'} — {'rehearsal' if rehearsal else 'sign-off'}",
+        "",
+        *[f"- {d}" for d in verdict.details],
+        "",
+        "```",
+        *verdict.lines,
+        "```",
+        "",
+        "Diagnostics (not the verdict):",
+        "",
+        *[f"- {d}" for d in verdict.diagnostics],
+        "",
+    ]
     new = not path.exists()
     with path.open("a", encoding="utf-8") as f:
         if new:
@@ -636,9 +699,16 @@ def _die_with_parent() -> None:
 def selfcheck(record_path: Path | None) -> int:
     port, actor_port, token = _free_port(), _free_port(), secrets.token_urlsafe(24)
     tmp = tempfile.mkdtemp(prefix="sluice-signoff-")
-    env = {**os.environ, "SLUICE_PORT": str(port), "SLUICE_ACTOR_PORT": str(actor_port), "SLUICE_HOST": "127.0.0.1",
-           "SLUICE_PROVIDER": "simulated", "SLUICE_ADMIN_TOKEN": token, "SLUICE_LOG_LEVEL": "WARNING",
-           "SLUICE_DB": os.path.join(tmp, "sluice.sqlite3")}
+    env = {
+        **os.environ,
+        "SLUICE_PORT": str(port),
+        "SLUICE_ACTOR_PORT": str(actor_port),
+        "SLUICE_HOST": "127.0.0.1",
+        "SLUICE_PROVIDER": "simulated",
+        "SLUICE_ADMIN_TOKEN": token,
+        "SLUICE_LOG_LEVEL": "WARNING",
+        "SLUICE_DB": os.path.join(tmp, "sluice.sqlite3"),
+    }
     env.pop("SIMULATED_BASE_URL", None)  # its own built-in simulated provider
     # 60 requests, 2 at a time: a p95 that a loaded machine's noise moves little (docs/operations.md)
     os.environ.setdefault("SLUICE_SIGNOFF_REQUESTS", "60")
@@ -646,8 +716,14 @@ def selfcheck(record_path: Path | None) -> int:
     os.environ.setdefault("SLUICE_SIGNOFF_CANCELS", "10")
     os.environ.setdefault("SLUICE_SIGNOFF_SAVE_DIR", tmp)
     log = open(os.path.join(tmp, "gateway.log"), "wb")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py")], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py")],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_parent,
+    )
     gw = Gateway(f"http://127.0.0.1:{port}", token, os.environ.get("SLUICE_CLIENT_KEY") or None)
     try:
         deadline = time.monotonic() + 60
@@ -694,12 +770,20 @@ def main(argv: list[str]) -> int:
         stream.reconfigure(encoding="utf-8")  # the result lines have • ≤ — in any locale
     parser = argparse.ArgumentParser(prog="ttft_suite.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("prep", "run", "restore", "verify", "env", "selfcheck"))
-    parser.add_argument("targets", nargs="*", metavar="URL|ACCOUNT",
-                        help="the gateway URL (http...) and/or the pacer account under test")
-    parser.add_argument("--rehearsal", action="store_true",
-                        help="allow a simulated or loopback upstream (the record says: rehearsal)")
-    parser.add_argument("--gate", action="store_true",
-                        help="CI regression gate: bound the TTFT and cancel time the gateway adds (simulated provider)")
+    parser.add_argument(
+        "targets",
+        nargs="*",
+        metavar="URL|ACCOUNT",
+        help="the gateway URL (http...) and/or the pacer account under test",
+    )
+    parser.add_argument(
+        "--rehearsal", action="store_true", help="allow a simulated or loopback upstream (the record says: rehearsal)"
+    )
+    parser.add_argument(
+        "--gate",
+        action="store_true",
+        help="CI regression gate: bound the TTFT and cancel time the gateway adds (simulated provider)",
+    )
     parser.add_argument("--exports", help="write shell lines here (for a sourcing shell)")
     args = parser.parse_intermixed_args(argv)
     url = os.environ.get("SLUICE_URL") or DEFAULT_URL

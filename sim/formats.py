@@ -35,9 +35,10 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 # Knobs and their defaults.  The server merges: DEFAULT_KNOBS <- /config <- #sim.
 DEFAULT_KNOBS: dict[str, Any] = {
@@ -685,7 +686,7 @@ perplexity_sonar = WireFormat(
 
 
 def _ollama_base(body: dict, meta: Meta) -> dict:
-    stamp = datetime.fromtimestamp(meta.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    stamp = datetime.fromtimestamp(meta.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return {"model": body.get("model") or "sim-1", "created_at": stamp}
 
 

@@ -52,8 +52,9 @@ import itertools
 import os
 import random
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from actors.coalescer_logic import CoalescerFlags, CoalescerLogic, pacer_role
 from actors.effects import After, Send
@@ -681,7 +682,7 @@ class SimMetrics:
 class _PacerHost:
     """Drives PacerLogic like actors/pacer.py does, and watches its leases for the checker."""
 
-    def __init__(self, logic: PacerLogic, sim: "Simulation"):
+    def __init__(self, logic: PacerLogic, sim: Simulation):
         self.logic, self.sim = logic, sim
 
     def handle(self, msg, sender, now: float) -> list:
@@ -971,12 +972,12 @@ class Simulation:
         lo, hi = self.latency_ms
         return self.rng.uniform(lo, hi) / 1000.0
 
-    def at(self, t: float, fn: Callable[["Simulation"], None]) -> None:
+    def at(self, t: float, fn: Callable[[Simulation], None]) -> None:
         """Run `fn(sim)` at virtual time `t` (to add clients from a running scenario, ...)."""
         self._schedule(t, fn, self)
 
     # --- running -------------------------------------------------------------------------------
-    def run(self, until: float | None = None, check: bool = True) -> "Simulation":
+    def run(self, until: float | None = None, check: bool = True) -> Simulation:
         """Process events up to `until` (or until nothing is left). When nothing is left
         the system is quiescent and `check_invariants` runs (unless `check=False`)."""
         same_time, last_t = 0, None

@@ -39,13 +39,13 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-import h11
 import h2.config
 import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h11
 
 from sim import formats
 
@@ -103,7 +103,7 @@ class _Responder:
 class _H2Stream(_Responder):
     protocol = "h2"
 
-    def __init__(self, conn: "_H2Connection", stream_id: int, headers: list) -> None:
+    def __init__(self, conn: _H2Connection, stream_id: int, headers: list) -> None:
         super().__init__()
         self.conn = conn
         self.stream_id = stream_id
@@ -153,7 +153,7 @@ class _H2Stream(_Responder):
 class _H1Response(_Responder):
     protocol = "http/1.1"
 
-    def __init__(self, conn: "_H1Connection") -> None:
+    def __init__(self, conn: _H1Connection) -> None:
         super().__init__()
         self.conn = conn
         self.closed = False  # we closed the socket (abort): no next request on it
@@ -194,7 +194,7 @@ class _H1Response(_Responder):
 
 
 class _H2Connection:
-    def __init__(self, provider: "SimulatedProvider", reader, writer, conn_id: int) -> None:
+    def __init__(self, provider: SimulatedProvider, reader, writer, conn_id: int) -> None:
         self.provider = provider
         self.reader = reader
         self.writer = writer
@@ -349,7 +349,7 @@ class _H2Connection:
 
 
 class _H1Connection:
-    def __init__(self, provider: "SimulatedProvider", reader, writer, conn_id: int) -> None:
+    def __init__(self, provider: SimulatedProvider, reader, writer, conn_id: int) -> None:
         self.provider = provider
         self.reader = reader
         self.writer = writer
@@ -527,7 +527,7 @@ class SimulatedProvider:
             await self._server.wait_closed()
             self._server = None
 
-    async def __aenter__(self) -> "SimulatedProvider":
+    async def __aenter__(self) -> SimulatedProvider:
         await self.start()
         return self
 

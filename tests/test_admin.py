@@ -14,7 +14,20 @@ import uuid
 
 import pytest
 
-from tests.support import ROOT, SSEClient, chat_body, free_port, get_json, port_in_use, request, running_gateway, stream_chat, wait_until
+from tests.support import (
+    ROOT,
+    SSEClient,
+    chat_body,
+    free_port,
+    get_json,
+    port_in_use,
+    request,
+    running_gateway,
+    stream_chat,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
 
 TOKEN = "test-admin-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}

@@ -11,6 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors.alerts import DEFAULTS, AlertEvaluator, validate_thresholds
 from actors.metrics_logic import MetricsLogic
 
+pytestmark = pytest.mark.unit
+
 T0 = 1_700_000_000.0
 
 

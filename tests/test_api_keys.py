@@ -7,10 +7,22 @@ import os
 
 import pytest
 
-from edge.api_keys import WINDOW_S, ApiKeys, ClientKey, Denial, KeysFileError, hash_key, parse_keys, presented_key, stream_tokens
+from edge.api_keys import (
+    WINDOW_S,
+    ApiKeys,
+    ClientKey,
+    Denial,
+    KeysFileError,
+    hash_key,
+    parse_keys,
+    presented_key,
+    stream_tokens,
+)
 from protocols import config
 from protocols import events as ev
 from protocols.keys import coalescing_key
+
+pytestmark = pytest.mark.unit
 
 
 class Clock:

@@ -17,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from edge.api_keys import hash_key
 from tests.support import ROOT, SSEClient, chat_body, data_events, request, running_gateway, stream_chat, wait_until
 
+pytestmark = pytest.mark.integration
+
 ADMIN = "admin-token-for-tests"
 BASE = [
     {"id": "team-a", "sha256": hash_key("sk-team-a")},

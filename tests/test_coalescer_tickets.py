@@ -3,9 +3,13 @@
 random, not derived from the request id the client sees. CoalescerLogic driven directly."""
 from __future__ import annotations
 
+import pytest
+
 from actors.coalescer_logic import CoalescerLogic
 from protocols import auth
 from protocols import messages as m
+
+pytestmark = pytest.mark.unit
 
 SECRET = auth.new_secret()
 KEY = "cd" * 32

@@ -6,7 +6,11 @@ import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from tests.support import SSEClient, chat_body, data_events, get_json, stream_chat, wait_until
+
+pytestmark = pytest.mark.integration
 
 
 def calls_for(gateway, text: str) -> list[dict]:

@@ -23,7 +23,7 @@ TOKEN = "crash-test-token"
 LONG = "#sim ttft_ms=50 tokens=2000 token_interval_ms=20"  # 40 s: still streaming when killed
 GATEWAY_ENV = {"SIMULATED_CONCURRENCY": "4", "SIMULATED_RPS": "50", "SIMULATED_BURST": "50", "SLUICE_ADMIN_TOKEN": TOKEN}
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 def actors(gw) -> dict:

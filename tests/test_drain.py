@@ -9,7 +9,11 @@ import signal
 import time
 import uuid
 
+import pytest
+
 from tests.support import Gateway, SSEClient, chat_body, data_events, request, wait_until
+
+pytestmark = pytest.mark.integration
 
 TOKENS = 60
 

@@ -11,6 +11,8 @@ from edge.streams import LocalStreams, Rejection
 from protocols import events as ev
 from protocols import messages as m
 
+pytestmark = pytest.mark.unit
+
 KEY = "ab" * 32  # a coalescing key is a SHA-256 hex digest
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 
 from bench.fuzz_bodies import body_of, cases, new_thread, run_case
 from tests.support import chat_body, data_events, request, stream_chat
+
+pytestmark = pytest.mark.integration
 
 
 def test_no_generated_request_gets_a_5xx_or_hangs_and_the_gateway_stays_healthy(gateway):

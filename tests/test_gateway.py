@@ -6,7 +6,11 @@ import json
 import time
 import uuid
 
+import pytest
+
 from tests.support import SSEClient, chat_body, data_events, get_json, request, stream_chat, wait_until
+
+pytestmark = pytest.mark.integration
 
 
 def unique(text: str = "hello") -> str:

@@ -8,10 +8,13 @@ import json
 import statistics
 
 import httpcore
+import pytest
 from httpcore._async import http2
 
 from actors import h2_reads
 from sim.provider import SimulatedProvider
+
+pytestmark = pytest.mark.unit
 
 STREAMS = 20
 

@@ -16,6 +16,8 @@ from starlette.routing import Route
 from edge.http_limits import ConnectionLimits, protocol_class
 from tests.support import free_port, running_gateway, wait_until
 
+pytestmark = pytest.mark.unit
+
 IMPLS = ["h11", "httptools"]
 GET = b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -57,7 +59,7 @@ def read_response(sock: socket.socket) -> bytes:
             return data
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+    length = int([line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")][0])
     while len(body) < length:
         body += sock.recv(65536)
     return head + b"\r\n\r\n" + body
@@ -122,6 +124,7 @@ def test_a_connection_beyond_the_per_address_cap_gets_a_503_and_the_others_are_s
                 sock.close()
 
 
+@pytest.mark.integration  # starts a gateway or a process of its own
 def test_the_gateway_applies_both_limits():
     env = {"SLUICE_HEADER_TIMEOUT_S": "0.5", "SLUICE_MAX_CONNECTIONS_PER_CLIENT": "6"}
     with running_gateway(env) as gw:

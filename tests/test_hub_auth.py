@@ -17,6 +17,8 @@ from protocols import auth, hub_hello
 from protocols import events as ev
 from protocols import messages as m
 
+pytestmark = pytest.mark.unit
+
 STREAM = "s-" + "7" * 32
 
 
@@ -44,7 +46,7 @@ class RawEdge:
         self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
 
     @classmethod
-    async def connect(cls, port: int, secret: bytes | None = None, edge_id: str = "edge-raw") -> "RawEdge":
+    async def connect(cls, port: int, secret: bytes | None = None, edge_id: str = "edge-raw") -> RawEdge:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         edge = cls(reader, writer)
         if secret is not None:

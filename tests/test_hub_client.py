@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from actors.hub import StreamHub
 from edge.dataplane import HubClient
 from protocols import auth
 from protocols import events as ev
+
+pytestmark = pytest.mark.unit
 
 
 async def until(predicate, timeout: float = 5.0):

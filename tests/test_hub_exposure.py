@@ -12,7 +12,18 @@ import pytest
 
 from protocols import auth, hub_hello
 from protocols import messages as m
-from tests.support import SSEClient, chat_body, data_events, get_json, listening_ports, request, running_gateway, wait_until
+from tests.support import (
+    SSEClient,
+    chat_body,
+    data_events,
+    get_json,
+    listening_ports,
+    request,
+    running_gateway,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
 
 TOKEN = "test-admin-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from actors import hub as hub_module
 from actors.hub import EdgeConnection
+
+pytestmark = pytest.mark.unit
 
 
 class FakeTransport:

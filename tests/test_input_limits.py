@@ -12,6 +12,8 @@ from edge.streams import LocalStreams, Rejection
 from protocols import messages as m
 from tests.support import chat_body, data_events, request, stream_chat
 
+pytestmark = pytest.mark.integration
+
 
 def unique(text: str = "limits") -> str:
     return f"{text} {uuid.uuid4().hex[:8]}"

@@ -7,7 +7,11 @@ import subprocess
 import sys
 import uuid
 
+import pytest
+
 from tests.support import ROOT, Gateway, SSEClient, chat_body, data_events, listening_ports, wait_until
+
+pytestmark = pytest.mark.integration
 
 
 def run_py(env: dict) -> subprocess.CompletedProcess:

@@ -11,8 +11,12 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 from protocols.logfmt import JsonFormatter, TextFormatter
 from tests.support import SSEClient, chat_body, data_events, request, running_gateway, stream_chat, wait_until
+
+pytestmark = pytest.mark.integration
 
 
 def record(msg="hello %s", args=("world",), exc_info=None, **extra) -> logging.LogRecord:

@@ -10,12 +10,15 @@ import sys
 import typing
 
 import msgpack
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols import codec
 from protocols import messages as m
 from tests.support import ROOT
+
+pytestmark = pytest.mark.unit
 
 SAMPLES = {str: "text", int: 7, float: 1.5, bool: True, dict: {"a": [1, "b"]}, list: [1, "x"], bytes: b"\x00\xff"}
 
@@ -32,7 +35,7 @@ def sample(hint):
 
 
 def every_message():
-    for tag, cls in m.message_types().items():
+    for cls in m.message_types().values():
         hints = typing.get_type_hints(cls)
         yield cls(**{f.name: sample(hints[f.name]) for f in dataclasses.fields(cls)})
 
@@ -105,6 +108,7 @@ print("ok")
 """
 
 
+@pytest.mark.integration  # starts a gateway or a process of its own
 def test_an_actor_answers_a_bad_message_with_an_error_and_keeps_working(gateway):
     # A process of its own: ActorSystem() is a per-process singleton.
     result = subprocess.run(

@@ -10,6 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from actors.metrics_logic import BUCKETS, MetricsLogic, nearest_rank
 
+pytestmark = pytest.mark.unit
+
 NOW = 1_000_000.0
 
 

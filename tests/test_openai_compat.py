@@ -13,6 +13,8 @@ import pytest
 from sim import formats
 from tests.support import SSEClient, get_json, request, running_gateway, wait_until
 
+pytestmark = pytest.mark.integration
+
 
 def client_for(gw) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=20)

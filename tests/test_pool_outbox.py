@@ -6,7 +6,11 @@ from __future__ import annotations
 import select
 import threading
 
+import pytest
+
 from actors.pool import Outbox
+
+pytestmark = pytest.mark.unit
 
 
 def test_every_effect_is_drained_under_contention():

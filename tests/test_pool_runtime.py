@@ -3,11 +3,15 @@ Pacer's grant already opened stops that call (everyone left before the Coalescer
 grant), and the ending still gives the lease back and tells the Coalescer."""
 from __future__ import annotations
 
+import pytest
+
 from actors import secret
 from actors.pool import Outbox, PoolRuntime
 from protocols import auth, config
 from protocols import messages as m
 from tests.support import get_json, running_sim, wait_until
+
+pytestmark = pytest.mark.integration
 
 
 def stats(sim: str) -> dict:

@@ -20,6 +20,8 @@ import pytest
 from sim import formats
 from tests.support import data_events, get_json, request, running_gateway, stream_chat
 
+pytestmark = pytest.mark.integration
+
 PROVIDERS = ["openai", "openai_responses", "anthropic", "perplexity", "perplexity_sonar", "ollama"]
 PATHS = {"openai": "/v1/chat/completions", "openai_responses": "/v1/responses", "anthropic": "/v1/messages",
          "perplexity": "/v1/agent", "perplexity_sonar": "/chat/completions", "ollama": "/api/chat"}

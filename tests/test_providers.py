@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime
 from email.utils import format_datetime
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # running `pytest` without the project installed
@@ -398,7 +401,7 @@ def test_error_from_response(provider, status, code, message, retry):
 
 
 def test_retry_after_http_date():
-    when = format_datetime(datetime.fromtimestamp(NOW + 42, tz=timezone.utc), usegmt=True)
+    when = format_datetime(datetime.fromtimestamp(NOW + 42, tz=UTC), usegmt=True)
     event = http_error("perplexity", "429", headers=[["Retry-After", when]])
     assert event["retry_after_s"] == pytest.approx(42.0)
     past = http_error("perplexity", "429", headers=[["retry-after", "Wed, 21 Oct 2015 07:28:00 GMT"]])

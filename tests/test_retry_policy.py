@@ -4,6 +4,7 @@ from __future__ import annotations
 import h2.errors
 import h2.events
 import httpcore
+import pytest
 
 from actors.effects import After, Send
 from actors.pacer_logic import PacerLogic, PacerSettings
@@ -20,6 +21,8 @@ from actors.retry_policy import (
 )
 from actors.upstream import failure_of_exception
 from protocols import messages as m
+
+pytestmark = pytest.mark.unit
 
 T0 = 1000.0
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import selectors
 
+import pytest
 from thespian.system.transport import TCPTransport
 
 from actors import addressing
+
+pytestmark = pytest.mark.unit
 
 
 def test_bind_to_gives_thespian_a_poll_selector_and_leaves_everyone_else_alone():

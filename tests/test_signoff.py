@@ -26,6 +26,8 @@ import pytest
 from protocols import config
 from tests.support import ROOT, free_port, port_in_use, request, running_gateway, running_sim
 
+pytestmark = pytest.mark.integration
+
 TOKEN = "signoff-token"
 CONFIGURED = {"SIMULATED_RPS": "2", "SIMULATED_BURST": "3", "SIMULATED_CONCURRENCY": "4", "SIMULATED_RPM": "70",
               # a Perplexity provider (never called here) so that its pacer exists, configured
@@ -437,7 +439,7 @@ def test_sourced_scripts_leave_production_for_a_restart(gw, env):
     production = signoff_settings.load_production()
     restarted = config.load(left)
     for account, values in production["pacers"].items():
-        assert {k: v for k, v in restarted["accounts"][account.upper()].items()} == values, account
+        assert dict(restarted["accounts"][account.upper()]) == values, account
     assert restarted["COALESCE_ENABLED"] is True and restarted["STREAM_FANOUT_ENABLED"] is True
     assert restarted["COALESCE_ERROR_TTL_S"] == production["flags"]["error_ttl_s"]
     assert restarted["alert_thresholds"] == production["alert_thresholds"]

@@ -23,6 +23,8 @@ from protocols.sse import SSEParser
 from sim import formats
 from sim.provider import SimulatedProvider
 
+pytestmark = pytest.mark.unit
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "providers"
 PROVIDERS = ["openai", "openai_responses", "anthropic", "perplexity", "perplexity_sonar", "ollama"]
 PROTOCOLS = ["h2", "http/1.1"]

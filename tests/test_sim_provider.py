@@ -21,6 +21,8 @@ import pytest
 from sim import formats
 from sim.provider import SimulatedProvider, start_subprocess, stop_subprocess
 
+pytestmark = pytest.mark.unit
+
 TEST_TIMEOUT = 30.0
 CHAT = "/v1/chat/completions"
 PROTOCOLS = ["h2", "http/1.1"]
@@ -520,6 +522,7 @@ def test_stop_with_streams_open_leaves_nothing_behind():
 # ------------------------------------------------------------------ as a process
 
 
+@pytest.mark.integration  # starts a gateway or a process of its own
 def test_subprocess_start_and_sigint():
     proc, port = start_subprocess()
     try:

@@ -14,6 +14,8 @@ from actors.pacer_logic import PacerSettings
 from protocols import messages as m
 from sim.harness import Simulation, SimulationError, Upstream, seeds
 
+pytestmark = pytest.mark.simulation
+
 HI_MS = 2.0  # upper bound of the default one-hop latency (0.5 .. 2.0 ms)
 EPS = 1e-9
 

@@ -7,7 +7,11 @@ import sqlite3
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from tests.support import Gateway, SSEClient, data_events, get_json, request, stream_chat, wait_until
+
+pytestmark = pytest.mark.integration
 
 
 def new_thread(url: str) -> str:

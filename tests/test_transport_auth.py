@@ -22,6 +22,8 @@ from actors import secret_file, transport_auth
 from protocols import auth, config
 from tests.support import ROOT, Gateway, descendants, listening_ports, request, running_gateway, stream_chat, wait_until
 
+pytestmark = pytest.mark.integration
+
 TOKEN = "transport-test-admin-token"
 SECRET = "s" * 16 + "0123456789abcdef0123"  # 36 characters
 
@@ -195,7 +197,7 @@ def send_frame(address: str, port: int, data: bytes, timeout: float = 3.0) -> by
                 if not chunk:
                     break
                 received += chunk
-        except (socket.timeout, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             pass
     return received
 

@@ -22,6 +22,8 @@ import pytest
 from sim import formats
 from tests.support import data_events, get_json, request, running_gateway, running_sim, stream_chat, wait_until
 
+pytestmark = pytest.mark.integration
+
 TOKEN = "retry-test-admin-token"
 TOKENS = 6
 

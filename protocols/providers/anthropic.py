@@ -23,6 +23,8 @@ tools/tool_choice/stop are translated.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from protocols.providers import base
 from protocols.providers.base import error_from_response, field, opt_str
 
@@ -70,7 +72,7 @@ class Parser(base.Parser):
             self.provider_error(event.get("error"))
         # ping, content_block_stop and event types added later carry nothing for us
 
-    def _block_start(self, index, block: dict) -> None:
+    def _block_start(self, index: object, block: dict) -> None:
         kind = block.get("type")
         if kind == "text":
             self.text(field(block, "text", str))
@@ -81,7 +83,7 @@ class Parser(base.Parser):
             args = block.get("input")
             self.tool(index, id=block.get("id"), name=block.get("name"), arguments=args if args else None)
 
-    def _block_delta(self, index, delta: dict) -> None:
+    def _block_delta(self, index: object, delta: dict) -> None:
         kind = delta.get("type")
         if kind == "text_delta":
             self.text(field(delta, "text", str))
@@ -134,7 +136,7 @@ def _tool(tool: dict) -> dict:
     return out
 
 
-def _tool_choice(choice) -> dict:
+def _tool_choice(choice: Any) -> dict:
     if isinstance(choice, dict):
         if isinstance(choice.get("function"), dict):
             return {"type": "tool", "name": choice["function"].get("name")}

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
-from typing import Any, Iterator
+from typing import Any
 
 from protocols import events
 from protocols.sse import SSEParser
@@ -195,7 +196,7 @@ class Parser:
 
     # internals
 
-    def _guard(self, fn, *args) -> None:
+    def _guard(self, fn: Callable[..., object], *args: Any) -> None:
         try:
             fn(*args)
         except Malformed as exc:

@@ -24,6 +24,8 @@ Parser.on_event for Perplexity's extra events.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from protocols.providers import base
 from protocols.providers.base import error_from_response, field, opt_str
 
@@ -32,7 +34,7 @@ __all__ = ["DEFAULT_BASE_URL", "PATH", "Parser", "build_request", "error_from_re
 DEFAULT_BASE_URL = "https://api.openai.com"
 PATH = "/v1/responses"
 
-INCOMPLETE = {"max_output_tokens": "length", "content_filter": "content_filter"}
+INCOMPLETE: dict[str | None, str] = {"max_output_tokens": "length", "content_filter": "content_filter"}
 
 
 class Parser(base.Parser):
@@ -42,7 +44,7 @@ class Parser(base.Parser):
         if payload.strip() == "[DONE]":
             return  # not part of this format; harmless if a proxy adds it
         event = self.load(payload)
-        kind = event.get("type") if isinstance(event.get("type"), str) else name
+        kind = event["type"] if isinstance(event.get("type"), str) else name
         self.on_event(kind, event)
 
     def on_event(self, kind: str, event: dict) -> None:
@@ -77,14 +79,14 @@ class Parser(base.Parser):
         elif kind == "error":
             self.provider_error(event["error"] if isinstance(event.get("error"), dict) else event)
 
-    def on_item(self, item: dict, output_index, *, done: bool) -> None:
+    def on_item(self, item: dict, output_index: object, *, done: bool) -> None:
         if item.get("type") == "function_call":
             args = opt_str(item, "arguments")
             self.tool(self._key(item.get("id"), output_index), id=item.get("call_id"), name=item.get("name"),
                       arguments=args if done or args else None)
 
     @staticmethod
-    def _key(item_id, output_index):
+    def _key(item_id: object, output_index: object) -> object:
         return item_id if isinstance(item_id, str) and item_id else output_index
 
 
@@ -111,7 +113,7 @@ def flat_tool(tool: dict) -> dict:
     return {"type": "function", **fn} if isinstance(fn, dict) else tool
 
 
-def flat_tool_choice(choice):
+def flat_tool_choice(choice: Any) -> Any:
     if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         return {"type": "function", "name": choice["function"].get("name")}
     return choice

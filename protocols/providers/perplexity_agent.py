@@ -58,7 +58,7 @@ class Parser(openai_responses.Parser):
         else:
             super().on_event(kind, event)
 
-    def on_item(self, item: dict, output_index, *, done: bool) -> None:
+    def on_item(self, item: dict, output_index: object, *, done: bool) -> None:
         if item.get("type") == "search_results":
             self._results(field(item, "results", list))
         else:

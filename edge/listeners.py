@@ -12,7 +12,8 @@ only when the last listener of the stream leaves; one leaving must not cut the o
 """
 from __future__ import annotations
 
-from typing import Generic, Hashable, TypeVar
+from collections.abc import Hashable
+from typing import Generic, TypeVar
 
 L = TypeVar("L", bound=Hashable)
 

@@ -50,7 +50,7 @@ def install() -> bool:
     if not all(hasattr(cls, name) for name in ("has_expired", "is_idle")):
         return versions.fallback(__name__, "httpcore's HTTP/2 connection is not the expected shape; "
                                  "closed idle connections may be reused")
-    cls.has_expired = has_expired
+    cls.has_expired = has_expired  # type: ignore[method-assign]  # the patch itself
     return True
 
 

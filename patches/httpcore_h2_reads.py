@@ -106,7 +106,7 @@ def install() -> bool:
     if not all(hasattr(cls, name) for name in needed):
         return versions.fallback(__name__, "httpcore's HTTP/2 connection is not the expected shape; "
                                  "reads keep their lock convoy")
-    cls._receive_stream_event = receive_stream_event
+    cls._receive_stream_event = receive_stream_event  # type: ignore[method-assign]  # the patch itself
     return True
 
 

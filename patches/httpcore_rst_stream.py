@@ -55,7 +55,7 @@ async def reset(response) -> None:
     conn = getattr(stream, "_connection", None)
     stream_id = getattr(stream, "_stream_id", None)
     h2_state = getattr(conn, "_h2_state", None)
-    if h2_state is None or stream_id is None:
+    if conn is None or h2_state is None or stream_id is None:
         return
     try:
         h2_state.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)

@@ -23,6 +23,7 @@ import time
 
 from thespian.actors import ActorExitRequest, ThespianWatch, WatchMessage
 
+import patches
 from actors import secret
 from actors.effects import Send
 from actors.host import HostActor
@@ -70,6 +71,7 @@ class PoolRuntime:
         self._thread = threading.Thread(target=self._run, name="pool-loop", daemon=True)
 
     def start(self, timeout: float = 10.0) -> int:
+        patches.install_httpcore()  # before the first upstream connection; raises here, not in the loop
         self._thread.start()
         if not self._ready.wait(timeout) or self.hub_port is None:
             raise RuntimeError("pool loop did not start")
@@ -82,10 +84,6 @@ class PoolRuntime:
         self.loop.run_forever()
 
     async def _setup(self) -> None:
-        from actors import h2_expiry, h2_reads
-
-        h2_reads.install()
-        h2_expiry.install()
         self.hub_port = await self.hub.start(self.settings["SLUICE_ACTOR_HOST"])
         self._flusher = asyncio.create_task(self._flush_records())
 
@@ -306,7 +304,8 @@ class PoolRuntime:
 
     async def _state(self) -> dict:
         connections = [str(c) for pool in self.pools.values() for c in pool.connections]
-        return {"open_calls": sorted(self.calls), "connections": connections, "hub": self.hub.state()}
+        return {"open_calls": sorted(self.calls), "connections": connections, "hub": self.hub.state(),
+                "patches": patches.installed()}
 
 
 class Outbox:

@@ -26,7 +26,7 @@ import sys
 import time
 from typing import NamedTuple
 
-from actors import addressing, transport_auth
+import patches
 from actors import secret as cluster_secret
 
 SYSTEM_BASE = "multiprocTCPBase"
@@ -34,11 +34,10 @@ SYSTEM_BASE = "multiprocTCPBase"
 
 def prepare(host: str, secret: bytes) -> None:
     """Install, before this process first calls `ActorSystem(...)`, what it and every
-    process forked from it inherit: the cluster secret, authenticated Thespian frames
-    (actors/transport_auth.py) and sockets bound to `host` (actors/addressing.py)."""
+    process forked from it inherit: the cluster secret and the Thespian patches (signed
+    frames, sockets bound to `host`, the poll selector: patches/)."""
     cluster_secret.install(secret)
-    transport_auth.install(secret)
-    addressing.bind_to(host)
+    patches.install_thespian(host, secret)
 
 
 def start(host: str, port: int, secret: bytes, log_defs: dict | None = None):

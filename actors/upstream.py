@@ -6,7 +6,8 @@ it comes back as `CallResult.failure` for the Pool to retry (actors/retry_policy
 to publish when it gives up; from the first byte on, errors go out in-band as before. Aborting (task cancellation) resets the
 HTTP/2 stream before closing it: httpcore closes an unfinished HTTP/2 response without
 telling the server (encode/httpcore#944 was declined), so without the RST_STREAM the
-provider would keep generating, and billing, until its flow-control window filled up.
+provider would keep generating, and billing, until its flow-control window filled up
+(patches/httpcore_rst_stream.py sends it).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import h2.events
 import httpcore
 
 from actors.retry_policy import CONNECT, RESET, Failure, failure_of_status
+from patches import httpcore_rst_stream
 from protocols import events as ev
 
 MAX_ERROR_BODY = 64 * 1024
@@ -67,7 +69,7 @@ async def run_call(
                 else:
                     await _stream_body(response, adapter.Parser(), publish, result, queue_wait_ms, attempt)
             except asyncio.CancelledError:
-                await reset_h2_stream(response)
+                await httpcore_rst_stream.reset(response)
                 raise
     except asyncio.CancelledError:
         result.outcome, result.error = "cancelled", ev.error("cancelled", "cancelled: no subscriber left")
@@ -168,24 +170,6 @@ def failure_of_exception(exc: Exception) -> Failure | None:
 
 def _refused(exc: Exception) -> bool:
     """RST_STREAM(REFUSED_STREAM): the server says it did not process the request (RFC 9113
-    8.7). An h2 event travels as the exception's argument (see h2_reads / httpcore)."""
+    8.7). An h2 event travels as the exception's argument (see patches/httpcore_h2_reads.py)."""
     event = exc.args[0] if exc.args else None
     return isinstance(event, h2.events.StreamReset) and event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
-
-
-async def reset_h2_stream(response) -> None:
-    """Send RST_STREAM(CANCEL) for an unfinished HTTP/2 response (no-op for HTTP/1.1,
-    where closing the unfinished response closes the connection, which the server sees)."""
-    stream = response.stream
-    while hasattr(stream, "_stream"):  # unwrap the pool's PoolByteStream
-        stream = stream._stream
-    conn = getattr(stream, "_connection", None)
-    stream_id = getattr(stream, "_stream_id", None)
-    h2_state = getattr(conn, "_h2_state", None)
-    if h2_state is None or stream_id is None:
-        return
-    try:
-        h2_state.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
-        await conn._write_outgoing_data(stream._request)
-    except Exception:  # the stream or connection already ended: nothing left to cancel
-        pass

@@ -1,9 +1,9 @@
 """What one Thespian hop costs, per variant of the transport:
 
     epoll   Thespian's own selector, plain pickle frames
-    poll    actors/selector.py's PollSelector, plain pickle frames
+    poll    patches/thespian_selector.py's PollSelector, plain pickle frames
     signed  poll, and every frame signed and checked with the cluster secret
-            (actors/transport_auth.py: HMAC-SHA256 before pickle.loads) — production
+            (patches/thespian_transport.py: HMAC-SHA256 before pickle.loads) — production
 
     .venv/bin/python -m bench.thespian_hop [--messages 2000] [--rounds 2] [--variants poll,signed]
 
@@ -60,17 +60,16 @@ VARIANTS = ("epoll", "poll", "signed")
 
 
 def child(variant: str, messages: int) -> dict:
-    from actors import addressing, system
+    from actors import system
+    from patches import thespian_bind, thespian_selector
     from protocols import auth
 
-    if variant == "epoll":
-        import actors.selector
-
-        actors.selector.install = lambda: None  # keep Thespian's own selector
     if variant == "signed":
-        system.prepare("127.0.0.1", auth.new_secret())
+        system.prepare("127.0.0.1", auth.new_secret())  # all of patches.install_thespian
     else:
-        addressing.bind_to("127.0.0.1")  # unsigned frames: the baseline
+        thespian_bind.install("127.0.0.1")  # unsigned frames: the baseline
+        if variant == "poll":
+            thespian_selector.install()  # "epoll" keeps Thespian's own selector
     from thespian.actors import ActorSystem
 
     asys = ActorSystem("multiprocTCPBase", capabilities={"Admin Port": free_port()}, logDefs=None)

@@ -35,6 +35,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+import patches
 from actors.alerts import validate_thresholds
 from actors.coalescer import flags_from
 from actors.coalescer_logic import CoalescerFlags
@@ -293,6 +294,7 @@ class AdminRoutes:
             },
             "configured_pacers": {acct.lower(): dict(v) for acct, v in s["accounts"].items()},
             "draining": self.edge.draining,
+            "patches": patches.installed(),  # this edge process's; the Pool's are in its own state
         }
 
 

@@ -65,9 +65,9 @@ class ActorBridge:
     def start(self) -> None:
         """Join the running actor system (blocking; call before serving). The process must
         have called `actors.system.prepare` first: unsigned frames would be refused."""
-        from actors import transport_auth
+        from patches import thespian_transport
 
-        if not transport_auth.installed():
+        if not thespian_transport.installed():
             raise RuntimeError("ActorBridge.start before actors.system.prepare(host, secret): frames would be unsigned")
         self._asys = ActorSystem("multiprocTCPBase", capabilities={"Admin Port": self.actor_port}, logDefs=None)
         self._supervisor = self._asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)

@@ -1,4 +1,4 @@
-"""HTTP/2 reads without a lock convoy (actors/h2_reads.py), against the simulated provider
+"""HTTP/2 reads without a lock convoy (patches/httpcore_h2_reads.py), against the simulated provider
 over h2c: every stream of a busy connection gets each event without waiting for other
 streams' reads, and cancelling the stream that is reading never strands the others."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import httpcore
 import pytest
 from httpcore._async import http2
 
-from actors import h2_reads
+from patches import httpcore_h2_reads as h2_reads
 from sim.provider import SimulatedProvider
 
 pytestmark = pytest.mark.unit

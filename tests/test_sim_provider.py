@@ -14,10 +14,10 @@ import signal
 import socket
 import time
 
-import h2.errors
 import httpcore
 import pytest
 
+from patches import httpcore_rst_stream
 from sim import formats
 from sim.provider import SimulatedProvider, start_subprocess, stop_subprocess
 
@@ -107,20 +107,6 @@ async def poll(predicate, timeout: float = 5.0):
             return value
         assert time.monotonic() < deadline, "condition not met before the deadline"
         await asyncio.sleep(0.001)
-
-
-async def reset_h2_stream(response) -> None:
-    """Send RST_STREAM(CANCEL) for an httpcore HTTP/2 response.
-
-    httpcore does not reset a stream when a response is closed early, so the
-    test does it by hand through httpcore's connection internals.
-    """
-    stream = response.stream
-    while not hasattr(stream, "_stream_id"):  # unwrap the pool's PoolByteStream
-        stream = stream._stream
-    conn = stream._connection
-    conn._h2_state.reset_stream(stream._stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
-    await conn._write_outgoing_data(stream._request)
 
 
 # ------------------------------------------------------------------ pure formats
@@ -353,7 +339,8 @@ def test_truncate_ends_cleanly_without_finish():
 async def _abort(protocol, resp):
     """Client goes away: RST_STREAM on HTTP/2; closing the connection on HTTP/1.1."""
     if protocol == "h2":
-        await reset_h2_stream(resp)
+        httpcore_rst_stream.install()
+        await httpcore_rst_stream.reset(resp)
     # httpcore closes an HTTP/1.1 connection whose response is closed unfinished.
     await resp.aclose()
 

@@ -16,19 +16,20 @@ The two ACK packets are pre-serialized at import time in `streamBuffer` with pla
 and imported by name into `TCPTransport`, so they are rebuilt signed here: a peer reads
 them through the same `loads`.
 
-Installed explicitly, with `addressing.bind_to`, before `ActorSystem(...)` is first called
-in a process (`actors/system.prepare`): the admin and every actor are forked from that
-process and inherit the patch and the secret. It checks the Thespian version and the
-names it patches, and refuses loudly on anything it was not written for.
+Installed explicitly by `patches.install_thespian(host, secret)`, before `ActorSystem(...)`
+is first called in a process (`actors/system.prepare`): the admin and every actor are
+forked from that process and inherit the patch and the secret. Written for Thespian 4.0.x
+(4.0.1); it checks the version and the names it patches and refuses loudly on anything
+else: without it the transport unpickles anyone's frames, so there is no fallback.
 """
 from __future__ import annotations
 
 import pickle
-from importlib import metadata
 
+from patches import versions
 from protocols import auth
 
-SUPPORTED = "4.0."
+LIBRARY, WRITTEN_FOR = "thespian", "4.0."
 
 
 class FrameRefused(ValueError):
@@ -56,12 +57,7 @@ class Authenticated:
 def install(secret: bytes) -> None:
     """Authenticate every frame of Thespian's TCP transport in this process (and in every
     process forked from it) with `secret`. Idempotent for the same secret."""
-    version = metadata.version("thespian")
-    if not version.startswith(SUPPORTED):
-        raise RuntimeError(
-            f"actors/transport_auth.py was written for Thespian {SUPPORTED}x and patches its "
-            f"TCPTransport internals; this is Thespian {version}: check the patch before using it"
-        )
+    versions.check(__name__, LIBRARY, WRITTEN_FOR)
     from thespian.system.transport import TCPTransport, streamBuffer
 
     current = getattr(TCPTransport, "serializer", None)
@@ -69,7 +65,7 @@ def install(secret: bytes) -> None:
     if not (current is pickle or isinstance(current, Authenticated)) or not all(
         hasattr(TCPTransport, name) for name in expected
     ):
-        raise RuntimeError("Thespian's TCPTransport does not look as actors/transport_auth.py expects "
+        raise RuntimeError("Thespian's TCPTransport does not look as patches/thespian_transport.py expects "
                            "(module-level serializer = pickle, streamBuffer's ACK packets)")
     if isinstance(current, Authenticated) and current._secret == secret:
         return

@@ -13,15 +13,19 @@ connection whose socket is readable has expired too, like HTTP/1.1's.
 
 The keepalive below the server's idle timeout (<ACCOUNT>_KEEPALIVE_S) makes the race
 narrow; this closes the rest, except a close that crosses our request on the wire (the
-Pool retries that reset on a fresh connection, actors/retry_policy.py).
+Pool retries that reset on a fresh connection, actors/retry_policy.py). No upstream issue.
+
+Installed by `patches.install_httpcore()` in the Pool process. Written for httpcore 1.0.x
+(1.0.9). On another version it logs a warning and leaves httpcore as it is: the retry of a
+reset before the first byte still covers the reused dead connection, at one more attempt.
 """
 from __future__ import annotations
 
-import logging
-
 from httpcore._async import http2
 
-log = logging.getLogger("sluice.h2_expiry")
+from patches import versions
+
+LIBRARY, WRITTEN_FOR = "httpcore", "1.0."
 
 _original_has_expired = http2.AsyncHTTP2Connection.has_expired
 
@@ -34,13 +38,21 @@ def has_expired(self) -> bool:
 
 
 def install() -> bool:
-    """Patch httpcore's async HTTP/2 connection; False (httpcore unchanged) if it is not
-    the shape this was written against (httpcore 1.0.x)."""
+    """Patch httpcore's async HTTP/2 connection; False (httpcore unchanged, one warning) if
+    it is not the version and shape this was written against. Idempotent."""
+    try:
+        versions.check(__name__, LIBRARY, WRITTEN_FOR)
+    except versions.UntestedVersion as exc:
+        return versions.fallback(__name__, f"closed idle connections may be reused; {exc}")
     cls = http2.AsyncHTTP2Connection
-    if cls.has_expired is has_expired:
+    if installed():
         return True
     if not all(hasattr(cls, name) for name in ("has_expired", "is_idle")):
-        log.warning("httpcore's HTTP/2 connection is not the expected shape; closed idle connections may be reused")
-        return False
-    cls.has_expired = has_expired
+        return versions.fallback(__name__, "httpcore's HTTP/2 connection is not the expected shape; "
+                                 "closed idle connections may be reused")
+    cls.has_expired = has_expired  # type: ignore[method-assign]  # the patch itself
     return True
+
+
+def installed() -> bool:
+    return http2.AsyncHTTP2Connection.has_expired is has_expired

@@ -7,26 +7,31 @@ FIFO, and each holder ahead of a stream blocks on a read of its own before passi
 So an event that has already arrived for stream X sits in X's queue until every waiter
 ahead of X has read once more: at 30 concurrent streams that is ~30 token arrivals, ~20 ms
 of delay for each token (bench.trace: "sim first byte → hub publishes" 17 ms p50 at c=30
-against 1.7 ms at c=1). The same defect is described in pydantic/httpx2#1133.
+against 1.7 ms at c=1). The same defect is described in pydantic/httpx2#1133
+(https://github.com/pydantic/httpx2/issues/1133).
 
 Here one stream at a time is the *reader*; the others wait on a future of their own. After
 each read the reader wakes exactly the waiters that now have events; when it leaves (its
 own event came, it failed, or it was cancelled) it hands the role to one waiter that still
 has nothing. Reads themselves still go through httpcore's `_receive_events` under its read
 lock, so a flow-control wait (which reads with no stream id) stays mutually exclusive with
-us. Only `_receive_stream_event` is replaced; `install()` refuses a httpcore whose
-connection lacks the attributes it relies on, leaving httpcore as it is.
+us. Only `_receive_stream_event` is replaced.
+
+Installed by `patches.install_httpcore()` in the Pool process. Written for httpcore 1.0.x
+(1.0.9) with h2 4.x; an optimisation, so on another httpcore, or one whose connection lacks
+the attributes it relies on, it logs a warning and leaves httpcore as it is.
 """
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import h2.events
 from httpcore import RemoteProtocolError
 from httpcore._async import http2
 
-log = logging.getLogger("sluice.h2_reads")
+from patches import versions
+
+LIBRARY, WRITTEN_FOR = "httpcore", "1.0."
 
 
 class ReadBaton:
@@ -88,14 +93,22 @@ async def receive_stream_event(self, request, stream_id: int):
 
 
 def install() -> bool:
-    """Patch httpcore's async HTTP/2 connection; False (and httpcore unchanged) if its
-    internals are not the ones this was written against (httpcore 1.0.x)."""
+    """Patch httpcore's async HTTP/2 connection; False (httpcore unchanged, one warning) if
+    it is not the version and shape this was written against. Idempotent."""
+    try:
+        versions.check(__name__, LIBRARY, WRITTEN_FOR)
+    except versions.UntestedVersion as exc:
+        return versions.fallback(__name__, f"reads keep their lock convoy; {exc}")
     cls = http2.AsyncHTTP2Connection
-    if cls._receive_stream_event is receive_stream_event:
+    if installed():
         return True
     needed = ("_receive_events", "_receive_stream_event", "_receive_response", "_receive_response_body")
     if not all(hasattr(cls, name) for name in needed):
-        log.warning("httpcore's HTTP/2 connection is not the expected shape; reads keep their lock convoy")
-        return False
-    cls._receive_stream_event = receive_stream_event
+        return versions.fallback(__name__, "httpcore's HTTP/2 connection is not the expected shape; "
+                                 "reads keep their lock convoy")
+    cls._receive_stream_event = receive_stream_event  # type: ignore[method-assign]  # the patch itself
     return True
+
+
+def installed() -> bool:
+    return http2.AsyncHTTP2Connection._receive_stream_event is receive_stream_event

@@ -1,0 +1,58 @@
+"""Every change sluice makes to someone else's library, in one fenced place.
+
+One module per patched concern, each with a docstring (what, why, the upstream issue, the
+version it was written for), an idempotent `install(...)`, a version check
+(patches/versions.py) and `installed()`. Nothing here is installed on import, and no
+other module installs a patch as a side effect: a process installs what it needs, once,
+where it starts:
+
+- `install_thespian(host, secret)` — before the process first calls `ActorSystem(...)`
+  (`actors/system.prepare`: run.py, the admin CLI, the stop and watchdog commands,
+  benches and test probes). The admin and every actor are forked from that process and
+  inherit the patches.
+- `install_httpcore()` — in the Pool process, before its first upstream connection
+  (`actors/pool.PoolRuntime.start`).
+
+| module               | library        | on an untested version |
+|----------------------|----------------|------------------------|
+| thespian_transport   | thespian 4.0.x | raises (security)      |
+| thespian_bind        | thespian 4.0.x | raises (security)      |
+| thespian_selector    | thespian 4.0.x | warning, not installed |
+| httpcore_h2_reads    | httpcore 1.0.x | warning, not installed |
+| httpcore_h2_expiry   | httpcore 1.0.x | warning, not installed |
+| httpcore_rst_stream  | httpcore 1.0.x | raises (cost)          |
+
+`installed()` lists the ones in force in this process (tests, the admin `show`).
+"""
+from __future__ import annotations
+
+import sys
+
+THESPIAN = ("thespian_transport", "thespian_bind", "thespian_selector")
+HTTPCORE = ("httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream")
+
+
+def install_thespian(host: str, secret: bytes) -> None:
+    """Signed frames, sockets bound to `host`, the poll selector; raises if a security
+    patch cannot be installed on this Thespian."""
+    from patches import thespian_bind, thespian_selector, thespian_transport
+
+    thespian_transport.install(secret)
+    thespian_bind.install(host)
+    thespian_selector.install()
+
+
+def install_httpcore() -> None:
+    """The Pool's fixes to httpcore; raises if the RST_STREAM cancel cannot be used."""
+    from patches import httpcore_h2_expiry, httpcore_h2_reads, httpcore_rst_stream
+
+    httpcore_rst_stream.install()
+    httpcore_h2_reads.install()
+    httpcore_h2_expiry.install()
+
+
+def installed() -> list[str]:
+    """The patches in force in this process, by module name. A module never imported here
+    cannot have been installed: asking does not import it (nor its library)."""
+    modules = (sys.modules.get(f"patches.{name}") for name in THESPIAN + HTTPCORE)
+    return [module.__name__.rpartition(".")[2] for module in modules if module is not None and module.installed()]

@@ -1,0 +1,125 @@
+"""The fenced patches (patches/): each refuses a library version it was not written for —
+loudly where it guards security or cost, with a warning and the library untouched where
+it is an optimisation — installs idempotently, and `patches.installed()` says what is in.
+
+Every test puts back the library state it changes (monkeypatch), so the rest of this
+pytest process sees Thespian and httpcore as they were."""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import selectors
+import subprocess
+import sys
+
+import pytest
+from httpcore._async import http2
+from thespian.system.transport import IPBase, TCPTransport, streamBuffer
+
+import patches
+from patches import (
+    httpcore_h2_expiry,
+    httpcore_h2_reads,
+    httpcore_rst_stream,
+    thespian_bind,
+    thespian_selector,
+    thespian_transport,
+    versions,
+)
+from tests.support import ROOT
+
+pytestmark = pytest.mark.unit
+
+SECRET = b"patches-test-secret-0123456789abcdef"
+
+
+@pytest.fixture
+def pristine(monkeypatch):
+    """Thespian and httpcore as they are without our patches; everything put back after."""
+    monkeypatch.setattr(TCPTransport, "serializer", pickle)
+    for module in (TCPTransport, streamBuffer):
+        for name in ("ackMsg", "ackDataErrMsg"):
+            monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setattr(TCPTransport, "selectors", selectors)
+    monkeypatch.setattr(IPBase.IPActorAddress, "__init__", IPBase.IPActorAddress.__init__)
+    if thespian_bind.installed():  # a test before us bound this process: start from Thespian's own
+        monkeypatch.setattr(IPBase.IPActorAddress, "__init__", thespian_bind._original_init)
+    monkeypatch.setattr(thespian_bind, "_bind_host", None)
+    monkeypatch.setattr(thespian_bind, "_original_init", thespian_bind._original_init)
+    monkeypatch.setenv("THESPIAN_BASE_IPADDR", os.environ.get("THESPIAN_BASE_IPADDR", "127.0.0.1"))
+
+    async def unpatched_receive(self, request, stream_id):  # stands for httpcore's own
+        raise AssertionError("not called here")
+
+    monkeypatch.setattr(http2.AsyncHTTP2Connection, "_receive_stream_event", unpatched_receive)
+    monkeypatch.setattr(http2.AsyncHTTP2Connection, "has_expired", httpcore_h2_expiry._original_has_expired)
+    monkeypatch.setattr(httpcore_rst_stream, "_checked", False)
+    assert patches.installed() == []
+
+
+def untested(monkeypatch, library: str, version: str) -> None:
+    real = versions.metadata.version
+    monkeypatch.setattr("importlib.metadata.version", lambda name: version if name == library else real(name))
+
+
+def test_install_thespian_installs_its_three_patches_once(pristine):
+    patches.install_thespian("127.0.0.1", SECRET)
+    assert patches.installed() == ["thespian_transport", "thespian_bind", "thespian_selector"]
+    serializer, view, init = TCPTransport.serializer, TCPTransport.selectors, IPBase.IPActorAddress.__init__
+    patches.install_thespian("127.0.0.1", SECRET)  # idempotent: nothing is wrapped twice
+    assert (TCPTransport.serializer, TCPTransport.selectors, IPBase.IPActorAddress.__init__) == (serializer, view, init)
+    address = IPBase.TCPv4ActorAddress(None, 0)  # what the transport makes for a listening socket
+    assert address.bindname[0] == "127.0.0.1" and os.environ["THESPIAN_BASE_IPADDR"] == "127.0.0.1"
+
+
+def test_install_httpcore_installs_its_three_patches_once(pristine):
+    patches.install_httpcore()
+    assert patches.installed() == ["httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream"]
+    patches.install_httpcore()
+    assert http2.AsyncHTTP2Connection._receive_stream_event is httpcore_h2_reads.receive_stream_event
+    assert http2.AsyncHTTP2Connection.has_expired is httpcore_h2_expiry.has_expired
+    assert patches.installed() == ["httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream"]
+
+
+@pytest.mark.parametrize("patch, install", [
+    (thespian_transport, lambda: thespian_transport.install(SECRET)),
+    (thespian_bind, lambda: thespian_bind.install("127.0.0.1")),
+    (httpcore_rst_stream, httpcore_rst_stream.install),
+], ids=lambda p: getattr(p, "__name__", ""))
+def test_a_security_or_cost_patch_refuses_an_untested_version_loudly(pristine, monkeypatch, patch, install):
+    untested(monkeypatch, patch.LIBRARY, "9.9.0")
+    with pytest.raises(versions.UntestedVersion) as refused:
+        install()
+    message = str(refused.value)
+    assert patch.__name__ in message
+    assert f"written for {patch.LIBRARY} {patch.WRITTEN_FOR}x" in message and "this is " + patch.LIBRARY + " 9.9.0" in message
+    assert not patch.installed() and patches.installed() == []
+
+
+@pytest.mark.parametrize("patch", [thespian_selector, httpcore_h2_reads, httpcore_h2_expiry],
+                         ids=lambda p: p.__name__)
+def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristine, monkeypatch, caplog, patch):
+    untested(monkeypatch, patch.LIBRARY, "9.9.0")
+    before = (TCPTransport.selectors, http2.AsyncHTTP2Connection._receive_stream_event,
+              http2.AsyncHTTP2Connection.has_expired)
+    with caplog.at_level(logging.WARNING, logger="sluice.patches"):
+        assert patch.install() is False
+    assert (TCPTransport.selectors, http2.AsyncHTTP2Connection._receive_stream_event,
+            http2.AsyncHTTP2Connection.has_expired) == before, "the library was changed anyway"
+    assert not patch.installed() and patches.installed() == []
+    (record,) = caplog.records
+    assert patch.__name__ in record.getMessage() and "9.9.0" in record.getMessage()
+
+
+def test_the_installed_library_versions_are_the_ones_the_patches_were_written_for():
+    """pyproject.toml pins them; a venv that resolved something else fails here first."""
+    for patch in (thespian_transport, thespian_bind, thespian_selector,
+                  httpcore_h2_reads, httpcore_h2_expiry, httpcore_rst_stream):
+        versions.check(patch.__name__, patch.LIBRARY, patch.WRITTEN_FOR)
+
+
+def test_asking_what_is_installed_imports_no_patched_library():
+    code = "import sys, patches; print(patches.installed(), 'httpcore' in sys.modules, 'thespian' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "False", "False"]

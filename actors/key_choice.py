@@ -6,7 +6,8 @@ concurrency, 429 pause and circuit breaker, all with the account's settings
 (<ACCOUNT>_RPS/_BURST/_CONCURRENCY/_RPM apply per key). The Pacer (actors/pacer_logic.py)
 holds one `KeyBucket` per key and grants a lease on whichever key can grant: of those whose
 circuit allows a call and whose bucket has a token, the least loaded (fewest calls in
-flight, then most tokens, then the lowest index), so that a burst spreads over the keys.
+flight), and among equals the next in turn (round-robin), so that a burst and a trickle
+alike spread over the keys.
 
 Keys are named by their position, "#1", "#2", ... in logs, metrics and admin state: never
 by their value.
@@ -81,12 +82,14 @@ class KeyBucket:
         return max(0.0, *waits)
 
 
-def choose(buckets: list[KeyBucket], now: float, settings, loads: dict[int, int]) -> KeyBucket | None:
-    """The key the next grant goes out on, or None when none can grant now."""
+def choose(buckets: list[KeyBucket], now: float, settings, loads: dict[int, int], last: int = -1) -> KeyBucket | None:
+    """The key the next grant goes out on, or None when none can grant now: the least
+    loaded; among equals, the next one after `last` (the key of the previous grant)."""
     ready = [b for b in buckets if b.can_grant(now, settings, loads.get(b.index, 0))]
     if not ready:
         return None
-    return min(ready, key=lambda b: (loads.get(b.index, 0), -b.tokens, b.index))
+    n = len(buckets)
+    return min(ready, key=lambda b: (loads.get(b.index, 0), (b.index - last - 1) % n))
 
 
 def retry_order(buckets: list[KeyBucket], granted: KeyBucket) -> list[int]:

@@ -153,6 +153,7 @@ class PacerLogic:
     fallbacks_total: int = field(default=0, init=False)
     _tick_generation: int = field(default=0, init=False)
     _tick_at: float | None = field(default=None, init=False)
+    _last_key: int = field(default=-1, init=False)  # the key of the last grant (round-robin among equals)
     _notes: list = field(default_factory=list, init=False)  # metric records to send (circuit changes, fallbacks)
 
     def __post_init__(self):
@@ -416,10 +417,11 @@ class PacerLogic:
     def _pick(self, now: float) -> KeyBucket | None:
         if self.pool is None:
             return None
-        return choose(self.buckets, now, self.settings, self._loads())
+        return choose(self.buckets, now, self.settings, self._loads(), self._last_key)
 
     def _grant(self, waiter: _Waiter, bucket: KeyBucket, now: float) -> list:
         probe = bucket.take(now)
+        self._last_key = bucket.index
         self.in_flight[waiter.lease_id] = _Held(now, self.pool, waiter.request.coalescer, bucket.index, probe)
         self.grants_total += 1
         wait_ms = (now - waiter.enqueued_at) * 1000.0

@@ -89,7 +89,9 @@ def test_the_least_loaded_key_that_can_grant_is_chosen():
     s = PacerSettings(rps=1, burst=1, concurrency=2)
     a, b = KeyBucket.new(0, 1, FAST), KeyBucket.new(1, 1, FAST)
     assert choose([a, b], 0.0, s, {0: 1}) is b
-    assert choose([a, b], 0.0, s, {}) is a  # a tie goes to the lower index
+    assert choose([a, b], 0.0, s, {}) is a  # a tie goes to the next in turn
+    assert choose([a, b], 0.0, s, {}, last=0) is b
+    assert choose([a, b], 0.0, s, {}, last=1) is a
     b.tokens = 0.0
     assert choose([a, b], 0.0, s, {0: 1}) is a
     a.paused_until = 5.0

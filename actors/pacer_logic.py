@@ -1,18 +1,29 @@
-"""The Pacer's logic: a token bucket, an in-flight cap, a per-minute cap and a FIFO queue.
+"""The Pacer's logic: a token bucket, an in-flight cap, a per-minute cap (per API key) and a FIFO queue.
 
-One Pacer per upstream provider. Only upstream calls ask for a lease (coalesced followers
-never reach the Pacer). A lease is granted when all of these hold:
+One Pacer per upstream account. Only upstream calls ask for a lease (coalesced followers
+never reach the Pacer). A lease is granted on a key when all of these hold for that key:
 
     now >= paused_until                 (an upstream 429 Retry-After pauses grants)
-    len(in_flight) < concurrency        (CONCURRENCY)
+    its in-flight calls < concurrency   (CONCURRENCY)
     tokens >= 1                         (bucket refills at RPS per second up to BURST)
     grants in the last 60 s < rpm       (RPM, optional; Perplexity tier 0 is 50/min)
+    its circuit allows a call           (closed, or half-open with no probe out)
 
 and nobody is ahead in the queue (FIFO). A grant sends the call the request carries to
 the Pool (`OpenStream`) and `LeaseGranted` to the Coalescer. A request that cannot be
 granted waits in the queue; when the queue holds `max_queue` leases, or a lease waited
 `max_wait_s`, it is denied with 429 and a Retry-After estimated from the bucket. Settings
 change live (`configure`), and the change applies to the queue already waiting.
+
+An account may have several API keys: each has its own bucket, per-minute cap,
+concurrency, 429 pause and circuit breaker (`KeyBucket`, actors/key_choice.py, with the
+account's settings), and a grant goes out on whichever key can grant (the least loaded,
+round-robin among equals), named in the `OpenStream`. The Pool reports each key's verdict
+in `LeaseRelease.key_results`, which drives that key's circuit (actors/circuit.py). When
+every key's circuit is open, requests (new and queued) go to the account's fallbacks
+(`LeaseFallback` to the shard) or are denied at once with 503 `upstream_unavailable`; a
+queue past `fallback_queue` also sends new requests to a fallback (docs/reliability.md,
+"Fallbacks and circuit breakers").
 
 Every lease belongs to the process incarnations it involves: the Pool incarnation its
 call was sent to (`pool`, learnt from the directory: `PoolAt`) and the Coalescer shard

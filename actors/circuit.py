@@ -36,12 +36,14 @@ class CircuitSettings:
 
     @classmethod
     def from_config(cls, settings: dict) -> "CircuitSettings":
+        d = cls()
+        open_s = settings.get("CIRCUIT_OPEN_S", d.open_s)
         return cls(
-            failures=settings.get("CIRCUIT_FAILURES", cls.failures),
-            failure_rate=settings.get("CIRCUIT_FAILURE_RATE", cls.failure_rate),
-            window_s=settings.get("CIRCUIT_WINDOW_S", cls.window_s),
-            open_s=settings.get("CIRCUIT_OPEN_S", cls.open_s),
-            max_open_s=max(settings.get("CIRCUIT_MAX_OPEN_S", cls.max_open_s), settings.get("CIRCUIT_OPEN_S", cls.open_s)),
+            failures=settings.get("CIRCUIT_FAILURES", d.failures),
+            failure_rate=settings.get("CIRCUIT_FAILURE_RATE", d.failure_rate),
+            window_s=settings.get("CIRCUIT_WINDOW_S", d.window_s),
+            open_s=open_s,
+            max_open_s=max(settings.get("CIRCUIT_MAX_OPEN_S", d.max_open_s), open_s),
         )
 
 

@@ -82,6 +82,13 @@ def test_late_verdicts_of_calls_granted_before_it_opened_change_nothing():
     assert c.record(True, 3) is None and c.state == OPEN
 
 
+def test_settings_from_the_configuration_and_their_defaults():
+    assert CircuitSettings.from_config({}) == CircuitSettings()
+    s = config.load({"CIRCUIT_OPEN_S": "30", "CIRCUIT_MAX_OPEN_S": "5", "CIRCUIT_FAILURES": "2"})
+    got = CircuitSettings.from_config(s)
+    assert (got.failures, got.open_s, got.max_open_s) == (2, 30.0, 30.0)  # the cap is never below the first wait
+
+
 # --- the key choice ----------------------------------------------------------------------
 
 

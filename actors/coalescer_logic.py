@@ -8,6 +8,8 @@
     LeaseGranted            -> admit everyone waiting; the Pool has the call  (streaming)
     LeaseDenied             -> reject everyone waiting (429); the Pacer ends the stream of
                                a queued one (the admitted listen at the hub)
+    LeaseFallback           -> ask the fallback provider's Pacer instead, same stream id
+                               (the flight keeps its key: followers get the fallback's answer)
     Cancel(edge)            -> drop one reference; the last one aborts the upstream call
                                (asking/queued: gives the lease back and fails the stream,
                                which also ends a call the Pacer's grant already started)
@@ -98,6 +100,8 @@ class CoalescerLogic:
             return self._submit(msg, sender, now)
         if isinstance(msg, (m.LeaseQueued, m.LeaseGranted, m.LeaseDenied)):
             return self._lease_answer(msg, sender)
+        if isinstance(msg, m.LeaseFallback):
+            return self._fall_back(msg, now)
         if isinstance(msg, m.Cancel):
             return self._cancel(msg)
         if isinstance(msg, m.StreamFinished):
@@ -158,6 +162,19 @@ class CoalescerLogic:
             out.append(Send(sender, self._admitted(request_id, flight.stream_id, role, edge_id)))
         flight.waiting.clear()
         return out
+
+    def _fall_back(self, msg: m.LeaseFallback, now: float) -> list:
+        """The Pacer cannot serve the call: ask the fallback's Pacer, same stream id. The
+        key stays the original request's, so identical requests keep joining this flight
+        and get the fallback's answer; those admitted already keep listening."""
+        flight = self.by_stream.get(msg.lease_id)
+        if flight is None or flight.request is None:
+            return []
+        old = flight.request
+        flight.provider = msg.provider
+        flight.request = m.LeaseRequest(old.lease_id, msg.provider, now, msg.model, old.body, self.me,
+                                        msg.fallback_from, list(msg.fallbacks))
+        return [Send(pacer_role(msg.provider), flight.request)]
 
     # --- leaving and ending -------------------------------------------------------------
     def _cancel(self, msg: m.Cancel) -> list:

@@ -30,7 +30,13 @@ add fields before this module reads them):
   retry     {"kind":"retry", "provider":str, "reason":"reset"|"connect"|"5xx"|"429",
              "attempt":int, "at":float}     -- one per upstream retry, from the Pool
                                              (counted in sluice_upstream_retries_total)
-  gauge     {"kind":"gauge", "name":"active_streams"|"pacer_queue_depth"|"pacer_tokens",
+  circuit   {"kind":"circuit", "account":str, "key":"#n", "state":"closed"|"open"|"half_open",
+             "at":float}                     -- a key's circuit changed, from its Pacer
+                                             (sluice_circuit_opens_total, sluice_circuit_state)
+  fallback  {"kind":"fallback", "from":str, "to":str, "reason":str, "at":float}
+                                             -- a call sent to a fallback provider
+                                             (sluice_fallbacks_total)
+  gauge     {"kind":"gauge", "name":"active_streams"|"pacer_queue_depth"|"pacer_tokens"|"circuit_state",
              "labels":{str:str}, "value":float, "at":float}
                                              -- latest `at` wins per (name, labels)
 
@@ -65,6 +71,7 @@ from collections.abc import Iterable
 from itertools import islice
 from typing import Any, NamedTuple
 
+from actors.circuit import OPEN, STATE_VALUE
 from actors.retry_policy import REASONS as RETRY_REASONS
 
 # Bucket upper bounds in seconds. 1 and 1.5 are the queue-wait and TTFT alert thresholds,
@@ -77,7 +84,8 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 3
 ROLES = ("leader", "follower")
 REQUEST_OUTCOMES = ("done", "error", "cancelled", "rejected")
 UPSTREAM_OUTCOMES = ("done", "error", "cancelled")
-GAUGE_NAMES = ("active_streams", "pacer_queue_depth", "pacer_tokens")
+GAUGE_NAMES = ("active_streams", "pacer_queue_depth", "pacer_tokens", "circuit_state")
+CIRCUIT_STATES = tuple(STATE_VALUE)
 PERCENTILES = (50, 95, 99)
 
 # Cardinality caps: a sender bug (a request id used as a label, say) must not grow the
@@ -213,6 +221,8 @@ class MetricsLogic:
         self._requests_total = {(o, r): 0 for o in REQUEST_OUTCOMES for r in ROLES}
         self._upstream_total: dict[tuple[str, str], int] = {}
         self._retries_total: dict[tuple[str, str], int] = {}  # (provider, reason)
+        self._circuit_opens: dict[tuple[str, str], int] = {}  # (account, key)
+        self._fallbacks_total: dict[tuple[str, str], int] = {}  # (from provider, to provider)
         self._hist = {
             "ttft": _Histogram(),
             "queue_wait": _Histogram(),
@@ -293,6 +303,28 @@ class MetricsLogic:
                     raise _Malformed("provider")
                 self._retries_total[key] = 0
             self._retries_total[key] += 1
+        elif kind == "circuit":
+            account, key_ = _string(rec, "account"), _string(rec, "key")
+            state = _string(rec, "state", choices=CIRCUIT_STATES)
+            at = _number(rec, "at")
+            series = (account, key_)
+            if series not in self._circuit_opens and len(self._circuit_opens) >= MAX_GAUGE_SERIES:
+                raise _Malformed("labels")
+            self._circuit_opens.setdefault(series, 0)
+            if state == OPEN:
+                self._circuit_opens[series] += 1
+            # The change shows in sluice_circuit_state at once, not at the next gauge report.
+            self._ingest_one({"kind": "gauge", "name": "circuit_state", "labels": {"account": account, "key": key_},
+                              "value": STATE_VALUE[state], "at": at})
+        elif kind == "fallback":
+            series = (_string(rec, "from"), _string(rec, "to"))
+            _string(rec, "reason", optional=True)
+            _number(rec, "at")
+            if series not in self._fallbacks_total:
+                if len(self._fallbacks_total) >= MAX_PROVIDERS:
+                    raise _Malformed("provider")
+                self._fallbacks_total[series] = 0
+            self._fallbacks_total[series] += 1
         elif kind == "cancel":
             _string(rec, "stream_id")
             c = _Cancel(cancel_ms=_number(rec, "cancel_ms", duration=True),
@@ -451,6 +483,16 @@ class MetricsLogic:
             out.append("sluice_upstream_retries_total"
                        f"{_labelset({'provider': provider, 'reason': reason})} {v}")
 
+        family("sluice_circuit_opens_total", "counter",
+               "Times an API key's circuit breaker opened, by account and key (#n, never the key).")
+        for (account, key_), v in sorted(self._circuit_opens.items()):
+            out.append(f"sluice_circuit_opens_total{_labelset({'account': account, 'key': key_})} {v}")
+
+        family("sluice_fallbacks_total", "counter",
+               "Upstream calls sent to a fallback provider, by the provider asked for and the one used.")
+        for (origin, target), v in sorted(self._fallbacks_total.items()):
+            out.append(f"sluice_fallbacks_total{_labelset({'from': origin, 'to': target})} {v}")
+
         leaders = sum(v for (_, role), v in self._requests_total.items() if role == "leader")
         followers = sum(v for (_, role), v in self._requests_total.items() if role == "follower")
         family("sluice_coalesce_leaders_total", "counter",
@@ -468,6 +510,7 @@ class MetricsLogic:
             ("active_streams", "Upstream streams currently open."),
             ("pacer_queue_depth", "Lease requests waiting in the pacer queue."),
             ("pacer_tokens", "Tokens currently in the pacer bucket."),
+            ("circuit_state", "Circuit breaker of an account's API key: 0 closed, 1 open, 2 half-open."),
         ):
             metric = f"sluice_{name}"
             family(metric, "gauge", help_text)

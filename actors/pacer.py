@@ -1,8 +1,10 @@
-"""The Pacer actor: hosts PacerLogic for one provider account (role "pacer:<account>")."""
+"""The Pacer actor: hosts PacerLogic for one provider account (role "pacer:<account>"),
+every API key of the account included (one bucket and circuit per key, inside the logic)."""
 from __future__ import annotations
 
 import time
 
+from actors.circuit import CircuitSettings
 from actors.effects import After, Send
 from actors.host import HostActor
 from actors.pacer_logic import PacerLogic, PacerSettings, PoolAt
@@ -26,7 +28,15 @@ class PacerActor(HostActor):
         self.role = wire.role
         if self.logic is None:
             account = wire.role.partition(":")[2].upper()
-            self.logic = PacerLogic(account.lower(), PacerSettings(**wire.settings["accounts"][account]))
+            failover = wire.settings.get("failover", {}).get(account, {})
+            self.logic = PacerLogic(
+                account.lower(),
+                PacerSettings(**wire.settings["accounts"][account]),
+                keys=failover.get("keys", 1),
+                circuit=CircuitSettings.from_config(wire.settings),
+                fallbacks=failover.get("fallbacks", []),
+                fallback_queue=failover.get("fallback_queue", 0),
+            )
             self.apply([After(GAUGE_EVERY_S, ReportGauges())])
         # Every Wire carries the directory: grants go to the Pool it names, or wait for one.
         self.apply(self.logic.handle(PoolAt(self.directory.get("pool")), None, time.time()))
@@ -60,4 +70,4 @@ class PacerActor(HostActor):
         return [
             {"kind": "gauge", "name": "pacer_queue_depth", "labels": labels, "value": state["queue_depth"], "at": now},
             {"kind": "gauge", "name": "pacer_tokens", "labels": labels, "value": state["tokens"], "at": now},
-        ]
+        ] + self.logic.circuit_gauges(now)

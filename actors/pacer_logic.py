@@ -1,18 +1,29 @@
-"""The Pacer's logic: a token bucket, an in-flight cap, a per-minute cap and a FIFO queue.
+"""The Pacer's logic: a token bucket, an in-flight cap, a per-minute cap (per API key) and a FIFO queue.
 
-One Pacer per upstream provider. Only upstream calls ask for a lease (coalesced followers
-never reach the Pacer). A lease is granted when all of these hold:
+One Pacer per upstream account. Only upstream calls ask for a lease (coalesced followers
+never reach the Pacer). A lease is granted on a key when all of these hold for that key:
 
     now >= paused_until                 (an upstream 429 Retry-After pauses grants)
-    len(in_flight) < concurrency        (CONCURRENCY)
+    its in-flight calls < concurrency   (CONCURRENCY)
     tokens >= 1                         (bucket refills at RPS per second up to BURST)
     grants in the last 60 s < rpm       (RPM, optional; Perplexity tier 0 is 50/min)
+    its circuit allows a call           (closed, or half-open with no probe out)
 
 and nobody is ahead in the queue (FIFO). A grant sends the call the request carries to
 the Pool (`OpenStream`) and `LeaseGranted` to the Coalescer. A request that cannot be
 granted waits in the queue; when the queue holds `max_queue` leases, or a lease waited
 `max_wait_s`, it is denied with 429 and a Retry-After estimated from the bucket. Settings
 change live (`configure`), and the change applies to the queue already waiting.
+
+An account may have several API keys: each has its own bucket, per-minute cap,
+concurrency, 429 pause and circuit breaker (`KeyBucket`, actors/key_choice.py, with the
+account's settings), and a grant goes out on whichever key can grant (the least loaded,
+round-robin among equals), named in the `OpenStream`. The Pool reports each key's verdict
+in `LeaseRelease.key_results`, which drives that key's circuit (actors/circuit.py). When
+every key's circuit is open, requests (new and queued) go to the account's fallbacks
+(`LeaseFallback` to the shard) or are denied at once with 503 `upstream_unavailable`; a
+queue past `fallback_queue` also sends new requests to a fallback (docs/reliability.md,
+"Fallbacks and circuit breakers").
 
 Every lease belongs to the process incarnations it involves: the Pool incarnation its
 call was sent to (`pool`, learnt from the directory: `PoolAt`) and the Coalescer shard
@@ -22,13 +33,18 @@ granted calls are failed. No grant is made while no Pool is known: the queue wai
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from actors.circuit import HALF_OPEN, OPEN, STATE_VALUE, CircuitSettings
 from actors.effects import After, Send
+from actors.key_choice import KeyBucket, choose, retry_order
 from protocols import messages as m
+
+log = logging.getLogger("sluice.pacer")
 
 # Float slack for boundaries: a timer set for exactly "the wait is over" computes its delay
 # as boundary - now, and now + delay can land an ulp short of the boundary. Without slack
@@ -116,6 +132,8 @@ class _Held:
     granted_at: float
     pool: str | None  # the Pool incarnation its OpenStream went to
     asker: str  # the Coalescer shard (address) that asked
+    key: int = 0  # the API key (index) it was granted on
+    probe: bool = False  # the half-open probe of that key's circuit
 
 
 @dataclass
@@ -128,41 +146,72 @@ class _Waiter:
 
 @dataclass
 class PacerLogic:
+    """`keys`: the account's API keys (one bucket and circuit each); `fallbacks`: the
+    [provider, model] alternatives of this account, `fallback_queue` the queue depth from
+    which new requests go to them (0: only when every circuit is open)."""
+
     provider: str
     settings: PacerSettings = field(default_factory=PacerSettings)
-    tokens: float = field(init=False)
-    updated_at: float | None = field(default=None, init=False)
-    paused_until: float = field(default=0.0, init=False)
+    keys: int = 1
+    circuit: CircuitSettings = field(default_factory=CircuitSettings)
+    fallbacks: list = field(default_factory=list)
+    fallback_queue: int = 0
+    buckets: list = field(init=False)  # KeyBucket per key
     in_flight: dict = field(default_factory=dict, init=False)  # lease_id -> _Held
     pool: str | None = field(default="pool", init=False)  # the Pool incarnation grants go to
     queue: deque = field(default_factory=deque, init=False)
-    recent_grants: deque = field(default_factory=deque, init=False)  # grant times, for rpm
     grants_total: int = field(default=0, init=False)
     denials_total: int = field(default=0, init=False)
+    fallbacks_total: int = field(default=0, init=False)
     _tick_generation: int = field(default=0, init=False)
     _tick_at: float | None = field(default=None, init=False)
+    _last_key: int = field(default=-1, init=False)  # the key of the last grant (round-robin among equals)
+    _notes: list = field(default_factory=list, init=False)  # metric records to send (circuit changes, fallbacks)
 
     def __post_init__(self) -> None:
         self.settings.validated()
-        self.tokens = float(self.settings.burst)
+        self.buckets = [KeyBucket.new(i, self.settings.burst, self.circuit) for i in range(max(1, self.keys))]
+
+    # Single-key views (the bucket of key #1), as before several keys existed.
+    @property
+    def tokens(self) -> float:
+        return float(sum(b.tokens for b in self.buckets))
+
+    @property
+    def paused_until(self) -> float:
+        return float(min(b.paused_until for b in self.buckets))
 
     # --- messages -----------------------------------------------------------------------
     def handle(self, msg: Any, sender: Any, now: float) -> list:
         self._refill(now)
+        out = self._dispatch(msg, sender, now)
+        if self._notes:
+            out.append(Send("metrics", m.Records(f"pacer:{self.provider}", self._notes)))
+            self._notes = []
+        return out
+
+    def _dispatch(self, msg: Any, sender: Any, now: float) -> list:
         if isinstance(msg, m.LeaseRequest):
             return self._request(msg, sender, now)
         if isinstance(msg, m.LeaseRelease):
-            self.in_flight.pop(msg.lease_id, None)
-            if msg.retry_after_s:
-                self.paused_until = max(self.paused_until, now + msg.retry_after_s)
+            held = self.in_flight.pop(msg.lease_id, None)
+            self._verdicts(held, msg.key_results or [], now)
+            if msg.retry_after_s and held is not None:
+                bucket = self.buckets[held.key]
+                bucket.paused_until = max(bucket.paused_until, now + msg.retry_after_s)
+            elif msg.retry_after_s:
+                self._pause(None, now + msg.retry_after_s)
             return self._drain(now)
         if isinstance(msg, m.AccountPause):  # a 429 the Pool is waiting out before its retry
             if msg.pause_s > 0:
-                self.paused_until = max(self.paused_until, now + msg.pause_s)
+                self._pause(msg.key, now + msg.pause_s)
             return self._drain(now)
         if isinstance(msg, m.LeaseCancel):
             out: list = []
-            if self.in_flight.pop(msg.lease_id, None) is not None:
+            held = self.in_flight.pop(msg.lease_id, None)
+            if held is not None:
+                if held.probe:
+                    self.buckets[held.key].circuit.abandoned()
                 # Granted before everyone left: the shard's FailStream stops the call, but it
                 # went to the Pool of its time. If that Pool died meanwhile, the grant may have
                 # opened the call at its replacement, which never hears of the cancel; this
@@ -181,13 +230,76 @@ class PacerLogic:
             return self._member_lost(msg, now)
         return []
 
+    def _pause(self, key: int | None, until: float) -> None:
+        for bucket in self.buckets:
+            if key is None or bucket.index == key:
+                bucket.paused_until = max(bucket.paused_until, until)
+
+    # --- circuits -------------------------------------------------------------------------
+    def _verdicts(self, held: _Held | None, results: list, now: float) -> None:
+        judged = set()
+        for item in results:
+            try:
+                key, ok = int(item[0]), bool(item[1])
+            except (TypeError, ValueError, IndexError):
+                continue
+            if 0 <= key < len(self.buckets):
+                judged.add(key)
+                self._circuit_changed(self.buckets[key], self.buckets[key].circuit.record(ok, now), now)
+        if held is not None and held.probe and held.key not in judged:
+            self.buckets[held.key].circuit.abandoned()  # cancelled, or no verdict: probe again
+
+    def _circuit_changed(self, bucket: KeyBucket, state: str | None, now: float) -> None:
+        if state is None:
+            return
+        circuit = bucket.circuit
+        if state == OPEN:
+            log.warning("circuit open: account=%s key=%s open_for=%gs opens=%d",
+                        self.provider, bucket.name, circuit.open_for, circuit.opens_total)
+        elif state == HALF_OPEN:
+            log.warning("circuit half-open: account=%s key=%s (the next call probes)", self.provider, bucket.name)
+        else:
+            log.warning("circuit closed: account=%s key=%s (the probe succeeded)", self.provider, bucket.name)
+        self._notes.append({"kind": "circuit", "account": self.provider, "key": bucket.name, "state": state, "at": now})
+
+    def _all_open(self) -> bool:
+        """Every key cooling down: nothing can be granted until one half-opens."""
+        return all(b.circuit.state == OPEN for b in self.buckets)
+
+    def _alternatives(self, request: m.LeaseRequest) -> list:
+        if request.fallback_from:
+            return list(request.fallbacks or [])  # a fallback does not chain into its own fallbacks
+        return list(self.fallbacks)
+
+    def _fall_back(self, waiter: _Waiter, alternatives: list, reason: str, now: float) -> list:
+        request = waiter.request
+        provider, model = alternatives[0][0], alternatives[0][1]
+        origin = request.fallback_from or request.provider
+        self.fallbacks_total += 1
+        log.warning("fallback: from=%s to=%s/%s reason=%s stream=%s", origin, provider, model, reason, request.lease_id)
+        self._notes.append({"kind": "fallback", "from": origin, "to": provider, "reason": reason, "at": now})
+        return [Send(waiter.requester, m.LeaseFallback(request.lease_id, provider, model, alternatives[1:], origin, reason))]
+
+    def _unavailable(self, waiter: _Waiter, queued: bool, now: float) -> list:
+        """Every key's circuit is open and there is no fallback: fail fast."""
+        self.denials_total += 1
+        retry = round(max(1.0, min(b.circuit.half_opens_at for b in self.buckets) - now), 3)
+        text = (f"{self.provider}: the provider keeps failing (every API key's circuit is open); "
+                f"retry in {retry:g} s")
+        out = [Send(waiter.requester, m.LeaseDenied(waiter.lease_id, 503, "upstream_unavailable", text, retry))]
+        if queued:  # its clients were admitted and listen at the hub
+            out.append(Send("pool", m.FailStream(waiter.lease_id, "upstream_unavailable", text)))
+        return out
+
     # --- crashes of others -----------------------------------------------------------------
     def _member_lost(self, msg: m.MemberLost, now: float) -> list:
         out: list = []
         if msg.role == "pool":
             # Its calls died with it: no LeaseRelease will ever come for them.
             for lease_id in [k for k, held in self.in_flight.items() if held.pool == msg.incarnation]:
-                del self.in_flight[lease_id]
+                held = self.in_flight.pop(lease_id)
+                if held.probe:
+                    self.buckets[held.key].circuit.abandoned()
             if self.pool == msg.incarnation:
                 self.pool = None
         elif msg.role.startswith("coalescer:"):
@@ -198,22 +310,27 @@ class PacerLogic:
             self.queue = deque(w for w in self.queue if w.request.coalescer != msg.incarnation)
             failed = [w.lease_id for w in lost]
             for lease_id in [k for k, held in self.in_flight.items() if held.asker == msg.incarnation]:
-                del self.in_flight[lease_id]
+                held = self.in_flight.pop(lease_id)
+                if held.probe:
+                    self.buckets[held.key].circuit.abandoned()
                 failed.append(lease_id)
             text = f"{msg.role} restarted; this request was lost with it, retry it"
             out += [Send("pool", m.FailStream(lease_id, "coalescer_lost", text)) for lease_id in failed]
         return out + self._drain(now)
 
     def configure(self, changes: dict, now: float) -> list:
-        """Admin: change settings live; raises ValueError (state unchanged) when invalid."""
+        """Admin: change settings live (every key of the account takes them); raises
+        ValueError (state unchanged) when invalid."""
         new = settings_from(self.settings, changes)
         self._refill(now)
         self.settings = new
-        self.tokens = min(self.tokens, float(new.burst))
+        for bucket in self.buckets:
+            bucket.tokens = min(bucket.tokens, float(new.burst))
         return self._drain(now)
 
     def state(self, now: float) -> dict:
         self._refill(now)
+        loads = self._loads()
         return {
             "provider": self.provider,
             "settings": {k: getattr(self.settings, k) for k in SETTING_TYPES},
@@ -223,17 +340,48 @@ class PacerLogic:
             "paused_for_s": round(max(0.0, self.paused_until - now), 3),
             "grants_total": self.grants_total,
             "denials_total": self.denials_total,
+            "fallbacks_total": self.fallbacks_total,
+            "fallbacks": ["/".join(f) for f in self.fallbacks],
+            "keys": [
+                {
+                    "key": b.name,
+                    "tokens": round(b.tokens, 3),
+                    "in_flight": loads.get(b.index, 0),
+                    "paused_for_s": round(max(0.0, b.paused_until - now), 3),
+                    "circuit": b.circuit.state,
+                    "circuit_opens": b.circuit.opens_total,
+                    "half_opens_in_s": round(max(0.0, b.circuit.half_opens_at - now), 3) if b.circuit.state == OPEN else None,
+                }
+                for b in self.buckets
+            ],
         }
 
-    # --- the bucket -----------------------------------------------------------------------
+    def circuit_gauges(self, now: float) -> list[dict]:
+        return [
+            {"kind": "gauge", "name": "circuit_state", "labels": {"account": self.provider, "key": b.name},
+             "value": STATE_VALUE[b.circuit.state], "at": now}
+            for b in self.buckets
+        ]
+
+    # --- the buckets ----------------------------------------------------------------------
     def _request(self, msg: m.LeaseRequest, sender: Any, now: float) -> list:
         if msg.lease_id in self.in_flight or any(w.lease_id == msg.lease_id for w in self.queue):
             return []  # asked again (a shard re-asking after a Pacer crash): the first ask's answers stand
         # Those already waiting go first: whatever can be granted now is, before a
         # newcomer is queued behind them (or sees a full queue that is not full).
         out = self._drain(now) if self.queue else []
-        if not self.queue and self._can_grant(now):
-            return out + self._grant(_Waiter(msg.lease_id, sender, now, msg), now)
+        waiter = _Waiter(msg.lease_id, sender, now, msg)
+        alternatives = self._alternatives(msg)
+        if self._all_open():
+            if alternatives:
+                return out + self._fall_back(waiter, alternatives, "circuits_open", now)
+            return out + self._unavailable(waiter, False, now)
+        if alternatives and self.fallback_queue and len(self.queue) >= self.fallback_queue:
+            return out + self._fall_back(waiter, alternatives, "queue", now)
+        if not self.queue:
+            bucket = self._pick(now)
+            if bucket is not None:
+                return out + self._grant(waiter, bucket, now)
         if len(self.queue) >= self.settings.max_queue:
             self.denials_total += 1
             retry = self._retry_after(now)
@@ -249,7 +397,7 @@ class PacerLogic:
                     ),
                 )
             ]
-        self.queue.append(_Waiter(msg.lease_id, sender, now, msg))
+        self.queue.append(waiter)
         return out + [Send(sender, m.LeaseQueued(msg.lease_id, len(self.queue)))] + self._schedule(now)
 
     def _drain(self, now: float) -> list:
@@ -262,53 +410,63 @@ class PacerLogic:
             # It was queued, so its clients were admitted and listen at the hub: the stream
             # ends here, not through the shard (which may have died meanwhile).
             out.append(Send("pool", m.FailStream(waiter.lease_id, "pacer_queue_timeout", text)))
-        while self.queue and self._can_grant(now):
-            out += self._grant(self.queue.popleft(), now)
+        if self.queue and self._all_open():
+            # Nothing can be granted until a key half-opens: those waiting go to a fallback
+            # now, or fail fast, rather than wait out the cool-down.
+            while self.queue:
+                waiter = self.queue.popleft()
+                alternatives = self._alternatives(waiter.request)
+                if alternatives:
+                    out += self._fall_back(waiter, alternatives, "circuits_open", now)
+                else:
+                    out += self._unavailable(waiter, True, now)
+        while self.queue:
+            bucket = self._pick(now)
+            if bucket is None:
+                break
+            out += self._grant(self.queue.popleft(), bucket, now)
         return out + self._schedule(now)
 
-    def _grant(self, waiter: _Waiter, now: float) -> list:
-        self.tokens -= 1.0
-        self.in_flight[waiter.lease_id] = _Held(now, self.pool, waiter.request.coalescer)
-        self.recent_grants.append(now)
+    def _loads(self) -> dict[int, int]:
+        loads: dict[int, int] = {}
+        for held in self.in_flight.values():
+            loads[held.key] = loads.get(held.key, 0) + 1
+        return loads
+
+    def _pick(self, now: float) -> KeyBucket | None:
+        if self.pool is None:
+            return None
+        return choose(self.buckets, now, self.settings, self._loads(), self._last_key)
+
+    def _grant(self, waiter: _Waiter, bucket: KeyBucket, now: float) -> list:
+        probe = bucket.take(now)
+        self._last_key = bucket.index
+        self.in_flight[waiter.lease_id] = _Held(now, self.pool, waiter.request.coalescer, bucket.index, probe)
         self.grants_total += 1
         wait_ms = (now - waiter.enqueued_at) * 1000.0
         r = waiter.request
+        keys = [bucket.index] if probe else retry_order(self.buckets, bucket)
         # The call goes to the Pool from here, not back through the Coalescer: one hop
         # fewer before the upstream call. The Coalescer learns of the grant in parallel.
         return [
-            Send("pool", m.OpenStream(r.lease_id, r.provider, r.model, r.body, r.lease_id, wait_ms, r.coalescer)),
+            Send("pool", m.OpenStream(r.lease_id, r.provider, r.model, r.body, r.lease_id, wait_ms, r.coalescer,
+                                      bucket.index, keys, r.fallback_from)),
             Send(waiter.requester, m.LeaseGranted(waiter.lease_id, wait_ms, self.pool or "")),
         ]
 
-    def _can_grant(self, now: float) -> bool:
-        s = self.settings
-        return (
-            self.pool is not None
-            and now >= self.paused_until - EPS
-            and len(self.in_flight) < s.concurrency
-            and self.tokens >= 1.0 - EPS
-            and (s.rpm is None or len(self.recent_grants) < s.rpm)
-        )
-
     def _refill(self, now: float) -> None:
-        if self.updated_at is not None and now > self.updated_at:
-            self.tokens = min(float(self.settings.burst), self.tokens + (now - self.updated_at) * self.settings.rps)
-        self.updated_at = now if self.updated_at is None else max(self.updated_at, now)
-        while self.recent_grants and self.recent_grants[0] <= now - 60.0 + EPS:
-            self.recent_grants.popleft()
+        for bucket in self.buckets:
+            bucket.refill(now, self.settings)
+            self._circuit_changed(bucket, bucket.circuit.refresh(now), now)
 
     def _next_grant_in(self, now: float) -> float | None:
-        """Seconds until the bucket, pause or per-minute cap could allow a grant, or None
-        when only a release (concurrency) can."""
-        s = self.settings
-        if len(self.in_flight) >= s.concurrency or self.pool is None:
+        """Seconds until some key could allow a grant (bucket, pause, per-minute cap,
+        cool-down), or None when only a release can."""
+        if self.pool is None:
             return None
-        waits = [self.paused_until - now]
-        if self.tokens < 1.0:
-            waits.append((1.0 - self.tokens) / s.rps)
-        if s.rpm is not None and len(self.recent_grants) >= s.rpm:
-            waits.append(self.recent_grants[0] + 60.0 - now)
-        return max(0.0, *waits)
+        loads = self._loads()
+        waits = [w for b in self.buckets if (w := b.grant_in(now, self.settings, loads.get(b.index, 0))) is not None]
+        return min(waits) if waits else None
 
     def _schedule(self, now: float) -> list:
         if not self.queue:
@@ -326,7 +484,7 @@ class PacerLogic:
 
     def _retry_after(self, now: float) -> float:
         """Seconds after which a retry could plausibly be granted: the queue ahead drained
-        at the bucket's rate, not earlier than a pause ends."""
+        at the buckets' rate, not earlier than a pause ends."""
         ahead = len(self.queue) + 1 - self.tokens
-        estimate = max(0.0, ahead / self.settings.rps, self.paused_until - now)
+        estimate = max(0.0, ahead / (self.settings.rps * len(self.buckets)), self.paused_until - now)
         return round(max(1.0, estimate), 3)

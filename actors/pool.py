@@ -28,6 +28,7 @@ from actors import secret
 from actors.effects import Send
 from actors.host import HostActor
 from actors.hub import StreamHub
+from actors.key_choice import key_name
 from actors.retry_policy import RetryPolicy, RetrySettings, is_idempotent
 from protocols import events as ev
 from protocols import messages as m
@@ -51,6 +52,25 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+# Errors before the first byte that say the key (or the provider behind it) is failing.
+# 429 is not one: the key is well, only busy, and the Pacer pauses it for the Retry-After.
+KEY_FAILURE_STATUSES = frozenset({401, 403, 500, 502, 503, 504, 529})
+
+
+def key_verdict(result) -> bool | None:
+    """One attempt as its key's circuit sees it (actors/circuit.py): True once a byte of a
+    200 arrived, False for a 5xx, 401/403, or a connection/stream failure or timeout before
+    the first byte; None (no verdict) for a cancel, a 429 or the request's own fault (400...)."""
+    if result.delivered:
+        return True
+    if result.outcome != "error":
+        return None
+    status = (result.error or {}).get("status")
+    if status is not None:
+        return False if status in KEY_FAILURE_STATUSES else None
+    return False  # transport: connect, reset, timeout
 
 
 class PoolRuntime:
@@ -173,8 +193,6 @@ class PoolRuntime:
         self.hub.publish(msg.stream_id, [ev.error(msg.code, msg.message)])
 
     async def _call(self, msg: m.OpenStream) -> None:
-        from protocols.providers import get_adapter
-
         provider = self.settings["providers"].get(msg.provider)
         publish = lambda events: self.hub.publish(msg.stream_id, events)  # noqa: E731
         result = None
@@ -182,11 +200,7 @@ class PoolRuntime:
             if provider is None or not provider.get("base_url"):
                 publish([ev.error("provider_not_configured", f"provider {msg.provider!r} is not configured")])
                 return
-            adapter = get_adapter(provider["adapter"])
-            request = adapter.build_request(
-                base_url=provider["base_url"], api_key=provider.get("api_key"), model=msg.model, body=msg.body
-            )
-            result = await self._attempts(msg, provider, adapter, request, publish)
+            result = await self._attempts(msg, provider, publish)
         except asyncio.CancelledError:
             pass  # run_call or _attempts published the cancellation; the abort is recorded below
         except Exception as exc:
@@ -196,20 +210,37 @@ class PoolRuntime:
             self.calls.pop(msg.stream_id, None)
             self._ended(msg, result)
 
-    async def _attempts(self, msg: m.OpenStream, provider: dict, adapter, request, publish):
+    async def _attempts(self, msg: m.OpenStream, provider: dict, publish):
         """Call the provider until an attempt delivers a byte, or the retry policy says
-        stop; then publish the last attempt's error if it has not gone out yet."""
+        stop; then publish the last attempt's error if it has not gone out yet. Attempt n
+        goes out on the n-th key of `msg.keys` (round): a retry escapes one key's failure."""
         from actors.upstream import run_call
+        from protocols.providers import get_adapter
 
+        adapter = get_adapter(provider["adapter"])
         account = provider["account"]
+        api_keys = provider.get("api_keys") or [provider.get("api_key")]
+        order = [k for k in (msg.keys or [msg.key]) if 0 <= k < len(api_keys)] or [0]
         http = self._http_for(provider)
         idempotent = is_idempotent(msg.body)
         first_sent = time.time()
         self.retry.note_call(account, first_sent)
+        verdicts: dict[int, bool] = {}  # key -> its last attempt's verdict (actors/circuit.py)
         attempt = 1
         while True:
-            result = await run_call(http, adapter, request, publish, msg.queue_wait_ms, self._timeouts(), attempt)
-            result.attempts, result.first_sent_at = attempt, first_sent
+            key = order[(attempt - 1) % len(order)]
+            request = adapter.build_request(base_url=provider["base_url"], api_key=api_keys[key], model=msg.model, body=msg.body)
+            served = {"provider": msg.provider, "model": msg.model}
+            if len(api_keys) > 1:
+                served["key"] = key_name(key)
+            if msg.fallback_from:
+                served["fallback_from"] = msg.fallback_from
+            result = await run_call(http, adapter, request, publish, msg.queue_wait_ms, self._timeouts(), attempt, served)
+            result.attempts, result.first_sent_at, result.key = attempt, first_sent, key
+            verdict = key_verdict(result)
+            if verdict is not None:
+                verdicts.pop(key, None)
+                verdicts[key] = verdict
             if result.outcome != "error" or result.delivered or result.failure is None:
                 break
             decision = self.retry.decide(account, result.failure, attempt, idempotent, first_sent, time.time())
@@ -229,6 +260,7 @@ class PoolRuntime:
                     publish([result.error])
                     raise
             attempt += 1
+        result.key_results = [[k, ok] for k, ok in verdicts.items()]
         if result.outcome == "error" and not result.delivered:
             error = dict(result.error)
             if attempt > 1:
@@ -239,12 +271,12 @@ class PoolRuntime:
     def _retrying(self, msg: m.OpenStream, account: str, result, attempt: int, decision) -> None:
         reason = result.failure.reason
         log.warning(
-            "upstream retry: account=%s reason=%s attempt=%d/%d delay=%.3fs error=%s stream=%s",
-            account, reason, attempt + 1, self.retry.settings.max_attempts, decision.delay_s,
+            "upstream retry: account=%s key=%s reason=%s attempt=%d/%d delay=%.3fs error=%s stream=%s",
+            account, key_name(result.key), reason, attempt + 1, self.retry.settings.max_attempts, decision.delay_s,
             (result.error or {}).get("code"), msg.stream_id,
         )
         if decision.pause_s > 0:
-            self.outbox.put(Send(f"pacer:{account.lower()}", m.AccountPause(account, decision.pause_s)))
+            self.outbox.put(Send(f"pacer:{account.lower()}", m.AccountPause(account, decision.pause_s, result.key)))
         self._record(
             {"kind": "retry", "provider": msg.provider, "reason": reason, "attempt": attempt + 1, "at": time.time()}
         )
@@ -256,7 +288,8 @@ class PoolRuntime:
         error = None if outcome == "cancelled" or result is None else result.error
         retry_after = result.retry_after_s if result else None
         account = self.settings["providers"].get(msg.provider, {}).get("account", msg.provider.upper())
-        self.outbox.put(Send(f"pacer:{account.lower()}", m.LeaseRelease(msg.stream_id, retry_after)))
+        key_results = (result.key_results or None) if result else None
+        self.outbox.put(Send(f"pacer:{account.lower()}", m.LeaseRelease(msg.stream_id, retry_after, key_results)))
         self.outbox.put(Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error)))
         upstream_ttft = None
         sent_at = (result.first_sent_at or result.sent_at) if result else now

@@ -59,7 +59,7 @@ def child_roles(settings: dict) -> dict[str, type]:
 
 def redacted(settings: dict) -> dict:
     """Settings without provider keys, for every actor but the Pool."""
-    providers = {name: {**p, "api_key": None} for name, p in settings["providers"].items()}
+    providers = {name: {**p, "api_key": None, "api_keys": []} for name, p in settings["providers"].items()}
     return {**settings, "providers": providers, "SLUICE_ADMIN_TOKEN": None}
 
 

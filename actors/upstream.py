@@ -38,6 +38,8 @@ class CallResult:
     failure: Failure | None = None  # failed before the first byte, in a way a retry may fix
     attempts: int = 1  # set by the Pool: which attempt this was
     first_sent_at: float | None = None  # set by the Pool: when its first attempt went out
+    key: int = 0  # set by the Pool: the account's API key (index) this attempt used
+    key_results: list | None = None  # set by the Pool: [[key, ok]] for the Pacer's circuits
 
     @property
     def delivered(self) -> bool:
@@ -53,9 +55,11 @@ async def run_call(
     queue_wait_ms: float,
     timeouts: dict,
     attempt: int = 1,
+    served: dict | None = None,
 ) -> CallResult:
     """One attempt. Errors before the first byte are returned, not published (the caller
-    retries or publishes `result.error`); a cancellation is always published."""
+    retries or publishes `result.error`); a cancellation is always published. `served`
+    (provider, model, key, fallback_from) goes into the stream's `started` event."""
     method, url, headers, body = request
     result = CallResult("error", sent_at=time.time())
     try:
@@ -67,7 +71,7 @@ async def run_call(
                     result.retry_after_s = result.error.pop("retry_after_s", None)
                     result.failure = failure_of_status(response.status, result.retry_after_s)
                 else:
-                    await _stream_body(response, adapter.Parser(), publish, result, queue_wait_ms, attempt)
+                    await _stream_body(response, adapter.Parser(), publish, result, queue_wait_ms, attempt, served)
             except asyncio.CancelledError:
                 await httpcore_rst_stream.reset(response)
                 raise
@@ -86,12 +90,13 @@ async def run_call(
     return result
 
 
-async def _stream_body(response, parser, publish, result: CallResult, queue_wait_ms: float, attempt: int) -> None:
+async def _stream_body(response, parser, publish, result: CallResult, queue_wait_ms: float, attempt: int,
+                       served: dict | None = None) -> None:
     ending = _Ending()
     async for chunk in response.aiter_stream():
         if result.first_byte_at is None:
             result.first_byte_at = time.time()
-            publish([ev.started(result.first_byte_at, queue_wait_ms, attempt)])
+            publish([ev.started(result.first_byte_at, queue_wait_ms, attempt, **(served or {}))])
         if ending.take(parser.feed(chunk), publish):
             break
     else:

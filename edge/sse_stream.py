@@ -39,6 +39,7 @@ class Renderer:
         self.ttft_ms: float | None = None
         self.queue_wait_ms: float | None = None
         self.attempts: int | None = None
+        self.served: dict = {}  # who answered: provider, model, key, fallback_from (from the Pool)
         self._held: list[str] = []
 
     def opening(self) -> bytes:
@@ -56,6 +57,7 @@ class Renderer:
             self.ttft_ms = round((reference - self.sub.received_at) * 1000.0, 3)
             self.queue_wait_ms = event.get("queue_wait_ms")
             self.attempts = event.get("attempts")
+            self.served = {k: event[k] for k in ("provider", "model", "key", "fallback_from") if event.get(k)}
             return self.started()
         if kind == ev.DELTA and not self.sub.fanout:
             self._held.append(event["delta"])
@@ -86,8 +88,12 @@ class SluiceRenderer(Renderer):
                 # hub serves a stream only on the Coalescer's ticket (docs/security.md).
                 "stream_id": self.sub.flight.stream_id if self.sub.flight else None,
                 "role": self.sub.role,
+                # Who answered: the request's provider and model, or the fallback's (then
+                # fallback_from names the one asked for), and the key "#n" of an account
+                # with several keys.
                 "provider": self.sub.provider,
                 "model": self.sub.model,
+                **self.served,
                 "ttft_ms": self.ttft_ms,
                 "queue_wait_ms": self.queue_wait_ms,
                 "attempts": self.attempts,  # upstream calls it took (retries before the first byte)

@@ -98,6 +98,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError("must be a share > 0 and <= 1")
+    return value
+
+
 def _scope(text: str) -> str:
     if text not in ("key", "global"):
         raise ValueError("expected key or global")
@@ -186,6 +193,11 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
     "UPSTREAM_RETRY_DEADLINE_S": ("15", _positive(float), "a retry must start within this many seconds of the first attempt"),
     "UPSTREAM_RETRY_BUDGET": ("0.2", _non_negative(float), "retries per account at most this share of its calls over 10 s (or UPSTREAM_RETRY_MIN)"),
     "UPSTREAM_RETRY_MIN": ("5", _non_negative(int), "retries per account always allowed in 10 s, whatever the share"),
+    "CIRCUIT_FAILURES": ("5", _positive(int), "failed calls in a row that open an API key's circuit"),
+    "CIRCUIT_FAILURE_RATE": ("0.5", _share, "... or this share of a key's calls failed over CIRCUIT_WINDOW_S (10 calls at least)"),
+    "CIRCUIT_WINDOW_S": ("30", _positive(float), "seconds over which a key's failure share is counted"),
+    "CIRCUIT_OPEN_S": ("10", _positive(float), "seconds an open circuit waits before one probe call (half-open)"),
+    "CIRCUIT_MAX_OPEN_S": ("120", _positive(float), "the wait doubles after each failed probe, up to this"),
 }
 
 # Seconds an idle pooled upstream connection is kept (<ACCOUNT>_KEEPALIVE_S): below the
@@ -223,6 +235,7 @@ def load(env: Mapping[str, str]) -> dict:
     settings["alert_thresholds"] = _alert_thresholds(env)
     settings["accounts"] = _accounts(env, settings)
     settings["providers"] = _providers(env, settings)
+    settings["failover"] = _failover(env, settings)
     return settings
 
 
@@ -286,7 +299,8 @@ def _providers(env: Mapping[str, str], settings: dict) -> dict:
     base URL set. Keys are kept here and only ever put in the upstream auth header."""
     out = {}
     for name, prefix in PROVIDERS.items():
-        key = env.get(f"{prefix}_API_KEY") or None
+        keys = _api_keys(env, prefix)
+        key = keys[0] if keys else None
         base_url = env.get(f"{prefix}_BASE_URL") or None
         if name != settings["SLUICE_PROVIDER"] and key is None and base_url is None:
             continue
@@ -310,7 +324,54 @@ def _providers(env: Mapping[str, str], settings: dict) -> dict:
             "h2c": h2c,  # speak HTTP/2 with prior knowledge to an http:// base URL
             "adapter": name,
             "api_key": key,
+            "api_keys": keys,  # every key of the account; "#1" is keys[0] (= api_key)
             "base_url": base_url,
             "model": env.get(f"{prefix}_MODEL") or DEFAULT_MODELS[name],
         }
+    return out
+
+
+def _api_keys(env: Mapping[str, str], prefix: str) -> list[str]:
+    """<PREFIX>_API_KEYS=k1,k2,... (several keys, load-balanced, each with its own pacer
+    budget and circuit) or <PREFIX>_API_KEY=k (one). Never echoed in an error."""
+    one, several = env.get(f"{prefix}_API_KEY") or None, env.get(f"{prefix}_API_KEYS") or None
+    if one and several:
+        raise ConfigError(f"{prefix}_API_KEY and {prefix}_API_KEYS are both set: set one (several keys go in {prefix}_API_KEYS)")
+    if several is None:
+        return [one] if one else []
+    keys = [k.strip() for k in several.split(",")]
+    if any(not k for k in keys):
+        raise ConfigError(f"{prefix}_API_KEYS: an empty key in the list (keys are separated by commas)")
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"{prefix}_API_KEYS: a key is listed twice")
+    return keys
+
+
+def _failover(env: Mapping[str, str], settings: dict) -> dict:
+    """Per account: how many API keys it has, its fallbacks (<PREFIX>_FALLBACK=provider[/model],...,
+    tried in order when every key's circuit is open, or the queue is past <PREFIX>_FALLBACK_QUEUE
+    (0: never for the queue). A fallback names a configured provider of another account;
+    without /model it uses that provider's configured model."""
+    out = {}
+    providers = settings["providers"]
+    for prefix in PACER_DEFAULTS:
+        served = [p for p in providers.values() if p["account"] == prefix]
+        keys = max([len(p["api_keys"]) for p in served] + [1])
+        fallbacks = []
+        raw = env.get(f"{prefix}_FALLBACK") or ""
+        for item in [i.strip() for i in raw.split(",") if i.strip()]:
+            name, _, model = item.partition("/")
+            if name not in providers:
+                raise ConfigError(f"{prefix}_FALLBACK={raw!r}: {name!r} is not a configured provider "
+                                  f"(configured: {', '.join(providers)}; set its key or base URL)")
+            if providers[name]["account"] == prefix:
+                raise ConfigError(f"{prefix}_FALLBACK={raw!r}: {name!r} bills to the same account; "
+                                  f"several keys of one account go in {prefix}_API_KEYS")
+            fallbacks.append([name, model.strip() or providers[name]["model"]])
+        queue_raw = env.get(f"{prefix}_FALLBACK_QUEUE") or "0"
+        try:
+            queue = _non_negative(int)(queue_raw)
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}_FALLBACK_QUEUE={queue_raw!r}: {exc}") from None
+        out[prefix] = {"keys": keys, "fallbacks": fallbacks, "fallback_queue": queue}
     return out

@@ -9,11 +9,13 @@ Adapter output (protocols/providers/*):
 
 Stream events (the Pool's hub, the edge, the client) add:
     {"type": "started", "first_byte_at": float, "queue_wait_ms": float,
-     "attempts": int}                                                    (internal, first)
+     "attempts": int, "provider", "model", "key"?, "fallback_from"?}      (internal, first)
     {"type": "done", "finish_reason": str, "usage": dict | None}          (terminal)
 and keep "error" as the other terminal event. A stream has exactly one terminal event.
 """
 from __future__ import annotations
+
+from typing import Any
 
 DELTA, META, USAGE, FINISH, ERROR = "delta", "meta", "usage", "finish", "error"
 STARTED, DONE = "started", "done"
@@ -49,8 +51,10 @@ def error(code: str, message: str) -> dict:
     return {"type": ERROR, "code": code, "message": message}
 
 
-def started(first_byte_at: float, queue_wait_ms: float, attempts: int = 1) -> dict:
-    return {"type": STARTED, "first_byte_at": first_byte_at, "queue_wait_ms": queue_wait_ms, "attempts": attempts}
+def started(first_byte_at: float, queue_wait_ms: float, attempts: int = 1, **served: Any) -> dict:
+    """`served`: who answered (provider, model; key "#n" for an account of several keys;
+    fallback_from when the call fell back), for the client's meta event."""
+    return {"type": STARTED, "first_byte_at": first_byte_at, "queue_wait_ms": queue_wait_ms, "attempts": attempts, **served}
 
 
 def done(finish_reason: str, usage: dict | None = None) -> dict:

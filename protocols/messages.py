@@ -3,7 +3,7 @@
 Control plane (through Thespian, a handful per request):
 
     edge  --Submit-->  Coalescer  --LeaseRequest-->  Pacer  --OpenStream (on grant)-->  Pool
-    edge  <--Admitted/Rejected--  Coalescer  <--LeaseQueued/Granted/Denied--  Pacer
+    edge  <--Admitted/Rejected--  Coalescer  <--LeaseQueued/Granted/Denied/Fallback--  Pacer
     Coalescer --AbortStream / FailStream--> Pool
     Pool --StreamFinished--> Coalescer          Pool --LeaseRelease / AccountPause--> Pacer
     edge --Cancel--> Coalescer                  anyone --Records--> Metrics
@@ -96,6 +96,10 @@ class LeaseRequest:
     model: str
     body: dict
     coalescer: str  # address of the shard to tell when the stream ends
+    # Set on a request that fell back (LeaseFallback): the provider it was meant for, and
+    # the alternatives left to try after this one (this account's own are not used).
+    fallback_from: str = ""
+    fallbacks: list | None = None
 
 
 @message("lease_queued")
@@ -120,6 +124,20 @@ class LeaseDenied:
     retry_after_s: float | None = None
 
 
+@message("lease_fallback")
+class LeaseFallback:
+    """Pacer -> Coalescer: this account cannot serve the call (every key's circuit is open,
+    or its queue is past <ACCOUNT>_FALLBACK_QUEUE): ask `provider`'s Pacer for it instead,
+    same lease (= stream) id, with `model`; `fallbacks` are the alternatives left after it."""
+
+    lease_id: str
+    provider: str
+    model: str
+    fallbacks: list
+    fallback_from: str  # the provider the request was meant for
+    reason: str  # "circuits_open" | "queue"
+
+
 @message("lease_cancel")
 class LeaseCancel:
     """Give up a lease that is queued or granted. The Pool may already be running the call
@@ -135,6 +153,8 @@ class LeaseRelease:
 
     lease_id: str
     retry_after_s: float | None = None  # upstream said 429 Retry-After
+    # [[key index, ok]] per attempt that gave a verdict on its key (actors/circuit.py)
+    key_results: list | None = None
 
 
 @message("account_pause")
@@ -144,6 +164,7 @@ class AccountPause:
 
     account: str
     pause_s: float
+    key: int | None = None  # the key (index) that got the 429; None: every key of the account
 
 
 # --- Pacer / Coalescer -> Pool -----------------------------------------------------------
@@ -158,6 +179,9 @@ class OpenStream:
     lease_id: str
     queue_wait_ms: float
     coalescer: str  # address of the shard to tell when the stream ends
+    key: int = 0  # the account's API key (index) the lease was granted on
+    keys: list | None = None  # the keys to try, attempt after attempt (default: [key])
+    fallback_from: str = ""  # the provider the request was meant for, when it fell back
 
 
 @message("abort_stream")
@@ -420,7 +444,7 @@ Message = Any
 # waits (a stray answer to an earlier tell), so a late reply never answers the wrong ask.
 REPLIES: dict[type, tuple[type, ...]] = {
     Submit: (Admitted, Rejected),
-    LeaseRequest: (LeaseQueued, LeaseGranted, LeaseDenied),
+    LeaseRequest: (LeaseQueued, LeaseGranted, LeaseDenied, LeaseFallback),
     QueryPerformance: (Performance,),
     QueryPrometheus: (PrometheusText,),
     QueryAlerts: (AlertsReport,),

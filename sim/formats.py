@@ -50,6 +50,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "retry_after_s": 1,       # Retry-After header value with fail=429 ("none": no header)
     "fail_times": 0,          # fail only the first N calls with this exact body, then answer (0: always)
     "idle_close_s": 0,        # /config only: GOAWAY + close an HTTP/2 connection idle this long (0: never)
+    "fail_keys": "",          # "k1,k2": `fail` applies only to calls made with these API keys ("": every call)
 }
 # reset_first: the stream is reset (HTTP/2 RST_STREAM, HTTP/1.1 the socket closed) before
 # any response byte, as a server closing the connection under a request would.
@@ -98,6 +99,10 @@ def validate_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
                 raise KnobError(f"fail must be one of {', '.join(FAIL_MODES)}, not {value!r}")
         elif key == "retry_after_s" and value == "none":
             value = None
+        elif key == "fail_keys":
+            if not isinstance(raw, str):
+                raise KnobError(f"fail_keys must be text (API keys separated by commas), not {raw!r}")
+            value = raw
         else:
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not math.isfinite(value) or value < 0):

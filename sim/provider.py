@@ -489,6 +489,22 @@ def _auth_summary(headers: list[tuple[bytes, bytes]]) -> list[str]:
     return sorted(out)
 
 
+def _key_selected(knobs: dict, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Does the `fail` knob apply to this call? With ``fail_keys`` set, only to calls that
+    carry one of those API keys (Bearer or x-api-key): one key of an account can fail
+    while its other keys work."""
+    wanted = {k.strip() for k in knobs.get("fail_keys", "").split(",") if k.strip()}
+    if not wanted:
+        return True
+    for name, value in headers:
+        name = name.lower()
+        if name == b"authorization":
+            value = value.split(b" ", 1)[-1]
+        if name in AUTH_HEADERS and value.strip().decode("latin-1") in wanted:
+            return True
+    return False
+
+
 class SimulatedProvider:
     """The simulated upstream.  ``await start()`` binds (``.port`` is then set); ``await stop()``.
 
@@ -748,7 +764,7 @@ class SimulatedProvider:
             knobs = {**self.config, **formats.parse_directive(fmt.prompt(body))}
         except formats.KnobError as exc:
             return await error(400, f"bad #sim directive: {exc}")
-        fail = self._fail_mode(knobs, body)
+        fail = self._fail_mode(knobs, body) if _key_selected(knobs, responder.request_headers) else "none"
         call["fail"] = fail  # what this call was made to do: tests count attempts by it
         if fail == "429":
             # Real rate limits answer at once, before any generation.

@@ -339,12 +339,15 @@ def test_prometheus_families_and_types():
         "sluice_requests": "counter",
         "sluice_upstream_calls": "counter",
         "sluice_upstream_retries": "counter",
+        "sluice_circuit_opens": "counter",
+        "sluice_fallbacks": "counter",
         "sluice_coalesce_leaders": "counter",
         "sluice_coalesce_followers": "counter",
         "sluice_metrics_rejected_records": "counter",
         "sluice_active_streams": "gauge",
         "sluice_pacer_queue_depth": "gauge",
         "sluice_pacer_tokens": "gauge",
+        "sluice_circuit_state": "gauge",
     }
     assert {k: f.type for k, f in fams.items()} == expected
     for f in fams.values():

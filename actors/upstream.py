@@ -19,7 +19,7 @@ import h2.errors
 import h2.events
 import httpcore
 
-from actors.retry_policy import CONNECT, RESET, Failure, failure_of_status
+from actors.retry_policy import CONNECT, RESET, TIMEOUT, Failure, failure_of_status
 from protocols import events as ev
 
 MAX_ERROR_BODY = 64 * 1024
@@ -66,7 +66,8 @@ async def run_call(
                     result.failure = failure_of_status(response.status, result.retry_after_s)
                 else:
                     await _stream_body(response, adapter.Parser(), publish, result, queue_wait_ms, attempt)
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, httpcore.ReadTimeout):
+                # Whoever gave up on it, the provider must stop generating: reset the stream.
                 await reset_h2_stream(response)
                 raise
     except asyncio.CancelledError:
@@ -163,7 +164,11 @@ def failure_of_exception(exc: Exception) -> Failure | None:
         return Failure(CONNECT, unprocessed=True)  # nothing reached the provider
     if isinstance(exc, (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)):
         return Failure(RESET, unprocessed=_refused(exc))
-    return None  # timeouts: the provider may still be working on it
+    if isinstance(exc, httpcore.ReadTimeout):
+        # Silence past the read timeout: the provider may still be working on it, so a
+        # tools request is not sent again (not `unprocessed`); the deadline bounds the rest.
+        return Failure(TIMEOUT)
+    return None  # write / pool timeouts: the request may be half sent; let the client decide
 
 
 def _refused(exc: Exception) -> bool:

@@ -185,6 +185,7 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
     "UPSTREAM_RETRY_DEADLINE_S": ("15", _positive(float), "a retry must start within this many seconds of the first attempt"),
     "UPSTREAM_RETRY_BUDGET": ("0.2", _non_negative(float), "retries per account at most this share of its calls over 10 s (or UPSTREAM_RETRY_MIN)"),
     "UPSTREAM_RETRY_MIN": ("5", _non_negative(int), "retries per account always allowed in 10 s, whatever the share"),
+    "UPSTREAM_RETRY_BACKOFF_S": ("0.1", _non_negative(float), "first wait before retrying a connect error or a 5xx without Retry-After (doubles per attempt, x 0.5-1 jitter)"),
 }
 
 # Seconds an idle pooled upstream connection is kept (<ACCOUNT>_KEEPALIVE_S): below the

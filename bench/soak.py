@@ -5,8 +5,14 @@ It starts its own simulated provider and gateway (`run.py`, the whole actor syst
 the per-client connection cap off and the simulated account's Pacer wide open, then keeps
 `--streams` streams open at all times for `--duration-s` seconds: each client opens a slow
 stream (`--tokens` tokens, one every `--interval-ms`), reads it to its terminal event,
-and opens the next one, until the time is up. Prompts are distinct (no coalescing): every
-stream is an upstream call of its own.
+and opens the next one, until the time is up. By default prompts are distinct (no
+coalescing): every stream is an upstream call of its own. The Pool runs at most 100
+upstream streams at once per account (httpcore keeps one HTTP/2 connection per origin
+and caps it at 100 concurrent streams; HTTP/1.1 pools hold 100 connections), so beyond
+100 distinct streams the rest wait inside the Pool for a free stream: clients stay
+connected (pings) but do not stream. `--prompts K` gives the clients K distinct prompts
+(client n asks prompt n mod K): with K = 100, 1,000 clients stream live through 100
+coalesced upstream calls, 10 per call, fanned out by the stream hub.
 
 Every `--sample-s` seconds it samples the gateway's process tree (run.py and everything
 under it): RSS summed over the processes, open file descriptors summed, and the number
@@ -52,7 +58,7 @@ class Soak:
 
     async def one_stream(self, n: int) -> None:
         a = self.args
-        prompt = f"soak {n} {time.time_ns()}\n#sim tokens={a.tokens} token_interval_ms={a.interval_ms} ttft_ms=200"
+        prompt = f"soak {n % a.prompts if a.prompts else f'{n} {time.time_ns()}'}\n#sim tokens={a.tokens} token_interval_ms={a.interval_ms} ttft_ms=200"
         body = json.dumps({"messages": [{"role": "user", "content": prompt}]}).encode()
         head = (f"POST /api/chat HTTP/1.1\r\nhost: 127.0.0.1:{self.port}\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
@@ -91,7 +97,7 @@ class Soak:
     async def client(self, n: int) -> None:
         i = 0
         while time.monotonic() < self.stop_at:
-            await self.one_stream(n * 1_000_000 + i)
+            await self.one_stream(n if self.args.prompts else n * 1_000_000 + i)
             i += 1
 
     async def run(self, sample) -> None:
@@ -137,6 +143,7 @@ def main(argv=None) -> int:
     parser.add_argument("--duration-s", type=float, default=300.0, help="how long (at most 900)")
     parser.add_argument("--tokens", type=int, default=15, help="tokens per stream")
     parser.add_argument("--interval-ms", type=int, default=2000, help="between two tokens (a slow stream)")
+    parser.add_argument("--prompts", type=int, default=0, help="distinct prompts (0: every stream its own)")
     parser.add_argument("--ramp-s", type=float, default=20.0, help="open the streams over this long")
     parser.add_argument("--sample-s", type=float, default=5.0)
     parser.add_argument("--tolerance", type=float, default=0.10, help="RSS: last window within this share of the first")
@@ -183,7 +190,7 @@ def main(argv=None) -> int:
     fds_flat = fd_growth <= 0.05 * first["fds"] + 20
     errors = sum(soak.errors.values())
     summary = (
-        f"{args.streams} streams x {args.duration_s:.0f} s ({args.tokens} tokens every {args.interval_ms} ms, "
+        f"{args.streams} streams ({args.prompts or 'all'} distinct prompts) x {args.duration_s:.0f} s ({args.tokens} tokens every {args.interval_ms} ms, "
         f"{soak.ok} streams completed): errors {errors} {soak.errors or ''}; "
         f"RSS {first['rss_mib']:.0f} -> {last['rss_mib']:.0f} MiB ({rss_growth * 100:+.1f} %, "
         f"{'flat' if rss_flat else 'GROWING'}); fds {first['fds']:.0f} -> {last['fds']:.0f} "
@@ -193,7 +200,7 @@ def main(argv=None) -> int:
     )
     print(summary)
     if args.record:
-        line = f"\n- `python -m bench.soak --streams {args.streams} --duration-s {args.duration_s:.0f}` ({time.strftime('%Y-%m-%d')}): {summary}\n"
+        line = f"\n- `python -m bench.soak --streams {args.streams} --prompts {args.prompts} --duration-s {args.duration_s:.0f}` ({time.strftime('%Y-%m-%d')}): {summary}\n"
         with open(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md", "a") as out:
             out.write(line)
     return 0 if errors == 0 and rss_flat and fds_flat else 1

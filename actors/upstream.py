@@ -11,6 +11,7 @@ provider would keep generating, and billing, until its flow-control window fille
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -155,7 +156,27 @@ def _classify(exc: Exception) -> tuple[str, str]:
         return "upstream_timeout", f"the provider did not answer in time: {type(exc).__name__}"
     if isinstance(exc, (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)):
         return "upstream_reset", f"the provider broke the stream off: {exc or type(exc).__name__}"
+    if escaped_the_http_library(exc):
+        return "upstream_reset", f"the connection broke: {type(exc).__name__}: {exc}"
     return "upstream_error", f"{type(exc).__name__}: {exc}"
+
+
+_HTTP_LIBRARY = tuple(f"{os.sep}{name}{os.sep}" for name in ("httpcore", "anyio", "h2"))
+
+
+def escaped_the_http_library(exc: BaseException) -> bool:
+    """An exception httpcore did not map to its own (e.g. a connection the provider reset
+    the moment it was accepted: under uvloop, anyio reads the peer name of a socket that is
+    gone and raises AttributeError or ValueError "negative file descriptor"). It is a broken
+    connection when it was raised inside the HTTP library, not in our code."""
+    if type(exc).__module__.split(".")[0] == "httpcore":
+        return False  # httpcore's own exceptions are classified by their type
+    tb = exc.__traceback__
+    while tb is not None:
+        if any(part in tb.tb_frame.f_code.co_filename for part in _HTTP_LIBRARY):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def failure_of_exception(exc: Exception) -> Failure | None:
@@ -164,6 +185,8 @@ def failure_of_exception(exc: Exception) -> Failure | None:
         return Failure(CONNECT, unprocessed=True)  # nothing reached the provider
     if isinstance(exc, (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)):
         return Failure(RESET, unprocessed=_refused(exc))
+    if escaped_the_http_library(exc):
+        return Failure(RESET)  # a connection broken in a way httpcore did not map
     if isinstance(exc, httpcore.ReadTimeout):
         # Silence past the read timeout: the provider may still be working on it, so a
         # tools request is not sent again (not `unprocessed`); the deadline bounds the rest.

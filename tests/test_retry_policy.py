@@ -45,6 +45,25 @@ def test_what_is_retryable():
     assert failure_of_exception(httpcore.RemoteProtocolError(refused)) == Failure(RESET, unprocessed=True)
 
 
+def test_an_exception_escaping_the_http_library_is_a_broken_connection():
+    """Under uvloop a connection reset as it is accepted can surface from anyio as a
+    ValueError ("negative file descriptor") or AttributeError: a reset, not a crash."""
+    from httpcore._utils import is_socket_readable
+
+    class Gone:
+        def fileno(self):
+            raise ValueError("negative file descriptor")
+
+    try:
+        is_socket_readable(Gone())  # raised inside httpcore's code
+    except ValueError as exc:
+        assert failure_of_exception(exc) == Failure(RESET)
+    try:
+        raise ValueError("a bug of ours")
+    except ValueError as exc:
+        assert failure_of_exception(exc) is None  # not the library's: not retried
+
+
 def test_delays_by_reason():
     p = policy()
     assert p.decide("A", Failure(RESET), 1, True, T0, T0).delay_s == 0.0

@@ -10,7 +10,11 @@ What is retried (a `Failure`'s `reason`, also the label of
 
     reset     the connection or stream broke before the first byte (a pooled connection
               the provider had closed, a RST_STREAM before the headers): at once
-    connect   no connection could be made: after a short backoff
+    connect   no connection could be made: after a short backoff (UPSTREAM_RETRY_BACKOFF_S)
+    timeout   no byte within the read timeout (UPSTREAM_READ_TIMEOUT_S): at once, on a new
+              stream (the stalled one is reset where its headers arrived); never for a
+              tools request, and with the default timeout (60 s) past the deadline (15 s),
+              so only a deployment with a short read timeout retries a stall
     5xx       500, 502, 503, 504, 529 (overloaded): after a short backoff, or Retry-After
     429       rate limited: after its Retry-After (1 s when it gives none), and the
               account's Pacer pauses for as long (`Decision.pause_s`)
@@ -36,8 +40,8 @@ from dataclasses import dataclass, field
 
 from protocols.keys import is_idempotent  # noqa: F401  (the Pool asks here: one place for the rule)
 
-RESET, CONNECT, SERVER, RATE_LIMITED = "reset", "connect", "5xx", "429"
-REASONS = (RESET, CONNECT, SERVER, RATE_LIMITED)
+RESET, CONNECT, SERVER, RATE_LIMITED, TIMEOUT = "reset", "connect", "5xx", "429", "timeout"
+REASONS = (RESET, CONNECT, SERVER, RATE_LIMITED, TIMEOUT)
 
 RETRYABLE_STATUSES = frozenset({500, 502, 503, 504, 529})  # 529: Anthropic "overloaded"
 
@@ -59,6 +63,7 @@ class RetrySettings:
             deadline_s=settings["UPSTREAM_RETRY_DEADLINE_S"],
             budget_ratio=settings["UPSTREAM_RETRY_BUDGET"],
             budget_min=settings["UPSTREAM_RETRY_MIN"],
+            backoff_s=settings.get("UPSTREAM_RETRY_BACKOFF_S", cls.backoff_s),
         )
 
 
@@ -145,8 +150,8 @@ class RetryPolicy:
         return Decision(True, delay, pause_s=delay if failure.reason == RATE_LIMITED else 0.0)
 
     def _delay(self, failure: Failure, attempt: int) -> float:
-        if failure.reason == RESET:
-            return 0.0  # a fresh connection: nothing to wait for
+        if failure.reason in (RESET, TIMEOUT):
+            return 0.0  # a fresh connection / stream: nothing to wait for (a timeout waited already)
         if failure.reason == RATE_LIMITED:
             wait = failure.retry_after_s if failure.retry_after_s is not None else self.settings.default_429_s
             # A little later than asked, spread: calls that hit the wall together must

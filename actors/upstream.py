@@ -12,6 +12,7 @@ provider would keep generating, and billing, until its flow-control window fille
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import h2.errors
 import h2.events
 import httpcore
 
-from actors.retry_policy import CONNECT, RESET, Failure, failure_of_status
+from actors.retry_policy import CONNECT, RESET, TIMEOUT, Failure, failure_of_status
 from patches import httpcore_rst_stream
 from protocols import events as ev
 
@@ -72,7 +73,8 @@ async def run_call(
                     result.failure = failure_of_status(response.status, result.retry_after_s)
                 else:
                     await _stream_body(response, adapter.Parser(), publish, result, queue_wait_ms, attempt, served)
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, httpcore.ReadTimeout):
+                # Whoever gave up on it, the provider must stop generating: reset the stream.
                 await httpcore_rst_stream.reset(response)
                 raise
     except asyncio.CancelledError:
@@ -161,7 +163,27 @@ def _classify(exc: Exception) -> tuple[str, str]:
         return "upstream_timeout", f"the provider did not answer in time: {type(exc).__name__}"
     if isinstance(exc, (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)):
         return "upstream_reset", f"the provider broke the stream off: {exc or type(exc).__name__}"
+    if escaped_the_http_library(exc):
+        return "upstream_reset", f"the connection broke: {type(exc).__name__}: {exc}"
     return "upstream_error", f"{type(exc).__name__}: {exc}"
+
+
+_HTTP_LIBRARY = tuple(f"{os.sep}{name}{os.sep}" for name in ("httpcore", "anyio", "h2"))
+
+
+def escaped_the_http_library(exc: BaseException) -> bool:
+    """An exception httpcore did not map to its own (e.g. a connection the provider reset
+    the moment it was accepted: under uvloop, anyio reads the peer name of a socket that is
+    gone and raises AttributeError or ValueError "negative file descriptor"). It is a broken
+    connection when it was raised inside the HTTP library, not in our code."""
+    if type(exc).__module__.split(".")[0] == "httpcore":
+        return False  # httpcore's own exceptions are classified by their type
+    tb = exc.__traceback__
+    while tb is not None:
+        if any(part in tb.tb_frame.f_code.co_filename for part in _HTTP_LIBRARY):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def failure_of_exception(exc: Exception) -> Failure | None:
@@ -170,7 +192,13 @@ def failure_of_exception(exc: Exception) -> Failure | None:
         return Failure(CONNECT, unprocessed=True)  # nothing reached the provider
     if isinstance(exc, (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)):
         return Failure(RESET, unprocessed=_refused(exc))
-    return None  # timeouts: the provider may still be working on it
+    if escaped_the_http_library(exc):
+        return Failure(RESET)  # a connection broken in a way httpcore did not map
+    if isinstance(exc, httpcore.ReadTimeout):
+        # Silence past the read timeout: the provider may still be working on it, so a
+        # tools request is not sent again (not `unprocessed`); the deadline bounds the rest.
+        return Failure(TIMEOUT)
+    return None  # write / pool timeouts: the request may be half sent; let the client decide
 
 
 def _refused(exc: Exception) -> bool:

@@ -5,7 +5,10 @@ surrogates written as raw `"\\ud800"` escapes, NULs, NaN/Infinity, thousands of 
 wrong types, random keys, truncated or garbled bytes) and header sets (content types,
 content-length shorter or longer than the body), posted to every route that takes input:
 /api/chat, /v1/chat/completions, /api/threads, /api/threads/{id}/messages and
-/api/chat/{id}/cancel. A case fails when the answer is a 5xx, when it does not come within
+/api/chat/{id}/cancel, and the admin POST routes (with a wrong or missing admin token:
+a fuzzed body must never change a setting). Every GET route (chat-thread reads, metrics,
+alerts, models, health, admin state) gets generated query strings, path parameters and
+authorization headers. A case fails when the answer is a 5xx, when it does not come within
 `DEADLINE_S`, or when a 200 event stream ends without its terminal event or with an
 `internal_error` event.
 
@@ -26,6 +29,7 @@ import socket
 import time
 from collections import Counter
 from pathlib import Path
+from urllib.parse import quote
 
 from hypothesis import strategies as st
 
@@ -61,6 +65,28 @@ KEYS = (
     "on",
     "\x00",
     "",
+)
+# Admin routes: fuzzed with a wrong or missing token only (a valid one could drain the gateway).
+ADMIN_POSTS = (
+    "/api/admin/pacer/{rid}",
+    "/api/admin/flags",
+    "/api/admin/drain",
+    "/api/admin/metrics/reset",
+    "/api/admin/keys/reload",
+    "/api/admin/alerts/thresholds",
+)
+GET_ROUTES = (
+    "/api/threads/{thread}/messages",
+    "/api/threads/{rid}/messages",
+    "/api/metrics/performance",
+    "/metrics",
+    "/api/alerts",
+    "/v1/models",
+    "/v1/models/{rid}",
+    "/healthz",
+    "/readyz",
+    "/api/admin/state",
+    "/api/admin/alerts",
 )
 CONTENT_TYPES = (
     "application/json",
@@ -101,23 +127,7 @@ message = st.fixed_dictionaries(
 )
 chatish = st.fixed_dictionaries(
     {"messages": st.one_of(st.lists(message, min_size=1, max_size=3), values)},
-    optional=dict.fromkeys(
-        (
-            "model",
-            "provider",
-            "temperature",
-            "seed",
-            "max_tokens",
-            "stop",
-            "stream",
-            "coalesce",
-            "thread_id",
-            "response_format",
-            "n",
-            "stream_options",
-        ),
-        values,
-    ),
+    optional=dict.fromkeys(("model", "provider", "temperature", "seed", "max_tokens", "stop", "stream", "coalesce", "thread_id", "response_format", "n", "stream_options"), values),
 )
 thread_send = st.fixed_dictionaries(
     {"content": st.one_of(st.text(max_size=40), values)}, optional={"provider": values, "model": values}
@@ -145,9 +155,35 @@ def _mutate(raw: bytes, how: str, where: float) -> bytes:
     return raw
 
 
+header_text = st.text(
+    alphabet=st.characters(blacklist_characters="\r\n\x00", blacklist_categories=("Cs",)), max_size=40
+)
+queries = st.one_of(
+    st.none(),
+    st.builds(lambda k, v: f"{k}={quote(v)}", st.sampled_from(["last_n", "role", "n", "x", ""]), st.text(max_size=30)),
+    st.sampled_from(
+        [
+            "last_n=-1",
+            "last_n=0",
+            "last_n=1e309",
+            "last_n=99999999999999999999",
+            "last_n=nan",
+            "role=pacer",
+            "role=../../etc",
+            "last_n=1&last_n=2",
+            "%zz",
+            "=&=&",
+        ]
+    ),
+)
 cases = st.fixed_dictionaries(
     {
+        "method": st.sampled_from(["POST"] * 6 + ["GET"] * 3 + ["ADMIN"]),
         "route": st.sampled_from(ROUTES),
+        "get_route": st.sampled_from(GET_ROUTES),
+        "admin_route": st.sampled_from(ADMIN_POSTS),
+        "query": queries,
+        "authorization": st.one_of(st.none(), header_text, header_text.map(lambda t: "Bearer " + t)),
         "document": documents,
         "mutation": st.sampled_from(
             ["none"] * 6 + ["surrogate", "digits", "deep", "deep_open", "truncate", "garble", "nul"]
@@ -171,20 +207,25 @@ def body_of(case: dict) -> bytes:
 
 
 def path_of(case: dict, thread_id: str) -> str:
-    return case["route"].format(thread=thread_id, rid=case["rid"])
+    route = {"POST": case["route"], "GET": case["get_route"], "ADMIN": case["admin_route"]}[case["method"]]
+    path = route.format(thread=thread_id, rid=quote(case["rid"], safe=""))
+    return path + ("?" + case["query"] if case["query"] is not None else "")
 
 
 def run_case(host: str, port: int, thread_id: str, case: dict) -> tuple[str, str | None]:
     """(what came back: a status or "closed", a problem or None)."""
-    body = body_of(case)
+    is_get = case["method"] == "GET"
+    body = b"" if is_get else body_of(case)
     headers = {"host": f"{host}:{port}"}
-    if case["content_type"] is not None:
+    if case["content_type"] is not None and not is_get:
         headers["content-type"] = case["content_type"]
-    declared = {"right": len(body), "short": max(0, len(body) - 3), "long": len(body) + 5, "huge": 10**12}[
-        case["length"]
-    ]
+    if case["authorization"] is not None:
+        headers["authorization"] = case["authorization"]
+    length = "right" if is_get else case["length"]
+    declared = {"right": len(body), "short": max(0, len(body) - 3), "long": len(body) + 5, "huge": 10**12}[length]
+    method = "GET" if is_get else "POST"
     head = (
-        f"POST {path_of(case, thread_id)} HTTP/1.1\r\n".encode()
+        f"{method} {path_of(case, thread_id)} HTTP/1.1\r\n".encode()
         + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items())
         + f"content-length: {declared}\r\nconnection: close\r\n\r\n".encode()
     )
@@ -192,7 +233,7 @@ def run_case(host: str, port: int, thread_id: str, case: dict) -> tuple[str, str
     with socket.create_connection((host, port), timeout=DEADLINE_S) as sock:
         try:
             sock.sendall(head + body)
-            if case["length"] in ("long", "huge"):
+            if length in ("long", "huge"):
                 sock.shutdown(socket.SHUT_WR)  # a client that promised more and left
         except OSError:
             pass  # the server refused early (413) and closed: read what it said
@@ -263,7 +304,7 @@ def fuzz(host: str, port: int, count: int, max_s: float, seed: int | None = None
         status, problem = run_case(host, port, thread_id, case)
         statuses[status] += 1
         if problem is not None:
-            failures.append((status, problem, case["route"], body_of(case)[:200]))
+            failures.append((status, problem, path_of(case, thread_id)[:120], body_of(case)[:200]))
 
     one()
     return statuses, failures
@@ -275,10 +316,14 @@ def main(argv=None) -> int:
     parser.add_argument("--max-s", type=float, default=900.0, help="stop generating after this many seconds")
     parser.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
     args = parser.parse_args(argv)
-    from sim.testing import chat_body, request, running_gateway, running_sim, stream_chat
+    from tests.support import chat_body, request, running_gateway, running_sim, stream_chat
 
     started = time.monotonic()
-    with running_sim() as sim, running_gateway({"SIMULATED_BASE_URL": sim}) as gw:
+    import secrets
+
+    # an admin token nobody knows: the admin routes answer, and every fuzzed token is wrong
+    env = {"SLUICE_ADMIN_TOKEN": secrets.token_hex(16)}
+    with running_sim() as sim, running_gateway({**env, "SIMULATED_BASE_URL": sim}) as gw:
         statuses, failures = fuzz("127.0.0.1", gw.port, args.cases, args.max_s)
         ready = request("GET", gw.url + "/readyz")[0]
         chat = stream_chat(gw.url + "/api/chat", chat_body("after the fuzz\n#sim tokens=2"))

@@ -45,7 +45,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "ttft_ms": 50,            # delay before the first byte of the response body
     "token_interval_ms": 10,  # delay between token chunks
     "tokens": 12,             # number of tokens in a full answer
-    "fail": "none",           # none | 429 | 500 | 503 | reset_first | reset_mid | stall | truncate | error_mid
+    "fail": "none",           # none | 429 | 500 | 503 | reset_first | reset_mid | stall | stall_first | truncate | error_mid | malformed | cut_utf8
     "fail_after_tokens": 3,   # tokens sent before reset_mid / stall / error_mid take effect
     "retry_after_s": 1,       # Retry-After header value with fail=429 ("none": no header)
     "fail_times": 0,          # fail only the first N calls with this exact body, then answer (0: always)
@@ -56,7 +56,14 @@ DEFAULT_KNOBS: dict[str, Any] = {
 # any response byte, as a server closing the connection under a request would.
 # error_mid: the format's own in-band error frame after fail_after_tokens tokens, then a
 # clean end of the response (non-streamed calls get the HTTP 500 error instead).
-FAIL_MODES = ("none", "429", "500", "503", "reset_first", "reset_mid", "stall", "truncate", "error_mid")
+# stall_first: no response at all (no status, no byte) until the client gives up.
+# malformed: after fail_after_tokens tokens, a line that is no SSE field and a frame that
+# is not JSON (NDJSON: a line that is not JSON), then a clean end of the response.
+# cut_utf8: after fail_after_tokens tokens, the next frame (a token with a two-byte
+# character) cut inside that character, then a clean end: the body stops mid-UTF-8.
+# (Non-streamed calls: malformed and cut_utf8 behave like truncate.)
+FAIL_MODES = ("none", "429", "500", "503", "reset_first", "reset_mid", "stall", "stall_first", "truncate",
+              "error_mid", "malformed", "cut_utf8")
 
 # Small fixed vocabulary: answers are readable and tokens are easy to assert on.
 WORDS = (
@@ -730,6 +737,24 @@ ollama_chat = WireFormat(
     midstream_error=lambda body, tokens, meta, sent: _dumps(
         {"error": "an error was encountered while running the model (simulated)"}) + b"\n",
 )
+
+
+# ---------------------------------------------------------------- broken bytes (fail modes)
+
+CUT_TOKEN = "naïve "  # the token of cut_utf8: its "ï" is two bytes in UTF-8
+
+
+def malformed_frame(fmt: WireFormat) -> bytes:
+    """Bytes no parser of `fmt` can accept: garbage, and a frame that is not JSON."""
+    if fmt.stream_content_type == "application/x-ndjson":
+        return b'{"message": {"content": "unterminated\n'
+    return b'this line is no SSE field\ndata: {"choices": [{"delta": {"content": "oops"\n\n'
+
+
+def cut_utf8_frame(fmt: WireFormat, body: dict, meta: Meta) -> bytes:
+    """The frame of CUT_TOKEN, cut after the first byte of its two-byte character."""
+    frame = fmt.stream(body, [CUT_TOKEN], meta).tokens[0]
+    return frame[: frame.index("ï".encode()) + 1]
 
 
 # Route path -> wire format.  Every path here counts as a completion call in /stats.

@@ -780,12 +780,15 @@ class SimulatedProvider:
             await responder.abort()  # before any header: RST_STREAM / the socket closed
             self._finish(call, "aborted")
             return
+        if fail == "stall_first":
+            # No status, no byte: the connection cancels this task when the client leaves.
+            await asyncio.get_running_loop().create_future()
 
         tokens = formats.make_tokens(fmt.conversation(body), knobs["tokens"])
         meta = formats.Meta(call_id=call["call_id"], created=int(time.time()))
         ttft = knobs["ttft_ms"] / 1000
         interval = knobs["token_interval_ms"] / 1000
-        stops_early = fail in ("reset_mid", "stall", "error_mid")
+        stops_early = fail in ("reset_mid", "stall", "error_mid", "malformed", "cut_utf8")
         sent_tokens = min(knobs["fail_after_tokens"], len(tokens)) if stops_early else len(tokens)
 
         # The plan: (seconds after the headers, bytes, tokens in them).
@@ -802,6 +805,10 @@ class SimulatedProvider:
                 steps.append((steps[-1][0], b"".join(frames.tail), 0))
             elif fail == "error_mid":  # the API's own in-band error, then a clean end
                 steps.append((steps[-1][0], fmt.midstream_error(body, tokens, meta, sent_tokens), 0))
+            elif fail == "malformed":  # then a clean end
+                steps.append((steps[-1][0], formats.malformed_frame(fmt), 0))
+            elif fail == "cut_utf8":  # then a clean end: the body stops inside a character
+                steps.append((steps[-1][0], formats.cut_utf8_frame(fmt, body, meta), 0))
         else:
             payload = fmt.complete(body, tokens, meta)
             headers += JSON_HEADERS
@@ -809,7 +816,7 @@ class SimulatedProvider:
                 headers.append((b"content-length", str(len(payload)).encode()))
                 # A non-streamed answer arrives when the last token would have.
                 steps.append((ttft + max(len(tokens) - 1, 0) * interval, payload, len(tokens)))
-            elif fail == "truncate":
+            elif fail in ("truncate", "malformed", "cut_utf8"):
                 steps.append((ttft, payload[: len(payload) // 2], 0))
             # reset_mid / stall: headers, then nothing (stall) or a reset after ttft.
 

@@ -211,3 +211,101 @@ def test_a_replaced_supervisor_still_repairs_and_a_killed_run_py_leaves_nothing(
         gw.proc.send_signal(signal.SIGKILL)
         gw.proc.wait(10)
         wait_until(lambda: gw.leftovers() == (set(), set()), timeout=30, message="no process or port left")
+
+
+# --- the Metrics actor and the thread store (issue 11's remaining kills) -----------------------
+
+WIDE = {**GATEWAY_ENV, "SIMULATED_CONCURRENCY": "40"}  # all 20 streams run at once
+
+
+def deltas(client) -> int:
+    return sum(1 for d in data_events(list(client.events)) if d.get("type") == "delta")
+
+
+def test_a_killed_metrics_actor_leaves_the_streams_alone_and_is_replaced():
+    """Metrics has no clients: the 20 streams open when it dies go on streaming; the
+    replacement answers /api/metrics/performance again; new requests are served."""
+    with running_gateway(WIDE) as gw:
+        streams = OpenStreams(gw, 20, f"metrics {uuid.uuid4()}")
+        streams.wait_streaming()
+        before = pid_of(gw, "metrics")
+        killed_at = kill(before)
+        seen = [deltas(c) for c in streams.clients]
+        wait_until(lambda: actors(gw).get("metrics", {}).get("pid") not in (None, before), timeout=20,
+                   message="metrics recreated")
+        replaced = time.monotonic() - killed_at
+        wait_until(lambda: serves(gw, f"after metrics {uuid.uuid4()}"), timeout=15, interval=0.1, message="serving again")
+        serving = time.monotonic() - killed_at
+        wait_until(lambda: request("GET", gw.url + "/api/metrics/performance?last_n=10")[0] == 200, timeout=15,
+                   interval=0.1, message="the new Metrics actor answers")
+        # every stream still streams: more deltas than when Metrics died, and no end yet
+        wait_until(lambda: all(deltas(c) > n for c, n in zip(streams.clients, seen)), timeout=15,
+                   message="every stream to go on after the kill")
+        assert not streams.ends, "a stream ended when Metrics died"
+        print(f"metrics: replaced {replaced:.2f} s, serving {serving:.2f} s after the kill; 20/20 streams went on")
+        streams.close()
+        wait_until(lambda: pacer_state(gw)["in_flight"] == 0, timeout=15, message="no lease held")
+
+
+def test_a_killed_thread_store_ends_each_turn_clearly_and_serves_again():
+    """20 streams open (10 thread turns, 10 plain chats) when the thread store dies: every
+    client gets its terminal event (the reply finishes: the Pool does not need the store);
+    each reply is then stored as done (the new store marked it interrupted on start, the
+    final write replaces that) or as an error, never left streaming or lost; the store
+    serves new threads again."""
+    with running_gateway(WIDE) as gw:
+        threads = []
+        for _ in range(10):
+            status, _, raw = request("POST", gw.url + "/api/threads")
+            assert status == 201, raw
+            threads.append(json.loads(raw)["thread_id"])
+        short = "#sim ttft_ms=50 tokens=150 token_interval_ms=20"  # 3 s: the kill lands mid-reply
+        clients = [SSEClient(f"{gw.url}/api/threads/{t}/messages", {"content": f"turn {uuid.uuid4()}\n{short}"}, timeout=30)
+                   for t in threads]
+        clients += [SSEClient(gw.url + "/api/chat", chat_body(f"chat {i} {uuid.uuid4()}\n{short}"), timeout=30)
+                    for i in range(10)]
+        assert all(c.status == 200 for c in clients)
+        ends: dict[int, float] = {}
+
+        def read(client) -> None:
+            try:
+                client.read_all()
+            except Exception as exc:
+                client.events.append(("message", {"type": "transport_error", "message": str(exc)}))
+            ends[id(client)] = time.monotonic()
+
+        readers = [threading.Thread(target=read, args=(c,), daemon=True) for c in clients]
+        for reader in readers:
+            reader.start()
+        wait_until(lambda: all(deltas(c) > 0 for c in clients), timeout=30, message="every stream streaming")
+        before = pid_of(gw, "threads")
+        killed_at = kill(before)
+        # while the replies stream on: when does the store serve again?
+        wait_until(lambda: request("POST", gw.url + "/api/threads")[0] == 201, timeout=15, interval=0.05,
+                   message="the thread store serves again")
+        serving = time.monotonic() - killed_at
+        for reader in readers:
+            reader.join(30)
+        assert not any(r.is_alive() for r in readers), "a client is still waiting: a hang"
+        last = [data_events(c.events)[-1] for c in clients]
+        for client in clients:
+            client.close()
+        assert all(e["type"] in ("done", "error") for e in last), last
+        assert all(e["type"] == "done" for e in last[10:]), last[10:]  # plain chats never needed the store
+
+
+        stored = []
+        for thread, event in zip(threads, last[:10]):
+            status, body = get_json(f"{gw.url}/api/threads/{thread}/messages")
+            assert status == 200, body
+            roles = [msg["role"] for msg in body["messages"]]
+            assert roles == ["user", "assistant"], body  # the turn is there: never lost
+            reply = body["messages"][1]
+            stored.append(reply["status"])
+            assert reply["status"] in ("done", "error", "interrupted"), reply
+            if event["type"] == "done":
+                assert reply["status"] == "done" and reply["content"], reply
+        codes = sorted({e.get("code", "done") for e in last[:10]})
+        print(f"threads: turns ended {[round(ends[id(c)] - killed_at, 2) for c in clients[:10]]} s after the kill, "
+              f"terminal {codes}, stored {sorted(stored)}; serving again {serving:.2f} s after the kill")
+        wait_until(lambda: pacer_state(gw)["in_flight"] == 0, timeout=15, message="no lease held")

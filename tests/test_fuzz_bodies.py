@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from bench.fuzz_bodies import body_of, cases, new_thread, run_case
+from bench.fuzz_bodies import body_of, cases, new_thread, path_of, run_case
 from tests.support import chat_body, data_events, request, stream_chat
 
 pytestmark = pytest.mark.integration
@@ -17,19 +17,21 @@ pytestmark = pytest.mark.integration
 def test_no_generated_request_gets_a_5xx_or_hangs_and_the_gateway_stays_healthy(gateway):
     thread_id = new_thread("127.0.0.1", gateway.port)
     log_before = Path(gateway.log_path).stat().st_size
-    failures, statuses = [], set()
+    failures, statuses, methods = [], set(), set()
 
     @settings(max_examples=250, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(cases)
     def one(case):
         status, problem = run_case("127.0.0.1", gateway.port, thread_id, case)
         statuses.add(status)
+        methods.add(case["method"])
         if problem is not None:
-            failures.append((status, problem, case["route"], body_of(case)[:200]))
+            failures.append((status, problem, path_of(case, thread_id)[:120], body_of(case)[:200]))
 
     one()
     assert failures == []
     assert {"400", "422"} <= statuses  # the generator does reach the validation
+    assert methods == {"POST", "GET", "ADMIN"}  # input routes, every GET route, admin routes
     with open(gateway.log_path, "rb") as log:
         log.seek(log_before)
         new_log = log.read().decode(errors="replace")

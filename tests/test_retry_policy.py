@@ -13,6 +13,7 @@ from actors.retry_policy import (
     RATE_LIMITED,
     RESET,
     SERVER,
+    TIMEOUT,
     Failure,
     RetryPolicy,
     RetrySettings,
@@ -40,9 +41,30 @@ def test_what_is_retryable():
         assert failure_of_status(status, None) is None
     assert failure_of_exception(httpcore.ConnectError("refused")) == Failure(CONNECT, unprocessed=True)
     assert failure_of_exception(httpcore.RemoteProtocolError("Server disconnected")) == Failure(RESET)
-    assert failure_of_exception(httpcore.ReadTimeout("slow")) is None  # it may still be working on it
+    # A stall: retried for idempotent requests only (the provider may still be working on it).
+    assert failure_of_exception(httpcore.ReadTimeout("slow")) == Failure(TIMEOUT)
+    assert failure_of_exception(httpcore.PoolTimeout("busy")) is None
     refused = h2.events.StreamReset(stream_id=3, error_code=h2.errors.ErrorCodes.REFUSED_STREAM)
     assert failure_of_exception(httpcore.RemoteProtocolError(refused)) == Failure(RESET, unprocessed=True)
+
+
+def test_an_exception_escaping_the_http_library_is_a_broken_connection():
+    """Under uvloop a connection reset as it is accepted can surface from anyio as a
+    ValueError ("negative file descriptor") or AttributeError: a reset, not a crash."""
+    from httpcore._utils import is_socket_readable
+
+    class Gone:
+        def fileno(self):
+            raise ValueError("negative file descriptor")
+
+    try:
+        is_socket_readable(Gone())  # raised inside httpcore's code
+    except ValueError as exc:
+        assert failure_of_exception(exc) == Failure(RESET)
+    try:
+        raise ValueError("a bug of ours")
+    except ValueError as exc:
+        assert failure_of_exception(exc) is None  # not the library's: not retried
 
 
 def test_delays_by_reason():
@@ -56,6 +78,15 @@ def test_delays_by_reason():
     bare = p.decide("A", Failure(RATE_LIMITED, True, None), 1, True, T0, T0)
     assert bare.delay_s == 1.0 and bare.pause_s == 1.0
     assert p.decide("A", Failure(CONNECT, True), 1, True, T0, T0).pause_s == 0.0
+    assert p.decide("A", Failure(TIMEOUT), 1, True, T0, T0).delay_s == 0.0  # it waited the read timeout already
+    assert policy(backoff_s=1.0).decide("A", Failure(CONNECT, True), 2, True, T0, T0).delay_s == 1.0
+
+
+def test_a_stall_is_retried_only_within_the_deadline_and_never_for_tools():
+    p = policy(deadline_s=15.0)
+    assert p.decide("A", Failure(TIMEOUT), 1, True, T0, T0 + 2.0).retry  # a short read timeout
+    assert p.decide("A", Failure(TIMEOUT), 1, True, T0, T0 + 60.0).why_not == "deadline"  # the default 60 s
+    assert p.decide("A", Failure(TIMEOUT), 1, False, T0, T0 + 2.0).why_not == "non_idempotent"
 
 
 def test_attempts_are_bounded():

@@ -307,3 +307,44 @@ def assert_error_body_shape(provider: str, status: int, raw: bytes) -> None:
     assert set(body) <= set(recorded)
     if isinstance(body.get("error"), dict):
         assert set(body["error"]) <= set(recorded["error"])
+
+
+# --- broken bytes: every adapter ends with one clear error, never a raise -----------------------
+
+
+BROKEN = {"malformed": "upstream_malformed", "cut_utf8": "upstream_truncated"}
+
+
+@pytest.mark.parametrize("fault", sorted(BROKEN))
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_broken_bytes_after_three_tokens_end_in_one_error(provider, fault):
+    """fail=malformed: garbage and a frame that is not JSON; fail=cut_utf8: the body stops
+    inside a two-byte character. Three whole tokens, then exactly one terminal error."""
+    text = f"broken {provider} #sim tokens=6 fail={fault} fail_after_tokens=3"
+
+    async def test(sim):
+        status, _, events, raw, broken = await call(sim, provider, "h2", text)
+        assert status == 200 and broken is None  # a clean end of the response
+        if fault == "cut_utf8":
+            with pytest.raises(UnicodeDecodeError):
+                raw.decode("utf-8")  # the sim did cut a character
+        # Sonar's chunks repeat the text so far: the fourth chunk's text never arrives whole.
+        assert deltas(events) == expected_tokens(text, 3)
+        assert terminal(events) == [events[-1]] and events[-1]["code"] == BROKEN[fault], events[-2:]
+        assert sim.stats()["requests"][-1]["fail"] == fault
+
+    run(test)
+
+
+def test_stall_first_sends_nothing_until_the_client_leaves():
+    async def test(sim):
+        adapter = get_adapter("openai")
+        method, url, headers, body = adapter.build_request(
+            base_url=sim.url, api_key=KEY, model="m", body={"messages": conversation("hi #sim fail=stall_first")})
+        async with pool_for("h2") as pool:
+            with pytest.raises(httpcore.ReadTimeout):
+                await pool.request(method, url, headers=headers, content=body, extensions={"timeout": {"read": 0.3}})
+        record = sim.stats()["requests"][-1]
+        assert record["fail"] == "stall_first" and record["status"] is None and record["first_byte_at"] is None
+
+    run(test)

@@ -36,7 +36,6 @@ from protocols.sse import SSEParser
 from sim import formats
 from tests.support import get_json, request, running_gateway, running_sim, wait_until
 
-pytestmark = pytest.mark.integration
 
 TOKEN = "fault-matrix-admin-token"
 TOKENS = 6
@@ -44,7 +43,7 @@ READ_TIMEOUT_S = 2.0  # UPSTREAM_READ_TIMEOUT_S: how long a stall lasts before i
 BACKOFF_S = 1.0  # UPSTREAM_RETRY_BACKOFF_S: room to open a refusing port between two attempts
 ACCOUNTS = ("simulated", "openai", "anthropic", "perplexity")
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 class PortGate:

@@ -36,7 +36,6 @@ from protocols.sse import SSEParser
 from sim import formats
 from tests.support import get_json, request, running_gateway, running_sim, wait_until
 
-
 TOKEN = "fault-matrix-admin-token"
 TOKENS = 6
 READ_TIMEOUT_S = 2.0  # UPSTREAM_READ_TIMEOUT_S: how long a stall lasts before it is an error

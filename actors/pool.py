@@ -25,6 +25,7 @@ from thespian.actors import ActorExitRequest, ThespianWatch, WatchMessage
 
 import patches
 from actors import secret
+from actors.connections import AccountConnections
 from actors.effects import Send
 from actors.host import HostActor
 from actors.hub import StreamHub
@@ -84,7 +85,7 @@ class PoolRuntime:
         self.calls: dict[str, asyncio.Task] = {}
         self.abort_requested: dict[str, float] = {}
         self.records: list[dict] = []
-        self.pools: dict[tuple[str, bool], object] = {}  # (account, h2c) -> httpcore pool, made on the loop
+        self.pools: dict[tuple[str, bool], AccountConnections] = {}  # (account, h2c) -> its pools, made on the loop
         self.retry = RetryPolicy(RetrySettings.from_config(settings))
         self.hub_port: int | None = None
         self._ready = threading.Event()
@@ -124,12 +125,13 @@ class PoolRuntime:
         await asyncio.gather(*self.calls.values(), return_exceptions=True)
         self._flusher.cancel()
         await self.hub.stop()
-        for pool in self.pools.values():
-            await pool.aclose()
+        for connections in self.pools.values():
+            for pool in connections.pools:
+                await pool.aclose()
 
-    def _http_for(self, provider: dict):
-        """The connection pool of the provider's account: one per account, because the
-        keepalive (<ACCOUNT>_KEEPALIVE_S) must stay below that provider's idle timeout.
+    def _http_for(self, provider: dict) -> AccountConnections:
+        """The connection pools of the provider's account (actors/connections.py): per account,
+        because the keepalive (<ACCOUNT>_KEEPALIVE_S) must stay below that provider's idle timeout.
         HTTP/2 where the provider offers it (ALPN on https). Cleartext http:// URLs are
         HTTP/1.1 unless the provider is configured for prior-knowledge HTTP/2
         (<PREFIX>_H2C, on for the simulated provider; a local Ollama speaks HTTP/1.1)."""
@@ -137,15 +139,19 @@ class PoolRuntime:
 
         h2c = bool(provider.get("h2c")) and provider["base_url"].startswith("http://")
         key = (provider["account"], h2c)
-        pool = self.pools.get(key)
-        if pool is None:
+        connections = self.pools.get(key)
+        if connections is None:
             keepalive = provider.get("keepalive_s", 4.0)
             if h2c:
-                pool = httpcore.AsyncConnectionPool(http1=False, http2=True, max_connections=20, keepalive_expiry=keepalive)
+                connections = AccountConnections(
+                    lambda: httpcore.AsyncConnectionPool(http1=False, http2=True, max_connections=20, keepalive_expiry=keepalive)
+                )
             else:
-                pool = httpcore.AsyncConnectionPool(http1=True, http2=True, max_connections=100, keepalive_expiry=keepalive)
-            self.pools[key] = pool
-        return pool
+                connections = AccountConnections(
+                    lambda: httpcore.AsyncConnectionPool(http1=True, http2=True, max_connections=100, keepalive_expiry=keepalive)
+                )
+            self.pools[key] = connections
+        return connections
 
     # --- control messages, called from the actor thread ----------------------------------
     def open(self, msg: m.OpenStream) -> None:
@@ -221,7 +227,7 @@ class PoolRuntime:
         account = provider["account"]
         api_keys = provider.get("api_keys") or [provider.get("api_key")]
         order = [k for k in (msg.keys or [msg.key]) if 0 <= k < len(api_keys)] or [0]
-        http = self._http_for(provider)
+        connections = self._http_for(provider)
         idempotent = is_idempotent(msg.body)
         first_sent = time.time()
         self.retry.note_call(account, first_sent)
@@ -235,7 +241,8 @@ class PoolRuntime:
                 served["key"] = key_name(key)
             if msg.fallback_from:
                 served["fallback_from"] = msg.fallback_from
-            result = await run_call(http, adapter, request, publish, msg.queue_wait_ms, self._timeouts(), attempt, served)
+            with connections.lease() as http:
+                result = await run_call(http, adapter, request, publish, msg.queue_wait_ms, self._timeouts(), attempt, served)
             result.attempts, result.first_sent_at, result.key = attempt, first_sent, key
             verdict = key_verdict(result)
             if verdict is not None:
@@ -336,7 +343,7 @@ class PoolRuntime:
             self._send_records()
 
     async def _state(self) -> dict:
-        connections = [str(c) for pool in self.pools.values() for c in pool.connections]
+        connections = [str(c) for shards in self.pools.values() for pool in shards.pools for c in pool.connections]
         return {"open_calls": sorted(self.calls), "connections": connections, "hub": self.hub.state(),
                 "patches": patches.installed()}
 

@@ -1,0 +1,31 @@
+"""An account's calls spread over as many httpcore pools as they need (actors/connections.py):
+httpcore 1.0 runs at most 100 streams on a connection and opens no second one to an origin."""
+from __future__ import annotations
+
+import pytest
+
+from actors.connections import AccountConnections
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_call_takes_the_least_busy_pool_and_a_new_pool_opens_only_when_all_are_full():
+    made = []
+    connections = AccountConnections(lambda: made.append(object()) or made[-1], calls_per_pool=2)
+    with connections.lease() as a, connections.lease() as b:
+        assert a is b and len(made) == 1  # one pool carries up to 2 calls
+        with connections.lease() as c:
+            assert c is not a and len(made) == 2  # the first is full: a second pool
+            with connections.lease() as d:
+                assert d is c  # the least busy one
+            assert connections.busy == [2, 1]
+    assert connections.busy == [0, 0]
+    with connections.lease() as e:
+        assert e is made[0] and len(made) == 2  # idle pools are reused, never multiplied
+
+
+def test_a_call_that_fails_gives_its_place_back():
+    connections = AccountConnections(object, calls_per_pool=1)
+    with pytest.raises(RuntimeError), connections.lease():
+        raise RuntimeError("the attempt failed")
+    assert connections.busy == [0]

@@ -127,7 +127,23 @@ message = st.fixed_dictionaries(
 )
 chatish = st.fixed_dictionaries(
     {"messages": st.one_of(st.lists(message, min_size=1, max_size=3), values)},
-    optional=dict.fromkeys(("model", "provider", "temperature", "seed", "max_tokens", "stop", "stream", "coalesce", "thread_id", "response_format", "n", "stream_options"), values),
+    optional=dict.fromkeys(
+        (
+            "model",
+            "provider",
+            "temperature",
+            "seed",
+            "max_tokens",
+            "stop",
+            "stream",
+            "coalesce",
+            "thread_id",
+            "response_format",
+            "n",
+            "stream_options",
+        ),
+        values,
+    ),
 )
 thread_send = st.fixed_dictionaries(
     {"content": st.one_of(st.text(max_size=40), values)}, optional={"provider": values, "model": values}

@@ -28,6 +28,7 @@ CPU share is reported.
 
 Exit status 0 when errors == 0 and RSS and fds are flat.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,10 @@ class Soak:
         a = self.args
         prompt = f"soak {n % a.prompts if a.prompts else f'{n} {time.time_ns()}'}\n#sim tokens={a.tokens} token_interval_ms={a.interval_ms} ttft_ms=200"
         body = json.dumps({"messages": [{"role": "user", "content": prompt}]}).encode()
-        head = (f"POST /api/chat HTTP/1.1\r\nhost: 127.0.0.1:{self.port}\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+        head = (
+            f"POST /api/chat HTTP/1.1\r\nhost: 127.0.0.1:{self.port}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        ).encode()
         deadline = a.tokens * a.interval_ms / 1000.0 + 60.0  # the stream's own length, plus room
         self.open_streams += 1
         self.opened += 1
@@ -134,7 +137,10 @@ def window_means(samples: list[dict], ramp_s: float, end_s: float, window_s: flo
     first = [s for s in steady if s["t"] < steady[0]["t"] + window_s]
     last = [s for s in steady if s["t"] > steady[-1]["t"] - window_s]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
-    return ({k: mean(first, k) for k in ("rss_mib", "fds", "open")}, {k: mean(last, k) for k in ("rss_mib", "fds", "open")})
+    return (
+        {k: mean(first, k) for k in ("rss_mib", "fds", "open")},
+        {k: mean(last, k) for k in ("rss_mib", "fds", "open")},
+    )
 
 
 def main(argv=None) -> int:
@@ -158,8 +164,10 @@ def main(argv=None) -> int:
 
     env = {
         "SLUICE_MAX_CONNECTIONS_PER_CLIENT": "0",
-        "SIMULATED_RPS": str(max(200, args.streams)), "SIMULATED_BURST": str(2 * args.streams),
-        "SIMULATED_CONCURRENCY": str(2 * args.streams), "SIMULATED_RPM": "0",
+        "SIMULATED_RPS": str(max(200, args.streams)),
+        "SIMULATED_BURST": str(2 * args.streams),
+        "SIMULATED_CONCURRENCY": str(2 * args.streams),
+        "SIMULATED_RPM": "0",
         "PACER_MAX_QUEUE": str(4 * args.streams),
         "SLUICE_ACCESS_LOG": "0",
     }
@@ -174,8 +182,11 @@ def main(argv=None) -> int:
             while True:
                 row = {"t": time.monotonic() - started, "open": soak.open_streams, **tree_sample(pids)}
                 samples.append(row)
-                print(f"t={row['t']:6.1f}s open={row['open']:5d} ok={soak.ok:6d} errors={sum(soak.errors.values()):4d} "
-                      f"rss={row['rss_mib']:7.1f} MiB fds={row['fds']:5d} procs={row['procs']}", flush=True)
+                print(
+                    f"t={row['t']:6.1f}s open={row['open']:5d} ok={soak.ok:6d} errors={sum(soak.errors.values()):4d} "
+                    f"rss={row['rss_mib']:7.1f} MiB fds={row['fds']:5d} procs={row['procs']}",
+                    flush=True,
+                )
                 await asyncio.sleep(args.sample_s)
 
         asyncio.run(soak.run(sample))

@@ -11,15 +11,15 @@ lines each, with the real behaviour as the model:
   * `SimEdge`  -- edge/streams.py: local join of identical requests, one Submit per key,
                   one hub subscription per stream, one Cancel when the last local client
                   of an unfinished stream leaves; records what each client received.
-  * `SimPool`  -- actors/pool.py + actors/hub.py: OpenStream (from the Pacer's grant)
-                  runs a scripted upstream call (TTFT, token pace, token count, failure,
-                  429 Retry-After), AbortStream stops it, FailStream publishes an error
-                  (or stops the call, if the grant opened it already); every ending sends
-                  LeaseRelease to the Pacer and StreamFinished to the Coalescer; the hub
-                  replays a stream to late subscribers, and serves a stream only to the
-                  edge whose Coalescer ticket (Admitted.ticket) it shows: every edge in the
-                  simulation is honest, so a refused Subscribe fails the run (a ticket
-                  given to the wrong edge, or none).
+  * `SimPool`  -- actors/pool.py: OpenStream (from the Pacer's grant) runs a scripted
+                  upstream call (TTFT, token pace, token count, failure, 429
+                  Retry-After), AbortStream stops it, FailStream publishes an error (or
+                  stops the call, if the grant opened it already); every ending sends
+                  LeaseRelease to the Pacer and StreamFinished to the Coalescer. Its stream
+                  hub is the real `HubLogic` (actors/hub_logic.py: replay, subscribers,
+                  tickets, linger, orphans), swept on a timer at its `next_due`; every
+                  edge in the simulation is honest, so a refused Subscribe fails the run
+                  (a ticket given to the wrong edge, or none).
   * `SimMetrics` (optional) -- hosts the real `MetricsLogic`.
 
 The network: every message between nodes is encoded with `protocols.messages.encode` and
@@ -57,6 +57,7 @@ from typing import Any, Callable
 
 from actors.coalescer_logic import CoalescerFlags, CoalescerLogic, pacer_role
 from actors.effects import After, Send
+from actors.hub_logic import HubLogic
 from actors.metrics_logic import MetricsLogic
 from actors.pacer_logic import PacerLogic, PacerSettings, PoolAt
 from edge.listeners import Listeners, new_events
@@ -226,10 +227,10 @@ class _Flush:
 
 
 @dataclass(frozen=True)
-class _Orphan:
-    """Hub timer: a stream subscribed to but never opened ends with an error (actors/hub.py)."""
+class _Sweep:
+    """Hub timer: `HubLogic.sweep` is due (a linger over, an orphan to end)."""
 
-    stream_id: str
+    due: float
 
 
 @dataclass(frozen=True)
@@ -507,15 +508,8 @@ class SimEdge:
 # --- the simulated Pool (upstream calls + stream hub) -------------------------------------------
 
 
-@dataclass
-class _HubStream:
-    events: list = field(default_factory=list)
-    subscribers: dict = field(default_factory=dict)  # edge name -> None (ordered set)
-    finished: bool = False
-
-
 class SimPool:
-    """The Pool actor and its stream hub, with a scripted upstream instead of HTTP."""
+    """The Pool actor with a scripted upstream instead of HTTP, hosting the real hub logic."""
 
     name = "pool"
 
@@ -524,21 +518,24 @@ class SimPool:
         self.behaviour: Upstream | Callable[[UpstreamRequest], Upstream] = Upstream()
         self.log: list[UpstreamCall] = []
         self.running: dict[str, UpstreamCall] = {}
-        self.hub: dict[str, _HubStream] = {}
+        self.orphan_s = 90.0  # the Simulation sets PACER_MAX_WAIT + 60 s, like actors/pool.py
+        self.hub = HubLogic(secret, orphan_s=self.orphan_s)
         self.failed: list[tuple[str, str]] = []  # FailStream (stream_id, code)
         self.records = _Records("pool", metrics)
-        self.lost_hub: dict[str, _HubStream] = {}  # streams of dead incarnations
-        self.orphan_s = 90.0  # the Simulation sets PACER_MAX_WAIT + 60 s, like actors/pool.py
+        # What each stream published, per hub that held it (a dead incarnation's too, and
+        # one dropped after its linger): stream id -> [events list of each HubStream].
+        self.published: dict[str, list[list]] = {}
+        self._sweep_at: float | None = None  # the hub's sweep timer, when one is set
         self.incarnation = "pool"
 
     def crash(self, now: float) -> None:
         """SIGKILL: the calls stop without a word (no LeaseRelease, no StreamFinished), the
-        hub and its replay buffers are gone."""
+        hub and its replay buffers are gone (`published` keeps what they had sent)."""
         for call in self.running.values():
             call.outcome, call.ended_at = "lost", now
         self.running.clear()
-        self.lost_hub.update(self.hub)
-        self.hub = {}
+        self.hub = HubLogic(self.secret, orphan_s=self.orphan_s)
+        self._sweep_at = None  # its timer died with it
 
     @property
     def calls(self) -> int:
@@ -546,6 +543,13 @@ class SimPool:
         return len(self.log)
 
     def handle(self, msg, sender, now: float) -> list:
+        out = self._handle(msg, sender, now)
+        stream_id = getattr(msg, "stream_id", None)  # only such messages create hub streams
+        if stream_id is not None:
+            self._observe(stream_id)
+        return out + self._sweep_timer(now)
+
+    def _handle(self, msg, sender, now: float) -> list:
         if isinstance(msg, m.OpenStream):
             return self._open(msg, now)
         if isinstance(msg, _Step):
@@ -557,31 +561,37 @@ class SimPool:
             self.failed.append((msg.stream_id, msg.code))
             if msg.stream_id in self.running:  # everyone left before the Coalescer saw the grant
                 return self._abort(msg.stream_id, now, now)
-            return self._publish(msg.stream_id, [ev.error(msg.code, msg.message)])
-        if isinstance(msg, m.Subscribe):
+            self.hub.mark_open(msg.stream_id, now)
+            return self._publish(msg.stream_id, [ev.error(msg.code, msg.message)], now)
+        if isinstance(msg, (m.Subscribe, m.Unsubscribe)):
             edge_id = sender.partition(":")[2]  # node "edge:<edge id>" (the hub's handshake)
-            if not auth.ticket_ok(self.secret, msg.stream_id, edge_id, msg.ticket):
+            out = self.hub.handle(msg, sender, edge_id, now)
+            refused = [e.msg for e in out if isinstance(e.msg, m.SubscribeRefused)]
+            if refused:
                 raise PermissionError(f"the hub refuses {sender}'s Subscribe to {msg.stream_id}: not its ticket")
-            stream = self.hub.setdefault(msg.stream_id, _HubStream())
-            stream.subscribers[sender] = None
-            if stream.events:
-                return [Send(sender, m.StreamData(msg.stream_id, 0, list(stream.events)))]
-            # Only after a double crash (a Pacer, then the shard before it re-asked) does
-            # nobody ever open or fail a stream; the hub's orphan timeout ends it.
-            return [] if msg.stream_id in self.running else [After(self.orphan_s, _Orphan(msg.stream_id))]
-        if isinstance(msg, _Orphan):
-            stream = self.hub.get(msg.stream_id)
-            if stream is None or stream.events or msg.stream_id in self.running or any(c.stream_id == msg.stream_id for c in self.log):
-                return []
-            return self._publish(msg.stream_id, [ev.error("stream_not_started", "the upstream call never started")])
-        if isinstance(msg, m.Unsubscribe):
-            stream = self.hub.get(msg.stream_id)
-            if stream is not None:
-                stream.subscribers.pop(sender, None)
-            return []
+            return out
+        if isinstance(msg, _Sweep):
+            if msg.due == self._sweep_at:
+                self._sweep_at = None
+            return self.hub.sweep(now)
         if isinstance(msg, _Flush):
             return self.records.flush()
         raise TypeError(f"pool: unexpected {type(msg).__name__}")
+
+    def _observe(self, stream_id: str) -> None:
+        stream = self.hub.streams.get(stream_id)
+        if stream is not None:
+            kept = self.published.setdefault(stream_id, [])
+            if not any(events is stream.events for events in kept):
+                kept.append(stream.events)
+
+    def _sweep_timer(self, now: float) -> list:
+        """The real hub sweeps once a second; here a timer fires when the logic says."""
+        due = self.hub.next_due()
+        if due is None or (self._sweep_at is not None and self._sweep_at <= due):
+            return []
+        self._sweep_at = due
+        return [After(max(0.0, due - now) + 1e-6, _Sweep(due))]  # a hair late: no float tie
 
     def _abort(self, stream_id: str, requested_at: float, now: float) -> list:
         call = self.running.get(stream_id)
@@ -591,11 +601,10 @@ class SimPool:
         return self._end(call, "cancelled", ev.error("cancelled", "cancelled: no subscriber left"), None, now)
 
     def _open(self, msg: m.OpenStream, now: float) -> list:
-        stream = self.hub.get(msg.stream_id)
         if msg.stream_id in self.running:
             return []  # a duplicate OpenStream (a replaced Pacer granted it again): its end releases
-        if stream is not None and stream.finished:  # over already: the grant back, the shard told
-            last = stream.events[-1]
+        if self.hub.is_finished(msg.stream_id):  # over already: the grant back, the shard told
+            last = self.hub.last_event(msg.stream_id)
             outcome, error = ("done", None) if last.get("type") == ev.DONE else ("error", last)
             return [
                 Send(pacer_role(msg.provider), m.LeaseRelease(msg.stream_id, None)),
@@ -606,6 +615,7 @@ class SimPool:
         call = UpstreamCall(request.n, msg.stream_id, msg.provider, msg.coalescer, behaviour, msg.queue_wait_ms, now)
         self.log.append(call)
         self.running[msg.stream_id] = call
+        self.hub.mark_open(msg.stream_id, now)
         return [After(behaviour.ttft_ms / 1000.0, _Step(msg.stream_id, 0))]
 
     def _step(self, call: UpstreamCall, i: int, now: float) -> list:
@@ -620,18 +630,18 @@ class SimPool:
             events.append(ev.started(now, call.queue_wait_ms))
         if b.fail == "error" and i == b.fail_after:
             error = ev.error(b.error_code, "the upstream failed mid-stream")
-            return self._publish(call.stream_id, events) + self._end(call, "error", error, None, now)
+            return self._publish(call.stream_id, events, now) + self._end(call, "error", error, None, now)
         if i >= b.tokens:
             events.append(ev.done("stop", ev.usage(3, b.tokens)["usage"]))
-            return self._publish(call.stream_id, events) + self._end(call, "done", None, None, now, published=True)
+            return self._publish(call.stream_id, events, now) + self._end(call, "done", None, None, now, published=True)
         events.append(ev.delta(f"c{call.n}.{i} "))
-        return self._publish(call.stream_id, events) + [After(b.token_interval_ms / 1000.0, _Step(call.stream_id, i + 1))]
+        return self._publish(call.stream_id, events, now) + [After(b.token_interval_ms / 1000.0, _Step(call.stream_id, i + 1))]
 
     def _end(self, call, outcome, error, retry_after, now, published=False) -> list:
         """Every ending: the hub's terminal event, LeaseRelease, StreamFinished, records."""
         del self.running[call.stream_id]
         call.outcome, call.ended_at = outcome, now
-        out = [] if published else self._publish(call.stream_id, [error])
+        out = [] if published else self._publish(call.stream_id, [error], now)
         out.append(Send(pacer_role(call.provider), m.LeaseRelease(call.stream_id, retry_after)))
         out.append(Send(call.coalescer, m.StreamFinished(call.stream_id, outcome, None if outcome == "cancelled" else error)))
         out += self.records.add(
@@ -651,14 +661,8 @@ class SimPool:
             out += self.records.add({"kind": "cancel", "stream_id": call.stream_id, "cancel_ms": cancel_ms, "at": now})
         return out
 
-    def _publish(self, stream_id: str, events: list) -> list:
-        stream = self.hub.setdefault(stream_id, _HubStream())
-        if stream.finished or not events:
-            return []
-        seq = len(stream.events)
-        stream.events.extend(events)
-        stream.finished = ev.is_terminal(events[-1])
-        return [Send(edge, m.StreamData(stream_id, seq, events)) for edge in stream.subscribers]
+    def _publish(self, stream_id: str, events: list, now: float) -> list:
+        return self.hub.publish(stream_id, events, now)
 
 
 class SimMetrics:
@@ -817,7 +821,7 @@ class Simulation:
             for i in range(shards)
         ]
         self.pool = SimPool(metrics)
-        self.pool.orphan_s = self.pacer.settings.max_wait_s + 60.0  # as actors/pool.py sets it
+        self.pool.orphan_s = self.pool.hub.orphan_s = self.pacer.settings.max_wait_s + 60.0  # as actors/pool.py
         self.edges: dict[str, SimEdge] = {}
         self.metrics = SimMetrics() if metrics else None
         self._add(pacer_role(provider), _PacerHost(self.pacer, self))
@@ -1047,8 +1051,8 @@ class Simulation:
             if c.outcome == "rejected" and c.events:
                 self.fail(f"client {c.request_id} rejected but received events")
             if c.stream_id is not None and c.events:
-                # The live hub, or that of a dead Pool incarnation (the stream id may be in both).
-                candidates = [h[c.stream_id].events for h in (self.pool.hub, self.pool.lost_hub) if c.stream_id in h] or [[]]
+                # What each hub that held the stream published (a dead Pool incarnation's too).
+                candidates = self.pool.published.get(c.stream_id) or [[]]
                 if c.hub_lost and c.events[-1].get("code") != "hub_disconnected":
                     self.fail(f"client {c.request_id} lost its hub but ended {c.events[-1]}")
                 expected = [

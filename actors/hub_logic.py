@@ -18,8 +18,8 @@ lost a message) ends with an error after `orphan_s`, so no client waits forever.
 """
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Hashable
 
 from actors.effects import Send
 from protocols import auth

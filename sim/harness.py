@@ -952,6 +952,10 @@ class Simulation:
             self._tell(pacer, PoolAt(self.pool.incarnation))
             for edge in self.edges:
                 self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _HubLost(up=True), None)
+        if node.name == pacer:
+            # Wired with the directory as it is now (actors/pacer.py `on_wire`), not as it
+            # was at the crash: a Pool replaced meanwhile told only the dead Pacer (seed 1019).
+            self._handle(node, None, PoolAt(None if self.nodes["pool"].down else self.pool.incarnation), None)
         if node.name.startswith("coalescer:"):
             for edge in self.edges:
                 self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _ShardMoved(node.name), None)

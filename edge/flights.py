@@ -74,6 +74,7 @@ class Push:
 @dataclass(frozen=True, slots=True)
 class Admit:
     client: Hashable
+    flight: Flight
     role: str
     fanout: bool
 
@@ -89,7 +90,7 @@ class EdgeFlights:
         self.edge_id, self.shards = edge_id, shards
         self.by_key: dict[str, Flight] = {}  # flights new identical requests may join
         self.by_request: dict[str, Hashable] = {}  # request id -> its client, while open
-        self.flight_of: dict[Hashable, tuple[str, Flight]] = {}  # client -> (request id, flight)
+        self.flight_of: dict[Hashable, tuple[m.Submit, Flight]] = {}  # client -> (its request, flight)
         self.submits: dict[str, Flight] = {}  # request id -> the flight its Submit awaits
         self.coalesce_enabled = True  # as the Coalescer last said (Admitted.coalesce)
 
@@ -106,7 +107,7 @@ class EdgeFlights:
             self.submits[submit.request_id] = flight
             out.append(Send(flight.shard, submit))
         flight.clients[client] = None
-        self.flight_of[client] = (submit.request_id, flight)
+        self.flight_of[client] = (submit, flight)
         self.by_request[submit.request_id] = client
         if flight.events:
             out.append(Push(client, list(flight.events)))  # the replay; the rest arrives live
@@ -116,11 +117,11 @@ class EdgeFlights:
 
     def leave(self, client: Hashable, now: float) -> list:
         """A client is gone (finished, disconnected, cancelled or refused)."""
-        request_id, flight = self.flight_of.pop(client, (None, None))
+        submit, flight = self.flight_of.pop(client, (None, None))
         if flight is None:
             return []
-        if self.by_request.get(request_id) is client:
-            del self.by_request[request_id]
+        if self.by_request.get(submit.request_id) is client:
+            del self.by_request[submit.request_id]
         flight.clients.pop(client, None)
         if flight.clients or flight.finished:
             return []
@@ -142,20 +143,32 @@ class EdgeFlights:
         self.coalesce_enabled = reply.coalesce
         flight.stream_id, flight.ticket = reply.stream_id, reply.ticket
         flight.submitter_role, flight.fanout = reply.role, reply.fanout
+        out: list = []
         if not reply.coalesce:
-            self._unlist(flight)  # nobody else may join it
+            self._unlist(flight)  # nobody else may join it, and those who did ask on their own
+            out += self._separate(flight, now)
         if reply.error is not None:  # a failure still within its error TTL: replay it
             flight.replayed = True
-            return self._on_events(flight, [reply.error]) + self._admit_all(flight)
+            return out + self._on_events(flight, [reply.error]) + self._admit_all(flight)
         if not flight.clients:  # everyone left while we asked: give the reference back
-            return self._abandon(flight, now)
+            return out + self._abandon(flight, now)
         flight.listening = True
-        return [Listen(flight)]
+        return out + [Listen(flight)]
+
+    def _separate(self, flight: Flight, now: float) -> list:
+        """Coalescing is off: the clients that joined the flight while it was being
+        admitted (this edge believed it on) each submit their own request."""
+        out: list = []
+        for client in [c for c in flight.clients if self.flight_of[c][0] is not flight.submit]:
+            submit, _ = self.flight_of.pop(client)
+            del flight.clients[client]
+            out += self.join(client, submit, now)
+        return out
 
     def failed(self, request_id: str, now: float) -> list:
         """Submitting failed inside this edge: every waiting client is refused (500)."""
         flight = self.submits.pop(request_id, None) or next(
-            (f for _, f in self.flight_of.values() if f.submit.request_id == request_id), None
+            (f for s, f in self.flight_of.values() if s.request_id == request_id), None
         )
         if flight is None or flight.admitted or flight.refused:
             return []
@@ -215,9 +228,9 @@ class EdgeFlights:
         return out
 
     def _admit(self, client: Hashable) -> Admit:
-        request_id, flight = self.flight_of[client]
-        role = flight.submitter_role if request_id == flight.submit.request_id else "follower"
-        return Admit(client, role, flight.fanout or role == "leader")
+        submit, flight = self.flight_of[client]
+        role = flight.submitter_role if submit is flight.submit else "follower"
+        return Admit(client, flight, role, flight.fanout or role == "leader")
 
     def _admit_all(self, flight: Flight) -> list:
         flight.admitted = True

@@ -118,7 +118,7 @@ class LocalStreams:
                 effect.client.push(effect.events)
             elif isinstance(effect, Admit):
                 sub = effect.client
-                sub.role, sub.fanout = effect.role, effect.fanout
+                sub.flight, sub.role, sub.fanout = effect.flight, effect.role, effect.fanout
                 if not sub.admitted.done():
                     sub.admitted.set_result(None)
             elif isinstance(effect, Refuse):

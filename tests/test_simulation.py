@@ -403,7 +403,7 @@ def test_fanout_disabled_followers_still_get_the_same_final_text(seed):
 # --- faults -----------------------------------------------------------------------------------
 
 
-def chaos(seed, latency_ms=(0.3, 5.0), kills=0):
+def chaos(seed, latency_ms=(0.3, 5.0), kills=0, flips=0):
     """A random workload with random faults and live setting changes; all from the seed."""
     settings = PacerSettings(rps=2, burst=3, concurrency=3, rpm=40, max_queue=20, max_wait_s=8)
     sim = Simulation(
@@ -435,6 +435,8 @@ def chaos(seed, latency_ms=(0.3, 5.0), kills=0):
     for _ in range(kills):  # SIGKILLs of our own processes, each replaced after a while
         victim = rng.choice(["pool", "pacer:simulated", "coalescer:0", "coalescer:1", "coalescer:2"])
         sim.kill(victim, at=rng.uniform(0, 10), restart_s=rng.uniform(0.05, 1.5))
+    for i in range(flips):  # coalescing switched off and on again by an operator
+        sim.set_flags(at=rng.uniform(0, 10), coalesce_enabled=i % 2 == 1)
     return sim
 
 
@@ -486,6 +488,40 @@ def test_crashes_of_pool_pacer_and_shards_keep_the_invariants(seed):
     assert sim.quiescent
     # "cancelled": a stream of a dead shard, failed by the Pacer (the Pool aborts its call)
     assert all(c.outcome in ("done", "error", "rejected", "disconnected", "cancelled") for c in sim.clients)
+
+
+@pytest.mark.parametrize("seed", seeds(30), ids=ids)
+def test_coalescing_switched_off_and_on_keeps_the_invariants(seed):
+    # The edge follows the Coalescer's last Admitted.coalesce (edge/flights.py): switched off,
+    # then on, an edge submits a second flight for a key the shard joins to the running
+    # stream, so two local flights listen to one stream (the situation of seed 21945).
+    sim = chaos(seed, flips=4)
+    sim.run()
+    assert sim.quiescent
+
+
+def test_one_listener_per_stream_is_found_by_coalescing_flips(monkeypatch):
+    # The bug of commit 08751be, put back: the edge's hub client keeps one listener per
+    # stream, so a second local flight on a stream replaces the first. The real flight logic
+    # in the simulated edges, with coalescing switched off and on, must find it.
+    import sim.harness
+    from edge.listeners import Listeners
+
+    class OneListenerPerStream(Listeners):
+        def add(self, stream_id, listener):
+            self._by_stream[stream_id] = [listener]
+
+    monkeypatch.setattr(sim.harness, "Listeners", OneListenerPerStream)
+    failed, shared = [], 0
+    for seed in range(20):
+        s = chaos(seed, flips=4)
+        try:
+            s.run()
+        except SimulationError:
+            failed.append(seed)
+        shared += sum(e.shared_listens for e in s.edges.values())
+    assert shared, "no run put two local flights on one stream"
+    assert failed, "no seed noticed a flight cut off from its stream"
 
 
 @pytest.mark.parametrize("seed", seeds(30), ids=ids)
@@ -575,12 +611,12 @@ def test_rejoining_a_stream_on_the_same_edge_sees_each_event_once(seed):
 
 
 def test_frames_of_an_earlier_subscription_break_a_rejoin_without_the_seq_rule(monkeypatch):
-    # The edge's rule (edge.listeners.new_events, run by the simulated edges) is what keeps
-    # the rejoin above correct: taking every frame's events as new fails it.
+    # The edge's rule (edge.listeners.new_events, run by the real EdgeFlights in the simulated
+    # edges) is what keeps the rejoin above correct: taking every frame's events as new fails it.
+    import edge.flights
     import edge.listeners
-    import sim.harness
 
-    monkeypatch.setattr(sim.harness, "new_events", lambda have, seq, events: events)
+    monkeypatch.setattr(edge.flights, "new_events", lambda have, seq, events: events)
     failed = []
     for seed in range(30):
         try:

@@ -1,4 +1,4 @@
-"""The stream hub: the data plane from the Pool to the edge processes.
+"""The stream hub: the data plane from the Pool to the edge processes (the network part).
 
 Tokens never travel as Thespian messages (a host carries ~1,000 of those a second; see
 docs/architecture.md). Each edge process keeps one TCP connection to the hub, on the
@@ -6,15 +6,12 @@ actor system's interface. The connection starts with a challenge the edge answer
 HMAC of the cluster secret (protocols/hub_hello.py): until that matches, the hub reads
 only that small fixed-size answer and parses nothing, and a wrong or late answer closes
 the connection. Then the edge sends `Subscribe`/`Unsubscribe`; the hub sends `StreamData`
-frames (protocols/messages.py, msgpack, back to back on the socket). A `Subscribe` is
-served only with the Coalescer's ticket for the edge id this connection authenticated as
-(`protocols.auth.ticket_ok`); otherwise the answer is `SubscribeRefused` and nothing of
-the stream. A stream's events
-are kept from its first to its last (the replay buffer), so a subscriber that arrives
-late gets everything so far in one frame, then the rest live: every subscriber sees the
-same events in the same order. A finished stream lingers `linger_s` for late
-subscribers, then is dropped. A stream subscribed to but never opened (an actor lost a
-message) ends with an error after `orphan_s`, so no client waits forever.
+frames (protocols/messages.py, msgpack, back to back on the socket).
+
+What the hub keeps (streams, replay buffers, subscribers, tickets, linger, orphans) is
+`actors/hub_logic.py`'s `HubLogic`, which the simulation runs too; this module hosts it:
+the listening socket, the handshakes, one `EdgeConnection` per edge and its write
+batching, and the once-a-second sweep.
 
 Runs on the Pool's asyncio loop; single-threaded by construction.
 """
@@ -23,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 
 import msgpack
 
+from actors.effects import Send
+from actors.hub_logic import HubLogic, HubStream
 from protocols import auth, hub_hello, trace
-from protocols import events as ev
 from protocols import messages as m
 
 log = logging.getLogger("sluice.hub")
@@ -42,21 +39,10 @@ HANDSHAKE_TIMEOUT_S = 5.0  # a peer that has not answered the challenge by then 
 MAX_HANDSHAKES = 64  # connections still in their handshake; more are closed at once
 
 
-@dataclass
-class HubStream:
-    stream_id: str
-    created_at: float
-    events: list = field(default_factory=list)
-    subscribers: set = field(default_factory=set)
-    finished_at: float | None = None
-    opened: bool = False  # the Pool started (or failed) the upstream call for it
-
-
 class EdgeConnection:
     def __init__(self, hub: StreamHub, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.hub, self.reader, self.writer = hub, reader, writer
         self.edge_id: str | None = None  # set once the handshake proved it
-        self.streams: set[str] = set()
         self._pending: list[bytes] = []
         self._flushed_at = 0.0
 
@@ -117,21 +103,25 @@ class EdgeConnection:
 
 class StreamHub:
     """`secret` is the cluster secret (actors/secret.py): it checks the edges' handshakes
-    and the Coalescer's tickets."""
+    and (in `HubLogic`) the Coalescer's tickets."""
 
     def __init__(self, secret: bytes, linger_s: float = 30.0, orphan_s: float = 120.0):
-        if not secret:
-            raise ValueError("the stream hub needs the cluster secret")
+        self.logic = HubLogic(secret, linger_s, orphan_s)
         self.secret = secret
-        self.linger_s, self.orphan_s = linger_s, orphan_s
         self.handshaking = 0  # connections not yet authenticated
         self.refused_handshakes = 0
-        self.refused_subscribes = 0
-        self.streams: dict[str, HubStream] = {}
         self.connections: set[EdgeConnection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
+
+    @property
+    def streams(self) -> dict[str, HubStream]:
+        return self.logic.streams
+
+    @property
+    def refused_subscribes(self) -> int:
+        return self.logic.refused_subscribes
 
     async def start(self, host: str) -> int:
         self._server = await asyncio.start_server(self._accept, host, 0)
@@ -174,82 +164,48 @@ class StreamHub:
     # --- publishing ---------------------------------------------------------------------
     def publish(self, stream_id: str, events: list[dict]) -> None:
         trace.stamp("hub_publish", "pool", stream_id, events)
-        stream = self._stream(stream_id)
-        if stream.finished_at is not None or not events:
-            return
-        seq = len(stream.events)
-        stream.events.extend(events)
-        if ev.is_terminal(events[-1]):
-            stream.finished_at = time.monotonic()
-        if stream.subscribers:
-            frame = m.encode(m.StreamData(stream_id, seq, events))
-            for conn in stream.subscribers:
-                conn.send_encoded(frame)
+        self._carry_out(self.logic.publish(stream_id, events, time.monotonic()))
 
     def mark_open(self, stream_id: str) -> None:
-        self._stream(stream_id).opened = True
+        self.logic.mark_open(stream_id, time.monotonic())
 
     def is_finished(self, stream_id: str) -> bool:
-        stream = self.streams.get(stream_id)
-        return stream is not None and stream.finished_at is not None
+        return self.logic.is_finished(stream_id)
 
     def subscriber_count(self, stream_id: str) -> int:
-        stream = self.streams.get(stream_id)
-        return len(stream.subscribers) if stream else 0
+        return self.logic.subscriber_count(stream_id)
 
     # --- subscriptions ------------------------------------------------------------------
     def on_edge_message(self, conn: EdgeConnection, msg) -> None:
-        if isinstance(msg, m.Subscribe):
-            if not auth.ticket_ok(self.secret, msg.stream_id, conn.edge_id, msg.ticket):
-                self.refused_subscribes += 1
-                log.warning("edge %r refused stream %r: no valid ticket", conn.edge_id, msg.stream_id)
-                conn.send(m.SubscribeRefused(msg.stream_id, "forbidden", "this edge was not admitted to this stream"))
-                return
-            stream = self._stream(msg.stream_id)
-            stream.subscribers.add(conn)
-            conn.streams.add(msg.stream_id)
-            if stream.events:
-                conn.send(m.StreamData(msg.stream_id, 0, list(stream.events)))
-        elif isinstance(msg, m.Unsubscribe):
-            stream = self.streams.get(msg.stream_id)
-            if stream:
-                stream.subscribers.discard(conn)
-            conn.streams.discard(msg.stream_id)
-        else:
-            reason = msg.reason if isinstance(msg, m.Invalid) else f"unexpected {type(msg).__name__}"
-            conn.send(m.ErrorReply("bad_message", reason))
+        effects = self.logic.handle(msg, conn, conn.edge_id, time.monotonic())
+        for effect in effects:
+            if isinstance(effect.msg, m.SubscribeRefused):
+                log.warning("edge %r refused stream %r: no valid ticket", conn.edge_id, effect.msg.stream_id)
+        self._carry_out(effects)
 
     def drop(self, conn: EdgeConnection) -> None:
         self.connections.discard(conn)
-        for stream_id in conn.streams:
-            stream = self.streams.get(stream_id)
-            if stream:
-                stream.subscribers.discard(conn)
-        conn.streams.clear()
+        self.logic.drop(conn)
 
-    def _stream(self, stream_id: str) -> HubStream:
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            stream = self.streams[stream_id] = HubStream(stream_id, time.monotonic())
-        return stream
+    def _carry_out(self, effects: list[Send]) -> None:
+        """Send each frame; a frame published to many edges is encoded once."""
+        encoded: dict[int, bytes] = {}
+        for effect in effects:
+            data = encoded.get(id(effect.msg))
+            if data is None:
+                data = encoded[id(effect.msg)] = m.encode(effect.msg)
+            effect.to.send_encoded(data)
 
     async def _sweep(self) -> None:
-        """Drop finished streams after their linger; end orphans with an error."""
+        """Once a second: finished streams past their linger dropped, orphans ended."""
         while True:
             await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for stream in list(self.streams.values()):
-                if stream.finished_at is not None and now - stream.finished_at > self.linger_s:
-                    del self.streams[stream.stream_id]
-                elif not stream.opened and stream.finished_at is None and now - stream.created_at > self.orphan_s:
-                    self.publish(stream.stream_id, [ev.error("stream_not_started", "the upstream call never started")])
+            self._carry_out(self.logic.sweep(time.monotonic()))
 
     def state(self) -> dict:
         return {
             "edge_connections": len(self.connections),
             "handshaking": self.handshaking,
             "refused_handshakes": self.refused_handshakes,
-            "refused_subscribes": self.refused_subscribes,
-            "streams": len(self.streams),
-            "open_streams": sum(1 for s in self.streams.values() if s.finished_at is None),
+            **self.logic.state(),
         }

@@ -8,18 +8,20 @@ What runs for real: `PacerLogic` (one per provider account) and `CoalescerLogic`
 keyed with `protocols.keys.shard_of` like the edge does). What is simulated, in a few
 lines each, with the real behaviour as the model:
 
-  * `SimEdge`  -- edge/streams.py: local join of identical requests, one Submit per key,
-                  one hub subscription per stream, one Cancel when the last local client
-                  of an unfinished stream leaves; records what each client received.
-  * `SimPool`  -- actors/pool.py + actors/hub.py: OpenStream (from the Pacer's grant)
-                  runs a scripted upstream call (TTFT, token pace, token count, failure,
-                  429 Retry-After), AbortStream stops it, FailStream publishes an error
-                  (or stops the call, if the grant opened it already); every ending sends
-                  LeaseRelease to the Pacer and StreamFinished to the Coalescer; the hub
-                  replays a stream to late subscribers, and serves a stream only to the
-                  edge whose Coalescer ticket (Admitted.ticket) it shows: every edge in the
-                  simulation is honest, so a refused Subscribe fails the run (a ticket
-                  given to the wrong edge, or none).
+  * `SimEdge`  -- edge/streams.py + edge/dataplane.py: hosts the real `EdgeFlights`
+                  (edge/flights.py: local flights, one Submit per key, replays, one
+                  Cancel when the last local client of an unfinished flight leaves, hub
+                  loss, stray answers) and `Listeners` (edge/listeners.py); records what
+                  each client received.
+  * `SimPool`  -- actors/pool.py: OpenStream (from the Pacer's grant) runs a scripted
+                  upstream call (TTFT, token pace, token count, failure, 429
+                  Retry-After), AbortStream stops it, FailStream publishes an error (or
+                  stops the call, if the grant opened it already); every ending sends
+                  LeaseRelease to the Pacer and StreamFinished to the Coalescer. Its stream
+                  hub is the real `HubLogic` (actors/hub_logic.py: replay, subscribers,
+                  tickets, linger, orphans), swept on a timer at its `next_due`; every
+                  edge in the simulation is honest, so a refused Subscribe fails the run
+                  (a ticket given to the wrong edge, or none).
   * `SimMetrics` (optional) -- hosts the real `MetricsLogic`.
 
 The network: every message between nodes is encoded with `protocols.messages.encode` and
@@ -58,13 +60,14 @@ from typing import Any
 
 from actors.coalescer_logic import CoalescerFlags, CoalescerLogic, pacer_role
 from actors.effects import After, Send
+from actors.hub_logic import HubLogic
 from actors.metrics_logic import MetricsLogic
 from actors.pacer_logic import PacerLogic, PacerSettings, PoolAt
-from edge.listeners import Listeners, new_events
-from protocols import auth
+from edge.flights import Admit, EdgeFlights, Flight, Listen, Push, Refuse, Unlisten
+from edge.listeners import Listeners
 from protocols import events as ev
 from protocols import messages as m
-from protocols.keys import coalescing_key, shard_of
+from protocols.keys import coalescing_key
 from protocols.providers.base import code_for_status, status_text
 
 SEED_ENV = "SLUICE_SIM_SEED"
@@ -172,7 +175,6 @@ class SimClient:
     code: str | None = None
     retry_after_s: float | None = None
     flight: Any = None
-    wants_out: bool = False  # disconnected before the edge had an answer
     replayed: bool = False  # got a remembered error (error TTL) instead of a stream
     hub_lost: bool = False  # its stream ended with the edge's own hub_disconnected
 
@@ -227,10 +229,10 @@ class _Flush:
 
 
 @dataclass(frozen=True)
-class _Orphan:
-    """Hub timer: a stream subscribed to but never opened ends with an error (actors/hub.py)."""
+class _Sweep:
+    """Hub timer: `HubLogic.sweep` is due (a linger over, an orphan to end)."""
 
-    stream_id: str
+    due: float
 
 
 @dataclass(frozen=True)
@@ -268,185 +270,106 @@ class _Records:
 # --- the simulated edge ---------------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class _EdgeFlight:
-    key: str
-    stream_id: str
-    shard: str
-    coalesce: bool
-    fanout: bool
-    events: list = field(default_factory=list)
-    subscribers: dict = field(default_factory=dict)  # SimClient -> None (ordered set)
-    finished: bool = False
-
-
-@dataclass(eq=False)
-class _Pending:
-    client: SimClient
-    waiters: list = field(default_factory=list)
-    shard: str = ""
-    submit: Any = None
-
-
 class SimEdge:
-    """One edge process, modelled on edge/streams.py (LocalStreams) and edge/app.py."""
+    """One edge process: the real `EdgeFlights` (edge/flights.py) and `Listeners`
+    (edge/listeners.py), hosted as edge/streams.py, edge/dataplane.py and edge/app.py do."""
 
     def __init__(self, name: str, shards: int, metrics: bool):
         self.name, self.edge_id, self.shards = f"edge:{name}", name, shards
-        self.by_key: dict[str, _EdgeFlight] = {}
-        self.pending: dict[str, _Pending] = {}
-        self.submits: dict[str, _Pending] = {}  # request_id -> the Submit awaiting an answer
-        self.listeners: Listeners[_EdgeFlight] = Listeners()  # the real edge/dataplane.py bookkeeping
+        self.logic = EdgeFlights(name, shards)
+        self.listeners: Listeners[Flight] = Listeners()  # the hub client's bookkeeping
         self.clients: list[SimClient] = []
+        self.waiting: dict[SimClient, list] = {}  # not admitted yet -> events queued for it
         self.records = _Records(self.name, metrics)
         self.hub_up = True
+        self.shared_listens = 0  # a flight listened to a stream another local flight was on
 
     def handle(self, msg, sender, now: float) -> list:
         if isinstance(msg, _Arrive):
-            return self._arrive(msg.client, now)
+            client = msg.client
+            self.clients.append(client)
+            self.waiting[client] = []
+            submit = m.Submit(client.request_id, client.key, client.provider, client.model, client.body, self.edge_id, now)
+            out = self.logic.join(client, submit, now)
+            client.flight = self.logic.flight_of[client][1]
+            return self._apply(out, now)
         if isinstance(msg, _Disconnect):
             client = msg.client
             if client.outcome is not None:
                 return []
-            if client.flight is None:  # still waiting for the Coalescer's answer
-                client.wants_out = True
-                return []
+            self.waiting.pop(client, None)  # waiting for its answer: the join is cancelled
             return self._end(client, "disconnected", now)
-        if isinstance(msg, (m.Admitted, m.Rejected)) and msg.request_id not in self.submits:
-            # A second answer to a Submit sent again to a replaced shard: give its reference back.
-            held = isinstance(msg, m.Admitted) and msg.error is None  # a replayed error holds none
-            return [Send(self._shard_of(msg.request_id), m.Cancel(msg.stream_id, self.edge_id, now))] if held else []
-        if isinstance(msg, m.Admitted):
-            return self._admitted(msg, now)
-        if isinstance(msg, m.Rejected):
-            return self._rejected(msg, now)
+        if isinstance(msg, (m.Admitted, m.Rejected)):
+            if msg.request_id in self.logic.submits:
+                return self._apply(self.logic.answer(msg.request_id, msg, now), now)
+            # A second answer to a Submit sent again to a replaced shard (edge/bridge.py).
+            return self._apply(self.logic.stray_answer(sender.partition("@")[0], msg, now), now)
         if isinstance(msg, m.StreamData):
             out: list = []
             for flight in self.listeners.of(msg.stream_id):  # each local flight on it
-                events = new_events(len(flight.events), msg.seq, msg.events)  # edge/streams.py's rule
-                out += self._on_events(flight, events, now) if events else []
+                out += self._apply(self.logic.frame(flight, msg.seq, msg.events, now), now)
             return out
         if isinstance(msg, _Flush):
             return self.records.flush()
         if isinstance(msg, _HubLost):
             return self._hub_lost(msg, now)
         if isinstance(msg, _ShardMoved):  # edge/bridge.py follows the role to its replacement
-            return [Send(msg.shard, p.submit) for p in self.submits.values() if p.shard == msg.shard]
+            return [Send(msg.shard, f.submit) for f in self.logic.unanswered() if f.shard == msg.shard]
         raise TypeError(f"{self.name}: unexpected {type(msg).__name__}")
 
     def _hub_lost(self, msg: _HubLost, now: float) -> list:
-        """edge/dataplane.py + streams.py: every listened stream ends with hub_disconnected
-        and this edge gives its reference back (one Cancel per local flight)."""
+        """edge/dataplane.py: every listener hears the connection's end (seq None)."""
         self.hub_up = msg.up
         if msg.up:
             return []
         out: list = []
-        for stream_id, flights in self.listeners.pop_all().items():
+        for flights in self.listeners.pop_all().values():
             for flight in flights:
-                for client in flight.subscribers:
+                for client in flight.clients:
                     client.hub_lost = True
-                out += self._on_events(flight, [ev.error("hub_disconnected", "the stream hub went away mid-stream")], now)
-                out.append(Send(flight.shard, m.Cancel(stream_id, self.edge_id, now)))
+                error = ev.error("hub_disconnected", "the stream hub went away mid-stream")
+                out += self._apply(self.logic.frame(flight, None, [error], now), now)
         return out
 
-    def _arrive(self, client: SimClient, now: float) -> list:
-        self.clients.append(client)
-        if client.key:
-            flight = self.by_key.get(client.key)
-            if flight is not None and not flight.finished and flight.coalesce:
-                self._attach(flight, client, "follower")
-                return self._start(client, now)
-            if client.key in self.pending:
-                self.pending[client.key].waiters.append(client)
-                return []
-        return self._submit(client, now)
-
-    def _submit(self, client: SimClient, now: float) -> list:
-        shard = f"coalescer:{shard_of(client.key, self.shards, client.request_id)}"
-        body = m.Submit(client.request_id, client.key, client.provider, client.model, client.body, self.edge_id, now)
-        pending = _Pending(client, shard=shard, submit=body)
-        if client.key:
-            self.pending[client.key] = pending
-        self.submits[client.request_id] = pending
-        return [Send(shard, body)]
-
-    def _shard_of(self, request_id: str) -> str:
-        client = next(c for c in self.clients if c.request_id == request_id)
-        return f"coalescer:{shard_of(client.key, self.shards, request_id)}"
-
-    def _answered(self, request_id: str) -> _Pending:
-        pending = self.submits.pop(request_id)
-        key = pending.client.key
-        if key and self.pending.get(key) is pending:
-            del self.pending[key]
-        return pending
-
-    def _admitted(self, msg: m.Admitted, now: float) -> list:
-        if not self.hub_up and msg.error is None and msg.request_id in self.submits:
-            # No hub to subscribe to (edge/streams.py): refused with 503, reference given back.
-            shard = self.submits[msg.request_id].shard
-            return self._rejected(m.Rejected(msg.request_id, 503, "gateway_unavailable", "stream hub unreachable"), now) + [
-                Send(shard, m.Cancel(msg.stream_id, self.edge_id, now))
-            ]
-        pending = self._answered(msg.request_id)
-        key = pending.client.key
-        shard = f"coalescer:{shard_of(key, self.shards, msg.request_id)}"
-        flight = _EdgeFlight(key, msg.stream_id, shard, msg.coalesce and bool(key), msg.fanout)
+    def _apply(self, effects: list, now: float) -> list:
+        """Carry out the flight logic's effects; -> the messages to send."""
         out: list = []
-        if msg.error is not None:  # a failure within its error TTL: replayed, no stream
-            flight.events.append(msg.error)
-            flight.finished = True
-            pending.client.replayed = True
-        else:
-            if flight.coalesce:
-                self.by_key[key] = flight
-            self.listeners.add(flight.stream_id, flight)
-            out.append(Send("pool", m.Subscribe(flight.stream_id, msg.ticket)))
-        # Everyone waiting on this answer attaches first; their responses run afterwards
-        # (in the edge they are separate tasks woken by the same future).
-        attached = [pending.client]
-        self._attach(flight, pending.client, msg.role)
-        for waiter in pending.waiters:
-            if not flight.finished and flight.coalesce:
-                self._attach(flight, waiter, "follower")
-                attached.append(waiter)
+        for effect in effects:
+            if isinstance(effect, Push):
+                if effect.client in self.waiting:  # its response has not started yet
+                    self.waiting[effect.client] += effect.events
+                elif effect.client.outcome is None:
+                    out += self._push(effect.client, effect.events, now)
+            elif isinstance(effect, Admit):
+                client = effect.client
+                if client not in self.waiting:
+                    continue
+                client.flight, client.role, client.fanout = effect.flight, effect.role, effect.fanout
+                client.stream_id, client.replayed = client.flight.stream_id, client.flight.replayed
+                out += self._push(client, self.waiting.pop(client), now)
+            elif isinstance(effect, Refuse):
+                client, r = effect.client, effect.rejected
+                if self.waiting.pop(client, None) is None:
+                    continue
+                client.role = client.role or "leader"
+                client.status, client.code, client.retry_after_s = r.status, r.code, r.retry_after_s
+                out += self._end(client, "rejected", now)
+            elif isinstance(effect, Listen):
+                flight = effect.flight
+                if not self.hub_up:  # no hub to connect to: edge/streams.py's OSError path
+                    out += self._apply(self.logic.listen_failed(flight, "stream hub unreachable", now), now)
+                    continue
+                self.shared_listens += flight.stream_id in self.listeners
+                self.listeners.add(flight.stream_id, flight)
+                out.append(Send("pool", m.Subscribe(flight.stream_id, flight.ticket)))
+                out += self._apply(self.logic.listened(flight), now)
+            elif isinstance(effect, Unlisten):
+                if self.listeners.remove(effect.flight.stream_id, effect.flight):
+                    out.append(Send("pool", m.Unsubscribe(effect.flight.stream_id)))
+            elif isinstance(effect, Send):
+                out.append(effect)
             else:
-                out += self._submit(waiter, now)
-        for client in attached:
-            out += self._start(client, now)
-        return out
-
-    def _rejected(self, msg: m.Rejected, now: float) -> list:
-        pending = self._answered(msg.request_id)
-        out: list = []
-        for client in [pending.client, *pending.waiters]:
-            client.role = client.role or "leader"
-            client.status, client.code, client.retry_after_s = msg.status, msg.code, msg.retry_after_s
-            client._end("rejected", now)
-            out += self._record(client, now)
-        return out
-
-    def _attach(self, flight: _EdgeFlight, client: SimClient, role: str) -> None:
-        client.role, client.stream_id, client.flight = role, flight.stream_id, flight
-        client.fanout = flight.fanout or role == "leader"
-        flight.subscribers[client] = None
-
-    def _start(self, client: SimClient, now: float) -> list:
-        """The client's SSE response starts: a disconnect seen first wins over the replay."""
-        if client.wants_out:
-            return self._end(client, "disconnected", now)
-        return self._push(client, list(client.flight.events), now)
-
-    def _on_events(self, flight: _EdgeFlight, events: list, now: float) -> list:
-        if flight.finished:
-            return []
-        flight.events.extend(events)
-        out: list = []
-        if any(ev.is_terminal(e) for e in events):
-            flight.finished = True
-            out += self._forget(flight)
-        for client in list(flight.subscribers):
-            out += self._push(client, events, now)
+                raise TypeError(f"{self.name}: unexpected effect {effect!r}")
         return out
 
     def _push(self, client: SimClient, events: list, now: float) -> list:
@@ -463,25 +386,7 @@ class SimEdge:
     def _end(self, client: SimClient, outcome: str, now: float) -> list:
         """The client's response ended: record it and leave (edge/app.py `ended`)."""
         client._end(outcome, now)
-        return self._leave(client, now) + self._record(client, now)
-
-    def _leave(self, client: SimClient, now: float) -> list:
-        flight = client.flight
-        if flight is None or client not in flight.subscribers:
-            return []
-        del flight.subscribers[client]
-        if flight.subscribers or flight.finished:
-            return []
-        out = self._forget(flight)
-        flight.finished = True
-        return out + [Send(flight.shard, m.Cancel(flight.stream_id, self.edge_id, now))]
-
-    def _forget(self, flight: _EdgeFlight) -> list:
-        if self.by_key.get(flight.key) is flight:
-            del self.by_key[flight.key]
-        if not self.listeners.remove(flight.stream_id, flight):
-            return []  # not listening, or another local flight still listens to this stream
-        return [Send("pool", m.Unsubscribe(flight.stream_id))]
+        return self._apply(self.logic.leave(client, now), now) + self._record(client, now)
 
     def _record(self, client: SimClient, now: float) -> list:
         started = next((e for e in client.events if e.get("type") == ev.STARTED), None)
@@ -508,15 +413,8 @@ class SimEdge:
 # --- the simulated Pool (upstream calls + stream hub) -------------------------------------------
 
 
-@dataclass
-class _HubStream:
-    events: list = field(default_factory=list)
-    subscribers: dict = field(default_factory=dict)  # edge name -> None (ordered set)
-    finished: bool = False
-
-
 class SimPool:
-    """The Pool actor and its stream hub, with a scripted upstream instead of HTTP."""
+    """The Pool actor with a scripted upstream instead of HTTP, hosting the real hub logic."""
 
     name = "pool"
 
@@ -525,21 +423,24 @@ class SimPool:
         self.behaviour: Upstream | Callable[[UpstreamRequest], Upstream] = Upstream()
         self.log: list[UpstreamCall] = []
         self.running: dict[str, UpstreamCall] = {}
-        self.hub: dict[str, _HubStream] = {}
+        self.orphan_s = 90.0  # the Simulation sets PACER_MAX_WAIT + 60 s, like actors/pool.py
+        self.hub = HubLogic(secret, orphan_s=self.orphan_s)
         self.failed: list[tuple[str, str]] = []  # FailStream (stream_id, code)
         self.records = _Records("pool", metrics)
-        self.lost_hub: dict[str, _HubStream] = {}  # streams of dead incarnations
-        self.orphan_s = 90.0  # the Simulation sets PACER_MAX_WAIT + 60 s, like actors/pool.py
+        # What each stream published, per hub that held it (a dead incarnation's too, and
+        # one dropped after its linger): stream id -> [events list of each HubStream].
+        self.published: dict[str, list[list]] = {}
+        self._sweep_at: float | None = None  # the hub's sweep timer, when one is set
         self.incarnation = "pool"
 
     def crash(self, now: float) -> None:
         """SIGKILL: the calls stop without a word (no LeaseRelease, no StreamFinished), the
-        hub and its replay buffers are gone."""
+        hub and its replay buffers are gone (`published` keeps what they had sent)."""
         for call in self.running.values():
             call.outcome, call.ended_at = "lost", now
         self.running.clear()
-        self.lost_hub.update(self.hub)
-        self.hub = {}
+        self.hub = HubLogic(self.secret, orphan_s=self.orphan_s)
+        self._sweep_at = None  # its timer died with it
 
     @property
     def calls(self) -> int:
@@ -547,6 +448,13 @@ class SimPool:
         return len(self.log)
 
     def handle(self, msg, sender, now: float) -> list:
+        out = self._handle(msg, sender, now)
+        stream_id = getattr(msg, "stream_id", None)  # only such messages create hub streams
+        if stream_id is not None:
+            self._observe(stream_id)
+        return out + self._sweep_timer(now)
+
+    def _handle(self, msg, sender, now: float) -> list:
         if isinstance(msg, m.OpenStream):
             return self._open(msg, now)
         if isinstance(msg, _Step):
@@ -558,31 +466,37 @@ class SimPool:
             self.failed.append((msg.stream_id, msg.code))
             if msg.stream_id in self.running:  # everyone left before the Coalescer saw the grant
                 return self._abort(msg.stream_id, now, now)
-            return self._publish(msg.stream_id, [ev.error(msg.code, msg.message)])
-        if isinstance(msg, m.Subscribe):
+            self.hub.mark_open(msg.stream_id, now)
+            return self._publish(msg.stream_id, [ev.error(msg.code, msg.message)], now)
+        if isinstance(msg, (m.Subscribe, m.Unsubscribe)):
             edge_id = sender.partition(":")[2]  # node "edge:<edge id>" (the hub's handshake)
-            if not auth.ticket_ok(self.secret, msg.stream_id, edge_id, msg.ticket):
+            out = self.hub.handle(msg, sender, edge_id, now)
+            refused = [e.msg for e in out if isinstance(e.msg, m.SubscribeRefused)]
+            if refused:
                 raise PermissionError(f"the hub refuses {sender}'s Subscribe to {msg.stream_id}: not its ticket")
-            stream = self.hub.setdefault(msg.stream_id, _HubStream())
-            stream.subscribers[sender] = None
-            if stream.events:
-                return [Send(sender, m.StreamData(msg.stream_id, 0, list(stream.events)))]
-            # Only after a double crash (a Pacer, then the shard before it re-asked) does
-            # nobody ever open or fail a stream; the hub's orphan timeout ends it.
-            return [] if msg.stream_id in self.running else [After(self.orphan_s, _Orphan(msg.stream_id))]
-        if isinstance(msg, _Orphan):
-            stream = self.hub.get(msg.stream_id)
-            if stream is None or stream.events or msg.stream_id in self.running or any(c.stream_id == msg.stream_id for c in self.log):
-                return []
-            return self._publish(msg.stream_id, [ev.error("stream_not_started", "the upstream call never started")])
-        if isinstance(msg, m.Unsubscribe):
-            stream = self.hub.get(msg.stream_id)
-            if stream is not None:
-                stream.subscribers.pop(sender, None)
-            return []
+            return out
+        if isinstance(msg, _Sweep):
+            if msg.due == self._sweep_at:
+                self._sweep_at = None
+            return self.hub.sweep(now)
         if isinstance(msg, _Flush):
             return self.records.flush()
         raise TypeError(f"pool: unexpected {type(msg).__name__}")
+
+    def _observe(self, stream_id: str) -> None:
+        stream = self.hub.streams.get(stream_id)
+        if stream is not None:
+            kept = self.published.setdefault(stream_id, [])
+            if not any(events is stream.events for events in kept):
+                kept.append(stream.events)
+
+    def _sweep_timer(self, now: float) -> list:
+        """The real hub sweeps once a second; here a timer fires when the logic says."""
+        due = self.hub.next_due()
+        if due is None or (self._sweep_at is not None and self._sweep_at <= due):
+            return []
+        self._sweep_at = due
+        return [After(max(0.0, due - now) + 1e-6, _Sweep(due))]  # a hair late: no float tie
 
     def _abort(self, stream_id: str, requested_at: float, now: float) -> list:
         call = self.running.get(stream_id)
@@ -592,11 +506,10 @@ class SimPool:
         return self._end(call, "cancelled", ev.error("cancelled", "cancelled: no subscriber left"), None, now)
 
     def _open(self, msg: m.OpenStream, now: float) -> list:
-        stream = self.hub.get(msg.stream_id)
         if msg.stream_id in self.running:
             return []  # a duplicate OpenStream (a replaced Pacer granted it again): its end releases
-        if stream is not None and stream.finished:  # over already: the grant back, the shard told
-            last = stream.events[-1]
+        if self.hub.is_finished(msg.stream_id):  # over already: the grant back, the shard told
+            last = self.hub.last_event(msg.stream_id)
             outcome, error = ("done", None) if last.get("type") == ev.DONE else ("error", last)
             return [
                 Send(pacer_role(msg.provider), m.LeaseRelease(msg.stream_id, None)),
@@ -607,6 +520,7 @@ class SimPool:
         call = UpstreamCall(request.n, msg.stream_id, msg.provider, msg.coalescer, behaviour, msg.queue_wait_ms, now)
         self.log.append(call)
         self.running[msg.stream_id] = call
+        self.hub.mark_open(msg.stream_id, now)
         return [After(behaviour.ttft_ms / 1000.0, _Step(msg.stream_id, 0))]
 
     def _step(self, call: UpstreamCall, i: int, now: float) -> list:
@@ -621,18 +535,18 @@ class SimPool:
             events.append(ev.started(now, call.queue_wait_ms))
         if b.fail == "error" and i == b.fail_after:
             error = ev.error(b.error_code, "the upstream failed mid-stream")
-            return self._publish(call.stream_id, events) + self._end(call, "error", error, None, now)
+            return self._publish(call.stream_id, events, now) + self._end(call, "error", error, None, now)
         if i >= b.tokens:
             events.append(ev.done("stop", ev.usage(3, b.tokens)["usage"]))
-            return self._publish(call.stream_id, events) + self._end(call, "done", None, None, now, published=True)
+            return self._publish(call.stream_id, events, now) + self._end(call, "done", None, None, now, published=True)
         events.append(ev.delta(f"c{call.n}.{i} "))
-        return self._publish(call.stream_id, events) + [After(b.token_interval_ms / 1000.0, _Step(call.stream_id, i + 1))]
+        return self._publish(call.stream_id, events, now) + [After(b.token_interval_ms / 1000.0, _Step(call.stream_id, i + 1))]
 
     def _end(self, call, outcome, error, retry_after, now, published=False) -> list:
         """Every ending: the hub's terminal event, LeaseRelease, StreamFinished, records."""
         del self.running[call.stream_id]
         call.outcome, call.ended_at = outcome, now
-        out = [] if published else self._publish(call.stream_id, [error])
+        out = [] if published else self._publish(call.stream_id, [error], now)
         out.append(Send(pacer_role(call.provider), m.LeaseRelease(call.stream_id, retry_after)))
         out.append(Send(call.coalescer, m.StreamFinished(call.stream_id, outcome, None if outcome == "cancelled" else error)))
         out += self.records.add(
@@ -652,14 +566,8 @@ class SimPool:
             out += self.records.add({"kind": "cancel", "stream_id": call.stream_id, "cancel_ms": cancel_ms, "at": now})
         return out
 
-    def _publish(self, stream_id: str, events: list) -> list:
-        stream = self.hub.setdefault(stream_id, _HubStream())
-        if stream.finished or not events:
-            return []
-        seq = len(stream.events)
-        stream.events.extend(events)
-        stream.finished = ev.is_terminal(events[-1])
-        return [Send(edge, m.StreamData(stream_id, seq, events)) for edge in stream.subscribers]
+    def _publish(self, stream_id: str, events: list, now: float) -> list:
+        return self.hub.publish(stream_id, events, now)
 
 
 class SimMetrics:
@@ -818,7 +726,7 @@ class Simulation:
             for i in range(shards)
         ]
         self.pool = SimPool(metrics)
-        self.pool.orphan_s = self.pacer.settings.max_wait_s + 60.0  # as actors/pool.py sets it
+        self.pool.orphan_s = self.pool.hub.orphan_s = self.pacer.settings.max_wait_s + 60.0  # as actors/pool.py
         self.edges: dict[str, SimEdge] = {}
         self.metrics = SimMetrics() if metrics else None
         self._add(pacer_role(provider), _PacerHost(self.pacer, self))
@@ -949,6 +857,10 @@ class Simulation:
             self._tell(pacer, PoolAt(self.pool.incarnation))
             for edge in self.edges:
                 self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _HubLost(up=True), None)
+        if node.name == pacer:
+            # Wired with the directory as it is now (actors/pacer.py `on_wire`), not as it
+            # was at the crash: a Pool replaced meanwhile told only the dead Pacer (seed 1019).
+            self._handle(node, None, PoolAt(None if self.nodes["pool"].down else self.pool.incarnation), None)
         if node.name.startswith("coalescer:"):
             for edge in self.edges:
                 self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _ShardMoved(node.name), None)
@@ -1048,8 +960,8 @@ class Simulation:
             if c.outcome == "rejected" and c.events:
                 self.fail(f"client {c.request_id} rejected but received events")
             if c.stream_id is not None and c.events:
-                # The live hub, or that of a dead Pool incarnation (the stream id may be in both).
-                candidates = [h[c.stream_id].events for h in (self.pool.hub, self.pool.lost_hub) if c.stream_id in h] or [[]]
+                # What each hub that held the stream published (a dead Pool incarnation's too).
+                candidates = self.pool.published.get(c.stream_id) or [[]]
                 if c.hub_lost and c.events[-1].get("code") != "hub_disconnected":
                     self.fail(f"client {c.request_id} lost its hub but ended {c.events[-1]}")
                 expected = [
@@ -1071,8 +983,9 @@ class Simulation:
         if self.pool.running:
             self.fail(f"pool still running {sorted(self.pool.running)}")
         for edge in self.edges.values():
-            if edge.by_key or edge.pending or edge.submits or edge.listeners:
-                self.fail(f"{edge.name} still holds state: flights={list(edge.by_key)} pending={list(edge.pending)} listeners={edge.listeners.streams()}")
+            lg = edge.logic
+            if lg.by_key or lg.submits or lg.by_request or lg.flight_of or edge.waiting or edge.listeners:
+                self.fail(f"{edge.name} still holds state: flights={list(lg.by_key)} submits={list(lg.submits)} clients={list(lg.by_request)} listeners={edge.listeners.streams()}")
         opened = {call.stream_id: call for call in self.pool.log}
         for lease in self.leases.values():
             if lease.released_at is None:
@@ -1101,7 +1014,7 @@ class Simulation:
         for edge in self.edges.values():
             for client in edge.clients:
                 flight = client.flight
-                if flight is not None and flight.stream_id == stream_id and client in flight.subscribers:
+                if flight is not None and flight.stream_id == stream_id and client in flight.clients:
                     self.fail(f"pool aborts {stream_id} while client {client.request_id} on {edge.name} listens")
 
     # --- the machinery -------------------------------------------------------------------------

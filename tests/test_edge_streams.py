@@ -182,3 +182,21 @@ def test_the_bridge_takes_an_answer_naming_another_request_as_a_stray():
     assert _answers_another(m.Submit("r1", KEY, "p", "m", {}, "e", 0.0), m.Admitted("r2", "s-1", "leader"))
     assert not _answers_another(m.Submit("r1", KEY, "p", "m", {}, "e", 0.0), m.Admitted("r1", "s-1", "leader"))
     assert not _answers_another(m.GetDirectory(), m.Directory({}, [], {}, 0))
+
+
+def test_clients_waiting_on_a_flight_the_coalescer_will_not_share_ask_on_their_own():
+    # The edge believed coalescing on and put "b" on "a"'s flight; the answer says it is
+    # off, so "b" submits its own request and gets its own stream (edge/flights.py).
+    async def scenario():
+        bridge = GatedBridge(lambda msg: m.Admitted(msg.request_id, f"s-{msg.request_id}", "leader", None, False, ticket="t"))
+        streams = LocalStreams(bridge, RecordingHub(), "edge-1", 2)
+        joins = [asyncio.create_task(streams.join(r, "simulated", "m", {}, KEY, 0.0)) for r in "ab"]
+        while not bridge.asked:  # run() bounds the wait
+            await asyncio.sleep(0)
+        assert [msg.request_id for msg in bridge.asked] == ["a"]
+        bridge.gate.set()
+        a, b = await asyncio.gather(*joins)
+        assert [msg.request_id for msg in bridge.asked] == ["a", "b"]
+        assert (a.flight.stream_id, a.role, b.flight.stream_id, b.role) == ("s-a", "leader", "s-b", "leader")
+
+    run(scenario())

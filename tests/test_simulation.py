@@ -405,7 +405,7 @@ def test_fanout_disabled_followers_still_get_the_same_final_text(seed):
 # --- faults -----------------------------------------------------------------------------------
 
 
-def chaos(seed, latency_ms=(0.3, 5.0), kills=0):
+def chaos(seed, latency_ms=(0.3, 5.0), kills=0, flips=0):
     """A random workload with random faults and live setting changes; all from the seed."""
     settings = PacerSettings(rps=2, burst=3, concurrency=3, rpm=40, max_queue=20, max_wait_s=8)
     sim = Simulation(
@@ -437,6 +437,8 @@ def chaos(seed, latency_ms=(0.3, 5.0), kills=0):
     for _ in range(kills):  # SIGKILLs of our own processes, each replaced after a while
         victim = rng.choice(["pool", "pacer:simulated", "coalescer:0", "coalescer:1", "coalescer:2"])
         sim.kill(victim, at=rng.uniform(0, 10), restart_s=rng.uniform(0.05, 1.5))
+    for i in range(flips):  # coalescing switched off and on again by an operator
+        sim.set_flags(at=rng.uniform(0, 10), coalesce_enabled=i % 2 == 1)
     return sim
 
 
@@ -460,7 +462,7 @@ def test_chaos_seeds_that_once_failed(seed):
     assert sim.quiescent
 
 
-@pytest.mark.parametrize("seed", [237, 344], ids=ids)
+@pytest.mark.parametrize("seed", [237, 344, 926, 1019], ids=ids)
 def test_crash_chaos_seeds_that_once_failed(seed):
     # 237: the Pool died while the Coalescer's FailStream(cancelled) was on its way to it,
     # and the Pacer (paused, its backlog running at once) granted the lease before it saw
@@ -468,6 +470,12 @@ def test_crash_chaos_seeds_that_once_failed(seed):
     # Pacer now follows such a LeaseCancel with a FailStream of its own.
     # 344: a client that never ended (two kills close together); passes since restarted
     # shards count their own stream ids (no stream id reused across shard incarnations).
+    # 926 (and 1049, 1212, 1458, 1468, 1490, 1583): the checker kept one dead hub per stream
+    # id, so a second Pool kill overwrote what the first had published (a harness artifact;
+    # the simulated Pool now runs the real HubLogic and keeps every incarnation's record).
+    # 1019: a Pacer restarted after a Pool replacement it never heard of (the harness built
+    # it at the crash with the old Pool's address); it is now wired with the directory of
+    # its restart, as actors/pacer.py is. Its leases of the first Pool leaked at the kill.
     sim = chaos(seed, kills=3)
     sim.run()
     assert sim.quiescent
@@ -482,6 +490,40 @@ def test_crashes_of_pool_pacer_and_shards_keep_the_invariants(seed):
     assert sim.quiescent
     # "cancelled": a stream of a dead shard, failed by the Pacer (the Pool aborts its call)
     assert all(c.outcome in ("done", "error", "rejected", "disconnected", "cancelled") for c in sim.clients)
+
+
+@pytest.mark.parametrize("seed", seeds(30), ids=ids)
+def test_coalescing_switched_off_and_on_keeps_the_invariants(seed):
+    # The edge follows the Coalescer's last Admitted.coalesce (edge/flights.py): switched off,
+    # then on, an edge submits a second flight for a key the shard joins to the running
+    # stream, so two local flights listen to one stream (the situation of seed 21945).
+    sim = chaos(seed, flips=4)
+    sim.run()
+    assert sim.quiescent
+
+
+def test_one_listener_per_stream_is_found_by_coalescing_flips(monkeypatch):
+    # The bug of commit 08751be, put back: the edge's hub client keeps one listener per
+    # stream, so a second local flight on a stream replaces the first. The real flight logic
+    # in the simulated edges, with coalescing switched off and on, must find it.
+    import sim.harness
+    from edge.listeners import Listeners
+
+    class OneListenerPerStream(Listeners):
+        def add(self, stream_id, listener):
+            self._by_stream[stream_id] = [listener]
+
+    monkeypatch.setattr(sim.harness, "Listeners", OneListenerPerStream)
+    failed, shared = [], 0
+    for seed in range(20):
+        s = chaos(seed, flips=4)
+        try:
+            s.run()
+        except SimulationError:
+            failed.append(seed)
+        shared += sum(e.shared_listens for e in s.edges.values())
+    assert shared, "no run put two local flights on one stream"
+    assert failed, "no seed noticed a flight cut off from its stream"
 
 
 @pytest.mark.parametrize("seed", seeds(30), ids=ids)
@@ -571,12 +613,12 @@ def test_rejoining_a_stream_on_the_same_edge_sees_each_event_once(seed):
 
 
 def test_frames_of_an_earlier_subscription_break_a_rejoin_without_the_seq_rule(monkeypatch):
-    # The edge's rule (edge.listeners.new_events, run by the simulated edges) is what keeps
-    # the rejoin above correct: taking every frame's events as new fails it.
+    # The edge's rule (edge.listeners.new_events, run by the real EdgeFlights in the simulated
+    # edges) is what keeps the rejoin above correct: taking every frame's events as new fails it.
+    import edge.flights
     import edge.listeners
-    import sim.harness
 
-    monkeypatch.setattr(sim.harness, "new_events", lambda have, seq, events: events)
+    monkeypatch.setattr(edge.flights, "new_events", lambda have, seq, events: events)
     failed = []
     for seed in range(30):
         try:

@@ -8,6 +8,7 @@ its end. On, it pays the request span and its children; the exporter here is the
 in-memory one, so the figure is the SDK's own cost without the network. Results go to
 docs/benchmarks.md ("Tracing").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,22 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200_000)
     args = parser.parse_args()
     now = time.time()
-    sub = SimpleNamespace(request_id="r1", role="leader", received_at=now - 0.3, provider="openai", model="gpt-x",
-                          flight=SimpleNamespace(stream_id="st-1"))
-    renderer = SimpleNamespace(first_byte_at=now - 0.1, provider_ttft_ms=150.0, queue_wait_ms=5.0, ttft_ms=200.0,
-                               served={}, ending={"usage": {"prompt_tokens": 7, "completion_tokens": 2},
-                                                  "finish_reason": "stop"})
+    sub = SimpleNamespace(
+        request_id="r1",
+        role="leader",
+        received_at=now - 0.3,
+        provider="openai",
+        model="gpt-x",
+        flight=SimpleNamespace(stream_id="st-1"),
+    )
+    renderer = SimpleNamespace(
+        first_byte_at=now - 0.1,
+        provider_ttft_ms=150.0,
+        queue_wait_ms=5.0,
+        ttft_ms=200.0,
+        served={},
+        ending={"usage": {"prompt_tokens": 7, "completion_tokens": 2}, "finish_reason": "stop"},
+    )
     outcome = {"outcome": "done", "error_code": None}
 
     def one_request() -> None:
@@ -47,8 +59,10 @@ def main() -> None:
     tracing.install(None)
     baseline = _per_call_ns(no_tracing_at_all, args.n)
     off = _per_call_ns(one_request, args.n)
-    print(f"tracing off: {off - baseline:.0f} ns per request over an empty loop body ({off:.0f} vs {baseline:.0f} ns, "
-          f"{args.n} requests)")
+    print(
+        f"tracing off: {off - baseline:.0f} ns per request over an empty loop body ({off:.0f} vs {baseline:.0f} ns, "
+        f"{args.n} requests)"
+    )
     try:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor

@@ -20,12 +20,19 @@ add fields before this module reads them):
   request   {"kind":"request", "request_id":str, "role":"leader"|"follower",
              "outcome":"done"|"error"|"cancelled"|"rejected", "error_code":str|None,
              "ttft_ms":float|None, "queue_wait_ms":float|None, "latency_ms":float,
-             "at":float}                     -- one per client request, from the edge
+             "at":float,
+             optional: "provider":str, "model":str, "key_id":str|None,
+                       "provider_ttft_ms":float|None}
+                                             -- one per client request, from the edge;
+                                             provider_ttft_ms only on a leader whose
+                                             call reached its first byte
   upstream  {"kind":"upstream", "stream_id":str, "provider":str,
              "outcome":"done"|"error"|"cancelled", "error_code":str|None,
-             "upstream_ttft_ms":float|None, "latency_ms":float, "at":float}
+             "upstream_ttft_ms":float|None, "latency_ms":float, "at":float,
+             optional: "model":str, "input_tokens":int|None, "output_tokens":int|None}
                                              -- one per upstream call, from the Pool
-  cancel    {"kind":"cancel", "stream_id":str, "cancel_ms":float, "at":float}
+  cancel    {"kind":"cancel", "stream_id":str, "cancel_ms":float, "at":float,
+             optional: "provider":str, "model":str}
                                              -- cancel request -> upstream abort
   retry     {"kind":"retry", "provider":str, "reason":"reset"|"connect"|"5xx"|"429",
              "attempt":int, "at":float}     -- one per upstream retry, from the Pool
@@ -36,9 +43,19 @@ add fields before this module reads them):
   fallback  {"kind":"fallback", "from":str, "to":str, "reason":str, "at":float}
                                              -- a call sent to a fallback provider
                                              (sluice_fallbacks_total)
-  gauge     {"kind":"gauge", "name":"active_streams"|"pacer_queue_depth"|"pacer_tokens"|"circuit_state",
+  gauge     {"kind":"gauge", "name":"active_streams"|"pacer_queue_depth"|"pacer_tokens"|"pacer_leases"|
+                                     "pacer_paused_seconds"|"circuit_state",
              "labels":{str:str}, "value":float, "at":float}
                                              -- latest `at` wins per (name, labels)
+
+Labels and their bounds (docs/operations.md has the metrics table): `provider` (at most
+MAX_PROVIDERS, then "other"), `model` (the first MAX_MODELS_PER_PROVIDER seen per provider,
+then "other"), `key_id` (at most MAX_KEY_IDS, then "other"; only present with client
+keys), `error_type` (at most MAX_ERROR_TYPES codes, then "other"). A record without
+provider or model (an older sender) is labelled "unknown". Folding rather than rejecting:
+the request still counts, only its label is coarser. Added TTFT is `ttft_ms -
+provider_ttft_ms` of one request record (both measured on one clock each: the edge's and
+the Pool's), clamped at 0.
 
 A record is rejected (counted in `rejected_records`, never raised) when it is not a dict,
 has an unknown kind, misses a field, has a field of the wrong type, has an enum value
@@ -48,8 +65,10 @@ value would poison every percentile and histogram after it).
 Definitions used by `performance(last_n, now)`:
   * the window is the last `last_n` request records *received* (arrival order, not `at`
     order); `window.from` / `window.to` are the smallest / largest `at` among them;
-  * ttft_ms, queue_wait_ms, latency_ms: nearest-rank p50/p95/p99 over the window's
-    non-None samples; `count` is the number of such samples;
+  * ttft_ms, queue_wait_ms, latency_ms, provider_ttft_ms, added_ttft_ms: nearest-rank
+    p50/p95/p99 over the window's non-None samples; `count` is the number of such samples;
+  * by_provider: the same window split by (provider, model) label: requests, error_rate,
+    and the five stats above (optional key: older readers ignore it);
   * cancel_ms: nearest-rank over the last `last_n` cancel records (their own window);
   * error_rate: requests with outcome "error" or "rejected" / requests in the window
     (0.0 for an empty window); "cancelled" is the client leaving, not an error;
@@ -84,7 +103,8 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 3
 ROLES = ("leader", "follower")
 REQUEST_OUTCOMES = ("done", "error", "cancelled", "rejected")
 UPSTREAM_OUTCOMES = ("done", "error", "cancelled")
-GAUGE_NAMES = ("active_streams", "pacer_queue_depth", "pacer_tokens", "circuit_state")
+GAUGE_NAMES = ("active_streams", "pacer_queue_depth", "pacer_tokens", "pacer_leases", "pacer_paused_seconds",
+               "circuit_state")
 CIRCUIT_STATES = tuple(STATE_VALUE)
 PERCENTILES = (50, 95, 99)
 
@@ -92,6 +112,40 @@ PERCENTILES = (50, 95, 99)
 # actor's memory or the scrape without bound. Series past the cap are rejected records.
 MAX_GAUGE_SERIES = 1000
 MAX_PROVIDERS = 100
+# Label values past these caps fold into OTHER (the request still counts).
+MAX_MODELS_PER_PROVIDER = 50
+MAX_KEY_IDS = 1000
+MAX_ERROR_TYPES = 50
+OTHER = "other"
+UNKNOWN = "unknown"  # a record that names no provider or model
+
+# Histogram families: key -> (metric name, help). Labels: provider, model. Kept without
+# key_id: 17 series per label set is where the cardinality of a histogram goes.
+_HISTOGRAMS = {
+    "ttft": ("sluice_ttft_seconds",
+             "Time to first token as the client sees it: request received -> first byte written by the edge."),
+    "provider_ttft": ("sluice_provider_ttft_seconds",
+                      "Provider's time to first token: request sent (first attempt) -> first provider byte; "
+                      "leaders only."),
+    "added_ttft": ("sluice_added_ttft_seconds",
+                   "What sluice added to a leader's TTFT: client TTFT - provider TTFT (admission, queue, hub, edge)."),
+    "queue_wait": ("sluice_queue_wait_seconds", "Time a request waited for a pacer lease."),
+    "cancel": ("sluice_cancel_latency_seconds", "Time from a cancel request to the upstream abort."),
+    "duration": ("sluice_request_duration_seconds", "Whole client request duration."),
+}
+# Counter families: key -> (metric name, help).
+_COUNTERS = {
+    "requests": ("sluice_requests_total",
+                 "Client requests by provider, model, outcome and role (and key_id with client keys)."),
+    "request_errors": ("sluice_request_errors_total",
+                       "Client requests that ended in an error or were rejected, by error_type (sluice's code)."),
+    "upstream_calls": ("sluice_upstream_calls_total", "Upstream provider calls by provider, model and outcome."),
+    "upstream_errors": ("sluice_upstream_errors_total", "Upstream calls that ended in an error, by error_type."),
+    "tokens": ("sluice_upstream_tokens_total",
+               "Tokens the provider reported in its usage, by token_type (input, output); once per upstream call."),
+    "leaders": ("sluice_coalesce_leaders_total", "Requests that led an upstream call."),
+    "followers": ("sluice_coalesce_followers_total", "Requests served by joining an identical in-flight call."),
+}
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
@@ -103,6 +157,16 @@ class _Request(NamedTuple):
     queue_wait_ms: float | None
     latency_ms: float
     at: float
+    provider: str = UNKNOWN
+    model: str = UNKNOWN
+    provider_ttft_ms: float | None = None
+
+    @property
+    def added_ttft_ms(self) -> float | None:
+        """What sluice added to the client's TTFT: its TTFT less the provider's."""
+        if self.ttft_ms is None or self.provider_ttft_ms is None:
+            return None
+        return max(0.0, self.ttft_ms - self.provider_ttft_ms)
 
 
 class _Upstream(NamedTuple):
@@ -114,6 +178,43 @@ class _Upstream(NamedTuple):
 class _Cancel(NamedTuple):
     cancel_ms: float
     at: float
+
+
+class _LabelBudget:
+    """Bounded label values: the first ones seen are kept, later ones fold into OTHER,
+    so a client sending 1,000 model names (or a sender bug) cannot grow the scrape."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, set[str]] = {}  # provider -> models kept
+        self._keys: set[str] = set()
+        self._errors: set[str] = set()
+
+    def provider_model(self, provider: str | None, model: str | None) -> tuple[str, str]:
+        provider, model = provider or UNKNOWN, model or UNKNOWN
+        if provider not in self._models:
+            if len(self._models) >= MAX_PROVIDERS:
+                return OTHER, OTHER
+            self._models[provider] = set()
+        models = self._models[provider]
+        if model not in models:
+            if len(models) >= MAX_MODELS_PER_PROVIDER:
+                return provider, OTHER
+            models.add(model)
+        return provider, model
+
+    def key_id(self, key_id: str | None) -> str | None:
+        return None if key_id is None else _capped(self._keys, key_id, MAX_KEY_IDS)
+
+    def error_type(self, code: str) -> str:
+        return _capped(self._errors, code, MAX_ERROR_TYPES)
+
+
+def _capped(seen: set[str], value: str, cap: int) -> str:
+    if value not in seen:
+        if len(seen) >= cap:
+            return OTHER
+        seen.add(value)
+    return value
 
 
 class _Malformed(Exception):
@@ -145,6 +246,24 @@ def _string(rec: dict, key: str, *, optional: bool = False, choices: Any = None)
     if v is None and optional:
         return None
     if not isinstance(v, str) or (choices is not None and v not in choices):
+        raise _Malformed(key)
+    return v
+
+
+def _optional_string(rec: dict, key: str) -> str | None:
+    """A field newer senders add: absent or None is None, anything but a str is malformed."""
+    v = rec.get(key)
+    if v is not None and not isinstance(v, str):
+        raise _Malformed(key)
+    return v
+
+
+def _count_field(rec: dict, key: str) -> int | None:
+    """A token count: absent or None is None; a negative, fractional or non-int is malformed."""
+    v = rec.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise _Malformed(key)
     return v
 
@@ -183,6 +302,28 @@ def _stats(samples: Iterable[float | None]) -> dict:
     return out
 
 
+def _breakdown(reqs: list[_Request]) -> list[dict]:
+    """The window's requests split by (provider, model) label, sorted by label."""
+    groups: dict[tuple[str, str], list[_Request]] = {}
+    for r in reqs:
+        groups.setdefault((r.provider, r.model), []).append(r)
+    out = []
+    for (provider, model), group in sorted(groups.items()):
+        errors = sum(1 for r in group if r.outcome in ("error", "rejected"))
+        out.append({
+            "provider": provider,
+            "model": model,
+            "requests": len(group),
+            "error_rate": errors / len(group),
+            "ttft_ms": _stats(r.ttft_ms for r in group),
+            "provider_ttft_ms": _stats(r.provider_ttft_ms for r in group),
+            "added_ttft_ms": _stats(r.added_ttft_ms for r in group),
+            "queue_wait_ms": _stats(r.queue_wait_ms for r in group),
+            "latency_ms": _stats(r.latency_ms for r in group),
+        })
+    return out
+
+
 class _Histogram:
     """Cumulative since start; reset() does not clear it (Prometheus counters must only
     grow, and a scrape-side rate() handles windows)."""
@@ -204,6 +345,14 @@ class _Histogram:
         self.count += 1
 
 
+Labels = tuple[tuple[str, str], ...]  # sorted (name, value) pairs: one series
+
+
+def _series(**labels: str | None) -> Labels:
+    """A series key; a None value (no key_id under open access) leaves the label out."""
+    return tuple(sorted((k, v) for k, v in labels.items() if v is not None))
+
+
 class MetricsLogic:
     """State of the Metrics actor. See the module docstring for record kinds and
     definitions."""
@@ -215,24 +364,34 @@ class MetricsLogic:
         self._requests: deque[_Request] = deque(maxlen=capacity)
         self._upstreams: deque[_Upstream] = deque(maxlen=capacity)
         self._cancels: deque[_Cancel] = deque(maxlen=capacity)
+        self._labels = _LabelBudget()
+        self._seeded: set[Labels] = set()  # (provider, model, key_id) whose request series exist
         # (name, labels tuple) -> (value, at)
         self._gauges: dict[tuple[str, tuple], tuple[float, float]] = {}
-        # cumulative since start, never reset
-        self._requests_total = {(o, r): 0 for o in REQUEST_OUTCOMES for r in ROLES}
-        self._upstream_total: dict[tuple[str, str], int] = {}
+        # cumulative since start, never reset; counter name -> series -> value
+        self._counters: dict[str, dict[Labels, float]] = {name: {} for name in _COUNTERS}
         self._retries_total: dict[tuple[str, str], int] = {}  # (provider, reason)
         self._circuit_opens: dict[tuple[str, str], int] = {}  # (account, key)
         self._fallbacks_total: dict[tuple[str, str], int] = {}  # (from provider, to provider)
-        self._hist = {
-            "ttft": _Histogram(),
-            "queue_wait": _Histogram(),
-            "cancel": _Histogram(),
-            "duration": _Histogram(),
-        }
+        # histogram name -> series (provider, model) -> histogram
+        self._hist: dict[str, dict[Labels, _Histogram]] = {name: {} for name in _HISTOGRAMS}
         self.rejected_records = 0
         self.accepted_records = 0
         self.last_ingest_at: float | None = None
         self.reset_at: float | None = None
+
+    def _count(self, name: str, series: Labels, by: float = 1) -> None:
+        family = self._counters[name]
+        family[series] = family.get(series, 0) + by
+
+    def _observe(self, name: str, series: Labels, ms: float | None) -> None:
+        if ms is None:
+            return
+        family = self._hist[name]
+        h = family.get(series)
+        if h is None:
+            h = family[series] = _Histogram()
+        h.observe(ms / 1000.0)
 
     # --- input ----------------------------------------------------------------------
 
@@ -250,48 +409,71 @@ class MetricsLogic:
             else:
                 self.accepted_records += 1
 
+    def _provider_model(self, rec: dict) -> tuple[str, str]:
+        provider = _optional_string(rec, "provider")
+        model = _optional_string(rec, "model")
+        return self._labels.provider_model(provider, model)
+
     def _ingest_one(self, rec: Any) -> None:
         if not isinstance(rec, dict):
             raise _Malformed("record")
         kind = rec.get("kind")
         if kind == "request":
             _string(rec, "request_id")
-            r = _Request(
-                role=_string(rec, "role", choices=ROLES),
-                outcome=_string(rec, "outcome", choices=REQUEST_OUTCOMES),
-                ttft_ms=_number(rec, "ttft_ms", duration=True, optional=True),
-                queue_wait_ms=_number(rec, "queue_wait_ms", duration=True, optional=True),
-                latency_ms=_number(rec, "latency_ms", duration=True),
-                at=_number(rec, "at"),
-            )
-            _string(rec, "error_code", optional=True)
+            role = _string(rec, "role", choices=ROLES)
+            outcome = _string(rec, "outcome", choices=REQUEST_OUTCOMES)
+            ttft_ms = _number(rec, "ttft_ms", duration=True, optional=True)
+            queue_wait_ms = _number(rec, "queue_wait_ms", duration=True, optional=True)
+            latency_ms = _number(rec, "latency_ms", duration=True)
+            at = _number(rec, "at")
+            error_code = _string(rec, "error_code", optional=True)
+            provider_ttft_ms = _number(rec, "provider_ttft_ms", duration=True, optional=True) \
+                if "provider_ttft_ms" in rec else None
+            key_id = _optional_string(rec, "key_id")
             # Validation is complete before any state changes, so a bad record leaves
             # no partial trace.
+            provider, model = self._provider_model(rec)
+            r = _Request(role, outcome, ttft_ms, queue_wait_ms, latency_ms, at, provider, model, provider_ttft_ms)
             self._requests.append(r)
-            self._requests_total[(r.outcome, r.role)] += 1
-            if r.ttft_ms is not None:
-                self._hist["ttft"].observe(r.ttft_ms / 1000.0)
-            if r.queue_wait_ms is not None:
-                self._hist["queue_wait"].observe(r.queue_wait_ms / 1000.0)
-            self._hist["duration"].observe(r.latency_ms / 1000.0)
+            pm = _series(provider=provider, model=model)
+            key_id = self._labels.key_id(key_id)
+            if _series(provider=provider, model=model, key_id=key_id) not in self._seeded:
+                # every outcome x role exists from the first request on, so rate() works
+                self._seeded.add(_series(provider=provider, model=model, key_id=key_id))
+                self._count("leaders", pm, 0)
+                self._count("followers", pm, 0)
+                for o in REQUEST_OUTCOMES:
+                    for ro in ROLES:
+                        self._count("requests", _series(provider=provider, model=model, key_id=key_id,
+                                                        outcome=o, role=ro), 0)
+            self._count("requests", _series(provider=provider, model=model, key_id=key_id, outcome=outcome, role=role))
+            self._count("leaders" if role == "leader" else "followers", pm)
+            if outcome in ("error", "rejected"):
+                error_type = self._labels.error_type(error_code or "unknown")
+                self._count("request_errors", _series(provider=provider, model=model, error_type=error_type))
+            self._observe("ttft", pm, ttft_ms)
+            self._observe("provider_ttft", pm, provider_ttft_ms)
+            self._observe("added_ttft", pm, r.added_ttft_ms)
+            self._observe("queue_wait", pm, queue_wait_ms)
+            self._observe("duration", pm, latency_ms)
         elif kind == "upstream":
             _string(rec, "stream_id")
-            u = _Upstream(
-                provider=_string(rec, "provider"),
-                outcome=_string(rec, "outcome", choices=UPSTREAM_OUTCOMES),
-                at=_number(rec, "at"),
-            )
-            _string(rec, "error_code", optional=True)
+            outcome = _string(rec, "outcome", choices=UPSTREAM_OUTCOMES)
+            u = _Upstream(provider=_string(rec, "provider"), outcome=outcome, at=_number(rec, "at"))
+            error_code = _string(rec, "error_code", optional=True)
             _number(rec, "upstream_ttft_ms", duration=True, optional=True)
             _number(rec, "latency_ms", duration=True)
-            key = (u.provider, u.outcome)
-            if key not in self._upstream_total:
-                providers = {p for p, _ in self._upstream_total}
-                if u.provider not in providers and len(providers) >= MAX_PROVIDERS:
-                    raise _Malformed("provider")
-                self._upstream_total[key] = 0
+            tokens = {t: _count_field(rec, f"{t}_tokens") for t in ("input", "output")}
+            provider, model = self._provider_model(rec)
+            pm = _series(provider=provider, model=model)
             self._upstreams.append(u)
-            self._upstream_total[key] += 1
+            self._count("upstream_calls", _series(provider=provider, model=model, outcome=outcome))
+            if outcome == "error":
+                error_type = self._labels.error_type(error_code or "unknown")
+                self._count("upstream_errors", _series(provider=provider, model=model, error_type=error_type))
+            for token_type, n in tokens.items():
+                if n is not None:
+                    self._count("tokens", _series(provider=provider, model=model, token_type=token_type), n)
         elif kind == "retry":
             provider = _string(rec, "provider")
             reason = _string(rec, "reason", choices=RETRY_REASONS)
@@ -329,8 +511,9 @@ class MetricsLogic:
             _string(rec, "stream_id")
             c = _Cancel(cancel_ms=_number(rec, "cancel_ms", duration=True),
                         at=_number(rec, "at"))
+            provider, model = self._provider_model(rec)
             self._cancels.append(c)
-            self._hist["cancel"].observe(c.cancel_ms / 1000.0)
+            self._observe("cancel", _series(provider=provider, model=model), c.cancel_ms)
         elif kind == "gauge":
             name = _string(rec, "name", choices=GAUGE_NAMES)
             labels = _labels(rec)
@@ -401,6 +584,11 @@ class MetricsLogic:
             "upstream_calls": upstream_calls,
             "active_streams": self._active_streams(),
             "window": {"last_n": n, "from": t_from, "to": t_to},
+            # optional keys (added with the provider/model breakdown; readers of the
+            # older shape ignore them)
+            "provider_ttft_ms": _stats(r.provider_ttft_ms for r in reqs),
+            "added_ttft_ms": _stats(r.added_ttft_ms for r in reqs),
+            "by_provider": _breakdown(reqs),
         }
 
     def burst_stats(self, window_s: float, now: float) -> dict:
@@ -448,34 +636,26 @@ class MetricsLogic:
             out.append(f"# HELP {name} {_escape_help(help_text)}")
             out.append(f"# TYPE {name} {typ}")
 
-        def histogram(name: str, h: _Histogram, help_text: str) -> None:
+        for key, (name, help_text) in _HISTOGRAMS.items():
             family(name, "histogram", help_text)
-            cumulative = 0
-            for bound, c in zip(BUCKETS, h.counts):
-                cumulative += c
-                out.append(f'{name}_bucket{{le="{_fmt(bound)}"}} {cumulative}')
-            out.append(f'{name}_bucket{{le="+Inf"}} {h.count}')
-            out.append(f"{name}_sum {_fmt(h.sum)}")
-            out.append(f"{name}_count {h.count}")
+            for series, h in sorted(self._hist[key].items()):
+                pm = dict(series)
+                cumulative = 0
+                for bound, c in zip(BUCKETS, h.counts):
+                    cumulative += c
+                    out.append(f"{name}_bucket{_labelset({**pm, 'le': _fmt(bound)})} {cumulative}")
+                out.append(f"{name}_bucket{_labelset({**pm, 'le': '+Inf'})} {h.count}")
+                out.append(f"{name}_sum{_labelset(pm)} {_fmt(h.sum)}")
+                out.append(f"{name}_count{_labelset(pm)} {h.count}")
 
-        histogram("sluice_ttft_seconds", self._hist["ttft"],
-                  "Time to first token seen by the client, per request.")
-        histogram("sluice_queue_wait_seconds", self._hist["queue_wait"],
-                  "Time a request waited for a pacer lease.")
-        histogram("sluice_cancel_latency_seconds", self._hist["cancel"],
-                  "Time from a cancel request to the upstream abort.")
-        histogram("sluice_request_duration_seconds", self._hist["duration"],
-                  "Whole client request duration.")
-
-        family("sluice_requests_total", "counter", "Client requests by outcome and role.")
-        for (outcome, role), v in sorted(self._requests_total.items()):
-            out.append(f"sluice_requests_total{_labelset({'outcome': outcome, 'role': role})} {v}")
-
-        family("sluice_upstream_calls_total", "counter",
-               "Upstream provider calls by provider and outcome.")
-        for (provider, outcome), v in sorted(self._upstream_total.items()):
-            out.append("sluice_upstream_calls_total"
-                       f"{_labelset({'provider': provider, 'outcome': outcome})} {v}")
+        for key, (name, help_text) in _COUNTERS.items():
+            family(name, "counter", help_text)
+            for series, v in sorted(self._counters[key].items()):
+                out.append(f"{name}{_labelset(dict(series))} {_fmt_count(v)}")
+        family("sluice_upstream_calls_saved_total", "counter",
+               "Upstream calls coalescing saved: one per follower (it would have made its own call).")
+        for series, v in sorted(self._counters["followers"].items()):
+            out.append(f"sluice_upstream_calls_saved_total{_labelset(dict(series))} {_fmt_count(v)}")
 
         family("sluice_upstream_retries_total", "counter",
                "Upstream calls tried again before their first byte, by provider and reason.")
@@ -493,15 +673,6 @@ class MetricsLogic:
         for (origin, target), v in sorted(self._fallbacks_total.items()):
             out.append(f"sluice_fallbacks_total{_labelset({'from': origin, 'to': target})} {v}")
 
-        leaders = sum(v for (_, role), v in self._requests_total.items() if role == "leader")
-        followers = sum(v for (_, role), v in self._requests_total.items() if role == "follower")
-        family("sluice_coalesce_leaders_total", "counter",
-               "Requests that led an upstream call.")
-        out.append(f"sluice_coalesce_leaders_total {leaders}")
-        family("sluice_coalesce_followers_total", "counter",
-               "Requests served by joining an identical in-flight call.")
-        out.append(f"sluice_coalesce_followers_total {followers}")
-
         family("sluice_metrics_rejected_records_total", "counter",
                "Measurement records the Metrics actor could not use.")
         out.append(f"sluice_metrics_rejected_records_total {self.rejected_records}")
@@ -510,6 +681,8 @@ class MetricsLogic:
             ("active_streams", "Upstream streams currently open."),
             ("pacer_queue_depth", "Lease requests waiting in the pacer queue."),
             ("pacer_tokens", "Tokens currently in the pacer bucket."),
+            ("pacer_leases", "Leases an account's pacer has granted and not had back (calls in flight)."),
+            ("pacer_paused_seconds", "Seconds an account stays paused (429 / Retry-After); 0 when not paused."),
             ("circuit_state", "Circuit breaker of an account's API key: 0 closed, 1 open, 2 half-open."),
         ):
             metric = f"sluice_{name}"
@@ -534,6 +707,10 @@ def _labelset(labels: dict) -> str:
         return ""
     inner = ",".join(f'{k}="{_escape_label_value(v)}"' for k, v in sorted(labels.items()))
     return "{" + inner + "}"
+
+
+def _fmt_count(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else _fmt(v)
 
 
 def _fmt(v: float) -> str:

@@ -70,4 +70,6 @@ class PacerActor(HostActor):
         return [
             {"kind": "gauge", "name": "pacer_queue_depth", "labels": labels, "value": state["queue_depth"], "at": now},
             {"kind": "gauge", "name": "pacer_tokens", "labels": labels, "value": state["tokens"], "at": now},
+            {"kind": "gauge", "name": "pacer_leases", "labels": labels, "value": state["in_flight"], "at": now},
+            {"kind": "gauge", "name": "pacer_paused_seconds", "labels": labels, "value": state["paused_for_s"], "at": now},
         ] + self.logic.circuit_gauges(now)

@@ -242,7 +242,9 @@ class PoolRuntime:
             if msg.fallback_from:
                 served["fallback_from"] = msg.fallback_from
             with connections.lease() as http:
-                result = await run_call(http, adapter, request, publish, msg.queue_wait_ms, self._timeouts(), attempt, served)
+                result = await run_call(
+                    http, adapter, request, publish, msg.queue_wait_ms, self._timeouts(), attempt, served, first_sent
+                )
             result.attempts, result.first_sent_at, result.key = attempt, first_sent, key
             verdict = key_verdict(result)
             if verdict is not None:
@@ -299,6 +301,7 @@ class PoolRuntime:
         self.outbox.put(Send(f"pacer:{account.lower()}", m.LeaseRelease(msg.stream_id, retry_after, key_results)))
         self.outbox.put(Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error)))
         upstream_ttft = None
+        usage = (result.usage or {}) if result else {}
         sent_at = (result.first_sent_at or result.sent_at) if result else now
         if result and result.first_byte_at:
             upstream_ttft = (result.first_byte_at - sent_at) * 1000.0
@@ -313,10 +316,16 @@ class PoolRuntime:
                 "latency_ms": ((result.ended_at if result else now) - sent_at) * 1000.0,
                 "attempts": result.attempts if result else 0,
                 "at": now,
+                # for the provider/model labels and the token counters (once per call, so
+                # coalesced followers are not counted again)
+                "model": msg.model,
+                "input_tokens": _tokens(usage, "prompt_tokens"),
+                "output_tokens": _tokens(usage, "completion_tokens"),
             }
         )
         if requested is not None:
-            self._record({"kind": "cancel", "stream_id": msg.stream_id, "cancel_ms": (now - requested) * 1000.0, "at": now})
+            self._record({"kind": "cancel", "stream_id": msg.stream_id, "cancel_ms": (now - requested) * 1000.0,
+                          "at": now, "provider": msg.provider, "model": msg.model})
 
     def _timeouts(self) -> dict:
         connect = self.settings["UPSTREAM_CONNECT_TIMEOUT_S"]
@@ -436,3 +445,9 @@ class PoolActor(HostActor):
 
     def watch(self):
         return ThespianWatch([self.outbox.wake_r.fileno()]) if self.runtime is not None else None
+
+
+def _tokens(usage: dict, field: str) -> int | None:
+    """A token count from the provider's usage, or None (absent, or not a count)."""
+    n = usage.get(field)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None

@@ -41,6 +41,7 @@ class CallResult:
     first_sent_at: float | None = None  # set by the Pool: when its first attempt went out
     key: int = 0  # set by the Pool: the account's API key (index) this attempt used
     key_results: list | None = None  # set by the Pool: [[key, ok]] for the Pacer's circuits
+    usage: dict | None = None  # the provider's usage report, if it sent one (token counters)
 
     @property
     def delivered(self) -> bool:
@@ -57,10 +58,12 @@ async def run_call(
     timeouts: dict,
     attempt: int = 1,
     served: dict | None = None,
+    first_sent_at: float | None = None,
 ) -> CallResult:
     """One attempt. Errors before the first byte are returned, not published (the caller
     retries or publishes `result.error`); a cancellation is always published. `served`
-    (provider, model, key, fallback_from) goes into the stream's `started` event."""
+    (provider, model, key, fallback_from) goes into the stream's `started` event, with the
+    provider's TTFT counted from `first_sent_at` (the first attempt; this one's by default)."""
     method, url, headers, body = request
     result = CallResult("error", sent_at=time.time())
     try:
@@ -72,7 +75,8 @@ async def run_call(
                     result.retry_after_s = result.error.pop("retry_after_s", None)
                     result.failure = failure_of_status(response.status, result.retry_after_s)
                 else:
-                    await _stream_body(response, adapter.Parser(), publish, result, queue_wait_ms, attempt, served)
+                    await _stream_body(response, adapter.Parser(), publish, result, queue_wait_ms, attempt, served,
+                                       first_sent_at or result.sent_at)
             except (asyncio.CancelledError, httpcore.ReadTimeout):
                 # Whoever gave up on it, the provider must stop generating: reset the stream.
                 await httpcore_rst_stream.reset(response)
@@ -93,18 +97,21 @@ async def run_call(
 
 
 async def _stream_body(response, parser, publish, result: CallResult, queue_wait_ms: float, attempt: int,
-                       served: dict | None = None) -> None:
+                       served: dict | None = None, first_sent_at: float | None = None) -> None:
     ending = _Ending()
     async for chunk in response.aiter_stream():
         if result.first_byte_at is None:
             result.first_byte_at = time.time()
-            publish([ev.started(result.first_byte_at, queue_wait_ms, attempt, **(served or {}))])
+            provider_ttft_ms = (result.first_byte_at - (first_sent_at or result.sent_at)) * 1000.0
+            publish([ev.started(result.first_byte_at, queue_wait_ms, attempt, provider_ttft_ms=provider_ttft_ms,
+                                **(served or {}))])
         if ending.take(parser.feed(chunk), publish):
             break
     else:
         if result.first_byte_at is None:  # a 200 with an empty body: broken off, nothing delivered
             raise httpcore.RemoteProtocolError("the provider sent no body")
         ending.take(parser.close(), publish)
+    result.usage = ending.usage
     if ending.error is not None:
         result.error = ending.error
         publish([ending.error])

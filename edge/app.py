@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from actors import secret as cluster_secret
+from edge import tracing
 from edge.api_keys import ApiKeys, Denial, KeysFileError, presented_key, stream_tokens
 from edge.bridge import ActorBridge, BridgeError
 from edge.chat_request import RequestError, check_content_type, parse_chat, parse_json
@@ -83,6 +84,7 @@ class Edge:
         self.bridge.on_stray = lambda role, answer: loop.call_soon_threadsafe(streams.stray_answer, role, answer)
         self.records = RecordSender(self.bridge, self.edge_id)
         self.records.start()
+        tracing.setup_from_env()  # OpenTelemetry traces, when configured (edge/tracing.py)
         self._refresher = asyncio.create_task(self._refresh_directory())
         try:
             yield
@@ -92,6 +94,7 @@ class Edge:
             await asyncio.gather(self._refresher, return_exceptions=True)
             await self.streams.close()
             await self.records.close()
+            tracing.shutdown()
             await self.hub.close()
             await loop.run_in_executor(None, self.bridge.close)
 
@@ -216,7 +219,8 @@ class Edge:
             sub = await self.streams.join(request_id, provider, model, body, key, received_at)
         except Rejection as exc:
             self.keys.finish(key_id, "rejected", 0)
-            self._record(request_id, "leader", received_at, {"outcome": "rejected", "error_code": exc.code}, key_id)
+            rejected = {"outcome": "rejected", "error_code": exc.code, "provider": provider, "model": model}
+            self._record(request_id, "leader", received_at, rejected, key_id)
             headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))} if exc.retry_after_s else None
             return error_response(exc.status, exc.code, exc.message, headers)
         except BaseException:  # the client went away while being admitted
@@ -349,6 +353,10 @@ class Edge:
                 "latency_ms": (now - received_at) * 1000.0,
                 "at": now,
                 "key_id": key_id,
+                # labels and the provider's share of the TTFT (actors/metrics_logic.py)
+                "provider": outcome.get("provider"),
+                "model": outcome.get("model"),
+                "provider_ttft_ms": outcome.get("provider_ttft_ms"),
             }
         )
 

@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from edge import tracing
 from edge.access_log import STREAM_OUTCOME
 from edge.streams import Subscriber
 from protocols import events as ev
@@ -38,6 +39,9 @@ class Renderer:
         self.sub = sub
         self.ttft_ms: float | None = None
         self.queue_wait_ms: float | None = None
+        self.provider_ttft_ms: float | None = None  # the leader's only: its call's provider TTFT
+        self.first_byte_at: float | None = None  # when this edge wrote the first byte (edge clock)
+        self.ending: dict = {}  # the terminal event's usage / finish reason (traces)
         self.attempts: int | None = None
         self.served: dict = {}  # who answered: provider, model, key, fallback_from (from the Pool)
         self._held: list[str] = []
@@ -51,11 +55,15 @@ class Renderer:
     def render(self, event: dict) -> bytes:
         kind = event.get("type")
         if kind == ev.STARTED:
-            first_byte = event["first_byte_at"]
-            # A client that joined after the first byte waited only for the replay.
-            reference = first_byte if first_byte >= self.sub.received_at else time.time()
-            self.ttft_ms = round((reference - self.sub.received_at) * 1000.0, 3)
+            # TTFT as the client sees it: until this edge writes the first byte, on the
+            # edge's clock (a follower that joined after the first byte waits for the
+            # replay only). The provider's share is measured on the Pool's clock; each is
+            # a difference on one clock, so "added = client - provider" mixes no clocks.
+            self.first_byte_at = time.time()
+            self.ttft_ms = round((self.first_byte_at - self.sub.received_at) * 1000.0, 3)
             self.queue_wait_ms = event.get("queue_wait_ms")
+            if self.sub.role == "leader":  # a follower did not wait for the provider's whole TTFT
+                self.provider_ttft_ms = event.get("provider_ttft_ms")
             self.attempts = event.get("attempts")
             self.served = {k: event[k] for k in ("provider", "model", "key", "fallback_from") if event.get(k)}
             return self.started()
@@ -63,6 +71,8 @@ class Renderer:
             self._held.append(event["delta"])
             return b""
         out = b""
+        if ev.is_terminal(event):
+            self.ending = {k: event.get(k) for k in ("usage", "finish_reason") if event.get(k) is not None}
         if ev.is_terminal(event) and self._held:
             out += self.event(ev.delta("".join(self._held)))
             self._held.clear()
@@ -123,6 +133,7 @@ class SSEStream:
         self.sub, self.keepalive_s, self.shutting_down, self.on_end = sub, keepalive_s, shutting_down, on_end
         self.renderer = renderer or SluiceRenderer(sub)
         self.before_terminal = before_terminal  # e.g. store the reply before the client hears "done"
+        self.admitted_at = time.time()  # made right after admission (edge/app.py)
 
     async def __call__(self, scope, receive, send) -> None:
         headers = HEADERS + [(b"x-request-id", self.sub.request_id.encode())]
@@ -131,6 +142,7 @@ class SSEStream:
         # stops" into items of the client's own queue, so the pump awaits one queue only:
         # no task and no asyncio.wait per event.
         watcher = asyncio.ensure_future(self._watch(receive))
+        traced = tracing.begin(self.sub, self.admitted_at)  # None unless tracing is on
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": self.renderer.opening(), "more_body": True})
@@ -139,9 +151,15 @@ class SSEStream:
             outcome = {"outcome": "cancelled", "error_code": "disconnected"}
         finally:
             watcher.cancel()
-            measured = {"ttft_ms": self.renderer.ttft_ms, "queue_wait_ms": self.renderer.queue_wait_ms}
+            r = self.renderer
+            measured = {"ttft_ms": r.ttft_ms, "queue_wait_ms": r.queue_wait_ms, "provider_ttft_ms": r.provider_ttft_ms,
+                        # who answered (a fallback's provider and model) labels the request
+                        "provider": r.served.get("provider", self.sub.provider),
+                        "model": r.served.get("model", self.sub.model)}
             scope.setdefault("state", {})[STREAM_OUTCOME] = {**outcome, **measured}  # for the access log
             self.on_end(self.sub, {**outcome, **measured})
+            if traced is not None:
+                traced.end(outcome, r, time.time())
 
     async def _watch(self, receive) -> None:
         disconnect = asyncio.ensure_future(_wait_disconnect(receive))

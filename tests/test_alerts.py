@@ -243,7 +243,10 @@ def test_valid_thresholds_are_normalised():
 def test_prometheus_rules_file_uses_exposed_metric_names():
     text = (pathlib.Path(__file__).parent.parent / "docs" / "prometheus-alerts.yml").read_text()
     m = MetricsLogic()
-    m.ingest([req(T0)], T0)
+    m.ingest([{**req(T0), "provider": "sim", "model": "m", "provider_ttft_ms": 1.0},
+              {"kind": "upstream", "stream_id": "s", "provider": "sim", "model": "m", "outcome": "error",
+               "error_code": "upstream_5xx", "upstream_ttft_ms": 1.0, "latency_ms": 2.0, "at": T0}], T0)
+    assert m.rejected_records == 0
     exposed = set()
     for fam in text_string_to_metric_families(m.prometheus(T0)):
         exposed.add(fam.name)

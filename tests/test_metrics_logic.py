@@ -83,9 +83,12 @@ def test_performance_percentiles_from_records():
 
 def test_exact_key_set_and_empty_window():
     p = MetricsLogic().performance(100, NOW)
+    # the sign-off's shape, and the optional provider breakdown (issue 18)
     assert set(p) == {"ttft_ms", "queue_wait_ms", "latency_ms", "cancel_ms", "error_rate",
-                      "coalesce", "upstream_calls", "active_streams", "window"}
-    for k in ("ttft_ms", "queue_wait_ms", "latency_ms", "cancel_ms"):
+                      "coalesce", "upstream_calls", "active_streams", "window",
+                      "provider_ttft_ms", "added_ttft_ms", "by_provider"}
+    assert p["by_provider"] == []
+    for k in ("ttft_ms", "queue_wait_ms", "latency_ms", "cancel_ms", "provider_ttft_ms", "added_ttft_ms"):
         assert p[k] == {"p50": None, "p95": None, "p99": None, "count": 0}
     assert p["error_rate"] == 0.0
     assert p["coalesce"] == {"leaders": 0, "followers": 0}
@@ -304,7 +307,9 @@ def _families(m: MetricsLogic) -> dict:
 
 
 def _sample(fams, family, name, **labels):
-    hits = [s.value for s in fams[family].samples if s.name == name and s.labels == labels]
+    """The one sample of `name` whose labels include `labels` (records without provider
+    or model are labelled provider="unknown", model="unknown")."""
+    hits = [s.value for s in fams[family].samples if s.name == name and labels.items() <= s.labels.items()]
     assert len(hits) == 1, (family, name, labels, fams[family].samples)
     return hits[0]
 
@@ -332,12 +337,18 @@ def test_prometheus_families_and_types():
     fams = _families(_loaded())
     expected = {
         "sluice_ttft_seconds": "histogram",
+        "sluice_provider_ttft_seconds": "histogram",
+        "sluice_added_ttft_seconds": "histogram",
         "sluice_queue_wait_seconds": "histogram",
         "sluice_cancel_latency_seconds": "histogram",
         "sluice_request_duration_seconds": "histogram",
         # the parser strips _total from counter family names
         "sluice_requests": "counter",
         "sluice_upstream_calls": "counter",
+        "sluice_request_errors": "counter",
+        "sluice_upstream_errors": "counter",
+        "sluice_upstream_tokens": "counter",
+        "sluice_upstream_calls_saved": "counter",
         "sluice_upstream_retries": "counter",
         "sluice_circuit_opens": "counter",
         "sluice_fallbacks": "counter",
@@ -347,6 +358,8 @@ def test_prometheus_families_and_types():
         "sluice_active_streams": "gauge",
         "sluice_pacer_queue_depth": "gauge",
         "sluice_pacer_tokens": "gauge",
+        "sluice_pacer_leases": "gauge",
+        "sluice_pacer_paused_seconds": "gauge",
         "sluice_circuit_state": "gauge",
     }
     assert {k: f.type for k, f in fams.items()} == expected
@@ -420,7 +433,8 @@ def test_prometheus_counters_and_gauges():
 
 def test_prometheus_empty_is_parseable():
     fams = _families(MetricsLogic())
-    assert fams["sluice_ttft_seconds"].samples[-1].value == 0  # _count
+    # a labelled histogram has no series until its first (provider, model) shows up
+    assert fams["sluice_ttft_seconds"].samples == []
     assert fams["sluice_active_streams"].samples == []
 
 
@@ -442,3 +456,101 @@ def test_retry_records_are_counted_by_provider_and_reason():
     assert 'sluice_upstream_retries_total{provider="simulated",reason="429"} 2' in text
     assert 'sluice_upstream_retries_total{provider="simulated",reason="reset"} 1' in text
     assert m.rejected_records == 1  # a reason outside the list would grow the label set
+
+
+# --- provider / model labels, tokens, added TTFT (issue 18) ---------------------------------
+
+
+def test_every_family_is_labelled_by_provider_and_model():
+    m = MetricsLogic()
+    m.ingest([{**req(0, ttft=300.0), "provider": "openai", "model": "gpt-x", "provider_ttft_ms": 250.0,
+               "key_id": "team-a"},
+              {**req(1, role="follower", outcome="error", error_code="upstream_error"), "provider": "openai",
+               "model": "gpt-y", "key_id": "team-a"},
+              {**up(0, provider="openai"), "model": "gpt-x", "input_tokens": 12, "output_tokens": 30},
+              {**up(1, provider="openai", outcome="error"), "model": "gpt-x", "error_code": "upstream_5xx",
+               "input_tokens": None, "output_tokens": None},
+              {**cancel(0), "provider": "openai", "model": "gpt-x"}], NOW)
+    assert m.rejected_records == 0
+    fams = _families(m)
+    for name in ("sluice_ttft_seconds", "sluice_provider_ttft_seconds", "sluice_added_ttft_seconds",
+                 "sluice_queue_wait_seconds", "sluice_cancel_latency_seconds", "sluice_request_duration_seconds",
+                 "sluice_requests", "sluice_request_errors", "sluice_upstream_calls", "sluice_upstream_errors",
+                 "sluice_upstream_tokens", "sluice_coalesce_leaders", "sluice_coalesce_followers",
+                 "sluice_upstream_calls_saved"):
+        assert fams[name].samples, name
+        for s in fams[name].samples:
+            assert s.labels["provider"] == "openai" and s.labels["model"] in ("gpt-x", "gpt-y"), (name, s)
+    assert _sample(fams, "sluice_requests", "sluice_requests_total", model="gpt-x", outcome="done",
+                   role="leader") == 1
+    assert all(s.labels["key_id"] == "team-a" for s in fams["sluice_requests"].samples)
+    assert _sample(fams, "sluice_request_errors", "sluice_request_errors_total", model="gpt-y",
+                   error_type="upstream_error") == 1
+    assert _sample(fams, "sluice_upstream_errors", "sluice_upstream_errors_total", model="gpt-x",
+                   error_type="upstream_5xx") == 1
+    assert _sample(fams, "sluice_upstream_tokens", "sluice_upstream_tokens_total", token_type="input") == 12
+    assert _sample(fams, "sluice_upstream_tokens", "sluice_upstream_tokens_total", token_type="output") == 30
+    assert _sample(fams, "sluice_upstream_calls_saved", "sluice_upstream_calls_saved_total", model="gpt-y") == 1
+    # added = client - provider, observed in seconds
+    assert _sample(fams, "sluice_added_ttft_seconds", "sluice_added_ttft_seconds_sum", model="gpt-x") == \
+        pytest.approx(0.05)
+    assert _sample(fams, "sluice_provider_ttft_seconds", "sluice_provider_ttft_seconds_sum", model="gpt-x") == \
+        pytest.approx(0.25)
+
+
+def test_open_access_has_no_key_id_label():
+    m = MetricsLogic()
+    m.ingest([{**req(0), "provider": "sim", "model": "a", "key_id": None}], NOW)
+    assert all("key_id" not in s.labels for s in _families(m)["sluice_requests"].samples)
+
+
+def test_added_ttft_in_performance_and_breakdown():
+    m = MetricsLogic()
+    m.ingest([{**req(0, ttft=300.0), "provider": "sim", "model": "a", "provider_ttft_ms": 200.0},
+              {**req(1, ttft=500.0), "provider": "sim", "model": "b", "provider_ttft_ms": 100.0},
+              {**req(2, ttft=50.0, role="follower"), "provider": "sim", "model": "b"}], NOW)
+    p = m.performance(100, NOW)
+    assert p["added_ttft_ms"]["count"] == 2 and p["added_ttft_ms"]["p99"] == 400.0
+    assert p["provider_ttft_ms"]["p50"] == 100.0
+    by = {(g["provider"], g["model"]): g for g in p["by_provider"]}
+    assert set(by) == {("sim", "a"), ("sim", "b")}
+    assert by[("sim", "a")]["added_ttft_ms"]["p50"] == 100.0
+    assert by[("sim", "b")]["requests"] == 2 and by[("sim", "b")]["ttft_ms"]["count"] == 2
+    # a provider TTFT above the client's (clock noise) adds 0, never a negative
+    m.ingest([{**req(3, ttft=10.0), "provider": "sim", "model": "a", "provider_ttft_ms": 11.0}], NOW)
+    assert m.performance(1, NOW)["added_ttft_ms"]["p50"] == 0.0
+
+
+def test_label_cardinality_stays_bounded_under_1000_models():
+    from actors.metrics_logic import MAX_MODELS_PER_PROVIDER, OTHER
+
+    m = MetricsLogic()
+    recs = []
+    for i in range(1000):
+        recs.append({**req(i), "provider": "sim", "model": f"model-{i}", "provider_ttft_ms": 50.0})
+        recs.append({**up(i), "model": f"model-{i}", "input_tokens": 1, "output_tokens": 2})
+    m.ingest(recs, NOW)
+    assert m.rejected_records == 0  # folded, not dropped
+    fams = _families(m)
+    for name in ("sluice_requests", "sluice_ttft_seconds", "sluice_upstream_tokens", "sluice_upstream_calls"):
+        models = {s.labels["model"] for s in fams[name].samples}
+        assert len(models) == MAX_MODELS_PER_PROVIDER + 1 and OTHER in models, name
+    assert sum(s.value for s in fams["sluice_requests"].samples) == 1000  # every request still counts
+    assert _sample(fams, "sluice_upstream_tokens", "sluice_upstream_tokens_total", model=OTHER,
+                   token_type="output") == 2 * (1000 - MAX_MODELS_PER_PROVIDER)
+    assert len(m.prometheus(NOW).splitlines()) < 6000
+
+
+@pytest.mark.parametrize("bad", [
+    {**req(), "provider": 5},
+    {**req(), "model": ["m"]},
+    {**req(), "key_id": 1},
+    {**req(), "provider_ttft_ms": -1.0},
+    {**up(), "input_tokens": -3},
+    {**up(), "output_tokens": 1.5},
+    {**cancel(), "model": 3},
+])
+def test_malformed_label_and_token_fields_are_rejected(bad):
+    m = MetricsLogic()
+    m.ingest([bad], NOW)
+    assert m.rejected_records == 1

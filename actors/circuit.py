@@ -27,7 +27,7 @@ EPS = 1e-9
 
 @dataclass(frozen=True, slots=True)
 class CircuitSettings:
-    failures: int = 5  # failed calls in a row that open the circuit
+    failures: int = 5  # failed calls in a row that open the circuit (0: the breaker is off)
     failure_rate: float = 0.5  # ... or this share of the calls in the last window_s ...
     min_calls: int = 10  # ... once the window holds at least this many calls
     window_s: float = 30.0
@@ -88,6 +88,8 @@ class CircuitBreaker:
 
     def record(self, ok: bool, now: float) -> str | None:
         """A call's verdict. The new state when it changed, else None."""
+        if self.settings.failures == 0:
+            return None  # switched off: never opens (so never half-opens either)
         if self.state == HALF_OPEN:
             if ok:
                 self.state, self.consecutive, self.open_for, self.probing = CLOSED, 0, 0.0, False

@@ -194,7 +194,7 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
     "UPSTREAM_RETRY_BUDGET": ("0.2", _non_negative(float), "retries per account at most this share of its calls over 10 s (or UPSTREAM_RETRY_MIN)"),
     "UPSTREAM_RETRY_MIN": ("5", _non_negative(int), "retries per account always allowed in 10 s, whatever the share"),
     "UPSTREAM_RETRY_BACKOFF_S": ("0.1", _non_negative(float), "first wait before retrying a connect error or a 5xx without Retry-After (doubles per attempt, x 0.5-1 jitter)"),
-    "CIRCUIT_FAILURES": ("5", _positive(int), "failed calls in a row that open an API key's circuit"),
+    "CIRCUIT_FAILURES": ("5", _non_negative(int), "failed calls in a row that open an API key's circuit (0: no circuit breaker)"),
     "CIRCUIT_FAILURE_RATE": ("0.5", _share, "... or this share of a key's calls failed over CIRCUIT_WINDOW_S (10 calls at least)"),
     "CIRCUIT_WINDOW_S": ("30", _positive(float), "seconds over which a key's failure share is counted"),
     "CIRCUIT_OPEN_S": ("10", _positive(float), "seconds an open circuit waits before one probe call (half-open)"),

@@ -329,3 +329,10 @@ def test_config_errors_name_the_variable_and_never_a_key(env, words):
     for value in ("b,c", "a,,b", "a,a"):
         if env.get("SIMULATED_API_KEYS") == value:
             assert value not in str(info.value)
+
+
+def test_a_breaker_switched_off_never_opens():
+    c = CircuitBreaker(CircuitSettings(failures=0))
+    for i in range(100):
+        assert c.record(False, float(i)) is None
+    assert c.state == CLOSED and c.allows()

@@ -6,6 +6,7 @@ from actors.coalescer_logic import CoalescerFlags, CoalescerLogic
 from actors.effects import Send
 from actors.host import HostActor, my_address
 from protocols import messages as m
+from protocols import roles
 
 FLAG_TYPES = {"coalesce_enabled": bool, "stream_fanout_enabled": bool, "error_ttl_s": float}
 
@@ -27,7 +28,7 @@ def flags_from(base: CoalescerFlags, changes: dict) -> CoalescerFlags:
 
 
 class CoalescerActor(HostActor):
-    role = "coalescer"
+    role = roles.COALESCER
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -32,7 +32,7 @@ from actors.key_choice import key_name
 from actors.retry_policy import RetryPolicy, RetrySettings, is_idempotent
 from protocols import events as ev
 from protocols import messages as m
-from protocols import trace
+from protocols import roles, trace
 
 # httpcore, h2, anyio and the provider adapters are imported by the Pool's loop when it
 # starts, not here: the Supervisor imports this module and forks every actor from its
@@ -171,7 +171,7 @@ class PoolRuntime:
             account = self.settings["providers"].get(msg.provider, {}).get("account", msg.provider.upper())
             last = self.hub.streams[msg.stream_id].events[-1]
             outcome, error = ("done", None) if last.get("type") == ev.DONE else ("error", last)
-            self.outbox.put(Send(f"pacer:{account.lower()}", m.LeaseRelease(msg.stream_id, None)))
+            self.outbox.put(Send(roles.pacer(account), m.LeaseRelease(msg.stream_id, None)))
             self.outbox.put(Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error)))
             return
         self.hub.mark_open(msg.stream_id)
@@ -276,7 +276,7 @@ class PoolRuntime:
             (result.error or {}).get("code"), msg.stream_id,
         )
         if decision.pause_s > 0:
-            self.outbox.put(Send(f"pacer:{account.lower()}", m.AccountPause(account, decision.pause_s, result.key)))
+            self.outbox.put(Send(roles.pacer(account), m.AccountPause(account, decision.pause_s, result.key)))
         self._record(
             {"kind": "retry", "provider": msg.provider, "reason": reason, "attempt": attempt + 1, "at": time.time()}
         )
@@ -289,7 +289,7 @@ class PoolRuntime:
         retry_after = result.retry_after_s if result else None
         account = self.settings["providers"].get(msg.provider, {}).get("account", msg.provider.upper())
         key_results = (result.key_results or None) if result else None
-        self.outbox.put(Send(f"pacer:{account.lower()}", m.LeaseRelease(msg.stream_id, retry_after, key_results)))
+        self.outbox.put(Send(roles.pacer(account), m.LeaseRelease(msg.stream_id, retry_after, key_results)))
         self.outbox.put(Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error)))
         upstream_ttft = None
         sent_at = (result.first_sent_at or result.sent_at) if result else now
@@ -322,7 +322,7 @@ class PoolRuntime:
 
     def _send_records(self) -> None:
         if self.records:
-            self.outbox.put(Send("metrics", m.Records("pool", self.records)))
+            self.outbox.put(Send(roles.METRICS, m.Records(roles.POOL, self.records)))
             self.records = []
 
     async def _flush_records(self) -> None:
@@ -384,7 +384,7 @@ class Outbox:
 
 
 class PoolActor(HostActor):
-    role = "pool"
+    role = roles.POOL
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -399,7 +399,7 @@ class PoolActor(HostActor):
             self.runtime.settings = self.settings
         # On every Wire, not only the first: a replacement Supervisor that adopted this
         # Pool learns where its hub is the same way.
-        self.apply([Send("supervisor", m.HubReady(self.settings["SLUICE_ACTOR_HOST"], self.runtime.hub_port))])
+        self.apply([Send(roles.SUPERVISOR, m.HubReady(self.settings["SLUICE_ACTOR_HOST"], self.runtime.hub_port))])
 
     def on_message(self, msg, sender, now):
         if self.runtime is None:

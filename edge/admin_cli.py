@@ -154,9 +154,10 @@ async def _authorized(bridge, token: str, name: str, args: dict) -> dict:
     from edge.admin_routes import AdminError, run_command
     from edge.bridge import BridgeError
     from protocols import messages as m
+    from protocols import roles
 
     try:
-        verdict = await bridge.ask("supervisor", m.AdminAuth(token), timeout=5.0)
+        verdict = await bridge.ask(roles.SUPERVISOR, m.AdminAuth(token), timeout=5.0)
     except BridgeError as exc:
         raise AdminError(503, "gateway_unavailable", f"the supervisor did not check the admin token: {exc}") from None
     if not verdict.ok:

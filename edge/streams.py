@@ -24,7 +24,7 @@ from edge.dataplane import HubClient
 from edge.listeners import new_events
 from protocols import events as ev
 from protocols import messages as m
-from protocols import trace
+from protocols import roles, trace
 from protocols.keys import shard_of
 
 log = logging.getLogger("sluice.edge.streams")
@@ -98,7 +98,7 @@ class LocalStreams:
         trace.stamp("edge_join", "edge", request_id)
         flight = self.by_key.get(key) if key and self.coalesce_enabled else None
         if flight is None or flight.finished:
-            shard = f"coalescer:{shard_of(key, self.shards, request_id)}"
+            shard = roles.coalescer(shard_of(key, self.shards, request_id))
             flight = Flight(key, shard, request_id, asyncio.get_running_loop().create_future())
             if key:
                 self.by_key[key] = flight

@@ -56,12 +56,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from actors.coalescer_logic import CoalescerFlags, CoalescerLogic, pacer_role
+from actors.coalescer_logic import CoalescerFlags, CoalescerLogic
 from actors.effects import After, Send
 from actors.metrics_logic import MetricsLogic
 from actors.pacer_logic import PacerLogic, PacerSettings, PoolAt
 from edge.listeners import Listeners, new_events
-from protocols import auth
+from protocols import auth, roles
 from protocols import events as ev
 from protocols import messages as m
 from protocols.keys import coalescing_key, shard_of
@@ -362,7 +362,7 @@ class SimEdge:
         return self._submit(client, now)
 
     def _submit(self, client: SimClient, now: float) -> list:
-        shard = f"coalescer:{shard_of(client.key, self.shards, client.request_id)}"
+        shard = roles.coalescer(shard_of(client.key, self.shards, client.request_id))
         body = m.Submit(client.request_id, client.key, client.provider, client.model, client.body, self.edge_id, now)
         pending = _Pending(client, shard=shard, submit=body)
         if client.key:
@@ -372,7 +372,7 @@ class SimEdge:
 
     def _shard_of(self, request_id: str) -> str:
         client = next(c for c in self.clients if c.request_id == request_id)
-        return f"coalescer:{shard_of(client.key, self.shards, request_id)}"
+        return roles.coalescer(shard_of(client.key, self.shards, request_id))
 
     def _answered(self, request_id: str) -> _Pending:
         pending = self.submits.pop(request_id)
@@ -390,7 +390,7 @@ class SimEdge:
             ]
         pending = self._answered(msg.request_id)
         key = pending.client.key
-        shard = f"coalescer:{shard_of(key, self.shards, msg.request_id)}"
+        shard = roles.coalescer(shard_of(key, self.shards, msg.request_id))
         flight = _EdgeFlight(key, msg.stream_id, shard, msg.coalesce and bool(key), msg.fanout)
         out: list = []
         if msg.error is not None:  # a failure within its error TTL: replayed, no stream
@@ -599,7 +599,7 @@ class SimPool:
             last = stream.events[-1]
             outcome, error = ("done", None) if last.get("type") == ev.DONE else ("error", last)
             return [
-                Send(pacer_role(msg.provider), m.LeaseRelease(msg.stream_id, None)),
+                Send(roles.pacer_for(msg.provider), m.LeaseRelease(msg.stream_id, None)),
                 Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error)),
             ]
         request = UpstreamRequest(len(self.log) + 1, msg.stream_id, msg.provider, msg.model, msg.body, now)
@@ -633,7 +633,7 @@ class SimPool:
         del self.running[call.stream_id]
         call.outcome, call.ended_at = outcome, now
         out = [] if published else self._publish(call.stream_id, [error])
-        out.append(Send(pacer_role(call.provider), m.LeaseRelease(call.stream_id, retry_after)))
+        out.append(Send(roles.pacer_for(call.provider), m.LeaseRelease(call.stream_id, retry_after)))
         out.append(Send(call.coalescer, m.StreamFinished(call.stream_id, outcome, None if outcome == "cancelled" else error)))
         out += self.records.add(
             {
@@ -807,10 +807,10 @@ class Simulation:
         self.clients: list[SimClient] = []
         self.nodes: dict[str, _Node] = {}
 
-        self.pacer = PacerLogic(pacer_role(provider).partition(":")[2], pacer or PacerSettings())
+        self.pacer = PacerLogic(roles.pacer_account(roles.pacer_for(provider)), pacer or PacerSettings())
         self.coalescers = [
             CoalescerLogic(
-                me=f"coalescer:{i}",
+                me=roles.coalescer(i),
                 secret=SIM_SECRET,
                 new_stream_id=_counted_ids(f"s-{i}."),
                 flags=replace(flags or CoalescerFlags()),
@@ -821,7 +821,7 @@ class Simulation:
         self.pool.orphan_s = self.pacer.settings.max_wait_s + 60.0  # as actors/pool.py sets it
         self.edges: dict[str, SimEdge] = {}
         self.metrics = SimMetrics() if metrics else None
-        self._add(pacer_role(provider), _PacerHost(self.pacer, self))
+        self._add(roles.pacer_for(provider), _PacerHost(self.pacer, self))
         for logic in self.coalescers:
             self._add(logic.me, _CoalescerHost(logic))
         self._add("pool", self.pool)
@@ -866,12 +866,12 @@ class Simulation:
 
     def configure_pacer(self, at: float, **changes) -> None:
         """An operator's live `set` to the Pacer at `at` (like the admin message)."""
-        self._schedule(at, self._deliver, self.nodes[pacer_role(self.provider)], None, _Configure(changes), None)
+        self._schedule(at, self._deliver, self.nodes[roles.pacer_for(self.provider)], None, _Configure(changes), None)
 
     def set_flags(self, at: float, **changes) -> None:
         """An operator's live `set_flags` to every coalescer shard at `at`."""
         for i in range(self.shards):
-            self._schedule(at, self._deliver, self.nodes[f"coalescer:{i}"], None, _Configure(changes), None)
+            self._schedule(at, self._deliver, self.nodes[roles.coalescer(i)], None, _Configure(changes), None)
 
     def slow_link(self, src: str, dst: str, extra_ms: float) -> None:
         """Every message from `src` to `dst` (node names) takes `extra_ms` longer: opens the
@@ -912,7 +912,7 @@ class Simulation:
         node.down, node.backlog = True, deque()
         lost = self._address(node)
         node.incarnation += 1
-        pacer = pacer_role(self.provider)
+        pacer = roles.pacer_for(self.provider)
         if name == "pool":
             self.pool.crash(self.now)
             for edge in self.edges:
@@ -927,8 +927,8 @@ class Simulation:
             fresh = PacerLogic(self.pacer.provider, self.pacer.settings)
             fresh.pool = None if self.nodes["pool"].down else self.pool.incarnation
             self.pacer, node.logic = fresh, _PacerHost(fresh, self)
-        elif name.startswith("coalescer:"):
-            index = int(name.partition(":")[2])
+        elif roles.is_coalescer(name):
+            index = roles.coalescer_shard(name)
             old = self.coalescers[index]
             fresh = CoalescerLogic(
                 me=f"{name}@{node.incarnation}",
@@ -943,16 +943,16 @@ class Simulation:
 
     def _restart(self, node: _Node, lost: str) -> None:
         node.down = False
-        pacer = pacer_role(self.provider)
+        pacer = roles.pacer_for(self.provider)
         if node.name == "pool":
             self.pool.incarnation = f"pool@{node.incarnation}"
             self._tell(pacer, PoolAt(self.pool.incarnation))
             for edge in self.edges:
                 self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _HubLost(up=True), None)
-        if node.name.startswith("coalescer:"):
+        if roles.is_coalescer(node.name):
             for edge in self.edges:
                 self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _ShardMoved(node.name), None)
-        for target in [pacer] + [f"coalescer:{i}" for i in range(self.shards)]:
+        for target in [pacer] + [roles.coalescer(i) for i in range(self.shards)]:
             if target != node.name:
                 self._send("supervisor", target, m.MemberLost(node.name, lost))
 
@@ -962,8 +962,8 @@ class Simulation:
 
     def _address(self, node: _Node) -> str:
         """The incarnation's address: what others hold (OpenStream.coalescer, a reply-to)."""
-        if node.name.startswith("coalescer:"):
-            return self.coalescers[int(node.name.partition(":")[2])].me
+        if roles.is_coalescer(node.name):
+            return self.coalescers[roles.coalescer_shard(node.name)].me
         if node.name == "pool":
             return self.pool.incarnation
         return node.name if node.incarnation == 1 else f"{node.name}@{node.incarnation}"
@@ -1060,7 +1060,7 @@ class Simulation:
                 ]
                 if c.events not in expected:
                     self.fail(f"client {c.request_id} got {c.events}, but stream {c.stream_id} published {candidates}")
-        pacer = self.pacer.state(self.now + self.nodes[pacer_role(self.provider)].clock_offset)
+        pacer = self.pacer.state(self.now + self.nodes[roles.pacer_for(self.provider)].clock_offset)
         if pacer["in_flight"] or pacer["queue_depth"]:
             self.fail(f"pacer not idle at quiescence: {pacer}")
         for logic in self.coalescers:
@@ -1146,7 +1146,7 @@ class Simulation:
             raise  # unreachable: fail() raises
         for effect in effects or ():
             if isinstance(effect, Send):
-                self._send(self._address(node) if node.name.startswith("coalescer:") else node.name, effect.to, effect.msg)
+                self._send(self._address(node) if roles.is_coalescer(node.name) else node.name, effect.to, effect.msg)
             elif isinstance(effect, After):
                 self._schedule(self.now + max(0.0, effect.delay_s), self._deliver, node, None, effect.msg, None, node.incarnation)
             else:
@@ -1162,7 +1162,7 @@ class Simulation:
         if dst is None and isinstance(to, str) and "@" in to:  # one incarnation's address
             name, _, number = to.partition("@")
             dst, incarnation = self.nodes.get(name), int(number)
-        elif dst is not None and to.startswith("coalescer:") and src != "supervisor" and not src.startswith("edge:"):
+        elif dst is not None and roles.is_coalescer(to) and src != "supervisor" and not src.startswith("edge:"):
             incarnation = 1  # a reply to, or StreamFinished for, the first shard's address
         if dst is None:
             self.fail(f"{src} sent {type(msg).__name__} to unknown address {to!r}")

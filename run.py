@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
 
 
 def _check_alert_thresholds(thresholds: dict) -> None:
-    from actors.alerts import validate_thresholds
+    from protocols.settings import validate_thresholds
 
     try:
         validate_thresholds(thresholds)

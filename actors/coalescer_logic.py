@@ -43,6 +43,7 @@ from typing import Any
 from actors.effects import After, Send
 from protocols import auth, roles
 from protocols import messages as m
+from protocols.settings import CoalescerFlags
 
 ASKING, QUEUED, STREAMING = "asking", "queued", "streaming"
 
@@ -68,13 +69,6 @@ class Flight:
     waiting: list = field(default_factory=list)  # (sender, request_id, edge_id, role)
     request: m.LeaseRequest | None = None  # until the grant
     pool: str = ""  # the Pool incarnation the grant opened the call on
-
-
-@dataclass
-class CoalescerFlags:
-    coalesce_enabled: bool = True
-    stream_fanout_enabled: bool = True
-    error_ttl_s: float = 2.0
 
 
 @dataclass

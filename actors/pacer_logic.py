@@ -34,9 +34,8 @@ granted calls are failed. No grant is made while no Pool is known: the queue wai
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from actors.circuit import HALF_OPEN, OPEN, STATE_VALUE, CircuitSettings
@@ -44,6 +43,7 @@ from actors.effects import After, Send
 from actors.key_choice import KeyBucket, choose, retry_order
 from protocols import messages as m
 from protocols import roles
+from protocols.settings import SETTING_TYPES, PacerSettings, settings_from
 
 log = logging.getLogger("sluice.pacer")
 
@@ -52,63 +52,6 @@ log = logging.getLogger("sluice.pacer")
 # the tick finds nothing to do, re-arms for ~0 s and spins until the clock moves on (in
 # a simulation with a virtual clock: forever).
 EPS = 1e-9
-
-
-@dataclass(frozen=True)
-class PacerSettings:
-    rps: float = 1.0
-    burst: int = 2
-    concurrency: int = 3
-    rpm: int | None = None
-    max_queue: int = 1000
-    max_wait_s: float = 30.0
-
-    def validated(self) -> PacerSettings:
-        problems = []
-        if not (self.rps > 0 and math.isfinite(self.rps)):
-            problems.append("rps must be a positive number")
-        if self.burst < 1:
-            problems.append("burst must be >= 1")
-        if self.concurrency < 1:
-            problems.append("concurrency must be >= 1")
-        if self.rpm is not None and self.rpm < 1:
-            problems.append("rpm must be >= 1 or unset")
-        if self.max_queue < 0:
-            problems.append("max_queue must be >= 0")
-        if not (self.max_wait_s > 0):
-            problems.append("max_wait_s must be > 0")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
-SETTING_TYPES = {
-    "rps": float,
-    "burst": int,
-    "concurrency": int,
-    "rpm": int,
-    "max_queue": int,
-    "max_wait_s": float,
-}
-
-
-def settings_from(base: PacerSettings, changes: dict) -> PacerSettings:
-    """Apply admin `changes` to `base`; ValueError names the bad key or value."""
-    values: dict[str, Any] = {}
-    for key, value in changes.items():
-        if key not in SETTING_TYPES:
-            raise ValueError(f"unknown pacer setting {key!r} (known: {sorted(SETTING_TYPES)})")
-        if key == "rpm" and value in (None, 0, "", "0"):
-            values[key] = None
-            continue
-        try:
-            kind = SETTING_TYPES[key]
-            if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            values[key] = kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"pacer setting {key!r}: {value!r} is not a valid {SETTING_TYPES[key].__name__}") from None
-    return replace(base, **values).validated()
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,9 +75,8 @@ def _pairs(words: list[str], kinds: dict) -> dict:
 
 def parse_args(name: str, words: list[str]) -> dict:
     """The CLI words after the command name -> the command's args dict."""
-    from actors.alerts import DEFAULTS as THRESHOLDS
-    from actors.coalescer import FLAG_TYPES
-    from actors.pacer_logic import SETTING_TYPES
+    from protocols.settings import ALERT_DEFAULTS as THRESHOLDS
+    from protocols.settings import FLAG_TYPES, SETTING_TYPES
 
     if name == "show":
         if len(words) > 1:

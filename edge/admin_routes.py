@@ -4,10 +4,10 @@ edge/admin_cli.py).
 This module owns `COMMANDS`, the table of what an operator can do to the running actors,
 and `run_command`, which validates a command's arguments, resolves which actors it goes to
 (from the Supervisor's directory), sends each an `Admin` message (`GetState` for show) and
-gathers the answers. Validation happens here, with the actors' own validators, before anything
-is sent, so an invalid command changes no actor (set-flags goes to every Coalescer shard:
-half-applied flags would be worse than none). The actors validate again; that is their
-contract, not ours to rely on.
+gathers the answers. Validation happens here, with the actors' own validators (the schemas
+in protocols/settings.py), before anything is sent, so an invalid command changes no actor
+(set-flags goes to every Coalescer shard: half-applied flags would be worse than none). The
+actors validate again; that is their contract, not ours to rely on.
 
 HTTP (only when SLUICE_ADMIN_TOKEN is set; otherwise the routes do not exist: 404):
 
@@ -36,16 +36,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import patches
-from actors.alerts import validate_thresholds
-from actors.coalescer import flags_from
-from actors.coalescer_logic import CoalescerFlags
-from actors.pacer_logic import PacerSettings, settings_from
 from edge.api_keys import KeysFileError
 from edge.body_limits import BodyError, load_json
 from edge.bridge import BridgeError
 from protocols import messages as m
 from protocols import roles as role_names
 from protocols.config import PROVIDERS
+from protocols.settings import CoalescerFlags, PacerSettings, flags_from, settings_from, validate_thresholds
 
 ASK_TIMEOUT_S = 5.0
 
@@ -179,7 +176,7 @@ COMMANDS: dict[str, Command] = {
         Command("reset-metrics", "reset-metrics", "forget the windowed samples (counters are kept)", _plan_reset_metrics),
         Command("alerts", "alerts", "alert thresholds and firing/pending rules", _plan_alerts),
         Command("set-thresholds", "set-thresholds key=value ...", "change alert thresholds live "
-                "(see actors/alerts.py)", _plan_set_thresholds),
+                "(see protocols/settings.py, actors/alerts.py)", _plan_set_thresholds),
     )
 }
 

@@ -56,16 +56,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from actors.coalescer_logic import CoalescerFlags, CoalescerLogic
+from actors.coalescer_logic import CoalescerLogic
 from actors.effects import After, Send
 from actors.metrics_logic import MetricsLogic
-from actors.pacer_logic import PacerLogic, PacerSettings, PoolAt
+from actors.pacer_logic import PacerLogic, PoolAt
 from edge.listeners import Listeners, new_events
 from protocols import auth, roles
 from protocols import events as ev
 from protocols import messages as m
 from protocols.keys import coalescing_key, shard_of
 from protocols.providers.base import code_for_status, status_text
+from protocols.settings import CoalescerFlags, PacerSettings
 
 SEED_ENV = "SLUICE_SIM_SEED"
 SIM_SECRET = b"the simulation's cluster secret"

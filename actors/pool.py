@@ -33,6 +33,7 @@ from actors.retry_policy import RetryPolicy, RetrySettings, is_idempotent
 from protocols import events as ev
 from protocols import messages as m
 from protocols import roles, trace
+from protocols.settings import ProviderConfig
 
 # httpcore, h2, anyio and the provider adapters are imported by the Pool's loop when it
 # starts, not here: the Supervisor imports this module and forks every actor from its
@@ -127,7 +128,7 @@ class PoolRuntime:
         for pool in self.pools.values():
             await pool.aclose()
 
-    def _http_for(self, provider: dict):
+    def _http_for(self, provider: ProviderConfig):
         """The connection pool of the provider's account: one per account, because the
         keepalive (<ACCOUNT>_KEEPALIVE_S) must stay below that provider's idle timeout.
         HTTP/2 where the provider offers it (ALPN on https). Cleartext http:// URLs are
@@ -135,11 +136,11 @@ class PoolRuntime:
         (<PREFIX>_H2C, on for the simulated provider; a local Ollama speaks HTTP/1.1)."""
         import httpcore
 
-        h2c = bool(provider.get("h2c")) and provider["base_url"].startswith("http://")
-        key = (provider["account"], h2c)
+        h2c = provider.h2c and provider.base_url.startswith("http://")
+        key = (provider.account, h2c)
         pool = self.pools.get(key)
         if pool is None:
-            keepalive = provider.get("keepalive_s", 4.0)
+            keepalive = provider.keepalive_s
             if h2c:
                 pool = httpcore.AsyncConnectionPool(http1=False, http2=True, max_connections=20, keepalive_expiry=keepalive)
             else:
@@ -193,14 +194,14 @@ class PoolRuntime:
         self.hub.publish(msg.stream_id, [ev.error(msg.code, msg.message)])
 
     async def _call(self, msg: m.OpenStream) -> None:
-        provider = self.settings["providers"].get(msg.provider)
+        entry = self.settings["providers"].get(msg.provider)
         publish = lambda events: self.hub.publish(msg.stream_id, events)  # noqa: E731
         result = None
         try:
-            if provider is None or not provider.get("base_url"):
+            if entry is None or not entry.get("base_url"):
                 publish([ev.error("provider_not_configured", f"provider {msg.provider!r} is not configured")])
                 return
-            result = await self._attempts(msg, provider, publish)
+            result = await self._attempts(msg, ProviderConfig.from_dict(entry), publish)
         except asyncio.CancelledError:
             pass  # run_call or _attempts published the cancellation; the abort is recorded below
         except Exception as exc:
@@ -210,16 +211,16 @@ class PoolRuntime:
             self.calls.pop(msg.stream_id, None)
             self._ended(msg, result)
 
-    async def _attempts(self, msg: m.OpenStream, provider: dict, publish):
+    async def _attempts(self, msg: m.OpenStream, provider: ProviderConfig, publish):
         """Call the provider until an attempt delivers a byte, or the retry policy says
         stop; then publish the last attempt's error if it has not gone out yet. Attempt n
         goes out on the n-th key of `msg.keys` (round): a retry escapes one key's failure."""
         from actors.upstream import run_call
         from protocols.providers import get_adapter
 
-        adapter = get_adapter(provider["adapter"])
-        account = provider["account"]
-        api_keys = provider.get("api_keys") or [provider.get("api_key")]
+        adapter = get_adapter(provider.adapter)
+        account = provider.account
+        api_keys = provider.api_keys
         order = [k for k in (msg.keys or [msg.key]) if 0 <= k < len(api_keys)] or [0]
         http = self._http_for(provider)
         idempotent = is_idempotent(msg.body)
@@ -229,7 +230,7 @@ class PoolRuntime:
         attempt = 1
         while True:
             key = order[(attempt - 1) % len(order)]
-            request = adapter.build_request(base_url=provider["base_url"], api_key=api_keys[key], model=msg.model, body=msg.body)
+            request = adapter.build_request(base_url=provider.base_url, api_key=api_keys[key], model=msg.model, body=msg.body)
             served = {"provider": msg.provider, "model": msg.model}
             if len(api_keys) > 1:
                 served["key"] = key_name(key)

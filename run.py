@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
 
 
 def _check_alert_thresholds(thresholds: dict) -> None:
-    from actors.alerts import validate_thresholds
+    from protocols.settings import validate_thresholds
 
     try:
         validate_thresholds(thresholds)
@@ -100,9 +100,10 @@ def serve(settings: dict) -> int:
 
 def _serve_with_secret(settings: dict, secret: bytes, log) -> int:
     from actors import system
-    from actors.supervisor import SUPERVISOR_NAME, SupervisorActor
-    from protocols import logfmt
+    from actors.supervisor import SupervisorActor
+    from protocols import logfmt, roles
     from protocols import messages as m
+    from protocols.roles import SUPERVISOR_NAME
 
     host = settings["SLUICE_ACTOR_HOST"]
     asys, group = system.start(host, settings["SLUICE_ACTOR_PORT"], secret, logfmt.actor_log_defs(settings))
@@ -113,7 +114,7 @@ def _serve_with_secret(settings: dict, secret: bytes, log) -> int:
     try:
         sim = _start_simulated_provider(settings, log)
         supervisor = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
-        asys.tell(supervisor, m.encode(m.Wire("supervisor", {}, settings)))
+        asys.tell(supervisor, m.encode(m.Wire(roles.SUPERVISOR, {}, settings)))
         keeper = _start_keeper(asys, settings, watchdog)
         return _serve_http(settings, log)
     finally:

@@ -47,74 +47,11 @@ pending rules; `since` is when the condition became true (Prometheus' activeAt).
 """
 from __future__ import annotations
 
-import math
-
-DEFAULTS: dict[str, float | int] = {
-    "ttft_p95_ms": 1500.0,
-    "ttft_for_s": 300.0,
-    "perf_window": 100,  # last_n for the TTFT and queue-wait rules
-    "error_rate": 0.01,
-    "error_window": 100,
-    "error_for_s": 0.0,
-    "queue_wait_p95_ms": 1000.0,
-    "queue_wait_for_s": 300.0,
-    "coalesce_min_ratio": 10.0,
-    "coalesce_for_s": 0.0,
-    "burst_min_requests": 50,
-    "burst_window_s": 10.0,
-}
-
-# key -> (kind, lower bound, lower bound inclusive?, upper bound exclusive or None)
-_SPEC = {
-    "ttft_p95_ms": ("number", 0.0, False, None),
-    "queue_wait_p95_ms": ("number", 0.0, False, None),
-    "ttft_for_s": ("number", 0.0, True, None),
-    "error_for_s": ("number", 0.0, True, None),
-    "queue_wait_for_s": ("number", 0.0, True, None),
-    "coalesce_for_s": ("number", 0.0, True, None),
-    # a fraction: 0.01 means 1 %. Values >= 1 can never be exceeded, so they are
-    # almost certainly a percent written by mistake.
-    "error_rate": ("number", 0.0, True, 1.0),
-    "coalesce_min_ratio": ("number", 0.0, True, None),
-    "burst_window_s": ("number", 0.0, False, None),
-    "perf_window": ("int", 1, True, None),
-    "error_window": ("int", 1, True, None),
-    "burst_min_requests": ("int", 1, True, None),
-}
+from protocols.settings import ALERT_DEFAULTS as DEFAULTS
+from protocols.settings import validate_thresholds
 
 RULE_NAMES = ("ttft_p95_high", "error_rate_high", "queue_wait_p95_high",
               "coalesce_ratio_low")
-
-
-def validate_thresholds(thresholds: dict | None) -> dict:
-    """Return a cleaned copy of `thresholds`; ValueError naming the first bad key."""
-    if thresholds is None:
-        return {}
-    if not isinstance(thresholds, dict):
-        raise ValueError("thresholds must be a dict")
-    clean: dict = {}
-    for key, value in thresholds.items():
-        if key not in _SPEC:
-            raise ValueError(f"unknown alert threshold {key!r}; known: "
-                             f"{', '.join(sorted(_SPEC))}")
-        kind, low, low_inclusive, high = _SPEC[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"alert threshold {key!r} must be a number, got {value!r}")
-        if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"alert threshold {key!r} must be an integer, got {value!r}")
-            value = int(value)
-        else:
-            value = float(value)
-            if not math.isfinite(value):
-                raise ValueError(f"alert threshold {key!r} must be finite, got {value!r}")
-        if value < low or (value == low and not low_inclusive):
-            op = ">=" if low_inclusive else ">"
-            raise ValueError(f"alert threshold {key!r} must be {op} {low}, got {value!r}")
-        if high is not None and value >= high:
-            raise ValueError(f"alert threshold {key!r} must be < {high}, got {value!r}")
-        clean[key] = value
-    return clean
 
 
 class _RuleState:

@@ -2,32 +2,16 @@
 from __future__ import annotations
 
 from actors import secret
-from actors.coalescer_logic import CoalescerFlags, CoalescerLogic
+from actors.coalescer_logic import CoalescerLogic
 from actors.effects import Send
 from actors.host import HostActor, my_address
 from protocols import messages as m
-
-FLAG_TYPES = {"coalesce_enabled": bool, "stream_fanout_enabled": bool, "error_ttl_s": float}
-
-
-def flags_from(base: CoalescerFlags, changes: dict) -> CoalescerFlags:
-    """Apply admin changes; ValueError names the bad key or value (state unchanged)."""
-    values = {}
-    for key, value in changes.items():
-        kind = FLAG_TYPES.get(key)
-        if kind is None:
-            raise ValueError(f"unknown coalescer flag {key!r} (known: {sorted(FLAG_TYPES)})")
-        if kind is bool and not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false, got {value!r}")
-        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise ValueError(f"{key} must be a number >= 0, got {value!r}")
-        values[key] = kind(value)
-    merged = {**base.__dict__, **values}
-    return CoalescerFlags(**merged)
+from protocols import roles
+from protocols.settings import CoalescerFlags, flags_from
 
 
 class CoalescerActor(HostActor):
-    role = "coalescer"
+    role = roles.COALESCER
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

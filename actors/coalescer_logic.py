@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.effects import After, Send
-from protocols import auth
+from protocols import auth, roles
 from protocols import messages as m
-from protocols.config import account
+from protocols.settings import CoalescerFlags
 
 ASKING, QUEUED, STREAMING = "asking", "queued", "streaming"
 
@@ -69,13 +69,6 @@ class Flight:
     waiting: list = field(default_factory=list)  # (sender, request_id, edge_id, role)
     request: m.LeaseRequest | None = None  # until the grant
     pool: str = ""  # the Pool incarnation the grant opened the call on
-
-
-@dataclass
-class CoalescerFlags:
-    coalesce_enabled: bool = True
-    stream_fanout_enabled: bool = True
-    error_ttl_s: float = 2.0
 
 
 @dataclass
@@ -139,7 +132,7 @@ class CoalescerLogic:
         self.by_key[key] = flight
         self.by_stream[flight.stream_id] = flight
         flight.request = m.LeaseRequest(flight.stream_id, msg.provider, now, msg.model, msg.body, self.me)
-        return [Send(pacer_role(msg.provider), flight.request)]
+        return [Send(roles.pacer_for(msg.provider), flight.request)]
 
     def _lease_answer(self, msg: Any, sender: Any) -> list:
         flight = self.by_stream.get(msg.lease_id)
@@ -174,7 +167,7 @@ class CoalescerLogic:
         flight.provider = msg.provider
         flight.request = m.LeaseRequest(old.lease_id, msg.provider, now, msg.model, old.body, self.me,
                                         msg.fallback_from, list(msg.fallbacks))
-        return [Send(pacer_role(msg.provider), flight.request)]
+        return [Send(roles.pacer_for(msg.provider), flight.request)]
 
     # --- leaving and ending -------------------------------------------------------------
     def _cancel(self, msg: m.Cancel) -> list:
@@ -188,10 +181,10 @@ class CoalescerLogic:
             return []
         self._forget(flight)
         if flight.phase == STREAMING:
-            return [Send("pool", m.AbortStream(flight.stream_id, msg.requested_at))]
+            return [Send(roles.POOL, m.AbortStream(flight.stream_id, msg.requested_at))]
         return [
-            Send(pacer_role(flight.provider), m.LeaseCancel(flight.stream_id)),
-            Send("pool", m.FailStream(flight.stream_id, "cancelled", "cancelled before the upstream call started")),
+            Send(roles.pacer_for(flight.provider), m.LeaseCancel(flight.stream_id)),
+            Send(roles.POOL, m.FailStream(flight.stream_id, "cancelled", "cancelled before the upstream call started")),
         ]
 
     def _finished(self, msg: m.StreamFinished, now: float) -> list:
@@ -214,15 +207,15 @@ class CoalescerLogic:
     # --- crashes of others -----------------------------------------------------------------
     def _member_lost(self, msg: m.MemberLost) -> list:
         out: list = []
-        if msg.role == "pool":
+        if msg.role == roles.POOL:
             for flight in [f for f in self.by_stream.values() if f.phase == STREAMING and f.pool == msg.incarnation]:
                 self._forget(flight)  # not remembered as an error: a new request is a new call
                 # An edge admitted just before the crash may subscribe at the new hub: it
                 # gets this error instead of waiting for a stream that will never open.
-                out.append(Send("pool", m.FailStream(flight.stream_id, "pool_lost", "the upstream connection pool restarted mid-stream; retry")))
-        elif msg.role.startswith("pacer:"):
+                out.append(Send(roles.POOL, m.FailStream(flight.stream_id, "pool_lost", "the upstream connection pool restarted mid-stream; retry")))
+        elif roles.is_pacer(msg.role):
             for flight in self.by_stream.values():
-                if flight.phase != STREAMING and flight.request is not None and pacer_role(flight.provider) == msg.role:
+                if flight.phase != STREAMING and flight.request is not None and roles.pacer_for(flight.provider) == msg.role:
                     out.append(Send(msg.role, flight.request))  # the replacement queues it anew
         return out
 
@@ -264,9 +257,4 @@ class CoalescerLogic:
             "leaders_total": self.leaders_total,
             "followers_total": self.followers_total,
         }
-
-
-def pacer_role(provider: str) -> str:
-    """The Pacer guarding the rate limit of the account `provider` bills to."""
-    return f"pacer:{account(provider).lower()}"
 

@@ -19,7 +19,7 @@ from thespian.actors import Actor, ActorAddress, ActorSystemMessage, WakeupMessa
 from actors import addressing
 from actors.effects import After, Send
 from protocols import messages as m
-from protocols import trace
+from protocols import roles, trace
 
 log = logging.getLogger("sluice.actors")
 
@@ -72,7 +72,7 @@ class HostActor(Actor):
             self.directory = dict(msg.directory)
             self.settings = dict(msg.settings)
             self.on_wire(msg)
-            if msg.role != "supervisor":
+            if msg.role != roles.SUPERVISOR:
                 self.send(sender, m.encode(m.Ready(msg.role, my_address(self), os.getpid())))
             return
         if isinstance(msg, m.GetState):  # every actor answers it: readiness, admin "show"

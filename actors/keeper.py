@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from actors.system import alive
 from protocols import messages as m
+from protocols import roles
 
 log = logging.getLogger("sluice.keeper")
 
@@ -65,7 +66,8 @@ class SupervisorKeeper:
                     log.exception("supervisor keeper")
 
     def _find_or_replace(self, context) -> None:
-        from actors.supervisor import SUPERVISOR_NAME, SupervisorActor
+        from actors.supervisor import SupervisorActor
+        from protocols.roles import SUPERVISOR_NAME
 
         if self.pid is not None:
             log.error("the Supervisor (pid %s) is gone; starting a new one", self.pid)
@@ -76,7 +78,7 @@ class SupervisorKeeper:
             return  # try again next turn
         if not reply.state.get("wired"):
             self.replacements += 1
-            context.tell(address, m.encode(m.Wire("supervisor", dict(self.directory), self.settings)))
+            context.tell(address, m.encode(m.Wire(roles.SUPERVISOR, dict(self.directory), self.settings)))
         self.address, self.pid = address, reply.state["pid"]
 
     def _remember_directory(self, context) -> None:

@@ -12,6 +12,7 @@ from actors.effects import After, Send
 from actors.host import HostActor
 from actors.metrics_logic import MetricsLogic
 from protocols import messages as m
+from protocols import roles
 
 log = logging.getLogger("sluice.alerts")
 
@@ -23,7 +24,7 @@ class EvaluateAlerts:
 
 
 class MetricsActor(HostActor):
-    role = "metrics"
+    role = roles.METRICS
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -9,6 +9,7 @@ from actors.effects import After, Send
 from actors.host import HostActor
 from actors.pacer_logic import PacerLogic, PacerSettings, PoolAt
 from protocols import messages as m
+from protocols import roles
 
 GAUGE_EVERY_S = 1.0
 
@@ -18,7 +19,7 @@ class ReportGauges:
 
 
 class PacerActor(HostActor):
-    role = "pacer"
+    role = roles.PACER
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -27,7 +28,7 @@ class PacerActor(HostActor):
     def on_wire(self, wire: m.Wire) -> None:
         self.role = wire.role
         if self.logic is None:
-            account = wire.role.partition(":")[2].upper()
+            account = roles.pacer_account(wire.role).upper()
             failover = wire.settings.get("failover", {}).get(account, {})
             self.logic = PacerLogic(
                 account.lower(),
@@ -39,7 +40,7 @@ class PacerActor(HostActor):
             )
             self.apply([After(GAUGE_EVERY_S, ReportGauges())])
         # Every Wire carries the directory: grants go to the Pool it names, or wait for one.
-        self.apply(self.logic.handle(PoolAt(self.directory.get("pool")), None, time.time()))
+        self.apply(self.logic.handle(PoolAt(self.directory.get(roles.POOL)), None, time.time()))
 
     def on_message(self, msg, sender, now):
         if self.logic is None:
@@ -47,7 +48,7 @@ class PacerActor(HostActor):
         if isinstance(msg, m.Admin):
             return self._admin(msg, sender, now)
         if isinstance(msg, ReportGauges):
-            return [Send("metrics", m.Records(self.role, self._gauges(now))), After(GAUGE_EVERY_S, ReportGauges())]
+            return [Send(roles.METRICS, m.Records(self.role, self._gauges(now))), After(GAUGE_EVERY_S, ReportGauges())]
         return self.logic.handle(msg, sender, now)
 
     def state(self, now: float) -> dict:

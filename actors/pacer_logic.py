@@ -34,15 +34,16 @@ granted calls are failed. No grant is made while no Pool is known: the queue wai
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from actors.circuit import HALF_OPEN, OPEN, STATE_VALUE, CircuitSettings
 from actors.effects import After, Send
 from actors.key_choice import KeyBucket, choose, retry_order
 from protocols import messages as m
+from protocols import roles
+from protocols.settings import SETTING_TYPES, PacerSettings, settings_from
 
 log = logging.getLogger("sluice.pacer")
 
@@ -51,63 +52,6 @@ log = logging.getLogger("sluice.pacer")
 # the tick finds nothing to do, re-arms for ~0 s and spins until the clock moves on (in
 # a simulation with a virtual clock: forever).
 EPS = 1e-9
-
-
-@dataclass(frozen=True)
-class PacerSettings:
-    rps: float = 1.0
-    burst: int = 2
-    concurrency: int = 3
-    rpm: int | None = None
-    max_queue: int = 1000
-    max_wait_s: float = 30.0
-
-    def validated(self) -> PacerSettings:
-        problems = []
-        if not (self.rps > 0 and math.isfinite(self.rps)):
-            problems.append("rps must be a positive number")
-        if self.burst < 1:
-            problems.append("burst must be >= 1")
-        if self.concurrency < 1:
-            problems.append("concurrency must be >= 1")
-        if self.rpm is not None and self.rpm < 1:
-            problems.append("rpm must be >= 1 or unset")
-        if self.max_queue < 0:
-            problems.append("max_queue must be >= 0")
-        if not (self.max_wait_s > 0):
-            problems.append("max_wait_s must be > 0")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
-SETTING_TYPES = {
-    "rps": float,
-    "burst": int,
-    "concurrency": int,
-    "rpm": int,
-    "max_queue": int,
-    "max_wait_s": float,
-}
-
-
-def settings_from(base: PacerSettings, changes: dict) -> PacerSettings:
-    """Apply admin `changes` to `base`; ValueError names the bad key or value."""
-    values: dict[str, Any] = {}
-    for key, value in changes.items():
-        if key not in SETTING_TYPES:
-            raise ValueError(f"unknown pacer setting {key!r} (known: {sorted(SETTING_TYPES)})")
-        if key == "rpm" and value in (None, 0, "", "0"):
-            values[key] = None
-            continue
-        try:
-            kind = SETTING_TYPES[key]
-            if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            values[key] = kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"pacer setting {key!r}: {value!r} is not a valid {SETTING_TYPES[key].__name__}") from None
-    return replace(base, **values).validated()
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +102,7 @@ class PacerLogic:
     fallback_queue: int = 0
     buckets: list = field(init=False)  # KeyBucket per key
     in_flight: dict = field(default_factory=dict, init=False)  # lease_id -> _Held
-    pool: str | None = field(default="pool", init=False)  # the Pool incarnation grants go to
+    pool: str | None = field(default=roles.POOL, init=False)  # the Pool incarnation grants go to
     queue: deque = field(default_factory=deque, init=False)
     grants_total: int = field(default=0, init=False)
     denials_total: int = field(default=0, init=False)
@@ -186,7 +130,7 @@ class PacerLogic:
         self._refill(now)
         out = self._dispatch(msg, sender, now)
         if self._notes:
-            out.append(Send("metrics", m.Records(f"pacer:{self.provider}", self._notes)))
+            out.append(Send(roles.METRICS, m.Records(roles.pacer(self.provider), self._notes)))
             self._notes = []
         return out
 
@@ -216,7 +160,7 @@ class PacerLogic:
                 # went to the Pool of its time. If that Pool died meanwhile, the grant may have
                 # opened the call at its replacement, which never hears of the cancel; this
                 # one follows our OpenStream on the same link (a second one is ignored).
-                out.append(Send("pool", m.FailStream(msg.lease_id, "cancelled", "cancelled before the upstream call started")))
+                out.append(Send(roles.POOL, m.FailStream(msg.lease_id, "cancelled", "cancelled before the upstream call started")))
             self.queue = deque(w for w in self.queue if w.lease_id != msg.lease_id)
             return out + self._drain(now)
         if isinstance(msg, Tick):
@@ -288,13 +232,13 @@ class PacerLogic:
                 f"retry in {retry:g} s")
         out = [Send(waiter.requester, m.LeaseDenied(waiter.lease_id, 503, "upstream_unavailable", text, retry))]
         if queued:  # its clients were admitted and listen at the hub
-            out.append(Send("pool", m.FailStream(waiter.lease_id, "upstream_unavailable", text)))
+            out.append(Send(roles.POOL, m.FailStream(waiter.lease_id, "upstream_unavailable", text)))
         return out
 
     # --- crashes of others -----------------------------------------------------------------
     def _member_lost(self, msg: m.MemberLost, now: float) -> list:
         out: list = []
-        if msg.role == "pool":
+        if msg.role == roles.POOL:
             # Its calls died with it: no LeaseRelease will ever come for them.
             for lease_id in [k for k, held in self.in_flight.items() if held.pool == msg.incarnation]:
                 held = self.in_flight.pop(lease_id)
@@ -302,7 +246,7 @@ class PacerLogic:
                     self.buckets[held.key].circuit.abandoned()
             if self.pool == msg.incarnation:
                 self.pool = None
-        elif msg.role.startswith("coalescer:"):
+        elif roles.is_coalescer(msg.role):
             # Its flights are gone: nobody would admit or cancel them. A queued request is
             # dropped; a granted call is failed (the Pool aborts it; its LeaseRelease then
             # finds the lease already reclaimed). Either way the edges' clients get an error.
@@ -315,7 +259,7 @@ class PacerLogic:
                     self.buckets[held.key].circuit.abandoned()
                 failed.append(lease_id)
             text = f"{msg.role} restarted; this request was lost with it, retry it"
-            out += [Send("pool", m.FailStream(lease_id, "coalescer_lost", text)) for lease_id in failed]
+            out += [Send(roles.POOL, m.FailStream(lease_id, "coalescer_lost", text)) for lease_id in failed]
         return out + self._drain(now)
 
     def configure(self, changes: dict, now: float) -> list:
@@ -409,7 +353,7 @@ class PacerLogic:
             out.append(Send(waiter.requester, m.LeaseDenied(waiter.lease_id, 429, "pacer_queue_timeout", text, self._retry_after(now))))
             # It was queued, so its clients were admitted and listen at the hub: the stream
             # ends here, not through the shard (which may have died meanwhile).
-            out.append(Send("pool", m.FailStream(waiter.lease_id, "pacer_queue_timeout", text)))
+            out.append(Send(roles.POOL, m.FailStream(waiter.lease_id, "pacer_queue_timeout", text)))
         if self.queue and self._all_open():
             # Nothing can be granted until a key half-opens: those waiting go to a fallback
             # now, or fail fast, rather than wait out the cool-down.
@@ -449,7 +393,7 @@ class PacerLogic:
         # The call goes to the Pool from here, not back through the Coalescer: one hop
         # fewer before the upstream call. The Coalescer learns of the grant in parallel.
         return [
-            Send("pool", m.OpenStream(r.lease_id, r.provider, r.model, r.body, r.lease_id, wait_ms, r.coalescer,
+            Send(roles.POOL, m.OpenStream(r.lease_id, r.provider, r.model, r.body, r.lease_id, wait_ms, r.coalescer,
                                       bucket.index, keys, r.fallback_from)),
             Send(waiter.requester, m.LeaseGranted(waiter.lease_id, wait_ms, self.pool or "")),
         ]

@@ -33,7 +33,8 @@ from actors.key_choice import key_name
 from actors.retry_policy import RetryPolicy, RetrySettings, is_idempotent
 from protocols import events as ev
 from protocols import messages as m
-from protocols import trace
+from protocols import roles, trace
+from protocols.settings import ProviderConfig
 
 # httpcore, h2, anyio and the provider adapters are imported by the Pool's loop when it
 # starts, not here: the Supervisor imports this module and forks every actor from its
@@ -129,7 +130,7 @@ class PoolRuntime:
             for pool in connections.pools:
                 await pool.aclose()
 
-    def _http_for(self, provider: dict) -> AccountConnections:
+    def _http_for(self, provider: ProviderConfig) -> AccountConnections:
         """The connection pools of the provider's account (actors/connections.py): per account,
         because the keepalive (<ACCOUNT>_KEEPALIVE_S) must stay below that provider's idle timeout.
         HTTP/2 where the provider offers it (ALPN on https). Cleartext http:// URLs are
@@ -137,11 +138,11 @@ class PoolRuntime:
         (<PREFIX>_H2C, on for the simulated provider; a local Ollama speaks HTTP/1.1)."""
         import httpcore
 
-        h2c = bool(provider.get("h2c")) and provider["base_url"].startswith("http://")
-        key = (provider["account"], h2c)
+        h2c = provider.h2c and provider.base_url.startswith("http://")
+        key = (provider.account, h2c)
         connections = self.pools.get(key)
         if connections is None:
-            keepalive = provider.get("keepalive_s", 4.0)
+            keepalive = provider.keepalive_s
             if h2c:
                 connections = AccountConnections(
                     lambda: httpcore.AsyncConnectionPool(http1=False, http2=True, max_connections=20, keepalive_expiry=keepalive)
@@ -177,7 +178,7 @@ class PoolRuntime:
             account = self.settings["providers"].get(msg.provider, {}).get("account", msg.provider.upper())
             last = self.hub.streams[msg.stream_id].events[-1]
             outcome, error = ("done", None) if last.get("type") == ev.DONE else ("error", last)
-            self.outbox.put(Send(f"pacer:{account.lower()}", m.LeaseRelease(msg.stream_id, None)))
+            self.outbox.put(Send(roles.pacer(account), m.LeaseRelease(msg.stream_id, None)))
             self.outbox.put(Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error)))
             return
         self.hub.mark_open(msg.stream_id)
@@ -199,14 +200,14 @@ class PoolRuntime:
         self.hub.publish(msg.stream_id, [ev.error(msg.code, msg.message)])
 
     async def _call(self, msg: m.OpenStream) -> None:
-        provider = self.settings["providers"].get(msg.provider)
+        entry = self.settings["providers"].get(msg.provider)
         publish = lambda events: self.hub.publish(msg.stream_id, events)  # noqa: E731
         result = None
         try:
-            if provider is None or not provider.get("base_url"):
+            if entry is None or not entry.get("base_url"):
                 publish([ev.error("provider_not_configured", f"provider {msg.provider!r} is not configured")])
                 return
-            result = await self._attempts(msg, provider, publish)
+            result = await self._attempts(msg, ProviderConfig.from_dict(entry), publish)
         except asyncio.CancelledError:
             pass  # run_call or _attempts published the cancellation; the abort is recorded below
         except Exception as exc:
@@ -216,16 +217,16 @@ class PoolRuntime:
             self.calls.pop(msg.stream_id, None)
             self._ended(msg, result)
 
-    async def _attempts(self, msg: m.OpenStream, provider: dict, publish):
+    async def _attempts(self, msg: m.OpenStream, provider: ProviderConfig, publish):
         """Call the provider until an attempt delivers a byte, or the retry policy says
         stop; then publish the last attempt's error if it has not gone out yet. Attempt n
         goes out on the n-th key of `msg.keys` (round): a retry escapes one key's failure."""
         from actors.upstream import run_call
         from protocols.providers import get_adapter
 
-        adapter = get_adapter(provider["adapter"])
-        account = provider["account"]
-        api_keys = provider.get("api_keys") or [provider.get("api_key")]
+        adapter = get_adapter(provider.adapter)
+        account = provider.account
+        api_keys = provider.api_keys
         order = [k for k in (msg.keys or [msg.key]) if 0 <= k < len(api_keys)] or [0]
         connections = self._http_for(provider)
         idempotent = is_idempotent(msg.body)
@@ -235,7 +236,7 @@ class PoolRuntime:
         attempt = 1
         while True:
             key = order[(attempt - 1) % len(order)]
-            request = adapter.build_request(base_url=provider["base_url"], api_key=api_keys[key], model=msg.model, body=msg.body)
+            request = adapter.build_request(base_url=provider.base_url, api_key=api_keys[key], model=msg.model, body=msg.body)
             served = {"provider": msg.provider, "model": msg.model}
             if len(api_keys) > 1:
                 served["key"] = key_name(key)
@@ -285,7 +286,7 @@ class PoolRuntime:
             (result.error or {}).get("code"), msg.stream_id,
         )
         if decision.pause_s > 0:
-            self.outbox.put(Send(f"pacer:{account.lower()}", m.AccountPause(account, decision.pause_s, result.key)))
+            self.outbox.put(Send(roles.pacer(account), m.AccountPause(account, decision.pause_s, result.key)))
         self._record(
             {"kind": "retry", "provider": msg.provider, "reason": reason, "attempt": attempt + 1, "at": time.time()}
         )
@@ -298,7 +299,7 @@ class PoolRuntime:
         retry_after = result.retry_after_s if result else None
         account = self.settings["providers"].get(msg.provider, {}).get("account", msg.provider.upper())
         key_results = (result.key_results or None) if result else None
-        self.outbox.put(Send(f"pacer:{account.lower()}", m.LeaseRelease(msg.stream_id, retry_after, key_results)))
+        self.outbox.put(Send(roles.pacer(account), m.LeaseRelease(msg.stream_id, retry_after, key_results)))
         self.outbox.put(Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error)))
         upstream_ttft = None
         usage = (result.usage or {}) if result else {}
@@ -338,7 +339,7 @@ class PoolRuntime:
 
     def _send_records(self) -> None:
         if self.records:
-            self.outbox.put(Send("metrics", m.Records("pool", self.records)))
+            self.outbox.put(Send(roles.METRICS, m.Records(roles.POOL, self.records)))
             self.records = []
 
     async def _flush_records(self) -> None:
@@ -400,7 +401,7 @@ class Outbox:
 
 
 class PoolActor(HostActor):
-    role = "pool"
+    role = roles.POOL
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -415,7 +416,7 @@ class PoolActor(HostActor):
             self.runtime.settings = self.settings
         # On every Wire, not only the first: a replacement Supervisor that adopted this
         # Pool learns where its hub is the same way.
-        self.apply([Send("supervisor", m.HubReady(self.settings["SLUICE_ACTOR_HOST"], self.runtime.hub_port))])
+        self.apply([Send(roles.SUPERVISOR, m.HubReady(self.settings["SLUICE_ACTOR_HOST"], self.runtime.hub_port))])
 
     def on_message(self, msg, sender, now):
         if self.runtime is None:

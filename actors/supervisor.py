@@ -1,6 +1,6 @@
 """The Supervisor: creates every other actor, tells each who is where, recreates the dead.
 
-Started by run.py under the global name `SUPERVISOR_NAME`, so any process that joins the
+Started by run.py under the global name `SUPERVISOR_NAME` (protocols/roles.py), so any process that joins the
 actor system (the edge, `run.py admin`) can find it and ask for the `Directory`.
 
 When a child dies it is recreated, and once the replacement is wired every Pacer and
@@ -31,10 +31,10 @@ from actors.pool import PoolActor
 from actors.system import alive
 from actors.threads_store import ThreadStoreActor
 from protocols import messages as m
+from protocols import roles
 
 log = logging.getLogger("sluice.supervisor")
 
-SUPERVISOR_NAME = "sluice-supervisor"
 WATCH_EVERY_S = 1.0
 ADOPT_WITHIN_S = 3.0  # an adopted actor that has not answered its Wire by then is recreated
 
@@ -48,13 +48,19 @@ class AdoptDeadline:
     """Timer: adopted actors that never answered are dead; recreate them."""
 
 
+# The actor class of each kind of role (protocols/roles.py names them).
+ACTOR_OF_KIND: dict[str, type] = {
+    roles.METRICS: MetricsActor,
+    roles.POOL: PoolActor,
+    roles.THREADS: ThreadStoreActor,
+    roles.PACER: PacerActor,
+    roles.COALESCER: CoalescerActor,
+}
+
+
 def child_roles(settings: dict) -> dict[str, type]:
-    roles: dict[str, type] = {"metrics": MetricsActor, "pool": PoolActor, "threads": ThreadStoreActor}
-    for provider in settings["providers"].values():
-        roles[f"pacer:{provider['account'].lower()}"] = PacerActor
-    for shard in range(settings["COALESCER_SHARDS"]):
-        roles[f"coalescer:{shard}"] = CoalescerActor
-    return roles
+    names = roles.children(settings["providers"], settings["COALESCER_SHARDS"])
+    return {role: ACTOR_OF_KIND[roles.parse(role).kind] for role in names}
 
 
 def redacted(settings: dict) -> dict:
@@ -64,7 +70,7 @@ def redacted(settings: dict) -> dict:
 
 
 class SupervisorActor(HostActor):
-    role = "supervisor"
+    role = roles.SUPERVISOR
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -85,7 +91,7 @@ class SupervisorActor(HostActor):
             return  # already running: a second Wire from run.py changes nothing
         # A replacement Supervisor is given the directory its predecessor had: it adopts
         # those actors (they answer the Wire with Ready, pid included) and creates the rest.
-        previous = {r: a for r, a in wire.directory.items() if r != "supervisor"}
+        previous = {r: a for r, a in wire.directory.items() if r != roles.SUPERVISOR}
         for role, cls in child_roles(self.settings).items():
             if role in previous:
                 self.children[role] = addressing.from_string(previous[role])
@@ -100,10 +106,10 @@ class SupervisorActor(HostActor):
         """Tell every child who is where. A new child's real address is known only when
         it answers its first Wire with Ready; every change of address re-wires everyone."""
         self.generation += 1
-        self.directory = {**self.addresses, "supervisor": my_address(self)}
+        self.directory = {**self.addresses, roles.SUPERVISOR: my_address(self)}
         public = redacted(self.settings)
         for role, addr in self.children.items():
-            settings = self.settings if role == "pool" else public
+            settings = self.settings if role == roles.POOL else public
             self.send(addr, m.encode(m.Wire(role, self.directory, settings)))
 
     def _on_ready(self, msg: m.Ready) -> None:
@@ -120,12 +126,12 @@ class SupervisorActor(HostActor):
         so they reclaim what the dead held (after the Wire: same sender, so in order)."""
         lost, self.lost = self.lost, {}
         for role, incarnations in lost.items():
-            if not role.startswith(("pool", "pacer:", "coalescer:")):
+            if not (role == roles.POOL or roles.is_pacer(role) or roles.is_coalescer(role)):
                 continue  # Metrics and the thread store hold nothing for others
             for incarnation in incarnations:
                 log.warning("announcing the loss of %s at %s", role, incarnation)
                 for target, addr in self.children.items():
-                    if target.startswith(("pacer:", "coalescer:")) and target != role:
+                    if (roles.is_pacer(target) or roles.is_coalescer(target)) and target != role:
                         self.send(addr, m.encode(m.MemberLost(role, incarnation)))
 
     def on_message(self, msg, sender, now):
@@ -156,7 +162,7 @@ class SupervisorActor(HostActor):
         # An edge starting up waits for a hub: offer one only with a whole directory. Once
         # started, the hub is offered whenever the Pool is up, also while another actor
         # is being recreated.
-        up = complete or (self.started and "pool" in self.addresses)
+        up = complete or (self.started and roles.POOL in self.addresses)
         hub = list(self.hub) if up else []
         settings = {"draining": self.draining, "complete": complete, "keys_reloads": self.keys_reloads}
         return m.Directory(dict(self.directory), hub, settings, self.generation)
@@ -224,7 +230,7 @@ class SupervisorActor(HostActor):
             self.lost.setdefault(role, []).append(dead)
         self.adopted.discard(role)
         self.pids.pop(role, None)
-        if role == "pool":
+        if role == roles.POOL:
             self.hub = []
         self.children[role] = self.createActor(child_roles(self.settings)[role])
         self._wire_all()

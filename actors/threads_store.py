@@ -30,6 +30,7 @@ import uuid
 from actors.effects import Send
 from actors.host import HostActor
 from protocols import messages as m
+from protocols import roles
 
 log = logging.getLogger("sluice.threads")
 
@@ -154,7 +155,7 @@ class ThreadStore:
 
 
 class ThreadStoreActor(HostActor):
-    role = "threads"
+    role = roles.THREADS
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

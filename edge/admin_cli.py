@@ -75,9 +75,8 @@ def _pairs(words: list[str], kinds: dict) -> dict:
 
 def parse_args(name: str, words: list[str]) -> dict:
     """The CLI words after the command name -> the command's args dict."""
-    from actors.alerts import DEFAULTS as THRESHOLDS
-    from actors.coalescer import FLAG_TYPES
-    from actors.pacer_logic import SETTING_TYPES
+    from protocols.settings import ALERT_DEFAULTS as THRESHOLDS
+    from protocols.settings import FLAG_TYPES, SETTING_TYPES
 
     if name == "show":
         if len(words) > 1:
@@ -154,9 +153,10 @@ async def _authorized(bridge, token: str, name: str, args: dict) -> dict:
     from edge.admin_routes import AdminError, run_command
     from edge.bridge import BridgeError
     from protocols import messages as m
+    from protocols import roles
 
     try:
-        verdict = await bridge.ask("supervisor", m.AdminAuth(token), timeout=5.0)
+        verdict = await bridge.ask(roles.SUPERVISOR, m.AdminAuth(token), timeout=5.0)
     except BridgeError as exc:
         raise AdminError(503, "gateway_unavailable", f"the supervisor did not check the admin token: {exc}") from None
     if not verdict.ok:

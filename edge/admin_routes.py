@@ -4,10 +4,10 @@ edge/admin_cli.py).
 This module owns `COMMANDS`, the table of what an operator can do to the running actors,
 and `run_command`, which validates a command's arguments, resolves which actors it goes to
 (from the Supervisor's directory), sends each an `Admin` message (`GetState` for show) and
-gathers the answers. Validation happens here, with the actors' own validators, before anything
-is sent, so an invalid command changes no actor (set-flags goes to every Coalescer shard:
-half-applied flags would be worse than none). The actors validate again; that is their
-contract, not ours to rely on.
+gathers the answers. Validation happens here, with the actors' own validators (the schemas
+in protocols/settings.py), before anything is sent, so an invalid command changes no actor
+(set-flags goes to every Coalescer shard: half-applied flags would be worse than none). The
+actors validate again; that is their contract, not ours to rely on.
 
 HTTP (only when SLUICE_ADMIN_TOKEN is set; otherwise the routes do not exist: 404):
 
@@ -36,15 +36,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import patches
-from actors.alerts import validate_thresholds
-from actors.coalescer import flags_from
-from actors.coalescer_logic import CoalescerFlags
-from actors.pacer_logic import PacerSettings, settings_from
 from edge.api_keys import KeysFileError
 from edge.body_limits import BodyError, load_json
 from edge.bridge import BridgeError
 from protocols import messages as m
+from protocols import roles as role_names
 from protocols.config import PROVIDERS
+from protocols.settings import CoalescerFlags, PacerSettings, flags_from, settings_from, validate_thresholds
 
 ASK_TIMEOUT_S = 5.0
 
@@ -75,7 +73,7 @@ def _plan_show(roles: dict, args: dict) -> list:
         chosen = sorted(roles)
     else:
         # "pacer" or "coalescer" alone means every actor of that kind
-        chosen = sorted(r for r in roles if r == wanted or r.partition(":")[0] == wanted)
+        chosen = sorted(r for r in roles if r == wanted or role_names.kind(r) == wanted)
     if not chosen:
         raise AdminError(404, "unknown_role", f"no actor plays {wanted!r} (roles: {', '.join(sorted(roles))})")
     # GetState, not Admin("show"): every actor's host answers it (even one with no admin
@@ -86,10 +84,12 @@ def _plan_show(roles: dict, args: dict) -> list:
 def pacer_role(roles: dict, account: str) -> str:
     """The Pacer role for an account ("perplexity") or a provider name ("perplexity_sonar")."""
     name = str(account).strip()
-    prefix = PROVIDERS.get(name.lower(), name)
-    role = f"pacer:{prefix.lower()}"
+    try:
+        role = role_names.pacer(PROVIDERS.get(name.lower(), name))
+    except ValueError:
+        role = ""
     if role not in roles:
-        known = ", ".join(r.partition(":")[2] for r in sorted(roles) if r.startswith("pacer:"))
+        known = ", ".join(role_names.pacer_account(r) for r in sorted(roles) if role_names.is_pacer(r))
         raise AdminError(404, "unknown_account", f"no pacer for account {name!r} on this gateway (pacers: {known})")
     return role
 
@@ -117,7 +117,7 @@ def _plan_set_flags(roles: dict, args: dict) -> list:
         flags_from(CoalescerFlags(), changes)
     except ValueError as exc:
         raise AdminError(422, "invalid_value", str(exc)) from None
-    shards = sorted(r for r in roles if r.startswith("coalescer:"))
+    shards = sorted(r for r in roles if role_names.is_coalescer(r))
     return [(role, m.Admin("set_flags", changes)) for role in shards]
 
 
@@ -125,7 +125,7 @@ def _plan_drain(roles: dict, args: dict) -> list:
     on = args.get("on")
     if not isinstance(on, bool):
         raise AdminError(422, "invalid_value", f"drain: 'on' must be true or false, got {on!r}")
-    return [("supervisor", m.Admin("drain", {"on": on}))]
+    return [(role_names.SUPERVISOR, m.Admin("drain", {"on": on}))]
 
 
 def _plan_reload_keys(roles: dict, args: dict) -> list:
@@ -141,15 +141,15 @@ def _plan_reload_keys(roles: dict, args: dict) -> list:
         read_keys_file(path)
     except KeysFileError as exc:
         raise AdminError(422, "invalid_keys_file", f"the previous keys stay in force: {exc}") from None
-    return [("supervisor", m.Admin("reload_keys", {}))]
+    return [(role_names.SUPERVISOR, m.Admin("reload_keys", {}))]
 
 
 def _plan_reset_metrics(roles: dict, args: dict) -> list:
-    return [("metrics", m.Admin("reset", {}))]
+    return [(role_names.METRICS, m.Admin("reset", {}))]
 
 
 def _plan_alerts(roles: dict, args: dict) -> list:
-    return [("metrics", m.Admin("alerts", {}))]
+    return [(role_names.METRICS, m.Admin("alerts", {}))]
 
 
 def _plan_set_thresholds(roles: dict, args: dict) -> list:
@@ -158,7 +158,7 @@ def _plan_set_thresholds(roles: dict, args: dict) -> list:
         validate_thresholds(changes)
     except ValueError as exc:
         raise AdminError(422, "invalid_value", str(exc)) from None
-    return [("metrics", m.Admin("set_thresholds", changes))]
+    return [(role_names.METRICS, m.Admin("set_thresholds", changes))]
 
 
 COMMANDS: dict[str, Command] = {
@@ -176,7 +176,7 @@ COMMANDS: dict[str, Command] = {
         Command("reset-metrics", "reset-metrics", "forget the windowed samples (counters are kept)", _plan_reset_metrics),
         Command("alerts", "alerts", "alert thresholds and firing/pending rules", _plan_alerts),
         Command("set-thresholds", "set-thresholds key=value ...", "change alert thresholds live "
-                "(see actors/alerts.py)", _plan_set_thresholds),
+                "(see protocols/settings.py, actors/alerts.py)", _plan_set_thresholds),
     )
 }
 

@@ -28,9 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from thespian.actors import ActorSystem
 
 from actors import addressing
-from actors.supervisor import SUPERVISOR_NAME, SupervisorActor
+from actors.supervisor import SupervisorActor
 from protocols import messages as m
-from protocols import trace
+from protocols import roles, trace
+from protocols.roles import SUPERVISOR_NAME
 
 DIRECTORY_TTL_S = 1.0
 DIRECTORY_ASK_S = 2.0
@@ -122,7 +123,7 @@ class ActorBridge:
         trace.stamp("ask_thread", "edge", msg)
         deadline = time.monotonic() + timeout
         self._await_role(to, deadline)
-        role = to if to != "supervisor" and self.directory is not None and to in self.directory.entries else None
+        role = to if to != roles.SUPERVISOR and self.directory is not None and to in self.directory.entries else None
         reply = self._ask_address(self._resolve(to), msg, max(0.0, deadline - time.monotonic()), role)
         trace.stamp("ask_thread_done", "edge", msg)
         return reply
@@ -147,7 +148,7 @@ class ActorBridge:
         self._context().tell(self._resolve(to), _encoded(msg))
 
     def _resolve(self, to: str):
-        if to == "supervisor":
+        if to == roles.SUPERVISOR:
             return self._supervisor
         if self.directory is None:
             self.refresh_directory_blocking()

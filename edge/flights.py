@@ -31,6 +31,7 @@ from actors.effects import Send
 from edge.listeners import new_events
 from protocols import events as ev
 from protocols import messages as m
+from protocols import roles
 from protocols.keys import shard_of
 
 
@@ -101,7 +102,7 @@ class EdgeFlights:
         flight = self.by_key.get(key) if key and self.coalesce_enabled else None
         out: list = []
         if flight is None or flight.finished:
-            flight = Flight(key, f"coalescer:{shard_of(key, self.shards, submit.request_id)}", submit)
+            flight = Flight(key, roles.coalescer(shard_of(key, self.shards, submit.request_id)), submit)
             if key:
                 self.by_key[key] = flight
             self.submits[submit.request_id] = flight

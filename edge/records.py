@@ -7,6 +7,7 @@ import logging
 
 from edge.bridge import ActorBridge
 from protocols import messages as m
+from protocols import roles
 
 log = logging.getLogger("sluice.edge.records")
 
@@ -40,7 +41,7 @@ class RecordSender:
             return
         batch, self.pending = self.pending, []
         try:
-            await self.bridge.tell("metrics", m.Records(self.source, batch))
+            await self.bridge.tell(roles.METRICS, m.Records(self.source, batch))
         except Exception as exc:  # metrics are best effort; requests must not fail for them
             log.warning("dropped %d records: %s", len(batch), exc)
 

@@ -256,7 +256,7 @@ ALERT_PREFIX = "SLUICE_ALERT_"
 
 def _alert_thresholds(env: Mapping[str, str]) -> dict:
     """SLUICE_ALERT_<THRESHOLD>=<number>, e.g. SLUICE_ALERT_TTFT_P95_MS=2000; the names
-    and bounds are the alert rules' (actors/alerts.py), checked there at start."""
+    and bounds are the alert rules' (protocols/settings.py), checked by run.py at start."""
     out = {}
     for name, raw in env.items():
         if name.startswith(ALERT_PREFIX):

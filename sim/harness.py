@@ -58,17 +58,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from actors.coalescer_logic import CoalescerFlags, CoalescerLogic, pacer_role
+from actors.coalescer_logic import CoalescerLogic
 from actors.effects import After, Send
 from actors.hub_logic import HubLogic
 from actors.metrics_logic import MetricsLogic
-from actors.pacer_logic import PacerLogic, PacerSettings, PoolAt
+from actors.pacer_logic import PacerLogic, PoolAt
 from edge.flights import Admit, EdgeFlights, Flight, Listen, Push, Refuse, Unlisten
 from edge.listeners import Listeners
 from protocols import events as ev
 from protocols import messages as m
+from protocols import roles
 from protocols.keys import coalescing_key
 from protocols.providers.base import code_for_status, status_text
+from protocols.settings import CoalescerFlags, PacerSettings
 
 SEED_ENV = "SLUICE_SIM_SEED"
 SIM_SECRET = b"the simulation's cluster secret"
@@ -512,7 +514,7 @@ class SimPool:
             last = self.hub.last_event(msg.stream_id)
             outcome, error = ("done", None) if last.get("type") == ev.DONE else ("error", last)
             return [
-                Send(pacer_role(msg.provider), m.LeaseRelease(msg.stream_id, None)),
+                Send(roles.pacer_for(msg.provider), m.LeaseRelease(msg.stream_id, None)),
                 Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error)),
             ]
         request = UpstreamRequest(len(self.log) + 1, msg.stream_id, msg.provider, msg.model, msg.body, now)
@@ -547,7 +549,7 @@ class SimPool:
         del self.running[call.stream_id]
         call.outcome, call.ended_at = outcome, now
         out = [] if published else self._publish(call.stream_id, [error], now)
-        out.append(Send(pacer_role(call.provider), m.LeaseRelease(call.stream_id, retry_after)))
+        out.append(Send(roles.pacer_for(call.provider), m.LeaseRelease(call.stream_id, retry_after)))
         out.append(Send(call.coalescer, m.StreamFinished(call.stream_id, outcome, None if outcome == "cancelled" else error)))
         out += self.records.add(
             {
@@ -715,10 +717,10 @@ class Simulation:
         self.clients: list[SimClient] = []
         self.nodes: dict[str, _Node] = {}
 
-        self.pacer = PacerLogic(pacer_role(provider).partition(":")[2], pacer or PacerSettings())
+        self.pacer = PacerLogic(roles.pacer_account(roles.pacer_for(provider)), pacer or PacerSettings())
         self.coalescers = [
             CoalescerLogic(
-                me=f"coalescer:{i}",
+                me=roles.coalescer(i),
                 secret=SIM_SECRET,
                 new_stream_id=_counted_ids(f"s-{i}."),
                 flags=replace(flags or CoalescerFlags()),
@@ -729,7 +731,7 @@ class Simulation:
         self.pool.orphan_s = self.pool.hub.orphan_s = self.pacer.settings.max_wait_s + 60.0  # as actors/pool.py
         self.edges: dict[str, SimEdge] = {}
         self.metrics = SimMetrics() if metrics else None
-        self._add(pacer_role(provider), _PacerHost(self.pacer, self))
+        self._add(roles.pacer_for(provider), _PacerHost(self.pacer, self))
         for logic in self.coalescers:
             self._add(logic.me, _CoalescerHost(logic))
         self._add("pool", self.pool)
@@ -774,12 +776,12 @@ class Simulation:
 
     def configure_pacer(self, at: float, **changes) -> None:
         """An operator's live `set` to the Pacer at `at` (like the admin message)."""
-        self._schedule(at, self._deliver, self.nodes[pacer_role(self.provider)], None, _Configure(changes), None)
+        self._schedule(at, self._deliver, self.nodes[roles.pacer_for(self.provider)], None, _Configure(changes), None)
 
     def set_flags(self, at: float, **changes) -> None:
         """An operator's live `set_flags` to every coalescer shard at `at`."""
         for i in range(self.shards):
-            self._schedule(at, self._deliver, self.nodes[f"coalescer:{i}"], None, _Configure(changes), None)
+            self._schedule(at, self._deliver, self.nodes[roles.coalescer(i)], None, _Configure(changes), None)
 
     def slow_link(self, src: str, dst: str, extra_ms: float) -> None:
         """Every message from `src` to `dst` (node names) takes `extra_ms` longer: opens the
@@ -820,7 +822,7 @@ class Simulation:
         node.down, node.backlog = True, deque()
         lost = self._address(node)
         node.incarnation += 1
-        pacer = pacer_role(self.provider)
+        pacer = roles.pacer_for(self.provider)
         if name == "pool":
             self.pool.crash(self.now)
             for edge in self.edges:
@@ -835,8 +837,8 @@ class Simulation:
             fresh = PacerLogic(self.pacer.provider, self.pacer.settings)
             fresh.pool = None if self.nodes["pool"].down else self.pool.incarnation
             self.pacer, node.logic = fresh, _PacerHost(fresh, self)
-        elif name.startswith("coalescer:"):
-            index = int(name.partition(":")[2])
+        elif roles.is_coalescer(name):
+            index = roles.coalescer_shard(name)
             old = self.coalescers[index]
             fresh = CoalescerLogic(
                 me=f"{name}@{node.incarnation}",
@@ -851,7 +853,7 @@ class Simulation:
 
     def _restart(self, node: _Node, lost: str) -> None:
         node.down = False
-        pacer = pacer_role(self.provider)
+        pacer = roles.pacer_for(self.provider)
         if node.name == "pool":
             self.pool.incarnation = f"pool@{node.incarnation}"
             self._tell(pacer, PoolAt(self.pool.incarnation))
@@ -861,10 +863,10 @@ class Simulation:
             # Wired with the directory as it is now (actors/pacer.py `on_wire`), not as it
             # was at the crash: a Pool replaced meanwhile told only the dead Pacer (seed 1019).
             self._handle(node, None, PoolAt(None if self.nodes["pool"].down else self.pool.incarnation), None)
-        if node.name.startswith("coalescer:"):
+        if roles.is_coalescer(node.name):
             for edge in self.edges:
                 self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _ShardMoved(node.name), None)
-        for target in [pacer] + [f"coalescer:{i}" for i in range(self.shards)]:
+        for target in [pacer] + [roles.coalescer(i) for i in range(self.shards)]:
             if target != node.name:
                 self._send("supervisor", target, m.MemberLost(node.name, lost))
 
@@ -874,8 +876,8 @@ class Simulation:
 
     def _address(self, node: _Node) -> str:
         """The incarnation's address: what others hold (OpenStream.coalescer, a reply-to)."""
-        if node.name.startswith("coalescer:"):
-            return self.coalescers[int(node.name.partition(":")[2])].me
+        if roles.is_coalescer(node.name):
+            return self.coalescers[roles.coalescer_shard(node.name)].me
         if node.name == "pool":
             return self.pool.incarnation
         return node.name if node.incarnation == 1 else f"{node.name}@{node.incarnation}"
@@ -972,7 +974,7 @@ class Simulation:
                 ]
                 if c.events not in expected:
                     self.fail(f"client {c.request_id} got {c.events}, but stream {c.stream_id} published {candidates}")
-        pacer = self.pacer.state(self.now + self.nodes[pacer_role(self.provider)].clock_offset)
+        pacer = self.pacer.state(self.now + self.nodes[roles.pacer_for(self.provider)].clock_offset)
         if pacer["in_flight"] or pacer["queue_depth"]:
             self.fail(f"pacer not idle at quiescence: {pacer}")
         for logic in self.coalescers:
@@ -1059,7 +1061,7 @@ class Simulation:
             raise  # unreachable: fail() raises
         for effect in effects or ():
             if isinstance(effect, Send):
-                self._send(self._address(node) if node.name.startswith("coalescer:") else node.name, effect.to, effect.msg)
+                self._send(self._address(node) if roles.is_coalescer(node.name) else node.name, effect.to, effect.msg)
             elif isinstance(effect, After):
                 self._schedule(self.now + max(0.0, effect.delay_s), self._deliver, node, None, effect.msg, None, node.incarnation)
             else:
@@ -1075,7 +1077,7 @@ class Simulation:
         if dst is None and isinstance(to, str) and "@" in to:  # one incarnation's address
             name, _, number = to.partition("@")
             dst, incarnation = self.nodes.get(name), int(number)
-        elif dst is not None and to.startswith("coalescer:") and src != "supervisor" and not src.startswith("edge:"):
+        elif dst is not None and roles.is_coalescer(to) and src != "supervisor" and not src.startswith("edge:"):
             incarnation = 1  # a reply to, or StreamFinished for, the first shard's address
         if dst is None:
             self.fail(f"{src} sent {type(msg).__name__} to unknown address {to!r}")

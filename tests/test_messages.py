@@ -92,7 +92,8 @@ import os, sys
 from actors import addressing, system
 system.prepare("127.0.0.1", os.environ["SLUICE_CLUSTER_SECRET"].encode())
 from thespian.actors import ActorSystem
-from actors.supervisor import SUPERVISOR_NAME, SupervisorActor
+from actors.supervisor import SupervisorActor
+from protocols.roles import SUPERVISOR_NAME
 from protocols import messages as m
 asys = ActorSystem("multiprocTCPBase", capabilities={"Admin Port": int(sys.argv[1])}, logDefs=None)
 sup = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)

@@ -42,6 +42,7 @@ from bench.litellm.run import (
     rss_kib,
     system_cpu_seconds,
 )
+from protocols import roles as role_names
 
 # ----------------------------------------------------------------------------- load
 
@@ -868,8 +869,8 @@ def leak_check(cells=(20, 20, 50, 50, 50)) -> int:
                 "GET", sluice.gw.url + "/api/admin/state", headers={"Authorization": f"Bearer {token}"}, timeout=30
             )
             state = json.loads(body)["results"]
-            pacer = next(v for k, v in state.items() if k.startswith("pacer:"))
-            coalescers = {k: len(v.get("in_flight") or []) for k, v in state.items() if k.startswith("coalescer:")}
+            pacer = next(v for k, v in state.items() if role_names.is_pacer(k))
+            coalescers = {k: len(v.get("in_flight") or []) for k, v in state.items() if role_names.is_coalescer(k)}
             s = summarize_streams(res)
             leaked = pacer.get("in_flight", 0)
             log(

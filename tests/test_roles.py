@@ -1,0 +1,72 @@
+"""Role names (protocols/roles.py): built and parsed in one place, round trips, bad names."""
+from __future__ import annotations
+
+import pytest
+
+from actors.supervisor import child_roles
+from protocols import config, roles
+
+pytestmark = pytest.mark.unit
+
+
+def test_builders_make_the_names_the_directory_uses():
+    assert roles.pacer("PERPLEXITY") == roles.pacer("perplexity") == "pacer:perplexity"
+    assert roles.pacer_for("perplexity_sonar") == roles.pacer_for("perplexity") == "pacer:perplexity"
+    assert roles.pacer_for("openai_responses") == "pacer:openai"
+    assert roles.coalescer(0) == "coalescer:0" and roles.coalescer(12) == "coalescer:12"
+
+
+@pytest.mark.parametrize("name", ["supervisor", "pool", "metrics", "threads", "pacer:simulated", "coalescer:3"])
+def test_parse_and_str_round_trip(name):
+    assert str(roles.parse(name)) == name
+
+
+def test_parse_reads_the_parts_back():
+    assert roles.parse(roles.pacer("OpenAI")) == roles.Role("pacer", "openai")
+    assert roles.pacer_account(roles.pacer_for("anthropic")) == "anthropic"
+    assert roles.coalescer_shard(roles.coalescer(7)) == 7
+    assert roles.parse("pool") == roles.Role("pool") and roles.kind("coalescer:1") == "coalescer"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "pacer", "pacer:", "pacer:OpenAI", "pacer:a:b", "pacer: x", "coalescer", "coalescer:", "coalescer:-1",
+     "coalescer:01", "coalescer:x", "coalescer:١", "pool:1", "supervisor:", "edge:e1", "127.0.0.1:19500", None, 3],
+)
+def test_parse_refuses_what_is_not_a_role(bad):
+    with pytest.raises(ValueError, match="not a role"):
+        roles.parse(bad)
+
+
+def test_builders_refuse_bad_parts():
+    for bad in ("", "  ", "a:b"):
+        with pytest.raises(ValueError):
+            roles.pacer(bad)
+    for shard in (-1, True, "1", 1.0):
+        with pytest.raises(ValueError):
+            roles.coalescer(shard)
+    with pytest.raises(KeyError):
+        roles.pacer_for("no-such-provider")
+    with pytest.raises(ValueError, match="not a pacer role"):
+        roles.pacer_account("coalescer:0")
+    with pytest.raises(ValueError, match="not a coalescer role"):
+        roles.coalescer_shard("pacer:openai")
+
+
+def test_predicates_answer_for_any_string():
+    assert roles.is_pacer("pacer:openai") and not roles.is_pacer("pool") and not roles.is_pacer("127.0.0.1:1")
+    assert roles.is_coalescer("coalescer:0") and not roles.is_coalescer("pacer:openai")
+
+
+def test_the_supervisors_children_are_one_pacer_per_account_and_one_coalescer_per_shard():
+    settings = config.load({"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://127.0.0.1:1", "COALESCER_SHARDS": "3"})
+    names = roles.children(settings["providers"], settings["COALESCER_SHARDS"])
+    # openai and openai_responses bill to one account: one Pacer
+    assert names == ["metrics", "pool", "threads", "pacer:simulated", "pacer:openai",
+                     "coalescer:0", "coalescer:1", "coalescer:2"]
+    assert all(str(roles.parse(n)) == n for n in names)
+    actors = child_roles(settings)
+    assert list(actors) == names
+    assert {roles.kind(n): cls.__name__ for n, cls in actors.items()} == {
+        "metrics": "MetricsActor", "pool": "PoolActor", "threads": "ThreadStoreActor",
+        "pacer": "PacerActor", "coalescer": "CoalescerActor"}

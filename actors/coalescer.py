@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from actors import secret
 from actors.coalescer_logic import CoalescerLogic
-from actors.effects import Send
 from actors.host import HostActor, my_address
 from protocols import messages as m
 from protocols import roles
+from protocols.effects import Send
 from protocols.settings import CoalescerFlags, flags_from
 
 

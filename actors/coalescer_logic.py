@@ -40,9 +40,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.effects import After, Send
 from protocols import auth, roles
 from protocols import messages as m
+from protocols.effects import After, Send
 from protocols.settings import CoalescerFlags
 
 ASKING, QUEUED, STREAMING = "asking", "queued", "streaming"

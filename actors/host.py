@@ -17,9 +17,9 @@ from typing import Any
 from thespian.actors import Actor, ActorAddress, ActorSystemMessage, WakeupMessage
 
 from actors import addressing
-from actors.effects import After, Send
 from protocols import messages as m
 from protocols import roles, trace
+from protocols.effects import After, Send
 
 log = logging.getLogger("sluice.actors")
 

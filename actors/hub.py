@@ -23,10 +23,10 @@ import time
 
 import msgpack
 
-from actors.effects import Send
 from actors.hub_logic import HubLogic, HubStream
 from protocols import auth, hub_hello, trace
 from protocols import messages as m
+from protocols.effects import Send
 
 log = logging.getLogger("sluice.hub")
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from actors.effects import Send
 from protocols import auth
 from protocols import events as ev
 from protocols import messages as m
+from protocols.effects import Send
 
 
 @dataclass

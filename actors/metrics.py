@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 
 from actors.alerts import AlertEvaluator
-from actors.effects import After, Send
 from actors.host import HostActor
 from actors.metrics_logic import MetricsLogic
 from protocols import messages as m
 from protocols import roles
+from protocols.effects import After, Send
 
 log = logging.getLogger("sluice.alerts")
 

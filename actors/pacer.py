@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 from actors.circuit import CircuitSettings
-from actors.effects import After, Send
 from actors.host import HostActor
 from actors.pacer_logic import PacerLogic, PacerSettings, PoolAt
 from protocols import messages as m
 from protocols import roles
+from protocols.effects import After, Send
 
 GAUGE_EVERY_S = 1.0
 

@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.circuit import HALF_OPEN, OPEN, STATE_VALUE, CircuitSettings
-from actors.effects import After, Send
 from actors.key_choice import KeyBucket, choose, retry_order
 from protocols import messages as m
 from protocols import roles
+from protocols.effects import After, Send
 from protocols.settings import SETTING_TYPES, PacerSettings, settings_from
 
 log = logging.getLogger("sluice.pacer")

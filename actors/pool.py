@@ -26,7 +26,6 @@ from thespian.actors import ActorExitRequest, ThespianWatch, WatchMessage
 import patches
 from actors import secret
 from actors.connections import AccountConnections
-from actors.effects import Send
 from actors.host import HostActor
 from actors.hub import StreamHub
 from actors.key_choice import key_name
@@ -34,6 +33,7 @@ from actors.retry_policy import RetryPolicy, RetrySettings, is_idempotent
 from protocols import events as ev
 from protocols import messages as m
 from protocols import roles, trace
+from protocols.effects import Send
 from protocols.settings import ProviderConfig
 
 # httpcore, h2, anyio and the provider adapters are imported by the Pool's loop when it

@@ -23,7 +23,6 @@ from thespian.actors import ActorExitRequest, ChildActorExited
 
 from actors import addressing
 from actors.coalescer import CoalescerActor
-from actors.effects import After, Send
 from actors.host import HostActor, my_address
 from actors.metrics import MetricsActor
 from actors.pacer import PacerActor
@@ -32,6 +31,7 @@ from actors.system import alive
 from actors.threads_store import ThreadStoreActor
 from protocols import messages as m
 from protocols import roles
+from protocols.effects import After, Send
 
 log = logging.getLogger("sluice.supervisor")
 

@@ -27,10 +27,10 @@ import os
 import time
 import uuid
 
-from actors.effects import Send
 from actors.host import HostActor
 from protocols import messages as m
 from protocols import roles
+from protocols.effects import Send
 
 log = logging.getLogger("sluice.threads")
 

@@ -27,11 +27,11 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.effects import Send
 from edge.listeners import new_events
 from protocols import events as ev
 from protocols import messages as m
 from protocols import roles
+from protocols.effects import Send
 from protocols.keys import shard_of
 
 

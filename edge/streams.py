@@ -16,13 +16,13 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from actors.effects import Send
 from edge.bridge import ActorBridge, BridgeError
 from edge.dataplane import HubClient
 from edge.flights import Admit, EdgeFlights, Flight, Listen, Push, Refuse, Unlisten
 from protocols import events as ev
 from protocols import messages as m
 from protocols import trace
+from protocols.effects import Send
 
 log = logging.getLogger("sluice.edge.streams")
 

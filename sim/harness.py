@@ -59,7 +59,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from actors.coalescer_logic import CoalescerLogic
-from actors.effects import After, Send
 from actors.hub_logic import HubLogic
 from actors.metrics_logic import MetricsLogic
 from actors.pacer_logic import PacerLogic, PoolAt
@@ -68,6 +67,7 @@ from edge.listeners import Listeners
 from protocols import events as ev
 from protocols import messages as m
 from protocols import roles
+from protocols.effects import After, Send
 from protocols.keys import coalescing_key
 from protocols.providers.base import code_for_status, status_text
 from protocols.settings import CoalescerFlags, PacerSettings

@@ -7,13 +7,13 @@ import pytest
 
 from actors.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitSettings
 from actors.coalescer_logic import CoalescerLogic
-from actors.effects import After, Send
 from actors.key_choice import KeyBucket, choose, retry_order
 from actors.pacer_logic import PacerLogic, PacerSettings
 from actors.pool import key_verdict
 from actors.upstream import CallResult
 from protocols import config
 from protocols import messages as m
+from protocols.effects import After, Send
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,6 @@ import h2.events
 import httpcore
 import pytest
 
-from actors.effects import After, Send
 from actors.pacer_logic import PacerLogic, PacerSettings
 from actors.retry_policy import (
     CONNECT,
@@ -22,6 +21,7 @@ from actors.retry_policy import (
 )
 from actors.upstream import failure_of_exception
 from protocols import messages as m
+from protocols.effects import After, Send
 
 pytestmark = pytest.mark.unit
 

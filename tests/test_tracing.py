@@ -11,9 +11,11 @@ import time
 import pytest
 
 from edge import tracing
+from edge.flights import Flight
 from edge.sse_stream import SSEStream
-from edge.streams import Flight, Subscriber
+from edge.streams import Subscriber
 from protocols import events as ev
+from protocols import messages as m
 
 pytestmark = pytest.mark.unit
 
@@ -60,8 +62,8 @@ def _stream_events(provider_ttft_ms: float) -> list[dict]:
 
 def test_span_tree_genai_attributes_and_follower_link(exporter):
     async def scenario():
-        flight = Flight(key="k", shard="coalescer:0", submitter="r-leader",
-                        admitted=asyncio.get_running_loop().create_future(), stream_id="st-1")
+        submit = m.Submit("r-leader", "k", "openai", "gpt-x", {"messages": []}, "edge-1", time.time())
+        flight = Flight(key="k", shard="coalescer:0", submit=submit, stream_id="st-1")
         received = time.time() - 0.5
         leader = Subscriber("r-leader", "leader", received, "openai", "gpt-x", flight=flight)
         follower = Subscriber("r-follower", "follower", received + 0.1, "openai", "gpt-x", flight=flight)

@@ -9,6 +9,7 @@ installs Debian's `chromium`; Playwright's own browser download is never used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -405,3 +406,24 @@ def test_every_dashboard_viewer_gets_the_same_samples_from_one_sampler(web, cont
         timeout=15,
         message="both viewers show the same sample",
     )
+
+
+def test_with_client_keys_the_page_loads_without_one_and_asks_for_it(sim, browser, tmp_path):
+    key = "sk-web-" + uuid.uuid4().hex
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps({"keys": [{"id": "web", "sha256": hashlib.sha256(key.encode()).hexdigest()}]}))
+    with running_gateway({"SIMULATED_BASE_URL": sim, "SLUICE_API_KEYS_FILE": str(keys_file)}) as gw:
+        ctx = browser.new_context()
+        ctx.set_default_timeout(TIMEOUT_MS)
+        try:
+            page = open_chat(ctx, gw)  # the page itself needs no key
+            send(page, unique("keyed") + " #sim tokens=3")
+            page.wait_for_selector("#notice:text('enter an API key')")
+            assert page.locator("#key-box").get_attribute("open") is not None
+            page.fill("#api-key", key)
+            page.press("#api-key", "Enter")
+            send(page, unique("keyed") + " #sim tokens=3")
+            page.wait_for_selector("#messages li.assistant[data-state='done']")
+            assert key not in page.url
+        finally:
+            ctx.close()

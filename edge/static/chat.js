@@ -109,10 +109,10 @@ async function loadHistory() {
       const item = addMessage(msg.role, msg.content);
       if (msg.role === "assistant") {
         const state = { done: "done", error: "error", cancelled: "stopped", interrupted: "stopped" }[msg.status] || "done";
-        item.dataset.state = msg.status === "pending" ? "pending" : state;
+        item.dataset.state = msg.status === "streaming" ? "elsewhere" : state;
         if (msg.status === "error") showError(item, `the reply failed (${msg.error_code || "error"})`);
         if (msg.status === "cancelled" || msg.status === "interrupted") setMeta(item, `stopped (${msg.status})`);
-        if (msg.status === "pending") setMeta(item, "still being answered");
+        if (msg.status === "streaming") setMeta(item, "still being answered (reload to see the rest)");
       }
     }
   } catch (err) {

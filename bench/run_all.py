@@ -187,6 +187,11 @@ def render(commands: dict, quick: bool) -> str:
         )
 
     lines += litellm_section()
+    from bench.cores import kept_section
+
+    cores = kept_section()  # bench.cores writes its own section; a re-render keeps it as it stands
+    if cores:
+        lines += ["", cores.rstrip("\n")]
 
     # --- data plane --------------------------------------------------------------------------
     if dp:

@@ -4,8 +4,8 @@
 #   bench/offline.sh download            # here, with network: the wheels of bench/wheels.txt into .whl/
 #   bench/offline.sh run [ARGS...]       # there: install .whl/ into /tmp/sluice-site, run python -m bench.cores ARGS
 #
-# e.g. on a 16-core machine: bench/offline.sh run --scaling 1,2,4,8 --levels 100,200 --workers 6
-# (.whl/ is not tracked: `echo /.whl/ >> .git/info/exclude` once.)
+# e.g. on a 16-core machine: bench/offline.sh run --device   (= --scaling 1,2,4,8 --levels 100,200 --workers 6)
+# (.whl/ is git-ignored; carry it to the machine with the checkout.)
 set -eu
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

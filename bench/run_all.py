@@ -106,7 +106,7 @@ def results_time() -> str:
 def litellm_section() -> list[str]:
     """The side-by-side against LiteLLM proxy has a report of its own; here, every full run's
     headline figures (from bench/results/litellm_compare-*.json) and where to read more."""
-    from bench.litellm_compare import previous_runs
+    from bench.litellm.report import previous_runs
 
     runs = previous_runs(None)
     lines = [
@@ -187,6 +187,11 @@ def render(commands: dict, quick: bool) -> str:
         )
 
     lines += litellm_section()
+    from bench.cores import kept_section
+
+    cores = kept_section()  # bench.cores writes its own section; a re-render keeps it as it stands
+    if cores:
+        lines += ["", cores.rstrip("\n")]
 
     # --- data plane --------------------------------------------------------------------------
     if dp:

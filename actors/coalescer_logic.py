@@ -21,6 +21,12 @@ requests itself and holds one reference per `Admitted` it received, so a burst o
 identical requests on one edge costs O(1) messages here. The flight belongs to the key,
 not to the leader, so a leader that leaves hands the stream to the followers for free.
 
+With several Pools, the Pacer names the one that runs the call in `LeaseQueued.hub` /
+`LeaseGranted.hub` (or the Pool itself in `StreamFinished.hub`, when the call ended before
+the grant arrived here); every `Admitted` names it (`hub`), so every edge subscribes at
+that Pool's stream hub, followers admitted later included; aborts and fails go to that
+Pool, and asking again (a fallback, a replaced Pacer) keeps it (`LeaseRequest.hub`).
+
 When a process dies (`MemberLost`, docs/reliability.md): a dead Pool's streaming flights
 are forgotten at once (their clients already got `hub_disconnected`; nothing is kept for
 the error TTL, so the next identical request starts a fresh call), and flights still
@@ -37,7 +43,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from protocols import auth, roles
@@ -69,6 +75,7 @@ class Flight:
     waiting: list = field(default_factory=list)  # (sender, request_id, edge_id, role)
     request: m.LeaseRequest | None = None  # until the grant
     pool: str = ""  # the Pool incarnation the grant opened the call on
+    hub: str = ""  # the role of the Pool that runs it (its clients listen at its hub); "" until the Pacer says
 
 
 @dataclass
@@ -124,7 +131,7 @@ class CoalescerLogic:
             if flight.phase == ASKING:
                 flight.waiting.append((sender, msg.request_id, msg.edge_id, "follower"))
                 return []
-            return [Send(sender, self._admitted(msg.request_id, flight.stream_id, "follower", msg.edge_id))]
+            return [Send(sender, self._admitted(msg.request_id, flight.stream_id, "follower", msg.edge_id, hub=flight.hub))]
         self.leaders_total += 1
         flight = Flight(key, self.new_stream_id(), msg.provider)
         flight.refs[msg.edge_id] += 1
@@ -151,8 +158,9 @@ class CoalescerLogic:
             flight.pool, flight.request = msg.pool, None
         else:
             flight.phase = QUEUED
+        flight.hub = msg.hub or flight.hub
         for sender, request_id, edge_id, role in flight.waiting:
-            out.append(Send(sender, self._admitted(request_id, flight.stream_id, role, edge_id)))
+            out.append(Send(sender, self._admitted(request_id, flight.stream_id, role, edge_id, hub=flight.hub)))
         flight.waiting.clear()
         return out
 
@@ -165,8 +173,9 @@ class CoalescerLogic:
             return []
         old = flight.request
         flight.provider = msg.provider
+        # Same Pool: those admitted already listen at its hub.
         flight.request = m.LeaseRequest(old.lease_id, msg.provider, now, msg.model, old.body, self.me,
-                                        msg.fallback_from, list(msg.fallbacks))
+                                        msg.fallback_from, list(msg.fallbacks), flight.hub)
         return [Send(roles.pacer_for(msg.provider), flight.request)]
 
     # --- leaving and ending -------------------------------------------------------------
@@ -180,11 +189,12 @@ class CoalescerLogic:
         if flight.refs:
             return []
         self._forget(flight)
+        pool = flight.hub or roles.POOL
         if flight.phase == STREAMING:
-            return [Send(roles.POOL, m.AbortStream(flight.stream_id, msg.requested_at))]
+            return [Send(pool, m.AbortStream(flight.stream_id, msg.requested_at))]
         return [
             Send(roles.pacer_for(flight.provider), m.LeaseCancel(flight.stream_id)),
-            Send(roles.POOL, m.FailStream(flight.stream_id, "cancelled", "cancelled before the upstream call started")),
+            Send(pool, m.FailStream(flight.stream_id, "cancelled", "cancelled before the upstream call started")),
         ]
 
     def _finished(self, msg: m.StreamFinished, now: float) -> list:
@@ -193,9 +203,11 @@ class CoalescerLogic:
         if flight is not None:
             self._forget(flight)
             # A call can end before its grant reaches us (the Pacer told the Pool and us at
-            # once): those still waiting are admitted now and get the whole stream replayed.
+            # once): those still waiting are admitted now and get the whole stream replayed
+            # from the hub of the Pool that ran it.
+            flight.hub = msg.hub or flight.hub
             for sender, request_id, edge_id, role in flight.waiting:
-                out.append(Send(sender, self._admitted(request_id, flight.stream_id, role, edge_id)))
+                out.append(Send(sender, self._admitted(request_id, flight.stream_id, role, edge_id, hub=flight.hub)))
         if msg.outcome != "error" or flight is None or flight.key.startswith("solo:"):
             return out
         ttl = self.flags.error_ttl_s
@@ -207,16 +219,18 @@ class CoalescerLogic:
     # --- crashes of others -----------------------------------------------------------------
     def _member_lost(self, msg: m.MemberLost) -> list:
         out: list = []
-        if msg.role == roles.POOL:
+        if roles.is_pool(msg.role):
+            # Only that Pool's flights: the other Pools' streams go on untouched.
             for flight in [f for f in self.by_stream.values() if f.phase == STREAMING and f.pool == msg.incarnation]:
                 self._forget(flight)  # not remembered as an error: a new request is a new call
                 # An edge admitted just before the crash may subscribe at the new hub: it
                 # gets this error instead of waiting for a stream that will never open.
-                out.append(Send(roles.POOL, m.FailStream(flight.stream_id, "pool_lost", "the upstream connection pool restarted mid-stream; retry")))
+                out.append(Send(msg.role, m.FailStream(flight.stream_id, "pool_lost", "the upstream connection pool restarted mid-stream; retry")))
         elif roles.is_pacer(msg.role):
             for flight in self.by_stream.values():
                 if flight.phase != STREAMING and flight.request is not None and roles.pacer_for(flight.provider) == msg.role:
-                    out.append(Send(msg.role, flight.request))  # the replacement queues it anew
+                    # The replacement queues it anew, on the Pool its clients listen at.
+                    out.append(Send(msg.role, replace(flight.request, hub=flight.hub)))
         return out
 
     def _forget(self, flight: Flight) -> None:
@@ -224,7 +238,9 @@ class CoalescerLogic:
         if self.by_key.get(flight.key) is flight:
             del self.by_key[flight.key]
 
-    def _admitted(self, request_id: str, stream_id: str, role: str, edge_id: str, error: dict | None = None) -> m.Admitted:
+    def _admitted(
+        self, request_id: str, stream_id: str, role: str, edge_id: str, error: dict | None = None, hub: str = ""
+    ) -> m.Admitted:
         """The answer to `edge_id`'s Submit, with the ticket for that edge (each edge its own)."""
         return m.Admitted(
             request_id,
@@ -234,6 +250,7 @@ class CoalescerLogic:
             self.flags.coalesce_enabled,
             self.flags.stream_fanout_enabled,
             auth.ticket(self.secret, stream_id, edge_id),
+            hub,
         )
 
     # --- admin ------------------------------------------------------------------------------
@@ -249,6 +266,7 @@ class CoalescerLogic:
                     "key": f.key[:16],
                     "stream_id": f.stream_id,
                     "phase": f.phase,
+                    "hub": f.hub,
                     "edge_refs": sum(f.refs.values()),
                 }
                 for f in self.by_key.values()

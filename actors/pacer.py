@@ -39,8 +39,9 @@ class PacerActor(HostActor):
                 fallback_queue=failover.get("fallback_queue", 0),
             )
             self.apply([After(GAUGE_EVERY_S, ReportGauges())])
-        # Every Wire carries the directory: grants go to the Pool it names, or wait for one.
-        self.apply(self.logic.handle(PoolAt(self.directory.get(roles.POOL)), None, time.time()))
+        # Every Wire carries the directory: grants go to the Pools it names, or wait for one.
+        for pool in roles.pools(wire.settings.get("SLUICE_POOLS") or 1):
+            self.apply(self.logic.handle(PoolAt(self.directory.get(pool), pool), None, time.time()))
 
     def on_message(self, msg, sender, now):
         if self.logic is None:

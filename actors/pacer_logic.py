@@ -25,11 +25,19 @@ every key's circuit is open, requests (new and queued) go to the account's fallb
 queue past `fallback_queue` also sends new requests to a fallback (docs/reliability.md,
 "Fallbacks and circuit breakers").
 
+With several Pools (`SLUICE_POOLS`), each request is given its Pool when it arrives
+(`actors/pool_choice.py`: the least loaded, counting this Pacer's granted and queued
+calls), named in `LeaseQueued.hub` / `LeaseGranted.hub` (its clients listen at that Pool's
+hub), and its grant goes there. A request that names a Pool (`LeaseRequest.hub`: asked
+again for a flight whose clients listen already) keeps it.
+
 Every lease belongs to the process incarnations it involves: the Pool incarnation its
-call was sent to (`pool`, learnt from the directory: `PoolAt`) and the Coalescer shard
-that asked. `MemberLost` for one of them reclaims what it held at once (docs/reliability.md):
-a dead Pool's leases come back, a dead shard's queued requests are dropped and its
-granted calls are failed. No grant is made while no Pool is known: the queue waits.
+call was sent to (learnt from the directory: `PoolAt`) and the Coalescer shard that
+asked. `MemberLost` for one of them reclaims what it held at once (docs/reliability.md):
+a dead Pool's leases come back and the requests queued for it are denied (their clients
+listened at its hub), a dead shard's queued requests are dropped and its granted calls
+are failed. No grant is made on a Pool that is down: the request at the head of the queue
+waits for its replacement, and those behind it wait in order.
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ from typing import Any
 
 from actors.circuit import HALF_OPEN, OPEN, STATE_VALUE, CircuitSettings
 from actors.key_choice import KeyBucket, choose, retry_order
+from actors.pool_choice import PoolChoice
 from protocols import messages as m
 from protocols import roles
 from protocols.effects import After, Send
@@ -63,10 +72,11 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class PoolAt:
-    """Local (never on the wire): the directory says the Pool is now at `incarnation`
-    (None: no Pool is up; grants wait)."""
+    """Local (never on the wire): the directory says the Pool `role` is now at
+    `incarnation` (None: it is down; grants on it wait)."""
 
     incarnation: str | None
+    role: str = roles.POOL
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +88,7 @@ class _Held:
     asker: str  # the Coalescer shard (address) that asked
     key: int = 0  # the API key (index) it was granted on
     probe: bool = False  # the half-open probe of that key's circuit
+    hub: str = roles.POOL  # the role of the Pool its OpenStream went to
 
 
 @dataclass
@@ -86,6 +97,8 @@ class _Waiter:
     requester: object
     enqueued_at: float
     request: m.LeaseRequest
+    hub: str = roles.POOL  # the Pool (role) chosen for it: its clients listen at that hub
+    pool: str | None = None  # that Pool's incarnation when it was chosen
 
 
 @dataclass
@@ -102,7 +115,7 @@ class PacerLogic:
     fallback_queue: int = 0
     buckets: list = field(init=False)  # KeyBucket per key
     in_flight: dict = field(default_factory=dict, init=False)  # lease_id -> _Held
-    pool: str | None = field(default=roles.POOL, init=False)  # the Pool incarnation grants go to
+    pools: PoolChoice = field(default_factory=PoolChoice, init=False)  # where each Pool is; which runs a call
     queue: deque = field(default_factory=deque, init=False)
     grants_total: int = field(default=0, init=False)
     denials_total: int = field(default=0, init=False)
@@ -124,6 +137,11 @@ class PacerLogic:
     @property
     def paused_until(self) -> float:
         return float(min(b.paused_until for b in self.buckets))
+
+    @property
+    def pool(self) -> str | None:
+        """The incarnation of Pool 0 ("pool"), as before there were several."""
+        return self.pools.incarnation(roles.POOL)
 
     # --- messages -----------------------------------------------------------------------
     def handle(self, msg: Any, sender: Any, now: float) -> list:
@@ -160,7 +178,7 @@ class PacerLogic:
                 # went to the Pool of its time. If that Pool died meanwhile, the grant may have
                 # opened the call at its replacement, which never hears of the cancel; this
                 # one follows our OpenStream on the same link (a second one is ignored).
-                out.append(Send(roles.POOL, m.FailStream(msg.lease_id, "cancelled", "cancelled before the upstream call started")))
+                out.append(Send(held.hub, m.FailStream(msg.lease_id, "cancelled", "cancelled before the upstream call started")))
             self.queue = deque(w for w in self.queue if w.lease_id != msg.lease_id)
             return out + self._drain(now)
         if isinstance(msg, Tick):
@@ -168,7 +186,7 @@ class PacerLogic:
                 self._tick_at = None
             return self._drain(now)
         if isinstance(msg, PoolAt):
-            self.pool = msg.incarnation
+            self.pools.place(msg.role, msg.incarnation)
             return self._drain(now)
         if isinstance(msg, m.MemberLost):
             return self._member_lost(msg, now)
@@ -232,34 +250,43 @@ class PacerLogic:
                 f"retry in {retry:g} s")
         out = [Send(waiter.requester, m.LeaseDenied(waiter.lease_id, 503, "upstream_unavailable", text, retry))]
         if queued:  # its clients were admitted and listen at the hub
-            out.append(Send(roles.POOL, m.FailStream(waiter.lease_id, "upstream_unavailable", text)))
+            out.append(Send(waiter.hub, m.FailStream(waiter.lease_id, "upstream_unavailable", text)))
         return out
 
     # --- crashes of others -----------------------------------------------------------------
     def _member_lost(self, msg: m.MemberLost, now: float) -> list:
         out: list = []
-        if msg.role == roles.POOL:
+        if roles.is_pool(msg.role):
             # Its calls died with it: no LeaseRelease will ever come for them.
             for lease_id in [k for k, held in self.in_flight.items() if held.pool == msg.incarnation]:
                 held = self.in_flight.pop(lease_id)
                 if held.probe:
                     self.buckets[held.key].circuit.abandoned()
-            if self.pool == msg.incarnation:
-                self.pool = None
+            if self.pools.incarnation(msg.role) == msg.incarnation:
+                self.pools.place(msg.role, None)
+            # Those queued for it had their clients listening at its hub, which went with it.
+            # The stream ends at the replacement's hub too, for anyone who subscribed there.
+            lost = [w for w in self.queue if w.hub == msg.role and w.pool == msg.incarnation]
+            self.queue = deque(w for w in self.queue if not (w.hub == msg.role and w.pool == msg.incarnation))
+            text = f"{msg.role} restarted before this request's upstream call started; retry it"
+            for waiter in lost:
+                self.denials_total += 1
+                out.append(Send(waiter.requester, m.LeaseDenied(waiter.lease_id, 503, "pool_lost", text, 1.0)))
+                out.append(Send(waiter.hub, m.FailStream(waiter.lease_id, "pool_lost", text)))
         elif roles.is_coalescer(msg.role):
             # Its flights are gone: nobody would admit or cancel them. A queued request is
             # dropped; a granted call is failed (the Pool aborts it; its LeaseRelease then
             # finds the lease already reclaimed). Either way the edges' clients get an error.
             lost = [w for w in self.queue if w.request.coalescer == msg.incarnation]
             self.queue = deque(w for w in self.queue if w.request.coalescer != msg.incarnation)
-            failed = [w.lease_id for w in lost]
+            failed = [(w.lease_id, w.hub) for w in lost]
             for lease_id in [k for k, held in self.in_flight.items() if held.asker == msg.incarnation]:
                 held = self.in_flight.pop(lease_id)
                 if held.probe:
                     self.buckets[held.key].circuit.abandoned()
-                failed.append(lease_id)
+                failed.append((lease_id, held.hub))
             text = f"{msg.role} restarted; this request was lost with it, retry it"
-            out += [Send(roles.POOL, m.FailStream(lease_id, "coalescer_lost", text)) for lease_id in failed]
+            out += [Send(hub, m.FailStream(lease_id, "coalescer_lost", text)) for lease_id, hub in failed]
         return out + self._drain(now)
 
     def configure(self, changes: dict, now: float) -> list:
@@ -281,6 +308,15 @@ class PacerLogic:
             "tokens": round(self.tokens, 3),
             "in_flight": len(self.in_flight),
             "queue_depth": len(self.queue),
+            # per Pool: its calls granted (running) and queued, and whether it is up
+            "pools": {
+                role: {
+                    "in_flight": sum(1 for h in self.in_flight.values() if h.hub == role),
+                    "queued": sum(1 for w in self.queue if w.hub == role),
+                    "up": inc is not None,
+                }
+                for role, inc in self.pools.at.items()
+            },
             "paused_for_s": round(max(0.0, self.paused_until - now), 3),
             "grants_total": self.grants_total,
             "denials_total": self.denials_total,
@@ -314,7 +350,8 @@ class PacerLogic:
         # Those already waiting go first: whatever can be granted now is, before a
         # newcomer is queued behind them (or sees a full queue that is not full).
         out = self._drain(now) if self.queue else []
-        waiter = _Waiter(msg.lease_id, sender, now, msg)
+        hub = msg.hub if msg.hub and self.pools.known(msg.hub) else self.pools.choose(self._pool_loads())
+        waiter = _Waiter(msg.lease_id, sender, now, msg, hub, self.pools.incarnation(hub))
         alternatives = self._alternatives(msg)
         if self._all_open():
             if alternatives:
@@ -323,7 +360,7 @@ class PacerLogic:
         if alternatives and self.fallback_queue and len(self.queue) >= self.fallback_queue:
             return out + self._fall_back(waiter, alternatives, "queue", now)
         if not self.queue:
-            bucket = self._pick(now)
+            bucket = self._pick(now, hub)
             if bucket is not None:
                 return out + self._grant(waiter, bucket, now)
         if len(self.queue) >= self.settings.max_queue:
@@ -342,7 +379,7 @@ class PacerLogic:
                 )
             ]
         self.queue.append(waiter)
-        return out + [Send(sender, m.LeaseQueued(msg.lease_id, len(self.queue)))] + self._schedule(now)
+        return out + [Send(sender, m.LeaseQueued(msg.lease_id, len(self.queue), hub))] + self._schedule(now)
 
     def _drain(self, now: float) -> list:
         out = []
@@ -353,7 +390,7 @@ class PacerLogic:
             out.append(Send(waiter.requester, m.LeaseDenied(waiter.lease_id, 429, "pacer_queue_timeout", text, self._retry_after(now))))
             # It was queued, so its clients were admitted and listen at the hub: the stream
             # ends here, not through the shard (which may have died meanwhile).
-            out.append(Send(roles.POOL, m.FailStream(waiter.lease_id, "pacer_queue_timeout", text)))
+            out.append(Send(waiter.hub, m.FailStream(waiter.lease_id, "pacer_queue_timeout", text)))
         if self.queue and self._all_open():
             # Nothing can be granted until a key half-opens: those waiting go to a fallback
             # now, or fail fast, rather than wait out the cool-down.
@@ -365,7 +402,7 @@ class PacerLogic:
                 else:
                     out += self._unavailable(waiter, True, now)
         while self.queue:
-            bucket = self._pick(now)
+            bucket = self._pick(now, self.queue[0].hub)
             if bucket is None:
                 break
             out += self._grant(self.queue.popleft(), bucket, now)
@@ -377,15 +414,26 @@ class PacerLogic:
             loads[held.key] = loads.get(held.key, 0) + 1
         return loads
 
-    def _pick(self, now: float) -> KeyBucket | None:
-        if self.pool is None:
+    def _pool_loads(self) -> dict[str, int]:
+        """Calls per Pool (role): granted and still running, and queued for it."""
+        loads: dict[str, int] = {}
+        for held in self.in_flight.values():
+            loads[held.hub] = loads.get(held.hub, 0) + 1
+        for waiter in self.queue:
+            loads[waiter.hub] = loads.get(waiter.hub, 0) + 1
+        return loads
+
+    def _pick(self, now: float, hub: str) -> KeyBucket | None:
+        """A key to grant on now for a call on Pool `hub`; None while that Pool is down."""
+        if self.pools.incarnation(hub) is None:
             return None
         return choose(self.buckets, now, self.settings, self._loads(), self._last_key)
 
     def _grant(self, waiter: _Waiter, bucket: KeyBucket, now: float) -> list:
         probe = bucket.take(now)
         self._last_key = bucket.index
-        self.in_flight[waiter.lease_id] = _Held(now, self.pool, waiter.request.coalescer, bucket.index, probe)
+        pool = self.pools.incarnation(waiter.hub)
+        self.in_flight[waiter.lease_id] = _Held(now, pool, waiter.request.coalescer, bucket.index, probe, waiter.hub)
         self.grants_total += 1
         wait_ms = (now - waiter.enqueued_at) * 1000.0
         r = waiter.request
@@ -393,9 +441,9 @@ class PacerLogic:
         # The call goes to the Pool from here, not back through the Coalescer: one hop
         # fewer before the upstream call. The Coalescer learns of the grant in parallel.
         return [
-            Send(roles.POOL, m.OpenStream(r.lease_id, r.provider, r.model, r.body, r.lease_id, wait_ms, r.coalescer,
-                                      bucket.index, keys, r.fallback_from)),
-            Send(waiter.requester, m.LeaseGranted(waiter.lease_id, wait_ms, self.pool or "")),
+            Send(waiter.hub, m.OpenStream(r.lease_id, r.provider, r.model, r.body, r.lease_id, wait_ms, r.coalescer,
+                                          bucket.index, keys, r.fallback_from)),
+            Send(waiter.requester, m.LeaseGranted(waiter.lease_id, wait_ms, pool or "", waiter.hub)),
         ]
 
     def _refill(self, now: float) -> None:
@@ -405,8 +453,8 @@ class PacerLogic:
 
     def _next_grant_in(self, now: float) -> float | None:
         """Seconds until some key could allow a grant (bucket, pause, per-minute cap,
-        cool-down), or None when only a release can."""
-        if self.pool is None:
+        cool-down), or None when only a release (or a Pool coming up) can."""
+        if self.queue and self.pools.incarnation(self.queue[0].hub) is None:
             return None
         loads = self._loads()
         waits = [w for b in self.buckets if (w := b.grant_in(now, self.settings, loads.get(b.index, 0))) is not None]

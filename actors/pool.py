@@ -78,9 +78,10 @@ def key_verdict(result) -> bool | None:
 class PoolRuntime:
     """The asyncio side of the Pool: owns the loop thread, the httpcore pool, the hub."""
 
-    def __init__(self, settings: dict, outbox: Outbox):
+    def __init__(self, settings: dict, outbox: Outbox, role: str = roles.POOL):
         self.settings = settings
         self.outbox = outbox
+        self.role = role  # "pool", "pool:1", ...: named in StreamFinished, records and the gauge
         self.loop = new_event_loop()
         self.hub = StreamHub(secret.get(), orphan_s=settings["PACER_MAX_WAIT_MS"] / 1000.0 + 60.0)
         self.calls: dict[str, asyncio.Task] = {}
@@ -179,7 +180,7 @@ class PoolRuntime:
             last = self.hub.streams[msg.stream_id].events[-1]
             outcome, error = ("done", None) if last.get("type") == ev.DONE else ("error", last)
             self.outbox.put(Send(roles.pacer(account), m.LeaseRelease(msg.stream_id, None)))
-            self.outbox.put(Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error)))
+            self.outbox.put(Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error, self.role)))
             return
         self.hub.mark_open(msg.stream_id)
         task = self.loop.create_task(self._call(msg))
@@ -300,7 +301,7 @@ class PoolRuntime:
         account = self.settings["providers"].get(msg.provider, {}).get("account", msg.provider.upper())
         key_results = (result.key_results or None) if result else None
         self.outbox.put(Send(roles.pacer(account), m.LeaseRelease(msg.stream_id, retry_after, key_results)))
-        self.outbox.put(Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error)))
+        self.outbox.put(Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error, self.role)))
         upstream_ttft = None
         usage = (result.usage or {}) if result else {}
         sent_at = (result.first_sent_at or result.sent_at) if result else now
@@ -339,7 +340,7 @@ class PoolRuntime:
 
     def _send_records(self) -> None:
         if self.records:
-            self.outbox.put(Send(roles.METRICS, m.Records(roles.POOL, self.records)))
+            self.outbox.put(Send(roles.METRICS, m.Records(self.role, self.records)))
             self.records = []
 
     async def _flush_records(self) -> None:
@@ -348,14 +349,15 @@ class PoolRuntime:
             await asyncio.sleep(RECORD_FLUSH_S)
             if len(self.calls) != reported_active:  # the gauge only when it changed: no idle chatter
                 reported_active = len(self.calls)
-                gauge = {"kind": "gauge", "name": "active_streams", "labels": {}, "value": reported_active}
+                # One series per Pool; Metrics reports their sum (the gateway's open streams).
+                gauge = {"kind": "gauge", "name": "active_streams", "labels": {"pool": self.role}, "value": reported_active}
                 self.records.append({**gauge, "at": time.time()})
             self._send_records()
 
     async def _state(self) -> dict:
         connections = [str(c) for shards in self.pools.values() for pool in shards.pools for c in pool.connections]
-        return {"open_calls": sorted(self.calls), "connections": connections, "hub": self.hub.state(),
-                "patches": patches.installed()}
+        return {"role": self.role, "open_calls": sorted(self.calls), "connections": connections,
+                "hub": self.hub.state(), "patches": patches.installed()}
 
 
 class Outbox:
@@ -409,14 +411,15 @@ class PoolActor(HostActor):
         self.outbox = Outbox()
 
     def on_wire(self, wire: m.Wire) -> None:
+        self.role = wire.role  # "pool", "pool:1", ... (SLUICE_POOLS of them, each with its own hub)
         if self.runtime is None:
-            self.runtime = PoolRuntime(self.settings, self.outbox)
+            self.runtime = PoolRuntime(self.settings, self.outbox, self.role)
             self.runtime.start()
         else:
             self.runtime.settings = self.settings
         # On every Wire, not only the first: a replacement Supervisor that adopted this
         # Pool learns where its hub is the same way.
-        self.apply([Send(roles.SUPERVISOR, m.HubReady(self.settings["SLUICE_ACTOR_HOST"], self.runtime.hub_port))])
+        self.apply([Send(roles.SUPERVISOR, m.HubReady(self.settings["SLUICE_ACTOR_HOST"], self.runtime.hub_port, self.role))])
 
     def on_message(self, msg, sender, now):
         if self.runtime is None:

@@ -59,7 +59,7 @@ ACTOR_OF_KIND: dict[str, type] = {
 
 
 def child_roles(settings: dict) -> dict[str, type]:
-    names = roles.children(settings["providers"], settings["COALESCER_SHARDS"])
+    names = roles.children(settings["providers"], settings["COALESCER_SHARDS"], settings.get("SLUICE_POOLS") or 1)
     return {role: ACTOR_OF_KIND[roles.parse(role).kind] for role in names}
 
 
@@ -79,7 +79,7 @@ class SupervisorActor(HostActor):
         self.pids: dict[str, int] = {}
         self.adopted: set[str] = set()  # roles taken over from a previous Supervisor
         self.lost: dict[str, list[str]] = {}  # role -> addresses of dead incarnations, until announced
-        self.hub: list = []
+        self.hubs: dict[str, list] = {}  # Pool role -> [host, port] of its stream hub
         self.generation = 0
         self.draining = False
         self.keys_reloads = 0  # reload-keys commands so far: each edge re-reads its keys file when it grows
@@ -109,7 +109,7 @@ class SupervisorActor(HostActor):
         self.directory = {**self.addresses, roles.SUPERVISOR: my_address(self)}
         public = redacted(self.settings)
         for role, addr in self.children.items():
-            settings = self.settings if role == roles.POOL else public
+            settings = self.settings if roles.is_pool(role) else public
             self.send(addr, m.encode(m.Wire(role, self.directory, settings)))
 
     def _on_ready(self, msg: m.Ready) -> None:
@@ -126,7 +126,7 @@ class SupervisorActor(HostActor):
         so they reclaim what the dead held (after the Wire: same sender, so in order)."""
         lost, self.lost = self.lost, {}
         for role, incarnations in lost.items():
-            if not (role == roles.POOL or roles.is_pacer(role) or roles.is_coalescer(role)):
+            if not (roles.is_pool(role) or roles.is_pacer(role) or roles.is_coalescer(role)):
                 continue  # Metrics and the thread store hold nothing for others
             for incarnation in incarnations:
                 log.warning("announcing the loss of %s at %s", role, incarnation)
@@ -139,8 +139,9 @@ class SupervisorActor(HostActor):
             self._on_ready(msg)
             return []
         if isinstance(msg, m.HubReady):
-            self.hub = [msg.host, msg.port]
-            self.generation += 1
+            if roles.is_pool(msg.role) and msg.role in self.children:
+                self.hubs[msg.role] = [msg.host, msg.port]
+                self.generation += 1
             return []
         if isinstance(msg, m.GetDirectory):
             return [Send(sender, self._directory())]
@@ -159,20 +160,26 @@ class SupervisorActor(HostActor):
     def _directory(self) -> m.Directory:
         complete = len(self.addresses) == len(self.children) > 0
         self.started = self.started or complete
-        # An edge starting up waits for a hub: offer one only with a whole directory. Once
-        # started, the hub is offered whenever the Pool is up, also while another actor
-        # is being recreated.
-        up = complete or (self.started and roles.POOL in self.addresses)
-        hub = list(self.hub) if up else []
+        # An edge starting up waits for a hub: offer them only with a whole directory. Once
+        # started, each Pool's hub is offered whenever that Pool is up, also while another
+        # actor (another Pool included) is being recreated.
+        hubs = {
+            role: list(address)
+            for role, address in self.hubs.items()
+            if complete or (self.started and role in self.addresses)
+        }
         settings = {"draining": self.draining, "complete": complete, "keys_reloads": self.keys_reloads}
-        return m.Directory(dict(self.directory), hub, settings, self.generation)
+        return m.Directory(dict(self.directory), hubs.get(roles.POOL, []), settings, self.generation, hubs)
 
     def state(self, now: float) -> dict:
         return self._state()
 
+    def _all_hubs(self) -> bool:
+        return all(role in self.hubs for role in self.children if roles.is_pool(role))
+
     def _state(self) -> dict:
         return {
-            "ready": bool(self.hub) and len(self.addresses) == len(self.children) > 0,
+            "ready": self._all_hubs() and len(self.addresses) == len(self.children) > 0,
             "wired": bool(self.children),
             "children": sorted(self.children),
             "pids": dict(self.pids),
@@ -230,8 +237,7 @@ class SupervisorActor(HostActor):
             self.lost.setdefault(role, []).append(dead)
         self.adopted.discard(role)
         self.pids.pop(role, None)
-        if role == roles.POOL:
-            self.hub = []
+        self.hubs.pop(role, None)
         self.children[role] = self.createActor(child_roles(self.settings)[role])
         self._wire_all()
 

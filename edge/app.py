@@ -24,7 +24,7 @@ from edge import tracing
 from edge.api_keys import ApiKeys, Denial, KeysFileError, presented_key, stream_tokens
 from edge.bridge import ActorBridge, BridgeError
 from edge.chat_request import RequestError, check_content_type, parse_chat, parse_json
-from edge.dataplane import HubClient
+from edge.dataplane import HubClients
 from edge.records import RecordSender
 from edge.sse_stream import SSEStream
 from edge.streams import LocalStreams, Rejection, Subscriber, new_request_id
@@ -67,7 +67,7 @@ class Edge:
         self.draining = False  # the operator's drain (admin), shared through the Supervisor
         self.stopping = False  # this process drains before it exits (SIGTERM)
         self._drain_set_at = 0.0  # a directory fetched before this may not undo it
-        self.hub: HubClient | None = None
+        self.hub: HubClients | None = None
         self.streams: LocalStreams | None = None
         self.records: RecordSender | None = None
         self._refresher: asyncio.Task | None = None
@@ -78,7 +78,7 @@ class Edge:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.bridge.start)
         await self._wait_for_hub(deadline_s=15.0)
-        self.hub = HubClient(self._locate_hub, cluster_secret.get(), self.edge_id)
+        self.hub = HubClients(self._locate_hub, cluster_secret.get(), self.edge_id)
         self.streams = LocalStreams(self.bridge, self.hub, self.edge_id, self.settings["COALESCER_SHARDS"])
         streams = self.streams
         self.bridge.on_stray = lambda role, answer: loop.call_soon_threadsafe(streams.stray_answer, role, answer)
@@ -129,11 +129,12 @@ class Edge:
                 raise RuntimeError("the Pool's stream hub did not come up")
             await asyncio.sleep(0.05)
 
-    async def _locate_hub(self) -> tuple[str, int]:
+    async def _locate_hub(self, pool: str = "pool") -> tuple[str, int]:
         directory = await self.bridge.refresh_directory(force=True)
-        if not directory.hub:
-            raise OSError("the stream hub is not ready")
-        return directory.hub[0], directory.hub[1]
+        address = (directory.hubs or {}).get(pool) or (directory.hub if pool == "pool" else None)
+        if not address:
+            raise OSError(f"the stream hub of {pool} is not ready")
+        return address[0], address[1]
 
     async def _refresh_directory(self) -> None:
         while True:

@@ -1,4 +1,8 @@
-"""The edge's end of the data plane: one TCP connection to the Pool's stream hub.
+"""The edge's end of the data plane: one TCP connection to each Pool's stream hub.
+
+With several Pools (SLUICE_POOLS) every Pool has its own hub; `HubClients` keeps one
+`HubClient` per Pool role, made on first use, and a stream is subscribed at the hub the
+Coalescer's `Admitted.hub` names. A Pool that dies ends only the streams of its own hub.
 
 Each connection starts with the hub's challenge, which the client answers with its edge id
 and an HMAC of the cluster secret (protocols/hub_hello.py); the hub serves nothing before.
@@ -30,7 +34,7 @@ import msgpack
 
 from edge.listeners import Listeners
 from protocols import events as ev
-from protocols import hub_hello, trace
+from protocols import hub_hello, roles, trace
 from protocols import messages as m
 
 log = logging.getLogger("sluice.edge.dataplane")
@@ -122,3 +126,35 @@ class HubClient:
             for listeners in lost.values():
                 for listener in listeners:
                     listener(None, [ev.error("hub_disconnected", "the stream hub went away mid-stream")])
+
+
+class HubClients:
+    """One `HubClient` per Pool (role -> client). `locate(role)` -> (host, port) of that
+    Pool's hub, from the actor directory; `hub` "" is "pool" (Pool 0)."""
+
+    def __init__(self, locate: Callable[[str], Awaitable[tuple[str, int]]], secret: bytes, edge_id: str):
+        hub_hello.encode_edge_id(edge_id)
+        self._locate, self._secret, self._edge_id = locate, secret, edge_id
+        self.clients: dict[str, HubClient] = {}
+
+    def client(self, hub: str) -> HubClient:
+        role = hub or roles.POOL
+        client = self.clients.get(role)
+        if client is None:
+            client = HubClient(lambda: self._locate(role), self._secret, self._edge_id)
+            self.clients[role] = client
+        return client
+
+    async def subscribe(
+        self, stream_id: str, ticket: str, on_events: Callable[[int | None, list[dict]], None], hub: str = ""
+    ) -> None:
+        await self.client(hub).subscribe(stream_id, ticket, on_events)
+
+    def unsubscribe(self, stream_id: str, on_events: Callable[[int | None, list[dict]], None], hub: str = "") -> None:
+        client = self.clients.get(hub or roles.POOL)
+        if client is not None:
+            client.unsubscribe(stream_id, on_events)
+
+    async def close(self) -> None:
+        for client in list(self.clients.values()):
+            await client.close()

@@ -54,6 +54,7 @@ class Flight:
     listening: bool = False  # a Listen not yet undone
     replayed: bool = False  # answered with a remembered error (the Coalescer's error TTL)
     listener: Any = None  # the host's handle for its hub subscription
+    hub: str = ""  # the Pool (role) whose hub carries the stream (Admitted.hub; "": "pool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +143,7 @@ class EdgeFlights:
         if not isinstance(reply, m.Admitted):
             return self._refuse(flight, m.Rejected(request_id, 503, "gateway_unavailable", f"unexpected answer {type(reply).__name__}"))
         self.coalesce_enabled = reply.coalesce
-        flight.stream_id, flight.ticket = reply.stream_id, reply.ticket
+        flight.stream_id, flight.ticket, flight.hub = reply.stream_id, reply.ticket, reply.hub
         flight.submitter_role, flight.fanout = reply.role, reply.fanout
         out: list = []
         if not reply.coalesce:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from edge.bridge import ActorBridge, BridgeError
-from edge.dataplane import HubClient
+from edge.dataplane import HubClients
 from edge.flights import Admit, EdgeFlights, Flight, Listen, Push, Refuse, Unlisten
 from protocols import events as ev
 from protocols import messages as m
@@ -60,7 +60,7 @@ class Subscriber:
 
 
 class LocalStreams:
-    def __init__(self, bridge: ActorBridge, hub: HubClient, edge_id: str, shards: int):
+    def __init__(self, bridge: ActorBridge, hub: HubClients, edge_id: str, shards: int):
         self.bridge, self.hub, self.edge_id, self.shards = bridge, hub, edge_id, shards
         self.logic = EdgeFlights(edge_id, shards)
         self.idle = asyncio.Event()  # set while no client is open (a drain waits on it)
@@ -132,7 +132,7 @@ class LocalStreams:
                 self.spawn(self._listen(effect.flight))
             elif isinstance(effect, Unlisten):
                 if effect.flight.listener is not None:
-                    self.hub.unsubscribe(effect.flight.stream_id, effect.flight.listener)
+                    self.hub.unsubscribe(effect.flight.stream_id, effect.flight.listener, effect.flight.hub)
             elif isinstance(effect, Send) and isinstance(effect.msg, m.Submit):
                 self.spawn(self._submit(effect.to, effect.msg))
             elif isinstance(effect, Send):
@@ -160,7 +160,7 @@ class LocalStreams:
     async def _listen(self, flight: Flight) -> None:
         flight.listener = lambda seq, events: self._apply(self.logic.frame(flight, seq, events, time.time()))
         try:
-            await self.hub.subscribe(flight.stream_id, flight.ticket, flight.listener)
+            await self.hub.subscribe(flight.stream_id, flight.ticket, flight.listener, flight.hub)
         except OSError as exc:
             self._apply(self.logic.listen_failed(flight, f"stream hub unreachable: {exc}", time.time()))
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -185,6 +186,8 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
                        "(default key with SLUICE_API_KEYS_FILE, else global)"),
     "COALESCE_ERROR_TTL_S": ("2", float, "seconds a failure is replayed to identical requests"),
     "COALESCER_SHARDS": ("2", _positive(int), "number of key-sharded Coalescer actors"),
+    "SLUICE_POOLS": (None, _positive(int), "Pool processes (each with its own stream hub) the upstream calls spread over; "
+                     "default: 1 on up to 4 cores, else cores // 4 (4 on 16 cores)"),
     "PACER_MAX_QUEUE": ("1000", int, "requests that may wait for an upstream slot (429 beyond)"),
     "PACER_MAX_WAIT_MS": ("30000", _positive(float), "longest wait for an upstream slot (429 beyond)"),
     "UPSTREAM_CONNECT_TIMEOUT_S": ("10", _positive(float), "upstream connect timeout"),
@@ -210,6 +213,14 @@ def account(provider: str) -> str:
     return PROVIDERS[provider]
 
 
+def default_pools(cores: int | None) -> int:
+    """SLUICE_POOLS when unset: one Pool per 4 cores, one on a laptop. A Pool is one
+    process whose loop carries every token of its streams; the edges, the actors and the
+    provider's TLS need the other cores (docs/architecture.md, "Several Pools")."""
+    cores = cores or 1
+    return 1 if cores <= 4 else cores // 4
+
+
 def load(env: Mapping[str, str]) -> dict:
     """Parse the whole configuration; ConfigError names the first bad variable."""
     settings: dict[str, Any] = {}
@@ -226,6 +237,8 @@ def load(env: Mapping[str, str]) -> dict:
     if settings["PACER_MAX_QUEUE"] < 0:
         raise ConfigError(f"PACER_MAX_QUEUE={settings['PACER_MAX_QUEUE']!r}: must be >= 0")
     settings["SLUICE_API_KEYS_FILE"] = settings["SLUICE_API_KEYS_FILE"] or None  # empty = unset
+    if settings["SLUICE_POOLS"] is None:
+        settings["SLUICE_POOLS"] = default_pools(os.cpu_count())
     settings["COALESCE_SCOPE"] = _coalesce_scope(settings)
     if not is_loopback(settings["SLUICE_ACTOR_HOST"]) and settings["SLUICE_CLUSTER_SECRET"] is None:
         raise ConfigError(

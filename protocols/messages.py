@@ -61,6 +61,9 @@ class Admitted:
     # protocols.auth.ticket(secret, stream_id, Submit.edge_id): the edge shows it to the
     # stream hub in Subscribe; the hub serves the stream to that edge only.
     ticket: str = ""
+    # The role of the Pool whose stream hub carries the stream ("pool", "pool:1", ...): the
+    # edge subscribes there. "" (a remembered error, or an older shard): "pool".
+    hub: str = ""
 
 
 @message("rejected")
@@ -100,12 +103,17 @@ class LeaseRequest:
     # the alternatives left to try after this one (this account's own are not used).
     fallback_from: str = ""
     fallbacks: list | None = None
+    # The Pool (role) the call must run on: set when the shard asks again for a flight
+    # whose edges already listen at that Pool's hub (a fallback, a replaced Pacer).
+    # "": the Pacer chooses (actors/pool_choice.py).
+    hub: str = ""
 
 
 @message("lease_queued")
 class LeaseQueued:
     lease_id: str
     position: int
+    hub: str = ""  # the Pool (role) the call will run on: its clients listen at its hub
 
 
 @message("lease_granted")
@@ -113,6 +121,7 @@ class LeaseGranted:
     lease_id: str
     queue_wait_ms: float
     pool: str = ""  # incarnation (address) of the Pool the grant's OpenStream went to
+    hub: str = ""  # the role of that Pool ("pool", "pool:1", ...)
 
 
 @message("lease_denied")
@@ -206,6 +215,7 @@ class StreamFinished:
     stream_id: str
     outcome: str  # "done" | "error" | "cancelled"
     error: dict | None = None
+    hub: str = ""  # the role of the Pool that ran it (a StreamFinished may beat the LeaseGranted)
 
 
 # --- Metrics -----------------------------------------------------------------------------
@@ -334,6 +344,7 @@ class HubReady:
 
     host: str
     port: int
+    role: str = "pool"  # which Pool's hub
 
 
 @message("member_lost")
@@ -355,9 +366,10 @@ class GetDirectory:
 @message("directory")
 class Directory:
     entries: dict  # role -> address string ("pacer:<provider>", "coalescer:<n>", ...)
-    hub: list  # [host, port] of the Pool's stream hub, [] while not ready
+    hub: list  # [host, port] of the stream hub of Pool 0 ("pool"), [] while not ready
     settings: dict
     generation: int
+    hubs: dict | None = None  # Pool role -> [host, port], for every Pool whose hub is up
 
 
 @message("get_state")

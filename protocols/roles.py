@@ -8,6 +8,9 @@ msgpack; this module is the one place that knows the shapes:
     supervisor, pool, metrics, threads   one of each
     pacer:<account>                      one per provider account, lower case ("pacer:perplexity")
     coalescer:<shard>                    one per key shard, 0 .. COALESCER_SHARDS - 1
+    pool, pool:<n>                       the Pools, SLUICE_POOLS of them: Pool 0 is "pool"
+                                         (so one Pool is named as it always was), the
+                                         others "pool:1" .. "pool:<SLUICE_POOLS - 1>"
 
 `parse` turns a string into a `Role` (kind + the part after the colon) and refuses anything
 else with a ValueError that names it; the `is_*` predicates answer for any string without
@@ -75,6 +78,18 @@ def coalescer(shard: int) -> str:
     return f"{COALESCER}:{shard}"
 
 
+def pool(index: int) -> str:
+    """The role of Pool `index` (0 -> "pool", 1 -> "pool:1")."""
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"a pool index is an int >= 0, got {index!r}")
+    return POOL if index == 0 else f"{POOL}:{index}"
+
+
+def pools(count: int) -> list[str]:
+    """The roles of `count` Pools, in index order (1 -> ["pool"])."""
+    return [pool(i) for i in range(max(1, count))]
+
+
 def parse(text: str) -> Role:
     """The role `text` names; ValueError for anything that is not a role."""
     kind, sep, name = text.partition(":") if isinstance(text, str) else ("", "", "")
@@ -84,7 +99,11 @@ def parse(text: str) -> Role:
         return Role(kind, name)
     if kind == COALESCER and sep and name.isdigit() and name.isascii() and str(int(name)) == name:
         return Role(kind, name)
-    raise ValueError(f"not a role: {text!r} (roles: {', '.join(SINGLETONS)}, pacer:<account>, coalescer:<shard>)")
+    if kind == POOL and sep and name.isdigit() and name.isascii() and str(int(name)) == name and int(name) > 0:
+        return Role(kind, name)
+    raise ValueError(
+        f"not a role: {text!r} (roles: {', '.join(SINGLETONS)}, pool:<n>, pacer:<account>, coalescer:<shard>)"
+    )
 
 
 def kind(text: str) -> str:
@@ -100,6 +119,22 @@ def is_coalescer(text: str) -> bool:
     return isinstance(text, str) and text.startswith(COALESCER + ":")
 
 
+def is_pool(text: str) -> bool:
+    """"pool" or "pool:<n>" (n >= 1), without raising for anything else."""
+    try:
+        return parse(text).kind == POOL
+    except ValueError:
+        return False
+
+
+def pool_index(text: str) -> int:
+    """The index of a Pool role ("pool" -> 0, "pool:2" -> 2); ValueError for any other."""
+    role = parse(text)
+    if role.kind != POOL:
+        raise ValueError(f"{text!r} is not a pool role")
+    return int(role.name) if role.name else 0
+
+
 def pacer_account(text: str) -> str:
     """The account a Pacer role guards, lower case ("pacer:perplexity" -> "perplexity")."""
     role = parse(text)
@@ -113,8 +148,9 @@ def coalescer_shard(text: str) -> int:
     return parse(text).shard
 
 
-def children(providers: dict, shards: int) -> list[str]:
+def children(providers: dict, shards: int, pool_count: int = 1) -> list[str]:
     """Every role the Supervisor creates (all but itself), for the providers configured
-    (`settings["providers"]`: each names its `account`) and `shards` key shards."""
+    (`settings["providers"]`: each names its `account`), `shards` key shards and
+    `pool_count` Pools."""
     pacers = dict.fromkeys(pacer(p["account"]) for p in providers.values())  # one per account, in order
-    return [METRICS, POOL, THREADS, *pacers, *(coalescer(i) for i in range(shards))]
+    return [METRICS, *pools(pool_count), THREADS, *pacers, *(coalescer(i) for i in range(shards))]

@@ -24,13 +24,18 @@ lines each, with the real behaviour as the model:
                   (a ticket given to the wrong edge, or none).
   * `SimMetrics` (optional) -- hosts the real `MetricsLogic`.
 
+With `pools=M` there are M `SimPool`s ("pool", "pool:1", ...; SLUICE_POOLS), each with its
+own hub, and the Pacer's real routing (actors/pool_choice.py) picks the Pool of each call;
+an edge subscribes at the hub its `Admitted` names, and a dead Pool takes only its own
+hub's streams with it (the check: every client listened at the Pool that ran its call).
+
 The network: every message between nodes is encoded with `protocols.messages.encode` and
 decoded again (a field msgpack cannot carry fails the run), then delivered after a seeded
 latency, first-in first-out per (sender, receiver) pair like Thespian over TCP. Faults are
 those TCP allows: latency and jitter, a node paused (a GC pause, SIGSTOP: its messages and
 timers wait, then arrive at once) and wall-clock steps (the `now` a node's logic sees
 jumps). Messages are never dropped or reordered within a pair, except by a crash:
-`sim.kill(node, at)` SIGKILLs the Pool, the Pacer or a Coalescer shard. Whatever it held
+`sim.kill(node, at)` SIGKILLs a Pool, the Pacer or a Coalescer shard. Whatever it held
 is lost, messages and timers addressed to that incarnation vanish, the edges lose their
 hub connection when the Pool dies, and after `restart_s` the Supervisor's part is played:
 the replacement is wired and `MemberLost` goes to the Pacer and the shards
@@ -62,6 +67,7 @@ from actors.coalescer_logic import CoalescerLogic
 from actors.hub_logic import HubLogic
 from actors.metrics_logic import MetricsLogic
 from actors.pacer_logic import PacerLogic, PoolAt
+from actors.pool_choice import PoolChoice
 from edge.flights import Admit, EdgeFlights, Flight, Listen, Push, Refuse, Unlisten
 from edge.listeners import Listeners
 from protocols import events as ev
@@ -239,9 +245,10 @@ class _Sweep:
 
 @dataclass(frozen=True)
 class _HubLost:
-    """The edge's connection to the hub dropped (the Pool died)."""
+    """The edge's connection to the hub of Pool `hub` dropped (that Pool died)."""
 
     up: bool = False  # True: the directory names a new hub again
+    hub: str = roles.POOL
 
 
 @dataclass(frozen=True)
@@ -279,11 +286,12 @@ class SimEdge:
     def __init__(self, name: str, shards: int, metrics: bool):
         self.name, self.edge_id, self.shards = f"edge:{name}", name, shards
         self.logic = EdgeFlights(name, shards)
-        self.listeners: Listeners[Flight] = Listeners()  # the hub client's bookkeeping
+        # The hub clients' bookkeeping, one per Pool (edge/dataplane.py HubClients).
+        self.listeners_at: dict[str, Listeners[Flight]] = {}
         self.clients: list[SimClient] = []
         self.waiting: dict[SimClient, list] = {}  # not admitted yet -> events queued for it
         self.records = _Records(self.name, metrics)
-        self.hub_up = True
+        self.hubs_down: set[str] = set()  # Pools whose hub the directory does not name now
         self.shared_listens = 0  # a flight listened to a stream another local flight was on
 
     def handle(self, msg, sender, now: float) -> list:
@@ -308,7 +316,7 @@ class SimEdge:
             return self._apply(self.logic.stray_answer(sender.partition("@")[0], msg, now), now)
         if isinstance(msg, m.StreamData):
             out: list = []
-            for flight in self.listeners.of(msg.stream_id):  # each local flight on it
+            for flight in self.listeners(sender).of(msg.stream_id):  # each local flight on it (at that hub)
                 out += self._apply(self.logic.frame(flight, msg.seq, msg.events, now), now)
             return out
         if isinstance(msg, _Flush):
@@ -319,13 +327,18 @@ class SimEdge:
             return [Send(msg.shard, f.submit) for f in self.logic.unanswered() if f.shard == msg.shard]
         raise TypeError(f"{self.name}: unexpected {type(msg).__name__}")
 
+    def listeners(self, hub: str) -> Listeners[Flight]:
+        """The listeners of the hub client for Pool `hub` ("" is "pool")."""
+        return self.listeners_at.setdefault(hub or roles.POOL, Listeners())
+
     def _hub_lost(self, msg: _HubLost, now: float) -> list:
-        """edge/dataplane.py: every listener hears the connection's end (seq None)."""
-        self.hub_up = msg.up
+        """edge/dataplane.py: every listener of that hub hears the connection's end (seq None)."""
         if msg.up:
+            self.hubs_down.discard(msg.hub)
             return []
+        self.hubs_down.add(msg.hub)
         out: list = []
-        for flights in self.listeners.pop_all().values():
+        for flights in self.listeners(msg.hub).pop_all().values():
             for flight in flights:
                 for client in flight.clients:
                     client.hub_lost = True
@@ -358,16 +371,18 @@ class SimEdge:
                 out += self._end(client, "rejected", now)
             elif isinstance(effect, Listen):
                 flight = effect.flight
-                if not self.hub_up:  # no hub to connect to: edge/streams.py's OSError path
+                hub = flight.hub or roles.POOL
+                if hub in self.hubs_down:  # no hub to connect to: edge/streams.py's OSError path
                     out += self._apply(self.logic.listen_failed(flight, "stream hub unreachable", now), now)
                     continue
-                self.shared_listens += flight.stream_id in self.listeners
-                self.listeners.add(flight.stream_id, flight)
-                out.append(Send("pool", m.Subscribe(flight.stream_id, flight.ticket)))
+                self.shared_listens += flight.stream_id in self.listeners(hub)
+                self.listeners(hub).add(flight.stream_id, flight)
+                out.append(Send(hub, m.Subscribe(flight.stream_id, flight.ticket)))
                 out += self._apply(self.logic.listened(flight), now)
             elif isinstance(effect, Unlisten):
-                if self.listeners.remove(effect.flight.stream_id, effect.flight):
-                    out.append(Send("pool", m.Unsubscribe(effect.flight.stream_id)))
+                hub = effect.flight.hub or roles.POOL
+                if self.listeners(hub).remove(effect.flight.stream_id, effect.flight):
+                    out.append(Send(hub, m.Unsubscribe(effect.flight.stream_id)))
             elif isinstance(effect, Send):
                 out.append(effect)
             else:
@@ -418,9 +433,8 @@ class SimEdge:
 class SimPool:
     """The Pool actor with a scripted upstream instead of HTTP, hosting the real hub logic."""
 
-    name = "pool"
-
-    def __init__(self, metrics: bool, secret: bytes = SIM_SECRET):
+    def __init__(self, metrics: bool, secret: bytes = SIM_SECRET, name: str = roles.POOL):
+        self.name = name  # its role: "pool", "pool:1", ...
         self.secret = secret
         self.behaviour: Upstream | Callable[[UpstreamRequest], Upstream] = Upstream()
         self.log: list[UpstreamCall] = []
@@ -428,12 +442,12 @@ class SimPool:
         self.orphan_s = 90.0  # the Simulation sets PACER_MAX_WAIT + 60 s, like actors/pool.py
         self.hub = HubLogic(secret, orphan_s=self.orphan_s)
         self.failed: list[tuple[str, str]] = []  # FailStream (stream_id, code)
-        self.records = _Records("pool", metrics)
+        self.records = _Records(name, metrics)
         # What each stream published, per hub that held it (a dead incarnation's too, and
         # one dropped after its linger): stream id -> [events list of each HubStream].
         self.published: dict[str, list[list]] = {}
         self._sweep_at: float | None = None  # the hub's sweep timer, when one is set
-        self.incarnation = "pool"
+        self.incarnation = name
 
     def crash(self, now: float) -> None:
         """SIGKILL: the calls stop without a word (no LeaseRelease, no StreamFinished), the
@@ -483,7 +497,7 @@ class SimPool:
             return self.hub.sweep(now)
         if isinstance(msg, _Flush):
             return self.records.flush()
-        raise TypeError(f"pool: unexpected {type(msg).__name__}")
+        raise TypeError(f"{self.name}: unexpected {type(msg).__name__}")
 
     def _observe(self, stream_id: str) -> None:
         stream = self.hub.streams.get(stream_id)
@@ -515,7 +529,7 @@ class SimPool:
             outcome, error = ("done", None) if last.get("type") == ev.DONE else ("error", last)
             return [
                 Send(roles.pacer_for(msg.provider), m.LeaseRelease(msg.stream_id, None)),
-                Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error)),
+                Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error, self.name)),
             ]
         request = UpstreamRequest(len(self.log) + 1, msg.stream_id, msg.provider, msg.model, msg.body, now)
         behaviour = self.behaviour(request) if callable(self.behaviour) else self.behaviour
@@ -550,7 +564,7 @@ class SimPool:
         call.outcome, call.ended_at = outcome, now
         out = [] if published else self._publish(call.stream_id, [error], now)
         out.append(Send(roles.pacer_for(call.provider), m.LeaseRelease(call.stream_id, retry_after)))
-        out.append(Send(call.coalescer, m.StreamFinished(call.stream_id, outcome, None if outcome == "cancelled" else error)))
+        out.append(Send(call.coalescer, m.StreamFinished(call.stream_id, outcome, None if outcome == "cancelled" else error, self.name)))
         out += self.records.add(
             {
                 "kind": "upstream",
@@ -615,7 +629,7 @@ class _PacerHost:
         for lease_id in sorted(before - after):
             lease = self.sim.leases[lease_id]
             lease.released_at, lease.released_by = self.sim.now, type(msg).__name__
-        if isinstance(msg, m.MemberLost) and msg.role == "pool":
+        if isinstance(msg, m.MemberLost) and roles.is_pool(msg.role):
             held = [k for k, h in self.logic.in_flight.items() if h.pool == msg.incarnation]
             if held:
                 self.sim.fail(f"pacer still holds leases {held} of the dead {msg.incarnation}")
@@ -637,7 +651,7 @@ class _CoalescerHost:
             self.logic.flags = replace(self.logic.flags, **msg.changes)
             return []
         out = self.logic.handle(msg, sender, now)
-        if isinstance(msg, m.MemberLost) and msg.role == "pool":
+        if isinstance(msg, m.MemberLost) and roles.is_pool(msg.role):
             kept = [f.stream_id for f in self.logic.by_stream.values() if f.pool == msg.incarnation]
             if kept:
                 raise SimulationError(f"{self.logic.me} keeps flights {kept} of the dead {msg.incarnation}")
@@ -680,7 +694,7 @@ class _Node:
 
 
 class Simulation:
-    """A deterministic world: edges, coalescer shards, one pacer, the pool, optional metrics."""
+    """A deterministic world: edges, coalescer shards, one pacer, `pools` Pools, optional metrics."""
 
     def __init__(
         self,
@@ -693,6 +707,7 @@ class Simulation:
         model: str = "sim-1",
         metrics: bool = False,
         max_events: int = 5_000_000,
+        pools: int = 1,
     ):
         if seed is None:
             seed = int(os.environ[SEED_ENV]) if os.environ.get(SEED_ENV) else random.SystemRandom().randrange(2**32)
@@ -727,14 +742,19 @@ class Simulation:
             )
             for i in range(shards)
         ]
-        self.pool = SimPool(metrics)
-        self.pool.orphan_s = self.pool.hub.orphan_s = self.pacer.settings.max_wait_s + 60.0  # as actors/pool.py
+        self.pool_roles = roles.pools(pools)
+        self.pacer.pools = PoolChoice(self.pool_roles)  # as the first Wire's directory tells it
+        self.pools = [SimPool(metrics, name=role) for role in self.pool_roles]
+        self.pool = self.pools[0]  # Pool 0 ("pool"): the only one unless pools > 1
+        for pool in self.pools:
+            pool.orphan_s = pool.hub.orphan_s = self.pacer.settings.max_wait_s + 60.0  # as actors/pool.py
         self.edges: dict[str, SimEdge] = {}
         self.metrics = SimMetrics() if metrics else None
         self._add(roles.pacer_for(provider), _PacerHost(self.pacer, self))
         for logic in self.coalescers:
             self._add(logic.me, _CoalescerHost(logic))
-        self._add("pool", self.pool)
+        for pool in self.pools:
+            self._add(pool.name, pool)
         if self.metrics:
             self._add("metrics", self.metrics)
 
@@ -742,7 +762,8 @@ class Simulation:
     def upstream(self, behaviour: Callable[[UpstreamRequest], Upstream] | Upstream | None = None, **fields) -> None:
         """Set how upstream calls behave: `Upstream` fields as keywords, an `Upstream`, or a
         function `(UpstreamRequest) -> Upstream` deciding per call."""
-        self.pool.behaviour = behaviour if behaviour is not None else Upstream(**fields)
+        for pool in self.pools:
+            pool.behaviour = behaviour if behaviour is not None else Upstream(**fields)
 
     def client(
         self,
@@ -808,7 +829,7 @@ class Simulation:
         self._schedule(at, jump)
 
     def kill(self, node: str, at: float, restart_s: float = 0.3) -> None:
-        """SIGKILL `node` ("pool", "pacer:<account>", "coalescer:<n>") at `at`. What it held
+        """SIGKILL `node` ("pool", "pool:<n>", "pacer:<account>", "coalescer:<n>") at `at`. What it held
         is lost; messages and timers addressed to it vanish. After `restart_s` (detection
         and a new process) the Supervisor's part: the replacement is wired (the Pacer
         learns the new Pool, edges the new hub or shard), then `MemberLost(role, old
@@ -823,11 +844,11 @@ class Simulation:
         lost = self._address(node)
         node.incarnation += 1
         pacer = roles.pacer_for(self.provider)
-        if name == "pool":
-            self.pool.crash(self.now)
+        if name in self.pool_roles:
+            self._pool(name).crash(self.now)
             for edge in self.edges:
-                self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _HubLost(), None)
-            self._tell(pacer, PoolAt(None))  # the Wire whose directory has no Pool
+                self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _HubLost(hub=name), None)
+            self._tell(pacer, PoolAt(None, name))  # the Wire whose directory lacks that Pool
         elif name == pacer:
             for lease in self.leases.values():
                 if lease.released_at is None:
@@ -835,7 +856,7 @@ class Simulation:
             self.old_leases.update(self.leases)  # the new Pacer's leases are counted afresh
             self.leases = {}
             fresh = PacerLogic(self.pacer.provider, self.pacer.settings)
-            fresh.pool = None if self.nodes["pool"].down else self.pool.incarnation
+            fresh.pools = self._pools_now()
             self.pacer, node.logic = fresh, _PacerHost(fresh, self)
         elif roles.is_coalescer(name):
             index = roles.coalescer_shard(name)
@@ -854,21 +875,38 @@ class Simulation:
     def _restart(self, node: _Node, lost: str) -> None:
         node.down = False
         pacer = roles.pacer_for(self.provider)
-        if node.name == "pool":
-            self.pool.incarnation = f"pool@{node.incarnation}"
-            self._tell(pacer, PoolAt(self.pool.incarnation))
+        if node.name in self.pool_roles:
+            pool = self._pool(node.name)
+            pool.incarnation = f"{node.name}@{node.incarnation}"
+            self._tell(pacer, PoolAt(pool.incarnation, node.name))
             for edge in self.edges:
-                self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _HubLost(up=True), None)
+                self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _HubLost(up=True, hub=node.name), None)
         if node.name == pacer:
             # Wired with the directory as it is now (actors/pacer.py `on_wire`), not as it
             # was at the crash: a Pool replaced meanwhile told only the dead Pacer (seed 1019).
-            self._handle(node, None, PoolAt(None if self.nodes["pool"].down else self.pool.incarnation), None)
+            for role, incarnation in self._pools_now().at.items():
+                self._handle(node, None, PoolAt(incarnation, role), None)
         if roles.is_coalescer(node.name):
             for edge in self.edges:
                 self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _ShardMoved(node.name), None)
         for target in [pacer] + [roles.coalescer(i) for i in range(self.shards)]:
             if target != node.name:
                 self._send("supervisor", target, m.MemberLost(node.name, lost))
+
+    def _pool(self, role: str) -> SimPool:
+        return self.pools[self.pool_roles.index(role)]
+
+    def _pools_now(self) -> PoolChoice:
+        """Where every Pool is now, as a new Wire's directory says (None: down)."""
+        choice = PoolChoice(self.pool_roles)
+        for pool in self.pools:
+            choice.place(pool.name, None if self.nodes[pool.name].down else pool.incarnation)
+        return choice
+
+    @property
+    def upstream_calls(self) -> int:
+        """Upstream calls made, by every Pool."""
+        return sum(pool.calls for pool in self.pools)
 
     def _tell(self, name: str, local) -> None:
         """A local event for `name` after one hop (the Wire's directory, as the host reads it)."""
@@ -878,8 +916,8 @@ class Simulation:
         """The incarnation's address: what others hold (OpenStream.coalescer, a reply-to)."""
         if roles.is_coalescer(node.name):
             return self.coalescers[roles.coalescer_shard(node.name)].me
-        if node.name == "pool":
-            return self.pool.incarnation
+        if node.name in self.pool_roles:
+            return self._pool(node.name).incarnation
         return node.name if node.incarnation == 1 else f"{node.name}@{node.incarnation}"
 
     def _latency(self) -> float:
@@ -963,7 +1001,7 @@ class Simulation:
                 self.fail(f"client {c.request_id} rejected but received events")
             if c.stream_id is not None and c.events:
                 # What each hub that held the stream published (a dead Pool incarnation's too).
-                candidates = self.pool.published.get(c.stream_id) or [[]]
+                candidates = [p for pool in self.pools for p in pool.published.get(c.stream_id, [])] or [[]]
                 if c.hub_lost and c.events[-1].get("code") != "hub_disconnected":
                     self.fail(f"client {c.request_id} lost its hub but ended {c.events[-1]}")
                 expected = [
@@ -982,13 +1020,29 @@ class Simulation:
                 self.fail(f"{logic.me} still holds flights: {logic.state(self.now)['in_flight']}")
             if logic.errors:
                 self.fail(f"{logic.me} still remembers errors past their TTL: {list(logic.errors)}")
-        if self.pool.running:
-            self.fail(f"pool still running {sorted(self.pool.running)}")
+        for pool in self.pools:
+            if pool.running:
+                self.fail(f"{pool.name} still running {sorted(pool.running)}")
         for edge in self.edges.values():
             lg = edge.logic
-            if lg.by_key or lg.submits or lg.by_request or lg.flight_of or edge.waiting or edge.listeners:
-                self.fail(f"{edge.name} still holds state: flights={list(lg.by_key)} submits={list(lg.submits)} clients={list(lg.by_request)} listeners={edge.listeners.streams()}")
-        opened = {call.stream_id: call for call in self.pool.log}
+            listening = {hub: ls.streams() for hub, ls in edge.listeners_at.items() if ls}
+            if lg.by_key or lg.submits or lg.by_request or lg.flight_of or edge.waiting or listening:
+                self.fail(f"{edge.name} still holds state: flights={list(lg.by_key)} submits={list(lg.submits)} clients={list(lg.by_request)} listeners={listening}")
+        # Routing: a stream runs on one Pool, and every client of it listened at that Pool's hub.
+        ran_on: dict[str, set] = {}
+        for pool in self.pools:
+            for call in pool.log:
+                ran_on.setdefault(call.stream_id, set()).add(pool.name)
+        for stream_id, where in ran_on.items():
+            if len(where) > 1:
+                self.fail(f"stream {stream_id} ran on several Pools: {sorted(where)}")
+        for c in self.clients:
+            if c.stream_id in ran_on and not c.replayed and c.flight is not None:
+                listened = c.flight.hub or roles.POOL
+                if listened not in ran_on[c.stream_id]:
+                    self.fail(f"client {c.request_id} listened at {listened}, but {c.stream_id} ran on {sorted(ran_on[c.stream_id])}")
+        opened = {call.stream_id: call for pool in self.pools for call in pool.log}
+        failed = {item for pool in self.pools for item in pool.failed}
         for lease in self.leases.values():
             if lease.released_at is None:
                 self.fail(f"lease {lease.lease_id} granted at {lease.granted_at} never released")
@@ -999,13 +1053,13 @@ class Simulation:
             # the Coalescer saw the grant: then its LeaseCancel (sent with a FailStream, which
             # stops the call if it is still running) may reach the Pacer first.
             allowed = {"LeaseCancel"} if call is None else {"LeaseRelease"}
-            if lease.lease_id in self.old_leases or any(sid == lease.lease_id for sid, _ in self.pool.failed):
+            if lease.lease_id in self.old_leases or any(sid == lease.lease_id for sid, _ in failed):
                 allowed.add("LeaseRelease")  # a re-grant of a finished stream, given back by the Pool
-            if call is not None and (lease.lease_id, "cancelled") in self.pool.failed:
+            if call is not None and (lease.lease_id, "cancelled") in failed:
                 allowed.add("LeaseCancel")
             if lease.released_by not in allowed:
                 self.fail(f"lease {lease.lease_id} released by {lease.released_by}, expected {' or '.join(sorted(allowed))}")
-        for call in self.pool.log:
+        for call in opened.values():
             if call.outcome == "lost":
                 continue
             if call.stream_id not in self.leases and call.stream_id not in self.old_leases:
@@ -1049,7 +1103,7 @@ class Simulation:
     def _handle(self, node: _Node, sender, msg, delivery: Delivery | None) -> None:
         if delivery is not None:
             delivery.delivered_at, delivery.order = self.now, next(self._handled)
-        if isinstance(msg, (m.AbortStream, m.FailStream)) and msg.stream_id in self.pool.running:
+        if isinstance(msg, (m.AbortStream, m.FailStream)) and isinstance(node.logic, SimPool) and msg.stream_id in node.logic.running:
             if getattr(msg, "code", None) != "coalescer_lost":  # that one fails listened streams on purpose
                 self._no_listener(msg.stream_id)
         try:

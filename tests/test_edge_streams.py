@@ -35,11 +35,11 @@ class RecordingHub:
     def __init__(self):
         self.listeners, self.unsubscribed, self.tickets = {}, [], {}
 
-    async def subscribe(self, stream_id, ticket, on_events):
+    async def subscribe(self, stream_id, ticket, on_events, hub=""):
         self.listeners[stream_id] = on_events
         self.tickets[stream_id] = ticket
 
-    def unsubscribe(self, stream_id, on_events):
+    def unsubscribe(self, stream_id, on_events, hub=""):
         if self.listeners.get(stream_id) is on_events:
             del self.listeners[stream_id]
         self.unsubscribed.append(stream_id)

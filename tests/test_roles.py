@@ -31,7 +31,7 @@ def test_parse_reads_the_parts_back():
 @pytest.mark.parametrize(
     "bad",
     ["", "pacer", "pacer:", "pacer:OpenAI", "pacer:a:b", "pacer: x", "coalescer", "coalescer:", "coalescer:-1",
-     "coalescer:01", "coalescer:x", "coalescer:١", "pool:1", "supervisor:", "edge:e1", "127.0.0.1:19500", None, 3],
+     "coalescer:01", "coalescer:x", "coalescer:١", "pool:0", "pool:01", "pool:", "supervisor:", "edge:e1", "127.0.0.1:19500", None, 3],
 )
 def test_parse_refuses_what_is_not_a_role(bad):
     with pytest.raises(ValueError, match="not a role"):
@@ -59,7 +59,8 @@ def test_predicates_answer_for_any_string():
 
 
 def test_the_supervisors_children_are_one_pacer_per_account_and_one_coalescer_per_shard():
-    settings = config.load({"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://127.0.0.1:1", "COALESCER_SHARDS": "3"})
+    settings = config.load({"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://127.0.0.1:1", "COALESCER_SHARDS": "3",
+                            "SLUICE_POOLS": "1"})
     names = roles.children(settings["providers"], settings["COALESCER_SHARDS"])
     # openai and openai_responses bill to one account: one Pacer
     assert names == ["metrics", "pool", "threads", "pacer:simulated", "pacer:openai",
@@ -70,3 +71,28 @@ def test_the_supervisors_children_are_one_pacer_per_account_and_one_coalescer_pe
     assert {roles.kind(n): cls.__name__ for n, cls in actors.items()} == {
         "metrics": "MetricsActor", "pool": "PoolActor", "threads": "ThreadStoreActor",
         "pacer": "PacerActor", "coalescer": "CoalescerActor"}
+
+
+def test_pool_roles_keep_pool_zero_named_pool():
+    assert roles.pools(1) == ["pool"] and roles.pools(3) == ["pool", "pool:1", "pool:2"]
+    assert [roles.pool_index(r) for r in roles.pools(3)] == [0, 1, 2]
+    assert roles.parse("pool:2") == roles.Role("pool", "2") and str(roles.parse("pool:2")) == "pool:2"
+    assert roles.is_pool("pool") and roles.is_pool("pool:1") and not roles.is_pool("pool:0")
+    assert not roles.is_pool("pacer:openai") and not roles.is_pool("127.0.0.1:1") and not roles.is_pool(None)
+    with pytest.raises(ValueError):
+        roles.pool(-1)
+    with pytest.raises(ValueError):
+        roles.pool_index("metrics")
+
+
+def test_the_supervisor_creates_every_pool():
+    settings = config.load({"SLUICE_POOLS": "3", "COALESCER_SHARDS": "1"})
+    assert roles.children(settings["providers"], 1, settings["SLUICE_POOLS"]) == [
+        "metrics", "pool", "pool:1", "pool:2", "threads", "pacer:simulated", "coalescer:0"]
+    assert {n: cls.__name__ for n, cls in child_roles(settings).items() if roles.is_pool(n)} == {
+        "pool": "PoolActor", "pool:1": "PoolActor", "pool:2": "PoolActor"}
+
+
+@pytest.mark.parametrize(("cores", "pools"), [(None, 1), (1, 1), (2, 1), (4, 1), (8, 2), (16, 4), (64, 16)])
+def test_default_pools_one_per_four_cores(cores, pools):
+    assert config.default_pools(cores) == pools

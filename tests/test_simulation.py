@@ -405,12 +405,12 @@ def test_fanout_disabled_followers_still_get_the_same_final_text(seed):
 # --- faults -----------------------------------------------------------------------------------
 
 
-def chaos(seed, latency_ms=(0.3, 5.0), kills=0, flips=0):
+def chaos(seed, latency_ms=(0.3, 5.0), kills=0, flips=0, pools=1):
     """A random workload with random faults and live setting changes; all from the seed."""
     settings = PacerSettings(rps=2, burst=3, concurrency=3, rpm=40, max_queue=20, max_wait_s=8)
     sim = Simulation(
         seed=seed, shards=3, pacer=settings, flags=CoalescerFlags(error_ttl_s=1.0),
-        latency_ms=latency_ms, metrics=True,
+        latency_ms=latency_ms, metrics=True, pools=pools,
     )
     rng = sim.rng
 
@@ -435,7 +435,7 @@ def chaos(seed, latency_ms=(0.3, 5.0), kills=0, flips=0):
     sim.configure_pacer(at=rng.uniform(0, 10), rps=rng.choice([1, 2, 5]), concurrency=rng.choice([1, 3, 6]))
     sim.set_flags(at=rng.uniform(0, 10), coalesce_enabled=rng.random() < 0.5, error_ttl_s=rng.choice([0.0, 0.5, 2.0]))
     for _ in range(kills):  # SIGKILLs of our own processes, each replaced after a while
-        victim = rng.choice(["pool", "pacer:simulated", "coalescer:0", "coalescer:1", "coalescer:2"])
+        victim = rng.choice([*sim.pool_roles, "pacer:simulated", "coalescer:0", "coalescer:1", "coalescer:2"])
         sim.kill(victim, at=rng.uniform(0, 10), restart_s=rng.uniform(0.05, 1.5))
     for i in range(flips):  # coalescing switched off and on again by an operator
         sim.set_flags(at=rng.uniform(0, 10), coalesce_enabled=i % 2 == 1)
@@ -490,6 +490,81 @@ def test_crashes_of_pool_pacer_and_shards_keep_the_invariants(seed):
     assert sim.quiescent
     # "cancelled": a stream of a dead shard, failed by the Pacer (the Pool aborts its call)
     assert all(c.outcome in ("done", "error", "rejected", "disconnected", "cancelled") for c in sim.clients)
+
+
+# --- several Pools (SLUICE_POOLS) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", seeds(12), ids=ids)
+def test_two_pools_under_chaos_and_kills_keep_the_invariants(seed):
+    # Kills of either Pool among the others; the checker adds: a stream ran on one Pool, and
+    # every client of it listened at that Pool's hub.
+    sim = chaos(seed, kills=3, pools=2)
+    sim.run()
+    assert sim.quiescent
+    assert all(c.outcome in ("done", "error", "rejected", "disconnected", "cancelled") for c in sim.clients)
+
+
+@pytest.mark.parametrize("seed", seeds(10), ids=ids)
+def test_calls_spread_over_both_pools_and_identical_ones_stay_one(seed):
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=50, burst=50, concurrency=50), pools=2)
+    sim.upstream(ttft_ms=100, token_interval_ms=20, tokens=10)
+    distinct = [sim.client(at=sim.rng.uniform(0, 0.1), text=f"q{i}", edge=f"e{i % 3 + 1}") for i in range(20)]
+    same = [sim.client(at=0.2 + sim.rng.uniform(0, 0.05), text="same", edge=f"e{i % 3 + 1}") for i in range(20)]
+    sim.run()
+    assert {c.outcome for c in distinct + same} == {"done"}
+    assert sim.upstream_calls == 21
+    assert [p.calls for p in sim.pools] in ([10, 11], [11, 10])  # least loaded: they alternate
+    assert len({c.text for c in same}) == 1
+
+
+@pytest.mark.parametrize("seed", seeds(10), ids=ids)
+def test_pacing_stays_exact_across_two_pools(seed):
+    settings = PacerSettings(rps=1, burst=1, concurrency=3)
+    sim = Simulation(seed=seed, pacer=settings, pools=2)
+    sim.upstream(ttft_ms=100, token_interval_ms=20, tokens=5)
+    clients = [sim.client(at=sim.rng.uniform(0, 0.5), text=f"q{i}", edge=f"e{i % 2 + 1}") for i in range(6)]
+    sim.run()
+    assert [c.outcome for c in clients] == ["done"] * 6
+    assert all(p.calls >= 2 for p in sim.pools)
+    granted = [t for t, _ in sim.grants()]
+    assert all(b - a >= 1.0 - EPS for a, b in zip(granted, granted[1:])), granted  # <= 1 call a second
+    opened = sorted(call.opened_at for p in sim.pools for call in p.log)  # give or take the hops' jitter
+    assert all(b - a >= 1.0 - 2 * HI_MS / 1000 for a, b in zip(opened, opened[1:])), opened
+    assert_grants_match_reference(sim, settings)
+
+
+@pytest.mark.parametrize("seed", seeds(20), ids=ids)
+def test_a_killed_pool_takes_only_its_own_streams(seed):
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=50, burst=50, concurrency=20), pools=2)
+    sim.upstream(ttft_ms=100, token_interval_ms=20, tokens=50)  # 1.1 s: running at the kill
+    clients = [sim.client(at=sim.rng.uniform(0, 0.2), text=f"q{i}", edge=f"e{i % 2 + 1}") for i in range(12)]
+    sim.kill("pool", at=0.5, restart_s=0.3)
+    sim.run(until=0.9, check=False)
+    state = sim.pacer.state(sim.now)
+    assert state["pools"]["pool"]["in_flight"] == 0, "the dead Pool's leases are back"
+    assert state["pools"]["pool:1"]["in_flight"] == 6, "the other Pool's are not touched"
+    later = [sim.client(at=1.0 + 0.01 * i, text=f"new{i}", edge="e1") for i in range(4)]
+    sim.run()
+    on = {c.request_id: c.flight.hub or "pool" for c in clients}
+    lost = [c for c in clients if on[c.request_id] == "pool"]
+    kept = [c for c in clients if on[c.request_id] == "pool:1"]
+    assert len(lost) == len(kept) == 6
+    assert {c.error["code"] for c in lost} == {"hub_disconnected"}
+    assert {c.outcome for c in kept} == {"done"} and all(not c.hub_lost for c in kept)
+    assert {c.outcome for c in later} == {"done"}
+
+
+@pytest.mark.parametrize("seed", seeds(20), ids=ids)
+def test_requests_queued_for_a_killed_pool_are_ended_and_the_queue_goes_on(seed):
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=1, burst=1, concurrency=1), pools=2)
+    sim.upstream(ttft_ms=100, token_interval_ms=20, tokens=10)
+    clients = [sim.client(at=0.01 * i, text=f"q{i}", edge=f"e{i % 2 + 1}") for i in range(6)]  # 1 runs, 5 queue
+    sim.kill("pool:1", at=0.5, restart_s=0.3)
+    sim.run()
+    queued_on_dead = [c for c in clients if (c.flight.hub or "pool") == "pool:1"]
+    assert queued_on_dead and {c.outcome for c in queued_on_dead} == {"error"}
+    assert {c.outcome for c in clients if c not in queued_on_dead} == {"done"}
 
 
 @pytest.mark.parametrize("seed", seeds(30), ids=ids)

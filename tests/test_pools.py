@@ -1,0 +1,166 @@
+"""SLUICE_POOLS=2 on the real system: calls spread over both Pools, each with its own hub;
+coalescing, pacing and cancelling work across them; a Pool killed with SIGKILL takes only
+its own streams, gives its leases back and is replaced; Ctrl-C leaves nothing (the
+`running_gateway` helper checks every process and port at the end).
+
+Real processes: run.py with two Pool actors, the simulated provider as its own process
+(its /stats shows every upstream call), real HTTP over loopback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.support import SSEClient, chat_body, data_events, get_json, request, running_gateway, stream_chat, wait_until
+
+TOKEN = "pools-test-token"
+ENV = {"SLUICE_POOLS": "2", "SIMULATED_CONCURRENCY": "40", "SIMULATED_RPS": "50", "SIMULATED_BURST": "50",
+       "SLUICE_ADMIN_TOKEN": TOKEN}
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+@pytest.fixture(scope="module")
+def gw(sim):
+    with running_gateway({**ENV, "SIMULATED_BASE_URL": sim}) as gateway:
+        gateway.sim = sim
+        yield gateway
+
+
+def admin_state(gw, role: str) -> dict:
+    status, _, body = request("GET", gw.url + f"/api/admin/state?role={role}", headers=AUTH)
+    assert status == 200, body
+    return json.loads(body)["results"]
+
+
+def pacer_pools(gw) -> dict:
+    return admin_state(gw, "pacer")["pacer:simulated"]["pools"]
+
+
+def calls_for(gw, text: str) -> list[dict]:
+    return [r for r in get_json(gw.sim + "/stats")[1]["requests"] if text in json.dumps(r["body"])]
+
+
+def cancelled_calls(gw, text: str) -> list[dict]:
+    stats = get_json(gw.sim + "/stats")[1]
+    ids = {r["call_id"] for r in stats["requests"] if text in json.dumps(r["body"])}
+    return [c for c in stats["cancellations"] if c["call_id"] in ids]
+
+
+def open_streams(gw, texts: list[str]) -> list[SSEClient]:
+    clients = [SSEClient(gw.url + "/api/chat", chat_body(t), timeout=60) for t in texts]
+    assert [c.status for c in clients] == [200] * len(clients)
+    return clients
+
+
+def first_delta(client: SSEClient) -> None:
+    while (event := client.next()) is not None:
+        if event[0] == "message" and event[1]["type"] == "delta":
+            return
+    raise AssertionError(f"no delta: {client.events}")
+
+
+def pid_of(gw, role: str) -> int:
+    def pid():
+        status, body = get_json(gw.url + "/readyz")
+        return body.get("actors", {}).get(role, {}).get("pid") if status == 200 else None
+
+    return wait_until(pid, timeout=20, message=f"{role} ready")
+
+
+def test_streams_spread_over_both_pools_and_a_cancel_aborts_on_each(gw):
+    text = f"spread {uuid.uuid4().hex}"
+    clients = open_streams(gw, [f"{text} {i}\n#sim tokens=1000 token_interval_ms=20" for i in range(6)])
+    try:
+        for client in clients:
+            first_delta(client)
+        pools = admin_state(gw, "pool")
+        assert set(pools) == {"pool", "pool:1"}
+        assert [len(pools[r]["open_calls"]) for r in ("pool", "pool:1")] == [3, 3], pools
+        # Each Pool's own hub serves its streams: the edge holds a connection to each.
+        assert [pools[r]["hub"]["edge_connections"] for r in ("pool", "pool:1")] == [1, 1], pools
+        assert {r: p["in_flight"] for r, p in pacer_pools(gw).items()} == {"pool": 3, "pool:1": 3}
+    finally:
+        for client in clients:
+            client.close()
+    # Every client left: each Pool aborts its calls, and the provider sees every cancel.
+    wait_until(lambda: len(cancelled_calls(gw, text)) == 6, timeout=10, message="six upstream cancels")
+    wait_until(lambda: all(not p["open_calls"] for p in admin_state(gw, "pool").values()), timeout=10,
+               message="no call open on either Pool")
+
+
+def test_twenty_identical_requests_make_one_upstream_call(gw):
+    text = f"identical {uuid.uuid4().hex}"
+    body = chat_body(text + "\n#sim ttft_ms=300 tokens=8 token_interval_ms=10")
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(lambda _: stream_chat(gw.url + "/api/chat", body), range(20)))
+    assert [status for status, _, _ in results] == [200] * 20
+    texts = {"".join(d.get("delta", "") for d in data_events(events)) for _, _, events in results}
+    assert len(texts) == 1 and all(data_events(events)[-1]["type"] == "done" for _, _, events in results)
+    assert len(calls_for(gw, text)) == 1
+
+
+def test_rps_one_across_two_pools_is_at_most_one_call_a_second(gw):
+    status, _, body = request("POST", gw.url + "/api/admin/pacer/simulated", body={"rps": 1, "burst": 1}, headers=AUTH)
+    assert status == 200, body
+    text = f"paced {uuid.uuid4().hex}"
+    try:
+        clients = open_streams(gw, [f"{text} {i}\n#sim ttft_ms=20 tokens=120 token_interval_ms=20" for i in range(4)])
+        # 2.4 s calls granted a second apart: both Pools hold one at some point.
+        wait_until(lambda: all(p["in_flight"] for p in pacer_pools(gw).values()), timeout=10,
+                   message="a call on each Pool")
+        ends = [data_events(c.read_all())[-1]["type"] for c in clients]
+        for client in clients:
+            client.close()
+    finally:
+        request("POST", gw.url + "/api/admin/pacer/simulated", body={"rps": 50, "burst": 50}, headers=AUTH)
+    assert ends == ["done"] * 4
+    started = sorted(call["started_at"] for call in calls_for(gw, text))
+    gaps = [round(b - a, 3) for a, b in zip(started, started[1:])]
+    print(f"upstream calls started {gaps} s apart")
+    assert len(started) == 4 and min(gaps) >= 0.9, gaps  # granted 1 s apart; the hop to a Pool jitters
+
+
+def test_a_killed_pool_ends_only_its_own_streams_and_gives_its_leases_back(gw):
+    text = f"kill {uuid.uuid4().hex}"
+    clients = open_streams(gw, [f"{text} {i}\n#sim ttft_ms=20 tokens=200 token_interval_ms=20" for i in range(6)])
+    for client in clients:
+        first_delta(client)
+    assert {r: p["in_flight"] for r, p in pacer_pools(gw).items()} == {"pool": 3, "pool:1": 3}
+    ends: dict[int, dict] = {}
+
+    def read(i: int, client: SSEClient) -> None:
+        client.read_all()
+        ends[i] = data_events(client.events)[-1]
+
+    threads = [threading.Thread(target=read, args=(i, c), daemon=True) for i, c in enumerate(clients)]
+    for thread in threads:
+        thread.start()
+    victim = pid_of(gw, "pool")
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_until(lambda: pacer_pools(gw)["pool"]["in_flight"] == 0, timeout=10, message="the dead Pool's leases back")
+    print(f"leases of the killed Pool back {time.monotonic() - killed_at:.2f} s after the kill")
+    assert pacer_pools(gw)["pool:1"]["in_flight"] == 3, "the other Pool's calls go on"
+    for thread in threads:
+        thread.join(30)
+    for client in clients:
+        client.close()
+    assert not any(t.is_alive() for t in threads), "a client is still waiting"
+    kinds = sorted(e["type"] + ":" + e.get("code", "") for e in ends.values())
+    assert kinds == ["done:"] * 3 + ["error:hub_disconnected"] * 3, kinds
+    wait_until(lambda: pid_of(gw, "pool") != victim, timeout=20, message="a new Pool")
+    wait_until(lambda: request("GET", gw.url + "/readyz")[0] == 200, timeout=20, message="ready again")
+    wait_until(lambda: sum(p["in_flight"] for p in pacer_pools(gw).values()) == 0, timeout=10, message="idle")
+    # New requests are served, on both Pools (the replacement included).
+    after = f"after {uuid.uuid4().hex}"
+    results = [stream_chat(gw.url + "/api/chat", chat_body(f"{after} {i}\n#sim tokens=3")) for i in range(2)]
+    assert [data_events(events)[-1]["type"] for _, _, events in results] == ["done", "done"]

@@ -46,23 +46,18 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def rejection_response(exc: Rejection) -> JSONResponse:
-    """A Rejection in sluice's shape; the client key table's keep OpenAI's (see key_error)."""
+def rejection_response(exc: Rejection, headers: dict | None = None) -> JSONResponse:
+    """A Rejection in sluice's shape. The client key table's refusals (they carry OpenAI's
+    error type) keep OpenAI's shape, which holds sluice's `code` and `message` too."""
     if exc.type is not None:
         body = {"error": {"message": exc.message, "type": exc.type, "param": None, "code": exc.code}}
     else:
         body = {"error": {"code": exc.code, "message": exc.message}}
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers() or None)
+    return JSONResponse(body, status_code=exc.status, headers={**exc.headers(), **(headers or {})} or None)
 
 
-def key_error(denial: Denial, headers: dict | None = None) -> JSONResponse:
-    """A refusal by the client key table, in OpenAI's error shape (which keeps sluice's
-    `code` and `message`), with Retry-After when the key is over a limit."""
-    headers = dict(headers or {})
-    if denial.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(denial.retry_after_s)))
-    body = {"error": {"message": denial.message, "type": denial.type, "param": None, "code": denial.code}}
-    return JSONResponse(body, status_code=denial.status, headers=headers or None)
+def key_refusal(denial: Denial) -> Rejection:
+    return Rejection(denial.status, denial.code, denial.message, denial.retry_after_s, denial.type)
 
 
 class Edge:
@@ -194,7 +189,7 @@ class Edge:
         request.state.key_id = None
         found = self.keys.authenticate(presented_key(request.headers))
         if isinstance(found, Denial):
-            return key_error(found, {"WWW-Authenticate": 'Bearer realm="sluice"'})
+            return rejection_response(key_refusal(found), {"WWW-Authenticate": 'Bearer realm="sluice"'})
         request.state.key_id = found.id if found is not None else None
         return None
 
@@ -205,12 +200,10 @@ class Edge:
         """Admit a normalized request for one client: raises Rejection, else its Admission.
 
         Resolves the provider and model (None: the configured ones), checks `key_id` (from
-        `authenticate`; None with open access) against its key's models and limits, computes
-        the coalescing key (scoped to the key when COALESCE_SCOPE=key) and joins the flight
-        for it, which asks the Coalescer when this edge has none. A refusal by the
-        Coalescer or the Pacer is recorded; a key's refusal is counted per key (/metrics),
-        not as a gateway error. The caller must close the Admission (`Admission.serving`
-        does, on every path): that leaves the flight, charges the key and records the request.
+        `authenticate`; None: open access) against its key's models and limits, and joins
+        the flight for the coalescing key (scoped to the key when COALESCE_SCOPE=key). The
+        Coalescer's or Pacer's refusal is recorded; a key's is counted per key (/metrics).
+        `Admission.serving` closes the Admission on every path (docs/architecture.md).
         """
         self.check_in_service()
         provider = provider or self.settings["SLUICE_PROVIDER"]
@@ -219,7 +212,7 @@ class Edge:
             raise self._provider_missing(provider)
         model = model or configured["model"]
         if (denied := self.keys.admit(key_id, provider, model)) is not None:
-            raise Rejection(denied.status, denied.code, denied.message, denied.retry_after_s, denied.type)
+            raise key_refusal(denied)
         client_id = key_id if self.coalesce_scope == "key" else None
         key = coalescing_key(provider, model, body, thread_id, client_id) if coalesce else ""
         request_id, received_at = new_request_id(), time.time()

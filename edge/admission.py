@@ -110,7 +110,7 @@ class Admission:
                 return
             batch: list[dict] = []
             for event in items:
-                batch += self._normalize(event)
+                self._normalize(event, batch)
                 trace.stamp("rendered", "edge", self.sub.request_id, event)
                 if ev.is_terminal(event):
                     self.outcome = _outcome_of(event)
@@ -119,7 +119,8 @@ class Admission:
             if batch:
                 yield batch
 
-    def _normalize(self, event: dict) -> list[dict]:
+    def _normalize(self, event: dict, batch: list[dict]) -> None:
+        """Append what this client gets of `event` to `batch`."""
         kind = event.get("type")
         if kind == ev.STARTED:
             first_byte = event["first_byte_at"]
@@ -129,14 +130,13 @@ class Admission:
             self.queue_wait_ms = event.get("queue_wait_ms")
             self.attempts = event.get("attempts")
             self.served = {k: event[k] for k in SERVED if event.get(k)}
-            return [event]
-        if kind == ev.DELTA and not self.sub.fanout:
+        elif kind == ev.DELTA and not self.sub.fanout:
             self._held.append(event["delta"])
-            return []
-        if ev.is_terminal(event) and self._held:
-            held, self._held = ev.delta("".join(self._held)), []
-            return [held, event]
-        return [event]
+            return
+        elif self._held and ev.is_terminal(event):
+            batch.append(ev.delta("".join(self._held)))
+            self._held = []
+        batch.append(event)
 
     # --- the client's side -----------------------------------------------------------------
     @contextlib.asynccontextmanager

@@ -182,3 +182,18 @@ def test_events_end_with_the_terminal_or_when_the_client_leaves(tmp_path):
         assert edge.streams.by_request == {}
 
     run(scenario())
+
+
+def test_a_follower_without_fan_out_gets_the_whole_answer_in_one_delta_before_the_end(tmp_path):
+    async def scenario():
+        edge = make_edge(tmp_path, lambda msg: m.Admitted(msg.request_id, "s-1", "follower", fanout=False, ticket="t"))
+        admission = await edge.admit(None, None, BODY, None, True, None)
+        assert admission.role == "follower" and admission.stream_id == "s-1"
+        started = ev.started(admission.sub.received_at + 0.01, 2.5, attempts=2, key="#2")
+        edge.hub.listeners["s-1"](0, [started, ev.delta("a"), ev.delta("b"), ev.usage(1, 2), ev.done("stop")])
+        async with admission.serving({}, connected):
+            seen = [event async for event in admission.events()]
+        assert [e["type"] for e in seen] == ["started", "usage", "delta", "done"] and seen[2]["delta"] == "ab"
+        assert (admission.queue_wait_ms, admission.attempts, admission.served) == (2.5, 2, {"key": "#2"})
+
+    run(scenario())

@@ -38,7 +38,7 @@ def main() -> None:
         model="gpt-x",
         flight=SimpleNamespace(stream_id="st-1"),
     )
-    renderer = SimpleNamespace(
+    admission = SimpleNamespace(  # what edge/admission.py measured
         first_byte_at=now - 0.1,
         provider_ttft_ms=150.0,
         queue_wait_ms=5.0,
@@ -51,7 +51,7 @@ def main() -> None:
     def one_request() -> None:
         traced = tracing.begin(sub, now - 0.25)
         if traced is not None:
-            traced.end(outcome, renderer, now)
+            traced.end(outcome, admission, now)
 
     def no_tracing_at_all() -> None:
         pass

@@ -2,8 +2,9 @@
 
 An ASGI middleware around the whole app, so it sees what really went out: the status,
 the bytes sent (a stream's included), the time until the last byte. What only the stream
-knows (its outcome and TTFT) the SSE stream leaves in the request's state under
-`STREAM_OUTCOME` (edge/sse_stream.py); the request id is the response's `x-request-id`.
+knows (its outcome, TTFT, queue wait, provider TTFT, who answered) the admission leaves in
+the request's state under `STREAM_OUTCOME` (edge/admission.py `Admission.serving`, for
+every front end); the request id is the response's `x-request-id`.
 
 The line (INFO, logger `sluice.access`; the fields are `extra=` fields, see
 protocols/logfmt.py): request_id, key_id (the API key's id, set by the key check as

@@ -3,7 +3,7 @@
 This module owns the key table read from `SLUICE_API_KEYS_FILE` and each key's usage on
 this edge process: requests in the last minute, tokens in the last minute, open streams,
 and cumulative counters for `/metrics`. The routes only call it (edge/app.py
-`Edge.authenticate` and `Edge.open_stream`); nothing here knows about HTTP beyond the two
+`Edge.authenticate` and `Edge.admit`); nothing here knows about HTTP beyond the two
 header names a key may arrive in.
 
 The file (hashes only, never the keys themselves):

@@ -1,7 +1,10 @@
 """The Starlette edge: parse, validate, translate to actor messages, stream back.
 
-No business logic lives here: admission, coalescing and pacing are the actors' (through
-edge/streams.py), rendering is edge/sse_stream.py's. Every error is a JSON body
+No business logic lives here: coalescing and pacing are the actors' (through
+edge/streams.py); `Edge.admit` checks a request and joins its flight, returning an
+`Admission` (edge/admission.py) or raising a `Rejection` (edge/rejections.py); each front
+end renders those in its own format (sluice's SSE: edge/sse_stream.py; the routes here and
+in edge/threads.py, edge/openai_compat.py). Every error is a JSON body
 `{"error": {"code", "message"}}` with the right status.
 """
 from __future__ import annotations
@@ -21,13 +24,15 @@ from starlette.routing import Route
 
 from actors import secret as cluster_secret
 from edge import tracing
+from edge.admission import Admission
 from edge.api_keys import ApiKeys, Denial, KeysFileError, presented_key, stream_tokens
 from edge.bridge import ActorBridge, BridgeError
 from edge.chat_request import RequestError, check_content_type, parse_chat, parse_json
 from edge.dataplane import HubClients
 from edge.records import RecordSender
+from edge.rejections import Rejection
 from edge.sse_stream import SSEStream
-from edge.streams import LocalStreams, Rejection, Subscriber, new_request_id
+from edge.streams import LocalStreams, new_request_id
 from protocols import messages as m
 from protocols.config import PROVIDERS
 from protocols.keys import coalescing_key
@@ -42,14 +47,18 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def key_error(denial: Denial, headers: dict | None = None) -> JSONResponse:
-    """A refusal by the client key table, in OpenAI's error shape (which keeps sluice's
-    `code` and `message`), with Retry-After when the key is over a limit."""
-    headers = dict(headers or {})
-    if denial.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(denial.retry_after_s)))
-    body = {"error": {"message": denial.message, "type": denial.type, "param": None, "code": denial.code}}
-    return JSONResponse(body, status_code=denial.status, headers=headers or None)
+def rejection_response(exc: Rejection, headers: dict | None = None) -> JSONResponse:
+    """A Rejection in sluice's shape. The client key table's refusals (they carry OpenAI's
+    error type) keep OpenAI's shape, which holds sluice's `code` and `message` too."""
+    if exc.type is not None:
+        body = {"error": {"message": exc.message, "type": exc.type, "param": None, "code": exc.code}}
+    else:
+        body = {"error": {"code": exc.code, "message": exc.message}}
+    return JSONResponse(body, status_code=exc.status, headers={**exc.headers(), **(headers or {})} or None)
+
+
+def key_refusal(denial: Denial) -> Rejection:
+    return Rejection(denial.status, denial.code, denial.message, denial.retry_after_s, denial.type)
 
 
 class Edge:
@@ -165,10 +174,17 @@ class Edge:
     def out_of_service(self) -> bool:
         return self.draining or self.stopping or self.shutting_down.is_set()
 
-    def refusal(self) -> JSONResponse | None:
-        """The 503 for a new request while draining or shutting down, else None."""
+    def check_in_service(self) -> None:
+        """Raises the 503 Rejection for a new request while draining or shutting down."""
         if self.out_of_service():
-            return error_response(503, "draining", "the gateway is draining; retry on another instance", {"Retry-After": "5"})
+            raise Rejection(503, "draining", "the gateway is draining; retry on another instance", 5)
+
+    def refusal(self) -> JSONResponse | None:
+        """`check_in_service` as sluice's 503 response, else None."""
+        try:
+            self.check_in_service()
+        except Rejection as exc:
+            return rejection_response(exc)
         return None
 
     def authenticate(self, request: Request) -> JSONResponse | None:
@@ -177,42 +193,30 @@ class Edge:
         request.state.key_id = None
         found = self.keys.authenticate(presented_key(request.headers))
         if isinstance(found, Denial):
-            return key_error(found, {"WWW-Authenticate": 'Bearer realm="sluice"'})
+            return rejection_response(key_refusal(found), {"WWW-Authenticate": 'Bearer realm="sluice"'})
         request.state.key_id = found.id if found is not None else None
         return None
 
-    # --- routes -------------------------------------------------------------------------------
-    async def chat(self, request: Request):
-        if (denied := self.authenticate(request)) is not None:
-            return denied
-        if refused := self.refusal():
-            return refused
-        try:
-            data = await self.json_body(request)
-            chat = parse_chat(data, request.headers.get("x-sluice-coalesce"))
-        except RequestError as exc:
-            return error_response(exc.status, exc.code, exc.message)
-        return await self.open_stream(
-            chat.provider, chat.model, chat.body, chat.thread_id, chat.coalesce, key_id=request.state.key_id
-        )
+    # --- admission ---------------------------------------------------------------------------
+    async def admit(
+        self, provider: str | None, model: str | None, body: dict, thread_id: str | None, coalesce: bool, key_id: str | None
+    ) -> Admission:
+        """Admit a normalized request for one client: raises Rejection, else its Admission.
 
-    async def open_stream(
-        self, provider, model, body, thread_id, coalesce, on_end=None, renderer=None, before_terminal=None, key_id=None
-    ):
-        """Admit a normalized request and return its SSE response (or a JSON error).
-
-        `on_end(sub, outcome)` runs when the client's stream ends; `renderer(sub)` makes
-        the Renderer that picks the wire format (sluice's own by default);
-        `before_terminal(sub, event)` is awaited before the terminal event is sent;
-        `key_id` (from `authenticate`) is checked against its key's models and limits,
-        owns the request (cancel) and scopes coalescing when COALESCE_SCOPE=key."""
+        Resolves the provider and model (None: the configured ones), checks `key_id` (from
+        `authenticate`; None: open access) against its key's models and limits, and joins
+        the flight for the coalescing key (scoped to the key when COALESCE_SCOPE=key). The
+        Coalescer's or Pacer's refusal is recorded; a key's is counted per key (/metrics).
+        `Admission.serving` closes the Admission on every path (docs/architecture.md).
+        """
+        self.check_in_service()
         provider = provider or self.settings["SLUICE_PROVIDER"]
         configured = self.settings["providers"].get(provider)
         if configured is None:
-            return self._provider_missing(provider)
+            raise self._provider_missing(provider)
         model = model or configured["model"]
         if (denied := self.keys.admit(key_id, provider, model)) is not None:
-            return key_error(denied)  # counted per key (/metrics), not as a gateway error
+            raise key_refusal(denied)
         client_id = key_id if self.coalesce_scope == "key" else None
         key = coalescing_key(provider, model, body, thread_id, client_id) if coalesce else ""
         request_id, received_at = new_request_id(), time.time()
@@ -222,39 +226,46 @@ class Edge:
             self.keys.finish(key_id, "rejected", 0)
             rejected = {"outcome": "rejected", "error_code": exc.code, "provider": provider, "model": model}
             self._record(request_id, "leader", received_at, rejected, key_id)
-            headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))} if exc.retry_after_s else None
-            return error_response(exc.status, exc.code, exc.message, headers)
+            raise
         except BaseException:  # the client went away while being admitted
             self.keys.finish(key_id, "cancelled", 0)
             raise
-        sub.key_id = key_id
+        sub.key_id = key_id  # it owns the request: only this key may cancel it
+        return Admission(sub, body, self.shutting_down, self._release)
 
-        def ended(sub: Subscriber, outcome: dict) -> None:
-            self.streams.leave(sub)
-            if key_id is not None:  # open access charges nothing: skip the count
-                self.keys.finish(key_id, outcome["outcome"], stream_tokens(body, sub.flight.events if sub.flight else []))
-            self._record(sub.request_id, sub.role, sub.received_at, outcome, key_id)
-            if on_end is not None:
-                on_end(sub, outcome)
+    def _release(self, admission: Admission, outcome: dict) -> None:
+        """A client's stream has ended (Admission.close): everything admit took is given back."""
+        sub = admission.sub
+        self.streams.leave(sub)
+        if sub.key_id is not None:  # open access charges nothing: skip the count
+            self.keys.finish(sub.key_id, outcome["outcome"], stream_tokens(admission.body, admission.received()))
+        self._record(sub.request_id, sub.role, sub.received_at, outcome, sub.key_id)
 
-        return SSEStream(
-            sub,
-            self.settings["SLUICE_KEEPALIVE_S"],
-            self.shutting_down,
-            ended,
-            renderer(sub) if renderer else None,
-            before_terminal,
-        )
-
-    def _provider_missing(self, provider: str) -> JSONResponse:
+    def _provider_missing(self, provider: str) -> Rejection:
         if provider not in PROVIDERS:
-            return error_response(422, "invalid_request", f"unknown provider {provider!r} (known: {', '.join(PROVIDERS)})")
+            return Rejection(422, "invalid_request", f"unknown provider {provider!r} (known: {', '.join(PROVIDERS)})")
         prefix = PROVIDERS[provider]
-        return error_response(
+        return Rejection(
             400,
             "provider_not_configured",
             f"provider {provider!r} is not configured: set {prefix}_API_KEY (or {prefix}_BASE_URL) and restart",
         )
+
+    # --- routes -------------------------------------------------------------------------------
+    async def chat(self, request: Request):
+        """sluice's own front end: parse, authenticate, admit, render as SSE."""
+        if (denied := self.authenticate(request)) is not None:
+            return denied
+        try:
+            self.check_in_service()  # before reading a body this edge will not serve
+            data = await self.json_body(request)
+            chat = parse_chat(data, request.headers.get("x-sluice-coalesce"))
+            admission = await self.admit(
+                chat.provider, chat.model, chat.body, chat.thread_id, chat.coalesce, request.state.key_id
+            )
+        except Rejection as exc:
+            return rejection_response(exc)
+        return SSEStream(admission, self.settings["SLUICE_KEEPALIVE_S"])
 
     async def cancel(self, request: Request):
         if (denied := self.authenticate(request)) is not None:

@@ -11,15 +11,18 @@ import math
 from dataclasses import dataclass
 
 from edge.body_limits import BodyError, load_json
+from edge.rejections import Rejection
 from protocols.keys import NON_IDEMPOTENT, OUTPUT_PARAMS
 
 ROLES = ("system", "user", "assistant", "tool")
 
 
-class RequestError(Exception):
+class RequestError(Rejection):
+    """A body the edge cannot use (a Rejection: every front end renders it as it renders
+    any other refusal)."""
+
     def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        super().__init__(status, code, message)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 
 Owns the translation between OpenAI's request/response shapes and sluice's; everything
 else is the same path as /api/chat: the body is read and validated by the same helpers
-(edge/chat_request.py), and the call goes through `Edge.open_stream` (Coalescer, Pacer,
-Pool, hub, cancellation) with a Renderer that writes OpenAI's wire format.
+(edge/chat_request.py), the call is admitted by `Edge.admit` (Coalescer, Pacer, Pool, hub,
+cancellation), and its Admission's events are rendered here: as chunks on the SSE
+transport (`ChunkRenderer`), or collected into one chat.completion (`Completion`).
 
 Decisions (an OpenAI client must not notice it is talking to a gateway):
 
@@ -26,11 +27,11 @@ Decisions (an OpenAI client must not notice it is talking to a gateway):
   (its SDK raises APIError on it), and the stream then ends WITHOUT `data: [DONE]`:
   [DONE] means "the answer is complete", and a client that only looks for [DONE] must see
   a truncated stream rather than a short answer that looks whole.
-- Non-streaming requests consume the same stream server-side and answer one
+- Non-streaming requests consume the same events server-side and answer one
   chat.completion; a failure becomes an HTTP error (429 for rate limits, 400/404 for a
   request the provider refused, 504 for a provider timeout, 503 while shutting down,
   otherwise 502). If the client disconnects meanwhile, the stream is cancelled exactly as
-  for a streaming client (SSEStream sees `http.disconnect` on the same receive channel).
+  for a streaming client (`Admission.serving` sees `http.disconnect` on the same channel).
 - Errors before streaming keep sluice's HTTP status (400 malformed JSON, 413, 415, 422,
   429 with Retry-After from the Pacer, 503) in OpenAI's shape
   `{"error": {"message", "type", "param", "code"}}`, code being sluice's error code.
@@ -40,15 +41,16 @@ Decisions (an OpenAI client must not notice it is talking to a gateway):
 """
 from __future__ import annotations
 
-import json
 import time
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from edge.admission import Admission
 from edge.chat_request import RequestError, parse_chat
-from edge.sse_stream import Renderer
+from edge.rejections import Rejection
+from edge.sse_stream import Renderer, SSEStream
 from protocols import events as ev
 from protocols.config import PROVIDERS
 from protocols.sse import frame
@@ -87,12 +89,9 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
     return JSONResponse(error_body(status, code, message), status_code=status, headers=headers)
 
 
-def _reshape(response: JSONResponse) -> JSONResponse:
-    """A sluice error response from Edge.open_stream, in OpenAI's shape (status and
-    Retry-After kept)."""
-    err = json.loads(response.body).get("error") or {}
-    headers = {"Retry-After": response.headers["retry-after"]} if "retry-after" in response.headers else None
-    return error_response(response.status_code, err.get("code", "error"), err.get("message", ""), headers)
+def rejection_response(exc: Rejection) -> JSONResponse:
+    """A refusal before streaming, in OpenAI's shape (sluice's status, code and Retry-After)."""
+    return error_response(exc.status, exc.code, exc.message, exc.headers() or None)
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -167,9 +166,9 @@ def _tool_calls(calls: list[dict]) -> list[dict]:
 class ChunkRenderer(Renderer):
     """sluice's stream events as OpenAI chat.completion.chunk frames."""
 
-    def __init__(self, sub, model: str, created: int, include_usage: bool):
-        super().__init__(sub)
-        self.base = {"id": f"chatcmpl-{sub.request_id}", "object": "chat.completion.chunk", "created": created, "model": model}
+    def __init__(self, admission: Admission, model: str, created: int, include_usage: bool):
+        super().__init__(admission)
+        self.base = {"id": f"chatcmpl-{admission.request_id}", "object": "chat.completion.chunk", "created": created, "model": model}
         self.include_usage = include_usage
         self.role_sent = False
         self.usage: dict | None = None
@@ -213,17 +212,17 @@ class ChunkRenderer(Renderer):
         return frame(obj)
 
 
-class Collector(Renderer):
-    """Keeps the stream's events for one non-streamed chat.completion; writes nothing."""
+class Completion:
+    """One non-streamed chat.completion, built from an admission's events."""
 
-    def __init__(self, sub):
-        super().__init__(sub)
+    def __init__(self, admission: Admission, model: str, created: int):
+        self.admission, self.model, self.created = admission, model, created
         self.text: list[str] = []
         self.tool_calls: list[dict] | None = None
         self.usage: dict | None = None
         self.end: dict | None = None
 
-    def event(self, event: dict) -> bytes:
+    def add(self, event: dict) -> None:
         kind = event["type"]
         if kind == ev.DELTA:
             self.text.append(event["delta"])
@@ -233,10 +232,9 @@ class Collector(Renderer):
             self.usage = event["usage"]
         elif kind in (ev.DONE, ev.ERROR):
             self.end = event
-        return b""
 
-    def response(self, model: str, created: int) -> JSONResponse:
-        headers = {"x-request-id": self.sub.request_id}
+    def response(self) -> JSONResponse:
+        headers = {"x-request-id": self.admission.request_id}
         end = self.end or ev.error("disconnected", "the client went away")
         if end["type"] == ev.ERROR:
             code = end.get("code", "error")
@@ -248,18 +246,14 @@ class Collector(Renderer):
         if self.tool_calls:
             message["tool_calls"] = self.tool_calls
         body = {
-            "id": f"chatcmpl-{self.sub.request_id}",
+            "id": f"chatcmpl-{self.admission.request_id}",
             "object": "chat.completion",
-            "created": created,
-            "model": model,
+            "created": self.created,
+            "model": self.model,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(end.get("finish_reason"))}],
             "usage": _usage(end.get("usage") or self.usage),
         }
         return JSONResponse(body, headers=headers)
-
-
-async def _discard(message) -> None:
-    pass  # a non-streamed answer: the SSE bytes of the stream go nowhere
 
 
 # --- routes ---------------------------------------------------------------------------------
@@ -269,40 +263,25 @@ def routes(edge) -> list[Route]:
     async def chat_completions(request: Request):
         if (denied := edge.authenticate(request)) is not None:
             return denied  # already in OpenAI's shape (invalid_api_key)
-        if (refused := edge.refusal()) is not None:
-            return _reshape(refused)
+        created = int(time.time())
         try:
+            edge.check_in_service()  # before reading a body this edge will not serve
             data = await edge.json_body(request)
             chat, stream, include_usage = parse_openai(data, request.headers.get("x-sluice-coalesce"))
-        except RequestError as exc:
-            return error_response(exc.status, exc.code, exc.message)
-        provider, model = resolve_model(chat.model, chat.provider)
-        created = int(time.time())
-        configured = edge.settings["providers"].get(provider or edge.settings["SLUICE_PROVIDER"])
-        shown = chat.model or (f"{provider or edge.settings['SLUICE_PROVIDER']}/{configured['model']}" if configured else "")
-
+            provider, model = resolve_model(chat.model, chat.provider)
+            admission = await edge.admit(provider, model, chat.body, chat.thread_id, chat.coalesce, request.state.key_id)
+        except Rejection as exc:
+            return rejection_response(exc)
+        shown = chat.model or f"{admission.provider}/{admission.model}"
         if stream:
-            response = await edge.open_stream(
-                provider, model, chat.body, chat.thread_id, chat.coalesce,
-                renderer=lambda sub: ChunkRenderer(sub, shown, created, include_usage),
-                key_id=request.state.key_id,
-            )
-            return response if not isinstance(response, JSONResponse) else _reshape(response)
-
-        collectors: list[Collector] = []
-
-        def collect(sub):
-            collectors.append(Collector(sub))
-            return collectors[0]
-
-        response = await edge.open_stream(
-            provider, model, chat.body, chat.thread_id, chat.coalesce, renderer=collect, key_id=request.state.key_id
-        )
-        if not collectors:  # refused before any stream existed
-            return _reshape(response)
-        # Run the stream here; request.receive still reports the client's disconnect.
-        await response(request.scope, request.receive, _discard)
-        return collectors[0].response(shown, created)
+            renderer = ChunkRenderer(admission, shown, created, include_usage)
+            return SSEStream(admission, edge.settings["SLUICE_KEEPALIVE_S"], renderer)
+        completion = Completion(admission, shown, created)
+        # The events are consumed here; request.receive still reports the client's disconnect.
+        async with admission.serving(request.scope, request.receive):
+            async for event in admission.events():
+                completion.add(event)
+        return completion.response()
 
     def model_list(key_id: str | None) -> list[dict]:
         """The configured models the caller's API key may use."""

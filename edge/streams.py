@@ -19,20 +19,13 @@ from dataclasses import dataclass, field
 from edge.bridge import ActorBridge, BridgeError
 from edge.dataplane import HubClients
 from edge.flights import Admit, EdgeFlights, Flight, Listen, Push, Refuse, Unlisten
+from edge.rejections import Rejection
 from protocols import events as ev
 from protocols import messages as m
 from protocols import trace
 from protocols.effects import Send
 
 log = logging.getLogger("sluice.edge.streams")
-
-
-class Rejection(Exception):
-    """The request is refused before streaming starts (HTTP status and JSON error)."""
-
-    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.retry_after_s = status, code, message, retry_after_s
 
 
 @dataclass(eq=False)

@@ -17,10 +17,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from edge.app import Edge, error_response
+from edge.admission import Admission
+from edge.app import Edge, error_response, rejection_response
 from edge.bridge import BridgeError
-from edge.chat_request import RequestError
-from edge.streams import Subscriber
+from edge.rejections import Rejection
+from edge.sse_stream import SSEStream
 from protocols import events as ev
 from protocols import messages as m
 
@@ -60,8 +61,8 @@ class ThreadRoutes:
             return refused
         try:
             data = await edge.json_body(request)  # content type, size and limits checked
-        except RequestError as exc:
-            return error_response(exc.status, exc.code, exc.message)
+        except Rejection as exc:
+            return rejection_response(exc)
         content = data.get("content")
         if not isinstance(content, str) or not content.strip():
             return error_response(422, "invalid_request", "'content' must be a non-empty string")
@@ -74,36 +75,44 @@ class ThreadRoutes:
             return turn
         assistant_id = turn.assistant_id
         self.listeners[assistant_id] = self.listeners.get(assistant_id, 0) + 1
-
-        def ended(sub: Subscriber, outcome: dict) -> None:
-            self._ended(assistant_id, sub, outcome)
-
-        async def before_terminal(sub: Subscriber, event: dict) -> None:
-            await self._store_final(assistant_id, sub, event)
-
-        response = await edge.open_stream(
-            data.get("provider"),
-            data.get("model"),
-            {"messages": turn.history},
-            thread_id,
-            True,
-            on_end=ended,
-            before_terminal=before_terminal,
-            key_id=request.state.key_id,
-        )
-        if isinstance(response, JSONResponse):  # refused before streaming (429, 503, ...)
+        try:
+            admission = await edge.admit(
+                data.get("provider"), data.get("model"), {"messages": turn.history}, thread_id, True, request.state.key_id
+            )
+        except Rejection as exc:  # refused before streaming (429, 503, ...)
             self._release(assistant_id)
             await edge.bridge.tell("threads", m.TurnEnd(assistant_id, "", "error", "rejected"))
-        return response
+            return rejection_response(exc)
+        except BaseException:  # the client went away while being admitted
+            if self._release(assistant_id):
+                edge.streams.spawn(edge.bridge.tell("threads", m.TurnEnd(assistant_id, "", "cancelled")))
+            raise
+        return self._reply(assistant_id, admission)
 
-    async def _store_final(self, assistant_id: int, sub: Subscriber, event: dict) -> None:
+    def _reply(self, assistant_id: int, admission: Admission):
+        """The reply as sluice's SSE, stored before its terminal event is written."""
+
+        async def store_first(event: dict) -> None:
+            await self._store_final(assistant_id, admission, event)
+
+        stream = SSEStream(admission, self.edge.settings["SLUICE_KEEPALIVE_S"], before_terminal=store_first)
+
+        async def reply(scope, receive, send) -> None:
+            try:
+                await stream(scope, receive, send)
+            finally:  # the admission is closed by now, with its outcome
+                self._ended(assistant_id, admission)
+
+        return reply
+
+    async def _store_final(self, assistant_id: int, admission: Admission, event: dict) -> None:
         """The stream ended: store the reply once, however many clients share it."""
         if event["type"] == ev.ERROR and event.get("code") in PER_CLIENT_CODES:
             return
         final = self.finals.get(assistant_id)
         if final is None:
             status = "done" if event["type"] == ev.DONE else "error"
-            end = m.TurnEnd(assistant_id, _text(sub), status, event.get("code") if status == "error" else None)
+            end = m.TurnEnd(assistant_id, _text(admission), status, event.get("code") if status == "error" else None)
             final = self.finals[assistant_id] = asyncio.ensure_future(
                 self.edge.bridge.ask("threads", end, timeout=5.0)
             )
@@ -112,14 +121,14 @@ class ThreadRoutes:
         except BridgeError as exc:  # the client still gets its terminal event
             log.warning("reply %s not stored: %s", assistant_id, exc)
 
-    def _ended(self, assistant_id: int, sub: Subscriber, outcome: dict) -> None:
+    def _ended(self, assistant_id: int, admission: Admission) -> None:
         last = self._release(assistant_id)
         if not last:
             return  # others on this edge still stream this reply
         if self.finals.pop(assistant_id, None) is not None:
             return  # stored already, when the stream ended
-        status = "interrupted" if outcome.get("error_code") == "shutting_down" else "cancelled"
-        self.edge.streams.spawn(self.edge.bridge.tell("threads", m.TurnEnd(assistant_id, _text(sub), status)))
+        status = "interrupted" if admission.outcome.get("error_code") == "shutting_down" else "cancelled"
+        self.edge.streams.spawn(self.edge.bridge.tell("threads", m.TurnEnd(assistant_id, _text(admission), status)))
 
     def _release(self, assistant_id: int) -> bool:
         """One client fewer on this reply; True when it was the last one."""
@@ -142,9 +151,8 @@ class ThreadRoutes:
             return error_response(503, "threads_unavailable", f"the thread store did not answer: {exc}")
 
 
-def _text(sub: Subscriber) -> str:
-    events = sub.flight.events if sub.flight else []
-    return "".join(e["delta"] for e in events if e.get("type") == ev.DELTA)
+def _text(admission: Admission) -> str:
+    return "".join(e["delta"] for e in admission.received() if e.get("type") == ev.DELTA)
 
 
 def routes(edge: Edge) -> list[Route]:

@@ -126,51 +126,53 @@ class RequestTrace:
             while len(_leaders) > MAX_LEADERS:
                 _leaders.popitem(last=False)
 
-    def end(self, outcome: dict, renderer: Any, now: float) -> None:
+    def end(self, outcome: dict, admission: Any, now: float) -> None:
+        """The stream has ended with `outcome`; `admission` (edge/admission.py) holds what
+        was measured: first byte, TTFT, provider TTFT, queue wait, who answered, usage."""
         span, sub = self.span, self.sub
         parent = _otel.set_span_in_context(span)
         _tracer.start_span("sluice.admission", context=parent, start_time=_ns(sub.received_at)).end(
             end_time=_ns(self.admitted_at))
-        first_byte = renderer.first_byte_at
-        provider_ttft_ms = renderer.provider_ttft_ms
+        first_byte = admission.first_byte_at
+        provider_ttft_ms = admission.provider_ttft_ms
         if first_byte is not None:
             span.add_event("first_byte", timestamp=_ns(first_byte))
         sent = first_byte - provider_ttft_ms / 1000.0 if first_byte is not None and provider_ttft_ms is not None else None
-        if sent is not None and renderer.queue_wait_ms is not None:
+        if sent is not None and admission.queue_wait_ms is not None:
             queued = _tracer.start_span("sluice.queue", context=parent,
-                                        start_time=_ns(sent - renderer.queue_wait_ms / 1000.0))
+                                        start_time=_ns(sent - admission.queue_wait_ms / 1000.0))
             queued.end(end_time=_ns(sent))
         error_type = outcome.get("error_code") if outcome.get("outcome") != "done" else None
         if sent is not None:  # the leader's upstream call
-            model = renderer.served.get("model", sub.model)
+            model = admission.served.get("model", sub.model)
             call = _tracer.start_span(f"chat {model}", context=parent, kind=_otel.SpanKind.CLIENT,
-                                      start_time=_ns(sent), attributes=self._genai(renderer, model))
+                                      start_time=_ns(sent), attributes=self._genai(admission, model))
             call.add_event("first_byte", timestamp=_ns(first_byte))
             if error_type:
                 call.set_attribute("error.type", error_type)
                 call.set_status(_otel.Status(_otel.StatusCode.ERROR))
             call.end(end_time=_ns(now))
         span.set_attribute("sluice.outcome", outcome.get("outcome", "error"))
-        if renderer.ttft_ms is not None:
-            span.set_attribute("gen_ai.server.time_to_first_token", renderer.ttft_ms / 1000.0)
+        if admission.ttft_ms is not None:
+            span.set_attribute("gen_ai.server.time_to_first_token", admission.ttft_ms / 1000.0)
         if error_type:
             span.set_attribute("error.type", error_type)
             if outcome.get("outcome") == "error":  # a client that left is not a failure of ours
                 span.set_status(_otel.Status(_otel.StatusCode.ERROR))
         span.end(end_time=_ns(now))
 
-    def _genai(self, renderer: Any, model: str) -> dict:
+    def _genai(self, admission: Any, model: str) -> dict:
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": renderer.served.get("provider", self.sub.provider),
+            "gen_ai.provider.name": admission.served.get("provider", self.sub.provider),
             "gen_ai.request.model": model,
         }
-        usage = renderer.ending.get("usage") or {}
+        usage = admission.ending.get("usage") or {}
         for field, name in (("prompt_tokens", "input"), ("completion_tokens", "output")):
             if isinstance(usage.get(field), int):
                 attributes[f"gen_ai.usage.{name}_tokens"] = usage[field]
-        if renderer.ending.get("finish_reason"):
-            attributes["gen_ai.response.finish_reasons"] = [renderer.ending["finish_reason"]]
-        if renderer.served.get("fallback_from"):
-            attributes["sluice.fallback_from"] = renderer.served["fallback_from"]
+        if admission.ending.get("finish_reason"):
+            attributes["gen_ai.response.finish_reasons"] = [admission.ending["finish_reason"]]
+        if admission.served.get("fallback_from"):
+            attributes["sluice.fallback_from"] = admission.served["fallback_from"]
         return attributes

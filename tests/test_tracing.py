@@ -1,7 +1,7 @@
 """Traces (edge/tracing.py, issue 18): the span tree of a request, GenAI attributes on the
 upstream call, a coalesced follower's link to its leader, and tracing off by default.
 
-Real SSEStream and Subscriber objects are driven with stream events as the hub delivers
+Real SSEStream, Admission and Subscriber objects are driven with stream events as the hub delivers
 them; the spans go to the OpenTelemetry SDK's in-memory exporter (the `otel` test extra)."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 import pytest
 
 from edge import tracing
+from edge.admission import Admission
 from edge.flights import Flight
 from edge.sse_stream import SSEStream
 from edge.streams import Subscriber
@@ -44,7 +45,8 @@ async def _serve(sub: Subscriber, events: list[dict]) -> None:
     async def send(message):
         sent.append(message)
 
-    stream = SSEStream(sub, keepalive_s=30.0, shutting_down=asyncio.Event(), on_end=lambda s, o: None)
+    admission = Admission(sub, {"messages": []}, asyncio.Event(), release=lambda a, o: None)
+    stream = SSEStream(admission, keepalive_s=30.0)
     sub.push(events)
     await stream({"type": "http"}, _never_disconnect, send)
     assert sent[-1]["more_body"] is False
@@ -118,3 +120,27 @@ def test_off_by_default_and_without_endpoint():
     assert tracing.begin(object(), 0.0) is None
     assert tracing.setup_from_env({}) is False  # no OTEL_EXPORTER_OTLP_ENDPOINT: stays off
     assert tracing.begin(object(), 0.0) is None
+
+
+def test_a_front_end_without_sse_is_traced_too(exporter):
+    # The OpenAI non-streamed answer consumes the admission's events inside `serving`
+    # (edge/openai_compat.py); the trace wraps `serving`, so it is traced like a stream.
+    from edge.openai_compat import Completion
+
+    async def scenario():
+        sub = Subscriber("r-json", "leader", time.time() - 0.2, "openai", "gpt-x")
+        admission = Admission(sub, {"messages": []}, asyncio.Event(), release=lambda a, o: None)
+        completion = Completion(admission, "openai/gpt-x", int(time.time()))
+        sub.push(_stream_events(provider_ttft_ms=100.0))
+        async with admission.serving({"type": "http"}, _never_disconnect):
+            async for event in admission.events():
+                completion.add(event)
+        assert completion.response().status_code == 200
+
+    asyncio.run(scenario())
+    spans = exporter.get_finished_spans()
+    (request,) = [s for s in spans if s.name == "sluice.request"]
+    assert request.attributes["sluice.request_id"] == "r-json" and request.attributes["sluice.outcome"] == "done"
+    (call,) = [s for s in spans if s.name == "chat gpt-x"]
+    assert call.parent.span_id == request.context.span_id
+    assert call.attributes["gen_ai.usage.output_tokens"] == 2

@@ -1,0 +1,228 @@
+"""One admitted client stream, from `Edge.admit` to its close: what every front end shares.
+
+`Edge.admit` checks a request and joins its flight (edge/streams.py); what it returns is an
+`Admission`, and everything a front end does with it is the same whatever the format:
+
+    admission = await edge.admit(...)              # or a Rejection is raised
+    async with admission.serving(scope, receive):  # watches the client and the shutdown;
+        async for event in admission.events():     # on every exit: close()
+            ...render event in this front end's format...
+
+`events()` (and `batches(idle_s)`, the same events grouped as they become ready, with an
+empty batch when `idle_s` passed without one: time for a keepalive) yields normalized
+stream events: `started` (this client's TTFT, queue wait and who answered are then on
+the admission), `delta`, `meta`, `usage`, and exactly one terminal `done` / `error`
+(`shutting_down` when the gateway stops, `cancelled` when the client cancels); it ends
+without a terminal when the client has gone. A follower without fan-out gets its deltas
+held back and then in one delta before the terminal. Front ends only render.
+
+`close()` is the one place a client's stream ends: it leaves the flight (the last local
+client gives the edge's reference back), charges the client key its tokens and releases
+its stream slot, and sends the request record to Metrics. It runs once, on every path,
+from `serving`'s exit: a front end that fails mid-render still releases everything.
+
+What the admission measures (issue 18), the same for every front end: the TTFT as the
+client sees it, on the edge's clock, until the edge hands the first byte to its front end
+(`started` is normalized in the same step as it is rendered and written); for a leader,
+the provider's share of it (the Pool's `provider_ttft_ms`, on the Pool's clock: each is a
+difference on one clock, so "added = client - provider" mixes no clocks); the queue wait,
+the upstream attempts, who answered (`served`) and how the stream ended (`ending`: usage
+and finish reason). `close()` hands them with the outcome to the request record and the
+access log; `serving` wraps the stream in its trace (edge/tracing.py, off by default).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+from edge import tracing
+from edge.access_log import STREAM_OUTCOME
+from edge.streams import Subscriber
+from protocols import events as ev
+from protocols import trace
+
+_GONE = {"type": "_client_gone"}  # queued by the watcher when the client disconnects
+DISCONNECTED = {"outcome": "cancelled", "error_code": "disconnected"}
+SERVED = ("provider", "model", "key", "fallback_from")  # who answered, from the Pool's started event
+
+
+class Admission:
+    """One client's admitted stream: its events, its measurements, its outcome, its end."""
+
+    def __init__(
+        self, sub: Subscriber, body: dict, shutting_down: asyncio.Event, release: Callable[[Admission, dict], None]
+    ):
+        self.sub = sub
+        self.body = body  # what goes upstream (the key's token estimate counts its messages)
+        self.shutting_down = shutting_down
+        self._release = release  # the edge's bookkeeping (Edge._release), run once by close()
+        self.admitted_at = time.time()  # made right after admission (Edge.admit): the trace's admission span
+        self.ttft_ms: float | None = None
+        self.first_byte_at: float | None = None  # when this edge wrote the first byte (edge clock)
+        self.queue_wait_ms: float | None = None
+        self.provider_ttft_ms: float | None = None  # the leader's only: its call's provider TTFT
+        self.attempts: int | None = None  # upstream calls it took (retries before the first byte)
+        self.served: dict = {}  # who answered: provider, model, key, fallback_from (from the Pool)
+        self.ending: dict = {}  # the terminal event's usage / finish reason (traces)
+        # Until the stream says otherwise: a front end that fails or is cancelled before the
+        # terminal event lost its client.
+        self.outcome: dict = {"outcome": "error", "error_code": "disconnected"}
+        self.closed = False
+        self._held: list[str] = []
+
+    # --- who -------------------------------------------------------------------------------
+    @property
+    def request_id(self) -> str:
+        return self.sub.request_id
+
+    @property
+    def role(self) -> str:
+        return self.sub.role
+
+    @property
+    def provider(self) -> str:
+        return self.sub.provider
+
+    @property
+    def model(self) -> str:
+        return self.sub.model
+
+    @property
+    def stream_id(self) -> str | None:
+        """The upstream call this client listens to (shared by its coalesced peers)."""
+        return self.sub.flight.stream_id if self.sub.flight else None
+
+    def received(self) -> list[dict]:
+        """Every event of the stream so far, the client's or not yet (the flight's)."""
+        return self.sub.flight.events if self.sub.flight else []
+
+    # --- the events ------------------------------------------------------------------------
+    async def events(self) -> AsyncIterator[dict]:
+        """The normalized events one at a time (see the module docstring)."""
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    async def batches(self, idle_s: float | None = None) -> AsyncIterator[list[dict]]:
+        """The normalized events, as many at once as are ready (one write for a front end
+        that batches), `[]` after `idle_s` without one. Ends after the batch that holds the
+        terminal event (`outcome` is then its outcome), or when the client has gone."""
+        queue = self.sub.queue
+        while True:
+            try:
+                async with asyncio.timeout(idle_s):
+                    items = [await queue.get()]
+            except TimeoutError:
+                yield []
+                continue
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            if any(item is _GONE for item in items):
+                self.outcome = dict(DISCONNECTED)
+                return
+            batch: list[dict] = []
+            for event in items:
+                self._normalize(event, batch)
+                trace.stamp("rendered", "edge", self.sub.request_id, event)
+                if ev.is_terminal(event):
+                    self.outcome = _outcome_of(event)
+                    yield batch
+                    return
+            if batch:
+                yield batch
+
+    def _normalize(self, event: dict, batch: list[dict]) -> None:
+        """Append what this client gets of `event` to `batch`."""
+        kind = event.get("type")
+        if kind == ev.STARTED:
+            # TTFT as the client sees it: until this edge writes the first byte (the front
+            # end renders and writes this batch next), on the edge's clock; a follower that
+            # joined after the first byte waits for the replay only.
+            self.first_byte_at = time.time()
+            self.ttft_ms = round((self.first_byte_at - self.sub.received_at) * 1000.0, 3)
+            self.queue_wait_ms = event.get("queue_wait_ms")
+            if self.sub.role == "leader":  # a follower did not wait for the provider's whole TTFT
+                self.provider_ttft_ms = event.get("provider_ttft_ms")
+            self.attempts = event.get("attempts")
+            self.served = {k: event[k] for k in SERVED if event.get(k)}
+        elif kind == ev.DELTA and not self.sub.fanout:
+            self._held.append(event["delta"])
+            return
+        elif ev.is_terminal(event):
+            self.ending = {k: event[k] for k in ("usage", "finish_reason") if event.get(k) is not None}
+            if self._held:
+                batch.append(ev.delta("".join(self._held)))
+                self._held = []
+        batch.append(event)
+
+    # --- the client's side -----------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def serving(self, scope, receive) -> AsyncIterator[Admission]:
+        """An HTTP front end's frame around its rendering. Inside, the client going away
+        (`http.disconnect` from `receive`, awaited, not polled) and the gateway shutting down
+        (the client then gets an error event, never a cut connection) arrive as items of the
+        client's own queue, so the events loop awaits one queue only: one watcher task for
+        the life of the stream, not one per event. A broken socket while writing (OSError)
+        ends the stream as the client's disconnect. On every exit: `close()`, the outcome
+        and the measurements are left in the request's scope for the access log
+        (edge/access_log.py), and the request's trace ends (edge/tracing.py)."""
+        watcher = asyncio.ensure_future(self._watch(receive))
+        traced = tracing.begin(self.sub, self.admitted_at)  # None unless tracing is on
+        try:
+            yield self
+        except OSError:  # the client's socket broke while we wrote
+            self.outcome = dict(DISCONNECTED)
+        finally:
+            watcher.cancel()
+            scope.setdefault("state", {})[STREAM_OUTCOME] = self.close()
+            if traced is not None:
+                traced.end(self.outcome, self, time.time())
+
+    async def _watch(self, receive) -> None:
+        disconnect = asyncio.ensure_future(_wait_disconnect(receive))
+        shutdown = asyncio.ensure_future(self.shutting_down.wait())
+        try:
+            done, _ = await asyncio.wait({disconnect, shutdown}, return_when=asyncio.FIRST_COMPLETED)
+            if disconnect in done:
+                self.sub.queue.put_nowait(_GONE)
+            else:
+                self.sub.queue.put_nowait(ev.error("shutting_down", "the gateway is shutting down"))
+        finally:
+            disconnect.cancel()
+            shutdown.cancel()
+
+    def close(self, outcome: dict | None = None) -> dict:
+        """The client's stream has ended (with `outcome` when the front end knows better than
+        the stream, e.g. its write failed): release everything once. Returns the outcome with
+        this client's measurements, as recorded: TTFT, queue wait, the provider's TTFT (a
+        leader's), and the provider and model that answered (a fallback's labels the request)."""
+        if outcome is not None:
+            self.outcome = outcome
+        ended = {
+            **self.outcome,
+            "ttft_ms": self.ttft_ms,
+            "queue_wait_ms": self.queue_wait_ms,
+            "provider_ttft_ms": self.provider_ttft_ms,
+            "provider": self.served.get("provider", self.sub.provider),
+            "model": self.served.get("model", self.sub.model),
+        }
+        if not self.closed:
+            self.closed = True
+            self._release(self, ended)
+        return ended
+
+
+def _outcome_of(event: dict) -> dict:
+    if event["type"] == ev.DONE:
+        return {"outcome": "done", "error_code": None}
+    code = event.get("code")
+    return {"outcome": "cancelled" if code == "cancelled" else "error", "error_code": code}
+
+
+async def _wait_disconnect(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] in ("http.disconnect", "websocket.disconnect"):
+            return

@@ -44,10 +44,10 @@ class Hub:
     def __init__(self):
         self.listeners, self.unsubscribed = {}, []
 
-    async def subscribe(self, stream_id, ticket, on_events):
+    async def subscribe(self, stream_id, ticket, on_events, hub=""):
         self.listeners[stream_id] = on_events
 
-    def unsubscribe(self, stream_id, on_events):
+    def unsubscribe(self, stream_id, on_events, hub=""):
         self.listeners.pop(stream_id, None)
         self.unsubscribed.append(stream_id)
 

@@ -1,0 +1,251 @@
+"""SLUICE_WORKERS=2: two edge worker processes serve one port (edge/worker_set.py,
+edge/worker.py) and behave as one gateway: identical requests on both make one upstream
+call, a call is aborted only when no worker still has a client on it, a SIGKILLed worker
+is replaced and its calls given back, signals stop or drain both, nothing is left over.
+
+Which worker answers is the kernel's choice (one shared accept queue); each response says
+it (`X-Sluice-Worker`), and `on_worker` opens streams until one lands where the test
+needs it. Real processes throughout (`Gateway`, the simulated provider).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+from tests.support import (
+    Gateway,
+    SSEClient,
+    chat_body,
+    data_events,
+    get_json,
+    request,
+    running_gateway,
+    running_sim,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+TOKEN = "workers-test-token"
+ENV = {"SLUICE_WORKERS": "2", "SLUICE_ADMIN_TOKEN": TOKEN, "SIMULATED_RPS": "50", "SIMULATED_BURST": "50",
+       "SIMULATED_CONCURRENCY": "8"}
+
+
+@pytest.fixture(scope="module")
+def sim():
+    with running_sim() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def gw(sim):
+    with running_gateway({**ENV, "SIMULATED_BASE_URL": sim}) as gw:
+        gw.sim = sim
+        wait_both_serve(gw)
+        yield gw
+
+
+def fresh(method: str, url: str, body=None, headers=None):
+    """`request` on a new connection (a kept-alive one would reach the same worker again)."""
+    return request(method, url, body=body, headers={**(headers or {}), "connection": "close"})
+
+
+def wait_both_serve(gw) -> None:
+    seen: set[str] = set()
+
+    def both() -> bool:
+        status, headers, _ = fresh("GET", gw.url + "/readyz")
+        if status == 200:
+            seen.add(headers["x-sluice-worker"])
+        return seen == {"1", "2"}
+
+    wait_until(both, timeout=30, interval=0.01, message="both workers ready")
+
+
+def calls_for(gw, text: str) -> list[dict]:
+    stats = get_json(gw.sim + "/stats")[1]
+    return [r for r in stats["requests"] if text in json.dumps(r["body"])]
+
+
+def cancellations_for(gw, text: str) -> list[dict]:
+    stats = get_json(gw.sim + "/stats")[1]
+    ids = {r["call_id"] for r in calls_for(gw, text)}
+    return [c for c in stats["cancellations"] if c["call_id"] in ids]
+
+
+def on_worker(gw, slot: str, body: dict, tries: int = 60) -> SSEClient:
+    """A stream served by worker `slot`: others are opened until one lands there, and closed
+    only then (so an identical body keeps one flight: someone always holds it)."""
+    elsewhere = []
+    try:
+        for _ in range(tries):
+            client = SSEClient(gw.url + "/api/chat", body, timeout=60)
+            if client.headers.get("x-sluice-worker") == slot:
+                return client
+            elsewhere.append(client)
+        raise AssertionError(f"no stream landed on worker {slot} in {tries} tries")
+    finally:
+        for client in elsewhere:
+            client.close()
+
+
+def first_delta(client: SSEClient) -> SSEClient:
+    while client.next()[1].get("type") != "delta":
+        pass
+    return client
+
+
+def pacer_in_flight(gw) -> int:
+    status, _, body = request("GET", gw.url + "/api/admin/state?role=pacer", headers={"authorization": f"Bearer {TOKEN}"})
+    assert status == 200, body
+    return json.loads(body)["results"]["pacer:simulated"]["in_flight"]
+
+
+def worker_pids(gw) -> dict[str, int]:
+    """slot -> pid of each live worker, from the processes' command lines."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rpartition(")")[2].split()[1])
+        except OSError:
+            continue
+        if parent == gw.proc.pid and b"edge.worker" in argv:
+            out[argv[argv.index(b"--slot") + 1].decode()] = int(pid)
+    return out
+
+
+def test_identical_requests_on_both_workers_make_one_upstream_call(gw):
+    text = f"spread {uuid.uuid4().hex}"
+    body = chat_body(text + "\n#sim ttft_ms=100 tokens=150 token_interval_ms=20")  # 3 s: all join one flight
+    clients = [on_worker(gw, "1", body), on_worker(gw, "2", body)]
+    while len(clients) < 20:
+        clients.append(SSEClient(gw.url + "/api/chat", body, timeout=60))
+    try:
+        assert {c.headers["x-sluice-worker"] for c in clients} == {"1", "2"}
+        ends = [data_events(c.read_all()) for c in clients]
+        assert all(e[-1]["type"] == "done" for e in ends)
+        assert all(len([d for d in e if d["type"] == "delta"]) == 150 for e in ends)
+    finally:
+        for client in clients:
+            client.close()
+    assert len(calls_for(gw, text)) == 1
+
+
+def test_a_call_is_aborted_only_when_no_worker_still_listens(gw):
+    text = f"leave {uuid.uuid4().hex}"
+    body = chat_body(text + "\n#sim tokens=500 token_interval_ms=20")
+    on_1 = first_delta(on_worker(gw, "1", body))
+    on_2 = first_delta(on_worker(gw, "2", body))
+    try:
+        on_1.close()  # worker 1 gives its reference back; worker 2's client still listens
+        for _ in range(30):  # 0.6 s more of the stream: the cancel had time to arrive
+            assert on_2.next()[1]["type"] == "delta"
+        assert cancellations_for(gw, text) == []
+        on_2.close()
+        wait_until(lambda: cancellations_for(gw, text), timeout=10, message="the upstream abort")
+    finally:
+        on_1.close()
+        on_2.close()
+    assert len(calls_for(gw, text)) == 1
+
+
+def test_admin_drain_reaches_every_worker(gw):
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    status, _, raw = request("POST", gw.url + "/api/admin/drain", body={"on": True}, headers=auth)
+    assert status == 200, raw
+    try:
+        refused: set[str] = set()
+
+        def both_refuse() -> bool:
+            status, headers, _ = fresh("POST", gw.url + "/api/chat", body=chat_body("drained?"))
+            if status == 503:
+                refused.add(headers["x-sluice-worker"])
+            return refused == {"1", "2"}
+
+        wait_until(both_refuse, timeout=15, interval=0.02, message="both workers draining")
+    finally:
+        status, _, raw = request("POST", gw.url + "/api/admin/drain", body={"on": False}, headers=auth)
+        assert status == 200, raw
+    wait_both_serve(gw)
+
+
+def test_a_killed_worker_is_replaced_and_its_calls_given_back(gw):
+    wait_until(lambda: pacer_in_flight(gw) == 0, timeout=15, message="idle pacer")
+    long = "#sim ttft_ms=50 tokens=1500 token_interval_ms=20"  # 30 s: still streaming when killed
+    short = "#sim ttft_ms=50 tokens=150 token_interval_ms=20"  # 3 s
+    doomed = [first_delta(on_worker(gw, "1", chat_body(f"doomed {i} {uuid.uuid4().hex}\n{long}"))) for i in range(2)]
+    kept = [first_delta(on_worker(gw, "2", chat_body(f"kept {i} {uuid.uuid4().hex}\n{short}"))) for i in range(2)]
+    assert pacer_in_flight(gw) == 4
+    old = worker_pids(gw)
+    killed_at = time.monotonic()
+    os.kill(old["1"], signal.SIGKILL)
+    try:
+        for client in doomed:  # the kernel closed their connections: that is their end
+            with pytest.raises(Exception):  # noqa: B017 - httpcore's read error, whichever it is
+                client.read_all()
+        # the dead worker's two calls are aborted (nobody listens) and their leases return;
+        # the live streams keep theirs
+        wait_until(lambda: pacer_in_flight(gw) == 2, timeout=10, message="the dead worker's leases back")
+        print(f"leases back {time.monotonic() - killed_at:.2f} s after the kill")
+        for client in kept:  # the other worker's clients notice nothing
+            assert data_events(client.read_all())[-1]["type"] == "done"
+        wait_until(lambda: pacer_in_flight(gw) == 0, timeout=10, message="every lease back")
+        replacement = wait_until(lambda: worker_pids(gw).get("1") not in (None, old["1"]) and worker_pids(gw)["1"],
+                                 timeout=10, message="a replacement worker")
+        assert worker_pids(gw)["2"] == old["2"]
+        wait_both_serve(gw)
+        print(f"worker 1 replaced by pid {replacement}, serving {time.monotonic() - killed_at:.2f} s after the kill")
+    finally:
+        for client in doomed + kept:
+            client.close()
+
+
+def test_sigterm_drains_both_workers_and_sigkill_of_run_py_leaves_nothing(sim):
+    gw = Gateway({**ENV, "SIMULATED_BASE_URL": sim}).start()
+    clients = []
+    try:
+        wait_both_serve(gw)
+        sim_args = "#sim tokens=60 token_interval_ms=30"  # ~2 s each
+        clients = [first_delta(on_worker(gw, slot, chat_body(f"drain {slot} {uuid.uuid4()}\n{sim_args}")))
+                   for slot in ("1", "2")]
+        gw.tree |= set(worker_pids(gw).values())
+        gw.proc.send_signal(signal.SIGTERM)
+        refused: set[str] = set()
+
+        def both_503() -> bool:
+            status, headers, _ = fresh("GET", gw.url + "/readyz")
+            if status == 503:
+                refused.add(headers.get("x-sluice-worker", "?"))
+            return refused >= {"1", "2"}
+
+        wait_until(both_503, timeout=10, interval=0.005, message="/readyz 503 on both workers")
+        for client in clients:  # drained: they run to their end
+            assert data_events(client.read_all())[-1]["type"] == "done"
+        assert gw.proc.wait(30) == 0, gw.output()
+        wait_until(lambda: gw.leftovers() == (set(), set()), timeout=15, message="no process or port left")
+    finally:
+        for client in clients:
+            client.close()
+        gw.stop()
+        gw.kill_leftovers()
+
+    gw = Gateway({**ENV, "SIMULATED_BASE_URL": sim}).start()
+    try:
+        wait_both_serve(gw)
+        gw.tree |= set(worker_pids(gw).values()) | {gw.proc.pid}
+        gw.proc.kill()  # no chance to clean up: the workers die with it, the watchdog stops the actors
+        gw.proc.wait()
+        wait_until(lambda: gw.leftovers() == (set(), set()), timeout=20, message="no process or port left")
+    finally:
+        gw.stop()
+        gw.kill_leftovers()

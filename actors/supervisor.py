@@ -161,9 +161,10 @@ class SupervisorActor(HostActor):
 
     def _edge_lost(self, msg: m.MemberLost) -> list:
         """run.py saw an edge worker die (edge/worker_set.py): every Coalescer shard drops
-        the references that edge held (the shards' addresses are known here, not there)."""
+        the references that edge held, Metrics the key usage (the addresses are known
+        here, not there)."""
         log.warning("announcing the loss of edge %s", msg.incarnation)
-        return [Send(addr, msg) for role, addr in self.children.items() if roles.is_coalescer(role)]
+        return [Send(addr, msg) for role, addr in self.children.items() if roles.is_coalescer(role) or role == roles.METRICS]
 
     def _directory(self) -> m.Directory:
         complete = len(self.addresses) == len(self.children) > 0

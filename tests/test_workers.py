@@ -249,3 +249,55 @@ def test_sigterm_drains_both_workers_and_sigkill_of_run_py_leaves_nothing(sim):
     finally:
         gw.stop()
         gw.kill_leftovers()
+
+
+def test_key_limits_hold_across_workers_and_a_dead_workers_streams_stop_counting(sim, tmp_path):
+    from edge.api_keys import hash_key
+
+    keys = [{"id": f"rpm{i}", "sha256": hash_key(f"sk-rpm{i}"), "rpm": 2} for i in range(6)]
+    keys.append({"id": "solo", "sha256": hash_key("sk-solo"), "concurrency": 1})
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": keys}))
+    with running_gateway({**ENV, "SIMULATED_BASE_URL": sim, "SLUICE_API_KEYS_FILE": str(path)}) as gw:
+        wait_both_serve(gw)
+        split = 0  # keys whose two allowed requests were served by different workers
+        for i in range(6):
+            auth = {"authorization": f"Bearer sk-rpm{i}"}
+            answers = [fresh("POST", gw.url + "/api/chat", body=chat_body(f"rpm {i} {n}\n#sim tokens=1"), headers=auth)
+                       for n in range(3)]
+            assert [status for status, _, _ in answers] == [200, 200, 429], [a[2] for a in answers]
+            split += answers[0][1]["x-sluice-worker"] != answers[1][1]["x-sluice-worker"]
+        assert split > 0, "every key's requests landed on one worker: the limit was not tested across workers"
+
+        # /metrics counts every worker's requests, whichever worker answers it
+        for _ in range(4):
+            _, headers, text = fresh("GET", gw.url + "/metrics")
+            assert 'sluice_key_requests_total{key_id="rpm0",outcome="limited"} 1' in text.decode(), headers
+
+        # concurrency 1: one open stream on worker 1 refuses the key on both workers ...
+        solo = {"authorization": "Bearer sk-solo"}
+        long = chat_body(f"solo {uuid.uuid4().hex}\n#sim tokens=1500 token_interval_ms=20")
+        stream = first_delta(SSEClient(gw.url + "/api/chat", long, solo, 60))
+        holder = stream.headers["x-sluice-worker"]
+        refused: set[str] = set()
+
+        def refused_on_both() -> bool:
+            status, headers, _ = fresh("POST", gw.url + "/api/chat", body=chat_body("solo again\n#sim tokens=1"), headers=solo)
+            assert status == 429
+            refused.add(headers["x-sluice-worker"])
+            return refused == {"1", "2"}
+
+        wait_until(refused_on_both, timeout=20, interval=0.01, message="429 from both workers")
+        # ... until the worker holding it dies: its stream stops counting
+        os.kill(worker_pids(gw)[holder], signal.SIGKILL)
+        try:
+            with pytest.raises(Exception):  # noqa: B017 - the connection drops
+                stream.read_all()
+        finally:
+            stream.close()
+
+        def admitted_again() -> bool:
+            status, _, _ = fresh("POST", gw.url + "/api/chat", body=chat_body("solo after\n#sim tokens=1"), headers=solo)
+            return status == 200
+
+        wait_until(admitted_again, timeout=15, interval=0.1, message="the dead worker's stream no longer counted")

@@ -301,3 +301,26 @@ def test_key_limits_hold_across_workers_and_a_dead_workers_streams_stop_counting
             return status == 200
 
         wait_until(admitted_again, timeout=15, interval=0.1, message="the dead worker's stream no longer counted")
+
+
+def test_pacing_stays_exact_across_workers(sim):
+    env = {**ENV, "SIMULATED_BASE_URL": sim, "SIMULATED_RPS": "1", "SIMULATED_BURST": "1"}
+    with running_gateway(env) as gw:
+        gw.sim = sim
+        wait_both_serve(gw)
+        text = f"paced {uuid.uuid4().hex}"
+        # two streams on each worker, all asking the one Pacer at once
+        clients = [on_worker(gw, slot, chat_body(f"{text} {i}\n#sim tokens=1")) for i, slot in enumerate("1122")]
+        try:
+            assert all(data_events(c.read_all())[-1]["type"] == "done" for c in clients)
+        finally:
+            for client in clients:
+                client.close()
+        starts = sorted(call["started_at"] for call in calls_for(gw, text))
+        assert len(starts) == 4
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        print("seconds between upstream calls", [round(g, 3) for g in gaps])
+        # One token a second: never two calls in one second. The sim stamps a call when it
+        # arrives, so a gap can look up to ~0.2 s short (a new connection, a loaded box);
+        # two calls granted together would be ~0 s apart.
+        assert min(gaps) > 0.75, gaps

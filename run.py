@@ -6,8 +6,10 @@ started next, from a process with no threads yet (multiprocTCPBase forks its adm
 forking a threaded process is unsafe), every frame authenticated with that secret and
 every socket bound to SLUICE_ACTOR_HOST (docs/security.md). Then the simulated provider
 (when no real provider is configured), then uvicorn with the edge, in this process, on
-SLUICE_HOST. SIGTERM drains first (/readyz 503, new requests 503, open streams finish
-for up to SLUICE_DRAIN_S: edge/server.py); SIGINT does not wait. Then open streams get a
+SLUICE_HOST -- or, with SLUICE_WORKERS=N > 1, N edge worker processes sharing one
+listening socket that this process opens, watches and replaces (edge/worker_set.py).
+SIGTERM drains first (/readyz 503, new requests 503, open streams finish for up to
+SLUICE_DRAIN_S: edge/server.py); SIGINT does not wait. Then open streams get a
 terminal event, uvicorn stops, the actor system shuts down, the simulated provider is
 stopped, the secret file is removed; nothing is left running. If this process dies
 without that, the orphan watchdog (a process of its own) notices within a second and
@@ -116,6 +118,8 @@ def _serve_with_secret(settings: dict, secret: bytes, log) -> int:
         supervisor = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
         asys.tell(supervisor, m.encode(m.Wire(roles.SUPERVISOR, {}, settings)))
         keeper = _start_keeper(asys, settings, watchdog)
+        if settings["SLUICE_WORKERS"] > 1:
+            return _serve_workers(settings, secret, asys, log)
         return _serve_http(settings, log)
     finally:
         if keeper is not None:
@@ -198,6 +202,28 @@ def _serve_http(settings: dict, log) -> int:
     except KeyboardInterrupt:
         pass  # a Ctrl-C before uvicorn took the signals over
     return 0 if server.started else 1
+
+
+def _serve_workers(settings: dict, secret: bytes, asys, log) -> int:
+    """SLUICE_WORKERS=N > 1: one listening socket, N edge processes serving it
+    (edge/worker_set.py); this process watches them and relays its signals."""
+    from edge.worker_set import WorkerSet, listen
+
+    def edge_lost(edge_id: str) -> None:
+        # The Supervisor passes it on to every Coalescer shard (the current addresses are its).
+        from actors.supervisor import SupervisorActor
+        from protocols import messages as m
+        from protocols import roles
+        from protocols.roles import SUPERVISOR_NAME
+
+        supervisor = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
+        asys.tell(supervisor, m.encode(m.MemberLost(roles.EDGE, edge_id)))
+
+    sock = listen(settings["SLUICE_HOST"], settings["SLUICE_PORT"])
+    try:
+        return WorkerSet(settings, settings["SLUICE_WORKERS"], sock, secret, edge_lost).serve()
+    finally:
+        sock.close()
 
 
 def _port_free(host: str, port: int) -> bool:

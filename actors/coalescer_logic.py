@@ -29,8 +29,9 @@ Pool, and asking again (a fallback, a replaced Pacer) keeps it (`LeaseRequest.hu
 
 When a process dies (`MemberLost`, docs/reliability.md): a dead Pool's streaming flights
 are forgotten at once (their clients already got `hub_disconnected`; nothing is kept for
-the error TTL, so the next identical request starts a fresh call), and flights still
-asking or queued at a dead Pacer ask its replacement again.
+the error TTL, so the next identical request starts a fresh call), flights still
+asking or queued at a dead Pacer ask its replacement again, and a dead edge worker's
+references are dropped as if it had cancelled them (`MemberLost(edge, edge_id)`).
 
 A request with an empty key (non-idempotent: tools, or the client opted out) or any
 request while coalescing is disabled gets a flight of its own.
@@ -107,7 +108,7 @@ class CoalescerLogic:
         if isinstance(msg, m.StreamFinished):
             return self._finished(msg, now)
         if isinstance(msg, m.MemberLost):
-            return self._member_lost(msg)
+            return self._member_lost(msg, now)
         if isinstance(msg, ForgetError):
             entry = self.errors.get(msg.key)
             if entry and entry[1] <= now + 1e-9:
@@ -217,7 +218,7 @@ class CoalescerLogic:
         return out + [After(ttl, ForgetError(flight.key))]
 
     # --- crashes of others -----------------------------------------------------------------
-    def _member_lost(self, msg: m.MemberLost) -> list:
+    def _member_lost(self, msg: m.MemberLost, now: float) -> list:
         out: list = []
         if roles.is_pool(msg.role):
             # Only that Pool's flights: the other Pools' streams go on untouched.
@@ -231,6 +232,22 @@ class CoalescerLogic:
                 if flight.phase != STREAMING and flight.request is not None and roles.pacer_for(flight.provider) == msg.role:
                     # The replacement queues it anew, on the Pool its clients listen at.
                     out.append(Send(msg.role, replace(flight.request, hub=flight.hub)))
+        elif msg.role == roles.EDGE:
+            out += self._edge_lost(msg.incarnation, now)
+        return out
+
+    def _edge_lost(self, edge_id: str, now: float) -> list:
+        """A dead edge process (here `incarnation` is its edge id) listens to nothing: its
+        references go as if it had cancelled each of them at once, so a call only it
+        listened to is aborted and its lease returns; a call others hold goes on."""
+        out: list = []
+        for flight in list(self.by_stream.values()):
+            flight.waiting = [w for w in flight.waiting if w[2] != edge_id]
+            if flight.refs[edge_id] > 0:
+                flight.refs[edge_id] = 1
+                out += self._cancel(m.Cancel(flight.stream_id, edge_id, now))
+            else:
+                flight.refs.pop(edge_id, None)
         return out
 
     def _forget(self, flight: Flight) -> None:

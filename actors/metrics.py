@@ -1,6 +1,10 @@
 """The Metrics actor: hosts MetricsLogic (samples, percentiles, Prometheus text) and the
 AlertEvaluator (the sign-off sheet's four rules, evaluated every few seconds).
 
+With SLUICE_WORKERS > 1 and client keys, it also holds every key's usage across the edge
+workers (actors/key_limits.py): it answers `KeyAdmit`, takes the `key_*` records out of
+the batches, and renders the `sluice_key_*` lines of /metrics.
+
 Admin commands (edge/admin_routes.py): show, reset (forget the windowed samples),
 alerts (thresholds + firing/pending), set_thresholds (live, validated all-or-nothing)."""
 from __future__ import annotations
@@ -9,6 +13,8 @@ import logging
 
 from actors.alerts import AlertEvaluator
 from actors.host import HostActor
+from actors.key_limits import KINDS as KEY_RECORDS
+from actors.key_limits import KeyLimits
 from actors.metrics_logic import MetricsLogic
 from protocols import messages as m
 from protocols import roles
@@ -30,20 +36,47 @@ class MetricsActor(HostActor):
         super().__init__(*args, **kwargs)
         self.logic = MetricsLogic()
         self.alerts: AlertEvaluator | None = None
+        self.key_limits: KeyLimits | None = None
 
     def on_wire(self, wire: m.Wire) -> None:
+        path = wire.settings.get("SLUICE_API_KEYS_FILE")
+        if self.key_limits is None and path and wire.settings.get("SLUICE_WORKERS", 1) > 1:
+            from edge.api_keys import KeysFileError
+
+            try:
+                self.key_limits = KeyLimits(path)
+            except KeysFileError as exc:  # run.py checked it at start; it has changed since
+                log.error("client key limits unavailable: %s", exc)
         if self.alerts is None:
             self.alerts = AlertEvaluator(wire.settings.get("alert_thresholds") or None)
             self.apply([After(EVALUATE_EVERY_S, EvaluateAlerts())])
 
     def on_message(self, msg, sender, now):
         if isinstance(msg, m.Records):
-            self.logic.ingest(msg.records, now)
+            records = msg.records
+            if self.key_limits is not None:
+                for record in (r for r in records if isinstance(r, dict) and r.get("kind") in KEY_RECORDS):
+                    self.key_limits.ingest(record)
+                records = [r for r in records if not (isinstance(r, dict) and r.get("kind") in KEY_RECORDS)]
+            self.logic.ingest(records, now)
+            return []
+        if isinstance(msg, m.KeyAdmit):
+            if self.key_limits is None:
+                denial = {"status": 503, "type": "api_error", "code": "key_limits_unavailable",
+                          "message": "the gateway cannot count this key's usage now; retry", "retry_after_s": 1.0}
+            else:
+                denial = self.key_limits.admit(msg.key_id, msg.provider, msg.model, msg.edge_id)
+            return [Send(sender, m.KeyVerdict(denial))]
+        if isinstance(msg, m.MemberLost) and msg.role == roles.EDGE:
+            if self.key_limits is not None:
+                released = self.key_limits.edge_lost(msg.incarnation)
+                log.warning("edge %s lost: %d requests it held no longer count against their keys", msg.incarnation, released)
             return []
         if isinstance(msg, m.QueryPerformance):
             return [Send(sender, m.Performance(self.logic.performance(msg.last_n, now)))]
         if isinstance(msg, m.QueryPrometheus):
-            return [Send(sender, m.PrometheusText(self.logic.prometheus(now)))]
+            keys = self.key_limits.prometheus() if self.key_limits is not None else ""
+            return [Send(sender, m.PrometheusText(self.logic.prometheus(now) + keys))]
         if isinstance(msg, m.QueryAlerts):
             report = self.alerts.alerts(now) if self.alerts else {"firing": [], "pending": []}
             return [Send(sender, m.AlertsReport(report))]

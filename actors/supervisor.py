@@ -5,7 +5,8 @@ actor system (the edge, `run.py admin`) can find it and ask for the `Directory`.
 
 When a child dies it is recreated, and once the replacement is wired every Pacer and
 Coalescer hears `MemberLost(role, old address)`, so that what the dead one held (leases,
-flights) is reclaimed (docs/reliability.md, "Process crashes").
+flights) is reclaimed (docs/reliability.md, "Process crashes"). An edge worker's death is
+reported by run.py (`MemberLost(edge, edge_id)`) and passed on to every Coalescer shard.
 
 The Supervisor is no single point of failure: run.py's `SupervisorKeeper`
 (actors/keeper.py) replaces a dead Supervisor under the same global name and wires it with
@@ -149,6 +150,8 @@ class SupervisorActor(HostActor):
             return self._admin(msg, sender)
         if isinstance(msg, m.AdminAuth):
             return [Send(sender, self._admin_auth(msg))]
+        if isinstance(msg, m.MemberLost) and msg.role == roles.EDGE:
+            return self._edge_lost(msg)
         if isinstance(msg, Watch):
             return self._watch()
         if isinstance(msg, AdoptDeadline):
@@ -156,6 +159,13 @@ class SupervisorActor(HostActor):
                 self._recreate(role)
             return []
         return []
+
+    def _edge_lost(self, msg: m.MemberLost) -> list:
+        """run.py saw an edge worker die (edge/worker_set.py): every Coalescer shard drops
+        the references that edge held, Metrics the key usage (the addresses are known
+        here, not there)."""
+        log.warning("announcing the loss of edge %s", msg.incarnation)
+        return [Send(addr, msg) for role, addr in self.children.items() if roles.is_coalescer(role) or role == roles.METRICS]
 
     def _directory(self) -> m.Directory:
         complete = len(self.addresses) == len(self.children) > 0

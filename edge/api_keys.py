@@ -22,8 +22,9 @@ estimate of `stream_tokens`). tpm is checked before admitting: a key already at 
 its budget waits until enough of the last minute's tokens age out. The clock is injected
 (monotonic seconds), so the limits are unit-tested without waiting.
 
-State is per edge process. Several edge workers would each enforce the full limits; they
-will need the usage windows in an actor (docs/security.md).
+State is per process. With several edge workers (SLUICE_WORKERS > 1) the Metrics actor
+hosts an `ApiKeys` of its own that does the counting for all of them
+(actors/key_limits.py); each edge then only authenticates here.
 """
 from __future__ import annotations
 

@@ -70,6 +70,8 @@ class Edge:
         self.edge_id = f"edge-{os.getpid()}-{secrets.token_hex(8)}"
         self.bridge = ActorBridge(settings["SLUICE_ACTOR_PORT"])
         self.keys = ApiKeys(settings.get("SLUICE_API_KEYS_FILE"))
+        # Several workers: the keys' usage is counted by the Metrics actor (actors/key_limits.py)
+        self.shared_key_limits = self.keys.enabled and settings.get("SLUICE_WORKERS", 1) > 1
         self.coalesce_scope = settings.get("COALESCE_SCOPE") or "global"
         self._keys_reloads = 0  # the Supervisor's count of reload-keys commands, as last seen
         self.shutting_down = asyncio.Event()
@@ -191,8 +193,11 @@ class Edge:
         """Who calls: sets `request.state.key_id` (the API key's id; None with open access)
         or answers the 401. Every client route calls this first."""
         request.state.key_id = None
-        found = self.keys.authenticate(presented_key(request.headers))
+        presented = presented_key(request.headers)
+        found = self.keys.authenticate(presented)
         if isinstance(found, Denial):
+            if self.shared_key_limits:
+                self.records.add({"kind": "key_auth_failure", "reason": "missing" if presented is None else "invalid"})
             return rejection_response(key_refusal(found), {"WWW-Authenticate": 'Bearer realm="sluice"'})
         request.state.key_id = found.id if found is not None else None
         return None
@@ -215,20 +220,20 @@ class Edge:
         if configured is None:
             raise self._provider_missing(provider)
         model = model or configured["model"]
-        if (denied := self.keys.admit(key_id, provider, model)) is not None:
-            raise key_refusal(denied)
+        if (denied := await self.admit_key(key_id, provider, model)) is not None:
+            raise key_refusal(denied)  # counted per key (/metrics), not as a gateway error
         client_id = key_id if self.coalesce_scope == "key" else None
         key = coalescing_key(provider, model, body, thread_id, client_id) if coalesce else ""
         request_id, received_at = new_request_id(), time.time()
         try:
             sub = await self.streams.join(request_id, provider, model, body, key, received_at)
         except Rejection as exc:
-            self.keys.finish(key_id, "rejected", 0)
+            self.finish_key(key_id, "rejected", 0)
             rejected = {"outcome": "rejected", "error_code": exc.code, "provider": provider, "model": model}
             self._record(request_id, "leader", received_at, rejected, key_id)
             raise
         except BaseException:  # the client went away while being admitted
-            self.keys.finish(key_id, "cancelled", 0)
+            self.finish_key(key_id, "cancelled", 0)
             raise
         sub.key_id = key_id  # it owns the request: only this key may cancel it
         return Admission(sub, body, self.shutting_down, self._release)
@@ -238,8 +243,32 @@ class Edge:
         sub = admission.sub
         self.streams.leave(sub)
         if sub.key_id is not None:  # open access charges nothing: skip the count
-            self.keys.finish(sub.key_id, outcome["outcome"], stream_tokens(admission.body, admission.received()))
+            self.finish_key(sub.key_id, outcome["outcome"], stream_tokens(admission.body, admission.received()))
         self._record(sub.request_id, sub.role, sub.received_at, outcome, sub.key_id)
+
+    async def admit_key(self, key_id: str | None, provider: str, model: str) -> Denial | None:
+        """The key's model list and limits (edge/api_keys.py): here with one edge process;
+        with several, by one ask to the Metrics actor, which counts for every worker
+        (actors/key_limits.py)."""
+        if not self.shared_key_limits or key_id is None:
+            return self.keys.admit(key_id, provider, model)
+        try:
+            verdict = await self.bridge.ask("metrics", m.KeyAdmit(key_id, provider, model, self.edge_id), timeout=5.0)
+        except BridgeError:
+            verdict = None
+        if not isinstance(verdict, m.KeyVerdict):
+            return Denial(503, "api_error", "key_limits_unavailable", "the gateway cannot count this key's usage now; retry", 1.0)
+        return Denial(**verdict.denial) if verdict.denial is not None else None
+
+    def finish_key(self, key_id: str | None, outcome: str, tokens: int) -> None:
+        """An admitted request ended: its stream and tokens are released and charged where
+        they were counted (this process, or the Metrics actor through the record batch)."""
+        if key_id is None:
+            return
+        if self.shared_key_limits:
+            self.records.add({"kind": "key_finish", "key_id": key_id, "outcome": outcome, "tokens": tokens, "edge_id": self.edge_id})
+        else:
+            self.keys.finish(key_id, outcome, tokens)
 
     def _provider_missing(self, provider: str) -> Rejection:
         if provider not in PROVIDERS:
@@ -320,7 +349,8 @@ class Edge:
             "# TYPE sluice_coalesce_scope gauge\n"
             f'sluice_coalesce_scope{{scope="{self.coalesce_scope}"}} 1\n'
         )
-        text = reply.text + scope + self.keys.prometheus()
+        # with several workers the Metrics actor renders the per-key lines, over all of them
+        text = reply.text + scope + ("" if self.shared_key_limits else self.keys.prometheus())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def alerts(self, request: Request):

@@ -160,6 +160,8 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
     "SLUICE_ACTOR_HOST": ("127.0.0.1", str, "interface the actor system, the stream hub and the built-in simulated "
                           "provider bind; off loopback only with SLUICE_CLUSTER_SECRET set"),
     "SLUICE_PORT": ("8000", _port, "HTTP port of the edge"),
+    "SLUICE_WORKERS": ("1", _positive(int), "edge worker processes serving SLUICE_PORT (1: the edge runs in run.py's "
+                       "own process; a 16-core server: about 4-8, see docs/operations.md)"),
     "SLUICE_ACTOR_PORT": ("19500", _port, "Thespian admin port of the actor system"),
     "SLUICE_PROVIDER": ("simulated", _provider, "default provider for requests that name none"),
     "SLUICE_SIM_PORT": ("0", _port, "port of the built-in simulated provider (0 = any free port)"),

@@ -254,6 +254,25 @@ class QueryAlerts:
     pass
 
 
+@message("key_admit")
+class KeyAdmit:
+    """Edge -> Metrics, with SLUICE_WORKERS > 1: may this client key start one more request?
+    The Metrics actor holds every key's usage across all edge workers (actors/key_limits.py).
+    On success the request counts against the key until its `key_finish` record arrives."""
+
+    key_id: str
+    provider: str
+    model: str
+    edge_id: str
+
+
+@message("key_verdict")
+class KeyVerdict:
+    """None: admitted. Else the refusal: {"status", "type", "code", "message", "retry_after_s"}."""
+
+    denial: dict | None
+
+
 @message("alerts_report")
 class AlertsReport:
     report: dict
@@ -460,6 +479,7 @@ REPLIES: dict[type, tuple[type, ...]] = {
     QueryPerformance: (Performance,),
     QueryPrometheus: (PrometheusText,),
     QueryAlerts: (AlertsReport,),
+    KeyAdmit: (KeyVerdict,),
     GetDirectory: (Directory,),
     GetState: (State,),
     Admin: (AdminResult,),

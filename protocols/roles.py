@@ -32,6 +32,10 @@ METRICS = "metrics"
 THREADS = "threads"
 SINGLETONS = (SUPERVISOR, POOL, METRICS, THREADS)
 
+# Not an actor: an edge process, named in `MemberLost(EDGE, edge_id)` when a worker dies
+# (edge/worker_set.py), so the Coalescers drop the references it held.
+EDGE = "edge"
+
 # kinds of the roles there are several of: "<kind>:<name>"
 PACER = "pacer"
 COALESCER = "coalescer"

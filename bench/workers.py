@@ -7,6 +7,7 @@ Each run starts the simulated provider and `run.py` (bench/load.py), holds `--st
 streams open at once for `--seconds` (each stream a distinct prompt: no coalescing; a
 stream that ends is replaced at once), and reports TTFT p50/p95/p99 and errors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,9 @@ async def sustain(url: str, streams: int, seconds: float, tokens_per_s: float) -
     async def one_lane(lane: int) -> None:
         n = 0
         while time.monotonic() < deadline:
-            prompt = sim_prompt(f"w{lane}-{n}-{uuid.uuid4().hex[:8]}", ttft_ms=100, tokens=100, token_interval_ms=interval_ms)
+            prompt = sim_prompt(
+                f"w{lane}-{n}-{uuid.uuid4().hex[:8]}", ttft_ms=100, tokens=100, token_interval_ms=interval_ms
+            )
             results.append(await stream_once(pool, "sluice", url + "/api/chat", prompt, timeout=60))
             n += 1
 
@@ -54,8 +57,14 @@ async def sustain(url: str, streams: int, seconds: float, tokens_per_s: float) -
 
 def run(workers: int, args) -> dict:
     sim = Sim().start()
-    env = {"SIMULATED_BASE_URL": sim.url, "SLUICE_WORKERS": str(workers), "SLUICE_ACCESS_LOG": "0",
-           "SIMULATED_RPS": "1000", "SIMULATED_BURST": "1000", "SIMULATED_CONCURRENCY": "1000"}
+    env = {
+        "SIMULATED_BASE_URL": sim.url,
+        "SLUICE_WORKERS": str(workers),
+        "SLUICE_ACCESS_LOG": "0",
+        "SIMULATED_RPS": "1000",
+        "SIMULATED_BURST": "1000",
+        "SIMULATED_CONCURRENCY": "1000",
+    }
     gw = GatewayProc(env).start()
     try:
         time.sleep(2.0)  # let the second worker finish its start before measuring

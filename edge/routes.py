@@ -2,12 +2,14 @@
 
 Each group of routes lives in a module of its own and exposes `routes(edge) -> list[Route]`:
 edge/app.py (chat, health, metrics), edge/threads.py (chat threads),
-edge/openai_compat.py (the OpenAI-compatible API), edge/admin_routes.py (operators),
-edge/web.py (the chat page, the dashboard and its live feed).
+edge/models.py (`/v1/models`, before openai_compat's routes of the same paths: the first
+match answers), edge/openai_compat.py (the OpenAI-compatible chat API), edge/embeddings.py
+(`/v1/embeddings`), edge/anthropic_compat.py (`/v1/messages`), edge/admin_routes.py (operators), edge/web.py (the chat page, the
+dashboard and its live feed).
 """
 from __future__ import annotations
 
-from edge import admin_routes, openai_compat, threads, web
+from edge import admin_routes, anthropic_compat, embeddings, models, openai_compat, threads, web
 from edge.access_log import AccessLog
 from edge.app import Edge, create_app
 
@@ -15,7 +17,7 @@ from edge.app import Edge, create_app
 def build_app(settings: dict):
     """The Starlette app and its Edge state (run.py needs the Edge for shutdown)."""
     app, edge = create_app(settings)
-    for module in (threads, openai_compat, admin_routes, web):
+    for module in (threads, models, openai_compat, anthropic_compat, embeddings, admin_routes, web):
         app.router.routes.extend(module.routes(edge))
     if settings["SLUICE_ACCESS_LOG"]:
         app.add_middleware(AccessLog, log_prompts=settings["SLUICE_LOG_PROMPTS"], body_limit=settings["SLUICE_MAX_BODY_BYTES"])

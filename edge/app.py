@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from actors import secret as cluster_secret
-from edge import tracing
+from edge import anthropic_compat, models, openai_compat, tracing
 from edge.admission import Admission
 from edge.api_keys import ApiKeys, Denial, KeysFileError, presented_key, stream_tokens
 from edge.bridge import ActorBridge, BridgeError
@@ -208,13 +208,15 @@ class Edge:
     ) -> Admission:
         """Admit a normalized request for one client: raises Rejection, else its Admission.
 
-        Resolves the provider and model (None: the configured ones), checks `key_id` (from
+        Resolves the provider and model (edge/models.py: aliases, "provider/model"; None:
+        the configured ones), checks `key_id` (from
         `authenticate`; None: open access) against its key's models and limits, and joins
         the flight for the coalescing key (scoped to the key when COALESCE_SCOPE=key). The
         Coalescer's or Pacer's refusal is recorded; a key's is counted per key (/metrics).
         `Admission.serving` closes the Admission on every path (docs/architecture.md).
         """
         self.check_in_service()
+        provider, model = models.resolve(provider, model, self.settings)  # aliases, provider/model
         provider = provider or self.settings["SLUICE_PROVIDER"]
         configured = self.settings["providers"].get(provider)
         if configured is None:
@@ -403,17 +405,27 @@ class Edge:
         )
 
 
+def _error_shape(path: str):
+    """The error renderer of the API a path belongs to: Anthropic's for /v1/messages,
+    OpenAI's for the rest of /v1, sluice's elsewhere (docs/providers.md, "Endpoints")."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return anthropic_compat.error_response
+    if path == "/v1" or path.startswith("/v1/"):
+        return openai_compat.error_response
+    return error_response
+
+
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed"}
     message = {404: f"no route for {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
-    return error_response(
+    return _error_shape(request.url.path)(
         exc.status_code, codes.get(exc.status_code, "http_error"), message.get(exc.status_code, str(exc.detail))
     )
 
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s", request.url.path)
-    return error_response(500, "internal_error", "the gateway failed on this request; it has been logged")
+    return _error_shape(request.url.path)(500, "internal_error", "the gateway failed on this request; it has been logged")
 
 
 def create_app(settings: dict) -> tuple[Starlette, Edge]:

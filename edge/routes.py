@@ -1,22 +1,30 @@
 """Every HTTP route of the edge, assembled in one place.
 
 Each group of routes lives in a module of its own and exposes `routes(edge) -> list[Route]`:
-edge/app.py (chat, health, metrics), edge/threads.py (chat threads),
-edge/openai_compat.py (the OpenAI-compatible API), edge/admin_routes.py (operators),
-edge/web.py (the chat page, the dashboard and its live feed).
+edge/app.py (chat, health, metrics), edge/threads.py (chat threads), edge/models.py
+(`/v1/models`: listed before openai_compat, whose routes of the same paths it shadows, as
+the first match answers), edge/openai_compat.py (`/v1/chat/completions`),
+edge/responses_compat.py (`/v1/responses`), edge/anthropic_compat.py (`/v1/messages`),
+edge/embeddings.py (`/v1/embeddings`), edge/admin_routes.py (operators), edge/web.py (the
+chat page, the dashboard and its live feed). edge/cors.py answers browsers' preflights
+for every API route when SLUICE_CORS_ORIGINS allows the origin.
 """
 from __future__ import annotations
 
-from edge import admin_routes, openai_compat, threads, web
+from edge import admin_routes, anthropic_compat, embeddings, models, openai_compat, responses_compat, threads, web
 from edge.access_log import AccessLog
 from edge.app import Edge, create_app
+from edge.cors import Cors
 
 
 def build_app(settings: dict):
     """The Starlette app and its Edge state (run.py needs the Edge for shutdown)."""
     app, edge = create_app(settings)
-    for module in (threads, openai_compat, admin_routes, web):
+    modules = (threads, models, openai_compat, responses_compat, anthropic_compat, embeddings, admin_routes, web)
+    for module in modules:
         app.router.routes.extend(module.routes(edge))
+    if settings.get("cors_origins"):
+        app.add_middleware(Cors, origins=settings["cors_origins"])
     if settings["SLUICE_ACCESS_LOG"]:
         app.add_middleware(AccessLog, log_prompts=settings["SLUICE_LOG_PROMPTS"], body_limit=settings["SLUICE_MAX_BODY_BYTES"])
     return app, edge

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -182,6 +183,10 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
     "SLUICE_LOG_PROMPTS": ("0", _bool, "access lines include the request's messages (off: never a prompt in the log)"),
     "SLUICE_DRAIN_S": ("30", _non_negative(float), "on SIGTERM, seconds open streams may take to finish before they are ended"),
     "SLUICE_API_KEYS_FILE": (None, str, "JSON file of hashed client API keys and their limits (unset: every client is allowed)"),
+    "SLUICE_MODEL_ALIASES": (None, str, "model names clients may use, each resolved to a provider and model: "
+                             "alias=provider[/model],... (e.g. gpt-4o=openai/gpt-4o,fast=simulated/sim-1)"),
+    "SLUICE_CORS_ORIGINS": (None, str, "browser origins allowed to call the API from other pages: origin,... or * "
+                            "(unset: none)"),
     "COALESCE_ENABLED": ("1", _bool, "share one upstream call among identical in-flight requests"),
     "STREAM_FANOUT_ENABLED": ("1", _bool, "followers get the shared stream live (else whole at the end)"),
     "COALESCE_SCOPE": (None, _scope, "key: only requests of the same API key share a call; global: any "
@@ -252,7 +257,41 @@ def load(env: Mapping[str, str]) -> dict:
     settings["accounts"] = _accounts(env, settings)
     settings["providers"] = _providers(env, settings)
     settings["failover"] = _failover(env, settings)
+    settings["model_aliases"] = _model_aliases(settings)
+    settings["cors_origins"] = _cors_origins(settings["SLUICE_CORS_ORIGINS"])
     return settings
+
+
+def _model_aliases(settings: dict) -> dict[str, list[str]]:
+    """SLUICE_MODEL_ALIASES=alias=provider[/model],...: {alias: [provider, model]}. A target
+    names a configured provider (its configured model without /model); an alias is one
+    model name, never "provider/..." of a sluice provider (that form already routes)."""
+    raw = settings["SLUICE_MODEL_ALIASES"] or ""
+    providers = settings["providers"]
+    out: dict[str, list[str]] = {}
+    for item in [i.strip() for i in raw.split(",") if i.strip()]:
+        alias, sep, target = (part.strip() for part in item.partition("="))
+        name, _, model = target.partition("/")
+        where = f"SLUICE_MODEL_ALIASES={raw!r}: {item!r}"
+        if not sep or not alias or not name:
+            raise ConfigError(f"{where}: expected alias=provider[/model]")
+        if alias.partition("/")[0] in PROVIDERS:
+            raise ConfigError(f"{where}: an alias may not start with a provider name (provider/model routes already)")
+        if alias in out:
+            raise ConfigError(f"{where}: {alias!r} is defined twice")
+        if name not in providers:
+            raise ConfigError(f"{where}: {name!r} is not a configured provider (configured: {', '.join(providers)})")
+        out[alias] = [name, model.strip() or providers[name]["model"]]
+    return out
+
+
+def _cors_origins(raw: str | None) -> list[str]:
+    """SLUICE_CORS_ORIGINS=origin,... (scheme://host[:port]) or *: none when unset."""
+    origins = [o.strip().rstrip("/") for o in (raw or "").split(",") if o.strip()]
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(f"SLUICE_CORS_ORIGINS={raw!r}: {origin!r} is not an origin (scheme://host[:port]) or *")
+    return origins
 
 
 def _coalesce_scope(settings: dict) -> str:

@@ -14,6 +14,9 @@ message does.
 Requests that must never share an answer get the empty key: those with tools, tool
 choice or function calling (their answers drive side effects), and those whose client
 opted out (`"coalesce": false` or header `X-Sluice-Coalesce: off`).
+
+An embeddings request (edge/embeddings.py) has no messages: its `embeddings` object
+(input, encoding format, dimensions) is part of the key instead.
 """
 from __future__ import annotations
 
@@ -53,10 +56,12 @@ def coalescing_key(
     canonical = {
         "provider": provider,
         "model": model,
-        "messages": [{"role": msg["role"], "content": msg["content"]} for msg in body["messages"]],
+        "messages": [{"role": msg["role"], "content": msg["content"]} for msg in body.get("messages", ())],
         "params": {name: body[name] for name in OUTPUT_PARAMS if body.get(name) is not None},
         "thread": thread_id,
     }
+    if body.get("embeddings") is not None:  # an embeddings request (edge/embeddings.py): its input
+        canonical["embeddings"] = body["embeddings"]
     if client_id is not None:  # absent otherwise: global keys stay what they were
         canonical["client"] = client_id
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

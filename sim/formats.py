@@ -23,6 +23,8 @@ tests/fixtures/providers so sluice's adapters parse them like the real thing:
     POST /chat/completions     Perplexity Sonar (full stream mode: accumulated message,
                                citations, search_results; ends without [DONE])
     POST /api/chat             Ollama (NDJSON, done:true last; stream defaults to on)
+    POST /v1/embeddings        OpenAI embeddings (never streamed; a small vector per input,
+                               from a hash of that input: see ``embedding``)
 
 Every format derives its answer from the same normalized conversation
 (``[{"role", "content": text}]``, system text first), so one prompt gets the
@@ -31,10 +33,12 @@ same tokens whichever API it is sent through.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
 import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -757,6 +761,62 @@ def cut_utf8_frame(fmt: WireFormat, body: dict, meta: Meta) -> bytes:
     return frame[: frame.index("ï".encode()) + 1]
 
 
+# ---------------------------------------------------------------- OpenAI embeddings
+
+EMBEDDING_DIMENSIONS = 8  # without "dimensions" in the request; at most MAX_DIMENSIONS
+MAX_DIMENSIONS = 256
+
+
+def _embedding_inputs(body: dict) -> list:
+    """The inputs as a list: a string, a list of strings, a token list or a list of those."""
+    value = body.get("input")
+    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, int) for v in value)):
+        return [value]
+    return value if isinstance(value, list) else []
+
+
+def embedding(item: Any, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """A deterministic vector for one input: component i from sha256(input, i), in [-1, 1)
+    and exact in float32 (so base64 and float answers agree)."""
+    seed = hashlib.sha256(json.dumps(item, ensure_ascii=False).encode()).digest()
+    out = []
+    for i in range(dimensions):
+        digest = hashlib.sha256(seed + i.to_bytes(4, "big")).digest()
+        out.append((int.from_bytes(digest[:2], "big") - 32768) / 32768)
+    return out
+
+
+def _embeddings_complete(body: dict, tokens: list[str], meta: Meta) -> bytes:
+    wanted = body.get("dimensions")
+    dimensions = wanted if isinstance(wanted, int) and 0 < wanted <= MAX_DIMENSIONS else EMBEDDING_DIMENSIONS
+    data = []
+    for index, item in enumerate(_embedding_inputs(body)):
+        vector: Any = embedding(item, dimensions)
+        if body.get("encoding_format") == "base64":
+            vector = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    prompt = sum(len(item.split()) if isinstance(item, str) else len(item) for item in _embedding_inputs(body))
+    usage = {"prompt_tokens": prompt, "total_tokens": prompt}
+    return _dumps({"object": "list", "data": data, "model": body.get("model") or "sim-embed-1", "usage": usage})
+
+
+def _embeddings_prompt(body: dict) -> str:
+    return "\n".join(item for item in _embedding_inputs(body) if isinstance(item, str))
+
+
+openai_embeddings = WireFormat(
+    name="openai_embeddings",
+    stream_content_type="application/json",
+    prompt=_embeddings_prompt,
+    conversation=lambda body: _embedding_inputs(body),
+    wants_stream=lambda body: False,
+    stream=lambda body, tokens, meta: Frames([], [], [_embeddings_complete(body, tokens, meta)]),
+    complete=_embeddings_complete,
+    error=openai_error,
+    midstream_error=lambda body, tokens, meta, sent: b"",
+)
+
+
 # Route path -> wire format.  Every path here counts as a completion call in /stats.
 ROUTES: dict[str, WireFormat] = {
     "/v1/chat/completions": openai_chat,
@@ -765,4 +825,5 @@ ROUTES: dict[str, WireFormat] = {
     "/v1/agent": perplexity_agent,
     "/chat/completions": perplexity_sonar,
     "/api/chat": ollama_chat,
+    "/v1/embeddings": openai_embeddings,
 }

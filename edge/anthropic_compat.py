@@ -1,0 +1,423 @@
+"""The Anthropic-compatible API: `POST /v1/messages` (streamed or not), so the official
+`anthropic` SDKs (and Claude Code) work by changing only their base URL.
+
+Owns the translation between Anthropic's Messages shapes and sluice's normalized body and
+events; everything else is the path every front end takes: `edge.authenticate` (the SDK's
+`x-api-key` is read like a bearer key, edge/api_keys.py), `Edge.admit` (model routing and
+aliases, the client key's limits, coalescing, pacing, the Pool, cancel, metrics), then
+rendering: Anthropic's SSE events on the shared transport (`MessageRenderer` on
+`SSEStream`), or one Message object (`Message`).
+
+Requests (`parse_messages`): `model` and `max_tokens` are required, as Anthropic requires
+them. `system` (a string or text blocks) becomes the first system message; `messages`
+content is a string or blocks: text blocks are joined; an assistant's `tool_use` blocks
+become OpenAI-style `tool_calls` on its message, a user's `tool_result` blocks become
+`tool` messages (`tool_call_id`, the result's text) before that user's text, which is the
+normalized body's shape for tools (protocols/providers/base.py); `thinking` /
+`redacted_thinking` blocks (a model's own reasoning sent back) are dropped; any other
+block (image, document, ...) is refused with 400 naming the field. `stop_sequences` is
+`stop`; `temperature`, `top_p`, `top_k` are passed on; `tools` ({name, description,
+input_schema}) become OpenAI function tools and `tool_choice` its choice (a request with
+tools is never coalesced). `metadata`, `thinking` and `service_tier` are accepted and
+ignored. `anthropic-version` is not checked.
+
+Streaming: `event: ping` when the connection opens and as keepalive; at the first
+provider byte `message_start` (input tokens are reported in `message_delta`: they are
+known only at the end); a text block (`content_block_start`, `text_delta`s,
+`content_block_stop`) opened at the first text; tool calls as `tool_use` blocks with one
+`input_json_delta` each; then `message_delta` (stop_reason, usage) and `message_stop`.
+A failure after the 200 is `event: error` with `{"type": "error", "error": {"type",
+"message"}}` and the stream ends without `message_stop`.
+
+Errors before streaming (and a non-streamed answer's failure) are Anthropic's shape with
+sluice's status, except that a body of the wrong shape is a 400 (Anthropic's status for
+`invalid_request_error`) rather than sluice's 422.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from edge.admission import Admission
+from edge.chat_request import RequestError
+from edge.openai_compat import RATE_LIMITED, STATUS_FOR_CODE
+from edge.rejections import Rejection
+from edge.sse_stream import Renderer, SSEStream
+from protocols import events as ev
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+DROPPED_BLOCKS = ("thinking", "redacted_thinking")
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def error_type(status: int, code: str = "") -> str:
+    if code in RATE_LIMITED:
+        return "rate_limit_error"
+    if status in ERROR_TYPES:
+        return ERROR_TYPES[status]
+    return "invalid_request_error" if 400 <= status < 500 else "api_error"
+
+
+def error_body(status: int, message: str, code: str = "") -> dict:
+    return {"type": "error", "error": {"type": error_type(status, code), "message": message}}
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    status = 400 if status == 422 else status
+    return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
+
+
+def rejection_response(exc: Rejection) -> JSONResponse:
+    return error_response(exc.status, exc.code, exc.message, exc.headers() or None)
+
+
+def reshaped(denied: JSONResponse) -> JSONResponse:
+    """`edge.authenticate`'s refusal (OpenAI's shape) in Anthropic's, same status and headers."""
+    error = json.loads(bytes(denied.body)).get("error") or {}
+    out = JSONResponse(error_body(denied.status_code, error.get("message", ""), error.get("code") or ""),
+                       status_code=denied.status_code)
+    for name in ("www-authenticate", "retry-after"):
+        if name in denied.headers:
+            out.headers[name] = denied.headers[name]
+    return out
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+def _refuse(where: str, message: str) -> RequestError:
+    return RequestError(400, "invalid_request", f"{where}: {message}")
+
+
+def _text_of(blocks, where: str) -> str:
+    """A string, or text blocks joined (a tool result's content, the system prompt)."""
+    if isinstance(blocks, str):
+        return blocks
+    if not isinstance(blocks, list):
+        raise _refuse(where, "must be a string or an array of content blocks")
+    texts = []
+    for j, block in enumerate(blocks):
+        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+            raise _refuse(f"{where}[{j}]", "only text blocks are supported here")
+        texts.append(block["text"])
+    return "".join(texts)
+
+
+def _message(i: int, msg) -> list[dict]:
+    """One Anthropic message as normalized messages (tool results come out as their own)."""
+    where = f"messages[{i}]"
+    if not isinstance(msg, dict):
+        raise _refuse(where, "must be an object")
+    role, content = msg.get("role"), msg.get("content")
+    if role not in ("user", "assistant"):
+        raise _refuse(f"{where}.role", "must be user or assistant")
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    if not isinstance(content, list):
+        raise _refuse(f"{where}.content", "must be a string or an array of content blocks")
+    texts: list[str] = []
+    calls: list[dict] = []
+    results: list[dict] = []
+    for j, block in enumerate(content):
+        at = f"{where}.content[{j}]"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif kind == "tool_use" and role == "assistant":
+            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                raise _refuse(at, "a tool_use block needs a string id and name")
+            arguments = json.dumps(block.get("input") or {}, separators=(",", ":"), ensure_ascii=False)
+            calls.append({"id": block["id"], "type": "function", "function": {"name": block["name"], "arguments": arguments}})
+        elif kind == "tool_result" and role == "user":
+            if not isinstance(block.get("tool_use_id"), str):
+                raise _refuse(at, "a tool_result block needs a string tool_use_id")
+            results.append({"role": "tool", "tool_call_id": block["tool_use_id"],
+                            "content": _text_of(block.get("content") or "", f"{at}.content")})
+        elif kind in DROPPED_BLOCKS:
+            continue
+        else:
+            raise _refuse(at, f"{kind or 'this'} blocks are not supported{' in ' + role + ' messages' if kind else ''}")
+    out = list(results)
+    if texts or calls or not results:
+        message: dict = {"role": role, "content": "".join(texts)}
+        if calls:
+            message["tool_calls"] = calls
+        out.append(message)
+    return out
+
+
+def _tool(i: int, tool) -> dict:
+    where = f"tools[{i}]"
+    if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"]:
+        raise _refuse(where, "must be an object with a name")
+    if tool.get("type") not in (None, "custom"):
+        raise _refuse(f"{where}.type", f"server tools ({tool['type']!r}) are not supported")
+    schema = tool.get("input_schema")
+    if not isinstance(schema, dict):
+        raise _refuse(f"{where}.input_schema", "must be a JSON schema object")
+    function = {"name": tool["name"], "parameters": schema}
+    if isinstance(tool.get("description"), str):
+        function["description"] = tool["description"]
+    return {"type": "function", "function": function}
+
+
+def _tool_choice(choice):
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    if kind in ("auto", "any", "none"):
+        return {"auto": "auto", "any": "required", "none": "none"}[kind]
+    raise _refuse("tool_choice", "must be {type: auto|any|none} or {type: tool, name}")
+
+
+def _number(data: dict, name: str, high: float) -> None:
+    value = data.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= high:
+        raise _refuse(name, f"must be a number between 0 and {high:g}")
+
+
+def parse_messages(data: dict, coalesce_header: str | None = None) -> tuple[str, dict, bool, bool]:
+    """(model, normalized body, stream, coalesce) for an Anthropic Messages body; RequestError."""
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise _refuse("model", "a non-empty string is required")
+    max_tokens = data.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise _refuse("max_tokens", "a positive integer is required")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _refuse("messages", "must be a non-empty array")
+    normalized: list[dict] = []
+    system = data.get("system")
+    if system is not None:
+        text = _text_of(system, "system")
+        if text:
+            normalized.append({"role": "system", "content": text})
+    for i, msg in enumerate(messages):
+        normalized.extend(_message(i, msg))
+    body: dict = {"messages": normalized, "max_tokens": max_tokens}
+    _number(data, "temperature", 1)
+    _number(data, "top_p", 1)
+    for name in ("temperature", "top_p"):
+        if data.get(name) is not None:
+            body[name] = data[name]
+    top_k = data.get("top_k")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise _refuse("top_k", "must be a positive integer")
+        body["top_k"] = top_k
+    stop = data.get("stop_sequences")
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise _refuse("stop_sequences", "must be an array of strings")
+        if stop:
+            body["stop"] = stop
+    tools = data.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _refuse("tools", "must be an array")
+        if tools:
+            body["tools"] = [_tool(i, t) for i, t in enumerate(tools)]
+    if data.get("tool_choice") is not None:
+        body["tool_choice"] = _tool_choice(data["tool_choice"])
+    stream = data.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _refuse("stream", "must be true or false")
+    coalesce = data.get("coalesce", True)
+    if not isinstance(coalesce, bool):
+        raise _refuse("coalesce", "must be true or false")
+    if (coalesce_header or "").strip().lower() in ("off", "0", "false", "no"):
+        coalesce = False
+    return model, body, stream, coalesce
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+def stop_reason(reason: str | None) -> str:
+    return STOP_REASONS.get(reason or "stop", reason or "end_turn")
+
+
+def usage_of(usage: dict | None) -> dict:
+    usage = usage or {}
+    return {"input_tokens": usage.get("prompt_tokens") or 0, "output_tokens": usage.get("completion_tokens") or 0}
+
+
+def _tool_input(arguments: str) -> dict:
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _event(name: str, data: dict) -> bytes:
+    return f"event: {name}\ndata: ".encode() + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+PING = _event("ping", {"type": "ping"})
+
+
+class MessageRenderer(Renderer):
+    """sluice's stream events as Anthropic's Messages SSE events."""
+
+    def __init__(self, admission: Admission, model: str):
+        super().__init__(admission)
+        self.model = model
+        self.message_id = f"msg_{admission.request_id}"
+        self.started_sent = False
+        self.blocks = 0  # content blocks opened so far (the next one's index)
+        self.text_open = False
+        self.usage: dict | None = None
+
+    def opening(self) -> bytes:
+        return PING
+
+    def keepalive(self) -> bytes:
+        return PING
+
+    def started(self) -> bytes:
+        if self.started_sent:
+            return b""
+        self.started_sent = True
+        message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+                   "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
+        return _event("message_start", {"type": "message_start", "message": message})
+
+    def event(self, event: dict) -> bytes:
+        kind = event["type"]
+        if kind == ev.DELTA:
+            out = self.started()
+            if not self.text_open:
+                self.text_open = True
+                out += _event("content_block_start", {"type": "content_block_start", "index": self.blocks,
+                                                      "content_block": {"type": "text", "text": ""}})
+            return out + _event("content_block_delta", {"type": "content_block_delta", "index": self.blocks,
+                                                        "delta": {"type": "text_delta", "text": event["delta"]}})
+        if kind == ev.META and event.get("tool_calls"):
+            out = self.started() + self._close_text()
+            for call in event["tool_calls"]:
+                function = call.get("function") or {}
+                block = {"type": "tool_use", "id": call.get("id") or f"toolu_{self.blocks}",
+                         "name": function.get("name", ""), "input": {}}
+                index = self.blocks
+                self.blocks += 1
+                out += _event("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+                out += _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
+                    "type": "input_json_delta", "partial_json": function.get("arguments") or "{}"}})
+                out += _event("content_block_stop", {"type": "content_block_stop", "index": index})
+            return out
+        if kind == ev.USAGE:
+            self.usage = event["usage"]
+        elif kind == ev.DONE:
+            out = self.started() + self._close_text()
+            delta = {"stop_reason": stop_reason(event.get("finish_reason")), "stop_sequence": None}
+            out += _event("message_delta", {"type": "message_delta", "delta": delta,
+                                            "usage": usage_of(event.get("usage") or self.usage)})
+            return out + _event("message_stop", {"type": "message_stop"})
+        elif kind == ev.ERROR:
+            code = event.get("code", "error")
+            return _event("error", error_body(STATUS_FOR_CODE.get(code, 500), event.get("message", ""), code))
+        return b""  # other meta (citations, reasoning, ...) has no place in this format
+
+    def _close_text(self) -> bytes:
+        if not self.text_open:
+            return b""
+        self.text_open = False
+        index = self.blocks
+        self.blocks += 1
+        return _event("content_block_stop", {"type": "content_block_stop", "index": index})
+
+
+class Message:
+    """One non-streamed Message, built from an admission's events."""
+
+    def __init__(self, admission: Admission, model: str):
+        self.admission, self.model = admission, model
+        self.text: list[str] = []
+        self.tool_calls: list[dict] = []
+        self.usage: dict | None = None
+        self.end: dict | None = None
+
+    def add(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == ev.DELTA:
+            self.text.append(event["delta"])
+        elif kind == ev.META and event.get("tool_calls"):
+            self.tool_calls = event["tool_calls"]
+        elif kind == ev.USAGE:
+            self.usage = event["usage"]
+        elif ev.is_terminal(event):
+            self.end = event
+
+    def response(self) -> JSONResponse:
+        headers = {"x-request-id": self.admission.request_id}
+        end = self.end or ev.error("disconnected", "the client went away")
+        if end["type"] == ev.ERROR:
+            code = end.get("code", "error")
+            status = STATUS_FOR_CODE.get(code, 502)
+            if code == "upstream_4xx":
+                status = end.get("status") if end.get("status") in (400, 404, 413, 422) else 400
+            return error_response(status, code, end.get("message", ""), headers)
+        content: list[dict] = [{"type": "text", "text": "".join(self.text)}] if self.text or not self.tool_calls else []
+        for call in self.tool_calls:
+            function = call.get("function") or {}
+            content.append({"type": "tool_use", "id": call.get("id") or f"toolu_{len(content)}",
+                            "name": function.get("name", ""), "input": _tool_input(function.get("arguments", ""))})
+        body = {
+            "id": f"msg_{self.admission.request_id}",
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": content,
+            "stop_reason": stop_reason(end.get("finish_reason")),
+            "stop_sequence": None,
+            "usage": usage_of(end.get("usage") or self.usage),
+        }
+        return JSONResponse(body, headers=headers)
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+
+def routes(edge) -> list[Route]:
+    async def messages(request: Request):
+        if (denied := edge.authenticate(request)) is not None:
+            return reshaped(denied)
+        try:
+            edge.check_in_service()  # before reading a body this edge will not serve
+            data = await edge.json_body(request)
+            model, body, stream, coalesce = parse_messages(data, request.headers.get("x-sluice-coalesce"))
+            admission = await edge.admit(None, model, body, None, coalesce, request.state.key_id)
+        except Rejection as exc:
+            return rejection_response(exc)
+        if stream:
+            return SSEStream(admission, edge.settings["SLUICE_KEEPALIVE_S"], MessageRenderer(admission, model))
+        message = Message(admission, model)
+        async with admission.serving(request.scope, request.receive):
+            async for event in admission.events():
+                message.add(event)
+        return message.response()
+
+    return [Route("/v1/messages", messages, methods=["POST"])]
+

@@ -1,0 +1,401 @@
+"""The OpenAI Responses API: `POST /v1/responses` (streamed or not), so the `openai` SDK's
+`client.responses.create` works against sluice by changing only its base_url.
+
+Owns the translation between the Responses shapes and sluice's normalized body and
+events; the rest is every front end's path: `edge.authenticate`, `Edge.admit` (model
+routing and aliases, key limits, coalescing, pacing, the Pool, cancel, metrics), then
+rendering: the Responses SSE events on the shared transport (`ResponseRenderer` on
+`SSEStream`), or one Response object (`Response`).
+
+Requests (`parse_responses`): `input` is a string (one user message) or a list of items:
+messages (`role` user / assistant / system / developer — developer is system — with a
+string or `input_text` / `output_text` parts), `function_call` items (an assistant's
+OpenAI-style `tool_calls`) and `function_call_output` items (`tool` messages), which is the
+normalized body's shape for tools; `reasoning` items are dropped; any other item or part
+(images, files, ...) is refused with 422 naming it. `instructions` becomes the first
+system message; `max_output_tokens` is `max_tokens`; `temperature`, `top_p` are passed
+on; function `tools` ({type: function, name, description, parameters}) become chat tools
+and `tool_choice` its choice (never coalesced). sluice stores no responses: `store` is
+accepted and ignored (answers are never retrievable), `previous_response_id` is refused
+(422). `metadata`, `reasoning`, `text`, `user`, `parallel_tool_calls`, `truncation` are
+accepted and ignored.
+
+Streaming: `response.created` and `response.in_progress` as soon as the call is admitted
+(SSE comments `: ping` as keepalive), at the first text `response.output_item.added` and
+`response.content_part.added`, then `response.output_text.delta`s; at the end
+`response.output_text.done`, `response.content_part.done`, `response.output_item.done`,
+each tool call as a `function_call` item (added, `response.function_call_arguments.done`,
+done), then `response.completed` (or `response.incomplete` when the answer hit its token
+limit). Every event carries `sequence_number`. A failure after the 200 is one
+`response.failed` event whose response holds `error` {code, message}; no `[DONE]` (the
+Responses API sends none).
+
+Errors before streaming, and a non-streamed answer's failure, are OpenAI's shape with
+sluice's status and code (edge/openai_compat.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from edge.admission import Admission
+from edge.chat_request import RequestError
+from edge.openai_compat import STATUS_FOR_CODE, error_response, rejection_response
+from edge.rejections import Rejection
+from edge.sse_stream import Renderer, SSEStream
+from protocols import events as ev
+
+KEEPALIVE = b": ping\n\n"
+ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+TEXT_PARTS = ("input_text", "output_text", "text")
+IGNORED_ITEMS = ("reasoning",)
+
+
+def _refuse(where: str, message: str) -> RequestError:
+    return RequestError(422, "invalid_request", f"{where}: {message}")
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+def _content(content, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _refuse(where, "must be a string or an array of content parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise _refuse(f"{where}[{j}]", f"{kind or 'this'} parts are not supported (text only)")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _items(value) -> list[dict]:
+    """The normalized messages of `input` (consecutive function calls share one assistant turn)."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise _refuse("input", "must be a string or a non-empty array of items")
+    out: list[dict] = []
+    for i, item in enumerate(value):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise _refuse(where, "must be an object")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = ROLES.get(item.get("role"))
+            if role is None:
+                raise _refuse(f"{where}.role", "must be user, assistant, system or developer")
+            out.append({"role": role, "content": _content(item.get("content"), f"{where}.content")})
+        elif kind == "function_call":
+            if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
+                raise _refuse(where, "a function_call needs string call_id, name and arguments")
+            call = {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
+            last = out[-1] if out else None
+            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                last["tool_calls"].append(call)
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            if not isinstance(item.get("call_id"), str) or not isinstance(output, (str, list)):
+                raise _refuse(where, "a function_call_output needs a string call_id and output")
+            out.append({"role": "tool", "tool_call_id": item["call_id"], "content": _content(output, f"{where}.output")})
+        elif kind in IGNORED_ITEMS:
+            continue
+        else:
+            raise _refuse(f"{where}.type", f"{kind!r} items are not supported")
+    return out
+
+
+def _tool(i: int, tool) -> dict:
+    where = f"tools[{i}]"
+    if not isinstance(tool, dict) or tool.get("type") != "function":
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        raise _refuse(where, f"only function tools are supported{f', not {kind!r}' if kind else ''}")
+    if not isinstance(tool.get("name"), str) or not tool["name"]:
+        raise _refuse(f"{where}.name", "must be a non-empty string")
+    function = {"name": tool["name"], "parameters": tool.get("parameters") or {"type": "object", "properties": {}}}
+    if isinstance(tool.get("description"), str):
+        function["description"] = tool["description"]
+    return {"type": "function", "function": function}
+
+
+def _tool_choice(choice):
+    if choice in ("auto", "required", "none"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise _refuse("tool_choice", "must be auto, required, none or {type: function, name}")
+
+
+def _number(data: dict, name: str, high: float) -> None:
+    value = data.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= high:
+        raise _refuse(name, f"must be a number between 0 and {high:g}")
+
+
+def parse_responses(data: dict, coalesce_header: str | None = None) -> tuple[str | None, dict, bool, bool, dict]:
+    """(model, normalized body, stream, coalesce, echo) for a Responses body; RequestError.
+    `echo`: the request's settings the Response object repeats back."""
+    model = data.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise _refuse("model", "must be a non-empty string")
+    if data.get("previous_response_id") is not None:
+        raise _refuse("previous_response_id", "sluice stores no responses: send the whole conversation as input")
+    messages = _items(data.get("input"))
+    instructions = data.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise _refuse("instructions", "must be a string")
+        if instructions:
+            messages.insert(0, {"role": "system", "content": instructions})
+    body: dict = {"messages": messages}
+    max_tokens = data.get("max_output_tokens")
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise _refuse("max_output_tokens", "must be a positive integer")
+        body["max_tokens"] = max_tokens
+    _number(data, "temperature", 2)
+    _number(data, "top_p", 1)
+    for name in ("temperature", "top_p"):
+        if data.get(name) is not None:
+            body[name] = data[name]
+    tools = data.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _refuse("tools", "must be an array")
+        if tools:
+            body["tools"] = [_tool(i, t) for i, t in enumerate(tools)]
+    if data.get("tool_choice") is not None:
+        body["tool_choice"] = _tool_choice(data["tool_choice"])
+    stream = data.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _refuse("stream", "must be true or false")
+    coalesce = data.get("coalesce", True)
+    if not isinstance(coalesce, bool):
+        raise _refuse("coalesce", "must be true or false")
+    if (coalesce_header or "").strip().lower() in ("off", "0", "false", "no"):
+        coalesce = False
+    echo = {
+        "instructions": instructions,
+        "max_output_tokens": max_tokens,
+        "temperature": data.get("temperature"),
+        "top_p": data.get("top_p"),
+        "tools": tools or [],
+        "tool_choice": data.get("tool_choice") or "auto",
+        "metadata": data.get("metadata") if isinstance(data.get("metadata"), dict) else {},
+    }
+    return model, body, stream, coalesce, echo
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+def usage_of(usage: dict | None) -> dict:
+    usage = usage or {}
+    prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage.get("total_tokens") or prompt + completion,
+    }
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _function_item(call: dict, n: int) -> dict:
+    function = call.get("function") or {}
+    call_id = call.get("id") or f"call_{n}"
+    return {"type": "function_call", "id": f"fc_{call_id}", "call_id": call_id, "name": function.get("name", ""),
+            "arguments": function.get("arguments") or "{}", "status": "completed"}
+
+
+class _Shape:
+    """The Response object as it grows: the same for both renderings."""
+
+    def __init__(self, admission: Admission, model: str, created: int, echo: dict):
+        self.id = f"resp_{admission.request_id}"
+        self.message_id = f"msg_{admission.request_id}"
+        self.model, self.created, self.echo = model, created, echo
+        self.text: list[str] = []
+        self.tool_calls: list[dict] = []
+        self.usage: dict | None = None
+
+    def message_item(self, status: str) -> dict:
+        content = [_text_part("".join(self.text))] if status == "completed" else []
+        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
+
+    def output(self) -> list[dict]:
+        out = [self.message_item("completed")] if self.text or not self.tool_calls else []
+        return out + [_function_item(call, n) for n, call in enumerate(self.tool_calls)]
+
+    def response(self, status: str, end: dict | None = None) -> dict:
+        """The Response object: "in_progress" (no output yet), "completed", "incomplete", "failed"."""
+        finished = status in ("completed", "incomplete")
+        error = None
+        if status == "failed" and end is not None:
+            error = {"code": end.get("code", "error"), "message": end.get("message", "")}
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "model": self.model,
+            "output": self.output() if finished else [],
+            "usage": usage_of((end or {}).get("usage") or self.usage) if finished else None,
+            "error": error,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "parallel_tool_calls": True,
+            "text": {"format": {"type": "text"}},
+            "store": False,
+            **self.echo,
+        }
+
+
+def _ending(end: dict) -> str:
+    return "incomplete" if end.get("finish_reason") == "length" else "completed"
+
+
+class ResponseRenderer(Renderer):
+    """sluice's stream events as the Responses API's SSE events."""
+
+    def __init__(self, admission: Admission, model: str, created: int, echo: dict):
+        super().__init__(admission)
+        self.shape = _Shape(admission, model, created, echo)
+        self.sequence = 0
+        self.message_open = False
+
+    def opening(self) -> bytes:
+        return (self._event("response.created", response=self.shape.response("in_progress"))
+                + self._event("response.in_progress", response=self.shape.response("in_progress")))
+
+    def keepalive(self) -> bytes:
+        return KEEPALIVE
+
+    def event(self, event: dict) -> bytes:
+        kind = event["type"]
+        shape = self.shape
+        if kind == ev.DELTA:
+            out = self._open_message()
+            shape.text.append(event["delta"])
+            return out + self._event("response.output_text.delta", item_id=shape.message_id, output_index=0,
+                                     content_index=0, delta=event["delta"], logprobs=[])
+        if kind == ev.META and event.get("tool_calls"):
+            shape.tool_calls = event["tool_calls"]
+        elif kind == ev.USAGE:
+            shape.usage = event["usage"]
+        elif kind == ev.DONE:
+            out = b""
+            if shape.text or not shape.tool_calls:
+                out += self._open_message() + self._close_message()
+            first = 1 if shape.text or not shape.tool_calls else 0
+            for n, call in enumerate(shape.tool_calls):
+                item = _function_item(call, n)
+                index = first + n
+                out += self._event("response.output_item.added", output_index=index, item={**item, "status": "in_progress"})
+                out += self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                                   arguments=item["arguments"])
+                out += self._event("response.output_item.done", output_index=index, item=item)
+            status = _ending(event)
+            return out + self._event(f"response.{status}", response=shape.response(status, event))
+        elif kind == ev.ERROR:
+            return self._event("response.failed", response=shape.response("failed", event))
+        return b""  # other meta (citations, reasoning, ...) has no place in this format
+
+    def _open_message(self) -> bytes:
+        if self.message_open:
+            return b""
+        self.message_open = True
+        shape = self.shape
+        return (self._event("response.output_item.added", output_index=0, item=shape.message_item("in_progress"))
+                + self._event("response.content_part.added", item_id=shape.message_id, output_index=0,
+                              content_index=0, part=_text_part("")))
+
+    def _close_message(self) -> bytes:
+        shape = self.shape
+        text = "".join(shape.text)
+        return (self._event("response.output_text.done", item_id=shape.message_id, output_index=0, content_index=0,
+                            text=text, logprobs=[])
+                + self._event("response.content_part.done", item_id=shape.message_id, output_index=0,
+                              content_index=0, part=_text_part(text))
+                + self._event("response.output_item.done", output_index=0, item=shape.message_item("completed")))
+
+    def _event(self, kind: str, **fields) -> bytes:
+        data = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return f"event: {kind}\ndata: ".encode() + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+class Response:
+    """One non-streamed Response object, built from an admission's events."""
+
+    def __init__(self, admission: Admission, model: str, created: int, echo: dict):
+        self.admission = admission
+        self.shape = _Shape(admission, model, created, echo)
+        self.end: dict | None = None
+
+    def add(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == ev.DELTA:
+            self.shape.text.append(event["delta"])
+        elif kind == ev.META and event.get("tool_calls"):
+            self.shape.tool_calls = event["tool_calls"]
+        elif kind == ev.USAGE:
+            self.shape.usage = event["usage"]
+        elif ev.is_terminal(event):
+            self.end = event
+
+    def response(self) -> JSONResponse:
+        headers = {"x-request-id": self.admission.request_id}
+        end = self.end or ev.error("disconnected", "the client went away")
+        if end["type"] == ev.ERROR:
+            code = end.get("code", "error")
+            status = STATUS_FOR_CODE.get(code, 502)
+            if code == "upstream_4xx":
+                status = end.get("status") if end.get("status") in (400, 404, 413, 422) else 400
+            return error_response(status, code, end.get("message", ""), headers)
+        return JSONResponse(self.shape.response(_ending(end), end), headers=headers)
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+
+def routes(edge) -> list[Route]:
+    async def responses(request: Request):
+        if (denied := edge.authenticate(request)) is not None:
+            return denied
+        created = int(time.time())
+        try:
+            edge.check_in_service()  # before reading a body this edge will not serve
+            data = await edge.json_body(request)
+            model, body, stream, coalesce, echo = parse_responses(data, request.headers.get("x-sluice-coalesce"))
+            admission = await edge.admit(None, model, body, None, coalesce, request.state.key_id)
+        except Rejection as exc:
+            return rejection_response(exc)
+        shown = model or f"{admission.provider}/{admission.model}"
+        if stream:
+            renderer = ResponseRenderer(admission, shown, created, echo)
+            return SSEStream(admission, edge.settings["SLUICE_KEEPALIVE_S"], renderer)
+        answer = Response(admission, shown, created, echo)
+        async with admission.serving(request.scope, request.receive):
+            async for event in admission.events():
+                answer.add(event)
+        return answer.response()
+
+    return [Route("/v1/responses", responses, methods=["POST"])]

@@ -1,0 +1,146 @@
+"""POST /v1/responses (edge/responses_compat.py) driven by the official `openai` SDK,
+unmodified (`responses.create`, streamed and not), against the real gateway in front of
+the simulated provider."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import uuid
+
+import openai
+import pytest
+
+from sim import formats
+from tests.support import SSEClient, get_json, wait_until
+
+pytestmark = pytest.mark.integration
+
+DOCUMENTED = [
+    "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+    "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+    "response.output_item.done", "response.completed",
+]
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=20) as c:
+        yield c
+
+
+def unique(directive: str) -> str:
+    return f"responses {uuid.uuid4().hex[:10]}\n#sim {directive}"
+
+
+def expected(conversation: list[dict], n: int) -> str:
+    return "".join(formats.make_tokens(conversation, n))
+
+
+def sim_calls(gateway, text: str) -> list[dict]:
+    marker = text.split("\n")[0]
+    return [r for r in get_json(gateway.sim + "/stats")[1]["requests"] if marker in json.dumps(r["body"])]
+
+
+def test_non_streamed_response(client, gateway):
+    text = unique("tokens=5")
+    response = client.responses.create(model="sim-1", input=text, instructions="Be brief.", max_output_tokens=64)
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    assert response.object == "response" and response.id.startswith("resp_") and response.status == "completed"
+    assert response.output_text == expected(conversation, 5)
+    assert response.output[0].type == "message" and response.output[0].content[0].type == "output_text"
+    assert response.usage.output_tokens == 5 and response.usage.total_tokens > 5
+    assert response.instructions == "Be brief." and response.max_output_tokens == 64
+    upstream = sim_calls(gateway, text)[0]["body"]
+    assert upstream["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+def test_streamed_response_yields_the_documented_events(client):
+    text = unique("tokens=3")
+    items = [{"role": "developer", "content": "Terse."}, {"role": "user", "content": [{"type": "input_text", "text": text}]}]
+    events = list(client.responses.create(model="sim-1", input=items, stream=True))
+    kinds = [e.type for e in events]
+    assert [k for i, k in enumerate(kinds) if k not in kinds[:i]] == DOCUMENTED
+    assert kinds.count("response.output_text.delta") == 3
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    conversation = [{"role": "system", "content": "Terse."}, {"role": "user", "content": text}]
+    answer = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert answer == expected(conversation, 3)
+    done = events[-1].response
+    assert done.status == "completed" and done.output_text == answer and done.usage.output_tokens == 3
+
+
+def test_the_sdk_stream_helper_accumulates_the_answer(client):
+    text = unique("tokens=4")
+    with client.responses.stream(model="sim-1", input=text) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_response()
+    assert final.output_text == expected([{"role": "user", "content": text}], 4)
+
+
+def test_function_call_items_map_to_the_normalized_tool_shape(client, gateway):
+    text = unique("tokens=2")
+    items = [
+        {"role": "user", "content": "weather?"},
+        {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        {"role": "user", "content": text},
+    ]
+    tools = [{"type": "function", "name": "weather", "parameters": {"type": "object", "properties": {}}}]
+    client.responses.create(model="sim-1", input=items, tools=tools)
+    upstream = sim_calls(gateway, text)[0]["body"]
+    assert upstream["messages"][1]["tool_calls"][0]["id"] == "call_1"
+    assert upstream["messages"][2] == {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
+    assert upstream["tools"][0]["function"]["name"] == "weather"
+
+
+def test_errors(client):
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.responses.create(model="sim-1", input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}])
+    assert "input[0].content[0]" in info.value.message and info.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.responses.create(model="sim-1", input="hi", previous_response_id="resp_1")
+    with pytest.raises(openai.InternalServerError):
+        client.responses.create(model="sim-1", input=unique("fail=500"))
+    events = list(client.responses.create(model="sim-1", input=unique("tokens=8 fail=error_mid"), stream=True))
+    assert events[-1].type == "response.failed"
+    assert events[-1].response.status == "failed" and events[-1].response.error.code == "upstream_5xx"
+
+
+def test_closing_the_stream_aborts_the_upstream_call(client, gateway):
+    text = unique("tokens=500 token_interval_ms=20")
+    stream = client.responses.create(model="sim-1", input=text, stream=True)
+    deltas = 0
+    for event in stream:
+        deltas += event.type == "response.output_text.delta"
+        if deltas >= 2:
+            break
+    stream.close()
+
+    def cancelled():
+        ids = {r["call_id"] for r in sim_calls(gateway, text)}
+        return [c for c in get_json(gateway.sim + "/stats")[1]["cancellations"] if c["call_id"] in ids]
+
+    observed = wait_until(cancelled, timeout=5, message="the sim to see the call cancelled")
+    assert observed[0]["tokens_sent"] < 500
+
+
+def test_identical_streams_coalesce_and_show_in_metrics(gateway):
+    text = unique("ttft_ms=600 tokens=3")
+    body = {"model": "sim-1", "input": text, "stream": True}
+    perf = gateway.url + "/api/metrics/performance?last_n=100000"
+    before = get_json(perf)[1]["coalesce"]["followers"]
+
+    def one():
+        client = SSEClient(gateway.url + "/v1/responses", body)
+        try:
+            return client.read_all()
+        finally:
+            client.close()
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        streams = list(pool.map(lambda _: one(), range(6)))
+    assert all(events[-1][0] == "response.completed" for events in streams)
+    assert len(sim_calls(gateway, text)) == 1
+    wait_until(lambda: get_json(perf)[1]["coalesce"]["followers"] >= before + 5, timeout=10,
+               message="the followers in /api/metrics/performance")

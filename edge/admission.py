@@ -16,6 +16,13 @@ the admission), `delta`, `meta`, `usage`, and exactly one terminal `done` / `err
 without a terminal when the client has gone. A follower without fan-out gets its deltas
 held back and then in one delta before the terminal. Front ends only render.
 
+Every event of the stream that this client gets carries its index in the stream as
+`event[EVENT_ID]` (the flight's events are the stream's from the first, so the index is
+the same for every client of a coalesced stream; SSE renders it as `id:`). A resumable
+admission (`resumable`) whose client disconnects is parked by `Edge._release` rather than
+released; `resume(after)` makes it serve again from the event after `after`, and the
+front end's `app` serves it on the new connection (docs/architecture.md "Resumable streams").
+
 `close()` is the one place a client's stream ends: it leaves the flight (the last local
 client gives the edge's reference back), charges the client key its tokens and releases
 its stream slot, and sends the request record to Metrics. It runs once, on every path,
@@ -43,6 +50,7 @@ from edge.streams import Subscriber
 from protocols import events as ev
 from protocols import trace
 
+EVENT_ID = "_id"  # an event's index in its stream, set on the (shared) event dict
 _GONE = {"type": "_client_gone"}  # queued by the watcher when the client disconnects
 DISCONNECTED = {"outcome": "cancelled", "error_code": "disconnected"}
 SERVED = ("provider", "model", "key", "fallback_from")  # who answered, from the Pool's started event
@@ -71,6 +79,10 @@ class Admission:
         self.outcome: dict = {"outcome": "error", "error_code": "disconnected"}
         self.closed = False
         self._held: list[str] = []
+        self.next_id = 0  # the stream index of the next stream event in the client's queue
+        self.parked = False  # disconnected and kept for a resume (Edge._release)
+        self.app: Callable | None = None  # the ASGI app serving it: served again on a resume
+        self.on_expiry: Callable[[], None] | None = None  # the front end's end, parked and never resumed
 
     # --- who -------------------------------------------------------------------------------
     @property
@@ -88,6 +100,10 @@ class Admission:
     @property
     def model(self) -> str:
         return self.sub.model
+
+    @property
+    def resumable(self) -> bool:
+        return self.sub.resumable
 
     @property
     def stream_id(self) -> str | None:
@@ -123,7 +139,11 @@ class Admission:
                 self.outcome = dict(DISCONNECTED)
                 return
             batch: list[dict] = []
+            received = self.received()
             for event in items:
+                if self.next_id < len(received) and received[self.next_id] is event:
+                    event[EVENT_ID] = self.next_id  # the same for every client of the stream
+                    self.next_id += 1
                 self._normalize(event, batch)
                 trace.stamp("rendered", "edge", self.sub.request_id, event)
                 if ev.is_terminal(event):
@@ -136,7 +156,9 @@ class Admission:
     def _normalize(self, event: dict, batch: list[dict]) -> None:
         """Append what this client gets of `event` to `batch`."""
         kind = event.get("type")
-        if kind == ev.STARTED:
+        if kind == ev.STARTED and self.first_byte_at is not None:
+            pass  # a resumed client's replay: measured the first time
+        elif kind == ev.STARTED:
             # TTFT as the client sees it: until this edge writes the first byte (the front
             # end renders and writes this batch next), on the edge's clock; a follower that
             # joined after the first byte waits for the replay only.
@@ -156,6 +178,20 @@ class Admission:
                 batch.append(ev.delta("".join(self._held)))
                 self._held = []
         batch.append(event)
+
+    def resume(self, after: int) -> None:
+        """A parked client is back (Edge.resume): its stream goes on from the event after
+        index `after` (its Last-Event-ID; -1: from the first), the live ones following,
+        each once. The queue is rebuilt from the flight's events in one step of the loop:
+        no live event can slip in between."""
+        queue = self.sub.queue
+        while not queue.empty():
+            queue.get_nowait()
+        self.sub.push(self.received()[after + 1 :])
+        self.next_id = after + 1
+        self._held = []
+        self.parked = self.closed = False
+        self.outcome = {"outcome": "error", "error_code": "disconnected"}
 
     # --- the client's side -----------------------------------------------------------------
     @contextlib.asynccontextmanager

@@ -82,6 +82,7 @@ class Edge:
         self.streams: LocalStreams | None = None
         self.records: RecordSender | None = None
         self._refresher: asyncio.Task | None = None
+        self.parked: dict[str, Admission] = {}  # request id -> a resumable stream whose client is gone
 
     # --- lifecycle --------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -101,6 +102,7 @@ class Edge:
             yield
         finally:
             self.begin_shutdown()
+            self.streams.end_parked()  # their records go out with the rest
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
             await self.streams.close()
@@ -241,9 +243,29 @@ class Edge:
         return Admission(sub, body, self.shutting_down, self._release)
 
     def _release(self, admission: Admission, outcome: dict) -> None:
-        """A client's stream has ended (Admission.close): everything admit took is given back."""
+        """A client's stream has ended (Admission.close): everything admit took is given back;
+        a resumable one whose client disconnected is parked instead (it ends in `_expired`)."""
         sub = admission.sub
+        if sub.resumable and outcome.get("error_code") == "disconnected" and not self.shutting_down.is_set():
+            admission.parked = True
+            self.parked[sub.request_id] = admission
+            grace_s = self.settings.get("SLUICE_RESUME_GRACE_S", 30.0)
+            self.streams.park(sub, grace_s, lambda: self._expired(admission, outcome))
+            return
         self.streams.leave(sub)
+        self._finish(admission, outcome)
+
+    def _expired(self, admission: Admission, outcome: dict) -> None:
+        """A parked stream nobody resumed (it has left its flight): recorded as it ended."""
+        self.parked.pop(admission.request_id, None)
+        admission.parked = False
+        self._finish(admission, outcome)
+        if admission.on_expiry is not None:
+            admission.on_expiry()
+
+    def _finish(self, admission: Admission, outcome: dict) -> None:
+        """The request is over for good: its key is charged and its one record sent."""
+        sub = admission.sub
         if sub.key_id is not None:  # open access charges nothing: skip the count
             self.finish_key(sub.key_id, outcome["outcome"], stream_tokens(admission.body, admission.received()))
         self._record(sub.request_id, sub.role, sub.received_at, outcome, sub.key_id)
@@ -296,7 +318,46 @@ class Edge:
             )
         except Rejection as exc:
             return rejection_response(exc)
-        return SSEStream(admission, self.settings["SLUICE_KEEPALIVE_S"])
+        return self.resumable(admission, SSEStream(admission, self.settings["SLUICE_KEEPALIVE_S"]),
+                              chat.resumable or opted_in(request))
+
+    def resumable(self, admission: Admission, app, resumable: bool):
+        """Returns `app`, the ASGI app serving `admission`; with `resumable` a disconnect
+        parks the stream and `GET /api/chat/{request_id}/events` serves it with `app` again."""
+        admission.sub.resumable = resumable
+        admission.app = app
+        return app
+
+    async def resume(self, request: Request):
+        """`GET /api/chat/{request_id}/events`: a parked resumable stream, from the event
+        after `Last-Event-ID` (header, or `?last_event_id=`; none: from the first)."""
+        if (denied := self.authenticate(request)) is not None:
+            return denied
+        request_id, key_id = request.path_params["request_id"], request.state.key_id
+        raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id") or "-1"
+        try:
+            after = int(raw)
+        except ValueError:
+            return error_response(422, "invalid_request", f"Last-Event-ID must be an event id (an integer), got {raw!r}")
+        admission = self.parked.get(request_id)
+        if admission is None or admission.sub.key_id != key_id:  # another key's: as unknown
+            sub = self.streams.by_request.get(request_id)
+            if admission is None and sub is not None and sub.resumable and sub.key_id == key_id:
+                return error_response(409, "still_streaming", f"request {request_id!r} is still streaming to its "
+                                      "first connection; retry once that one is gone", {"Retry-After": "1"})
+            where = " (with several workers a resume must reach the worker that served the request)" \
+                if self.settings.get("SLUICE_WORKERS", 1) > 1 else ""
+            return error_response(404, "not_found", f"no resumable stream with request id {request_id!r}: unknown, "
+                                  f"not resumable, or its SLUICE_RESUME_GRACE_S has passed{where}")
+        known = len(admission.received())
+        if not -1 <= after < known:
+            return error_response(422, "invalid_request", f"Last-Event-ID {after} is not an event of this stream "
+                                  f"(ids 0..{known - 1} so far)")
+        if not self.streams.resume(admission.sub):  # its deadline passed this very moment
+            return error_response(404, "not_found", f"no resumable stream with request id {request_id!r}")
+        del self.parked[request_id]
+        admission.resume(after)
+        return admission.app
 
     async def cancel(self, request: Request):
         if (denied := self.authenticate(request)) is not None:
@@ -415,6 +476,11 @@ def _error_shape(path: str):
     return error_response
 
 
+def opted_in(request: Request) -> bool:
+    """`X-Sluice-Resumable: 1` (or true/yes/on) opts a stream in to resuming."""
+    return request.headers.get("x-sluice-resumable", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed"}
     message = {404: f"no route for {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
@@ -434,6 +500,7 @@ def create_app(settings: dict) -> tuple[Starlette, Edge]:
     routes = [
         Route("/api/chat", edge.chat, methods=["POST"]),
         Route("/api/chat/{request_id}/cancel", edge.cancel, methods=["POST"]),
+        Route("/api/chat/{request_id}/events", edge.resume, methods=["GET"]),
         Route("/healthz", edge.healthz, methods=["GET"]),
         Route("/readyz", edge.readyz, methods=["GET"]),
         Route("/api/metrics/performance", edge.performance, methods=["GET"]),

@@ -32,6 +32,7 @@ class ChatRequest:
     body: dict  # messages + output params + tools: what goes upstream
     thread_id: str | None
     coalesce: bool
+    resumable: bool = False  # "resumable": true, or X-Sluice-Resumable: 1 (edge/app.py)
 
 
 def check_content_type(content_type: str | None) -> None:
@@ -98,6 +99,9 @@ def parse_chat(data: dict, coalesce_header: str | None = None) -> ChatRequest:
         raise RequestError(422, "invalid_request", "'coalesce' must be true or false")
     if (coalesce_header or "").strip().lower() in ("off", "0", "false", "no"):
         coalesce = False
+    resumable = data.get("resumable", False)
+    if not isinstance(resumable, bool):
+        raise RequestError(422, "invalid_request", "'resumable' must be true or false")
     body = {"messages": messages}
     for name in OUTPUT_PARAMS + NON_IDEMPOTENT:
         if data.get(name) is not None and name != "system":
@@ -108,4 +112,5 @@ def parse_chat(data: dict, coalesce_header: str | None = None) -> ChatRequest:
         body=body,
         thread_id=_optional_str(data, "thread_id"),
         coalesce=coalesce,
+        resumable=resumable,
     )

@@ -19,7 +19,14 @@ Clients are opaque handles of the host (hashable by identity). The effects:
 `Send(shard, Submit | Cancel)`; `Listen(flight)` / `Unlisten(flight)` at the hub (the host
 calls `listened` or `listen_failed` when the subscription is in place or failed, and feeds
 the hub's frames to `frame`); `Push(client, events)`; `Admit(client, role, fanout)` (the
-client's response may start: after any Push before it); `Refuse(client, rejected)`.
+client's response may start: after any Push before it); `Refuse(client, rejected)`;
+`Wake(client, at)` (call `expire(client, now)` at `at`).
+
+A resumable client that disconnects is *parked* (`park`) instead of leaving: it stays a
+client of its flight (the edge's reference at the Coalescer stays, the upstream call goes
+on, its events keep arriving) until `resume` takes it back or its deadline passes
+(`expire`: then it leaves, as it would have at the disconnect). See docs/architecture.md
+"Resumable streams".
 """
 from __future__ import annotations
 
@@ -82,6 +89,14 @@ class Admit:
 
 
 @dataclass(frozen=True, slots=True)
+class Wake:
+    """Call `expire(client, now)` at `at` (a parked client's deadline)."""
+
+    client: Hashable
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Refuse:
     client: Hashable
     rejected: m.Rejected
@@ -95,6 +110,7 @@ class EdgeFlights:
         self.flight_of: dict[Hashable, tuple[m.Submit, Flight]] = {}  # client -> (its request, flight)
         self.submits: dict[str, Flight] = {}  # request id -> the flight its Submit awaits
         self.coalesce_enabled = True  # as the Coalescer last said (Admitted.coalesce)
+        self.parked: dict[Hashable, float] = {}  # disconnected resumable client -> its deadline
 
     # --- clients ------------------------------------------------------------------------
     def join(self, client: Hashable, submit: m.Submit, now: float) -> list:
@@ -119,6 +135,7 @@ class EdgeFlights:
 
     def leave(self, client: Hashable, now: float) -> list:
         """A client is gone (finished, disconnected, cancelled or refused)."""
+        self.parked.pop(client, None)
         submit, flight = self.flight_of.pop(client, (None, None))
         if flight is None:
             return []
@@ -131,6 +148,35 @@ class EdgeFlights:
         if flight.stream_id is not None:
             return self._abandon(flight, now)
         return []  # still being admitted: the answer gives the reference back
+
+    def park(self, client: Hashable, now: float, grace_s: float) -> list:
+        """A resumable client disconnected: it keeps its place (and its flight keeps the
+        edge's reference) until `now + grace_s`; a finished flight's events stay for it too."""
+        if client not in self.flight_of:
+            return []
+        at = now + grace_s
+        self.parked[client] = at
+        return [Wake(client, at)]
+
+    def is_parked(self, client: Hashable) -> bool:
+        return client in self.parked
+
+    def resume(self, client: Hashable, now: float) -> bool:
+        """A parked client is back before its deadline (True); False if it is not parked."""
+        at = self.parked.get(client)
+        if at is None or at < now:
+            return False
+        del self.parked[client]
+        return True
+
+    def expire(self, client: Hashable, now: float) -> list | None:
+        """A parked client's deadline: if still parked and due, it leaves (the effects of
+        `leave`, possibly the flight's Cancel); None when nothing is due (resumed meanwhile,
+        or parked again with a later deadline)."""
+        at = self.parked.get(client)
+        if at is None or at > now:
+            return None
+        return self.leave(client, now)
 
     # --- the Coalescer's answers ------------------------------------------------------------
     def answer(self, request_id: str, reply, now: float) -> list:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from edge.admission import Admission
+from edge.admission import EVENT_ID, Admission
 from protocols import events as ev
 from protocols.sse import PING, frame
 
@@ -50,8 +50,21 @@ class Renderer:
         raise NotImplementedError
 
 
+def id_line(event: dict) -> bytes:
+    """`id: <n>` for an event of the stream (its index: the same for every client, and what
+    a resume's Last-Event-ID names); nothing for the edge's own (a client's cancel)."""
+    n = event.get(EVENT_ID)
+    return b"" if n is None else b"id: %d\n" % n
+
+
 class SluiceRenderer(Renderer):
-    """sluice's own format: meta, delta, usage, done / error as `data:` JSON frames."""
+    """sluice's own format: meta, delta, usage, done / error as `data:` JSON frames, each
+    with its `id:` (edge/admission.py EVENT_ID)."""
+
+    def render(self, event: dict) -> bytes:
+        if event.get("type") == ev.STARTED:
+            return id_line(event) + self.started()
+        return self.event(event)
 
     def started(self) -> bytes:
         a = self.admission
@@ -82,7 +95,8 @@ class SluiceRenderer(Renderer):
         # one json.dumps per delta, not 1,000.
         data = event.get(_FRAME)
         if data is None:
-            data = event[_FRAME] = frame(event)
+            payload = {k: v for k, v in event.items() if k != EVENT_ID} if EVENT_ID in event else event
+            data = event[_FRAME] = id_line(event) + frame(payload)
         return data
 
 

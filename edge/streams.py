@@ -7,6 +7,10 @@ logic, run by the simulation too). This module hosts it: a client's `join` waits
 own future until the logic admits or refuses it, the Coalescer is asked over the bridge,
 the hub client subscribes, and every Cancel is a task owned here. A burst of N identical
 requests costs O(1) actor messages; every client of a stream sees the same events.
+
+A resumable client that disconnects is parked (`park`): the logic keeps its place, a timer
+here ends it at its deadline (`expire`, then the caller's `ended`), and `resume` takes it
+back first (docs/architecture.md "Resumable streams").
 """
 from __future__ import annotations
 
@@ -14,11 +18,12 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edge.bridge import ActorBridge, BridgeError
 from edge.dataplane import HubClients
-from edge.flights import Admit, EdgeFlights, Flight, Listen, Push, Refuse, Unlisten
+from edge.flights import Admit, EdgeFlights, Flight, Listen, Push, Refuse, Unlisten, Wake
 from edge.rejections import Rejection
 from protocols import events as ev
 from protocols import messages as m
@@ -43,6 +48,7 @@ class Subscriber:
     admitted: asyncio.Future | None = None  # resolved when the flight logic admits (or refuses) it
     outcome: str | None = None
     key_id: str | None = None  # the API key that owns this request (None: open access)
+    resumable: bool = False  # a disconnect parks it for a resume instead of leaving
 
     def push(self, events: list[dict]) -> None:
         for event in events:
@@ -59,6 +65,7 @@ class LocalStreams:
         self.idle = asyncio.Event()  # set while no client is open (a drain waits on it)
         self.idle.set()
         self._tasks: set[asyncio.Task] = set()
+        self._parked: dict[Subscriber, tuple[Callable[[], None], asyncio.TimerHandle | None]] = {}
 
     @property
     def by_key(self) -> dict[str, Flight]:
@@ -94,6 +101,41 @@ class LocalStreams:
         if not self.logic.by_request:
             self.idle.set()
 
+    def park(self, sub: Subscriber, grace_s: float, ended: Callable[[], None]) -> None:
+        """A resumable client disconnected: its place (and the upstream call) is kept for
+        `grace_s`; if nobody resumes it by then it leaves, and `ended()` runs."""
+        self._parked[sub] = (ended, None)
+        self._apply(self.logic.park(sub, time.time(), grace_s))
+
+    def resume(self, sub: Subscriber) -> bool:
+        """A parked client is back (False: it is not parked, or its deadline has passed)."""
+        if not self.logic.resume(sub, time.time()):
+            return False
+        _, timer = self._parked.pop(sub)
+        if timer is not None:
+            timer.cancel()
+        return True
+
+    def is_parked(self, sub: Subscriber) -> bool:
+        return self.logic.is_parked(sub)
+
+    def _expire(self, sub: Subscriber, now: float) -> None:
+        effects = self.logic.expire(sub, now)
+        if effects is None:
+            return
+        ended, timer = self._parked.pop(sub)
+        if timer is not None:
+            timer.cancel()
+        self._apply(effects)
+        if not self.logic.by_request:
+            self.idle.set()
+        ended()
+
+    def end_parked(self) -> None:
+        """Every parked client leaves now (the edge shuts down)."""
+        for sub in list(self._parked):
+            self._expire(sub, now=float("inf"))
+
     def stray_answer(self, shard: str, answer) -> None:
         """A second answer to a Submit (asked again of a replaced shard, edge/bridge.py)."""
         self._apply(self.logic.stray_answer(shard, answer, time.time()))
@@ -103,7 +145,10 @@ class LocalStreams:
         sub = self.logic.by_request.get(request_id)
         if sub is None or sub.key_id != key_id:
             return False
-        sub.cancel()
+        if self.logic.is_parked(sub):  # nobody reads its queue: it ends now
+            self._expire(sub, now=float("inf"))
+        else:
+            sub.cancel()
         return True
 
     # --- carrying out the logic's effects ------------------------------------------------
@@ -121,6 +166,12 @@ class LocalStreams:
                 if not effect.client.admitted.done():
                     effect.client.admitted.set_exception(Rejection(r.status, r.code, r.message, r.retry_after_s))
                     effect.client.admitted.exception()  # the waiting client re-raises it; mark it retrieved
+            elif isinstance(effect, Wake):
+                ended, _ = self._parked[effect.client]
+                delay = max(0.0, effect.at - time.time())
+                # at its deadline (a timer may fire a hair early: the deadline is the clock)
+                timer = asyncio.get_running_loop().call_later(delay, self._expire, effect.client, effect.at)
+                self._parked[effect.client] = (ended, timer)
             elif isinstance(effect, Listen):
                 self.spawn(self._listen(effect.flight))
             elif isinstance(effect, Unlisten):

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from edge.admission import Admission
-from edge.app import Edge, error_response, rejection_response
+from edge.app import Edge, error_response, opted_in, rejection_response
 from edge.bridge import BridgeError
 from edge.rejections import Rejection
 from edge.sse_stream import SSEStream
@@ -66,6 +66,9 @@ class ThreadRoutes:
         content = data.get("content")
         if not isinstance(content, str) or not content.strip():
             return error_response(422, "invalid_request", "'content' must be a non-empty string")
+        resumable = data.get("resumable", False)
+        if not isinstance(resumable, bool):
+            return error_response(422, "invalid_request", "'resumable' must be true or false")
         for name in ("provider", "model"):
             if data.get(name) is not None and not isinstance(data[name], str):
                 return error_response(422, "invalid_request", f"'{name}' must be a string")
@@ -87,7 +90,7 @@ class ThreadRoutes:
             if self._release(assistant_id):
                 edge.streams.spawn(edge.bridge.tell("threads", m.TurnEnd(assistant_id, "", "cancelled")))
             raise
-        return self._reply(assistant_id, admission)
+        return edge.resumable(admission, self._reply(assistant_id, admission), resumable or opted_in(request))
 
     def _reply(self, assistant_id: int, admission: Admission):
         """The reply as sluice's SSE, stored before its terminal event is written."""
@@ -100,8 +103,11 @@ class ThreadRoutes:
         async def reply(scope, receive, send) -> None:
             try:
                 await stream(scope, receive, send)
-            finally:  # the admission is closed by now, with its outcome
-                self._ended(assistant_id, admission)
+            finally:  # the admission is closed by now, with its outcome (or parked for a resume)
+                if admission.parked:
+                    admission.on_expiry = lambda: self._ended(assistant_id, admission)
+                else:
+                    self._ended(assistant_id, admission)
 
         return reply
 

@@ -167,6 +167,8 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
     "SLUICE_PROVIDER": ("simulated", _provider, "default provider for requests that name none"),
     "SLUICE_SIM_PORT": ("0", _port, "port of the built-in simulated provider (0 = any free port)"),
     "SLUICE_KEEPALIVE_S": ("15", _positive(float), "seconds between keepalive pings on a waiting SSE stream"),
+    "SLUICE_RESUME_GRACE_S": ("30", _positive(float), "seconds a resumable stream's upstream call goes on after its "
+                              "client disconnected, waiting for GET /api/chat/{request_id}/events"),
     "SLUICE_MAX_BODY_BYTES": ("1048576", _positive(int), "largest accepted request body (413 beyond)"),
     "SLUICE_HEADER_TIMEOUT_S": ("10", _positive(float), "seconds a connection may take to send complete request headers (closed beyond)"),
     "SLUICE_MAX_CONNECTIONS_PER_CLIENT": ("256", _non_negative(int), "open connections one client address may hold; more get a 503 (0 = no cap)"),

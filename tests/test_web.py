@@ -9,10 +9,13 @@ installs Debian's `chromium`; Playwright's own browser download is never used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -271,6 +274,84 @@ def test_stop_mid_stream_cancels_the_upstream_call(web, context):
     wait_until(lambda: cancellations_for(web, text), timeout=15, message="the simulated provider saw the cancel")
     assert len(calls_for(web, text)) == 1
     assert page.is_enabled("#send") and not page.is_enabled("#stop")
+
+
+class CuttingProxy:
+    """A loopback TCP proxy in front of the gateway that cuts, once, the first connection
+    whose response has carried `after` delta frames: a real network drop mid-answer (the
+    browser's read fails, the gateway sees its client go)."""
+
+    def __init__(self, target_port: int, after: int):
+        self.target_port, self.after = target_port, after
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.armed, self.cuts = True, 0
+        self.lock = threading.Lock()
+        self.sockets: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                return
+            pair = [client, upstream, 0]  # the delta frames seen in this connection's responses
+            with self.lock:
+                self.sockets += [client, upstream]
+            for src, dst, counted in ((client, upstream, None), (upstream, client, pair)):
+                thread = threading.Thread(target=self._pipe, args=(src, dst, counted), daemon=True)
+                self.threads.append(thread)
+                thread.start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, pair: list | None) -> None:
+        try:
+            while data := src.recv(65536):
+                if pair is not None and self.armed:
+                    pair[2] += data.count(b'"type":"delta"')
+                    with self.lock:
+                        cut = self.armed and pair[2] >= self.after
+                        self.armed = self.armed and not cut
+                    if cut:  # this chunk never arrives: the drop loses bytes in flight too
+                        self.cuts += 1
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for s in self.sockets:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+        for thread in self.threads:
+            thread.join(timeout=10)
+
+
+def test_a_network_drop_mid_answer_resumes_by_itself_and_the_text_continues_once(web, context):
+    proxy = CuttingProxy(int(web.url.rsplit(":", 1)[1]), after=5)
+    try:
+        page = open_page(context, proxy.url + "/")
+        page.wait_for_selector("body[data-ready='1']")
+        text = unique("drop")
+        send(page, text + "\n#sim tokens=60 token_interval_ms=30")
+        page.wait_for_selector("#messages li.assistant[data-state='done']")
+        reply = last_reply(page)
+        assert proxy.cuts == 1 and reply.get_attribute("data-resumes") == "1"
+        words = reply.get_attribute("data-text").split()
+        assert len(words) == 60  # every token, none twice
+        assert len(calls_for(web, text)) == 1 and cancellations_for(web, text) == []
+        assert page.problems == [] or all("ERR_" in p or "network" in p.lower() for p in page.problems)
+    finally:
+        proxy.close()
 
 
 def test_two_tabs_asking_the_same_at_once_share_one_upstream_call(web, context):

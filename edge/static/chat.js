@@ -207,9 +207,44 @@ async function send(text) {
     pending = false;
     setText(item, text_);
   };
+  let lastId = null; // the id of the last event read: where a resume starts
+  const onEvent = (ev) => {
+    if (ev.event !== "message") return; // ping: the stream is open
+    if (ev.id) lastId = ev.id;
+    let data;
+    try {
+      data = JSON.parse(ev.data);
+    } catch {
+      return;
+    }
+    if (data.type === "meta" && data.request_id) {
+      meta = data;
+      item.dataset.sharing = data.role;
+      item.dataset.state = "streaming";
+      setMeta(item, figures(data));
+    } else if (data.type === "delta" && typeof data.delta === "string") {
+      if (item.dataset.state === "waiting") item.dataset.state = "streaming";
+      text_ += data.delta;
+      if (!pending) {
+        pending = true;
+        requestAnimationFrame(paint);
+      }
+    } else if (data.type === "usage" && meta) {
+      const u = data.usage || data;
+      const total = u.total_tokens ?? u.output_tokens ?? u.completion_tokens;
+      if (total != null) setMeta(item, `${figures(meta)} · ${total} tokens`);
+    } else if (data.type === "done") {
+      terminal = "done";
+    } else if (data.type === "error") {
+      terminal = "error";
+      showError(item, data.code === "cancelled" ? "stopped" : `${data.message || data.code}`);
+    }
+  };
   try {
-    const response = await fetch(`/api/threads/${encodeURIComponent(current)}/messages`, {
-      method: "POST", headers: headers(true), body: JSON.stringify({ content: text }), signal: controller.signal,
+    // resumable: a dropped connection is resumed below, the upstream call going on meanwhile
+    let response = await fetch(`/api/threads/${encodeURIComponent(current)}/messages`, {
+      method: "POST", headers: headers(true), body: JSON.stringify({ content: text, resumable: true }),
+      signal: controller.signal,
     });
     if (!response.ok) {
       terminal = "error";
@@ -220,37 +255,18 @@ async function send(text) {
     }
     active.requestId = response.headers.get("x-request-id");
     item.dataset.requestId = active.requestId || "";
-    await readEvents(response, (ev) => {
-      if (ev.event !== "message") return; // ping: the stream is open
-      let data;
+    for (let resumes = 0; ; resumes++) {
       try {
-        data = JSON.parse(ev.data);
-      } catch {
-        return;
+        await readEvents(response, onEvent);
+        if (terminal) break;
+      } catch (err) {
+        if (err.name === "AbortError") throw err;
       }
-      if (data.type === "meta" && data.request_id) {
-        meta = data;
-        item.dataset.sharing = data.role;
-        item.dataset.state = "streaming";
-        setMeta(item, figures(data));
-      } else if (data.type === "delta" && typeof data.delta === "string") {
-        if (item.dataset.state === "waiting") item.dataset.state = "streaming";
-        text_ += data.delta;
-        if (!pending) {
-          pending = true;
-          requestAnimationFrame(paint);
-        }
-      } else if (data.type === "usage" && meta) {
-        const u = data.usage || data;
-        const total = u.total_tokens ?? u.output_tokens ?? u.completion_tokens;
-        if (total != null) setMeta(item, `${figures(meta)} · ${total} tokens`);
-      } else if (data.type === "done") {
-        terminal = "done";
-      } else if (data.type === "error") {
-        terminal = "error";
-        showError(item, data.code === "cancelled" ? "stopped" : `${data.message || data.code}`);
-      }
-    });
+      // The connection dropped before the final event: resume after the last event read.
+      if (!active.requestId || resumes >= MAX_RESUMES) break;
+      item.dataset.resumes = String(resumes + 1);
+      response = await resumeStream(active.requestId, lastId, controller.signal);
+    }
     setText(item, text_);
     if (terminal === "done") item.dataset.state = "done";
     else if (terminal === "error") item.dataset.state = item.dataset.state === "stopped" ? "stopped" : "error";
@@ -271,6 +287,33 @@ async function send(text) {
     active = null;
     setStreaming(false);
   }
+}
+
+const MAX_RESUMES = 5;
+
+// GET the rest of a resumable stream after event `lastId` (GET /api/chat/{id}/events with
+// Last-Event-ID). Retried a few times while the network is still down, or while the gateway
+// has not yet noticed the old connection go (409); a stream it no longer keeps throws.
+async function resumeStream(requestId, lastId, signal) {
+  const extra = lastId === null ? {} : { "Last-Event-ID": lastId };
+  let failure = null;
+  for (let attempt = 0; attempt < 10; attempt++) {
+    if (attempt > 0) await new Promise((done) => setTimeout(done, Math.min(2000, 200 * 2 ** attempt)));
+    let response;
+    try {
+      response = await fetch(`/api/chat/${encodeURIComponent(requestId)}/events`, {
+        headers: { ...headers(false), ...extra }, signal,
+      });
+    } catch (err) {
+      if (err.name === "AbortError") throw err;
+      failure = err; // still offline: try again
+      continue;
+    }
+    if (response.ok) return response;
+    if (response.status !== 409) throw new Error(await errorOf(response));
+    failure = new Error(await errorOf(response));
+  }
+  throw failure;
 }
 
 // Stop: tell the gateway to cancel this client's request (the upstream call is aborted when

@@ -378,7 +378,15 @@ def test_the_gate_sees_a_regression_the_sheet_would_pass(env, proxy, fault, dela
     # the provider before the client's cancel reaches it, and then no abort is observed.
     assert request("POST", proxy.sim + "/config", body={"tokens": 400, "token_interval_ms": 25})[0] == 200
     try:
-        run = sh("run_ttft_suite.sh", "--rehearsal", "--gate", env=gate_env)
+        # In full-suite runs on a loaded box, a whole run sometimes saw none of the cancels
+        # that the proxy held back (passes alone, 0 of 3 in both gate attempts of a run;
+        # cause not found, written in the issue notes). That is the missing-cancel case,
+        # which test_a_missing_cancel_fails_with_the_count covers; this test is
+        # about a late one, so a run that observed none is run once more.
+        for _ in range(2):
+            run = sh("run_ttft_suite.sh", "--rehearsal", "--gate", env=gate_env)
+            if "cancels observed" not in run.stdout:
+                break
     finally:
         request("POST", proxy.sim + "/config/reset")
     assert run.returncode == 1, run.stdout + run.stderr

@@ -15,6 +15,7 @@ import signal
 import time
 import uuid
 
+import httpcore
 import pytest
 
 from tests.support import (
@@ -106,6 +107,15 @@ def pacer_in_flight(gw) -> int:
     return json.loads(body)["results"]["pacer:simulated"]["in_flight"]
 
 
+def pacer_in_flight_after_a_kill(gw) -> int | None:
+    """As pacer_in_flight, but None for a connection the killed worker had accepted from the
+    shared socket just before it died (reset): that question goes unanswered, ask again."""
+    try:
+        return pacer_in_flight(gw)
+    except (httpcore.ReadError, httpcore.ConnectError, httpcore.RemoteProtocolError):
+        return None
+
+
 def worker_pids(gw) -> dict[str, int]:
     """slot -> pid of each live worker, from the processes' command lines."""
     out = {}
@@ -195,11 +205,11 @@ def test_a_killed_worker_is_replaced_and_its_calls_given_back(gw):
                 client.read_all()
         # the dead worker's two calls are aborted (nobody listens) and their leases return;
         # the live streams keep theirs
-        wait_until(lambda: pacer_in_flight(gw) == 2, timeout=10, message="the dead worker's leases back")
+        wait_until(lambda: pacer_in_flight_after_a_kill(gw) == 2, timeout=10, message="the dead worker's leases back")
         print(f"leases back {time.monotonic() - killed_at:.2f} s after the kill")
         for client in kept:  # the other worker's clients notice nothing
             assert data_events(client.read_all())[-1]["type"] == "done"
-        wait_until(lambda: pacer_in_flight(gw) == 0, timeout=10, message="every lease back")
+        wait_until(lambda: pacer_in_flight_after_a_kill(gw) == 0, timeout=10, message="every lease back")
         replacement = wait_until(lambda: worker_pids(gw).get("1") not in (None, old["1"]) and worker_pids(gw)["1"],
                                  timeout=10, message="a replacement worker")
         assert worker_pids(gw)["2"] == old["2"]

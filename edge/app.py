@@ -36,6 +36,7 @@ from edge.streams import LocalStreams, new_request_id
 from protocols import messages as m
 from protocols.config import PROVIDERS
 from protocols.keys import coalescing_key
+from protocols.providers import get_adapter
 
 log = logging.getLogger("sluice.edge")
 
@@ -215,6 +216,10 @@ class Edge:
         if configured is None:
             raise self._provider_missing(provider)
         model = model or configured["model"]
+        # A field the provider's API cannot honour is refused here, before any admission
+        # (docs/providers.md): never dropped silently on the way upstream.
+        if (problem := get_adapter(configured.get("adapter", provider)).check(body)) is not None:
+            raise Rejection(400, "unsupported_parameter", problem)
         if (denied := self.keys.admit(key_id, provider, model)) is not None:
             raise key_refusal(denied)
         client_id = key_id if self.coalesce_scope == "key" else None

@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.chat_request import OWNED, RequestError, parse_chat
+from edge.openai_compat import ChunkRenderer, Completion
+from protocols import events as ev
 from protocols.keys import coalescing_key
 from protocols.providers import anthropic, ollama, openai_chat, openai_responses, perplexity_agent, perplexity_sonar
 
@@ -176,3 +178,39 @@ def test_fields_at_their_default_ask_nothing_and_pass(module):
     body = {"messages": [{"role": "user", "content": "x"}], "n": 1, "logprobs": False, "presence_penalty": 0,
             "response_format": {"type": "text"}, "seed": None}
     assert module.check(body) is None
+
+
+# --- the answer in OpenAI's shape --------------------------------------------------------------
+
+
+class _Admission:
+    request_id = "r1"
+
+
+def test_usage_is_left_out_when_the_provider_sent_none_never_zeros():
+    completion = Completion(_Admission(), "m", 0)  # type: ignore[arg-type]
+    for event in (ev.delta("hi"), ev.done("stop", None)):
+        completion.add(event)
+    assert "usage" not in json.loads(completion.response().body)
+    renderer = ChunkRenderer(_Admission(), "m", 0, include_usage=True)  # type: ignore[arg-type]
+    frames = [json.loads(f[6:]) for f in renderer.event(ev.done("stop", None)).split(b"\n\n") if f.startswith(b"data: {")]
+    assert [f["choices"] for f in frames if not f["choices"]] == []  # no usage chunk
+
+
+def test_refusal_reasoning_citations_and_fingerprint_in_openai_shape():
+    completion = Completion(_Admission(), "m", 0)  # type: ignore[arg-type]
+    for event in (ev.meta(system_fingerprint="fp"), ev.meta(reasoning="think"), ev.meta(refusal="no"),
+                  ev.meta(citations=["https://a"]), ev.meta(citations=["https://a", "https://b"]),
+                  ev.meta(tool_calls=[{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]),
+                  ev.usage(1, 2), ev.done("tool_calls", None)):
+        completion.add(event)
+    body = json.loads(completion.response().body)
+    message = body["choices"][0]["message"]
+    assert body["system_fingerprint"] == "fp" and body["citations"] == ["https://a", "https://b"]
+    assert message == {"role": "assistant", "content": None, "refusal": "no", "reasoning_content": "think",
+                       "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    renderer = ChunkRenderer(_Admission(), "m", 0, include_usage=False)  # type: ignore[arg-type]
+    renderer.event(ev.meta(system_fingerprint="fp"))
+    chunk = json.loads(renderer.event(ev.meta(refusal="no")).split(b"\n\n")[1][6:])
+    assert chunk["system_fingerprint"] == "fp" and chunk["choices"][0]["delta"] == {"refusal": "no"}

@@ -12,9 +12,15 @@ from dataclasses import dataclass
 
 from edge.body_limits import BodyError, load_json
 from edge.rejections import Rejection
-from protocols.keys import NON_IDEMPOTENT, OUTPUT_PARAMS
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+# The body fields that are sluice's, not the provider's: they choose where the request goes
+# and how it is streamed back, and are never forwarded as they came (docs/providers.md).
+# `stream`/`stream_options` are the edge's to answer (the upstream call always streams);
+# `model`/`provider` are mapped. (`system`, sluice's shorthand for a leading system message,
+# stays in the body: each adapter turns it into its provider's system prompt.)
+OWNED = ("provider", "model", "thread_id", "coalesce", "resumable", "stream", "stream_options")
+CONTENT_PARTS = ("text", "image_url", "input_audio", "file", "refusal")
 
 
 class RequestError(Rejection):
@@ -29,7 +35,7 @@ class RequestError(Rejection):
 class ChatRequest:
     provider: str | None
     model: str | None
-    body: dict  # messages + output params + tools: what goes upstream
+    body: dict  # the client's body less the fields sluice owns (OWNED): what goes upstream
     thread_id: str | None
     coalesce: bool
     resumable: bool = False  # "resumable": true, or X-Sluice-Resumable: 1 (edge/app.py)
@@ -54,6 +60,9 @@ def parse_json(raw: bytes, limit: int) -> dict:
 
 
 def validate_messages(messages) -> list[dict]:
+    """The messages as the client sent them (copies), once each has a shape a provider
+    can take: OpenAI's message shapes (content as text or parts, `content: null` next to
+    `tool_calls`, `role: tool` with its `tool_call_id`, `name`). Nothing is rewritten."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(422, "invalid_request", "'messages' must be a non-empty array")
     out = []
@@ -63,10 +72,47 @@ def validate_messages(messages) -> list[dict]:
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:
             raise RequestError(422, "invalid_request", f"messages[{i}].role must be one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise RequestError(422, "invalid_request", f"messages[{i}].content must be a string")
-        out.append({"role": role, "content": content})
+        calls = msg.get("tool_calls")
+        if calls is not None:
+            _tool_calls(i, role, calls)
+        if content is None and role == "assistant" and (calls or msg.get("function_call")):
+            pass  # an assistant turn that only called tools
+        elif isinstance(content, list) and content:
+            _parts(i, content)
+        elif not isinstance(content, str):
+            raise RequestError(422, "invalid_request", f"messages[{i}].content must be a string or an array of content parts")
+        if role == "tool" and (not isinstance(msg.get("tool_call_id"), str) or not msg["tool_call_id"]):
+            raise RequestError(422, "invalid_request", f"messages[{i}].tool_call_id must be a non-empty string (role tool)")
+        if msg.get("name") is not None and (not isinstance(msg["name"], str) or not msg["name"]):
+            raise RequestError(422, "invalid_request", f"messages[{i}].name must be a non-empty string")
+        out.append(dict(msg))
     return out
+
+
+def _parts(i: int, parts: list) -> None:
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in CONTENT_PARTS:
+            raise RequestError(422, "invalid_request", f"messages[{i}].content[{j}].type must be one of {', '.join(CONTENT_PARTS)}")
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise RequestError(422, "invalid_request", f"messages[{i}].content[{j}].text must be a string")
+        if kind == "image_url":
+            image = part.get("image_url")
+            if not isinstance(image, dict) or not isinstance(image.get("url"), str) or not image["url"]:
+                raise RequestError(422, "invalid_request", f"messages[{i}].content[{j}].image_url.url must be a non-empty string")
+
+
+def _tool_calls(i: int, role: str, calls) -> None:
+    if role != "assistant" or not isinstance(calls, list):
+        raise RequestError(422, "invalid_request", f"messages[{i}].tool_calls must be an array on an assistant message")
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(call, dict) or not isinstance(call.get("id"), str) or not isinstance(fn, dict) \
+                or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+            raise RequestError(
+                422, "invalid_request",
+                f"messages[{i}].tool_calls[{j}] must be {{id, type: function, function: {{name, arguments: string}}}}",
+            )
 
 
 def _number(data: dict, name: str, low: float, high: float) -> None:
@@ -102,10 +148,12 @@ def parse_chat(data: dict, coalesce_header: str | None = None) -> ChatRequest:
     resumable = data.get("resumable", False)
     if not isinstance(resumable, bool):
         raise RequestError(422, "invalid_request", "'resumable' must be true or false")
-    body = {"messages": messages}
-    for name in OUTPUT_PARAMS + NON_IDEMPOTENT:
-        if data.get(name) is not None and name != "system":
-            body[name] = data[name]
+    n = data.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128):
+        raise RequestError(422, "invalid_request", "'n' must be an integer between 1 and 128")
+    # Everything the client sent goes upstream as it came, but for the fields sluice owns.
+    body = {name: value for name, value in data.items() if name not in OWNED}
+    body["messages"] = messages
     return ChatRequest(
         provider=_optional_str(data, "provider"),
         model=_optional_str(data, "model"),

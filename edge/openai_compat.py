@@ -15,14 +15,23 @@ Decisions (an OpenAI client must not notice it is talking to a gateway):
   (SLUICE_PROVIDER). `GET /v1/models` lists every configured provider's default model as
   "provider/model". Without a provider prefix, a sluice "provider" field in the body
   (`extra_body` in the SDK) is honoured.
-- Request shapes OpenAI allows and /api/chat does not are normalized first: "developer"
-  messages are system messages, content given as text parts is joined, and
-  max_completion_tokens is max_tokens. Non-text parts and n > 1 are refused (422).
+- The body goes upstream as the client sent it (edge/chat_request.py, docs/providers.md
+  "Fidelity"): every field but those sluice owns (`model` mapped, `stream`,
+  `stream_options`); message shapes (developer, content parts and images, tool_calls with
+  `content: null`, role tool with tool_call_id, name) kept. A provider of another format
+  maps what has a counterpart and refuses the rest with a 400 `unsupported_parameter`
+  naming the field (its adapter's `check`, called by `Edge.admit`).
+- The answer in OpenAI's shape, streamed and not: content, refusal, reasoning (as
+  `reasoning_content`), tool calls with their ids, logprobs, `system_fingerprint`,
+  Perplexity's top-level `citations`/`search_results`, every choice of an `n > 1` request
+  (a same-format provider answers them; others refuse n > 1). Usage only when the provider
+  sent some: never made-up zeros.
 - Streaming: `: ping` SSE comments when the connection opens and as keepalive (OpenAI's
   SDKs skip comments), no sluice meta/ping events. At the first provider byte a chunk with
   delta.role; then delta.content chunks; tool calls as one delta.tool_calls chunk; the last
   chunk has finish_reason; with stream_options.include_usage every chunk has "usage": null
-  and a final chunk with empty choices carries the usage; then `data: [DONE]`.
+  and a final chunk with empty choices carries the usage (when the provider reported any);
+  then `data: [DONE]`.
 - A failure after the 200 is sent is one `data: {"error": {...}}` frame, as OpenAI does
   (its SDK raises APIError on it), and the stream then ends WITHOUT `data: [DONE]`:
   [DONE] means "the answer is complete", and a client that only looks for [DONE] must see
@@ -97,33 +106,9 @@ def rejection_response(exc: Rejection) -> JSONResponse:
 # --- requests -------------------------------------------------------------------------------
 
 
-def _message(i: int, msg):
-    """One OpenAI message in the shape /api/chat validates (role, text content)."""
-    if not isinstance(msg, dict):
-        return msg  # parse_chat reports it
-    msg = dict(msg)
-    if msg.get("role") == "developer":  # OpenAI's newer name for the system role
-        msg["role"] = "system"
-    content = msg.get("content")
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError(422, "invalid_request", f"messages[{i}].content[{j}]: only text parts are supported")
-            texts.append(part["text"])
-        msg["content"] = "".join(texts)
-    elif content is None and msg.get("role") == "assistant":
-        msg["content"] = ""  # an assistant turn that only called tools
-    return msg
-
-
 def parse_openai(data: dict, coalesce_header: str | None):
-    """(ChatRequest, stream, include_usage) for an OpenAI chat.completions body; RequestError."""
-    data = dict(data)
-    if isinstance(data.get("messages"), list):
-        data["messages"] = [_message(i, m) for i, m in enumerate(data["messages"])]
-    if data.get("max_tokens") is None and data.get("max_completion_tokens") is not None:
-        data["max_tokens"] = data["max_completion_tokens"]
+    """(ChatRequest, stream, include_usage) for an OpenAI chat.completions body; RequestError.
+    The body is taken as it came (edge/chat_request.py): nothing is rewritten here."""
     stream = data.get("stream", False)
     if stream is None:
         stream = False
@@ -132,8 +117,6 @@ def parse_openai(data: dict, coalesce_header: str | None):
     options = data.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError(422, "invalid_request", "'stream_options' must be an object")
-    if data.get("n") not in (None, 1):
-        raise RequestError(422, "invalid_request", "'n' must be 1: sluice streams one choice per request")
     chat = parse_chat(data, coalesce_header)
     return chat, stream, bool(options.get("include_usage"))
 
@@ -150,8 +133,7 @@ def resolve_model(model: str | None, provider: str | None) -> tuple[str | None, 
 # --- responses ------------------------------------------------------------------------------
 
 
-def _usage(usage: dict | None) -> dict:
-    usage = usage or {}
+def _usage(usage: dict) -> dict:
     return {k: usage.get(k) or 0 for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
 
 
@@ -163,6 +145,56 @@ def _tool_calls(calls: list[dict]) -> list[dict]:
     return [{"index": i, **call} for i, call in enumerate(calls)]
 
 
+class Extras:
+    """What a stream tells about the whole answer, kept for the chunks and the body:
+    system_fingerprint, citations and search_results (Perplexity's top-level fields),
+    the finish reasons of choices beyond 0, and usage."""
+
+    def __init__(self) -> None:
+        self.top: dict = {}  # top-level fields of every chunk from now on / of the body
+        self.finishes: dict[int, str] = {}
+        self.usage: dict | None = None
+
+    def take(self, event: dict) -> bool:
+        """True when `event` was one of these (nothing else to render for it)."""
+        kind = event["type"]
+        if kind == ev.USAGE:
+            self.usage = event["usage"]
+            return True
+        if kind != ev.META:
+            return False
+        taken = False
+        if isinstance(event.get("system_fingerprint"), str):
+            self.top["system_fingerprint"] = event["system_fingerprint"]
+            taken = True
+        for name in ("citations", "search_results"):
+            if isinstance(event.get(name), list):
+                # Sonar repeats the whole list, Anthropic sends one at a time: keep the union, in order.
+                known = self.top.setdefault(name, [])
+                known.extend(item for item in event[name] if item not in known)
+                taken = True
+        if isinstance(event.get("finish_reason"), str) and event.get("choice"):
+            self.finishes[event["choice"]] = event["finish_reason"]
+            taken = True
+        return taken
+
+
+def _delta_of(event: dict) -> dict | None:
+    """The OpenAI delta for a content event (text, refusal, reasoning, tool calls), or None."""
+    kind = event["type"]
+    if kind == ev.DELTA:
+        return {"content": event["delta"]}
+    if kind != ev.META:
+        return None
+    if event.get("tool_calls"):
+        return {"tool_calls": _tool_calls(event["tool_calls"])}
+    if isinstance(event.get("refusal"), str):
+        return {"refusal": event["refusal"]}
+    if isinstance(event.get("reasoning"), str):
+        return {"reasoning_content": event["reasoning"]}  # as DeepSeek, vLLM and OpenRouter send it
+    return None
+
+
 class ChunkRenderer(Renderer):
     """sluice's stream events as OpenAI chat.completion.chunk frames."""
 
@@ -170,8 +202,8 @@ class ChunkRenderer(Renderer):
         super().__init__(admission)
         self.base = {"id": f"chatcmpl-{admission.request_id}", "object": "chat.completion.chunk", "created": created, "model": model}
         self.include_usage = include_usage
-        self.role_sent = False
-        self.usage: dict | None = None
+        self.roles_sent: set[int] = set()
+        self.extras = Extras()
 
     def opening(self) -> bytes:
         return KEEPALIVE
@@ -180,36 +212,74 @@ class ChunkRenderer(Renderer):
         return KEEPALIVE
 
     def started(self) -> bytes:
-        return self._role()
+        return self._role(0)
 
     def event(self, event: dict) -> bytes:
         kind = event["type"]
-        if kind == ev.DELTA:
-            return self._role() + self._chunk({"content": event["delta"]})
-        if kind == ev.META and event.get("tool_calls"):
-            return self._role() + self._chunk({"tool_calls": _tool_calls(event["tool_calls"])})
-        if kind == ev.USAGE:
-            self.usage = event["usage"]
-        elif kind == ev.DONE:
-            out = self._role() + self._chunk({}, _finish_reason(event.get("finish_reason")))
-            if self.include_usage:
-                out += frame({**self.base, "choices": [], "usage": _usage(event.get("usage") or self.usage)})
-            return out + DONE
-        elif kind == ev.ERROR:
-            return frame(error_body(500, event.get("code", "error"), event.get("message", "")))
-        return b""  # other meta (citations, reasoning, ...) has no place in this format
-
-    def _role(self) -> bytes:
-        if self.role_sent:
+        if self.extras.take(event):
             return b""
-        self.role_sent = True
-        return self._chunk({"role": "assistant", "content": ""})
+        index = event.get("choice") or 0
+        delta = _delta_of(event)
+        if delta is not None:
+            return self._role(index) + self._chunk(index, delta, logprobs=event.get("logprobs"))
+        if kind == ev.DONE:
+            out = self._role(0)
+            for i in sorted(self.roles_sent):
+                reason = event.get("finish_reason") if i == 0 else self.extras.finishes.get(i)
+                out += self._chunk(i, {}, _finish_reason(reason))
+            usage = event.get("usage") or self.extras.usage
+            if self.include_usage and usage:  # none sent by the provider: none reported, never zeros
+                out += frame({**self.base, **self.extras.top, "choices": [], "usage": _usage(usage)})
+            return out + DONE
+        if kind == ev.ERROR:
+            return frame(error_body(500, event.get("code", "error"), event.get("message", "")))
+        return b""  # other meta (search queries, ...) has no place in this format
 
-    def _chunk(self, delta: dict, finish: str | None = None) -> bytes:
-        obj = {**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    def _role(self, index: int) -> bytes:
+        if index in self.roles_sent:
+            return b""
+        self.roles_sent.add(index)
+        return self._chunk(index, {"role": "assistant", "content": ""})
+
+    def _chunk(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> bytes:
+        obj = {**self.base, **self.extras.top,
+               "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
         if self.include_usage:
             obj["usage"] = None  # as OpenAI sends it on every chunk but the last
         return frame(obj)
+
+
+class _Choice:
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.refusal: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls: list[dict] | None = None
+        self.logprobs: dict | None = None
+
+    def add(self, event: dict) -> None:
+        if event["type"] == ev.DELTA:
+            self.text.append(event["delta"])
+            for name, items in (event.get("logprobs") or {}).items():
+                if isinstance(items, list):
+                    self.logprobs = self.logprobs or {"content": None, "refusal": None}
+                    self.logprobs[name] = (self.logprobs.get(name) or []) + items
+        elif event.get("tool_calls"):
+            self.tool_calls = event["tool_calls"]
+        elif isinstance(event.get("refusal"), str):
+            self.refusal.append(event["refusal"])
+        elif isinstance(event.get("reasoning"), str):
+            self.reasoning.append(event["reasoning"])
+
+    def message(self) -> dict:
+        content = "".join(self.text)
+        message: dict = {"role": "assistant", "content": content if content or not self.tool_calls else None,
+                         "refusal": "".join(self.refusal) or None}
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        return message
 
 
 class Completion:
@@ -217,21 +287,18 @@ class Completion:
 
     def __init__(self, admission: Admission, model: str, created: int):
         self.admission, self.model, self.created = admission, model, created
-        self.text: list[str] = []
-        self.tool_calls: list[dict] | None = None
-        self.usage: dict | None = None
+        self.choices: dict[int, _Choice] = {0: _Choice()}
+        self.extras = Extras()
         self.end: dict | None = None
 
     def add(self, event: dict) -> None:
         kind = event["type"]
-        if kind == ev.DELTA:
-            self.text.append(event["delta"])
-        elif kind == ev.META and event.get("tool_calls"):
-            self.tool_calls = event["tool_calls"]
-        elif kind == ev.USAGE:
-            self.usage = event["usage"]
-        elif kind in (ev.DONE, ev.ERROR):
+        if self.extras.take(event):
+            return
+        if kind in (ev.DONE, ev.ERROR):
             self.end = event
+        elif kind in (ev.DELTA, ev.META):
+            self.choices.setdefault(event.get("choice") or 0, _Choice()).add(event)
 
     def response(self) -> JSONResponse:
         headers = {"x-request-id": self.admission.request_id}
@@ -242,17 +309,22 @@ class Completion:
             if code == "upstream_4xx":  # the provider refused the request itself: say how
                 status = end.get("status") if end.get("status") in (400, 404, 413, 422) else 400
             return error_response(status, code, end.get("message", ""), headers)
-        message = {"role": "assistant", "content": "".join(self.text), "refusal": None}
-        if self.tool_calls:
-            message["tool_calls"] = self.tool_calls
+        choices = []
+        for i, choice in sorted(self.choices.items()):
+            reason = end.get("finish_reason") if i == 0 else self.extras.finishes.get(i)
+            choices.append({"index": i, "message": choice.message(), "logprobs": choice.logprobs,
+                            "finish_reason": _finish_reason(reason)})
         body = {
             "id": f"chatcmpl-{self.admission.request_id}",
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(end.get("finish_reason"))}],
-            "usage": _usage(end.get("usage") or self.usage),
+            **self.extras.top,
+            "choices": choices,
         }
+        usage = end.get("usage") or self.extras.usage
+        if usage:  # none sent by the provider: none reported, never zeros
+            body["usage"] = _usage(usage)
         return JSONResponse(body, headers=headers)
 
 

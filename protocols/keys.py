@@ -1,15 +1,15 @@
 """The coalescing key: which requests are "identical" and may share one upstream call.
 
-Two requests are identical when everything that can change the provider's output is the
-same: provider, model, the messages (role and content, in order) and every generation
-parameter in `OUTPUT_PARAMS`, plus the chat thread for thread sends (two threads with the
-same history still get answers of their own, stored on their own threads), plus the
-client's API key id when coalescing is scoped per key (`COALESCE_SCOPE=key`, the default
-with client keys: a follower's role and TTFT would otherwise tell one tenant what another
-just asked). The key is a
-SHA-256 over canonical JSON (sorted keys, no whitespace), so key order and spacing in
-the client's JSON do not matter, but a different temperature or one extra space inside a
-message does.
+Two requests are identical when what goes upstream is the same: provider, model and the
+whole normalized body (edge/chat_request.py: the client's body less the fields sluice
+owns), so two requests that differ only in `seed`, `logprobs`, `user` or any other field
+the provider receives are never merged. Plus the chat thread for thread sends (two threads
+with the same history still get answers of their own, stored on their own threads), plus
+the client's API key id when coalescing is scoped per key (`COALESCE_SCOPE=key`, the
+default with client keys: a follower's role and TTFT would otherwise tell one tenant what
+another just asked). The key is a SHA-256 over canonical JSON (sorted keys, no
+whitespace), so key order and spacing in the client's JSON do not matter, but a different
+temperature or one extra space inside a message does.
 
 Requests that must never share an answer get the empty key: those with tools, tool
 choice or function calling (their answers drive side effects), and those whose client
@@ -23,22 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 
-OUTPUT_PARAMS = (
-    "system",
-    "temperature",
-    "top_p",
-    "top_k",
-    "max_tokens",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "response_format",
-    "reasoning_effort",
-    "search_mode",
-    "search_domain_filter",
-    "search_recency_filter",
-)
 NON_IDEMPOTENT = ("tools", "tool_choice", "functions", "function_call")
 
 
@@ -56,12 +40,9 @@ def coalescing_key(
     canonical = {
         "provider": provider,
         "model": model,
-        "messages": [{"role": msg["role"], "content": msg["content"]} for msg in body.get("messages", ())],
-        "params": {name: body[name] for name in OUTPUT_PARAMS if body.get(name) is not None},
+        "body": body,  # exactly what the adapter sends, but for provider and model
         "thread": thread_id,
     }
-    if body.get("embeddings") is not None:  # an embeddings request (edge/embeddings.py): its input
-        canonical["embeddings"] = body["embeddings"]
     if client_id is not None:  # absent otherwise: global keys stay what they were
         canonical["client"] = client_id
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

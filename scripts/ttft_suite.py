@@ -201,7 +201,7 @@ def stream_once(
                         block, buffer = buffer.split(b"\n\n", 1)
                         data = b"\n".join(line[5:].strip() for line in block.split(b"\n") if line.startswith(b"data:"))
                         kind, event = read_event(data)
-                        if kind == "meta":
+                        if kind == "meta" and out["meta"] is None:  # sluice's own; later ones: provider extras
                             out["meta"] = event
                         elif kind == "delta" and out["ttft_ms"] is None:
                             out["ttft_ms"] = (time.monotonic() - sent) * 1000.0

@@ -55,6 +55,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "fail_times": 0,          # fail only the first N calls with this exact body, then answer (0: always)
     "idle_close_s": 0,        # /config only: GOAWAY + close an HTTP/2 connection idle this long (0: never)
     "fail_keys": "",          # "k1,k2": `fail` applies only to calls made with these API keys ("": every call)
+    "reply": "text",          # text | tool_call (OpenAI chat: call the first tool when the last turn is the user's)
 }
 # reset_first: the stream is reset (HTTP/2 RST_STREAM, HTTP/1.1 the socket closed) before
 # any response byte, as a server closing the connection under a request would.
@@ -66,6 +67,11 @@ DEFAULT_KNOBS: dict[str, Any] = {
 # cut_utf8: after fail_after_tokens tokens, the next frame (a token with a two-byte
 # character) cut inside that character, then a clean end: the body stops mid-UTF-8.
 # (Non-streamed calls: malformed and cut_utf8 behave like truncate.)
+# OpenAI chat also answers as a real provider would: JSON when response_format asks for it
+# (json_object: {"answer": <the tokens>}; json_schema: an example of the schema), logprobs
+# when logprobs is true (top_logprobs alternatives each), n choices for n > 1, and with
+# reply=tool_call a call of the first tool (arguments: an example of its parameters) unless
+# the conversation already ends in a tool result.
 FAIL_MODES = ("none", "429", "500", "503", "reset_first", "reset_mid", "stall", "stall_first", "truncate",
               "error_mid", "malformed", "cut_utf8")
 
@@ -110,6 +116,10 @@ def validate_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
                 raise KnobError(f"fail must be one of {', '.join(FAIL_MODES)}, not {value!r}")
         elif key == "retry_after_s" and value == "none":
             value = None
+        elif key == "reply":
+            value = str(value)
+            if value not in ("text", "tool_call"):
+                raise KnobError(f"reply must be text or tool_call, not {raw!r}")
         elif key == "fail_keys":
             if not isinstance(raw, str):
                 raise KnobError(f"fail_keys must be text (API keys separated by commas), not {raw!r}")
@@ -258,17 +268,84 @@ def _openai_base(body: dict, meta: Meta, obj: str) -> dict:
     }
 
 
+def example_of(schema: Any) -> Any:
+    """A value that fits a JSON schema (the common subset: type, properties, items, enum)."""
+    if not isinstance(schema, dict):
+        return "sim"
+    if schema.get("enum"):
+        return schema["enum"][0]
+    kind = schema.get("type")
+    kind = next((k for k in kind if k != "null"), "string") if isinstance(kind, list) else kind
+    if kind == "object" or "properties" in schema:
+        return {name: example_of(sub) for name, sub in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [example_of(schema.get("items"))]
+    return {"integer": 1, "number": 1.5, "boolean": True, "null": None}.get(kind, "sim")
+
+
+def _split(text: str, n: int) -> list[str]:
+    """`text` in `n` pieces (n >= 1), in order."""
+    size = -(-len(text) // n) if text else 0
+    return [text[i * size:(i + 1) * size] for i in range(n)] if size else [text] + [""] * (n - 1)
+
+
+def _logprobs(text: str, top: int) -> dict:
+    entry = {"token": text, "logprob": -0.25, "bytes": list(text.encode())}
+    alternatives = [dict(entry, logprob=-0.25 - i) for i in range(top)]
+    return {"content": [dict(entry, top_logprobs=alternatives)], "refusal": None}
+
+
+def _openai_choices(body: dict, tokens: list[str], meta: Meta) -> list[tuple[list[dict], list[dict | None], str]]:
+    """Per choice: one delta per token, their logprobs (or None), and the finish reason."""
+    try:
+        reply = parse_directive(_openai_prompt(body)).get("reply", "text")
+    except KnobError:
+        reply = "text"
+    n = body.get("n") if isinstance(body.get("n"), int) and not isinstance(body.get("n"), bool) else 1
+    messages = _messages(body)
+    tools = [t.get("function") for t in body.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    fmt = body.get("response_format") if isinstance(body.get("response_format"), dict) else {}
+    wants_logprobs = body.get("logprobs") is True
+    top = body.get("top_logprobs") if isinstance(body.get("top_logprobs"), int) else 0
+    out = []
+    for k in range(max(1, min(n, 16))):
+        toks = tokens if k == 0 else make_tokens([messages, k], len(tokens))
+        count = max(len(toks), 1)
+        last_role = messages[-1].get("role") if messages and isinstance(messages[-1], dict) else None
+        if reply == "tool_call" and tools and last_role == "user":
+            call = {"index": 0, "id": f"call_sim{meta.call_id:06d}_{k}", "type": "function",
+                    "function": {"name": tools[0].get("name"), "arguments": ""}}
+            args = _split(json.dumps(example_of(tools[0].get("parameters"))), count)
+            deltas = [{"tool_calls": [dict(call, function=dict(call["function"], arguments=args[0]))]}]
+            deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} for piece in args[1:]]
+            out.append((deltas, [None] * count, "tool_calls"))
+            continue
+        if fmt.get("type") == "json_object":
+            pieces = _split(json.dumps({"answer": "".join(toks).strip()}), count)
+        elif fmt.get("type") == "json_schema":
+            pieces = _split(json.dumps(example_of((fmt.get("json_schema") or {}).get("schema"))), count)
+        else:
+            pieces = toks or [""]
+        logprobs = [_logprobs(p, top) if wants_logprobs else None for p in pieces]
+        out.append(([{"content": p} for p in pieces], logprobs, "stop"))
+    return out
+
+
 def _openai_stream(body: dict, tokens: list[str], meta: Meta) -> Frames:
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
-    def chunk(delta: dict, finish: str | None) -> bytes:
+    def chunk(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> bytes:
         obj = _openai_base(body, meta, "chat.completion.chunk")
-        obj["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        obj["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
         if include_usage:
             obj["usage"] = None  # the real API sends usage:null on every chunk but the last
         return _sse(obj)
 
-    tail = [chunk({}, "stop")]
+    choices = _openai_choices(body, tokens, meta)
+    steps = [b"".join(chunk(k, d[i], None, lp[i]) for k, (d, lp, _) in enumerate(choices)) for i in range(len(choices[0][0]))]
+    tail = [chunk(k, {}, finish) for k, (_, _, finish) in enumerate(choices)]
+    if not tokens:  # no token steps to pace: the reply goes out with the tail
+        tail = steps + tail
     if include_usage:
         last = _openai_base(body, meta, "chat.completion.chunk")
         last["choices"] = []
@@ -276,20 +353,27 @@ def _openai_stream(body: dict, tokens: list[str], meta: Meta) -> Frames:
         tail.append(_sse(last))
     tail.append(b"data: [DONE]\n\n")
     return Frames(
-        head=[chunk({"role": "assistant", "content": ""}, None)],
-        tokens=[chunk({"content": t}, None) for t in tokens],
+        head=[chunk(k, {"role": "assistant", "content": ""}, None) for k in range(len(choices))],
+        tokens=steps if tokens else [],
         tail=tail,
     )
 
 
 def _openai_complete(body: dict, tokens: list[str], meta: Meta) -> bytes:
     obj = _openai_base(body, meta, "chat.completion")
-    obj["choices"] = [{
-        "index": 0,
-        "message": {"role": "assistant", "content": "".join(tokens), "refusal": None},
-        "logprobs": None,
-        "finish_reason": "stop",
-    }]
+    obj["choices"] = []
+    for k, (deltas, logprobs, finish) in enumerate(_openai_choices(body, tokens, meta)):
+        text = "".join(d.get("content", "") for d in deltas)
+        message: dict = {"role": "assistant", "content": None if finish == "tool_calls" else text, "refusal": None}
+        if finish == "tool_calls":
+            call = deltas[0]["tool_calls"][0]
+            args = "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas)
+            message["tool_calls"] = [{k2: v for k2, v in call.items() if k2 != "index"} | {
+                "function": {"name": call["function"]["name"], "arguments": args}}]
+        content_lp = [entry for lp in logprobs if lp for entry in lp["content"]]
+        obj["choices"].append({"index": k, "message": message,
+                               "logprobs": {"content": content_lp, "refusal": None} if content_lp else None,
+                               "finish_reason": finish})
     obj["usage"] = _openai_usage(body, tokens)
     return _dumps(obj)
 

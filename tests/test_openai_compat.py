@@ -79,7 +79,8 @@ def test_openai_message_shapes_are_accepted(client):
         messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": text}]}],
         max_completion_tokens=50,
     )
-    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    # forwarded as they came (docs/providers.md "Fidelity"): the simulated provider answers from them
+    conversation = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": text}]}]
     assert completion.choices[0].message.content == "".join(formats.make_tokens(conversation, 3))
 
 
@@ -151,7 +152,7 @@ def test_invalid_requests_are_openai_errors(client, gateway):
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model="sim-1", messages=[])
     with pytest.raises(openai.UnprocessableEntityError):
-        client.chat.completions.create(model="sim-1", messages=user("x"), n=2)
+        client.chat.completions.create(model="sim-1", messages=user("x"), n=0)
     with pytest.raises(openai.BadRequestError) as info:  # a provider that is not configured
         client.chat.completions.create(model="anthropic/claude-sonnet-4-5", messages=user("x"))
     assert info.value.code == "provider_not_configured"

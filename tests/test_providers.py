@@ -82,15 +82,15 @@ def tool_meta(call_id: str, name: str, arguments: str) -> dict:
 
 CASES = {
     "openai_chat.sse": (openai_chat, [
-        ev.delta("Caf"), ev.delta("é au lait"), ev.delta(" — 日本"), ev.delta(" 🎉"),
+        ev.meta(system_fingerprint="fp_eb9dce56a8"), ev.delta("Caf"), ev.delta("é au lait"), ev.delta(" — 日本"), ev.delta(" 🎉"),
         ev.usage(19, 10, 29), ev.finish("stop"),
     ]),
     "openai_chat_tool_calls.sse": (openai_chat, [
-        tool_meta("call_DdmO9pD3xa9XTPNJ32zg2hcA", "get_weather", '{"location":"Paris, France"}'),
+        ev.meta(system_fingerprint="fp_eb9dce56a8"), tool_meta("call_DdmO9pD3xa9XTPNJ32zg2hcA", "get_weather", '{"location":"Paris, France"}'),
         ev.usage(82, 17, 99), ev.finish("tool_calls"),
     ]),
     "openai_chat_error.sse": (openai_chat, [
-        ev.delta("Hello"),
+        ev.meta(system_fingerprint="fp_eb9dce56a8"), ev.delta("Hello"),
         ev.error("upstream_5xx", "The server had an error while processing your request. Sorry about that!"),
     ]),
     "openai_responses.sse": (openai_responses, [
@@ -309,10 +309,20 @@ def test_openai_done_without_a_finish_reason_still_finishes_once():
     assert run(openai_chat, [b"data: [DONE]\n\n"]) == [ev.finish("stop")]
 
 
-def test_openai_reads_only_choice_zero():
-    out = run(openai_chat, [b'data: {"choices":[{"index":1,"delta":{"content":"no"}},{"index":0,"delta":{"content":"yes"}}]}\n\n',
-                            b"data: [DONE]\n\n"])
-    assert out == [ev.delta("yes"), ev.finish("stop")]
+def test_openai_choices_beyond_zero_carry_their_index():
+    out = run(openai_chat, [b'data: {"choices":[{"index":1,"delta":{"content":"no"},"finish_reason":"length"},'
+                            b'{"index":0,"delta":{"content":"yes"}}]}\n\n', b"data: [DONE]\n\n"])
+    assert out == [{**ev.delta("no"), "choice": 1}, ev.delta("yes"), {**ev.meta(finish_reason="length"), "choice": 1},
+                   ev.finish("stop")]
+
+
+def test_openai_logprobs_refusal_and_reasoning_reach_the_events():
+    logprobs = {"content": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}], "refusal": None}
+    chunk = {"system_fingerprint": "fp_1", "choices": [{"index": 0, "logprobs": logprobs,
+                                                        "delta": {"content": "Hi", "reasoning_content": "hm", "refusal": "no"}}]}
+    out = run(openai_chat, [b"data: " + json.dumps(chunk).encode() + b"\n\n", b"data: [DONE]\n\n"])
+    assert out == [ev.meta(system_fingerprint="fp_1"), {**ev.delta("Hi"), "logprobs": logprobs}, ev.meta(reasoning="hm"),
+                   ev.meta(refusal="no"), ev.finish("stop")]
 
 
 @pytest.mark.parametrize("reason,expected", [("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"),
@@ -442,11 +452,15 @@ BODY = {
                                                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
     "tool_choice": "auto",
 }
+# What the Agent API has no counterpart for (refused: test_cross_format_refusals).
+AGENT_BODY = {k: v for k, v in BODY.items() if k not in ("temperature", "top_p", "stop", "tool_choice")}
+RESPONSES_BODY = {k: v for k, v in BODY.items() if k != "stop"}
 MODELS = {openai_chat: "gpt-4o", openai_responses: "gpt-4.1", anthropic: "claude-sonnet-4-5", perplexity_agent: "openai/gpt-5-mini",
           perplexity_sonar: "sonar", ollama: "llama3.2"}
 
 
-def build(module, api_key=KEY, body=BODY, base_url=None, model=None):
+def build(module, api_key=KEY, body=None, base_url=None, model=None):
+    body = body or {perplexity_agent: AGENT_BODY, openai_responses: RESPONSES_BODY}.get(module, BODY)
     method, url, headers, data = module.build_request(base_url=base_url or module.DEFAULT_BASE_URL, api_key=api_key,
                                                       model=model or MODELS[module], body=body)
     return method, url, headers, data, json.loads(data)
@@ -490,7 +504,7 @@ def test_openai_chat_request():
     assert (b"accept", b"text/event-stream") in headers
     assert p["stream_options"] == {"include_usage": True}
     assert p["messages"][0] == {"role": "system", "content": "Be brief."} and p["messages"][1]["role"] == "system"
-    assert p["max_completion_tokens"] == 256 and p["temperature"] == 0.2 and p["stop"] == ["\n\n"]
+    assert p["max_tokens"] == 256 and p["temperature"] == 0.2 and p["stop"] == ["\n\n"]
     assert p["tools"] == BODY["tools"] and p["tool_choice"] == "auto" and p["model"] == "gpt-4o"
 
 
@@ -520,7 +534,6 @@ def test_perplexity_agent_request():
     assert p["model"] == "openai/gpt-5-mini" and "preset" not in p
     assert p["instructions"] == "Be brief.\n\nAnswer in English." and p["max_output_tokens"] == 256
     assert p["input"][0] == {"type": "message", "role": "user", "content": "Weather in Paris?"}
-    assert "temperature" not in p and "stop" not in p
     _, _, _, _, q = build(perplexity_agent, model="pro-search", body={"messages": [{"role": "user", "content": "Tokyo population?"}]})
     assert q == {"preset": "pro-search", "input": "Tokyo population?", "stream": True}
 
@@ -528,7 +541,7 @@ def test_perplexity_agent_request():
 def test_perplexity_sonar_request():
     _, url, _, _, p = build(perplexity_sonar)
     assert url == "https://api.perplexity.ai/chat/completions"
-    assert p["max_tokens"] == 256 and "tools" not in p and "stream_options" not in p
+    assert p["max_tokens"] == 256 and p["tools"] == BODY["tools"] and "stream_options" not in p
 
 
 def test_ollama_request():

@@ -737,7 +737,7 @@ def test_same_seed_same_run(seed):
 
 def test_a_message_the_codec_cannot_carry_fails_the_run_with_its_seed():
     sim = Simulation(seed=123)
-    sim.client(at=0.0, body={"messages": [{"role": "user", "content": "hi"}], "user": object()})
+    sim.client(at=0.0, body={"messages": [{"role": "user", "content": "hi"}], "user": 2**70})  # JSON (the key) but no msgpack int
     with pytest.raises(SimulationError, match=r"seed=123.*does not encode"):
         sim.run()
 

@@ -17,9 +17,16 @@ message_delta, message_stop, ping, error; there is no [DONE].
     event: error                          -> error (overloaded_error -> upstream_5xx, ...)
     message_stop                          -> terminator; close() without it -> upstream_truncated
 
-Request: x-api-key + anthropic-version 2023-06-01; system messages and body["system"]
-are lifted into "system"; max_tokens is required by Anthropic (default 1024); OpenAI-style
-tools/tool_choice/stop are translated.
+Request: x-api-key + anthropic-version 2023-06-01; system/developer messages and
+body["system"] are lifted into "system"; max_tokens (or max_completion_tokens) is required
+by Anthropic (default 1024). Mapped from OpenAI's request (docs/providers.md has the table):
+temperature, top_p, top_k, stop -> stop_sequences, tools, tool_choice, parallel_tool_calls
+false -> disable_parallel_tool_use, user -> metadata.user_id, response_format json_schema ->
+output_format (structured outputs beta header); messages: text and image parts (data: URLs
+as base64 sources, others as url sources), assistant tool_calls -> tool_use blocks, role
+tool -> a user turn of tool_result blocks (consecutive results in one turn). Anything else
+(seed, logprobs, penalties, n > 1, json_object, message names, audio/file parts) raises
+base.Unsupported: `check` names it and the edge answers 400 before admission.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ from typing import Any
 from protocols.providers import base
 from protocols.providers.base import error_from_response, field, opt_str
 
-__all__ = ["DEFAULT_BASE_URL", "PATH", "Parser", "build_request", "error_from_response"]
+__all__ = ["DEFAULT_BASE_URL", "PATH", "Parser", "build_request", "check", "error_from_response"]
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 PATH = "/v1/messages"
@@ -102,27 +109,105 @@ class Parser(base.Parser):
         self.set_usage(prompt, usage.get("output_tokens"))
 
 
+STRUCTURED_OUTPUTS_BETA = b"structured-outputs-2025-11-13"
+
+
 def build_request(*, base_url: str, api_key: str | None, model: str, body: dict) -> tuple[str, str, base.Headers, bytes]:
-    system, messages = base.split_system(body)
+    fields = base.Fields(body, "anthropic")
+    system, _ = base.split_system(body)
     payload: dict = {
         "model": model,
-        "messages": messages,
-        "max_tokens": body.get("max_tokens") or DEFAULT_MAX_TOKENS,
+        "messages": _messages(body.get("messages") or []),
+        "max_tokens": base.max_tokens(fields) or DEFAULT_MAX_TOKENS,
         "stream": True,
     }
     if system:
         payload["system"] = system
-    base.copy_fields(body, payload, {"temperature": "temperature", "top_p": "top_p"})
-    stop = body.get("stop")
+    for name in ("temperature", "top_p", "top_k"):
+        if fields.take(name) is not None:
+            payload[name] = body[name]
+    stop = fields.take("stop")
     if stop:
         payload["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
-    if body.get("tools"):
+    if fields.take("tools"):
         payload["tools"] = [_tool(t) for t in body["tools"]]
-    if body.get("tool_choice") is not None:
+    if fields.take("tool_choice") is not None:
         payload["tool_choice"] = _tool_choice(body["tool_choice"])
+    if fields.take("parallel_tool_calls") is False:
+        payload["tool_choice"] = {**payload.get("tool_choice", {"type": "auto"}), "disable_parallel_tool_use": True}
+    if fields.take("user") is not None:
+        payload["metadata"] = {"user_id": body["user"]}
+    headers: base.Headers = []
+    fmt = fields.take("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema") or {"type": "object"}
+        payload["output_format"] = {"type": "json_schema", "schema": schema}
+        headers.append((b"anthropic-beta", STRUCTURED_OUTPUTS_BETA))
+    elif fmt is not None and fmt != {"type": "text"}:
+        raise fields.refuse("response_format", "Anthropic has structured outputs (json_schema), not JSON mode (json_object)")
+    fields.refuse_rest()
     auth = [(b"x-api-key", base.header_value(api_key))] if api_key else []
     auth.append((b"anthropic-version", API_VERSION.encode()))
-    return base.json_request(base.join_url(base_url, PATH), auth, payload)
+    return base.json_request(base.join_url(base_url, PATH), auth + headers, payload)
+
+
+def check(body: dict) -> str | None:
+    """Why `body` cannot go to Anthropic (a field named), or None."""
+    return base.refusal(build_request, body)
+
+
+def _messages(messages: list[dict]) -> list[dict]:
+    """OpenAI messages (system ones aside) as Anthropic turns."""
+    out: list[dict] = []
+    for i, msg in enumerate(messages):
+        role = msg.get("role")
+        if role in ("system", "developer"):
+            continue
+        if msg.get("name") is not None:
+            raise base.Unsupported(f"'messages[{i}].name' cannot be sent to anthropic: its messages have no name")
+        if role == "tool":
+            result = {"type": "tool_result", "tool_use_id": msg.get("tool_call_id"), "content": _blocks(i, msg.get("content"))}
+            last = out[-1] if out else None
+            if last and last["role"] == "user" and isinstance(last["content"], list) \
+                    and all(b.get("type") == "tool_result" for b in last["content"]):
+                last["content"].append(result)
+            else:
+                out.append({"role": "user", "content": [result]})
+        elif role in ("user", "assistant"):
+            content = msg.get("content")
+            calls = msg.get("tool_calls") or []
+            if isinstance(content, str) and not calls:
+                out.append({"role": role, "content": content})
+                continue
+            blocks = [b for b in _blocks(i, content) if b.get("type") != "text" or b["text"]]
+            for call in calls:
+                fn = call.get("function") or {}
+                blocks.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"),
+                               "input": base.arguments_object(i, call)})
+            out.append({"role": role, "content": blocks})
+        else:
+            raise base.Unsupported(f"'messages[{i}].role' {role!r} cannot be sent to anthropic")
+    return out
+
+
+def _blocks(i: int, content: Any) -> list[dict]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    blocks = []
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        if kind == "text":
+            blocks.append({"type": "text", "text": part.get("text", "")})
+        elif kind == "image_url":
+            url = (part.get("image_url") or {}).get("url", "")
+            found = base.data_url(url)
+            source = {"type": "base64", "media_type": found[0], "data": found[1]} if found else {"type": "url", "url": url}
+            blocks.append({"type": "image", "source": source})
+        else:
+            raise base.Unsupported(f"'messages[{i}].content[{j}]' ({kind} part) cannot be sent to anthropic")
+    return blocks
 
 
 def _tool(tool: dict) -> dict:

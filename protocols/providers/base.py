@@ -126,9 +126,10 @@ class Parser:
             if value is not None:
                 self._usage[key] = value
 
-    def tool(self, key: Any, *, id: Any = None, name: Any = None, arguments: Any = None, append: str | None = None) -> None:
-        """Create or update the tool call `key` (an index or item id)."""
-        call = self._tools.setdefault(key, {"id": None, "name": None, "arguments": ""})
+    def tool(self, key: Any, *, id: Any = None, name: Any = None, arguments: Any = None, append: str | None = None,
+             choice: int = 0) -> None:
+        """Create or update the tool call `key` (an index or item id) of choice `choice`."""
+        call = self._tools.setdefault(key, {"id": None, "name": None, "arguments": "", "choice": choice})
         if isinstance(id, str) and id:
             call["id"] = id
         if isinstance(name, str) and name:
@@ -148,16 +149,16 @@ class Parser:
         """The provider's terminator: flush tool calls, usage and finish; nothing after."""
         if self._over:
             return
-        if self._tools:
+        for choice in sorted({call["choice"] for call in self._tools.values()}):
             calls = [
                 {
                     "id": call["id"] or f"call_{n}",
                     "type": "function",
                     "function": {"name": call["name"] or "", "arguments": call["arguments"]},
                 }
-                for n, call in enumerate(self._tools.values())
+                for n, call in enumerate(c for c in self._tools.values() if c["choice"] == choice)
             ]
-            self.emit(events.meta(tool_calls=calls))
+            self.emit(events.meta(tool_calls=calls, **({"choice": choice} if choice else {})))
         if self._usage:
             u = self._usage
             self.emit(events.usage(u.get("prompt"), u.get("completion"), u.get("total")))
@@ -462,3 +463,73 @@ def copy_fields(body: dict, payload: dict, names: dict[str, str]) -> None:
     for name, wire in names.items():
         if body.get(name) is not None:
             payload[wire] = body[name]
+
+
+# --- fidelity: map every field, or refuse it -----------------------------------------------
+
+class Unsupported(ValueError):
+    """A request field a cross-format adapter cannot honour: the edge answers 400 naming it
+    (each adapter's `check`), and never drops it silently."""
+
+
+# A field at its OpenAI default asks nothing of the provider: dropping it changes no answer.
+NO_EFFECT: dict[str, Any] = {
+    "n": 1, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
+    "parallel_tool_calls": True, "response_format": {"type": "text"}, "store": False, "modalities": ["text"], "tool_choice": "auto",
+}
+
+
+class Fields:
+    """The body's fields as one adapter maps them: `take` each it has a counterpart for,
+    then `refuse_rest` raises Unsupported for the first one left (null or no-effect values
+    aside). "messages" and "system" are every adapter's own business."""
+
+    def __init__(self, body: dict, provider: str):
+        self.body, self.provider = body, provider
+        self.taken = {"messages", "system"}
+
+    def take(self, name: str) -> Any:
+        self.taken.add(name)
+        return self.body.get(name)
+
+    def refuse(self, name: str, why: str) -> Unsupported:
+        return Unsupported(f"'{name}' cannot be sent to {self.provider}: {why}")
+
+    def refuse_rest(self) -> None:
+        for name, value in self.body.items():
+            if name in self.taken or value is None or (name in NO_EFFECT and value == NO_EFFECT[name]):
+                continue
+            raise self.refuse(name, "it has no counterpart in its API (docs/providers.md)")
+
+
+def refusal(build: Callable[..., object], body: dict) -> str | None:
+    """What an adapter's build_request refuses in `body` (Unsupported's message), or None."""
+    try:
+        build(base_url="http://check.invalid", api_key=None, model="m", body=body)
+    except Unsupported as exc:
+        return str(exc)
+    return None
+
+
+def max_tokens(fields: Fields) -> Any:
+    """max_tokens, or OpenAI's newer max_completion_tokens (the first present)."""
+    first = fields.take("max_tokens")
+    second = fields.take("max_completion_tokens")
+    return first if first is not None else second
+
+
+def arguments_object(i: int, call: dict) -> Any:
+    """A tool call's arguments (JSON text on OpenAI's wire) as the object other APIs take."""
+    text = (call.get("function") or {}).get("arguments") or "{}"
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise Unsupported(f"messages[{i}].tool_calls: arguments of {call.get('id')!r} are not JSON") from None
+
+
+def data_url(url: str) -> tuple[str, str] | None:
+    """(media type, base64 data) of a data: URL with base64 data, else None."""
+    if not url.startswith("data:") or ";base64," not in url:
+        return None
+    head, _, data = url[5:].partition(";base64,")
+    return head or "application/octet-stream", data

@@ -21,6 +21,13 @@ Format: https://platform.openai.com/docs/api-reference/responses-streaming — t
 The event type is read from the JSON "type", else from the SSE event name (Perplexity's
 Agent API, which reuses this parser, sends only the latter). perplexity_agent.py extends
 Parser.on_event for Perplexity's extra events.
+
+Request, mapped from OpenAI chat (docs/providers.md): system/developer -> instructions;
+messages -> input items (text/image parts, function_call and function_call_output items
+for tool calls and results); max_tokens -> max_output_tokens; response_format -> text.format;
+reasoning_effort -> reasoning.effort; temperature, top_p, tools (flattened), tool_choice,
+parallel_tool_calls, user, metadata, store, service_tier as they are. Anything else (seed,
+stop, logprobs, penalties, n > 1, message names) raises base.Unsupported (`check`: 400).
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from typing import Any
 from protocols.providers import base
 from protocols.providers.base import error_from_response, field, opt_str
 
-__all__ = ["DEFAULT_BASE_URL", "PATH", "Parser", "build_request", "error_from_response"]
+__all__ = ["DEFAULT_BASE_URL", "PATH", "Parser", "build_request", "check", "error_from_response"]
 
 DEFAULT_BASE_URL = "https://api.openai.com"
 PATH = "/v1/responses"
@@ -91,20 +98,81 @@ class Parser(base.Parser):
 
 
 def build_request(*, base_url: str, api_key: str | None, model: str, body: dict) -> tuple[str, str, base.Headers, bytes]:
-    system, messages = base.split_system(body)
-    payload: dict = {
-        "model": model,
-        "input": [{"role": m.get("role"), "content": m.get("content")} for m in messages],
-        "stream": True,
-    }
+    fields = base.Fields(body, "openai_responses")
+    system, _ = base.split_system(body)
+    payload: dict = {"model": model, "input": input_items(body.get("messages") or [], "openai_responses"), "stream": True}
     if system:
         payload["instructions"] = system
-    base.copy_fields(body, payload, {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_output_tokens"})
-    if body.get("tools"):
+    for name in ("temperature", "top_p", "parallel_tool_calls", "user", "metadata", "store", "service_tier"):
+        if fields.take(name) is not None:
+            payload[name] = body[name]
+    if base.max_tokens(fields) is not None:
+        payload["max_output_tokens"] = body.get("max_tokens") or body.get("max_completion_tokens")
+    if fields.take("tools"):
         payload["tools"] = [flat_tool(t) for t in body["tools"]]
-    if body.get("tool_choice") is not None:
+    if fields.take("tool_choice") is not None:
         payload["tool_choice"] = flat_tool_choice(body["tool_choice"])
+    if fields.take("reasoning_effort") is not None:
+        payload["reasoning"] = {"effort": body["reasoning_effort"]}
+    fmt = fields.take("response_format")
+    if fmt is not None:
+        payload["text"] = {"format": text_format(fmt)}
+    fields.refuse_rest()
     return base.json_request(base.join_url(base_url, PATH), base.bearer(api_key), payload)
+
+
+def check(body: dict) -> str | None:
+    """Why `body` cannot go to the Responses API (a field named), or None."""
+    return base.refusal(build_request, body)
+
+
+def text_format(fmt: Any) -> Any:
+    """Chat's response_format -> Responses' text.format (json_schema is flattened)."""
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict):
+        return {"type": "json_schema", **fmt["json_schema"]}
+    return fmt
+
+
+def input_items(messages: list[dict], provider: str) -> list[dict]:
+    """OpenAI chat messages (system ones aside) as Responses input items: messages with
+    input_text/input_image (output_text for the assistant) parts, assistant tool calls as
+    function_call items, tool results as function_call_output items."""
+    items: list[dict] = []
+    for i, msg in enumerate(messages):
+        role = msg.get("role")
+        if role in ("system", "developer"):
+            continue
+        if msg.get("name") is not None:
+            raise base.Unsupported(f"'messages[{i}].name' cannot be sent to {provider}: its input items have no name")
+        if role == "tool":
+            items.append({"type": "function_call_output", "call_id": msg.get("tool_call_id"),
+                          "output": base.content_text(msg.get("content"))})
+            continue
+        if role not in ("user", "assistant"):
+            raise base.Unsupported(f"'messages[{i}].role' {role!r} cannot be sent to {provider}")
+        content = msg.get("content")
+        if isinstance(content, list):
+            content = [_part(i, j, part, role, provider) for j, part in enumerate(content)]
+        if content:
+            items.append({"role": role, "content": content})
+        for call in msg.get("tool_calls") or []:
+            fn = call.get("function") or {}
+            items.append({"type": "function_call", "call_id": call.get("id"), "name": fn.get("name"),
+                          "arguments": fn.get("arguments")})
+    return items
+
+
+def _part(i: int, j: int, part: dict, role: str, provider: str) -> dict:
+    kind = part.get("type")
+    if kind == "text":
+        return {"type": "output_text" if role == "assistant" else "input_text", "text": part.get("text", "")}
+    if kind == "image_url" and role == "user":
+        image = part.get("image_url") or {}
+        out = {"type": "input_image", "image_url": image.get("url")}
+        if image.get("detail"):
+            out["detail"] = image["detail"]
+        return out
+    raise base.Unsupported(f"'messages[{i}].content[{j}]' ({kind} part) cannot be sent to {provider}")
 
 
 def flat_tool(tool: dict) -> dict:

@@ -22,15 +22,16 @@ Request: Bearer auth; `model` when the name is provider/model (e.g. "openai/gpt-
 otherwise it is sent as `preset` (e.g. "fast-search", "pro-search"); system text ->
 "instructions"; one user message -> `input` as a string, a conversation -> an array of
 {"type": "message", "role", "content"}; max_tokens -> max_output_tokens; function tools
-flattened Responses-style. temperature/top_p/stop are not part of the Agent API body and
-are dropped.
+flattened Responses-style; tool calls and results as Responses input items. Everything
+else (temperature, top_p, stop, seed, response_format, ...) is not part of the Agent API
+body: base.Unsupported names it (`check`: the edge's 400), never dropped silently.
 """
 from __future__ import annotations
 
 from protocols.providers import base, openai_responses
 from protocols.providers.base import error_from_response, field, opt_str
 
-__all__ = ["DEFAULT_BASE_URL", "PATH", "Parser", "build_request", "error_from_response"]
+__all__ = ["DEFAULT_BASE_URL", "PATH", "Parser", "build_request", "check", "error_from_response"]
 
 DEFAULT_BASE_URL = "https://api.perplexity.ai"
 PATH = "/v1/agent"
@@ -71,15 +72,25 @@ class Parser(openai_responses.Parser):
 
 
 def build_request(*, base_url: str, api_key: str | None, model: str, body: dict) -> tuple[str, str, base.Headers, bytes]:
+    fields = base.Fields(body, "perplexity (Agent API)")
     system, messages = base.split_system(body)
-    if len(messages) == 1 and messages[0].get("role") == "user" and isinstance(messages[0].get("content"), str):
+    if len(messages) == 1 and messages[0].get("role") == "user" and isinstance(messages[0].get("content"), str) \
+            and messages[0].get("name") is None:
         agent_input: str | list = messages[0]["content"]
     else:
-        agent_input = [{"type": "message", "role": m.get("role"), "content": m.get("content")} for m in messages]
+        agent_input = [{"type": "message", **item} if "role" in item else item
+                       for item in openai_responses.input_items(body.get("messages") or [], fields.provider)]
     payload: dict = {("model" if "/" in model else "preset"): model, "input": agent_input, "stream": True}
     if system:
         payload["instructions"] = system
-    base.copy_fields(body, payload, {"max_tokens": "max_output_tokens"})
-    if body.get("tools"):
+    if base.max_tokens(fields) is not None:
+        payload["max_output_tokens"] = body.get("max_tokens") or body.get("max_completion_tokens")
+    if fields.take("tools"):
         payload["tools"] = [openai_responses.flat_tool(t) for t in body["tools"]]
+    fields.refuse_rest()
     return base.json_request(base.join_url(base_url, PATH), base.bearer(api_key), payload)
+
+
+def check(body: dict) -> str | None:
+    """Why `body` cannot go to the Agent API (a field named), or None."""
+    return base.refusal(build_request, body)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from protocols.providers import base, openai_chat
 from protocols.providers.base import error_from_response, field, text_field
 
-__all__ = ["DEFAULT_BASE_URL", "PATH", "Parser", "build_request", "error_from_response"]
+__all__ = ["DEFAULT_BASE_URL", "PATH", "Parser", "build_request", "check", "error_from_response"]
 
 DEFAULT_BASE_URL = "https://api.perplexity.ai"
 PATH = "/chat/completions"
@@ -67,11 +67,13 @@ class Parser(openai_chat.Parser):
 
 
 def build_request(*, base_url: str, api_key: str | None, model: str, body: dict) -> tuple[str, str, base.Headers, bytes]:
-    payload = {"model": model, "messages": base.chat_messages(body), "stream": True}
-    base.copy_fields(body, payload, {
-        "temperature": "temperature",
-        "top_p": "top_p",
-        "max_tokens": "max_tokens",
-        "stop": "stop",
-    })
+    """The same format as OpenAI chat: the client's body forwarded as it came, but the
+    fields sluice owns (Sonar has no stream_options: usage comes on every chunk anyway)."""
+    payload = {"model": model, **{k: v for k, v in body.items() if k != "system"},
+               "messages": base.chat_messages(body), "stream": True}
     return base.json_request(base.join_url(base_url, PATH), base.bearer(api_key), payload)
+
+
+def check(body: dict) -> str | None:
+    """Nothing to refuse: the same format, every field forwarded."""
+    return None

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible API: `POST /v1/chat/completions` (streamed or not), `GET /v1/models`,
-`GET /v1/models/{id}`, so the official `openai` SDKs work by changing only their base_url.
+"""The OpenAI-compatible chat API: `POST /v1/chat/completions` (streamed or not), so the
+official `openai` SDKs work by changing only their base_url (`/v1/models` is edge/models.py).
 
 Owns the translation between OpenAI's request/response shapes and sluice's; everything
 else is the same path as /api/chat: the body is read and validated by the same helpers
@@ -355,30 +355,6 @@ def routes(edge) -> list[Route]:
                 completion.add(event)
         return completion.response()
 
-    def model_list(key_id: str | None) -> list[dict]:
-        """The configured models the caller's API key may use."""
-        return [
-            {"id": f"{name}/{p['model']}", "object": "model", "created": 0, "owned_by": name}
-            for name, p in edge.settings["providers"].items()
-            if edge.keys.allows(key_id, name, p["model"])
-        ]
-
-    async def models(request: Request):
-        if (denied := edge.authenticate(request)) is not None:
-            return denied
-        return JSONResponse({"object": "list", "data": model_list(request.state.key_id)})
-
-    async def model(request: Request):
-        if (denied := edge.authenticate(request)) is not None:
-            return denied
-        wanted = request.path_params["model_id"]
-        for item in model_list(request.state.key_id):
-            if item["id"] == wanted:
-                return JSONResponse(item)
-        return error_response(404, "model_not_found", f"The model {wanted!r} does not exist (see GET /v1/models)")
-
     return [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{model_id:path}", model, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"])
     ]

@@ -16,6 +16,7 @@ without that, the orphan watchdog (a process of its own) notices within a second
 shuts the actor system down. While serving, a keeper thread replaces a dead Supervisor
 (and a dead watchdog). Every process logs in the SLUICE_LOG_FORMAT (protocols/logfmt.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,10 +76,16 @@ def serve(settings: dict) -> int:
     if settings["SLUICE_API_KEYS_FILE"] is None:
         log.warning("no SLUICE_API_KEYS_FILE: every client is allowed")
     else:
-        log.info("client API keys from %s; coalescing scope: %s", settings["SLUICE_API_KEYS_FILE"], settings["COALESCE_SCOPE"])
+        log.info(
+            "client API keys from %s; coalescing scope: %s",
+            settings["SLUICE_API_KEYS_FILE"],
+            settings["COALESCE_SCOPE"],
+        )
     for name, provider in settings["providers"].items():
         if name != "simulated" and provider["api_key"] is None and provider["adapter"] != "ollama":
-            log.warning("provider %s has no API key (%s_API_KEY): its calls will fail upstream", name, provider["account"])
+            log.warning(
+                "provider %s has no API key (%s_API_KEY): its calls will fail upstream", name, provider["account"]
+            )
 
     from actors import secret_file
 
@@ -90,8 +97,11 @@ def serve(settings: dict) -> int:
         try:
             secret = secret_file.create(secret_path)
         except OSError as exc:
-            print(f"sluice: cannot write the cluster secret file {secret_path}: {exc.strerror} "
-                  "(set SLUICE_SECRET_FILE or SLUICE_CLUSTER_SECRET)", file=sys.stderr)
+            print(
+                f"sluice: cannot write the cluster secret file {secret_path}: {exc.strerror} "
+                "(set SLUICE_SECRET_FILE or SLUICE_CLUSTER_SECRET)",
+                file=sys.stderr,
+            )
             return 2
     try:
         return _serve_with_secret(settings, secret, log)

@@ -4,6 +4,7 @@ Messages are msgpack, so an address travels as "host:port" (multiprocTCPBase onl
 turned back into a Thespian `ActorAddress` at the receiving end. (Which host Thespian's
 sockets bind to is a patch of Thespian's: patches/thespian_bind.py.)
 """
+
 from __future__ import annotations
 
 from thespian.actors import ActorAddress

@@ -45,13 +45,13 @@ A transition is a dict: {"name", "from", "to", "event", "at", "since", "value",
 `alerts(now)` lists {"name", "since", "value", "threshold", "summary"} for firing and
 pending rules; `since` is when the condition became true (Prometheus' activeAt).
 """
+
 from __future__ import annotations
 
 from protocols.settings import ALERT_DEFAULTS as DEFAULTS
 from protocols.settings import validate_thresholds
 
-RULE_NAMES = ("ttft_p95_high", "error_rate_high", "queue_wait_p95_high",
-              "coalesce_ratio_low")
+RULE_NAMES = ("ttft_p95_high", "error_rate_high", "queue_wait_p95_high", "coalesce_ratio_low")
 
 
 class _RuleState:
@@ -93,40 +93,53 @@ class AlertEvaluator:
 
         p95 = perf["ttft_ms"]["p95"]
         out["ttft_p95_high"] = (
-            p95 is not None and p95 > t["ttft_p95_ms"], p95, t["ttft_p95_ms"],
+            p95 is not None and p95 > t["ttft_p95_ms"],
+            p95,
+            t["ttft_p95_ms"],
             f"TTFT p95 {_ms(p95)} over the last {t['perf_window']} requests "
-            f"(threshold {_ms(t['ttft_p95_ms'])}, for {t['ttft_for_s']:g} s)")
+            f"(threshold {_ms(t['ttft_p95_ms'])}, for {t['ttft_for_s']:g} s)",
+        )
 
         rate = err_perf["error_rate"]
         out["error_rate_high"] = (
-            rate > t["error_rate"], rate, t["error_rate"],
-            f"error rate {rate:.2%} over the last {t['error_window']} requests "
-            f"(threshold {t['error_rate']:.2%})")
+            rate > t["error_rate"],
+            rate,
+            t["error_rate"],
+            f"error rate {rate:.2%} over the last {t['error_window']} requests (threshold {t['error_rate']:.2%})",
+        )
 
         qw = perf["queue_wait_ms"]["p95"]
         out["queue_wait_p95_high"] = (
-            qw is not None and qw > t["queue_wait_p95_ms"], qw, t["queue_wait_p95_ms"],
+            qw is not None and qw > t["queue_wait_p95_ms"],
+            qw,
+            t["queue_wait_p95_ms"],
             f"queue wait p95 {_ms(qw)} over the last {t['perf_window']} requests "
-            f"(threshold {_ms(t['queue_wait_p95_ms'])}, for {t['queue_wait_for_s']:g} s)")
+            f"(threshold {_ms(t['queue_wait_p95_ms'])}, for {t['queue_wait_for_s']:g} s)",
+        )
 
         burst = metrics.burst_stats(t["burst_window_s"], now)
         is_burst = burst["requests"] >= t["burst_min_requests"] and burst["leaders"] >= 1
         ratio = burst["followers"] / burst["leaders"] if burst["leaders"] else None
         out["coalesce_ratio_low"] = (
-            is_burst and ratio < t["coalesce_min_ratio"], ratio, t["coalesce_min_ratio"],
+            is_burst and ratio < t["coalesce_min_ratio"],
+            ratio,
+            t["coalesce_min_ratio"],
             f"coalesce ratio {_num(ratio)} followers/leader "
             f"({burst['followers']}/{burst['leaders']}) over {burst['requests']} requests "
             f"in the last {t['burst_window_s']:g} s (threshold {t['coalesce_min_ratio']:g}, "
-            f"burst = >= {t['burst_min_requests']} requests)")
+            f"burst = >= {t['burst_min_requests']} requests)",
+        )
         return out
 
     def _for_s(self, name: str) -> float:
-        return self.thresholds[{
-            "ttft_p95_high": "ttft_for_s",
-            "error_rate_high": "error_for_s",
-            "queue_wait_p95_high": "queue_wait_for_s",
-            "coalesce_ratio_low": "coalesce_for_s",
-        }[name]]
+        return self.thresholds[
+            {
+                "ttft_p95_high": "ttft_for_s",
+                "error_rate_high": "error_for_s",
+                "queue_wait_p95_high": "queue_wait_for_s",
+                "coalesce_ratio_low": "coalesce_for_s",
+            }[name]
+        ]
 
     def evaluate(self, metrics, now: float) -> list[dict]:
         """Sample every rule once; return the transitions (possibly none)."""
@@ -143,13 +156,20 @@ class AlertEvaluator:
             elif before != "inactive":
                 st.state = "inactive"
             if st.state != before:
-                event = st.state if st.state != "inactive" else (
-                    "resolved" if before == "firing" else "cleared")
-                transitions.append({
-                    "name": name, "from": before, "to": st.state, "event": event,
-                    "at": now, "since": st.since, "value": value,
-                    "threshold": threshold, "summary": summary,
-                })
+                event = st.state if st.state != "inactive" else ("resolved" if before == "firing" else "cleared")
+                transitions.append(
+                    {
+                        "name": name,
+                        "from": before,
+                        "to": st.state,
+                        "event": event,
+                        "at": now,
+                        "since": st.since,
+                        "value": value,
+                        "threshold": threshold,
+                        "summary": summary,
+                    }
+                )
             if st.state == "inactive":
                 st.since = None
         return transitions
@@ -160,10 +180,15 @@ class AlertEvaluator:
         for name in RULE_NAMES:
             st = self._state[name]
             if st.state in result:
-                result[st.state].append({
-                    "name": name, "since": st.since, "value": st.value,
-                    "threshold": st.threshold, "summary": st.summary,
-                })
+                result[st.state].append(
+                    {
+                        "name": name,
+                        "since": st.since,
+                        "value": st.value,
+                        "threshold": st.threshold,
+                        "summary": st.summary,
+                    }
+                )
         return result
 
 

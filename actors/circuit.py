@@ -14,6 +14,7 @@ own fault (400, 404, ...), give no verdict.
 
 Plain code driven by `now`: no clock, no I/O (tests/test_circuit.py).
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -107,7 +108,9 @@ class CircuitBreaker:
         self.consecutive += 1
         failed = sum(1 for _at, good in self.recent if not good)
         s = self.settings
-        if self.consecutive >= s.failures or (len(self.recent) >= s.min_calls and failed >= s.failure_rate * len(self.recent)):
+        if self.consecutive >= s.failures or (
+            len(self.recent) >= s.min_calls and failed >= s.failure_rate * len(self.recent)
+        ):
             return self._open(now, longer=False)
         return None
 

@@ -1,4 +1,5 @@
 """The Coalescer actor: hosts CoalescerLogic for one key shard (role "coalescer:<n>")."""
+
 from __future__ import annotations
 
 from actors import secret

@@ -40,6 +40,7 @@ Stream ids are random (`auth.unguessable_id`), never derived from the request id
 client sees, and every `Admitted` carries the ticket (`auth.ticket`) that lets the
 submitting edge -- and only that edge -- subscribe to the stream at the hub.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -132,7 +133,9 @@ class CoalescerLogic:
             if flight.phase == ASKING:
                 flight.waiting.append((sender, msg.request_id, msg.edge_id, "follower"))
                 return []
-            return [Send(sender, self._admitted(msg.request_id, flight.stream_id, "follower", msg.edge_id, hub=flight.hub))]
+            return [
+                Send(sender, self._admitted(msg.request_id, flight.stream_id, "follower", msg.edge_id, hub=flight.hub))
+            ]
         self.leaders_total += 1
         flight = Flight(key, self.new_stream_id(), msg.provider)
         flight.refs[msg.edge_id] += 1
@@ -175,8 +178,17 @@ class CoalescerLogic:
         old = flight.request
         flight.provider = msg.provider
         # Same Pool: those admitted already listen at its hub.
-        flight.request = m.LeaseRequest(old.lease_id, msg.provider, now, msg.model, old.body, self.me,
-                                        msg.fallback_from, list(msg.fallbacks), flight.hub)
+        flight.request = m.LeaseRequest(
+            old.lease_id,
+            msg.provider,
+            now,
+            msg.model,
+            old.body,
+            self.me,
+            msg.fallback_from,
+            list(msg.fallbacks),
+            flight.hub,
+        )
         return [Send(roles.pacer_for(msg.provider), flight.request)]
 
     # --- leaving and ending -------------------------------------------------------------
@@ -214,7 +226,11 @@ class CoalescerLogic:
         ttl = self.flags.error_ttl_s
         if ttl <= 0:
             return out
-        self.errors[flight.key] = (msg.error or {"type": "error", "code": "upstream_error", "message": ""}, now + ttl, msg.stream_id)
+        self.errors[flight.key] = (
+            msg.error or {"type": "error", "code": "upstream_error", "message": ""},
+            now + ttl,
+            msg.stream_id,
+        )
         return out + [After(ttl, ForgetError(flight.key))]
 
     # --- crashes of others -----------------------------------------------------------------
@@ -226,10 +242,21 @@ class CoalescerLogic:
                 self._forget(flight)  # not remembered as an error: a new request is a new call
                 # An edge admitted just before the crash may subscribe at the new hub: it
                 # gets this error instead of waiting for a stream that will never open.
-                out.append(Send(msg.role, m.FailStream(flight.stream_id, "pool_lost", "the upstream connection pool restarted mid-stream; retry")))
+                out.append(
+                    Send(
+                        msg.role,
+                        m.FailStream(
+                            flight.stream_id, "pool_lost", "the upstream connection pool restarted mid-stream; retry"
+                        ),
+                    )
+                )
         elif roles.is_pacer(msg.role):
             for flight in self.by_stream.values():
-                if flight.phase != STREAMING and flight.request is not None and roles.pacer_for(flight.provider) == msg.role:
+                if (
+                    flight.phase != STREAMING
+                    and flight.request is not None
+                    and roles.pacer_for(flight.provider) == msg.role
+                ):
                     # The replacement queues it anew, on the Pool its clients listen at.
                     out.append(Send(msg.role, replace(flight.request, hub=flight.hub)))
         elif msg.role == roles.EDGE:
@@ -292,4 +319,3 @@ class CoalescerLogic:
             "leaders_total": self.leaders_total,
             "followers_total": self.followers_total,
         }
-

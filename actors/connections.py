@@ -9,6 +9,7 @@ account, and a further pool, with a connection of its own, is made when every po
 `CALLS_PER_POOL` calls. Pools are never dropped: an idle one's connections expire by the
 account's keepalive and cost nothing after that.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ only place that knows about Thespian. The host never lets an exception reach The
 which would redeliver the message (2-3 times) and then declare it poison: a message that
 fails to decode or to handle gets an `ErrorReply` instead.
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,7 +56,9 @@ class HostActor(Actor):
             elif isinstance(msg, ActorSystemMessage):
                 self.on_system(msg, sender)
             elif isinstance(sender, ActorAddress):  # a Python object: not one of our messages
-                self.send(sender, m.encode(m.ErrorReply("bad_message", f"expected msgpack bytes, got {type(msg).__name__}")))
+                self.send(
+                    sender, m.encode(m.ErrorReply("bad_message", f"expected msgpack bytes, got {type(msg).__name__}"))
+                )
         except Exception as exc:  # never let Thespian redeliver
             log.exception("%s failed handling %s", self.role, type(msg).__name__)
             if isinstance(msg, (bytes, bytearray)) and isinstance(sender, ActorAddress):

@@ -15,6 +15,7 @@ batching, and the once-a-second sweep.
 
 Runs on the Pool's asyncio loop; single-threaded by construction.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -153,7 +154,10 @@ class StreamHub:
                 self.handshaking -= 1
             if conn.edge_id is None:
                 self.refused_handshakes += 1
-                log.warning("hub connection from %s refused: no valid answer to the challenge", writer.get_extra_info("peername"))
+                log.warning(
+                    "hub connection from %s refused: no valid answer to the challenge",
+                    writer.get_extra_info("peername"),
+                )
                 return
             self.connections.add(conn)
             await conn.serve()

@@ -16,6 +16,7 @@ authenticated as (`protocols.auth.ticket_ok`); otherwise the answer is
 late subscribers, then is dropped; a stream subscribed to but never opened (an actor
 lost a message) ends with an error after `orphan_s`, so no client waits forever.
 """
+
 from __future__ import annotations
 
 from collections.abc import Hashable
@@ -86,7 +87,12 @@ class HubLogic:
         if isinstance(msg, m.Subscribe):
             if not auth.ticket_ok(self.secret, msg.stream_id, edge_id, msg.ticket):
                 self.refused_subscribes += 1
-                return [Send(peer, m.SubscribeRefused(msg.stream_id, "forbidden", "this edge was not admitted to this stream"))]
+                return [
+                    Send(
+                        peer,
+                        m.SubscribeRefused(msg.stream_id, "forbidden", "this edge was not admitted to this stream"),
+                    )
+                ]
             stream = self._stream(msg.stream_id, now)
             stream.subscribers[peer] = None
             self.peers.setdefault(peer, {})[msg.stream_id] = None
@@ -117,7 +123,9 @@ class HubLogic:
                 for peer in stream.subscribers:
                     self.peers.get(peer, {}).pop(stream.stream_id, None)
             elif self._orphan_due(stream) is not None and now >= stream.created_at + self.orphan_s:
-                out += self.publish(stream.stream_id, [ev.error("stream_not_started", "the upstream call never started")], now)
+                out += self.publish(
+                    stream.stream_id, [ev.error("stream_not_started", "the upstream call never started")], now
+                )
         return out
 
     def next_due(self) -> float | None:

@@ -13,6 +13,7 @@ It also restarts the orphan watchdog process (actors/system.py `watch`) if that 
 Thread safety: the keeper has its own `asys.private()` context, like the edge's bridge
 threads; it never forks.
 """
+
 from __future__ import annotations
 
 import logging

@@ -12,6 +12,7 @@ alike spread over the keys.
 Keys are named by their position, "#1", "#2", ... in logs, metrics and admin state: never
 by their value.
 """
+
 from __future__ import annotations
 
 from collections import deque

@@ -18,6 +18,7 @@ concurrency.
 The per-key counters for /metrics (`sluice_key_*`) are rendered here, over all workers;
 the edges send their authentication failures as `key_auth_failure` records.
 """
+
 from __future__ import annotations
 
 import time
@@ -74,5 +75,10 @@ class KeyLimits:
 
 
 def _as_dict(denial: Denial) -> dict:
-    return {"status": denial.status, "type": denial.type, "code": denial.code, "message": denial.message,
-            "retry_after_s": denial.retry_after_s}
+    return {
+        "status": denial.status,
+        "type": denial.type,
+        "code": denial.code,
+        "message": denial.message,
+        "retry_after_s": denial.retry_after_s,
+    }

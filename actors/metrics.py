@@ -7,6 +7,7 @@ the batches, and renders the `sluice_key_*` lines of /metrics.
 
 Admin commands (edge/admin_routes.py): show, reset (forget the windowed samples),
 alerts (thresholds + firing/pending), set_thresholds (live, validated all-or-nothing)."""
+
 from __future__ import annotations
 
 import logging
@@ -62,15 +63,22 @@ class MetricsActor(HostActor):
             return []
         if isinstance(msg, m.KeyAdmit):
             if self.key_limits is None:
-                denial = {"status": 503, "type": "api_error", "code": "key_limits_unavailable",
-                          "message": "the gateway cannot count this key's usage now; retry", "retry_after_s": 1.0}
+                denial = {
+                    "status": 503,
+                    "type": "api_error",
+                    "code": "key_limits_unavailable",
+                    "message": "the gateway cannot count this key's usage now; retry",
+                    "retry_after_s": 1.0,
+                }
             else:
                 denial = self.key_limits.admit(msg.key_id, msg.provider, msg.model, msg.edge_id)
             return [Send(sender, m.KeyVerdict(denial))]
         if isinstance(msg, m.MemberLost) and msg.role == roles.EDGE:
             if self.key_limits is not None:
                 released = self.key_limits.edge_lost(msg.incarnation)
-                log.warning("edge %s lost: %d requests it held no longer count against their keys", msg.incarnation, released)
+                log.warning(
+                    "edge %s lost: %d requests it held no longer count against their keys", msg.incarnation, released
+                )
             return []
         if isinstance(msg, m.QueryPerformance):
             return [Send(sender, m.Performance(self.logic.performance(msg.last_n, now)))]
@@ -108,8 +116,14 @@ class MetricsActor(HostActor):
                 except ValueError as exc:
                     return [Send(sender, m.AdminResult(False, self._alerts(now), str(exc)))]
             return [Send(sender, m.AdminResult(True, self._alerts(now)))]
-        return [Send(sender, m.AdminResult(
-            False, {}, f"metrics: unknown command {msg.command!r} (show, reset, alerts, set_thresholds)"))]
+        return [
+            Send(
+                sender,
+                m.AdminResult(
+                    False, {}, f"metrics: unknown command {msg.command!r} (show, reset, alerts, set_thresholds)"
+                ),
+            )
+        ]
 
     def _alerts(self, now) -> dict:
         return {"thresholds": dict(self.alerts.thresholds), **self.alerts.alerts(now)}

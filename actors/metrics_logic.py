@@ -81,6 +81,7 @@ Definitions used by `performance(last_n, now)`:
   * active_streams: the sum of the latest `active_streams` gauge over all label sets
     (one per Pool / edge that reports it), 0 when none was reported.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,14 +98,19 @@ from actors.retry_policy import REASONS as RETRY_REASONS
 # so `histogram_quantile(...) > threshold` in docs/prometheus-alerts.yml compares against
 # a bucket boundary and is not blurred by interpolation. The tail (60, 120) is there for
 # whole-response durations, which for LLMs run to minutes.
-BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
-           60.0, 120.0)
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 ROLES = ("leader", "follower")
 REQUEST_OUTCOMES = ("done", "error", "cancelled", "rejected")
 UPSTREAM_OUTCOMES = ("done", "error", "cancelled")
-GAUGE_NAMES = ("active_streams", "pacer_queue_depth", "pacer_tokens", "pacer_leases", "pacer_paused_seconds",
-               "circuit_state")
+GAUGE_NAMES = (
+    "active_streams",
+    "pacer_queue_depth",
+    "pacer_tokens",
+    "pacer_leases",
+    "pacer_paused_seconds",
+    "circuit_state",
+)
 CIRCUIT_STATES = tuple(STATE_VALUE)
 PERCENTILES = (50, 95, 99)
 
@@ -122,27 +128,38 @@ UNKNOWN = "unknown"  # a record that names no provider or model
 # Histogram families: key -> (metric name, help). Labels: provider, model. Kept without
 # key_id: 17 series per label set is where the cardinality of a histogram goes.
 _HISTOGRAMS = {
-    "ttft": ("sluice_ttft_seconds",
-             "Time to first token as the client sees it: request received -> first byte written by the edge."),
-    "provider_ttft": ("sluice_provider_ttft_seconds",
-                      "Provider's time to first token: request sent (first attempt) -> first provider byte; "
-                      "leaders only."),
-    "added_ttft": ("sluice_added_ttft_seconds",
-                   "What sluice added to a leader's TTFT: client TTFT - provider TTFT (admission, queue, hub, edge)."),
+    "ttft": (
+        "sluice_ttft_seconds",
+        "Time to first token as the client sees it: request received -> first byte written by the edge.",
+    ),
+    "provider_ttft": (
+        "sluice_provider_ttft_seconds",
+        "Provider's time to first token: request sent (first attempt) -> first provider byte; leaders only.",
+    ),
+    "added_ttft": (
+        "sluice_added_ttft_seconds",
+        "What sluice added to a leader's TTFT: client TTFT - provider TTFT (admission, queue, hub, edge).",
+    ),
     "queue_wait": ("sluice_queue_wait_seconds", "Time a request waited for a pacer lease."),
     "cancel": ("sluice_cancel_latency_seconds", "Time from a cancel request to the upstream abort."),
     "duration": ("sluice_request_duration_seconds", "Whole client request duration."),
 }
 # Counter families: key -> (metric name, help).
 _COUNTERS = {
-    "requests": ("sluice_requests_total",
-                 "Client requests by provider, model, outcome and role (and key_id with client keys)."),
-    "request_errors": ("sluice_request_errors_total",
-                       "Client requests that ended in an error or were rejected, by error_type (sluice's code)."),
+    "requests": (
+        "sluice_requests_total",
+        "Client requests by provider, model, outcome and role (and key_id with client keys).",
+    ),
+    "request_errors": (
+        "sluice_request_errors_total",
+        "Client requests that ended in an error or were rejected, by error_type (sluice's code).",
+    ),
     "upstream_calls": ("sluice_upstream_calls_total", "Upstream provider calls by provider, model and outcome."),
     "upstream_errors": ("sluice_upstream_errors_total", "Upstream calls that ended in an error, by error_type."),
-    "tokens": ("sluice_upstream_tokens_total",
-               "Tokens the provider reported in its usage, by token_type (input, output); once per upstream call."),
+    "tokens": (
+        "sluice_upstream_tokens_total",
+        "Tokens the provider reported in its usage, by token_type (input, output); once per upstream call.",
+    ),
     "leaders": ("sluice_coalesce_leaders_total", "Requests that led an upstream call."),
     "followers": ("sluice_coalesce_followers_total", "Requests served by joining an identical in-flight call."),
 }
@@ -310,17 +327,19 @@ def _breakdown(reqs: list[_Request]) -> list[dict]:
     out = []
     for (provider, model), group in sorted(groups.items()):
         errors = sum(1 for r in group if r.outcome in ("error", "rejected"))
-        out.append({
-            "provider": provider,
-            "model": model,
-            "requests": len(group),
-            "error_rate": errors / len(group),
-            "ttft_ms": _stats(r.ttft_ms for r in group),
-            "provider_ttft_ms": _stats(r.provider_ttft_ms for r in group),
-            "added_ttft_ms": _stats(r.added_ttft_ms for r in group),
-            "queue_wait_ms": _stats(r.queue_wait_ms for r in group),
-            "latency_ms": _stats(r.latency_ms for r in group),
-        })
+        out.append(
+            {
+                "provider": provider,
+                "model": model,
+                "requests": len(group),
+                "error_rate": errors / len(group),
+                "ttft_ms": _stats(r.ttft_ms for r in group),
+                "provider_ttft_ms": _stats(r.provider_ttft_ms for r in group),
+                "added_ttft_ms": _stats(r.added_ttft_ms for r in group),
+                "queue_wait_ms": _stats(r.queue_wait_ms for r in group),
+                "latency_ms": _stats(r.latency_ms for r in group),
+            }
+        )
     return out
 
 
@@ -427,8 +446,9 @@ class MetricsLogic:
             latency_ms = _number(rec, "latency_ms", duration=True)
             at = _number(rec, "at")
             error_code = _string(rec, "error_code", optional=True)
-            provider_ttft_ms = _number(rec, "provider_ttft_ms", duration=True, optional=True) \
-                if "provider_ttft_ms" in rec else None
+            provider_ttft_ms = (
+                _number(rec, "provider_ttft_ms", duration=True, optional=True) if "provider_ttft_ms" in rec else None
+            )
             key_id = _optional_string(rec, "key_id")
             # Validation is complete before any state changes, so a bad record leaves
             # no partial trace.
@@ -444,8 +464,9 @@ class MetricsLogic:
                 self._count("followers", pm, 0)
                 for o in REQUEST_OUTCOMES:
                     for ro in ROLES:
-                        self._count("requests", _series(provider=provider, model=model, key_id=key_id,
-                                                        outcome=o, role=ro), 0)
+                        self._count(
+                            "requests", _series(provider=provider, model=model, key_id=key_id, outcome=o, role=ro), 0
+                        )
             self._count("requests", _series(provider=provider, model=model, key_id=key_id, outcome=outcome, role=role))
             self._count("leaders" if role == "leader" else "followers", pm)
             if outcome in ("error", "rejected"):
@@ -496,8 +517,15 @@ class MetricsLogic:
             if state == OPEN:
                 self._circuit_opens[series] += 1
             # The change shows in sluice_circuit_state at once, not at the next gauge report.
-            self._ingest_one({"kind": "gauge", "name": "circuit_state", "labels": {"account": account, "key": key_},
-                              "value": STATE_VALUE[state], "at": at})
+            self._ingest_one(
+                {
+                    "kind": "gauge",
+                    "name": "circuit_state",
+                    "labels": {"account": account, "key": key_},
+                    "value": STATE_VALUE[state],
+                    "at": at,
+                }
+            )
         elif kind == "fallback":
             series = (_string(rec, "from"), _string(rec, "to"))
             _string(rec, "reason", optional=True)
@@ -509,8 +537,7 @@ class MetricsLogic:
             self._fallbacks_total[series] += 1
         elif kind == "cancel":
             _string(rec, "stream_id")
-            c = _Cancel(cancel_ms=_number(rec, "cancel_ms", duration=True),
-                        at=_number(rec, "at"))
+            c = _Cancel(cancel_ms=_number(rec, "cancel_ms", duration=True), at=_number(rec, "at"))
             provider, model = self._provider_model(rec)
             self._cancels.append(c)
             self._observe("cancel", _series(provider=provider, model=model), c.cancel_ms)
@@ -605,24 +632,20 @@ class MetricsLogic:
         return {"requests": total, "leaders": leaders, "followers": total - leaders}
 
     def _active_streams(self) -> int | float:
-        total = sum(v for (name, _), (v, _at) in self._gauges.items()
-                    if name == "active_streams")
+        total = sum(v for (name, _), (v, _at) in self._gauges.items() if name == "active_streams")
         return int(total) if float(total).is_integer() else total
 
     def summary(self, now: float) -> dict:
         """Short state dump for the admin "show" command."""
         return {
             "capacity": self.capacity,
-            "samples": {"request": len(self._requests),
-                        "upstream": len(self._upstreams),
-                        "cancel": len(self._cancels)},
+            "samples": {"request": len(self._requests), "upstream": len(self._upstreams), "cancel": len(self._cancels)},
             "accepted_records": self.accepted_records,
             "rejected_records": self.rejected_records,
             "last_ingest_at": self.last_ingest_at,
             "reset_at": self.reset_at,
             "gauges": [
-                {"name": name, "labels": dict(labels), "value": v, "at": at,
-                 "age_s": now - at}
+                {"name": name, "labels": dict(labels), "value": v, "at": at, "age_s": now - at}
                 for (name, labels), (v, at) in sorted(self._gauges.items())
             ],
         }
@@ -652,29 +675,41 @@ class MetricsLogic:
             family(name, "counter", help_text)
             for series, v in sorted(self._counters[key].items()):
                 out.append(f"{name}{_labelset(dict(series))} {_fmt_count(v)}")
-        family("sluice_upstream_calls_saved_total", "counter",
-               "Upstream calls coalescing saved: one per follower (it would have made its own call).")
+        family(
+            "sluice_upstream_calls_saved_total",
+            "counter",
+            "Upstream calls coalescing saved: one per follower (it would have made its own call).",
+        )
         for series, v in sorted(self._counters["followers"].items()):
             out.append(f"sluice_upstream_calls_saved_total{_labelset(dict(series))} {_fmt_count(v)}")
 
-        family("sluice_upstream_retries_total", "counter",
-               "Upstream calls tried again before their first byte, by provider and reason.")
+        family(
+            "sluice_upstream_retries_total",
+            "counter",
+            "Upstream calls tried again before their first byte, by provider and reason.",
+        )
         for (provider, reason), v in sorted(self._retries_total.items()):
-            out.append("sluice_upstream_retries_total"
-                       f"{_labelset({'provider': provider, 'reason': reason})} {v}")
+            out.append(f"sluice_upstream_retries_total{_labelset({'provider': provider, 'reason': reason})} {v}")
 
-        family("sluice_circuit_opens_total", "counter",
-               "Times an API key's circuit breaker opened, by account and key (#n, never the key).")
+        family(
+            "sluice_circuit_opens_total",
+            "counter",
+            "Times an API key's circuit breaker opened, by account and key (#n, never the key).",
+        )
         for (account, key_), v in sorted(self._circuit_opens.items()):
             out.append(f"sluice_circuit_opens_total{_labelset({'account': account, 'key': key_})} {v}")
 
-        family("sluice_fallbacks_total", "counter",
-               "Upstream calls sent to a fallback provider, by the provider asked for and the one used.")
+        family(
+            "sluice_fallbacks_total",
+            "counter",
+            "Upstream calls sent to a fallback provider, by the provider asked for and the one used.",
+        )
         for (origin, target), v in sorted(self._fallbacks_total.items()):
             out.append(f"sluice_fallbacks_total{_labelset({'from': origin, 'to': target})} {v}")
 
-        family("sluice_metrics_rejected_records_total", "counter",
-               "Measurement records the Metrics actor could not use.")
+        family(
+            "sluice_metrics_rejected_records_total", "counter", "Measurement records the Metrics actor could not use."
+        )
         out.append(f"sluice_metrics_rejected_records_total {self.rejected_records}")
 
         for name, help_text in (

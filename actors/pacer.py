@@ -1,5 +1,6 @@
 """The Pacer actor: hosts PacerLogic for one provider account (role "pacer:<account>"),
 every API key of the account included (one bucket and circuit per key, inside the logic)."""
+
 from __future__ import annotations
 
 import time
@@ -73,5 +74,11 @@ class PacerActor(HostActor):
             {"kind": "gauge", "name": "pacer_queue_depth", "labels": labels, "value": state["queue_depth"], "at": now},
             {"kind": "gauge", "name": "pacer_tokens", "labels": labels, "value": state["tokens"], "at": now},
             {"kind": "gauge", "name": "pacer_leases", "labels": labels, "value": state["in_flight"], "at": now},
-            {"kind": "gauge", "name": "pacer_paused_seconds", "labels": labels, "value": state["paused_for_s"], "at": now},
+            {
+                "kind": "gauge",
+                "name": "pacer_paused_seconds",
+                "labels": labels,
+                "value": state["paused_for_s"],
+                "at": now,
+            },
         ] + self.logic.circuit_gauges(now)

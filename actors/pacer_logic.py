@@ -39,6 +39,7 @@ listened at its hub), a dead shard's queued requests are dropped and its granted
 are failed. No grant is made on a Pool that is down: the request at the head of the queue
 waits for its replacement, and those behind it wait in order.
 """
+
 from __future__ import annotations
 
 import logging
@@ -178,7 +179,11 @@ class PacerLogic:
                 # went to the Pool of its time. If that Pool died meanwhile, the grant may have
                 # opened the call at its replacement, which never hears of the cancel; this
                 # one follows our OpenStream on the same link (a second one is ignored).
-                out.append(Send(held.hub, m.FailStream(msg.lease_id, "cancelled", "cancelled before the upstream call started")))
+                out.append(
+                    Send(
+                        held.hub, m.FailStream(msg.lease_id, "cancelled", "cancelled before the upstream call started")
+                    )
+                )
             self.queue = deque(w for w in self.queue if w.lease_id != msg.lease_id)
             return out + self._drain(now)
         if isinstance(msg, Tick):
@@ -216,8 +221,13 @@ class PacerLogic:
             return
         circuit = bucket.circuit
         if state == OPEN:
-            log.warning("circuit open: account=%s key=%s open_for=%gs opens=%d",
-                        self.provider, bucket.name, circuit.open_for, circuit.opens_total)
+            log.warning(
+                "circuit open: account=%s key=%s open_for=%gs opens=%d",
+                self.provider,
+                bucket.name,
+                circuit.open_for,
+                circuit.opens_total,
+            )
         elif state == HALF_OPEN:
             log.warning("circuit half-open: account=%s key=%s (the next call probes)", self.provider, bucket.name)
         else:
@@ -240,14 +250,15 @@ class PacerLogic:
         self.fallbacks_total += 1
         log.warning("fallback: from=%s to=%s/%s reason=%s stream=%s", origin, provider, model, reason, request.lease_id)
         self._notes.append({"kind": "fallback", "from": origin, "to": provider, "reason": reason, "at": now})
-        return [Send(waiter.requester, m.LeaseFallback(request.lease_id, provider, model, alternatives[1:], origin, reason))]
+        return [
+            Send(waiter.requester, m.LeaseFallback(request.lease_id, provider, model, alternatives[1:], origin, reason))
+        ]
 
     def _unavailable(self, waiter: _Waiter, queued: bool, now: float) -> list:
         """Every key's circuit is open and there is no fallback: fail fast."""
         self.denials_total += 1
         retry = round(max(1.0, min(b.circuit.half_opens_at for b in self.buckets) - now), 3)
-        text = (f"{self.provider}: the provider keeps failing (every API key's circuit is open); "
-                f"retry in {retry:g} s")
+        text = f"{self.provider}: the provider keeps failing (every API key's circuit is open); retry in {retry:g} s"
         out = [Send(waiter.requester, m.LeaseDenied(waiter.lease_id, 503, "upstream_unavailable", text, retry))]
         if queued:  # its clients were admitted and listen at the hub
             out.append(Send(waiter.hub, m.FailStream(waiter.lease_id, "upstream_unavailable", text)))
@@ -330,7 +341,9 @@ class PacerLogic:
                     "paused_for_s": round(max(0.0, b.paused_until - now), 3),
                     "circuit": b.circuit.state,
                     "circuit_opens": b.circuit.opens_total,
-                    "half_opens_in_s": round(max(0.0, b.circuit.half_opens_at - now), 3) if b.circuit.state == OPEN else None,
+                    "half_opens_in_s": round(max(0.0, b.circuit.half_opens_at - now), 3)
+                    if b.circuit.state == OPEN
+                    else None,
                 }
                 for b in self.buckets
             ],
@@ -338,8 +351,13 @@ class PacerLogic:
 
     def circuit_gauges(self, now: float) -> list[dict]:
         return [
-            {"kind": "gauge", "name": "circuit_state", "labels": {"account": self.provider, "key": b.name},
-             "value": STATE_VALUE[b.circuit.state], "at": now}
+            {
+                "kind": "gauge",
+                "name": "circuit_state",
+                "labels": {"account": self.provider, "key": b.name},
+                "value": STATE_VALUE[b.circuit.state],
+                "at": now,
+            }
             for b in self.buckets
         ]
 
@@ -387,7 +405,12 @@ class PacerLogic:
             waiter = self.queue.popleft()
             self.denials_total += 1
             text = f"{self.provider}: no upstream slot within {self.settings.max_wait_s:g} s"
-            out.append(Send(waiter.requester, m.LeaseDenied(waiter.lease_id, 429, "pacer_queue_timeout", text, self._retry_after(now))))
+            out.append(
+                Send(
+                    waiter.requester,
+                    m.LeaseDenied(waiter.lease_id, 429, "pacer_queue_timeout", text, self._retry_after(now)),
+                )
+            )
             # It was queued, so its clients were admitted and listen at the hub: the stream
             # ends here, not through the shard (which may have died meanwhile).
             out.append(Send(waiter.hub, m.FailStream(waiter.lease_id, "pacer_queue_timeout", text)))
@@ -441,8 +464,21 @@ class PacerLogic:
         # The call goes to the Pool from here, not back through the Coalescer: one hop
         # fewer before the upstream call. The Coalescer learns of the grant in parallel.
         return [
-            Send(waiter.hub, m.OpenStream(r.lease_id, r.provider, r.model, r.body, r.lease_id, wait_ms, r.coalescer,
-                                          bucket.index, keys, r.fallback_from)),
+            Send(
+                waiter.hub,
+                m.OpenStream(
+                    r.lease_id,
+                    r.provider,
+                    r.model,
+                    r.body,
+                    r.lease_id,
+                    wait_ms,
+                    r.coalescer,
+                    bucket.index,
+                    keys,
+                    r.fallback_from,
+                ),
+            ),
             Send(waiter.requester, m.LeaseGranted(waiter.lease_id, wait_ms, pool or "", waiter.hub)),
         ]
 

@@ -12,6 +12,7 @@ terminal event per stream. A call that fails before its first byte may be tried 
 (`RetryPolicy` decides): nothing of a failed attempt reaches the hub, so everyone
 subscribed to the stream, coalesced followers included, just keeps waiting for the retry.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -146,11 +147,15 @@ class PoolRuntime:
             keepalive = provider.keepalive_s
             if h2c:
                 connections = AccountConnections(
-                    lambda: httpcore.AsyncConnectionPool(http1=False, http2=True, max_connections=20, keepalive_expiry=keepalive)
+                    lambda: httpcore.AsyncConnectionPool(
+                        http1=False, http2=True, max_connections=20, keepalive_expiry=keepalive
+                    )
                 )
             else:
                 connections = AccountConnections(
-                    lambda: httpcore.AsyncConnectionPool(http1=True, http2=True, max_connections=100, keepalive_expiry=keepalive)
+                    lambda: httpcore.AsyncConnectionPool(
+                        http1=True, http2=True, max_connections=100, keepalive_expiry=keepalive
+                    )
                 )
             self.pools[key] = connections
         return connections
@@ -238,7 +243,9 @@ class PoolRuntime:
         attempt = 1
         while True:
             key = order[(attempt - 1) % len(order)]
-            request = adapter.build_request(base_url=provider.base_url, api_key=api_keys[key], model=msg.model, body=msg.body)
+            request = adapter.build_request(
+                base_url=provider.base_url, api_key=api_keys[key], model=msg.model, body=msg.body
+            )
             served = {"provider": msg.provider, "model": msg.model}
             if len(api_keys) > 1:
                 served["key"] = key_name(key)
@@ -260,7 +267,11 @@ class PoolRuntime:
                 if attempt > 1 or decision.why_not in ("non_idempotent", "budget", "deadline"):
                     log.warning(
                         "upstream gives up: account=%s reason=%s attempt=%d why=%s stream=%s",
-                        account, result.failure.reason, attempt, decision.why_not, msg.stream_id,
+                        account,
+                        result.failure.reason,
+                        attempt,
+                        decision.why_not,
+                        msg.stream_id,
                     )
                 break
             self._retrying(msg, account, result, attempt, decision)
@@ -284,8 +295,14 @@ class PoolRuntime:
         reason = result.failure.reason
         log.warning(
             "upstream retry: account=%s key=%s reason=%s attempt=%d/%d delay=%.3fs error=%s stream=%s",
-            account, key_name(result.key), reason, attempt + 1, self.retry.settings.max_attempts, decision.delay_s,
-            (result.error or {}).get("code"), msg.stream_id,
+            account,
+            key_name(result.key),
+            reason,
+            attempt + 1,
+            self.retry.settings.max_attempts,
+            decision.delay_s,
+            (result.error or {}).get("code"),
+            msg.stream_id,
         )
         if decision.pause_s > 0:
             self.outbox.put(Send(roles.pacer(account), m.AccountPause(account, decision.pause_s, result.key)))
@@ -327,8 +344,16 @@ class PoolRuntime:
             }
         )
         if requested is not None:
-            self._record({"kind": "cancel", "stream_id": msg.stream_id, "cancel_ms": (now - requested) * 1000.0,
-                          "at": now, "provider": msg.provider, "model": msg.model})
+            self._record(
+                {
+                    "kind": "cancel",
+                    "stream_id": msg.stream_id,
+                    "cancel_ms": (now - requested) * 1000.0,
+                    "at": now,
+                    "provider": msg.provider,
+                    "model": msg.model,
+                }
+            )
 
     def _timeouts(self) -> dict:
         connect = self.settings["UPSTREAM_CONNECT_TIMEOUT_S"]
@@ -351,14 +376,24 @@ class PoolRuntime:
             if len(self.calls) != reported_active:  # the gauge only when it changed: no idle chatter
                 reported_active = len(self.calls)
                 # One series per Pool; Metrics reports their sum (the gateway's open streams).
-                gauge = {"kind": "gauge", "name": "active_streams", "labels": {"pool": self.role}, "value": reported_active}
+                gauge = {
+                    "kind": "gauge",
+                    "name": "active_streams",
+                    "labels": {"pool": self.role},
+                    "value": reported_active,
+                }
                 self.records.append({**gauge, "at": time.time()})
             self._send_records()
 
     async def _state(self) -> dict:
         connections = [str(c) for shards in self.pools.values() for pool in shards.pools for c in pool.connections]
-        return {"role": self.role, "open_calls": sorted(self.calls), "connections": connections,
-                "hub": self.hub.state(), "patches": patches.installed()}
+        return {
+            "role": self.role,
+            "open_calls": sorted(self.calls),
+            "connections": connections,
+            "hub": self.hub.state(),
+            "patches": patches.installed(),
+        }
 
 
 class Outbox:
@@ -420,7 +455,9 @@ class PoolActor(HostActor):
             self.runtime.settings = self.settings
         # On every Wire, not only the first: a replacement Supervisor that adopted this
         # Pool learns where its hub is the same way.
-        self.apply([Send(roles.SUPERVISOR, m.HubReady(self.settings["SLUICE_ACTOR_HOST"], self.runtime.hub_port, self.role))])
+        self.apply(
+            [Send(roles.SUPERVISOR, m.HubReady(self.settings["SLUICE_ACTOR_HOST"], self.runtime.hub_port, self.role))]
+        )
 
     def on_message(self, msg, sender, now):
         if self.runtime is None:

@@ -14,6 +14,7 @@ whose replacement the grant then waits for. Each Pacer counts its own account's 
 only: with several accounts the Pools are balanced per account, which is balanced
 overall when the accounts' loads are alike (docs/architecture.md, "Several Pools").
 """
+
 from __future__ import annotations
 
 from protocols import roles

@@ -31,6 +31,7 @@ Bounds, all of which must allow a retry:
                only when the provider says it did not process it (`unprocessed`: connect
                errors, 429, RST_STREAM REFUSED_STREAM)
 """
+
 from __future__ import annotations
 
 import random

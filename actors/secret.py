@@ -4,6 +4,7 @@ run.py installs it before the actor system starts; every actor is forked from th
 process and inherits it, so it never travels in a message. The admin CLI and
 `python -m actors.system stop` read it from the secret file.
 """
+
 from __future__ import annotations
 
 _secret: bytes | None = None

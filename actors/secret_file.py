@@ -7,6 +7,7 @@ user may read (`SLUICE_SECRET_FILE`, default `cluster-<SLUICE_ACTOR_PORT>.secret
 the admin CLI reads it (`read`), refusing a file that others could read. The secret
 itself is a string (config's rule: at least 32 characters); its UTF-8 bytes are the key.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,8 +59,10 @@ def read(path: str) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
-        raise SecretError(f"no cluster secret file at {path}: is the gateway running (with this SLUICE_DB / "
-                          "SLUICE_ACTOR_PORT, or SLUICE_SECRET_FILE)? or set SLUICE_CLUSTER_SECRET") from None
+        raise SecretError(
+            f"no cluster secret file at {path}: is the gateway running (with this SLUICE_DB / "
+            "SLUICE_ACTOR_PORT, or SLUICE_SECRET_FILE)? or set SLUICE_CLUSTER_SECRET"
+        ) from None
     except OSError as exc:
         raise SecretError(f"cannot read the cluster secret file {path}: {exc.strerror}") from None
     try:
@@ -67,8 +70,10 @@ def read(path: str) -> bytes:
         if info.st_uid != os.geteuid():
             raise SecretError(f"the cluster secret file {path} belongs to another user (uid {info.st_uid}): refused")
         if stat.S_IMODE(info.st_mode) & 0o077:
-            raise SecretError(f"the cluster secret file {path} is readable by others (mode "
-                              f"{stat.S_IMODE(info.st_mode):04o}): refused; it must be 0600")
+            raise SecretError(
+                f"the cluster secret file {path} is readable by others (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}): refused; it must be 0600"
+            )
         text = os.read(fd, 4096).decode("utf-8", "replace").strip()
     finally:
         os.close(fd)

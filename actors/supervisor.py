@@ -15,6 +15,7 @@ answer, and recreates those that do not. Watching run.py itself (shutting the ac
 system down when run.py dies) is not done here but by a watchdog process of its own
 (`python -m actors.system watch`), so that it does not die with the Supervisor.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -165,7 +166,9 @@ class SupervisorActor(HostActor):
         the references that edge held, Metrics the key usage (the addresses are known
         here, not there)."""
         log.warning("announcing the loss of edge %s", msg.incarnation)
-        return [Send(addr, msg) for role, addr in self.children.items() if roles.is_coalescer(role) or role == roles.METRICS]
+        return [
+            Send(addr, msg) for role, addr in self.children.items() if roles.is_coalescer(role) or role == roles.METRICS
+        ]
 
     def _directory(self) -> m.Directory:
         complete = len(self.addresses) == len(self.children) > 0
@@ -212,14 +215,20 @@ class SupervisorActor(HostActor):
             self.keys_reloads += 1
             self.generation += 1
             return [Send(sender, m.AdminResult(True, self._state()))]
-        return [Send(sender, m.AdminResult(False, {}, f"supervisor: unknown command {msg.command!r} (show, drain, reload_keys)"))]
+        return [
+            Send(
+                sender,
+                m.AdminResult(False, {}, f"supervisor: unknown command {msg.command!r} (show, drain, reload_keys)"),
+            )
+        ]
 
     def _admin_auth(self, msg: m.AdminAuth) -> m.AdminResult:
         """The admin CLI proves it holds the same token the HTTP admin routes ask for."""
         token = self.settings.get("SLUICE_ADMIN_TOKEN")
         if not token:
-            return m.AdminResult(False, {"code": "admin_disabled"},
-                                 "the gateway has no SLUICE_ADMIN_TOKEN: admin commands are off")
+            return m.AdminResult(
+                False, {"code": "admin_disabled"}, "the gateway has no SLUICE_ADMIN_TOKEN: admin commands are off"
+            )
         presented = msg.token if isinstance(msg.token, str) else ""
         if not presented or not hmac.compare_digest(presented.encode(), token.encode()):
             return m.AdminResult(False, {"code": "unauthorized"}, "SLUICE_ADMIN_TOKEN is not the gateway's admin token")

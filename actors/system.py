@@ -17,6 +17,7 @@ get the cluster secret in their environment (SLUICE_CLUSTER_SECRET), never in ar
 `prepare(host, secret)` is what every process that calls `ActorSystem(...)` does first:
 run.py, the admin CLI, the stop command and the watchdog, benches and test probes.
 """
+
 from __future__ import annotations
 
 import os

@@ -20,6 +20,7 @@ caller with a key sees only its own threads: any other is "not found", so thread
 of other tenants cannot even be confirmed. A caller without one (open access, no keys
 file) sees every thread.
 """
+
 from __future__ import annotations
 
 import logging
@@ -102,7 +103,8 @@ class ThreadStore:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             last_two = self.db.execute(
-                "SELECT id, role, content, status FROM messages WHERE thread_id=? ORDER BY id DESC LIMIT 2", (thread_id,)
+                "SELECT id, role, content, status FROM messages WHERE thread_id=? ORDER BY id DESC LIMIT 2",
+                (thread_id,),
             ).fetchall()
             joined = (
                 len(last_two) == 2

@@ -9,6 +9,7 @@ telling the server (encode/httpcore#944 was declined), so without the RST_STREAM
 provider would keep generating, and billing, until its flow-control window filled up
 (patches/httpcore_rst_stream.py sends it).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -67,7 +68,9 @@ async def run_call(
     method, url, headers, body = request
     result = CallResult("error", sent_at=time.time())
     try:
-        async with http.stream(method, url, headers=headers, content=body, extensions={"timeout": timeouts}) as response:
+        async with http.stream(
+            method, url, headers=headers, content=body, extensions={"timeout": timeouts}
+        ) as response:
             try:
                 if response.status != 200:
                     data = await _read_bounded(response)
@@ -75,8 +78,16 @@ async def run_call(
                     result.retry_after_s = result.error.pop("retry_after_s", None)
                     result.failure = failure_of_status(response.status, result.retry_after_s)
                 else:
-                    await _stream_body(response, adapter.Parser(), publish, result, queue_wait_ms, attempt, served,
-                                       first_sent_at or result.sent_at)
+                    await _stream_body(
+                        response,
+                        adapter.Parser(),
+                        publish,
+                        result,
+                        queue_wait_ms,
+                        attempt,
+                        served,
+                        first_sent_at or result.sent_at,
+                    )
             except (asyncio.CancelledError, httpcore.ReadTimeout):
                 # Whoever gave up on it, the provider must stop generating: reset the stream.
                 await httpcore_rst_stream.reset(response)
@@ -96,15 +107,32 @@ async def run_call(
     return result
 
 
-async def _stream_body(response, parser, publish, result: CallResult, queue_wait_ms: float, attempt: int,
-                       served: dict | None = None, first_sent_at: float | None = None) -> None:
+async def _stream_body(
+    response,
+    parser,
+    publish,
+    result: CallResult,
+    queue_wait_ms: float,
+    attempt: int,
+    served: dict | None = None,
+    first_sent_at: float | None = None,
+) -> None:
     ending = _Ending()
     async for chunk in response.aiter_stream():
         if result.first_byte_at is None:
             result.first_byte_at = time.time()
             provider_ttft_ms = (result.first_byte_at - (first_sent_at or result.sent_at)) * 1000.0
-            publish([ev.started(result.first_byte_at, queue_wait_ms, attempt, provider_ttft_ms=provider_ttft_ms,
-                                **(served or {}))])
+            publish(
+                [
+                    ev.started(
+                        result.first_byte_at,
+                        queue_wait_ms,
+                        attempt,
+                        provider_ttft_ms=provider_ttft_ms,
+                        **(served or {}),
+                    )
+                ]
+            )
         if ending.take(parser.feed(chunk), publish):
             break
     else:

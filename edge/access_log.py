@@ -14,6 +14,7 @@ error_code, ttft_ms (streams), bytes_sent, duration_ms. Never a header, a prompt
 message: only with SLUICE_LOG_PROMPTS=1 does the line carry the request's `messages`
 (or a thread message's `content`).
 """
+
 from __future__ import annotations
 
 import json
@@ -77,7 +78,11 @@ class AccessLog:
         if stream is not None:
             outcome, code, ttft = stream.get("outcome"), stream.get("error_code"), stream.get("ttft_ms")
         elif failed is not None and status is None:
-            outcome, code, ttft = ("error", "internal_error", None) if isinstance(failed, Exception) else ("cancelled", "disconnected", None)
+            outcome, code, ttft = (
+                ("error", "internal_error", None)
+                if isinstance(failed, Exception)
+                else ("cancelled", "disconnected", None)
+            )
             status = 500 if isinstance(failed, Exception) else None
         elif status is not None and status >= 400:
             outcome, code, ttft = "rejected", _error_code(sent["error_body"]), None

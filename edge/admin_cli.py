@@ -20,6 +20,7 @@ The CLI never starts an actor system of its own: it checks that something listen
 actor port first (Thespian would otherwise start a fresh, empty one on it), and it never
 calls `shutdown()` (that would stop the gateway's).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -104,9 +105,12 @@ def usage() -> str:
 
     lines = ["usage: python run.py admin <command> [args]", "", "commands:"]
     lines += [f"  {c.usage:<40} {c.help}" for c in COMMANDS.values()]
-    lines += ["", "Talks to the actor system at SLUICE_ACTOR_HOST:SLUICE_ACTOR_PORT (default 127.0.0.1:19500).",
-              "Needs SLUICE_ADMIN_TOKEN (the gateway's admin token) and the cluster secret (SLUICE_CLUSTER_SECRET,",
-              "or the gateway's secret file: SLUICE_SECRET_FILE, default cluster-<port>.secret next to SLUICE_DB)."]
+    lines += [
+        "",
+        "Talks to the actor system at SLUICE_ACTOR_HOST:SLUICE_ACTOR_PORT (default 127.0.0.1:19500).",
+        "Needs SLUICE_ADMIN_TOKEN (the gateway's admin token) and the cluster secret (SLUICE_CLUSTER_SECRET,",
+        "or the gateway's secret file: SLUICE_SECRET_FILE, default cluster-<port>.secret next to SLUICE_DB).",
+    ]
     return "\n".join(lines)
 
 
@@ -183,12 +187,19 @@ def main(argv: list[str]) -> int:
 
     token = settings["SLUICE_ADMIN_TOKEN"]
     if not token:
-        return _fail("unauthorized", "set SLUICE_ADMIN_TOKEN to the gateway's admin token "
-                     "(the same one the /api/admin routes ask for)", 2)
+        return _fail(
+            "unauthorized",
+            "set SLUICE_ADMIN_TOKEN to the gateway's admin token (the same one the /api/admin routes ask for)",
+            2,
+        )
     host, port = config.reachable_host(settings["SLUICE_ACTOR_HOST"]), settings["SLUICE_ACTOR_PORT"]
     if not _listening(host, port):
-        return _fail("gateway_not_running", f"no gateway is running: nothing listens on the actor port {host}:{port} "
-                     "(start one with `python run.py`, or set SLUICE_ACTOR_HOST / SLUICE_ACTOR_PORT)", 1)
+        return _fail(
+            "gateway_not_running",
+            f"no gateway is running: nothing listens on the actor port {host}:{port} "
+            "(start one with `python run.py`, or set SLUICE_ACTOR_HOST / SLUICE_ACTOR_PORT)",
+            1,
+        )
     from actors import secret_file, system
 
     try:
@@ -198,8 +209,12 @@ def main(argv: list[str]) -> int:
     system.prepare(host, secret)  # our own Thespian sockets: on that host, frames signed
     bridge = _join(port)
     if bridge is None:
-        return _fail("gateway_unavailable", f"{host}:{port} does not answer as a sluice actor system "
-                     f"within {JOIN_TIMEOUT_S:g} s (or the cluster secret is not this gateway's)", 1)
+        return _fail(
+            "gateway_unavailable",
+            f"{host}:{port} does not answer as a sluice actor system "
+            f"within {JOIN_TIMEOUT_S:g} s (or the cluster secret is not this gateway's)",
+            1,
+        )
     try:
         out = asyncio.run(asyncio.wait_for(_authorized(bridge, token, name, args), COMMAND_TIMEOUT_S))
     except AdminError as exc:

@@ -24,6 +24,7 @@ Every request needs `Authorization: Bearer <SLUICE_ADMIN_TOKEN>` (401 without, 4
 wrong). Answers are `{"command", "results": {role: result}}`; errors are
 `{"error": {"code", "message"}}` with a 4xx/5xx status.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -164,19 +165,41 @@ def _plan_set_thresholds(roles: dict, args: dict) -> list:
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in (
-        Command("show", "show [all|ROLE|pacer|coalescer]", "each actor's state (pacer settings/tokens/queue, "
-                "coalescer in-flight keys, pool streams, metrics summary)", _plan_show),
-        Command("set-pacer", "set-pacer ACCOUNT key=value ...", "change a Pacer live: rps burst concurrency rpm "
-                "max_queue max_wait_s", _plan_set_pacer),
-        Command("set-flags", "set-flags key=value ...", "change every Coalescer shard live: coalesce_enabled "
-                "stream_fanout_enabled error_ttl_s", _plan_set_flags),
+        Command(
+            "show",
+            "show [all|ROLE|pacer|coalescer]",
+            "each actor's state (pacer settings/tokens/queue, coalescer in-flight keys, pool streams, metrics summary)",
+            _plan_show,
+        ),
+        Command(
+            "set-pacer",
+            "set-pacer ACCOUNT key=value ...",
+            "change a Pacer live: rps burst concurrency rpm max_queue max_wait_s",
+            _plan_set_pacer,
+        ),
+        Command(
+            "set-flags",
+            "set-flags key=value ...",
+            "change every Coalescer shard live: coalesce_enabled stream_fanout_enabled error_ttl_s",
+            _plan_set_flags,
+        ),
         Command("drain", "drain on|off", "on: new chat requests get 503, open streams finish", _plan_drain),
-        Command("reload-keys", "reload-keys", "re-read SLUICE_API_KEYS_FILE (client API keys) now; a bad "
-                "file is refused and the previous keys stay", _plan_reload_keys),
-        Command("reset-metrics", "reset-metrics", "forget the windowed samples (counters are kept)", _plan_reset_metrics),
+        Command(
+            "reload-keys",
+            "reload-keys",
+            "re-read SLUICE_API_KEYS_FILE (client API keys) now; a bad file is refused and the previous keys stay",
+            _plan_reload_keys,
+        ),
+        Command(
+            "reset-metrics", "reset-metrics", "forget the windowed samples (counters are kept)", _plan_reset_metrics
+        ),
         Command("alerts", "alerts", "alert thresholds and firing/pending rules", _plan_alerts),
-        Command("set-thresholds", "set-thresholds key=value ...", "change alert thresholds live "
-                "(see protocols/settings.py, actors/alerts.py)", _plan_set_thresholds),
+        Command(
+            "set-thresholds",
+            "set-thresholds key=value ...",
+            "change alert thresholds live (see protocols/settings.py, actors/alerts.py)",
+            _plan_set_thresholds,
+        ),
     )
 }
 
@@ -191,7 +214,9 @@ async def run_command(bridge, name: str, args: dict) -> dict:
     except BridgeError as exc:
         raise AdminError(503, "gateway_unavailable", f"the supervisor did not answer: {exc}") from None
     plan = command.plan(directory.entries, args)
-    replies = await asyncio.gather(*(bridge.ask(role, msg, timeout=ASK_TIMEOUT_S) for role, msg in plan), return_exceptions=True)
+    replies = await asyncio.gather(
+        *(bridge.ask(role, msg, timeout=ASK_TIMEOUT_S) for role, msg in plan), return_exceptions=True
+    )
     results, failures = {}, []
     for (role, _), reply in zip(plan, replies):
         if isinstance(reply, BridgeError):
@@ -227,8 +252,12 @@ class AdminRoutes:
     def _denied(self, request: Request) -> JSONResponse | None:
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
-            return _error(401, "unauthorized", "admin routes need 'Authorization: Bearer <SLUICE_ADMIN_TOKEN>'",
-                          {"WWW-Authenticate": 'Bearer realm="sluice-admin"'})
+            return _error(
+                401,
+                "unauthorized",
+                "admin routes need 'Authorization: Bearer <SLUICE_ADMIN_TOKEN>'",
+                {"WWW-Authenticate": 'Bearer realm="sluice-admin"'},
+            )
         if not hmac.compare_digest(presented.strip().encode(), self.token):
             return _error(403, "forbidden", "the admin token is wrong")
         return None
@@ -262,7 +291,9 @@ class AdminRoutes:
         try:
             data = load_json(raw)  # the same limits as every other body
         except BodyError as exc:
-            raise AdminError(exc.status, "invalid_json" if exc.code == "malformed_json" else exc.code, exc.message) from None
+            raise AdminError(
+                exc.status, "invalid_json" if exc.code == "malformed_json" else exc.code, exc.message
+            ) from None
         if not isinstance(data, dict):
             raise AdminError(400, "invalid_request", "the body must be a JSON object")
         return data
@@ -322,7 +353,11 @@ def routes(edge) -> list[Route]:
         return {"thresholds": await admin.body(request)}
 
     return [
-        Route("/api/admin/state", admin.handler("show", show_args, lambda: {"gateway": admin.gateway_info()}), methods=["GET"]),
+        Route(
+            "/api/admin/state",
+            admin.handler("show", show_args, lambda: {"gateway": admin.gateway_info()}),
+            methods=["GET"],
+        ),
         Route("/api/admin/pacer/{account}", admin.handler("set-pacer", pacer_args), methods=["POST"]),
         Route("/api/admin/flags", admin.handler("set-flags", flags_args), methods=["POST"]),
         Route("/api/admin/drain", admin.handler("drain", drain_args), methods=["POST"]),

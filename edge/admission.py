@@ -37,6 +37,7 @@ the upstream attempts, who answered (`served`) and how the stream ended (`ending
 and finish reason). `close()` hands them with the outcome to the request record and the
 access log; `serving` wraps the stream in its trace (edge/tracing.py, off by default).
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -33,6 +33,7 @@ Errors before streaming (and a non-streamed answer's failure) are Anthropic's sh
 sluice's status, except that a body of the wrong shape is a 400 (Anthropic's status for
 `invalid_request_error`) rather than sluice's 422.
 """
+
 from __future__ import annotations
 
 import json
@@ -90,8 +91,10 @@ def rejection_response(exc: Rejection) -> JSONResponse:
 def reshaped(denied: JSONResponse) -> JSONResponse:
     """`edge.authenticate`'s refusal (OpenAI's shape) in Anthropic's, same status and headers."""
     error = json.loads(bytes(denied.body)).get("error") or {}
-    out = JSONResponse(error_body(denied.status_code, error.get("message", ""), error.get("code") or ""),
-                       status_code=denied.status_code)
+    out = JSONResponse(
+        error_body(denied.status_code, error.get("message", ""), error.get("code") or ""),
+        status_code=denied.status_code,
+    )
     for name in ("www-authenticate", "retry-after"):
         if name in denied.headers:
             out.headers[name] = denied.headers[name]
@@ -143,12 +146,19 @@ def _message(i: int, msg) -> list[dict]:
             if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
                 raise _refuse(at, "a tool_use block needs a string id and name")
             arguments = json.dumps(block.get("input") or {}, separators=(",", ":"), ensure_ascii=False)
-            calls.append({"id": block["id"], "type": "function", "function": {"name": block["name"], "arguments": arguments}})
+            calls.append(
+                {"id": block["id"], "type": "function", "function": {"name": block["name"], "arguments": arguments}}
+            )
         elif kind == "tool_result" and role == "user":
             if not isinstance(block.get("tool_use_id"), str):
                 raise _refuse(at, "a tool_result block needs a string tool_use_id")
-            results.append({"role": "tool", "tool_call_id": block["tool_use_id"],
-                            "content": _text_of(block.get("content") or "", f"{at}.content")})
+            results.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": block["tool_use_id"],
+                    "content": _text_of(block.get("content") or "", f"{at}.content"),
+                }
+            )
         elif kind in DROPPED_BLOCKS:
             continue
         else:
@@ -190,7 +200,12 @@ def _number(data: dict, name: str, high: float) -> None:
     value = data.get(name)
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= high:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 <= value <= high
+    ):
         raise _refuse(name, f"must be a number between 0 and {high:g}")
 
 
@@ -272,7 +287,11 @@ def _tool_input(arguments: str) -> dict:
 
 
 def _event(name: str, data: dict) -> bytes:
-    return f"event: {name}\ndata: ".encode() + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    return (
+        f"event: {name}\ndata: ".encode()
+        + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+        + b"\n\n"
+    )
 
 
 PING = _event("ping", {"type": "ping"})
@@ -300,8 +319,16 @@ class MessageRenderer(Renderer):
         if self.started_sent:
             return b""
         self.started_sent = True
-        message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model, "content": [],
-                   "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
+        message = {
+            "id": self.message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0},
+        }
         return _event("message_start", {"type": "message_start", "message": message})
 
     def event(self, event: dict) -> bytes:
@@ -310,21 +337,45 @@ class MessageRenderer(Renderer):
             out = self.started()
             if not self.text_open:
                 self.text_open = True
-                out += _event("content_block_start", {"type": "content_block_start", "index": self.blocks,
-                                                      "content_block": {"type": "text", "text": ""}})
-            return out + _event("content_block_delta", {"type": "content_block_delta", "index": self.blocks,
-                                                        "delta": {"type": "text_delta", "text": event["delta"]}})
+                out += _event(
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": self.blocks,
+                        "content_block": {"type": "text", "text": ""},
+                    },
+                )
+            return out + _event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": self.blocks,
+                    "delta": {"type": "text_delta", "text": event["delta"]},
+                },
+            )
         if kind == ev.META and event.get("tool_calls"):
             out = self.started() + self._close_text()
             for call in event["tool_calls"]:
                 function = call.get("function") or {}
-                block = {"type": "tool_use", "id": call.get("id") or f"toolu_{self.blocks}",
-                         "name": function.get("name", ""), "input": {}}
+                block = {
+                    "type": "tool_use",
+                    "id": call.get("id") or f"toolu_{self.blocks}",
+                    "name": function.get("name", ""),
+                    "input": {},
+                }
                 index = self.blocks
                 self.blocks += 1
-                out += _event("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
-                out += _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
-                    "type": "input_json_delta", "partial_json": function.get("arguments") or "{}"}})
+                out += _event(
+                    "content_block_start", {"type": "content_block_start", "index": index, "content_block": block}
+                )
+                out += _event(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": index,
+                        "delta": {"type": "input_json_delta", "partial_json": function.get("arguments") or "{}"},
+                    },
+                )
                 out += _event("content_block_stop", {"type": "content_block_stop", "index": index})
             return out
         if kind == ev.USAGE:
@@ -332,8 +383,10 @@ class MessageRenderer(Renderer):
         elif kind == ev.DONE:
             out = self.started() + self._close_text()
             delta = {"stop_reason": stop_reason(event.get("finish_reason")), "stop_sequence": None}
-            out += _event("message_delta", {"type": "message_delta", "delta": delta,
-                                            "usage": usage_of(event.get("usage") or self.usage)})
+            out += _event(
+                "message_delta",
+                {"type": "message_delta", "delta": delta, "usage": usage_of(event.get("usage") or self.usage)},
+            )
             return out + _event("message_stop", {"type": "message_stop"})
         elif kind == ev.ERROR:
             code = event.get("code", "error")
@@ -382,8 +435,14 @@ class Message:
         content: list[dict] = [{"type": "text", "text": "".join(self.text)}] if self.text or not self.tool_calls else []
         for call in self.tool_calls:
             function = call.get("function") or {}
-            content.append({"type": "tool_use", "id": call.get("id") or f"toolu_{len(content)}",
-                            "name": function.get("name", ""), "input": _tool_input(function.get("arguments", ""))})
+            content.append(
+                {
+                    "type": "tool_use",
+                    "id": call.get("id") or f"toolu_{len(content)}",
+                    "name": function.get("name", ""),
+                    "input": _tool_input(function.get("arguments", "")),
+                }
+            )
         body = {
             "id": f"msg_{self.admission.request_id}",
             "type": "message",
@@ -420,4 +479,3 @@ def routes(edge) -> list[Route]:
         return message.response()
 
     return [Route("/v1/messages", messages, methods=["POST"])]
-

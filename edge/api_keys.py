@@ -26,6 +26,7 @@ State is per process. With several edge workers (SLUICE_WORKERS > 1) the Metrics
 hosts an `ApiKeys` of its own that does the counting for all of them
 (actors/key_limits.py); each edge then only authenticates here.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -280,8 +281,12 @@ class ApiKeys:
         self.maybe_reload()
         if presented is None:
             self.failures["missing"] += 1
-            return Denial(401, "invalid_request_error", UNAUTHORIZED,
-                          "no API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')")
+            return Denial(
+                401,
+                "invalid_request_error",
+                UNAUTHORIZED,
+                "no API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
+            )
         # A dict lookup by the presented key's SHA-256: the comparison is on a digest the
         # caller cannot steer byte by byte, so its timing tells nothing about a valid key
         # (constant-time enough; no plaintext key is ever held or compared).
@@ -308,8 +313,12 @@ class ApiKeys:
         usage.expire(now)
         if not key.allows(provider, model):
             self._count(usage, "forbidden")
-            return Denial(403, "invalid_request_error", "model_not_allowed",
-                          f"this API key may not use model '{provider}/{model}'")
+            return Denial(
+                403,
+                "invalid_request_error",
+                "model_not_allowed",
+                f"this API key may not use model '{provider}/{model}'",
+            )
         denial = self._over_limit(key, usage, now)
         if denial is not None:
             self._count(usage, "limited")
@@ -321,8 +330,13 @@ class ApiKeys:
     def _over_limit(self, key: ClientKey, usage: _Usage, now: float) -> Denial | None:
         def limited(what: str, retry_after_s: float) -> Denial:
             wait = max(1, math.ceil(retry_after_s))
-            return Denial(429, "rate_limit_error", "rate_limit_exceeded",
-                          f"API key {key.id!r} is over its {what}; retry in {wait} s", wait)
+            return Denial(
+                429,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+                f"API key {key.id!r} is over its {what}; retry in {wait} s",
+                wait,
+            )
 
         if key.concurrency is not None and usage.open >= key.concurrency:
             return limited(f"{key.concurrency} concurrent streams", 1)
@@ -365,8 +379,11 @@ class ApiKeys:
         out = {}
         for kid, usage in sorted(self.usage.items()):
             usage.expire(now)
-            out[kid] = {"open_streams": usage.open, "requests_last_minute": len(usage.admitted),
-                        "tokens_last_minute": usage.charged_sum}
+            out[kid] = {
+                "open_streams": usage.open,
+                "requests_last_minute": len(usage.admitted),
+                "tokens_last_minute": usage.charged_sum,
+            }
         return {"enabled": self.enabled, "keys": len(self.table), "usage": out}
 
     # --- metrics ----------------------------------------------------------------------------
@@ -386,7 +403,9 @@ class ApiKeys:
             "# HELP sluice_key_tokens_total Tokens charged to each API key (provider usage, else estimated).",
             "# TYPE sluice_key_tokens_total counter",
         ]
-        lines += [f'sluice_key_tokens_total{{key_id="{kid}"}} {u.tokens_total}' for kid, u in sorted(self.usage.items())]
+        lines += [
+            f'sluice_key_tokens_total{{key_id="{kid}"}} {u.tokens_total}' for kid, u in sorted(self.usage.items())
+        ]
         lines += [
             "# HELP sluice_key_open_streams Streams each API key has open on this edge.",
             "# TYPE sluice_key_open_streams gauge",

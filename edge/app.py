@@ -7,6 +7,7 @@ end renders those in its own format (sluice's SSE: edge/sse_stream.py; the route
 in edge/threads.py, edge/openai_compat.py). Every error is a JSON body
 `{"error": {"code", "message"}}` with the right status.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -207,7 +208,13 @@ class Edge:
 
     # --- admission ---------------------------------------------------------------------------
     async def admit(
-        self, provider: str | None, model: str | None, body: dict, thread_id: str | None, coalesce: bool, key_id: str | None
+        self,
+        provider: str | None,
+        model: str | None,
+        body: dict,
+        thread_id: str | None,
+        coalesce: bool,
+        key_id: str | None,
     ) -> Admission:
         """Admit a normalized request for one client: raises Rejection, else its Admission.
 
@@ -286,7 +293,9 @@ class Edge:
         except BridgeError:
             verdict = None
         if not isinstance(verdict, m.KeyVerdict):
-            return Denial(503, "api_error", "key_limits_unavailable", "the gateway cannot count this key's usage now; retry", 1.0)
+            return Denial(
+                503, "api_error", "key_limits_unavailable", "the gateway cannot count this key's usage now; retry", 1.0
+            )
         return Denial(**verdict.denial) if verdict.denial is not None else None
 
     def finish_key(self, key_id: str | None, outcome: str, tokens: int) -> None:
@@ -295,7 +304,9 @@ class Edge:
         if key_id is None:
             return
         if self.shared_key_limits:
-            self.records.add({"kind": "key_finish", "key_id": key_id, "outcome": outcome, "tokens": tokens, "edge_id": self.edge_id})
+            self.records.add(
+                {"kind": "key_finish", "key_id": key_id, "outcome": outcome, "tokens": tokens, "edge_id": self.edge_id}
+            )
         else:
             self.keys.finish(key_id, outcome, tokens)
 
@@ -323,8 +334,9 @@ class Edge:
             )
         except Rejection as exc:
             return rejection_response(exc)
-        return self.resumable(admission, SSEStream(admission, self.settings["SLUICE_KEEPALIVE_S"]),
-                              chat.resumable or opted_in(request))
+        return self.resumable(
+            admission, SSEStream(admission, self.settings["SLUICE_KEEPALIVE_S"]), chat.resumable or opted_in(request)
+        )
 
     def resumable(self, admission: Admission, app, resumable: bool):
         """Returns `app`, the ASGI app serving `admission`; with `resumable` a disconnect
@@ -343,21 +355,37 @@ class Edge:
         try:
             after = int(raw)
         except ValueError:
-            return error_response(422, "invalid_request", f"Last-Event-ID must be an event id (an integer), got {raw!r}")
+            return error_response(
+                422, "invalid_request", f"Last-Event-ID must be an event id (an integer), got {raw!r}"
+            )
         admission = self.parked.get(request_id)
         if admission is None or admission.sub.key_id != key_id:  # another key's: as unknown
             sub = self.streams.by_request.get(request_id)
             if admission is None and sub is not None and sub.resumable and sub.key_id == key_id:
-                return error_response(409, "still_streaming", f"request {request_id!r} is still streaming to its "
-                                      "first connection; retry once that one is gone", {"Retry-After": "1"})
-            where = " (with several workers a resume must reach the worker that served the request)" \
-                if self.settings.get("SLUICE_WORKERS", 1) > 1 else ""
-            return error_response(404, "not_found", f"no resumable stream with request id {request_id!r}: unknown, "
-                                  f"not resumable, or its SLUICE_RESUME_GRACE_S has passed{where}")
+                return error_response(
+                    409,
+                    "still_streaming",
+                    f"request {request_id!r} is still streaming to its first connection; retry once that one is gone",
+                    {"Retry-After": "1"},
+                )
+            where = (
+                " (with several workers a resume must reach the worker that served the request)"
+                if self.settings.get("SLUICE_WORKERS", 1) > 1
+                else ""
+            )
+            return error_response(
+                404,
+                "not_found",
+                f"no resumable stream with request id {request_id!r}: unknown, "
+                f"not resumable, or its SLUICE_RESUME_GRACE_S has passed{where}",
+            )
         known = len(admission.received())
         if not -1 <= after < known:
-            return error_response(422, "invalid_request", f"Last-Event-ID {after} is not an event of this stream "
-                                  f"(ids 0..{known - 1} so far)")
+            return error_response(
+                422,
+                "invalid_request",
+                f"Last-Event-ID {after} is not an event of this stream (ids 0..{known - 1} so far)",
+            )
         if not self.streams.resume(admission.sub):  # its deadline passed this very moment
             return error_response(404, "not_found", f"no resumable stream with request id {request_id!r}")
         del self.parked[request_id]
@@ -378,19 +406,30 @@ class Edge:
 
     async def readyz(self, request: Request):
         if self.out_of_service():  # at once, without asking the actors: the balancer must stop sending now
-            body = {"ready": False, "draining": True, "stopping": self.stopping or self.shutting_down.is_set(),
-                    "open_streams": self.open_streams()}
+            body = {
+                "ready": False,
+                "draining": True,
+                "stopping": self.stopping or self.shutting_down.is_set(),
+                "open_streams": self.open_streams(),
+            }
             return JSONResponse(body, status_code=503)
         try:
             directory = await self.bridge.refresh_directory(force=True)
             roles = [role for role in directory.entries if role != "supervisor"]
-            answers = await asyncio.gather(*(self.bridge.ask(r, m.GetState(), timeout=2.0) for r in roles), return_exceptions=True)
+            answers = await asyncio.gather(
+                *(self.bridge.ask(r, m.GetState(), timeout=2.0) for r in roles), return_exceptions=True
+            )
         except BridgeError as exc:
             return JSONResponse({"ready": False, "reason": str(exc)}, status_code=503)
-        status = {role: {"ok": isinstance(a, m.State), "pid": getattr(a, "state", {}).get("pid")} for role, a in zip(roles, answers)}
+        status = {
+            role: {"ok": isinstance(a, m.State), "pid": getattr(a, "state", {}).get("pid")}
+            for role, a in zip(roles, answers)
+        }
         complete = directory.settings.get("complete", True)  # False while an actor is being recreated
         ready = all(s["ok"] for s in status.values()) and bool(directory.hub) and complete and not self.out_of_service()
-        return JSONResponse({"ready": ready, "actors": status, "draining": self.out_of_service()}, status_code=200 if ready else 503)
+        return JSONResponse(
+            {"ready": ready, "actors": status, "draining": self.out_of_service()}, status_code=200 if ready else 503
+        )
 
     async def performance(self, request: Request):
         raw = request.query_params.get("last_n", "100")
@@ -496,7 +535,9 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s", request.url.path)
-    return _error_shape(request.url.path)(500, "internal_error", "the gateway failed on this request; it has been logged")
+    return _error_shape(request.url.path)(
+        500, "internal_error", "the gateway failed on this request; it has been logged"
+    )
 
 
 def create_app(settings: dict) -> tuple[Starlette, Edge]:

@@ -26,6 +26,7 @@ and are kept: they travel as "\\u0000" upstream and as plain characters in msgpa
 Each error names where it is, as a path like `messages[2].content` or `response_format.x`.
 Errors are values for the caller: `BodyError(status, code, message)`.
 """
+
 from __future__ import annotations
 
 import json
@@ -116,14 +117,20 @@ class _Walk:
         for key, item in obj.items():
             path.append(key)
             if len(key) > MAX_KEY_CHARS:
-                raise BodyError(422, "key_too_long", f"a key of {_where(path[:-1])} has {len(key)} characters; the limit is {MAX_KEY_CHARS}")
+                raise BodyError(
+                    422,
+                    "key_too_long",
+                    f"a key of {_where(path[:-1])} has {len(key)} characters; the limit is {MAX_KEY_CHARS}",
+                )
             self.string(key, path, "key")
             self.value(item, path, depth + 1)
             path.pop()
 
     def array(self, items: list, path: list, depth: int) -> None:
         if len(items) > MAX_ARRAY_ITEMS:
-            raise BodyError(422, "array_too_long", f"{_where(path)} has {len(items)} items; the limit is {MAX_ARRAY_ITEMS}")
+            raise BodyError(
+                422, "array_too_long", f"{_where(path)} has {len(items)} items; the limit is {MAX_ARRAY_ITEMS}"
+            )
         for i, item in enumerate(items):
             path.append(i)
             self.value(item, path, depth + 1)
@@ -134,7 +141,8 @@ class _Walk:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise BodyError(
-                422, "invalid_string",
+                422,
+                "invalid_string",
                 f"the {what} at {_where(path)} holds a lone surrogate (\\u{ord(text[exc.start]):04x} at character "
                 f"{exc.start}): it is not valid Unicode",
             ) from None

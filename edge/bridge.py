@@ -17,6 +17,7 @@ nothing of it reaches a later question. An answer naming another request id is a
 The Supervisor is found by its global name again when it stops answering (run.py's
 keeper replaces a dead one).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -177,7 +178,11 @@ class ActorBridge:
             if reply is None:
                 self._drop_context()
                 raise BridgeError(f"no answer to {type(msg).__name__} within {timeout:g} s")
-            decoded = m.decode(reply) if isinstance(reply, (bytes, bytearray)) else m.Invalid(f"non-bytes reply {type(reply).__name__}")
+            decoded = (
+                m.decode(reply)
+                if isinstance(reply, (bytes, bytearray))
+                else m.Invalid(f"non-bytes reply {type(reply).__name__}")
+            )
             if isinstance(decoded, m.Invalid):
                 raise BridgeError(f"undecodable reply: {decoded.reason}")
             if isinstance(decoded, m.ErrorReply):

@@ -5,6 +5,7 @@ the HTTP status and a message that says what was wrong (400 malformed JSON, 413 
 large, 415 wrong content type, 422 wrong shape; the limits on what any JSON body may hold
 are edge/body_limits.py's).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,9 @@ class ChatRequest:
 def check_content_type(content_type: str | None) -> None:
     media = (content_type or "").split(";")[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
-        raise RequestError(415, "unsupported_media_type", f"expected content-type application/json, got {media or 'none'!r}")
+        raise RequestError(
+            415, "unsupported_media_type", f"expected content-type application/json, got {media or 'none'!r}"
+        )
 
 
 def parse_json(raw: bytes, limit: int) -> dict:
@@ -80,9 +83,13 @@ def validate_messages(messages) -> list[dict]:
         elif isinstance(content, list) and content:
             _parts(i, content)
         elif not isinstance(content, str):
-            raise RequestError(422, "invalid_request", f"messages[{i}].content must be a string or an array of content parts")
+            raise RequestError(
+                422, "invalid_request", f"messages[{i}].content must be a string or an array of content parts"
+            )
         if role == "tool" and (not isinstance(msg.get("tool_call_id"), str) or not msg["tool_call_id"]):
-            raise RequestError(422, "invalid_request", f"messages[{i}].tool_call_id must be a non-empty string (role tool)")
+            raise RequestError(
+                422, "invalid_request", f"messages[{i}].tool_call_id must be a non-empty string (role tool)"
+            )
         if msg.get("name") is not None and (not isinstance(msg["name"], str) or not msg["name"]):
             raise RequestError(422, "invalid_request", f"messages[{i}].name must be a non-empty string")
         out.append(dict(msg))
@@ -93,13 +100,17 @@ def _parts(i: int, parts: list) -> None:
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in CONTENT_PARTS:
-            raise RequestError(422, "invalid_request", f"messages[{i}].content[{j}].type must be one of {', '.join(CONTENT_PARTS)}")
+            raise RequestError(
+                422, "invalid_request", f"messages[{i}].content[{j}].type must be one of {', '.join(CONTENT_PARTS)}"
+            )
         if kind == "text" and not isinstance(part.get("text"), str):
             raise RequestError(422, "invalid_request", f"messages[{i}].content[{j}].text must be a string")
         if kind == "image_url":
             image = part.get("image_url")
             if not isinstance(image, dict) or not isinstance(image.get("url"), str) or not image["url"]:
-                raise RequestError(422, "invalid_request", f"messages[{i}].content[{j}].image_url.url must be a non-empty string")
+                raise RequestError(
+                    422, "invalid_request", f"messages[{i}].content[{j}].image_url.url must be a non-empty string"
+                )
 
 
 def _tool_calls(i: int, role: str, calls) -> None:
@@ -107,10 +118,16 @@ def _tool_calls(i: int, role: str, calls) -> None:
         raise RequestError(422, "invalid_request", f"messages[{i}].tool_calls must be an array on an assistant message")
     for j, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(call, dict) or not isinstance(call.get("id"), str) or not isinstance(fn, dict) \
-                or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+        if (
+            not isinstance(call, dict)
+            or not isinstance(call.get("id"), str)
+            or not isinstance(fn, dict)
+            or not isinstance(fn.get("name"), str)
+            or not isinstance(fn.get("arguments"), str)
+        ):
             raise RequestError(
-                422, "invalid_request",
+                422,
+                "invalid_request",
                 f"messages[{i}].tool_calls[{j}] must be {{id, type: function, function: {{name, arguments: string}}}}",
             )
 
@@ -119,7 +136,12 @@ def _number(data: dict, name: str, low: float, high: float) -> None:
     value = data.get(name)
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
         raise RequestError(422, "invalid_request", f"'{name}' must be a number between {low:g} and {high:g}")
 
 
@@ -138,7 +160,9 @@ def parse_chat(data: dict, coalesce_header: str | None = None) -> ChatRequest:
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise RequestError(422, "invalid_request", "'max_tokens' must be a positive integer")
     stop = data.get("stop")
-    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
         raise RequestError(422, "invalid_request", "'stop' must be a string or an array of strings")
     coalesce = data.get("coalesce", True)
     if not isinstance(coalesce, bool):

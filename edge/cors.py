@@ -17,6 +17,7 @@ Anthropic SDKs send from a browser), which CORSMiddleware can only allow all at 
 - Actual requests from an allowed origin get Access-Control-Allow-Origin and
   Access-Control-Expose-Headers: x-request-id, retry-after.
 """
+
 from __future__ import annotations
 
 API_PREFIXES = ("/v1/", "/api/chat", "/api/threads")
@@ -85,7 +86,9 @@ class Cors:
         method = headers["access-control-request-method"].strip().upper()
         wanted = [h.strip().lower() for h in headers.get("access-control-request-headers", "").split(",") if h.strip()]
         if method not in METHODS or not all(header_allowed(h) for h in wanted):
-            body = b'{"error": {"code": "cors_refused", "message": "this method or header is not allowed cross-origin"}}'
+            body = (
+                b'{"error": {"code": "cors_refused", "message": "this method or header is not allowed cross-origin"}}'
+            )
             await _respond(send, 400, [(b"content-type", b"application/json")], body)
             return
         allow = [

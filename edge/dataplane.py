@@ -24,6 +24,7 @@ joined to one stream, e.g. while coalescing was being switched back on): each su
 asks the hub for the replay again (the listeners drop by `seq` what they have), and the
 hub hears `Unsubscribe` only when the last listener of the stream leaves.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -18,6 +18,7 @@ Decisions:
   decodes it itself: passed through as the provider sent it); `dimensions` a positive integer.
 - Errors in OpenAI's shape with sluice's status and code, as /v1/chat/completions.
 """
+
 from __future__ import annotations
 
 from starlette.requests import Request
@@ -36,7 +37,9 @@ ENCODINGS = ("float", "base64")
 
 
 def _is_tokens(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
 
 
 def _check_input(value) -> None:

@@ -28,6 +28,7 @@ on, its events keep arriving) until `resume` takes it back or its deadline passe
 (`expire`: then it leaves, as it would have at the disconnect). See docs/architecture.md
 "Resumable streams".
 """
+
 from __future__ import annotations
 
 from collections.abc import Hashable
@@ -187,7 +188,9 @@ class EdgeFlights:
         if isinstance(reply, m.Rejected):
             return self._refuse(flight, reply)
         if not isinstance(reply, m.Admitted):
-            return self._refuse(flight, m.Rejected(request_id, 503, "gateway_unavailable", f"unexpected answer {type(reply).__name__}"))
+            return self._refuse(
+                flight, m.Rejected(request_id, 503, "gateway_unavailable", f"unexpected answer {type(reply).__name__}")
+            )
         self.coalesce_enabled = reply.coalesce
         flight.stream_id, flight.ticket, flight.hub = reply.stream_id, reply.ticket, reply.hub
         flight.submitter_role, flight.fanout = reply.role, reply.fanout
@@ -221,7 +224,12 @@ class EdgeFlights:
         if flight is None or flight.admitted or flight.refused:
             return []
         out = self._abandon(flight, now) if flight.stream_id is not None and not flight.finished else []
-        return out + self._refuse(flight, m.Rejected(request_id, 500, "internal_error", "the gateway failed to submit this request; it has been logged"))
+        return out + self._refuse(
+            flight,
+            m.Rejected(
+                request_id, 500, "internal_error", "the gateway failed to submit this request; it has been logged"
+            ),
+        )
 
     def stray_answer(self, shard: str, answer, now: float) -> list:
         """A second answer to a Submit (asked again of a replaced shard): an `Admitted`

@@ -26,6 +26,7 @@ hooks used (`connection_made`, `connection_lost`, httptools' `on_message_begin` 
 `trailing_data`) are checked at import, so a uvicorn that renamed them fails at start,
 not silently.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -48,7 +49,9 @@ _HOOKS = {
 }
 for _cls, _names in _HOOKS.items():
     if _cls is not None and not all(callable(getattr(_cls, n, None)) for n in _names):
-        raise ImportError(f"edge/http_limits.py: uvicorn's {_cls.__name__} lacks one of {_names} (written for uvicorn 0.54)")
+        raise ImportError(
+            f"edge/http_limits.py: uvicorn's {_cls.__name__} lacks one of {_names} (written for uvicorn 0.54)"
+        )
 if not hasattr(h11.Connection, "trailing_data"):
     raise ImportError("edge/http_limits.py: h11.Connection.trailing_data is gone")
 
@@ -80,7 +83,9 @@ class ConnectionLimits:
 
 
 def _refusal() -> bytes:
-    body = json.dumps({"error": {"code": "too_many_connections", "message": "too many open connections from this address"}}).encode()
+    body = json.dumps(
+        {"error": {"code": "too_many_connections", "message": "too many open connections from this address"}}
+    ).encode()
     return (
         b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
         b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
@@ -130,7 +135,11 @@ class _Limited:
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.keep_alive = False  # finish the response in progress, then close
             return
-        log.info("closed a connection from %s: no complete request headers within %g s", self._counted_host, self.limits.header_timeout_s)
+        log.info(
+            "closed a connection from %s: no complete request headers within %g s",
+            self._counted_host,
+            self.limits.header_timeout_s,
+        )
         self._close_now()
 
     def _close_now(self) -> None:

@@ -10,6 +10,7 @@ asks the hub for the replay again when it subscribes, and the hub hears `Unsubsc
 only when the last listener of the stream leaves; one leaving must not cut the other off
 (the bug of chaos seed 21945).
 """
+
 from __future__ import annotations
 
 from collections.abc import Hashable

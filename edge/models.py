@@ -19,6 +19,7 @@ of a configured provider, and the default provider's model by its bare name; any
 is a 404 in OpenAI's shape (chat still passes an unknown bare name to the default
 provider, which then decides).
 """
+
 from __future__ import annotations
 
 from starlette.requests import Request
@@ -49,9 +50,7 @@ def _entry(model_id: str, owner: str) -> dict:
 def listing(settings: dict, allows) -> list[dict]:
     """The model objects a client may use: `allows(provider, model) -> bool` (its key's)."""
     out = [
-        _entry(f"{name}/{p['model']}", name)
-        for name, p in settings["providers"].items()
-        if allows(name, p["model"])
+        _entry(f"{name}/{p['model']}", name) for name, p in settings["providers"].items() if allows(name, p["model"])
     ]
     for alias, (name, model) in settings.get("model_aliases", {}).items():
         if allows(name, model):

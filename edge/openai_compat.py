@@ -48,6 +48,7 @@ Decisions (an OpenAI client must not notice it is talking to a gateway):
   403 model_not_allowed, 429 rate_limit_exceeded, in the same shape; `GET /v1/models`
   lists only the models the caller's key may use.
 """
+
 from __future__ import annotations
 
 import time
@@ -200,7 +201,12 @@ class ChunkRenderer(Renderer):
 
     def __init__(self, admission: Admission, model: str, created: int, include_usage: bool):
         super().__init__(admission)
-        self.base = {"id": f"chatcmpl-{admission.request_id}", "object": "chat.completion.chunk", "created": created, "model": model}
+        self.base = {
+            "id": f"chatcmpl-{admission.request_id}",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+        }
         self.include_usage = include_usage
         self.roles_sent: set[int] = set()
         self.extras = Extras()
@@ -242,8 +248,11 @@ class ChunkRenderer(Renderer):
         return self._chunk(index, {"role": "assistant", "content": ""})
 
     def _chunk(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> bytes:
-        obj = {**self.base, **self.extras.top,
-               "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        obj = {
+            **self.base,
+            **self.extras.top,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        }
         if self.include_usage:
             obj["usage"] = None  # as OpenAI sends it on every chunk but the last
         return frame(obj)
@@ -273,8 +282,11 @@ class _Choice:
 
     def message(self) -> dict:
         content = "".join(self.text)
-        message: dict = {"role": "assistant", "content": content if content or not self.tool_calls else None,
-                         "refusal": "".join(self.refusal) or None}
+        message: dict = {
+            "role": "assistant",
+            "content": content if content or not self.tool_calls else None,
+            "refusal": "".join(self.refusal) or None,
+        }
         if self.reasoning:
             message["reasoning_content"] = "".join(self.reasoning)
         if self.tool_calls:
@@ -312,8 +324,14 @@ class Completion:
         choices = []
         for i, choice in sorted(self.choices.items()):
             reason = end.get("finish_reason") if i == 0 else self.extras.finishes.get(i)
-            choices.append({"index": i, "message": choice.message(), "logprobs": choice.logprobs,
-                            "finish_reason": _finish_reason(reason)})
+            choices.append(
+                {
+                    "index": i,
+                    "message": choice.message(),
+                    "logprobs": choice.logprobs,
+                    "finish_reason": _finish_reason(reason),
+                }
+            )
         body = {
             "id": f"chatcmpl-{self.admission.request_id}",
             "object": "chat.completion",
@@ -341,7 +359,9 @@ def routes(edge) -> list[Route]:
             data = await edge.json_body(request)
             chat, stream, include_usage = parse_openai(data, request.headers.get("x-sluice-coalesce"))
             provider, model = resolve_model(chat.model, chat.provider)
-            admission = await edge.admit(provider, model, chat.body, chat.thread_id, chat.coalesce, request.state.key_id)
+            admission = await edge.admit(
+                provider, model, chat.body, chat.thread_id, chat.coalesce, request.state.key_id
+            )
         except Rejection as exc:
             return rejection_response(exc)
         shown = chat.model or f"{admission.provider}/{admission.model}"
@@ -355,6 +375,4 @@ def routes(edge) -> list[Route]:
                 completion.add(event)
         return completion.response()
 
-    return [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"])
-    ]
+    return [Route("/v1/chat/completions", chat_completions, methods=["POST"])]

@@ -1,5 +1,6 @@
 """Measurement records from the edge, sent to Metrics in batches (never one per token,
 nor one message per request): flushed every `every_s` or when `batch` records wait."""
+
 from __future__ import annotations
 
 import asyncio

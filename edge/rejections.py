@@ -7,6 +7,7 @@ and the parsing helpers) and rendered at the boundary by each front end in its o
 shape: sluice's `{"error": {"code", "message"}}` (edge/app.py `rejection_response`),
 OpenAI's (edge/openai_compat.py), with `Retry-After` when it says when to retry.
 """
+
 from __future__ import annotations
 
 
@@ -16,7 +17,9 @@ class Rejection(Exception):
     OpenAI error type (edge/api_keys.py `Denial`): sluice's own routes answer those
     refusals in OpenAI's shape, as they answer a missing key."""
 
-    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None, type: str | None = None):
+    def __init__(
+        self, status: int, code: str, message: str, retry_after_s: float | None = None, type: str | None = None
+    ):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.retry_after_s, self.type = retry_after_s, type

@@ -33,6 +33,7 @@ Responses API sends none).
 Errors before streaming, and a non-streamed answer's failure, are OpenAI's shape with
 sluice's status and code (edge/openai_compat.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -97,7 +98,11 @@ def _items(value) -> list[dict]:
         elif kind == "function_call":
             if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
                 raise _refuse(where, "a function_call needs string call_id, name and arguments")
-            call = {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
+            call = {
+                "id": item["call_id"],
+                "type": "function",
+                "function": {"name": item["name"], "arguments": item["arguments"]},
+            }
             last = out[-1] if out else None
             if last is not None and last["role"] == "assistant" and "tool_calls" in last:
                 last["tool_calls"].append(call)
@@ -107,7 +112,9 @@ def _items(value) -> list[dict]:
             output = item.get("output")
             if not isinstance(item.get("call_id"), str) or not isinstance(output, (str, list)):
                 raise _refuse(where, "a function_call_output needs a string call_id and output")
-            out.append({"role": "tool", "tool_call_id": item["call_id"], "content": _content(output, f"{where}.output")})
+            out.append(
+                {"role": "tool", "tool_call_id": item["call_id"], "content": _content(output, f"{where}.output")}
+            )
         elif kind in IGNORED_ITEMS:
             continue
         else:
@@ -140,7 +147,12 @@ def _number(data: dict, name: str, high: float) -> None:
     value = data.get(name)
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= high:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 <= value <= high
+    ):
         raise _refuse(name, f"must be a number between 0 and {high:g}")
 
 
@@ -222,8 +234,14 @@ def _text_part(text: str) -> dict:
 def _function_item(call: dict, n: int) -> dict:
     function = call.get("function") or {}
     call_id = call.get("id") or f"call_{n}"
-    return {"type": "function_call", "id": f"fc_{call_id}", "call_id": call_id, "name": function.get("name", ""),
-            "arguments": function.get("arguments") or "{}", "status": "completed"}
+    return {
+        "type": "function_call",
+        "id": f"fc_{call_id}",
+        "call_id": call_id,
+        "name": function.get("name", ""),
+        "arguments": function.get("arguments") or "{}",
+        "status": "completed",
+    }
 
 
 class _Shape:
@@ -282,8 +300,9 @@ class ResponseRenderer(Renderer):
         self.message_open = False
 
     def opening(self) -> bytes:
-        return (self._event("response.created", response=self.shape.response("in_progress"))
-                + self._event("response.in_progress", response=self.shape.response("in_progress")))
+        return self._event("response.created", response=self.shape.response("in_progress")) + self._event(
+            "response.in_progress", response=self.shape.response("in_progress")
+        )
 
     def keepalive(self) -> bytes:
         return KEEPALIVE
@@ -294,8 +313,14 @@ class ResponseRenderer(Renderer):
         if kind == ev.DELTA:
             out = self._open_message()
             shape.text.append(event["delta"])
-            return out + self._event("response.output_text.delta", item_id=shape.message_id, output_index=0,
-                                     content_index=0, delta=event["delta"], logprobs=[])
+            return out + self._event(
+                "response.output_text.delta",
+                item_id=shape.message_id,
+                output_index=0,
+                content_index=0,
+                delta=event["delta"],
+                logprobs=[],
+            )
         if kind == ev.META and event.get("tool_calls"):
             shape.tool_calls = event["tool_calls"]
         elif kind == ev.USAGE:
@@ -308,9 +333,15 @@ class ResponseRenderer(Renderer):
             for n, call in enumerate(shape.tool_calls):
                 item = _function_item(call, n)
                 index = first + n
-                out += self._event("response.output_item.added", output_index=index, item={**item, "status": "in_progress"})
-                out += self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                                   arguments=item["arguments"])
+                out += self._event(
+                    "response.output_item.added", output_index=index, item={**item, "status": "in_progress"}
+                )
+                out += self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    arguments=item["arguments"],
+                )
                 out += self._event("response.output_item.done", output_index=index, item=item)
             status = _ending(event)
             return out + self._event(f"response.{status}", response=shape.response(status, event))
@@ -323,23 +354,46 @@ class ResponseRenderer(Renderer):
             return b""
         self.message_open = True
         shape = self.shape
-        return (self._event("response.output_item.added", output_index=0, item=shape.message_item("in_progress"))
-                + self._event("response.content_part.added", item_id=shape.message_id, output_index=0,
-                              content_index=0, part=_text_part("")))
+        return self._event(
+            "response.output_item.added", output_index=0, item=shape.message_item("in_progress")
+        ) + self._event(
+            "response.content_part.added",
+            item_id=shape.message_id,
+            output_index=0,
+            content_index=0,
+            part=_text_part(""),
+        )
 
     def _close_message(self) -> bytes:
         shape = self.shape
         text = "".join(shape.text)
-        return (self._event("response.output_text.done", item_id=shape.message_id, output_index=0, content_index=0,
-                            text=text, logprobs=[])
-                + self._event("response.content_part.done", item_id=shape.message_id, output_index=0,
-                              content_index=0, part=_text_part(text))
-                + self._event("response.output_item.done", output_index=0, item=shape.message_item("completed")))
+        return (
+            self._event(
+                "response.output_text.done",
+                item_id=shape.message_id,
+                output_index=0,
+                content_index=0,
+                text=text,
+                logprobs=[],
+            )
+            + self._event(
+                "response.content_part.done",
+                item_id=shape.message_id,
+                output_index=0,
+                content_index=0,
+                part=_text_part(text),
+            )
+            + self._event("response.output_item.done", output_index=0, item=shape.message_item("completed"))
+        )
 
     def _event(self, kind: str, **fields) -> bytes:
         data = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
-        return f"event: {kind}\ndata: ".encode() + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+        return (
+            f"event: {kind}\ndata: ".encode()
+            + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+            + b"\n\n"
+        )
 
 
 class Response:

@@ -8,6 +8,7 @@ edge/embeddings.py (`/v1/embeddings`), edge/admin_routes.py (operators), edge/we
 chat page, the dashboard and its live feed). edge/cors.py answers browsers' preflights
 for every API route when SLUICE_CORS_ORIGINS allows the origin.
 """
+
 from __future__ import annotations
 
 from edge import admin_routes, anthropic_compat, embeddings, models, openai_compat, responses_compat, threads, web
@@ -25,7 +26,9 @@ def build_app(settings: dict):
     if settings.get("cors_origins"):
         app.add_middleware(Cors, origins=settings["cors_origins"])
     if settings["SLUICE_ACCESS_LOG"]:
-        app.add_middleware(AccessLog, log_prompts=settings["SLUICE_LOG_PROMPTS"], body_limit=settings["SLUICE_MAX_BODY_BYTES"])
+        app.add_middleware(
+            AccessLog, log_prompts=settings["SLUICE_LOG_PROMPTS"], body_limit=settings["SLUICE_MAX_BODY_BYTES"]
+        )
     return app, edge
 
 

@@ -12,6 +12,7 @@ uvicorn's own handling would stop at the first signal, and re-raise it once serv
 over: a re-raised SIGTERM kills the process before run.py stops the actor system. So the
 signals are ours (`capture_signals`), and run.py's return decides the exit status.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -9,6 +9,7 @@ writes them: the opening ping at once, then the events ready at the same moment 
 write, through a `Renderer` that picks the wire format (sluice's own here; OpenAI's
 chunks in edge/openai_compat.py).
 """
+
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable

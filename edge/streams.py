@@ -12,6 +12,7 @@ A resumable client that disconnects is parked (`park`): the logic keeps its plac
 here ends it at its deadline (`expire`, then the caller's `ended`), and `resume` takes it
 back first (docs/architecture.md "Resumable streams").
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -79,7 +80,9 @@ class LocalStreams:
     def coalesce_enabled(self) -> bool:
         return self.logic.coalesce_enabled
 
-    async def join(self, request_id: str, provider: str, model: str, body: dict, key: str, received_at: float) -> Subscriber:
+    async def join(
+        self, request_id: str, provider: str, model: str, body: dict, key: str, received_at: float
+    ) -> Subscriber:
         """Attach a new client to the flight for `key`; raises Rejection."""
         trace.stamp("edge_join", "edge", request_id)
         sub = Subscriber(request_id, "follower", received_at, provider, model)
@@ -193,9 +196,13 @@ class LocalStreams:
             except BridgeError as exc:
                 if exc.code == "unencodable":  # edge/body_limits.py should have refused it
                     log.error("request %s not submitted: %s", submit.request_id, exc)
-                    reply = m.Rejected(submit.request_id, 422, "invalid_request", f"the request cannot be forwarded: {exc}")
+                    reply = m.Rejected(
+                        submit.request_id, 422, "invalid_request", f"the request cannot be forwarded: {exc}"
+                    )
                 else:
-                    reply = m.Rejected(submit.request_id, 503, "gateway_unavailable", f"the coalescer did not answer: {exc}")
+                    reply = m.Rejected(
+                        submit.request_id, 503, "gateway_unavailable", f"the coalescer did not answer: {exc}"
+                    )
             self._apply(self.logic.answer(submit.request_id, reply, time.time()))
         except Exception:
             log.exception("submitting request %s failed", submit.request_id)

@@ -8,6 +8,7 @@ it has read "done" finds the reply in the history. A reply every local client wa
 away from is stored as "cancelled" with the text received so far ("interrupted" when the
 gateway shut down under it).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,6 +29,7 @@ from protocols import messages as m
 log = logging.getLogger("sluice.edge.threads")
 
 PER_CLIENT_CODES = ("cancelled", "shutting_down")  # end one client's stream, not the reply
+
 
 class ThreadRoutes:
     def __init__(self, edge: Edge):
@@ -80,7 +82,12 @@ class ThreadRoutes:
         self.listeners[assistant_id] = self.listeners.get(assistant_id, 0) + 1
         try:
             admission = await edge.admit(
-                data.get("provider"), data.get("model"), {"messages": turn.history}, thread_id, True, request.state.key_id
+                data.get("provider"),
+                data.get("model"),
+                {"messages": turn.history},
+                thread_id,
+                True,
+                request.state.key_id,
             )
         except Rejection as exc:  # refused before streaming (429, 503, ...)
             self._release(assistant_id)
@@ -119,9 +126,7 @@ class ThreadRoutes:
         if final is None:
             status = "done" if event["type"] == ev.DONE else "error"
             end = m.TurnEnd(assistant_id, _text(admission), status, event.get("code") if status == "error" else None)
-            final = self.finals[assistant_id] = asyncio.ensure_future(
-                self.edge.bridge.ask("threads", end, timeout=5.0)
-            )
+            final = self.finals[assistant_id] = asyncio.ensure_future(self.edge.bridge.ask("threads", end, timeout=5.0))
         try:
             await asyncio.shield(final)
         except BridgeError as exc:  # the client still gets its terminal event

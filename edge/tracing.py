@@ -29,6 +29,7 @@ edge process finds no leader there and gets no link: carrying the context across
 need it in the stream's meta (the Admitted message), which this module does not do yet.
 Rejected requests (no stream) get no trace.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,8 +58,10 @@ def setup_from_env(env: dict | None = None) -> bool:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
-        log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but the OpenTelemetry SDK is not installed "
-                    "(pip install 'sluice[otel]'): no traces")
+        log.warning(
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set but the OpenTelemetry SDK is not installed "
+            "(pip install 'sluice[otel]'): no traces"
+        )
         return False
     provider = TracerProvider(resource=Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", "sluice")}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
@@ -119,8 +122,13 @@ class RequestTrace:
         links = []
         if sub.role == "follower" and stream_id in _leaders:
             links.append(_otel.Link(_leaders[stream_id], {"sluice.link": "coalesced_leader"}))
-        self.span = _tracer.start_span("sluice.request", kind=_otel.SpanKind.SERVER, attributes=attributes,
-                                       links=links, start_time=_ns(sub.received_at))
+        self.span = _tracer.start_span(
+            "sluice.request",
+            kind=_otel.SpanKind.SERVER,
+            attributes=attributes,
+            links=links,
+            start_time=_ns(sub.received_at),
+        )
         if sub.role == "leader" and stream_id:
             _leaders[stream_id] = self.span.get_span_context()
             while len(_leaders) > MAX_LEADERS:
@@ -132,21 +140,30 @@ class RequestTrace:
         span, sub = self.span, self.sub
         parent = _otel.set_span_in_context(span)
         _tracer.start_span("sluice.admission", context=parent, start_time=_ns(sub.received_at)).end(
-            end_time=_ns(self.admitted_at))
+            end_time=_ns(self.admitted_at)
+        )
         first_byte = admission.first_byte_at
         provider_ttft_ms = admission.provider_ttft_ms
         if first_byte is not None:
             span.add_event("first_byte", timestamp=_ns(first_byte))
-        sent = first_byte - provider_ttft_ms / 1000.0 if first_byte is not None and provider_ttft_ms is not None else None
+        sent = (
+            first_byte - provider_ttft_ms / 1000.0 if first_byte is not None and provider_ttft_ms is not None else None
+        )
         if sent is not None and admission.queue_wait_ms is not None:
-            queued = _tracer.start_span("sluice.queue", context=parent,
-                                        start_time=_ns(sent - admission.queue_wait_ms / 1000.0))
+            queued = _tracer.start_span(
+                "sluice.queue", context=parent, start_time=_ns(sent - admission.queue_wait_ms / 1000.0)
+            )
             queued.end(end_time=_ns(sent))
         error_type = outcome.get("error_code") if outcome.get("outcome") != "done" else None
         if sent is not None:  # the leader's upstream call
             model = admission.served.get("model", sub.model)
-            call = _tracer.start_span(f"chat {model}", context=parent, kind=_otel.SpanKind.CLIENT,
-                                      start_time=_ns(sent), attributes=self._genai(admission, model))
+            call = _tracer.start_span(
+                f"chat {model}",
+                context=parent,
+                kind=_otel.SpanKind.CLIENT,
+                start_time=_ns(sent),
+                attributes=self._genai(admission, model),
+            )
             call.add_event("first_byte", timestamp=_ns(first_byte))
             if error_type:
                 call.set_attribute("error.type", error_type)

@@ -23,6 +23,7 @@ DrainingServer gives them the same meaning as with one process (edge/server.py).
 Every response carries `X-Sluice-Worker: <slot>` (the slot number, 1..N; a replacement
 keeps its slot), so an operator or a test can tell which worker answered.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -17,6 +17,7 @@ It watches the workers every `WATCH_EVERY_S`:
 - SIGINT (or a second SIGTERM) is relayed as SIGINT: every worker stops now. A second
   SIGINT, or workers still running `KILL_AFTER_S` after the stop began, get SIGKILL.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,14 @@ class Worker:
 
 
 class WorkerSet:
-    def __init__(self, settings: dict, count: int, sock: socket.socket, secret: bytes,
-                 on_lost: Callable[[str], None] = lambda edge_id: None):
+    def __init__(
+        self,
+        settings: dict,
+        count: int,
+        sock: socket.socket,
+        secret: bytes,
+        on_lost: Callable[[str], None] = lambda edge_id: None,
+    ):
         self.settings, self.count, self.sock, self.secret = settings, count, sock, secret
         self.on_lost = on_lost
         self.workers: dict[int, Worker] = {}
@@ -99,7 +106,12 @@ class WorkerSet:
         try:
             for slot in range(1, self.count + 1):
                 self.spawn(slot)
-            log.info("%d edge workers serving http://%s:%d", self.count, self.settings["SLUICE_HOST"], self.sock.getsockname()[1])
+            log.info(
+                "%d edge workers serving http://%s:%d",
+                self.count,
+                self.settings["SLUICE_HOST"],
+                self.sock.getsockname()[1],
+            )
             while True:
                 self._wake.wait(WATCH_EVERY_S)
                 self._wake.clear()

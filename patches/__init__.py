@@ -24,6 +24,7 @@ where it starts:
 
 `installed()` lists the ones in force in this process (tests, the admin `show`).
 """
+
 from __future__ import annotations
 
 import sys

@@ -19,6 +19,7 @@ Installed by `patches.install_httpcore()` in the Pool process. Written for httpc
 (1.0.9). On another version it logs a warning and leaves httpcore as it is: the retry of a
 reset before the first byte still covers the reused dead connection, at one more attempt.
 """
+
 from __future__ import annotations
 
 from httpcore._async import http2
@@ -48,8 +49,9 @@ def install() -> bool:
     if installed():
         return True
     if not all(hasattr(cls, name) for name in ("has_expired", "is_idle")):
-        return versions.fallback(__name__, "httpcore's HTTP/2 connection is not the expected shape; "
-                                 "closed idle connections may be reused")
+        return versions.fallback(
+            __name__, "httpcore's HTTP/2 connection is not the expected shape; closed idle connections may be reused"
+        )
     cls.has_expired = has_expired  # type: ignore[method-assign]  # the patch itself
     return True
 

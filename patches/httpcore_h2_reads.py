@@ -21,6 +21,7 @@ Installed by `patches.install_httpcore()` in the Pool process. Written for httpc
 (1.0.9) with h2 4.x; an optimisation, so on another httpcore, or one whose connection lacks
 the attributes it relies on, it logs a warning and leaves httpcore as it is.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -104,8 +105,9 @@ def install() -> bool:
         return True
     needed = ("_receive_events", "_receive_stream_event", "_receive_response", "_receive_response_body")
     if not all(hasattr(cls, name) for name in needed):
-        return versions.fallback(__name__, "httpcore's HTTP/2 connection is not the expected shape; "
-                                 "reads keep their lock convoy")
+        return versions.fallback(
+            __name__, "httpcore's HTTP/2 connection is not the expected shape; reads keep their lock convoy"
+        )
     cls._receive_stream_event = receive_stream_event  # type: ignore[method-assign]  # the patch itself
     return True
 

@@ -16,6 +16,7 @@ there, and `reset` does nothing until it passed. Called by `patches.install_http
 in the Pool process. Written for httpcore 1.0.x (1.0.9) and h2 4.x; it fails loudly on
 another version: without it every cancelled stream costs its provider tokens unnoticed.
 """
+
 from __future__ import annotations
 
 import h2.errors
@@ -34,8 +35,11 @@ def install() -> None:
     global _checked
     versions.check(__name__, LIBRARY, WRITTEN_FOR)
     versions.check(__name__, H2, H2_WRITTEN_FOR)
-    if not (hasattr(http2, "HTTP2ConnectionByteStream") and hasattr(connection_pool, "PoolByteStream")
-            and callable(getattr(http2.AsyncHTTP2Connection, "_write_outgoing_data", None))):
+    if not (
+        hasattr(http2, "HTTP2ConnectionByteStream")
+        and hasattr(connection_pool, "PoolByteStream")
+        and callable(getattr(http2.AsyncHTTP2Connection, "_write_outgoing_data", None))
+    ):
         raise RuntimeError("httpcore's HTTP/2 streams are not the shape patches/httpcore_rst_stream.py expects")
     _checked = True
 

@@ -14,6 +14,7 @@ Installed by `patches.install_thespian`, before `ActorSystem(...)`. Written for 
 4.0.x (4.0.1); it fails loudly on another version: the binding is what keeps the actor
 ports off the network, so there is no fallback.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,4 +53,3 @@ def installed() -> bool:
     from thespian.system.transport import IPBase
 
     return IPBase.IPActorAddress.__init__ is _init_bound and _bind_host is not None
-

@@ -13,6 +13,7 @@ else keep the default. Installed by `patches.install_thespian`, before `ActorSys
 so the admin and every actor forked from this process inherit it. Written for Thespian
 4.0.x (4.0.1); an optimisation, so on another version it is left out with a warning.
 """
+
 from __future__ import annotations
 
 import selectors
@@ -36,7 +37,9 @@ def install() -> bool:
         return True
     if not isinstance(getattr(TCPTransport, "selectors", None), types.ModuleType):
         return versions.fallback(__name__, "Thespian's TCPTransport does not use the selectors module")
-    view = types.SimpleNamespace(**{name: getattr(selectors, name) for name in dir(selectors) if not name.startswith("_")})
+    view = types.SimpleNamespace(
+        **{name: getattr(selectors, name) for name in dir(selectors) if not name.startswith("_")}
+    )
     view.DefaultSelector = selectors.PollSelector
     TCPTransport.selectors = view
     return True

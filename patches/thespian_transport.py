@@ -22,6 +22,7 @@ forked from that process and inherit the patch and the secret. Written for Thesp
 (4.0.1); it checks the version and the names it patches and refuses loudly on anything
 else: without it the transport unpickles anyone's frames, so there is no fallback.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -65,8 +66,10 @@ def install(secret: bytes) -> None:
     if not (current is pickle or isinstance(current, Authenticated)) or not all(
         hasattr(TCPTransport, name) for name in expected
     ):
-        raise RuntimeError("Thespian's TCPTransport does not look as patches/thespian_transport.py expects "
-                           "(module-level serializer = pickle, streamBuffer's ACK packets)")
+        raise RuntimeError(
+            "Thespian's TCPTransport does not look as patches/thespian_transport.py expects "
+            "(module-level serializer = pickle, streamBuffer's ACK packets)"
+        )
     if isinstance(current, Authenticated) and current._secret == secret:
         return
     serializer = Authenticated(secret)

@@ -8,6 +8,7 @@ leaves the library as it is (`fallback()`); a patch that guards security or mone
 it propagate, so the process fails at start instead of running unprotected.
 pyproject.toml pins each patched library to the series its patches were written for.
 """
+
 from __future__ import annotations
 
 import logging

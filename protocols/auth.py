@@ -7,6 +7,7 @@ hub's connections (a challenge answered with an HMAC), and the hub tickets that 
 edge the Coalescer admitted to which stream. HMAC-SHA256 throughout; comparisons in
 constant time.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -6,6 +6,7 @@ field's type, and returns an `Invalid` value instead of raising, so that a bad m
 be answered with an error reply and never escapes into Thespian as an exception (which
 would make Thespian redeliver it and finally declare it poison).
 """
+
 from __future__ import annotations
 
 import dataclasses

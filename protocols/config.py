@@ -4,6 +4,7 @@
 or raises `ConfigError` naming the variable that is wrong. Pure code: no I/O.
 The README's configuration table is this module, in prose.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -127,8 +128,10 @@ def _cluster_secret(text: str) -> str:
     # rule for the variable and the secret file. 32 characters of hex are 128 bits.
     value = text.strip()
     if len(value) < CLUSTER_SECRET_MIN_CHARS:
-        raise ValueError(f"must be at least {CLUSTER_SECRET_MIN_CHARS} characters (e.g. the output of "
-                         "`python -c 'import secrets; print(secrets.token_hex(32))'`)")
+        raise ValueError(
+            f"must be at least {CLUSTER_SECRET_MIN_CHARS} characters (e.g. the output of "
+            "`python -c 'import secrets; print(secrets.token_hex(32))'`)"
+        )
     return value
 
 
@@ -158,56 +161,131 @@ SECRET_KEYS = ("SLUICE_CLUSTER_SECRET", "SLUICE_ADMIN_TOKEN")
 # name -> (default, parser, meaning). The default is a string, parsed like the env value.
 KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
     "SLUICE_HOST": ("127.0.0.1", str, "interface the HTTP edge binds (only the edge: see SLUICE_ACTOR_HOST)"),
-    "SLUICE_ACTOR_HOST": ("127.0.0.1", str, "interface the actor system, the stream hub and the built-in simulated "
-                          "provider bind; off loopback only with SLUICE_CLUSTER_SECRET set"),
+    "SLUICE_ACTOR_HOST": (
+        "127.0.0.1",
+        str,
+        "interface the actor system, the stream hub and the built-in simulated "
+        "provider bind; off loopback only with SLUICE_CLUSTER_SECRET set",
+    ),
     "SLUICE_PORT": ("8000", _port, "HTTP port of the edge"),
-    "SLUICE_WORKERS": ("1", _positive(int), "edge worker processes serving SLUICE_PORT (1: the edge runs in run.py's "
-                       "own process; a 16-core server: about 4-8, see docs/operations.md)"),
+    "SLUICE_WORKERS": (
+        "1",
+        _positive(int),
+        "edge worker processes serving SLUICE_PORT (1: the edge runs in run.py's "
+        "own process; a 16-core server: about 4-8, see docs/operations.md)",
+    ),
     "SLUICE_ACTOR_PORT": ("19500", _port, "Thespian admin port of the actor system"),
     "SLUICE_PROVIDER": ("simulated", _provider, "default provider for requests that name none"),
     "SLUICE_SIM_PORT": ("0", _port, "port of the built-in simulated provider (0 = any free port)"),
     "SLUICE_KEEPALIVE_S": ("15", _positive(float), "seconds between keepalive pings on a waiting SSE stream"),
-    "SLUICE_RESUME_GRACE_S": ("30", _positive(float), "seconds a resumable stream's upstream call goes on after its "
-                              "client disconnected, waiting for GET /api/chat/{request_id}/events"),
+    "SLUICE_RESUME_GRACE_S": (
+        "30",
+        _positive(float),
+        "seconds a resumable stream's upstream call goes on after its "
+        "client disconnected, waiting for GET /api/chat/{request_id}/events",
+    ),
     "SLUICE_MAX_BODY_BYTES": ("1048576", _positive(int), "largest accepted request body (413 beyond)"),
-    "SLUICE_HEADER_TIMEOUT_S": ("10", _positive(float), "seconds a connection may take to send complete request headers (closed beyond)"),
-    "SLUICE_MAX_CONNECTIONS_PER_CLIENT": ("256", _non_negative(int), "open connections one client address may hold; more get a 503 (0 = no cap)"),
+    "SLUICE_HEADER_TIMEOUT_S": (
+        "10",
+        _positive(float),
+        "seconds a connection may take to send complete request headers (closed beyond)",
+    ),
+    "SLUICE_MAX_CONNECTIONS_PER_CLIENT": (
+        "256",
+        _non_negative(int),
+        "open connections one client address may hold; more get a 503 (0 = no cap)",
+    ),
     "SLUICE_DB": ("data/sluice.sqlite3", str, "SQLite file holding chat threads"),
     "SLUICE_ADMIN_TOKEN": (None, str, "bearer token for /api/admin and `run.py admin` (admin is off when unset)"),
-    "SLUICE_CLUSTER_SECRET": (None, _cluster_secret, "authenticates every frame between sluice's processes "
-                              f"(>= {CLUSTER_SECRET_MIN_CHARS} characters); unset: a random one per start, in "
-                              "SLUICE_SECRET_FILE"),
-    "SLUICE_SECRET_FILE": (None, str, "where run.py keeps its random cluster secret (mode 0600) for the admin CLI; "
-                           "default: cluster-<SLUICE_ACTOR_PORT>.secret next to SLUICE_DB"),
+    "SLUICE_CLUSTER_SECRET": (
+        None,
+        _cluster_secret,
+        "authenticates every frame between sluice's processes "
+        f"(>= {CLUSTER_SECRET_MIN_CHARS} characters); unset: a random one per start, in "
+        "SLUICE_SECRET_FILE",
+    ),
+    "SLUICE_SECRET_FILE": (
+        None,
+        str,
+        "where run.py keeps its random cluster secret (mode 0600) for the admin CLI; "
+        "default: cluster-<SLUICE_ACTOR_PORT>.secret next to SLUICE_DB",
+    ),
     "SLUICE_LOG_LEVEL": ("INFO", _log_level, "log level"),
     "SLUICE_LOG_FORMAT": ("text", _log_format, "log lines as text, or json: one JSON object per line"),
     "SLUICE_ACCESS_LOG": ("1", _bool, "one access line per request (INFO, logger sluice.access)"),
     "SLUICE_LOG_PROMPTS": ("0", _bool, "access lines include the request's messages (off: never a prompt in the log)"),
-    "SLUICE_DRAIN_S": ("30", _non_negative(float), "on SIGTERM, seconds open streams may take to finish before they are ended"),
-    "SLUICE_API_KEYS_FILE": (None, str, "JSON file of hashed client API keys and their limits (unset: every client is allowed)"),
-    "SLUICE_MODEL_ALIASES": (None, str, "model names clients may use, each resolved to a provider and model: "
-                             "alias=provider[/model],... (e.g. gpt-4o=openai/gpt-4o,fast=simulated/sim-1)"),
-    "SLUICE_CORS_ORIGINS": (None, str, "browser origins allowed to call the API from other pages: origin,... or * "
-                            "(unset: none)"),
+    "SLUICE_DRAIN_S": (
+        "30",
+        _non_negative(float),
+        "on SIGTERM, seconds open streams may take to finish before they are ended",
+    ),
+    "SLUICE_API_KEYS_FILE": (
+        None,
+        str,
+        "JSON file of hashed client API keys and their limits (unset: every client is allowed)",
+    ),
+    "SLUICE_MODEL_ALIASES": (
+        None,
+        str,
+        "model names clients may use, each resolved to a provider and model: "
+        "alias=provider[/model],... (e.g. gpt-4o=openai/gpt-4o,fast=simulated/sim-1)",
+    ),
+    "SLUICE_CORS_ORIGINS": (
+        None,
+        str,
+        "browser origins allowed to call the API from other pages: origin,... or * (unset: none)",
+    ),
     "COALESCE_ENABLED": ("1", _bool, "share one upstream call among identical in-flight requests"),
     "STREAM_FANOUT_ENABLED": ("1", _bool, "followers get the shared stream live (else whole at the end)"),
-    "COALESCE_SCOPE": (None, _scope, "key: only requests of the same API key share a call; global: any "
-                       "(default key with SLUICE_API_KEYS_FILE, else global)"),
+    "COALESCE_SCOPE": (
+        None,
+        _scope,
+        "key: only requests of the same API key share a call; global: any "
+        "(default key with SLUICE_API_KEYS_FILE, else global)",
+    ),
     "COALESCE_ERROR_TTL_S": ("2", float, "seconds a failure is replayed to identical requests"),
     "COALESCER_SHARDS": ("2", _positive(int), "number of key-sharded Coalescer actors"),
-    "SLUICE_POOLS": (None, _positive(int), "Pool processes (each with its own stream hub) the upstream calls spread over; "
-                     "default: 1 on up to 4 cores, else cores // 4 (4 on 16 cores)"),
+    "SLUICE_POOLS": (
+        None,
+        _positive(int),
+        "Pool processes (each with its own stream hub) the upstream calls spread over; "
+        "default: 1 on up to 4 cores, else cores // 4 (4 on 16 cores)",
+    ),
     "PACER_MAX_QUEUE": ("1000", int, "requests that may wait for an upstream slot (429 beyond)"),
     "PACER_MAX_WAIT_MS": ("30000", _positive(float), "longest wait for an upstream slot (429 beyond)"),
     "UPSTREAM_CONNECT_TIMEOUT_S": ("10", _positive(float), "upstream connect timeout"),
     "UPSTREAM_READ_TIMEOUT_S": ("60", _positive(float), "upstream read timeout (longest silence mid-stream)"),
-    "UPSTREAM_MAX_ATTEMPTS": ("3", _positive(int), "upstream calls per request at most, the first included (1 = never retry)"),
-    "UPSTREAM_RETRY_DEADLINE_S": ("15", _positive(float), "a retry must start within this many seconds of the first attempt"),
-    "UPSTREAM_RETRY_BUDGET": ("0.2", _non_negative(float), "retries per account at most this share of its calls over 10 s (or UPSTREAM_RETRY_MIN)"),
+    "UPSTREAM_MAX_ATTEMPTS": (
+        "3",
+        _positive(int),
+        "upstream calls per request at most, the first included (1 = never retry)",
+    ),
+    "UPSTREAM_RETRY_DEADLINE_S": (
+        "15",
+        _positive(float),
+        "a retry must start within this many seconds of the first attempt",
+    ),
+    "UPSTREAM_RETRY_BUDGET": (
+        "0.2",
+        _non_negative(float),
+        "retries per account at most this share of its calls over 10 s (or UPSTREAM_RETRY_MIN)",
+    ),
     "UPSTREAM_RETRY_MIN": ("5", _non_negative(int), "retries per account always allowed in 10 s, whatever the share"),
-    "UPSTREAM_RETRY_BACKOFF_S": ("0.1", _non_negative(float), "first wait before retrying a connect error or a 5xx without Retry-After (doubles per attempt, x 0.5-1 jitter)"),
-    "CIRCUIT_FAILURES": ("5", _non_negative(int), "failed calls in a row that open an API key's circuit (0: no circuit breaker)"),
-    "CIRCUIT_FAILURE_RATE": ("0.5", _share, "... or this share of a key's calls failed over CIRCUIT_WINDOW_S (10 calls at least)"),
+    "UPSTREAM_RETRY_BACKOFF_S": (
+        "0.1",
+        _non_negative(float),
+        "first wait before retrying a connect error or a 5xx without Retry-After (doubles per attempt, x 0.5-1 jitter)",
+    ),
+    "CIRCUIT_FAILURES": (
+        "5",
+        _non_negative(int),
+        "failed calls in a row that open an API key's circuit (0: no circuit breaker)",
+    ),
+    "CIRCUIT_FAILURE_RATE": (
+        "0.5",
+        _share,
+        "... or this share of a key's calls failed over CIRCUIT_WINDOW_S (10 calls at least)",
+    ),
     "CIRCUIT_WINDOW_S": ("30", _positive(float), "seconds over which a key's failure share is counted"),
     "CIRCUIT_OPEN_S": ("10", _positive(float), "seconds an open circuit waits before one probe call (half-open)"),
     "CIRCUIT_MAX_OPEN_S": ("120", _positive(float), "the wait doubles after each failed probe, up to this"),
@@ -393,7 +471,9 @@ def _api_keys(env: Mapping[str, str], prefix: str) -> list[str]:
     budget and circuit) or <PREFIX>_API_KEY=k (one). Never echoed in an error."""
     one, several = env.get(f"{prefix}_API_KEY") or None, env.get(f"{prefix}_API_KEYS") or None
     if one and several:
-        raise ConfigError(f"{prefix}_API_KEY and {prefix}_API_KEYS are both set: set one (several keys go in {prefix}_API_KEYS)")
+        raise ConfigError(
+            f"{prefix}_API_KEY and {prefix}_API_KEYS are both set: set one (several keys go in {prefix}_API_KEYS)"
+        )
     if several is None:
         return [one] if one else []
     keys = [k.strip() for k in several.split(",")]
@@ -419,11 +499,15 @@ def _failover(env: Mapping[str, str], settings: dict) -> dict:
         for item in [i.strip() for i in raw.split(",") if i.strip()]:
             name, _, model = item.partition("/")
             if name not in providers:
-                raise ConfigError(f"{prefix}_FALLBACK={raw!r}: {name!r} is not a configured provider "
-                                  f"(configured: {', '.join(providers)}; set its key or base URL)")
+                raise ConfigError(
+                    f"{prefix}_FALLBACK={raw!r}: {name!r} is not a configured provider "
+                    f"(configured: {', '.join(providers)}; set its key or base URL)"
+                )
             if providers[name]["account"] == prefix:
-                raise ConfigError(f"{prefix}_FALLBACK={raw!r}: {name!r} bills to the same account; "
-                                  f"several keys of one account go in {prefix}_API_KEYS")
+                raise ConfigError(
+                    f"{prefix}_FALLBACK={raw!r}: {name!r} bills to the same account; "
+                    f"several keys of one account go in {prefix}_API_KEYS"
+                )
             fallbacks.append([name, model.strip() or providers[name]["model"]])
         queue_raw = env.get(f"{prefix}_FALLBACK_QUEUE") or "0"
         try:

@@ -4,6 +4,7 @@ Every logic class has `handle(message, sender, now) -> list[Send | After]`. The 
 host (actors/host.py) carries the effects out for real; the simulation harness
 (sim/harness.py) carries them out on a virtual clock.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

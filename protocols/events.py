@@ -14,6 +14,7 @@ Stream events (the Pool's hub, the edge, the client) add:
     {"type": "done", "finish_reason": str, "usage": dict | None}          (terminal)
 and keep "error" as the other terminal event. A stream has exactly one terminal event.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -52,14 +53,26 @@ def error(code: str, message: str) -> dict:
     return {"type": ERROR, "code": code, "message": message}
 
 
-def started(first_byte_at: float, queue_wait_ms: float, attempts: int = 1, *, provider_ttft_ms: float | None = None,
-            **served: Any) -> dict:
+def started(
+    first_byte_at: float,
+    queue_wait_ms: float,
+    attempts: int = 1,
+    *,
+    provider_ttft_ms: float | None = None,
+    **served: Any,
+) -> dict:
     """`served`: who answered (provider, model; key "#n" for an account of several keys;
     fallback_from when the call fell back), for the client's meta event.
     `provider_ttft_ms`: the provider's TTFT (first attempt sent -> first byte, on the Pool's
     clock), so the edge can tell its own added TTFT apart (docs/operations.md)."""
-    return {"type": STARTED, "first_byte_at": first_byte_at, "queue_wait_ms": queue_wait_ms, "attempts": attempts,
-            "provider_ttft_ms": provider_ttft_ms, **served}
+    return {
+        "type": STARTED,
+        "first_byte_at": first_byte_at,
+        "queue_wait_ms": queue_wait_ms,
+        "attempts": attempts,
+        "provider_ttft_ms": provider_ttft_ms,
+        **served,
+    }
 
 
 def done(finish_reason: str, usage: dict | None = None) -> dict:

@@ -14,6 +14,7 @@ msgpack) until the MAC matches. The edge id the answer names is the one the hub 
 tickets against for the rest of the connection. Then the connection carries msgpack
 messages both ways (protocols/messages.py).
 """
+
 from __future__ import annotations
 
 import hmac

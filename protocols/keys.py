@@ -18,6 +18,7 @@ opted out (`"coalesce": false` or header `X-Sluice-Coalesce: off`).
 An embeddings request (edge/embeddings.py) has no messages: its `embeddings` object
 (input, encoding format, dimensions) is part of the key instead.
 """
+
 from __future__ import annotations
 
 import hashlib

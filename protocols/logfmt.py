@@ -11,6 +11,7 @@ propagate to it: run.py gives uvicorn no logging config of its own).
 their records to Thespian's logger process, which writes them with these formatters to
 the stderr it inherited from run.py, so the actors' lines have the same shape.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ QUIET_LIBRARIES = ("hpack", "h2")
 
 
 def extra_fields(record: logging.LogRecord) -> dict:
-    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and k not in _HIDDEN and not k.startswith("_")}
+    return {
+        k: v for k, v in record.__dict__.items() if k not in _STANDARD and k not in _HIDDEN and not k.startswith("_")
+    }
 
 
 class JsonFormatter(logging.Formatter):

@@ -16,6 +16,7 @@ SubscribeRefused down.
 Actor addresses travel as "host:port" strings (see actors/addressing.py), so no pickled
 object of ours is ever on the wire.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -16,6 +16,7 @@ msgpack; this module is the one place that knows the shapes:
 else with a ValueError that names it; the `is_*` predicates answer for any string without
 raising (a sender may be an address, not a role).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -124,7 +125,7 @@ def is_coalescer(text: str) -> bool:
 
 
 def is_pool(text: str) -> bool:
-    """"pool" or "pool:<n>" (n >= 1), without raising for anything else."""
+    """ "pool" or "pool:<n>" (n >= 1), without raising for anything else."""
     try:
         return parse(text).kind == POOL
     except ValueError:

@@ -8,6 +8,7 @@ admin surface that checks a command before anything is sent (edge/admin_routes.p
 edge/admin_cli.py), so that an invalid command changes no actor. Pure code: no I/O.
 Each validator raises ValueError naming the bad key or value.
 """
+
 from __future__ import annotations
 
 import math
@@ -147,8 +148,7 @@ def validate_thresholds(thresholds: dict | None) -> dict:
     clean: dict = {}
     for key, value in thresholds.items():
         if key not in _SPEC:
-            raise ValueError(f"unknown alert threshold {key!r}; known: "
-                             f"{', '.join(sorted(_SPEC))}")
+            raise ValueError(f"unknown alert threshold {key!r}; known: {', '.join(sorted(_SPEC))}")
         kind, low, low_inclusive, high = _SPEC[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"alert threshold {key!r} must be a number, got {value!r}")

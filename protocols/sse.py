@@ -4,6 +4,7 @@
 and does not care where the chunks were split. Used by the edge, by the provider adapters
 whose wire format is SSE, and by tests and benchmarks that read sluice's own streams.
 """
+
 from __future__ import annotations
 
 import json

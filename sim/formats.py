@@ -46,16 +46,16 @@ from typing import Any
 
 # Knobs and their defaults.  The server merges: DEFAULT_KNOBS <- /config <- #sim.
 DEFAULT_KNOBS: dict[str, Any] = {
-    "ttft_ms": 50,            # delay before the first byte of the response body
+    "ttft_ms": 50,  # delay before the first byte of the response body
     "token_interval_ms": 10,  # delay between token chunks
-    "tokens": 12,             # number of tokens in a full answer
-    "fail": "none",           # none | 429 | 500 | 503 | reset_first | reset_mid | stall | stall_first | truncate | error_mid | malformed | cut_utf8
-    "fail_after_tokens": 3,   # tokens sent before reset_mid / stall / error_mid take effect
-    "retry_after_s": 1,       # Retry-After header value with fail=429 ("none": no header)
-    "fail_times": 0,          # fail only the first N calls with this exact body, then answer (0: always)
-    "idle_close_s": 0,        # /config only: GOAWAY + close an HTTP/2 connection idle this long (0: never)
-    "fail_keys": "",          # "k1,k2": `fail` applies only to calls made with these API keys ("": every call)
-    "reply": "text",          # text | tool_call (OpenAI chat: call the first tool when the last turn is the user's)
+    "tokens": 12,  # number of tokens in a full answer
+    "fail": "none",  # none | 429 | 500 | 503 | reset_first | reset_mid | stall | stall_first | truncate | error_mid | malformed | cut_utf8
+    "fail_after_tokens": 3,  # tokens sent before reset_mid / stall / error_mid take effect
+    "retry_after_s": 1,  # Retry-After header value with fail=429 ("none": no header)
+    "fail_times": 0,  # fail only the first N calls with this exact body, then answer (0: always)
+    "idle_close_s": 0,  # /config only: GOAWAY + close an HTTP/2 connection idle this long (0: never)
+    "fail_keys": "",  # "k1,k2": `fail` applies only to calls made with these API keys ("": every call)
+    "reply": "text",  # text | tool_call (OpenAI chat: call the first tool when the last turn is the user's)
 }
 # reset_first: the stream is reset (HTTP/2 RST_STREAM, HTTP/1.1 the socket closed) before
 # any response byte, as a server closing the connection under a request would.
@@ -72,15 +72,55 @@ DEFAULT_KNOBS: dict[str, Any] = {
 # when logprobs is true (top_logprobs alternatives each), n choices for n > 1, and with
 # reply=tool_call a call of the first tool (arguments: an example of its parameters) unless
 # the conversation already ends in a tool result.
-FAIL_MODES = ("none", "429", "500", "503", "reset_first", "reset_mid", "stall", "stall_first", "truncate",
-              "error_mid", "malformed", "cut_utf8")
+FAIL_MODES = (
+    "none",
+    "429",
+    "500",
+    "503",
+    "reset_first",
+    "reset_mid",
+    "stall",
+    "stall_first",
+    "truncate",
+    "error_mid",
+    "malformed",
+    "cut_utf8",
+)
 
 # Small fixed vocabulary: answers are readable and tokens are easy to assert on.
 WORDS = (
-    "the", "quick", "river", "carries", "light", "across", "a", "quiet", "valley",
-    "where", "stone", "bridges", "hold", "old", "songs", "of", "rain", "and",
-    "wind", "that", "gather", "slowly", "under", "bright", "northern", "skies",
-    "while", "lanterns", "drift", "toward", "distant", "shores",
+    "the",
+    "quick",
+    "river",
+    "carries",
+    "light",
+    "across",
+    "a",
+    "quiet",
+    "valley",
+    "where",
+    "stone",
+    "bridges",
+    "hold",
+    "old",
+    "songs",
+    "of",
+    "rain",
+    "and",
+    "wind",
+    "that",
+    "gather",
+    "slowly",
+    "under",
+    "bright",
+    "northern",
+    "skies",
+    "while",
+    "lanterns",
+    "drift",
+    "toward",
+    "distant",
+    "shores",
 )
 
 
@@ -125,8 +165,7 @@ def validate_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
                 raise KnobError(f"fail_keys must be text (API keys separated by commas), not {raw!r}")
             value = raw
         else:
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not math.isfinite(value) or value < 0):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise KnobError(f"{key} must be a non-negative number, not {raw!r}")
             if key in ("tokens", "fail_after_tokens", "fail_times"):
                 if value != int(value):
@@ -161,9 +200,7 @@ def make_tokens(conversation: Any, count: int) -> list[str]:
     token i depends only on (conversation, i), so a shorter answer is a prefix
     of a longer one.
     """
-    seed = hashlib.sha256(
-        json.dumps(conversation, sort_keys=True, ensure_ascii=False).encode()
-    ).digest()
+    seed = hashlib.sha256(json.dumps(conversation, sort_keys=True, ensure_ascii=False).encode()).digest()
     tokens = []
     for i in range(count):
         digest = hashlib.sha256(seed + i.to_bytes(4, "big")).digest()
@@ -247,10 +284,7 @@ def _openai_prompt(body: dict) -> str:
 
 def _openai_usage(body: dict, tokens: list[str]) -> dict:
     # A rough word count stands in for the tokenizer; clients only need plausible numbers.
-    prompt = sum(
-        len(_content_text(m.get("content")).split()) + 3
-        for m in _messages(body) if isinstance(m, dict)
-    )
+    prompt = sum(len(_content_text(m.get("content")).split()) + 3 for m in _messages(body) if isinstance(m, dict))
     return {
         "prompt_tokens": prompt,
         "completion_tokens": len(tokens),
@@ -286,7 +320,7 @@ def example_of(schema: Any) -> Any:
 def _split(text: str, n: int) -> list[str]:
     """`text` in `n` pieces (n >= 1), in order."""
     size = -(-len(text) // n) if text else 0
-    return [text[i * size:(i + 1) * size] for i in range(n)] if size else [text] + [""] * (n - 1)
+    return [text[i * size : (i + 1) * size] for i in range(n)] if size else [text] + [""] * (n - 1)
 
 
 def _logprobs(text: str, top: int) -> dict:
@@ -303,7 +337,11 @@ def _openai_choices(body: dict, tokens: list[str], meta: Meta) -> list[tuple[lis
         reply = "text"
     n = body.get("n") if isinstance(body.get("n"), int) and not isinstance(body.get("n"), bool) else 1
     messages = _messages(body)
-    tools = [t.get("function") for t in body.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    tools = [
+        t.get("function")
+        for t in body.get("tools") or []
+        if isinstance(t, dict) and isinstance(t.get("function"), dict)
+    ]
     fmt = body.get("response_format") if isinstance(body.get("response_format"), dict) else {}
     wants_logprobs = body.get("logprobs") is True
     top = body.get("top_logprobs") if isinstance(body.get("top_logprobs"), int) else 0
@@ -313,8 +351,12 @@ def _openai_choices(body: dict, tokens: list[str], meta: Meta) -> list[tuple[lis
         count = max(len(toks), 1)
         last_role = messages[-1].get("role") if messages and isinstance(messages[-1], dict) else None
         if reply == "tool_call" and tools and last_role == "user":
-            call = {"index": 0, "id": f"call_sim{meta.call_id:06d}_{k}", "type": "function",
-                    "function": {"name": tools[0].get("name"), "arguments": ""}}
+            call = {
+                "index": 0,
+                "id": f"call_sim{meta.call_id:06d}_{k}",
+                "type": "function",
+                "function": {"name": tools[0].get("name"), "arguments": ""},
+            }
             args = _split(json.dumps(example_of(tools[0].get("parameters"))), count)
             deltas = [{"tool_calls": [dict(call, function=dict(call["function"], arguments=args[0]))]}]
             deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} for piece in args[1:]]
@@ -342,7 +384,9 @@ def _openai_stream(body: dict, tokens: list[str], meta: Meta) -> Frames:
         return _sse(obj)
 
     choices = _openai_choices(body, tokens, meta)
-    steps = [b"".join(chunk(k, d[i], None, lp[i]) for k, (d, lp, _) in enumerate(choices)) for i in range(len(choices[0][0]))]
+    steps = [
+        b"".join(chunk(k, d[i], None, lp[i]) for k, (d, lp, _) in enumerate(choices)) for i in range(len(choices[0][0]))
+    ]
     tail = [chunk(k, {}, finish) for k, (_, _, finish) in enumerate(choices)]
     if not tokens:  # no token steps to pace: the reply goes out with the tail
         tail = steps + tail
@@ -368,12 +412,19 @@ def _openai_complete(body: dict, tokens: list[str], meta: Meta) -> bytes:
         if finish == "tool_calls":
             call = deltas[0]["tool_calls"][0]
             args = "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas)
-            message["tool_calls"] = [{k2: v for k2, v in call.items() if k2 != "index"} | {
-                "function": {"name": call["function"]["name"], "arguments": args}}]
+            message["tool_calls"] = [
+                {k2: v for k2, v in call.items() if k2 != "index"}
+                | {"function": {"name": call["function"]["name"], "arguments": args}}
+            ]
         content_lp = [entry for lp in logprobs if lp for entry in lp["content"]]
-        obj["choices"].append({"index": k, "message": message,
-                               "logprobs": {"content": content_lp, "refusal": None} if content_lp else None,
-                               "finish_reason": finish})
+        obj["choices"].append(
+            {
+                "index": k,
+                "message": message,
+                "logprobs": {"content": content_lp, "refusal": None} if content_lp else None,
+                "finish_reason": finish,
+            }
+        )
     obj["usage"] = _openai_usage(body, tokens)
     return _dumps(obj)
 
@@ -451,9 +502,15 @@ def _search_query(prompt: str) -> str:
 def _search_results() -> list[dict]:
     """Fixed, clearly fake sources for the search-grounded formats (Perplexity)."""
     return [
-        {"id": i, "title": f"Simulated source {i}", "url": f"https://example.com/sim/{i}",
-         "snippet": f"Simulated search result number {i}.", "date": "2025-01-01",
-         "last_updated": "2025-01-01", "source": "web"}
+        {
+            "id": i,
+            "title": f"Simulated source {i}",
+            "url": f"https://example.com/sim/{i}",
+            "snippet": f"Simulated search result number {i}.",
+            "date": "2025-01-01",
+            "last_updated": "2025-01-01",
+            "source": "web",
+        }
         for i in (1, 2)
     ]
 
@@ -462,8 +519,9 @@ def _typed(events: list[dict], start: int) -> list[bytes]:
     """Responses-style frames: ``event: <type>`` plus JSON repeating the type, with
     sequence_number counted from ``start``."""
     return [
-        _event(e["type"], {"type": e["type"], "sequence_number": start + i,
-                           **{k: v for k, v in e.items() if k != "type"}})
+        _event(
+            e["type"], {"type": e["type"], "sequence_number": start + i, **{k: v for k, v in e.items() if k != "type"}}
+        )
         for i, e in enumerate(events)
     ]
 
@@ -476,8 +534,7 @@ def _anthropic_turns(body: dict) -> list[dict]:
     return _turns(_messages(body), body.get("system"))
 
 
-def _anthropic_message(body: dict, meta: Meta, content: list, stop_reason: str | None,
-                       usage: dict) -> dict:
+def _anthropic_message(body: dict, meta: Meta, content: list, stop_reason: str | None, usage: dict) -> dict:
     return {
         "id": f"msg_sim{meta.call_id:08d}",
         "type": "message",
@@ -491,25 +548,37 @@ def _anthropic_message(body: dict, meta: Meta, content: list, stop_reason: str |
 
 
 def _anthropic_stream(body: dict, tokens: list[str], meta: Meta) -> Frames:
-    usage = {"input_tokens": _prompt_tokens(_anthropic_turns(body)), "cache_creation_input_tokens": 0,
-             "cache_read_input_tokens": 0, "output_tokens": 1}
+    usage = {
+        "input_tokens": _prompt_tokens(_anthropic_turns(body)),
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 1,
+    }
     head = [
-        _event("message_start", {"type": "message_start",
-                                 "message": _anthropic_message(body, meta, [], None, usage)}),
-        _event("content_block_start", {"type": "content_block_start", "index": 0,
-                                       "content_block": {"type": "text", "text": ""}}),
+        _event("message_start", {"type": "message_start", "message": _anthropic_message(body, meta, [], None, usage)}),
+        _event(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        ),
         _event("ping", {"type": "ping"}),
     ]
     deltas = [
-        _event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                       "delta": {"type": "text_delta", "text": t}})
+        _event(
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}},
+        )
         for t in tokens
     ]
     tail = [
         _event("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        _event("message_delta", {"type": "message_delta",
-                                 "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                 "usage": {"output_tokens": len(tokens)}}),
+        _event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": len(tokens)},
+            },
+        ),
         _event("message_stop", {"type": "message_stop"}),
     ]
     return Frames(head, deltas, tail)
@@ -522,9 +591,14 @@ def _anthropic_complete(body: dict, tokens: list[str], meta: Meta) -> bytes:
 
 
 _ANTHROPIC_ERROR_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
-    429: "rate_limit_error", 529: "overloaded_error",
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
 }
 
 
@@ -535,8 +609,9 @@ def anthropic_error(status: int, message: str) -> bytes:
 
 def _anthropic_midstream_error(body: dict, tokens: list[str], meta: Meta, sent: int) -> bytes:
     # Anthropic's typical mid-stream failure (see anthropic_overloaded.sse).
-    return _event("error", {"type": "error", "error": {"type": "overloaded_error",
-                                                       "message": "Overloaded (simulated)"}})
+    return _event(
+        "error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded (simulated)"}}
+    )
 
 
 anthropic_messages = WireFormat(
@@ -574,31 +649,60 @@ def _responses_usage(body: dict, tokens: list[str]) -> dict:
     return {"input_tokens": prompt, "output_tokens": len(tokens), "total_tokens": prompt + len(tokens)}
 
 
-def _openai_response(body: dict, meta: Meta, status: str, output: list, usage: dict | None,
-                     error: dict | None = None) -> dict:
+def _openai_response(
+    body: dict, meta: Meta, status: str, output: list, usage: dict | None, error: dict | None = None
+) -> dict:
     return {
-        "id": f"resp_sim{meta.call_id:08d}", "object": "response", "created_at": meta.created,
-        "status": status, "error": error, "incomplete_details": None,
-        "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
-        "model": body.get("model") or "sim-1", "output": output, "parallel_tool_calls": True,
-        "previous_response_id": None, "store": False, "temperature": body.get("temperature", 1.0),
-        "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
-        "top_p": body.get("top_p", 1.0), "truncation": "disabled", "usage": usage, "user": None,
+        "id": f"resp_sim{meta.call_id:08d}",
+        "object": "response",
+        "created_at": meta.created,
+        "status": status,
+        "error": error,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": body.get("model") or "sim-1",
+        "output": output,
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "store": False,
+        "temperature": body.get("temperature", 1.0),
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": body.get("top_p", 1.0),
+        "truncation": "disabled",
+        "usage": usage,
+        "user": None,
         "metadata": {},
     }
 
 
-def _perplexity_response(body: dict, meta: Meta, status: str, output: list, usage: dict | None,
-                         error: dict | None = None) -> dict:
-    obj = {"id": f"resp_sim{meta.call_id:08d}", "object": "response", "created_at": meta.created,
-           "status": status, "model": body.get("model") or body.get("preset") or "sim-1", "output": output}
+def _perplexity_response(
+    body: dict, meta: Meta, status: str, output: list, usage: dict | None, error: dict | None = None
+) -> dict:
+    obj = {
+        "id": f"resp_sim{meta.call_id:08d}",
+        "object": "response",
+        "created_at": meta.created,
+        "status": status,
+        "model": body.get("model") or body.get("preset") or "sim-1",
+        "output": output,
+    }
     if usage is not None:
         obj["usage"] = usage
     return obj
 
 
-def _responses_frames(body: dict, tokens: list[str], meta: Meta, response: Callable,
-                      before: list[dict], output_before: list[dict], parts: bool) -> Frames:
+def _responses_frames(
+    body: dict,
+    tokens: list[str],
+    meta: Meta,
+    response: Callable,
+    before: list[dict],
+    output_before: list[dict],
+    parts: bool,
+) -> Frames:
     text = "".join(tokens)
     item_id = f"msg_sim{meta.call_id:08d}"
     index = len(output_before)
@@ -619,8 +723,10 @@ def _responses_frames(body: dict, tokens: list[str], meta: Meta, response: Calla
         tail.append({"type": "response.content_part.done", **where, "part": done_part})
     tail += [
         {"type": "response.output_item.done", "output_index": index, "item": done_item},
-        {"type": "response.completed", "response": response(
-            body, meta, "completed", [*output_before, done_item], _responses_usage(body, tokens))},
+        {
+            "type": "response.completed",
+            "response": response(body, meta, "completed", [*output_before, done_item], _responses_usage(body, tokens)),
+        },
     ]
     deltas = [{"type": "response.output_text.delta", **where, "delta": t} for t in tokens]
     return Frames(
@@ -635,16 +741,22 @@ def _openai_responses_stream(body: dict, tokens: list[str], meta: Meta) -> Frame
 
 
 def _openai_responses_complete(body: dict, tokens: list[str], meta: Meta) -> bytes:
-    item = {"id": f"msg_sim{meta.call_id:08d}", "type": "message", "status": "completed", "role": "assistant",
-            "content": [{"type": "output_text", "text": "".join(tokens), "annotations": []}]}
+    item = {
+        "id": f"msg_sim{meta.call_id:08d}",
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": "".join(tokens), "annotations": []}],
+    }
     return _dumps(_openai_response(body, meta, "completed", [item], _responses_usage(body, tokens)))
 
 
 def _openai_responses_midstream_error(body: dict, tokens: list[str], meta: Meta, sent: int) -> bytes:
     seq = len(_openai_responses_stream(body, tokens, meta).head) + sent
     error = {"code": "server_error", "message": MIDSTREAM_MESSAGE}
-    return _typed([{"type": "response.failed",
-                    "response": _openai_response(body, meta, "failed", [], None, error)}], seq)[0]
+    return _typed(
+        [{"type": "response.failed", "response": _openai_response(body, meta, "failed", [], None, error)}], seq
+    )[0]
 
 
 openai_responses = WireFormat(
@@ -683,10 +795,14 @@ def _agent_stream(body: dict, tokens: list[str], meta: Meta) -> Frames:
 
 def _agent_complete(body: dict, tokens: list[str], meta: Meta) -> bytes:
     _, output_before = _agent_search(body)
-    item = {"id": f"msg_sim{meta.call_id:08d}", "type": "message", "status": "completed", "role": "assistant",
-            "content": [{"type": "output_text", "text": "".join(tokens), "annotations": []}]}
-    return _dumps(_perplexity_response(body, meta, "completed", [*output_before, item],
-                                       _responses_usage(body, tokens)))
+    item = {
+        "id": f"msg_sim{meta.call_id:08d}",
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": "".join(tokens), "annotations": []}],
+    }
+    return _dumps(_perplexity_response(body, meta, "completed", [*output_before, item], _responses_usage(body, tokens)))
 
 
 def _agent_midstream_error(body: dict, tokens: list[str], meta: Meta, sent: int) -> bytes:
@@ -696,8 +812,13 @@ def _agent_midstream_error(body: dict, tokens: list[str], meta: Meta, sent: int)
     return _typed([{"type": "response.failed", "error": error}], seq)[0]
 
 
-_PERPLEXITY_ERROR_TYPES = {400: "invalid_request_error", 401: "unauthorized", 404: "not_found",
-                           405: "invalid_request_error", 429: "rate_limit_exceeded"}
+_PERPLEXITY_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "unauthorized",
+    404: "not_found",
+    405: "invalid_request_error",
+    429: "rate_limit_exceeded",
+}
 
 
 def perplexity_error(status: int, message: str) -> bytes:
@@ -726,30 +847,36 @@ perplexity_agent = WireFormat(
 # has been seen to do; sluice's adapter accepts both.
 
 
-def _sonar_chunk(body: dict, meta: Meta, prompt: int, done: str, delta: str, count: int,
-                 finish: str | None) -> dict:
+def _sonar_chunk(body: dict, meta: Meta, prompt: int, done: str, delta: str, count: int, finish: str | None) -> dict:
     results = _search_results()
     return {
         "id": f"sim-{meta.call_id:08d}",
         "model": body.get("model") or "sonar",
         "created": meta.created,
-        "usage": {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count,
-                  "search_context_size": "low"},
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": count,
+            "total_tokens": prompt + count,
+            "search_context_size": "low",
+        },
         "citations": [r["url"] for r in results],
-        "search_results": [{k: r[k] for k in ("title", "url", "date", "last_updated", "snippet")}
-                           for r in results],
+        "search_results": [{k: r[k] for k in ("title", "url", "date", "last_updated", "snippet")} for r in results],
         "object": "chat.completion.chunk",
-        "choices": [{"index": 0, "finish_reason": finish,
-                     "message": {"role": "assistant", "content": done},
-                     "delta": {"role": "assistant", "content": delta}}],
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": finish,
+                "message": {"role": "assistant", "content": done},
+                "delta": {"role": "assistant", "content": delta},
+            }
+        ],
     }
 
 
 def _sonar_stream(body: dict, tokens: list[str], meta: Meta) -> Frames:
     prompt = _prompt_tokens(_turns(_messages(body)))
     chunks = [
-        _sse(_sonar_chunk(body, meta, prompt, "".join(tokens[: i + 1]), t, i + 1, None))
-        for i, t in enumerate(tokens)
+        _sse(_sonar_chunk(body, meta, prompt, "".join(tokens[: i + 1]), t, i + 1, None)) for i, t in enumerate(tokens)
     ]
     last = _sonar_chunk(body, meta, prompt, "".join(tokens), "", len(tokens), "stop")
     return Frames([], chunks, [_sse(last)])
@@ -796,16 +923,18 @@ def _ollama_done(body: dict, tokens: list[str], meta: Meta, content: str) -> dic
         "message": {"role": "assistant", "content": content},
         "done_reason": "stop",
         "done": True,
-        "total_duration": 0, "load_duration": 0,
-        "prompt_eval_count": _prompt_tokens(_turns(_messages(body))), "prompt_eval_duration": 0,
-        "eval_count": len(tokens), "eval_duration": 0,
+        "total_duration": 0,
+        "load_duration": 0,
+        "prompt_eval_count": _prompt_tokens(_turns(_messages(body))),
+        "prompt_eval_duration": 0,
+        "eval_count": len(tokens),
+        "eval_duration": 0,
     }
 
 
 def _ollama_stream(body: dict, tokens: list[str], meta: Meta) -> Frames:
     base = _ollama_base(body, meta)
-    lines = [_dumps({**base, "message": {"role": "assistant", "content": t}, "done": False}) + b"\n"
-             for t in tokens]
+    lines = [_dumps({**base, "message": {"role": "assistant", "content": t}, "done": False}) + b"\n" for t in tokens]
     return Frames([], lines, [_dumps(_ollama_done(body, tokens, meta, "")) + b"\n"])
 
 
@@ -822,8 +951,9 @@ ollama_chat = WireFormat(
     stream=_ollama_stream,
     complete=lambda body, tokens, meta: _dumps(_ollama_done(body, tokens, meta, "".join(tokens))),
     error=ollama_error,
-    midstream_error=lambda body, tokens, meta, sent: _dumps(
-        {"error": "an error was encountered while running the model (simulated)"}) + b"\n",
+    midstream_error=lambda body, tokens, meta, sent: (
+        _dumps({"error": "an error was encountered while running the model (simulated)"}) + b"\n"
+    ),
 )
 
 

@@ -52,6 +52,7 @@ Use (see docs/simulation.md):
 A failing run says its seed; `SLUICE_SIM_SEED=<n>` makes `seeds()` (and a Simulation
 without an explicit seed) replay that one seed.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -299,7 +300,9 @@ class SimEdge:
             client = msg.client
             self.clients.append(client)
             self.waiting[client] = []
-            submit = m.Submit(client.request_id, client.key, client.provider, client.model, client.body, self.edge_id, now)
+            submit = m.Submit(
+                client.request_id, client.key, client.provider, client.model, client.body, self.edge_id, now
+            )
             out = self.logic.join(client, submit, now)
             client.flight = self.logic.flight_of[client][1]
             return self._apply(out, now)
@@ -556,7 +559,9 @@ class SimPool:
             events.append(ev.done("stop", ev.usage(3, b.tokens)["usage"]))
             return self._publish(call.stream_id, events, now) + self._end(call, "done", None, None, now, published=True)
         events.append(ev.delta(f"c{call.n}.{i} "))
-        return self._publish(call.stream_id, events, now) + [After(b.token_interval_ms / 1000.0, _Step(call.stream_id, i + 1))]
+        return self._publish(call.stream_id, events, now) + [
+            After(b.token_interval_ms / 1000.0, _Step(call.stream_id, i + 1))
+        ]
 
     def _end(self, call, outcome, error, retry_after, now, published=False) -> list:
         """Every ending: the hub's terminal event, LeaseRelease, StreamFinished, records."""
@@ -564,7 +569,12 @@ class SimPool:
         call.outcome, call.ended_at = outcome, now
         out = [] if published else self._publish(call.stream_id, [error], now)
         out.append(Send(roles.pacer_for(call.provider), m.LeaseRelease(call.stream_id, retry_after)))
-        out.append(Send(call.coalescer, m.StreamFinished(call.stream_id, outcome, None if outcome == "cancelled" else error, self.name)))
+        out.append(
+            Send(
+                call.coalescer,
+                m.StreamFinished(call.stream_id, outcome, None if outcome == "cancelled" else error, self.name),
+            )
+        )
         out += self.records.add(
             {
                 "kind": "upstream",
@@ -572,7 +582,9 @@ class SimPool:
                 "provider": call.provider,
                 "outcome": outcome,
                 "error_code": (error or {}).get("code"),
-                "upstream_ttft_ms": None if call.first_byte_at is None else (call.first_byte_at - call.opened_at) * 1000.0,
+                "upstream_ttft_ms": None
+                if call.first_byte_at is None
+                else (call.first_byte_at - call.opened_at) * 1000.0,
                 "latency_ms": (now - call.opened_at) * 1000.0,
                 "at": now,
             }
@@ -812,6 +824,7 @@ class Simulation:
     def pause(self, node: str, at: float, for_s: float) -> None:
         """Freeze `node` ("pool", "coalescer:0", "pacer:simulated", "edge:e1") from `at` for
         `for_s`: what reaches it meanwhile (messages, timers) waits, then runs at once."""
+
         def start():
             n = self.nodes[node]
             n.paused_until = max(n.paused_until, self.now + for_s)
@@ -822,6 +835,7 @@ class Simulation:
     def clock_jump(self, at: float, by_s: float, nodes: list[str] | None = None) -> None:
         """Step the wall clock the logic sees by `by_s` (either sign) on `nodes` (all by
         default) at `at`, like an NTP step. Timers keep their real durations."""
+
         def jump():
             for name in nodes or list(self.nodes):
                 self.nodes[name].clock_offset += by_s
@@ -847,7 +861,9 @@ class Simulation:
         if name in self.pool_roles:
             self._pool(name).crash(self.now)
             for edge in self.edges:
-                self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _HubLost(hub=name), None)
+                self._schedule(
+                    self.now + self._latency(), self._deliver, self._edge(edge), None, _HubLost(hub=name), None
+                )
             self._tell(pacer, PoolAt(None, name))  # the Wire whose directory lacks that Pool
         elif name == pacer:
             for lease in self.leases.values():
@@ -880,7 +896,14 @@ class Simulation:
             pool.incarnation = f"{node.name}@{node.incarnation}"
             self._tell(pacer, PoolAt(pool.incarnation, node.name))
             for edge in self.edges:
-                self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _HubLost(up=True, hub=node.name), None)
+                self._schedule(
+                    self.now + self._latency(),
+                    self._deliver,
+                    self._edge(edge),
+                    None,
+                    _HubLost(up=True, hub=node.name),
+                    None,
+                )
         if node.name == pacer:
             # Wired with the directory as it is now (actors/pacer.py `on_wire`), not as it
             # was at the crash: a Pool replaced meanwhile told only the dead Pacer (seed 1019).
@@ -888,7 +911,9 @@ class Simulation:
                 self._handle(node, None, PoolAt(incarnation, role), None)
         if roles.is_coalescer(node.name):
             for edge in self.edges:
-                self._schedule(self.now + self._latency(), self._deliver, self._edge(edge), None, _ShardMoved(node.name), None)
+                self._schedule(
+                    self.now + self._latency(), self._deliver, self._edge(edge), None, _ShardMoved(node.name), None
+                )
         for target in [pacer] + [roles.coalescer(i) for i in range(self.shards)]:
             if target != node.name:
                 self._send("supervisor", target, m.MemberLost(node.name, lost))
@@ -955,7 +980,9 @@ class Simulation:
         return not self._queue
 
     def fail(self, what: str) -> None:
-        tail = "\n".join(f"  {d.sent_at:10.6f} -> {d.delivered_at}  {d.src} -> {d.dst}: {d.msg}" for d in self.trace[-8:])
+        tail = "\n".join(
+            f"  {d.sent_at:10.6f} -> {d.delivered_at}  {d.src} -> {d.dst}: {d.msg}" for d in self.trace[-8:]
+        )
         raise SimulationError(
             f"[seed={self.seed}] t={self.now:.6f}: {what}\n"
             f"replay: {SEED_ENV}={self.seed} pytest ...\nlast messages:\n{tail}"
@@ -967,7 +994,9 @@ class Simulation:
             self.fail(what)
 
     # --- observations -------------------------------------------------------------------------
-    def messages(self, kind: type | tuple | None = None, src: str | None = None, dst: str | None = None) -> list[Delivery]:
+    def messages(
+        self, kind: type | tuple | None = None, src: str | None = None, dst: str | None = None
+    ) -> list[Delivery]:
         """Messages that crossed the network, in sending order, filtered."""
         return [
             d
@@ -979,9 +1008,7 @@ class Simulation:
 
     def count(self, control_only: bool = True) -> Counter:
         """Messages sent, by type name (the control plane only, by default)."""
-        return Counter(
-            type(d.msg).__name__ for d in self.trace if not (control_only and isinstance(d.msg, DATA_PLANE))
-        )
+        return Counter(type(d.msg).__name__ for d in self.trace if not (control_only and isinstance(d.msg, DATA_PLANE)))
 
     def grants(self) -> list[tuple[float, str]]:
         """(time, lease_id) of every lease the Pacer granted, in order."""
@@ -1005,8 +1032,10 @@ class Simulation:
                 if c.hub_lost and c.events[-1].get("code") != "hub_disconnected":
                     self.fail(f"client {c.request_id} lost its hub but ended {c.events[-1]}")
                 expected = [
-                    p[-1:] if c.replayed
-                    else p[: len(c.events) - 1] + c.events[-1:] if c.hub_lost  # what the dead hub sent, then the edge's error
+                    p[-1:]
+                    if c.replayed
+                    else p[: len(c.events) - 1] + c.events[-1:]
+                    if c.hub_lost  # what the dead hub sent, then the edge's error
                     else p[: len(c.events)]
                     for p in candidates
                 ]
@@ -1027,7 +1056,9 @@ class Simulation:
             lg = edge.logic
             listening = {hub: ls.streams() for hub, ls in edge.listeners_at.items() if ls}
             if lg.by_key or lg.submits or lg.by_request or lg.flight_of or edge.waiting or listening:
-                self.fail(f"{edge.name} still holds state: flights={list(lg.by_key)} submits={list(lg.submits)} clients={list(lg.by_request)} listeners={listening}")
+                self.fail(
+                    f"{edge.name} still holds state: flights={list(lg.by_key)} submits={list(lg.submits)} clients={list(lg.by_request)} listeners={listening}"
+                )
         # Routing: a stream runs on one Pool, and every client of it listened at that Pool's hub.
         ran_on: dict[str, set] = {}
         for pool in self.pools:
@@ -1040,7 +1071,9 @@ class Simulation:
             if c.stream_id in ran_on and not c.replayed and c.flight is not None:
                 listened = c.flight.hub or roles.POOL
                 if listened not in ran_on[c.stream_id]:
-                    self.fail(f"client {c.request_id} listened at {listened}, but {c.stream_id} ran on {sorted(ran_on[c.stream_id])}")
+                    self.fail(
+                        f"client {c.request_id} listened at {listened}, but {c.stream_id} ran on {sorted(ran_on[c.stream_id])}"
+                    )
         opened = {call.stream_id: call for pool in self.pools for call in pool.log}
         failed = {item for pool in self.pools for item in pool.failed}
         for lease in self.leases.values():
@@ -1058,7 +1091,9 @@ class Simulation:
             if call is not None and (lease.lease_id, "cancelled") in failed:
                 allowed.add("LeaseCancel")
             if lease.released_by not in allowed:
-                self.fail(f"lease {lease.lease_id} released by {lease.released_by}, expected {' or '.join(sorted(allowed))}")
+                self.fail(
+                    f"lease {lease.lease_id} released by {lease.released_by}, expected {' or '.join(sorted(allowed))}"
+                )
         for call in opened.values():
             if call.outcome == "lost":
                 continue
@@ -1103,7 +1138,11 @@ class Simulation:
     def _handle(self, node: _Node, sender, msg, delivery: Delivery | None) -> None:
         if delivery is not None:
             delivery.delivered_at, delivery.order = self.now, next(self._handled)
-        if isinstance(msg, (m.AbortStream, m.FailStream)) and isinstance(node.logic, SimPool) and msg.stream_id in node.logic.running:
+        if (
+            isinstance(msg, (m.AbortStream, m.FailStream))
+            and isinstance(node.logic, SimPool)
+            and msg.stream_id in node.logic.running
+        ):
             if getattr(msg, "code", None) != "coalescer_lost":  # that one fails listened streams on purpose
                 self._no_listener(msg.stream_id)
         try:
@@ -1117,7 +1156,9 @@ class Simulation:
             if isinstance(effect, Send):
                 self._send(self._address(node) if roles.is_coalescer(node.name) else node.name, effect.to, effect.msg)
             elif isinstance(effect, After):
-                self._schedule(self.now + max(0.0, effect.delay_s), self._deliver, node, None, effect.msg, None, node.incarnation)
+                self._schedule(
+                    self.now + max(0.0, effect.delay_s), self._deliver, node, None, effect.msg, None, node.incarnation
+                )
             else:
                 self.fail(f"{node.name} returned {effect!r}, not Send/After")
 

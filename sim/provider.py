@@ -53,11 +53,13 @@ log = logging.getLogger("sim.provider")
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 READ_SIZE = 65536
-H2_WINDOW = 1 << 24          # our receive window: clients may upload big prompts without stalls
+H2_WINDOW = 1 << 24  # our receive window: clients may upload big prompts without stalls
 H2_MAX_STREAMS = 1000
 REQUEST_LOG_SIZE = 200
 CANCELLATION_LOG_SIZE = 10_000
-FAILED_BODIES_SIZE = 10_000  # bodies remembered for fail_times  # bounded so a long-running sim cannot grow without limit
+FAILED_BODIES_SIZE = (
+    10_000  # bodies remembered for fail_times  # bounded so a long-running sim cannot grow without limit
+)
 READY_LINE = re.compile(r"sim provider listening on http://(\S+):(\d+)")
 
 
@@ -199,9 +201,7 @@ class _H2Connection:
         self.reader = reader
         self.writer = writer
         self.conn_id = conn_id
-        self.h2 = h2.connection.H2Connection(
-            config=h2.config.H2Configuration(client_side=False, header_encoding=None)
-        )
+        self.h2 = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=False, header_encoding=None))
         self.streams: dict[int, _H2Stream] = {}
         self.last_active = time.monotonic()  # a request arrived or a response ended (idle_close_s)
 
@@ -365,9 +365,7 @@ class _H1Connection:
             response = _H1Response(self)
             response.request_headers = list(request.headers)
             task = asyncio.create_task(
-                self.provider._handle(
-                    request.method.decode(), request.target.decode(), body, response, self.conn_id
-                )
+                self.provider._handle(request.method.decode(), request.target.decode(), body, response, self.conn_id)
             )
             try:
                 client_left = await self._watch(task, response)
@@ -525,9 +523,7 @@ class SimulatedProvider:
     # -- lifecycle
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._on_connection, self.host, self.port, backlog=1024
-        )
+        self._server = await asyncio.start_server(self._on_connection, self.host, self.port, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -580,8 +576,7 @@ class SimulatedProvider:
             "requests": [dict(r) for r in self.requests],
         }
 
-    def _open_call(self, path: str, protocol: str, body: Any, conn_id: int,
-                   auth: list[str] | None = None) -> dict:
+    def _open_call(self, path: str, protocol: str, body: Any, conn_id: int, auth: list[str] | None = None) -> dict:
         call = {
             "call_id": self._next_call_id,
             "path": path,
@@ -601,8 +596,7 @@ class SimulatedProvider:
         self.requests.append(call)
         return call
 
-    def _finish(self, call: dict, outcome: str, observed_at: float | None = None,
-                reason: str | None = None) -> None:
+    def _finish(self, call: dict, outcome: str, observed_at: float | None = None, reason: str | None = None) -> None:
         """Record how a call ended.  First caller wins, so racing paths cannot double-count."""
         if call["outcome"] is not None:
             return
@@ -614,13 +608,15 @@ class SimulatedProvider:
             self.streams_aborted += 1
         elif outcome == "cancelled":
             self.streams_cancelled += 1
-            self.cancellations.append({
-                "call_id": call["call_id"],
-                "observed_at": observed_at if observed_at is not None else time.time(),
-                "tokens_sent": call["tokens_sent"],
-                "protocol": call["protocol"],
-                "reason": reason,
-            })
+            self.cancellations.append(
+                {
+                    "call_id": call["call_id"],
+                    "observed_at": observed_at if observed_at is not None else time.time(),
+                    "tokens_sent": call["tokens_sent"],
+                    "protocol": call["protocol"],
+                    "reason": reason,
+                }
+            )
         # "shutdown" / "error": counted in neither bucket.
 
     # -- connections
@@ -656,8 +652,7 @@ class SimulatedProvider:
 
     # -- requests
 
-    async def _handle(self, method: str, target: str, body: bytes, responder: _Responder,
-                      conn_id: int) -> None:
+    async def _handle(self, method: str, target: str, body: bytes, responder: _Responder, conn_id: int) -> None:
         path = target.split("?", 1)[0]
         try:
             fmt = formats.ROUTES.get(path)
@@ -702,13 +697,15 @@ class SimulatedProvider:
             except ClientGone:
                 pass
 
-    async def _json(self, responder: _Responder, status: int, obj: Any, error: str = "",
-                    extra: list | None = None) -> None:
+    async def _json(
+        self, responder: _Responder, status: int, obj: Any, error: str = "", extra: list | None = None
+    ) -> None:
         body = _json_bytes(obj) if not error else formats.openai_error(status, error)
         await responder.respond(status, JSON_HEADERS + (extra or []), body)
 
-    async def _completion(self, path: str, fmt: formats.WireFormat, raw: bytes,
-                          responder: _Responder, conn_id: int) -> None:
+    async def _completion(
+        self, path: str, fmt: formats.WireFormat, raw: bytes, responder: _Responder, conn_id: int
+    ) -> None:
         try:
             body = json.loads(raw)
         except ValueError:
@@ -716,7 +713,8 @@ class SimulatedProvider:
         if not isinstance(body, dict):
             body = None
         call = self._open_call(
-            path, responder.protocol,
+            path,
+            responder.protocol,
             body if body is not None else {"_invalid_json": raw[:2000].decode(errors="replace")},
             conn_id,
             _auth_summary(responder.request_headers),
@@ -747,15 +745,13 @@ class SimulatedProvider:
         self._failed_bodies[key] = failed + 1
         return fail
 
-    async def _answer(self, call: dict, fmt: formats.WireFormat, body: dict | None,
-                      responder: _Responder) -> None:
+    async def _answer(self, call: dict, fmt: formats.WireFormat, body: dict | None, responder: _Responder) -> None:
         headers = [(b"x-sim-call-id", str(call["call_id"]).encode()), (b"server", b"sluice-sim")]
 
         async def error(status: int, message: str, extra: list | None = None) -> None:
             call["status"] = status
             call["first_byte_at"] = time.time()
-            await responder.respond(status, JSON_HEADERS + headers + (extra or []),
-                                    fmt.error(status, message))
+            await responder.respond(status, JSON_HEADERS + headers + (extra or []), fmt.error(status, message))
             self._finish(call, "completed")
 
         if body is None:
@@ -795,8 +791,7 @@ class SimulatedProvider:
         steps: list[tuple[float, bytes, int]] = []
         if fmt.wants_stream(body):
             frames = fmt.stream(body, tokens, meta)
-            headers += [(b"content-type", fmt.stream_content_type.encode()),
-                        (b"cache-control", b"no-cache")]
+            headers += [(b"content-type", fmt.stream_content_type.encode()), (b"cache-control", b"no-cache")]
             head = b"".join(frames.head)
             steps.append((ttft, head, 0))
             for i in range(sent_tokens):
@@ -870,8 +865,9 @@ async def _serve_until_signalled(host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sim.provider",
-                                     description="Simulated LLM provider (HTTP/2 h2c + HTTP/1.1).")
+    parser = argparse.ArgumentParser(
+        prog="python -m sim.provider", description="Simulated LLM provider (HTTP/2 h2c + HTTP/1.1)."
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100, help="0 picks a free port")
     args = parser.parse_args(argv)
@@ -890,8 +886,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def start_subprocess(port: int = 0, host: str = "127.0.0.1",
-                     timeout: float = 15.0) -> tuple[subprocess.Popen, int]:
+def start_subprocess(port: int = 0, host: str = "127.0.0.1", timeout: float = 15.0) -> tuple[subprocess.Popen, int]:
     """Run ``python -m sim.provider`` as a child; return ``(process, port)`` once it listens.
 
     The CALLER MUST STOP IT: ``stop_subprocess(proc)`` (SIGINT, wait, close the
@@ -902,7 +897,10 @@ def start_subprocess(port: int = 0, host: str = "127.0.0.1",
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(
         [sys.executable, "-m", "sim.provider", "--host", host, "--port", str(port)],
-        stdout=subprocess.PIPE, cwd=root, env=env, preexec_fn=_die_with_parent,
+        stdout=subprocess.PIPE,
+        cwd=root,
+        env=env,
+        preexec_fn=_die_with_parent,
     )
     deadline = time.monotonic() + timeout
     out = b""

@@ -3,6 +3,7 @@ live changes the traffic obeys) and `python run.py admin ...` (edge/admin_cli.py
 
 The gateway here is this module's own (it needs an admin token, and the tests change its
 settings); every test puts back what it changed."""
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,14 @@ def cli(gw_or_port, *args, env=None):
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), "admin", *args],
         cwd=ROOT,
-        env={**os.environ, "SLUICE_ACTOR_PORT": str(port), "PYTHONPATH": str(ROOT), "SLUICE_ADMIN_TOKEN": TOKEN,
-             **where, **(env or {})},
+        env={
+            **os.environ,
+            "SLUICE_ACTOR_PORT": str(port),
+            "PYTHONPATH": str(ROOT),
+            "SLUICE_ADMIN_TOKEN": TOKEN,
+            **where,
+            **(env or {}),
+        },
         capture_output=True,
         text=True,
         timeout=30,
@@ -98,7 +105,11 @@ def test_admin_routes_need_the_bearer_token(gw):
 
 
 def test_admin_routes_do_not_exist_without_a_configured_token(gateway):
-    for method, path in (("GET", "/api/admin/state"), ("POST", "/api/admin/drain"), ("POST", "/api/admin/pacer/simulated")):
+    for method, path in (
+        ("GET", "/api/admin/state"),
+        ("POST", "/api/admin/drain"),
+        ("POST", "/api/admin/pacer/simulated"),
+    ):
         status, _, raw = request(method, gateway.url + path, body={"on": True}, headers=AUTH)
         assert status == 404 and json.loads(raw)["error"]["code"] == "not_found"
 
@@ -119,7 +130,8 @@ def test_show_reports_every_actor(gw):
     # the fenced patches in force: the edge's Thespian ones, the Pool's httpcore ones too
     assert {"thespian_transport", "thespian_bind", "thespian_selector"} <= set(data["gateway"]["patches"])
     assert {"thespian_transport", "httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream"} <= set(
-        results["pool"]["patches"])
+        results["pool"]["patches"]
+    )
 
     status, _, one = admin(gw, "GET", "/state?role=coalescer")
     assert status == 200 and set(one["results"]) == {"coalescer:0", "coalescer:1"}
@@ -217,7 +229,9 @@ def test_drain_turns_new_chats_away_while_open_streams_finish(gw):
         # once-a-second directory refresh may land just after and re-read the same state
         status, headers, body = wait_until(
             lambda: (lambda r: r if r[0] == 503 else None)(stream_chat(gw.url + "/api/chat", chat_body(unique("new")))),
-            timeout=3, message="503 while draining")
+            timeout=3,
+            message="503 while draining",
+        )
         assert body["error"]["code"] == "draining" and "retry-after" in headers
         # out of the balancer's rotation while the open stream goes on
         status, ready = get_json(gw.url + "/readyz")
@@ -304,10 +318,18 @@ def test_cli_usage_errors_are_named_before_anything_is_sent(args, needle, capsys
 def test_cli_drain_reaches_the_edge_within_its_refresh(gw):
     assert cli(gw, "drain", "on").returncode == 0
     try:
-        wait_until(lambda: stream_chat(gw.url + "/api/chat", chat_body(unique("d")))[0] == 503, timeout=5, message="503 while draining")
+        wait_until(
+            lambda: stream_chat(gw.url + "/api/chat", chat_body(unique("d")))[0] == 503,
+            timeout=5,
+            message="503 while draining",
+        )
     finally:
         assert cli(gw, "drain", "off").returncode == 0
-    wait_until(lambda: stream_chat(gw.url + "/api/chat", chat_body(unique("d")))[0] == 200, timeout=5, message="200 after drain off")
+    wait_until(
+        lambda: stream_chat(gw.url + "/api/chat", chat_body(unique("d")))[0] == 200,
+        timeout=5,
+        message="200 after drain off",
+    )
 
 
 def test_cli_fails_clearly_and_fast_when_no_gateway_runs():

@@ -5,6 +5,7 @@ whole path over HTTP runs in tests/test_gateway.py, test_openai_compat.py, test_
 Admit's refusals are one typed Rejection each (status, code, message, Retry-After) and
 leave nothing held; an admitted client's end — however its front end ends — leaves the
 flight, frees the key's stream slot, charges its tokens and records the request."""
+
 from __future__ import annotations
 
 import asyncio
@@ -58,13 +59,25 @@ def admitted(msg):
 
 def make_edge(tmp_path, answer=admitted) -> Edge:
     keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"keys": [
-        {"id": "solo", "sha256": hash_key("sk-solo"), "concurrency": 1, "models": ["simulated/sim-1"]},
-    ]}))
-    edge = Edge({
-        "SLUICE_ACTOR_PORT": 1, "SLUICE_API_KEYS_FILE": str(keys), "COALESCE_SCOPE": "global",
-        "SLUICE_PROVIDER": "simulated", "providers": {"simulated": {"model": "sim-1"}}, "SLUICE_KEEPALIVE_S": 15.0,
-    })
+    keys.write_text(
+        json.dumps(
+            {
+                "keys": [
+                    {"id": "solo", "sha256": hash_key("sk-solo"), "concurrency": 1, "models": ["simulated/sim-1"]},
+                ]
+            }
+        )
+    )
+    edge = Edge(
+        {
+            "SLUICE_ACTOR_PORT": 1,
+            "SLUICE_API_KEYS_FILE": str(keys),
+            "COALESCE_SCOPE": "global",
+            "SLUICE_PROVIDER": "simulated",
+            "providers": {"simulated": {"model": "sim-1"}},
+            "SLUICE_KEEPALIVE_S": 15.0,
+        }
+    )
     edge.bridge = Bridge(answer)
     edge.hub = Hub()
     edge.streams = LocalStreams(edge.bridge, edge.hub, edge.edge_id, 2)
@@ -93,7 +106,10 @@ def test_admit_refuses_with_one_typed_rejection_and_holds_nothing(tmp_path):
         unknown = await refused(edge, provider="nope")
         assert (unknown.status, unknown.code) == (422, "invalid_request") and "simulated" in unknown.message
         missing = await refused(edge, provider="openai")
-        assert (missing.status, missing.code) == (400, "provider_not_configured") and "OPENAI_API_KEY" in missing.message
+        assert (missing.status, missing.code) == (
+            400,
+            "provider_not_configured",
+        ) and "OPENAI_API_KEY" in missing.message
         forbidden = await refused(edge, model="other-model")
         assert (forbidden.status, forbidden.code, forbidden.type) == (403, "model_not_allowed", "invalid_request_error")
         assert forbidden.headers() == {}

@@ -1,6 +1,7 @@
 """POST /v1/messages (edge/anthropic_compat.py) driven by the official `anthropic` SDK,
 unmodified, against the real gateway in front of the simulated provider; plus raw-HTTP
 checks of the event stream the SDK hides."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -46,8 +47,9 @@ def followers(gateway) -> int:
 
 def test_messages_create(client, gateway):
     text = unique("tokens=5")
-    message = client.messages.create(model="sim-1", max_tokens=100, system="Be brief.",
-                                     messages=[{"role": "user", "content": text}])
+    message = client.messages.create(
+        model="sim-1", max_tokens=100, system="Be brief.", messages=[{"role": "user", "content": text}]
+    )
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
     assert message.type == "message" and message.role == "assistant" and message.id.startswith("msg_")
     assert [block.type for block in message.content] == ["text"]
@@ -73,7 +75,12 @@ def test_messages_stream_yields_the_documented_events(client):
 
 
 def test_raw_stream_opens_with_a_ping_and_names_every_event(gateway):
-    body = {"model": "sim-1", "max_tokens": 20, "stream": True, "messages": [{"role": "user", "content": unique("tokens=2")}]}
+    body = {
+        "model": "sim-1",
+        "max_tokens": 20,
+        "stream": True,
+        "messages": [{"role": "user", "content": unique("tokens=2")}],
+    }
     client = SSEClient(gateway.url + "/v1/messages", body)
     try:
         events = client.read_all()
@@ -83,8 +90,15 @@ def test_raw_stream_opens_with_a_ping_and_names_every_event(gateway):
     assert events[0] == ("ping", {"type": "ping"})
     assert all(data["type"] == name for name, data in events)
     names = [name for name, _ in events if name != "ping"]
-    assert names == ["message_start", "content_block_start", "content_block_delta", "content_block_delta",
-                     "content_block_stop", "message_delta", "message_stop"]
+    assert names == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
     assert events[-2][1]["delta"]["stop_reason"] == "end_turn"
 
 
@@ -92,15 +106,31 @@ def test_history_with_tool_use_and_tool_result_blocks_is_mapped(client, gateway)
     text = unique("tokens=2")
     messages = [
         {"role": "user", "content": "what is the weather?"},
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Oslo"}}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"},
-                                     {"type": "text", "text": text}]},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Oslo"}}],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"},
+                {"type": "text", "text": text},
+            ],
+        },
     ]
     tools = [{"name": "weather", "description": "the weather", "input_schema": {"type": "object", "properties": {}}}]
     client.messages.create(model="sim-1", max_tokens=30, messages=messages, tools=tools, tool_choice={"type": "auto"})
     upstream = sim_calls(gateway, text)[0]["body"]
-    assert upstream["tools"] == [{"type": "function", "function": {"name": "weather", "description": "the weather",
-                                                                   "parameters": {"type": "object", "properties": {}}}}]
+    assert upstream["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "weather",
+                "description": "the weather",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ]
     assert upstream["tool_choice"] == "auto"
     assistant = upstream["messages"][1]
     assert assistant["tool_calls"][0]["function"] == {"name": "weather", "arguments": '{"city":"Oslo"}'}
@@ -113,10 +143,18 @@ def test_unsupported_block_and_bad_shapes_are_400s_in_anthropic_shape(client):
     with pytest.raises(anthropic.BadRequestError) as info:
         client.messages.create(model="sim-1", max_tokens=10, messages=[{"role": "user", "content": [image]}])
     assert info.value.status_code == 400
-    assert info.value.body == {"type": "error", "error": {"type": "invalid_request_error",
-                                                          "message": "messages[0].content[0]: image blocks are not supported in user messages"}}
-    status, _, body = request("POST", client.base_url.__str__().rstrip("/") + "/v1/messages",
-                              {"model": "sim-1", "messages": [{"role": "user", "content": "hi"}]})
+    assert info.value.body == {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": "messages[0].content[0]: image blocks are not supported in user messages",
+        },
+    }
+    status, _, body = request(
+        "POST",
+        client.base_url.__str__().rstrip("/") + "/v1/messages",
+        {"model": "sim-1", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert status == 400 and json.loads(body)["error"]["message"].startswith("max_tokens")
 
 
@@ -126,8 +164,9 @@ def test_upstream_errors_before_and_during_the_stream(client):
     assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "api_error"
     received = ""
     with pytest.raises(anthropic.APIStatusError) as info:
-        with client.messages.stream(model="sim-1", max_tokens=50,
-                                    messages=[{"role": "user", "content": unique("tokens=8 fail=error_mid")}]) as stream:
+        with client.messages.stream(
+            model="sim-1", max_tokens=50, messages=[{"role": "user", "content": unique("tokens=8 fail=error_mid")}]
+        ) as stream:
             for piece in stream.text_stream:
                 received += piece
     assert received and info.value.body["type"] == "error"
@@ -141,7 +180,9 @@ def test_closing_the_stream_aborts_the_upstream_call(client, gateway):
             received += piece
             if len(received.split()) >= 2:
                 break
-    observed = wait_until(lambda: cancelled_calls(gateway, text), timeout=5, message="the sim to see the call cancelled")
+    observed = wait_until(
+        lambda: cancelled_calls(gateway, text), timeout=5, message="the sim to see the call cancelled"
+    )
     assert observed[0]["tokens_sent"] < 500
 
 
@@ -157,4 +198,6 @@ def test_identical_streams_coalesce_and_show_in_metrics(client, gateway):
         answers = list(pool.map(lambda _: one(), range(6)))
     assert set(answers) == {expected([{"role": "user", "content": text}], 3)}
     assert len(sim_calls(gateway, text)) == 1
-    wait_until(lambda: followers(gateway) >= before + 5, timeout=10, message="the followers in /api/metrics/performance")
+    wait_until(
+        lambda: followers(gateway) >= before + 5, timeout=10, message="the followers in /api/metrics/performance"
+    )

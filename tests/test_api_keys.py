@@ -1,5 +1,6 @@
 """Client API keys (edge/api_keys.py): the file, authentication, models, limits and
 reloads, driven with an injected clock."""
+
 from __future__ import annotations
 
 import json
@@ -121,7 +122,10 @@ def test_models_are_globs_on_provider_slash_model_or_the_bare_model(tmp_path, cl
     assert keys.admit("a", "simulated", "sim-1") is None
     assert keys.admit("a", "openai", "gpt-4o-mini") is None
     denial = keys.admit("a", "anthropic", "claude-sonnet-4-5")
-    assert (denial.status, denial.code) == (403, "model_not_allowed") and "anthropic/claude-sonnet-4-5" in denial.message
+    assert (denial.status, denial.code) == (
+        403,
+        "model_not_allowed",
+    ) and "anthropic/claude-sonnet-4-5" in denial.message
     assert keys.allows("a", "openai", "gpt-4o") and not keys.allows("a", "openai", "o3")
     assert keys.allows(None, "anything", "at-all")  # open access
 

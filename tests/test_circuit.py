@@ -1,6 +1,7 @@
 """Circuit breakers, several API keys per account, fallbacks: the plain logic, on a
 virtual clock (actors/circuit.py, actors/key_choice.py, actors/pacer_logic.py,
 actors/coalescer_logic.py, protocols/config.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -137,8 +138,9 @@ def sent(effects, kind) -> list:
 
 
 def pacer(keys=2, rps=100.0, burst=100, concurrency=10, **extra) -> PacerLogic:
-    return PacerLogic("simulated", PacerSettings(rps=rps, burst=burst, concurrency=concurrency), keys=keys,
-                      circuit=FAST, **extra)
+    return PacerLogic(
+        "simulated", PacerSettings(rps=rps, burst=burst, concurrency=concurrency), keys=keys, circuit=FAST, **extra
+    )
 
 
 def fail_key(p: PacerLogic, key: int, now: float, times: int = 3) -> list:
@@ -243,7 +245,12 @@ def test_every_key_open_with_fallbacks_sends_the_call_to_the_first_and_passes_th
     effects = p.handle(request("l1", 1.0), "shard", 1.0)
     (fb,) = sent(effects, m.LeaseFallback)
     assert (fb.provider, fb.model, fb.fallbacks, fb.fallback_from, fb.reason) == (
-        "openai", "gpt-4o-mini", [["anthropic", "claude"]], "simulated", "circuits_open")
+        "openai",
+        "gpt-4o-mini",
+        [["anthropic", "claude"]],
+        "simulated",
+        "circuits_open",
+    )
     records = [r for msg in sent(effects, m.Records) for r in msg.records if r["kind"] == "fallback"]
     assert records == [{"kind": "fallback", "from": "simulated", "to": "openai", "reason": "circuits_open", "at": 1.0}]
     assert p.state(1.0)["fallbacks_total"] == 1
@@ -292,7 +299,11 @@ def test_the_coalescer_asks_the_fallbacks_pacer_with_the_same_stream_and_key():
     (again,) = effects
     assert again.to == "pacer:openai"
     assert (again.msg.lease_id, again.msg.provider, again.msg.model, again.msg.fallback_from) == (
-        "s-1", "openai", "gpt-4o-mini", "simulated")
+        "s-1",
+        "openai",
+        "gpt-4o-mini",
+        "simulated",
+    )
     # A follower joins the same flight and gets the fallback's stream.
     (admitted,) = c.handle(m.LeaseGranted("s-1", 1.0, "pool"), "pacer", 0.2)
     assert admitted.msg.stream_id == "s-1"
@@ -304,24 +315,36 @@ def test_the_coalescer_asks_the_fallbacks_pacer_with_the_same_stream_and_key():
 
 
 def test_config_several_keys_and_fallbacks():
-    s = config.load({"SIMULATED_API_KEYS": "a, b,c", "OPENAI_API_KEY": "o", "SIMULATED_FALLBACK": "openai,openai/gpt-x",
-                     "SIMULATED_FALLBACK_QUEUE": "5"})
+    s = config.load(
+        {
+            "SIMULATED_API_KEYS": "a, b,c",
+            "OPENAI_API_KEY": "o",
+            "SIMULATED_FALLBACK": "openai,openai/gpt-x",
+            "SIMULATED_FALLBACK_QUEUE": "5",
+        }
+    )
     assert s["providers"]["simulated"]["api_keys"] == ["a", "b", "c"]
     assert s["providers"]["simulated"]["api_key"] == "a"
-    assert s["failover"]["SIMULATED"] == {"keys": 3, "fallbacks": [["openai", "gpt-4o-mini"], ["openai", "gpt-x"]],
-                                          "fallback_queue": 5}
+    assert s["failover"]["SIMULATED"] == {
+        "keys": 3,
+        "fallbacks": [["openai", "gpt-4o-mini"], ["openai", "gpt-x"]],
+        "fallback_queue": 5,
+    }
     assert s["failover"]["OPENAI"] == {"keys": 1, "fallbacks": [], "fallback_queue": 0}
 
 
-@pytest.mark.parametrize("env, words", [
-    ({"SIMULATED_API_KEY": "a", "SIMULATED_API_KEYS": "b,c"}, "both set"),
-    ({"SIMULATED_API_KEYS": "a,,b"}, "empty key"),
-    ({"SIMULATED_API_KEYS": "a,a"}, "twice"),
-    ({"SIMULATED_FALLBACK": "openai"}, "not a configured provider"),
-    ({"OPENAI_API_KEY": "o", "OPENAI_FALLBACK": "openai_responses"}, "same account"),
-    ({"SIMULATED_FALLBACK_QUEUE": "-1"}, "SIMULATED_FALLBACK_QUEUE"),
-    ({"CIRCUIT_FAILURE_RATE": "2"}, "CIRCUIT_FAILURE_RATE"),
-])
+@pytest.mark.parametrize(
+    "env, words",
+    [
+        ({"SIMULATED_API_KEY": "a", "SIMULATED_API_KEYS": "b,c"}, "both set"),
+        ({"SIMULATED_API_KEYS": "a,,b"}, "empty key"),
+        ({"SIMULATED_API_KEYS": "a,a"}, "twice"),
+        ({"SIMULATED_FALLBACK": "openai"}, "not a configured provider"),
+        ({"OPENAI_API_KEY": "o", "OPENAI_FALLBACK": "openai_responses"}, "same account"),
+        ({"SIMULATED_FALLBACK_QUEUE": "-1"}, "SIMULATED_FALLBACK_QUEUE"),
+        ({"CIRCUIT_FAILURE_RATE": "2"}, "CIRCUIT_FAILURE_RATE"),
+    ],
+)
 def test_config_errors_name_the_variable_and_never_a_key(env, words):
     with pytest.raises(config.ConfigError) as info:
         config.load(env)

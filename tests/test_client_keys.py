@@ -1,6 +1,7 @@
 """Client API keys on the real gateway (SLUICE_API_KEYS_FILE): authentication on every
 client route, per-key models and limits, coalescing scoped per key, per-key metrics,
 ownership of requests and threads, and reloading the file."""
+
 from __future__ import annotations
 
 import json
@@ -86,8 +87,12 @@ def test_no_key_or_a_wrong_key_is_401_in_openai_shape(gw):
             assert err["code"] == "invalid_api_key" and err["type"] == "invalid_request_error"
             assert err["param"] is None and err["message"]
             assert hdrs["www-authenticate"].startswith("Bearer")
-    for method, path in (("POST", "/api/threads"), ("GET", "/api/threads/x/messages"), ("POST", "/api/chat/x/cancel"),
-                         ("GET", "/v1/models")):
+    for method, path in (
+        ("POST", "/api/threads"),
+        ("GET", "/api/threads/x/messages"),
+        ("POST", "/api/chat/x/cancel"),
+        ("GET", "/v1/models"),
+    ):
         assert request(method, gw.url + path)[0] == 401, path
     assert "sk-wrong" not in gw.output()
 
@@ -158,8 +163,11 @@ def test_concurrency_1_refuses_a_second_open_stream(gw):
         assert status == 429 and "concurrent" in body["error"]["message"] and headers["retry-after"]
     finally:
         first.close()
-    wait_until(lambda: stream_chat(gw.url + "/api/chat", chat_body(unique("after") + "\n#sim tokens=1"), key)[0] == 200,
-               timeout=10, message="the stream slot to be free once the first client left")
+    wait_until(
+        lambda: stream_chat(gw.url + "/api/chat", chat_body(unique("after") + "\n#sim tokens=1"), key)[0] == 200,
+        timeout=10,
+        message="the stream slot to be free once the first client left",
+    )
 
 
 # --- coalescing scope ----------------------------------------------------------------------------
@@ -302,8 +310,14 @@ def cli(gw, keys_path: str, *args):
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), "admin", *args],
         cwd=ROOT,
-        env={**os.environ, "SLUICE_ACTOR_PORT": str(gw.actor_port), "PYTHONPATH": str(ROOT),
-             "SLUICE_API_KEYS_FILE": keys_path, "SLUICE_ADMIN_TOKEN": ADMIN, "SLUICE_DB": gw.db},
+        env={
+            **os.environ,
+            "SLUICE_ACTOR_PORT": str(gw.actor_port),
+            "PYTHONPATH": str(ROOT),
+            "SLUICE_API_KEYS_FILE": keys_path,
+            "SLUICE_ADMIN_TOKEN": ADMIN,
+            "SLUICE_DB": gw.db,
+        },
         capture_output=True,
         text=True,
         timeout=30,
@@ -330,7 +344,11 @@ def test_a_bad_keys_file_stops_the_start_with_exit_2(tmp_path):
     path = tmp_path / "keys.json"
     path.write_text('{"keys": [{"id": "x", "sha256": "nope"}]}')
     done = subprocess.run(
-        [sys.executable, str(ROOT / "run.py")], cwd=ROOT, capture_output=True, text=True, timeout=30,
+        [sys.executable, str(ROOT / "run.py")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
         env={**os.environ, "PYTHONPATH": str(ROOT), "SLUICE_API_KEYS_FILE": str(path)},
     )
     assert done.returncode == 2

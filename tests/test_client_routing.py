@@ -2,6 +2,7 @@
 aliases, CORS origins and client keys: model names resolve through aliases on every
 front end, /v1/models lists them, preflights are answered for allowed origins only, the
 Anthropic SDK's x-api-key authenticates, and /v1 errors keep their API's shape."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,12 @@ ALIASES = "gpt-4o=simulated/sim-4o,claude=simulated/sim-claude,fast=simulated"
 def gw(sim, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys.json"
     keys.write_text(json.dumps({"keys": [{"id": "routing", "sha256": hash_key(KEY)}]}))
-    env = {"SIMULATED_BASE_URL": sim, "SLUICE_MODEL_ALIASES": ALIASES, "SLUICE_CORS_ORIGINS": ALLOWED,
-           "SLUICE_API_KEYS_FILE": str(keys)}
+    env = {
+        "SIMULATED_BASE_URL": sim,
+        "SLUICE_MODEL_ALIASES": ALIASES,
+        "SLUICE_CORS_ORIGINS": ALLOWED,
+        "SLUICE_API_KEYS_FILE": str(keys),
+    }
     with running_gateway(env) as gateway:
         gateway.sim = sim
         yield gateway
@@ -83,15 +88,20 @@ def test_unknown_routes_and_methods_keep_their_apis_error_shape(gw):
     status, _, body = request("GET", gw.url + "/v1/no-such-route", headers={"authorization": f"Bearer {KEY}"})
     assert status == 404 and set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
     status, _, body = request("GET", gw.url + "/v1/messages")
-    assert status == 405 and json.loads(body) == {"type": "error", "error": {
-        "type": "invalid_request_error", "message": "GET is not allowed on /v1/messages"}}
+    assert status == 405 and json.loads(body) == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "GET is not allowed on /v1/messages"},
+    }
     status, _, body = request("GET", gw.url + "/v1/chat/completions")
     assert status == 405 and json.loads(body)["error"]["type"] == "invalid_request_error"
 
 
 def preflight(gw, origin: str, headers: str = "authorization, content-type, x-sluice-coalesce, x-stainless-os"):
-    return request("OPTIONS", gw.url + "/v1/chat/completions", headers={
-        "origin": origin, "access-control-request-method": "POST", "access-control-request-headers": headers})
+    return request(
+        "OPTIONS",
+        gw.url + "/v1/chat/completions",
+        headers={"origin": origin, "access-control-request-method": "POST", "access-control-request-headers": headers},
+    )
 
 
 def test_a_preflight_from_an_allowed_origin_is_answered(gw):
@@ -100,7 +110,9 @@ def test_a_preflight_from_an_allowed_origin_is_answered(gw):
     assert "POST" in headers["access-control-allow-methods"]
     allowed = {h.strip() for h in headers["access-control-allow-headers"].split(",")}
     assert {"authorization", "content-type", "x-sluice-coalesce", "x-stainless-os"} <= allowed
-    status, headers, _ = request("GET", gw.url + "/v1/models", headers={"origin": ALLOWED, "authorization": f"Bearer {KEY}"})
+    status, headers, _ = request(
+        "GET", gw.url + "/v1/models", headers={"origin": ALLOWED, "authorization": f"Bearer {KEY}"}
+    )
     assert status == 200 and headers["access-control-allow-origin"] == ALLOWED
     assert "x-request-id" in headers["access-control-expose-headers"]
 
@@ -109,9 +121,11 @@ def test_other_origins_and_headers_get_no_cors_headers(gw):
     for status, headers, _ in (preflight(gw, "https://evil.example.com"), preflight(gw, ALLOWED, "x-custom-thing")):
         assert not any(h.startswith("access-control-") for h in headers)
         assert status >= 400
-    status, headers, _ = request("GET", gw.url + "/v1/models", headers={"origin": "https://evil.example.com",
-                                                                         "authorization": f"Bearer {KEY}"})
+    status, headers, _ = request(
+        "GET", gw.url + "/v1/models", headers={"origin": "https://evil.example.com", "authorization": f"Bearer {KEY}"}
+    )
     assert status == 200 and "access-control-allow-origin" not in headers
-    status, headers, _ = request("OPTIONS", gw.url + "/api/admin/show", headers={
-        "origin": ALLOWED, "access-control-request-method": "GET"})
+    status, headers, _ = request(
+        "OPTIONS", gw.url + "/api/admin/show", headers={"origin": ALLOWED, "access-control-request-method": "GET"}
+    )
     assert "access-control-allow-origin" not in headers  # never the admin routes

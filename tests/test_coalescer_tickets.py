@@ -1,6 +1,7 @@
 """Every `Admitted` the Coalescer sends carries the hub ticket for the edge that submitted
 (leader, followers on other edges, an error replayed within its TTL), and stream ids are
 random, not derived from the request id the client sees. CoalescerLogic driven directly."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,7 +37,9 @@ def test_each_admitted_edge_gets_its_own_ticket_and_no_other():
     for request_id, edge_id in (("r-leader", "edge-a"), ("r-follower", "edge-b"), ("r-late", "edge-c")):
         ticket = by_request[request_id].ticket
         assert auth.ticket_ok(SECRET, stream_id, edge_id, ticket)
-        assert not any(auth.ticket_ok(SECRET, stream_id, other, ticket) for other in {"edge-a", "edge-b", "edge-c"} - {edge_id})
+        assert not any(
+            auth.ticket_ok(SECRET, stream_id, other, ticket) for other in {"edge-a", "edge-b", "edge-c"} - {edge_id}
+        )
     assert "r-leader" not in stream_id and len(stream_id) == len("s-") + 32
 
 
@@ -44,12 +47,17 @@ def test_an_error_replayed_within_its_ttl_carries_the_new_edges_ticket():
     logic = CoalescerLogic(me="coalescer:0", secret=SECRET)
     stream_id = logic.handle(submit("r-1", "edge-a"), "edge:a", 0.0)[0].msg.lease_id
     logic.handle(m.LeaseGranted(stream_id, 0.0), "pacer", 0.0)
-    logic.handle(m.StreamFinished(stream_id, "error", {"type": "error", "code": "upstream_error", "message": "x"}), "pool", 1.0)
+    logic.handle(
+        m.StreamFinished(stream_id, "error", {"type": "error", "code": "upstream_error", "message": "x"}), "pool", 1.0
+    )
     [replay] = admitted(logic.handle(submit("r-2", "edge-b"), "edge:b", 1.5))
     assert replay.error is not None and replay.stream_id == stream_id
     assert auth.ticket_ok(SECRET, stream_id, "edge-b", replay.ticket)
 
 
 def test_stream_ids_differ_for_the_same_request_id():
-    ids = {CoalescerLogic(secret=SECRET).handle(submit("r-same", "edge-a"), "edge:a", 0.0)[0].msg.lease_id for _ in range(3)}
+    ids = {
+        CoalescerLogic(secret=SECRET).handle(submit("r-same", "edge-a"), "edge:a", 0.0)[0].msg.lease_id
+        for _ in range(3)
+    }
     assert len(ids) == 3

@@ -1,5 +1,6 @@
 """Coalescing and fan-out on the real system: identical in-flight requests share one
 upstream call, every client gets the same stream, and cancelling is refcounted."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """An account's calls spread over as many httpcore pools as they need (actors/connections.py):
 httpcore 1.0 runs at most 100 streams on a connection and opens no second one to an origin."""
+
 from __future__ import annotations
 
 import pytest

@@ -5,6 +5,7 @@ Real processes throughout: run.py with its actor system and simulated provider (
 `Gateway` helper), pids from `/readyz`, `os.kill(pid, SIGKILL)`. Deadlines are poll
 timeouts, generous for a loaded 2-core machine; the measured times are printed.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,12 @@ from tests.support import SSEClient, chat_body, data_events, get_json, request, 
 
 TOKEN = "crash-test-token"
 LONG = "#sim ttft_ms=50 tokens=2000 token_interval_ms=20"  # 40 s: still streaming when killed
-GATEWAY_ENV = {"SIMULATED_CONCURRENCY": "4", "SIMULATED_RPS": "50", "SIMULATED_BURST": "50", "SLUICE_ADMIN_TOKEN": TOKEN}
+GATEWAY_ENV = {
+    "SIMULATED_CONCURRENCY": "4",
+    "SIMULATED_RPS": "50",
+    "SIMULATED_BURST": "50",
+    "SLUICE_ADMIN_TOKEN": TOKEN,
+}
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -36,7 +42,9 @@ def pid_of(gw, role: str) -> int:
 
 
 def pacer_state(gw) -> dict:
-    status, _, body = request("GET", gw.url + "/api/admin/state?role=pacer", headers={"authorization": f"Bearer {TOKEN}"})
+    status, _, body = request(
+        "GET", gw.url + "/api/admin/state?role=pacer", headers={"authorization": f"Bearer {TOKEN}"}
+    )
     assert status == 200, body
     return json.loads(body)["results"]["pacer:simulated"]
 
@@ -69,8 +77,11 @@ class OpenStreams:
         self.ends[id(client)] = time.monotonic()
 
     def wait_streaming(self) -> None:
-        wait_until(lambda: all(any(d.get("type") == "delta" for d in data_events(list(c.events))) for c in self.clients),
-                   timeout=30, message="every stream to have its first delta")
+        wait_until(
+            lambda: all(any(d.get("type") == "delta" for d in data_events(list(c.events))) for c in self.clients),
+            timeout=30,
+            message="every stream to have its first delta",
+        )
 
     def wait_ended(self, timeout: float = 20.0) -> list[dict]:
         for thread in self.threads:
@@ -125,8 +136,9 @@ def answers_promptly(gw, text: str, within_s: float):
 
 def supervisor_pid(gw) -> int | None:
     try:
-        status, _, body = request("GET", gw.url + "/api/admin/state?role=supervisor",
-                                  headers={"authorization": f"Bearer {TOKEN}"}, timeout=5)
+        status, _, body = request(
+            "GET", gw.url + "/api/admin/state?role=supervisor", headers={"authorization": f"Bearer {TOKEN}"}, timeout=5
+        )
     except Exception:
         return None
     return json.loads(body)["results"]["supervisor"]["pid"] if status == 200 else None
@@ -143,15 +155,24 @@ def test_a_killed_pool_gives_back_every_lease_and_flight_three_times_over():
             killed_at = kill(pid_of(gw, "pool"))
             last = streams.wait_ended()
             assert {e["type"] for e in last} == {"error"}, last  # a terminal event each, no hang
-            print(f"round {round_}: clients ended {max(streams.ends.values()) - killed_at:.2f} s after the kill, codes {sorted({e['code'] for e in last})}")
+            print(
+                f"round {round_}: clients ended {max(streams.ends.values()) - killed_at:.2f} s after the kill, codes {sorted({e['code'] for e in last})}"
+            )
 
-            wait_until(lambda: pacer_state(gw)["in_flight"] == 0 and pacer_state(gw)["queue_depth"] == 0,
-                       timeout=15, message="the dead Pool's leases back")
+            wait_until(
+                lambda: pacer_state(gw)["in_flight"] == 0 and pacer_state(gw)["queue_depth"] == 0,
+                timeout=15,
+                message="the dead Pool's leases back",
+            )
             print(f"round {round_}: leases back {time.monotonic() - killed_at:.2f} s after the kill")
 
             # The very prompt of a killed stream: a fresh call, not a join of the dead one.
-            wait_until(lambda: streams_afresh(gw, streams.bodies[0]), timeout=15, interval=0.1,
-                       message="the killed stream's prompt to stream afresh")
+            wait_until(
+                lambda: streams_afresh(gw, streams.bodies[0]),
+                timeout=15,
+                interval=0.1,
+                message="the killed stream's prompt to stream afresh",
+            )
             print(f"round {round_}: the same prompt streams {time.monotonic() - killed_at:.2f} s after the kill")
         # No 429 from leaked concurrency: every slot of CONCURRENCY=4 is free after three kills.
         wait_until(lambda: pacer_state(gw)["in_flight"] == 0, timeout=15, message="idle")
@@ -173,7 +194,9 @@ def test_a_killed_pacer_or_shard_leaves_no_request_without_an_answer(role):
         # Re-admitted: the edge follows the role to its replacement, the coalescers re-ask
         # a replaced Pacer; no error at all.
         assert [r for _, r in results] == ["done"] * 6, results
-        wait_until(lambda: actors(gw).get(role, {}).get("pid") not in (None, before), timeout=20, message=f"{role} recreated")
+        wait_until(
+            lambda: actors(gw).get(role, {}).get("pid") not in (None, before), timeout=20, message=f"{role} recreated"
+        )
         wait_until(lambda: serves(gw, f"recovered {uuid.uuid4()}"), timeout=15, interval=0.1, message="serving again")
         print(f"{role}: serving again {time.monotonic() - killed_at:.2f} s after the kill")
         wait_until(lambda: pacer_state(gw)["in_flight"] == 0, timeout=10, message="no lease held")
@@ -198,8 +221,9 @@ def test_a_replaced_supervisor_still_repairs_and_a_killed_run_py_leaves_nothing(
         supervisor = wait_until(lambda: supervisor_pid(gw), timeout=10, message="the Supervisor's pid")
         killed_at = kill(supervisor)
         wait_until(lambda: supervisor_pid(gw) not in (None, supervisor), timeout=30, message="a new Supervisor")
-        wait_until(lambda: request("GET", gw.url + "/readyz")[0] == 200, timeout=30, interval=0.1,
-                   message="readyz back to 200")
+        wait_until(
+            lambda: request("GET", gw.url + "/readyz")[0] == 200, timeout=30, interval=0.1, message="readyz back to 200"
+        )
         print(f"readyz 200 again {time.monotonic() - killed_at:.2f} s after the Supervisor's kill")
 
         pool = pid_of(gw, "pool")
@@ -231,16 +255,28 @@ def test_a_killed_metrics_actor_leaves_the_streams_alone_and_is_replaced():
         before = pid_of(gw, "metrics")
         killed_at = kill(before)
         seen = [deltas(c) for c in streams.clients]
-        wait_until(lambda: actors(gw).get("metrics", {}).get("pid") not in (None, before), timeout=20,
-                   message="metrics recreated")
+        wait_until(
+            lambda: actors(gw).get("metrics", {}).get("pid") not in (None, before),
+            timeout=20,
+            message="metrics recreated",
+        )
         replaced = time.monotonic() - killed_at
-        wait_until(lambda: serves(gw, f"after metrics {uuid.uuid4()}"), timeout=15, interval=0.1, message="serving again")
+        wait_until(
+            lambda: serves(gw, f"after metrics {uuid.uuid4()}"), timeout=15, interval=0.1, message="serving again"
+        )
         serving = time.monotonic() - killed_at
-        wait_until(lambda: request("GET", gw.url + "/api/metrics/performance?last_n=10")[0] == 200, timeout=15,
-                   interval=0.1, message="the new Metrics actor answers")
+        wait_until(
+            lambda: request("GET", gw.url + "/api/metrics/performance?last_n=10")[0] == 200,
+            timeout=15,
+            interval=0.1,
+            message="the new Metrics actor answers",
+        )
         # every stream still streams: more deltas than when Metrics died, and no end yet
-        wait_until(lambda: all(deltas(c) > n for c, n in zip(streams.clients, seen)), timeout=15,
-                   message="every stream to go on after the kill")
+        wait_until(
+            lambda: all(deltas(c) > n for c, n in zip(streams.clients, seen)),
+            timeout=15,
+            message="every stream to go on after the kill",
+        )
         assert not streams.ends, "a stream ended when Metrics died"
         print(f"metrics: replaced {replaced:.2f} s, serving {serving:.2f} s after the kill; 20/20 streams went on")
         streams.close()
@@ -260,10 +296,14 @@ def test_a_killed_thread_store_ends_each_turn_clearly_and_serves_again():
             assert status == 201, raw
             threads.append(json.loads(raw)["thread_id"])
         short = "#sim ttft_ms=50 tokens=150 token_interval_ms=20"  # 3 s: the kill lands mid-reply
-        clients = [SSEClient(f"{gw.url}/api/threads/{t}/messages", {"content": f"turn {uuid.uuid4()}\n{short}"}, timeout=30)
-                   for t in threads]
-        clients += [SSEClient(gw.url + "/api/chat", chat_body(f"chat {i} {uuid.uuid4()}\n{short}"), timeout=30)
-                    for i in range(10)]
+        clients = [
+            SSEClient(f"{gw.url}/api/threads/{t}/messages", {"content": f"turn {uuid.uuid4()}\n{short}"}, timeout=30)
+            for t in threads
+        ]
+        clients += [
+            SSEClient(gw.url + "/api/chat", chat_body(f"chat {i} {uuid.uuid4()}\n{short}"), timeout=30)
+            for i in range(10)
+        ]
         assert all(c.status == 200 for c in clients)
         ends: dict[int, float] = {}
 
@@ -281,8 +321,12 @@ def test_a_killed_thread_store_ends_each_turn_clearly_and_serves_again():
         before = pid_of(gw, "threads")
         killed_at = kill(before)
         # while the replies stream on: when does the store serve again?
-        wait_until(lambda: request("POST", gw.url + "/api/threads")[0] == 201, timeout=15, interval=0.05,
-                   message="the thread store serves again")
+        wait_until(
+            lambda: request("POST", gw.url + "/api/threads")[0] == 201,
+            timeout=15,
+            interval=0.05,
+            message="the thread store serves again",
+        )
         serving = time.monotonic() - killed_at
         for reader in readers:
             reader.join(30)
@@ -292,7 +336,6 @@ def test_a_killed_thread_store_ends_each_turn_clearly_and_serves_again():
             client.close()
         assert all(e["type"] in ("done", "error") for e in last), last
         assert all(e["type"] == "done" for e in last[10:]), last[10:]  # plain chats never needed the store
-
 
         stored = []
         for thread, event in zip(threads, last[:10]):
@@ -306,6 +349,8 @@ def test_a_killed_thread_store_ends_each_turn_clearly_and_serves_again():
             if event["type"] == "done":
                 assert reply["status"] == "done" and reply["content"], reply
         codes = sorted({e.get("code", "done") for e in last[:10]})
-        print(f"threads: turns ended {[round(ends[id(c)] - killed_at, 2) for c in clients[:10]]} s after the kill, "
-              f"terminal {codes}, stored {sorted(stored)}; serving again {serving:.2f} s after the kill")
+        print(
+            f"threads: turns ended {[round(ends[id(c)] - killed_at, 2) for c in clients[:10]]} s after the kill, "
+            f"terminal {codes}, stored {sorted(stored)}; serving again {serving:.2f} s after the kill"
+        )
         wait_until(lambda: pacer_state(gw)["in_flight"] == 0, timeout=15, message="no lease held")

@@ -2,6 +2,7 @@
 file (checked against the rule format's schema; `promtool check rules` is run too when it
 is installed), and every metric the rules and the Grafana dashboard query is one that
 `/metrics` exposes."""
+
 from __future__ import annotations
 
 import json
@@ -25,25 +26,56 @@ DASHBOARD = DOCS / "grafana-dashboard.json"
 DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 NOW = 1_000_000.0
 # what the edge appends to the Metrics actor's text (edge/app.py, edge/api_keys.py)
-EDGE_FAMILIES = {"sluice_coalesce_scope", "sluice_key_requests_total", "sluice_key_tokens_total",
-                 "sluice_key_open_streams", "sluice_key_auth_failures_total"}
+EDGE_FAMILIES = {
+    "sluice_coalesce_scope",
+    "sluice_key_requests_total",
+    "sluice_key_tokens_total",
+    "sluice_key_open_streams",
+    "sluice_key_auth_failures_total",
+}
 
 
 def exposed_names() -> set[str]:
     """Every family and sample name of a /metrics that has seen each kind of record."""
     m = MetricsLogic()
     base = {"provider": "sim", "model": "m", "at": NOW}
-    m.ingest([
-        {**base, "kind": "request", "request_id": "r", "role": "leader", "outcome": "error", "error_code": "x",
-         "ttft_ms": 10.0, "queue_wait_ms": 1.0, "latency_ms": 20.0, "provider_ttft_ms": 5.0, "key_id": "k"},
-        {**base, "kind": "upstream", "stream_id": "s", "outcome": "error", "error_code": "x",
-         "upstream_ttft_ms": 5.0, "latency_ms": 9.0, "input_tokens": 1, "output_tokens": 2},
-        {**base, "kind": "cancel", "stream_id": "s", "cancel_ms": 3.0},
-        {"kind": "retry", "provider": "sim", "reason": "429", "attempt": 2, "at": NOW},
-        {"kind": "circuit", "account": "SIM", "key": "#1", "state": "open", "at": NOW},
-        {"kind": "fallback", "from": "sim", "to": "openai", "reason": "circuit", "at": NOW},
-    ] + [{"kind": "gauge", "name": g, "labels": {"provider": "sim"}, "value": 1, "at": NOW}
-         for g in ("active_streams", "pacer_queue_depth", "pacer_tokens", "pacer_leases", "pacer_paused_seconds")], NOW)
+    m.ingest(
+        [
+            {
+                **base,
+                "kind": "request",
+                "request_id": "r",
+                "role": "leader",
+                "outcome": "error",
+                "error_code": "x",
+                "ttft_ms": 10.0,
+                "queue_wait_ms": 1.0,
+                "latency_ms": 20.0,
+                "provider_ttft_ms": 5.0,
+                "key_id": "k",
+            },
+            {
+                **base,
+                "kind": "upstream",
+                "stream_id": "s",
+                "outcome": "error",
+                "error_code": "x",
+                "upstream_ttft_ms": 5.0,
+                "latency_ms": 9.0,
+                "input_tokens": 1,
+                "output_tokens": 2,
+            },
+            {**base, "kind": "cancel", "stream_id": "s", "cancel_ms": 3.0},
+            {"kind": "retry", "provider": "sim", "reason": "429", "attempt": 2, "at": NOW},
+            {"kind": "circuit", "account": "SIM", "key": "#1", "state": "open", "at": NOW},
+            {"kind": "fallback", "from": "sim", "to": "openai", "reason": "circuit", "at": NOW},
+        ]
+        + [
+            {"kind": "gauge", "name": g, "labels": {"provider": "sim"}, "value": 1, "at": NOW}
+            for g in ("active_streams", "pacer_queue_depth", "pacer_tokens", "pacer_leases", "pacer_paused_seconds")
+        ],
+        NOW,
+    )
     assert m.rejected_records == 0
     names = set(EDGE_FAMILIES)
     for fam in text_string_to_metric_families(m.prometheus(NOW)):
@@ -104,6 +136,10 @@ def test_dashboard_queries_name_exposed_metrics():
     assert len(ids) == len(set(ids))
     # the panels an operator needs to say whose fault a slow first token is
     queried = " ".join(exprs)
-    for name in ("sluice_ttft_seconds_bucket", "sluice_provider_ttft_seconds_bucket",
-                 "sluice_added_ttft_seconds_bucket", "sluice_upstream_tokens_total"):
+    for name in (
+        "sluice_ttft_seconds_bucket",
+        "sluice_provider_ttft_seconds_bucket",
+        "sluice_added_ttft_seconds_bucket",
+        "sluice_upstream_tokens_total",
+    ):
         assert name in queried

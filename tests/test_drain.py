@@ -2,6 +2,7 @@
 open streams finish, then run.py exits with nothing left running. Past SLUICE_DRAIN_S, or
 on a second signal, the streams still open end with a terminal `shutting_down` event.
 Each test runs a gateway of its own (it ends it)."""
+
 from __future__ import annotations
 
 import json
@@ -55,7 +56,11 @@ def test_sigterm_drains_every_open_stream_then_exits():
         assert ready["draining"] is True and ready["stopping"] is True and ready["open_streams"] > 0
 
         # every route that would start work is refused, with a Retry-After
-        for path, body in (("/api/chat", chat_body("new")), ("/v1/chat/completions", chat_body("new")), ("/api/threads", None)):
+        for path, body in (
+            ("/api/chat", chat_body("new")),
+            ("/v1/chat/completions", chat_body("new")),
+            ("/api/threads", None),
+        ):
             status, headers, raw = request("POST", gw.url + path, body=body)
             assert status == 503 and "retry-after" in headers, (path, status, raw)
             assert json.loads(raw)["error"]["code"] == "draining"

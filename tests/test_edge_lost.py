@@ -2,6 +2,7 @@
 Supervisor: edge/worker_set.py) go as if that edge had cancelled them: a call only it
 listened to is aborted, one another edge still holds goes on. CoalescerLogic driven
 directly."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """Parked clients (resumable streams) in the edge's flight logic, on a fake clock: a
 parked client keeps the flight's reference until its deadline, a resume takes it back,
 and only an expiry (or the last client leaving) sends the Cancel."""
+
 from __future__ import annotations
 
 import pytest
@@ -38,7 +39,9 @@ def test_a_parked_client_keeps_the_reference_until_its_deadline_then_cancels():
     assert flights.park(client, now=10.0, grace_s=5.0) == [Wake(client, 15.0)]
     assert flights.is_parked(client) and client in flight.clients
     # still a client: the stream's events keep coming to it while it is away
-    assert flights.frame(flight, 0, [ev.started(0.0, 0.0), ev.delta("a")], now=11.0)[0] == Push(client, [ev.started(0.0, 0.0), ev.delta("a")])
+    assert flights.frame(flight, 0, [ev.started(0.0, 0.0), ev.delta("a")], now=11.0)[0] == Push(
+        client, [ev.started(0.0, 0.0), ev.delta("a")]
+    )
     assert flights.expire(client, now=14.9) is None  # not due yet
     effects = flights.expire(client, now=15.0)
     assert [c.msg.stream_id for c in cancels(effects)] == ["s-1"]

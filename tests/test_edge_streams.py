@@ -1,6 +1,7 @@
 """The edge's local flights, driven directly with a stand-in bridge and hub: clients
 that give up while their flight is admitted, rejections shared by every waiting client,
 replays without duplicates. (The real thing runs in tests/test_coalescing.py.)"""
+
 from __future__ import annotations
 
 import asyncio
@@ -188,7 +189,9 @@ def test_clients_waiting_on_a_flight_the_coalescer_will_not_share_ask_on_their_o
     # The edge believed coalescing on and put "b" on "a"'s flight; the answer says it is
     # off, so "b" submits its own request and gets its own stream (edge/flights.py).
     async def scenario():
-        bridge = GatedBridge(lambda msg: m.Admitted(msg.request_id, f"s-{msg.request_id}", "leader", None, False, ticket="t"))
+        bridge = GatedBridge(
+            lambda msg: m.Admitted(msg.request_id, f"s-{msg.request_id}", "leader", None, False, ticket="t")
+        )
         streams = LocalStreams(bridge, RecordingHub(), "edge-1", 2)
         joins = [asyncio.create_task(streams.join(r, "simulated", "m", {}, KEY, 0.0)) for r in "ab"]
         while not bridge.asked:  # run() bounds the wait

@@ -1,6 +1,7 @@
 """POST /v1/embeddings (edge/embeddings.py) with the official `openai` SDK against the real
 gateway and the simulated provider: answers, errors, coalescing (identical requests in
 flight share one upstream call), cancel, metrics."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -40,7 +41,9 @@ def test_embeddings_create_floats_and_base64(client, gateway):
     assert result.usage.prompt_tokens == result.usage.total_tokens == 4
     upstream = sim_calls(gateway, texts[0])[0]
     assert upstream["path"] == "/v1/embeddings" and upstream["body"]["model"] == "sim-embed"
-    floats = client.embeddings.create(model="simulated/sim-embed", input=texts[0], encoding_format="float", dimensions=4)
+    floats = client.embeddings.create(
+        model="simulated/sim-embed", input=texts[0], encoding_format="float", dimensions=4
+    )
     assert floats.data[0].embedding == formats.embedding(texts[0], 4)
 
 
@@ -69,8 +72,11 @@ def test_ten_identical_concurrent_requests_make_one_upstream_call(client, gatewa
         results = list(pool.map(lambda _: client.embeddings.create(model="sim-embed", input=text), range(10)))
     assert {tuple(r.data[0].embedding) for r in results} == {tuple(formats.embedding(text))}
     assert len(sim_calls(gateway, text)) == 1
-    wait_until(lambda: get_json(perf)[1]["coalesce"]["followers"] >= before + 9, timeout=10,
-               message="the followers in /api/metrics/performance")
+    wait_until(
+        lambda: get_json(perf)[1]["coalesce"]["followers"] >= before + 9,
+        timeout=10,
+        message="the followers in /api/metrics/performance",
+    )
 
 
 def test_a_client_that_gives_up_cancels_the_upstream_call(gateway):

@@ -1,6 +1,7 @@
 """The new front ends' pure parts: model routing and aliases (edge/models.py and their
 configuration), the Anthropic / Responses / embeddings request mappings, and the
 embeddings adapter (protocols/providers/openai_embeddings.py)."""
+
 from __future__ import annotations
 
 import json
@@ -36,12 +37,15 @@ def test_aliases_resolve_and_provider_prefixes_route():
     assert models.resolve("simulated", "gpt-4o", s) == ("simulated", "gpt-4o")  # an explicit provider wins
 
 
-@pytest.mark.parametrize("aliases, says", [
-    ("gpt-4o", "expected alias=provider"),
-    ("x=nowhere/m", "not a configured provider"),
-    ("x=openai/a,x=openai/b", "defined twice"),
-    ("openai/x=openai/y", "may not start with a provider name"),
-])
+@pytest.mark.parametrize(
+    "aliases, says",
+    [
+        ("gpt-4o", "expected alias=provider"),
+        ("x=nowhere/m", "not a configured provider"),
+        ("x=openai/a,x=openai/b", "defined twice"),
+        ("openai/x=openai/y", "may not start with a provider name"),
+    ],
+)
 def test_bad_aliases_are_refused_naming_the_variable(aliases, says):
     with pytest.raises(config.ConfigError, match=says) as info:
         settings(SLUICE_MODEL_ALIASES=aliases)
@@ -52,7 +56,11 @@ def test_model_listing_and_lookup_follow_the_key():
     s = settings(SLUICE_MODEL_ALIASES="gpt-4o=openai/gpt-4o")
     everything = lambda provider, model: True  # noqa: E731
     assert [m["id"] for m in models.listing(s, everything)] == [
-        "simulated/sim-1", "openai/gpt-4o-mini", "openai_responses/gpt-4o-mini", "gpt-4o"]
+        "simulated/sim-1",
+        "openai/gpt-4o-mini",
+        "openai_responses/gpt-4o-mini",
+        "gpt-4o",
+    ]
     only_sim = lambda provider, model: provider == "simulated"  # noqa: E731
     assert [m["id"] for m in models.listing(s, only_sim)] == ["simulated/sim-1"]
     assert models.lookup("gpt-4o", s, everything)["owned_by"] == "openai"
@@ -65,7 +73,9 @@ def test_model_listing_and_lookup_follow_the_key():
 def test_cors_origins():
     assert settings()["cors_origins"] == []
     assert settings(SLUICE_CORS_ORIGINS="https://a.example, http://localhost:3000/")["cors_origins"] == [
-        "https://a.example", "http://localhost:3000"]
+        "https://a.example",
+        "http://localhost:3000",
+    ]
     assert settings(SLUICE_CORS_ORIGINS="*")["cors_origins"] == ["*"]
     with pytest.raises(config.ConfigError, match="SLUICE_CORS_ORIGINS"):
         settings(SLUICE_CORS_ORIGINS="a.example/path")
@@ -75,29 +85,55 @@ def test_cors_origins():
 
 
 def test_anthropic_request_maps_to_the_normalized_body():
-    model, body, stream, coalesce = parse_messages({
-        "model": "claude", "max_tokens": 50, "stream": True, "stop_sequences": ["END"], "temperature": 0.5, "top_k": 3,
-        "system": [{"type": "text", "text": "Be brief."}], "metadata": {"user_id": "u"},
-        "messages": [{"role": "user", "content": "hi"},
-                     {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm"}, {"type": "text", "text": "yo"}]}],
-    })
+    model, body, stream, coalesce = parse_messages(
+        {
+            "model": "claude",
+            "max_tokens": 50,
+            "stream": True,
+            "stop_sequences": ["END"],
+            "temperature": 0.5,
+            "top_k": 3,
+            "system": [{"type": "text", "text": "Be brief."}],
+            "metadata": {"user_id": "u"},
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "thinking", "thinking": "hm"}, {"type": "text", "text": "yo"}],
+                },
+            ],
+        }
+    )
     assert (model, stream, coalesce) == ("claude", True, True)
-    assert body == {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-                                 {"role": "assistant", "content": "yo"}],
-                    "max_tokens": 50, "temperature": 0.5, "top_k": 3, "stop": ["END"]}
+    assert body == {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"},
+        ],
+        "max_tokens": 50,
+        "temperature": 0.5,
+        "top_k": 3,
+        "stop": ["END"],
+    }
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"max_tokens": None}, "max_tokens"),
-    ({"model": ""}, "model"),
-    ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}, "messages[0].content[0]"),
-    ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "1", "name": "f", "input": {}}]}]},
-     "messages[0].content[0]"),
-    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0].type"),
-    ({"temperature": 1.5}, "temperature"),
-    ({"tool_choice": {"type": "sometimes"}}, "tool_choice"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"max_tokens": None}, "max_tokens"),
+        ({"model": ""}, "model"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}, "messages[0].content[0]"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "1", "name": "f", "input": {}}]}]},
+            "messages[0].content[0]",
+        ),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0].type"),
+        ({"temperature": 1.5}, "temperature"),
+        ({"tool_choice": {"type": "sometimes"}}, "tool_choice"),
+    ],
+)
 def test_anthropic_bad_requests_name_the_field(change, field):
     data = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], **change}
     with pytest.raises(RequestError) as info:
@@ -106,9 +142,15 @@ def test_anthropic_bad_requests_name_the_field(change, field):
 
 
 def test_anthropic_tools_are_never_coalesced():
-    _, body, _, _ = parse_messages({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
-                                    "tools": [{"name": "f", "input_schema": {"type": "object"}}],
-                                    "tool_choice": {"type": "tool", "name": "f"}})
+    _, body, _, _ = parse_messages(
+        {
+            "model": "m",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "tool", "name": "f"},
+        }
+    )
     assert body["tool_choice"] == {"type": "function", "function": {"name": "f"}}
     assert coalescing_key("simulated", "m", body) == ""
 
@@ -117,28 +159,38 @@ def test_anthropic_tools_are_never_coalesced():
 
 
 def test_responses_request_maps_to_the_normalized_body():
-    model, body, stream, _, echo = parse_responses({
-        "model": "gpt-4o", "input": "hi", "instructions": "Be brief.", "max_output_tokens": 20, "store": True})
+    model, body, stream, _, echo = parse_responses(
+        {"model": "gpt-4o", "input": "hi", "instructions": "Be brief.", "max_output_tokens": 20, "store": True}
+    )
     assert model == "gpt-4o" and stream is False and echo["max_output_tokens"] == 20
-    assert body == {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
-                    "max_tokens": 20}
+    assert body == {
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        "max_tokens": 20,
+    }
 
 
 def test_consecutive_function_calls_share_one_assistant_turn():
-    _, body, _, _, _ = parse_responses({"input": [
-        {"type": "function_call", "call_id": "a", "name": "f", "arguments": "{}"},
-        {"type": "function_call", "call_id": "b", "name": "g", "arguments": "{}"},
-        {"type": "reasoning", "summary": []},
-    ]})
+    _, body, _, _, _ = parse_responses(
+        {
+            "input": [
+                {"type": "function_call", "call_id": "a", "name": "f", "arguments": "{}"},
+                {"type": "function_call", "call_id": "b", "name": "g", "arguments": "{}"},
+                {"type": "reasoning", "summary": []},
+            ]
+        }
+    )
     assert len(body["messages"]) == 1 and [c["id"] for c in body["messages"][0]["tool_calls"]] == ["a", "b"]
 
 
-@pytest.mark.parametrize("data, field", [
-    ({"input": []}, "input"),
-    ({"input": [{"type": "file_search_call"}]}, "input[0].type"),
-    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0]"),
-    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
-])
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"input": []}, "input"),
+        ({"input": [{"type": "file_search_call"}]}, "input[0].type"),
+        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0]"),
+        ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ],
+)
 def test_responses_bad_requests_name_the_field(data, field):
     with pytest.raises(RequestError) as info:
         parse_responses(data)
@@ -155,14 +207,24 @@ def test_embeddings_request_and_its_coalescing_key():
     assert same and same == coalescing_key("openai", "e", json.loads(json.dumps(body)))
     other = parse_embeddings({"model": "e", "input": ["a", "c"], "encoding_format": "base64"})[1]
     assert coalescing_key("openai", "e", other) != same
-    for bad in ({"model": "e", "input": ""}, {"model": "e", "input": [1.5]}, {"model": "e", "input": "x", "dimensions": 0}):
+    for bad in (
+        {"model": "e", "input": ""},
+        {"model": "e", "input": [1.5]},
+        {"model": "e", "input": "x", "dimensions": 0},
+    ):
         with pytest.raises(RequestError):
             parse_embeddings(bad)
 
 
 def test_embeddings_adapter_reads_one_json_body_split_anywhere():
-    answer = json.dumps({"object": "list", "model": "e", "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
-                         "usage": {"prompt_tokens": 2, "total_tokens": 2}}).encode()
+    answer = json.dumps(
+        {
+            "object": "list",
+            "model": "e",
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
+            "usage": {"prompt_tokens": 2, "total_tokens": 2},
+        }
+    ).encode()
     for cut in (1, len(answer) // 2, len(answer) - 1):
         parser = openai_embeddings.Parser()
         events = parser.feed(answer[:cut]) + parser.feed(answer[cut:]) + parser.close()
@@ -178,8 +240,11 @@ def test_embeddings_adapter_reads_one_json_body_split_anywhere():
 
 def test_embeddings_request_goes_to_the_providers_embeddings_path():
     method, url, headers, payload = openai_embeddings.build_request(
-        base_url="https://api.openai.com/v1", api_key="sk-x", model="text-embedding-3-small",
-        body={"embeddings": {"input": "hi", "dimensions": 8}})
+        base_url="https://api.openai.com/v1",
+        api_key="sk-x",
+        model="text-embedding-3-small",
+        body={"embeddings": {"input": "hi", "dimensions": 8}},
+    )
     assert (method, url) == ("POST", "https://api.openai.com/v1/embeddings")
     assert json.loads(payload) == {"model": "text-embedding-3-small", "input": "hi", "dimensions": 8}
     assert (b"authorization", b"Bearer sk-x") in headers

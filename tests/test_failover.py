@@ -8,6 +8,7 @@ fails only the keys named in its `fail_keys` knob. One gateway, four accounts on
   ANTHROPIC   keys key-d, key-e; no fallback (fails fast when both are open)
   PERPLEXITY  keys key-p1, key-p2 at RPS=1 BURST=1 each (each key its own budget)
 """
+
 from __future__ import annotations
 
 import json
@@ -34,11 +35,22 @@ def gw():
             "CIRCUIT_FAILURES": "2",
             "CIRCUIT_OPEN_S": str(OPEN_S),
             "CIRCUIT_MAX_OPEN_S": str(OPEN_S),
-            "SIMULATED_BASE_URL": sim, "SIMULATED_API_KEYS": "key-a,key-b", "SIMULATED_FALLBACK": "openai",
-            "OPENAI_BASE_URL": sim, "OPENAI_API_KEY": "key-c", "OPENAI_H2C": "1",
-            "ANTHROPIC_BASE_URL": sim, "ANTHROPIC_API_KEYS": "key-d,key-e", "ANTHROPIC_H2C": "1",
-            "PERPLEXITY_BASE_URL": sim, "PERPLEXITY_API_KEYS": "key-p1,key-p2", "PERPLEXITY_H2C": "1",
-            "PERPLEXITY_RPS": "1", "PERPLEXITY_BURST": "1", "PERPLEXITY_RPM": "0", "PERPLEXITY_CONCURRENCY": "10",
+            "SIMULATED_BASE_URL": sim,
+            "SIMULATED_API_KEYS": "key-a,key-b",
+            "SIMULATED_FALLBACK": "openai",
+            "OPENAI_BASE_URL": sim,
+            "OPENAI_API_KEY": "key-c",
+            "OPENAI_H2C": "1",
+            "ANTHROPIC_BASE_URL": sim,
+            "ANTHROPIC_API_KEYS": "key-d,key-e",
+            "ANTHROPIC_H2C": "1",
+            "PERPLEXITY_BASE_URL": sim,
+            "PERPLEXITY_API_KEYS": "key-p1,key-p2",
+            "PERPLEXITY_H2C": "1",
+            "PERPLEXITY_RPS": "1",
+            "PERPLEXITY_BURST": "1",
+            "PERPLEXITY_RPM": "0",
+            "PERPLEXITY_CONCURRENCY": "10",
         }
         with running_gateway(env) as gateway:
             gateway.sim = sim
@@ -75,8 +87,9 @@ def served(gw, text: str, provider: str = "simulated") -> dict:
 
 
 def pacer(gw, account: str) -> dict:
-    status, _, raw = request("GET", gw.url + f"/api/admin/state?role=pacer:{account}",
-                             headers={"authorization": f"Bearer {TOKEN}"})
+    status, _, raw = request(
+        "GET", gw.url + f"/api/admin/state?role=pacer:{account}", headers={"authorization": f"Bearer {TOKEN}"}
+    )
     assert status == 200, raw
     return json.loads(raw)["results"][f"pacer:{account}"]
 
@@ -109,13 +122,20 @@ def test_a_failing_key_is_routed_around_its_circuit_opens_and_a_probe_closes_it(
     assert {m["key"] for m in metas} == {"#2"}
     assert any(m["attempts"] == 2 for m in metas)
     assert circuits(gw, "simulated")[0] in ("open", "half_open")
-    wait_until(lambda: metric(gw, "sluice_circuit_opens_total", account="simulated", key="#1") == 1,
-               timeout=10, message="the open circuit counted in /metrics")
+    wait_until(
+        lambda: metric(gw, "sluice_circuit_opens_total", account="simulated", key="#1") == 1,
+        timeout=10,
+        message="the open circuit counted in /metrics",
+    )
     assert metric(gw, "sluice_circuit_state", account="simulated", key="#2") == 0
     # Key #1 recovers; after the cool-down one probe goes to it and closes the circuit.
     sim_config(gw, fail="none", fail_keys="")
-    wait_until(lambda: served(gw, unique("probe")) and circuits(gw, "simulated")[0] == "closed",
-               timeout=OPEN_S + 20, interval=0.2, message="the circuit of key #1 closed again")
+    wait_until(
+        lambda: served(gw, unique("probe")) and circuits(gw, "simulated")[0] == "closed",
+        timeout=OPEN_S + 20,
+        interval=0.2,
+        message="the circuit of key #1 closed again",
+    )
     assert metric(gw, "sluice_circuit_state", account="simulated", key="#1") == 0
     # Both keys serve again.
     assert {served(gw, unique("both"))["key"] for _ in range(4)} == {"#1", "#2"}
@@ -129,6 +149,7 @@ def test_a_failing_key_is_routed_around_its_circuit_opens_and_a_probe_closes_it(
 def open_both(gw, provider: str, account: str) -> None:
     """Fail requests until every key's circuit of the account is open (they are the calls
     that open it: each tried both keys)."""
+
     def all_open() -> bool:
         if circuits(gw, account) == ["open", "open"]:
             return True
@@ -150,8 +171,11 @@ def test_every_key_failing_goes_to_the_fallback_with_fallback_from_in_meta(gw):
         assert (meta["provider"], meta["model"], meta["fallback_from"]) == ("openai", "gpt-4o-mini", "simulated")
     # The five identical requests shared one call (coalesced on the original key).
     assert len({m["stream_id"] for m in metas[:5]}) == 1
-    wait_until(lambda: (metric(gw, "sluice_fallbacks_total", **{"from": "simulated", "to": "openai"}) or 0) >= before + 4,
-               timeout=10, message="fallbacks counted in /metrics")
+    wait_until(
+        lambda: (metric(gw, "sluice_fallbacks_total", **{"from": "simulated", "to": "openai"}) or 0) >= before + 4,
+        timeout=10,
+        message="fallbacks counted in /metrics",
+    )
     assert metric(gw, "sluice_circuit_state", account="simulated", key="#1") in (1, 2)
     assert re.search(r"fallback: from=simulated to=openai/gpt-4o-mini reason=circuits_open", gw.output())
 
@@ -175,8 +199,11 @@ def test_each_key_has_its_own_pacer_budget(gw):
     with ThreadPoolExecutor(len(texts)) as pool:
         metas = list(pool.map(lambda t: served(gw, t, "perplexity"), texts))
     assert sorted(m["key"] for m in metas) == ["#1"] * 3 + ["#2"] * 3
-    calls = [r for r in json.loads(request("GET", gw.sim + "/stats")[2])["requests"]
-             if any(t in json.dumps(r["body"]) for t in texts)]
+    calls = [
+        r
+        for r in json.loads(request("GET", gw.sim + "/stats")[2])["requests"]
+        if any(t in json.dumps(r["body"]) for t in texts)
+    ]
     starts = sorted(r["started_at"] for r in calls)
     assert len(starts) == 6
     # Never three calls within a second: each key grants one per second (a little slack

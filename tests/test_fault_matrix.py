@@ -17,6 +17,7 @@ account (OPENAI, ANTHROPIC, PERPLEXITY) has a gate of its own, so no pooled conn
 another row gets in the way. Each row prints one `matrix:` line per client shape
 (docs/reliability.md, "Fault matrix" has the figures).
 """
+
 from __future__ import annotations
 
 import json
@@ -139,7 +140,11 @@ def gw():
         }
         for name, gate in gates.items():
             prefix = name.upper()
-            env |= {f"{prefix}_BASE_URL": f"http://127.0.0.1:{gate.port}", f"{prefix}_API_KEY": "k", f"{prefix}_H2C": "1"}
+            env |= {
+                f"{prefix}_BASE_URL": f"http://127.0.0.1:{gate.port}",
+                f"{prefix}_API_KEY": "k",
+                f"{prefix}_H2C": "1",
+            }
             env |= {f"{prefix}_{k}": v for k, v in fast.items()}
         gateway = stack.enter_context(running_gateway(env))
         gateway.sim, gateway.gates = sim, gates
@@ -158,10 +163,16 @@ class Answer:
         started = time.monotonic()
         raw, self.status = b"", None
         t = {"connect": deadline_s, "read": deadline_s, "write": deadline_s, "pool": deadline_s}
-        with httpcore.ConnectionPool() as pool, pool.stream(
-            "POST", url, headers=[(b"content-type", b"application/json")], content=json.dumps(body).encode(),
-            extensions={"timeout": t},
-        ) as response:
+        with (
+            httpcore.ConnectionPool() as pool,
+            pool.stream(
+                "POST",
+                url,
+                headers=[(b"content-type", b"application/json")],
+                content=json.dumps(body).encode(),
+                extensions={"timeout": t},
+            ) as response,
+        ):
             self.status = response.status
             for chunk in response.iter_stream():
                 raw += chunk
@@ -217,8 +228,10 @@ def report(row: str, results: dict) -> None:
         errors = sum(1 for _, a in answers if any(d["type"] == "error" for d in a.data))
         attempts = sorted({a.attempts for _, a in answers})
         slowest = max(a.seconds for _, a in answers)
-        print(f"matrix: {row} | {shape}: clients={len(answers)} errors={errors} terminal={codes} "
-              f"attempts={attempts} slowest_terminal_s={slowest:.2f}")
+        print(
+            f"matrix: {row} | {shape}: clients={len(answers)} errors={errors} terminal={codes} "
+            f"attempts={attempts} slowest_terminal_s={slowest:.2f}"
+        )
 
 
 def assert_no_hang(results: dict) -> None:
@@ -269,7 +282,9 @@ def assert_pacers_idle(gw) -> None:
 
 def retries_total(gw, provider: str, reason: str) -> float:
     _, _, raw = request("GET", gw.url + "/metrics")
-    found = re.search(rf'sluice_upstream_retries_total\{{provider="{provider}",reason="{reason}"\}} (\S+)', raw.decode())
+    found = re.search(
+        rf'sluice_upstream_retries_total\{{provider="{provider}",reason="{reason}"\}} (\S+)', raw.decode()
+    )
     return float(found.group(1)) if found else 0.0
 
 
@@ -284,8 +299,9 @@ def test_connection_refused_until_the_port_opens_is_retried(gw):
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(burst, gw, "openai", "", 20.0)
         # 22 upstream calls (1 + 1 coalesced + 20) refused once each: now open the port
-        wait_until(lambda: retries_total(gw, "openai", "connect") - before >= 22, timeout=20,
-                   message="every call refused once")
+        wait_until(
+            lambda: retries_total(gw, "openai", "connect") - before >= 22, timeout=20, message="every call refused once"
+        )
         gate.open()
         results = pending.result()
     report("connection refused, then the port opens", results)
@@ -368,21 +384,30 @@ def test_a_fault_after_the_first_byte_gives_three_tokens_and_one_error_each(gw, 
 # --- a chat thread's reply is stored whatever happens --------------------------------------------
 
 
-@pytest.mark.parametrize("directive, status, code", [
-    ("fail=reset_mid fail_after_tokens=3", "error", "upstream_reset"),
-    ("fail=reset_first fail_times=1", "done", None),
-    ("fail=stall_first fail_times=1", "done", None),
-])
+@pytest.mark.parametrize(
+    "directive, status, code",
+    [
+        ("fail=reset_mid fail_after_tokens=3", "error", "upstream_reset"),
+        ("fail=reset_first fail_times=1", "done", None),
+        ("fail=stall_first fail_times=1", "done", None),
+    ],
+)
 def test_a_thread_reply_is_stored_complete_or_as_an_error_never_lost(gw, directive, status, code):
     status_code, _, raw = request("POST", gw.url + "/api/threads")
     assert status_code == 201, raw
     thread = json.loads(raw)["thread_id"]
     text = f"thread {uuid.uuid4().hex[:8]}:\n#sim {directive} tokens={TOKENS}"
     with ThreadPoolExecutor(5) as pool:  # five clients send the same turn at once
-        answers = list(pool.map(lambda _: Answer(f"{gw.url}/api/threads/{thread}/messages", {"content": text},
-                                                 READ_TIMEOUT_S + 15), range(5)))
+        answers = list(
+            pool.map(
+                lambda _: Answer(f"{gw.url}/api/threads/{thread}/messages", {"content": text}, READ_TIMEOUT_S + 15),
+                range(5),
+            )
+        )
     for answer in answers:
-        assert answer.terminal == [answer.data[-1]] and answer.data[-1]["type"] == ("done" if status == "done" else "error")
+        assert answer.terminal == [answer.data[-1]] and answer.data[-1]["type"] == (
+            "done" if status == "done" else "error"
+        )
     _, body = get_json(f"{gw.url}/api/threads/{thread}/messages")
     replies = [msg for msg in body["messages"] if msg["role"] == "assistant"]
     assert replies and all(r["status"] == status and r["error_code"] == code for r in replies), replies

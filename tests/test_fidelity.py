@@ -2,6 +2,7 @@
 adapter forwards the client's body unchanged but for the fields sluice owns; a
 cross-format adapter maps what has a counterpart and refuses the rest by name; the
 coalescing key covers exactly what goes upstream; the edge keeps OpenAI's message shapes."""
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,19 @@ from protocols.providers import anthropic, ollama, openai_chat, openai_responses
 
 pytestmark = pytest.mark.unit
 
-TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
-                                                                              "properties": {"city": {"type": "string"}}}}}
+TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
 TOOL_LOOP = [
     {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": None,
-     "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+        ],
+    },
     {"role": "tool", "tool_call_id": "call_1", "content": "18C, clear"},
 ]
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
@@ -37,19 +45,25 @@ def payload(module, body, model="m"):
 
 
 def test_openai_message_shapes_survive_validation():
-    messages = [{"role": "developer", "content": "Be brief.", "name": "ops"},
-                {"role": "user", "content": [{"type": "text", "text": "What is this?"}, IMAGE]}, *TOOL_LOOP]
+    messages = [
+        {"role": "developer", "content": "Be brief.", "name": "ops"},
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, IMAGE]},
+        *TOOL_LOOP,
+    ]
     chat = parse_chat({"model": "x", "stream": True, "messages": messages, "seed": 7, "user": "u1"})
     assert chat.body == {"messages": messages, "seed": 7, "user": "u1"}
 
 
-@pytest.mark.parametrize("message,where", [
-    ({"role": "tool", "content": "x"}, "tool_call_id"),
-    ({"role": "assistant", "content": None}, "content"),
-    ({"role": "user", "content": [{"type": "video"}]}, "content[0].type"),
-    ({"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}, "tool_calls[0]"),
-    ({"role": "user", "content": "x", "name": 3}, "name"),
-])
+@pytest.mark.parametrize(
+    "message,where",
+    [
+        ({"role": "tool", "content": "x"}, "tool_call_id"),
+        ({"role": "assistant", "content": None}, "content"),
+        ({"role": "user", "content": [{"type": "video"}]}, "content[0].type"),
+        ({"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}, "tool_calls[0]"),
+        ({"role": "user", "content": "x", "name": 3}, "name"),
+    ],
+)
 def test_malformed_openai_shapes_are_422_naming_the_place(message, where):
     with pytest.raises(RequestError) as info:
         parse_chat({"messages": [message]})
@@ -59,10 +73,14 @@ def test_malformed_openai_shapes_are_422_naming_the_place(message, where):
 # --- same format: forwarded as it came -------------------------------------------------------
 
 EXTRA_KEYS = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12).filter(
-    lambda k: k not in OWNED and k not in ("messages", "system", *VALIDATED))
+    lambda k: k not in OWNED and k not in ("messages", "system", *VALIDATED)
+)
 VALIDATED = ("temperature", "top_p", "max_tokens", "stop", "n")  # the edge checks their values (422)
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
@@ -84,9 +102,20 @@ def test_a_same_format_body_reaches_upstream_unchanged_but_for_owned_fields(modu
 
 
 def test_openai_sends_every_parameter_the_issue_names():
-    params = {"response_format": {"type": "json_object"}, "seed": 7, "logprobs": True, "top_logprobs": 2,
-              "parallel_tool_calls": False, "user": "u1", "metadata": {"a": "b"}, "presence_penalty": 0.5,
-              "frequency_penalty": 0.1, "logit_bias": {"50256": -100}, "n": 2, "max_completion_tokens": 9}
+    params = {
+        "response_format": {"type": "json_object"},
+        "seed": 7,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "parallel_tool_calls": False,
+        "user": "u1",
+        "metadata": {"a": "b"},
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.1,
+        "logit_bias": {"50256": -100},
+        "n": 2,
+        "max_completion_tokens": 9,
+    }
     sent = payload(openai_chat, {"messages": TOOL_LOOP, "tools": [TOOL], **params})
     assert {k: sent[k] for k in params} == params and sent["messages"] == TOOL_LOOP and sent["tools"] == [TOOL]
 
@@ -94,38 +123,65 @@ def test_openai_sends_every_parameter_the_issue_names():
 # --- the coalescing key is what goes upstream ---------------------------------------------------
 
 
-@pytest.mark.parametrize("field,a,b", [("seed", 1, 2), ("logprobs", True, False), ("user", "a", "b"),
-                                       ("response_format", {"type": "json_object"}, {"type": "text"}), ("n", 1, 2),
-                                       ("unknown_field", 1, None)])
+@pytest.mark.parametrize(
+    "field,a,b",
+    [
+        ("seed", 1, 2),
+        ("logprobs", True, False),
+        ("user", "a", "b"),
+        ("response_format", {"type": "json_object"}, {"type": "text"}),
+        ("n", 1, 2),
+        ("unknown_field", 1, None),
+    ],
+)
 def test_requests_differing_in_any_forwarded_field_have_different_keys(field, a, b):
     def key(value):
         body = {"messages": [{"role": "user", "content": "hi"}]} | ({field: value} if value is not None else {})
         return coalescing_key("openai", "m", parse_chat(body).body)
+
     assert key(a) != key(b) and key(a) == key(a)
 
 
 def test_owned_fields_do_not_change_the_key():
     base = {"messages": [{"role": "user", "content": "hi"}]}
     assert coalescing_key("p", "m", parse_chat(base).body) == coalescing_key(
-        "p", "m", parse_chat({**base, "stream": True, "stream_options": {"include_usage": True}, "model": "m"}).body)
+        "p", "m", parse_chat({**base, "stream": True, "stream_options": {"include_usage": True}, "model": "m"}).body
+    )
 
 
 # --- cross format: mapped or refused --------------------------------------------------------
 
 
 def test_anthropic_maps_a_tool_conversation_images_and_structured_output():
-    body = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "Look"}, IMAGE]},
-                         *TOOL_LOOP], "tools": [TOOL], "parallel_tool_calls": False, "user": "u1", "top_k": 5,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}
+    body = {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": [{"type": "text", "text": "Look"}, IMAGE]},
+            *TOOL_LOOP,
+        ],
+        "tools": [TOOL],
+        "parallel_tool_calls": False,
+        "user": "u1",
+        "top_k": 5,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+    }
     _, _, headers, data = anthropic.build_request(base_url="http://x", api_key=None, model="m", body=body)
     p = json.loads(data)
     assert p["system"] == "S" and p["top_k"] == 5 and p["metadata"] == {"user_id": "u1"}
-    assert p["messages"][0]["content"][1] == {"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                                                         "data": "iVBORw0KGgo="}}
-    assert p["messages"][2] == {"role": "assistant", "content": [
-        {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}]}
-    assert p["messages"][3] == {"role": "user", "content": [
-        {"type": "tool_result", "tool_use_id": "call_1", "content": [{"type": "text", "text": "18C, clear"}]}]}
+    assert p["messages"][0]["content"][1] == {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="},
+    }
+    assert p["messages"][2] == {
+        "role": "assistant",
+        "content": [{"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}],
+    }
+    assert p["messages"][3] == {
+        "role": "user",
+        "content": [
+            {"type": "tool_result", "tool_use_id": "call_1", "content": [{"type": "text", "text": "18C, clear"}]}
+        ],
+    }
     assert p["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
     assert p["output_format"] == {"type": "json_schema", "schema": {"type": "object"}}
     assert (b"anthropic-beta", anthropic.STRUCTURED_OUTPUTS_BETA) in headers
@@ -133,10 +189,17 @@ def test_anthropic_maps_a_tool_conversation_images_and_structured_output():
 
 
 def test_responses_and_agent_map_tool_calls_to_input_items():
-    body = {"messages": TOOL_LOOP, "tools": [TOOL], "response_format": {"type": "json_object"}, "reasoning_effort": "low"}
+    body = {
+        "messages": TOOL_LOOP,
+        "tools": [TOOL],
+        "response_format": {"type": "json_object"},
+        "reasoning_effort": "low",
+    }
     p = payload(openai_responses, body)
-    assert p["input"][1:] == [{"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
-                              {"type": "function_call_output", "call_id": "call_1", "output": "18C, clear"}]
+    assert p["input"][1:] == [
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "18C, clear"},
+    ]
     assert p["text"] == {"format": {"type": "json_object"}} and p["reasoning"] == {"effort": "low"}
     q = payload(perplexity_agent, {"messages": TOOL_LOOP, "tools": [TOOL]}, model="openai/gpt-5")
     assert q["input"][0] == {"type": "message", "role": "user", "content": "Weather in Paris?"}
@@ -144,8 +207,12 @@ def test_responses_and_agent_map_tool_calls_to_input_items():
 
 
 def test_ollama_maps_options_json_mode_images_and_tools():
-    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, IMAGE]}, *TOOL_LOOP[1:]],
-            "seed": 3, "response_format": {"type": "json_object"}, "max_completion_tokens": 9}
+    body = {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, IMAGE]}, *TOOL_LOOP[1:]],
+        "seed": 3,
+        "response_format": {"type": "json_object"},
+        "max_completion_tokens": 9,
+    }
     p = payload(ollama, body)
     assert p["options"] == {"seed": 3, "num_predict": 9} and p["format"] == "json"
     assert p["messages"][0] == {"role": "user", "content": "hi", "images": ["iVBORw0KGgo="]}
@@ -153,20 +220,30 @@ def test_ollama_maps_options_json_mode_images_and_tools():
     assert p["messages"][2] == {"role": "tool", "content": "18C, clear", "tool_name": "get_weather"}
 
 
-@pytest.mark.parametrize("module,extra,named", [
-    (anthropic, {"seed": 1}, "'seed'"),
-    (anthropic, {"logprobs": True}, "'logprobs'"),
-    (anthropic, {"n": 2}, "'n'"),
-    (anthropic, {"response_format": {"type": "json_object"}}, "'response_format'"),
-    (anthropic, {"frequency_penalty": 0.5}, "'frequency_penalty'"),
-    (openai_responses, {"stop": ["x"]}, "'stop'"),
-    (openai_responses, {"seed": 1}, "'seed'"),
-    (perplexity_agent, {"temperature": 0.3}, "'temperature'"),
-    (ollama, {"logit_bias": {"1": 2}}, "'logit_bias'"),
-    (ollama, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/i.png"}}]}]},
-     "'messages[0].content[0]'"),
-    (anthropic, {"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "'messages[0].name'"),
-])
+@pytest.mark.parametrize(
+    "module,extra,named",
+    [
+        (anthropic, {"seed": 1}, "'seed'"),
+        (anthropic, {"logprobs": True}, "'logprobs'"),
+        (anthropic, {"n": 2}, "'n'"),
+        (anthropic, {"response_format": {"type": "json_object"}}, "'response_format'"),
+        (anthropic, {"frequency_penalty": 0.5}, "'frequency_penalty'"),
+        (openai_responses, {"stop": ["x"]}, "'stop'"),
+        (openai_responses, {"seed": 1}, "'seed'"),
+        (perplexity_agent, {"temperature": 0.3}, "'temperature'"),
+        (ollama, {"logit_bias": {"1": 2}}, "'logit_bias'"),
+        (
+            ollama,
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/i.png"}}]}
+                ]
+            },
+            "'messages[0].content[0]'",
+        ),
+        (anthropic, {"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "'messages[0].name'"),
+    ],
+)
 def test_a_field_a_provider_cannot_honour_is_refused_by_name(module, extra, named):
     body = {"messages": [{"role": "user", "content": "x"}], **extra}
     problem = module.check(body)
@@ -175,8 +252,14 @@ def test_a_field_a_provider_cannot_honour_is_refused_by_name(module, extra, name
 
 @pytest.mark.parametrize("module", [anthropic, openai_responses, perplexity_agent, ollama], ids=lambda m: m.__name__)
 def test_fields_at_their_default_ask_nothing_and_pass(module):
-    body = {"messages": [{"role": "user", "content": "x"}], "n": 1, "logprobs": False, "presence_penalty": 0,
-            "response_format": {"type": "text"}, "seed": None}
+    body = {
+        "messages": [{"role": "user", "content": "x"}],
+        "n": 1,
+        "logprobs": False,
+        "presence_penalty": 0,
+        "response_format": {"type": "text"},
+        "seed": None,
+    }
     assert module.check(body) is None
 
 
@@ -193,22 +276,35 @@ def test_usage_is_left_out_when_the_provider_sent_none_never_zeros():
         completion.add(event)
     assert "usage" not in json.loads(completion.response().body)
     renderer = ChunkRenderer(_Admission(), "m", 0, include_usage=True)  # type: ignore[arg-type]
-    frames = [json.loads(f[6:]) for f in renderer.event(ev.done("stop", None)).split(b"\n\n") if f.startswith(b"data: {")]
+    frames = [
+        json.loads(f[6:]) for f in renderer.event(ev.done("stop", None)).split(b"\n\n") if f.startswith(b"data: {")
+    ]
     assert [f["choices"] for f in frames if not f["choices"]] == []  # no usage chunk
 
 
 def test_refusal_reasoning_citations_and_fingerprint_in_openai_shape():
     completion = Completion(_Admission(), "m", 0)  # type: ignore[arg-type]
-    for event in (ev.meta(system_fingerprint="fp"), ev.meta(reasoning="think"), ev.meta(refusal="no"),
-                  ev.meta(citations=["https://a"]), ev.meta(citations=["https://a", "https://b"]),
-                  ev.meta(tool_calls=[{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]),
-                  ev.usage(1, 2), ev.done("tool_calls", None)):
+    for event in (
+        ev.meta(system_fingerprint="fp"),
+        ev.meta(reasoning="think"),
+        ev.meta(refusal="no"),
+        ev.meta(citations=["https://a"]),
+        ev.meta(citations=["https://a", "https://b"]),
+        ev.meta(tool_calls=[{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]),
+        ev.usage(1, 2),
+        ev.done("tool_calls", None),
+    ):
         completion.add(event)
     body = json.loads(completion.response().body)
     message = body["choices"][0]["message"]
     assert body["system_fingerprint"] == "fp" and body["citations"] == ["https://a", "https://b"]
-    assert message == {"role": "assistant", "content": None, "refusal": "no", "reasoning_content": "think",
-                       "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    assert message == {
+        "role": "assistant",
+        "content": None,
+        "refusal": "no",
+        "reasoning_content": "think",
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    }
     assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
     renderer = ChunkRenderer(_Admission(), "m", 0, include_usage=False)  # type: ignore[arg-type]
     renderer.event(ev.meta(system_fingerprint="fp"))

@@ -4,6 +4,7 @@ three-turn tool conversation works, JSON mode and `chat.completions.parse` retur
 provider sent, logprobs, n > 1 and system_fingerprint come back, requests that differ only
 in `seed` are not coalesced, and a cross-format field that cannot be honoured is a 400
 naming it. (LangChain's ChatOpenAI is not installed: docs/providers.md.)"""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,14 @@ from tests.support import get_json, running_gateway
 
 pytestmark = pytest.mark.integration
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather by city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather by city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +47,20 @@ def upstream(gateway, text: str) -> list[dict]:
 
 def test_every_parameter_reaches_the_provider(client, gateway):
     text = unique()
-    params = {"seed": 7, "logprobs": True, "top_logprobs": 2, "user": "user-1", "metadata": {"team": "a"},
-              "presence_penalty": 0.5, "frequency_penalty": 0.25, "logit_bias": {"50256": -100}, "temperature": 0.3,
-              "max_completion_tokens": 40, "parallel_tool_calls": False, "response_format": {"type": "json_object"}}
+    params = {
+        "seed": 7,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "user": "user-1",
+        "metadata": {"team": "a"},
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.25,
+        "logit_bias": {"50256": -100},
+        "temperature": 0.3,
+        "max_completion_tokens": 40,
+        "parallel_tool_calls": False,
+        "response_format": {"type": "json_object"},
+    }
     messages = [{"role": "developer", "content": "JSON please.", "name": "ops"}, {"role": "user", "content": text}]
     client.chat.completions.create(model="sim-1", messages=messages, tools=[WEATHER], **params)
     [body] = upstream(gateway, text)
@@ -52,8 +70,10 @@ def test_every_parameter_reaches_the_provider(client, gateway):
 
 def test_image_parts_reach_the_provider(client, gateway):
     text = unique()
-    content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=",
-                                                                                  "detail": "low"}}]
+    content = [
+        {"type": "text", "text": text},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
+    ]
     client.chat.completions.create(model="sim-1", messages=[{"role": "user", "content": content}])
     assert upstream(gateway, text)[0]["messages"] == [{"role": "user", "content": content}]
 
@@ -74,11 +94,16 @@ def test_a_three_turn_tool_conversation(client, gateway, stream):
     [call] = first.message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "sim"}
     assert call.id.startswith("call_sim")
-    messages += [first.message.model_dump(exclude_none=True),
-                 {"role": "tool", "tool_call_id": call.id, "content": "18C and clear"}]
+    messages += [
+        first.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18C and clear"},
+    ]
     second = ask()
     assert second.finish_reason == "stop" and second.message.content
-    messages += [{"role": "assistant", "content": second.message.content}, {"role": "user", "content": "thanks " + text}]
+    messages += [
+        {"role": "assistant", "content": second.message.content},
+        {"role": "user", "content": "thanks " + text},
+    ]
     third = ask()
     assert third.finish_reason == "tool_calls"  # a new user turn: the model calls again
     bodies = upstream(gateway, text)
@@ -92,10 +117,15 @@ def test_a_three_turn_tool_conversation(client, gateway, stream):
 @pytest.mark.parametrize("stream", [False, True])
 def test_json_mode_returns_what_the_provider_sent(client, stream):
     text = unique("tokens=5")
-    kwargs = {"model": "sim-1", "messages": [{"role": "user", "content": text}], "response_format": {"type": "json_object"}}
+    kwargs = {
+        "model": "sim-1",
+        "messages": [{"role": "user", "content": text}],
+        "response_format": {"type": "json_object"},
+    }
     if stream:
-        content = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
-                          if c.choices)
+        content = "".join(
+            c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs) if c.choices
+        )
     else:
         content = client.chat.completions.create(**kwargs).choices[0].message.content
     assert set(json.loads(content)) == {"answer"}
@@ -109,25 +139,36 @@ class Weather(pydantic.BaseModel):
 
 def test_structured_output_parses(client, gateway):
     text = unique()
-    parsed = client.chat.completions.parse(model="sim-1", messages=[{"role": "user", "content": text}],
-                                           response_format=Weather).choices[0].message.parsed
+    parsed = (
+        client.chat.completions.parse(
+            model="sim-1", messages=[{"role": "user", "content": text}], response_format=Weather
+        )
+        .choices[0]
+        .message.parsed
+    )
     assert parsed == Weather(city="sim", celsius=1, sunny=True)
     assert upstream(gateway, text)[0]["response_format"]["type"] == "json_schema"
 
 
 def test_logprobs_n_and_fingerprint_come_back(client):
     text = unique("tokens=3")
-    completion = client.chat.completions.create(model="sim-1", messages=[{"role": "user", "content": text}], n=2,
-                                                logprobs=True, top_logprobs=2)
+    completion = client.chat.completions.create(
+        model="sim-1", messages=[{"role": "user", "content": text}], n=2, logprobs=True, top_logprobs=2
+    )
     assert [c.index for c in completion.choices] == [0, 1] and completion.system_fingerprint == "fp_sim"
     first, second = completion.choices
     assert first.message.content != second.message.content
     assert "".join(t.token for t in first.logprobs.content) == first.message.content
     assert len(first.logprobs.content[0].top_logprobs) == 2
-    chunks = list(client.chat.completions.create(model="sim-1", messages=[{"role": "user", "content": text}], n=2,
-                                                 logprobs=True, stream=True))
-    by_choice = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
-                 for i in (0, 1)}
+    chunks = list(
+        client.chat.completions.create(
+            model="sim-1", messages=[{"role": "user", "content": text}], n=2, logprobs=True, stream=True
+        )
+    )
+    by_choice = {
+        i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        for i in (0, 1)
+    }
     assert by_choice == {0: first.message.content, 1: second.message.content}
     assert all(c.system_fingerprint == "fp_sim" for c in chunks[1:])
     assert {c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason} == {"stop"}
@@ -139,8 +180,11 @@ def test_requests_differing_only_in_seed_are_not_coalesced(gateway):
 
     def ask(seed: int) -> None:
         with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=20) as c:
-            results[seed] = c.chat.completions.create(model="sim-1", messages=[{"role": "user", "content": text}],
-                                                      seed=seed).choices[0].message.content
+            results[seed] = (
+                c.chat.completions.create(model="sim-1", messages=[{"role": "user", "content": text}], seed=seed)
+                .choices[0]
+                .message.content
+            )
 
     threads = [threading.Thread(target=ask, args=(seed,)) for seed in (1, 1, 2)]
     for t in threads:
@@ -158,12 +202,29 @@ def test_an_unsupported_cross_format_field_is_a_400_naming_it(sim):
         with pytest.raises(openai.BadRequestError) as info:
             c.chat.completions.create(model="anthropic/claude-x", messages=[{"role": "user", "content": text}], seed=3)
         assert info.value.code == "unsupported_parameter" and "'seed'" in info.value.message
-        messages = [{"role": "user", "content": text}, {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
-                    {"role": "tool", "tool_call_id": "toolu_1", "content": "3C"}]
+        messages = [
+            {"role": "user", "content": text},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "toolu_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "3C"},
+        ]
         answer = c.chat.completions.create(model="anthropic/claude-x", messages=messages, tools=[WEATHER])
         assert answer.choices[0].message.content
-        [body] = [r["body"] for r in get_json(sim + "/stats")[1]["requests"]
-                  if r["path"] == "/v1/messages" and text.split("\n")[0] in json.dumps(r["body"])]
-        assert body["messages"][2] == {"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "3C"}]}]}
+        [body] = [
+            r["body"]
+            for r in get_json(sim + "/stats")[1]["requests"]
+            if r["path"] == "/v1/messages" and text.split("\n")[0] in json.dumps(r["body"])
+        ]
+        assert body["messages"][2] == {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "3C"}]}],
+        }

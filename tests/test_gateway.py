@@ -1,5 +1,6 @@
 """The running gateway end to end: real actor system, real uvicorn, real simulated
 provider over HTTP/2, real HTTP from the client."""
+
 from __future__ import annotations
 
 import json
@@ -144,7 +145,9 @@ def test_bad_input_gets_clear_json_errors(gateway):
     assert status == 404 and err["code"] == "not_found"
     status, err = _error(request("GET", url))
     assert status == 405
-    status, err = _error(request("POST", url, {"messages": [{"role": "user", "content": "x"}], "provider": "anthropic"}))
+    status, err = _error(
+        request("POST", url, {"messages": [{"role": "user", "content": "x"}], "provider": "anthropic"})
+    )
     assert status == 400 and "ANTHROPIC_API_KEY" in err["message"]
     # ...and none of it hurt: the gateway still streams and every actor still answers.
     assert stream_chat(url, chat_body(unique() + "\n#sim tokens=1"))[0] == 200

@@ -1,6 +1,7 @@
 """HTTP/2 reads without a lock convoy (patches/httpcore_h2_reads.py), against the simulated provider
 over h2c: every stream of a busy connection gets each event without waiting for other
 streams' reads, and cancelling the stream that is reading never strands the others."""
+
 from __future__ import annotations
 
 import asyncio
@@ -21,12 +22,15 @@ STREAMS = 20
 
 def body(i: int, **knobs) -> bytes:
     directive = "#sim " + " ".join(f"{k}={v}" for k, v in knobs.items())
-    return json.dumps({"model": "sim", "stream": True, "messages": [{"role": "user", "content": f"q{i} {directive}"}]}).encode()
+    return json.dumps(
+        {"model": "sim", "stream": True, "messages": [{"role": "user", "content": f"q{i} {directive}"}]}
+    ).encode()
 
 
 async def stream(pool, sim, i: int, ids: dict | None = None, **knobs) -> bytes:
-    async with pool.stream("POST", sim.url + "/v1/chat/completions", content=body(i, **knobs),
-                           headers={"content-type": "application/json"}) as response:
+    async with pool.stream(
+        "POST", sim.url + "/v1/chat/completions", content=body(i, **knobs), headers={"content-type": "application/json"}
+    ) as response:
         assert response.status == 200
         if ids is not None:
             ids[response.extensions["stream_id"]] = i  # HTTP/2 stream id -> our stream number

@@ -1,6 +1,7 @@
 """The header-read deadline and the per-address connection cap (edge/http_limits.py), on a
 real uvicorn over loopback with both of its HTTP/1.1 implementations, and wired into
 run.py's gateway."""
+
 from __future__ import annotations
 
 import socket
@@ -30,7 +31,11 @@ async def ok(request):
 def serving(impl: str, header_timeout_s: float, max_per_client: int):
     port = free_port()
     config = uvicorn.Config(
-        Starlette(routes=[Route("/ok", ok)]), host="127.0.0.1", port=port, lifespan="off", log_level="warning",
+        Starlette(routes=[Route("/ok", ok)]),
+        host="127.0.0.1",
+        port=port,
+        lifespan="off",
+        log_level="warning",
         timeout_keep_alive=60,  # so a close is the header deadline's, not keep-alive's
         http=protocol_class(ConnectionLimits(header_timeout_s, max_per_client), impl),
     )

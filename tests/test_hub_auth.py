@@ -3,6 +3,7 @@ socket that does not answer the challenge gets nothing and is closed, whatever i
 an edge with another secret is refused; an authenticated edge without the ticket for its
 own edge id gets `SubscribeRefused` and no event; the admitted edge gets everything.
 Real StreamHub and HubClient (or a raw socket) over loopback TCP, in one process."""
+
 from __future__ import annotations
 
 import asyncio
@@ -164,9 +165,22 @@ def test_an_authenticated_edge_without_its_own_ticket_gets_no_event_of_the_strea
             hub.publish(STREAM, [ev.delta("part two"), ev.done("stop")])
             await until(lambda: sum(len(events) for _, events in got_a) == 3)
 
-            refused = [(None, [ev.error("forbidden", "the stream hub refused this stream: this edge was not admitted to this stream")])]
+            refused = [
+                (
+                    None,
+                    [
+                        ev.error(
+                            "forbidden", "the stream hub refused this stream: this edge was not admitted to this stream"
+                        )
+                    ],
+                )
+            ]
             assert got_b_stolen == refused and got_b_none == refused
-            assert [e.get("delta") for _, events in got_a for e in events] == ["secret answer, part one ", "part two", None]
+            assert [e.get("delta") for _, events in got_a for e in events] == [
+                "secret answer, part one ",
+                "part two",
+                None,
+            ]
             assert hub.subscriber_count(STREAM) == 1 and hub.refused_subscribes == 2
         finally:
             await admitted.close()
@@ -180,7 +194,9 @@ def test_a_refused_subscribe_sends_not_one_stream_frame_on_the_wire():
         raw = await RawEdge.connect(port, secret, "edge-b")
         try:
             raw.send(m.Subscribe(STREAM, auth.ticket(secret, STREAM, "edge-a")))
-            assert await raw.next_message() == m.SubscribeRefused(STREAM, "forbidden", "this edge was not admitted to this stream")
+            assert await raw.next_message() == m.SubscribeRefused(
+                STREAM, "forbidden", "this edge was not admitted to this stream"
+            )
             hub.publish(STREAM, [ev.delta("part two")])
             # A second refusal on the same connection: anything the publish had queued for
             # this connection would arrive before it.

@@ -2,6 +2,7 @@
 while coalescing was being switched back on): both get every event, and one leaving
 neither starves the other nor leaves the hub subscription behind. Real StreamHub and
 HubClient over loopback TCP."""
+
 from __future__ import annotations
 
 import asyncio
@@ -38,7 +39,8 @@ def test_two_listeners_on_one_stream_each_get_everything_and_leave_alone():
         def listener(got):  # like edge/streams.py: keep only what this flight lacks
             def on_frame(seq, events):
                 if seq <= len(got):
-                    got.extend(events[len(got) - seq:])
+                    got.extend(events[len(got) - seq :])
+
             return on_frame
 
         listener_a, listener_b = listener(got_a), listener(got_b)

@@ -1,6 +1,7 @@
 """Against the real gateway (issue 10): a local process that knows a live stream's id (an
 admin's `show pool` lists them) and connects to the Pool's stream hub gets none of it;
 nothing the actors report (admin show, /readyz) contains a prompt."""
+
 from __future__ import annotations
 
 import json
@@ -97,7 +98,9 @@ def test_a_raw_socket_to_the_hub_gets_nothing_of_a_live_stream(gw):
                 if answer_with is not None:
                     nonce = raw.recv(hub_hello.NONCE_BYTES, socket.MSG_WAITALL)
                     raw.sendall(hub_hello.answer(answer_with, nonce, "edge-intruder"))
-                raw.sendall(m.encode(m.Subscribe(stream_id, auth.ticket(answer_with or b"", stream_id, "edge-intruder"))))
+                raw.sendall(
+                    m.encode(m.Subscribe(stream_id, auth.ticket(answer_with or b"", stream_id, "edge-intruder")))
+                )
                 received = read_to_eof(raw)
             most = hub_hello.NONCE_BYTES if answer_with is None else 0  # the challenge, nothing more
             assert len(received) <= most, received

@@ -1,5 +1,6 @@
 """The hub's writes to an edge (actors/hub.py): a lone frame leaves on the next turn of the
 loop; frames that follow within FLUSH_GAP_S of a write share the next one, in order."""
+
 from __future__ import annotations
 
 import asyncio

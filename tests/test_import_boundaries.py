@@ -1,6 +1,7 @@
 """Who may import whom: the edge talks to the actors through messages and the schemas in
 protocols/, not through the actors' code (issue 12). Read from the source with `ast`, so an
 import inside a function counts too."""
+
 from __future__ import annotations
 
 import ast
@@ -32,7 +33,11 @@ def imports(path: Path) -> list[tuple[str, str]]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             for alias in node.names:
                 # `from actors import system` imports the module actors.system
-                out.append((f"{node.module}.{alias.name}", "*") if node.module in ("actors", "edge", "sim") else (node.module, alias.name))
+                out.append(
+                    (f"{node.module}.{alias.name}", "*")
+                    if node.module in ("actors", "edge", "sim")
+                    else (node.module, alias.name)
+                )
     return out
 
 
@@ -49,7 +54,9 @@ def actor_imports_not_allowed(path: Path) -> list[str]:
 
 def test_the_edge_imports_no_actor_code_beyond_the_plumbing():
     wrong = [w for path in sorted((ROOT / "edge").glob("*.py")) for w in actor_imports_not_allowed(path)]
-    assert not wrong, "edge/ imports actor code (use protocols/ for schemas, role names, validation):\n" + "\n".join(wrong)
+    assert not wrong, "edge/ imports actor code (use protocols/ for schemas, role names, validation):\n" + "\n".join(
+        wrong
+    )
 
 
 def test_protocols_import_nothing_above_them():
@@ -70,4 +77,7 @@ def test_the_checker_sees_a_forbidden_import(tmp_path):
         "    from actors.supervisor import SUPERVISOR_NAME, SupervisorActor\n"
     )
     assert actor_imports_not_allowed(sample) == [
-        "sample.py: actors.alerts *", "sample.py: actors.pacer_logic PacerSettings", "sample.py: actors.supervisor SUPERVISOR_NAME"]
+        "sample.py: actors.alerts *",
+        "sample.py: actors.pacer_logic PacerSettings",
+        "sample.py: actors.supervisor SUPERVISOR_NAME",
+    ]

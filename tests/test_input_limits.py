@@ -1,5 +1,6 @@
 """Bad bodies against the real gateway: every one answered with a clear 4xx JSON error,
 never a 500, a hang or a dead flight (issue 10, "Safe to expose")."""
+
 from __future__ import annotations
 
 import asyncio
@@ -98,13 +99,28 @@ def test_the_bridge_turns_an_encoding_failure_into_a_bridge_error():
 
 BAD_BODIES = [
     # (raw body, status, code, where the message must point)
-    (b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}", 422, "integer_out_of_range", "seed"),
+    (
+        b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}",
+        422,
+        "integer_out_of_range",
+        "seed",
+    ),
     (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 422, "invalid_string", "messages[0].content"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "response_format": ' + b"[" * 100 + b"]" * 100 + b"}", 400, "nesting_too_deep", "response_format"),
+    (
+        b'{"messages": [{"role": "user", "content": "hi"}], "response_format": ' + b"[" * 100 + b"]" * 100 + b"}",
+        400,
+        "nesting_too_deep",
+        "response_format",
+    ),
     (b"[" * 100_000, 400, "nesting_too_deep", "64"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 422, "non_finite_number", "temperature"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 1e999}', 422, "non_finite_number", "top_p"),
-    (b'{"messages": [{"role": "user", "content": "hi", "extra": {"n": -9223372036854775809}}]}', 422, "integer_out_of_range", "messages[0].extra.n"),
+    (
+        b'{"messages": [{"role": "user", "content": "hi", "extra": {"n": -9223372036854775809}}]}',
+        422,
+        "integer_out_of_range",
+        "messages[0].extra.n",
+    ),
 ]
 
 

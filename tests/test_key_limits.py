@@ -1,6 +1,7 @@
 """The key limits the Metrics actor holds for every edge worker (actors/key_limits.py):
 the one-process verdicts of edge/api_keys.py, counted across edges, with what a dead edge
 held released. Driven directly, with an injected clock."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,10 @@ pytestmark = pytest.mark.unit
 @pytest.fixture
 def limits(tmp_path):
     path = tmp_path / "keys.json"
-    keys = [{"id": "a", "sha256": hash_key("sk-a"), "rpm": 2, "concurrency": 1}, {"id": "b", "sha256": hash_key("sk-b")}]
+    keys = [
+        {"id": "a", "sha256": hash_key("sk-a"), "rpm": 2, "concurrency": 1},
+        {"id": "b", "sha256": hash_key("sk-b")},
+    ]
     path.write_text(json.dumps({"keys": keys}))
     return KeyLimits(str(path), clock=lambda: 100.0)
 
@@ -41,7 +45,7 @@ def test_a_dead_edges_requests_are_finished_and_a_finish_is_counted_once(limits)
     limits.ingest(finish("edge-1"))  # its late record changes nothing
     assert limits.state()["usage"]["a"]["open_streams"] == 0
     assert 'sluice_key_requests_total{key_id="a",outcome="edge_lost"} 1' in limits.prometheus()
-    assert "outcome=\"done\"" not in limits.prometheus()
+    assert 'outcome="done"' not in limits.prometheus()
 
 
 def test_auth_failures_and_malformed_records(limits):

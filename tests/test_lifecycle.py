@@ -1,5 +1,6 @@
 """Starting and stopping run.py: bad configuration, Ctrl-C mid-stream, a killed
 gateway, and sockets that stay on loopback. Each test runs a gateway of its own."""
+
 from __future__ import annotations
 
 import signal
@@ -48,7 +49,9 @@ def test_bad_configuration_fails_fast_naming_the_variable():
 def test_ctrl_c_mid_stream_ends_the_stream_and_leaves_nothing():
     gw = Gateway().start()  # its own simulated provider: run.py starts one
     try:
-        client = SSEClient(gw.url + "/api/chat", chat_body(f"long {uuid.uuid4()}\n#sim tokens=1000 token_interval_ms=20"))
+        client = SSEClient(
+            gw.url + "/api/chat", chat_body(f"long {uuid.uuid4()}\n#sim tokens=1000 token_interval_ms=20")
+        )
         while client.next()[1].get("type") != "delta":
             pass
         gw.proc.send_signal(signal.SIGINT)

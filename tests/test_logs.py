@@ -2,6 +2,7 @@
 SLUICE_LOG_FORMAT=json every line the gateway's processes print is one JSON object; each
 request gets one access line when its response ends; a prompt, an Authorization header or
 an API key never reaches the log, unless SLUICE_LOG_PROMPTS=1 lets the messages in."""
+
 from __future__ import annotations
 
 import json
@@ -78,7 +79,9 @@ def test_json_logs_with_an_access_line_per_request_and_no_secrets(sim):
     with running_gateway(env) as gw:
         seen = run_traffic(gw, prompt, secret)
         # the disconnected stream's line is written when the edge notices it left
-        wait_until(lambda: '"outcome": "cancelled"' in Path(gw.log_path).read_text(), timeout=10, message="its access line")
+        wait_until(
+            lambda: '"outcome": "cancelled"' in Path(gw.log_path).read_text(), timeout=10, message="its access line"
+        )
         lines, text = stop_and_read(gw)
     assert prompt not in text and secret not in text and seen["unknown"] not in text
     assert {"uvicorn.error", "sluice", "sluice.access", "sluice.server"} <= {line["logger"] for line in lines}
@@ -99,7 +102,12 @@ def test_json_logs_with_an_access_line_per_request_and_no_secrets(sim):
 
 def test_log_prompts_lets_the_messages_in_but_never_the_key(sim):
     prompt, secret = f"distinctive-prompt-{uuid.uuid4().hex}", f"sk-sluice-{uuid.uuid4().hex}"
-    env = {"SIMULATED_BASE_URL": sim, "SLUICE_LOG_FORMAT": "json", "SLUICE_LOG_LEVEL": "INFO", "SLUICE_LOG_PROMPTS": "1"}
+    env = {
+        "SIMULATED_BASE_URL": sim,
+        "SLUICE_LOG_FORMAT": "json",
+        "SLUICE_LOG_LEVEL": "INFO",
+        "SLUICE_LOG_PROMPTS": "1",
+    }
     with running_gateway(env) as gw:
         status, _, events = stream_chat(gw.url + "/api/chat", chat_body(prompt), {"authorization": f"Bearer {secret}"})
         assert status == 200

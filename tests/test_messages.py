@@ -1,6 +1,7 @@
 """The message schema and codec: every type round-trips; bad bytes become Invalid values,
 never exceptions; and on the real actor system a bad message gets an error reply and
 the actor keeps working."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,7 +55,9 @@ def test_bad_bytes_are_values_saying_what_is_wrong():
         msgpack.packb(["nope", 1, {}]): "unknown message type",
         msgpack.packb(["cancel", 99, {}]): "unsupported version",
         msgpack.packb(["cancel", 1, {"stream_id": "s"}]): "missing field",
-        msgpack.packb(["cancel", 1, {"stream_id": 5, "edge_id": "e", "requested_at": 1.0}]): "cancel.stream_id: expected str",
+        msgpack.packb(
+            ["cancel", 1, {"stream_id": 5, "edge_id": "e", "requested_at": 1.0}]
+        ): "cancel.stream_id: expected str",
         msgpack.packb(["cancel", 1, {"stream_id": "s", "edge_id": "e", "requested_at": 1.0, "x": 1}]): "unknown field",
         msgpack.packb(["lease_queued", 1, {"lease_id": "l", "position": True}]): "expected int",
     }
@@ -72,7 +75,17 @@ def test_decoding_random_bytes_never_raises(data):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(st.text(max_size=5), st.integers(-(2**63), 2**63 - 1), st.none(), st.dictionaries(st.text(max_size=3), st.integers(0, 9))), max_size=4))
+@given(
+    st.lists(
+        st.one_of(
+            st.text(max_size=5),
+            st.integers(-(2**63), 2**63 - 1),
+            st.none(),
+            st.dictionaries(st.text(max_size=3), st.integers(0, 9)),
+        ),
+        max_size=4,
+    )
+)
 def test_decoding_random_structures_never_raises(raw):
     result = m.decode(msgpack.packb(raw))
     assert isinstance(result, codec.Invalid) or hasattr(type(result), "TAG")
@@ -113,7 +126,11 @@ print("ok")
 def test_an_actor_answers_a_bad_message_with_an_error_and_keeps_working(gateway):
     # A process of its own: ActorSystem() is a per-process singleton.
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, str(gateway.actor_port)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", PROBE, str(gateway.actor_port)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "SLUICE_CLUSTER_SECRET": gateway.cluster_secret()},
     )
     assert result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -1,4 +1,5 @@
 """Unit tests for actors/metrics_logic.py: records in, percentiles and Prometheus text out."""
+
 from __future__ import annotations
 
 import math
@@ -15,22 +16,35 @@ pytestmark = pytest.mark.unit
 NOW = 1_000_000.0
 
 
-def req(i=0, *, role="leader", outcome="done", ttft=100.0, qw=0.0, lat=500.0, at=None,
-        error_code=None):
-    return {"kind": "request", "request_id": f"r{i}", "role": role, "outcome": outcome,
-            "error_code": error_code, "ttft_ms": ttft, "queue_wait_ms": qw,
-            "latency_ms": lat, "at": NOW + i if at is None else at}
+def req(i=0, *, role="leader", outcome="done", ttft=100.0, qw=0.0, lat=500.0, at=None, error_code=None):
+    return {
+        "kind": "request",
+        "request_id": f"r{i}",
+        "role": role,
+        "outcome": outcome,
+        "error_code": error_code,
+        "ttft_ms": ttft,
+        "queue_wait_ms": qw,
+        "latency_ms": lat,
+        "at": NOW + i if at is None else at,
+    }
 
 
 def up(i=0, *, provider="sim", outcome="done", at=None):
-    return {"kind": "upstream", "stream_id": f"s{i}", "provider": provider,
-            "outcome": outcome, "error_code": None, "upstream_ttft_ms": 80.0,
-            "latency_ms": 400.0, "at": NOW + i if at is None else at}
+    return {
+        "kind": "upstream",
+        "stream_id": f"s{i}",
+        "provider": provider,
+        "outcome": outcome,
+        "error_code": None,
+        "upstream_ttft_ms": 80.0,
+        "latency_ms": 400.0,
+        "at": NOW + i if at is None else at,
+    }
 
 
 def cancel(i=0, ms=50.0, at=None):
-    return {"kind": "cancel", "stream_id": f"s{i}", "cancel_ms": ms,
-            "at": NOW + i if at is None else at}
+    return {"kind": "cancel", "stream_id": f"s{i}", "cancel_ms": ms, "at": NOW + i if at is None else at}
 
 
 def gauge(name, value, labels=None, at=NOW):
@@ -55,8 +69,7 @@ def test_nearest_rank_small_samples():
     assert (nearest_rank(s, 50), nearest_rank(s, 95), nearest_rank(s, 99)) == (5, 10, 10)
 
 
-@given(st.lists(st.floats(min_value=0, max_value=1e6), min_size=1, max_size=200),
-       st.sampled_from([50, 95, 99]))
+@given(st.lists(st.floats(min_value=0, max_value=1e6), min_size=1, max_size=200), st.sampled_from([50, 95, 99]))
 @settings(max_examples=200, deadline=None)
 def test_nearest_rank_definition(samples, p):
     s = sorted(samples)
@@ -84,9 +97,20 @@ def test_performance_percentiles_from_records():
 def test_exact_key_set_and_empty_window():
     p = MetricsLogic().performance(100, NOW)
     # the sign-off's shape, and the optional provider breakdown (issue 18)
-    assert set(p) == {"ttft_ms", "queue_wait_ms", "latency_ms", "cancel_ms", "error_rate",
-                      "coalesce", "upstream_calls", "active_streams", "window",
-                      "provider_ttft_ms", "added_ttft_ms", "by_provider"}
+    assert set(p) == {
+        "ttft_ms",
+        "queue_wait_ms",
+        "latency_ms",
+        "cancel_ms",
+        "error_rate",
+        "coalesce",
+        "upstream_calls",
+        "active_streams",
+        "window",
+        "provider_ttft_ms",
+        "added_ttft_ms",
+        "by_provider",
+    }
     assert p["by_provider"] == []
     for k in ("ttft_ms", "queue_wait_ms", "latency_ms", "cancel_ms", "provider_ttft_ms", "added_ttft_ms"):
         assert p[k] == {"p50": None, "p95": None, "p99": None, "count": 0}
@@ -100,9 +124,14 @@ def test_exact_key_set_and_empty_window():
 def test_none_samples_are_skipped():
     m = MetricsLogic()
     # requests that never got a first token (rejected, cancelled while queued)
-    m.ingest([req(0, ttft=None, qw=None, outcome="rejected"),
-              req(1, ttft=None, qw=None, outcome="cancelled"),
-              req(2, ttft=300.0, qw=10.0)], NOW)
+    m.ingest(
+        [
+            req(0, ttft=None, qw=None, outcome="rejected"),
+            req(1, ttft=None, qw=None, outcome="cancelled"),
+            req(2, ttft=300.0, qw=10.0),
+        ],
+        NOW,
+    )
     p = m.performance(100, NOW)
     assert p["ttft_ms"] == {"p50": 300.0, "p95": 300.0, "p99": 300.0, "count": 1}
     assert p["queue_wait_ms"]["count"] == 1
@@ -168,24 +197,27 @@ def test_ring_capacity_bounds_memory():
     assert p["ttft_ms"]["p50"] == 19.0  # the oldest kept is 15
     # cumulative counters are not bounded by the ring
     fam = _families(m)
-    assert _sample(fam, "sluice_requests", "sluice_requests_total",
-                   outcome="done", role="leader") == 25
+    assert _sample(fam, "sluice_requests", "sluice_requests_total", outcome="done", role="leader") == 25
 
 
 def test_active_streams_gauge_latest_wins_and_sums():
     m = MetricsLogic()
-    m.ingest([gauge("active_streams", 3, {"pool": "a"}, at=NOW),
-              gauge("active_streams", 5, {"pool": "a"}, at=NOW + 1),
-              gauge("active_streams", 2, {"pool": "a"}, at=NOW - 1),  # late delivery: ignored
-              gauge("active_streams", 4, {"pool": "b"}, at=NOW)], NOW)
+    m.ingest(
+        [
+            gauge("active_streams", 3, {"pool": "a"}, at=NOW),
+            gauge("active_streams", 5, {"pool": "a"}, at=NOW + 1),
+            gauge("active_streams", 2, {"pool": "a"}, at=NOW - 1),  # late delivery: ignored
+            gauge("active_streams", 4, {"pool": "b"}, at=NOW),
+        ],
+        NOW,
+    )
     assert m.performance(100, NOW)["active_streams"] == 9
     assert isinstance(m.performance(100, NOW)["active_streams"], int)
 
 
 def test_reset_clears_window_not_counters():
     m = MetricsLogic()
-    m.ingest([req(i, outcome="error") for i in range(5)] + [cancel(0), up(0),
-              gauge("active_streams", 2)], NOW)
+    m.ingest([req(i, outcome="error") for i in range(5)] + [cancel(0), up(0), gauge("active_streams", 2)], NOW)
     m.reset(NOW + 1)
     p = m.performance(100, NOW + 1)
     assert p["latency_ms"]["count"] == 0 and p["cancel_ms"]["count"] == 0
@@ -193,39 +225,44 @@ def test_reset_clears_window_not_counters():
     assert p["active_streams"] == 2  # gauges are current state, kept
     assert m.summary(NOW + 1)["reset_at"] == NOW + 1
     fam = _families(m)
-    assert _sample(fam, "sluice_requests", "sluice_requests_total",
-                   outcome="error", role="leader") == 5
-    assert _sample(fam, "sluice_request_duration_seconds",
-                   "sluice_request_duration_seconds_count") == 5
+    assert _sample(fam, "sluice_requests", "sluice_requests_total", outcome="error", role="leader") == 5
+    assert _sample(fam, "sluice_request_duration_seconds", "sluice_request_duration_seconds_count") == 5
 
 
 # --- malformed input ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", [
-    None, 42, "request", [], {},
-    {"kind": "nope"},
-    {**req(), "role": "boss"},
-    {**req(), "outcome": "timeout"},
-    {**req(), "latency_ms": None},
-    {**req(), "latency_ms": -1.0},
-    {**req(), "latency_ms": float("nan")},
-    {**req(), "ttft_ms": float("inf")},
-    {**req(), "ttft_ms": "12"},
-    {**req(), "ttft_ms": True},
-    {**req(), "error_code": 5},
-    {k: v for k, v in req().items() if k != "at"},
-    {k: v for k, v in req().items() if k != "request_id"},
-    {**up(), "outcome": "rejected"},  # not an upstream outcome
-    {**up(), "provider": None},
-    {**cancel(), "cancel_ms": -5},
-    {k: v for k, v in cancel().items() if k != "stream_id"},
-    gauge("made_up", 1),
-    gauge("pacer_tokens", "1"),
-    gauge("pacer_tokens", 1, {"bad-name": "x"}),
-    gauge("pacer_tokens", 1, {"provider": 3}),
-    {**gauge("pacer_tokens", 1), "labels": ["provider"]},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        42,
+        "request",
+        [],
+        {},
+        {"kind": "nope"},
+        {**req(), "role": "boss"},
+        {**req(), "outcome": "timeout"},
+        {**req(), "latency_ms": None},
+        {**req(), "latency_ms": -1.0},
+        {**req(), "latency_ms": float("nan")},
+        {**req(), "ttft_ms": float("inf")},
+        {**req(), "ttft_ms": "12"},
+        {**req(), "ttft_ms": True},
+        {**req(), "error_code": 5},
+        {k: v for k, v in req().items() if k != "at"},
+        {k: v for k, v in req().items() if k != "request_id"},
+        {**up(), "outcome": "rejected"},  # not an upstream outcome
+        {**up(), "provider": None},
+        {**cancel(), "cancel_ms": -5},
+        {k: v for k, v in cancel().items() if k != "stream_id"},
+        gauge("made_up", 1),
+        gauge("pacer_tokens", "1"),
+        gauge("pacer_tokens", 1, {"bad-name": "x"}),
+        gauge("pacer_tokens", 1, {"provider": 3}),
+        {**gauge("pacer_tokens", 1), "labels": ["provider"]},
+    ],
+)
 def test_malformed_records_are_counted_and_skipped(bad):
     m = MetricsLogic()
     m.ingest([bad, req(1)], NOW)  # the good record after it still lands
@@ -234,10 +271,8 @@ def test_malformed_records_are_counted_and_skipped(bad):
     assert m.summary(NOW)["rejected_records"] == 1
     # a rejected record leaves no trace in counters or histograms
     fam = _families(m)
-    assert _sample(fam, "sluice_request_duration_seconds",
-                   "sluice_request_duration_seconds_count") == 1
-    assert _sample(fam, "sluice_metrics_rejected_records",
-                   "sluice_metrics_rejected_records_total") == 1
+    assert _sample(fam, "sluice_request_duration_seconds", "sluice_request_duration_seconds_count") == 1
+    assert _sample(fam, "sluice_metrics_rejected_records", "sluice_metrics_rejected_records_total") == 1
 
 
 def test_batch_that_is_not_a_list_is_rejected():
@@ -249,24 +284,51 @@ def test_batch_that_is_not_a_list_is_rejected():
 
 def test_extra_fields_and_int_values_accepted():
     m = MetricsLogic()
-    m.ingest([{**req(), "ttft_ms": 120, "latency_ms": 900, "at": int(NOW),
-               "future_field": [1, 2]}], NOW)
+    m.ingest([{**req(), "ttft_ms": 120, "latency_ms": 900, "at": int(NOW), "future_field": [1, 2]}], NOW)
     assert m.rejected_records == 0
     assert m.performance(1, NOW)["ttft_ms"]["p50"] == 120.0
 
 
-@given(st.lists(st.one_of(
-    st.none(), st.integers(), st.text(),
-    st.dictionaries(st.sampled_from(["kind", "role", "outcome", "at", "latency_ms",
-                                     "request_id", "name", "labels", "value", "cancel_ms",
-                                     "stream_id", "provider", "ttft_ms", "queue_wait_ms",
-                                     "error_code"]),
-                    st.one_of(st.none(), st.booleans(), st.floats(), st.integers(),
-                              st.text(max_size=5),
-                              st.sampled_from(["request", "upstream", "cancel", "gauge",
-                                               "leader", "done", "pacer_tokens"]),
-                              st.dictionaries(st.text(max_size=3), st.text(max_size=3)))),
-), max_size=20))
+@given(
+    st.lists(
+        st.one_of(
+            st.none(),
+            st.integers(),
+            st.text(),
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "kind",
+                        "role",
+                        "outcome",
+                        "at",
+                        "latency_ms",
+                        "request_id",
+                        "name",
+                        "labels",
+                        "value",
+                        "cancel_ms",
+                        "stream_id",
+                        "provider",
+                        "ttft_ms",
+                        "queue_wait_ms",
+                        "error_code",
+                    ]
+                ),
+                st.one_of(
+                    st.none(),
+                    st.booleans(),
+                    st.floats(),
+                    st.integers(),
+                    st.text(max_size=5),
+                    st.sampled_from(["request", "upstream", "cancel", "gauge", "leader", "done", "pacer_tokens"]),
+                    st.dictionaries(st.text(max_size=3), st.text(max_size=3)),
+                ),
+            ),
+        ),
+        max_size=20,
+    )
+)
 @settings(max_examples=300, deadline=None)
 def test_ingest_never_raises(batch):
     m = MetricsLogic(capacity=50)
@@ -295,8 +357,9 @@ def test_summary_shape():
     assert s["samples"] == {"request": 1, "upstream": 0, "cancel": 0}
     assert s["rejected_records"] == 1
     assert s["last_ingest_at"] == NOW
-    assert s["gauges"] == [{"name": "pacer_queue_depth", "labels": {"provider": "sim"},
-                            "value": 3.0, "at": NOW - 2, "age_s": 2.0}]
+    assert s["gauges"] == [
+        {"name": "pacer_queue_depth", "labels": {"provider": "sim"}, "value": 3.0, "at": NOW - 2, "age_s": 2.0}
+    ]
 
 
 # --- Prometheus exposition ---------------------------------------------------------------
@@ -316,19 +379,29 @@ def _sample(fams, family, name, **labels):
 
 def _loaded() -> MetricsLogic:
     m = MetricsLogic()
-    recs = [req(i, role="leader" if i % 10 == 0 else "follower",
-                ttft=float(i * 37 % 3000), qw=float(i % 7) * 200,
-                lat=float(i * 311 % 200_000),
-                outcome=["done", "error", "cancelled", "rejected"][i % 4])
-            for i in range(200)]
+    recs = [
+        req(
+            i,
+            role="leader" if i % 10 == 0 else "follower",
+            ttft=float(i * 37 % 3000),
+            qw=float(i % 7) * 200,
+            lat=float(i * 311 % 200_000),
+            outcome=["done", "error", "cancelled", "rejected"][i % 4],
+        )
+        for i in range(200)
+    ]
     recs += [req(999, ttft=1500.0, qw=1000.0, lat=1500.0)]  # exactly on bucket bounds
-    recs += [up(i, provider=["sim", 'we"ird\\prov\nider'][i % 2],
-                outcome=["done", "error"][i % 2 == 0 and i % 3 == 0]) for i in range(20)]
+    recs += [
+        up(i, provider=["sim", 'we"ird\\prov\nider'][i % 2], outcome=["done", "error"][i % 2 == 0 and i % 3 == 0])
+        for i in range(20)
+    ]
     recs += [cancel(i, ms=float(i * 13)) for i in range(40)]
-    recs += [gauge("active_streams", 4),
-             gauge("pacer_queue_depth", 2, {"provider": "sim"}),
-             gauge("pacer_tokens", 1.5, {"provider": "sim"}),
-             gauge("pacer_tokens", 0, {"provider": 'we"ird\\prov\nider'})]
+    recs += [
+        gauge("active_streams", 4),
+        gauge("pacer_queue_depth", 2, {"provider": "sim"}),
+        gauge("pacer_tokens", 1.5, {"provider": "sim"}),
+        gauge("pacer_tokens", 0, {"provider": 'we"ird\\prov\nider'}),
+    ]
     m.ingest(recs, NOW)
     return m
 
@@ -375,9 +448,15 @@ def test_prometheus_text_has_help_and_type_lines():
     assert "# TYPE sluice_ttft_seconds histogram" in text
 
 
-@pytest.mark.parametrize("name", ["sluice_ttft_seconds", "sluice_queue_wait_seconds",
-                                  "sluice_cancel_latency_seconds",
-                                  "sluice_request_duration_seconds"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sluice_ttft_seconds",
+        "sluice_queue_wait_seconds",
+        "sluice_cancel_latency_seconds",
+        "sluice_request_duration_seconds",
+    ],
+)
 def test_histogram_buckets_monotonic_and_inf_equals_count(name):
     fams = _families(_loaded())
     samples = fams[name].samples
@@ -394,18 +473,15 @@ def test_histogram_buckets_monotonic_and_inf_equals_count(name):
 
 def test_histogram_values_match_samples():
     m = MetricsLogic()
-    m.ingest([req(0, ttft=1500.0), req(1, ttft=1500.001), req(2, ttft=200_000.0),
-              req(3, ttft=None)], NOW)
+    m.ingest([req(0, ttft=1500.0), req(1, ttft=1500.001), req(2, ttft=200_000.0), req(3, ttft=None)], NOW)
     fams = _families(m)
-    b = {float(s.labels["le"]): s.value for s in fams["sluice_ttft_seconds"].samples
-         if s.name.endswith("_bucket")}
+    b = {float(s.labels["le"]): s.value for s in fams["sluice_ttft_seconds"].samples if s.name.endswith("_bucket")}
     assert b[1.0] == 0
     assert b[1.5] == 1  # le is inclusive: exactly 1.5 s lands in le="1.5"
     assert b[2.5] == 2
     assert b[120.0] == 2
     assert b[math.inf] == 3
-    assert _sample(fams, "sluice_ttft_seconds", "sluice_ttft_seconds_sum") == \
-        pytest.approx(1.5 + 1.500001 + 200.0)
+    assert _sample(fams, "sluice_ttft_seconds", "sluice_ttft_seconds_sum") == pytest.approx(1.5 + 1.500001 + 200.0)
 
 
 def test_prometheus_counters_and_gauges():
@@ -422,13 +498,11 @@ def test_prometheus_counters_and_gauges():
     weird = 'we"ird\\prov\nider'
     assert _sample(fams, "sluice_pacer_tokens", "sluice_pacer_tokens", provider=weird) == 0
     assert _sample(fams, "sluice_pacer_tokens", "sluice_pacer_tokens", provider="sim") == 1.5
-    assert _sample(fams, "sluice_pacer_queue_depth", "sluice_pacer_queue_depth",
-                   provider="sim") == 2
+    assert _sample(fams, "sluice_pacer_queue_depth", "sluice_pacer_queue_depth", provider="sim") == 2
     assert _sample(fams, "sluice_active_streams", "sluice_active_streams") == 4
     up_total = sum(s.value for s in fams["sluice_upstream_calls"].samples)
     assert up_total == 20
-    assert {s.labels["provider"] for s in fams["sluice_upstream_calls"].samples} == \
-        {"sim", weird}
+    assert {s.labels["provider"] for s in fams["sluice_upstream_calls"].samples} == {"sim", weird}
 
 
 def test_prometheus_empty_is_parseable():
@@ -463,39 +537,78 @@ def test_retry_records_are_counted_by_provider_and_reason():
 
 def test_every_family_is_labelled_by_provider_and_model():
     m = MetricsLogic()
-    m.ingest([{**req(0, ttft=300.0), "provider": "openai", "model": "gpt-x", "provider_ttft_ms": 250.0,
-               "key_id": "team-a"},
-              {**req(1, role="follower", outcome="error", error_code="upstream_error"), "provider": "openai",
-               "model": "gpt-y", "key_id": "team-a"},
-              {**up(0, provider="openai"), "model": "gpt-x", "input_tokens": 12, "output_tokens": 30},
-              {**up(1, provider="openai", outcome="error"), "model": "gpt-x", "error_code": "upstream_5xx",
-               "input_tokens": None, "output_tokens": None},
-              {**cancel(0), "provider": "openai", "model": "gpt-x"}], NOW)
+    m.ingest(
+        [
+            {
+                **req(0, ttft=300.0),
+                "provider": "openai",
+                "model": "gpt-x",
+                "provider_ttft_ms": 250.0,
+                "key_id": "team-a",
+            },
+            {
+                **req(1, role="follower", outcome="error", error_code="upstream_error"),
+                "provider": "openai",
+                "model": "gpt-y",
+                "key_id": "team-a",
+            },
+            {**up(0, provider="openai"), "model": "gpt-x", "input_tokens": 12, "output_tokens": 30},
+            {
+                **up(1, provider="openai", outcome="error"),
+                "model": "gpt-x",
+                "error_code": "upstream_5xx",
+                "input_tokens": None,
+                "output_tokens": None,
+            },
+            {**cancel(0), "provider": "openai", "model": "gpt-x"},
+        ],
+        NOW,
+    )
     assert m.rejected_records == 0
     fams = _families(m)
-    for name in ("sluice_ttft_seconds", "sluice_provider_ttft_seconds", "sluice_added_ttft_seconds",
-                 "sluice_queue_wait_seconds", "sluice_cancel_latency_seconds", "sluice_request_duration_seconds",
-                 "sluice_requests", "sluice_request_errors", "sluice_upstream_calls", "sluice_upstream_errors",
-                 "sluice_upstream_tokens", "sluice_coalesce_leaders", "sluice_coalesce_followers",
-                 "sluice_upstream_calls_saved"):
+    for name in (
+        "sluice_ttft_seconds",
+        "sluice_provider_ttft_seconds",
+        "sluice_added_ttft_seconds",
+        "sluice_queue_wait_seconds",
+        "sluice_cancel_latency_seconds",
+        "sluice_request_duration_seconds",
+        "sluice_requests",
+        "sluice_request_errors",
+        "sluice_upstream_calls",
+        "sluice_upstream_errors",
+        "sluice_upstream_tokens",
+        "sluice_coalesce_leaders",
+        "sluice_coalesce_followers",
+        "sluice_upstream_calls_saved",
+    ):
         assert fams[name].samples, name
         for s in fams[name].samples:
             assert s.labels["provider"] == "openai" and s.labels["model"] in ("gpt-x", "gpt-y"), (name, s)
-    assert _sample(fams, "sluice_requests", "sluice_requests_total", model="gpt-x", outcome="done",
-                   role="leader") == 1
+    assert _sample(fams, "sluice_requests", "sluice_requests_total", model="gpt-x", outcome="done", role="leader") == 1
     assert all(s.labels["key_id"] == "team-a" for s in fams["sluice_requests"].samples)
-    assert _sample(fams, "sluice_request_errors", "sluice_request_errors_total", model="gpt-y",
-                   error_type="upstream_error") == 1
-    assert _sample(fams, "sluice_upstream_errors", "sluice_upstream_errors_total", model="gpt-x",
-                   error_type="upstream_5xx") == 1
+    assert (
+        _sample(
+            fams, "sluice_request_errors", "sluice_request_errors_total", model="gpt-y", error_type="upstream_error"
+        )
+        == 1
+    )
+    assert (
+        _sample(
+            fams, "sluice_upstream_errors", "sluice_upstream_errors_total", model="gpt-x", error_type="upstream_5xx"
+        )
+        == 1
+    )
     assert _sample(fams, "sluice_upstream_tokens", "sluice_upstream_tokens_total", token_type="input") == 12
     assert _sample(fams, "sluice_upstream_tokens", "sluice_upstream_tokens_total", token_type="output") == 30
     assert _sample(fams, "sluice_upstream_calls_saved", "sluice_upstream_calls_saved_total", model="gpt-y") == 1
     # added = client - provider, observed in seconds
-    assert _sample(fams, "sluice_added_ttft_seconds", "sluice_added_ttft_seconds_sum", model="gpt-x") == \
-        pytest.approx(0.05)
-    assert _sample(fams, "sluice_provider_ttft_seconds", "sluice_provider_ttft_seconds_sum", model="gpt-x") == \
-        pytest.approx(0.25)
+    assert _sample(fams, "sluice_added_ttft_seconds", "sluice_added_ttft_seconds_sum", model="gpt-x") == pytest.approx(
+        0.05
+    )
+    assert _sample(
+        fams, "sluice_provider_ttft_seconds", "sluice_provider_ttft_seconds_sum", model="gpt-x"
+    ) == pytest.approx(0.25)
 
 
 def test_open_access_has_no_key_id_label():
@@ -506,9 +619,14 @@ def test_open_access_has_no_key_id_label():
 
 def test_added_ttft_in_performance_and_breakdown():
     m = MetricsLogic()
-    m.ingest([{**req(0, ttft=300.0), "provider": "sim", "model": "a", "provider_ttft_ms": 200.0},
-              {**req(1, ttft=500.0), "provider": "sim", "model": "b", "provider_ttft_ms": 100.0},
-              {**req(2, ttft=50.0, role="follower"), "provider": "sim", "model": "b"}], NOW)
+    m.ingest(
+        [
+            {**req(0, ttft=300.0), "provider": "sim", "model": "a", "provider_ttft_ms": 200.0},
+            {**req(1, ttft=500.0), "provider": "sim", "model": "b", "provider_ttft_ms": 100.0},
+            {**req(2, ttft=50.0, role="follower"), "provider": "sim", "model": "b"},
+        ],
+        NOW,
+    )
     p = m.performance(100, NOW)
     assert p["added_ttft_ms"]["count"] == 2 and p["added_ttft_ms"]["p99"] == 400.0
     assert p["provider_ttft_ms"]["p50"] == 100.0
@@ -536,20 +654,24 @@ def test_label_cardinality_stays_bounded_under_1000_models():
         models = {s.labels["model"] for s in fams[name].samples}
         assert len(models) == MAX_MODELS_PER_PROVIDER + 1 and OTHER in models, name
     assert sum(s.value for s in fams["sluice_requests"].samples) == 1000  # every request still counts
-    assert _sample(fams, "sluice_upstream_tokens", "sluice_upstream_tokens_total", model=OTHER,
-                   token_type="output") == 2 * (1000 - MAX_MODELS_PER_PROVIDER)
+    assert _sample(
+        fams, "sluice_upstream_tokens", "sluice_upstream_tokens_total", model=OTHER, token_type="output"
+    ) == 2 * (1000 - MAX_MODELS_PER_PROVIDER)
     assert len(m.prometheus(NOW).splitlines()) < 6000
 
 
-@pytest.mark.parametrize("bad", [
-    {**req(), "provider": 5},
-    {**req(), "model": ["m"]},
-    {**req(), "key_id": 1},
-    {**req(), "provider_ttft_ms": -1.0},
-    {**up(), "input_tokens": -3},
-    {**up(), "output_tokens": 1.5},
-    {**cancel(), "model": 3},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {**req(), "provider": 5},
+        {**req(), "model": ["m"]},
+        {**req(), "key_id": 1},
+        {**req(), "provider_ttft_ms": -1.0},
+        {**up(), "input_tokens": -3},
+        {**up(), "output_tokens": 1.5},
+        {**cancel(), "model": 3},
+    ],
+)
 def test_malformed_label_and_token_fields_are_rejected(bad):
     m = MetricsLogic()
     m.ingest([bad], NOW)

@@ -7,6 +7,7 @@ provider and model labels; the token counters equal the usage the provider repor
 added TTFT = client TTFT - provider TTFT; the provider's TTFT is at least the delay the
 simulated provider was told to take.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,27 +24,38 @@ PROVIDERS = ("simulated", "openai")
 MODELS = ("m-alpha", "m-beta")
 SIM_TTFT_MS = 120
 PER_PAIR = 2
-LABELLED = ("sluice_ttft_seconds", "sluice_provider_ttft_seconds", "sluice_added_ttft_seconds",
-            "sluice_queue_wait_seconds", "sluice_request_duration_seconds", "sluice_requests",
-            "sluice_upstream_calls", "sluice_upstream_tokens", "sluice_coalesce_leaders",
-            "sluice_coalesce_followers", "sluice_upstream_calls_saved")
+LABELLED = (
+    "sluice_ttft_seconds",
+    "sluice_provider_ttft_seconds",
+    "sluice_added_ttft_seconds",
+    "sluice_queue_wait_seconds",
+    "sluice_request_duration_seconds",
+    "sluice_requests",
+    "sluice_upstream_calls",
+    "sluice_upstream_tokens",
+    "sluice_coalesce_leaders",
+    "sluice_coalesce_followers",
+    "sluice_upstream_calls_saved",
+)
 
 
 @pytest.fixture(scope="module")
 def streamed(sim):
-    env = {"SIMULATED_BASE_URL": sim, "OPENAI_BASE_URL": sim, "OPENAI_API_KEY": "test-key-observe",
-           "OPENAI_H2C": "0"}
+    env = {"SIMULATED_BASE_URL": sim, "OPENAI_BASE_URL": sim, "OPENAI_API_KEY": "test-key-observe", "OPENAI_H2C": "0"}
     for account in ("SIMULATED", "OPENAI"):
-        env.update({f"{account}_RPS": "100", f"{account}_BURST": "100", f"{account}_CONCURRENCY": "50",
-                    f"{account}_RPM": "0"})
+        env.update(
+            {f"{account}_RPS": "100", f"{account}_BURST": "100", f"{account}_CONCURRENCY": "50", f"{account}_RPM": "0"}
+        )
     with running_gateway(env) as gw:
         usage: dict[tuple[str, str], dict[str, int]] = {}
         for provider in PROVIDERS:
             for model in MODELS:
                 for i in range(PER_PAIR):
                     text = f"{provider} {model} {uuid.uuid4().hex}\n#sim tokens={3 + i} ttft_ms={SIM_TTFT_MS}"
-                    status, _, events = stream_chat(gw.url + "/api/chat", {
-                        "provider": provider, "model": model, "messages": [{"role": "user", "content": text}]})
+                    status, _, events = stream_chat(
+                        gw.url + "/api/chat",
+                        {"provider": provider, "model": model, "messages": [{"role": "user", "content": text}]},
+                    )
                     assert status == 200, events
                     done = data_events(events)[-1]
                     assert done["type"] == "done", done
@@ -58,8 +70,11 @@ def streamed(sim):
             return {f.name: f for f in text_string_to_metric_families(raw.decode())}
 
         # the Pool's upstream records reach the Metrics actor on its own flush timer
-        wait_until(lambda: sum(s.value for s in families()["sluice_upstream_calls"].samples) >= calls,
-                   timeout=20, message="the Pool's upstream records")
+        wait_until(
+            lambda: sum(s.value for s in families()["sluice_upstream_calls"].samples) >= calls,
+            timeout=20,
+            message="the Pool's upstream records",
+        )
         performance = get_json(gw.url + "/api/metrics/performance?last_n=100")[1]
         yield families(), usage, performance
 
@@ -77,16 +92,32 @@ def test_every_family_has_provider_and_model_labels(streamed):
         assert pairs == {(p, m) for p in PROVIDERS for m in MODELS}, (family, pairs)
     for provider in PROVIDERS:
         for model in MODELS:
-            assert total(fams, "sluice_requests", "sluice_requests_total", provider=provider, model=model,
-                         outcome="done", role="leader") == PER_PAIR
+            assert (
+                total(
+                    fams,
+                    "sluice_requests",
+                    "sluice_requests_total",
+                    provider=provider,
+                    model=model,
+                    outcome="done",
+                    role="leader",
+                )
+                == PER_PAIR
+            )
 
 
 def test_token_counters_equal_the_providers_usage(streamed):
     fams, usage, _ = streamed
     for (provider, model), want in usage.items():
         for token_type in ("input", "output"):
-            got = total(fams, "sluice_upstream_tokens", "sluice_upstream_tokens_total",
-                        provider=provider, model=model, token_type=token_type)
+            got = total(
+                fams,
+                "sluice_upstream_tokens",
+                "sluice_upstream_tokens_total",
+                provider=provider,
+                model=model,
+                token_type=token_type,
+            )
             assert got == want[token_type], (provider, model, token_type)
         assert want["output"] == sum(3 + i for i in range(PER_PAIR))  # the sim's tokens= directive
 

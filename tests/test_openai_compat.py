@@ -1,6 +1,7 @@
 """The OpenAI-compatible endpoint (edge/openai_compat.py) driven by the official `openai`
 SDK against the real running gateway (`gateway` fixture: run.py in front of the simulated
 provider), plus a few raw-HTTP checks of the wire format the SDK hides."""
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,9 @@ def sim_calls(gateway, text: str) -> list[dict]:
 
 def test_streaming_with_usage(client, gateway):
     text = unique("tokens=6")
-    stream = client.chat.completions.create(model="sim-1", messages=user(text), stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="sim-1", messages=user(text), stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected(text, 6)
@@ -76,11 +78,17 @@ def test_openai_message_shapes_are_accepted(client):
     text = unique("tokens=3")
     completion = client.chat.completions.create(
         model="sim-1",
-        messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": text}]}],
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": text}]},
+        ],
         max_completion_tokens=50,
     )
     # forwarded as they came (docs/providers.md "Fidelity"): the simulated provider answers from them
-    conversation = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": text}]}]
+    conversation = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": text}]},
+    ]
     assert completion.choices[0].message.content == "".join(formats.make_tokens(conversation, 3))
 
 
@@ -93,8 +101,9 @@ def test_provider_prefix_picks_provider_and_model(client, gateway):
 
 def test_raw_stream_is_pure_openai_sse(gateway):
     """No sluice `event:` frames; comments for keepalive; [DONE] last."""
-    client = SSEClient(gateway.url + "/v1/chat/completions",
-                       {"model": "sim-1", "stream": True, "messages": user(unique("tokens=3"))})
+    client = SSEClient(
+        gateway.url + "/v1/chat/completions", {"model": "sim-1", "stream": True, "messages": user(unique("tokens=3"))}
+    )
     try:
         raw = client.body()
     finally:
@@ -193,14 +202,16 @@ def test_reset_mid_stream_gives_content_then_an_error(client):
 
 
 def test_mid_stream_error_frame_has_no_done_after_it(gateway):
-    client = SSEClient(gateway.url + "/v1/chat/completions",
-                       {"model": "sim-1", "stream": True, "messages": user(unique("fail=error_mid fail_after_tokens=1"))})
+    client = SSEClient(
+        gateway.url + "/v1/chat/completions",
+        {"model": "sim-1", "stream": True, "messages": user(unique("fail=error_mid fail_after_tokens=1"))},
+    )
     try:
         raw = client.body()
     finally:
         client.close()
     last = raw.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
-    assert json.loads(last[len(b"data: "):])["error"]["code"] == "upstream_5xx"
+    assert json.loads(last[len(b"data: ") :])["error"]["code"] == "upstream_5xx"
     assert b"[DONE]" not in raw
 
 

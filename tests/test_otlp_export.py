@@ -1,6 +1,7 @@
 """With OTEL_EXPORTER_OTLP_ENDPOINT set, the real gateway exports its request traces over
 OTLP/HTTP (edge/tracing.py `setup_from_env`): a collector of our own on loopback receives
 the protobuf and finds the request span and its GenAI upstream span."""
+
 from __future__ import annotations
 
 import threading
@@ -16,7 +17,9 @@ trace_service = pytest.importorskip(
     "opentelemetry.proto.collector.trace.v1.trace_service_pb2",
     reason="the OTLP exporter (extra 'otel') is not installed",
 )
-pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter", reason="the OTLP exporter is not installed")
+pytest.importorskip(
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter", reason="the OTLP exporter is not installed"
+)
 
 
 class Collector(ThreadingHTTPServer):

@@ -4,6 +4,7 @@ it is an optimisation — installs idempotently, and `patches.installed()` says 
 
 Every test puts back the library state it changes (monkeypatch), so the rest of this
 pytest process sees Thespian and httpcore as they were."""
+
 from __future__ import annotations
 
 import logging
@@ -82,31 +83,43 @@ def test_install_httpcore_installs_its_three_patches_once(pristine):
     assert patches.installed() == ["httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream"]
 
 
-@pytest.mark.parametrize("patch, install", [
-    (thespian_transport, lambda: thespian_transport.install(SECRET)),
-    (thespian_bind, lambda: thespian_bind.install("127.0.0.1")),
-    (httpcore_rst_stream, httpcore_rst_stream.install),
-], ids=lambda p: getattr(p, "__name__", ""))
+@pytest.mark.parametrize(
+    "patch, install",
+    [
+        (thespian_transport, lambda: thespian_transport.install(SECRET)),
+        (thespian_bind, lambda: thespian_bind.install("127.0.0.1")),
+        (httpcore_rst_stream, httpcore_rst_stream.install),
+    ],
+    ids=lambda p: getattr(p, "__name__", ""),
+)
 def test_a_security_or_cost_patch_refuses_an_untested_version_loudly(pristine, monkeypatch, patch, install):
     untested(monkeypatch, patch.LIBRARY, "9.9.0")
     with pytest.raises(versions.UntestedVersion) as refused:
         install()
     message = str(refused.value)
     assert patch.__name__ in message
-    assert f"written for {patch.LIBRARY} {patch.WRITTEN_FOR}x" in message and "this is " + patch.LIBRARY + " 9.9.0" in message
+    assert (
+        f"written for {patch.LIBRARY} {patch.WRITTEN_FOR}x" in message
+        and "this is " + patch.LIBRARY + " 9.9.0" in message
+    )
     assert not patch.installed() and patches.installed() == []
 
 
-@pytest.mark.parametrize("patch", [thespian_selector, httpcore_h2_reads, httpcore_h2_expiry],
-                         ids=lambda p: p.__name__)
+@pytest.mark.parametrize("patch", [thespian_selector, httpcore_h2_reads, httpcore_h2_expiry], ids=lambda p: p.__name__)
 def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristine, monkeypatch, caplog, patch):
     untested(monkeypatch, patch.LIBRARY, "9.9.0")
-    before = (TCPTransport.selectors, http2.AsyncHTTP2Connection._receive_stream_event,
-              http2.AsyncHTTP2Connection.has_expired)
+    before = (
+        TCPTransport.selectors,
+        http2.AsyncHTTP2Connection._receive_stream_event,
+        http2.AsyncHTTP2Connection.has_expired,
+    )
     with caplog.at_level(logging.WARNING, logger="sluice.patches"):
         assert patch.install() is False
-    assert (TCPTransport.selectors, http2.AsyncHTTP2Connection._receive_stream_event,
-            http2.AsyncHTTP2Connection.has_expired) == before, "the library was changed anyway"
+    assert (
+        TCPTransport.selectors,
+        http2.AsyncHTTP2Connection._receive_stream_event,
+        http2.AsyncHTTP2Connection.has_expired,
+    ) == before, "the library was changed anyway"
     assert not patch.installed() and patches.installed() == []
     (record,) = caplog.records
     assert patch.__name__ in record.getMessage() and "9.9.0" in record.getMessage()
@@ -114,8 +127,14 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
 
 def test_the_installed_library_versions_are_the_ones_the_patches_were_written_for():
     """pyproject.toml pins them; a venv that resolved something else fails here first."""
-    for patch in (thespian_transport, thespian_bind, thespian_selector,
-                  httpcore_h2_reads, httpcore_h2_expiry, httpcore_rst_stream):
+    for patch in (
+        thespian_transport,
+        thespian_bind,
+        thespian_selector,
+        httpcore_h2_reads,
+        httpcore_h2_expiry,
+        httpcore_rst_stream,
+    ):
         versions.check(patch.__name__, patch.LIBRARY, patch.WRITTEN_FOR)
 
 

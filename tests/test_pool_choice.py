@@ -1,5 +1,6 @@
 """Routing over several Pools: actors/pool_choice.py, and the Pacer and Coalescer logic
 that name the chosen Pool (LeaseQueued/LeaseGranted.hub, Admitted.hub) and keep it."""
+
 from __future__ import annotations
 
 import pytest
@@ -61,8 +62,10 @@ def test_grants_alternate_over_the_pools_and_name_the_pool():
         assert opened.to == granted.msg.hub == granted.msg.pool  # the incarnation is the role before a directory
         hubs.append(opened.to)
     assert hubs == ["pool", "pool:1", "pool", "pool:1"]
-    assert logic.state(0.0)["pools"] == {"pool": {"in_flight": 2, "queued": 0, "up": True},
-                                         "pool:1": {"in_flight": 2, "queued": 0, "up": True}}
+    assert logic.state(0.0)["pools"] == {
+        "pool": {"in_flight": 2, "queued": 0, "up": True},
+        "pool:1": {"in_flight": 2, "queued": 0, "up": True},
+    }
 
 
 def test_the_pool_with_fewer_calls_gets_the_next_one():

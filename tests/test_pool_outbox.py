@@ -1,6 +1,7 @@
 """The Pool's outbox: effects put on the loop thread always reach the actor thread,
 however the two threads interleave (a lost wake-up would strand every later effect:
 leases never released, streams never finished)."""
+
 from __future__ import annotations
 
 import select

@@ -1,6 +1,7 @@
 """The Pool's runtime against the simulated provider over h2c: a FailStream for a call the
 Pacer's grant already opened stops that call (everyone left before the Coalescer saw the
 grant), and the ending still gives the lease back and tells the Coalescer."""
+
 from __future__ import annotations
 
 import pytest

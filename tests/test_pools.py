@@ -6,6 +6,7 @@ its own streams, gives its leases back and is replaced; Ctrl-C leaves nothing (t
 Real processes: run.py with two Pool actors, the simulated provider as its own process
 (its /stats shows every upstream call), real HTTP over loopback.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,13 @@ import pytest
 from tests.support import SSEClient, chat_body, data_events, get_json, request, running_gateway, stream_chat, wait_until
 
 TOKEN = "pools-test-token"
-ENV = {"SLUICE_POOLS": "2", "SIMULATED_CONCURRENCY": "40", "SIMULATED_RPS": "50", "SIMULATED_BURST": "50",
-       "SLUICE_ADMIN_TOKEN": TOKEN}
+ENV = {
+    "SLUICE_POOLS": "2",
+    "SIMULATED_CONCURRENCY": "40",
+    "SIMULATED_RPS": "50",
+    "SIMULATED_BURST": "50",
+    "SLUICE_ADMIN_TOKEN": TOKEN,
+}
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -93,8 +99,11 @@ def test_streams_spread_over_both_pools_and_a_cancel_aborts_on_each(gw):
             client.close()
     # Every client left: each Pool aborts its calls, and the provider sees every cancel.
     wait_until(lambda: len(cancelled_calls(gw, text)) == 6, timeout=10, message="six upstream cancels")
-    wait_until(lambda: all(not p["open_calls"] for p in admin_state(gw, "pool").values()), timeout=10,
-               message="no call open on either Pool")
+    wait_until(
+        lambda: all(not p["open_calls"] for p in admin_state(gw, "pool").values()),
+        timeout=10,
+        message="no call open on either Pool",
+    )
 
 
 def test_twenty_identical_requests_make_one_upstream_call(gw):
@@ -115,8 +124,9 @@ def test_rps_one_across_two_pools_is_at_most_one_call_a_second(gw):
     try:
         clients = open_streams(gw, [f"{text} {i}\n#sim ttft_ms=20 tokens=120 token_interval_ms=20" for i in range(4)])
         # 2.4 s calls granted a second apart: both Pools hold one at some point.
-        wait_until(lambda: all(p["in_flight"] for p in pacer_pools(gw).values()), timeout=10,
-                   message="a call on each Pool")
+        wait_until(
+            lambda: all(p["in_flight"] for p in pacer_pools(gw).values()), timeout=10, message="a call on each Pool"
+        )
         ends = [data_events(c.read_all())[-1]["type"] for c in clients]
         for client in clients:
             client.close()

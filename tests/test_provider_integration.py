@@ -9,6 +9,7 @@ error as in-band error events with the right code, and a reset mid-stream as del
 an error. The API keys must reach the sim in each API's own auth header, and never appear
 in the gateway's log or in anything a client receives.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,10 +24,22 @@ from tests.support import data_events, get_json, request, running_gateway, strea
 pytestmark = pytest.mark.integration
 
 PROVIDERS = ["openai", "openai_responses", "anthropic", "perplexity", "perplexity_sonar", "ollama"]
-PATHS = {"openai": "/v1/chat/completions", "openai_responses": "/v1/responses", "anthropic": "/v1/messages",
-         "perplexity": "/v1/agent", "perplexity_sonar": "/chat/completions", "ollama": "/api/chat"}
-ACCOUNTS = {"openai": "OPENAI", "openai_responses": "OPENAI", "anthropic": "ANTHROPIC",
-            "perplexity": "PERPLEXITY", "perplexity_sonar": "PERPLEXITY", "ollama": "OLLAMA"}
+PATHS = {
+    "openai": "/v1/chat/completions",
+    "openai_responses": "/v1/responses",
+    "anthropic": "/v1/messages",
+    "perplexity": "/v1/agent",
+    "perplexity_sonar": "/chat/completions",
+    "ollama": "/api/chat",
+}
+ACCOUNTS = {
+    "openai": "OPENAI",
+    "openai_responses": "OPENAI",
+    "anthropic": "ANTHROPIC",
+    "perplexity": "PERPLEXITY",
+    "perplexity_sonar": "PERPLEXITY",
+    "ollama": "OLLAMA",
+}
 H2C = {"OPENAI": False, "ANTHROPIC": True, "PERPLEXITY": True, "OLLAMA": False}
 # A fresh secret per run, so finding it anywhere is a leak and not a coincidence.
 KEYS = {account: f"test-key-{account.lower()}-{uuid.uuid4().hex}" for account in H2C}
@@ -40,20 +53,27 @@ received: list[bytes] = []  # every body a client got from the gateway in this m
 def gw(sim):
     env = {"SIMULATED_BASE_URL": sim, "SLUICE_LOG_LEVEL": "INFO"}
     for account, h2c in H2C.items():
-        env.update({
-            f"{account}_BASE_URL": sim,
-            f"{account}_API_KEY": KEYS[account],
-            f"{account}_H2C": "1" if h2c else "0",
-            # Room for this module's calls: production pacing would make it wait for minutes.
-            f"{account}_RPS": "100", f"{account}_BURST": "100", f"{account}_CONCURRENCY": "50", f"{account}_RPM": "0",
-        })
+        env.update(
+            {
+                f"{account}_BASE_URL": sim,
+                f"{account}_API_KEY": KEYS[account],
+                f"{account}_H2C": "1" if h2c else "0",
+                # Room for this module's calls: production pacing would make it wait for minutes.
+                f"{account}_RPS": "100",
+                f"{account}_BURST": "100",
+                f"{account}_CONCURRENCY": "50",
+                f"{account}_RPM": "0",
+            }
+        )
     with running_gateway(env) as gateway:
         gateway.sim = sim
         yield gateway
 
 
 def chat(gw, provider: str, text: str):
-    status, headers, events = stream_chat(gw.url + "/api/chat", {"provider": provider, "messages": [{"role": "user", "content": text}]})
+    status, headers, events = stream_chat(
+        gw.url + "/api/chat", {"provider": provider, "messages": [{"role": "user", "content": text}]}
+    )
     received.append(json.dumps(events).encode())
     assert status == 200, events
     return headers, events
@@ -133,7 +153,10 @@ def test_api_keys_never_leak(gw):
     """Run last in this module: by then every provider has answered, failed and been reset."""
     for provider in PROVIDERS:
         chat(gw, provider, unique(provider, "fail=500"))
-    for body in ({"provider": "anthropic", "messages": []}, {"provider": "nope", "messages": [{"role": "user", "content": "x"}]}):
+    for body in (
+        {"provider": "anthropic", "messages": []},
+        {"provider": "nope", "messages": [{"role": "user", "content": "x"}]},
+    ):
         status, _, raw = request("POST", gw.url + "/api/chat", body)
         assert status == 422
         received.append(raw)
@@ -150,10 +173,18 @@ def test_api_keys_never_leak_even_at_debug_level(sim):
     """hpack logs every HTTP/2 header it encodes at DEBUG, x-api-key included: run.py must
     keep that logger quiet even when sluice itself logs at DEBUG."""
     key = f"test-key-debug-{uuid.uuid4().hex}"
-    env = {"SIMULATED_BASE_URL": sim, "SLUICE_LOG_LEVEL": "DEBUG",
-           "ANTHROPIC_BASE_URL": sim, "ANTHROPIC_API_KEY": key, "ANTHROPIC_H2C": "1"}
+    env = {
+        "SIMULATED_BASE_URL": sim,
+        "SLUICE_LOG_LEVEL": "DEBUG",
+        "ANTHROPIC_BASE_URL": sim,
+        "ANTHROPIC_API_KEY": key,
+        "ANTHROPIC_H2C": "1",
+    }
     with running_gateway(env) as gateway:
-        status, _, events = stream_chat(gateway.url + "/api/chat", {"provider": "anthropic", "messages": [{"role": "user", "content": "hi\n#sim tokens=1"}]})
+        status, _, events = stream_chat(
+            gateway.url + "/api/chat",
+            {"provider": "anthropic", "messages": [{"role": "user", "content": "hi\n#sim tokens=1"}]},
+        )
         assert status == 200 and data_events(events)[-1]["type"] == "done"
         log = Path(gateway.log_path).read_text(errors="replace")
     assert key not in log

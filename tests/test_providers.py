@@ -1,5 +1,6 @@
 """Provider adapters (protocols/providers/*): fixture transcripts -> normalized events,
 chunking independence, malformed and truncated streams, HTTP errors, request building."""
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,7 @@ def split_at(data: bytes, cuts) -> list[bytes]:
 def first_value(name: str, key: str):
     """The first value of `key` in any JSON payload of a fixture (independent of the adapters)."""
     for line in raw(name).decode().splitlines():
-        payload = line[len("data: "):] if line.startswith("data: ") else line
+        payload = line[len("data: ") :] if line.startswith("data: ") else line
         try:
             obj = json.loads(payload)
         except ValueError:
@@ -81,72 +82,151 @@ def tool_meta(call_id: str, name: str, arguments: str) -> dict:
 # --- fixture -> exact events ------------------------------------------------------------
 
 CASES = {
-    "openai_chat.sse": (openai_chat, [
-        ev.meta(system_fingerprint="fp_eb9dce56a8"), ev.delta("Caf"), ev.delta("é au lait"), ev.delta(" — 日本"), ev.delta(" 🎉"),
-        ev.usage(19, 10, 29), ev.finish("stop"),
-    ]),
-    "openai_chat_tool_calls.sse": (openai_chat, [
-        ev.meta(system_fingerprint="fp_eb9dce56a8"), tool_meta("call_DdmO9pD3xa9XTPNJ32zg2hcA", "get_weather", '{"location":"Paris, France"}'),
-        ev.usage(82, 17, 99), ev.finish("tool_calls"),
-    ]),
-    "openai_chat_error.sse": (openai_chat, [
-        ev.meta(system_fingerprint="fp_eb9dce56a8"), ev.delta("Hello"),
-        ev.error("upstream_5xx", "The server had an error while processing your request. Sorry about that!"),
-    ]),
-    "openai_responses.sse": (openai_responses, [
-        ev.meta(reasoning="Greeting the user warmly."),
-        ev.delta("Hi"), ev.delta(" there"), ev.delta(" — ça va"), ev.delta("? ✨"),
-        ev.usage(37, 11, 48), ev.finish("stop"),
-    ]),
-    "openai_responses_tool_call.sse": (openai_responses, [
-        tool_meta("call_unLAR8MvFNptuiZK6K6HCy5k", "get_current_weather", '{"location":"Boston, MA"}'),
-        ev.usage(291, 23, 314), ev.finish("tool_calls"),
-    ]),
-    "openai_responses_failed.sse": (openai_responses, [
-        ev.error("upstream_5xx", "The model failed to generate a response."),
-    ]),
-    "anthropic.sse": (anthropic, [
-        ev.meta(reasoning="The user wants a greeting in French."),
-        ev.delta("Bonjour à"), ev.delta(" tous ! 👋"),
-        ev.usage(472, 41, 513), ev.finish("stop"),
-    ]),
-    "anthropic_tool_use.sse": (anthropic, [
-        ev.delta("Let me check the weather."),
-        tool_meta("toolu_01T1x1fJ34qAmk2tNTrN7Up6", "get_weather", '{"location": "San Francisco, CA"}'),
-        ev.usage(472, 89, 561), ev.finish("tool_calls"),
-    ]),
-    "anthropic_overloaded.sse": (anthropic, [
-        ev.delta("Once upon"), ev.error("upstream_5xx", "Overloaded"),
-    ]),
-    "perplexity_agent.sse": (perplexity_agent, [
-        ev.meta(reasoning="I should look up current population figures for Tokyo."),
-        ev.meta(reasoning="Searching the web.", search_queries=["Tokyo population 2025"]),
-        ev.meta(search_results=first_value("perplexity_agent.sse", "results")),
-        ev.meta(reasoning="Found an official source."),
-        ev.delta("Tokyo (東京) has"), ev.delta(" about 14.2 million"), ev.delta(" residents [2]."),
-        ev.usage(1523, 42, 1565), ev.finish("stop"),
-    ]),
-    "perplexity_agent_untyped.sse": (perplexity_agent, [
-        ev.delta("Hello! How can I help"), ev.delta(" you today?"), ev.usage(9, 10, 19), ev.finish("stop"),
-    ]),
-    "perplexity_agent_failed.sse": (perplexity_agent, [
-        ev.meta(reasoning="Planning the search."),
-        ev.error("upstream_429", "Rate limit exceeded for preset pro-search. Please retry later."),
-    ]),
-    "perplexity_sonar_full.sse": (perplexity_sonar, [
-        ev.meta(citations=first_value("perplexity_sonar_full.sse", "citations"),
-                search_results=first_value("perplexity_sonar_full.sse", "search_results")),
-        ev.delta("Die"), ev.delta(" Hauptstadt"), ev.delta(" ist Berlin"), ev.delta(" [1]. Größe: 891 km² [2]."),
-        ev.usage(7, 16, 23), ev.finish("stop"),
-    ]),
-    "ollama.ndjson": (ollama, [
-        ev.delta("Hola"), ev.delta(","), ev.delta(" ¿qué tal?"), ev.delta(" 🙂"),
-        ev.usage(26, 4, 30), ev.finish("stop"),
-    ]),
-    "ollama_error.ndjson": (ollama, [
-        ev.delta("Érase"), ev.delta(" una vez"),
-        ev.error("upstream_error", "an error was encountered while running the model: CUDA error: out of memory"),
-    ]),
+    "openai_chat.sse": (
+        openai_chat,
+        [
+            ev.meta(system_fingerprint="fp_eb9dce56a8"),
+            ev.delta("Caf"),
+            ev.delta("é au lait"),
+            ev.delta(" — 日本"),
+            ev.delta(" 🎉"),
+            ev.usage(19, 10, 29),
+            ev.finish("stop"),
+        ],
+    ),
+    "openai_chat_tool_calls.sse": (
+        openai_chat,
+        [
+            ev.meta(system_fingerprint="fp_eb9dce56a8"),
+            tool_meta("call_DdmO9pD3xa9XTPNJ32zg2hcA", "get_weather", '{"location":"Paris, France"}'),
+            ev.usage(82, 17, 99),
+            ev.finish("tool_calls"),
+        ],
+    ),
+    "openai_chat_error.sse": (
+        openai_chat,
+        [
+            ev.meta(system_fingerprint="fp_eb9dce56a8"),
+            ev.delta("Hello"),
+            ev.error("upstream_5xx", "The server had an error while processing your request. Sorry about that!"),
+        ],
+    ),
+    "openai_responses.sse": (
+        openai_responses,
+        [
+            ev.meta(reasoning="Greeting the user warmly."),
+            ev.delta("Hi"),
+            ev.delta(" there"),
+            ev.delta(" — ça va"),
+            ev.delta("? ✨"),
+            ev.usage(37, 11, 48),
+            ev.finish("stop"),
+        ],
+    ),
+    "openai_responses_tool_call.sse": (
+        openai_responses,
+        [
+            tool_meta("call_unLAR8MvFNptuiZK6K6HCy5k", "get_current_weather", '{"location":"Boston, MA"}'),
+            ev.usage(291, 23, 314),
+            ev.finish("tool_calls"),
+        ],
+    ),
+    "openai_responses_failed.sse": (
+        openai_responses,
+        [
+            ev.error("upstream_5xx", "The model failed to generate a response."),
+        ],
+    ),
+    "anthropic.sse": (
+        anthropic,
+        [
+            ev.meta(reasoning="The user wants a greeting in French."),
+            ev.delta("Bonjour à"),
+            ev.delta(" tous ! 👋"),
+            ev.usage(472, 41, 513),
+            ev.finish("stop"),
+        ],
+    ),
+    "anthropic_tool_use.sse": (
+        anthropic,
+        [
+            ev.delta("Let me check the weather."),
+            tool_meta("toolu_01T1x1fJ34qAmk2tNTrN7Up6", "get_weather", '{"location": "San Francisco, CA"}'),
+            ev.usage(472, 89, 561),
+            ev.finish("tool_calls"),
+        ],
+    ),
+    "anthropic_overloaded.sse": (
+        anthropic,
+        [
+            ev.delta("Once upon"),
+            ev.error("upstream_5xx", "Overloaded"),
+        ],
+    ),
+    "perplexity_agent.sse": (
+        perplexity_agent,
+        [
+            ev.meta(reasoning="I should look up current population figures for Tokyo."),
+            ev.meta(reasoning="Searching the web.", search_queries=["Tokyo population 2025"]),
+            ev.meta(search_results=first_value("perplexity_agent.sse", "results")),
+            ev.meta(reasoning="Found an official source."),
+            ev.delta("Tokyo (東京) has"),
+            ev.delta(" about 14.2 million"),
+            ev.delta(" residents [2]."),
+            ev.usage(1523, 42, 1565),
+            ev.finish("stop"),
+        ],
+    ),
+    "perplexity_agent_untyped.sse": (
+        perplexity_agent,
+        [
+            ev.delta("Hello! How can I help"),
+            ev.delta(" you today?"),
+            ev.usage(9, 10, 19),
+            ev.finish("stop"),
+        ],
+    ),
+    "perplexity_agent_failed.sse": (
+        perplexity_agent,
+        [
+            ev.meta(reasoning="Planning the search."),
+            ev.error("upstream_429", "Rate limit exceeded for preset pro-search. Please retry later."),
+        ],
+    ),
+    "perplexity_sonar_full.sse": (
+        perplexity_sonar,
+        [
+            ev.meta(
+                citations=first_value("perplexity_sonar_full.sse", "citations"),
+                search_results=first_value("perplexity_sonar_full.sse", "search_results"),
+            ),
+            ev.delta("Die"),
+            ev.delta(" Hauptstadt"),
+            ev.delta(" ist Berlin"),
+            ev.delta(" [1]. Größe: 891 km² [2]."),
+            ev.usage(7, 16, 23),
+            ev.finish("stop"),
+        ],
+    ),
+    "ollama.ndjson": (
+        ollama,
+        [
+            ev.delta("Hola"),
+            ev.delta(","),
+            ev.delta(" ¿qué tal?"),
+            ev.delta(" 🙂"),
+            ev.usage(26, 4, 30),
+            ev.finish("stop"),
+        ],
+    ),
+    "ollama_error.ndjson": (
+        ollama,
+        [
+            ev.delta("Érase"),
+            ev.delta(" una vez"),
+            ev.error("upstream_error", "an error was encountered while running the model: CUDA error: out of memory"),
+        ],
+    ),
 }
 
 
@@ -165,7 +245,7 @@ def test_fixture_gives_exact_events(name):
 def test_one_byte_chunks_give_the_same_events(name):
     module, expected = CASES[name]
     data = raw(name)
-    assert run(module, [data[i:i + 1] for i in range(len(data))]) == expected
+    assert run(module, [data[i : i + 1] for i in range(len(data))]) == expected
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -206,6 +286,7 @@ def test_nothing_after_the_terminal_event(name):
 
 # --- malformed frames --------------------------------------------------------------------
 
+
 def frames(name: str) -> list[bytes]:
     data = raw(name)
     sep = b"\r\n\r\n" if b"\r\n\r\n" in data else b"\n\n" if data.startswith((b"data:", b"event:")) else b"\n"
@@ -213,23 +294,57 @@ def frames(name: str) -> list[bytes]:
 
 
 BAD = {
-    openai_chat: ("openai_chat.sse", [b"data: {not json\n\n", b"data: [1, 2]\n\n", b'data: {"choices": "nope"}\n\n',
-                                      b'data: {"choices": [{"index": 0, "delta": {"content": 5}}]}\n\n']),
-    openai_responses: ("openai_responses.sse", [b"data: {\"type\": \n\n",
-                                                b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":7}\n\n']),
-    anthropic: ("anthropic.sse", [b"event: content_block_delta\ndata: {oops}\n\n",
-                                  b'event: content_block_delta\ndata: {"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":42}}\n\n',
-                                  b'event: message_delta\ndata: "just a string"\n\n']),
-    perplexity_agent: ("perplexity_agent.sse", [b"event: response.output_text.delta\ndata: {\"delta\": \"x\"\n\n",
-                                                b'event: response.reasoning.search_results\ndata: {"results": "none"}\n\n']),
-    perplexity_sonar: ("perplexity_sonar_full.sse", [b"data: {]\r\n\r\n", b'data: {"citations": "x", "choices": []}\r\n\r\n',
-                                                     b'data: {"choices": [{"message": {"content": 1}}]}\r\n\r\n']),
-    ollama: ("ollama.ndjson", [b"{not json\n", b"[]\n", b'{"message": {"content": 7}, "done": false}\n', b'{"done": "yes"}\n']),
+    openai_chat: (
+        "openai_chat.sse",
+        [
+            b"data: {not json\n\n",
+            b"data: [1, 2]\n\n",
+            b'data: {"choices": "nope"}\n\n',
+            b'data: {"choices": [{"index": 0, "delta": {"content": 5}}]}\n\n',
+        ],
+    ),
+    openai_responses: (
+        "openai_responses.sse",
+        [
+            b'data: {"type": \n\n',
+            b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":7}\n\n',
+        ],
+    ),
+    anthropic: (
+        "anthropic.sse",
+        [
+            b"event: content_block_delta\ndata: {oops}\n\n",
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":42}}\n\n',
+            b'event: message_delta\ndata: "just a string"\n\n',
+        ],
+    ),
+    perplexity_agent: (
+        "perplexity_agent.sse",
+        [
+            b'event: response.output_text.delta\ndata: {"delta": "x"\n\n',
+            b'event: response.reasoning.search_results\ndata: {"results": "none"}\n\n',
+        ],
+    ),
+    perplexity_sonar: (
+        "perplexity_sonar_full.sse",
+        [
+            b"data: {]\r\n\r\n",
+            b'data: {"citations": "x", "choices": []}\r\n\r\n',
+            b'data: {"choices": [{"message": {"content": 1}}]}\r\n\r\n',
+        ],
+    ),
+    ollama: (
+        "ollama.ndjson",
+        [b"{not json\n", b"[]\n", b'{"message": {"content": 7}, "done": false}\n', b'{"done": "yes"}\n'],
+    ),
 }
 
 
-@pytest.mark.parametrize("module,bad", [(m, b) for m, (_, bads) in BAD.items() for b in bads],
-                         ids=lambda x: getattr(x, "__name__", None) or x.decode(errors="replace")[:30])
+@pytest.mark.parametrize(
+    "module,bad",
+    [(m, b) for m, (_, bads) in BAD.items() for b in bads],
+    ids=lambda x: getattr(x, "__name__", None) or x.decode(errors="replace")[:30],
+)
 @pytest.mark.parametrize("at", [0, 2])
 def test_malformed_frame_gives_one_error_then_nothing(module, bad, at):
     parts = frames(BAD[module][0])
@@ -260,6 +375,7 @@ def test_arbitrary_bytes_never_raise_and_end_with_one_terminal(data, module):
 
 # --- adapter-specific behaviour ---------------------------------------------------------
 
+
 def sonar_chunk(delta: str | None, message: str | None, finish=None, **extra) -> bytes:
     choice: dict = {"index": 0, "finish_reason": finish}
     if delta is not None:
@@ -270,29 +386,44 @@ def sonar_chunk(delta: str | None, message: str | None, finish=None, **extra) ->
 
 
 def test_sonar_never_duplicates_text_even_when_a_delta_repeats_everything():
-    out = run(perplexity_sonar, [
-        sonar_chunk("Hello", "Hello"),
-        sonar_chunk(" world", "Hello world"),
-        sonar_chunk("Hello world", "Hello world", finish="stop"),  # a last chunk repeating it all
-        b"data: [DONE]\n\n",
-    ])
+    out = run(
+        perplexity_sonar,
+        [
+            sonar_chunk("Hello", "Hello"),
+            sonar_chunk(" world", "Hello world"),
+            sonar_chunk("Hello world", "Hello world", finish="stop"),  # a last chunk repeating it all
+            b"data: [DONE]\n\n",
+        ],
+    )
     assert out == [ev.delta("Hello"), ev.delta(" world"), ev.finish("stop")]
 
 
 def test_sonar_uses_delta_when_message_is_absent_and_needs_no_done():
-    out = run(perplexity_sonar, [sonar_chunk("a", None), sonar_chunk("b", None), sonar_chunk("", None, finish="length")])
+    out = run(
+        perplexity_sonar, [sonar_chunk("a", None), sonar_chunk("b", None), sonar_chunk("", None, finish="length")]
+    )
     assert out == [ev.delta("a"), ev.delta("b"), ev.finish("length")]
 
 
 def test_sonar_meta_only_when_sources_first_appear_or_change():
     one, two = ["https://a.example"], ["https://a.example", "https://b.example"]
-    out = run(perplexity_sonar, [
-        sonar_chunk("x", "x"),
-        sonar_chunk("y", "xy", citations=one),
-        sonar_chunk("z", "xyz", citations=one),
-        sonar_chunk("", "xyz", citations=two, finish="stop"),
-    ])
-    assert out == [ev.delta("x"), ev.meta(citations=one), ev.delta("y"), ev.delta("z"), ev.meta(citations=two), ev.finish("stop")]
+    out = run(
+        perplexity_sonar,
+        [
+            sonar_chunk("x", "x"),
+            sonar_chunk("y", "xy", citations=one),
+            sonar_chunk("z", "xyz", citations=one),
+            sonar_chunk("", "xyz", citations=two, finish="stop"),
+        ],
+    )
+    assert out == [
+        ev.delta("x"),
+        ev.meta(citations=one),
+        ev.delta("y"),
+        ev.delta("z"),
+        ev.meta(citations=two),
+        ev.finish("stop"),
+    ]
 
 
 def test_sonar_without_a_finish_reason_is_truncated():
@@ -301,45 +432,91 @@ def test_sonar_without_a_finish_reason_is_truncated():
 
 
 def test_openai_done_without_a_finish_reason_still_finishes_once():
-    out = run(openai_chat, [b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n',
-                            b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\n\n',
-                            b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\n\n',
-                            b"data: [DONE]\n\n"])
+    out = run(
+        openai_chat,
+        [
+            b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n',
+            b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\n\n',
+            b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\n\n',
+            b"data: [DONE]\n\n",
+        ],
+    )
     assert out == [ev.delta("x"), ev.finish("length")]
     assert run(openai_chat, [b"data: [DONE]\n\n"]) == [ev.finish("stop")]
 
 
 def test_openai_choices_beyond_zero_carry_their_index():
-    out = run(openai_chat, [b'data: {"choices":[{"index":1,"delta":{"content":"no"},"finish_reason":"length"},'
-                            b'{"index":0,"delta":{"content":"yes"}}]}\n\n', b"data: [DONE]\n\n"])
-    assert out == [{**ev.delta("no"), "choice": 1}, ev.delta("yes"), {**ev.meta(finish_reason="length"), "choice": 1},
-                   ev.finish("stop")]
+    out = run(
+        openai_chat,
+        [
+            b'data: {"choices":[{"index":1,"delta":{"content":"no"},"finish_reason":"length"},'
+            b'{"index":0,"delta":{"content":"yes"}}]}\n\n',
+            b"data: [DONE]\n\n",
+        ],
+    )
+    assert out == [
+        {**ev.delta("no"), "choice": 1},
+        ev.delta("yes"),
+        {**ev.meta(finish_reason="length"), "choice": 1},
+        ev.finish("stop"),
+    ]
 
 
 def test_openai_logprobs_refusal_and_reasoning_reach_the_events():
     logprobs = {"content": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}], "refusal": None}
-    chunk = {"system_fingerprint": "fp_1", "choices": [{"index": 0, "logprobs": logprobs,
-                                                        "delta": {"content": "Hi", "reasoning_content": "hm", "refusal": "no"}}]}
+    chunk = {
+        "system_fingerprint": "fp_1",
+        "choices": [
+            {"index": 0, "logprobs": logprobs, "delta": {"content": "Hi", "reasoning_content": "hm", "refusal": "no"}}
+        ],
+    }
     out = run(openai_chat, [b"data: " + json.dumps(chunk).encode() + b"\n\n", b"data: [DONE]\n\n"])
-    assert out == [ev.meta(system_fingerprint="fp_1"), {**ev.delta("Hi"), "logprobs": logprobs}, ev.meta(reasoning="hm"),
-                   ev.meta(refusal="no"), ev.finish("stop")]
+    assert out == [
+        ev.meta(system_fingerprint="fp_1"),
+        {**ev.delta("Hi"), "logprobs": logprobs},
+        ev.meta(reasoning="hm"),
+        ev.meta(refusal="no"),
+        ev.finish("stop"),
+    ]
 
 
-@pytest.mark.parametrize("reason,expected", [("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"),
-                                             ("tool_use", "tool_calls"), ("refusal", "content_filter"), ("pause_turn", "pause_turn")])
+@pytest.mark.parametrize(
+    "reason,expected",
+    [
+        ("end_turn", "stop"),
+        ("stop_sequence", "stop"),
+        ("max_tokens", "length"),
+        ("tool_use", "tool_calls"),
+        ("refusal", "content_filter"),
+        ("pause_turn", "pause_turn"),
+    ],
+)
 def test_anthropic_stop_reasons(reason, expected):
-    stream = (f'event: message_delta\ndata: {{"type":"message_delta","delta":{{"stop_reason":"{reason}"}},"usage":{{"output_tokens":3}}}}\n\n'
-              'event: message_stop\ndata: {"type":"message_stop"}\n\n').encode()
+    stream = (
+        f'event: message_delta\ndata: {{"type":"message_delta","delta":{{"stop_reason":"{reason}"}},"usage":{{"output_tokens":3}}}}\n\n'
+        'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    ).encode()
     assert run(anthropic, [stream]) == [ev.usage(None, 3, None), ev.finish(expected)]
 
 
 def test_anthropic_usage_counts_cached_prompt_tokens_and_first_finish_wins():
-    start = {"type": "message_start", "message": {"usage": {"input_tokens": 10, "cache_creation_input_tokens": 200,
-                                                            "cache_read_input_tokens": 3000, "output_tokens": 1}}}
-    stream = (f"event: message_start\ndata: {json.dumps(start)}\n\n"
-              'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"max_tokens"},"usage":{"output_tokens":7}}\n\n'
-              'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":8}}\n\n'
-              'event: message_stop\ndata: {"type":"message_stop"}\n\n').encode()
+    start = {
+        "type": "message_start",
+        "message": {
+            "usage": {
+                "input_tokens": 10,
+                "cache_creation_input_tokens": 200,
+                "cache_read_input_tokens": 3000,
+                "output_tokens": 1,
+            }
+        },
+    }
+    stream = (
+        f"event: message_start\ndata: {json.dumps(start)}\n\n"
+        'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"max_tokens"},"usage":{"output_tokens":7}}\n\n'
+        'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":8}}\n\n'
+        'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    ).encode()
     assert run(anthropic, [stream]) == [ev.usage(3210, 8, 3218), ev.finish("length")]
 
 
@@ -359,13 +536,29 @@ def test_ollama_last_line_without_newline_is_read_at_close():
 
 
 def test_ollama_tool_calls():
-    line = {"model": "llama3.2", "message": {"role": "assistant", "content": "",
-            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Toronto"}}}]},
-            "done": False}
-    last = {"model": "llama3.2", "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop",
-            "prompt_eval_count": 10, "eval_count": 5}
+    line = {
+        "model": "llama3.2",
+        "message": {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Toronto"}}}],
+        },
+        "done": False,
+    }
+    last = {
+        "model": "llama3.2",
+        "message": {"role": "assistant", "content": ""},
+        "done": True,
+        "done_reason": "stop",
+        "prompt_eval_count": 10,
+        "eval_count": 5,
+    }
     out = run(ollama, [(json.dumps(line) + "\n" + json.dumps(last) + "\n").encode()])
-    assert out == [tool_meta("call_0", "get_weather", '{"city":"Toronto"}'), ev.usage(10, 5, 15), ev.finish("tool_calls")]
+    assert out == [
+        tool_meta("call_0", "get_weather", '{"city":"Toronto"}'),
+        ev.usage(10, 5, 15),
+        ev.finish("tool_calls"),
+    ]
 
 
 def test_sse_comments_and_keepalives_are_ignored():
@@ -386,22 +579,49 @@ def http_error(provider: str, status: str, headers=None):
     return PROVIDER_MODULE[provider].error_from_response(int(status), hdrs, case["body"].encode(), now=NOW)
 
 
-@pytest.mark.parametrize("provider,status,code,message,retry", [
-    ("openai", "401", "upstream_auth", "Incorrect API key provided: sk-proj-****abcd. You can find your API key at https://platform.openai.com/account/api-keys.", None),
-    ("openai", "429", "upstream_429", "Rate limit reached for gpt-4o in organization org-abc123 on requests per min (RPM): Limit 500, Used 500, Requested 1. Please try again in 120ms.", 20.0),
-    ("openai", "500", "upstream_5xx", "The server had an error while processing your request. Sorry about that!", None),
-    ("anthropic", "401", "upstream_auth", "invalid x-api-key", None),
-    ("anthropic", "429", "upstream_429", "This request would exceed your account's rate limit. Please try again later.", 17.0),
-    ("anthropic", "500", "upstream_5xx", "Internal server error", None),
-    ("anthropic", "529", "upstream_5xx", "Overloaded", None),
-    ("perplexity", "401", "upstream_auth", "401 Unauthorized", None),
-    ("perplexity", "429", "upstream_429", "Rate limit exceeded. Please try again later.", None),
-    ("perplexity", "500", "upstream_5xx", "Internal server error", None),
-    ("ollama", "401", "upstream_auth", "unauthorized", None),
-    ("ollama", "404", "upstream_4xx", 'model "llama9" not found, try pulling it first', None),
-    ("ollama", "429", "upstream_429", "too many requests, please retry later", 3.0),
-    ("ollama", "500", "upstream_5xx", "llama runner process has terminated: exit status 2", None),
-])
+@pytest.mark.parametrize(
+    "provider,status,code,message,retry",
+    [
+        (
+            "openai",
+            "401",
+            "upstream_auth",
+            "Incorrect API key provided: sk-proj-****abcd. You can find your API key at https://platform.openai.com/account/api-keys.",
+            None,
+        ),
+        (
+            "openai",
+            "429",
+            "upstream_429",
+            "Rate limit reached for gpt-4o in organization org-abc123 on requests per min (RPM): Limit 500, Used 500, Requested 1. Please try again in 120ms.",
+            20.0,
+        ),
+        (
+            "openai",
+            "500",
+            "upstream_5xx",
+            "The server had an error while processing your request. Sorry about that!",
+            None,
+        ),
+        ("anthropic", "401", "upstream_auth", "invalid x-api-key", None),
+        (
+            "anthropic",
+            "429",
+            "upstream_429",
+            "This request would exceed your account's rate limit. Please try again later.",
+            17.0,
+        ),
+        ("anthropic", "500", "upstream_5xx", "Internal server error", None),
+        ("anthropic", "529", "upstream_5xx", "Overloaded", None),
+        ("perplexity", "401", "upstream_auth", "401 Unauthorized", None),
+        ("perplexity", "429", "upstream_429", "Rate limit exceeded. Please try again later.", None),
+        ("perplexity", "500", "upstream_5xx", "Internal server error", None),
+        ("ollama", "401", "upstream_auth", "unauthorized", None),
+        ("ollama", "404", "upstream_4xx", 'model "llama9" not found, try pulling it first', None),
+        ("ollama", "429", "upstream_429", "too many requests, please retry later", 3.0),
+        ("ollama", "500", "upstream_5xx", "llama runner process has terminated: exit status 2", None),
+    ],
+)
 def test_error_from_response(provider, status, code, message, retry):
     event = http_error(provider, status)
     assert event["type"] == ev.ERROR and event["code"] == code and event["message"] == message
@@ -420,7 +640,10 @@ def test_retry_after_http_date():
 
 def test_retry_after_variants():
     body = b"{}"
-    assert base.error_from_response(429, [(b"retry-after-ms", b"1500"), (b"retry-after", b"9")], body)["retry_after_s"] == 1.5
+    assert (
+        base.error_from_response(429, [(b"retry-after-ms", b"1500"), (b"retry-after", b"9")], body)["retry_after_s"]
+        == 1.5
+    )
     assert base.error_from_response(429, [(b"Retry-After", b"0.25")], body)["retry_after_s"] == 0.25
     assert "retry_after_s" not in base.error_from_response(429, [(b"retry-after", b"soon")], body)
     assert "retry_after_s" not in base.error_from_response(429, [], body)
@@ -440,29 +663,46 @@ def test_error_message_fallbacks():
 KEY = "sk-test-SECRET-0123456789"
 BODY = {
     "system": "Be brief.",
-    "messages": [{"role": "system", "content": "Answer in English."},
-                 {"role": "user", "content": "Weather in Paris?"},
-                 {"role": "assistant", "content": "Checking."},
-                 {"role": "user", "content": "Thanks — and tomorrow?"}],
+    "messages": [
+        {"role": "system", "content": "Answer in English."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Checking."},
+        {"role": "user", "content": "Thanks — and tomorrow?"},
+    ],
     "temperature": 0.2,
     "max_tokens": 256,
     "top_p": 0.9,
     "stop": ["\n\n"],
-    "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather by city",
-                                                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+    "tools": [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather by city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ],
     "tool_choice": "auto",
 }
 # What the Agent API has no counterpart for (refused: test_cross_format_refusals).
 AGENT_BODY = {k: v for k, v in BODY.items() if k not in ("temperature", "top_p", "stop", "tool_choice")}
 RESPONSES_BODY = {k: v for k, v in BODY.items() if k != "stop"}
-MODELS = {openai_chat: "gpt-4o", openai_responses: "gpt-4.1", anthropic: "claude-sonnet-4-5", perplexity_agent: "openai/gpt-5-mini",
-          perplexity_sonar: "sonar", ollama: "llama3.2"}
+MODELS = {
+    openai_chat: "gpt-4o",
+    openai_responses: "gpt-4.1",
+    anthropic: "claude-sonnet-4-5",
+    perplexity_agent: "openai/gpt-5-mini",
+    perplexity_sonar: "sonar",
+    ollama: "llama3.2",
+}
 
 
 def build(module, api_key=KEY, body=None, base_url=None, model=None):
     body = body or {perplexity_agent: AGENT_BODY, openai_responses: RESPONSES_BODY}.get(module, BODY)
-    method, url, headers, data = module.build_request(base_url=base_url or module.DEFAULT_BASE_URL, api_key=api_key,
-                                                      model=model or MODELS[module], body=body)
+    method, url, headers, data = module.build_request(
+        base_url=base_url or module.DEFAULT_BASE_URL, api_key=api_key, model=model or MODELS[module], body=body
+    )
     return method, url, headers, data, json.loads(data)
 
 
@@ -490,7 +730,11 @@ def test_build_request_without_key_has_no_auth_header(module):
 @pytest.mark.parametrize("suffix", ["/", "/v1", "/v1/"])
 def test_build_request_tolerates_base_url_forms(module, suffix):
     _, url, _, _, _ = build(module, base_url=module.DEFAULT_BASE_URL + suffix)
-    expected = module.DEFAULT_BASE_URL + ("/v1" if suffix.startswith("/v1") and not module.PATH.startswith("/v1/") else "") + module.PATH
+    expected = (
+        module.DEFAULT_BASE_URL
+        + ("/v1" if suffix.startswith("/v1") and not module.PATH.startswith("/v1/") else "")
+        + module.PATH
+    )
     assert url == expected
 
 
@@ -514,8 +758,13 @@ def test_anthropic_request():
     assert p["system"] == "Be brief.\n\nAnswer in English."
     assert [m["role"] for m in p["messages"]] == ["user", "assistant", "user"]
     assert p["max_tokens"] == 256 and p["stop_sequences"] == ["\n\n"]
-    assert p["tools"] == [{"name": "get_weather", "description": "Weather by city",
-                           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    assert p["tools"] == [
+        {
+            "name": "get_weather",
+            "description": "Weather by city",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+        }
+    ]
     assert p["tool_choice"] == {"type": "auto"}
     _, _, _, _, minimal = build(anthropic, body={"messages": [{"role": "user", "content": "hi"}]})
     assert minimal["max_tokens"] == anthropic.DEFAULT_MAX_TOKENS == 1024 and "system" not in minimal
@@ -534,7 +783,9 @@ def test_perplexity_agent_request():
     assert p["model"] == "openai/gpt-5-mini" and "preset" not in p
     assert p["instructions"] == "Be brief.\n\nAnswer in English." and p["max_output_tokens"] == 256
     assert p["input"][0] == {"type": "message", "role": "user", "content": "Weather in Paris?"}
-    _, _, _, _, q = build(perplexity_agent, model="pro-search", body={"messages": [{"role": "user", "content": "Tokyo population?"}]})
+    _, _, _, _, q = build(
+        perplexity_agent, model="pro-search", body={"messages": [{"role": "user", "content": "Tokyo population?"}]}
+    )
     assert q == {"preset": "pro-search", "input": "Tokyo population?", "stream": True}
 
 
@@ -550,16 +801,25 @@ def test_ollama_request():
     assert (b"accept", b"application/x-ndjson") in headers
     assert p["options"] == {"temperature": 0.2, "top_p": 0.9, "num_predict": 256, "stop": ["\n\n"]}
     assert p["messages"][0] == {"role": "system", "content": "Be brief."} and p["tools"] == BODY["tools"]
-    _, _, _, _, parts = build(ollama, body={"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+    _, _, _, _, parts = build(
+        ollama, body={"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    )
     assert parts["messages"] == [{"role": "user", "content": "hi"}] and "options" not in parts
 
 
 # --- registry ------------------------------------------------------------------------------
 
+
 def test_registry():
-    assert ADAPTERS == {"openai": openai_chat, "openai_responses": openai_responses, "anthropic": anthropic,
-                        "perplexity": perplexity_agent, "perplexity_sonar": perplexity_sonar, "ollama": ollama,
-                        "simulated": openai_chat}
+    assert ADAPTERS == {
+        "openai": openai_chat,
+        "openai_responses": openai_responses,
+        "anthropic": anthropic,
+        "perplexity": perplexity_agent,
+        "perplexity_sonar": perplexity_sonar,
+        "ollama": ollama,
+        "simulated": openai_chat,
+    }
     assert get_adapter("perplexity") is perplexity_agent
     with pytest.raises(KeyError):
         get_adapter("nope")
@@ -571,28 +831,38 @@ def test_registry():
 
 # --- SSE line splitting (protocols/sse.py, rewritten with bytes.find) -----------------------
 
+
 def _split_line_reference(buffer: bytes):
     """The original byte-by-byte implementation, kept to pin the behaviour."""
     for i, byte in enumerate(buffer):
         if byte == 0x0A:
-            return buffer[:i], True, buffer[i + 1:]
+            return buffer[:i], True, buffer[i + 1 :]
         if byte == 0x0D:
             if i + 1 == len(buffer):
                 return buffer, False, b""
             skip = 2 if buffer[i + 1] == 0x0A else 1
-            return buffer[:i], True, buffer[i + skip:]
+            return buffer[:i], True, buffer[i + skip :]
     return buffer, False, b""
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"data: x", b":", b" ", b"\xc3\xa9"]), max_size=12).map(b"".join))
+@given(
+    st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"data: x", b":", b" ", b"\xc3\xa9"]), max_size=12).map(
+        b"".join
+    )
+)
 def test_split_line_matches_the_original(buffer):
     assert sse._split_line(buffer) == _split_line_reference(buffer)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"data: a", b"data: \xc3\xa9", b"event: e", b": c", b"id: 1"]),
-                max_size=20).map(b"".join), st.data())
+@given(
+    st.lists(
+        st.sampled_from([b"\r", b"\n", b"\r\n", b"data: a", b"data: \xc3\xa9", b"event: e", b": c", b"id: 1"]),
+        max_size=20,
+    ).map(b"".join),
+    st.data(),
+)
 def test_sse_parser_is_chunking_independent(stream, data):
     whole = sse.SSEParser().feed(stream)
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10))

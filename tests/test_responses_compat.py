@@ -1,6 +1,7 @@
 """POST /v1/responses (edge/responses_compat.py) driven by the official `openai` SDK,
 unmodified (`responses.create`, streamed and not), against the real gateway in front of
 the simulated provider."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -16,9 +17,15 @@ from tests.support import SSEClient, get_json, wait_until
 pytestmark = pytest.mark.integration
 
 DOCUMENTED = [
-    "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
-    "response.output_text.delta", "response.output_text.done", "response.content_part.done",
-    "response.output_item.done", "response.completed",
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    "response.output_text.delta",
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
 ]
 
 
@@ -56,7 +63,10 @@ def test_non_streamed_response(client, gateway):
 
 def test_streamed_response_yields_the_documented_events(client):
     text = unique("tokens=3")
-    items = [{"role": "developer", "content": "Terse."}, {"role": "user", "content": [{"type": "input_text", "text": text}]}]
+    items = [
+        {"role": "developer", "content": "Terse."},
+        {"role": "user", "content": [{"type": "input_text", "text": text}]},
+    ]
     events = list(client.responses.create(model="sim-1", input=items, stream=True))
     kinds = [e.type for e in events]
     assert [k for i, k in enumerate(kinds) if k not in kinds[:i]] == DOCUMENTED
@@ -96,7 +106,9 @@ def test_function_call_items_map_to_the_normalized_tool_shape(client, gateway):
 
 def test_errors(client):
     with pytest.raises(openai.UnprocessableEntityError) as info:
-        client.responses.create(model="sim-1", input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}])
+        client.responses.create(
+            model="sim-1", input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]
+        )
     assert "input[0].content[0]" in info.value.message and info.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.UnprocessableEntityError):
         client.responses.create(model="sim-1", input="hi", previous_response_id="resp_1")
@@ -142,5 +154,8 @@ def test_identical_streams_coalesce_and_show_in_metrics(gateway):
         streams = list(pool.map(lambda _: one(), range(6)))
     assert all(events[-1][0] == "response.completed" for events in streams)
     assert len(sim_calls(gateway, text)) == 1
-    wait_until(lambda: get_json(perf)[1]["coalesce"]["followers"] >= before + 5, timeout=10,
-               message="the followers in /api/metrics/performance")
+    wait_until(
+        lambda: get_json(perf)[1]["coalesce"]["followers"] >= before + 5,
+        timeout=10,
+        message="the followers in /api/metrics/performance",
+    )

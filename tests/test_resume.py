@@ -3,6 +3,7 @@ provider: a resumable stream dropped mid-answer and resumed with `Last-Event-ID`
 remaining event exactly once from the one upstream call; without opt-in a drop cancels at
 once; a parked stream nobody resumes is cancelled after SLUICE_RESUME_GRACE_S; only the
 key that owns a request may resume it; a stream that finished while parked gives its tail."""
+
 from __future__ import annotations
 
 import hashlib
@@ -49,7 +50,9 @@ class Stream:
             content = json.dumps(body).encode()
             hdrs["content-type"] = "application/json"
         t = {"connect": 20.0, "read": 20.0, "write": 20.0, "pool": 20.0}
-        self._cm = self._pool.stream(method, url, headers=list(hdrs.items()), content=content, extensions={"timeout": t})
+        self._cm = self._pool.stream(
+            method, url, headers=list(hdrs.items()), content=content, extensions={"timeout": t}
+        )
         self.response = self._cm.__enter__()
         self.status = self.response.status
         self.headers = {k.decode().lower(): v.decode() for k, v in self.response.headers}
@@ -180,7 +183,9 @@ def test_a_parked_stream_nobody_resumes_is_cancelled_after_the_grace(gw):
     text, body = prompt("grace", 1000, 20)
     dropped_at = time.time()
     request_id, _ = start_and_drop(gw, {**body, "resumable": True}, 5)
-    cancelled = wait_until(lambda: cancellations_for(gw, text), timeout=GRACE_S + 15, message="the cancel after the grace")
+    cancelled = wait_until(
+        lambda: cancellations_for(gw, text), timeout=GRACE_S + 15, message="the cancel after the grace"
+    )
     assert cancelled[0]["observed_at"] - dropped_at >= GRACE_S - 0.5  # kept going meanwhile
     status, _, error = request("GET", f"{gw.url}/api/chat/{request_id}/events", headers=auth(**{"last-event-id": "4"}))
     assert status == 404 and "SLUICE_RESUME_GRACE_S" in json.loads(error)["error"]["message"]
@@ -189,7 +194,9 @@ def test_a_parked_stream_nobody_resumes_is_cancelled_after_the_grace(gw):
 def test_only_the_key_that_owns_a_request_may_resume_it(gw):
     text, body = prompt("owner", 40, 40)
     request_id, first = start_and_drop(gw, {**body, "resumable": True}, 5)
-    status, _, error = request("GET", f"{gw.url}/api/chat/{request_id}/events", headers=auth("b", **{"last-event-id": "4"}))
+    status, _, error = request(
+        "GET", f"{gw.url}/api/chat/{request_id}/events", headers=auth("b", **{"last-event-id": "4"})
+    )
     assert status == 404 and json.loads(error)["error"]["code"] == "not_found"
     stream = resume(gw, request_id, 4)  # still parked: the owner gets the rest
     rest = stream.rest()

@@ -1,4 +1,5 @@
 """The retry decision (actors/retry_policy.py): what is retried, when, and what stops it."""
+
 from __future__ import annotations
 
 import h2.errors

@@ -1,4 +1,5 @@
 """Role names (protocols/roles.py): built and parsed in one place, round trips, bad names."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,8 +31,28 @@ def test_parse_reads_the_parts_back():
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "pacer", "pacer:", "pacer:OpenAI", "pacer:a:b", "pacer: x", "coalescer", "coalescer:", "coalescer:-1",
-     "coalescer:01", "coalescer:x", "coalescer:١", "pool:0", "pool:01", "pool:", "supervisor:", "edge:e1", "127.0.0.1:19500", None, 3],
+    [
+        "",
+        "pacer",
+        "pacer:",
+        "pacer:OpenAI",
+        "pacer:a:b",
+        "pacer: x",
+        "coalescer",
+        "coalescer:",
+        "coalescer:-1",
+        "coalescer:01",
+        "coalescer:x",
+        "coalescer:١",
+        "pool:0",
+        "pool:01",
+        "pool:",
+        "supervisor:",
+        "edge:e1",
+        "127.0.0.1:19500",
+        None,
+        3,
+    ],
 )
 def test_parse_refuses_what_is_not_a_role(bad):
     with pytest.raises(ValueError, match="not a role"):
@@ -59,18 +80,31 @@ def test_predicates_answer_for_any_string():
 
 
 def test_the_supervisors_children_are_one_pacer_per_account_and_one_coalescer_per_shard():
-    settings = config.load({"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://127.0.0.1:1", "COALESCER_SHARDS": "3",
-                            "SLUICE_POOLS": "1"})
+    settings = config.load(
+        {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://127.0.0.1:1", "COALESCER_SHARDS": "3", "SLUICE_POOLS": "1"}
+    )
     names = roles.children(settings["providers"], settings["COALESCER_SHARDS"])
     # openai and openai_responses bill to one account: one Pacer
-    assert names == ["metrics", "pool", "threads", "pacer:simulated", "pacer:openai",
-                     "coalescer:0", "coalescer:1", "coalescer:2"]
+    assert names == [
+        "metrics",
+        "pool",
+        "threads",
+        "pacer:simulated",
+        "pacer:openai",
+        "coalescer:0",
+        "coalescer:1",
+        "coalescer:2",
+    ]
     assert all(str(roles.parse(n)) == n for n in names)
     actors = child_roles(settings)
     assert list(actors) == names
     assert {roles.kind(n): cls.__name__ for n, cls in actors.items()} == {
-        "metrics": "MetricsActor", "pool": "PoolActor", "threads": "ThreadStoreActor",
-        "pacer": "PacerActor", "coalescer": "CoalescerActor"}
+        "metrics": "MetricsActor",
+        "pool": "PoolActor",
+        "threads": "ThreadStoreActor",
+        "pacer": "PacerActor",
+        "coalescer": "CoalescerActor",
+    }
 
 
 def test_pool_roles_keep_pool_zero_named_pool():
@@ -88,9 +122,19 @@ def test_pool_roles_keep_pool_zero_named_pool():
 def test_the_supervisor_creates_every_pool():
     settings = config.load({"SLUICE_POOLS": "3", "COALESCER_SHARDS": "1"})
     assert roles.children(settings["providers"], 1, settings["SLUICE_POOLS"]) == [
-        "metrics", "pool", "pool:1", "pool:2", "threads", "pacer:simulated", "coalescer:0"]
+        "metrics",
+        "pool",
+        "pool:1",
+        "pool:2",
+        "threads",
+        "pacer:simulated",
+        "coalescer:0",
+    ]
     assert {n: cls.__name__ for n, cls in child_roles(settings).items() if roles.is_pool(n)} == {
-        "pool": "PoolActor", "pool:1": "PoolActor", "pool:2": "PoolActor"}
+        "pool": "PoolActor",
+        "pool:1": "PoolActor",
+        "pool:2": "PoolActor",
+    }
 
 
 @pytest.mark.parametrize(("cores", "pools"), [(None, 1), (1, 1), (2, 1), (4, 1), (8, 2), (16, 4), (64, 16)])

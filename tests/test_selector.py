@@ -1,6 +1,7 @@
 """Thespian's transport loop polls instead of building an epoll per turn
 (patches/thespian_selector.py), only Thespian's view of `selectors` changes, and binding
 Thespian's sockets no longer installs it as a side effect."""
+
 from __future__ import annotations
 
 import selectors

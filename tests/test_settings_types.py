@@ -1,4 +1,5 @@
 """protocols/settings.py: the typed views of the settings, in step with protocols/config.py."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +11,12 @@ from protocols.settings import CoalescerFlags, PacerSettings, ProviderConfig, fl
 
 pytestmark = pytest.mark.unit
 
-ENV = {"OPENAI_API_KEYS": "k1,k2", "OPENAI_BASE_URL": "http://127.0.0.1:1", "OPENAI_H2C": "1", "OPENAI_KEEPALIVE_S": "3"}
+ENV = {
+    "OPENAI_API_KEYS": "k1,k2",
+    "OPENAI_BASE_URL": "http://127.0.0.1:1",
+    "OPENAI_H2C": "1",
+    "OPENAI_KEEPALIVE_S": "3",
+}
 
 
 def test_every_provider_entry_is_a_provider_config():

@@ -9,6 +9,7 @@ them. The proxy breaks the gateway's HTTP/2 connection on purpose — slower ans
 missing cancels (RST_STREAM frames held back or dropped) — outside the product, so the
 tests show that a real regression makes the suite FAIL.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,15 +30,24 @@ from tests.support import ROOT, free_port, port_in_use, request, running_gateway
 pytestmark = pytest.mark.integration
 
 TOKEN = "signoff-token"
-CONFIGURED = {"SIMULATED_RPS": "2", "SIMULATED_BURST": "3", "SIMULATED_CONCURRENCY": "4", "SIMULATED_RPM": "70",
-              # a Perplexity provider (never called here) so that its pacer exists, configured
-              # away from the production values the restore script must put back
-              "PERPLEXITY_API_KEY": "unused", "PERPLEXITY_RPS": "5", "PERPLEXITY_BURST": "6",
-              "PERPLEXITY_CONCURRENCY": "7", "PACER_MAX_QUEUE": "77", "COALESCE_ERROR_TTL_S": "3",
-              "SLUICE_ALERT_TTFT_P95_MS": "1234",
-              # an "OpenAI" provider that is the simulated one in disguise: the suite measures
-              # it as a real provider (its cancels by the gateway's upstream abort)
-              "OPENAI_API_KEY": "unused"}
+CONFIGURED = {
+    "SIMULATED_RPS": "2",
+    "SIMULATED_BURST": "3",
+    "SIMULATED_CONCURRENCY": "4",
+    "SIMULATED_RPM": "70",
+    # a Perplexity provider (never called here) so that its pacer exists, configured
+    # away from the production values the restore script must put back
+    "PERPLEXITY_API_KEY": "unused",
+    "PERPLEXITY_RPS": "5",
+    "PERPLEXITY_BURST": "6",
+    "PERPLEXITY_CONCURRENCY": "7",
+    "PACER_MAX_QUEUE": "77",
+    "COALESCE_ERROR_TTL_S": "3",
+    "SLUICE_ALERT_TTFT_P95_MS": "1234",
+    # an "OpenAI" provider that is the simulated one in disguise: the suite measures
+    # it as a real provider (its cancels by the gateway's upstream abort)
+    "OPENAI_API_KEY": "unused",
+}
 LINES = [
     re.compile(r"^• TTFT \(streaming\) p95: ([\d,]+|n/a) ms \(target ≤ 1,500 ms\) — (PASS|FAIL)(.*)$"),
     re.compile(r"^• Cancel latency: ([\d,]+|n/a) ms \(target < 300 ms\) — (PASS|FAIL)(.*)$"),
@@ -122,8 +132,9 @@ class FaultProxy:
                 first = exc.partial
             h2 = first == H2_PREFACE
             up_writer.write(first)
-            await asyncio.gather(self._requests(reader, up_writer, h2), self._answers(up_reader, writer, h2),
-                                 return_exceptions=True)
+            await asyncio.gather(
+                self._requests(reader, up_writer, h2), self._answers(up_reader, writer, h2), return_exceptions=True
+            )
         finally:
             for w in (writer, up_writer):
                 self.writers.discard(w)
@@ -203,8 +214,9 @@ def proxy():
 
 @pytest.fixture(scope="module")
 def gw(proxy):
-    with running_gateway({"SIMULATED_BASE_URL": proxy.url, "OPENAI_BASE_URL": proxy.url, "SLUICE_ADMIN_TOKEN": TOKEN,
-                          **CONFIGURED}) as gateway:
+    with running_gateway(
+        {"SIMULATED_BASE_URL": proxy.url, "OPENAI_BASE_URL": proxy.url, "SLUICE_ADMIN_TOKEN": TOKEN, **CONFIGURED}
+    ) as gateway:
         yield gateway
 
 
@@ -239,7 +251,9 @@ def sh(script: str, *args, env, sourced: bool = False) -> subprocess.CompletedPr
 
 
 def admin(gw, method: str, path: str, body=None) -> dict:
-    status, _, raw = request(method, gw.url + "/api/admin" + path, body=body, headers={"authorization": f"Bearer {TOKEN}"})
+    status, _, raw = request(
+        method, gw.url + "/api/admin" + path, body=body, headers={"authorization": f"Bearer {TOKEN}"}
+    )
     assert status == 200, raw
     return json.loads(raw)
 
@@ -282,7 +296,10 @@ def test_prep_run_restore_go(gw, env, proxy, tmp_path):
     saved = re.search(r"saved in (\S+\.json)", done.stdout).group(1)  # prep names the file
     before = json.loads(open(saved).read())["in_force"]
     assert before["pacers"]["simulated"]["rps"] == 2.0 and before["pacers"]["simulated"]["rpm"] == 70
-    assert before["alert_thresholds"]["ttft_p95_ms"] == 1234.0 and before["flags"]["coalescer:0"]["coalesce_enabled"] is True
+    assert (
+        before["alert_thresholds"]["ttft_p95_ms"] == 1234.0
+        and before["flags"]["coalescer:0"]["coalesce_enabled"] is True
+    )
     prepped = pacer_settings(gw)
     assert (prepped["rps"], prepped["burst"], prepped["concurrency"], prepped["rpm"]) == (50.0, 50, 50, 70)
 
@@ -360,18 +377,29 @@ def test_a_real_provider_is_measured_by_the_gateways_upstream_abort(env, proxy):
 def test_queue_wait_is_part_of_the_verdict(env):
     # prep with a stingy pacer: the run's requests wait for slots
     prep({**env, "SLUICE_SIGNOFF_RPS": "5", "SLUICE_SIGNOFF_BURST": "1", "SLUICE_SIGNOFF_CONCURRENCY": "1"})
-    run = sh("run_ttft_suite.sh", "--rehearsal", env={**env, "SLUICE_SIGNOFF_REQUESTS": "4", "SLUICE_SIGNOFF_PARALLEL": "2",
-                                                      "SLUICE_SIGNOFF_CANCELS": "1"})
+    run = sh(
+        "run_ttft_suite.sh",
+        "--rehearsal",
+        env={**env, "SLUICE_SIGNOFF_REQUESTS": "4", "SLUICE_SIGNOFF_PARALLEL": "2", "SLUICE_SIGNOFF_CANCELS": "1"},
+    )
     assert run.returncode == 1, run.stdout + run.stderr
     result = verdict(run.stdout)
     assert result["queue"][1] == "INVESTIGATE" and result["queue"][0] > 10
     assert result["ttft"][1] == "PASS" and "NO-GO (queue wait)" in result["verdict"]
 
 
-@pytest.mark.parametrize("fault, delay, crossed", [("answer_delay_s", 0.2, "added TTFT"), ("reset_delay_s", 0.15, "cancel")])
+@pytest.mark.parametrize(
+    "fault, delay, crossed", [("answer_delay_s", 0.2, "added TTFT"), ("reset_delay_s", 0.15, "cancel")]
+)
 def test_the_gate_sees_a_regression_the_sheet_would_pass(env, proxy, fault, delay, crossed):
-    gate_env = {**env, "SLUICE_SIGNOFF_REQUESTS": "12", "SLUICE_SIGNOFF_CANCELS": "3", "SLUICE_GATE_MIN_REQUESTS": "12",
-                "SLUICE_GATE_MIN_CANCELS": "3", "SLUICE_GATE_ATTEMPTS": "2"}
+    gate_env = {
+        **env,
+        "SLUICE_SIGNOFF_REQUESTS": "12",
+        "SLUICE_SIGNOFF_CANCELS": "3",
+        "SLUICE_GATE_MIN_REQUESTS": "12",
+        "SLUICE_GATE_MIN_CANCELS": "3",
+        "SLUICE_GATE_ATTEMPTS": "2",
+    }
     prep(env)
     setattr(proxy, fault, delay)  # within the sheet's targets, over the gate's bounds
     # Long answers: with answers held back by the proxy, a short one could be fully sent by
@@ -424,8 +452,13 @@ def test_a_restore_that_does_not_restore_fails_listing_the_difference(gw, env):
 def test_verify_sees_a_value_changed_behind_its_back(gw, env):
     admin(gw, "POST", "/flags", {"stream_fanout_enabled": False})
     admin(gw, "POST", "/alerts/thresholds", {"queue_wait_p95_ms": 900})
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "ttft_suite.py"), "verify"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "ttft_suite.py"), "verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1, done.stdout
     assert "coalescer:0 stream_fanout_enabled: running False, production True" in done.stdout
     assert "alert threshold queue_wait_p95_ms: running 900.0, production 1000.0" in done.stdout
@@ -473,7 +506,10 @@ def test_a_wrong_token_is_named(env):
 def test_selfcheck_runs_a_gated_rehearsal_on_its_own_gateway(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "ttft_suite.py"), "selfcheck"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
         env={**os.environ, "SLUICE_SIGNOFF_RECORD": str(tmp_path / "record.md")},
     )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -8,6 +8,7 @@ error form (HTTP 429/500 bodies, in-band error frames, resets, truncation) mappe
 right code. Frame shapes are also checked against the recorded transcripts in
 tests/fixtures/providers, so the sim cannot drift into a format only our parsers accept.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,8 +43,14 @@ STREAM_FIXTURES = {
     "perplexity_sonar": ["perplexity_sonar_full.sse"],
     "ollama": ["ollama.ndjson", "ollama_error.ndjson"],
 }
-HTTP_ERROR_FIXTURE = {"openai": "openai", "openai_responses": "openai", "anthropic": "anthropic",
-                      "perplexity": "perplexity", "perplexity_sonar": "perplexity", "ollama": "ollama"}
+HTTP_ERROR_FIXTURE = {
+    "openai": "openai",
+    "openai_responses": "openai",
+    "anthropic": "anthropic",
+    "perplexity": "perplexity",
+    "perplexity_sonar": "perplexity",
+    "ollama": "ollama",
+}
 IN_BAND_CODE = {"ollama": "upstream_error"}  # Ollama's error line says nothing about its kind
 
 
@@ -174,7 +181,8 @@ def test_non_streamed_answer_has_the_same_text(provider):
     async def test(sim):
         adapter = get_adapter(provider)
         method, url, headers, body = adapter.build_request(
-            base_url=sim.url, api_key=KEY, model="m", body={"messages": conversation(text)})
+            base_url=sim.url, api_key=KEY, model="m", body={"messages": conversation(text)}
+        )
         payload = {**json.loads(body), "stream": False}
         async with pool_for("h2") as pool:
             response = await pool.request(method, url, headers=headers, content=json.dumps(payload).encode())
@@ -302,7 +310,9 @@ def test_frames_match_the_recorded_transcripts(provider):
 
 
 def assert_error_body_shape(provider: str, status: int, raw: bytes) -> None:
-    recorded = json.loads(json.loads((FIXTURES / "http_errors.json").read_text())[HTTP_ERROR_FIXTURE[provider]][str(status)]["body"])
+    recorded = json.loads(
+        json.loads((FIXTURES / "http_errors.json").read_text())[HTTP_ERROR_FIXTURE[provider]][str(status)]["body"]
+    )
     body = json.loads(raw)
     assert set(body) <= set(recorded)
     if isinstance(body.get("error"), dict):
@@ -340,7 +350,8 @@ def test_stall_first_sends_nothing_until_the_client_leaves():
     async def test(sim):
         adapter = get_adapter("openai")
         method, url, headers, body = adapter.build_request(
-            base_url=sim.url, api_key=KEY, model="m", body={"messages": conversation("hi #sim fail=stall_first")})
+            base_url=sim.url, api_key=KEY, model="m", body={"messages": conversation("hi #sim fail=stall_first")}
+        )
         async with pool_for("h2") as pool:
             with pytest.raises(httpcore.ReadTimeout):
                 await pool.request(method, url, headers=headers, content=body, extensions={"timeout": {"read": 0.3}})

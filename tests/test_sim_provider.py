@@ -64,7 +64,7 @@ def parse_sse(raw: bytes) -> list:
         if not frame.strip():
             continue
         assert frame.startswith(b"data: "), frame
-        data = frame[len(b"data: "):]
+        data = frame[len(b"data: ") :]
         events.append("[DONE]" if data == b"[DONE]" else json.loads(data))
     return events
 
@@ -79,8 +79,7 @@ def token_text(events: list) -> list[str]:
 
 async def post(pool, sim, body: bytes, path: str = CHAT):
     """Whole-response POST: (status, headers dict, body bytes)."""
-    resp = await pool.request("POST", sim.url + path, content=body,
-                              headers={"content-type": "application/json"})
+    resp = await pool.request("POST", sim.url + path, content=body, headers={"content-type": "application/json"})
     return resp.status, {k.decode().lower(): v.decode() for k, v in resp.headers}, resp.content
 
 
@@ -116,7 +115,9 @@ def test_directive_parsing():
     text = "please answer\n#sim ttft_ms=5 tokens=3 fail=500\nmore text"
     assert formats.parse_directive(text) == {"ttft_ms": 5, "tokens": 3, "fail": "500"}
     assert formats.parse_directive("#sim token_interval_ms=2.5 fail=stall") == {
-        "token_interval_ms": 2.5, "fail": "stall"}
+        "token_interval_ms": 2.5,
+        "fail": "stall",
+    }
     assert formats.parse_directive("no directive here") == {}
     for bad in ("#sim tokenz=3", "#sim fail=boom", "#sim tokens=-1", "#sim tokens=2.5", "#sim ttft_ms"):
         with pytest.raises(formats.KnobError):
@@ -140,8 +141,12 @@ def test_stream_chunks_and_done(protocol):
     async def test(sim):
         async with make_pool(protocol) as pool:
             t0 = time.monotonic()
-            async with pool.stream("POST", sim.url + CHAT, content=chat("hi #sim tokens=4 ttft_ms=300"),
-                                   headers={"content-type": "application/json"}) as resp:
+            async with pool.stream(
+                "POST",
+                sim.url + CHAT,
+                content=chat("hi #sim tokens=4 ttft_ms=300"),
+                headers={"content-type": "application/json"},
+            ) as resp:
                 headers_after = time.monotonic() - t0
                 assert resp.status == 200
                 assert resp.extensions["http_version"] == (b"HTTP/2" if protocol == "h2" else b"HTTP/1.1")
@@ -204,7 +209,8 @@ def test_include_usage():
         assert usage_chunk["choices"] == []
         assert usage_chunk["usage"]["completion_tokens"] == 5
         assert usage_chunk["usage"]["total_tokens"] == (
-            usage_chunk["usage"]["prompt_tokens"] + usage_chunk["usage"]["completion_tokens"])
+            usage_chunk["usage"]["prompt_tokens"] + usage_chunk["usage"]["completion_tokens"]
+        )
         assert events[-3]["choices"][0]["finish_reason"] == "stop"
         assert all(e["usage"] is None for e in events[:-2])  # like the real API
 
@@ -349,8 +355,9 @@ async def _abort(protocol, resp):
 def test_stall_then_client_abort_is_observed(protocol):
     async def test(sim):
         async with make_pool(protocol) as pool:
-            async with pool.stream("POST", sim.url + CHAT,
-                                   content=chat("hi #sim fail=stall fail_after_tokens=2")) as resp:
+            async with pool.stream(
+                "POST", sim.url + CHAT, content=chat("hi #sim fail=stall fail_after_tokens=2")
+            ) as resp:
                 chunks = resp.aiter_stream()
                 raw = await read_tokens(chunks, 2)
                 assert len(token_text(parse_sse(raw))) == 2
@@ -430,8 +437,7 @@ def test_h2_flow_control_large_streams():
     # the server must wait for WINDOW_UPDATEs (h2 raises if it overruns a window).
     async def test(sim):
         async with make_pool("h2") as pool:
-            results = await asyncio.gather(*(
-                post(pool, sim, chat(f"big {i} #sim tokens=3000")) for i in range(3)))
+            results = await asyncio.gather(*(post(pool, sim, chat(f"big {i} #sim tokens=3000")) for i in range(3)))
         for status, _, raw in results:
             assert status == 200 and len(raw) > 65535 * 4
             events = parse_sse(raw)
@@ -465,8 +471,14 @@ def test_admin_routes():
         status, stats = await get_json(sim, "/stats")
         assert status == 200 and stats["calls"] == 3
         assert [r["call_id"] for r in stats["requests"]] == [1, 2, 3]
-        assert set(stats) >= {"calls", "streams_open", "streams_completed", "streams_cancelled",
-                              "cancellations", "requests"}
+        assert set(stats) >= {
+            "calls",
+            "streams_open",
+            "streams_completed",
+            "streams_cancelled",
+            "cancellations",
+            "requests",
+        }
         status, stats = await get_json(sim, "/stats/reset", "POST")
         assert stats["calls"] == 0 and stats["requests"] == [] and stats["cancellations"] == []
         status, config = await get_json(sim, "/config/reset", "POST")

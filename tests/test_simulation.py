@@ -5,6 +5,7 @@ from the seed). A failure prints `sluice simulation seed=<n>`; replay one seed w
 `SLUICE_SIM_SEED=<n> .venv/bin/pytest tests/test_simulation.py`. Every `sim.run()` that
 reaches quiescence also checks the generic invariants (sim/harness.py, check_invariants).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -97,8 +98,13 @@ def test_burst_of_50_identical_on_one_edge_is_one_call(seed):
     small, _ = burst_on_one_edge(seed, 2)
     assert sim.count() == small.count()
     assert sim.count() == {
-        "Submit": 1, "Admitted": 1, "LeaseRequest": 1, "LeaseGranted": 1,
-        "OpenStream": 1, "LeaseRelease": 1, "StreamFinished": 1,
+        "Submit": 1,
+        "Admitted": 1,
+        "LeaseRequest": 1,
+        "LeaseGranted": 1,
+        "OpenStream": 1,
+        "LeaseRelease": 1,
+        "StreamFinished": 1,
     }
 
 
@@ -340,7 +346,11 @@ def test_max_wait_denies_with_a_queue_timeout(seed):
 @pytest.mark.parametrize("seed", seeds(30), ids=ids)
 def test_upstream_429_retry_after_pauses_grants(seed):
     sim = Simulation(seed=seed, pacer=PacerSettings(rps=10, burst=10, concurrency=1))
-    sim.upstream(lambda req: Upstream(ttft_ms=100, fail=429, retry_after_s=5.0) if req.n == 1 else Upstream(ttft_ms=100, tokens=3))
+    sim.upstream(
+        lambda req: (
+            Upstream(ttft_ms=100, fail=429, retry_after_s=5.0) if req.n == 1 else Upstream(ttft_ms=100, tokens=3)
+        )
+    )
     clients = [sim.client(at=0.01 * i, text=f"q{i}") for i in range(4)]
     sim.run()
     assert clients[0].outcome == "error" and clients[0].error["code"] == "upstream_429"
@@ -381,7 +391,11 @@ def test_live_concurrency_raise_releases_the_queue_at_once(seed):
 
 @pytest.mark.parametrize("seed", seeds(20), ids=ids)
 def test_coalescing_disabled_gives_every_request_its_own_call(seed):
-    sim = Simulation(seed=seed, pacer=PacerSettings(rps=100, burst=100, concurrency=100), flags=CoalescerFlags(coalesce_enabled=False))
+    sim = Simulation(
+        seed=seed,
+        pacer=PacerSettings(rps=100, burst=100, concurrency=100),
+        flags=CoalescerFlags(coalesce_enabled=False),
+    )
     sim.upstream(ttft_ms=200, token_interval_ms=20, tokens=5)
     clients = [sim.client(at=sim.rng.uniform(0, 0.05), text="same", edge=f"e{i % 2 + 1}") for i in range(20)]
     sim.run()
@@ -409,8 +423,13 @@ def chaos(seed, latency_ms=(0.3, 5.0), kills=0, flips=0, pools=1):
     """A random workload with random faults and live setting changes; all from the seed."""
     settings = PacerSettings(rps=2, burst=3, concurrency=3, rpm=40, max_queue=20, max_wait_s=8)
     sim = Simulation(
-        seed=seed, shards=3, pacer=settings, flags=CoalescerFlags(error_ttl_s=1.0),
-        latency_ms=latency_ms, metrics=True, pools=pools,
+        seed=seed,
+        shards=3,
+        pacer=settings,
+        flags=CoalescerFlags(error_ttl_s=1.0),
+        latency_ms=latency_ms,
+        metrics=True,
+        pools=pools,
     )
     rng = sim.rng
 
@@ -426,7 +445,13 @@ def chaos(seed, latency_ms=(0.3, 5.0), kills=0, flips=0, pools=1):
     for _ in range(80):
         at = rng.uniform(0, 10)
         leave = at + rng.uniform(0, 2) if rng.random() < 0.3 else None
-        sim.client(at=at, text=f"q{rng.randrange(8)}", edge=f"e{rng.randrange(3) + 1}", disconnect_at=leave, coalesce=rng.random() < 0.9)
+        sim.client(
+            at=at,
+            text=f"q{rng.randrange(8)}",
+            edge=f"e{rng.randrange(3) + 1}",
+            disconnect_at=leave,
+            coalesce=rng.random() < 0.9,
+        )
     nodes = list(sim.nodes) + ["edge:e1", "edge:e2", "edge:e3"]
     for _ in range(6):
         sim.pause(rng.choice(nodes), at=rng.uniform(0, 10), for_s=rng.uniform(0.01, 2.0))
@@ -635,7 +660,9 @@ def test_a_killed_shard_loses_its_flights_but_no_lease_and_no_client(seed):
     sim.upstream(ttft_ms=100, token_interval_ms=20, tokens=20)
     before = [sim.client(at=0.01 * i, text=f"q{i}", edge=f"e{i % 2 + 1}") for i in range(6)]
     sim.kill("coalescer:0", at=0.2, restart_s=0.3)
-    after = [sim.client(at=0.25 + 0.01 * i, text=f"new q{i}", edge="e1") for i in range(6)]  # some wait for the replacement
+    after = [
+        sim.client(at=0.25 + 0.01 * i, text=f"new q{i}", edge="e1") for i in range(6)
+    ]  # some wait for the replacement
     sim.run()  # the checker: the Pacer holds nothing, every client ended once
     assert {c.outcome for c in after} == {"done"}
     # The dead shard's flights fail (queued: coalescer_lost; running: the Pool aborts the
@@ -704,12 +731,17 @@ def test_frames_of_an_earlier_subscription_break_a_rejoin_without_the_seq_rule(m
     assert edge.listeners.new_events(2, 3, ["x"]) == [] and edge.listeners.new_events(2, 1, ["a", "b"]) == ["b"]
 
 
-
 # --- the harness itself -----------------------------------------------------------------------
 
 
 def test_the_documented_example():
-    sim = Simulation(seed=7, shards=2, pacer=PacerSettings(rps=1, burst=2, concurrency=3), flags=CoalescerFlags(), latency_ms=(0.5, 2.0))
+    sim = Simulation(
+        seed=7,
+        shards=2,
+        pacer=PacerSettings(rps=1, burst=2, concurrency=3),
+        flags=CoalescerFlags(),
+        latency_ms=(0.5, 2.0),
+    )
     sim.upstream(ttft_ms=200, token_interval_ms=20, tokens=10, fail=None)
     c = sim.client(at=0.0, text="hi", edge="e1", disconnect_at=None)
     sim.run(until=60.0)
@@ -737,7 +769,9 @@ def test_same_seed_same_run(seed):
 
 def test_a_message_the_codec_cannot_carry_fails_the_run_with_its_seed():
     sim = Simulation(seed=123)
-    sim.client(at=0.0, body={"messages": [{"role": "user", "content": "hi"}], "user": 2**70})  # JSON (the key) but no msgpack int
+    sim.client(
+        at=0.0, body={"messages": [{"role": "user", "content": "hi"}], "user": 2**70}
+    )  # JSON (the key) but no msgpack int
     with pytest.raises(SimulationError, match=r"seed=123.*does not encode"):
         sim.run()
 

@@ -1,4 +1,5 @@
 """Chat threads on the real system with a real SQLite file."""
+
 from __future__ import annotations
 
 import json
@@ -68,14 +69,18 @@ def test_50_identical_sends_store_2_messages_and_make_1_upstream_call(gateway):
 
 def test_a_cancelled_reply_is_stored_with_the_text_so_far(gateway):
     thread = new_thread(gateway.url)
-    client = SSEClient(f"{gateway.url}/api/threads/{thread}/messages", {"content": "slow\n#sim tokens=500 token_interval_ms=20"})
+    client = SSEClient(
+        f"{gateway.url}/api/threads/{thread}/messages", {"content": "slow\n#sim tokens=500 token_interval_ms=20"}
+    )
     received = []
     while len(received) < 2:
         name, data = client.next()
         if data.get("type") == "delta":
             received.append(data["delta"])
     client.close()
-    stored = wait_until(lambda: (lambda ms: ms if ms[-1]["status"] == "cancelled" else None)(messages(gateway.url, thread)))
+    stored = wait_until(
+        lambda: (lambda ms: ms if ms[-1]["status"] == "cancelled" else None)(messages(gateway.url, thread))
+    )
     assert stored[-1]["content"].startswith("".join(received))
 
 
@@ -86,7 +91,9 @@ def test_unknown_thread_and_bad_input(gateway):
     thread = new_thread(gateway.url)
     status, _, body = request("POST", f"{gateway.url}/api/threads/{thread}/messages", {"content": ""})
     assert status == 422 and "content" in json.loads(body)["error"]["message"]
-    status, _, _ = request("POST", f"{gateway.url}/api/threads/{thread}/messages", b"{oops", {"content-type": "application/json"})
+    status, _, _ = request(
+        "POST", f"{gateway.url}/api/threads/{thread}/messages", b"{oops", {"content-type": "application/json"}
+    )
     assert status == 400
     assert messages(gateway.url, thread) == []
 
@@ -95,7 +102,9 @@ def test_a_crash_mid_stream_leaves_the_reply_marked_interrupted():
     gw = Gateway().start()
     try:
         thread = new_thread(gw.url)
-        client = SSEClient(f"{gw.url}/api/threads/{thread}/messages", {"content": "long\n#sim tokens=1000 token_interval_ms=20"})
+        client = SSEClient(
+            f"{gw.url}/api/threads/{thread}/messages", {"content": "long\n#sim tokens=1000 token_interval_ms=20"}
+        )
         while client.next()[1].get("type") != "delta":
             pass
         gw.proc.send_signal(signal.SIGKILL)  # no goodbye: the reply row stays "streaming"

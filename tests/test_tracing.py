@@ -3,6 +3,7 @@ upstream call, a coalesced follower's link to its leader, and tracing off by def
 
 Real SSEStream, Admission and Subscriber objects are driven with stream events as the hub delivers
 them; the spans go to the OpenTelemetry SDK's in-memory exporter (the `otel` test extra)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -100,8 +101,11 @@ def test_span_tree_genai_attributes_and_follower_link(exporter):
     # the follower: its own trace, no upstream call of its own, a link to the leader's span
     follower = requests["r-follower"]
     assert [lk.context.span_id for lk in follower.links] == [leader.context.span_id]
-    assert not [s for s in spans if s.parent is not None and s.parent.span_id == follower.context.span_id
-                and s.name.startswith("chat")]
+    assert not [
+        s
+        for s in spans
+        if s.parent is not None and s.parent.span_id == follower.context.span_id and s.name.startswith("chat")
+    ]
 
 
 def test_error_outcome_sets_error_type(exporter):

@@ -6,6 +6,7 @@ gone after exit, and the admin CLI needs the admin token (docs/security.md).
 The integration tests attack a real gateway the way the issue describes: a pickle whose
 unpickling creates a marker file, framed as Thespian frames it, sent to every listening
 port of the gateway's process tree but the HTTP edge."""
+
 from __future__ import annotations
 
 import json
@@ -90,8 +91,13 @@ def test_thespians_receive_buffer_refuses_a_forged_frame(tmp_path):
 def test_install_signs_the_ack_packets_and_refuses_an_unknown_thespian(monkeypatch):
     from thespian.system.transport import TCPTransport, streamBuffer
 
-    for module, name in ((TCPTransport, "serializer"), (TCPTransport, "ackMsg"), (TCPTransport, "ackDataErrMsg"),
-                         (streamBuffer, "ackMsg"), (streamBuffer, "ackDataErrMsg")):
+    for module, name in (
+        (TCPTransport, "serializer"),
+        (TCPTransport, "ackMsg"),
+        (TCPTransport, "ackDataErrMsg"),
+        (streamBuffer, "ackMsg"),
+        (streamBuffer, "ackDataErrMsg"),
+    ):
         monkeypatch.setattr(module, name, getattr(module, name))  # put back after the test
     transport_auth.install(SECRET.encode())
     assert transport_auth.installed()
@@ -114,7 +120,10 @@ def test_actors_off_loopback_need_a_cluster_secret():
     for host in ("0.0.0.0", "", "::", "10.0.0.5", "gateway.internal"):
         with pytest.raises(config.ConfigError, match="SLUICE_CLUSTER_SECRET"):
             config.load({"SLUICE_ACTOR_HOST": host})
-    assert config.load({"SLUICE_ACTOR_HOST": "0.0.0.0", "SLUICE_CLUSTER_SECRET": SECRET})["SLUICE_CLUSTER_SECRET"] == SECRET
+    assert (
+        config.load({"SLUICE_ACTOR_HOST": "0.0.0.0", "SLUICE_CLUSTER_SECRET": SECRET})["SLUICE_CLUSTER_SECRET"]
+        == SECRET
+    )
     # SLUICE_HOST (the edge) may be anything: it is not the actors' host
     assert config.load({"SLUICE_HOST": "0.0.0.0"})["SLUICE_ACTOR_HOST"] == "127.0.0.1"
 
@@ -176,7 +185,9 @@ def cli(gw: Gateway, *args, **env):
 
 def serves_a_chat(gw: Gateway) -> None:
     assert request("GET", gw.url + "/readyz")[0] == 200
-    status, _, events = stream_chat(gw.url + "/api/chat", {"messages": [{"role": "user", "content": os.urandom(4).hex()}]})
+    status, _, events = stream_chat(
+        gw.url + "/api/chat", {"messages": [{"role": "user", "content": os.urandom(4).hex()}]}
+    )
     assert status == 200, events
     assert any(name == "message" and data.get("type") == "delta" for name, data in events), events
 
@@ -305,14 +316,22 @@ def test_the_secret_file_is_gone_after_run_py_exits():
 def test_actors_off_loopback_without_a_cluster_secret_refuse_to_start():
     env = {**os.environ, "SLUICE_ACTOR_HOST": "0.0.0.0", "SLUICE_PORT": "0", "PYTHONPATH": str(ROOT)}
     env.pop("SLUICE_CLUSTER_SECRET", None)
-    done = subprocess.run([sys.executable, str(ROOT / "run.py")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "run.py")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 2
     assert "SLUICE_ACTOR_HOST='0.0.0.0' is off loopback: set SLUICE_CLUSTER_SECRET" in done.stderr
 
 
 def test_actors_on_every_interface_with_a_cluster_secret(tmp_path):
-    with running_gateway({"SLUICE_ACTOR_HOST": "0.0.0.0", "SLUICE_CLUSTER_SECRET": SECRET,
-                          "SLUICE_ADMIN_TOKEN": TOKEN, "SIMULATED_BASE_URL": ""}) as gw:
+    with running_gateway(
+        {
+            "SLUICE_ACTOR_HOST": "0.0.0.0",
+            "SLUICE_CLUSTER_SECRET": SECRET,
+            "SLUICE_ADMIN_TOKEN": TOKEN,
+            "SIMULATED_BASE_URL": "",
+        }
+    ) as gw:
         serves_a_chat(gw)
         assert not os.path.exists(gw.secret_file)  # a configured secret is never written to disk
         shown = cli(gw, "show", "supervisor", SLUICE_ADMIN_TOKEN=TOKEN, SLUICE_CLUSTER_SECRET=SECRET)

@@ -9,6 +9,7 @@ call, so the tests count upstream attempts per body. The gateway allows retries 
 its calls, twice (UPSTREAM_RETRY_BUDGET=2): 22 calls all failing twice at once is just
 what the budget exists to stop, and the budget has its own test (test_retry_policy.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,13 @@ def gw():
             # Two more accounts on the same sim, each with its own connection pool and Pacer:
             # OPENAI keeps idle connections 0.3 s (below the sim's idle close), ANTHROPIC
             # takes a long Retry-After (its Pacer pauses; the others must not).
-            "OPENAI_BASE_URL": sim, "OPENAI_API_KEY": "k", "OPENAI_H2C": "1", "OPENAI_KEEPALIVE_S": "0.3",
-            "ANTHROPIC_BASE_URL": sim, "ANTHROPIC_API_KEY": "k", "ANTHROPIC_H2C": "1",
+            "OPENAI_BASE_URL": sim,
+            "OPENAI_API_KEY": "k",
+            "OPENAI_H2C": "1",
+            "OPENAI_KEEPALIVE_S": "0.3",
+            "ANTHROPIC_BASE_URL": sim,
+            "ANTHROPIC_API_KEY": "k",
+            "ANTHROPIC_H2C": "1",
             **{f"{account}_{k}": v for account in ("OPENAI", "ANTHROPIC") for k, v in fast.items()},
         }
         with running_gateway(env) as gateway:
@@ -94,7 +100,9 @@ def terminal(data: list[dict]) -> list[dict]:
 
 def assert_whole_answer(text: str, data: list[dict], attempts: int) -> None:
     assert data[0]["type"] == "meta" and data[0]["attempts"] == attempts, data[:1]
-    assert [d["delta"] for d in data if d["type"] == "delta"] == formats.make_tokens([{"role": "user", "content": text}], TOKENS)
+    assert [d["delta"] for d in data if d["type"] == "delta"] == formats.make_tokens(
+        [{"role": "user", "content": text}], TOKENS
+    )
     assert terminal(data) == [data[-1]] and data[-1]["type"] == "done", terminal(data)
 
 
@@ -151,8 +159,9 @@ def test_a_429_pauses_the_account_for_its_retry_after(gw):
         wait_until(lambda: sim_calls(gw, text.split("\n")[0]), message="the 429")
 
         def paused() -> float:
-            _, _, raw = request("GET", gw.url + "/api/admin/state?role=pacer:simulated",
-                                headers={"authorization": f"Bearer {TOKEN}"})
+            _, _, raw = request(
+                "GET", gw.url + "/api/admin/state?role=pacer:simulated", headers={"authorization": f"Bearer {TOKEN}"}
+            )
             return json.loads(raw)["results"]["pacer:simulated"]["paused_for_s"]
 
         assert wait_until(paused, timeout=5, message="the Pacer paused") > 0.5

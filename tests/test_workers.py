@@ -7,6 +7,7 @@ Which worker answers is the kernel's choice (one shared accept queue); each resp
 it (`X-Sluice-Worker`), and `on_worker` opens streams until one lands where the test
 needs it. Real processes throughout (`Gateway`, the simulated provider).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,13 @@ from tests.support import (
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 TOKEN = "workers-test-token"
-ENV = {"SLUICE_WORKERS": "2", "SLUICE_ADMIN_TOKEN": TOKEN, "SIMULATED_RPS": "50", "SIMULATED_BURST": "50",
-       "SIMULATED_CONCURRENCY": "8"}
+ENV = {
+    "SLUICE_WORKERS": "2",
+    "SLUICE_ADMIN_TOKEN": TOKEN,
+    "SIMULATED_RPS": "50",
+    "SIMULATED_BURST": "50",
+    "SIMULATED_CONCURRENCY": "8",
+}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +108,9 @@ def first_delta(client: SSEClient) -> SSEClient:
 
 
 def pacer_in_flight(gw) -> int:
-    status, _, body = request("GET", gw.url + "/api/admin/state?role=pacer", headers={"authorization": f"Bearer {TOKEN}"})
+    status, _, body = request(
+        "GET", gw.url + "/api/admin/state?role=pacer", headers={"authorization": f"Bearer {TOKEN}"}
+    )
     assert status == 200, body
     return json.loads(body)["results"]["pacer:simulated"]["in_flight"]
 
@@ -210,8 +218,11 @@ def test_a_killed_worker_is_replaced_and_its_calls_given_back(gw):
         for client in kept:  # the other worker's clients notice nothing
             assert data_events(client.read_all())[-1]["type"] == "done"
         wait_until(lambda: pacer_in_flight_after_a_kill(gw) == 0, timeout=10, message="every lease back")
-        replacement = wait_until(lambda: worker_pids(gw).get("1") not in (None, old["1"]) and worker_pids(gw)["1"],
-                                 timeout=10, message="a replacement worker")
+        replacement = wait_until(
+            lambda: worker_pids(gw).get("1") not in (None, old["1"]) and worker_pids(gw)["1"],
+            timeout=10,
+            message="a replacement worker",
+        )
         assert worker_pids(gw)["2"] == old["2"]
         wait_both_serve(gw)
         print(f"worker 1 replaced by pid {replacement}, serving {time.monotonic() - killed_at:.2f} s after the kill")
@@ -226,8 +237,10 @@ def test_sigterm_drains_both_workers_and_sigkill_of_run_py_leaves_nothing(sim):
     try:
         wait_both_serve(gw)
         sim_args = "#sim tokens=60 token_interval_ms=30"  # ~2 s each
-        clients = [first_delta(on_worker(gw, slot, chat_body(f"drain {slot} {uuid.uuid4()}\n{sim_args}")))
-                   for slot in ("1", "2")]
+        clients = [
+            first_delta(on_worker(gw, slot, chat_body(f"drain {slot} {uuid.uuid4()}\n{sim_args}")))
+            for slot in ("1", "2")
+        ]
         gw.tree |= set(worker_pids(gw).values())
         gw.proc.send_signal(signal.SIGTERM)
         refused: set[str] = set()
@@ -273,8 +286,10 @@ def test_key_limits_hold_across_workers_and_a_dead_workers_streams_stop_counting
         split = 0  # keys whose two allowed requests were served by different workers
         for i in range(6):
             auth = {"authorization": f"Bearer sk-rpm{i}"}
-            answers = [fresh("POST", gw.url + "/api/chat", body=chat_body(f"rpm {i} {n}\n#sim tokens=1"), headers=auth)
-                       for n in range(3)]
+            answers = [
+                fresh("POST", gw.url + "/api/chat", body=chat_body(f"rpm {i} {n}\n#sim tokens=1"), headers=auth)
+                for n in range(3)
+            ]
             assert [status for status, _, _ in answers] == [200, 200, 429], [a[2] for a in answers]
             split += answers[0][1]["x-sluice-worker"] != answers[1][1]["x-sluice-worker"]
         assert split > 0, "every key's requests landed on one worker: the limit was not tested across workers"
@@ -292,7 +307,9 @@ def test_key_limits_hold_across_workers_and_a_dead_workers_streams_stop_counting
         refused: set[str] = set()
 
         def refused_on_both() -> bool:
-            status, headers, _ = fresh("POST", gw.url + "/api/chat", body=chat_body("solo again\n#sim tokens=1"), headers=solo)
+            status, headers, _ = fresh(
+                "POST", gw.url + "/api/chat", body=chat_body("solo again\n#sim tokens=1"), headers=solo
+            )
             assert status == 429
             refused.add(headers["x-sluice-worker"])
             return refused == {"1", "2"}
@@ -307,7 +324,9 @@ def test_key_limits_hold_across_workers_and_a_dead_workers_streams_stop_counting
             stream.close()
 
         def admitted_again() -> bool:
-            status, _, _ = fresh("POST", gw.url + "/api/chat", body=chat_body("solo after\n#sim tokens=1"), headers=solo)
+            status, _, _ = fresh(
+                "POST", gw.url + "/api/chat", body=chat_body("solo after\n#sim tokens=1"), headers=solo
+            )
             return status == 200
 
         wait_until(admitted_again, timeout=15, interval=0.1, message="the dead worker's stream no longer counted")

@@ -9,6 +9,7 @@ Every adapter module has the same interface (see base.py for the full contract):
 
 `get_adapter(name)` returns the module registered under a provider name in ADAPTERS.
 """
+
 from __future__ import annotations
 
 from types import ModuleType

@@ -28,6 +28,7 @@ tool -> a user turn of tool_result blocks (consecutive results in one turn). Any
 (seed, logprobs, penalties, n > 1, json_object, message names, audio/file parts) raises
 base.Unsupported: `check` names it and the edge answers 400 before admission.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -104,7 +105,10 @@ class Parser(base.Parser):
                 self.meta(citations=[citation["url"]])
 
     def _usage_from(self, usage: dict) -> None:
-        parts = [base.as_int(usage.get(k)) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")]
+        parts = [
+            base.as_int(usage.get(k))
+            for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+        ]
         prompt = sum(p for p in parts if p is not None) if parts[0] is not None else None
         self.set_usage(prompt, usage.get("output_tokens"))
 
@@ -112,7 +116,9 @@ class Parser(base.Parser):
 STRUCTURED_OUTPUTS_BETA = b"structured-outputs-2025-11-13"
 
 
-def build_request(*, base_url: str, api_key: str | None, model: str, body: dict) -> tuple[str, str, base.Headers, bytes]:
+def build_request(
+    *, base_url: str, api_key: str | None, model: str, body: dict
+) -> tuple[str, str, base.Headers, bytes]:
     fields = base.Fields(body, "anthropic")
     system, _ = base.split_system(body)
     payload: dict = {
@@ -144,7 +150,9 @@ def build_request(*, base_url: str, api_key: str | None, model: str, body: dict)
         payload["output_format"] = {"type": "json_schema", "schema": schema}
         headers.append((b"anthropic-beta", STRUCTURED_OUTPUTS_BETA))
     elif fmt is not None and fmt != {"type": "text"}:
-        raise fields.refuse("response_format", "Anthropic has structured outputs (json_schema), not JSON mode (json_object)")
+        raise fields.refuse(
+            "response_format", "Anthropic has structured outputs (json_schema), not JSON mode (json_object)"
+        )
     fields.refuse_rest()
     auth = [(b"x-api-key", base.header_value(api_key))] if api_key else []
     auth.append((b"anthropic-version", API_VERSION.encode()))
@@ -166,10 +174,18 @@ def _messages(messages: list[dict]) -> list[dict]:
         if msg.get("name") is not None:
             raise base.Unsupported(f"'messages[{i}].name' cannot be sent to anthropic: its messages have no name")
         if role == "tool":
-            result = {"type": "tool_result", "tool_use_id": msg.get("tool_call_id"), "content": _blocks(i, msg.get("content"))}
+            result = {
+                "type": "tool_result",
+                "tool_use_id": msg.get("tool_call_id"),
+                "content": _blocks(i, msg.get("content")),
+            }
             last = out[-1] if out else None
-            if last and last["role"] == "user" and isinstance(last["content"], list) \
-                    and all(b.get("type") == "tool_result" for b in last["content"]):
+            if (
+                last
+                and last["role"] == "user"
+                and isinstance(last["content"], list)
+                and all(b.get("type") == "tool_result" for b in last["content"])
+            ):
                 last["content"].append(result)
             else:
                 out.append({"role": "user", "content": [result]})
@@ -182,8 +198,14 @@ def _messages(messages: list[dict]) -> list[dict]:
             blocks = [b for b in _blocks(i, content) if b.get("type") != "text" or b["text"]]
             for call in calls:
                 fn = call.get("function") or {}
-                blocks.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"),
-                               "input": base.arguments_object(i, call)})
+                blocks.append(
+                    {
+                        "type": "tool_use",
+                        "id": call.get("id"),
+                        "name": fn.get("name"),
+                        "input": base.arguments_object(i, call),
+                    }
+                )
             out.append({"role": role, "content": blocks})
         else:
             raise base.Unsupported(f"'messages[{i}].role' {role!r} cannot be sent to anthropic")
@@ -203,7 +225,9 @@ def _blocks(i: int, content: Any) -> list[dict]:
         elif kind == "image_url":
             url = (part.get("image_url") or {}).get("url", "")
             found = base.data_url(url)
-            source = {"type": "base64", "media_type": found[0], "data": found[1]} if found else {"type": "url", "url": url}
+            source = (
+                {"type": "base64", "media_type": found[0], "data": found[1]} if found else {"type": "url", "url": url}
+            )
             blocks.append({"type": "image", "source": source})
         else:
             raise base.Unsupported(f"'messages[{i}].content[{j}]' ({kind} part) cannot be sent to anthropic")
@@ -226,4 +250,6 @@ def _tool_choice(choice: Any) -> dict:
         if isinstance(choice.get("function"), dict):
             return {"type": "tool", "name": choice["function"].get("name")}
         return choice
-    return {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}.get(choice, {"type": "auto"})
+    return {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}.get(
+        choice, {"type": "auto"}
+    )

@@ -29,6 +29,7 @@ server -> upstream_5xx, invalid request -> upstream_4xx), otherwise "upstream_er
 Tool calls are reported as one meta event {"tool_calls": [{"id", "type": "function",
 "function": {"name", "arguments": <JSON text>}}]} (OpenAI's shape) just before usage.
 """
+
 from __future__ import annotations
 
 import json
@@ -126,8 +127,16 @@ class Parser:
             if value is not None:
                 self._usage[key] = value
 
-    def tool(self, key: Any, *, id: Any = None, name: Any = None, arguments: Any = None, append: str | None = None,
-             choice: int = 0) -> None:
+    def tool(
+        self,
+        key: Any,
+        *,
+        id: Any = None,
+        name: Any = None,
+        arguments: Any = None,
+        append: str | None = None,
+        choice: int = 0,
+    ) -> None:
         """Create or update the tool call `key` (an index or item id) of choice `choice`."""
         call = self._tools.setdefault(key, {"id": None, "name": None, "arguments": "", "choice": choice})
         if isinstance(id, str) and id:
@@ -420,7 +429,9 @@ def header_value(value: str) -> bytes:
     return value.strip().encode("latin-1")
 
 
-def json_request(url: str, auth: Headers, payload: dict, *, accept: bytes = b"text/event-stream") -> tuple[str, str, Headers, bytes]:
+def json_request(
+    url: str, auth: Headers, payload: dict, *, accept: bytes = b"text/event-stream"
+) -> tuple[str, str, Headers, bytes]:
     headers = [(b"content-type", b"application/json"), (b"accept", accept), *auth]
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     return "POST", url, headers, body
@@ -467,6 +478,7 @@ def copy_fields(body: dict, payload: dict, names: dict[str, str]) -> None:
 
 # --- fidelity: map every field, or refuse it -----------------------------------------------
 
+
 class Unsupported(ValueError):
     """A request field a cross-format adapter cannot honour: the edge answers 400 naming it
     (each adapter's `check`), and never drops it silently."""
@@ -474,8 +486,16 @@ class Unsupported(ValueError):
 
 # A field at its OpenAI default asks nothing of the provider: dropping it changes no answer.
 NO_EFFECT: dict[str, Any] = {
-    "n": 1, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
-    "parallel_tool_calls": True, "response_format": {"type": "text"}, "store": False, "modalities": ["text"], "tool_choice": "auto",
+    "n": 1,
+    "logprobs": False,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": {},
+    "parallel_tool_calls": True,
+    "response_format": {"type": "text"},
+    "store": False,
+    "modalities": ["text"],
+    "tool_choice": "auto",
 }
 
 

@@ -25,6 +25,7 @@ logit_bias, n > 1, message names, image URLs that are not data: URLs) raises
 base.Unsupported (`check`: the edge's 400). For a same-format path, point the "openai"
 adapter at Ollama's OpenAI-compatible /v1 instead.
 """
+
 from __future__ import annotations
 
 from protocols.providers import base
@@ -61,11 +62,19 @@ class Parser(base.Parser):
             self.end()
 
 
-OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
-           "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+OPTIONS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "seed": "seed",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
 
 
-def build_request(*, base_url: str, api_key: str | None, model: str, body: dict) -> tuple[str, str, base.Headers, bytes]:
+def build_request(
+    *, base_url: str, api_key: str | None, model: str, body: dict
+) -> tuple[str, str, base.Headers, bytes]:
     fields = base.Fields(body, "ollama")
     payload: dict = {"model": model, "messages": _messages(base.chat_messages(body), body), "stream": True}
     options: dict = {}
@@ -90,7 +99,9 @@ def build_request(*, base_url: str, api_key: str | None, model: str, body: dict)
     elif fmt is not None and fmt != {"type": "text"}:
         raise fields.refuse("response_format", "Ollama takes json_object or json_schema")
     fields.refuse_rest()
-    return base.json_request(base.join_url(base_url, PATH), base.bearer(api_key), payload, accept=b"application/x-ndjson")
+    return base.json_request(
+        base.join_url(base_url, PATH), base.bearer(api_key), payload, accept=b"application/x-ndjson"
+    )
 
 
 def check(body: dict) -> str | None:
@@ -118,16 +129,27 @@ def _messages(messages: list[dict], body: dict) -> list[dict]:
             if part.get("type") == "image_url":
                 found = base.data_url((part.get("image_url") or {}).get("url", ""))
                 if found is None:
-                    raise base.Unsupported(f"'messages[{where}].content[{j}]' cannot be sent to ollama: images must be data: URLs")
+                    raise base.Unsupported(
+                        f"'messages[{where}].content[{j}]' cannot be sent to ollama: images must be data: URLs"
+                    )
                 images.append(found[1])
             elif part.get("type") != "text":
-                raise base.Unsupported(f"'messages[{where}].content[{j}]' ({part.get('type')} part) cannot be sent to ollama")
+                raise base.Unsupported(
+                    f"'messages[{where}].content[{j}]' ({part.get('type')} part) cannot be sent to ollama"
+                )
         if images:
             item["images"] = images
         calls = msg.get("tool_calls") or []
         if calls:
-            item["tool_calls"] = [{"function": {"name": (c.get("function") or {}).get("name"),
-                                                "arguments": base.arguments_object(where, c)}} for c in calls]
+            item["tool_calls"] = [
+                {
+                    "function": {
+                        "name": (c.get("function") or {}).get("name"),
+                        "arguments": base.arguments_object(where, c),
+                    }
+                }
+                for c in calls
+            ]
             names.update({c.get("id"): (c.get("function") or {}).get("name") for c in calls})
         if role == "tool" and names.get(msg.get("tool_call_id")):
             item["tool_name"] = names[msg["tool_call_id"]]

@@ -25,6 +25,7 @@ and `stream_options` (always include_usage) — and sluice's own `system` shorth
 becomes a leading system message. So this adapter never refuses a field (`check` -> None):
 the provider itself judges what it does not know.
 """
+
 from __future__ import annotations
 
 from protocols import events
@@ -105,7 +106,9 @@ class Parser(base.Parser):
         self.emit({**event, "choice": index} if index else event)
 
 
-def build_request(*, base_url: str, api_key: str | None, model: str, body: dict) -> tuple[str, str, base.Headers, bytes]:
+def build_request(
+    *, base_url: str, api_key: str | None, model: str, body: dict
+) -> tuple[str, str, base.Headers, bytes]:
     payload = {name: value for name, value in body.items() if name != "system"}
     payload = {
         "model": model,

@@ -17,6 +17,7 @@ becomes, at the end of the response:
 OpenAI, OpenAI-compatible servers (Ollama's /v1/embeddings) and sluice's simulated
 provider speak it; `EMBEDDING_ADAPTERS` names the providers that do.
 """
+
 from __future__ import annotations
 
 from protocols.providers import base
@@ -64,9 +65,14 @@ class Parser(base.Parser):
         self.end()
 
 
-def build_request(*, base_url: str, api_key: str | None, model: str, body: dict) -> tuple[str, str, base.Headers, bytes]:
+def build_request(
+    *, base_url: str, api_key: str | None, model: str, body: dict
+) -> tuple[str, str, base.Headers, bytes]:
     wanted = body[BODY_FIELD]
     payload = {"model": model, "input": wanted["input"]}
-    base.copy_fields(wanted, payload, {"encoding_format": "encoding_format", "dimensions": "dimensions", "user": "user"})
-    return base.json_request(base.join_url(base_url or DEFAULT_BASE_URL, PATH), base.bearer(api_key), payload,
-                             accept=b"application/json")
+    base.copy_fields(
+        wanted, payload, {"encoding_format": "encoding_format", "dimensions": "dimensions", "user": "user"}
+    )
+    return base.json_request(
+        base.join_url(base_url or DEFAULT_BASE_URL, PATH), base.bearer(api_key), payload, accept=b"application/json"
+    )

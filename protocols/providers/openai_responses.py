@@ -29,6 +29,7 @@ reasoning_effort -> reasoning.effort; temperature, top_p, tools (flattened), too
 parallel_tool_calls, user, metadata, store, service_tier as they are. Anything else (seed,
 stop, logprobs, penalties, n > 1, message names) raises base.Unsupported (`check`: 400).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -69,7 +70,9 @@ class Parser(base.Parser):
         elif kind == "response.function_call_arguments.delta":
             self.tool(self._key(event.get("item_id"), event.get("output_index")), append=field(event, "delta", str))
         elif kind == "response.function_call_arguments.done":
-            self.tool(self._key(event.get("item_id"), event.get("output_index")), arguments=field(event, "arguments", str))
+            self.tool(
+                self._key(event.get("item_id"), event.get("output_index")), arguments=field(event, "arguments", str)
+            )
         elif kind in ("response.completed", "response.incomplete"):
             response = field(event, "response", dict, {})
             usage = field(response, "usage", dict, {})
@@ -89,18 +92,28 @@ class Parser(base.Parser):
     def on_item(self, item: dict, output_index: object, *, done: bool) -> None:
         if item.get("type") == "function_call":
             args = opt_str(item, "arguments")
-            self.tool(self._key(item.get("id"), output_index), id=item.get("call_id"), name=item.get("name"),
-                      arguments=args if done or args else None)
+            self.tool(
+                self._key(item.get("id"), output_index),
+                id=item.get("call_id"),
+                name=item.get("name"),
+                arguments=args if done or args else None,
+            )
 
     @staticmethod
     def _key(item_id: object, output_index: object) -> object:
         return item_id if isinstance(item_id, str) and item_id else output_index
 
 
-def build_request(*, base_url: str, api_key: str | None, model: str, body: dict) -> tuple[str, str, base.Headers, bytes]:
+def build_request(
+    *, base_url: str, api_key: str | None, model: str, body: dict
+) -> tuple[str, str, base.Headers, bytes]:
     fields = base.Fields(body, "openai_responses")
     system, _ = base.split_system(body)
-    payload: dict = {"model": model, "input": input_items(body.get("messages") or [], "openai_responses"), "stream": True}
+    payload: dict = {
+        "model": model,
+        "input": input_items(body.get("messages") or [], "openai_responses"),
+        "stream": True,
+    }
     if system:
         payload["instructions"] = system
     for name in ("temperature", "top_p", "parallel_tool_calls", "user", "metadata", "store", "service_tier"):
@@ -145,8 +158,13 @@ def input_items(messages: list[dict], provider: str) -> list[dict]:
         if msg.get("name") is not None:
             raise base.Unsupported(f"'messages[{i}].name' cannot be sent to {provider}: its input items have no name")
         if role == "tool":
-            items.append({"type": "function_call_output", "call_id": msg.get("tool_call_id"),
-                          "output": base.content_text(msg.get("content"))})
+            items.append(
+                {
+                    "type": "function_call_output",
+                    "call_id": msg.get("tool_call_id"),
+                    "output": base.content_text(msg.get("content")),
+                }
+            )
             continue
         if role not in ("user", "assistant"):
             raise base.Unsupported(f"'messages[{i}].role' {role!r} cannot be sent to {provider}")
@@ -157,8 +175,14 @@ def input_items(messages: list[dict], provider: str) -> list[dict]:
             items.append({"role": role, "content": content})
         for call in msg.get("tool_calls") or []:
             fn = call.get("function") or {}
-            items.append({"type": "function_call", "call_id": call.get("id"), "name": fn.get("name"),
-                          "arguments": fn.get("arguments")})
+            items.append(
+                {
+                    "type": "function_call",
+                    "call_id": call.get("id"),
+                    "name": fn.get("name"),
+                    "arguments": fn.get("arguments"),
+                }
+            )
     return items
 
 

@@ -26,6 +26,7 @@ flattened Responses-style; tool calls and results as Responses input items. Ever
 else (temperature, top_p, stop, seed, response_format, ...) is not part of the Agent API
 body: base.Unsupported names it (`check`: the edge's 400), never dropped silently.
 """
+
 from __future__ import annotations
 
 from protocols.providers import base, openai_responses
@@ -71,15 +72,23 @@ class Parser(openai_responses.Parser):
             self.meta(search_results=results)
 
 
-def build_request(*, base_url: str, api_key: str | None, model: str, body: dict) -> tuple[str, str, base.Headers, bytes]:
+def build_request(
+    *, base_url: str, api_key: str | None, model: str, body: dict
+) -> tuple[str, str, base.Headers, bytes]:
     fields = base.Fields(body, "perplexity (Agent API)")
     system, messages = base.split_system(body)
-    if len(messages) == 1 and messages[0].get("role") == "user" and isinstance(messages[0].get("content"), str) \
-            and messages[0].get("name") is None:
+    if (
+        len(messages) == 1
+        and messages[0].get("role") == "user"
+        and isinstance(messages[0].get("content"), str)
+        and messages[0].get("name") is None
+    ):
         agent_input: str | list = messages[0]["content"]
     else:
-        agent_input = [{"type": "message", **item} if "role" in item else item
-                       for item in openai_responses.input_items(body.get("messages") or [], fields.provider)]
+        agent_input = [
+            {"type": "message", **item} if "role" in item else item
+            for item in openai_responses.input_items(body.get("messages") or [], fields.provider)
+        ]
     payload: dict = {("model" if "/" in model else "preset"): model, "input": agent_input, "stream": True}
     if system:
         payload["instructions"] = system

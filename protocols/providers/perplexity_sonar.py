@@ -20,6 +20,7 @@ Perplexity has been seen to end the stream without `data: [DONE]` (github.com/
 perplexityai/api-discussion/issues/209), so the terminator is [DONE] or the end of the
 input after a chunk with a finish_reason; close() before either -> upstream_truncated.
 """
+
 from __future__ import annotations
 
 from protocols.providers import base, openai_chat
@@ -54,7 +55,7 @@ class Parser(openai_chat.Parser):
         delta = field(choice, "delta", dict, {})
         so_far = text_field(message, "content")
         if so_far is not None and so_far.startswith(self._emitted):
-            new = so_far[len(self._emitted):]
+            new = so_far[len(self._emitted) :]
         else:
             new = text_field(delta, "content") or ""
         self._emitted += new
@@ -66,11 +67,17 @@ class Parser(openai_chat.Parser):
             self.end()
 
 
-def build_request(*, base_url: str, api_key: str | None, model: str, body: dict) -> tuple[str, str, base.Headers, bytes]:
+def build_request(
+    *, base_url: str, api_key: str | None, model: str, body: dict
+) -> tuple[str, str, base.Headers, bytes]:
     """The same format as OpenAI chat: the client's body forwarded as it came, but the
     fields sluice owns (Sonar has no stream_options: usage comes on every chunk anyway)."""
-    payload = {"model": model, **{k: v for k, v in body.items() if k != "system"},
-               "messages": base.chat_messages(body), "stream": True}
+    payload = {
+        "model": model,
+        **{k: v for k, v in body.items() if k != "system"},
+        "messages": base.chat_messages(body),
+        "stream": True,
+    }
     return base.json_request(base.join_url(base_url, PATH), base.bearer(api_key), payload)
 
 

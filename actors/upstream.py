@@ -198,6 +198,8 @@ def _classify(exc: Exception) -> tuple[str, str]:
         return "upstream_timeout", f"the provider did not answer in time: {type(exc).__name__}"
     if isinstance(exc, (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)):
         return "upstream_reset", f"the provider broke the stream off: {exc or type(exc).__name__}"
+    if isinstance(exc, httpcore.LocalProtocolError):  # e.g. an answer on a connection h2 had closed
+        return "upstream_reset", f"the connection was closed under the call: {exc or type(exc).__name__}"
     if escaped_the_http_library(exc):
         return "upstream_reset", f"the connection broke: {type(exc).__name__}: {exc}"
     return "upstream_error", f"{type(exc).__name__}: {exc}"
@@ -227,6 +229,10 @@ def failure_of_exception(exc: Exception) -> Failure | None:
         return Failure(CONNECT, unprocessed=True)  # nothing reached the provider
     if isinstance(exc, (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)):
         return Failure(RESET, unprocessed=_refused(exc))
+    if isinstance(exc, httpcore.LocalProtocolError):
+        # Seen under load: a 500's headers arriving on an HTTP/2 connection h2 had already
+        # closed ("RECV_HEADERS in state CLOSED"). A broken connection, not a bad request.
+        return Failure(RESET)
     if escaped_the_http_library(exc):
         return Failure(RESET)  # a connection broken in a way httpcore did not map
     if isinstance(exc, httpcore.ReadTimeout):

@@ -22,19 +22,37 @@ CALLS_PER_POOL = 100  # httpcore's per-connection stream cap; an HTTP/1.1 pool's
 class AccountConnections:
     def __init__(self, make_pool: Callable[[], Any], calls_per_pool: int = CALLS_PER_POOL):
         self.make_pool, self.calls_per_pool = make_pool, calls_per_pool
-        self.pools: list[Any] = []
-        self.busy: list[int] = []  # calls in progress, by pool
+        self.pools: list[Any] = []  # the pools calls are handed
+        self.busy: dict[int, int] = {}  # id(pool) -> calls in progress on it
+        self.retired: list[Any] = []  # broken pools still carrying calls; closed once idle
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[Any]:
         """A pool for one attempt of a call, held until the attempt ends."""
-        index = min(range(len(self.pools)), key=self.busy.__getitem__, default=None)
-        if index is None or self.busy[index] >= self.calls_per_pool:
-            self.pools.append(self.make_pool())
-            self.busy.append(0)
-            index = len(self.pools) - 1
-        self.busy[index] += 1
+        pool = min(self.pools, key=lambda p: self.busy[id(p)], default=None)
+        if pool is None or self.busy[id(pool)] >= self.calls_per_pool:
+            pool = self.make_pool()
+            self.pools.append(pool)
+            self.busy[id(pool)] = 0
+        self.busy[id(pool)] += 1
         try:
-            yield self.pools[index]
+            yield pool
         finally:
-            self.busy[index] -= 1
+            self.busy[id(pool)] -= 1
+
+    def retire(self, pool: Any) -> None:
+        """A connection of `pool` broke before a call's first byte: hand it out no more, so
+        a retry gets a fresh connection, not the same broken state (under uvloop a reset as
+        the connection opens can escape httpcore as "negative file descriptor" and stay in
+        its pool). Calls already on it finish there."""
+        if pool in self.pools:
+            self.pools.remove(pool)
+            self.retired.append(pool)
+
+    def idle_retired(self) -> list[Any]:
+        """Retired pools no call uses any more, to close (each once)."""
+        idle = [p for p in self.retired if self.busy[id(p)] == 0]
+        for pool in idle:
+            self.retired.remove(pool)
+            del self.busy[id(pool)]
+        return idle

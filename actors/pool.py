@@ -30,7 +30,7 @@ from actors.connections import AccountConnections
 from actors.host import HostActor
 from actors.hub import StreamHub
 from actors.key_choice import key_name
-from actors.retry_policy import RetryPolicy, RetrySettings, is_idempotent
+from actors.retry_policy import RESET, RetryPolicy, RetrySettings, is_idempotent
 from protocols import events as ev
 from protocols import messages as m
 from protocols import roles, trace
@@ -129,7 +129,7 @@ class PoolRuntime:
         self._flusher.cancel()
         await self.hub.stop()
         for connections in self.pools.values():
-            for pool in connections.pools:
+            for pool in connections.pools + connections.retired:
                 await pool.aclose()
 
     def _http_for(self, provider: ProviderConfig) -> AccountConnections:
@@ -255,6 +255,10 @@ class PoolRuntime:
                 result = await run_call(
                     http, adapter, request, publish, msg.queue_wait_ms, self._timeouts(), attempt, served, first_sent
                 )
+            if result.failure is not None and result.failure.reason == RESET and not result.delivered:
+                connections.retire(http)  # the retry goes out on a fresh connection
+            for pool in connections.idle_retired():
+                await pool.aclose()
             result.attempts, result.first_sent_at, result.key = attempt, first_sent, key
             verdict = key_verdict(result)
             if verdict is not None:
@@ -386,7 +390,9 @@ class PoolRuntime:
             self._send_records()
 
     async def _state(self) -> dict:
-        connections = [str(c) for shards in self.pools.values() for pool in shards.pools for c in pool.connections]
+        connections = [
+            str(c) for shards in self.pools.values() for pool in shards.pools + shards.retired for c in pool.connections
+        ]
         return {
             "role": self.role,
             "open_calls": sorted(self.calls),

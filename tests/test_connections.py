@@ -19,8 +19,8 @@ def test_a_call_takes_the_least_busy_pool_and_a_new_pool_opens_only_when_all_are
             assert c is not a and len(made) == 2  # the first is full: a second pool
             with connections.lease() as d:
                 assert d is c  # the least busy one
-            assert connections.busy == [2, 1]
-    assert connections.busy == [0, 0]
+            assert [connections.busy[id(p)] for p in made] == [2, 1]
+    assert [connections.busy[id(p)] for p in made] == [0, 0]
     with connections.lease() as e:
         assert e is made[0] and len(made) == 2  # idle pools are reused, never multiplied
 
@@ -29,4 +29,19 @@ def test_a_call_that_fails_gives_its_place_back():
     connections = AccountConnections(object, calls_per_pool=1)
     with pytest.raises(RuntimeError), connections.lease():
         raise RuntimeError("the attempt failed")
-    assert connections.busy == [0]
+    assert list(connections.busy.values()) == [0]
+
+
+def test_a_retired_pool_is_handed_out_no_more_and_closed_once_its_calls_end():
+    made = []
+    connections = AccountConnections(lambda: made.append(object()) or made[-1], calls_per_pool=10)
+    with connections.lease() as broken, connections.lease() as other:
+        assert broken is other
+        connections.retire(broken)
+        with connections.lease() as fresh:
+            assert fresh is not broken  # the retry gets a new pool, with a connection of its own
+        assert connections.idle_retired() == []  # calls still finishing on the broken one
+    assert connections.idle_retired() == [broken]
+    assert connections.idle_retired() == []  # closed once
+    with connections.lease() as again:
+        assert again is made[1]

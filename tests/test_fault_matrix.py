@@ -316,12 +316,6 @@ def test_connection_refused_until_the_port_opens_is_retried(gw):
     assert_pacers_idle(gw)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, seen in loaded full-suite runs: the reset escapes uvloop/anyio as "
-    "'ValueError: negative file descriptor' and all three attempts can meet it on the same "
-    "httpcore pool (a fresh pool per retry is the fix to make; docs/reliability.md)",
-)
 def test_a_connection_reset_as_it_opens_is_retried(gw):
     """The provider's side accepts and resets the first connection (RST before any byte)."""
     gate = gw.gates["perplexity"]

@@ -44,7 +44,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from edge.admission import Admission
-from edge.chat_request import RequestError
+from edge.chat_request import RequestError, parse_coalesce, parse_stream, parse_tools
 from edge.openai_compat import RATE_LIMITED, STATUS_FOR_CODE
 from edge.rejections import Rejection
 from edge.sse_stream import Renderer, SSEStream
@@ -245,24 +245,9 @@ def parse_messages(data: dict, coalesce_header: str | None = None) -> tuple[str,
             raise _refuse("stop_sequences", "must be an array of strings")
         if stop:
             body["stop"] = stop
-    tools = data.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise _refuse("tools", "must be an array")
-        if tools:
-            body["tools"] = [_tool(i, t) for i, t in enumerate(tools)]
-    if data.get("tool_choice") is not None:
-        body["tool_choice"] = _tool_choice(data["tool_choice"])
-    stream = data.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise _refuse("stream", "must be true or false")
-    coalesce = data.get("coalesce", True)
-    if not isinstance(coalesce, bool):
-        raise _refuse("coalesce", "must be true or false")
-    if (coalesce_header or "").strip().lower() in ("off", "0", "false", "no"):
-        coalesce = False
+    body.update(parse_tools(data, _tool, _tool_choice, _refuse))
+    stream = parse_stream(data, _refuse)
+    coalesce = parse_coalesce(data, coalesce_header, _refuse)
     return model, body, stream, coalesce
 
 

@@ -9,6 +9,7 @@ are edge/body_limits.py's).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge.body_limits import BodyError, load_json
@@ -22,6 +23,13 @@ ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 # stays in the body: each adapter turns it into its provider's system prompt.)
 OWNED = ("provider", "model", "thread_id", "coalesce", "resumable", "stream", "stream_options")
 CONTENT_PARTS = ("text", "image_url", "input_audio", "file", "refusal")
+# X-Sluice-Coalesce values that turn coalescing off for one request, whatever the body says.
+COALESCE_OFF = ("off", "0", "false", "no")
+
+# Each front end words and numbers its refusals its own way (422 "'x' must ..." here, 400
+# "x: must ..." in Anthropic's): the shared parsers below take the front end's own
+# `refuse(field, message)` and raise what it returns.
+Refuse = Callable[[str, str], Exception]
 
 
 class RequestError(Rejection):
@@ -152,6 +160,50 @@ def _optional_str(data: dict, name: str) -> str | None:
     return value
 
 
+def refuse_field(field: str, message: str) -> RequestError:
+    """The OpenAI-shaped front ends' refusal of one field (422, "'field' must ...")."""
+    return RequestError(422, "invalid_request", f"'{field}' {message}")
+
+
+def parse_coalesce(data: dict, header: str | None, refuse: Refuse) -> bool:
+    """Whether this request may share an upstream call: the body's `coalesce` (default true),
+    turned off by an X-Sluice-Coalesce header of off/0/false/no."""
+    coalesce = data.get("coalesce", True)
+    if not isinstance(coalesce, bool):
+        raise refuse("coalesce", "must be true or false")
+    if (header or "").strip().lower() in COALESCE_OFF:
+        coalesce = False
+    return coalesce
+
+
+def parse_stream(data: dict, refuse: Refuse) -> bool:
+    """The body's `stream` (absent or null: false)."""
+    stream = data.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise refuse("stream", "must be true or false")
+    return stream
+
+
+def parse_tools(
+    data: dict, tool: Callable[[int, object], dict], tool_choice: Callable[[object], object], refuse: Refuse
+) -> dict:
+    """The normalized body's `tools` and `tool_choice`, each only where the client gave one
+    (an empty `tools` array gives none); `tool(i, t)` and `tool_choice(c)` translate the
+    front end's own shapes."""
+    fields: dict = {}
+    tools = data.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise refuse("tools", "must be an array")
+        if tools:
+            fields["tools"] = [tool(i, t) for i, t in enumerate(tools)]
+    if data.get("tool_choice") is not None:
+        fields["tool_choice"] = tool_choice(data["tool_choice"])
+    return fields
+
+
 def parse_chat(data: dict, coalesce_header: str | None = None) -> ChatRequest:
     messages = validate_messages(data.get("messages"))
     _number(data, "temperature", 0, 2)
@@ -164,11 +216,7 @@ def parse_chat(data: dict, coalesce_header: str | None = None) -> ChatRequest:
         isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
     ):
         raise RequestError(422, "invalid_request", "'stop' must be a string or an array of strings")
-    coalesce = data.get("coalesce", True)
-    if not isinstance(coalesce, bool):
-        raise RequestError(422, "invalid_request", "'coalesce' must be true or false")
-    if (coalesce_header or "").strip().lower() in ("off", "0", "false", "no"):
-        coalesce = False
+    coalesce = parse_coalesce(data, coalesce_header, refuse_field)
     resumable = data.get("resumable", False)
     if not isinstance(resumable, bool):
         raise RequestError(422, "invalid_request", "'resumable' must be true or false")

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from edge import models
-from edge.chat_request import RequestError
+from edge.chat_request import RequestError, parse_coalesce, refuse_field
 from edge.openai_compat import STATUS_FOR_CODE, error_response, rejection_response
 from edge.rejections import Rejection
 from protocols import events as ev
@@ -58,7 +58,7 @@ def _check_input(value) -> None:
             raise RequestError(422, "invalid_request", f"input[{i}] must be a non-empty string or token array")
 
 
-def parse_embeddings(data: dict) -> tuple[str, dict, bool]:
+def parse_embeddings(data: dict, coalesce_header: str | None = None) -> tuple[str, dict, bool]:
     """(model, normalized body, coalesce) for an OpenAI embeddings body; RequestError."""
     model = data.get("model")
     if not isinstance(model, str) or not model:
@@ -80,10 +80,7 @@ def parse_embeddings(data: dict) -> tuple[str, dict, bool]:
         if not isinstance(user, str):
             raise RequestError(422, "invalid_request", "'user' must be a string")
         wanted["user"] = user
-    coalesce = data.get("coalesce", True)
-    if not isinstance(coalesce, bool):
-        raise RequestError(422, "invalid_request", "'coalesce' must be true or false")
-    return model, {BODY_FIELD: wanted}, coalesce
+    return model, {BODY_FIELD: wanted}, parse_coalesce(data, coalesce_header, refuse_field)
 
 
 def _status_of(end: dict) -> int:
@@ -100,9 +97,7 @@ def routes(edge) -> list[Route]:
         try:
             edge.check_in_service()
             data = await edge.json_body(request)
-            model, body, coalesce = parse_embeddings(data)
-            if (request.headers.get("x-sluice-coalesce") or "").strip().lower() in ("off", "0", "false", "no"):
-                coalesce = False
+            model, body, coalesce = parse_embeddings(data, request.headers.get("x-sluice-coalesce"))
             provider, upstream_model = models.resolve(None, model, edge.settings)
             provider = provider or edge.settings["SLUICE_PROVIDER"]
             adapter = edge.settings["providers"].get(provider, {}).get("adapter", provider)

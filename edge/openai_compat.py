@@ -58,7 +58,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from edge.admission import Admission
-from edge.chat_request import RequestError, parse_chat
+from edge.chat_request import RequestError, parse_chat, parse_stream, refuse_field
 from edge.rejections import Rejection
 from edge.sse_stream import Renderer, SSEStream
 from protocols import events as ev
@@ -110,11 +110,7 @@ def rejection_response(exc: Rejection) -> JSONResponse:
 def parse_openai(data: dict, coalesce_header: str | None):
     """(ChatRequest, stream, include_usage) for an OpenAI chat.completions body; RequestError.
     The body is taken as it came (edge/chat_request.py): nothing is rewritten here."""
-    stream = data.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise RequestError(422, "invalid_request", "'stream' must be true or false")
+    stream = parse_stream(data, refuse_field)
     options = data.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError(422, "invalid_request", "'stream_options' must be an object")

@@ -10,8 +10,9 @@ import pytest
 
 from edge import models
 from edge.anthropic_compat import parse_messages
-from edge.chat_request import RequestError
+from edge.chat_request import RequestError, parse_chat
 from edge.embeddings import parse_embeddings
+from edge.openai_compat import parse_openai
 from edge.responses_compat import parse_responses
 from protocols import config
 from protocols.keys import coalescing_key
@@ -195,6 +196,71 @@ def test_responses_bad_requests_name_the_field(data, field):
     with pytest.raises(RequestError) as info:
         parse_responses(data)
     assert info.value.status == 422 and info.value.message.startswith(field)
+
+
+# --- the flags every front end reads (edge/chat_request.py) ---------------------------------
+
+ANTHROPIC = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def coalesce_of(front_end: str, data: dict, header: str | None) -> bool:
+    if front_end == "anthropic":
+        return parse_messages({**ANTHROPIC, **data}, header)[3]
+    if front_end == "responses":
+        return parse_responses({"input": "hi", **data}, header)[3]
+    if front_end == "embeddings":
+        return parse_embeddings({"model": "e", "input": "hi", **data}, header)[2]
+    if front_end == "openai":
+        return parse_openai({**CHAT, **data}, header)[0].coalesce
+    return parse_chat({**CHAT, **data}, header).coalesce
+
+
+FRONT_ENDS = ("sluice", "openai", "anthropic", "responses", "embeddings")
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_coalescing_is_on_unless_the_body_or_the_header_turns_it_off(front_end):
+    assert coalesce_of(front_end, {}, None) is True
+    assert coalesce_of(front_end, {}, "on") is True
+    assert coalesce_of(front_end, {"coalesce": False}, None) is False
+    for off in ("off", " OFF ", "0", "false", "no"):
+        assert coalesce_of(front_end, {"coalesce": True}, off) is False
+
+
+@pytest.mark.parametrize(
+    "front_end, status, message",
+    [
+        ("sluice", 422, "'coalesce' must be true or false"),
+        ("openai", 422, "'coalesce' must be true or false"),
+        ("embeddings", 422, "'coalesce' must be true or false"),
+        ("anthropic", 400, "coalesce: must be true or false"),
+        ("responses", 422, "coalesce: must be true or false"),
+    ],
+)
+def test_a_bad_coalesce_is_refused_in_each_front_ends_own_words(front_end, status, message):
+    with pytest.raises(RequestError) as info:
+        coalesce_of(front_end, {"coalesce": "yes"}, None)
+    assert (info.value.status, info.value.message) == (status, message)
+
+
+def test_stream_and_tools_are_read_alike_by_the_front_ends():
+    assert parse_messages({**ANTHROPIC, "stream": None})[2] is False
+    assert parse_responses({"input": "hi", "stream": True})[2] is True
+    assert parse_openai({**CHAT, "stream": None}, None)[1] is False
+    for parse, data, status, message in (
+        (parse_messages, {**ANTHROPIC, "stream": "yes"}, 400, "stream: must be true or false"),
+        (parse_responses, {"input": "hi", "stream": 1}, 422, "stream: must be true or false"),
+        (lambda d: parse_openai(d, None), {**CHAT, "stream": "yes"}, 422, "'stream' must be true or false"),
+        (parse_messages, {**ANTHROPIC, "tools": {}}, 400, "tools: must be an array"),
+        (parse_responses, {"input": "hi", "tools": "f"}, 422, "tools: must be an array"),
+    ):
+        with pytest.raises(RequestError) as info:
+            parse(data)
+        assert (info.value.status, info.value.message) == (status, message)
+    # An empty tools array asks for no tools: neither body carries the key.
+    assert "tools" not in parse_messages({**ANTHROPIC, "tools": []})[1]
+    assert "tools" not in parse_responses({"input": "hi", "tools": []})[1]
 
 
 # --- embeddings -----------------------------------------------------------------------------

@@ -41,19 +41,17 @@ def has_expired(self) -> bool:
 def install() -> bool:
     """Patch httpcore's async HTTP/2 connection; False (httpcore unchanged, one warning) if
     it is not the version and shape this was written against. Idempotent."""
-    try:
-        versions.check(__name__, LIBRARY, WRITTEN_FOR)
-    except versions.UntestedVersion as exc:
-        return versions.fallback(__name__, f"closed idle connections may be reused; {exc}")
-    cls = http2.AsyncHTTP2Connection
-    if installed():
-        return True
-    if not all(hasattr(cls, name) for name in ("has_expired", "is_idle")):
-        return versions.fallback(
-            __name__, "httpcore's HTTP/2 connection is not the expected shape; closed idle connections may be reused"
-        )
-    cls.has_expired = has_expired  # type: ignore[method-assign]  # the patch itself
-    return True
+    return versions.guarded_install(
+        __name__,
+        LIBRARY,
+        WRITTEN_FOR,
+        http2.AsyncHTTP2Connection,
+        "has_expired",
+        has_expired,
+        needs=("has_expired", "is_idle"),
+        shape="httpcore's HTTP/2 connection",
+        without="closed idle connections may be reused",
+    )
 
 
 def installed() -> bool:

@@ -96,20 +96,17 @@ async def receive_stream_event(self, request, stream_id: int):
 def install() -> bool:
     """Patch httpcore's async HTTP/2 connection; False (httpcore unchanged, one warning) if
     it is not the version and shape this was written against. Idempotent."""
-    try:
-        versions.check(__name__, LIBRARY, WRITTEN_FOR)
-    except versions.UntestedVersion as exc:
-        return versions.fallback(__name__, f"reads keep their lock convoy; {exc}")
-    cls = http2.AsyncHTTP2Connection
-    if installed():
-        return True
-    needed = ("_receive_events", "_receive_stream_event", "_receive_response", "_receive_response_body")
-    if not all(hasattr(cls, name) for name in needed):
-        return versions.fallback(
-            __name__, "httpcore's HTTP/2 connection is not the expected shape; reads keep their lock convoy"
-        )
-    cls._receive_stream_event = receive_stream_event  # type: ignore[method-assign]  # the patch itself
-    return True
+    return versions.guarded_install(
+        __name__,
+        LIBRARY,
+        WRITTEN_FOR,
+        http2.AsyncHTTP2Connection,
+        "_receive_stream_event",
+        receive_stream_event,
+        needs=("_receive_events", "_receive_stream_event", "_receive_response", "_receive_response_body"),
+        shape="httpcore's HTTP/2 connection",
+        without="reads keep their lock convoy",
+    )
 
 
 def installed() -> bool:

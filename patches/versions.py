@@ -6,6 +6,8 @@ one minor series (e.g. httpcore 1.0.x) and refuses any other: `check()` raises
 what is installed. A patch that is only an optimisation catches it, logs one warning and
 leaves the library as it is (`fallback()`); a patch that guards security or money lets
 it propagate, so the process fails at start instead of running unprotected.
+`guarded_install()` is that whole preamble for the common case, an optimisation that
+replaces one method of one class (the HTTP/2 patches).
 pyproject.toml pins each patched library to the series its patches were written for.
 """
 
@@ -42,3 +44,32 @@ def fallback(patch: str, why: str) -> bool:
     returns then)."""
     log.warning("%s not installed, the library keeps its own behaviour: %s", patch, why)
     return False
+
+
+def guarded_install(
+    patch: str,
+    library: str,
+    series: str,
+    owner: type,
+    name: str,
+    replacement: object,
+    *,
+    needs: tuple[str, ...],
+    shape: str,
+    without: str,
+) -> bool:
+    """Install an optimisation that replaces `owner.<name>` with `replacement`, the way every
+    such patch does: on another `library` series than `series`, or where `owner` lacks one of
+    the attributes in `needs` (`shape` names it in the warning), leave the library as it is,
+    log one warning saying what the process goes `without`, and return False. Idempotent:
+    True at once when `replacement` is in already."""
+    try:
+        check(patch, library, series)
+    except UntestedVersion as exc:
+        return fallback(patch, f"{without}; {exc}")
+    if getattr(owner, name, None) is replacement:
+        return True
+    if not all(hasattr(owner, attribute) for attribute in needs):
+        return fallback(patch, f"{shape} is not the expected shape; {without}")
+    setattr(owner, name, replacement)
+    return True

@@ -125,6 +125,18 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
     assert patch.__name__ in record.getMessage() and "9.9.0" in record.getMessage()
 
 
+def test_an_optimisation_falls_back_on_a_connection_of_another_shape(pristine, monkeypatch, caplog):
+    patch = httpcore_h2_reads
+    monkeypatch.delattr(http2.AsyncHTTP2Connection, "_receive_response_body")
+    before = (http2.AsyncHTTP2Connection._receive_stream_event, http2.AsyncHTTP2Connection.has_expired)
+    with caplog.at_level(logging.WARNING, logger="sluice.patches"):
+        assert patch.install() is False
+    assert (http2.AsyncHTTP2Connection._receive_stream_event, http2.AsyncHTTP2Connection.has_expired) == before
+    assert not patch.installed()
+    (record,) = caplog.records
+    assert "httpcore's HTTP/2 connection is not the expected shape" in record.getMessage()
+
+
 def test_the_installed_library_versions_are_the_ones_the_patches_were_written_for():
     """pyproject.toml pins them; a venv that resolved something else fails here first."""
     for patch in (

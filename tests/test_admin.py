@@ -16,43 +16,33 @@ import uuid
 import pytest
 
 from tests.support import (
+    ADMIN_AUTH,
+    ADMIN_TOKEN,
     ROOT,
     SSEClient,
+    admin,
+    admin_gateway,
+    admin_state,
     chat_body,
     free_port,
     get_json,
     port_in_use,
     request,
-    running_gateway,
     stream_chat,
     wait_until,
 )
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "test-admin-token"
-AUTH = {"authorization": f"Bearer {TOKEN}"}
-
 
 @pytest.fixture(scope="module")
 def gw(sim):
-    with running_gateway({"SIMULATED_BASE_URL": sim, "SLUICE_ADMIN_TOKEN": TOKEN}) as gateway:
+    with admin_gateway(sim) as gateway:
         yield gateway
 
 
-def admin(gw, method: str, path: str, body=None, headers=AUTH):
-    status, hdrs, raw = request(method, gw.url + "/api/admin" + path, body=body, headers=headers)
-    return status, hdrs, json.loads(raw)
-
-
-def state(gw) -> dict:
-    status, _, data = admin(gw, "GET", "/state")
-    assert status == 200, data
-    return data
-
-
 def configured_pacer(gw) -> dict:
-    return state(gw)["gateway"]["configured_pacers"]["simulated"]
+    return admin_state(gw)["gateway"]["configured_pacers"]["simulated"]
 
 
 def unique(text: str) -> str:
@@ -81,7 +71,7 @@ def cli(gw_or_port, *args, env=None):
             **os.environ,
             "SLUICE_ACTOR_PORT": str(port),
             "PYTHONPATH": str(ROOT),
-            "SLUICE_ADMIN_TOKEN": TOKEN,
+            "SLUICE_ADMIN_TOKEN": ADMIN_TOKEN,
             **where,
             **(env or {}),
         },
@@ -98,10 +88,10 @@ def test_admin_routes_need_the_bearer_token(gw):
     status, headers, body = admin(gw, "GET", "/state", headers={})
     assert status == 401 and body["error"]["code"] == "unauthorized"
     assert headers["www-authenticate"].startswith("Bearer")
-    assert admin(gw, "GET", "/state", headers={"authorization": f"Basic {TOKEN}"})[0] == 401
+    assert admin(gw, "GET", "/state", headers={"authorization": f"Basic {ADMIN_TOKEN}"})[0] == 401
     status, _, body = admin(gw, "POST", "/drain", {"on": True}, headers={"authorization": "Bearer wrong"})
     assert status == 403 and body["error"]["code"] == "forbidden"
-    assert state(gw)["results"]["supervisor"]["draining"] is False  # the refused drain did nothing
+    assert admin_state(gw)["results"]["supervisor"]["draining"] is False  # the refused drain did nothing
 
 
 def test_admin_routes_do_not_exist_without_a_configured_token(gateway):
@@ -110,7 +100,7 @@ def test_admin_routes_do_not_exist_without_a_configured_token(gateway):
         ("POST", "/api/admin/drain"),
         ("POST", "/api/admin/pacer/simulated"),
     ):
-        status, _, raw = request(method, gateway.url + path, body={"on": True}, headers=AUTH)
+        status, _, raw = request(method, gateway.url + path, body={"on": True}, headers=ADMIN_AUTH)
         assert status == 404 and json.loads(raw)["error"]["code"] == "not_found"
 
 
@@ -118,7 +108,7 @@ def test_admin_routes_do_not_exist_without_a_configured_token(gateway):
 
 
 def test_show_reports_every_actor(gw):
-    data = state(gw)
+    data = admin_state(gw)
     results = data["results"]
     assert {"supervisor", "pool", "metrics", "pacer:simulated", "coalescer:0", "coalescer:1"} <= set(results)
     pacer = results["pacer:simulated"]
@@ -163,11 +153,11 @@ def test_show_reports_every_actor(gw):
     ],
 )
 def test_invalid_commands_are_4xx_and_change_nothing(gw, path, body, status, code):
-    before = state(gw)["results"]
+    before = admin_state(gw)["results"]
     got, _, answer = admin(gw, "POST", path, body)
     assert got == status and answer["error"]["code"] == code, answer
     assert answer["error"]["message"]
-    after = state(gw)["results"]
+    after = admin_state(gw)["results"]
     assert after["pacer:simulated"]["settings"] == before["pacer:simulated"]["settings"]
     assert [after[f"coalescer:{i}"]["flags"] for i in (0, 1)] == [before[f"coalescer:{i}"]["flags"] for i in (0, 1)]
     assert after["supervisor"]["draining"] is False
@@ -181,7 +171,7 @@ def test_live_pacer_settings_are_shown_and_obeyed(gw):
     status, _, answer = admin(gw, "POST", "/pacer/simulated", {"concurrency": 1, "max_queue": 0, "rps": 3, "burst": 4})
     assert status == 200, answer
     try:
-        shown = state(gw)["results"]["pacer:simulated"]["settings"]
+        shown = admin_state(gw)["results"]["pacer:simulated"]["settings"]
         assert (shown["concurrency"], shown["max_queue"], shown["rps"], shown["burst"]) == (1, 0, 3.0, 4)
         # one slow stream holds the only slot; a second, distinct request may not queue: 429
         first, _ = open_until_meta(gw.url, chat_body(unique("slot holder") + "\n#sim tokens=60 token_interval_ms=20"))
@@ -193,7 +183,7 @@ def test_live_pacer_settings_are_shown_and_obeyed(gw):
             first.close()
     finally:
         assert admin(gw, "POST", "/pacer/simulated", configured)[0] == 200
-    assert state(gw)["results"]["pacer:simulated"]["settings"] == configured
+    assert admin_state(gw)["results"]["pacer:simulated"]["settings"] == configured
     # the slot comes back once the cancelled stream is released
     wait_until(lambda: stream_chat(gw.url + "/api/chat", chat_body(unique("after")))[0] == 200, timeout=10)
 
@@ -282,7 +272,7 @@ def test_cli_changes_settings_live_and_rejects_bad_values(gw):
     done = cli(gw, "set-pacer", "simulated", "BURST=7", "rps=9")  # env-style names work too
     try:
         assert done.returncode == 0, done.stderr
-        assert state(gw)["results"]["pacer:simulated"]["settings"]["burst"] == 7
+        assert admin_state(gw)["results"]["pacer:simulated"]["settings"]["burst"] == 7
         for args, needle in (
             (("set-pacer", "simulated", "rps=abc", "burst=1"), "'rps'"),
             (("set-pacer", "nosuch", "rps=1"), "no pacer for account 'nosuch'"),
@@ -290,7 +280,7 @@ def test_cli_changes_settings_live_and_rejects_bad_values(gw):
             bad = cli(gw, *args)
             assert bad.returncode == 2, (args, bad.stdout, bad.stderr)
             assert json.loads(bad.stdout)["ok"] is False and needle in bad.stderr, (args, bad.stderr)
-        settings = state(gw)["results"]["pacer:simulated"]["settings"]
+        settings = admin_state(gw)["results"]["pacer:simulated"]["settings"]
         assert (settings["burst"], settings["rps"]) == (7, 9.0)
     finally:
         admin(gw, "POST", "/pacer/simulated", configured)

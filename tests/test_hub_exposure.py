@@ -15,31 +15,23 @@ from protocols import auth, hub_hello
 from protocols import messages as m
 from tests.support import (
     SSEClient,
+    admin_gateway,
+    admin_state,
     chat_body,
     data_events,
     get_json,
     listening_ports,
     request,
-    running_gateway,
     wait_until,
 )
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "test-admin-token"
-AUTH = {"authorization": f"Bearer {TOKEN}"}
-
 
 @pytest.fixture(scope="module")
 def gw(sim):
-    with running_gateway({"SIMULATED_BASE_URL": sim, "SLUICE_ADMIN_TOKEN": TOKEN}) as gateway:
+    with admin_gateway(sim) as gateway:
         yield gateway
-
-
-def admin_state(gw) -> dict:
-    status, _, raw = request("GET", gw.url + "/api/admin/state", headers=AUTH)
-    assert status == 200, raw
-    return json.loads(raw)
 
 
 def hub_port(gw) -> int:

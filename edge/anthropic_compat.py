@@ -37,14 +37,13 @@ sluice's status, except that a body of the wrong shape is a 400 (Anthropic's sta
 from __future__ import annotations
 
 import json
-import math
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from edge.admission import Admission
-from edge.chat_request import RequestError, parse_coalesce, parse_stream, parse_tools
+from edge.chat_request import RequestError, check_number, parse_coalesce, parse_stream, parse_tools
 from edge.openai_compat import RATE_LIMITED, STATUS_FOR_CODE
 from edge.rejections import Rejection
 from edge.sse_stream import Renderer, SSEStream
@@ -196,19 +195,6 @@ def _tool_choice(choice):
     raise _refuse("tool_choice", "must be {type: auto|any|none} or {type: tool, name}")
 
 
-def _number(data: dict, name: str, high: float) -> None:
-    value = data.get(name)
-    if value is None:
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not 0 <= value <= high
-    ):
-        raise _refuse(name, f"must be a number between 0 and {high:g}")
-
-
 def parse_messages(data: dict, coalesce_header: str | None = None) -> tuple[str, dict, bool, bool]:
     """(model, normalized body, stream, coalesce) for an Anthropic Messages body; RequestError."""
     model = data.get("model")
@@ -229,8 +215,8 @@ def parse_messages(data: dict, coalesce_header: str | None = None) -> tuple[str,
     for i, msg in enumerate(messages):
         normalized.extend(_message(i, msg))
     body: dict = {"messages": normalized, "max_tokens": max_tokens}
-    _number(data, "temperature", 1)
-    _number(data, "top_p", 1)
+    check_number(data, "temperature", 1, _refuse)
+    check_number(data, "top_p", 1, _refuse)
     for name in ("temperature", "top_p"):
         if data.get(name) is not None:
             body[name] = data[name]

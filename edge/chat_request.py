@@ -140,7 +140,8 @@ def _tool_calls(i: int, role: str, calls) -> None:
             )
 
 
-def _number(data: dict, name: str, low: float, high: float) -> None:
+def check_number(data: dict, name: str, high: float, refuse: Refuse) -> None:
+    """A sampling setting (`temperature`, `top_p`), when given: a finite number in [0, high]."""
     value = data.get(name)
     if value is None:
         return
@@ -148,9 +149,9 @@ def _number(data: dict, name: str, low: float, high: float) -> None:
         isinstance(value, bool)
         or not isinstance(value, (int, float))
         or not math.isfinite(value)
-        or not low <= value <= high
+        or not 0 <= value <= high
     ):
-        raise RequestError(422, "invalid_request", f"'{name}' must be a number between {low:g} and {high:g}")
+        raise refuse(name, f"must be a number between 0 and {high:g}")
 
 
 def _optional_str(data: dict, name: str) -> str | None:
@@ -206,8 +207,8 @@ def parse_tools(
 
 def parse_chat(data: dict, coalesce_header: str | None = None) -> ChatRequest:
     messages = validate_messages(data.get("messages"))
-    _number(data, "temperature", 0, 2)
-    _number(data, "top_p", 0, 1)
+    check_number(data, "temperature", 2, refuse_field)
+    check_number(data, "top_p", 1, refuse_field)
     max_tokens = data.get("max_tokens")
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise RequestError(422, "invalid_request", "'max_tokens' must be a positive integer")

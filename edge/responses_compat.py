@@ -37,7 +37,6 @@ sluice's status and code (edge/openai_compat.py).
 from __future__ import annotations
 
 import json
-import math
 import time
 
 from starlette.requests import Request
@@ -45,7 +44,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from edge.admission import Admission
-from edge.chat_request import RequestError, parse_coalesce, parse_stream, parse_tools
+from edge.chat_request import RequestError, check_number, parse_coalesce, parse_stream, parse_tools
 from edge.openai_compat import STATUS_FOR_CODE, error_response, rejection_response
 from edge.rejections import Rejection
 from edge.sse_stream import Renderer, SSEStream
@@ -143,19 +142,6 @@ def _tool_choice(choice):
     raise _refuse("tool_choice", "must be auto, required, none or {type: function, name}")
 
 
-def _number(data: dict, name: str, high: float) -> None:
-    value = data.get(name)
-    if value is None:
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not 0 <= value <= high
-    ):
-        raise _refuse(name, f"must be a number between 0 and {high:g}")
-
-
 def parse_responses(data: dict, coalesce_header: str | None = None) -> tuple[str | None, dict, bool, bool, dict]:
     """(model, normalized body, stream, coalesce, echo) for a Responses body; RequestError.
     `echo`: the request's settings the Response object repeats back."""
@@ -177,8 +163,8 @@ def parse_responses(data: dict, coalesce_header: str | None = None) -> tuple[str
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise _refuse("max_output_tokens", "must be a positive integer")
         body["max_tokens"] = max_tokens
-    _number(data, "temperature", 2)
-    _number(data, "top_p", 1)
+    check_number(data, "temperature", 2, _refuse)
+    check_number(data, "top_p", 1, _refuse)
     for name in ("temperature", "top_p"):
         if data.get(name) is not None:
             body[name] = data[name]

@@ -244,7 +244,7 @@ def test_a_bad_coalesce_is_refused_in_each_front_ends_own_words(front_end, statu
     assert (info.value.status, info.value.message) == (status, message)
 
 
-def test_stream_and_tools_are_read_alike_by_the_front_ends():
+def test_stream_tools_and_sampling_numbers_are_read_alike_by_the_front_ends():
     assert parse_messages({**ANTHROPIC, "stream": None})[2] is False
     assert parse_responses({"input": "hi", "stream": True})[2] is True
     assert parse_openai({**CHAT, "stream": None}, None)[1] is False
@@ -254,6 +254,10 @@ def test_stream_and_tools_are_read_alike_by_the_front_ends():
         (lambda d: parse_openai(d, None), {**CHAT, "stream": "yes"}, 422, "'stream' must be true or false"),
         (parse_messages, {**ANTHROPIC, "tools": {}}, 400, "tools: must be an array"),
         (parse_responses, {"input": "hi", "tools": "f"}, 422, "tools: must be an array"),
+        (parse_messages, {**ANTHROPIC, "temperature": 1.5}, 400, "temperature: must be a number between 0 and 1"),
+        (parse_responses, {"input": "hi", "top_p": -0.1}, 422, "top_p: must be a number between 0 and 1"),
+        (parse_chat, {**CHAT, "temperature": "hot"}, 422, "'temperature' must be a number between 0 and 2"),
+        (parse_chat, {**CHAT, "top_p": float("nan")}, 422, "'top_p' must be a number between 0 and 1"),
     ):
         with pytest.raises(RequestError) as info:
             parse(data)

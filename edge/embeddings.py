@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from edge import models
 from edge.chat_request import RequestError, parse_coalesce, refuse_field
-from edge.openai_compat import STATUS_FOR_CODE, error_response, rejection_response
+from edge.openai_compat import error_response, rejection_response, status_of_error
 from edge.rejections import Rejection
 from protocols import events as ev
 from protocols.providers.openai_embeddings import BODY_FIELD, EMBEDDING_ADAPTERS
@@ -83,13 +83,6 @@ def parse_embeddings(data: dict, coalesce_header: str | None = None) -> tuple[st
     return model, {BODY_FIELD: wanted}, parse_coalesce(data, coalesce_header, refuse_field)
 
 
-def _status_of(end: dict) -> int:
-    code = end.get("code", "error")
-    if code == "upstream_4xx":  # the provider refused the request itself: say how
-        return end.get("status") if end.get("status") in (400, 404, 413, 422) else 400
-    return STATUS_FOR_CODE.get(code, 502)
-
-
 def routes(edge) -> list[Route]:
     async def embeddings(request: Request):
         if (denied := edge.authenticate(request)) is not None:
@@ -119,7 +112,9 @@ def routes(edge) -> list[Route]:
         end = end or ev.error("disconnected", "the client went away")
         if end["type"] == ev.ERROR or answer is None:
             code = end.get("code", "upstream_malformed")
-            return error_response(_status_of(end), code, end.get("message", "the provider sent no embeddings"), headers)
+            return error_response(
+                status_of_error(end), code, end.get("message", "the provider sent no embeddings"), headers
+            )
         usage = end.get("usage") or usage or {}
         body_out = {
             "object": "list",

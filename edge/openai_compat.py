@@ -83,6 +83,14 @@ STATUS_FOR_CODE = {
 # --- errors ---------------------------------------------------------------------------------
 
 
+def status_of_error(end: dict) -> int:
+    """The HTTP status of a non-streamed answer whose stream ended in the error event `end`."""
+    code = end.get("code", "error")
+    if code == "upstream_4xx":  # the provider refused the request itself: say how
+        return end.get("status") if end.get("status") in (400, 404, 413, 422) else 400
+    return STATUS_FOR_CODE.get(code, 502)
+
+
 def error_type(status: int, code: str) -> str:
     if status == 429 or code in RATE_LIMITED:
         return "rate_limit_error"
@@ -312,11 +320,7 @@ class Completion:
         headers = {"x-request-id": self.admission.request_id}
         end = self.end or ev.error("disconnected", "the client went away")
         if end["type"] == ev.ERROR:
-            code = end.get("code", "error")
-            status = STATUS_FOR_CODE.get(code, 502)
-            if code == "upstream_4xx":  # the provider refused the request itself: say how
-                status = end.get("status") if end.get("status") in (400, 404, 413, 422) else 400
-            return error_response(status, code, end.get("message", ""), headers)
+            return error_response(status_of_error(end), end.get("code", "error"), end.get("message", ""), headers)
         choices = []
         for i, choice in sorted(self.choices.items()):
             reason = end.get("finish_reason") if i == 0 else self.extras.finishes.get(i)

@@ -45,7 +45,7 @@ from starlette.routing import Route
 
 from edge.admission import Admission
 from edge.chat_request import RequestError, check_number, parse_coalesce, parse_stream, parse_tools
-from edge.openai_compat import STATUS_FOR_CODE, error_response, rejection_response
+from edge.openai_compat import error_response, rejection_response, status_of_error
 from edge.rejections import Rejection
 from edge.sse_stream import Renderer, SSEStream
 from protocols import events as ev
@@ -390,11 +390,7 @@ class Response:
         headers = {"x-request-id": self.admission.request_id}
         end = self.end or ev.error("disconnected", "the client went away")
         if end["type"] == ev.ERROR:
-            code = end.get("code", "error")
-            status = STATUS_FOR_CODE.get(code, 502)
-            if code == "upstream_4xx":
-                status = end.get("status") if end.get("status") in (400, 404, 413, 422) else 400
-            return error_response(status, code, end.get("message", ""), headers)
+            return error_response(status_of_error(end), end.get("code", "error"), end.get("message", ""), headers)
         return JSONResponse(self.shape.response(_ending(end), end), headers=headers)
 
 

@@ -12,7 +12,7 @@ from edge import models
 from edge.anthropic_compat import parse_messages
 from edge.chat_request import RequestError, parse_chat
 from edge.embeddings import parse_embeddings
-from edge.openai_compat import parse_openai
+from edge.openai_compat import parse_openai, status_of_error
 from edge.responses_compat import parse_responses
 from protocols import config
 from protocols.keys import coalescing_key
@@ -265,6 +265,22 @@ def test_stream_tools_and_sampling_numbers_are_read_alike_by_the_front_ends():
     # An empty tools array asks for no tools: neither body carries the key.
     assert "tools" not in parse_messages({**ANTHROPIC, "tools": []})[1]
     assert "tools" not in parse_responses({"input": "hi", "tools": []})[1]
+
+
+@pytest.mark.parametrize(
+    "end, status",
+    [
+        ({"code": "upstream_4xx", "status": 422}, 422),
+        ({"code": "upstream_4xx", "status": 401}, 400),  # the other provider 4xx answer 400
+        ({"code": "upstream_429"}, 429),
+        ({"code": "upstream_timeout"}, 504),
+        ({"code": "disconnected"}, 499),
+        ({"code": "upstream_5xx"}, 502),
+        ({}, 502),
+    ],
+)
+def test_a_stream_ending_in_error_answers_a_non_streamed_request_with_its_status(end, status):
+    assert status_of_error({"type": "error", **end}) == status
 
 
 # --- embeddings -----------------------------------------------------------------------------

@@ -88,10 +88,11 @@ def pacer_idle(gw, account: str) -> bool:
     return pacer["in_flight"] == 0 and pacer["queue_depth"] == 0
 
 
-def retries_total(gw, reason: str) -> float:
+def retries_total(gw, reason: str = r"[a-z0-9]+") -> float:
+    """sluice_upstream_retries_total of the simulated provider for `reason` (all reasons by default)."""
     _, _, raw = request("GET", gw.url + "/metrics")
-    found = re.search(rf'sluice_upstream_retries_total\{{provider="simulated",reason="{reason}"\}} (\S+)', raw.decode())
-    return float(found.group(1)) if found else 0.0
+    pattern = rf'sluice_upstream_retries_total\{{provider="simulated",reason="{reason}"\}} (\S+)'
+    return sum(float(v) for v in re.findall(pattern, raw.decode()))
 
 
 def terminal(data: list[dict]) -> list[dict]:
@@ -138,7 +139,7 @@ RETRYABLE = [
 
 @pytest.mark.parametrize("fault, times, reason", RETRYABLE)
 def test_a_fault_before_the_first_byte_is_retried_and_no_client_sees_it(gw, fault, times, reason):
-    before = retries_total(gw, reason)
+    before, before_all = retries_total(gw, reason), retries_total(gw)
     results = burst(gw, f"{fault} fail_times={times}")
     for marker, answers in results.items():
         for text, data in answers:
@@ -146,9 +147,12 @@ def test_a_fault_before_the_first_byte_is_retried_and_no_client_sees_it(gw, faul
         calls = sim_calls(gw, marker)
         mode = fault.split()[0].partition("=")[2]
         assert [c["fail"] for c in calls] == [mode] * times + ["none"], marker
-    # 22 upstream bodies (1 + 1 coalesced + 20), each retried `times` times
-    wait_until(lambda: retries_total(gw, reason) - before >= 22 * times, timeout=30, message="retries counted")
-    assert retries_total(gw, reason) - before == 22 * times
+    # 22 upstream bodies (1 + 1 coalesced + 20), each retried `times` times. Under load an
+    # HTTP/2 connection can close as a 500 arrives; that attempt counts as a "reset" (the same
+    # retry, docs/reliability.md), so the whole count is over every reason.
+    wait_until(lambda: retries_total(gw) - before_all >= 22 * times, timeout=30, message="retries counted")
+    assert retries_total(gw, reason) > before, f"no retry counted as {reason!r}"
+    assert retries_total(gw) - before_all == 22 * times
     wait_until(lambda: pacer_idle(gw, "simulated"), timeout=10, message="the Pacer's leases all given back")
 
 

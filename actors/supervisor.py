@@ -104,9 +104,9 @@ class SupervisorActor(HostActor):
         it answers its first Wire with Ready; every change of address re-wires everyone."""
         self.generation += 1
         self.directory = {**self.addresses, roles.SUPERVISOR: my_address(self)}
-        full, public = self.settings.to_wire(), self.settings.redacted().to_wire()  # no API keys but the Pool's
+        with_keys, public = self.settings.redacted(api_keys=True).to_wire(), self.settings.redacted().to_wire()
         for role, addr in self.children.items():
-            settings = full if roles.is_pool(role) else public
+            settings = with_keys if roles.is_pool(role) else public
             self.send(addr, m.encode(m.Wire(role, self.directory, settings)))
 
     def _on_ready(self, msg: m.Ready) -> None:

@@ -111,10 +111,11 @@ class Settings:
         entry = self.providers.get(provider)
         return entry.account if entry is not None else provider.upper()
 
-    def redacted(self) -> Settings:
-        """Without provider API keys, the admin token and the cluster secret: what every
-        actor but the Pool (and the Supervisor) is sent."""
-        providers = {name: replace(p, api_keys=(None,)) for name, p in self.providers.items()}
+    def redacted(self, api_keys: bool = False) -> Settings:
+        """Without the admin token and the cluster secret, and without provider API keys
+        unless `api_keys` (the Pool's: it puts them in the upstream auth header). Only the
+        Supervisor, which checks the admin CLI's token, is sent the settings whole."""
+        providers = self.providers if api_keys else {n: replace(p, api_keys=(None,)) for n, p in self.providers.items()}
         return replace(self, providers=providers, admin_token=None, cluster_secret=None)
 
     def to_wire(self) -> dict[str, Any]:

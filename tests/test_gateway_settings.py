@@ -90,6 +90,8 @@ def test_redacted_has_no_secret_and_nothing_else_changed():
     assert "sk-1" not in text and SECRET not in text and public.admin_token is None
     assert all(p.api_keys == (None,) for p in public.providers.values())
     assert dataclasses.replace(public, providers=s.providers, admin_token="t", cluster_secret=SECRET) == s
+    pools = s.redacted(api_keys=True)  # the Pool's: the keys, never the admin token
+    assert pools.providers == s.providers and pools.admin_token is None and pools.cluster_secret is None
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,10 @@ import logging
 import os
 import socket
 import sys
+from dataclasses import replace
 
 from protocols import config
+from protocols.gateway_settings import Settings
 
 
 def main(argv: list[str]) -> int:
@@ -34,8 +36,8 @@ def main(argv: list[str]) -> int:
         return admin_main(argv[1:])
     try:
         settings = config.load(os.environ)
-        _check_alert_thresholds(settings["alert_thresholds"])
-        _check_keys_file(settings["SLUICE_API_KEYS_FILE"])
+        _check_alert_thresholds(settings.alert_thresholds)
+        _check_keys_file(settings.api_keys_file)
     except config.ConfigError as exc:
         print(f"sluice: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -63,35 +65,35 @@ def _check_keys_file(path: str | None) -> None:
         raise config.ConfigError(f"SLUICE_API_KEYS_FILE: {exc}") from None
 
 
-def serve(settings: dict) -> int:
+def serve(settings: Settings) -> int:
     from protocols import logfmt
 
     logfmt.configure(settings)  # hpack's header dumps (API keys) are never logged, at any level
     log = logging.getLogger("sluice")
-    for name, host_key in (("SLUICE_PORT", "SLUICE_HOST"), ("SLUICE_ACTOR_PORT", "SLUICE_ACTOR_HOST")):
-        host = settings[host_key]
-        if not _port_free(host, settings[name]):
-            log.error("sluice: %s=%s is already in use on %s", name, settings[name], host)
+    for name, host, port in (
+        ("SLUICE_PORT", settings.host, settings.port),
+        ("SLUICE_ACTOR_PORT", settings.actor_host, settings.actor_port),
+    ):
+        if not _port_free(host, port):
+            log.error("sluice: %s=%s is already in use on %s", name, port, host)
             return 2
-    if settings["SLUICE_API_KEYS_FILE"] is None:
+    if settings.api_keys_file is None:
         log.warning("no SLUICE_API_KEYS_FILE: every client is allowed")
     else:
         log.info(
             "client API keys from %s; coalescing scope: %s",
-            settings["SLUICE_API_KEYS_FILE"],
-            settings["COALESCE_SCOPE"],
+            settings.api_keys_file,
+            settings.coalesce_scope,
         )
-    for name, provider in settings["providers"].items():
-        if name != "simulated" and provider["api_key"] is None and provider["adapter"] != "ollama":
-            log.warning(
-                "provider %s has no API key (%s_API_KEY): its calls will fail upstream", name, provider["account"]
-            )
+    for name, provider in settings.providers.items():
+        if name != "simulated" and provider.api_keys[0] is None and provider.adapter != "ollama":
+            log.warning("provider %s has no API key (%s_API_KEY): its calls will fail upstream", name, provider.account)
 
     from actors import secret_file
 
     secret_path = None
-    if settings["SLUICE_CLUSTER_SECRET"]:
-        secret = settings["SLUICE_CLUSTER_SECRET"].encode()
+    if settings.cluster_secret:
+        secret = settings.cluster_secret.encode()
     else:
         secret_path = secret_file.path_for(settings)
         try:
@@ -110,25 +112,25 @@ def serve(settings: dict) -> int:
             secret_file.remove(secret_path)
 
 
-def _serve_with_secret(settings: dict, secret: bytes, log) -> int:
+def _serve_with_secret(settings: Settings, secret: bytes, log) -> int:
     from actors import system
     from actors.supervisor import SupervisorActor
     from protocols import logfmt, roles
     from protocols import messages as m
     from protocols.roles import SUPERVISOR_NAME
 
-    host = settings["SLUICE_ACTOR_HOST"]
-    asys, group = system.start(host, settings["SLUICE_ACTOR_PORT"], secret, logfmt.actor_log_defs(settings))
+    host = settings.actor_host
+    asys, group = system.start(host, settings.actor_port, secret, logfmt.actor_log_defs(settings))
     # The secret never travels in a message: every actor inherited it at fork.
-    settings = {**settings, "SLUICE_CLUSTER_SECRET": None, "parent_pid": os.getpid(), "actor_group": group}
+    settings = replace(settings, cluster_secret=None)
     sim = keeper = None
-    watchdog = _Watchdog(host, settings["SLUICE_ACTOR_PORT"], group)
+    watchdog = _Watchdog(host, settings.actor_port, group)
     try:
-        sim = _start_simulated_provider(settings, log)
+        sim, settings = _start_simulated_provider(settings, log)
         supervisor = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
-        asys.tell(supervisor, m.encode(m.Wire(roles.SUPERVISOR, {}, settings)))
+        asys.tell(supervisor, m.encode(m.Wire(roles.SUPERVISOR, {}, settings.to_wire())))
         keeper = _start_keeper(asys, settings, watchdog)
-        if settings["SLUICE_WORKERS"] > 1:
+        if settings.workers > 1:
             return _serve_workers(settings, secret, asys, log)
         return _serve_http(settings, log)
     finally:
@@ -161,28 +163,30 @@ class _Watchdog:
             self.proc.wait(5)
 
 
-def _start_keeper(asys, settings: dict, watchdog: _Watchdog):
+def _start_keeper(asys, settings: Settings, watchdog: _Watchdog):
     from actors.keeper import SupervisorKeeper
 
     watchdog.ensure()
     return SupervisorKeeper(asys, settings, watchdog.ensure).start()
 
 
-def _start_simulated_provider(settings: dict, log):
-    simulated = settings["providers"].get("simulated")
-    if simulated is None or simulated["base_url"]:
-        return None
+def _start_simulated_provider(settings: Settings, log):
+    """The simulated provider's process when it is configured without a base URL, and the
+    settings with its URL filled in."""
+    simulated = settings.providers.get("simulated")
+    if simulated is None or simulated.base_url:
+        return None, settings
     from protocols.config import reachable_host
     from sim.provider import start_subprocess
 
-    host = settings["SLUICE_ACTOR_HOST"]
-    proc, port = start_subprocess(port=settings["SLUICE_SIM_PORT"], host=host)
-    simulated["base_url"] = f"http://{reachable_host(host)}:{port}"
-    log.info("simulated provider on %s", simulated["base_url"])
-    return proc
+    host = settings.actor_host
+    proc, port = start_subprocess(port=settings.sim_port, host=host)
+    simulated = replace(simulated, base_url=f"http://{reachable_host(host)}:{port}")
+    log.info("simulated provider on %s", simulated.base_url)
+    return proc, replace(settings, providers={**settings.providers, "simulated": simulated})
 
 
-def _serve_http(settings: dict, log) -> int:
+def _serve_http(settings: Settings, log) -> int:
     import uvicorn
 
     from edge.http_limits import ConnectionLimits, protocol_class
@@ -190,13 +194,13 @@ def _serve_http(settings: dict, log) -> int:
     from edge.server import DrainingServer
 
     app, edge = build_app(settings)
-    limits = ConnectionLimits(settings["SLUICE_HEADER_TIMEOUT_S"], settings["SLUICE_MAX_CONNECTIONS_PER_CLIENT"])
+    limits = ConnectionLimits(settings.header_timeout_s, settings.max_connections_per_client)
     server = DrainingServer(
         uvicorn.Config(
             app,
-            host=settings["SLUICE_HOST"],
-            port=settings["SLUICE_PORT"],
-            log_level=settings["SLUICE_LOG_LEVEL"].lower(),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level.lower(),
             log_config=None,  # uvicorn's lines go to our handler, in our format
             lifespan="on",
             timeout_graceful_shutdown=10,  # after the drain: streams have had their terminal event
@@ -204,9 +208,9 @@ def _serve_http(settings: dict, log) -> int:
             http=protocol_class(limits),  # header deadline, per-address cap: edge/http_limits.py
         ),
         edge,
-        settings["SLUICE_DRAIN_S"],
+        settings.drain_s,
     )
-    log.info("sluice listening on http://%s:%d", settings["SLUICE_HOST"], settings["SLUICE_PORT"])
+    log.info("sluice listening on http://%s:%d", settings.host, settings.port)
     try:
         server.run()
     except KeyboardInterrupt:
@@ -214,7 +218,7 @@ def _serve_http(settings: dict, log) -> int:
     return 0 if server.started else 1
 
 
-def _serve_workers(settings: dict, secret: bytes, asys, log) -> int:
+def _serve_workers(settings: Settings, secret: bytes, asys, log) -> int:
     """SLUICE_WORKERS=N > 1: one listening socket, N edge processes serving it
     (edge/worker_set.py); this process watches them and relays its signals."""
     from edge.worker_set import WorkerSet, listen
@@ -229,9 +233,9 @@ def _serve_workers(settings: dict, secret: bytes, asys, log) -> int:
         supervisor = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
         asys.tell(supervisor, m.encode(m.MemberLost(roles.EDGE, edge_id)))
 
-    sock = listen(settings["SLUICE_HOST"], settings["SLUICE_PORT"])
+    sock = listen(settings.host, settings.port)
     try:
-        return WorkerSet(settings, settings["SLUICE_WORKERS"], sock, secret, edge_lost).serve()
+        return WorkerSet(settings, settings.workers, sock, secret, edge_lost).serve()
     finally:
         sock.close()
 

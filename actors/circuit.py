@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from protocols.gateway_settings import Settings
+
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 # The value of sluice_circuit_state{account,key}.
 STATE_VALUE = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
@@ -36,15 +38,14 @@ class CircuitSettings:
     max_open_s: float = 120.0  # the cool-down doubles after each failed probe, up to this
 
     @classmethod
-    def from_config(cls, settings: dict) -> CircuitSettings:
-        d = cls()
-        open_s = settings.get("CIRCUIT_OPEN_S", d.open_s)
+    def from_config(cls, settings: Settings) -> CircuitSettings:
+        open_s = settings.circuit_open_s
         return cls(
-            failures=settings.get("CIRCUIT_FAILURES", d.failures),
-            failure_rate=settings.get("CIRCUIT_FAILURE_RATE", d.failure_rate),
-            window_s=settings.get("CIRCUIT_WINDOW_S", d.window_s),
+            failures=settings.circuit_failures,
+            failure_rate=settings.circuit_failure_rate,
+            window_s=settings.circuit_window_s,
             open_s=open_s,
-            max_open_s=max(settings.get("CIRCUIT_MAX_OPEN_S", d.max_open_s), open_s),
+            max_open_s=max(settings.circuit_max_open_s, open_s),
         )
 
 

@@ -21,8 +21,8 @@ class CoalescerActor(HostActor):
     def on_wire(self, wire: m.Wire) -> None:
         self.role = wire.role
         if self.logic is None:
-            s = wire.settings
-            flags = CoalescerFlags(s["COALESCE_ENABLED"], s["STREAM_FANOUT_ENABLED"], s["COALESCE_ERROR_TTL_S"])
+            s = self.settings
+            flags = CoalescerFlags(s.coalesce_enabled, s.stream_fanout_enabled, s.coalesce_error_ttl_s)
             self.logic = CoalescerLogic(me=my_address(self), secret=secret.get(), flags=flags)
 
     def on_message(self, msg, sender, now):

@@ -4,7 +4,9 @@ Why a host and a logic class: the logic is a plain class (state + `handle(msg, s
 now)` -> effects) that the simulation harness drives on a virtual clock; the host is the
 only place that knows about Thespian. The host never lets an exception reach Thespian,
 which would redeliver the message (2-3 times) and then declare it poison: a message that
-fails to decode or to handle gets an `ErrorReply` instead.
+fails to decode or to handle gets an `ErrorReply` instead. So does a `Wire` whose settings
+do not fit `Settings` (protocols/gateway_settings.py `from_wire`): the actor keeps the
+settings and directory it had. `self.settings` is built once per `Wire`, here.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from actors import addressing
 from protocols import messages as m
 from protocols import roles, trace
 from protocols.effects import After, Send
+from protocols.gateway_settings import Settings, SettingsError
 
 log = logging.getLogger("sluice.actors")
 
@@ -43,7 +46,7 @@ class HostActor(Actor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.directory: dict[str, str] = {}
-        self.settings: dict = {}
+        self.settings: Settings | None = None  # from the first Wire on
 
     # --- Thespian entry point -----------------------------------------------------------
     def receiveMessage(self, msg, sender):
@@ -72,8 +75,14 @@ class HostActor(Actor):
             self.send(sender, m.encode(m.ErrorReply("bad_message", msg.reason)))
             return
         if isinstance(msg, m.Wire):
+            try:
+                settings = Settings.from_wire(msg.settings)
+            except SettingsError as exc:  # nothing changes: the actor runs on as it was
+                log.warning("%s: refused a Wire: %s", self.role, exc)
+                self.send(sender, m.encode(m.ErrorReply("bad_message", f"wire: {exc}")))
+                return
             self.directory = dict(msg.directory)
-            self.settings = dict(msg.settings)
+            self.settings = settings
             self.on_wire(msg)
             if msg.role != roles.SUPERVISOR:
                 self.send(sender, m.encode(m.Ready(msg.role, my_address(self), os.getpid())))

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from actors.system import alive
 from protocols import messages as m
 from protocols import roles
+from protocols.gateway_settings import Settings
 
 log = logging.getLogger("sluice.keeper")
 
@@ -33,7 +34,7 @@ ASK_TIMEOUT_S = 2.0
 
 
 class SupervisorKeeper:
-    def __init__(self, asys, settings: dict, ensure_watchdog: Callable[[], None] | None = None):
+    def __init__(self, asys, settings: Settings, ensure_watchdog: Callable[[], None] | None = None):
         self.asys, self.settings = asys, settings
         self.ensure_watchdog = ensure_watchdog
         self.directory: dict[str, str] = {}  # the last complete directory seen
@@ -79,7 +80,7 @@ class SupervisorKeeper:
             return  # try again next turn
         if not reply.state.get("wired"):
             self.replacements += 1
-            context.tell(address, m.encode(m.Wire(roles.SUPERVISOR, dict(self.directory), self.settings)))
+            context.tell(address, m.encode(m.Wire(roles.SUPERVISOR, dict(self.directory), self.settings.to_wire())))
         self.address, self.pid = address, reply.state["pid"]
 
     def _remember_directory(self, context) -> None:

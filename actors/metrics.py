@@ -40,8 +40,8 @@ class MetricsActor(HostActor):
         self.key_limits: KeyLimits | None = None
 
     def on_wire(self, wire: m.Wire) -> None:
-        path = wire.settings.get("SLUICE_API_KEYS_FILE")
-        if self.key_limits is None and path and wire.settings.get("SLUICE_WORKERS", 1) > 1:
+        path = self.settings.api_keys_file
+        if self.key_limits is None and path and self.settings.workers > 1:
             from edge.api_keys import KeysFileError
 
             try:
@@ -49,7 +49,7 @@ class MetricsActor(HostActor):
             except KeysFileError as exc:  # run.py checked it at start; it has changed since
                 log.error("client key limits unavailable: %s", exc)
         if self.alerts is None:
-            self.alerts = AlertEvaluator(wire.settings.get("alert_thresholds") or None)
+            self.alerts = AlertEvaluator(self.settings.alert_thresholds or None)
             self.apply([After(EVALUATE_EVERY_S, EvaluateAlerts())])
 
     def on_message(self, msg, sender, now):

@@ -7,10 +7,11 @@ import time
 
 from actors.circuit import CircuitSettings
 from actors.host import HostActor
-from actors.pacer_logic import PacerLogic, PacerSettings, PoolAt
+from actors.pacer_logic import PacerLogic, PoolAt
 from protocols import messages as m
 from protocols import roles
 from protocols.effects import After, Send
+from protocols.gateway_settings import Failover
 
 GAUGE_EVERY_S = 1.0
 
@@ -30,18 +31,18 @@ class PacerActor(HostActor):
         self.role = wire.role
         if self.logic is None:
             account = roles.pacer_account(wire.role).upper()
-            failover = wire.settings.get("failover", {}).get(account, {})
+            failover = self.settings.failover.get(account, Failover())
             self.logic = PacerLogic(
                 account.lower(),
-                PacerSettings(**wire.settings["accounts"][account]),
-                keys=failover.get("keys", 1),
-                circuit=CircuitSettings.from_config(wire.settings),
-                fallbacks=failover.get("fallbacks", []),
-                fallback_queue=failover.get("fallback_queue", 0),
+                self.settings.accounts[account],
+                keys=failover.keys,
+                circuit=CircuitSettings.from_config(self.settings),
+                fallbacks=[list(f) for f in failover.fallbacks],
+                fallback_queue=failover.fallback_queue,
             )
             self.apply([After(GAUGE_EVERY_S, ReportGauges())])
         # Every Wire carries the directory: grants go to the Pools it names, or wait for one.
-        for pool in roles.pools(wire.settings.get("SLUICE_POOLS") or 1):
+        for pool in roles.pools(self.settings.pools):
             self.apply(self.logic.handle(PoolAt(self.directory.get(pool), pool), None, time.time()))
 
     def on_message(self, msg, sender, now):

@@ -35,6 +35,7 @@ from protocols import events as ev
 from protocols import messages as m
 from protocols import roles, trace
 from protocols.effects import Send
+from protocols.gateway_settings import Settings
 from protocols.settings import ProviderConfig
 
 # httpcore, h2, anyio and the provider adapters are imported by the Pool's loop when it
@@ -79,12 +80,12 @@ def key_verdict(result) -> bool | None:
 class PoolRuntime:
     """The asyncio side of the Pool: owns the loop thread, the httpcore pool, the hub."""
 
-    def __init__(self, settings: dict, outbox: Outbox, role: str = roles.POOL):
+    def __init__(self, settings: Settings, outbox: Outbox, role: str = roles.POOL):
         self.settings = settings
         self.outbox = outbox
         self.role = role  # "pool", "pool:1", ...: named in StreamFinished, records and the gauge
         self.loop = new_event_loop()
-        self.hub = StreamHub(secret.get(), orphan_s=settings["PACER_MAX_WAIT_MS"] / 1000.0 + 60.0)
+        self.hub = StreamHub(secret.get(), orphan_s=settings.pacer_max_wait_ms / 1000.0 + 60.0)
         self.calls: dict[str, asyncio.Task] = {}
         self.abort_requested: dict[str, float] = {}
         self.records: list[dict] = []
@@ -108,7 +109,7 @@ class PoolRuntime:
         self.loop.run_forever()
 
     async def _setup(self) -> None:
-        self.hub_port = await self.hub.start(self.settings["SLUICE_ACTOR_HOST"])
+        self.hub_port = await self.hub.start(self.settings.actor_host)
         self._flusher = asyncio.create_task(self._flush_records())
 
     def stop(self) -> None:
@@ -181,7 +182,7 @@ class PoolRuntime:
         if self.hub.is_finished(msg.stream_id):
             # Over already (a replaced Pacer or shard asked again for it): the new grant goes
             # back, and the shard that asked learns how the stream ended.
-            account = self.settings["providers"].get(msg.provider, {}).get("account", msg.provider.upper())
+            account = self.settings.account_of(msg.provider)
             last = self.hub.streams[msg.stream_id].events[-1]
             outcome, error = ("done", None) if last.get("type") == ev.DONE else ("error", last)
             self.outbox.put(Send(roles.pacer(account), m.LeaseRelease(msg.stream_id, None)))
@@ -206,14 +207,14 @@ class PoolRuntime:
         self.hub.publish(msg.stream_id, [ev.error(msg.code, msg.message)])
 
     async def _call(self, msg: m.OpenStream) -> None:
-        entry = self.settings["providers"].get(msg.provider)
+        entry = self.settings.providers.get(msg.provider)
         publish = lambda events: self.hub.publish(msg.stream_id, events)  # noqa: E731
         result = None
         try:
-            if entry is None or not entry.get("base_url"):
+            if entry is None or not entry.base_url:
                 publish([ev.error("provider_not_configured", f"provider {msg.provider!r} is not configured")])
                 return
-            result = await self._attempts(msg, ProviderConfig.from_dict(entry), publish)
+            result = await self._attempts(msg, entry, publish)
         except asyncio.CancelledError:
             pass  # run_call or _attempts published the cancellation; the abort is recorded below
         except Exception as exc:
@@ -320,7 +321,7 @@ class PoolRuntime:
         outcome = "cancelled" if requested is not None else (result.outcome if result else "error")
         error = None if outcome == "cancelled" or result is None else result.error
         retry_after = result.retry_after_s if result else None
-        account = self.settings["providers"].get(msg.provider, {}).get("account", msg.provider.upper())
+        account = self.settings.account_of(msg.provider)
         key_results = (result.key_results or None) if result else None
         self.outbox.put(Send(roles.pacer(account), m.LeaseRelease(msg.stream_id, retry_after, key_results)))
         self.outbox.put(Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error, self.role)))
@@ -360,8 +361,8 @@ class PoolRuntime:
             )
 
     def _timeouts(self) -> dict:
-        connect = self.settings["UPSTREAM_CONNECT_TIMEOUT_S"]
-        return {"connect": connect, "read": self.settings["UPSTREAM_READ_TIMEOUT_S"], "write": connect, "pool": connect}
+        connect = self.settings.upstream_connect_timeout_s
+        return {"connect": connect, "read": self.settings.upstream_read_timeout_s, "write": connect, "pool": connect}
 
     def _record(self, record: dict) -> None:
         self.records.append(record)
@@ -461,9 +462,7 @@ class PoolActor(HostActor):
             self.runtime.settings = self.settings
         # On every Wire, not only the first: a replacement Supervisor that adopted this
         # Pool learns where its hub is the same way.
-        self.apply(
-            [Send(roles.SUPERVISOR, m.HubReady(self.settings["SLUICE_ACTOR_HOST"], self.runtime.hub_port, self.role))]
-        )
+        self.apply([Send(roles.SUPERVISOR, m.HubReady(self.settings.actor_host, self.runtime.hub_port, self.role))])
 
     def on_message(self, msg, sender, now):
         if self.runtime is None:

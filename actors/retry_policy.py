@@ -39,6 +39,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from protocols.gateway_settings import Settings
 from protocols.keys import is_idempotent  # noqa: F401  (the Pool asks here: one place for the rule)
 
 RESET, CONNECT, SERVER, RATE_LIMITED, TIMEOUT = "reset", "connect", "5xx", "429", "timeout"
@@ -58,13 +59,13 @@ class RetrySettings:
     default_429_s: float = 1.0  # a 429 without Retry-After
 
     @classmethod
-    def from_config(cls, settings: dict) -> RetrySettings:
+    def from_config(cls, settings: Settings) -> RetrySettings:
         return cls(
-            max_attempts=settings["UPSTREAM_MAX_ATTEMPTS"],
-            deadline_s=settings["UPSTREAM_RETRY_DEADLINE_S"],
-            budget_ratio=settings["UPSTREAM_RETRY_BUDGET"],
-            budget_min=settings["UPSTREAM_RETRY_MIN"],
-            backoff_s=settings.get("UPSTREAM_RETRY_BACKOFF_S", cls.backoff_s),
+            max_attempts=settings.upstream_max_attempts,
+            deadline_s=settings.upstream_retry_deadline_s,
+            budget_ratio=settings.upstream_retry_budget,
+            budget_min=settings.upstream_retry_min,
+            backoff_s=settings.upstream_retry_backoff_s,
         )
 
 

@@ -15,18 +15,19 @@ import stat
 
 from protocols import auth
 from protocols.config import CLUSTER_SECRET_MIN_CHARS
+from protocols.gateway_settings import Settings
 
 
 class SecretError(Exception):
     """No usable secret: the message says what to do."""
 
 
-def path_for(settings: dict) -> str:
-    configured = settings.get("SLUICE_SECRET_FILE")
+def path_for(settings: Settings) -> str:
+    configured = settings.secret_file
     if configured:
         return configured
-    directory = os.path.dirname(os.path.abspath(settings["SLUICE_DB"]))
-    return os.path.join(directory, f"cluster-{settings['SLUICE_ACTOR_PORT']}.secret")
+    directory = os.path.dirname(os.path.abspath(settings.db))
+    return os.path.join(directory, f"cluster-{settings.actor_port}.secret")
 
 
 def create(path: str) -> bytes:
@@ -82,8 +83,8 @@ def read(path: str) -> bytes:
     return text.encode()
 
 
-def for_client(settings: dict) -> bytes:
+def for_client(settings: Settings) -> bytes:
     """The secret a process joining a running gateway uses (admin CLI, `actors.system stop`)."""
-    if settings.get("SLUICE_CLUSTER_SECRET"):
-        return settings["SLUICE_CLUSTER_SECRET"].encode()
+    if settings.cluster_secret:
+        return settings.cluster_secret.encode()
     return read(path_for(settings))

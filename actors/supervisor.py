@@ -34,6 +34,7 @@ from actors.threads_store import ThreadStoreActor
 from protocols import messages as m
 from protocols import roles
 from protocols.effects import After, Send
+from protocols.gateway_settings import Settings
 
 log = logging.getLogger("sluice.supervisor")
 
@@ -60,15 +61,9 @@ ACTOR_OF_KIND: dict[str, type] = {
 }
 
 
-def child_roles(settings: dict) -> dict[str, type]:
-    names = roles.children(settings["providers"], settings["COALESCER_SHARDS"], settings.get("SLUICE_POOLS") or 1)
+def child_roles(settings: Settings) -> dict[str, type]:
+    names = roles.children(settings.providers, settings.coalescer_shards, settings.pools)
     return {role: ACTOR_OF_KIND[roles.parse(role).kind] for role in names}
-
-
-def redacted(settings: dict) -> dict:
-    """Settings without provider keys, for every actor but the Pool."""
-    providers = {name: {**p, "api_key": None, "api_keys": []} for name, p in settings["providers"].items()}
-    return {**settings, "providers": providers, "SLUICE_ADMIN_TOKEN": None}
 
 
 class SupervisorActor(HostActor):
@@ -109,9 +104,9 @@ class SupervisorActor(HostActor):
         it answers its first Wire with Ready; every change of address re-wires everyone."""
         self.generation += 1
         self.directory = {**self.addresses, roles.SUPERVISOR: my_address(self)}
-        public = redacted(self.settings)
+        with_keys, public = self.settings.redacted(api_keys=True).to_wire(), self.settings.redacted().to_wire()
         for role, addr in self.children.items():
-            settings = self.settings if roles.is_pool(role) else public
+            settings = with_keys if roles.is_pool(role) else public
             self.send(addr, m.encode(m.Wire(role, self.directory, settings)))
 
     def _on_ready(self, msg: m.Ready) -> None:
@@ -224,7 +219,7 @@ class SupervisorActor(HostActor):
 
     def _admin_auth(self, msg: m.AdminAuth) -> m.AdminResult:
         """The admin CLI proves it holds the same token the HTTP admin routes ask for."""
-        token = self.settings.get("SLUICE_ADMIN_TOKEN")
+        token = self.settings.admin_token if self.settings else None
         if not token:
             return m.AdminResult(
                 False, {"code": "admin_disabled"}, "the gateway has no SLUICE_ADMIN_TOKEN: admin commands are off"

@@ -165,7 +165,7 @@ class ThreadStoreActor(HostActor):
 
     def on_wire(self, wire: m.Wire) -> None:
         if self.store is None:
-            self.store = ThreadStore(self.settings["SLUICE_DB"])
+            self.store = ThreadStore(self.settings.db)
 
     def on_message(self, msg, sender, now):
         if self.store is None:
@@ -189,7 +189,7 @@ class ThreadStoreActor(HostActor):
         return []
 
     def state(self, now: float) -> dict:
-        return {"db": self.settings.get("SLUICE_DB"), "open": self.store is not None}
+        return {"db": self.settings.db if self.settings else None, "open": self.store is not None}
 
     def on_system(self, msg, sender) -> None:
         from thespian.actors import ActorExitRequest

@@ -183,16 +183,16 @@ def main(argv: list[str]) -> int:
     except (UsageError, config.ConfigError) as exc:
         return _fail("invalid_request", f"{name}: {exc}", 2)
     if name == "reload-keys":
-        args["path"] = settings["SLUICE_API_KEYS_FILE"]  # the gateway's file: validated here first
+        args["path"] = settings.api_keys_file  # the gateway's file: validated here first
 
-    token = settings["SLUICE_ADMIN_TOKEN"]
+    token = settings.admin_token
     if not token:
         return _fail(
             "unauthorized",
             "set SLUICE_ADMIN_TOKEN to the gateway's admin token (the same one the /api/admin routes ask for)",
             2,
         )
-    host, port = config.reachable_host(settings["SLUICE_ACTOR_HOST"]), settings["SLUICE_ACTOR_PORT"]
+    host, port = config.reachable_host(settings.actor_host), settings.actor_port
     if not _listening(host, port):
         return _fail(
             "gateway_not_running",

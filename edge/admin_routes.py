@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
@@ -247,7 +247,7 @@ def _error(status: int, code: str, message: str, headers: dict | None = None) ->
 class AdminRoutes:
     def __init__(self, edge):
         self.edge = edge
-        self.token = edge.settings["SLUICE_ADMIN_TOKEN"].encode()
+        self.token = edge.settings.admin_token.encode()
 
     def _denied(self, request: Request) -> JSONResponse | None:
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
@@ -283,7 +283,7 @@ class AdminRoutes:
             raw = await request.body()
         except ClientDisconnect:
             raise AdminError(400, "client_disconnected", "the client left before sending its whole body") from None
-        limit = self.edge.settings["SLUICE_MAX_BODY_BYTES"]
+        limit = self.edge.settings.max_body_bytes
         if len(raw) > limit:
             raise AdminError(413, "body_too_large", f"request body is {len(raw)} bytes; the limit is {limit}")
         if not raw.strip():
@@ -316,21 +316,21 @@ class AdminRoutes:
         provider's account and its upstream's base URL here."""
         s = self.edge.settings
         return {
-            "default_provider": s["SLUICE_PROVIDER"],
+            "default_provider": s.provider,
             # base_url: the sign-off record names the upstream, and refuses a loopback or
             # simulated one outside a rehearsal (scripts/ttft_suite.py)
             "providers": {
-                name: {"account": p["account"], "model": p["model"], "base_url": p["base_url"]}
-                for name, p in s["providers"].items()
+                name: {"account": p.account, "model": p.model, "base_url": p.base_url or None}
+                for name, p in s.providers.items()
             },
-            "configured_pacers": {acct.lower(): dict(v) for acct, v in s["accounts"].items()},
+            "configured_pacers": {acct.lower(): asdict(v) for acct, v in s.accounts.items()},
             "draining": self.edge.draining,
             "patches": patches.installed(),  # this edge process's; the Pool's are in its own state
         }
 
 
 def routes(edge) -> list[Route]:
-    if not edge.settings.get("SLUICE_ADMIN_TOKEN"):
+    if not edge.settings.admin_token:
         return []  # no token, no admin surface: every /api/admin path is a plain 404
     admin = AdminRoutes(edge)
 
@@ -347,7 +347,7 @@ def routes(edge) -> list[Route]:
         return {"role": request.query_params.get("role", "all")}
 
     async def keys_args(request: Request) -> dict:
-        return {"path": edge.settings.get("SLUICE_API_KEYS_FILE")}
+        return {"path": edge.settings.api_keys_file}
 
     async def thresholds_args(request: Request) -> dict:
         return {"thresholds": await admin.body(request)}

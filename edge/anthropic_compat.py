@@ -442,7 +442,7 @@ def routes(edge) -> list[Route]:
         except Rejection as exc:
             return rejection_response(exc)
         if stream:
-            return SSEStream(admission, edge.settings["SLUICE_KEEPALIVE_S"], MessageRenderer(admission, model))
+            return SSEStream(admission, edge.settings.keepalive_s, MessageRenderer(admission, model))
         message = Message(admission, model)
         async with admission.serving(request.scope, request.receive):
             async for event in admission.events():

@@ -36,6 +36,7 @@ from edge.sse_stream import SSEStream
 from edge.streams import LocalStreams, new_request_id
 from protocols import messages as m
 from protocols.config import PROVIDERS
+from protocols.gateway_settings import Settings
 from protocols.keys import coalescing_key
 from protocols.providers import get_adapter
 
@@ -66,15 +67,15 @@ def key_refusal(denial: Denial) -> Rejection:
 class Edge:
     """The edge process's state: the bridge to the actors, the hub client, the streams."""
 
-    def __init__(self, settings: dict):
+    def __init__(self, settings: Settings):
         self.settings = settings
         # Random per process: the Coalescer's hub tickets name it (see docs/security.md).
         self.edge_id = f"edge-{os.getpid()}-{secrets.token_hex(8)}"
-        self.bridge = ActorBridge(settings["SLUICE_ACTOR_PORT"])
-        self.keys = ApiKeys(settings.get("SLUICE_API_KEYS_FILE"))
+        self.bridge = ActorBridge(settings.actor_port)
+        self.keys = ApiKeys(settings.api_keys_file)
         # Several workers: the keys' usage is counted by the Metrics actor (actors/key_limits.py)
-        self.shared_key_limits = self.keys.enabled and settings.get("SLUICE_WORKERS", 1) > 1
-        self.coalesce_scope = settings.get("COALESCE_SCOPE") or "global"
+        self.shared_key_limits = self.keys.enabled and settings.workers > 1
+        self.coalesce_scope = settings.coalesce_scope
         self._keys_reloads = 0  # the Supervisor's count of reload-keys commands, as last seen
         self.shutting_down = asyncio.Event()
         self.draining = False  # the operator's drain (admin), shared through the Supervisor
@@ -93,7 +94,7 @@ class Edge:
         await loop.run_in_executor(None, self.bridge.start)
         await self._wait_for_hub(deadline_s=15.0)
         self.hub = HubClients(self._locate_hub, cluster_secret.get(), self.edge_id)
-        self.streams = LocalStreams(self.bridge, self.hub, self.edge_id, self.settings["COALESCER_SHARDS"])
+        self.streams = LocalStreams(self.bridge, self.hub, self.edge_id, self.settings.coalescer_shards)
         streams = self.streams
         self.bridge.on_stray = lambda role, answer: loop.call_soon_threadsafe(streams.stray_answer, role, answer)
         self.records = RecordSender(self.bridge, self.edge_id)
@@ -227,14 +228,14 @@ class Edge:
         """
         self.check_in_service()
         provider, model = models.resolve(provider, model, self.settings)  # aliases, provider/model
-        provider = provider or self.settings["SLUICE_PROVIDER"]
-        configured = self.settings["providers"].get(provider)
+        provider = provider or self.settings.provider
+        configured = self.settings.providers.get(provider)
         if configured is None:
             raise self._provider_missing(provider)
-        model = model or configured["model"]
+        model = model or configured.model
         # A field the provider's API cannot honour is refused here, before any admission
         # (docs/providers.md): never dropped silently on the way upstream.
-        if (problem := get_adapter(configured.get("adapter", provider)).check(body)) is not None:
+        if (problem := get_adapter(configured.adapter).check(body)) is not None:
             raise Rejection(400, "unsupported_parameter", problem)
         if (denied := await self.admit_key(key_id, provider, model)) is not None:
             raise key_refusal(denied)  # counted per key (/metrics), not as a gateway error
@@ -261,7 +262,7 @@ class Edge:
         if sub.resumable and outcome.get("error_code") == "disconnected" and not self.shutting_down.is_set():
             admission.parked = True
             self.parked[sub.request_id] = admission
-            grace_s = self.settings.get("SLUICE_RESUME_GRACE_S", 30.0)
+            grace_s = self.settings.resume_grace_s
             self.streams.park(sub, grace_s, lambda: self._expired(admission, outcome))
             return
         self.streams.leave(sub)
@@ -335,7 +336,7 @@ class Edge:
         except Rejection as exc:
             return rejection_response(exc)
         return self.resumable(
-            admission, SSEStream(admission, self.settings["SLUICE_KEEPALIVE_S"]), chat.resumable or opted_in(request)
+            admission, SSEStream(admission, self.settings.keepalive_s), chat.resumable or opted_in(request)
         )
 
     def resumable(self, admission: Admission, app, resumable: bool):
@@ -370,7 +371,7 @@ class Edge:
                 )
             where = (
                 " (with several workers a resume must reach the worker that served the request)"
-                if self.settings.get("SLUICE_WORKERS", 1) > 1
+                if self.settings.workers > 1
                 else ""
             )
             return error_response(
@@ -474,7 +475,7 @@ class Edge:
     # --- helpers ------------------------------------------------------------------------------
     async def json_body(self, request: Request) -> dict:
         check_content_type(request.headers.get("content-type"))
-        limit = self.settings["SLUICE_MAX_BODY_BYTES"]
+        limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isascii() and declared.isdigit() and (len(declared) > 19 or int(declared) > limit):
             raise RequestError(413, "body_too_large", f"request body is {declared} bytes; the limit is {limit}")
@@ -540,7 +541,7 @@ async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def create_app(settings: dict) -> tuple[Starlette, Edge]:
+def create_app(settings: Settings) -> tuple[Starlette, Edge]:
     """The app with the core routes; edge/routes.py adds the other groups."""
     edge = Edge(settings)
     routes = [

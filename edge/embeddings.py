@@ -92,8 +92,8 @@ def routes(edge) -> list[Route]:
             data = await edge.json_body(request)
             model, body, coalesce = parse_embeddings(data, request.headers.get("x-sluice-coalesce"))
             provider, upstream_model = models.resolve(None, model, edge.settings)
-            provider = provider or edge.settings["SLUICE_PROVIDER"]
-            adapter = edge.settings["providers"].get(provider, {}).get("adapter", provider)
+            provider = provider or edge.settings.provider
+            adapter = p.adapter if (p := edge.settings.providers.get(provider)) else provider
             if adapter not in EMBEDDING_ADAPTERS:
                 raise RequestError(400, "embeddings_not_supported", f"provider {provider!r} has no embeddings API")
             admission = await edge.admit(provider, upstream_model, body, None, coalesce, request.state.key_id)

@@ -28,13 +28,14 @@ from starlette.routing import Route
 
 from edge.openai_compat import error_response
 from protocols.config import PROVIDERS
+from protocols.gateway_settings import Settings
 
 
-def resolve(provider: str | None, model: str | None, settings: dict) -> tuple[str | None, str | None]:
+def resolve(provider: str | None, model: str | None, settings: Settings) -> tuple[str | None, str | None]:
     """(provider, model) for a request; None means the configured default."""
     if provider is not None or not model:
         return provider, model
-    target = settings.get("model_aliases", {}).get(model)
+    target = settings.model_aliases.get(model)
     if target is not None:
         return target[0], target[1]
     head, _, rest = model.partition("/")
@@ -47,28 +48,26 @@ def _entry(model_id: str, owner: str) -> dict:
     return {"id": model_id, "object": "model", "created": 0, "owned_by": owner}
 
 
-def listing(settings: dict, allows) -> list[dict]:
+def listing(settings: Settings, allows) -> list[dict]:
     """The model objects a client may use: `allows(provider, model) -> bool` (its key's)."""
-    out = [
-        _entry(f"{name}/{p['model']}", name) for name, p in settings["providers"].items() if allows(name, p["model"])
-    ]
-    for alias, (name, model) in settings.get("model_aliases", {}).items():
+    out = [_entry(f"{name}/{p.model}", name) for name, p in settings.providers.items() if allows(name, p.model)]
+    for alias, (name, model) in settings.model_aliases.items():
         if allows(name, model):
             out.append(_entry(alias, name))
     return out
 
 
-def lookup(model_id: str, settings: dict, allows) -> dict | None:
+def lookup(model_id: str, settings: Settings, allows) -> dict | None:
     """The model object for `model_id` if chat accepts it by name (module docstring)."""
-    providers = settings["providers"]
+    providers = settings.providers
     provider, model = resolve(None, model_id, settings)
     named = provider is not None  # an alias or a provider/... id
-    provider = provider or settings["SLUICE_PROVIDER"]
+    provider = provider or settings.provider
     configured = providers.get(provider)
     if configured is None:
         return None
-    model = model or configured["model"]
-    if not named and model != configured["model"]:
+    model = model or configured.model
+    if not named and model != configured.model:
         return None  # a bare name sluice does not know
     return _entry(model_id, provider) if allows(provider, model) else None
 

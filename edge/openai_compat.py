@@ -367,7 +367,7 @@ def routes(edge) -> list[Route]:
         shown = chat.model or f"{admission.provider}/{admission.model}"
         if stream:
             renderer = ChunkRenderer(admission, shown, created, include_usage)
-            return SSEStream(admission, edge.settings["SLUICE_KEEPALIVE_S"], renderer)
+            return SSEStream(admission, edge.settings.keepalive_s, renderer)
         completion = Completion(admission, shown, created)
         # The events are consumed here; request.receive still reports the client's disconnect.
         async with admission.serving(request.scope, request.receive):

@@ -412,7 +412,7 @@ def routes(edge) -> list[Route]:
         shown = model or f"{admission.provider}/{admission.model}"
         if stream:
             renderer = ResponseRenderer(admission, shown, created, echo)
-            return SSEStream(admission, edge.settings["SLUICE_KEEPALIVE_S"], renderer)
+            return SSEStream(admission, edge.settings.keepalive_s, renderer)
         answer = Response(admission, shown, created, echo)
         async with admission.serving(request.scope, request.receive):
             async for event in admission.events():

@@ -15,20 +15,19 @@ from edge import admin_routes, anthropic_compat, embeddings, models, openai_comp
 from edge.access_log import AccessLog
 from edge.app import Edge, create_app
 from edge.cors import Cors
+from protocols.gateway_settings import Settings
 
 
-def build_app(settings: dict):
+def build_app(settings: Settings):
     """The Starlette app and its Edge state (run.py needs the Edge for shutdown)."""
     app, edge = create_app(settings)
     modules = (threads, models, openai_compat, responses_compat, anthropic_compat, embeddings, admin_routes, web)
     for module in modules:
         app.router.routes.extend(module.routes(edge))
-    if settings.get("cors_origins"):
-        app.add_middleware(Cors, origins=settings["cors_origins"])
-    if settings["SLUICE_ACCESS_LOG"]:
-        app.add_middleware(
-            AccessLog, log_prompts=settings["SLUICE_LOG_PROMPTS"], body_limit=settings["SLUICE_MAX_BODY_BYTES"]
-        )
+    if settings.cors_origins:
+        app.add_middleware(Cors, origins=list(settings.cors_origins))
+    if settings.access_log:
+        app.add_middleware(AccessLog, log_prompts=settings.log_prompts, body_limit=settings.max_body_bytes)
     return app, edge
 
 

@@ -105,7 +105,7 @@ class ThreadRoutes:
         async def store_first(event: dict) -> None:
             await self._store_final(assistant_id, admission, event)
 
-        stream = SSEStream(admission, self.edge.settings["SLUICE_KEEPALIVE_S"], before_terminal=store_first)
+        stream = SSEStream(admission, self.edge.settings.keepalive_s, before_terminal=store_first)
 
         async def reply(scope, receive, send) -> None:
             try:

@@ -9,7 +9,7 @@ same queue). Why not SO_REUSEPORT: each worker would have an accept queue of its
 the connections queued on a worker that is SIGKILLed would be reset with it.
 
 What a worker is told comes on stdin, as one JSON object (never argv, which any local user
-can read): the settings run.py loaded, its `edge_id` (chosen by run.py, so that run.py can
+can read): the settings run.py loaded (`Settings.to_wire()`), its `edge_id` (chosen by run.py, so that run.py can
 announce the loss of exactly this edge to the Coalescers when it dies: `MemberLost(edge,
 edge_id)`), and run.py's pid. The cluster secret comes in the environment, as for the
 watchdog.
@@ -33,6 +33,8 @@ import os
 import signal
 import socket
 import sys
+
+from protocols.gateway_settings import Settings
 
 PR_SET_PDEATHSIG = 1
 WORKER_HEADER = b"x-sluice-worker"
@@ -67,7 +69,7 @@ class WorkerHeader:
         return await self.app(scope, receive, send_with_header)
 
 
-def serve(settings: dict, slot: int, edge_id: str, sock: socket.socket) -> int:
+def serve(settings: Settings, slot: int, edge_id: str, sock: socket.socket) -> int:
     import uvicorn
 
     from edge.http_limits import ConnectionLimits, protocol_class
@@ -76,11 +78,11 @@ def serve(settings: dict, slot: int, edge_id: str, sock: socket.socket) -> int:
 
     app, edge = build_app(settings)
     edge.edge_id = edge_id  # before the lifespan: the hub client and the tickets use it
-    limits = ConnectionLimits(settings["SLUICE_HEADER_TIMEOUT_S"], settings["SLUICE_MAX_CONNECTIONS_PER_CLIENT"])
+    limits = ConnectionLimits(settings.header_timeout_s, settings.max_connections_per_client)
     server = DrainingServer(
         uvicorn.Config(
             WorkerHeader(app, slot),
-            log_level=settings["SLUICE_LOG_LEVEL"].lower(),
+            log_level=settings.log_level.lower(),
             log_config=None,
             lifespan="on",
             timeout_graceful_shutdown=10,
@@ -88,7 +90,7 @@ def serve(settings: dict, slot: int, edge_id: str, sock: socket.socket) -> int:
             http=protocol_class(limits),
         ),
         edge,
-        settings["SLUICE_DRAIN_S"],
+        settings.drain_s,
     )
     try:
         server.run(sockets=[sock])
@@ -104,7 +106,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     told = json.loads(sys.stdin.read())
     die_with_parent(told["parent"])
-    settings = told["settings"]
+    settings = Settings.from_wire(told["settings"])
 
     from actors import system
     from protocols import logfmt
@@ -114,7 +116,7 @@ def main(argv: list[str]) -> int:
     if not secret:
         print("edge worker: no SLUICE_CLUSTER_SECRET in the environment", file=sys.stderr)
         return 2
-    system.prepare(settings["SLUICE_ACTOR_HOST"], secret)
+    system.prepare(settings.actor_host, secret)
     sock = socket.socket(fileno=args.fd)
     try:
         return serve(settings, args.slot, told["edge_id"], sock)

@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from protocols.gateway_settings import Settings
+
 log = logging.getLogger("sluice.workers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +62,7 @@ class Worker:
 class WorkerSet:
     def __init__(
         self,
-        settings: dict,
+        settings: Settings,
         count: int,
         sock: socket.socket,
         secret: bytes,
@@ -86,7 +88,7 @@ class WorkerSet:
             env={**os.environ, "SLUICE_CLUSTER_SECRET": self.secret.decode()},
             start_new_session=True,  # a Ctrl-C meant for run.py is relayed by run.py, once
         )
-        told = {"settings": self.settings, "edge_id": edge_id, "parent": os.getpid()}
+        told = {"settings": self.settings.to_wire(), "edge_id": edge_id, "parent": os.getpid()}
         try:
             proc.stdin.write(json.dumps(told).encode())
             proc.stdin.close()
@@ -109,7 +111,7 @@ class WorkerSet:
             log.info(
                 "%d edge workers serving http://%s:%d",
                 self.count,
-                self.settings["SLUICE_HOST"],
+                self.settings.host,
                 self.sock.getsockname()[1],
             )
             while True:
@@ -130,7 +132,7 @@ class WorkerSet:
         """A signal handler: relays the signal and sets flags; the loop does the rest."""
         if self.stop_signal is None and sig == signal.SIGTERM:
             self.stop_signal = signal.SIGTERM
-            self.kill_at = time.monotonic() + self.settings["SLUICE_DRAIN_S"] + KILL_AFTER_S
+            self.kill_at = time.monotonic() + self.settings.drain_s + KILL_AFTER_S
             self._relay(signal.SIGTERM)
         elif self.stop_signal == signal.SIGINT and sig == signal.SIGINT:
             self.kill_at = time.monotonic()  # a second Ctrl-C: do not wait

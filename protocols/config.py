@@ -1,7 +1,8 @@
 """Every configuration key, its default, and how it is parsed: defined once, here.
 
-`load(env)` takes a mapping (normally `os.environ`) and returns a plain `Settings` dict,
-or raises `ConfigError` naming the variable that is wrong. Pure code: no I/O.
+`load(env)` takes a mapping (normally `os.environ`) and returns the frozen `Settings`
+(protocols/gateway_settings.py: one typed field per key), or raises `ConfigError` naming
+the variable that is wrong. Pure code: no I/O.
 The README's configuration table is this module, in prose.
 """
 
@@ -13,6 +14,8 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from protocols.gateway_settings import Settings, field_name
 
 
 class ConfigError(ValueError):
@@ -308,7 +311,7 @@ def default_pools(cores: int | None) -> int:
     return 1 if cores <= 4 else cores // 4
 
 
-def load(env: Mapping[str, str]) -> dict:
+def load(env: Mapping[str, str]) -> Settings:
     """Parse the whole configuration; ConfigError names the first bad variable."""
     settings: dict[str, Any] = {}
     for name, (default, parse, _meaning) in KEYS.items():
@@ -339,7 +342,16 @@ def load(env: Mapping[str, str]) -> dict:
     settings["failover"] = _failover(env, settings)
     settings["model_aliases"] = _model_aliases(settings)
     settings["cors_origins"] = _cors_origins(settings["SLUICE_CORS_ORIGINS"])
-    return settings
+    return _typed(settings)
+
+
+def _typed(settings: dict) -> Settings:
+    """The parsed values (keyed by variable name) as `Settings` (one field per key)."""
+    plain = {field_name(name): settings[name] for name in KEYS}
+    plain["model_aliases"], plain["cors_origins"] = settings["model_aliases"], settings["cors_origins"]
+    for name in ("alert_thresholds", "accounts", "providers", "failover"):
+        plain[name] = settings[name]
+    return Settings.from_wire(plain)
 
 
 def _model_aliases(settings: dict) -> dict[str, list[str]]:
@@ -432,9 +444,9 @@ def _accounts(env: Mapping[str, str], settings: dict) -> dict:
 def _providers(env: Mapping[str, str], settings: dict) -> dict:
     """The providers this gateway serves: the default one plus every one with a key or a
     base URL set. Keys are kept here and only ever put in the upstream auth header."""
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, prefix in PROVIDERS.items():
-        keys = _api_keys(env, prefix)
+        keys: list[str | None] = [*_api_keys(env, prefix)]
         key = keys[0] if keys else None
         base_url = env.get(f"{prefix}_BASE_URL") or None
         if name != settings["SLUICE_PROVIDER"] and key is None and base_url is None:
@@ -453,14 +465,13 @@ def _providers(env: Mapping[str, str], settings: dict) -> dict:
             keepalive = _positive(float)(keepalive_raw)
         except ValueError as exc:
             raise ConfigError(f"{prefix}_KEEPALIVE_S={keepalive_raw!r}: {exc}") from None
-        out[name] = {
+        out[name] = {  # the fields of protocols/settings.py ProviderConfig
             "account": prefix,
             "keepalive_s": keepalive,  # idle pooled connections are closed after this
             "h2c": h2c,  # speak HTTP/2 with prior knowledge to an http:// base URL
             "adapter": name,
-            "api_key": key,
-            "api_keys": keys,  # every key of the account; "#1" is keys[0] (= api_key)
-            "base_url": base_url,
+            "api_keys": keys or [None],  # every key of the account; "#1" is keys[0]; [None]: none
+            "base_url": base_url or "",  # "": unset (the simulated one: run.py fills it in)
             "model": env.get(f"{prefix}_MODEL") or DEFAULT_MODELS[name],
         }
     return out

@@ -20,6 +20,8 @@ import sys
 import time
 from types import TracebackType
 
+from protocols.gateway_settings import Settings
+
 # Attributes every LogRecord has: anything else on a record came from `extra=`.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
 _HIDDEN = {"color_message"}  # uvicorn's ANSI-coloured copy of the message
@@ -74,32 +76,32 @@ class QuietLibraries(logging.Filter):
 FORMATTERS = {"json": JsonFormatter, "text": TextFormatter}
 
 
-def configure(settings: dict) -> None:
+def configure(settings: Settings) -> None:
     """This process's logging: one stderr handler in the configured format."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(FORMATTERS[settings["SLUICE_LOG_FORMAT"]]())
+    handler.setFormatter(FORMATTERS[settings.log_format]())
     handler.addFilter(QuietLibraries())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(settings["SLUICE_LOG_LEVEL"].upper())
+    root.setLevel(settings.log_level.upper())
     for name in QUIET_LIBRARIES:  # not even formatted
         logging.getLogger(name).setLevel(max(logging.INFO, root.level))
     logging.captureWarnings(True)  # warnings.warn lines take the same shape
-    if settings["SLUICE_LOG_FORMAT"] == "json":
+    if settings.log_format == "json":
         sys.excepthook = _log_uncaught
 
 
-def actor_log_defs(settings: dict) -> dict:
+def actor_log_defs(settings: Settings) -> dict:
     """Thespian's `logDefs`: the same handler in its logger process. The actors forward
     records at this level and above, each one a message to the logger process, so they
     never go below INFO (DEBUG applies to run.py's process only)."""
-    level = max(logging.INFO, logging.getLevelName(settings["SLUICE_LOG_LEVEL"].upper()))
+    level = max(logging.INFO, logging.getLevelName(settings.log_level.upper()))
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"sluice": {"()": f"{__name__}.{FORMATTERS[settings['SLUICE_LOG_FORMAT']].__name__}"}},
+        "formatters": {"sluice": {"()": f"{__name__}.{FORMATTERS[settings.log_format].__name__}"}},
         "filters": {"quiet_libraries": {"()": f"{__name__}.QuietLibraries"}},
         "handlers": {
             "stderr": {

@@ -19,9 +19,11 @@ raising (a sender may be an address, not a role).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from protocols.config import account
+from protocols.settings import ProviderConfig
 
 # The Thespian global name the Supervisor is started under (run.py), so that any process
 # joining the actor system (an edge, `run.py admin`, the keeper) finds it.
@@ -153,9 +155,9 @@ def coalescer_shard(text: str) -> int:
     return parse(text).shard
 
 
-def children(providers: dict, shards: int, pool_count: int = 1) -> list[str]:
+def children(providers: Mapping[str, ProviderConfig], shards: int, pool_count: int = 1) -> list[str]:
     """Every role the Supervisor creates (all but itself), for the providers configured
-    (`settings["providers"]`: each names its `account`), `shards` key shards and
+    (`settings.providers`: each names its `account`), `shards` key shards and
     `pool_count` Pools."""
-    pacers = dict.fromkeys(pacer(p["account"]) for p in providers.values())  # one per account, in order
+    pacers = dict.fromkeys(pacer(p.account) for p in providers.values())  # one per account, in order
     return [METRICS, *pools(pool_count), THREADS, *pacers, *(coalescer(i) for i in range(shards))]

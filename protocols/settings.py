@@ -169,15 +169,13 @@ def validate_thresholds(thresholds: dict | None) -> dict:
     return clean
 
 
-# --- one provider the gateway serves (config.load's settings["providers"][name]) ----------
+# --- one provider the gateway serves (config.load's settings.providers[name]) ---------------
 
 
 @dataclass(frozen=True)
 class ProviderConfig:
-    """A typed view of one entry of `settings["providers"]`. The settings travel in `Wire`
-    as plain msgpack dicts, so the dict stays the wire form (built by protocols/config.py);
-    a reader turns its entry into this type where it reads it (`from_dict`), and a missing
-    field is a KeyError there rather than a `None` deep in a call."""
+    """One entry of `Settings.providers` (protocols/gateway_settings.py), built by
+    protocols/config.py; on the wire a plain map of these fields (`Settings.to_wire`)."""
 
     account: str  # the environment prefix: whose rate limit one Pacer guards
     adapter: str  # the sans-I/O adapter in protocols/providers
@@ -186,15 +184,3 @@ class ProviderConfig:
     api_keys: tuple[str | None, ...] = (None,)  # "#1" is api_keys[0]; (None,): no key (a local provider)
     h2c: bool = False  # HTTP/2 with prior knowledge to an http:// base URL
     keepalive_s: float = 4.0  # idle pooled connections are closed after this
-
-    @classmethod
-    def from_dict(cls, entry: dict) -> ProviderConfig:
-        return cls(
-            account=entry["account"],
-            adapter=entry["adapter"],
-            base_url=entry["base_url"] or "",
-            model=entry["model"],
-            api_keys=tuple(entry.get("api_keys") or [entry.get("api_key")]),
-            h2c=bool(entry.get("h2c", False)),
-            keepalive_s=float(entry.get("keepalive_s", 4.0)),
-        )

@@ -20,6 +20,7 @@ from edge.app import Edge
 from edge.records import RecordSender
 from edge.rejections import Rejection
 from edge.streams import LocalStreams
+from protocols import config
 from protocols import events as ev
 from protocols import messages as m
 
@@ -68,16 +69,7 @@ def make_edge(tmp_path, answer=admitted) -> Edge:
             }
         )
     )
-    edge = Edge(
-        {
-            "SLUICE_ACTOR_PORT": 1,
-            "SLUICE_API_KEYS_FILE": str(keys),
-            "COALESCE_SCOPE": "global",
-            "SLUICE_PROVIDER": "simulated",
-            "providers": {"simulated": {"model": "sim-1"}},
-            "SLUICE_KEEPALIVE_S": 15.0,
-        }
-    )
+    edge = Edge(config.load({"SLUICE_ACTOR_PORT": "1", "SLUICE_API_KEYS_FILE": str(keys), "COALESCE_SCOPE": "global"}))
     edge.bridge = Bridge(answer)
     edge.hub = Hub()
     edge.streams = LocalStreams(edge.bridge, edge.hub, edge.edge_id, 2)

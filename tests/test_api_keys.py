@@ -233,9 +233,9 @@ def test_a_reload_keeps_usage_of_remaining_keys_and_drops_removed_ones(tmp_path,
 
 
 def test_coalesce_scope_follows_the_keys_file():
-    assert config.load({})["COALESCE_SCOPE"] == "global"
-    assert config.load({"SLUICE_API_KEYS_FILE": "k.json"})["COALESCE_SCOPE"] == "key"
-    assert config.load({"SLUICE_API_KEYS_FILE": "k.json", "COALESCE_SCOPE": "global"})["COALESCE_SCOPE"] == "global"
+    assert config.load({}).coalesce_scope == "global"
+    assert config.load({"SLUICE_API_KEYS_FILE": "k.json"}).coalesce_scope == "key"
+    assert config.load({"SLUICE_API_KEYS_FILE": "k.json", "COALESCE_SCOPE": "global"}).coalesce_scope == "global"
     with pytest.raises(config.ConfigError, match="COALESCE_SCOPE"):
         config.load({"COALESCE_SCOPE": "key"})
     with pytest.raises(config.ConfigError, match="COALESCE_SCOPE"):

@@ -15,6 +15,7 @@ from actors.upstream import CallResult
 from protocols import config
 from protocols import messages as m
 from protocols.effects import After, Send
+from protocols.gateway_settings import Failover
 
 pytestmark = pytest.mark.unit
 
@@ -86,7 +87,7 @@ def test_late_verdicts_of_calls_granted_before_it_opened_change_nothing():
 
 
 def test_settings_from_the_configuration_and_their_defaults():
-    assert CircuitSettings.from_config({}) == CircuitSettings()
+    assert CircuitSettings.from_config(config.load({})) == CircuitSettings()
     s = config.load({"CIRCUIT_OPEN_S": "30", "CIRCUIT_MAX_OPEN_S": "5", "CIRCUIT_FAILURES": "2"})
     got = CircuitSettings.from_config(s)
     assert (got.failures, got.open_s, got.max_open_s) == (2, 30.0, 30.0)  # the cap is never below the first wait
@@ -323,14 +324,9 @@ def test_config_several_keys_and_fallbacks():
             "SIMULATED_FALLBACK_QUEUE": "5",
         }
     )
-    assert s["providers"]["simulated"]["api_keys"] == ["a", "b", "c"]
-    assert s["providers"]["simulated"]["api_key"] == "a"
-    assert s["failover"]["SIMULATED"] == {
-        "keys": 3,
-        "fallbacks": [["openai", "gpt-4o-mini"], ["openai", "gpt-x"]],
-        "fallback_queue": 5,
-    }
-    assert s["failover"]["OPENAI"] == {"keys": 1, "fallbacks": [], "fallback_queue": 0}
+    assert s.providers["simulated"].api_keys == ("a", "b", "c")
+    assert s.failover["SIMULATED"] == Failover(3, (("openai", "gpt-4o-mini"), ("openai", "gpt-x")), 5)
+    assert s.failover["OPENAI"] == Failover(keys=1, fallbacks=(), fallback_queue=0)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from protocols.providers import openai_embeddings
 pytestmark = pytest.mark.unit
 
 
-def settings(**env) -> dict:
+def settings(**env) -> config.Settings:
     return config.load({"OPENAI_API_KEY": "sk-x", **env})
 
 
@@ -30,7 +30,7 @@ def settings(**env) -> dict:
 
 def test_aliases_resolve_and_provider_prefixes_route():
     s = settings(SLUICE_MODEL_ALIASES="gpt-4o=openai/gpt-4o, fast=simulated")
-    assert s["model_aliases"] == {"gpt-4o": ["openai", "gpt-4o"], "fast": ["simulated", "sim-1"]}
+    assert s.model_aliases == {"gpt-4o": ("openai", "gpt-4o"), "fast": ("simulated", "sim-1")}
     assert models.resolve(None, "gpt-4o", s) == ("openai", "gpt-4o")
     assert models.resolve(None, "openai/gpt-4.1", s) == ("openai", "gpt-4.1")
     assert models.resolve(None, "openai", s) == ("openai", None)
@@ -72,12 +72,12 @@ def test_model_listing_and_lookup_follow_the_key():
 
 
 def test_cors_origins():
-    assert settings()["cors_origins"] == []
-    assert settings(SLUICE_CORS_ORIGINS="https://a.example, http://localhost:3000/")["cors_origins"] == [
+    assert settings().cors_origins == ()
+    assert settings(SLUICE_CORS_ORIGINS="https://a.example, http://localhost:3000/").cors_origins == (
         "https://a.example",
         "http://localhost:3000",
-    ]
-    assert settings(SLUICE_CORS_ORIGINS="*")["cors_origins"] == ["*"]
+    )
+    assert settings(SLUICE_CORS_ORIGINS="*").cors_origins == ("*",)
     with pytest.raises(config.ConfigError, match="SLUICE_CORS_ORIGINS"):
         settings(SLUICE_CORS_ORIGINS="a.example/path")
 

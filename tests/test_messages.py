@@ -113,7 +113,8 @@ sup = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
 directory = m.decode(asys.ask(sup, m.encode(m.GetDirectory()), 5))
 for role in ("metrics", "pacer:simulated", "coalescer:0", "pool", "threads"):
     target = addressing.from_string(directory.entries[role])
-    for bad in (b"garbage", {"python": "object"}, m.encode(m.Performance({})).replace(b"performance", b"performancX")):
+    wire = m.encode(m.Wire(role, {}, {"host": 1}))  # settings that do not fit: refused, nothing rewired
+    for bad in (b"garbage", {"python": "object"}, m.encode(m.Performance({})).replace(b"performance", b"performancX"), wire):
         reply = m.decode(asys.ask(target, bad, 5))
         assert isinstance(reply, m.ErrorReply) and reply.code == "bad_message", (role, bad, reply)
     state = m.decode(asys.ask(target, m.encode(m.GetState()), 5))

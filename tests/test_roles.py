@@ -83,7 +83,7 @@ def test_the_supervisors_children_are_one_pacer_per_account_and_one_coalescer_pe
     settings = config.load(
         {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://127.0.0.1:1", "COALESCER_SHARDS": "3", "SLUICE_POOLS": "1"}
     )
-    names = roles.children(settings["providers"], settings["COALESCER_SHARDS"])
+    names = roles.children(settings.providers, settings.coalescer_shards)
     # openai and openai_responses bill to one account: one Pacer
     assert names == [
         "metrics",
@@ -121,7 +121,7 @@ def test_pool_roles_keep_pool_zero_named_pool():
 
 def test_the_supervisor_creates_every_pool():
     settings = config.load({"SLUICE_POOLS": "3", "COALESCER_SHARDS": "1"})
-    assert roles.children(settings["providers"], 1, settings["SLUICE_POOLS"]) == [
+    assert roles.children(settings.providers, 1, settings.pools) == [
         "metrics",
         "pool",
         "pool:1",

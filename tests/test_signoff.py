@@ -13,6 +13,7 @@ tests show that a real regression makes the suite FAIL.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import json
 import os
@@ -480,10 +481,10 @@ def test_sourced_scripts_leave_production_for_a_restart(gw, env):
     production = signoff_settings.load_production()
     restarted = config.load(left)
     for account, values in production["pacers"].items():
-        assert dict(restarted["accounts"][account.upper()]) == values, account
-    assert restarted["COALESCE_ENABLED"] is True and restarted["STREAM_FANOUT_ENABLED"] is True
-    assert restarted["COALESCE_ERROR_TTL_S"] == production["flags"]["error_ttl_s"]
-    assert restarted["alert_thresholds"] == production["alert_thresholds"]
+        assert dataclasses.asdict(restarted.accounts[account.upper()]) == values, account
+    assert restarted.coalesce_enabled is True and restarted.stream_fanout_enabled is True
+    assert restarted.coalesce_error_ttl_s == production["flags"]["error_ttl_s"]
+    assert restarted.alert_thresholds == production["alert_thresholds"]
 
 
 # --- failing clearly -------------------------------------------------------------------------------------

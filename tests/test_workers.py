@@ -350,6 +350,8 @@ def test_pacing_stays_exact_across_workers(sim):
         gaps = [b - a for a, b in zip(starts, starts[1:])]
         print("seconds between upstream calls", [round(g, 3) for g in gaps])
         # One token a second: never two calls in one second. The sim stamps a call when it
-        # arrives, so a gap can look up to ~0.2 s short (a new connection, a loaded box);
-        # two calls granted together would be ~0 s apart.
-        assert min(gaps) > 0.75, gaps
+        # arrives, so one gap can look short by however late its first call arrived (a new
+        # connection on a loaded box: 0.27 s seen) and the next looks as long; two calls
+        # granted together would be ~0 s apart, and the span of four calls is >= 3 s less jitter.
+        assert min(gaps) > 0.5, gaps
+        assert starts[-1] - starts[0] > 2.7, gaps

@@ -11,7 +11,9 @@ the connections queued on a worker that is SIGKILLed would be reset with it.
 What a worker is told comes on stdin, as one JSON object (never argv, which any local user
 can read): the settings run.py loaded, its `edge_id` (chosen by run.py, so that run.py can
 announce the loss of exactly this edge to the Coalescers when it dies: `MemberLost(edge,
-edge_id)`), and run.py's pid. The cluster secret comes in the environment, as for the
+edge_id)`), the workers' private socket directory (`peers`: each worker also serves on
+`<peers>/<slot>.sock`, where the others relay a cancel or resume of one of its requests,
+edge/worker_relay.py), and run.py's pid. The cluster secret comes in the environment, as for the
 watchdog.
 
 Lifetime: the worker asks the kernel to SIGKILL it when run.py dies (PR_SET_PDEATHSIG;
@@ -67,15 +69,18 @@ class WorkerHeader:
         return await self.app(scope, receive, send_with_header)
 
 
-def serve(settings: dict, slot: int, edge_id: str, sock: socket.socket) -> int:
+def serve(settings: dict, slot: int, edge_id: str, sock: socket.socket, peers: str) -> int:
     import uvicorn
 
     from edge.http_limits import ConnectionLimits, protocol_class
     from edge.routes import build_app
     from edge.server import DrainingServer
+    from edge.worker_relay import WorkerRelay
 
     app, edge = build_app(settings)
     edge.edge_id = edge_id  # before the lifespan: the hub client and the tickets use it
+    edge.relay = WorkerRelay(slot, settings["SLUICE_WORKERS"], peers, settings["SLUICE_KEEPALIVE_S"])
+    peer_sock = edge.relay.bind()  # where the other workers relay cancels and resumes
     limits = ConnectionLimits(settings["SLUICE_HEADER_TIMEOUT_S"], settings["SLUICE_MAX_CONNECTIONS_PER_CLIENT"])
     server = DrainingServer(
         uvicorn.Config(
@@ -91,9 +96,11 @@ def serve(settings: dict, slot: int, edge_id: str, sock: socket.socket) -> int:
         settings["SLUICE_DRAIN_S"],
     )
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=[sock, peer_sock])
     except KeyboardInterrupt:
         pass
+    finally:
+        peer_sock.close()
     return 0 if server.started else 1
 
 
@@ -117,7 +124,7 @@ def main(argv: list[str]) -> int:
     system.prepare(settings["SLUICE_ACTOR_HOST"], secret)
     sock = socket.socket(fileno=args.fd)
     try:
-        return serve(settings, args.slot, told["edge_id"], sock)
+        return serve(settings, args.slot, told["edge_id"], sock, told["peers"])
     finally:
         sock.close()
 

@@ -16,6 +16,9 @@ It watches the workers every `WATCH_EVERY_S`:
   finish for up to SLUICE_DRAIN_S, edge/server.py); run.py waits for them all to exit.
 - SIGINT (or a second SIGTERM) is relayed as SIGINT: every worker stops now. A second
   SIGINT, or workers still running `KILL_AFTER_S` after the stop began, get SIGKILL.
+
+It also owns the workers' socket directory (0700, removed when serve() ends): each worker
+serves there too, so that the others can relay a cancel or resume (edge/worker_relay.py).
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -73,6 +78,7 @@ class WorkerSet:
         self.stop_signal: int | None = None  # SIGTERM (drain) or SIGINT (now), once asked
         self.kill_at: float | None = None
         self._wake = threading.Event()
+        self.peers = ""  # the workers' socket directory, while serve() runs
 
     # --- processes --------------------------------------------------------------------------
     def spawn(self, slot: int) -> Worker:
@@ -86,7 +92,7 @@ class WorkerSet:
             env={**os.environ, "SLUICE_CLUSTER_SECRET": self.secret.decode()},
             start_new_session=True,  # a Ctrl-C meant for run.py is relayed by run.py, once
         )
-        told = {"settings": self.settings, "edge_id": edge_id, "parent": os.getpid()}
+        told = {"settings": self.settings, "edge_id": edge_id, "parent": os.getpid(), "peers": self.peers}
         try:
             proc.stdin.write(json.dumps(told).encode())
             proc.stdin.close()
@@ -103,6 +109,9 @@ class WorkerSet:
     def serve(self) -> int:
         """Start the workers and watch them until they have all exited after a signal."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # Each worker's Unix socket for the others' relayed cancels and resumes
+        # (edge/worker_relay.py); mkdtemp makes it 0700: only the gateway's user may connect.
+        self.peers = tempfile.mkdtemp(prefix="sluice-workers-")
         try:
             for slot in range(1, self.count + 1):
                 self.spawn(slot)
@@ -123,6 +132,7 @@ class WorkerSet:
                     self._kill_all()
         finally:
             self._kill_all()
+            shutil.rmtree(self.peers, ignore_errors=True)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 

@@ -206,8 +206,27 @@ def test_a_cancel_on_the_other_worker_ends_the_stream_and_aborts_the_upstream_ca
             other.close()
 
 
+def resume_on(connection: Connection, request_id: str, last_id: int) -> Stream:
+    """GET the events after `last_id` on `connection`; asked again while the owner has not
+    yet seen the previous connection go (409)."""
+    box: dict = {}
+
+    def resumed() -> bool:
+        stream = connection.stream("GET", f"/api/chat/{request_id}/events", auth(**{"last-event-id": str(last_id)}))
+        assert stream.headers["x-sluice-worker"] == connection.worker
+        if stream.status == 409:
+            assert stream.json()["error"]["code"] == "still_streaming"
+            stream.close()
+            return False
+        box["stream"] = stream
+        return True
+
+    wait_until(resumed, timeout=GRACE_S, message="the owner saw the previous connection go")
+    return box["stream"]
+
+
 def test_a_resume_on_the_other_worker_replays_from_last_event_id_to_the_end(gw):
-    text, body = prompt("relay resume", 30, 40)
+    text, body = prompt("relay resume", 60, 40)
     owner_connection, stream = start(gw, {**body, "resumable": True})
     request_id, owner = stream.headers["x-request-id"], stream.headers["x-sluice-worker"]
     first = stream.take(5)
@@ -215,32 +234,28 @@ def test_a_resume_on_the_other_worker_replays_from_last_event_id_to_the_end(gw):
     owner_connection.close()
     assert [i for i, _ in first] == [0, 1, 2, 3, 4]
     other = other_worker(gw, owner)
-    box: dict = {}
     try:
-
-        def resumed() -> bool:  # 409 until the owner has seen the first connection go
-            resumed = other.stream("GET", f"/api/chat/{request_id}/events", auth(**{"last-event-id": "4"}))
-            assert resumed.headers["x-sluice-worker"] == other.worker
-            if resumed.status == 409:
-                assert resumed.json()["error"]["code"] == "still_streaming"
-                resumed.close()
-                return False
-            box["stream"] = resumed
-            return True
-
-        wait_until(resumed, timeout=GRACE_S, message="the owner saw the first connection go")
-        resumed_stream = box["stream"]
-        assert resumed_stream.status == 200 and resumed_stream.headers["x-request-id"] == request_id
-        assert resumed_stream.headers["x-sluice-relayed-to"] == owner
-        rest = resumed_stream.rest()
-        resumed_stream.close()
+        resumed = resume_on(other, request_id, 4)
+        assert resumed.status == 200 and resumed.headers["x-request-id"] == request_id
+        assert resumed.headers["x-sluice-relayed-to"] == owner
+        second = resumed.take(5)
+        resumed.close()  # dropped again, on the relaying worker: the owner parks it again
     finally:
         other.close()
-    events = first + rest
+    assert [i for i, _ in second] == [5, 6, 7, 8, 9]
+    other = other_worker(gw, owner)
+    try:
+        resumed = resume_on(other, request_id, 9)
+        assert resumed.status == 200 and resumed.headers["x-sluice-relayed-to"] == owner
+        rest = resumed.rest()
+        resumed.close()
+    finally:
+        other.close()
+    events = first + second + rest
     assert [i for i, _ in events] == list(range(len(events)))  # every id once, in order
     assert rest[-1][1]["type"] == "done" and [d["type"] for _, d in events].count("done") == 1
     text_out = "".join(d["delta"] for _, d in events if d["type"] == "delta")
-    assert len(text_out.split()) == 30  # every token once
+    assert len(text_out.split()) == 60  # every token once
     assert len(calls_for(gw, text)) == 1 and cancellations_for(gw, text) == []
 
 

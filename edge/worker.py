@@ -13,8 +13,8 @@ can read): the settings run.py loaded, its `edge_id` (chosen by run.py, so that 
 announce the loss of exactly this edge to the Coalescers when it dies: `MemberLost(edge,
 edge_id)`), the workers' private socket directory (`peers`: each worker also serves on
 `<peers>/<slot>.sock`, where the others relay a cancel or resume of one of its requests,
-edge/worker_relay.py), and run.py's pid. The cluster secret comes in the environment, as for the
-watchdog.
+edge/worker_relay.py), and run.py's pid. The cluster secret comes in the environment, as
+for the watchdog.
 
 Lifetime: the worker asks the kernel to SIGKILL it when run.py dies (PR_SET_PDEATHSIG;
 run.py starts workers from its main thread, which lives as long as run.py), so a

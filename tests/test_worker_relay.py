@@ -11,6 +11,7 @@ Real processes throughout: run.py with two workers, the actors, the simulated pr
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import uuid
 import httpcore
 import pytest
 
-from edge.worker_relay import new_request_id, owner_of
+from edge.worker_relay import Relay, WorkerRelay, new_request_id, owner_of
 from protocols.sse import SSEParser
 from tests.support import chat_body, get_json, running_gateway, wait_until
 
@@ -176,6 +177,17 @@ def test_request_ids_name_their_worker():
     assert owner_of(uuid.uuid4().hex) is None  # a one-worker id
     assert owner_of("w0-" + "0" * 32) is None and owner_of("w2-" + "0" * 31) is None
     assert owner_of("w2-" + "G" * 32) is None
+
+
+def test_only_another_existing_workers_id_is_relayed_and_never_twice():
+    relay, stopping = WorkerRelay(1, 2, "/nonexistent", 15.0), asyncio.Event()
+    plain = {"headers": [(b"authorization", b"Bearer x")]}
+    assert isinstance(relay.route(plain, new_request_id(2), stopping), Relay)
+    assert relay.route(plain, new_request_id(1), stopping) is None  # this worker's: answered here
+    assert relay.route(plain, new_request_id(3), stopping) is None  # no such worker: 404 here
+    assert relay.route(plain, uuid.uuid4().hex, stopping) is None
+    relayed = {"headers": [(b"x-sluice-relayed", b"2")]}
+    assert relay.route(relayed, new_request_id(2), stopping) is None
 
 
 def test_a_cancel_on_the_other_worker_ends_the_stream_and_aborts_the_upstream_call(gw):

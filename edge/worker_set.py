@@ -17,8 +17,9 @@ It watches the workers every `WATCH_EVERY_S`:
 - SIGINT (or a second SIGTERM) is relayed as SIGINT: every worker stops now. A second
   SIGINT, or workers still running `KILL_AFTER_S` after the stop began, get SIGKILL.
 
-It also owns the workers' socket directory (0700, removed when serve() ends): each worker
-serves there too, so that the others can relay a cancel or resume (edge/worker_relay.py).
+It also owns the workers' socket directory (`socket_dir`: 0700, removed when serve()
+ends): each worker serves there too, so that the others can relay a cancel or resume
+(edge/worker_relay.py).
 """
 
 from __future__ import annotations
@@ -52,6 +53,24 @@ def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
     sock = socket.create_server((host, port), family=family, backlog=backlog)
     sock.set_inheritable(True)
     return sock
+
+
+def socket_dir(settings: dict) -> str:
+    """A new 0700 directory for the workers' sockets: `workers-<SLUICE_ACTOR_PORT>` next to
+    SLUICE_DB, like the cluster secret file (two gateways on one machine never share one;
+    what a SIGKILLed run.py left there is replaced at the next start). A fresh temporary
+    directory instead when that path is too long for a Unix socket or cannot be made ours."""
+    path = os.path.join(
+        os.path.dirname(os.path.abspath(settings["SLUICE_DB"])), f"workers-{settings['SLUICE_ACTOR_PORT']}"
+    )
+    if len(path) + len("/9999.sock") < 100:  # sun_path holds 108 bytes
+        shutil.rmtree(path, ignore_errors=True)  # a killed run.py's (rmtree follows no symlink)
+        try:
+            os.mkdir(path, 0o700)  # fails if anyone made it meanwhile: then not this one
+            return path
+        except OSError:
+            pass
+    return tempfile.mkdtemp(prefix="sluice-workers-")
 
 
 @dataclass
@@ -110,8 +129,8 @@ class WorkerSet:
         """Start the workers and watch them until they have all exited after a signal."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         # Each worker's Unix socket for the others' relayed cancels and resumes
-        # (edge/worker_relay.py); mkdtemp makes it 0700: only the gateway's user may connect.
-        self.peers = tempfile.mkdtemp(prefix="sluice-workers-")
+        # (edge/worker_relay.py), in a 0700 directory: only the gateway's user may connect.
+        self.peers = socket_dir(self.settings)
         try:
             for slot in range(1, self.count + 1):
                 self.spawn(slot)

@@ -34,6 +34,7 @@ from edge.records import RecordSender
 from edge.rejections import Rejection
 from edge.sse_stream import SSEStream
 from edge.streams import LocalStreams, new_request_id
+from edge.worker_relay import WorkerRelay
 from protocols import messages as m
 from protocols.config import PROVIDERS
 from protocols.gateway_settings import Settings
@@ -86,6 +87,9 @@ class Edge:
         self.records: RecordSender | None = None
         self._refresher: asyncio.Task | None = None
         self.parked: dict[str, Admission] = {}  # request id -> a resumable stream whose client is gone
+        # SLUICE_WORKERS > 1 (set by edge/worker.py): ids name this worker; cancel and resume
+        # of another worker's request are relayed to it (edge/worker_relay.py)
+        self.relay: WorkerRelay | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -241,7 +245,8 @@ class Edge:
             raise key_refusal(denied)  # counted per key (/metrics), not as a gateway error
         client_id = key_id if self.coalesce_scope == "key" else None
         key = coalescing_key(provider, model, body, thread_id, client_id) if coalesce else ""
-        request_id, received_at = new_request_id(), time.time()
+        request_id = self.relay.new_request_id() if self.relay is not None else new_request_id()
+        received_at = time.time()
         try:
             sub = await self.streams.join(request_id, provider, model, body, key, received_at)
         except Rejection as exc:
@@ -352,6 +357,8 @@ class Edge:
         if (denied := self.authenticate(request)) is not None:
             return denied
         request_id, key_id = request.path_params["request_id"], request.state.key_id
+        if (relay := self.relayed(request, request_id)) is not None:
+            return relay
         raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id") or "-1"
         try:
             after = int(raw)
@@ -369,16 +376,11 @@ class Edge:
                     f"request {request_id!r} is still streaming to its first connection; retry once that one is gone",
                     {"Retry-After": "1"},
                 )
-            where = (
-                " (with several workers a resume must reach the worker that served the request)"
-                if self.settings.workers > 1
-                else ""
-            )
             return error_response(
                 404,
                 "not_found",
                 f"no resumable stream with request id {request_id!r}: unknown, "
-                f"not resumable, or its SLUICE_RESUME_GRACE_S has passed{where}",
+                "not resumable, or its SLUICE_RESUME_GRACE_S has passed",
             )
         known = len(admission.received())
         if not -1 <= after < known:
@@ -397,10 +399,20 @@ class Edge:
         if (denied := self.authenticate(request)) is not None:
             return denied
         request_id = request.path_params["request_id"]
+        if (relay := self.relayed(request, request_id)) is not None:
+            return relay
         # another key's request is answered as unknown: its existence is not the caller's business
         if not self.streams.cancel(request_id, request.state.key_id):
             return error_response(404, "not_found", f"no open stream with request id {request_id!r}")
         return JSONResponse({"request_id": request_id, "cancelled": True}, status_code=202)
+
+    def relayed(self, request: Request, request_id: str):
+        """With several workers: the relay to the worker that owns `request_id` (it checks
+        the caller's key again and answers), or None when the request is this worker's to
+        answer. The caller's key has been checked here already (401 here, as for any route)."""
+        if self.relay is None:
+            return None
+        return self.relay.route(request.scope, request_id, self.shutting_down)
 
     async def healthz(self, request: Request):
         return JSONResponse({"ok": True})

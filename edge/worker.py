@@ -11,8 +11,10 @@ the connections queued on a worker that is SIGKILLed would be reset with it.
 What a worker is told comes on stdin, as one JSON object (never argv, which any local user
 can read): the settings run.py loaded (`Settings.to_wire()`), its `edge_id` (chosen by run.py, so that run.py can
 announce the loss of exactly this edge to the Coalescers when it dies: `MemberLost(edge,
-edge_id)`), and run.py's pid. The cluster secret comes in the environment, as for the
-watchdog.
+edge_id)`), the workers' private socket directory (`peers`: each worker also serves on
+`<peers>/<slot>.sock`, where the others relay a cancel or resume of one of its requests,
+edge/worker_relay.py), and run.py's pid. The cluster secret comes in the environment, as
+for the watchdog.
 
 Lifetime: the worker asks the kernel to SIGKILL it when run.py dies (PR_SET_PDEATHSIG;
 run.py starts workers from its main thread, which lives as long as run.py), so a
@@ -69,15 +71,18 @@ class WorkerHeader:
         return await self.app(scope, receive, send_with_header)
 
 
-def serve(settings: Settings, slot: int, edge_id: str, sock: socket.socket) -> int:
+def serve(settings: Settings, slot: int, edge_id: str, sock: socket.socket, peers: str) -> int:
     import uvicorn
 
     from edge.http_limits import ConnectionLimits, protocol_class
     from edge.routes import build_app
     from edge.server import DrainingServer
+    from edge.worker_relay import WorkerRelay
 
     app, edge = build_app(settings)
     edge.edge_id = edge_id  # before the lifespan: the hub client and the tickets use it
+    edge.relay = WorkerRelay(slot, settings.workers, peers, settings.keepalive_s)
+    peer_sock = edge.relay.bind()  # where the other workers relay cancels and resumes
     limits = ConnectionLimits(settings.header_timeout_s, settings.max_connections_per_client)
     server = DrainingServer(
         uvicorn.Config(
@@ -93,9 +98,11 @@ def serve(settings: Settings, slot: int, edge_id: str, sock: socket.socket) -> i
         settings.drain_s,
     )
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=[sock, peer_sock])
     except KeyboardInterrupt:
         pass
+    finally:
+        peer_sock.close()
     return 0 if server.started else 1
 
 
@@ -119,7 +126,7 @@ def main(argv: list[str]) -> int:
     system.prepare(settings.actor_host, secret)
     sock = socket.socket(fileno=args.fd)
     try:
-        return serve(settings, args.slot, told["edge_id"], sock)
+        return serve(settings, args.slot, told["edge_id"], sock, told["peers"])
     finally:
         sock.close()
 

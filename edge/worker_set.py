@@ -16,6 +16,10 @@ It watches the workers every `WATCH_EVERY_S`:
   finish for up to SLUICE_DRAIN_S, edge/server.py); run.py waits for them all to exit.
 - SIGINT (or a second SIGTERM) is relayed as SIGINT: every worker stops now. A second
   SIGINT, or workers still running `KILL_AFTER_S` after the stop began, get SIGKILL.
+
+It also owns the workers' socket directory (`socket_dir`: 0700, removed when serve()
+ends): each worker serves there too, so that the others can relay a cancel or resume
+(edge/worker_relay.py).
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +55,22 @@ def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
     sock = socket.create_server((host, port), family=family, backlog=backlog)
     sock.set_inheritable(True)
     return sock
+
+
+def socket_dir(settings: Settings) -> str:
+    """A new 0700 directory for the workers' sockets: `workers-<SLUICE_ACTOR_PORT>` next to
+    SLUICE_DB, like the cluster secret file (two gateways on one machine never share one;
+    what a SIGKILLed run.py left there is replaced at the next start). A fresh temporary
+    directory instead when that path is too long for a Unix socket or cannot be made ours."""
+    path = os.path.join(os.path.dirname(os.path.abspath(settings.db)), f"workers-{settings.actor_port}")
+    if len(path) + len("/9999.sock") < 100:  # sun_path holds 108 bytes
+        shutil.rmtree(path, ignore_errors=True)  # a killed run.py's (rmtree follows no symlink)
+        try:
+            os.mkdir(path, 0o700)  # fails if anyone made it meanwhile: then not this one
+            return path
+        except OSError:
+            pass
+    return tempfile.mkdtemp(prefix="sluice-workers-")
 
 
 @dataclass
@@ -75,6 +97,7 @@ class WorkerSet:
         self.stop_signal: int | None = None  # SIGTERM (drain) or SIGINT (now), once asked
         self.kill_at: float | None = None
         self._wake = threading.Event()
+        self.peers = ""  # the workers' socket directory, while serve() runs
 
     # --- processes --------------------------------------------------------------------------
     def spawn(self, slot: int) -> Worker:
@@ -88,7 +111,7 @@ class WorkerSet:
             env={**os.environ, "SLUICE_CLUSTER_SECRET": self.secret.decode()},
             start_new_session=True,  # a Ctrl-C meant for run.py is relayed by run.py, once
         )
-        told = {"settings": self.settings.to_wire(), "edge_id": edge_id, "parent": os.getpid()}
+        told = {"settings": self.settings.to_wire(), "edge_id": edge_id, "parent": os.getpid(), "peers": self.peers}
         try:
             proc.stdin.write(json.dumps(told).encode())
             proc.stdin.close()
@@ -105,6 +128,9 @@ class WorkerSet:
     def serve(self) -> int:
         """Start the workers and watch them until they have all exited after a signal."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # Each worker's Unix socket for the others' relayed cancels and resumes
+        # (edge/worker_relay.py), in a 0700 directory: only the gateway's user may connect.
+        self.peers = socket_dir(self.settings)
         try:
             for slot in range(1, self.count + 1):
                 self.spawn(slot)
@@ -125,6 +151,7 @@ class WorkerSet:
                     self._kill_all()
         finally:
             self._kill_all()
+            shutil.rmtree(self.peers, ignore_errors=True)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 

@@ -70,8 +70,10 @@ DEFAULT_KNOBS: dict[str, Any] = {
 # OpenAI chat also answers as a real provider would: JSON when response_format asks for it
 # (json_object: {"answer": <the tokens>}; json_schema: an example of the schema), logprobs
 # when logprobs is true (top_logprobs alternatives each), n choices for n > 1, and with
-# reply=tool_call a call of the first tool (arguments: an example of its parameters) unless
-# the conversation already ends in a tool result.
+# reply=tool_call a call of the first tool (arguments: an example of its parameters, streamed
+# in as many fragments as there are tokens) unless the conversation already ends in a tool
+# result; a `tool_choice` that forces a tool ("required", or a named function) calls that
+# tool without the directive, as a real model must.
 FAIL_MODES = (
     "none",
     "429",
@@ -329,6 +331,14 @@ def _logprobs(text: str, top: int) -> dict:
     return {"content": [dict(entry, top_logprobs=alternatives)], "refusal": None}
 
 
+def _forced_tool(choice: Any, tools: list[dict]) -> dict | None:
+    """The tool a `tool_choice` forces (a named function, or "required": the first), else None."""
+    if choice == "required" and tools:
+        return tools[0]
+    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    return next((t for t in tools if t.get("name") == name), None) if name else None
+
+
 def _openai_choices(body: dict, tokens: list[str], meta: Meta) -> list[tuple[list[dict], list[dict | None], str]]:
     """Per choice: one delta per token, their logprobs (or None), and the finish reason."""
     try:
@@ -350,14 +360,16 @@ def _openai_choices(body: dict, tokens: list[str], meta: Meta) -> list[tuple[lis
         toks = tokens if k == 0 else make_tokens([messages, k], len(tokens))
         count = max(len(toks), 1)
         last_role = messages[-1].get("role") if messages and isinstance(messages[-1], dict) else None
-        if reply == "tool_call" and tools and last_role == "user":
+        forced = _forced_tool(body.get("tool_choice"), tools)
+        if (reply == "tool_call" or forced) and tools and last_role == "user":
+            chosen = forced or tools[0]
             call = {
                 "index": 0,
                 "id": f"call_sim{meta.call_id:06d}_{k}",
                 "type": "function",
-                "function": {"name": tools[0].get("name"), "arguments": ""},
+                "function": {"name": chosen.get("name"), "arguments": ""},
             }
-            args = _split(json.dumps(example_of(tools[0].get("parameters"))), count)
+            args = _split(json.dumps(example_of(chosen.get("parameters"))), count)
             deltas = [{"tool_calls": [dict(call, function=dict(call["function"], arguments=args[0]))]}]
             deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} for piece in args[1:]]
             out.append((deltas, [None] * count, "tool_calls"))

@@ -3,7 +3,7 @@ provider (which records the body it received): every parameter reaches upstream,
 three-turn tool conversation works, JSON mode and `chat.completions.parse` return what the
 provider sent, logprobs, n > 1 and system_fingerprint come back, requests that differ only
 in `seed` are not coalesced, and a cross-format field that cannot be honoured is a 400
-naming it. (LangChain's ChatOpenAI is not installed: docs/providers.md.)"""
+naming it. (LangChain's ChatOpenAI: tests/test_langchain.py.)"""
 
 from __future__ import annotations
 

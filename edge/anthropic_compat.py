@@ -29,6 +29,14 @@ known only at the end); a text block (`content_block_start`, `text_delta`s,
 A failure after the 200 is `event: error` with `{"type": "error", "error": {"type",
 "message"}}` and the stream ends without `message_stop`.
 
+`POST /v1/messages/count_tokens` (the SDK's `messages.count_tokens`): forwarded to the
+Anthropic upstream, through the Pool like any call (protocols/providers/anthropic_count_tokens.py),
+when the model routes to an Anthropic account; the body goes up as the client sent it
+(`model` mapped) and the answer comes back as the provider sent it. A model routed to any
+other provider is a 400 `count_tokens_not_supported`: sluice has no other provider's
+tokenizer, and a guess would mislead a client sizing its context (docs/providers.md
+"Token counting").
+
 Errors before streaming (and a non-streamed answer's failure) are Anthropic's shape with
 sluice's status, except that a body of the wrong shape is a 400 (Anthropic's status for
 `invalid_request_error`) rather than sluice's 422.
@@ -43,12 +51,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from edge import models
 from edge.admission import Admission
 from edge.chat_request import RequestError
 from edge.openai_compat import RATE_LIMITED, STATUS_FOR_CODE
 from edge.rejections import Rejection
 from edge.sse_stream import Renderer, SSEStream
 from protocols import events as ev
+from protocols.providers.anthropic_count_tokens import BODY_FIELD as COUNT_FIELD
+from protocols.providers.anthropic_count_tokens import COUNT_TOKENS_ADAPTERS
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
 ERROR_TYPES = {
@@ -266,6 +277,25 @@ def parse_messages(data: dict, coalesce_header: str | None = None) -> tuple[str,
     return model, body, stream, coalesce
 
 
+def parse_count_tokens(data: dict, coalesce_header: str | None = None) -> tuple[str, dict, bool]:
+    """(model, normalized body, coalesce) for a count_tokens body; RequestError. The body is
+    Anthropic's and goes to Anthropic: only its frame is checked here, the provider judges
+    the rest (images, documents, thinking: whatever its counter takes)."""
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise _refuse("model", "a non-empty string is required")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _refuse("messages", "must be a non-empty array")
+    coalesce = data.get("coalesce", True)
+    if not isinstance(coalesce, bool):
+        raise _refuse("coalesce", "must be true or false")
+    if (coalesce_header or "").strip().lower() in ("off", "0", "false", "no"):
+        coalesce = False
+    wanted = {k: v for k, v in data.items() if k not in ("model", "coalesce")}
+    return model, {COUNT_FIELD: wanted}, coalesce
+
+
 # --- responses ------------------------------------------------------------------------------
 
 
@@ -478,4 +508,44 @@ def routes(edge) -> list[Route]:
                 message.add(event)
         return message.response()
 
-    return [Route("/v1/messages", messages, methods=["POST"])]
+    async def count_tokens(request: Request):
+        if (denied := edge.authenticate(request)) is not None:
+            return reshaped(denied)
+        try:
+            edge.check_in_service()
+            data = await edge.json_body(request)
+            model, body, coalesce = parse_count_tokens(data, request.headers.get("x-sluice-coalesce"))
+            provider, _ = models.resolve(None, model, edge.settings)
+            provider = provider or edge.settings["SLUICE_PROVIDER"]
+            adapter = edge.settings["providers"].get(provider, {}).get("adapter", provider)
+            if adapter not in COUNT_TOKENS_ADAPTERS:
+                raise RequestError(
+                    400,
+                    "count_tokens_not_supported",
+                    f"token counting is forwarded to Anthropic accounts only: model {model!r} goes to "
+                    f"provider {provider!r}, whose tokenizer sluice does not have",
+                )
+            admission = await edge.admit(None, model, body, None, coalesce, request.state.key_id)
+        except Rejection as exc:
+            return rejection_response(exc)
+        answer, end = None, None
+        async with admission.serving(request.scope, request.receive):
+            async for event in admission.events():
+                if event["type"] == ev.META and isinstance(event.get(COUNT_FIELD), dict):
+                    answer = event[COUNT_FIELD]
+                elif ev.is_terminal(event):
+                    end = event
+        headers = {"x-request-id": admission.request_id}
+        end = end or ev.error("disconnected", "the client went away")
+        if end["type"] == ev.ERROR or answer is None:
+            code = end.get("code", "upstream_malformed")
+            status = STATUS_FOR_CODE.get(code, 502)
+            if code == "upstream_4xx":
+                status = end.get("status") if end.get("status") in (400, 404, 413, 422) else 400
+            return error_response(status, code, end.get("message", "the provider sent no count"), headers)
+        return JSONResponse(answer, headers=headers)
+
+    return [
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+    ]

@@ -1043,6 +1043,25 @@ openai_embeddings = WireFormat(
 )
 
 
+def _count_tokens_complete(body: dict, tokens: list[str], meta: Meta) -> bytes:
+    # The same rough count a Messages call reports as its input_tokens (no tokenizer).
+    return _dumps({"input_tokens": _prompt_tokens(_anthropic_turns(body))})
+
+
+# Anthropic's token counting (POST /v1/messages/count_tokens): one JSON answer, never a stream.
+anthropic_count_tokens = WireFormat(
+    name="anthropic_count_tokens",
+    stream_content_type="application/json",
+    prompt=lambda body: _last_user(_anthropic_turns(body)),
+    conversation=_anthropic_turns,
+    wants_stream=lambda body: False,
+    stream=lambda body, tokens, meta: Frames([], [], [_count_tokens_complete(body, tokens, meta)]),
+    complete=_count_tokens_complete,
+    error=anthropic_error,
+    midstream_error=lambda body, tokens, meta, sent: b"",
+)
+
+
 # Route path -> wire format.  Every path here counts as a completion call in /stats.
 ROUTES: dict[str, WireFormat] = {
     "/v1/chat/completions": openai_chat,
@@ -1052,4 +1071,5 @@ ROUTES: dict[str, WireFormat] = {
     "/chat/completions": perplexity_sonar,
     "/api/chat": ollama_chat,
     "/v1/embeddings": openai_embeddings,
+    "/v1/messages/count_tokens": anthropic_count_tokens,
 }

@@ -869,3 +869,23 @@ def test_sse_parser_is_chunking_independent(stream, data):
     parser = sse.SSEParser()
     pieces = [e for chunk in split_at(stream, cuts) for e in parser.feed(chunk)]
     assert pieces == whole
+
+
+def test_count_tokens_adapter_reads_one_json_answer():
+    from protocols.providers import adapter_for, anthropic_count_tokens
+
+    body = {"count_tokens": {"messages": [{"role": "user", "content": "hi"}], "model": "ignored"}}
+    assert adapter_for("anthropic", body) is anthropic_count_tokens and anthropic_count_tokens.check(body) is None
+    method, url, headers, payload = anthropic_count_tokens.build_request(
+        base_url="https://api.anthropic.com", api_key="k", model="claude-x", body=body
+    )
+    assert url == "https://api.anthropic.com/v1/messages/count_tokens" and (b"x-api-key", b"k") in headers
+    assert json.loads(payload) == {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}]}
+    parser = anthropic_count_tokens.Parser()
+    out = parser.feed(b'{"input_tokens": ') + parser.feed(b"14}") + parser.close()
+    assert out == [ev.meta(count_tokens={"input_tokens": 14}), ev.usage(14, 0), ev.finish("stop")]
+    parser = anthropic_count_tokens.Parser()
+    bad = parser.feed(b'{"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}') + parser.close()
+    assert bad == [ev.error("upstream_5xx", "busy")]
+    parser = anthropic_count_tokens.Parser()
+    assert [e["code"] for e in parser.feed(b'{"tokens": 1}') + parser.close()] == ["upstream_malformed"]

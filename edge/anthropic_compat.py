@@ -24,8 +24,11 @@ ignored. `anthropic-version` is not checked.
 Streaming: `event: ping` when the connection opens and as keepalive; at the first
 provider byte `message_start` (input tokens are reported in `message_delta`: they are
 known only at the end); a text block (`content_block_start`, `text_delta`s,
-`content_block_stop`) opened at the first text; tool calls as `tool_use` blocks with one
-`input_json_delta` each; then `message_delta` (stop_reason, usage) and `message_stop`.
+`content_block_stop`) opened at the first text; each tool call as the provider streams it:
+a `tool_use` block opened when the call starts (`content_block_start` with its id, name and
+`input: {}`), an `input_json_delta` per argument fragment, closed when the next block opens
+or the message ends (the adapters' meta(tool_call_delta), protocols/providers/base.py);
+then `message_delta` (stop_reason, usage) and `message_stop`.
 A failure after the 200 is `event: error` with `{"type": "error", "error": {"type",
 "message"}}` and the stream ends without `message_stop`.
 
@@ -336,7 +339,8 @@ class MessageRenderer(Renderer):
         self.message_id = f"msg_{admission.request_id}"
         self.started_sent = False
         self.blocks = 0  # content blocks opened so far (the next one's index)
-        self.text_open = False
+        self.open: str | None = None  # the kind of the block open now ("text", "tool_use"), if any
+        self.tool_blocks: dict[int, int] = {}  # a streamed tool call's index -> its block's index
         self.usage: dict | None = None
 
     def opening(self) -> bytes:
@@ -365,53 +369,25 @@ class MessageRenderer(Renderer):
         kind = event["type"]
         if kind == ev.DELTA:
             out = self.started()
-            if not self.text_open:
-                self.text_open = True
-                out += _event(
-                    "content_block_start",
-                    {
-                        "type": "content_block_start",
-                        "index": self.blocks,
-                        "content_block": {"type": "text", "text": ""},
-                    },
-                )
-            return out + _event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": self.blocks,
-                    "delta": {"type": "text_delta", "text": event["delta"]},
-                },
-            )
-        if kind == ev.META and event.get("tool_calls"):
-            out = self.started() + self._close_text()
-            for call in event["tool_calls"]:
+            if self.open != "text":
+                out += self._open_block("text", {"type": "text", "text": ""})
+            return out + self._block_delta(self.blocks - 1, {"type": "text_delta", "text": event["delta"]})
+        if kind == ev.META and isinstance(event.get("tool_call_delta"), dict) and not event.get("choice"):
+            return self.started() + self._tool_call_delta(event["tool_call_delta"])
+        if kind == ev.META and event.get("tool_calls") and not event.get("choice"):
+            if self.tool_blocks:
+                return b""  # the whole calls, already sent piece by piece
+            out = self.started()
+            for call in event["tool_calls"]:  # a stream whose calls came whole (no tool_call_delta)
                 function = call.get("function") or {}
-                block = {
-                    "type": "tool_use",
-                    "id": call.get("id") or f"toolu_{self.blocks}",
-                    "name": function.get("name", ""),
-                    "input": {},
-                }
-                index = self.blocks
-                self.blocks += 1
-                out += _event(
-                    "content_block_start", {"type": "content_block_start", "index": index, "content_block": block}
-                )
-                out += _event(
-                    "content_block_delta",
-                    {
-                        "type": "content_block_delta",
-                        "index": index,
-                        "delta": {"type": "input_json_delta", "partial_json": function.get("arguments") or "{}"},
-                    },
-                )
-                out += _event("content_block_stop", {"type": "content_block_stop", "index": index})
+                out += self._open_block("tool_use", self._tool_block(call.get("id"), function.get("name")))
+                delta = {"type": "input_json_delta", "partial_json": function.get("arguments") or "{}"}
+                out += self._block_delta(self.blocks - 1, delta)
             return out
         if kind == ev.USAGE:
             self.usage = event["usage"]
         elif kind == ev.DONE:
-            out = self.started() + self._close_text()
+            out = self.started() + self._close_block()
             delta = {"stop_reason": stop_reason(event.get("finish_reason")), "stop_sequence": None}
             out += _event(
                 "message_delta",
@@ -423,13 +399,40 @@ class MessageRenderer(Renderer):
             return _event("error", error_body(STATUS_FOR_CODE.get(code, 500), event.get("message", ""), code))
         return b""  # other meta (citations, reasoning, ...) has no place in this format
 
-    def _close_text(self) -> bytes:
-        if not self.text_open:
-            return b""
-        self.text_open = False
-        index = self.blocks
+    def _tool_call_delta(self, delta: dict) -> bytes:
+        """A call's start opens its tool_use block; a fragment is an input_json_delta on it
+        (by its block's index, as Anthropic's SDK accumulates them, should a provider
+        interleave the fragments of parallel calls)."""
+        index = delta.get("index", 0)
+        out = b""
+        if "id" in delta or index not in self.tool_blocks:
+            out += self._open_block("tool_use", self._tool_block(delta.get("id"), delta.get("name")))
+            self.tool_blocks[index] = self.blocks - 1
+        if delta.get("arguments"):
+            out += self._block_delta(
+                self.tool_blocks[index], {"type": "input_json_delta", "partial_json": delta["arguments"]}
+            )
+        return out
+
+    def _tool_block(self, call_id: str | None, name: str | None) -> dict:
+        return {"type": "tool_use", "id": call_id or f"toolu_{self.blocks}", "name": name or "", "input": {}}
+
+    def _open_block(self, kind: str, block: dict) -> bytes:
+        out = self._close_block()
+        self.open = kind
         self.blocks += 1
-        return _event("content_block_stop", {"type": "content_block_stop", "index": index})
+        return out + _event(
+            "content_block_start", {"type": "content_block_start", "index": self.blocks - 1, "content_block": block}
+        )
+
+    def _block_delta(self, index: int, delta: dict) -> bytes:
+        return _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+
+    def _close_block(self) -> bytes:
+        if self.open is None:
+            return b""
+        self.open = None
+        return _event("content_block_stop", {"type": "content_block_stop", "index": self.blocks - 1})
 
 
 class Message:

@@ -234,3 +234,23 @@ def test_count_tokens_for_another_provider_is_a_clear_400(client, gateway):
     assert info.value.body["error"]["type"] == "invalid_request_error"
     assert "Anthropic accounts only" in info.value.body["error"]["message"]
     assert "'simulated'" in info.value.body["error"]["message"]
+
+
+def test_a_streamed_tool_call_is_a_tool_use_block_with_input_json_deltas(client, gateway):
+    text = unique("reply=tool_call tokens=4")
+    tools = [{"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    with client.messages.stream(
+        model="sim-1", max_tokens=50, tools=tools, messages=[{"role": "user", "content": text}]
+    ) as stream:
+        events = list(stream)
+        message = stream.get_final_message()
+    kinds = [(e.type, getattr(getattr(e, "content_block", None), "type", None)) for e in events]
+    assert ("content_block_start", "tool_use") in kinds
+    starts = [e for e in events if e.type == "content_block_start"]
+    assert [b.content_block.type for b in starts] == ["tool_use"] and starts[0].content_block.name == "get_weather"
+    partials = [e.delta.partial_json for e in events if e.type == "content_block_delta"]
+    assert len(partials) == 4 and json.loads("".join(partials)) == {"city": "sim"}  # the sim's four pieces
+    assert [e.type for e in events if e.type == "input_json"] == ["input_json"] * 4  # the SDK's own accumulation
+    [block] = message.content
+    assert block.type == "tool_use" and block.input == {"city": "sim"} and block.id.startswith("call_sim")
+    assert message.stop_reason == "tool_use"

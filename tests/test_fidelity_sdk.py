@@ -2,7 +2,8 @@
 provider (which records the body it received): every parameter reaches upstream, a
 three-turn tool conversation works, JSON mode and `chat.completions.parse` return what the
 provider sent, logprobs, n > 1 and system_fingerprint come back, requests that differ only
-in `seed` are not coalesced, and a cross-format field that cannot be honoured is a 400
+in `seed` are not coalesced, a streamed tool call arrives chunk by chunk as the provider
+sent it, and a cross-format field that cannot be honoured is a 400
 naming it. (LangChain's ChatOpenAI: tests/test_langchain.py.)"""
 
 from __future__ import annotations
@@ -228,3 +229,24 @@ def test_an_unsupported_cross_format_field_is_a_400_naming_it(sim):
             "role": "user",
             "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "3C"}]}],
         }
+
+
+def test_a_streamed_tool_call_arrives_as_the_provider_sends_it(client, gateway):
+    text = unique("reply=tool_call tokens=4")
+    kwargs = {"model": "sim-1", "messages": [{"role": "user", "content": text}], "tools": [WEATHER]}
+    chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+    pieces = [call for c in chunks for call in c.choices[0].delta.tool_calls or []]
+    opening, *fragments = pieces
+    # as OpenAI streams a call: the first chunk names it with empty arguments, then fragments
+    assert opening.index == 0 and opening.id.startswith("call_sim") and opening.type == "function"
+    assert opening.function.name == "get_weather" and opening.function.arguments == ""
+    assert len(fragments) == 4  # the sim sent the arguments in four pieces: four chunks came
+    assert all(f.id is None and f.function.name is None and f.function.arguments for f in fragments)
+    assert json.loads("".join(f.function.arguments for f in fragments)) == {"city": "sim"}
+    # the SDK's own accumulation sees the same call, delta by delta
+    with client.chat.completions.stream(**kwargs) as stream:
+        argument_deltas = [e.arguments_delta for e in stream if e.type == "tool_calls.function.arguments.delta"]
+        [call] = stream.get_final_completion().choices[0].message.tool_calls
+    assert [d for d in argument_deltas if d] == [f.function.arguments for f in fragments]
+    assert "".join(argument_deltas) == call.function.arguments
+    assert call.function.parsed_arguments is None or call.function.parsed_arguments == {"city": "sim"}

@@ -19,7 +19,7 @@ import uuid
 import langchain_openai
 import pydantic
 import pytest
-from langchain_core.messages import HumanMessage, ToolMessage
+from langchain_core.messages import AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 
 from sim import formats
@@ -139,6 +139,16 @@ def test_streaming_text(llm):
     assert [c.response_metadata.get("finish_reason") for c in chunks if c.response_metadata.get("finish_reason")] == [
         "stop"
     ]
+
+
+def test_a_streamed_tool_call_arrives_in_pieces(llm):
+    text = unique("reply=tool_call tokens=5")
+    chunks: list[AIMessageChunk] = list(llm.bind_tools([get_weather]).stream(text))
+    pieces = [piece for c in chunks for piece in c.tool_call_chunks]
+    # the first piece names the call, the later ones carry only argument fragments
+    assert pieces[0]["name"] == "get_weather" and pieces[0]["id"].startswith("call_sim")
+    assert len([p for p in pieces if p["args"]]) > 1 and all(p["name"] is None for p in pieces[1:])
+    assert json.loads("".join(p["args"] or "" for p in pieces)) == {"city": "sim"}
 
 
 def test_closing_the_stream_aborts_the_upstream_call(llm, gateway):

@@ -7,7 +7,8 @@ message_delta, message_stop, ping, error; there is no [DONE].
 
     content_block_delta text_delta        -> delta
     content_block_delta thinking_delta    -> meta(reasoning)
-    tool_use blocks + input_json_delta    -> meta(tool_calls) at the end
+    tool_use blocks + input_json_delta    -> meta(tool_call_delta) as they stream (start, each
+                                             fragment), meta(tool_calls) at the end
     citations_delta with a url            -> meta(citations=[url])
     message_start / message_delta usage   -> usage (prompt = input + cache tokens)
     message_delta stop_reason             -> finish, normalized to OpenAI's words:

@@ -9,7 +9,8 @@ Format: https://platform.openai.com/docs/api-reference/responses-streaming — t
     response.reasoning_text.delta                   -> meta(reasoning)
     response.refusal.delta                          -> meta(refusal)
     response.output_text.annotation.added (url)     -> meta(citations=[url])
-    function_call items + function_call_arguments.* -> meta(tool_calls) at the end
+    function_call items + function_call_arguments.* -> meta(tool_call_delta) as they stream;
+                                                       meta(tool_calls) at the end
     response.completed                              -> usage, finish "stop" ("tool_calls"
                                                        when the response called tools)
     response.incomplete                             -> usage, finish from incomplete_details

@@ -183,9 +183,18 @@ def test_anthropic_maps_a_tool_conversation_images_and_structured_output():
         ],
     }
     assert p["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
-    assert p["output_format"] == {"type": "json_schema", "schema": {"type": "object"}}
-    assert (b"anthropic-beta", anthropic.STRUCTURED_OUTPUTS_BETA) in headers
+    # structured outputs as generally available (output_config.format), no beta header
+    assert p["output_config"] == {"format": {"type": "json_schema", "schema": {"type": "object"}}}
+    assert "output_format" not in p and not any(name == b"anthropic-beta" for name, _ in headers)
     assert anthropic.check(body) is None
+
+
+def test_anthropic_maps_strict_tools_and_effort():
+    strict = {"type": "function", "function": {**TOOL["function"], "strict": True}}
+    p = payload(anthropic, {"messages": TOOL_LOOP, "tools": [strict, TOOL], "reasoning_effort": "medium"})
+    assert [t.get("strict") for t in p["tools"]] == [True, None]  # said: sent; not said: left to the default
+    assert p["output_config"] == {"effort": "medium"}
+    assert "'reasoning_effort'" in anthropic.check({"messages": TOOL_LOOP, "reasoning_effort": "minimal"})
 
 
 def test_responses_and_agent_map_tool_calls_to_input_items():
@@ -201,9 +210,39 @@ def test_responses_and_agent_map_tool_calls_to_input_items():
         {"type": "function_call_output", "call_id": "call_1", "output": "18C, clear"},
     ]
     assert p["text"] == {"format": {"type": "json_object"}} and p["reasoning"] == {"effort": "low"}
+    # a chat tool that says nothing keeps chat's meaning: not strict
+    assert p["tools"] == [{"type": "function", **TOOL["function"], "strict": False}]
     q = payload(perplexity_agent, {"messages": TOOL_LOOP, "tools": [TOOL]}, model="openai/gpt-5")
     assert q["input"][0] == {"type": "message", "role": "user", "content": "Weather in Paris?"}
-    assert q["input"][2]["type"] == "function_call_output"
+    assert q["input"][2] == {
+        "type": "function_call_output",
+        "call_id": "call_1",
+        "output": "18C, clear",
+        "name": "get_weather",  # the Agent API takes it; some of its models need it
+    }
+
+
+def test_the_agent_api_takes_structured_output_effort_and_its_own_part_types():
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Look"},
+                {**IMAGE, "image_url": {**IMAGE["image_url"], "detail": "auto"}},
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        {"role": "user", "content": "And?"},
+    ]
+    q = payload(perplexity_agent, {"messages": messages, "response_format": schema, "reasoning_effort": "high"})
+    assert q["response_format"] == schema and q["reasoning"] == {"effort": "high"}
+    assert q["input"][0]["content"][1] == {"type": "input_image", "image_url": IMAGE["image_url"]["url"]}
+    assert q["input"][1]["content"] == [{"type": "input_text", "text": "A cat."}]
+    refused = {"messages": messages[:1], "response_format": {"type": "json_object"}}
+    assert "'response_format'" in perplexity_agent.check(refused)
+    low = {**IMAGE, "image_url": {**IMAGE["image_url"], "detail": "low"}}
+    assert "'detail'" in perplexity_agent.check({"messages": [{"role": "user", "content": [low]}]})
 
 
 def test_ollama_maps_options_json_mode_images_and_tools():

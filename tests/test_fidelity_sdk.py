@@ -196,9 +196,17 @@ def test_requests_differing_only_in_seed_are_not_coalesced(gateway):
     assert seeds[-1] == 2 and seeds.count(2) == 1 and len(results) == 2
 
 
-def test_an_unsupported_cross_format_field_is_a_400_naming_it(sim):
+@pytest.fixture(scope="module")
+def anthropic_gateway(sim):
+    """A gateway with an Anthropic account (the simulated provider speaking Anthropic's API)."""
     env = {"SIMULATED_BASE_URL": sim, "ANTHROPIC_BASE_URL": sim, "ANTHROPIC_API_KEY": "k", "ANTHROPIC_H2C": "1"}
-    with running_gateway(env) as gw, openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0) as c:
+    with running_gateway(env) as gw:
+        yield gw
+
+
+def test_an_unsupported_cross_format_field_is_a_400_naming_it(sim, anthropic_gateway):
+    gw = anthropic_gateway
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0) as c:
         text = unique()
         with pytest.raises(openai.BadRequestError) as info:
             c.chat.completions.create(model="anthropic/claude-x", messages=[{"role": "user", "content": text}], seed=3)
@@ -250,3 +258,22 @@ def test_a_streamed_tool_call_arrives_as_the_provider_sends_it(client, gateway):
     assert [d for d in argument_deltas if d] == [f.function.arguments for f in fragments]
     assert "".join(argument_deltas) == call.function.arguments
     assert call.function.parsed_arguments is None or call.function.parsed_arguments == {"city": "sim"}
+
+
+def test_a_tool_call_streamed_by_anthropic_reaches_an_openai_client_in_pieces(sim, anthropic_gateway):
+    text = unique("reply=tool_call tokens=3")
+    kwargs = {"model": "anthropic/claude-x", "messages": [{"role": "user", "content": text}], "tools": [WEATHER]}
+    with openai.OpenAI(base_url=anthropic_gateway.url + "/v1", api_key="unused", max_retries=0, timeout=20) as c:
+        chunks = [chunk for chunk in c.chat.completions.create(stream=True, **kwargs) if chunk.choices]
+    pieces = [call for chunk in chunks for call in chunk.choices[0].delta.tool_calls or []]
+    opening, *fragments = pieces
+    assert opening.id.startswith("toolu_sim") and opening.function.name == "get_weather"
+    assert len(fragments) == 3  # Anthropic's three input_json_delta events, three chunks
+    assert json.loads("".join(f.function.arguments for f in fragments)) == {"city": "sim"}
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices[0].finish_reason] == ["tool_calls"]
+    [body] = [
+        r["body"]
+        for r in get_json(sim + "/stats")[1]["requests"]
+        if r["path"] == "/v1/messages" and text.split("\n")[0] in json.dumps(r["body"])
+    ]
+    assert body["tools"][0]["name"] == "get_weather" and "input_schema" in body["tools"][0]

@@ -229,10 +229,10 @@ class PoolRuntime:
         stop; then publish the last attempt's error if it has not gone out yet. Attempt n
         goes out on the n-th key of `msg.keys` (round): a retry escapes one key's failure."""
         from actors.upstream import run_call
-        from protocols.providers import get_adapter, openai_embeddings
+        from protocols.providers import adapter_for
 
-        # an embeddings request runs as a call whose "stream" is one JSON body
-        adapter = openai_embeddings if openai_embeddings.is_embeddings(msg.body) else get_adapter(provider.adapter)
+        # an embeddings request or a token count runs as a call whose "stream" is one JSON body
+        adapter = adapter_for(provider.adapter, msg.body)
         account = provider.account
         api_keys = provider.api_keys
         order = [k for k in (msg.keys or [msg.key]) if 0 <= k < len(api_keys)] or [0]

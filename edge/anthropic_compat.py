@@ -24,10 +24,21 @@ ignored. `anthropic-version` is not checked.
 Streaming: `event: ping` when the connection opens and as keepalive; at the first
 provider byte `message_start` (input tokens are reported in `message_delta`: they are
 known only at the end); a text block (`content_block_start`, `text_delta`s,
-`content_block_stop`) opened at the first text; tool calls as `tool_use` blocks with one
-`input_json_delta` each; then `message_delta` (stop_reason, usage) and `message_stop`.
+`content_block_stop`) opened at the first text; each tool call as the provider streams it:
+a `tool_use` block opened when the call starts (`content_block_start` with its id, name and
+`input: {}`), an `input_json_delta` per argument fragment, closed when the next block opens
+or the message ends (the adapters' meta(tool_call_delta), protocols/providers/base.py);
+then `message_delta` (stop_reason, usage) and `message_stop`.
 A failure after the 200 is `event: error` with `{"type": "error", "error": {"type",
 "message"}}` and the stream ends without `message_stop`.
+
+`POST /v1/messages/count_tokens` (the SDK's `messages.count_tokens`): forwarded to the
+Anthropic upstream, through the Pool like any call (protocols/providers/anthropic_count_tokens.py),
+when the model routes to an Anthropic account; the body goes up as the client sent it
+(`model` mapped) and the answer comes back as the provider sent it. A model routed to any
+other provider is a 400 `count_tokens_not_supported`: sluice has no other provider's
+tokenizer, and a guess would mislead a client sizing its context (docs/providers.md
+"Token counting").
 
 Errors before streaming (and a non-streamed answer's failure) are Anthropic's shape with
 sluice's status, except that a body of the wrong shape is a 400 (Anthropic's status for
@@ -42,12 +53,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from edge import models
 from edge.admission import Admission
 from edge.chat_request import RequestError, check_number, parse_coalesce, parse_stream, parse_tools
 from edge.openai_compat import RATE_LIMITED, STATUS_FOR_CODE
 from edge.rejections import Rejection
 from edge.sse_stream import Renderer, SSEStream
 from protocols import events as ev
+from protocols.providers.anthropic_count_tokens import BODY_FIELD as COUNT_FIELD
+from protocols.providers.anthropic_count_tokens import COUNT_TOKENS_ADAPTERS
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
 ERROR_TYPES = {
@@ -237,6 +251,21 @@ def parse_messages(data: dict, coalesce_header: str | None = None) -> tuple[str,
     return model, body, stream, coalesce
 
 
+def parse_count_tokens(data: dict, coalesce_header: str | None = None) -> tuple[str, dict, bool]:
+    """(model, normalized body, coalesce) for a count_tokens body; RequestError. The body is
+    Anthropic's and goes to Anthropic: only its frame is checked here, the provider judges
+    the rest (images, documents, thinking: whatever its counter takes)."""
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise _refuse("model", "a non-empty string is required")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _refuse("messages", "must be a non-empty array")
+    coalesce = parse_coalesce(data, coalesce_header, _refuse)
+    wanted = {k: v for k, v in data.items() if k not in ("model", "coalesce")}
+    return model, {COUNT_FIELD: wanted}, coalesce
+
+
 # --- responses ------------------------------------------------------------------------------
 
 
@@ -277,7 +306,8 @@ class MessageRenderer(Renderer):
         self.message_id = f"msg_{admission.request_id}"
         self.started_sent = False
         self.blocks = 0  # content blocks opened so far (the next one's index)
-        self.text_open = False
+        self.open: str | None = None  # the kind of the block open now ("text", "tool_use"), if any
+        self.tool_blocks: dict[int, int] = {}  # a streamed tool call's index -> its block's index
         self.usage: dict | None = None
 
     def opening(self) -> bytes:
@@ -306,53 +336,25 @@ class MessageRenderer(Renderer):
         kind = event["type"]
         if kind == ev.DELTA:
             out = self.started()
-            if not self.text_open:
-                self.text_open = True
-                out += _event(
-                    "content_block_start",
-                    {
-                        "type": "content_block_start",
-                        "index": self.blocks,
-                        "content_block": {"type": "text", "text": ""},
-                    },
-                )
-            return out + _event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": self.blocks,
-                    "delta": {"type": "text_delta", "text": event["delta"]},
-                },
-            )
-        if kind == ev.META and event.get("tool_calls"):
-            out = self.started() + self._close_text()
-            for call in event["tool_calls"]:
+            if self.open != "text":
+                out += self._open_block("text", {"type": "text", "text": ""})
+            return out + self._block_delta(self.blocks - 1, {"type": "text_delta", "text": event["delta"]})
+        if kind == ev.META and isinstance(event.get("tool_call_delta"), dict) and not event.get("choice"):
+            return self.started() + self._tool_call_delta(event["tool_call_delta"])
+        if kind == ev.META and event.get("tool_calls") and not event.get("choice"):
+            if self.tool_blocks:
+                return b""  # the whole calls, already sent piece by piece
+            out = self.started()
+            for call in event["tool_calls"]:  # a stream whose calls came whole (no tool_call_delta)
                 function = call.get("function") or {}
-                block = {
-                    "type": "tool_use",
-                    "id": call.get("id") or f"toolu_{self.blocks}",
-                    "name": function.get("name", ""),
-                    "input": {},
-                }
-                index = self.blocks
-                self.blocks += 1
-                out += _event(
-                    "content_block_start", {"type": "content_block_start", "index": index, "content_block": block}
-                )
-                out += _event(
-                    "content_block_delta",
-                    {
-                        "type": "content_block_delta",
-                        "index": index,
-                        "delta": {"type": "input_json_delta", "partial_json": function.get("arguments") or "{}"},
-                    },
-                )
-                out += _event("content_block_stop", {"type": "content_block_stop", "index": index})
+                out += self._open_block("tool_use", self._tool_block(call.get("id"), function.get("name")))
+                delta = {"type": "input_json_delta", "partial_json": function.get("arguments") or "{}"}
+                out += self._block_delta(self.blocks - 1, delta)
             return out
         if kind == ev.USAGE:
             self.usage = event["usage"]
         elif kind == ev.DONE:
-            out = self.started() + self._close_text()
+            out = self.started() + self._close_block()
             delta = {"stop_reason": stop_reason(event.get("finish_reason")), "stop_sequence": None}
             out += _event(
                 "message_delta",
@@ -364,13 +366,40 @@ class MessageRenderer(Renderer):
             return _event("error", error_body(STATUS_FOR_CODE.get(code, 500), event.get("message", ""), code))
         return b""  # other meta (citations, reasoning, ...) has no place in this format
 
-    def _close_text(self) -> bytes:
-        if not self.text_open:
-            return b""
-        self.text_open = False
-        index = self.blocks
+    def _tool_call_delta(self, delta: dict) -> bytes:
+        """A call's start opens its tool_use block; a fragment is an input_json_delta on it
+        (by its block's index, as Anthropic's SDK accumulates them, should a provider
+        interleave the fragments of parallel calls)."""
+        index = delta.get("index", 0)
+        out = b""
+        if "id" in delta or index not in self.tool_blocks:
+            out += self._open_block("tool_use", self._tool_block(delta.get("id"), delta.get("name")))
+            self.tool_blocks[index] = self.blocks - 1
+        if delta.get("arguments"):
+            out += self._block_delta(
+                self.tool_blocks[index], {"type": "input_json_delta", "partial_json": delta["arguments"]}
+            )
+        return out
+
+    def _tool_block(self, call_id: str | None, name: str | None) -> dict:
+        return {"type": "tool_use", "id": call_id or f"toolu_{self.blocks}", "name": name or "", "input": {}}
+
+    def _open_block(self, kind: str, block: dict) -> bytes:
+        out = self._close_block()
+        self.open = kind
         self.blocks += 1
-        return _event("content_block_stop", {"type": "content_block_stop", "index": index})
+        return out + _event(
+            "content_block_start", {"type": "content_block_start", "index": self.blocks - 1, "content_block": block}
+        )
+
+    def _block_delta(self, index: int, delta: dict) -> bytes:
+        return _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+
+    def _close_block(self) -> bytes:
+        if self.open is None:
+            return b""
+        self.open = None
+        return _event("content_block_stop", {"type": "content_block_stop", "index": self.blocks - 1})
 
 
 class Message:
@@ -449,4 +478,44 @@ def routes(edge) -> list[Route]:
                 message.add(event)
         return message.response()
 
-    return [Route("/v1/messages", messages, methods=["POST"])]
+    async def count_tokens(request: Request):
+        if (denied := edge.authenticate(request)) is not None:
+            return reshaped(denied)
+        try:
+            edge.check_in_service()
+            data = await edge.json_body(request)
+            model, body, coalesce = parse_count_tokens(data, request.headers.get("x-sluice-coalesce"))
+            provider, _ = models.resolve(None, model, edge.settings)
+            provider = provider or edge.settings.provider
+            adapter = p.adapter if (p := edge.settings.providers.get(provider)) else provider
+            if adapter not in COUNT_TOKENS_ADAPTERS:
+                raise RequestError(
+                    400,
+                    "count_tokens_not_supported",
+                    f"token counting is forwarded to Anthropic accounts only: model {model!r} goes to "
+                    f"provider {provider!r}, whose tokenizer sluice does not have",
+                )
+            admission = await edge.admit(None, model, body, None, coalesce, request.state.key_id)
+        except Rejection as exc:
+            return rejection_response(exc)
+        answer, end = None, None
+        async with admission.serving(request.scope, request.receive):
+            async for event in admission.events():
+                if event["type"] == ev.META and isinstance(event.get(COUNT_FIELD), dict):
+                    answer = event[COUNT_FIELD]
+                elif ev.is_terminal(event):
+                    end = event
+        headers = {"x-request-id": admission.request_id}
+        end = end or ev.error("disconnected", "the client went away")
+        if end["type"] == ev.ERROR or answer is None:
+            code = end.get("code", "upstream_malformed")
+            status = STATUS_FOR_CODE.get(code, 502)
+            if code == "upstream_4xx":
+                status = end.get("status") if end.get("status") in (400, 404, 413, 422) else 400
+            return error_response(status, code, end.get("message", "the provider sent no count"), headers)
+        return JSONResponse(answer, headers=headers)
+
+    return [
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+    ]

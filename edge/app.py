@@ -39,7 +39,7 @@ from protocols import messages as m
 from protocols.config import PROVIDERS
 from protocols.gateway_settings import Settings
 from protocols.keys import coalescing_key
-from protocols.providers import get_adapter
+from protocols.providers import adapter_for
 
 log = logging.getLogger("sluice.edge")
 
@@ -239,7 +239,7 @@ class Edge:
         model = model or configured.model
         # A field the provider's API cannot honour is refused here, before any admission
         # (docs/providers.md): never dropped silently on the way upstream.
-        if (problem := get_adapter(configured.adapter).check(body)) is not None:
+        if (problem := adapter_for(configured.adapter, body).check(body)) is not None:
             raise Rejection(400, "unsupported_parameter", problem)
         if (denied := await self.admit_key(key_id, provider, model)) is not None:
             raise key_refusal(denied)  # counted per key (/metrics), not as a gateway error

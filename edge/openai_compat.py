@@ -28,7 +28,10 @@ Decisions (an OpenAI client must not notice it is talking to a gateway):
   sent some: never made-up zeros.
 - Streaming: `: ping` SSE comments when the connection opens and as keepalive (OpenAI's
   SDKs skip comments), no sluice meta/ping events. At the first provider byte a chunk with
-  delta.role; then delta.content chunks; tool calls as one delta.tool_calls chunk; the last
+  delta.role; then delta.content chunks; tool calls as the provider streams them, as OpenAI
+  sends them: a chunk opening each call (`tool_calls[{index, id, type, function: {name,
+  arguments: ""}}]`), then a chunk per argument fragment (`tool_calls[{index, function:
+  {arguments}}]`) (the adapters' meta(tool_call_delta), protocols/providers/base.py); the last
   chunk has finish_reason; with stream_options.include_usage every chunk has "usage": null
   and a final chunk with empty choices carries the usage (when the provider reported any);
   then `data: [DONE]`.
@@ -150,6 +153,15 @@ def _tool_calls(calls: list[dict]) -> list[dict]:
     return [{"index": i, **call} for i, call in enumerate(calls)]
 
 
+def _tool_call_delta(delta: dict) -> dict:
+    """A meta(tool_call_delta) as OpenAI streams a tool call: the opening chunk names it,
+    the later ones carry argument fragments only."""
+    if "id" in delta:
+        function = {"name": delta.get("name") or "", "arguments": ""}
+        return {"index": delta["index"], "id": delta["id"], "type": "function", "function": function}
+    return {"index": delta["index"], "function": {"arguments": delta.get("arguments", "")}}
+
+
 class Extras:
     """What a stream tells about the whole answer, kept for the chunks and the body:
     system_fingerprint, citations and search_results (Perplexity's top-level fields),
@@ -213,6 +225,7 @@ class ChunkRenderer(Renderer):
         }
         self.include_usage = include_usage
         self.roles_sent: set[int] = set()
+        self.tools_streamed: set[int] = set()  # choices whose tool calls went out as they streamed
         self.extras = Extras()
 
     def opening(self) -> bytes:
@@ -229,6 +242,12 @@ class ChunkRenderer(Renderer):
         if self.extras.take(event):
             return b""
         index = event.get("choice") or 0
+        if kind == ev.META and isinstance(event.get("tool_call_delta"), dict):
+            self.tools_streamed.add(index)
+            call = _tool_call_delta(event["tool_call_delta"])
+            return self._role(index) + self._chunk(index, {"tool_calls": [call]})
+        if kind == ev.META and event.get("tool_calls") and index in self.tools_streamed:
+            return b""  # the whole calls, already sent piece by piece
         delta = _delta_of(event)
         if delta is not None:
             return self._role(index) + self._chunk(index, delta, logprobs=event.get("logprobs"))

@@ -23,10 +23,13 @@ accepted and ignored.
 Streaming: `response.created` and `response.in_progress` as soon as the call is admitted
 (SSE comments `: ping` as keepalive), at the first text `response.output_item.added` and
 `response.content_part.added`, then `response.output_text.delta`s; at the end
-`response.output_text.done`, `response.content_part.done`, `response.output_item.done`,
-each tool call as a `function_call` item (added, `response.function_call_arguments.done`,
-done), then `response.completed` (or `response.incomplete` when the answer hit its token
-limit). Every event carries `sequence_number`. A failure after the 200 is one
+`response.output_text.done`, `response.content_part.done`, `response.output_item.done`;
+each tool call as the provider streams it, as a `function_call` item: `output_item.added`
+when the call starts, a `response.function_call_arguments.delta` per argument fragment,
+then `response.function_call_arguments.done` and `output_item.done` (items in the order
+they streamed: a message closes when a call starts; the adapters' meta(tool_call_delta),
+protocols/providers/base.py); then `response.completed` (or `response.incomplete` when the
+answer hit its token limit). Every event carries `sequence_number`. A failure after the 200 is one
 `response.failed` event whose response holds `error` {code, message}; no `[DONE]` (the
 Responses API sends none).
 
@@ -234,8 +237,9 @@ class _Shape:
         out = [self.message_item("completed")] if self.text or not self.tool_calls else []
         return out + [_function_item(call, n) for n, call in enumerate(self.tool_calls)]
 
-    def response(self, status: str, end: dict | None = None) -> dict:
-        """The Response object: "in_progress" (no output yet), "completed", "incomplete", "failed"."""
+    def response(self, status: str, end: dict | None = None, output: list[dict] | None = None) -> dict:
+        """The Response object: "in_progress" (no output yet), "completed", "incomplete", "failed";
+        `output`: the items as they streamed (else built from the text and the tool calls)."""
         finished = status in ("completed", "incomplete")
         error = None
         if status == "failed" and end is not None:
@@ -246,7 +250,7 @@ class _Shape:
             "created_at": self.created,
             "status": status,
             "model": self.model,
-            "output": self.output() if finished else [],
+            "output": (self.output() if output is None else output) if finished else [],
             "usage": usage_of((end or {}).get("usage") or self.usage) if finished else None,
             "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
@@ -262,13 +266,18 @@ def _ending(end: dict) -> str:
 
 
 class ResponseRenderer(Renderer):
-    """sluice's stream events as the Responses API's SSE events."""
+    """sluice's stream events as the Responses API's SSE events. Output items are numbered
+    in the order they open: a message at its first text, a function_call when its call
+    starts streaming; opening one closes the one before."""
 
     def __init__(self, admission: Admission, model: str, created: int, echo: dict):
         super().__init__(admission)
         self.shape = _Shape(admission, model, created, echo)
         self.sequence = 0
-        self.message_open = False
+        self.items: list[dict] = []  # the output items so far, in order (the open one last)
+        self.open: dict | None = None  # the item being streamed: a message or a function_call
+        self.texts: dict[str, list[str]] = {}  # a message item's id -> its text pieces
+        self.calls: dict[int, dict] = {}  # a streamed call's index -> its function_call item
 
     def opening(self) -> bytes:
         return self._event("response.created", response=self.shape.response("in_progress")) + self._event(
@@ -283,78 +292,121 @@ class ResponseRenderer(Renderer):
         shape = self.shape
         if kind == ev.DELTA:
             out = self._open_message()
+            message = self.open or {}
             shape.text.append(event["delta"])
+            self.texts[message["id"]].append(event["delta"])
             return out + self._event(
                 "response.output_text.delta",
-                item_id=shape.message_id,
-                output_index=0,
+                item_id=message["id"],
+                output_index=self._index(message),
                 content_index=0,
                 delta=event["delta"],
                 logprobs=[],
             )
-        if kind == ev.META and event.get("tool_calls"):
+        if kind == ev.META and isinstance(event.get("tool_call_delta"), dict) and not event.get("choice"):
+            return self._tool_call_delta(event["tool_call_delta"])
+        if kind == ev.META and event.get("tool_calls") and not event.get("choice"):
             shape.tool_calls = event["tool_calls"]
         elif kind == ev.USAGE:
             shape.usage = event["usage"]
         elif kind == ev.DONE:
-            out = b""
-            if shape.text or not shape.tool_calls:
-                out += self._open_message() + self._close_message()
-            first = 1 if shape.text or not shape.tool_calls else 0
-            for n, call in enumerate(shape.tool_calls):
-                item = _function_item(call, n)
-                index = first + n
-                out += self._event(
-                    "response.output_item.added", output_index=index, item={**item, "status": "in_progress"}
-                )
-                out += self._event(
-                    "response.function_call_arguments.done",
-                    item_id=item["id"],
-                    output_index=index,
-                    arguments=item["arguments"],
-                )
-                out += self._event("response.output_item.done", output_index=index, item=item)
+            out = self._close()
+            if not self.calls:  # calls that came whole (none streamed): one item each, now
+                for n, call in enumerate(shape.tool_calls):
+                    item = {**_function_item(call, n), "status": "in_progress"}
+                    out += self._start(item) + self._close()
+            if not self.items:  # an empty answer is still one (empty) message
+                out += self._open_message() + self._close()
             status = _ending(event)
-            return out + self._event(f"response.{status}", response=shape.response(status, event))
+            return out + self._event(f"response.{status}", response=shape.response(status, event, self.items))
         elif kind == ev.ERROR:
             return self._event("response.failed", response=shape.response("failed", event))
         return b""  # other meta (citations, reasoning, ...) has no place in this format
 
+    def _tool_call_delta(self, delta: dict) -> bytes:
+        index = delta.get("index", 0)
+        out = b""
+        if "id" in delta or index not in self.calls:
+            call_id = delta.get("id") or f"call_{index}"
+            item = {
+                "type": "function_call",
+                "id": f"fc_{call_id}",
+                "call_id": call_id,
+                "name": delta.get("name") or "",
+                "arguments": "",
+                "status": "in_progress",
+            }
+            self.calls[index] = item
+            out += self._start(item)
+        item = self.calls[index]
+        if delta.get("arguments"):
+            item["arguments"] += delta["arguments"]
+            out += self._event(
+                "response.function_call_arguments.delta",
+                item_id=item["id"],
+                output_index=self._index(item),
+                delta=delta["arguments"],
+            )
+        return out
+
+    def _index(self, item: dict) -> int:
+        return next(i for i, known in enumerate(self.items) if known is item)
+
+    def _start(self, item: dict) -> bytes:
+        out = self._close()
+        self.items.append(item)
+        self.open = item
+        return out + self._event("response.output_item.added", output_index=len(self.items) - 1, item=item)
+
     def _open_message(self) -> bytes:
-        if self.message_open:
+        if self.open is not None and self.open["type"] == "message":
             return b""
-        self.message_open = True
-        shape = self.shape
-        return self._event(
-            "response.output_item.added", output_index=0, item=shape.message_item("in_progress")
-        ) + self._event(
+        first = not self.texts
+        message_id = self.shape.message_id if first else f"{self.shape.message_id}_{len(self.items)}"
+        self.texts[message_id] = []
+        item = {"type": "message", "id": message_id, "status": "in_progress", "role": "assistant", "content": []}
+        return self._start(item) + self._event(
             "response.content_part.added",
-            item_id=shape.message_id,
-            output_index=0,
+            item_id=message_id,
+            output_index=len(self.items) - 1,
             content_index=0,
             part=_text_part(""),
         )
 
-    def _close_message(self) -> bytes:
-        shape = self.shape
-        text = "".join(shape.text)
+    def _close(self) -> bytes:
+        """Finish the open item, if any: its done events, and it becomes completed."""
+        item, self.open = self.open, None
+        if item is None:
+            return b""
+        index = self._index(item)
+        item["status"] = "completed"
+        if item["type"] == "function_call":
+            item["arguments"] = item["arguments"] or "{}"
+            return self._event(
+                "response.function_call_arguments.done",
+                item_id=item["id"],
+                output_index=index,
+                arguments=item["arguments"],
+            ) + self._event("response.output_item.done", output_index=index, item=item)
+        text = "".join(self.texts[item["id"]])
+        item["content"] = [_text_part(text)]
         return (
             self._event(
                 "response.output_text.done",
-                item_id=shape.message_id,
-                output_index=0,
+                item_id=item["id"],
+                output_index=index,
                 content_index=0,
                 text=text,
                 logprobs=[],
             )
             + self._event(
                 "response.content_part.done",
-                item_id=shape.message_id,
-                output_index=0,
+                item_id=item["id"],
+                output_index=index,
                 content_index=0,
                 part=_text_part(text),
             )
-            + self._event("response.output_item.done", output_index=0, item=shape.message_item("completed"))
+            + self._event("response.output_item.done", output_index=index, item=item)
         )
 
     def _event(self, kind: str, **fields) -> bytes:

@@ -3,7 +3,7 @@
 Each group of routes lives in a module of its own and exposes `routes(edge) -> list[Route]`:
 edge/app.py (chat, health, metrics), edge/threads.py (chat threads), edge/models.py
 (`/v1/models`, `/v1/models/{id}`), edge/openai_compat.py (`/v1/chat/completions`),
-edge/responses_compat.py (`/v1/responses`), edge/anthropic_compat.py (`/v1/messages`),
+edge/responses_compat.py (`/v1/responses`), edge/anthropic_compat.py (`/v1/messages`, `/v1/messages/count_tokens`),
 edge/embeddings.py (`/v1/embeddings`), edge/admin_routes.py (operators), edge/web.py (the
 chat page, the dashboard and its live feed). edge/cors.py answers browsers' preflights
 for every API route when SLUICE_CORS_ORIGINS allows the origin.

@@ -2,7 +2,9 @@
 
 Adapter output (protocols/providers/*):
     {"type": "delta", "delta": str}
-    {"type": "meta", ...}            provider extras: citations, search_results, reasoning
+    {"type": "meta", ...}            provider extras: citations, search_results, reasoning,
+                                     tool calls (whole: "tool_calls"; as they stream:
+                                     "tool_call_delta", protocols/providers/base.py)
     {"type": "usage", "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
     {"type": "finish", "reason": str}
     {"type": "error", "code": str, "message": str}

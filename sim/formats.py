@@ -70,8 +70,11 @@ DEFAULT_KNOBS: dict[str, Any] = {
 # OpenAI chat also answers as a real provider would: JSON when response_format asks for it
 # (json_object: {"answer": <the tokens>}; json_schema: an example of the schema), logprobs
 # when logprobs is true (top_logprobs alternatives each), n choices for n > 1, and with
-# reply=tool_call a call of the first tool (arguments: an example of its parameters) unless
-# the conversation already ends in a tool result.
+# reply=tool_call a call of the first tool (arguments: an example of its parameters, streamed
+# in as many fragments as there are tokens) unless the conversation already ends in a tool
+# result; a `tool_choice` that forces a tool ("required", or a named function) calls that
+# tool without the directive, as a real model must. Anthropic Messages calls a tool the same
+# way (a tool_use block, its input as input_json_delta fragments, stop_reason tool_use).
 FAIL_MODES = (
     "none",
     "429",
@@ -329,6 +332,14 @@ def _logprobs(text: str, top: int) -> dict:
     return {"content": [dict(entry, top_logprobs=alternatives)], "refusal": None}
 
 
+def _forced_tool(choice: Any, tools: list[dict]) -> dict | None:
+    """The tool a `tool_choice` forces (a named function, or "required": the first), else None."""
+    if choice == "required" and tools:
+        return tools[0]
+    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    return next((t for t in tools if t.get("name") == name), None) if name else None
+
+
 def _openai_choices(body: dict, tokens: list[str], meta: Meta) -> list[tuple[list[dict], list[dict | None], str]]:
     """Per choice: one delta per token, their logprobs (or None), and the finish reason."""
     try:
@@ -350,14 +361,16 @@ def _openai_choices(body: dict, tokens: list[str], meta: Meta) -> list[tuple[lis
         toks = tokens if k == 0 else make_tokens([messages, k], len(tokens))
         count = max(len(toks), 1)
         last_role = messages[-1].get("role") if messages and isinstance(messages[-1], dict) else None
-        if reply == "tool_call" and tools and last_role == "user":
+        forced = _forced_tool(body.get("tool_choice"), tools)
+        if (reply == "tool_call" or forced) and tools and last_role == "user":
+            chosen = forced or tools[0]
             call = {
                 "index": 0,
                 "id": f"call_sim{meta.call_id:06d}_{k}",
                 "type": "function",
-                "function": {"name": tools[0].get("name"), "arguments": ""},
+                "function": {"name": chosen.get("name"), "arguments": ""},
             }
-            args = _split(json.dumps(example_of(tools[0].get("parameters"))), count)
+            args = _split(json.dumps(example_of(chosen.get("parameters"))), count)
             deltas = [{"tool_calls": [dict(call, function=dict(call["function"], arguments=args[0]))]}]
             deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} for piece in args[1:]]
             out.append((deltas, [None] * count, "tool_calls"))
@@ -547,6 +560,32 @@ def _anthropic_message(body: dict, meta: Meta, content: list, stop_reason: str |
     }
 
 
+def _anthropic_tool_call(body: dict, tokens: list[str], meta: Meta) -> tuple[dict, list[str]] | None:
+    """(the tool_use block, its input's JSON text in one piece per token) when this call
+    answers with a tool: as OpenAI chat does (reply=tool_call, or a forcing tool_choice),
+    unless the conversation already ends in a tool result."""
+    try:
+        reply = parse_directive(_last_user(_anthropic_turns(body))).get("reply", "text")
+    except KnobError:
+        reply = "text"
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("name"), str)]
+    choice = body.get("tool_choice") if isinstance(body.get("tool_choice"), dict) else {}
+    forced = tools[0] if choice.get("type") == "any" and tools else None
+    if choice.get("type") == "tool":
+        forced = next((t for t in tools if t["name"] == choice.get("name")), None)
+    messages = _messages(body)
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    content = last.get("content")
+    answered = isinstance(content, list) and any(
+        isinstance(b, dict) and b.get("type") == "tool_result" for b in content
+    )
+    if not tools or answered or not (reply == "tool_call" or forced):
+        return None
+    chosen = forced or tools[0]
+    block = {"type": "tool_use", "id": f"toolu_sim{meta.call_id:06d}", "name": chosen["name"], "input": {}}
+    return block, _split(json.dumps(example_of(chosen.get("input_schema"))), max(len(tokens), 1))
+
+
 def _anthropic_stream(body: dict, tokens: list[str], meta: Meta) -> Frames:
     usage = {
         "input_tokens": _prompt_tokens(_anthropic_turns(body)),
@@ -569,23 +608,43 @@ def _anthropic_stream(body: dict, tokens: list[str], meta: Meta) -> Frames:
         )
         for t in tokens
     ]
+    stop_reason = "end_turn"
+    tool = _anthropic_tool_call(body, tokens, meta)
+    if tool is not None:  # a tool_use block instead of the text one, its input in fragments
+        block, pieces = tool
+        head[1] = _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+        deltas = [
+            _event(
+                "content_block_delta",
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": p}},
+            )
+            for p in pieces
+        ]
+        stop_reason = "tool_use"
     tail = [
         _event("content_block_stop", {"type": "content_block_stop", "index": 0}),
         _event(
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
                 "usage": {"output_tokens": len(tokens)},
             },
         ),
         _event("message_stop", {"type": "message_stop"}),
     ]
+    if not tokens:  # nothing to pace: the fragments go out with the tail
+        tail, deltas = deltas + tail, []
     return Frames(head, deltas, tail)
 
 
 def _anthropic_complete(body: dict, tokens: list[str], meta: Meta) -> bytes:
     usage = {"input_tokens": _prompt_tokens(_anthropic_turns(body)), "output_tokens": len(tokens)}
+    tool = _anthropic_tool_call(body, tokens, meta)
+    if tool is not None:
+        block, pieces = tool
+        content = [{**block, "input": json.loads("".join(pieces))}]
+        return _dumps(_anthropic_message(body, meta, content, "tool_use", usage))
     content = [{"type": "text", "text": "".join(tokens)}]
     return _dumps(_anthropic_message(body, meta, content, "end_turn", usage))
 
@@ -1031,6 +1090,25 @@ openai_embeddings = WireFormat(
 )
 
 
+def _count_tokens_complete(body: dict, tokens: list[str], meta: Meta) -> bytes:
+    # The same rough count a Messages call reports as its input_tokens (no tokenizer).
+    return _dumps({"input_tokens": _prompt_tokens(_anthropic_turns(body))})
+
+
+# Anthropic's token counting (POST /v1/messages/count_tokens): one JSON answer, never a stream.
+anthropic_count_tokens = WireFormat(
+    name="anthropic_count_tokens",
+    stream_content_type="application/json",
+    prompt=lambda body: _last_user(_anthropic_turns(body)),
+    conversation=_anthropic_turns,
+    wants_stream=lambda body: False,
+    stream=lambda body, tokens, meta: Frames([], [], [_count_tokens_complete(body, tokens, meta)]),
+    complete=_count_tokens_complete,
+    error=anthropic_error,
+    midstream_error=lambda body, tokens, meta, sent: b"",
+)
+
+
 # Route path -> wire format.  Every path here counts as a completion call in /stats.
 ROUTES: dict[str, WireFormat] = {
     "/v1/chat/completions": openai_chat,
@@ -1040,4 +1118,5 @@ ROUTES: dict[str, WireFormat] = {
     "/chat/completions": perplexity_sonar,
     "/api/chat": ollama_chat,
     "/v1/embeddings": openai_embeddings,
+    "/v1/messages/count_tokens": anthropic_count_tokens,
 }

@@ -1,5 +1,6 @@
 """POST /v1/messages (edge/anthropic_compat.py) driven by the official `anthropic` SDK,
-unmodified, against the real gateway in front of the simulated provider; plus raw-HTTP
+unmodified, against the real gateway in front of the simulated provider (also
+`messages.count_tokens`: forwarded to an Anthropic account, refused for another provider); plus raw-HTTP
 checks of the event stream the SDK hides."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import anthropic
 import pytest
 
 from sim import formats
-from tests.support import SSEClient, get_json, request, wait_until
+from tests.support import SSEClient, get_json, request, running_gateway, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -201,3 +202,55 @@ def test_identical_streams_coalesce_and_show_in_metrics(client, gateway):
     wait_until(
         lambda: followers(gateway) >= before + 5, timeout=10, message="the followers in /api/metrics/performance"
     )
+
+
+def test_count_tokens_is_forwarded_to_an_anthropic_account(sim):
+    env = {"SIMULATED_BASE_URL": sim, "ANTHROPIC_BASE_URL": sim, "ANTHROPIC_API_KEY": "k-count", "ANTHROPIC_H2C": "1"}
+    text = unique("tokens=3")
+    tools = [{"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+    with (
+        running_gateway(env) as gw,
+        anthropic.Anthropic(base_url=gw.url, api_key="unused", max_retries=0, timeout=20) as c,
+    ):
+        counted = c.messages.count_tokens(
+            model="anthropic/claude-x", system="Be brief.", messages=messages, tools=tools
+        )
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    assert counted.input_tokens == sum(len(t["content"].split()) + 3 for t in turns)  # the sim's count
+    [call] = [
+        r
+        for r in get_json(sim + "/stats")[1]["requests"]
+        if r["path"] == "/v1/messages/count_tokens" and text.split("\n")[0] in json.dumps(r["body"])
+    ]
+    # Anthropic's own body, as the client sent it, model mapped; the account's key
+    assert call["body"] == {"model": "claude-x", "system": "Be brief.", "messages": messages, "tools": tools}
+    assert "max_tokens" not in call["body"] and call["auth"] == ["x-api-key"]
+
+
+def test_count_tokens_for_another_provider_is_a_clear_400(client, gateway):
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.count_tokens(model="sim-1", messages=[{"role": "user", "content": "how long is this?"}])
+    assert info.value.body["error"]["type"] == "invalid_request_error"
+    assert "Anthropic accounts only" in info.value.body["error"]["message"]
+    assert "'simulated'" in info.value.body["error"]["message"]
+
+
+def test_a_streamed_tool_call_is_a_tool_use_block_with_input_json_deltas(client, gateway):
+    text = unique("reply=tool_call tokens=4")
+    tools = [{"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    with client.messages.stream(
+        model="sim-1", max_tokens=50, tools=tools, messages=[{"role": "user", "content": text}]
+    ) as stream:
+        events = list(stream)
+        message = stream.get_final_message()
+    kinds = [(e.type, getattr(getattr(e, "content_block", None), "type", None)) for e in events]
+    assert ("content_block_start", "tool_use") in kinds
+    starts = [e for e in events if e.type == "content_block_start"]
+    assert [b.content_block.type for b in starts] == ["tool_use"] and starts[0].content_block.name == "get_weather"
+    partials = [e.delta.partial_json for e in events if e.type == "content_block_delta"]
+    assert len(partials) == 4 and json.loads("".join(partials)) == {"city": "sim"}  # the sim's four pieces
+    assert [e.type for e in events if e.type == "input_json"] == ["input_json"] * 4  # the SDK's own accumulation
+    [block] = message.content
+    assert block.type == "tool_use" and block.input == {"city": "sim"} and block.id.startswith("call_sim")
+    assert message.stop_reason == "tool_use"

@@ -183,9 +183,18 @@ def test_anthropic_maps_a_tool_conversation_images_and_structured_output():
         ],
     }
     assert p["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
-    assert p["output_format"] == {"type": "json_schema", "schema": {"type": "object"}}
-    assert (b"anthropic-beta", anthropic.STRUCTURED_OUTPUTS_BETA) in headers
+    # structured outputs as generally available (output_config.format), no beta header
+    assert p["output_config"] == {"format": {"type": "json_schema", "schema": {"type": "object"}}}
+    assert "output_format" not in p and not any(name == b"anthropic-beta" for name, _ in headers)
     assert anthropic.check(body) is None
+
+
+def test_anthropic_maps_strict_tools_and_effort():
+    strict = {"type": "function", "function": {**TOOL["function"], "strict": True}}
+    p = payload(anthropic, {"messages": TOOL_LOOP, "tools": [strict, TOOL], "reasoning_effort": "medium"})
+    assert [t.get("strict") for t in p["tools"]] == [True, None]  # said: sent; not said: left to the default
+    assert p["output_config"] == {"effort": "medium"}
+    assert "'reasoning_effort'" in anthropic.check({"messages": TOOL_LOOP, "reasoning_effort": "minimal"})
 
 
 def test_responses_and_agent_map_tool_calls_to_input_items():
@@ -201,9 +210,39 @@ def test_responses_and_agent_map_tool_calls_to_input_items():
         {"type": "function_call_output", "call_id": "call_1", "output": "18C, clear"},
     ]
     assert p["text"] == {"format": {"type": "json_object"}} and p["reasoning"] == {"effort": "low"}
+    # a chat tool that says nothing keeps chat's meaning: not strict
+    assert p["tools"] == [{"type": "function", **TOOL["function"], "strict": False}]
     q = payload(perplexity_agent, {"messages": TOOL_LOOP, "tools": [TOOL]}, model="openai/gpt-5")
     assert q["input"][0] == {"type": "message", "role": "user", "content": "Weather in Paris?"}
-    assert q["input"][2]["type"] == "function_call_output"
+    assert q["input"][2] == {
+        "type": "function_call_output",
+        "call_id": "call_1",
+        "output": "18C, clear",
+        "name": "get_weather",  # the Agent API takes it; some of its models need it
+    }
+
+
+def test_the_agent_api_takes_structured_output_effort_and_its_own_part_types():
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Look"},
+                {**IMAGE, "image_url": {**IMAGE["image_url"], "detail": "auto"}},
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        {"role": "user", "content": "And?"},
+    ]
+    q = payload(perplexity_agent, {"messages": messages, "response_format": schema, "reasoning_effort": "high"})
+    assert q["response_format"] == schema and q["reasoning"] == {"effort": "high"}
+    assert q["input"][0]["content"][1] == {"type": "input_image", "image_url": IMAGE["image_url"]["url"]}
+    assert q["input"][1]["content"] == [{"type": "input_text", "text": "A cat."}]
+    refused = {"messages": messages[:1], "response_format": {"type": "json_object"}}
+    assert "'response_format'" in perplexity_agent.check(refused)
+    low = {**IMAGE, "image_url": {**IMAGE["image_url"], "detail": "low"}}
+    assert "'detail'" in perplexity_agent.check({"messages": [{"role": "user", "content": [low]}]})
 
 
 def test_ollama_maps_options_json_mode_images_and_tools():
@@ -310,3 +349,79 @@ def test_refusal_reasoning_citations_and_fingerprint_in_openai_shape():
     renderer.event(ev.meta(system_fingerprint="fp"))
     chunk = json.loads(renderer.event(ev.meta(refusal="no")).split(b"\n\n")[1][6:])
     assert chunk["system_fingerprint"] == "fp" and chunk["choices"][0]["delta"] == {"refusal": "no"}
+
+
+def _sse_events(data: bytes) -> list[tuple[str, dict]]:
+    out = []
+    for block in data.split(b"\n\n"):
+        lines = dict(line.split(b": ", 1) for line in block.split(b"\n") if b": " in line)
+        if b"data" in lines and lines[b"data"].startswith(b"{"):
+            out.append(((lines.get(b"event") or b"").decode(), json.loads(lines[b"data"])))
+    return out
+
+
+def _streamed_call(fragments: list[str]) -> list[dict]:
+    start = ev.meta(tool_call_delta={"index": 0, "id": "c1", "name": "f", "arguments": ""})
+    return [start, *(ev.meta(tool_call_delta={"index": 0, "arguments": f}) for f in fragments)]
+
+
+def test_text_then_a_streamed_call_in_each_format():
+    """Text, then a call streamed in two fragments, then the whole call: every front end
+    closes the text before the call opens, sends each fragment once, and not the whole again."""
+    from edge.anthropic_compat import MessageRenderer
+    from edge.responses_compat import ResponseRenderer
+
+    events = [
+        ev.delta("Let me look."),
+        *_streamed_call(['{"a":', "1}"]),
+        ev.meta(tool_calls=[{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}]),
+        ev.done("tool_calls", None),
+    ]
+    chunks = ChunkRenderer(_Admission(), "m", 0, include_usage=False)  # type: ignore[arg-type]
+    frames = [data for _, data in _sse_events(b"".join(chunks.event(e) for e in events))]
+    calls = [c for f in frames for c in f["choices"][0]["delta"].get("tool_calls") or []]
+    assert calls == [
+        {"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}},
+        {"index": 0, "function": {"arguments": '{"a":'}},
+        {"index": 0, "function": {"arguments": "1}"}},
+    ]
+
+    messages = MessageRenderer(_Admission(), "m")  # type: ignore[arg-type]
+    anthropic_out = _sse_events(b"".join(messages.event(e) for e in events))
+    shapes = [
+        (name, d.get("index"), (d.get("content_block") or d.get("delta") or {}).get("type"))
+        for name, d in anthropic_out
+    ]
+    assert shapes == [
+        ("message_start", None, None),
+        ("content_block_start", 0, "text"),
+        ("content_block_delta", 0, "text_delta"),
+        ("content_block_stop", 0, None),
+        ("content_block_start", 1, "tool_use"),
+        ("content_block_delta", 1, "input_json_delta"),
+        ("content_block_delta", 1, "input_json_delta"),
+        ("content_block_stop", 1, None),
+        ("message_delta", None, None),
+        ("message_stop", None, None),
+    ]
+
+    renderer = ResponseRenderer(_Admission(), "m", 0, {})  # type: ignore[arg-type]
+    responses_out = _sse_events(b"".join(renderer.event(e) for e in events))
+    named = [(name, d.get("output_index")) for name, d in responses_out]
+    assert named == [
+        ("response.output_item.added", 0),
+        ("response.content_part.added", 0),
+        ("response.output_text.delta", 0),
+        ("response.output_text.done", 0),
+        ("response.content_part.done", 0),
+        ("response.output_item.done", 0),
+        ("response.output_item.added", 1),
+        ("response.function_call_arguments.delta", 1),
+        ("response.function_call_arguments.delta", 1),
+        ("response.function_call_arguments.done", 1),
+        ("response.output_item.done", 1),
+        ("response.completed", None),
+    ]
+    output = responses_out[-1][1]["response"]["output"]
+    assert [item["type"] for item in output] == ["message", "function_call"]
+    assert output[1]["arguments"] == '{"a":1}' and output[0]["content"][0]["text"] == "Let me look."

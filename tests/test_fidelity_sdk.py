@@ -2,8 +2,9 @@
 provider (which records the body it received): every parameter reaches upstream, a
 three-turn tool conversation works, JSON mode and `chat.completions.parse` return what the
 provider sent, logprobs, n > 1 and system_fingerprint come back, requests that differ only
-in `seed` are not coalesced, and a cross-format field that cannot be honoured is a 400
-naming it. (LangChain's ChatOpenAI is not installed: docs/providers.md.)"""
+in `seed` are not coalesced, a streamed tool call arrives chunk by chunk as the provider
+sent it, and a cross-format field that cannot be honoured is a 400
+naming it. (LangChain's ChatOpenAI: tests/test_langchain.py.)"""
 
 from __future__ import annotations
 
@@ -195,9 +196,17 @@ def test_requests_differing_only_in_seed_are_not_coalesced(gateway):
     assert seeds[-1] == 2 and seeds.count(2) == 1 and len(results) == 2
 
 
-def test_an_unsupported_cross_format_field_is_a_400_naming_it(sim):
+@pytest.fixture(scope="module")
+def anthropic_gateway(sim):
+    """A gateway with an Anthropic account (the simulated provider speaking Anthropic's API)."""
     env = {"SIMULATED_BASE_URL": sim, "ANTHROPIC_BASE_URL": sim, "ANTHROPIC_API_KEY": "k", "ANTHROPIC_H2C": "1"}
-    with running_gateway(env) as gw, openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0) as c:
+    with running_gateway(env) as gw:
+        yield gw
+
+
+def test_an_unsupported_cross_format_field_is_a_400_naming_it(sim, anthropic_gateway):
+    gw = anthropic_gateway
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0) as c:
         text = unique()
         with pytest.raises(openai.BadRequestError) as info:
             c.chat.completions.create(model="anthropic/claude-x", messages=[{"role": "user", "content": text}], seed=3)
@@ -228,3 +237,43 @@ def test_an_unsupported_cross_format_field_is_a_400_naming_it(sim):
             "role": "user",
             "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "3C"}]}],
         }
+
+
+def test_a_streamed_tool_call_arrives_as_the_provider_sends_it(client, gateway):
+    text = unique("reply=tool_call tokens=4")
+    kwargs = {"model": "sim-1", "messages": [{"role": "user", "content": text}], "tools": [WEATHER]}
+    chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+    pieces = [call for c in chunks for call in c.choices[0].delta.tool_calls or []]
+    opening, *fragments = pieces
+    # as OpenAI streams a call: the first chunk names it with empty arguments, then fragments
+    assert opening.index == 0 and opening.id.startswith("call_sim") and opening.type == "function"
+    assert opening.function.name == "get_weather" and opening.function.arguments == ""
+    assert len(fragments) == 4  # the sim sent the arguments in four pieces: four chunks came
+    assert all(f.id is None and f.function.name is None and f.function.arguments for f in fragments)
+    assert json.loads("".join(f.function.arguments for f in fragments)) == {"city": "sim"}
+    # the SDK's own accumulation sees the same call, delta by delta
+    with client.chat.completions.stream(**kwargs) as stream:
+        argument_deltas = [e.arguments_delta for e in stream if e.type == "tool_calls.function.arguments.delta"]
+        [call] = stream.get_final_completion().choices[0].message.tool_calls
+    assert [d for d in argument_deltas if d] == [f.function.arguments for f in fragments]
+    assert "".join(argument_deltas) == call.function.arguments
+    assert call.function.parsed_arguments is None or call.function.parsed_arguments == {"city": "sim"}
+
+
+def test_a_tool_call_streamed_by_anthropic_reaches_an_openai_client_in_pieces(sim, anthropic_gateway):
+    text = unique("reply=tool_call tokens=3")
+    kwargs = {"model": "anthropic/claude-x", "messages": [{"role": "user", "content": text}], "tools": [WEATHER]}
+    with openai.OpenAI(base_url=anthropic_gateway.url + "/v1", api_key="unused", max_retries=0, timeout=20) as c:
+        chunks = [chunk for chunk in c.chat.completions.create(stream=True, **kwargs) if chunk.choices]
+    pieces = [call for chunk in chunks for call in chunk.choices[0].delta.tool_calls or []]
+    opening, *fragments = pieces
+    assert opening.id.startswith("toolu_sim") and opening.function.name == "get_weather"
+    assert len(fragments) == 3  # Anthropic's three input_json_delta events, three chunks
+    assert json.loads("".join(f.function.arguments for f in fragments)) == {"city": "sim"}
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices[0].finish_reason] == ["tool_calls"]
+    [body] = [
+        r["body"]
+        for r in get_json(sim + "/stats")[1]["requests"]
+        if r["path"] == "/v1/messages" and text.split("\n")[0] in json.dumps(r["body"])
+    ]
+    assert body["tools"][0]["name"] == "get_weather" and "input_schema" in body["tools"][0]

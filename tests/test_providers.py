@@ -79,6 +79,13 @@ def tool_meta(call_id: str, name: str, arguments: str) -> dict:
     return ev.meta(tool_calls=[{"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}])
 
 
+def tool_streamed(call_id: str, name: str, *fragments: str) -> list[dict]:
+    """A call as it streams (its start, then each argument fragment), then the whole call."""
+    start = ev.meta(tool_call_delta={"index": 0, "id": call_id, "name": name, "arguments": ""})
+    pieces = [ev.meta(tool_call_delta={"index": 0, "arguments": f}) for f in fragments]
+    return [start, *pieces, tool_meta(call_id, name, "".join(fragments))]
+
+
 # --- fixture -> exact events ------------------------------------------------------------
 
 CASES = {
@@ -98,7 +105,7 @@ CASES = {
         openai_chat,
         [
             ev.meta(system_fingerprint="fp_eb9dce56a8"),
-            tool_meta("call_DdmO9pD3xa9XTPNJ32zg2hcA", "get_weather", '{"location":"Paris, France"}'),
+            *tool_streamed("call_DdmO9pD3xa9XTPNJ32zg2hcA", "get_weather", '{"', "location", '":"Paris, France"}'),
             ev.usage(82, 17, 99),
             ev.finish("tool_calls"),
         ],
@@ -126,7 +133,7 @@ CASES = {
     "openai_responses_tool_call.sse": (
         openai_responses,
         [
-            tool_meta("call_unLAR8MvFNptuiZK6K6HCy5k", "get_current_weather", '{"location":"Boston, MA"}'),
+            *tool_streamed("call_unLAR8MvFNptuiZK6K6HCy5k", "get_current_weather", '{"location":', '"Boston, MA"}'),
             ev.usage(291, 23, 314),
             ev.finish("tool_calls"),
         ],
@@ -151,7 +158,7 @@ CASES = {
         anthropic,
         [
             ev.delta("Let me check the weather."),
-            tool_meta("toolu_01T1x1fJ34qAmk2tNTrN7Up6", "get_weather", '{"location": "San Francisco, CA"}'),
+            *tool_streamed("toolu_01T1x1fJ34qAmk2tNTrN7Up6", "get_weather", '{"location":', ' "San Francisco, CA"}'),
             ev.usage(472, 89, 561),
             ev.finish("tool_calls"),
         ],
@@ -555,7 +562,7 @@ def test_ollama_tool_calls():
     }
     out = run(ollama, [(json.dumps(line) + "\n" + json.dumps(last) + "\n").encode()])
     assert out == [
-        tool_meta("call_0", "get_weather", '{"city":"Toronto"}'),
+        *tool_streamed("call_0", "get_weather", '{"city":"Toronto"}'),  # sent whole: one fragment
         ev.usage(10, 5, 15),
         ev.finish("tool_calls"),
     ]
@@ -869,3 +876,23 @@ def test_sse_parser_is_chunking_independent(stream, data):
     parser = sse.SSEParser()
     pieces = [e for chunk in split_at(stream, cuts) for e in parser.feed(chunk)]
     assert pieces == whole
+
+
+def test_count_tokens_adapter_reads_one_json_answer():
+    from protocols.providers import adapter_for, anthropic_count_tokens
+
+    body = {"count_tokens": {"messages": [{"role": "user", "content": "hi"}], "model": "ignored"}}
+    assert adapter_for("anthropic", body) is anthropic_count_tokens and anthropic_count_tokens.check(body) is None
+    method, url, headers, payload = anthropic_count_tokens.build_request(
+        base_url="https://api.anthropic.com", api_key="k", model="claude-x", body=body
+    )
+    assert url == "https://api.anthropic.com/v1/messages/count_tokens" and (b"x-api-key", b"k") in headers
+    assert json.loads(payload) == {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}]}
+    parser = anthropic_count_tokens.Parser()
+    out = parser.feed(b'{"input_tokens": ') + parser.feed(b"14}") + parser.close()
+    assert out == [ev.meta(count_tokens={"input_tokens": 14}), ev.usage(14, 0), ev.finish("stop")]
+    parser = anthropic_count_tokens.Parser()
+    bad = parser.feed(b'{"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}') + parser.close()
+    assert bad == [ev.error("upstream_5xx", "busy")]
+    parser = anthropic_count_tokens.Parser()
+    assert [e["code"] for e in parser.feed(b'{"tokens": 1}') + parser.close()] == ["upstream_malformed"]

@@ -104,6 +104,30 @@ def test_function_call_items_map_to_the_normalized_tool_shape(client, gateway):
     assert upstream["tools"][0]["function"]["name"] == "weather"
 
 
+def test_a_streamed_function_call_arrives_in_pieces(client):
+    text = unique("reply=tool_call tokens=4")
+    tools = [
+        {
+            "type": "function",
+            "name": "weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        }
+    ]
+    with client.responses.stream(model="sim-1", input=text, tools=tools) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    added = [e for e in events if e.type == "response.output_item.added"]
+    assert [e.item.type for e in added] == ["function_call"] and added[0].item.arguments == ""
+    assert added[0].item.name == "weather" and added[0].item.call_id.startswith("call_sim")
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(deltas) == 4 and json.loads("".join(deltas)) == {"city": "sim"}  # the sim's four pieces
+    assert kinds.index("response.function_call_arguments.delta") < kinds.index("response.function_call_arguments.done")
+    assert kinds[-2:] == ["response.output_item.done", "response.completed"]
+    [call] = final.output
+    assert call.type == "function_call" and call.arguments == "".join(deltas) and call.status == "completed"
+
+
 def test_errors(client):
     with pytest.raises(openai.UnprocessableEntityError) as info:
         client.responses.create(

@@ -7,7 +7,9 @@ Every adapter module has the same interface (see base.py for the full contract):
     build_request(*, base_url, api_key, model, body) -> (method, url, headers, body_bytes)
     error_from_response(status, headers, body) -> error event
 
-`get_adapter(name)` returns the module registered under a provider name in ADAPTERS.
+`get_adapter(name)` returns the module registered under a provider name in ADAPTERS;
+`adapter_for(name, body)` the one that runs a given normalized body: a body that is not a
+chat (embeddings, a token count) has an adapter of its own, whatever the provider's format.
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ ADAPTERS: dict[str, ModuleType] = {
     "ollama": ollama,
     "simulated": openai_chat,
 }
+
+
+def adapter_for(name: str, body: dict) -> ModuleType:
+    """The adapter for `body` sent to a provider whose chat adapter is `name`."""
+    from protocols.providers import anthropic_count_tokens, openai_embeddings
+
+    if openai_embeddings.is_embeddings(body):
+        return openai_embeddings
+    if anthropic_count_tokens.is_count_tokens(body):
+        return anthropic_count_tokens
+    return get_adapter(name)
 
 
 def get_adapter(name: str) -> ModuleType:

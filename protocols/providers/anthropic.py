@@ -7,7 +7,8 @@ message_delta, message_stop, ping, error; there is no [DONE].
 
     content_block_delta text_delta        -> delta
     content_block_delta thinking_delta    -> meta(reasoning)
-    tool_use blocks + input_json_delta    -> meta(tool_calls) at the end
+    tool_use blocks + input_json_delta    -> meta(tool_call_delta) as they stream (start, each
+                                             fragment), meta(tool_calls) at the end
     citations_delta with a url            -> meta(citations=[url])
     message_start / message_delta usage   -> usage (prompt = input + cache tokens)
     message_delta stop_reason             -> finish, normalized to OpenAI's words:
@@ -20,13 +21,24 @@ message_delta, message_stop, ping, error; there is no [DONE].
 Request: x-api-key + anthropic-version 2023-06-01; system/developer messages and
 body["system"] are lifted into "system"; max_tokens (or max_completion_tokens) is required
 by Anthropic (default 1024). Mapped from OpenAI's request (docs/providers.md has the table):
-temperature, top_p, top_k, stop -> stop_sequences, tools, tool_choice, parallel_tool_calls
-false -> disable_parallel_tool_use, user -> metadata.user_id, response_format json_schema ->
-output_format (structured outputs beta header); messages: text and image parts (data: URLs
-as base64 sources, others as url sources), assistant tool_calls -> tool_use blocks, role
-tool -> a user turn of tool_result blocks (consecutive results in one turn). Anything else
-(seed, logprobs, penalties, n > 1, json_object, message names, audio/file parts) raises
-base.Unsupported: `check` names it and the edge answers 400 before admission.
+temperature, top_p, top_k, stop -> stop_sequences, tools (a function's `strict` -> the
+tool's `strict`), tool_choice, parallel_tool_calls false -> disable_parallel_tool_use, user
+-> metadata.user_id, response_format json_schema -> output_config.format, reasoning_effort
+(low, medium, high, xhigh) -> output_config.effort; messages: text and image parts (data:
+URLs as base64 sources, others as url sources), assistant tool_calls -> tool_use blocks,
+role tool -> a user turn of tool_result blocks (consecutive results in one turn). Anything
+else (seed, logprobs, penalties, n > 1, json_object, message names, audio/file parts)
+raises base.Unsupported: `check` names it and the edge answers 400 before admission.
+
+Checked against Anthropic's documentation (docs/providers.md "Cross-format mappings, as
+checked"): structured outputs are generally available as `output_config.format` ({"type":
+"json_schema", "schema"}) with no beta header; the beta's `output_format` and its
+`structured-outputs-2025-11-13` header, which this adapter used to send, are deprecated
+(platform.claude.com/docs/en/build-with-claude/structured-outputs). Strict tool use is
+`tools[].strict`; effort is `output_config.effort`, no beta header
+(platform.claude.com/docs/en/build-with-claude/effort). The shapes match the official
+`anthropic` SDK's types (OutputConfigParam, JSONOutputFormatParam, ToolParam.strict,
+ToolChoiceAutoParam.disable_parallel_tool_use, MetadataParam.user_id, URLImageSourceParam).
 """
 
 from __future__ import annotations
@@ -113,7 +125,8 @@ class Parser(base.Parser):
         self.set_usage(prompt, usage.get("output_tokens"))
 
 
-STRUCTURED_OUTPUTS_BETA = b"structured-outputs-2025-11-13"
+# OpenAI's reasoning_effort values that Anthropic's output_config.effort also has.
+EFFORTS = ("low", "medium", "high", "xhigh")
 
 
 def build_request(
@@ -143,20 +156,26 @@ def build_request(
         payload["tool_choice"] = {**payload.get("tool_choice", {"type": "auto"}), "disable_parallel_tool_use": True}
     if fields.take("user") is not None:
         payload["metadata"] = {"user_id": body["user"]}
-    headers: base.Headers = []
+    output_config: dict = {}
     fmt = fields.take("response_format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         schema = (fmt.get("json_schema") or {}).get("schema") or {"type": "object"}
-        payload["output_format"] = {"type": "json_schema", "schema": schema}
-        headers.append((b"anthropic-beta", STRUCTURED_OUTPUTS_BETA))
+        output_config["format"] = {"type": "json_schema", "schema": schema}
     elif fmt is not None and fmt != {"type": "text"}:
         raise fields.refuse(
             "response_format", "Anthropic has structured outputs (json_schema), not JSON mode (json_object)"
         )
+    effort = fields.take("reasoning_effort")
+    if effort is not None:
+        if effort not in EFFORTS:
+            raise fields.refuse("reasoning_effort", f"Anthropic's effort levels are {', '.join(EFFORTS)} (and max)")
+        output_config["effort"] = effort
+    if output_config:
+        payload["output_config"] = output_config
     fields.refuse_rest()
     auth = [(b"x-api-key", base.header_value(api_key))] if api_key else []
     auth.append((b"anthropic-version", API_VERSION.encode()))
-    return base.json_request(base.join_url(base_url, PATH), auth + headers, payload)
+    return base.json_request(base.join_url(base_url, PATH), auth, payload)
 
 
 def check(body: dict) -> str | None:
@@ -242,6 +261,8 @@ def _tool(tool: dict) -> dict:
     out = {"name": fn.get("name"), "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}
     if fn.get("description"):
         out["description"] = fn["description"]
+    if isinstance(fn.get("strict"), bool):
+        out["strict"] = fn["strict"]  # strict tool use: tools[].strict
     return out
 
 

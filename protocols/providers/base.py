@@ -26,8 +26,16 @@ Events are the normalized ones of protocols/events.py. The contract of every Par
 In-band provider errors are mapped onto the same codes as HTTP errors where the provider
 says what kind they are (rate limit -> upstream_429, auth -> upstream_auth, overloaded /
 server -> upstream_5xx, invalid request -> upstream_4xx), otherwise "upstream_error".
-Tool calls are reported as one meta event {"tool_calls": [{"id", "type": "function",
-"function": {"name", "arguments": <JSON text>}}]} (OpenAI's shape) just before usage.
+Tool calls are reported twice. As they stream: meta {"tool_call_delta": {"index", "id",
+"name", "arguments": ""}} when a call starts (index: its position among the choice's calls,
+0, 1, ...; id and name as the provider gave them, id "call_<index>" when it gave none), then
+meta {"tool_call_delta": {"index", "arguments": <the next fragment of its JSON text>}} as
+each fragment arrives (a provider that sends a call whole gives its whole text as one
+fragment). And whole, as one meta event {"tool_calls": [{"id", "type": "function",
+"function": {"name", "arguments": <JSON text>}}]} (OpenAI's shape) just before usage: what a
+consumer that does not stream (a non-streamed answer, a thread) reads. Both carry
+"choice": i for a choice i > 0. A provider that restates a call's arguments (Responses'
+`.done` events) adds a fragment only for what extends the text already sent.
 """
 
 from __future__ import annotations
@@ -137,10 +145,22 @@ class Parser:
         append: str | None = None,
         choice: int = 0,
     ) -> None:
-        """Create or update the tool call `key` (an index or item id) of choice `choice`."""
-        call = self._tools.setdefault(key, {"id": None, "name": None, "arguments": "", "choice": choice})
-        if isinstance(id, str) and id:
-            call["id"] = id
+        """Create or update the tool call `key` (an index or item id) of choice `choice`, and
+        emit what is new of it as a meta(tool_call_delta) (the module docstring)."""
+        call = self._tools.get(key)
+        if call is None:
+            position = sum(1 for c in self._tools.values() if c["choice"] == choice)
+            call = self._tools[key] = {
+                "id": None,
+                "name": None,
+                "arguments": "",
+                "choice": choice,
+                "index": position,
+                "started": False,
+            }
+        before = call["arguments"]
+        if isinstance(id, str) and id and not call["started"]:
+            call["id"] = id  # once a call has started streaming, its id is the one sent
         if isinstance(name, str) and name:
             call["name"] = name
         if isinstance(arguments, str):
@@ -149,6 +169,20 @@ class Parser:
             call["arguments"] = json.dumps(arguments, separators=(",", ":"), ensure_ascii=False)
         if isinstance(append, str):
             call["arguments"] += append
+        self._stream_tool(call, before)
+
+    def _stream_tool(self, call: dict, before: str) -> None:
+        where = {"choice": call["choice"]} if call["choice"] else {}
+        if not call["started"]:
+            call["started"] = True
+            call["id"] = call["id"] or f"call_{call['index']}"
+            start = {"index": call["index"], "id": call["id"], "name": call["name"] or "", "arguments": ""}
+            self.emit(events.meta(tool_call_delta=start, **where))
+            before = ""
+        after = call["arguments"]
+        if len(after) > len(before) and after.startswith(before):
+            fragment = {"index": call["index"], "arguments": after[len(before) :]}
+            self.emit(events.meta(tool_call_delta=fragment, **where))
 
     @property
     def has_tool_calls(self) -> bool:
@@ -161,11 +195,12 @@ class Parser:
         for choice in sorted({call["choice"] for call in self._tools.values()}):
             calls = [
                 {
-                    "id": call["id"] or f"call_{n}",
+                    "id": call["id"] or f"call_{call['index']}",
                     "type": "function",
                     "function": {"name": call["name"] or "", "arguments": call["arguments"]},
                 }
-                for n, call in enumerate(c for c in self._tools.values() if c["choice"] == choice)
+                for call in self._tools.values()
+                if call["choice"] == choice
             ]
             self.emit(events.meta(tool_calls=calls, **({"choice": choice} if choice else {})))
         if self._usage:

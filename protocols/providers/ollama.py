@@ -8,7 +8,8 @@ Format: https://github.com/ollama/ollama/blob/main/docs/api.md#generate-a-chat-c
 
     message.content                -> delta
     message.thinking               -> meta(reasoning)   (models run with "think")
-    message.tool_calls             -> meta(tool_calls) at the end (arguments as JSON text)
+    message.tool_calls             -> meta(tool_call_delta) (start, the whole arguments as one
+                                      fragment); meta(tool_calls) at the end (JSON text)
     done: true                     -> usage (prompt_eval_count, eval_count) and finish
                                       (done_reason, "stop" if absent; "tool_calls" when
                                       tools were called) — the terminator

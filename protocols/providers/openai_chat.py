@@ -8,7 +8,8 @@ stream_options.include_usage the last chunk before [DONE] has empty choices and 
     choices[i].delta.content                      -> delta (with choices[i].logprobs when sent)
     choices[i].delta.reasoning_content|reasoning  -> meta(reasoning)   (OpenAI-compatible servers)
     choices[i].delta.refusal                      -> meta(refusal)
-    choices[i].delta.tool_calls                   -> accumulated; meta(tool_calls) at the end
+    choices[i].delta.tool_calls                   -> meta(tool_call_delta) as they stream (start,
+                                                     each fragment); meta(tool_calls) at the end
     choices[0].finish_reason                      -> finish, OpenAI's own value
                                                      (stop, length, tool_calls, content_filter)
     choices[i>0].finish_reason                    -> meta(finish_reason) at the end

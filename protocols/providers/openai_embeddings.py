@@ -23,7 +23,7 @@ from __future__ import annotations
 from protocols.providers import base
 from protocols.providers.base import Malformed, error_from_response, field
 
-__all__ = ["DEFAULT_BASE_URL", "PATH", "Parser", "build_request", "error_from_response"]
+__all__ = ["DEFAULT_BASE_URL", "PATH", "Parser", "build_request", "check", "error_from_response"]
 
 DEFAULT_BASE_URL = "https://api.openai.com"
 PATH = "/v1/embeddings"
@@ -76,3 +76,8 @@ def build_request(
     return base.json_request(
         base.join_url(base_url or DEFAULT_BASE_URL, PATH), base.bearer(api_key), payload, accept=b"application/json"
     )
+
+
+def check(body: dict) -> str | None:
+    """Nothing to refuse: edge/embeddings.py built the body from the fields this API takes."""
+    return None

@@ -9,7 +9,8 @@ Format: https://platform.openai.com/docs/api-reference/responses-streaming — t
     response.reasoning_text.delta                   -> meta(reasoning)
     response.refusal.delta                          -> meta(refusal)
     response.output_text.annotation.added (url)     -> meta(citations=[url])
-    function_call items + function_call_arguments.* -> meta(tool_calls) at the end
+    function_call items + function_call_arguments.* -> meta(tool_call_delta) as they stream;
+                                                       meta(tool_calls) at the end
     response.completed                              -> usage, finish "stop" ("tool_calls"
                                                        when the response called tools)
     response.incomplete                             -> usage, finish from incomplete_details
@@ -28,6 +29,15 @@ for tool calls and results); max_tokens -> max_output_tokens; response_format ->
 reasoning_effort -> reasoning.effort; temperature, top_p, tools (flattened), tool_choice,
 parallel_tool_calls, user, metadata, store, service_tier as they are. Anything else (seed,
 stop, logprobs, penalties, n > 1, message names) raises base.Unsupported (`check`: 400).
+
+Checked against OpenAI's API reference as the official `openai` SDK's types (generated from
+OpenAI's OpenAPI spec) give it (docs/providers.md "Cross-format mappings, as checked"):
+text.format json_schema is flat ({"type", "name", "schema", "strict"?, "description"?}),
+tool_choice for a function is {"type": "function", "name"}, reasoning is {"effort"}. A
+Responses function tool names `strict` and `parameters` as required keys, where chat's
+defaults are non-strict and "no parameters": a chat tool that says nothing is sent with
+`strict: false` (and an empty parameter object), so it keeps chat's meaning instead of
+taking whatever the Responses API assumes for a missing key.
 """
 
 from __future__ import annotations
@@ -200,9 +210,12 @@ def _part(i: int, j: int, part: dict, role: str, provider: str) -> dict:
 
 
 def flat_tool(tool: dict) -> dict:
-    """Chat-style {"type": "function", "function": {...}} -> Responses-style flat tool."""
+    """Chat-style {"type": "function", "function": {...}} -> Responses-style flat tool, with
+    chat's defaults spelled out: not strict, no parameters (the module docstring)."""
     fn = tool.get("function")
-    return {"type": "function", **fn} if isinstance(fn, dict) else tool
+    if not isinstance(fn, dict):
+        return tool
+    return {"type": "function", "parameters": {"type": "object", "properties": {}}, "strict": False, **fn}
 
 
 def flat_tool_choice(choice: Any) -> Any:

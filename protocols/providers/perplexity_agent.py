@@ -22,9 +22,21 @@ Request: Bearer auth; `model` when the name is provider/model (e.g. "openai/gpt-
 otherwise it is sent as `preset` (e.g. "fast-search", "pro-search"); system text ->
 "instructions"; one user message -> `input` as a string, a conversation -> an array of
 {"type": "message", "role", "content"}; max_tokens -> max_output_tokens; function tools
-flattened Responses-style; tool calls and results as Responses input items. Everything
-else (temperature, top_p, stop, seed, response_format, ...) is not part of the Agent API
-body: base.Unsupported names it (`check`: the edge's 400), never dropped silently.
+flattened Responses-style; tool calls and results as Responses input items (a result also
+carries the called function's `name`, which some of the models behind the Agent API need;
+an assistant's text parts are `input_text`, the only text part the Agent API takes);
+response_format json_schema as it is (the Agent API takes chat's shape); reasoning_effort
+(low, medium, high) -> reasoning.effort. Everything else (temperature, top_p, stop, seed,
+tool_choice, json_object, an image `detail`, ...) is not part of the Agent API body:
+base.Unsupported names it (`check`: the edge's 400), never dropped silently.
+
+Checked (docs/providers.md "Cross-format mappings, as checked") against the request
+schema of Perplexity's official SDK (perplexityai/perplexity-py, generated from
+Perplexity's OpenAPI spec: ResponseCreateParams, InputItemParam, FunctionToolParam,
+ResponseFormat, JsonSchemaFormat) and docs.perplexity.ai/docs/agent-api (define the run,
+output control): the body has input, instructions, max_output_tokens, max_steps, model /
+models / preset, reasoning.effort, response_format (json_schema only), tools, stream, and
+no sampling or stop parameters.
 """
 
 from __future__ import annotations
@@ -85,10 +97,7 @@ def build_request(
     ):
         agent_input: str | list = messages[0]["content"]
     else:
-        agent_input = [
-            {"type": "message", **item} if "role" in item else item
-            for item in openai_responses.input_items(body.get("messages") or [], fields.provider)
-        ]
+        agent_input = _items(body.get("messages") or [], fields.provider)
     payload: dict = {("model" if "/" in model else "preset"): model, "input": agent_input, "stream": True}
     if system:
         payload["instructions"] = system
@@ -96,8 +105,50 @@ def build_request(
         payload["max_output_tokens"] = body.get("max_tokens") or body.get("max_completion_tokens")
     if fields.take("tools"):
         payload["tools"] = [openai_responses.flat_tool(t) for t in body["tools"]]
+    fmt = fields.take("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        payload["response_format"] = fmt
+    elif fmt is not None and fmt != {"type": "text"}:
+        raise fields.refuse("response_format", "the Agent API takes json_schema, not JSON mode (json_object)")
+    effort = fields.take("reasoning_effort")
+    if effort is not None:
+        if effort not in EFFORTS:
+            raise fields.refuse("reasoning_effort", f"the Agent API's efforts are {', '.join(EFFORTS)}")
+        payload["reasoning"] = {"effort": effort}
     fields.refuse_rest()
     return base.json_request(base.join_url(base_url, PATH), base.bearer(api_key), payload)
+
+
+EFFORTS = ("low", "medium", "high")
+
+
+def _items(messages: list[dict], provider: str) -> list[dict]:
+    """Responses input items as the Agent API takes them (the module docstring)."""
+    names = {
+        call.get("id"): (call.get("function") or {}).get("name")
+        for msg in messages
+        for call in msg.get("tool_calls") or []
+    }
+    items = []
+    for item in openai_responses.input_items(messages, provider):
+        if "role" in item:
+            item = {"type": "message", **item}
+            if isinstance(item["content"], list):
+                item["content"] = [_part(part, provider) for part in item["content"]]
+        elif item.get("type") == "function_call_output" and names.get(item.get("call_id")):
+            item["name"] = names[item["call_id"]]
+        items.append(item)
+    return items
+
+
+def _part(part: dict, provider: str) -> dict:
+    if part.get("type") == "output_text":
+        return {**part, "type": "input_text"}
+    if part.get("type") == "input_image" and "detail" in part:
+        if part["detail"] != "auto":
+            raise base.Unsupported(f"an image's 'detail' cannot be sent to {provider}: its image parts have none")
+        return {k: v for k, v in part.items() if k != "detail"}
+    return part
 
 
 def check(body: dict) -> str | None:

@@ -4,24 +4,25 @@ FoundationDB-style: one thread, one priority queue of `(time, seq, event)`, one 
 random generator. Everything that happens is an event on that queue, so a run is a pure
 function of its seed and its script, and a failure replays exactly from its seed.
 
-What runs for real: `PacerLogic` (one per provider account) and `CoalescerLogic` (N shards,
-keyed with `protocols.keys.shard_of` like the edge does). What is simulated, in a few
-lines each, with the real behaviour as the model:
+What runs for real: `PacerLogic` (one per provider account), `CoalescerLogic` (N shards,
+keyed with `protocols.keys.shard_of` like the edge does), and, inside the hosts below,
+`EdgeFlights`, `Listeners`, `PoolLogic`, `HubLogic` and `MetricsLogic`. What is
+simulated, in a few lines each, with the real behaviour as the model:
 
   * `SimEdge`  -- edge/streams.py + edge/dataplane.py: hosts the real `EdgeFlights`
                   (edge/flights.py: local flights, one Submit per key, replays, one
                   Cancel when the last local client of an unfinished flight leaves, hub
                   loss, stray answers) and `Listeners` (edge/listeners.py); records what
                   each client received.
-  * `SimPool`  -- actors/pool.py: OpenStream (from the Pacer's grant) runs a scripted
-                  upstream call (TTFT, token pace, token count, failure, 429
-                  Retry-After), AbortStream stops it, FailStream publishes an error (or
-                  stops the call, if the grant opened it already); every ending sends
-                  LeaseRelease to the Pacer and StreamFinished to the Coalescer. Its stream
-                  hub is the real `HubLogic` (actors/hub_logic.py: replay, subscribers,
-                  tickets, linger, orphans), swept on a timer at its `next_due`; every
-                  edge in the simulation is honest, so a refused Subscribe fails the run
-                  (a ticket given to the wrong edge, or none).
+  * `SimPool`  -- actors/pool.py: hosts the real `PoolLogic` (actors/pool_logic.py:
+                  which calls run, AbortStream / FailStream, every ending's LeaseRelease
+                  to the Pacer, StreamFinished to the Coalescer and records); its `Start`
+                  runs a scripted upstream call (TTFT, token pace, token count, failure,
+                  429 Retry-After) where the real Pool runs actors/upstream.py, its `Stop`
+                  aborts it. Its stream hub is the real `HubLogic` (actors/hub_logic.py:
+                  replay, subscribers, tickets, linger, orphans), swept on a timer at its
+                  `next_due`; every edge in the simulation is honest, so a refused
+                  Subscribe fails the run (a ticket given to the wrong edge, or none).
   * `SimMetrics` (optional) -- hosts the real `MetricsLogic`.
 
 With `pools=M` there are M `SimPool`s ("pool", "pool:1", ...; SLUICE_POOLS), each with its

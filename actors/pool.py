@@ -91,7 +91,7 @@ class PoolRuntime:
         self.role = role  # "pool", "pool:1", ...: named in StreamFinished, records and the gauge
         self.loop = new_event_loop()
         self.hub = StreamHub(secret.get(), orphan_s=settings["PACER_MAX_WAIT_MS"] / 1000.0 + 60.0)
-        self.logic = PoolLogic(role, self.hub.logic, settings["providers"])  # used on the loop only
+        self.logic = PoolLogic(role, self.hub.logic, accounts_of(settings))  # used on the loop only
         self.calls: dict[str, asyncio.Task] = {}  # the task of each call the logic started
         self.pools: dict[tuple[str, bool], AccountConnections] = {}  # (account, h2c) -> its pools, made on the loop
         self.retry = RetryPolicy(RetrySettings.from_config(settings))
@@ -176,7 +176,7 @@ class PoolRuntime:
     def configure(self, settings: dict) -> None:
         """A new Wire's settings (the provider entries are read at each call's start)."""
         self.settings = settings
-        self.loop.call_soon_threadsafe(setattr, self.logic, "providers", settings["providers"])
+        self.loop.call_soon_threadsafe(setattr, self.logic, "accounts", accounts_of(settings))
 
     def state(self) -> dict:
         return asyncio.run_coroutine_threadsafe(self._state(), self.loop).result(timeout=2)
@@ -437,6 +437,11 @@ class PoolActor(HostActor):
 
     def watch(self):
         return ThespianWatch([self.outbox.wake_r.fileno()]) if self.runtime is not None else None
+
+
+def accounts_of(settings: dict) -> dict[str, str]:
+    """provider -> the account it bills to (its Pacer's), from the settings' provider entries."""
+    return {name: entry["account"] for name, entry in settings["providers"].items() if "account" in entry}
 
 
 def call_end(result) -> CallEnd | None:

@@ -123,13 +123,14 @@ class PoolCall:
 
 class PoolLogic:
     """`role` is this Pool's ("pool", "pool:1", ...: named in StreamFinished, its records
-    and its gauge); `providers` the settings' provider entries (each Pacer is an account's);
-    `hub` its stream hub's state, read only."""
+    and its gauge); `accounts` the account of each provider (its Pacer holds the leases of
+    its calls; a provider not named bills to its own name in capitals); `hub` its stream
+    hub's state, read only."""
 
-    def __init__(self, role: str, hub: HubView, providers: Mapping[str, Mapping[str, Any]] | None = None):
+    def __init__(self, role: str, hub: HubView, accounts: Mapping[str, str] | None = None):
         self.role = role
         self.hub = hub
-        self.providers: Mapping[str, Mapping[str, Any]] = providers or {}
+        self.accounts: Mapping[str, str] = accounts or {}
         self.calls: dict[str, PoolCall] = {}
         self.records: list[dict] = []
         self.reported_active: int | None = None  # the active-streams gauge as last sent
@@ -137,8 +138,7 @@ class PoolLogic:
 
     def pacer_of(self, provider: str) -> str:
         """The Pacer that holds the leases of `provider`'s calls (its account's)."""
-        account = self.providers.get(provider, {}).get("account", provider.upper())
-        return roles.pacer(str(account))
+        return roles.pacer(self.accounts.get(provider, provider.upper()))
 
     # --- control messages -----------------------------------------------------------------
     def handle(self, msg: object, now: float) -> list[Effect]:

@@ -34,9 +34,9 @@ class Host:
     """What actors/pool.py does with the effects, minus the I/O: hub effects go to a real
     HubLogic, the rest is kept for the test to read."""
 
-    def __init__(self, providers=None):
+    def __init__(self, accounts=None):
         self.hub = HubLogic(b"test secret")
-        self.logic = PoolLogic("pool:1", self.hub, providers)
+        self.logic = PoolLogic("pool:1", self.hub, accounts)
         self.sent: list[Send] = []
         self.timers: list[After] = []
         self.started: list[str] = []
@@ -231,7 +231,7 @@ def test_a_grant_for_a_stream_that_is_over_goes_straight_back(last, outcome):
 
 
 def test_the_pacer_is_the_accounts():
-    host = Host({"perplexity_sonar": {"account": "PERPLEXITY"}})
+    host = Host({"perplexity_sonar": "PERPLEXITY"})
     host.handle(open_stream(provider="perplexity_sonar"))
     host.ended("s-1", None)
     assert host.of(m.LeaseRelease)[0].to == "pacer:perplexity"

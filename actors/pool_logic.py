@@ -20,7 +20,8 @@ clock). The hub's state is read through `HubView` (`actors/hub_logic.py` `HubLog
 
 Invariants (tests/test_pool_logic.py): a stream has at most one call; every ending (done,
 error, abort, a crash inside the call) sends the Pacer its `LeaseRelease` and the
-Coalescer its `StreamFinished`, exactly once, and leaves the hub with a terminal event; a
+Coalescer its `StreamFinished` (an error: the one the hub's subscribers got), exactly
+once, and leaves the hub with a terminal event; a
 grant for a stream that is over already goes straight back; an abort of a stream with no
 call changes nothing, and one that reaches a call as it ends on its own cancels nothing
 (the outcome is what the call did). Measurements go to Metrics in batches (`Records`: at most
@@ -199,6 +200,8 @@ class PoolLogic:
         out: list[Effect] = []
         if not self.hub.is_finished(stream_id):  # every stream ends at the hub, whatever happened
             out.append(Publish(stream_id, [self._terminal(outcome, error)]))
+        if outcome == "error" and error is None:  # no result: the Coalescer gets what the hub got
+            error = self.hub.last_event(stream_id) if self.hub.is_finished(stream_id) else self._terminal(outcome, None)
         key_results = (end.key_results or None) if end else None
         out.append(
             Send(

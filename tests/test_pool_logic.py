@@ -144,7 +144,8 @@ def test_every_ending_releases_the_lease_and_tells_the_coalescer_once(ending):
     [finished] = host.of(m.StreamFinished)
     assert release.to == PACER and release.msg.lease_id == "s-1"
     assert finished.to == SHARD and finished.msg == m.StreamFinished("s-1", outcome, finished.msg.error, "pool:1")
-    assert (finished.msg.error is None) == (outcome != "error" or ending == "crash")
+    assert (finished.msg.error is None) == (outcome != "error")
+    assert outcome != "error" or finished.msg.error == host.hub.last_event("s-1"), "what the hub's clients got"
     assert host.hub.is_finished("s-1"), "the hub got a terminal event"
     assert host.logic.calls == {}
     assert host.ended("s-1", CallEnd("done")) == [], "a second report of the end owes nothing"

@@ -20,13 +20,12 @@ clock). The hub's state is read through `HubView` (`actors/hub_logic.py` `HubLog
 
 Invariants (tests/test_pool_logic.py): a stream has at most one call; every ending (done,
 error, abort, a crash inside the call) sends the Pacer its `LeaseRelease` and the
-Coalescer its `StreamFinished` (an error: the one the hub's subscribers got), exactly
-once, and leaves the hub with a terminal event; a
-grant for a stream that is over already goes straight back; an abort of a stream with no
-call changes nothing, and one that reaches a call as it ends on its own cancels nothing
-(the outcome is what the call did). Measurements go to Metrics in batches (`Records`: at most
-RECORD_FLUSH_S late, at once when RECORD_BATCH are pending), with the active-streams
-gauge only when it changed.
+Coalescer its `StreamFinished` (with an error, the one the hub's subscribers got),
+exactly once, and leaves the hub with a terminal event; a grant for a stream that is over
+already goes straight back; an abort of a stream with no call changes nothing, and one
+that reaches a call as it ends on its own cancels nothing (the outcome is what the call
+did). Measurements go to Metrics in batches (`Records`: at most RECORD_FLUSH_S late, at
+once when RECORD_BATCH are pending), with the active-streams gauge only when it changed.
 """
 
 from __future__ import annotations

@@ -1,16 +1,24 @@
 """The Pool actor: the upstream connection pool, the calls it runs, and the stream hub.
 
-Thespian has no asyncio integration, so the actor hosts an asyncio loop in one thread
-(`PoolRuntime`). Control messages go in with `call_soon_threadsafe`; what the loop must
-send through Thespian (StreamFinished, LeaseRelease, Records, HubReady) goes into an
-outbox and a byte on a socketpair that the actor watches with `ThespianWatch`, so
-`self.send` is only ever called on the actor's own thread.
+What the Pool decides (which calls run, what Open/Abort/FailStream do, what every ending
+owes the Pacer, the Coalescer, the hub and Metrics) is `actors/pool_logic.py`'s
+`PoolLogic`, which the simulation runs too; this module hosts it: the upstream I/O (one
+task per call, `actors/upstream.py`, the retries inside a call, the httpcore pools), the
+stream hub's sockets (actors/hub.py), and the Thespian side.
 
-Invariants: every upstream call has exactly one owner task; every ending (done, error,
-abort, crash) releases the Pacer lease and tells the Coalescer; the hub gets exactly one
-terminal event per stream. A call that fails before its first byte may be tried again
-(`RetryPolicy` decides): nothing of a failed attempt reaches the hub, so everyone
-subscribed to the stream, coalesced followers included, just keeps waiting for the retry.
+Thespian has no asyncio integration, so the actor hosts an asyncio loop in one thread
+(`PoolRuntime`), and the logic lives on that loop. Control messages go in with
+`call_soon_threadsafe`; what the loop must send through Thespian (StreamFinished,
+LeaseRelease, Records, HubReady) goes into an outbox and a byte on a socketpair that the
+actor watches with `ThespianWatch`, so `self.send` is only ever called on the actor's own
+thread.
+
+Invariants: every upstream call has exactly one owner task, and its end reaches the logic
+from the task's done callback, so even a call cancelled before it ran is reported (the
+logic then releases the lease, tells the Coalescer and ends the stream at the hub). A
+call that fails before its first byte may be tried again (`RetryPolicy` decides): nothing
+of a failed attempt reaches the hub, so everyone subscribed to the stream, coalesced
+followers included, just keeps waiting for the retry.
 """
 
 from __future__ import annotations
@@ -30,11 +38,12 @@ from actors.connections import AccountConnections
 from actors.host import HostActor
 from actors.hub import StreamHub
 from actors.key_choice import key_name
+from actors.pool_logic import CallEnd, MarkOpen, PoolLogic, Publish, Start, Stop
 from actors.retry_policy import RESET, RetryPolicy, RetrySettings, is_idempotent
 from protocols import events as ev
 from protocols import messages as m
 from protocols import roles, trace
-from protocols.effects import Send
+from protocols.effects import After, Send
 from protocols.gateway_settings import Settings
 from protocols.settings import ProviderConfig
 
@@ -43,9 +52,6 @@ from protocols.settings import ProviderConfig
 # own memory, and none of the other eight processes needs those ~9 MB.
 
 log = logging.getLogger("sluice.pool")
-
-RECORD_FLUSH_S = 0.1
-RECORD_BATCH = 64
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -86,9 +92,8 @@ class PoolRuntime:
         self.role = role  # "pool", "pool:1", ...: named in StreamFinished, records and the gauge
         self.loop = new_event_loop()
         self.hub = StreamHub(secret.get(), orphan_s=settings.pacer_max_wait_ms / 1000.0 + 60.0)
-        self.calls: dict[str, asyncio.Task] = {}
-        self.abort_requested: dict[str, float] = {}
-        self.records: list[dict] = []
+        self.logic = PoolLogic(role, self.hub.logic, accounts_of(settings))  # used on the loop only
+        self.calls: dict[str, asyncio.Task] = {}  # the task of each call the logic started
         self.pools: dict[tuple[str, bool], AccountConnections] = {}  # (account, h2c) -> its pools, made on the loop
         self.retry = RetryPolicy(RetrySettings.from_config(settings))
         self.hub_port: int | None = None
@@ -110,7 +115,6 @@ class PoolRuntime:
 
     async def _setup(self) -> None:
         self.hub_port = await self.hub.start(self.settings.actor_host)
-        self._flusher = asyncio.create_task(self._flush_records())
 
     def stop(self) -> None:
         if not self._thread.is_alive():
@@ -127,7 +131,6 @@ class PoolRuntime:
         for task in list(self.calls.values()):
             task.cancel()
         await asyncio.gather(*self.calls.values(), return_exceptions=True)
-        self._flusher.cancel()
         await self.hub.stop()
         for connections in self.pools.values():
             for pool in connections.pools + connections.retired:
@@ -163,66 +166,80 @@ class PoolRuntime:
 
     # --- control messages, called from the actor thread ----------------------------------
     def open(self, msg: m.OpenStream) -> None:
-        self.loop.call_soon_threadsafe(self._open, msg)
+        self.loop.call_soon_threadsafe(self._handle, msg)
 
     def abort(self, msg: m.AbortStream) -> None:
-        self.loop.call_soon_threadsafe(self._abort, msg)
+        self.loop.call_soon_threadsafe(self._handle, msg)
 
     def fail(self, msg: m.FailStream) -> None:
-        self.loop.call_soon_threadsafe(self._fail, msg)
+        self.loop.call_soon_threadsafe(self._handle, msg)
+
+    def configure(self, settings: Settings) -> None:
+        """A new Wire's settings (the provider entries are read at each call's start)."""
+        self.settings = settings
+        self.loop.call_soon_threadsafe(setattr, self.logic, "accounts", accounts_of(settings))
 
     def state(self) -> dict:
         return asyncio.run_coroutine_threadsafe(self._state(), self.loop).result(timeout=2)
 
     # --- on the loop ------------------------------------------------------------------------
-    def _open(self, msg: m.OpenStream) -> None:
-        trace.stamp("pool_open", "pool", msg)
-        if msg.stream_id in self.calls:
-            return  # a duplicate OpenStream (a replaced Pacer granted it again): its end releases
-        if self.hub.is_finished(msg.stream_id):
-            # Over already (a replaced Pacer or shard asked again for it): the new grant goes
-            # back, and the shard that asked learns how the stream ended.
-            account = self.settings.account_of(msg.provider)
-            last = self.hub.streams[msg.stream_id].events[-1]
-            outcome, error = ("done", None) if last.get("type") == ev.DONE else ("error", last)
-            self.outbox.put(Send(roles.pacer(account), m.LeaseRelease(msg.stream_id, None)))
-            self.outbox.put(Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error, self.role)))
-            return
-        self.hub.mark_open(msg.stream_id)
+    def _handle(self, msg) -> None:
+        if isinstance(msg, m.OpenStream):
+            trace.stamp("pool_open", "pool", msg)
+        elif isinstance(msg, m.AbortStream):
+            trace.stamp("pool_abort", "pool", msg)
+        self._apply(self.logic.handle(msg, time.time()))
+
+    def _apply(self, effects: list) -> None:
+        """Carry out the logic's effects (on the loop)."""
+        for effect in effects:
+            if isinstance(effect, Send):
+                self.outbox.put(effect)
+            elif isinstance(effect, Publish):
+                self.hub.publish(effect.stream_id, effect.events)
+            elif isinstance(effect, MarkOpen):
+                self.hub.mark_open(effect.stream_id)
+            elif isinstance(effect, Start):
+                self._start(effect.open)
+            elif isinstance(effect, Stop):
+                task = self.calls.get(effect.stream_id)
+                if task is not None and not task.done():
+                    task.cancel()
+            elif isinstance(effect, After):
+                self.loop.call_later(max(0.0, effect.delay_s), self._handle, effect.msg)
+            else:
+                log.error("pool: unknown effect %r", effect)
+
+    def _start(self, msg: m.OpenStream) -> None:
         task = self.loop.create_task(self._call(msg))
         self.calls[msg.stream_id] = task
+        # The end goes to the logic from the done callback, not from inside the task: a
+        # task cancelled before its first step never runs its own `finally`.
+        task.add_done_callback(lambda t: self._ended(msg.stream_id, t))
 
-    def _abort(self, msg: m.AbortStream) -> None:
-        trace.stamp("pool_abort", "pool", msg)
-        task = self.calls.get(msg.stream_id)
-        if task is not None and not task.done():
-            self.abort_requested[msg.stream_id] = msg.requested_at
-            task.cancel()
+    def _ended(self, stream_id: str, task: asyncio.Task) -> None:
+        if self.calls.get(stream_id) is task:
+            del self.calls[stream_id]
+        # None when cancelled before it ran (`_call` catches a later cancel and any error)
+        result = None if task.cancelled() or task.exception() is not None else task.result()
+        self._apply(self.logic.ended(stream_id, call_end(result), time.time()))
 
-    def _fail(self, msg: m.FailStream) -> None:
-        if msg.stream_id in self.calls:  # the Pacer's grant opened it before everyone left
-            self._abort(m.AbortStream(msg.stream_id, time.time()))
-            return
-        self.hub.mark_open(msg.stream_id)
-        self.hub.publish(msg.stream_id, [ev.error(msg.code, msg.message)])
-
-    async def _call(self, msg: m.OpenStream) -> None:
+    async def _call(self, msg: m.OpenStream):
+        """Run the upstream call; -> its last attempt's result, or None (no result: not
+        configured, crashed or cancelled; what reached the hub says why)."""
         entry = self.settings.providers.get(msg.provider)
         publish = lambda events: self.hub.publish(msg.stream_id, events)  # noqa: E731
-        result = None
         try:
             if entry is None or not entry.base_url:
                 publish([ev.error("provider_not_configured", f"provider {msg.provider!r} is not configured")])
-                return
-            result = await self._attempts(msg, entry, publish)
+                return None
+            return await self._attempts(msg, entry, publish)
         except asyncio.CancelledError:
-            pass  # run_call or _attempts published the cancellation; the abort is recorded below
+            return None  # run_call or _attempts published the cancellation; the logic records the abort
         except Exception as exc:
             log.exception("upstream call %s crashed", msg.stream_id)
             publish([ev.error("internal_error", f"pool: {type(exc).__name__}")])
-        finally:
-            self.calls.pop(msg.stream_id, None)
-            self._ended(msg, result)
+            return None
 
     async def _attempts(self, msg: m.OpenStream, provider: ProviderConfig, publish):
         """Call the provider until an attempt delivers a byte, or the retry policy says
@@ -309,86 +326,13 @@ class PoolRuntime:
             (result.error or {}).get("code"),
             msg.stream_id,
         )
-        if decision.pause_s > 0:
-            self.outbox.put(Send(roles.pacer(account), m.AccountPause(account, decision.pause_s, result.key)))
-        self._record(
-            {"kind": "retry", "provider": msg.provider, "reason": reason, "attempt": attempt + 1, "at": time.time()}
+        self._apply(
+            self.logic.retrying(msg.stream_id, account, result.key, reason, attempt, decision.pause_s, time.time())
         )
-
-    def _ended(self, msg: m.OpenStream, result) -> None:
-        now = time.time()
-        requested = self.abort_requested.pop(msg.stream_id, None)
-        outcome = "cancelled" if requested is not None else (result.outcome if result else "error")
-        error = None if outcome == "cancelled" or result is None else result.error
-        retry_after = result.retry_after_s if result else None
-        account = self.settings.account_of(msg.provider)
-        key_results = (result.key_results or None) if result else None
-        self.outbox.put(Send(roles.pacer(account), m.LeaseRelease(msg.stream_id, retry_after, key_results)))
-        self.outbox.put(Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error, self.role)))
-        upstream_ttft = None
-        usage = (result.usage or {}) if result else {}
-        sent_at = (result.first_sent_at or result.sent_at) if result else now
-        if result and result.first_byte_at:
-            upstream_ttft = (result.first_byte_at - sent_at) * 1000.0
-        self._record(
-            {
-                "kind": "upstream",
-                "stream_id": msg.stream_id,
-                "provider": msg.provider,
-                "outcome": outcome,
-                "error_code": (error or {}).get("code"),
-                "upstream_ttft_ms": upstream_ttft,
-                "latency_ms": ((result.ended_at if result else now) - sent_at) * 1000.0,
-                "attempts": result.attempts if result else 0,
-                "at": now,
-                # for the provider/model labels and the token counters (once per call, so
-                # coalesced followers are not counted again)
-                "model": msg.model,
-                "input_tokens": _tokens(usage, "prompt_tokens"),
-                "output_tokens": _tokens(usage, "completion_tokens"),
-            }
-        )
-        if requested is not None:
-            self._record(
-                {
-                    "kind": "cancel",
-                    "stream_id": msg.stream_id,
-                    "cancel_ms": (now - requested) * 1000.0,
-                    "at": now,
-                    "provider": msg.provider,
-                    "model": msg.model,
-                }
-            )
 
     def _timeouts(self) -> dict:
         connect = self.settings.upstream_connect_timeout_s
         return {"connect": connect, "read": self.settings.upstream_read_timeout_s, "write": connect, "pool": connect}
-
-    def _record(self, record: dict) -> None:
-        self.records.append(record)
-        if len(self.records) >= RECORD_BATCH:
-            self._send_records()
-
-    def _send_records(self) -> None:
-        if self.records:
-            self.outbox.put(Send(roles.METRICS, m.Records(self.role, self.records)))
-            self.records = []
-
-    async def _flush_records(self) -> None:
-        reported_active = None
-        while True:
-            await asyncio.sleep(RECORD_FLUSH_S)
-            if len(self.calls) != reported_active:  # the gauge only when it changed: no idle chatter
-                reported_active = len(self.calls)
-                # One series per Pool; Metrics reports their sum (the gateway's open streams).
-                gauge = {
-                    "kind": "gauge",
-                    "name": "active_streams",
-                    "labels": {"pool": self.role},
-                    "value": reported_active,
-                }
-                self.records.append({**gauge, "at": time.time()})
-            self._send_records()
 
     async def _state(self) -> dict:
         connections = [
@@ -396,7 +340,7 @@ class PoolRuntime:
         ]
         return {
             "role": self.role,
-            "open_calls": sorted(self.calls),
+            "open_calls": sorted(self.logic.calls),
             "connections": connections,
             "hub": self.hub.state(),
             "patches": patches.installed(),
@@ -459,7 +403,7 @@ class PoolActor(HostActor):
             self.runtime = PoolRuntime(self.settings, self.outbox, self.role)
             self.runtime.start()
         else:
-            self.runtime.settings = self.settings
+            self.runtime.configure(self.settings)
         # On every Wire, not only the first: a replacement Supervisor that adopted this
         # Pool learns where its hub is the same way.
         self.apply([Send(roles.SUPERVISOR, m.HubReady(self.settings.actor_host, self.runtime.hub_port, self.role))])
@@ -494,7 +438,23 @@ class PoolActor(HostActor):
         return ThespianWatch([self.outbox.wake_r.fileno()]) if self.runtime is not None else None
 
 
-def _tokens(usage: dict, field: str) -> int | None:
-    """A token count from the provider's usage, or None (absent, or not a count)."""
-    n = usage.get(field)
-    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
+def accounts_of(settings: Settings) -> dict[str, str]:
+    """provider -> the account it bills to (its Pacer's), from the settings' provider entries."""
+    return {name: entry.account for name, entry in settings.providers.items()}
+
+
+def call_end(result) -> CallEnd | None:
+    """An upstream call's last `CallResult` (actors/upstream.py) as the logic reads it."""
+    if result is None:
+        return None
+    return CallEnd(
+        outcome=result.outcome,
+        error=result.error,
+        retry_after_s=result.retry_after_s,
+        sent_at=result.first_sent_at or result.sent_at,
+        first_byte_at=result.first_byte_at,
+        ended_at=result.ended_at,
+        attempts=result.attempts,
+        key_results=result.key_results,
+        usage=result.usage,
+    )

@@ -4,24 +4,25 @@ FoundationDB-style: one thread, one priority queue of `(time, seq, event)`, one 
 random generator. Everything that happens is an event on that queue, so a run is a pure
 function of its seed and its script, and a failure replays exactly from its seed.
 
-What runs for real: `PacerLogic` (one per provider account) and `CoalescerLogic` (N shards,
-keyed with `protocols.keys.shard_of` like the edge does). What is simulated, in a few
-lines each, with the real behaviour as the model:
+What runs for real: `PacerLogic` (one per provider account), `CoalescerLogic` (N shards,
+keyed with `protocols.keys.shard_of` like the edge does), and, inside the hosts below,
+`EdgeFlights`, `Listeners`, `PoolLogic`, `HubLogic` and `MetricsLogic`. What is
+simulated, in a few lines each, with the real behaviour as the model:
 
   * `SimEdge`  -- edge/streams.py + edge/dataplane.py: hosts the real `EdgeFlights`
                   (edge/flights.py: local flights, one Submit per key, replays, one
                   Cancel when the last local client of an unfinished flight leaves, hub
                   loss, stray answers) and `Listeners` (edge/listeners.py); records what
                   each client received.
-  * `SimPool`  -- actors/pool.py: OpenStream (from the Pacer's grant) runs a scripted
-                  upstream call (TTFT, token pace, token count, failure, 429
-                  Retry-After), AbortStream stops it, FailStream publishes an error (or
-                  stops the call, if the grant opened it already); every ending sends
-                  LeaseRelease to the Pacer and StreamFinished to the Coalescer. Its stream
-                  hub is the real `HubLogic` (actors/hub_logic.py: replay, subscribers,
-                  tickets, linger, orphans), swept on a timer at its `next_due`; every
-                  edge in the simulation is honest, so a refused Subscribe fails the run
-                  (a ticket given to the wrong edge, or none).
+  * `SimPool`  -- actors/pool.py: hosts the real `PoolLogic` (actors/pool_logic.py:
+                  which calls run, AbortStream / FailStream, every ending's LeaseRelease
+                  to the Pacer, StreamFinished to the Coalescer and records); its `Start`
+                  runs a scripted upstream call (TTFT, token pace, token count, failure,
+                  429 Retry-After) where the real Pool runs actors/upstream.py, its `Stop`
+                  aborts it. Its stream hub is the real `HubLogic` (actors/hub_logic.py:
+                  replay, subscribers, tickets, linger, orphans), swept on a timer at its
+                  `next_due`; every edge in the simulation is honest, so a refused
+                  Subscribe fails the run (a ticket given to the wrong edge, or none).
   * `SimMetrics` (optional) -- hosts the real `MetricsLogic`.
 
 With `pools=M` there are M `SimPool`s ("pool", "pool:1", ...; SLUICE_POOLS), each with its
@@ -69,6 +70,7 @@ from actors.hub_logic import HubLogic
 from actors.metrics_logic import MetricsLogic
 from actors.pacer_logic import PacerLogic, PoolAt
 from actors.pool_choice import PoolChoice
+from actors.pool_logic import CallEnd, FlushRecords, MarkOpen, PoolLogic, Publish, Start, Stop
 from edge.flights import Admit, EdgeFlights, Flight, Listen, Push, Refuse, Unlisten
 from edge.listeners import Listeners
 from protocols import events as ev
@@ -434,23 +436,31 @@ class SimEdge:
 
 
 class SimPool:
-    """The Pool actor with a scripted upstream instead of HTTP, hosting the real hub logic."""
+    """actors/pool.py's `PoolRuntime` for the simulation: hosts the real `PoolLogic`
+    (actors/pool_logic.py: which calls run, Open/Abort/FailStream, every ending's
+    LeaseRelease, StreamFinished and records) and the real `HubLogic`, with a scripted
+    upstream in place of HTTP (`Start` runs an `Upstream`, `Stop` aborts it)."""
 
     def __init__(self, metrics: bool, secret: bytes = SIM_SECRET, name: str = roles.POOL):
         self.name = name  # its role: "pool", "pool:1", ...
         self.secret = secret
+        self.metrics = metrics  # False: no Metrics node, the logic's Records go nowhere
         self.behaviour: Upstream | Callable[[UpstreamRequest], Upstream] = Upstream()
         self.log: list[UpstreamCall] = []
         self.running: dict[str, UpstreamCall] = {}
         self.orphan_s = 90.0  # the Simulation sets PACER_MAX_WAIT + 60 s, like actors/pool.py
-        self.hub = HubLogic(secret, orphan_s=self.orphan_s)
         self.failed: list[tuple[str, str]] = []  # FailStream (stream_id, code)
-        self.records = _Records(name, metrics)
         # What each stream published, per hub that held it (a dead incarnation's too, and
         # one dropped after its linger): stream id -> [events list of each HubStream].
         self.published: dict[str, list[list]] = {}
-        self._sweep_at: float | None = None  # the hub's sweep timer, when one is set
         self.incarnation = name
+        self._boot()
+
+    def _boot(self) -> None:
+        """A fresh process: an empty hub, an empty Pool logic, no timers."""
+        self.hub = HubLogic(self.secret, orphan_s=self.orphan_s)
+        self.logic = PoolLogic(self.name, self.hub)
+        self._sweep_at: float | None = None  # the hub's sweep timer, when one is set
 
     def crash(self, now: float) -> None:
         """SIGKILL: the calls stop without a word (no LeaseRelease, no StreamFinished), the
@@ -458,8 +468,7 @@ class SimPool:
         for call in self.running.values():
             call.outcome, call.ended_at = "lost", now
         self.running.clear()
-        self.hub = HubLogic(self.secret, orphan_s=self.orphan_s)
-        self._sweep_at = None  # its timer died with it
+        self._boot()
 
     @property
     def calls(self) -> int:
@@ -474,19 +483,13 @@ class SimPool:
         return out + self._sweep_timer(now)
 
     def _handle(self, msg, sender, now: float) -> list:
-        if isinstance(msg, m.OpenStream):
-            return self._open(msg, now)
+        if isinstance(msg, m.FailStream):
+            self.failed.append((msg.stream_id, msg.code))
+        if isinstance(msg, (m.OpenStream, m.AbortStream, m.FailStream, FlushRecords)):
+            return self._apply(self.logic.handle(msg, now), now)
         if isinstance(msg, _Step):
             call = self.running.get(msg.stream_id)
             return self._step(call, msg.index, now) if call is not None else []
-        if isinstance(msg, m.AbortStream):
-            return self._abort(msg.stream_id, msg.requested_at, now)
-        if isinstance(msg, m.FailStream):
-            self.failed.append((msg.stream_id, msg.code))
-            if msg.stream_id in self.running:  # everyone left before the Coalescer saw the grant
-                return self._abort(msg.stream_id, now, now)
-            self.hub.mark_open(msg.stream_id, now)
-            return self._publish(msg.stream_id, [ev.error(msg.code, msg.message)], now)
         if isinstance(msg, (m.Subscribe, m.Unsubscribe)):
             edge_id = sender.partition(":")[2]  # node "edge:<edge id>" (the hub's handshake)
             out = self.hub.handle(msg, sender, edge_id, now)
@@ -498,9 +501,27 @@ class SimPool:
             if msg.due == self._sweep_at:
                 self._sweep_at = None
             return self.hub.sweep(now)
-        if isinstance(msg, _Flush):
-            return self.records.flush()
         raise TypeError(f"{self.name}: unexpected {type(msg).__name__}")
+
+    def _apply(self, effects: list, now: float) -> list:
+        """Carry out the Pool logic's effects, as PoolRuntime does; -> what goes out."""
+        out: list = []
+        for effect in effects:
+            if isinstance(effect, Start):
+                out += self._start(effect.open, now)
+            elif isinstance(effect, Stop):
+                out += self._stop(effect.stream_id, now)
+            elif isinstance(effect, MarkOpen):
+                self.hub.mark_open(effect.stream_id, now)
+            elif isinstance(effect, Publish):
+                out += self.hub.publish(effect.stream_id, effect.events, now)
+            elif isinstance(effect, Send) and isinstance(effect.msg, m.Records) and not self.metrics:
+                continue
+            elif isinstance(effect, (Send, After)):
+                out.append(effect)
+            else:
+                raise TypeError(f"{self.name}: unexpected effect {effect!r}")
+        return out
 
     def _observe(self, stream_id: str) -> None:
         stream = self.hub.streams.get(stream_id)
@@ -517,85 +538,53 @@ class SimPool:
         self._sweep_at = due
         return [After(max(0.0, due - now) + 1e-6, _Sweep(due))]  # a hair late: no float tie
 
-    def _abort(self, stream_id: str, requested_at: float, now: float) -> list:
-        call = self.running.get(stream_id)
-        if call is None:
-            return []  # finished meanwhile: its StreamFinished is on its way
-        call.abort_requested_at, call.aborted_at = requested_at, now
-        return self._end(call, "cancelled", ev.error("cancelled", "cancelled: no subscriber left"), None, now)
-
-    def _open(self, msg: m.OpenStream, now: float) -> list:
-        if msg.stream_id in self.running:
-            return []  # a duplicate OpenStream (a replaced Pacer granted it again): its end releases
-        if self.hub.is_finished(msg.stream_id):  # over already: the grant back, the shard told
-            last = self.hub.last_event(msg.stream_id)
-            outcome, error = ("done", None) if last.get("type") == ev.DONE else ("error", last)
-            return [
-                Send(roles.pacer_for(msg.provider), m.LeaseRelease(msg.stream_id, None)),
-                Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error, self.name)),
-            ]
+    # --- the scripted upstream (actors/upstream.py's part) ------------------------------------
+    def _start(self, msg: m.OpenStream, now: float) -> list:
         request = UpstreamRequest(len(self.log) + 1, msg.stream_id, msg.provider, msg.model, msg.body, now)
         behaviour = self.behaviour(request) if callable(self.behaviour) else self.behaviour
         call = UpstreamCall(request.n, msg.stream_id, msg.provider, msg.coalescer, behaviour, msg.queue_wait_ms, now)
         self.log.append(call)
         self.running[msg.stream_id] = call
-        self.hub.mark_open(msg.stream_id, now)
         return [After(behaviour.ttft_ms / 1000.0, _Step(msg.stream_id, 0))]
+
+    def _stop(self, stream_id: str, now: float) -> list:
+        """The call's task cancelled: run_call publishes the cancellation, the end follows."""
+        call = self.running.get(stream_id)
+        if call is None:
+            return []
+        call.abort_requested_at, call.aborted_at = self.logic.calls[stream_id].abort_requested_at, now
+        error = ev.error("cancelled", "cancelled: no subscriber left")
+        return self.hub.publish(stream_id, [error], now) + self._end(call, "cancelled", None, None, now)
 
     def _step(self, call: UpstreamCall, i: int, now: float) -> list:
         b = call.behaviour
         if i == 0 and isinstance(b.fail, int):  # an HTTP error status instead of a stream
             error = {**ev.error(code_for_status(b.fail), status_text(b.fail)), "status": b.fail}
             retry = b.retry_after_s if (b.fail == 429 or b.fail >= 500) else None
-            return self._end(call, "error", error, retry, now)
+            # nothing reached the hub: the Pool publishes the error once it gives up (no retries here)
+            return self.hub.publish(call.stream_id, [error], now) + self._end(call, "error", error, retry, now)
         events = []
         if i == 0:
             call.first_byte_at = now
             events.append(ev.started(now, call.queue_wait_ms))
         if b.fail == "error" and i == b.fail_after:
             error = ev.error(b.error_code, "the upstream failed mid-stream")
-            return self._publish(call.stream_id, events, now) + self._end(call, "error", error, None, now)
+            return self.hub.publish(call.stream_id, [*events, error], now) + self._end(call, "error", error, None, now)
         if i >= b.tokens:
             events.append(ev.done("stop", ev.usage(3, b.tokens)["usage"]))
-            return self._publish(call.stream_id, events, now) + self._end(call, "done", None, None, now, published=True)
+            return self.hub.publish(call.stream_id, events, now) + self._end(call, "done", None, None, now)
         events.append(ev.delta(f"c{call.n}.{i} "))
-        return self._publish(call.stream_id, events, now) + [
+        return self.hub.publish(call.stream_id, events, now) + [
             After(b.token_interval_ms / 1000.0, _Step(call.stream_id, i + 1))
         ]
 
-    def _end(self, call, outcome, error, retry_after, now, published=False) -> list:
-        """Every ending: the hub's terminal event, LeaseRelease, StreamFinished, records."""
+    def _end(self, call: UpstreamCall, outcome: str, error: dict | None, retry_after: float | None, now: float) -> list:
+        """The call is over: what it owes (LeaseRelease, StreamFinished, records) the logic says."""
         del self.running[call.stream_id]
         call.outcome, call.ended_at = outcome, now
-        out = [] if published else self._publish(call.stream_id, [error], now)
-        out.append(Send(roles.pacer_for(call.provider), m.LeaseRelease(call.stream_id, retry_after)))
-        out.append(
-            Send(
-                call.coalescer,
-                m.StreamFinished(call.stream_id, outcome, None if outcome == "cancelled" else error, self.name),
-            )
-        )
-        out += self.records.add(
-            {
-                "kind": "upstream",
-                "stream_id": call.stream_id,
-                "provider": call.provider,
-                "outcome": outcome,
-                "error_code": (error or {}).get("code"),
-                "upstream_ttft_ms": None
-                if call.first_byte_at is None
-                else (call.first_byte_at - call.opened_at) * 1000.0,
-                "latency_ms": (now - call.opened_at) * 1000.0,
-                "at": now,
-            }
-        )
-        if call.abort_requested_at is not None:
-            cancel_ms = (now - call.abort_requested_at) * 1000.0
-            out += self.records.add({"kind": "cancel", "stream_id": call.stream_id, "cancel_ms": cancel_ms, "at": now})
-        return out
-
-    def _publish(self, stream_id: str, events: list, now: float) -> list:
-        return self.hub.publish(stream_id, events, now)
+        usage = ev.usage(3, call.behaviour.tokens)["usage"] if outcome == "done" else None
+        end = CallEnd(outcome, error, retry_after, call.opened_at, call.first_byte_at, now, 1, None, usage)
+        return self._apply(self.logic.ended(call.stream_id, end, now), now)
 
 
 class SimMetrics:
@@ -1050,8 +1039,8 @@ class Simulation:
             if logic.errors:
                 self.fail(f"{logic.me} still remembers errors past their TTL: {list(logic.errors)}")
         for pool in self.pools:
-            if pool.running:
-                self.fail(f"{pool.name} still running {sorted(pool.running)}")
+            if pool.running or pool.logic.calls:
+                self.fail(f"{pool.name} still running {sorted(pool.running)} (its logic: {sorted(pool.logic.calls)})")
         for edge in self.edges.values():
             lg = edge.logic
             listening = {hub: ls.streams() for hub, ls in edge.listeners_at.items() if ls}

@@ -694,6 +694,10 @@ def test_metrics_see_leaders_followers_and_cancel_latency(seed):
     assert report["coalesce"] == {"leaders": 2, "followers": 21}
     assert report["cancel_ms"]["count"] == 1 and report["cancel_ms"]["p99"] <= 2 * HI_MS
     assert report["error_rate"] == 0.0 and sim.metrics.logic.rejected_records == 0
+    # the Pool's own records, from the real PoolLogic: its two calls, and its gauge back to 0
+    records = [r for d in sim.messages(m.Records, src="pool") for r in d.msg.records]
+    assert sorted(r["outcome"] for r in records if r["kind"] == "upstream") == ["cancelled", "done"]
+    assert report["active_streams"] == 0
 
 
 def rejoin(seed):

@@ -349,7 +349,10 @@ def test_a_network_drop_mid_answer_resumes_by_itself_and_the_text_continues_once
         words = reply.get_attribute("data-text").split()
         assert len(words) == 60  # every token, none twice
         assert len(calls_for(web, text)) == 1 and cancellations_for(web, text) == []
-        assert page.problems == [] or all("ERR_" in p or "network" in p.lower() for p in page.problems)
+        # Chromium logs each failed fetch: the cut itself, and a resume that came before the
+        # gateway noticed the old connection go (409, retried by the page by design).
+        expected = ("ERR_", "network", "409 (Conflict)")
+        assert all(any(e in p or e in p.lower() for e in expected) for p in page.problems), page.problems
     finally:
         proxy.close()
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from edge.chat_request import OWNED, RequestError, parse_chat
 from edge.openai_compat import ChunkRenderer, Completion
+from edge.responses_compat import Response
 from protocols import events as ev
 from protocols.keys import coalescing_key
 from protocols.providers import anthropic, ollama, openai_chat, openai_responses, perplexity_agent, perplexity_sonar
@@ -319,6 +320,9 @@ def test_usage_is_left_out_when_the_provider_sent_none_never_zeros():
         json.loads(f[6:]) for f in renderer.event(ev.done("stop", None)).split(b"\n\n") if f.startswith(b"data: {")
     ]
     assert [f["choices"] for f in frames if not f["choices"]] == []  # no usage chunk
+    response = Response(_Admission(), "m", 0, {})  # type: ignore[arg-type]
+    response.add(ev.done("stop", None))
+    assert json.loads(response.response().body)["usage"] is None  # /v1/responses: null, not zeros
 
 
 def test_refusal_reasoning_citations_and_fingerprint_in_openai_shape():

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.chat_request import OWNED, RequestError, parse_chat
+from edge.chat_request import OPENAI_TYPES, OWNED, RequestError, parse_chat
 from edge.openai_compat import ChunkRenderer, Completion
 from edge.responses_compat import Response
 from protocols import events as ev
@@ -76,7 +76,7 @@ def test_malformed_openai_shapes_are_422_naming_the_place(message, where):
 EXTRA_KEYS = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12).filter(
     lambda k: k not in OWNED and k not in ("messages", "system", *VALIDATED)
 )
-VALIDATED = ("temperature", "top_p", "max_tokens", "stop", "n")  # the edge checks their values (422)
+VALIDATED = ("temperature", "top_p", "max_tokens", "stop", "n", *OPENAI_TYPES)  # the edge checks their values (422)
 JSON_VALUES = st.recursive(
     st.none()
     | st.booleans()
@@ -429,3 +429,16 @@ def test_text_then_a_streamed_call_in_each_format():
     output = responses_out[-1][1]["response"]["output"]
     assert [item["type"] for item in output] == ["message", "function_call"]
     assert output[1]["arguments"] == '{"a":1}' and output[0]["content"][0]["text"] == "Let me look."
+
+
+@pytest.mark.parametrize("module", [anthropic, ollama], ids=lambda m: m.__name__)
+def test_a_shape_a_mapping_cannot_take_is_a_refusal_not_a_crash(module):
+    # the edge refuses this one (422); a body that reaches a mapping some other way (a
+    # fallback's) must still be refused by name rather than crash the check (a 500)
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": 5},
+    }
+    assert "cannot take" in (module.check(body) or "")
+    with pytest.raises(RequestError):
+        parse_chat({"model": "x", **body})

@@ -277,3 +277,29 @@ def test_a_tool_call_streamed_by_anthropic_reaches_an_openai_client_in_pieces(si
         if r["path"] == "/v1/messages" and text.split("\n")[0] in json.dumps(r["body"])
     ]
     assert body["tools"][0]["name"] == "get_weather" and "input_schema" in body["tools"][0]
+
+
+BAD_SHAPES = [
+    ({"tools": "get_weather"}, "'tools'"),
+    ({"tools": [{"type": "function", "function": "get_weather"}]}, "tools[0]"),
+    ({"response_format": "json"}, "'response_format'"),
+    ({"tool_choice": 5}, "'tool_choice'"),
+    ({"max_completion_tokens": "5"}, "'max_completion_tokens'"),
+    ({"parallel_tool_calls": "no"}, "'parallel_tool_calls'"),
+    ({"user": 5}, "'user'"),
+    ({"seed": 1.5}, "'seed'"),
+    ({"logprobs": "yes"}, "'logprobs'"),
+    ({"presence_penalty": "high"}, "'presence_penalty'"),
+    ({"metadata": ["a"]}, "'metadata'"),
+]
+
+
+@pytest.mark.parametrize("extra,named", BAD_SHAPES, ids=[next(iter(e)) + str(i) for i, (e, _) in enumerate(BAD_SHAPES)])
+def test_a_wrongly_typed_field_is_a_422_naming_it_whatever_the_provider(anthropic_gateway, extra, named):
+    """OpenAI's own types, checked at the edge: a same-format provider would refuse them, and a
+    cross-format adapter's mapping must never meet them (it crashed: a 500)."""
+    with openai.OpenAI(base_url=anthropic_gateway.url + "/v1", api_key="unused", max_retries=0, timeout=20) as c:
+        for model in ("sim-1", "anthropic/claude-x"):
+            with pytest.raises(openai.UnprocessableEntityError) as info:
+                c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], extra_body=extra)
+            assert info.value.code == "invalid_request" and named in info.value.message

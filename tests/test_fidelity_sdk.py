@@ -16,7 +16,7 @@ import openai
 import pydantic
 import pytest
 
-from tests.support import get_json, running_gateway
+from tests.support import data_events, get_json, running_gateway, stream_chat
 
 pytestmark = pytest.mark.integration
 
@@ -69,12 +69,12 @@ def test_every_parameter_reaches_the_provider(client, gateway):
     assert body["messages"] == messages and body["tools"] == [WEATHER] and body["stream"] is True
 
 
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}}
+
+
 def test_image_parts_reach_the_provider(client, gateway):
     text = unique()
-    content = [
-        {"type": "text", "text": text},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
-    ]
+    content = [{"type": "text", "text": text}, IMAGE]
     client.chat.completions.create(model="sim-1", messages=[{"role": "user", "content": content}])
     assert upstream(gateway, text)[0]["messages"] == [{"role": "user", "content": content}]
 
@@ -303,3 +303,32 @@ def test_a_wrongly_typed_field_is_a_422_naming_it_whatever_the_provider(anthropi
             with pytest.raises(openai.UnprocessableEntityError) as info:
                 c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], extra_body=extra)
             assert info.value.code == "invalid_request" and named in info.value.message
+
+
+def test_api_chat_takes_the_openai_message_shapes(gateway):
+    """sluice's own /api/chat accepts what /v1 accepts (`content: null` with `tool_calls`,
+    role `tool` with `tool_call_id`, content parts with an image, `name`) and forwards it."""
+    text = unique("tokens=3")
+    messages = [
+        {"role": "developer", "content": "Be brief.", "name": "ops"},
+        {"role": "user", "content": [{"type": "text", "text": "weather?"}, IMAGE]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "3C"},
+        {"role": "user", "content": text},
+    ]
+    status, _, events = stream_chat(gateway.url + "/api/chat", {"messages": messages, "tools": [WEATHER], "seed": 5})
+    assert status == 200 and data_events(events)[-1]["type"] == "done"
+    [body] = upstream(gateway, text)
+    assert body["messages"] == messages and body["tools"] == [WEATHER] and body["seed"] == 5
+    status, _, error = stream_chat(gateway.url + "/api/chat", {"messages": [{"role": "tool", "content": "x"}]})
+    assert status == 422 and "messages[0].tool_call_id" in error["error"]["message"]

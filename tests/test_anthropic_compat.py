@@ -311,3 +311,27 @@ def test_images_user_effort_and_tool_options_reach_the_provider(client, gateway)
     ]
     assert upstream["tools"][0]["function"]["strict"] is True and upstream["parallel_tool_calls"] is False
     assert upstream["user"] == "user-1" and upstream["reasoning_effort"] == "low"
+
+
+def test_a_non_streaming_client_that_gives_up_cancels_the_upstream_call(gateway):
+    text = unique("tokens=500 token_interval_ms=20")
+    with anthropic.Anthropic(base_url=gateway.url, api_key="unused", max_retries=0, timeout=0.5) as impatient:
+        with pytest.raises(anthropic.APITimeoutError):
+            impatient.messages.create(model="sim-1", max_tokens=1000, messages=[{"role": "user", "content": text}])
+    observed = wait_until(
+        lambda: cancelled_calls(gateway, text), timeout=5, message="the sim to see the call cancelled"
+    )
+    assert observed[0]["tokens_sent"] < 500
+
+
+def test_a_count_tokens_client_that_gives_up_cancels_the_upstream_call(sim):
+    env = {"SIMULATED_BASE_URL": sim, "ANTHROPIC_BASE_URL": sim, "ANTHROPIC_API_KEY": "k-count", "ANTHROPIC_H2C": "1"}
+    text = unique("ttft_ms=5000")
+    with running_gateway(env) as gw:
+        gw.sim = sim
+        with anthropic.Anthropic(base_url=gw.url, api_key="unused", max_retries=0, timeout=0.5) as impatient:
+            with pytest.raises(anthropic.APITimeoutError):
+                impatient.messages.count_tokens(
+                    model="anthropic/claude-x", messages=[{"role": "user", "content": text}]
+                )
+        wait_until(lambda: cancelled_calls(gw, text), timeout=5, message="the sim to see the count cancelled")

@@ -264,3 +264,17 @@ def test_a_field_sluice_cannot_honour_is_a_400_naming_it(client, gateway):
     with pytest.raises(openai.UnprocessableEntityError) as info:
         client.responses.create(model="sim-1", input="hi", conversation="conv_1")
     assert "conversation" in info.value.message
+
+
+def test_a_non_streaming_client_that_gives_up_cancels_the_upstream_call(gateway):
+    text = unique("tokens=500 token_interval_ms=20")
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=0.5) as impatient:
+        with pytest.raises(openai.APITimeoutError):
+            impatient.responses.create(model="sim-1", input=text)
+
+    def cancelled():
+        ids = {r["call_id"] for r in sim_calls(gateway, text)}
+        return [c for c in get_json(gateway.sim + "/stats")[1]["cancellations"] if c["call_id"] in ids]
+
+    observed = wait_until(cancelled, timeout=5, message="the sim to see the call cancelled")
+    assert observed[0]["tokens_sent"] < 500

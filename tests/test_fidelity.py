@@ -196,6 +196,8 @@ def test_anthropic_maps_strict_tools_and_effort():
     assert [t.get("strict") for t in p["tools"]] == [True, None]  # said: sent; not said: left to the default
     assert p["output_config"] == {"effort": "medium"}
     assert "'reasoning_effort'" in anthropic.check({"messages": TOOL_LOOP, "reasoning_effort": "minimal"})
+    # /v1/messages' output_config.effort "max" comes back to Anthropic as it was sent
+    assert payload(anthropic, {"messages": TOOL_LOOP, "reasoning_effort": "max"})["output_config"] == {"effort": "max"}
 
 
 def test_responses_and_agent_map_tool_calls_to_input_items():

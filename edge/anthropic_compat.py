@@ -13,13 +13,20 @@ them. `system` (a string or text blocks) becomes the first system message; `mess
 content is a string or blocks: text blocks are joined; an assistant's `tool_use` blocks
 become OpenAI-style `tool_calls` on its message, a user's `tool_result` blocks become
 `tool` messages (`tool_call_id`, the result's text) before that user's text, which is the
-normalized body's shape for tools (protocols/providers/base.py); `thinking` /
-`redacted_thinking` blocks (a model's own reasoning sent back) are dropped; any other
-block (image, document, ...) is refused with 400 naming the field. `stop_sequences` is
-`stop`; `temperature`, `top_p`, `top_k` are passed on; `tools` ({name, description,
-input_schema}) become OpenAI function tools and `tool_choice` its choice (a request with
-tools is never coalesced). `metadata`, `thinking` and `service_tier` are accepted and
-ignored. `anthropic-version` is not checked.
+normalized body's shape for tools (protocols/providers/base.py); a user's `image` blocks
+(base64 or url sources) become chat `image_url` parts (base64 as a data: URL) beside its
+text; `thinking` / `redacted_thinking` blocks (a model's own reasoning sent back) are
+dropped; any other block (document, search result, ...) is refused with 400 naming the
+field. `stop_sequences` is `stop`; `temperature`, `top_p`, `top_k` are passed on; `tools`
+({name, description, input_schema, strict}) become OpenAI function tools and
+`tool_choice` its choice (`disable_parallel_tool_use: true` is `parallel_tool_calls:
+false`; a request with tools is never coalesced). Fields with a chat counterpart are mapped
+so they reach the provider (issue 14): `output_config.format` (structured output, the
+SDK's `messages.parse`; also the deprecated beta `output_format`) is `response_format`
+json_schema, `output_config.effort` is `reasoning_effort`, `metadata.user_id` is `user`.
+`thinking`, `service_tier`, `cache_control` and the rest of Anthropic's fields are
+accepted and ignored (Claude Code sends them on every call; refusing them would refuse
+Claude Code). `anthropic-version` is not checked.
 
 Streaming: `event: ping` when the connection opens and as keepalive; at the first
 provider byte `message_start` (input tokens are reported in `message_delta`: they are
@@ -147,17 +154,21 @@ def _message(i: int, msg) -> list[dict]:
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
         raise _refuse(f"{where}.content", "must be a string or an array of content blocks")
-    texts: list[str] = []
+    parts: list[dict] = []  # text and image_url parts, in order
     calls: list[dict] = []
     results: list[dict] = []
     for j, block in enumerate(content):
         at = f"{where}.content[{j}]"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and isinstance(block.get("text"), str):
-            texts.append(block["text"])
+            parts.append({"type": "text", "text": block["text"]})
+        elif kind == "image" and role == "user":
+            parts.append(_image_part(block, at))
         elif kind == "tool_use" and role == "assistant":
             if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
                 raise _refuse(at, "a tool_use block needs a string id and name")
+            if block.get("input") is not None and not isinstance(block["input"], dict):
+                raise _refuse(f"{at}.input", "must be an object")
             arguments = json.dumps(block.get("input") or {}, separators=(",", ":"), ensure_ascii=False)
             calls.append(
                 {"id": block["id"], "type": "function", "function": {"name": block["name"], "arguments": arguments}}
@@ -177,12 +188,26 @@ def _message(i: int, msg) -> list[dict]:
         else:
             raise _refuse(at, f"{kind or 'this'} blocks are not supported{' in ' + role + ' messages' if kind else ''}")
     out = list(results)
-    if texts or calls or not results:
-        message: dict = {"role": role, "content": "".join(texts)}
+    if parts or calls or not results:
+        images = any(part["type"] == "image_url" for part in parts)
+        text = "".join(part["text"] for part in parts if part["type"] == "text")
+        message: dict = {"role": role, "content": parts if images else text}
         if calls:
             message["tool_calls"] = calls
         out.append(message)
     return out
+
+
+def _image_part(block: dict, where: str) -> dict:
+    """An image block as chat's `image_url` part: a base64 source as a data: URL (the
+    Anthropic adapter turns it back into a base64 source), a url source as its URL."""
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64" and isinstance(source.get("media_type"), str) and isinstance(source.get("data"), str):
+        return {"type": "image_url", "image_url": {"url": f"data:{source['media_type']};base64,{source['data']}"}}
+    if kind == "url" and isinstance(source.get("url"), str) and source["url"]:
+        return {"type": "image_url", "image_url": {"url": source["url"]}}
+    raise _refuse(f"{where}.source", "must be {type: base64, media_type, data} or {type: url, url}")
 
 
 def _tool(i: int, tool) -> dict:
@@ -197,6 +222,8 @@ def _tool(i: int, tool) -> dict:
     function = {"name": tool["name"], "parameters": schema}
     if isinstance(tool.get("description"), str):
         function["description"] = tool["description"]
+    if isinstance(tool.get("strict"), bool):
+        function["strict"] = tool["strict"]
     return {"type": "function", "function": function}
 
 
@@ -246,9 +273,41 @@ def parse_messages(data: dict, coalesce_header: str | None = None) -> tuple[str,
         if stop:
             body["stop"] = stop
     body.update(parse_tools(data, _tool, _tool_choice, _refuse))
+    body.update(_mapped_fields(data))
     stream = parse_stream(data, _refuse)
     coalesce = parse_coalesce(data, coalesce_header, _refuse)
     return model, body, stream, coalesce
+
+
+def _mapped_fields(data: dict) -> dict:
+    """The Anthropic fields with a chat counterpart, as chat fields: the tool choice's
+    `disable_parallel_tool_use`, `metadata.user_id`, `output_config` (format, effort) and
+    the deprecated beta `output_format`."""
+    fields: dict = {}
+    choice = data.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True:
+        fields["parallel_tool_calls"] = False
+    metadata = data.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise _refuse("metadata", "must be an object")
+        if metadata.get("user_id") is not None:
+            if not isinstance(metadata["user_id"], str):
+                raise _refuse("metadata.user_id", "must be a string")
+            fields["user"] = metadata["user_id"]
+    config = data.get("output_config")
+    if config is not None and not isinstance(config, dict):
+        raise _refuse("output_config", "must be an object")
+    config = config or {}
+    for where, fmt in (("output_config.format", config.get("format")), ("output_format", data.get("output_format"))):
+        if fmt is None:
+            continue
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+            raise _refuse(where, "must be {type: json_schema, schema}")
+        fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
+    if config.get("effort") is not None:
+        fields["reasoning_effort"] = config["effort"]
+    return fields
 
 
 def parse_count_tokens(data: dict, coalesce_header: str | None = None) -> tuple[str, dict, bool]:

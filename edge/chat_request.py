@@ -205,6 +205,58 @@ def parse_tools(
     return fields
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# OpenAI's types for the chat fields a cross-format adapter maps (the values are OpenAI's
+# own API's, so a request OpenAI takes is never refused): a value of the wrong type is a 422
+# naming the field here, on every provider, instead of reaching an adapter's mapping.
+OPENAI_TYPES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "max_completion_tokens": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "seed": (_is_int, "an integer"),
+    "logprobs": (lambda v: isinstance(v, bool), "true or false"),
+    "top_logprobs": (lambda v: _is_int(v) and 0 <= v <= 20, "an integer between 0 and 20"),
+    "presence_penalty": (lambda v: _is_number(v) and -2 <= v <= 2, "a number between -2 and 2"),
+    "frequency_penalty": (lambda v: _is_number(v) and -2 <= v <= 2, "a number between -2 and 2"),
+    "logit_bias": (lambda v: isinstance(v, dict), "an object"),
+    "parallel_tool_calls": (lambda v: isinstance(v, bool), "true or false"),
+    "user": (lambda v: isinstance(v, str), "a string"),
+    "metadata": (lambda v: isinstance(v, dict), "an object"),
+    "reasoning_effort": (lambda v: isinstance(v, str), "a string"),
+    "tool_choice": (lambda v: isinstance(v, (str, dict)), "a string or an object"),
+    "response_format": (
+        lambda v: isinstance(v, dict) and isinstance(v.get("type"), str),
+        "an object with a string type",
+    ),
+    "tools": (lambda v: isinstance(v, list), "an array"),
+}
+
+
+def check_openai_types(data: dict) -> None:
+    """RequestError (422, naming the field) for a value of a type OpenAI's API does not take."""
+    for name, (ok, what) in OPENAI_TYPES.items():
+        if data.get(name) is not None and not ok(data[name]):
+            raise RequestError(422, "invalid_request", f"'{name}' must be {what}")
+    fmt = data.get("response_format")
+    if isinstance(fmt, dict) and fmt["type"] == "json_schema" and not isinstance(fmt.get("json_schema"), dict):
+        raise RequestError(422, "invalid_request", "'response_format' of type json_schema needs a json_schema object")
+    for i, tool in enumerate(data.get("tools") or []):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or ("function" in tool and not (isinstance(fn, dict) and fn.get("name"))):
+            raise RequestError(
+                422, "invalid_request", f"tools[{i}] must be an object ({{type: function, function: {{name, ...}}}})"
+            )
+        if isinstance(fn, dict) and (not isinstance(fn["name"], str) or not isinstance(fn.get("parameters", {}), dict)):
+            raise RequestError(
+                422, "invalid_request", f"tools[{i}].function needs a string name and an object of parameters"
+            )
+
+
 def parse_chat(data: dict, coalesce_header: str | None = None) -> ChatRequest:
     messages = validate_messages(data.get("messages"))
     check_number(data, "temperature", 2, refuse_field)
@@ -224,6 +276,7 @@ def parse_chat(data: dict, coalesce_header: str | None = None) -> ChatRequest:
     n = data.get("n")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128):
         raise RequestError(422, "invalid_request", "'n' must be an integer between 1 and 128")
+    check_openai_types(data)
     # Everything the client sent goes upstream as it came, but for the fields sluice owns.
     body = {name: value for name, value in data.items() if name not in OWNED}
     body["messages"] = messages

@@ -16,6 +16,8 @@ Decisions:
 - `input`: a non-empty string, a list of strings, a token list or a list of token lists,
   at most MAX_INPUTS items; `encoding_format` float or base64 (the SDK asks for base64 and
   decodes it itself: passed through as the provider sent it); `dimensions` a positive integer.
+  Any other field (a server's own, e.g. Ollama's `truncate`) goes upstream as it came, in
+  the `embeddings` object (so in the coalescing key too).
 - Errors in OpenAI's shape with sluice's status and code, as /v1/chat/completions.
 """
 
@@ -34,6 +36,7 @@ from protocols.providers.openai_embeddings import BODY_FIELD, EMBEDDING_ADAPTERS
 
 MAX_INPUTS = 2048  # OpenAI's own limit on inputs per request
 ENCODINGS = ("float", "base64")
+OWNED_FIELDS = ("model", "coalesce", "provider")
 
 
 def _is_tokens(value) -> bool:
@@ -80,6 +83,9 @@ def parse_embeddings(data: dict, coalesce_header: str | None = None) -> tuple[st
         if not isinstance(user, str):
             raise RequestError(422, "invalid_request", "'user' must be a string")
         wanted["user"] = user
+    # The same format both ways: every other field goes upstream as it came (issue 14), but
+    # for sluice's own (`model` is mapped, `coalesce`/`provider` are sluice's).
+    wanted.update({k: v for k, v in data.items() if k not in wanted and k not in OWNED_FIELDS})
     return model, {BODY_FIELD: wanted}, parse_coalesce(data, coalesce_header, refuse_field)
 
 

@@ -14,11 +14,20 @@ OpenAI-style `tool_calls`) and `function_call_output` items (`tool` messages), w
 normalized body's shape for tools; `reasoning` items are dropped; any other item or part
 (images, files, ...) is refused with 422 naming it. `instructions` becomes the first
 system message; `max_output_tokens` is `max_tokens`; `temperature`, `top_p` are passed
-on; function `tools` ({type: function, name, description, parameters}) become chat tools
-and `tool_choice` its choice (never coalesced). sluice stores no responses: `store` is
-accepted and ignored (answers are never retrievable), `previous_response_id` is refused
-(422). `metadata`, `reasoning`, `text`, `user`, `parallel_tool_calls`, `truncation` are
-accepted and ignored.
+on; function `tools` ({type: function, name, description, parameters, strict}) become
+chat tools and `tool_choice` its choice (never coalesced). `input_image` parts (a URL or a
+data: URL) become chat `image_url` parts. Every other field with a chat counterpart is
+mapped, so it reaches the provider (issue 14: nothing the client asked for is dropped
+silently): `text.format` is `response_format` (json_object; json_schema's flat `name`,
+`schema`, `description`, `strict` nested under `json_schema`; `text` is nothing),
+`text.verbosity` is `verbosity`, `reasoning.effort` is `reasoning_effort`; `user`,
+`metadata`, `parallel_tool_calls`, `service_tier`, `safety_identifier`,
+`prompt_cache_key`, `prompt_cache_retention` keep their names. sluice stores no
+responses: `store` is accepted and ignored (answers are never retrievable), and what
+needs stored state (`previous_response_id`, `conversation`, `prompt`, `background`) is
+refused (422). Accepted and ignored, as they ask nothing of the model: `include`,
+`truncation`, `stream_options`, `reasoning.summary`. Any other field is a 400
+`unsupported_parameter` naming it (as OpenAI answers an unknown parameter).
 
 Streaming: `response.created` and `response.in_progress` as soon as the call is admitted
 (SSE comments `: ping` as keepalive), at the first text `response.output_item.added` and
@@ -57,6 +66,37 @@ KEEPALIVE = b": ping\n\n"
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 TEXT_PARTS = ("input_text", "output_text", "text")
 IGNORED_ITEMS = ("reasoning",)
+# Top-level fields with a chat counterpart of the same name and meaning: passed on as sent.
+SAME_NAME = (
+    "user",
+    "metadata",
+    "parallel_tool_calls",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+)
+# Fields read or mapped by parse_responses (sluice's own `coalesce` included).
+MAPPED = (
+    "model",
+    "input",
+    "instructions",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "tools",
+    "tool_choice",
+    "text",
+    "reasoning",
+    "stream",
+    "coalesce",
+    "store",
+    "previous_response_id",
+)
+# Accepted and ignored: they shape what comes back around the answer, not the answer.
+IGNORED_FIELDS = ("include", "truncation", "stream_options")
+# Need state sluice does not keep: refused unless null (or false).
+STATEFUL = ("previous_response_id", "conversation", "prompt", "background")
 
 
 def _refuse(where: str, message: str) -> RequestError:
@@ -66,18 +106,39 @@ def _refuse(where: str, message: str) -> RequestError:
 # --- requests -------------------------------------------------------------------------------
 
 
-def _content(content, where: str) -> str:
+def _image_part(part: dict, where: str) -> dict:
+    """An `input_image` part as chat's `image_url` part (a file_id names a stored file: refused)."""
+    url = part.get("image_url")
+    if not isinstance(url, str) or not url:
+        raise _refuse(where, "an input_image part needs an image_url (a URL or a data: URL); file_id is not supported")
+    image: dict = {"url": url}
+    if part.get("detail") is not None:
+        if part["detail"] not in ("auto", "low", "high"):
+            raise _refuse(f"{where}.detail", "must be auto, low or high")
+        image["detail"] = part["detail"]
+    return {"type": "image_url", "image_url": image}
+
+
+def _content(content, where: str, images: bool = False) -> str | list[dict]:
+    """A message's content: its text, or (when it has images and `images` allows them)
+    chat's content parts, text and `image_url`, in order."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise _refuse(where, "must be a string or an array of content parts")
-    texts = []
+    parts: list[dict] = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
-            raise _refuse(f"{where}[{j}]", f"{kind or 'this'} parts are not supported (text only)")
-        texts.append(part["text"])
-    return "".join(texts)
+        if kind == "input_image" and images:
+            parts.append(_image_part(part, f"{where}[{j}]"))
+        elif kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            allowed = "text and input_image" if images else "text only"
+            raise _refuse(f"{where}[{j}]", f"{kind or 'this'} parts are not supported ({allowed})")
+        else:
+            parts.append({"type": "text", "text": part["text"]})
+    if any(p["type"] == "image_url" for p in parts):
+        return parts
+    return "".join(p["text"] for p in parts)
 
 
 def _items(value) -> list[dict]:
@@ -96,7 +157,8 @@ def _items(value) -> list[dict]:
             role = ROLES.get(item.get("role"))
             if role is None:
                 raise _refuse(f"{where}.role", "must be user, assistant, system or developer")
-            out.append({"role": role, "content": _content(item.get("content"), f"{where}.content")})
+            content = _content(item.get("content"), f"{where}.content", images=role == "user")
+            out.append({"role": role, "content": content})
         elif kind == "function_call":
             if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
                 raise _refuse(where, "a function_call needs string call_id, name and arguments")
@@ -134,6 +196,10 @@ def _tool(i: int, tool) -> dict:
     function = {"name": tool["name"], "parameters": tool.get("parameters") or {"type": "object", "properties": {}}}
     if isinstance(tool.get("description"), str):
         function["description"] = tool["description"]
+    if tool.get("strict") is not None:
+        if not isinstance(tool["strict"], bool):
+            raise _refuse(f"{where}.strict", "must be true or false")
+        function["strict"] = tool["strict"]
     return {"type": "function", "function": function}
 
 
@@ -151,8 +217,7 @@ def parse_responses(data: dict, coalesce_header: str | None = None) -> tuple[str
     model = data.get("model")
     if model is not None and (not isinstance(model, str) or not model):
         raise _refuse("model", "must be a non-empty string")
-    if data.get("previous_response_id") is not None:
-        raise _refuse("previous_response_id", "sluice stores no responses: send the whole conversation as input")
+    _check_fields(data)
     messages = _items(data.get("input"))
     instructions = data.get("instructions")
     if instructions is not None:
@@ -172,6 +237,9 @@ def parse_responses(data: dict, coalesce_header: str | None = None) -> tuple[str
         if data.get(name) is not None:
             body[name] = data[name]
     body.update(parse_tools(data, _tool, _tool_choice, _refuse))
+    body.update(_text_fields(data.get("text")))
+    body.update(_reasoning_fields(data.get("reasoning")))
+    body.update(_same_name_fields(data))
     stream = parse_stream(data, _refuse)
     coalesce = parse_coalesce(data, coalesce_header, _refuse)
     echo = {
@@ -182,8 +250,75 @@ def parse_responses(data: dict, coalesce_header: str | None = None) -> tuple[str
         "tools": data.get("tools") or [],
         "tool_choice": data.get("tool_choice") or "auto",
         "metadata": data.get("metadata") if isinstance(data.get("metadata"), dict) else {},
+        "text": data.get("text") or {"format": {"type": "text"}},
+        "parallel_tool_calls": data.get("parallel_tool_calls") is not False,
+        "user": data.get("user"),
     }
     return model, body, stream, coalesce, echo
+
+
+def _check_fields(data: dict) -> None:
+    """Refuse what sluice cannot honour: stored state, and any field it does not know (a
+    field passed over in silence would change the answer without the client knowing)."""
+    for name in STATEFUL:
+        if data.get(name) not in (None, False):
+            raise _refuse(name, "sluice stores no responses: send the whole conversation as input")
+    if data.get("top_logprobs") not in (None, 0):
+        raise RequestError(400, "unsupported_parameter", "'top_logprobs' is not supported on /v1/responses")
+    known = (*MAPPED, *SAME_NAME, *IGNORED_FIELDS, *STATEFUL, "top_logprobs")
+    for name in data:
+        if name not in known:
+            raise RequestError(
+                400,
+                "unsupported_parameter",
+                f"'{name}' is not supported on /v1/responses (docs/providers.md, \"Responses\")",
+            )
+
+
+def _text_fields(text) -> dict:
+    """`text` ({format, verbosity}) as chat's `response_format` and `verbosity`."""
+    if text is None:
+        return {}
+    if not isinstance(text, dict):
+        raise _refuse("text", "must be an object ({format, verbosity})")
+    fields: dict = {}
+    unknown = [k for k in text if k not in ("format", "verbosity")]
+    if unknown:
+        raise RequestError(400, "unsupported_parameter", f"'text.{unknown[0]}' is not supported on /v1/responses")
+    if text.get("verbosity") is not None:
+        fields["verbosity"] = text["verbosity"]
+    fmt = text.get("format")
+    if fmt is None:
+        return fields
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        fields["response_format"] = {"type": "json_object"}
+    elif kind == "json_schema":
+        if not isinstance(fmt.get("name"), str) or not isinstance(fmt.get("schema"), dict):
+            raise _refuse("text.format", "a json_schema format needs a string name and a schema object")
+        schema = {k: fmt[k] for k in ("name", "description", "schema", "strict") if fmt.get(k) is not None}
+        fields["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif kind != "text":
+        raise _refuse("text.format.type", "must be text, json_object or json_schema")
+    return fields
+
+
+def _reasoning_fields(reasoning) -> dict:
+    """`reasoning.effort` as chat's `reasoning_effort` (`summary` asks for summary items,
+    which this front end does not produce: ignored)."""
+    if reasoning is None:
+        return {}
+    if not isinstance(reasoning, dict):
+        raise _refuse("reasoning", "must be an object ({effort, summary})")
+    return {"reasoning_effort": reasoning["effort"]} if reasoning.get("effort") is not None else {}
+
+
+def _same_name_fields(data: dict) -> dict:
+    if data.get("metadata") is not None and not isinstance(data["metadata"], dict):
+        raise _refuse("metadata", "must be an object")
+    if data.get("parallel_tool_calls") is not None and not isinstance(data["parallel_tool_calls"], bool):
+        raise _refuse("parallel_tool_calls", "must be true or false")
+    return {name: data[name] for name in SAME_NAME if data.get(name) is not None}
 
 
 # --- responses ------------------------------------------------------------------------------
@@ -199,6 +334,11 @@ def usage_of(usage: dict | None) -> dict:
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": usage.get("total_tokens") or prompt + completion,
     }
+
+
+def _usage_or_none(usage: dict | None) -> dict | None:
+    """Usage only when the provider sent it: left out (null), never reported as zeros."""
+    return usage_of(usage) if usage else None
 
 
 def _text_part(text: str) -> dict:
@@ -251,7 +391,7 @@ class _Shape:
             "status": status,
             "model": self.model,
             "output": (self.output() if output is None else output) if finished else [],
-            "usage": usage_of((end or {}).get("usage") or self.usage) if finished else None,
+            "usage": _usage_or_none((end or {}).get("usage") or self.usage) if finished else None,
             "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "parallel_tool_calls": True,

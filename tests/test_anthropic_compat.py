@@ -10,6 +10,7 @@ import json
 import uuid
 
 import anthropic
+import pydantic
 import pytest
 
 from sim import formats
@@ -140,17 +141,21 @@ def test_history_with_tool_use_and_tool_result_blocks_is_mapped(client, gateway)
 
 
 def test_unsupported_block_and_bad_shapes_are_400s_in_anthropic_shape(client):
-    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}
     with pytest.raises(anthropic.BadRequestError) as info:
-        client.messages.create(model="sim-1", max_tokens=10, messages=[{"role": "user", "content": [image]}])
+        client.messages.create(model="sim-1", max_tokens=10, messages=[{"role": "user", "content": [document]}])
     assert info.value.status_code == 400
     assert info.value.body == {
         "type": "error",
         "error": {
             "type": "invalid_request_error",
-            "message": "messages[0].content[0]: image blocks are not supported in user messages",
+            "message": "messages[0].content[0]: document blocks are not supported in user messages",
         },
     }
+    bad_call = {"type": "tool_use", "id": "toolu_1", "name": "f", "input": "not an object"}
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.create(model="sim-1", max_tokens=10, messages=[{"role": "assistant", "content": [bad_call]}])
+    assert info.value.body["error"]["message"] == "messages[0].content[0].input: must be an object"
     status, _, body = request(
         "POST",
         client.base_url.__str__().rstrip("/") + "/v1/messages",
@@ -254,3 +259,79 @@ def test_a_streamed_tool_call_is_a_tool_use_block_with_input_json_deltas(client,
     [block] = message.content
     assert block.type == "tool_use" and block.input == {"city": "sim"} and block.id.startswith("call_sim")
     assert message.stop_reason == "tool_use"
+
+
+# --- fidelity (issue 14): what the client asked for reaches the provider --------------------------
+
+
+class Weather(pydantic.BaseModel):
+    city: str
+    celsius: int
+    sunny: bool
+
+
+def test_structured_output_reaches_the_provider_and_parses(client, gateway):
+    text = unique("tokens=4")
+    message = client.messages.parse(
+        model="sim-1", max_tokens=100, messages=[{"role": "user", "content": text}], output_format=Weather
+    )
+    assert message.parsed_output == Weather(city="sim", celsius=1, sunny=True)  # the sim's example of the schema
+    [upstream] = [call["body"] for call in sim_calls(gateway, text)]
+    assert upstream["response_format"]["type"] == "json_schema"
+    assert set(upstream["response_format"]["json_schema"]["schema"]["properties"]) == {"city", "celsius", "sunny"}
+
+
+def test_images_user_effort_and_tool_options_reach_the_provider(client, gateway):
+    text = unique("tokens=2")
+    content = [
+        {"type": "text", "text": text},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}},
+    ]
+    tool = {"name": "weather", "input_schema": {"type": "object", "properties": {}}, "strict": True}
+    client.messages.create(
+        model="sim-1",
+        max_tokens=30,
+        messages=[{"role": "user", "content": content}],
+        tools=[tool],
+        tool_choice={"type": "auto", "disable_parallel_tool_use": True},
+        metadata={"user_id": "user-1"},
+        output_config={"effort": "low"},
+    )
+    [upstream] = [call["body"] for call in sim_calls(gateway, text)]
+    assert upstream["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": text},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+            ],
+        }
+    ]
+    assert upstream["tools"][0]["function"]["strict"] is True and upstream["parallel_tool_calls"] is False
+    assert upstream["user"] == "user-1" and upstream["reasoning_effort"] == "low"
+
+
+def test_a_non_streaming_client_that_gives_up_cancels_the_upstream_call(gateway):
+    text = unique("tokens=500 token_interval_ms=20")
+    with anthropic.Anthropic(base_url=gateway.url, api_key="unused", max_retries=0, timeout=0.5) as impatient:
+        with pytest.raises(anthropic.APITimeoutError):
+            impatient.messages.create(model="sim-1", max_tokens=1000, messages=[{"role": "user", "content": text}])
+    observed = wait_until(
+        lambda: cancelled_calls(gateway, text), timeout=5, message="the sim to see the call cancelled"
+    )
+    assert observed[0]["tokens_sent"] < 500
+
+
+def test_a_count_tokens_client_that_gives_up_cancels_the_upstream_call(sim):
+    env = {"SIMULATED_BASE_URL": sim, "ANTHROPIC_BASE_URL": sim, "ANTHROPIC_API_KEY": "k-count", "ANTHROPIC_H2C": "1"}
+    text = unique("ttft_ms=5000")
+    with running_gateway(env) as gw:
+        gw.sim = sim
+        with anthropic.Anthropic(base_url=gw.url, api_key="unused", max_retries=0, timeout=0.5) as impatient:
+            with pytest.raises(anthropic.APITimeoutError):
+                impatient.messages.count_tokens(
+                    model="anthropic/claude-x", messages=[{"role": "user", "content": text}]
+                )
+        wait_until(lambda: cancelled_calls(gw, text), timeout=5, message="the sim to see the count cancelled")

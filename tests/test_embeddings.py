@@ -47,6 +47,21 @@ def test_embeddings_create_floats_and_base64(client, gateway):
     assert floats.data[0].embedding == formats.embedding(texts[0], 4)
 
 
+def test_every_field_reaches_the_provider(client, gateway):
+    text = unique()
+    client.embeddings.create(
+        model="simulated/sim-embed", input=text, user="user-1", extra_body={"truncate": True, "coalesce": True}
+    )
+    [upstream] = sim_calls(gateway, text)
+    assert upstream["body"] == {
+        "model": "sim-embed",
+        "input": text,
+        "encoding_format": "base64",
+        "user": "user-1",
+        "truncate": True,  # a server's own field (Ollama's), as it came; sluice's `coalesce` is not sent
+    }
+
+
 def test_bad_requests_are_openai_errors(client, gateway):
     with pytest.raises(openai.UnprocessableEntityError) as info:
         client.embeddings.create(model="sim-embed", input=[])

@@ -116,6 +116,7 @@ def test_anthropic_request_maps_to_the_normalized_body():
         "temperature": 0.5,
         "top_k": 3,
         "stop": ["END"],
+        "user": "u",  # metadata.user_id: chat's counterpart (issue 14)
     }
 
 

@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.chat_request import OWNED, RequestError, parse_chat
+from edge.chat_request import OPENAI_TYPES, OWNED, RequestError, parse_chat
 from edge.openai_compat import ChunkRenderer, Completion
+from edge.responses_compat import Response
 from protocols import events as ev
 from protocols.keys import coalescing_key
 from protocols.providers import anthropic, ollama, openai_chat, openai_responses, perplexity_agent, perplexity_sonar
@@ -75,7 +76,7 @@ def test_malformed_openai_shapes_are_422_naming_the_place(message, where):
 EXTRA_KEYS = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12).filter(
     lambda k: k not in OWNED and k not in ("messages", "system", *VALIDATED)
 )
-VALIDATED = ("temperature", "top_p", "max_tokens", "stop", "n")  # the edge checks their values (422)
+VALIDATED = ("temperature", "top_p", "max_tokens", "stop", "n", *OPENAI_TYPES)  # the edge checks their values (422)
 JSON_VALUES = st.recursive(
     st.none()
     | st.booleans()
@@ -195,6 +196,8 @@ def test_anthropic_maps_strict_tools_and_effort():
     assert [t.get("strict") for t in p["tools"]] == [True, None]  # said: sent; not said: left to the default
     assert p["output_config"] == {"effort": "medium"}
     assert "'reasoning_effort'" in anthropic.check({"messages": TOOL_LOOP, "reasoning_effort": "minimal"})
+    # /v1/messages' output_config.effort "max" comes back to Anthropic as it was sent
+    assert payload(anthropic, {"messages": TOOL_LOOP, "reasoning_effort": "max"})["output_config"] == {"effort": "max"}
 
 
 def test_responses_and_agent_map_tool_calls_to_input_items():
@@ -319,6 +322,9 @@ def test_usage_is_left_out_when_the_provider_sent_none_never_zeros():
         json.loads(f[6:]) for f in renderer.event(ev.done("stop", None)).split(b"\n\n") if f.startswith(b"data: {")
     ]
     assert [f["choices"] for f in frames if not f["choices"]] == []  # no usage chunk
+    response = Response(_Admission(), "m", 0, {})  # type: ignore[arg-type]
+    response.add(ev.done("stop", None))
+    assert json.loads(response.response().body)["usage"] is None  # /v1/responses: null, not zeros
 
 
 def test_refusal_reasoning_citations_and_fingerprint_in_openai_shape():
@@ -425,3 +431,16 @@ def test_text_then_a_streamed_call_in_each_format():
     output = responses_out[-1][1]["response"]["output"]
     assert [item["type"] for item in output] == ["message", "function_call"]
     assert output[1]["arguments"] == '{"a":1}' and output[0]["content"][0]["text"] == "Let me look."
+
+
+@pytest.mark.parametrize("module", [anthropic, ollama], ids=lambda m: m.__name__)
+def test_a_shape_a_mapping_cannot_take_is_a_refusal_not_a_crash(module):
+    # the edge refuses this one (422); a body that reaches a mapping some other way (a
+    # fallback's) must still be refused by name rather than crash the check (a 500)
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": 5},
+    }
+    assert "cannot take" in (module.check(body) or "")
+    with pytest.raises(RequestError):
+        parse_chat({"model": "x", **body})

@@ -16,7 +16,7 @@ import openai
 import pydantic
 import pytest
 
-from tests.support import get_json, running_gateway
+from tests.support import data_events, get_json, running_gateway, stream_chat
 
 pytestmark = pytest.mark.integration
 
@@ -69,12 +69,12 @@ def test_every_parameter_reaches_the_provider(client, gateway):
     assert body["messages"] == messages and body["tools"] == [WEATHER] and body["stream"] is True
 
 
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}}
+
+
 def test_image_parts_reach_the_provider(client, gateway):
     text = unique()
-    content = [
-        {"type": "text", "text": text},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
-    ]
+    content = [{"type": "text", "text": text}, IMAGE]
     client.chat.completions.create(model="sim-1", messages=[{"role": "user", "content": content}])
     assert upstream(gateway, text)[0]["messages"] == [{"role": "user", "content": content}]
 
@@ -277,3 +277,58 @@ def test_a_tool_call_streamed_by_anthropic_reaches_an_openai_client_in_pieces(si
         if r["path"] == "/v1/messages" and text.split("\n")[0] in json.dumps(r["body"])
     ]
     assert body["tools"][0]["name"] == "get_weather" and "input_schema" in body["tools"][0]
+
+
+BAD_SHAPES = [
+    ({"tools": "get_weather"}, "'tools'"),
+    ({"tools": [{"type": "function", "function": "get_weather"}]}, "tools[0]"),
+    ({"response_format": "json"}, "'response_format'"),
+    ({"tool_choice": 5}, "'tool_choice'"),
+    ({"max_completion_tokens": "5"}, "'max_completion_tokens'"),
+    ({"parallel_tool_calls": "no"}, "'parallel_tool_calls'"),
+    ({"user": 5}, "'user'"),
+    ({"seed": 1.5}, "'seed'"),
+    ({"logprobs": "yes"}, "'logprobs'"),
+    ({"presence_penalty": "high"}, "'presence_penalty'"),
+    ({"metadata": ["a"]}, "'metadata'"),
+]
+
+
+@pytest.mark.parametrize("extra,named", BAD_SHAPES, ids=[next(iter(e)) + str(i) for i, (e, _) in enumerate(BAD_SHAPES)])
+def test_a_wrongly_typed_field_is_a_422_naming_it_whatever_the_provider(anthropic_gateway, extra, named):
+    """OpenAI's own types, checked at the edge: a same-format provider would refuse them, and a
+    cross-format adapter's mapping must never meet them (it crashed: a 500)."""
+    with openai.OpenAI(base_url=anthropic_gateway.url + "/v1", api_key="unused", max_retries=0, timeout=20) as c:
+        for model in ("sim-1", "anthropic/claude-x"):
+            with pytest.raises(openai.UnprocessableEntityError) as info:
+                c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], extra_body=extra)
+            assert info.value.code == "invalid_request" and named in info.value.message
+
+
+def test_api_chat_takes_the_openai_message_shapes(gateway):
+    """sluice's own /api/chat accepts what /v1 accepts (`content: null` with `tool_calls`,
+    role `tool` with `tool_call_id`, content parts with an image, `name`) and forwards it."""
+    text = unique("tokens=3")
+    messages = [
+        {"role": "developer", "content": "Be brief.", "name": "ops"},
+        {"role": "user", "content": [{"type": "text", "text": "weather?"}, IMAGE]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "3C"},
+        {"role": "user", "content": text},
+    ]
+    status, _, events = stream_chat(gateway.url + "/api/chat", {"messages": messages, "tools": [WEATHER], "seed": 5})
+    assert status == 200 and data_events(events)[-1]["type"] == "done"
+    [body] = upstream(gateway, text)
+    assert body["messages"] == messages and body["tools"] == [WEATHER] and body["seed"] == 5
+    status, _, error = stream_chat(gateway.url + "/api/chat", {"messages": [{"role": "tool", "content": "x"}]})
+    assert status == 422 and "messages[0].tool_call_id" in error["error"]["message"]

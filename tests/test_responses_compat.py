@@ -9,6 +9,7 @@ import json
 import uuid
 
 import openai
+import pydantic
 import pytest
 
 from sim import formats
@@ -131,7 +132,7 @@ def test_a_streamed_function_call_arrives_in_pieces(client):
 def test_errors(client):
     with pytest.raises(openai.UnprocessableEntityError) as info:
         client.responses.create(
-            model="sim-1", input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]
+            model="sim-1", input=[{"role": "user", "content": [{"type": "input_file", "file_id": "file_1"}]}]
         )
     assert "input[0].content[0]" in info.value.message and info.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.UnprocessableEntityError):
@@ -183,3 +184,97 @@ def test_identical_streams_coalesce_and_show_in_metrics(gateway):
         timeout=10,
         message="the followers in /api/metrics/performance",
     )
+
+
+# --- fidelity (issue 14): what the client asked for reaches the provider, or is refused ----------
+
+
+class Weather(pydantic.BaseModel):
+    city: str
+    celsius: int
+    sunny: bool
+
+
+def test_structured_output_reaches_the_provider_and_parses(client, gateway):
+    text = unique("tokens=4")
+    parsed = client.responses.parse(model="sim-1", input=text, text_format=Weather).output_parsed
+    assert parsed == Weather(city="sim", celsius=1, sunny=True)  # the sim's example of the schema
+    [upstream] = [call["body"] for call in sim_calls(gateway, text)]
+    assert upstream["response_format"]["type"] == "json_schema"
+    assert upstream["response_format"]["json_schema"]["name"] == "Weather"
+    assert upstream["response_format"]["json_schema"]["schema"]["required"] == ["city", "celsius", "sunny"]
+    text = unique("tokens=4")
+    answer = client.responses.create(model="sim-1", input=text, text={"format": {"type": "json_object"}})
+    assert set(json.loads(answer.output_text)) == {"answer"} and answer.text.format.type == "json_object"
+
+
+def test_every_mapped_parameter_reaches_the_provider(client, gateway):
+    text = unique("tokens=2")
+    image = "data:image/png;base64,iVBORw0KGgo="
+    tool = {"type": "function", "name": "weather", "parameters": {"type": "object", "properties": {}}, "strict": True}
+    client.responses.create(
+        model="sim-1",
+        input=[
+            {
+                "role": "user",
+                "content": [{"type": "input_text", "text": text}, {"type": "input_image", "image_url": image}],
+            }
+        ],
+        tools=[tool],
+        user="user-1",
+        metadata={"team": "a"},
+        parallel_tool_calls=False,
+        reasoning={"effort": "low", "summary": "auto"},
+        text={"verbosity": "low"},
+        safety_identifier="s-1",
+        prompt_cache_key="k-1",
+        include=["reasoning.encrypted_content"],
+        truncation="disabled",
+    )
+    [upstream] = [call["body"] for call in sim_calls(gateway, text)]
+    assert upstream["messages"] == [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": image}}],
+        }
+    ]
+    assert upstream["tools"][0]["function"]["strict"] is True
+    sent = {k: upstream.get(k) for k in ("user", "metadata", "parallel_tool_calls", "reasoning_effort", "verbosity")}
+    assert sent == {
+        "user": "user-1",
+        "metadata": {"team": "a"},
+        "parallel_tool_calls": False,
+        "reasoning_effort": "low",
+        "verbosity": "low",
+    }
+    assert upstream["safety_identifier"] == "s-1" and upstream["prompt_cache_key"] == "k-1"
+
+
+def test_a_field_sluice_cannot_honour_is_a_400_naming_it(client, gateway):
+    for extra, named in (
+        ({"max_tool_calls": 3}, "'max_tool_calls'"),
+        ({"top_logprobs": 2}, "'top_logprobs'"),
+        ({"frobnicate": True}, "'frobnicate'"),
+    ):
+        text = unique("tokens=2")
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(model="sim-1", input=text, extra_body=extra)
+        assert info.value.code == "unsupported_parameter" and named in info.value.message
+        assert not sim_calls(gateway, text)
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.responses.create(model="sim-1", input="hi", conversation="conv_1")
+    assert "conversation" in info.value.message
+
+
+def test_a_non_streaming_client_that_gives_up_cancels_the_upstream_call(gateway):
+    text = unique("tokens=500 token_interval_ms=20")
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=0.5) as impatient:
+        with pytest.raises(openai.APITimeoutError):
+            impatient.responses.create(model="sim-1", input=text)
+
+    def cancelled():
+        ids = {r["call_id"] for r in sim_calls(gateway, text)}
+        return [c for c in get_json(gateway.sim + "/stats")[1]["cancellations"] if c["call_id"] in ids]
+
+    observed = wait_until(cancelled, timeout=5, message="the sim to see the call cancelled")
+    assert observed[0]["tokens_sent"] < 500

@@ -24,7 +24,7 @@ by Anthropic (default 1024). Mapped from OpenAI's request (docs/providers.md has
 temperature, top_p, top_k, stop -> stop_sequences, tools (a function's `strict` -> the
 tool's `strict`), tool_choice, parallel_tool_calls false -> disable_parallel_tool_use, user
 -> metadata.user_id, response_format json_schema -> output_config.format, reasoning_effort
-(low, medium, high, xhigh) -> output_config.effort; messages: text and image parts (data:
+(low, medium, high, xhigh, max) -> output_config.effort; messages: text and image parts (data:
 URLs as base64 sources, others as url sources), assistant tool_calls -> tool_use blocks,
 role tool -> a user turn of tool_result blocks (consecutive results in one turn). Anything
 else (seed, logprobs, penalties, n > 1, json_object, message names, audio/file parts)
@@ -125,8 +125,9 @@ class Parser(base.Parser):
         self.set_usage(prompt, usage.get("output_tokens"))
 
 
-# OpenAI's reasoning_effort values that Anthropic's output_config.effort also has.
-EFFORTS = ("low", "medium", "high", "xhigh")
+# Anthropic's output_config.effort levels: OpenAI's reasoning_effort values it also has, and
+# its own "max" (what a /v1/messages client's output_config.effort "max" maps to and back).
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
 
 
 def build_request(
@@ -168,7 +169,7 @@ def build_request(
     effort = fields.take("reasoning_effort")
     if effort is not None:
         if effort not in EFFORTS:
-            raise fields.refuse("reasoning_effort", f"Anthropic's effort levels are {', '.join(EFFORTS)} (and max)")
+            raise fields.refuse("reasoning_effort", f"Anthropic's effort levels are {', '.join(EFFORTS)}")
         output_config["effort"] = effort
     if output_config:
         payload["output_config"] = output_config

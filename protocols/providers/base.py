@@ -558,11 +558,15 @@ class Fields:
 
 
 def refusal(build: Callable[..., object], body: dict) -> str | None:
-    """What an adapter's build_request refuses in `body` (Unsupported's message), or None."""
+    """What an adapter's build_request refuses in `body` (Unsupported's message), or None.
+    A body whose shape the mapping did not expect (the edge checks OpenAI's types, but a
+    mapping reads deeper) is refused too: the client's request, not a gateway failure."""
     try:
         build(base_url="http://check.invalid", api_key=None, model="m", body=body)
     except Unsupported as exc:
         return str(exc)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
+        return f"the request has a field of a shape this provider's mapping cannot take ({type(exc).__name__}: {exc})"
     return None
 
 

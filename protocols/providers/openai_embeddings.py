@@ -7,7 +7,7 @@ call). The Pool picks this adapter instead of the provider's chat adapter when t
 normalized body is an embeddings request (`is_embeddings`).
 
 The normalized body (built by edge/embeddings.py) is `{"embeddings": {"input", "encoding_format"?,
-"dimensions"?, "user"?}}`; the answer's body is read whole (bounded by MAX_FRAME_BYTES) and
+"dimensions"?, "user"?, ...any other field the client sent}}`, all sent as they came; the answer's body is read whole (bounded by MAX_FRAME_BYTES) and
 becomes, at the end of the response:
 
     meta(embeddings={"data": [...], "model": str})   the provider's embedding objects, as sent
@@ -69,10 +69,9 @@ def build_request(
     *, base_url: str, api_key: str | None, model: str, body: dict
 ) -> tuple[str, str, base.Headers, bytes]:
     wanted = body[BODY_FIELD]
+    # every field the client sent, as it came (the edge checked the ones it knows); model mapped
     payload = {"model": model, "input": wanted["input"]}
-    base.copy_fields(
-        wanted, payload, {"encoding_format": "encoding_format", "dimensions": "dimensions", "user": "user"}
-    )
+    payload.update({k: v for k, v in wanted.items() if k not in payload and v is not None})
     return base.json_request(
         base.join_url(base_url or DEFAULT_BASE_URL, PATH), base.bearer(api_key), payload, accept=b"application/json"
     )

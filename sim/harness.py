@@ -71,8 +71,11 @@ from actors.metrics_logic import MetricsLogic
 from actors.pacer_logic import PacerLogic, PoolAt
 from actors.pool_choice import PoolChoice
 from actors.pool_logic import CallEnd, FlushRecords, MarkOpen, PoolLogic, Publish, Start, Stop
+from edge.dataplane import hub_lost
 from edge.flights import Admit, EdgeFlights, Flight, Listen, Push, Refuse, Unlisten
 from edge.listeners import Listeners
+from edge.measures import DISCONNECTED, Measures, rejected, request_record
+from edge.records import RecordBatch, RecordsDue
 from protocols import events as ev
 from protocols import messages as m
 from protocols import roles
@@ -188,6 +191,10 @@ class SimClient:
     flight: Any = None
     replayed: bool = False  # got a remembered error (error TTL) instead of a stream
     hub_lost: bool = False  # its stream ended with the edge's own hub_disconnected
+    measures: Measures = field(init=False)  # TTFT & co., as its edge measured them (edge/measures.py)
+
+    def __post_init__(self) -> None:
+        self.measures = Measures(self.at)
 
     @property
     def outcome(self) -> str | None:
@@ -235,11 +242,6 @@ class _Configure:
 
 
 @dataclass(frozen=True)
-class _Flush:
-    pass
-
-
-@dataclass(frozen=True)
 class _Sweep:
     """Hub timer: `HubLogic.sweep` is due (a linger over, an orphan to end)."""
 
@@ -261,24 +263,6 @@ class _ShardMoved:
     shard: str
 
 
-class _Records:
-    """Batches measurement records to Metrics (a flush timer, never one message each)."""
-
-    def __init__(self, source: str, enabled: bool, every_s: float = 0.1):
-        self.source, self.enabled, self.every_s = source, enabled, every_s
-        self.pending: list[dict] = []
-
-    def add(self, record: dict) -> list:
-        if not self.enabled:
-            return []
-        self.pending.append(record)
-        return [After(self.every_s, _Flush())] if len(self.pending) == 1 else []
-
-    def flush(self) -> list:
-        batch, self.pending = self.pending, []
-        return [Send("metrics", m.Records(self.source, batch))] if batch else []
-
-
 # --- the simulated edge ---------------------------------------------------------------------
 
 
@@ -293,7 +277,8 @@ class SimEdge:
         self.listeners_at: dict[str, Listeners[Flight]] = {}
         self.clients: list[SimClient] = []
         self.waiting: dict[SimClient, list] = {}  # not admitted yet -> events queued for it
-        self.records = _Records(self.name, metrics)
+        self.records = RecordBatch(self.name)  # edge/records.py, as RecordSender hosts it
+        self.metrics = metrics  # False: no Metrics node, the records are not kept
         self.hubs_down: set[str] = set()  # Pools whose hub the directory does not name now
         self.shared_listens = 0  # a flight listened to a stream another local flight was on
 
@@ -313,7 +298,9 @@ class SimEdge:
             if client.outcome is not None:
                 return []
             self.waiting.pop(client, None)  # waiting for its answer: the join is cancelled
-            return self._end(client, "disconnected", now)
+            return self._end(
+                client, "disconnected", now, client.measures.ended(DISCONNECTED, client.provider, client.model)
+            )
         if isinstance(msg, (m.Admitted, m.Rejected)):
             if msg.request_id in self.logic.submits:
                 return self._apply(self.logic.answer(msg.request_id, msg, now), now)
@@ -324,8 +311,8 @@ class SimEdge:
             for flight in self.listeners(sender).of(msg.stream_id):  # each local flight on it (at that hub)
                 out += self._apply(self.logic.frame(flight, msg.seq, msg.events, now), now)
             return out
-        if isinstance(msg, _Flush):
-            return self.records.flush()
+        if isinstance(msg, RecordsDue):
+            return self.records.due()
         if isinstance(msg, _HubLost):
             return self._hub_lost(msg, now)
         if isinstance(msg, _ShardMoved):  # edge/bridge.py follows the role to its replacement
@@ -347,8 +334,7 @@ class SimEdge:
             for flight in flights:
                 for client in flight.clients:
                     client.hub_lost = True
-                error = ev.error("hub_disconnected", "the stream hub went away mid-stream")
-                out += self._apply(self.logic.frame(flight, None, [error], now), now)
+                out += self._apply(self.logic.frame(flight, None, [hub_lost()], now), now)
         return out
 
     def _apply(self, effects: list, now: float) -> list:
@@ -373,7 +359,7 @@ class SimEdge:
                     continue
                 client.role = client.role or "leader"
                 client.status, client.code, client.retry_after_s = r.status, r.code, r.retry_after_s
-                out += self._end(client, "rejected", now)
+                out += self._end(client, "rejected", now, rejected(r.code, client.provider, client.model))
             elif isinstance(effect, Listen):
                 flight = effect.flight
                 hub = flight.hub or roles.POOL
@@ -395,41 +381,24 @@ class SimEdge:
         return out
 
     def _push(self, client: SimClient, events: list, now: float) -> list:
+        """Events reach the client (edge/admission.py renders them): measured as there."""
         for event in events:
             client.events.append(event)
+            if event.get("type") == ev.STARTED:
+                client.measures.started(event, now, leader=client.role == "leader")
             if ev.is_terminal(event):
-                if event["type"] == ev.DONE:
-                    outcome = "done"
-                else:
-                    outcome = "cancelled" if event.get("code") == "cancelled" else "error"
-                return self._end(client, outcome, now)
+                ended = client.measures.terminal(event)
+                return self._end(
+                    client, ended["outcome"], now, client.measures.ended(ended, client.provider, client.model)
+                )
         return []
 
-    def _end(self, client: SimClient, outcome: str, now: float) -> list:
-        """The client's response ended: record it and leave (edge/app.py `ended`)."""
+    def _end(self, client: SimClient, outcome: str, now: float, recorded: dict) -> list:
+        """The client's response ended: leave, and record it (edge/app.py `_release`,
+        `_record`) with the outcome `recorded` (edge/measures.py)."""
         client._end(outcome, now)
-        return self._apply(self.logic.leave(client, now), now) + self._record(client, now)
-
-    def _record(self, client: SimClient, now: float) -> list:
-        started = next((e for e in client.events if e.get("type") == ev.STARTED), None)
-        ttft = None
-        if started is not None:
-            ttft = max(0.0, (max(started["first_byte_at"], client.at) - client.at) * 1000.0)
-        outcome = "cancelled" if client.outcome == "disconnected" else client.outcome
-        error = client.error
-        return self.records.add(
-            {
-                "kind": "request",
-                "request_id": client.request_id,
-                "role": client.role or "leader",
-                "outcome": outcome,
-                "error_code": client.code if outcome == "rejected" else (error or {}).get("code"),
-                "ttft_ms": ttft,
-                "queue_wait_ms": started["queue_wait_ms"] if started else None,
-                "latency_ms": max(0.0, (now - client.at) * 1000.0),
-                "at": now,
-            }
-        )
+        record = request_record(client.request_id, client.role or "leader", client.at, recorded, now)
+        return self._apply(self.logic.leave(client, now), now) + (self.records.add(record) if self.metrics else [])
 
 
 # --- the simulated Pool (upstream calls + stream hub) -------------------------------------------
@@ -648,8 +617,8 @@ class _CoalescerHost:
         self.logic = logic
 
     def handle(self, msg, sender, now: float) -> list:
-        if isinstance(msg, _Configure):
-            self.logic.flags = replace(self.logic.flags, **msg.changes)
+        if isinstance(msg, _Configure):  # the admin `set_flags` (actors/coalescer.py)
+            self.logic.set_flags(msg.changes)
             return []
         out = self.logic.handle(msg, sender, now)
         if isinstance(msg, m.MemberLost) and roles.is_pool(msg.role):

@@ -67,6 +67,7 @@ from typing import Any
 
 from actors.coalescer_logic import CoalescerLogic
 from actors.hub_logic import HubLogic
+from actors.member_loss import LostMembers
 from actors.metrics_logic import MetricsLogic
 from actors.pacer_logic import PacerLogic, PoolAt
 from actors.pool_choice import PoolChoice
@@ -701,6 +702,7 @@ class Simulation:
         self.old_leases: dict[str, Lease] = {}  # those of dead Pacer incarnations
         self.clients: list[SimClient] = []
         self.nodes: dict[str, _Node] = {}
+        self.lost = LostMembers()  # the Supervisor's deaths not announced yet (actors/member_loss.py)
 
         self.pacer = PacerLogic(roles.pacer_account(roles.pacer_for(provider)), pacer or PacerSettings())
         self.coalescers = [
@@ -844,9 +846,10 @@ class Simulation:
             self.coalescers[index], node.logic = fresh, _CoalescerHost(fresh)
         else:
             self.fail(f"kill: {name} is not a Pool, Pacer or Coalescer shard")
-        self._schedule(self.now + restart_s, self._restart, node, lost)
+        self.lost.died(name, lost)
+        self._schedule(self.now + restart_s, self._restart, node)
 
-    def _restart(self, node: _Node, lost: str) -> None:
+    def _restart(self, node: _Node) -> None:
         node.down = False
         pacer = roles.pacer_for(self.provider)
         if node.name in self.pool_roles:
@@ -872,9 +875,11 @@ class Simulation:
                 self._schedule(
                     self.now + self._latency(), self._deliver, self._edge(edge), None, _ShardMoved(node.name), None
                 )
-        for target in [pacer] + [roles.coalescer(i) for i in range(self.shards)]:
-            if target != node.name:
-                self._send("supervisor", target, m.MemberLost(node.name, lost))
+        if not any(n.down for n in self.nodes.values()):  # every member is up again: the announcement
+            members = [pacer, *(roles.coalescer(i) for i in range(self.shards)), *self.pool_roles]
+            for lost, targets in self.lost.announce(members):
+                for target in targets:
+                    self._send("supervisor", target, lost)
 
     def _pool(self, role: str) -> SimPool:
         return self.pools[self.pool_roles.index(role)]

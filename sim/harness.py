@@ -66,12 +66,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from actors.coalescer_logic import CoalescerLogic
-from actors.hub_logic import HubLogic
+from actors.hub_logic import HubLogic, orphan_after
 from actors.member_loss import LostMembers
 from actors.metrics_logic import MetricsLogic
 from actors.pacer_logic import PacerLogic, PoolAt
 from actors.pool_choice import PoolChoice
-from actors.pool_logic import CallEnd, FlushRecords, MarkOpen, PoolLogic, Publish, Start, Stop
+from actors.pool_logic import CANCELLED, CallEnd, FlushRecords, MarkOpen, PoolLogic, Publish, Start, Stop
 from edge.dataplane import hub_lost
 from edge.flights import Admit, EdgeFlights, Flight, Listen, Push, Refuse, Unlisten
 from edge.listeners import Listeners
@@ -82,7 +82,7 @@ from protocols import messages as m
 from protocols import roles
 from protocols.effects import After, Send
 from protocols.keys import coalescing_key
-from protocols.providers.base import code_for_status, status_text
+from protocols.providers.base import error_from_response
 from protocols.settings import CoalescerFlags, PacerSettings
 
 SEED_ENV = "SLUICE_SIM_SEED"
@@ -523,14 +523,17 @@ class SimPool:
         if call is None:
             return []
         call.abort_requested_at, call.aborted_at = self.logic.calls[stream_id].abort_requested_at, now
-        error = ev.error("cancelled", "cancelled: no subscriber left")
+        error = ev.error("cancelled", CANCELLED)
         return self.hub.publish(stream_id, [error], now) + self._end(call, "cancelled", None, None, now)
 
     def _step(self, call: UpstreamCall, i: int, now: float) -> list:
         b = call.behaviour
         if i == 0 and isinstance(b.fail, int):  # an HTTP error status instead of a stream
-            error = {**ev.error(code_for_status(b.fail), status_text(b.fail)), "status": b.fail}
-            retry = b.retry_after_s if (b.fail == 429 or b.fail >= 500) else None
+            # the response as actors/upstream.py reads it: the Retry-After header parsed, and
+            # kept for the Pacer (only a 429 or a 5xx carries one) but not published
+            headers = [] if b.retry_after_s is None else [(b"retry-after", repr(b.retry_after_s).encode())]
+            error = error_from_response(b.fail, headers, b"", now=now)
+            retry = error.pop("retry_after_s", None)
             # nothing reached the hub: the Pool publishes the error once it gives up (no retries here)
             return self.hub.publish(call.stream_id, [error], now) + self._end(call, "error", error, retry, now)
         events = []
@@ -719,7 +722,7 @@ class Simulation:
         self.pools = [SimPool(metrics, name=role) for role in self.pool_roles]
         self.pool = self.pools[0]  # Pool 0 ("pool"): the only one unless pools > 1
         for pool in self.pools:
-            pool.orphan_s = pool.hub.orphan_s = self.pacer.settings.max_wait_s + 60.0  # as actors/pool.py
+            pool.orphan_s = pool.hub.orphan_s = orphan_after(self.pacer.settings.max_wait_s)  # as actors/pool.py
         self.edges: dict[str, SimEdge] = {}
         self.metrics = SimMetrics() if metrics else None
         self._add(roles.pacer_for(provider), _PacerHost(self.pacer, self))

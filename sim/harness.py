@@ -13,7 +13,8 @@ simulated, in a few lines each, with the real behaviour as the model:
                   (edge/flights.py: local flights, one Submit per key, replays, one
                   Cancel when the last local client of an unfinished flight leaves, hub
                   loss, stray answers) and `Listeners` (edge/listeners.py); records what
-                  each client received.
+                  each client received, and measures and records each request with the
+                  edge's code (edge/measures.py; edge/records.py `RecordBatch`).
   * `SimPool`  -- actors/pool.py: hosts the real `PoolLogic` (actors/pool_logic.py:
                   which calls run, AbortStream / FailStream, every ending's LeaseRelease
                   to the Pacer, StreamFinished to the Coalescer and records); its `Start`
@@ -39,8 +40,9 @@ jumps). Messages are never dropped or reordered within a pair, except by a crash
 `sim.kill(node, at)` SIGKILLs a Pool, the Pacer or a Coalescer shard. Whatever it held
 is lost, messages and timers addressed to that incarnation vanish, the edges lose their
 hub connection when the Pool dies, and after `restart_s` the Supervisor's part is played:
-the replacement is wired and `MemberLost` goes to the Pacer and the shards
-(docs/reliability.md, "Process crashes").
+the replacement is wired, and once every killed node is up again `MemberLost` goes to the
+Pacer and the shards, by the Supervisor's own rule (actors/member_loss.py `LostMembers`;
+docs/reliability.md, "Process crashes").
 
 Use (see docs/simulation.md):
 
@@ -809,8 +811,9 @@ class Simulation:
         """SIGKILL `node` ("pool", "pool:<n>", "pacer:<account>", "coalescer:<n>") at `at`. What it held
         is lost; messages and timers addressed to it vanish. After `restart_s` (detection
         and a new process) the Supervisor's part: the replacement is wired (the Pacer
-        learns the new Pool, edges the new hub or shard), then `MemberLost(role, old
-        incarnation)` goes to the Pacer and every shard, as actors/supervisor.py does."""
+        learns the new Pool, edges the new hub or shard), then, once no killed node is
+        still down, `MemberLost(role, old incarnation)` goes to the Pacer and every
+        other shard (actors/member_loss.py, as actors/supervisor.py does)."""
         self._schedule(at, self._crash, node, restart_s)
 
     def _crash(self, name: str, restart_s: float) -> None:

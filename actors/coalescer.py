@@ -8,7 +8,7 @@ from actors.host import HostActor, my_address
 from protocols import messages as m
 from protocols import roles
 from protocols.effects import Send
-from protocols.settings import CoalescerFlags, flags_from
+from protocols.settings import CoalescerFlags
 
 
 class CoalescerActor(HostActor):
@@ -40,7 +40,7 @@ class CoalescerActor(HostActor):
             return [Send(sender, m.AdminResult(True, self.logic.state(now)))]
         if msg.command == "set_flags":
             try:
-                self.logic.flags = flags_from(self.logic.flags, msg.args)
+                self.logic.set_flags(msg.args)
             except ValueError as exc:
                 return [Send(sender, m.AdminResult(False, self.logic.state(now), str(exc)))]
             return [Send(sender, m.AdminResult(True, self.logic.state(now)))]

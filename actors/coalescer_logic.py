@@ -51,7 +51,7 @@ from typing import Any
 from protocols import auth, roles
 from protocols import messages as m
 from protocols.effects import After, Send
-from protocols.settings import CoalescerFlags
+from protocols.settings import CoalescerFlags, flags_from
 
 ASKING, QUEUED, STREAMING = "asking", "queued", "streaming"
 
@@ -96,6 +96,11 @@ class CoalescerLogic:
     errors: dict = field(default_factory=dict)  # key -> (error event, expires_at, stream_id)
     leaders_total: int = 0
     followers_total: int = 0
+
+    def set_flags(self, changes: dict) -> None:
+        """An operator's live `set_flags` (the admin command; the simulator's `set_flags`):
+        ValueError names the bad flag or value, and then no flag changes."""
+        self.flags = flags_from(self.flags, changes)
 
     def handle(self, msg: Any, sender: Any, now: float) -> list:
         if isinstance(msg, m.Submit):

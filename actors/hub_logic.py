@@ -28,6 +28,13 @@ from protocols import messages as m
 from protocols.effects import Send
 
 
+def orphan_after(max_wait_s: float) -> float:
+    """The hub's `orphan_s` for a Pacer that queues a call at most `max_wait_s`
+    (PACER_MAX_WAIT_MS): a stream subscribed to while its call waits for a lease is not an
+    orphan before that wait is over, plus a minute for the hops and the call's start."""
+    return max_wait_s + 60.0
+
+
 @dataclass
 class HubStream:
     stream_id: str

@@ -37,6 +37,7 @@ from actors import secret
 from actors.connections import AccountConnections
 from actors.host import HostActor
 from actors.hub import StreamHub
+from actors.hub_logic import orphan_after
 from actors.key_choice import key_name
 from actors.pool_logic import CallEnd, MarkOpen, PoolLogic, Publish, Start, Stop
 from actors.retry_policy import RESET, RetryPolicy, RetrySettings, is_idempotent
@@ -91,7 +92,7 @@ class PoolRuntime:
         self.outbox = outbox
         self.role = role  # "pool", "pool:1", ...: named in StreamFinished, records and the gauge
         self.loop = new_event_loop()
-        self.hub = StreamHub(secret.get(), orphan_s=settings.pacer_max_wait_ms / 1000.0 + 60.0)
+        self.hub = StreamHub(secret.get(), orphan_s=orphan_after(settings.pacer_max_wait_ms / 1000.0))
         self.logic = PoolLogic(role, self.hub.logic, accounts_of(settings))  # used on the loop only
         self.calls: dict[str, asyncio.Task] = {}  # the task of each call the logic started
         self.pools: dict[tuple[str, bool], AccountConnections] = {}  # (account, h2c) -> its pools, made on the loop

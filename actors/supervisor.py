@@ -26,6 +26,7 @@ from thespian.actors import ActorExitRequest, ChildActorExited
 from actors import addressing
 from actors.coalescer import CoalescerActor
 from actors.host import HostActor, my_address
+from actors.member_loss import LostMembers, edge_lost_targets
 from actors.metrics import MetricsActor
 from actors.pacer import PacerActor
 from actors.pool import PoolActor
@@ -75,7 +76,7 @@ class SupervisorActor(HostActor):
         self.addresses: dict[str, str] = {}  # role -> "host:port", once the child said Ready
         self.pids: dict[str, int] = {}
         self.adopted: set[str] = set()  # roles taken over from a previous Supervisor
-        self.lost: dict[str, list[str]] = {}  # role -> addresses of dead incarnations, until announced
+        self.lost = LostMembers()  # dead incarnations, until announced (actors/member_loss.py)
         self.hubs: dict[str, list] = {}  # Pool role -> [host, port] of its stream hub
         self.generation = 0
         self.draining = False
@@ -121,15 +122,10 @@ class SupervisorActor(HostActor):
     def _announce_lost(self) -> None:
         """Everyone knows the replacements now: tell the Pacers and Coalescers who died,
         so they reclaim what the dead held (after the Wire: same sender, so in order)."""
-        lost, self.lost = self.lost, {}
-        for role, incarnations in lost.items():
-            if not (roles.is_pool(role) or roles.is_pacer(role) or roles.is_coalescer(role)):
-                continue  # Metrics and the thread store hold nothing for others
-            for incarnation in incarnations:
-                log.warning("announcing the loss of %s at %s", role, incarnation)
-                for target, addr in self.children.items():
-                    if (roles.is_pacer(target) or roles.is_coalescer(target)) and target != role:
-                        self.send(addr, m.encode(m.MemberLost(role, incarnation)))
+        for lost, targets in self.lost.announce(self.children):
+            log.warning("announcing the loss of %s at %s", lost.role, lost.incarnation)
+            for target in targets:
+                self.send(self.children[target], m.encode(lost))
 
     def on_message(self, msg, sender, now):
         if isinstance(msg, m.Ready):
@@ -161,9 +157,7 @@ class SupervisorActor(HostActor):
         the references that edge held, Metrics the key usage (the addresses are known
         here, not there)."""
         log.warning("announcing the loss of edge %s", msg.incarnation)
-        return [
-            Send(addr, msg) for role, addr in self.children.items() if roles.is_coalescer(role) or role == roles.METRICS
-        ]
+        return [Send(self.children[role], msg) for role in edge_lost_targets(self.children)]
 
     def _directory(self) -> m.Directory:
         complete = len(self.addresses) == len(self.children) > 0
@@ -248,7 +242,7 @@ class SupervisorActor(HostActor):
         if dead is None and role in self.adopted:
             dead = _address_string(self.children[role])
         if dead is not None:
-            self.lost.setdefault(role, []).append(dead)
+            self.lost.died(role, dead)
         self.adopted.discard(role)
         self.pids.pop(role, None)
         self.hubs.pop(role, None)

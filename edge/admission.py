@@ -47,14 +47,13 @@ from collections.abc import AsyncIterator, Callable
 
 from edge import tracing
 from edge.access_log import STREAM_OUTCOME
+from edge.measures import DISCONNECTED, Measures
 from edge.streams import Subscriber
 from protocols import events as ev
 from protocols import trace
 
 EVENT_ID = "_id"  # an event's index in its stream, set on the (shared) event dict
 _GONE = {"type": "_client_gone"}  # queued by the watcher when the client disconnects
-DISCONNECTED = {"outcome": "cancelled", "error_code": "disconnected"}
-SERVED = ("provider", "model", "key", "fallback_from")  # who answered, from the Pool's started event
 
 
 class Admission:
@@ -68,13 +67,8 @@ class Admission:
         self.shutting_down = shutting_down
         self._release = release  # the edge's bookkeeping (Edge._release), run once by close()
         self.admitted_at = time.time()  # made right after admission (Edge.admit): the trace's admission span
-        self.ttft_ms: float | None = None
-        self.first_byte_at: float | None = None  # when this edge wrote the first byte (edge clock)
-        self.queue_wait_ms: float | None = None
-        self.provider_ttft_ms: float | None = None  # the leader's only: its call's provider TTFT
-        self.attempts: int | None = None  # upstream calls it took (retries before the first byte)
-        self.served: dict = {}  # who answered: provider, model, key, fallback_from (from the Pool)
-        self.ending: dict = {}  # the terminal event's usage / finish reason (traces)
+        # TTFT, queue wait, provider TTFT, attempts, who answered, the ending (edge/measures.py)
+        self.measures = Measures(sub.received_at)
         # Until the stream says otherwise: a front end that fails or is cancelled before the
         # terminal event lost its client.
         self.outcome: dict = {"outcome": "error", "error_code": "disconnected"}
@@ -84,6 +78,35 @@ class Admission:
         self.parked = False  # disconnected and kept for a resume (Edge._release)
         self.app: Callable | None = None  # the ASGI app serving it: served again on a resume
         self.on_expiry: Callable[[], None] | None = None  # the front end's end, parked and never resumed
+
+    # --- what it measured (edge/measures.py) -----------------------------------------------
+    @property
+    def ttft_ms(self) -> float | None:
+        return self.measures.ttft_ms
+
+    @property
+    def first_byte_at(self) -> float | None:
+        return self.measures.first_byte_at
+
+    @property
+    def queue_wait_ms(self) -> float | None:
+        return self.measures.queue_wait_ms
+
+    @property
+    def provider_ttft_ms(self) -> float | None:
+        return self.measures.provider_ttft_ms
+
+    @property
+    def attempts(self) -> int | None:
+        return self.measures.attempts
+
+    @property
+    def served(self) -> dict:
+        return self.measures.served
+
+    @property
+    def ending(self) -> dict:
+        return self.measures.ending
 
     # --- who -------------------------------------------------------------------------------
     @property
@@ -147,8 +170,7 @@ class Admission:
                     self.next_id += 1
                 self._normalize(event, batch)
                 trace.stamp("rendered", "edge", self.sub.request_id, event)
-                if ev.is_terminal(event):
-                    self.outcome = _outcome_of(event)
+                if ev.is_terminal(event):  # `outcome` is its outcome now (_normalize)
                     yield batch
                     return
             if batch:
@@ -157,24 +179,16 @@ class Admission:
     def _normalize(self, event: dict, batch: list[dict]) -> None:
         """Append what this client gets of `event` to `batch`."""
         kind = event.get("type")
-        if kind == ev.STARTED and self.first_byte_at is not None:
-            pass  # a resumed client's replay: measured the first time
-        elif kind == ev.STARTED:
+        if kind == ev.STARTED:
             # TTFT as the client sees it: until this edge writes the first byte (the front
-            # end renders and writes this batch next), on the edge's clock; a follower that
-            # joined after the first byte waits for the replay only.
-            self.first_byte_at = time.time()
-            self.ttft_ms = round((self.first_byte_at - self.sub.received_at) * 1000.0, 3)
-            self.queue_wait_ms = event.get("queue_wait_ms")
-            if self.sub.role == "leader":  # a follower did not wait for the provider's whole TTFT
-                self.provider_ttft_ms = event.get("provider_ttft_ms")
-            self.attempts = event.get("attempts")
-            self.served = {k: event[k] for k in SERVED if event.get(k)}
+            # end renders and writes this batch next), on the edge's clock (a resumed
+            # client's replay: measured the first time).
+            self.measures.started(event, time.time(), leader=self.sub.role == "leader")
         elif kind == ev.DELTA and not self.sub.fanout:
             self._held.append(event["delta"])
             return
         elif ev.is_terminal(event):
-            self.ending = {k: event[k] for k in ("usage", "finish_reason") if event.get(k) is not None}
+            self.outcome = self.measures.terminal(event)
             if self._held:
                 batch.append(ev.delta("".join(self._held)))
                 self._held = []
@@ -237,25 +251,11 @@ class Admission:
         leader's), and the provider and model that answered (a fallback's labels the request)."""
         if outcome is not None:
             self.outcome = outcome
-        ended = {
-            **self.outcome,
-            "ttft_ms": self.ttft_ms,
-            "queue_wait_ms": self.queue_wait_ms,
-            "provider_ttft_ms": self.provider_ttft_ms,
-            "provider": self.served.get("provider", self.sub.provider),
-            "model": self.served.get("model", self.sub.model),
-        }
+        ended = self.measures.ended(self.outcome, self.sub.provider, self.sub.model)
         if not self.closed:
             self.closed = True
             self._release(self, ended)
         return ended
-
-
-def _outcome_of(event: dict) -> dict:
-    if event["type"] == ev.DONE:
-        return {"outcome": "done", "error_code": None}
-    code = event.get("code")
-    return {"outcome": "cancelled" if code == "cancelled" else "error", "error_code": code}
 
 
 async def _wait_disconnect(receive) -> None:

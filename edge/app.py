@@ -30,6 +30,7 @@ from edge.api_keys import ApiKeys, Denial, KeysFileError, presented_key, stream_
 from edge.bridge import ActorBridge, BridgeError
 from edge.chat_request import RequestError, check_content_type, parse_chat, parse_json
 from edge.dataplane import HubClients
+from edge.measures import rejected, request_record
 from edge.records import RecordSender
 from edge.rejections import Rejection
 from edge.sse_stream import SSEStream
@@ -251,8 +252,7 @@ class Edge:
             sub = await self.streams.join(request_id, provider, model, body, key, received_at)
         except Rejection as exc:
             self.finish_key(key_id, "rejected", 0)
-            rejected = {"outcome": "rejected", "error_code": exc.code, "provider": provider, "model": model}
-            self._record(request_id, "leader", received_at, rejected, key_id)
+            self._record(request_id, "leader", received_at, rejected(exc.code, provider, model), key_id)
             raise
         except BaseException:  # the client went away while being admitted
             self.finish_key(key_id, "cancelled", 0)
@@ -502,25 +502,8 @@ class Edge:
         return parse_json(bytes(raw), limit)
 
     def _record(self, request_id: str, role: str, received_at: float, outcome: dict, key_id: str | None = None) -> None:
-        now = time.time()
-        self.records.add(
-            {
-                "kind": "request",
-                "request_id": request_id,
-                "role": role,
-                "outcome": outcome["outcome"],
-                "error_code": outcome.get("error_code"),
-                "ttft_ms": outcome.get("ttft_ms"),
-                "queue_wait_ms": outcome.get("queue_wait_ms"),
-                "latency_ms": (now - received_at) * 1000.0,
-                "at": now,
-                "key_id": key_id,
-                # labels and the provider's share of the TTFT (actors/metrics_logic.py)
-                "provider": outcome.get("provider"),
-                "model": outcome.get("model"),
-                "provider_ttft_ms": outcome.get("provider_ttft_ms"),
-            }
-        )
+        """The request's one record (edge/measures.py), batched to Metrics."""
+        self.records.add(request_record(request_id, role, received_at, outcome, time.time(), key_id))
 
 
 def _error_shape(path: str):

@@ -43,6 +43,13 @@ log = logging.getLogger("sluice.edge.dataplane")
 HANDSHAKE_TIMEOUT_S = 5.0
 
 
+def hub_lost() -> dict:
+    """The error event every stream of a lost hub connection ends with (seq None), here and
+    in the simulator's edge (sim/harness.py). A new dict each time: the edge numbers the
+    events it hands a client in place (edge/admission.py `EVENT_ID`)."""
+    return ev.error("hub_disconnected", "the stream hub went away mid-stream")
+
+
 class HubClient:
     """`secret`: the cluster secret; `edge_id`: this edge process's id, the one its
     Submits carry (the Coalescer's tickets name it)."""
@@ -126,7 +133,7 @@ class HubClient:
             lost = self._listeners.pop_all()
             for listeners in lost.values():
                 for listener in listeners:
-                    listener(None, [ev.error("hub_disconnected", "the stream hub went away mid-stream")])
+                    listener(None, [hub_lost()])
 
 
 class HubClients:

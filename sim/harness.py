@@ -13,7 +13,8 @@ simulated, in a few lines each, with the real behaviour as the model:
                   (edge/flights.py: local flights, one Submit per key, replays, one
                   Cancel when the last local client of an unfinished flight leaves, hub
                   loss, stray answers) and `Listeners` (edge/listeners.py); records what
-                  each client received.
+                  each client received, and measures and records each request with the
+                  edge's code (edge/measures.py; edge/records.py `RecordBatch`).
   * `SimPool`  -- actors/pool.py: hosts the real `PoolLogic` (actors/pool_logic.py:
                   which calls run, AbortStream / FailStream, every ending's LeaseRelease
                   to the Pacer, StreamFinished to the Coalescer and records); its `Start`
@@ -39,8 +40,9 @@ jumps). Messages are never dropped or reordered within a pair, except by a crash
 `sim.kill(node, at)` SIGKILLs a Pool, the Pacer or a Coalescer shard. Whatever it held
 is lost, messages and timers addressed to that incarnation vanish, the edges lose their
 hub connection when the Pool dies, and after `restart_s` the Supervisor's part is played:
-the replacement is wired and `MemberLost` goes to the Pacer and the shards
-(docs/reliability.md, "Process crashes").
+the replacement is wired, and once every killed node is up again `MemberLost` goes to the
+Pacer and the shards, by the Supervisor's own rule (actors/member_loss.py `LostMembers`;
+docs/reliability.md, "Process crashes").
 
 Use (see docs/simulation.md):
 
@@ -66,19 +68,23 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from actors.coalescer_logic import CoalescerLogic
-from actors.hub_logic import HubLogic
+from actors.hub_logic import HubLogic, orphan_after
+from actors.member_loss import LostMembers
 from actors.metrics_logic import MetricsLogic
 from actors.pacer_logic import PacerLogic, PoolAt
 from actors.pool_choice import PoolChoice
-from actors.pool_logic import CallEnd, FlushRecords, MarkOpen, PoolLogic, Publish, Start, Stop
+from actors.pool_logic import CANCELLED, CallEnd, FlushRecords, MarkOpen, PoolLogic, Publish, Start, Stop
+from edge.dataplane import hub_lost
 from edge.flights import Admit, EdgeFlights, Flight, Listen, Push, Refuse, Unlisten
 from edge.listeners import Listeners
+from edge.measures import DISCONNECTED, Measures, rejected, request_record
+from edge.records import RecordBatch, RecordsDue
 from protocols import events as ev
 from protocols import messages as m
 from protocols import roles
 from protocols.effects import After, Send
 from protocols.keys import coalescing_key
-from protocols.providers.base import code_for_status, status_text
+from protocols.providers.base import error_from_response
 from protocols.settings import CoalescerFlags, PacerSettings
 
 SEED_ENV = "SLUICE_SIM_SEED"
@@ -188,6 +194,10 @@ class SimClient:
     flight: Any = None
     replayed: bool = False  # got a remembered error (error TTL) instead of a stream
     hub_lost: bool = False  # its stream ended with the edge's own hub_disconnected
+    measures: Measures = field(init=False)  # TTFT & co., as its edge measured them (edge/measures.py)
+
+    def __post_init__(self) -> None:
+        self.measures = Measures(self.at)
 
     @property
     def outcome(self) -> str | None:
@@ -235,11 +245,6 @@ class _Configure:
 
 
 @dataclass(frozen=True)
-class _Flush:
-    pass
-
-
-@dataclass(frozen=True)
 class _Sweep:
     """Hub timer: `HubLogic.sweep` is due (a linger over, an orphan to end)."""
 
@@ -261,24 +266,6 @@ class _ShardMoved:
     shard: str
 
 
-class _Records:
-    """Batches measurement records to Metrics (a flush timer, never one message each)."""
-
-    def __init__(self, source: str, enabled: bool, every_s: float = 0.1):
-        self.source, self.enabled, self.every_s = source, enabled, every_s
-        self.pending: list[dict] = []
-
-    def add(self, record: dict) -> list:
-        if not self.enabled:
-            return []
-        self.pending.append(record)
-        return [After(self.every_s, _Flush())] if len(self.pending) == 1 else []
-
-    def flush(self) -> list:
-        batch, self.pending = self.pending, []
-        return [Send("metrics", m.Records(self.source, batch))] if batch else []
-
-
 # --- the simulated edge ---------------------------------------------------------------------
 
 
@@ -293,7 +280,8 @@ class SimEdge:
         self.listeners_at: dict[str, Listeners[Flight]] = {}
         self.clients: list[SimClient] = []
         self.waiting: dict[SimClient, list] = {}  # not admitted yet -> events queued for it
-        self.records = _Records(self.name, metrics)
+        self.records = RecordBatch(self.name)  # edge/records.py, as RecordSender hosts it
+        self.metrics = metrics  # False: no Metrics node, the records are not kept
         self.hubs_down: set[str] = set()  # Pools whose hub the directory does not name now
         self.shared_listens = 0  # a flight listened to a stream another local flight was on
 
@@ -313,7 +301,9 @@ class SimEdge:
             if client.outcome is not None:
                 return []
             self.waiting.pop(client, None)  # waiting for its answer: the join is cancelled
-            return self._end(client, "disconnected", now)
+            return self._end(
+                client, "disconnected", now, client.measures.ended(DISCONNECTED, client.provider, client.model)
+            )
         if isinstance(msg, (m.Admitted, m.Rejected)):
             if msg.request_id in self.logic.submits:
                 return self._apply(self.logic.answer(msg.request_id, msg, now), now)
@@ -324,8 +314,8 @@ class SimEdge:
             for flight in self.listeners(sender).of(msg.stream_id):  # each local flight on it (at that hub)
                 out += self._apply(self.logic.frame(flight, msg.seq, msg.events, now), now)
             return out
-        if isinstance(msg, _Flush):
-            return self.records.flush()
+        if isinstance(msg, RecordsDue):
+            return self.records.due()
         if isinstance(msg, _HubLost):
             return self._hub_lost(msg, now)
         if isinstance(msg, _ShardMoved):  # edge/bridge.py follows the role to its replacement
@@ -347,8 +337,7 @@ class SimEdge:
             for flight in flights:
                 for client in flight.clients:
                     client.hub_lost = True
-                error = ev.error("hub_disconnected", "the stream hub went away mid-stream")
-                out += self._apply(self.logic.frame(flight, None, [error], now), now)
+                out += self._apply(self.logic.frame(flight, None, [hub_lost()], now), now)
         return out
 
     def _apply(self, effects: list, now: float) -> list:
@@ -373,7 +362,7 @@ class SimEdge:
                     continue
                 client.role = client.role or "leader"
                 client.status, client.code, client.retry_after_s = r.status, r.code, r.retry_after_s
-                out += self._end(client, "rejected", now)
+                out += self._end(client, "rejected", now, rejected(r.code, client.provider, client.model))
             elif isinstance(effect, Listen):
                 flight = effect.flight
                 hub = flight.hub or roles.POOL
@@ -395,41 +384,24 @@ class SimEdge:
         return out
 
     def _push(self, client: SimClient, events: list, now: float) -> list:
+        """Events reach the client (edge/admission.py renders them): measured as there."""
         for event in events:
             client.events.append(event)
+            if event.get("type") == ev.STARTED:
+                client.measures.started(event, now, leader=client.role == "leader")
             if ev.is_terminal(event):
-                if event["type"] == ev.DONE:
-                    outcome = "done"
-                else:
-                    outcome = "cancelled" if event.get("code") == "cancelled" else "error"
-                return self._end(client, outcome, now)
+                ended = client.measures.terminal(event)
+                return self._end(
+                    client, ended["outcome"], now, client.measures.ended(ended, client.provider, client.model)
+                )
         return []
 
-    def _end(self, client: SimClient, outcome: str, now: float) -> list:
-        """The client's response ended: record it and leave (edge/app.py `ended`)."""
+    def _end(self, client: SimClient, outcome: str, now: float, recorded: dict) -> list:
+        """The client's response ended: leave, and record it (edge/app.py `_release`,
+        `_record`) with the outcome `recorded` (edge/measures.py)."""
         client._end(outcome, now)
-        return self._apply(self.logic.leave(client, now), now) + self._record(client, now)
-
-    def _record(self, client: SimClient, now: float) -> list:
-        started = next((e for e in client.events if e.get("type") == ev.STARTED), None)
-        ttft = None
-        if started is not None:
-            ttft = max(0.0, (max(started["first_byte_at"], client.at) - client.at) * 1000.0)
-        outcome = "cancelled" if client.outcome == "disconnected" else client.outcome
-        error = client.error
-        return self.records.add(
-            {
-                "kind": "request",
-                "request_id": client.request_id,
-                "role": client.role or "leader",
-                "outcome": outcome,
-                "error_code": client.code if outcome == "rejected" else (error or {}).get("code"),
-                "ttft_ms": ttft,
-                "queue_wait_ms": started["queue_wait_ms"] if started else None,
-                "latency_ms": max(0.0, (now - client.at) * 1000.0),
-                "at": now,
-            }
-        )
+        record = request_record(client.request_id, client.role or "leader", client.at, recorded, now)
+        return self._apply(self.logic.leave(client, now), now) + (self.records.add(record) if self.metrics else [])
 
 
 # --- the simulated Pool (upstream calls + stream hub) -------------------------------------------
@@ -553,14 +525,17 @@ class SimPool:
         if call is None:
             return []
         call.abort_requested_at, call.aborted_at = self.logic.calls[stream_id].abort_requested_at, now
-        error = ev.error("cancelled", "cancelled: no subscriber left")
+        error = ev.error("cancelled", CANCELLED)
         return self.hub.publish(stream_id, [error], now) + self._end(call, "cancelled", None, None, now)
 
     def _step(self, call: UpstreamCall, i: int, now: float) -> list:
         b = call.behaviour
         if i == 0 and isinstance(b.fail, int):  # an HTTP error status instead of a stream
-            error = {**ev.error(code_for_status(b.fail), status_text(b.fail)), "status": b.fail}
-            retry = b.retry_after_s if (b.fail == 429 or b.fail >= 500) else None
+            # the response as actors/upstream.py reads it: the Retry-After header parsed, and
+            # kept for the Pacer (only a 429 or a 5xx carries one) but not published
+            headers = [] if b.retry_after_s is None else [(b"retry-after", repr(b.retry_after_s).encode())]
+            error = error_from_response(b.fail, headers, b"", now=now)
+            retry = error.pop("retry_after_s", None)
             # nothing reached the hub: the Pool publishes the error once it gives up (no retries here)
             return self.hub.publish(call.stream_id, [error], now) + self._end(call, "error", error, retry, now)
         events = []
@@ -648,8 +623,8 @@ class _CoalescerHost:
         self.logic = logic
 
     def handle(self, msg, sender, now: float) -> list:
-        if isinstance(msg, _Configure):
-            self.logic.flags = replace(self.logic.flags, **msg.changes)
+        if isinstance(msg, _Configure):  # the admin `set_flags` (actors/coalescer.py)
+            self.logic.set_flags(msg.changes)
             return []
         out = self.logic.handle(msg, sender, now)
         if isinstance(msg, m.MemberLost) and roles.is_pool(msg.role):
@@ -732,6 +707,7 @@ class Simulation:
         self.old_leases: dict[str, Lease] = {}  # those of dead Pacer incarnations
         self.clients: list[SimClient] = []
         self.nodes: dict[str, _Node] = {}
+        self.lost = LostMembers()  # the Supervisor's deaths not announced yet (actors/member_loss.py)
 
         self.pacer = PacerLogic(roles.pacer_account(roles.pacer_for(provider)), pacer or PacerSettings())
         self.coalescers = [
@@ -748,7 +724,7 @@ class Simulation:
         self.pools = [SimPool(metrics, name=role) for role in self.pool_roles]
         self.pool = self.pools[0]  # Pool 0 ("pool"): the only one unless pools > 1
         for pool in self.pools:
-            pool.orphan_s = pool.hub.orphan_s = self.pacer.settings.max_wait_s + 60.0  # as actors/pool.py
+            pool.orphan_s = pool.hub.orphan_s = orphan_after(self.pacer.settings.max_wait_s)  # as actors/pool.py
         self.edges: dict[str, SimEdge] = {}
         self.metrics = SimMetrics() if metrics else None
         self._add(roles.pacer_for(provider), _PacerHost(self.pacer, self))
@@ -835,8 +811,9 @@ class Simulation:
         """SIGKILL `node` ("pool", "pool:<n>", "pacer:<account>", "coalescer:<n>") at `at`. What it held
         is lost; messages and timers addressed to it vanish. After `restart_s` (detection
         and a new process) the Supervisor's part: the replacement is wired (the Pacer
-        learns the new Pool, edges the new hub or shard), then `MemberLost(role, old
-        incarnation)` goes to the Pacer and every shard, as actors/supervisor.py does."""
+        learns the new Pool, edges the new hub or shard), then, once no killed node is
+        still down, `MemberLost(role, old incarnation)` goes to the Pacer and every
+        other shard (actors/member_loss.py, as actors/supervisor.py does)."""
         self._schedule(at, self._crash, node, restart_s)
 
     def _crash(self, name: str, restart_s: float) -> None:
@@ -875,9 +852,10 @@ class Simulation:
             self.coalescers[index], node.logic = fresh, _CoalescerHost(fresh)
         else:
             self.fail(f"kill: {name} is not a Pool, Pacer or Coalescer shard")
-        self._schedule(self.now + restart_s, self._restart, node, lost)
+        self.lost.died(name, lost)
+        self._schedule(self.now + restart_s, self._restart, node)
 
-    def _restart(self, node: _Node, lost: str) -> None:
+    def _restart(self, node: _Node) -> None:
         node.down = False
         pacer = roles.pacer_for(self.provider)
         if node.name in self.pool_roles:
@@ -903,9 +881,11 @@ class Simulation:
                 self._schedule(
                     self.now + self._latency(), self._deliver, self._edge(edge), None, _ShardMoved(node.name), None
                 )
-        for target in [pacer] + [roles.coalescer(i) for i in range(self.shards)]:
-            if target != node.name:
-                self._send("supervisor", target, m.MemberLost(node.name, lost))
+        if not any(n.down for n in self.nodes.values()):  # every member is up again: the announcement
+            members = [pacer, *(roles.coalescer(i) for i in range(self.shards)), *self.pool_roles]
+            for lost, targets in self.lost.announce(members):
+                for target in targets:
+                    self._send("supervisor", target, lost)
 
     def _pool(self, role: str) -> SimPool:
         return self.pools[self.pool_roles.index(role)]

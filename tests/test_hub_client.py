@@ -67,3 +67,12 @@ def test_two_listeners_on_one_stream_each_get_everything_and_leave_alone():
             await hub.stop()
 
     asyncio.run(main())
+
+
+def test_a_lost_hub_ends_each_stream_with_an_event_of_its_own():
+    from edge.dataplane import hub_lost
+
+    first, second = hub_lost(), hub_lost()
+    assert first == second == ev.error("hub_disconnected", "the stream hub went away mid-stream")
+    first["_id"] = 3  # the edge numbers a client's events in place: no other stream sees it
+    assert "_id" not in hub_lost()

@@ -290,3 +290,13 @@ def test_a_retry_pauses_the_account_on_a_429_and_is_recorded():
 def test_an_unexpected_message_is_a_type_error():
     with pytest.raises(TypeError):
         Host().logic.handle(m.Subscribe("s-1", "t"), 0.0)
+
+
+def test_a_stream_nobody_opened_is_an_orphan_a_minute_after_the_pacers_longest_wait():
+    from actors.hub_logic import orphan_after
+    from protocols.settings import PacerSettings
+    from sim.harness import Simulation
+
+    assert orphan_after(30.0) == 90.0
+    sim = Simulation(seed=1, pacer=PacerSettings(max_wait_s=8.0))  # the simulated Pool's hub: the same rule
+    assert sim.pool.hub.orphan_s == orphan_after(8.0) == 68.0

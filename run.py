@@ -15,6 +15,14 @@ stopped, the secret file is removed; nothing is left running. If this process di
 without that, the orphan watchdog (a process of its own) notices within a second and
 shuts the actor system down. While serving, a keeper thread replaces a dead Supervisor
 (and a dead watchdog). Every process logs in the SLUICE_LOG_FORMAT (protocols/logfmt.py).
+
+With SLUICE_JOIN=host:port this host is a member of the cluster led by the actor system
+there (a Thespian Convention, docs/scale-out.md): its actor system registers with the
+leader's (the start fails, exit 2, if the leader does not answer: down, unreachable, or
+another SLUICE_CLUSTER_SECRET), it starts no Supervisor, Pacer, shard or Metrics of its
+own (the leader's Supervisor places this host's Pools on it) and no simulated provider
+(the Pools call what the leader configured); its edges serve as on one host, with the
+leader's actors.
 """
 
 from __future__ import annotations
@@ -110,6 +118,9 @@ def serve(settings: dict) -> int:
             secret_file.remove(secret_path)
 
 
+JOIN_WITHIN_S = 15.0  # a member's first registration with its leader, answered
+
+
 def _serve_with_secret(settings: dict, secret: bytes, log) -> int:
     from actors import system
     from actors.supervisor import SupervisorActor
@@ -117,17 +128,37 @@ def _serve_with_secret(settings: dict, secret: bytes, log) -> int:
     from protocols import messages as m
     from protocols.roles import SUPERVISOR_NAME
 
-    host = settings["SLUICE_ACTOR_HOST"]
-    asys, group = system.start(host, settings["SLUICE_ACTOR_PORT"], secret, logfmt.actor_log_defs(settings))
+    host, join = settings["SLUICE_ACTOR_HOST"], settings["SLUICE_JOIN"]
+    asys, group = system.start(
+        host,
+        settings["SLUICE_ACTOR_PORT"],
+        secret,
+        logfmt.actor_log_defs(settings),
+        join=join,
+        pools=settings["SLUICE_POOLS"] or 1,
+    )
     # The secret never travels in a message: every actor inherited it at fork.
     settings = {**settings, "SLUICE_CLUSTER_SECRET": None, "parent_pid": os.getpid(), "actor_group": group}
     sim = keeper = None
     watchdog = _Watchdog(host, settings["SLUICE_ACTOR_PORT"], group)
     try:
-        sim = _start_simulated_provider(settings, log)
-        supervisor = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
-        asys.tell(supervisor, m.encode(m.Wire(roles.SUPERVISOR, {}, settings)))
-        keeper = _start_keeper(asys, settings, watchdog)
+        if join is None:
+            sim = _start_simulated_provider(settings, log)
+            supervisor = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
+            asys.tell(supervisor, m.encode(m.Wire(roles.SUPERVISOR, {}, settings)))
+            keeper = _start_keeper(asys, settings, watchdog)
+        else:
+            if not system.joined(asys, JOIN_WITHIN_S):
+                log.error(
+                    "sluice: could not join the cluster at SLUICE_JOIN=%s within %.0f s: is the leader up, "
+                    "reachable from %s, and is SLUICE_CLUSTER_SECRET the leader's?",
+                    join,
+                    JOIN_WITHIN_S,
+                    host,
+                )
+                return 2
+            log.info("joined the cluster led by %s", join)
+            keeper = _start_keeper(asys, settings, watchdog, keep_supervisor=False)
         if settings["SLUICE_WORKERS"] > 1:
             return _serve_workers(settings, secret, asys, log)
         return _serve_http(settings, log)
@@ -161,11 +192,11 @@ class _Watchdog:
             self.proc.wait(5)
 
 
-def _start_keeper(asys, settings: dict, watchdog: _Watchdog):
+def _start_keeper(asys, settings: dict, watchdog: _Watchdog, keep_supervisor: bool = True):
     from actors.keeper import SupervisorKeeper
 
     watchdog.ensure()
-    return SupervisorKeeper(asys, settings, watchdog.ensure).start()
+    return SupervisorKeeper(asys, settings, watchdog.ensure, keep_supervisor).start()
 
 
 def _start_simulated_provider(settings: dict, log):

@@ -8,7 +8,9 @@ again (Thespian drops a global name when its actor exits, so this creates a new
 Supervisor) and wires it with the last directory it saw: the new Supervisor adopts the
 actors that still answer and recreates the others (actors/supervisor.py).
 
-It also restarts the orphan watchdog process (actors/system.py `watch`) if that dies.
+It also restarts the orphan watchdog process (actors/system.py `watch`) if that dies. On a
+member host of a cluster (SLUICE_JOIN) that is all it does: the Supervisor is the
+leader's, kept by the leader's keeper (docs/scale-out.md).
 
 Thread safety: the keeper has its own `asys.private()` context, like the edge's bridge
 threads; it never forks.
@@ -33,8 +35,11 @@ ASK_TIMEOUT_S = 2.0
 
 
 class SupervisorKeeper:
-    def __init__(self, asys, settings: dict, ensure_watchdog: Callable[[], None] | None = None):
+    def __init__(
+        self, asys, settings: dict, ensure_watchdog: Callable[[], None] | None = None, keep_supervisor: bool = True
+    ):
         self.asys, self.settings = asys, settings
+        self.keep_supervisor = keep_supervisor
         self.ensure_watchdog = ensure_watchdog
         self.directory: dict[str, str] = {}  # the last complete directory seen
         self.pid: int | None = None
@@ -58,6 +63,8 @@ class SupervisorKeeper:
                 try:
                     if self.ensure_watchdog is not None:
                         self.ensure_watchdog()
+                    if not self.keep_supervisor:
+                        continue
                     if self.pid is None or not alive(self.pid):
                         self._find_or_replace(context)
                     elif time.monotonic() >= next_directory:

@@ -41,7 +41,10 @@ class PacerActor(HostActor):
             )
             self.apply([After(GAUGE_EVERY_S, ReportGauges())])
         # Every Wire carries the directory: grants go to the Pools it names, or wait for one.
-        for pool in roles.pools(wire.settings.get("SLUICE_POOLS") or 1):
+        # This host's Pools, the member hosts' (docs/scale-out.md), and those known before
+        # (a host that left: its Pools are down for good).
+        pools = [*roles.pools(wire.settings.get("SLUICE_POOLS") or 1), *filter(roles.is_pool, self.directory)]
+        for pool in dict.fromkeys([*pools, *self.logic.pools.at]):
             self.apply(self.logic.handle(PoolAt(self.directory.get(pool), pool), None, time.time()))
 
     def on_message(self, msg, sender, now):

@@ -246,3 +246,42 @@ def test_a_killed_member_is_noticed_its_streams_end_and_the_rest_goes_on(sim):
             status, _, body = request("POST", leader.url + "/api/chat", chat_body(f"{after} {i}\n#sim tokens=3"))
             assert status == 200, body
         member.proc.wait(10)
+
+
+def test_metrics_and_admin_answer_for_the_whole_cluster_from_any_host(cluster):
+    text = f"counted {uuid.uuid4().hex}"
+    body = chat_body(f"{text}\n#sim ttft_ms=1500 tokens=4")
+
+    def one(i: int):
+        client = SSEClient(cluster[i % len(cluster)].url + "/api/chat", body, timeout=60)
+        try:
+            return client.read_all()
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(9) as pool:
+        results = list(pool.map(one, range(9)))
+    assert all(data_events(events)[-1]["type"] == "done" for events in results)
+    assert len(calls_for(cluster[0].sim, text)) == 1
+
+    # One Metrics actor (the leader's) holds every host's records: each host answers the same.
+    def coalesce_everywhere():
+        seen = []
+        for gw in cluster:
+            status, report = get_json(gw.url + "/api/metrics/performance?last_n=9")
+            assert status == 200, report
+            seen.append((report["coalesce"]["leaders"], report["coalesce"]["followers"]))
+        return seen if seen == [(1, 8)] * len(cluster) else None
+
+    wait_until(coalesce_everywhere, timeout=20, message="every host reports the cluster's 1 leader, 8 followers")
+
+    # An admin command sent to a member reaches the one Pacer (on the leader), and back.
+    member = cluster[-1]
+    status, _, reply = request("POST", member.url + "/api/admin/pacer/simulated", {"rps": 2}, headers=AUTH)
+    assert status == 200, reply
+    try:
+        assert admin_state(cluster[0], "pacer")["pacer:simulated"]["settings"]["rps"] == 2
+    finally:
+        status, _, reply = request("POST", member.url + "/api/admin/pacer/simulated", {"rps": 1}, headers=AUTH)
+        assert status == 200, reply
+    assert admin_state(cluster[1], "pacer")["pacer:simulated"]["settings"]["rps"] == 1

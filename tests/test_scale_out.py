@@ -27,7 +27,17 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.support import Gateway, SSEClient, chat_body, data_events, descendants, get_json, request, wait_until
+from tests.support import (
+    Gateway,
+    SSEClient,
+    chat_body,
+    data_events,
+    descendants,
+    get_json,
+    request,
+    stream_chat,
+    wait_until,
+)
 
 SECRET = "scale-out-test-secret-0123456789abcdef"
 TOKEN = "scale-out-test-token"
@@ -48,16 +58,18 @@ def cluster_env(sim: str, **extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def running_cluster(sim: str, hosts=HOSTS, **extra: str):
-    """A leader on hosts[0], a member joined to it on each other host; on exit every host
-    gets Ctrl-C and nothing of any may be left."""
+def running_cluster(sim: str, hosts=HOSTS, per_host: dict | None = None, **extra: str):
+    """A leader on hosts[0], a member joined to it on each other host (`per_host`: more
+    settings for some hosts); on exit every host gets Ctrl-C and nothing of any may be left."""
+    per_host = per_host or {}
     env = cluster_env(sim, **extra)
     started: list[Gateway] = []
     try:
-        leader = Gateway(env, hosts[0]).start()
+        leader = Gateway({**env, **per_host.get(hosts[0], {})}, hosts[0]).start()
         started.append(leader)
         for host in hosts[1:]:
-            started.append(Gateway({**env, "SLUICE_JOIN": f"{hosts[0]}:{leader.actor_port}"}, host).start(60))
+            join = {"SLUICE_JOIN": f"{hosts[0]}:{leader.actor_port}"}
+            started.append(Gateway({**env, **join, **per_host.get(host, {})}, host).start(60))
         for gw in started:
             gw.sim = sim
         wait_until(lambda: len(members(leader)) == len(hosts) - 1, timeout=30, message="every member listed")
@@ -96,8 +108,15 @@ def text_of(events) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(sim):
-    # One budget for the account, exact across the hosts: 1 call/s, no burst.
-    with running_cluster(sim, SIMULATED_RPS="1", SIMULATED_BURST="1", SIMULATED_CONCURRENCY="20") as hosts:
+    # One budget for the account, exact across the hosts: 1 call/s, no burst. The last
+    # member runs two edge workers: each finds the leader's Supervisor by its global name.
+    with running_cluster(
+        sim,
+        per_host={HOSTS[2]: {"SLUICE_WORKERS": "2"}},
+        SIMULATED_RPS="1",
+        SIMULATED_BURST="1",
+        SIMULATED_CONCURRENCY="20",
+    ) as hosts:
         yield hosts
 
 
@@ -285,3 +304,48 @@ def test_metrics_and_admin_answer_for_the_whole_cluster_from_any_host(cluster):
         status, _, reply = request("POST", member.url + "/api/admin/pacer/simulated", {"rps": 1}, headers=AUTH)
         assert status == 200, reply
     assert admin_state(cluster[1], "pacer")["pacer:simulated"]["settings"]["rps"] == 1
+
+
+def same_address(gw: Gateway) -> Gateway:
+    """A new run.py for the host `gw` was: same address, same ports, same settings."""
+    again = Gateway({k: v for k, v in gw.env.items() if k not in ("SLUICE_PORT", "SLUICE_ACTOR_PORT")}, gw.host)
+    again.port, again.actor_port, again.url = gw.port, gw.actor_port, gw.url
+    again.env.update(SLUICE_PORT=str(gw.port), SLUICE_ACTOR_PORT=str(gw.actor_port))
+    return again
+
+
+def test_a_lost_leader_stops_admission_and_its_restart_takes_the_members_back(sim):
+    with running_cluster(sim, hosts=("127.0.0.7", "127.0.0.8"), SIMULATED_RPS="50", SIMULATED_BURST="50") as hosts:
+        leader, member = hosts
+        status, _, _ = request("POST", member.url + "/api/chat", chat_body(f"before {uuid.uuid4().hex}"))
+        assert status == 200
+        victims = descendants(leader.proc.pid) | {leader.proc.pid}
+        leader.tree |= victims
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        killed_at = time.monotonic()
+        leader.proc.wait(10)
+        # The member's edge stops admitting: /readyz says so (the load balancer's cue) and a
+        # request gets an error answer, not a hang.
+        wait_until(lambda: request("GET", member.url + "/readyz", timeout=5)[0] == 503, timeout=30, message="503")
+        print(f"member /readyz 503 {time.monotonic() - killed_at:.2f} s after the leader's SIGKILL")
+        asked = time.monotonic()
+        status, _, body = request("POST", member.url + "/api/chat", chat_body(f"during {uuid.uuid4().hex}"), timeout=60)
+        print(f"a request at the member during the leader's absence: {status} after {time.monotonic() - asked:.2f} s")
+        assert status >= 500 and "error" in json.loads(body), body
+        assert member.proc.poll() is None, "the member host keeps running"
+
+        # The leader comes back at the same address: the member registers again, the new
+        # Supervisor places a Pool on it, and the member serves again.
+        again = same_address(leader).start(60)
+        hosts.append(again)
+        again.sim = sim
+        restarted = time.monotonic()
+        wait_until(lambda: len(members(again)) == 1, timeout=30, message="the member listed by the new leader")
+        wait_until(lambda: request("GET", member.url + "/readyz", timeout=5)[0] == 200, timeout=60, message="ready")
+        print(f"member serving again {time.monotonic() - restarted:.2f} s after the leader's restart")
+        status, _, events = stream_chat(member.url + "/api/chat", chat_body(f"after {uuid.uuid4().hex}\n#sim tokens=3"))
+        assert status == 200 and data_events(events)[-1]["type"] == "done"

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -28,6 +30,7 @@ from contextlib import contextmanager
 import pytest
 
 from tests.support import (
+    ROOT,
     Gateway,
     SSEClient,
     chat_body,
@@ -293,9 +296,24 @@ def test_metrics_and_admin_answer_for_the_whole_cluster_from_any_host(cluster):
         return seen if seen == [(1, 8)] * len(cluster) else None
 
     wait_until(coalesce_everywhere, timeout=20, message="every host reports the cluster's 1 leader, 8 followers")
+    # /metrics on a member renders every host's Pools; `run.py admin show` there shows the cluster.
+    member = cluster[-1]
+    status, _, metrics = request("GET", member.url + "/metrics")
+    assert status == 200
+    for pool in ("pool", "pool:1", "pool:2"):
+        assert f'sluice_active_streams{{pool="{pool}"}}' in metrics.decode(), pool
+    shown = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "admin", "show"],
+        cwd=ROOT,
+        env=member.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert sorted(json.loads(shown.stdout)["results"]["supervisor"]["members"]) == sorted(members(cluster[0]))
 
     # An admin command sent to a member reaches the one Pacer (on the leader), and back.
-    member = cluster[-1]
     status, _, reply = request("POST", member.url + "/api/admin/pacer/simulated", {"rps": 2}, headers=AUTH)
     assert status == 200, reply
     try:

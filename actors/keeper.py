@@ -9,8 +9,11 @@ Supervisor) and wires it with the last directory it saw: the new Supervisor adop
 actors that still answer and recreates the others (actors/supervisor.py).
 
 It also restarts the orphan watchdog process (actors/system.py `watch`) if that dies. On a
-member host of a cluster (SLUICE_JOIN) that is all it does: the Supervisor is the
-leader's, kept by the leader's keeper (docs/scale-out.md).
+member host of a cluster (SLUICE_JOIN) the Supervisor is the leader's, kept by the
+leader's keeper (docs/scale-out.md); there the keeper watches the Convention instead: when
+this host loses its leader (gone past Thespian's timers), the Pools the leader's
+Supervisor placed here have no Supervisor any more, so it stops them; a leader that comes
+back places new ones.
 
 Thread safety: the keeper has its own `asys.private()` context, like the edge's bridge
 threads; it never forks.
@@ -40,6 +43,7 @@ class SupervisorKeeper:
     ):
         self.asys, self.settings = asys, settings
         self.keep_supervisor = keep_supervisor
+        self.in_convention = False  # on a member: whether its leader was there at the last look
         self.ensure_watchdog = ensure_watchdog
         self.directory: dict[str, str] = {}  # the last complete directory seen
         self.pid: int | None = None
@@ -64,6 +68,9 @@ class SupervisorKeeper:
                     if self.ensure_watchdog is not None:
                         self.ensure_watchdog()
                     if not self.keep_supervisor:
+                        if time.monotonic() >= next_directory:
+                            next_directory = time.monotonic() + DIRECTORY_EVERY_S
+                            self._stop_orphans(context)
                         continue
                     if self.pid is None or not alive(self.pid):
                         self._find_or_replace(context)
@@ -73,7 +80,19 @@ class SupervisorKeeper:
                 except Exception:  # the keeper must outlive whatever went wrong this turn
                     log.exception("supervisor keeper")
 
-    def _find_or_replace(self, context) -> None:
+    def _stop_orphans(self, context) -> None:
+        from thespian.actors import ActorExitRequest
+
+        from actors.system import member_status
+
+        status = member_status(self.asys, context)
+        if status is None:
+            return
+        if self.in_convention and not status.in_convention and status.children:
+            log.warning("lost the cluster's leader: stopping the %d Pools it placed here", len(status.children))
+            for child in status.children:
+                context.tell(child, ActorExitRequest())
+        self.in_convention = status.in_convention
         from actors.supervisor import SupervisorActor
         from protocols.roles import SUPERVISOR_NAME
 

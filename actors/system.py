@@ -64,19 +64,33 @@ def start(host: str, port: int, secret: bytes, log_defs: dict | None = None, joi
     return asys, group
 
 
+class MemberStatus(NamedTuple):
+    in_convention: bool  # the leader answered our registration and has not been lost since
+    children: list  # the actors this host's admin started (on a member: the Pools placed here)
+
+
+def member_status(asys, context=None) -> MemberStatus | None:
+    """What this host's admin says of its Convention membership (None: no answer).
+    `context`: the caller's `asys.private()` context when not on the main thread."""
+    from thespian.system.messages.status import Thespian_StatusReq
+
+    admin = asys._systemBase.adminAddr  # Thespian keeps no public name for it
+    status = (context or asys).ask(admin, Thespian_StatusReq(), 1.0)
+    if status is None or not hasattr(status, "conventionAttendees"):
+        return None
+    leader = status.conventionLeader
+    attendees = [address for address, _valid in status.conventionAttendees]
+    return MemberStatus(leader is not None and leader in attendees, list(status.childActors))
+
+
 def joined(asys, within_s: float) -> bool:
     """Whether this member's admin has registered with its Convention leader and heard back
     within `within_s` (the leader then lists it: it answers only frames signed with the
     same secret, so a host with another secret never gets here)."""
-    from thespian.system.messages.status import Thespian_StatusReq
-
-    admin = asys._systemBase.adminAddr  # Thespian keeps no public name for it
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        status = asys.ask(admin, Thespian_StatusReq(), 1.0)
-        leader = getattr(status, "conventionLeader", None)
-        attendees = [address for address, _valid in getattr(status, "conventionAttendees", [])]
-        if leader is not None and leader in attendees:
+        status = member_status(asys)
+        if status is not None and status.in_convention:
             return True
         time.sleep(0.1)  # the registration is the admin's, on its own clock: nothing to wait on
     return False

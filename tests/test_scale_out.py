@@ -33,6 +33,7 @@ from tests.support import (
     ROOT,
     Gateway,
     SSEClient,
+    alive,
     chat_body,
     data_events,
     descendants,
@@ -337,6 +338,9 @@ def test_a_lost_leader_stops_admission_and_its_restart_takes_the_members_back(si
         leader, member = hosts
         status, _, _ = request("POST", member.url + "/api/chat", chat_body(f"before {uuid.uuid4().hex}"))
         assert status == 200
+        status, ready = get_json(member.url + "/readyz")
+        orphan = ready["actors"]["pool:1"]["pid"]  # the member's Pool, placed by the leader's Supervisor
+        assert orphan in descendants(member.proc.pid)
         victims = descendants(leader.proc.pid) | {leader.proc.pid}
         leader.tree |= victims
         for pid in victims:
@@ -355,6 +359,8 @@ def test_a_lost_leader_stops_admission_and_its_restart_takes_the_members_back(si
         print(f"a request at the member during the leader's absence: {status} after {time.monotonic() - asked:.2f} s")
         assert status >= 500 and "error" in json.loads(body), body
         assert member.proc.poll() is None, "the member host keeps running"
+        # Its Pool lost its Supervisor with the leader: the member's keeper stops it.
+        wait_until(lambda: not alive(orphan), timeout=30, message="the orphaned Pool stopped")
 
         # The leader comes back at the same address: the member registers again, the new
         # Supervisor places a Pool on it, and the member serves again.

@@ -93,6 +93,8 @@ class SupervisorKeeper:
             for child in status.children:
                 context.tell(child, ActorExitRequest())
         self.in_convention = status.in_convention
+
+    def _find_or_replace(self, context) -> None:
         from actors.supervisor import SupervisorActor
         from protocols.roles import SUPERVISOR_NAME
 

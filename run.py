@@ -157,6 +157,10 @@ def _serve_with_secret(settings: dict, secret: bytes, log) -> int:
                     host,
                 )
                 return 2
+            mismatch = _cluster_mismatch(asys, settings)
+            if mismatch:
+                log.error("sluice: joined the cluster at SLUICE_JOIN=%s, but %s", join, mismatch)
+                return 2
             log.info("joined the cluster led by %s", join)
             keeper = _start_keeper(asys, settings, watchdog, keep_supervisor=False)
         if settings["SLUICE_WORKERS"] > 1:
@@ -190,6 +194,30 @@ class _Watchdog:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(5)
+
+
+def _cluster_mismatch(asys, settings: dict) -> str | None:
+    """What of this member's settings contradicts the leader's actors (None: nothing). Its
+    edges hash each request to one of COALESCER_SHARDS shards: with another count than the
+    leader's, identical requests at two hosts would reach different shards (or none)."""
+    import time
+
+    from actors.supervisor import SupervisorActor
+    from protocols import messages as m
+    from protocols.roles import SUPERVISOR_NAME, is_coalescer
+
+    supervisor = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)  # the leader's
+    deadline = time.monotonic() + JOIN_WITHIN_S
+    while time.monotonic() < deadline:
+        reply = asys.ask(supervisor, m.encode(m.GetDirectory()), 2.0)
+        directory = m.decode(reply) if isinstance(reply, (bytes, bytearray)) else None
+        if isinstance(directory, m.Directory) and directory.settings.get("complete"):
+            shards = sum(1 for role in directory.entries if is_coalescer(role))
+            if shards != settings["COALESCER_SHARDS"]:
+                return f"COALESCER_SHARDS={settings['COALESCER_SHARDS']} here and {shards} on the leader: set the same"
+            return None
+        time.sleep(0.1)  # the leader is still wiring this host's Pools: nothing to wait on
+    return f"the leader's Supervisor gave no complete directory within {JOIN_WITHIN_S:.0f} s"
 
 
 def _start_keeper(asys, settings: dict, watchdog: _Watchdog, keep_supervisor: bool = True):

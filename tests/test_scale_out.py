@@ -373,3 +373,27 @@ def test_a_lost_leader_stops_admission_and_its_restart_takes_the_members_back(si
         print(f"member serving again {time.monotonic() - restarted:.2f} s after the leader's restart")
         status, _, events = stream_chat(member.url + "/api/chat", chat_body(f"after {uuid.uuid4().hex}\n#sim tokens=3"))
         assert status == 200 and data_events(events)[-1]["type"] == "done"
+
+
+def test_a_member_with_another_shard_count_is_refused(cluster):
+    # Its edges would hash identical requests to other shards than the leader's edges do.
+    leader = cluster[0]
+    shards = len([r for r in get_json(leader.url + "/readyz")[1]["actors"] if r.startswith("coalescer:")])
+    odd = Gateway(
+        {
+            **cluster_env(leader.sim),
+            "COALESCER_SHARDS": str(shards + 1),
+            "SLUICE_JOIN": f"{leader.host}:{leader.actor_port}",
+        },
+        "127.0.0.12",
+    )
+    try:
+        with pytest.raises(AssertionError, match="exited with 2") as refused:
+            odd.start(90)
+        assert f"COALESCER_SHARDS={shards + 1} here and {shards} on the leader" in str(refused.value)
+    finally:
+        odd.stop()
+        wait_until(lambda: odd.leftovers() == (set(), set()), timeout=15, message="nothing of it left")
+        odd.kill_leftovers()
+    # It left the Convention on its way out.
+    wait_until(lambda: len(members(leader)) == len(cluster) - 1, timeout=30, message="only the cluster's members")

@@ -13,6 +13,11 @@ leader's Pool, its tokens cross back. Then a cross-host coalescing block: a slow
 (`ttft_ms=400`) started at the leader, and followers arriving 100 ms later at the leader
 and at the member: their time to the first delta, from their own send.
 
+`--hops N`: the cost of one Thespian hop between two hosts' actor systems, against one
+within a host: bench/thespian_hop.py's Relay on a leader (127.0.0.5) bouncing N pings off
+an Echo placed by capabilities on its own system, then on a member's (127.0.0.6, its own
+process, joined with SLUICE_JOIN's machinery), signed frames both ways.
+
 On one machine "another host" is another loopback address: the hop costs what a local
 Thespian hop costs (bench/thespian_hop.py); between machines add the network's RTT per
 hop. Numbers go to docs/benchmarks.md, "Several hosts".
@@ -26,7 +31,9 @@ import threading
 import time
 import uuid
 
-from sim.testing import Gateway, SSEClient, chat_body, running_sim, wait_until
+from actors import placement
+from bench.thespian_hop import Echo, Relay
+from sim.testing import ROOT, Gateway, SSEClient, chat_body, free_port, running_sim, wait_until
 
 SECRET = "bench-scale-out-secret-0123456789abcdef"
 ENV = {
@@ -89,11 +96,71 @@ def follower_block(leader: Gateway, member: Gateway, n: int) -> dict:
     return {name: {"p50": round(statistics.median(v), 1), "max": round(max(v), 1)} for name, v in gaps.items()}
 
 
+class PlacedEcho(Echo):
+    """bench/thespian_hop.py's Echo, created where its requirements name (actors/placement.py)."""
+
+    actorSystemCapabilityCheck = staticmethod(placement.on_host)
+
+
+def member_process(leader: str, port: int, secret: str):
+    """A member actor system on 127.0.0.6, in a process of its own (one ActorSystem per
+    process), up until its stdin closes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from actors import system; "
+        f"asys, group = system.start('127.0.0.6', {port}, {secret!r}.encode(), None, join={leader!r}); "
+        "print('joined' if system.joined(asys, 15) else 'alone', flush=True); sys.stdin.read(); "
+        "system.stop(asys, group)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "joined"
+    return proc
+
+
+def hop_block(messages: int) -> dict:
+    from actors import system
+    from bench import scale_out as named  # the class by its module's name, not __main__'s: the member imports it
+    from protocols import auth
+
+    secret = auth.new_secret().hex()
+    port, member_port = free_port(), free_port()
+    asys, group = system.start("127.0.0.5", port, secret.encode(), None)
+    member = member_process(f"127.0.0.5:{port}", member_port, secret)
+    try:
+        relay = asys.createActor(Relay)
+        out = {}
+        for name, requirements in (
+            ("within a host", None),
+            ("between hosts", {placement.HOST: f"127.0.0.6:{member_port}"}),
+        ):
+            echo = asys.createActor(named.PlacedEcho, targetActorRequirements=requirements)
+            asys.ask(relay, ("go", 50, echo), 60)  # warm: connections open
+            started = time.perf_counter()
+            asys.ask(relay, ("go", messages, echo), 300)
+            out[name] = (time.perf_counter() - started) / (2 * messages) * 1000
+        return out
+    finally:
+        assert member.stdin is not None
+        member.stdin.close()
+        member.wait(30)
+        system.stop(asys, group)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--hops", type=int, default=0, help="measure a Thespian hop between hosts instead")
     args = parser.parse_args()
+    if args.hops:
+        for _ in range(args.rounds):
+            for name, ms in hop_block(args.hops).items():
+                print(f"  one Thespian hop {name:<14} {ms:.3f} ms (signed frames, {args.hops} round trips)")
+        return 0
     with running_sim() as sim:
         env = {**ENV, "SIMULATED_BASE_URL": sim}
         single = Gateway(env, "127.0.0.2").start()

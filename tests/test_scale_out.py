@@ -140,7 +140,7 @@ def test_every_member_runs_its_own_pool_on_its_own_host(cluster):
 
 def test_identical_requests_on_three_hosts_make_one_upstream_call(cluster):
     text = f"together {uuid.uuid4().hex}"
-    body = chat_body(f"{text}\n#sim ttft_ms=1500 tokens=8")  # slow enough for all to join the one call
+    body = chat_body(f"{text}\n#sim ttft_ms=3000 tokens=8")  # slow enough for all to join the one call
 
     def one(i: int):
         gw = cluster[i % len(cluster)]
@@ -151,8 +151,8 @@ def test_identical_requests_on_three_hosts_make_one_upstream_call(cluster):
         finally:
             client.close()
 
-    with ThreadPoolExecutor(30) as pool:
-        results = list(pool.map(one, range(30)))
+    with ThreadPoolExecutor(60) as pool:
+        results = list(pool.map(one, range(60)))
     assert {host for host, _ in results} == set(HOSTS)
     texts = {text_of(events) for _, events in results}
     assert len(texts) == 1 and texts != {""}, "every client, on every host, got the same stream"

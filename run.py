@@ -15,6 +15,14 @@ stopped, the secret file is removed; nothing is left running. If this process di
 without that, the orphan watchdog (a process of its own) notices within a second and
 shuts the actor system down. While serving, a keeper thread replaces a dead Supervisor
 (and a dead watchdog). Every process logs in the SLUICE_LOG_FORMAT (protocols/logfmt.py).
+
+With SLUICE_JOIN=host:port this host is a member of the cluster led by the actor system
+there (a Thespian Convention, docs/scale-out.md): its actor system registers with the
+leader's (the start fails, exit 2, if the leader does not answer: down, unreachable, or
+another SLUICE_CLUSTER_SECRET), it starts no Supervisor, Pacer, shard or Metrics of its
+own (the leader's Supervisor places this host's Pools on it) and no simulated provider
+(the Pools call what the leader configured); its edges serve as on one host, with the
+leader's actors.
 """
 
 from __future__ import annotations
@@ -112,6 +120,9 @@ def serve(settings: Settings) -> int:
             secret_file.remove(secret_path)
 
 
+JOIN_WITHIN_S = 15.0  # a member's first registration with its leader, answered
+
+
 def _serve_with_secret(settings: Settings, secret: bytes, log) -> int:
     from actors import system
     from actors.supervisor import SupervisorActor
@@ -119,17 +130,41 @@ def _serve_with_secret(settings: Settings, secret: bytes, log) -> int:
     from protocols import messages as m
     from protocols.roles import SUPERVISOR_NAME
 
-    host = settings.actor_host
-    asys, group = system.start(host, settings.actor_port, secret, logfmt.actor_log_defs(settings))
+    host, join = settings.actor_host, settings.join
+    asys, group = system.start(
+        host,
+        settings.actor_port,
+        secret,
+        logfmt.actor_log_defs(settings),
+        join=join,
+        pools=settings.pools,
+    )
     # The secret never travels in a message: every actor inherited it at fork.
     settings = replace(settings, cluster_secret=None)
     sim = keeper = None
     watchdog = _Watchdog(host, settings.actor_port, group)
     try:
-        sim, settings = _start_simulated_provider(settings, log)
-        supervisor = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
-        asys.tell(supervisor, m.encode(m.Wire(roles.SUPERVISOR, {}, settings.to_wire())))
-        keeper = _start_keeper(asys, settings, watchdog)
+        if join is None:
+            sim, settings = _start_simulated_provider(settings, log)
+            supervisor = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
+            asys.tell(supervisor, m.encode(m.Wire(roles.SUPERVISOR, {}, settings.to_wire())))
+            keeper = _start_keeper(asys, settings, watchdog)
+        else:
+            if not system.joined(asys, JOIN_WITHIN_S):
+                log.error(
+                    "sluice: could not join the cluster at SLUICE_JOIN=%s within %.0f s: is the leader up, "
+                    "reachable from %s, and is SLUICE_CLUSTER_SECRET the leader's?",
+                    join,
+                    JOIN_WITHIN_S,
+                    host,
+                )
+                return 2
+            mismatch = _cluster_mismatch(asys, settings)
+            if mismatch:
+                log.error("sluice: joined the cluster at SLUICE_JOIN=%s, but %s", join, mismatch)
+                return 2
+            log.info("joined the cluster led by %s", join)
+            keeper = _start_keeper(asys, settings, watchdog, keep_supervisor=False)
         if settings.workers > 1:
             return _serve_workers(settings, secret, asys, log)
         return _serve_http(settings, log)
@@ -163,11 +198,35 @@ class _Watchdog:
             self.proc.wait(5)
 
 
-def _start_keeper(asys, settings: Settings, watchdog: _Watchdog):
+def _cluster_mismatch(asys, settings: Settings) -> str | None:
+    """What of this member's settings contradicts the leader's actors (None: nothing). Its
+    edges hash each request to one of COALESCER_SHARDS shards: with another count than the
+    leader's, identical requests at two hosts would reach different shards (or none)."""
+    import time
+
+    from actors.supervisor import SupervisorActor
+    from protocols import messages as m
+    from protocols.roles import SUPERVISOR_NAME, is_coalescer
+
+    supervisor = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)  # the leader's
+    deadline = time.monotonic() + JOIN_WITHIN_S
+    while time.monotonic() < deadline:
+        reply = asys.ask(supervisor, m.encode(m.GetDirectory()), 2.0)
+        directory = m.decode(reply) if isinstance(reply, (bytes, bytearray)) else None
+        if isinstance(directory, m.Directory) and directory.settings.get("complete"):
+            shards = sum(1 for role in directory.entries if is_coalescer(role))
+            if shards != settings.coalescer_shards:
+                return f"COALESCER_SHARDS={settings.coalescer_shards} here and {shards} on the leader: set the same"
+            return None
+        time.sleep(0.1)  # the leader is still wiring this host's Pools: nothing to wait on
+    return f"the leader's Supervisor gave no complete directory within {JOIN_WITHIN_S:.0f} s"
+
+
+def _start_keeper(asys, settings: Settings, watchdog: _Watchdog, keep_supervisor: bool = True):
     from actors.keeper import SupervisorKeeper
 
     watchdog.ensure()
-    return SupervisorKeeper(asys, settings, watchdog.ensure).start()
+    return SupervisorKeeper(asys, settings, watchdog.ensure, keep_supervisor).start()
 
 
 def _start_simulated_provider(settings: Settings, log):

@@ -19,7 +19,7 @@ from typing import Any
 
 from thespian.actors import Actor, ActorAddress, ActorSystemMessage, WakeupMessage
 
-from actors import addressing
+from actors import addressing, placement
 from protocols import messages as m
 from protocols import roles, trace
 from protocols.effects import After, Send
@@ -42,6 +42,10 @@ class HostActor(Actor):
     returning effects, and may override `on_wire`, `on_system`."""
 
     role = "actor"
+
+    # Where Thespian may create it in a Convention of several hosts: on the leader, unless
+    # a subclass says otherwise (actors/placement.py).
+    actorSystemCapabilityCheck = staticmethod(placement.leader_only)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -111,7 +115,7 @@ class HostActor(Actor):
         if isinstance(to, str):
             if to in self.directory:
                 return addressing.from_string(self.directory[to])
-            if ":" in to and to.rpartition(":")[2].isdigit():
+            if ":" in to and to.rpartition(":")[2].isdigit() and not _is_role(to):
                 return addressing.from_string(to)
         return None
 
@@ -131,6 +135,15 @@ class HostActor(Actor):
 
     def watch(self):
         return None
+
+
+def _is_role(text: str) -> bool:
+    """ "pool:3" is a role (gone from the directory: its host left), not host "pool" port 3."""
+    try:
+        roles.parse(text)
+    except ValueError:
+        return False
+    return True
 
 
 def my_address(actor: Actor) -> str:

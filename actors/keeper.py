@@ -8,7 +8,12 @@ again (Thespian drops a global name when its actor exits, so this creates a new
 Supervisor) and wires it with the last directory it saw: the new Supervisor adopts the
 actors that still answer and recreates the others (actors/supervisor.py).
 
-It also restarts the orphan watchdog process (actors/system.py `watch`) if that dies.
+It also restarts the orphan watchdog process (actors/system.py `watch`) if that dies. On a
+member host of a cluster (SLUICE_JOIN) the Supervisor is the leader's, kept by the
+leader's keeper (docs/scale-out.md); there the keeper watches the Convention instead: when
+this host loses its leader (gone past Thespian's timers), the Pools the leader's
+Supervisor placed here have no Supervisor any more, so it stops them; a leader that comes
+back places new ones.
 
 Thread safety: the keeper has its own `asys.private()` context, like the edge's bridge
 threads; it never forks.
@@ -34,8 +39,12 @@ ASK_TIMEOUT_S = 2.0
 
 
 class SupervisorKeeper:
-    def __init__(self, asys, settings: Settings, ensure_watchdog: Callable[[], None] | None = None):
+    def __init__(
+        self, asys, settings: Settings, ensure_watchdog: Callable[[], None] | None = None, keep_supervisor: bool = True
+    ):
         self.asys, self.settings = asys, settings
+        self.keep_supervisor = keep_supervisor
+        self.in_convention = False  # on a member: whether its leader was there at the last look
         self.ensure_watchdog = ensure_watchdog
         self.directory: dict[str, str] = {}  # the last complete directory seen
         self.pid: int | None = None
@@ -59,6 +68,11 @@ class SupervisorKeeper:
                 try:
                     if self.ensure_watchdog is not None:
                         self.ensure_watchdog()
+                    if not self.keep_supervisor:
+                        if time.monotonic() >= next_directory:
+                            next_directory = time.monotonic() + DIRECTORY_EVERY_S
+                            self._stop_orphans(context)
+                        continue
                     if self.pid is None or not alive(self.pid):
                         self._find_or_replace(context)
                     elif time.monotonic() >= next_directory:
@@ -66,6 +80,20 @@ class SupervisorKeeper:
                         self._remember_directory(context)
                 except Exception:  # the keeper must outlive whatever went wrong this turn
                     log.exception("supervisor keeper")
+
+    def _stop_orphans(self, context) -> None:
+        from thespian.actors import ActorExitRequest
+
+        from actors.system import member_status
+
+        status = member_status(self.asys, context)
+        if status is None:
+            return
+        if self.in_convention and not status.in_convention and status.children:
+            log.warning("lost the cluster's leader: stopping the %d Pools it placed here", len(status.children))
+            for child in status.children:
+                context.tell(child, ActorExitRequest())
+        self.in_convention = status.in_convention
 
     def _find_or_replace(self, context) -> None:
         from actors.supervisor import SupervisorActor

@@ -42,7 +42,10 @@ class PacerActor(HostActor):
             )
             self.apply([After(GAUGE_EVERY_S, ReportGauges())])
         # Every Wire carries the directory: grants go to the Pools it names, or wait for one.
-        for pool in roles.pools(self.settings.pools):
+        # This host's Pools, the member hosts' (docs/scale-out.md), and those known before
+        # (a host that left: its Pools are down for good).
+        pools = [*roles.pools(self.settings.pools), *filter(roles.is_pool, self.directory)]
+        for pool in dict.fromkeys([*pools, *self.logic.pools.at]):
             self.apply(self.logic.handle(PoolAt(self.directory.get(pool), pool), None, time.time()))
 
     def on_message(self, msg, sender, now):

@@ -33,7 +33,7 @@ import time
 from thespian.actors import ActorExitRequest, ThespianWatch, WatchMessage
 
 import patches
-from actors import secret
+from actors import placement, secret
 from actors.connections import AccountConnections
 from actors.host import HostActor
 from actors.hub import StreamHub
@@ -392,6 +392,8 @@ class Outbox:
 
 class PoolActor(HostActor):
     role = roles.POOL
+    # A member host's Pools run on that host (the Supervisor names it), the others on the leader.
+    actorSystemCapabilityCheck = staticmethod(placement.on_host)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -14,6 +14,16 @@ the last directory it saw; the new Supervisor adopts the actors of that director
 answer, and recreates those that do not. Watching run.py itself (shutting the actor
 system down when run.py dies) is not done here but by a watchdog process of its own
 (`python -m actors.system watch`), so that it does not die with the Supervisor.
+
+Several hosts (docs/scale-out.md): the Supervisor runs on the leader of a Thespian
+Convention and hears of every host that joins or leaves it (Thespian's
+`ActorSystemConventionUpdate`). A member that joins gets its Pools, created through
+Thespian's placement (`targetActorRequirements`: actors/placement.py) on that host and
+named with the next free Pool indices, and everyone is re-wired: the Pacers spread calls
+over every host's Pools, the member's edges find this Supervisor by its global name. A
+member that leaves (de-registered, or silent past Thespian's tuned timers:
+patches/thespian_convention.py) takes its Pools out of the directory, and the Pacers and
+shards hear `MemberLost` for each, as for a Pool that died on this host.
 """
 
 from __future__ import annotations
@@ -21,9 +31,9 @@ from __future__ import annotations
 import hmac
 import logging
 
-from thespian.actors import ActorExitRequest, ChildActorExited
+from thespian.actors import ActorExitRequest, ActorSystemConventionUpdate, ChildActorExited
 
-from actors import addressing
+from actors import addressing, placement
 from actors.coalescer import CoalescerActor
 from actors.host import HostActor, my_address
 from actors.member_loss import LostMembers, edge_lost_targets
@@ -83,6 +93,9 @@ class SupervisorActor(HostActor):
         self.keys_reloads = 0  # reload-keys commands so far: each edge re-reads its keys file when it grows
         self.stopping = False
         self.started = False
+        self.members: dict[str, dict] = {}  # member host -> {"admin", "actor_host", "pools": [roles]}
+        self.remote: dict[str, str] = {}  # Pool role -> the member host it runs on
+        self.next_pool = 0  # the first Pool index never used yet (a member's Pools never reuse one)
 
     def on_wire(self, wire: m.Wire) -> None:
         if self.children:
@@ -97,6 +110,9 @@ class SupervisorActor(HostActor):
                 self.started = True  # the edges are up already: offer the hub as soon as the Pool answers
             else:
                 self.children[role] = self.createActor(cls)
+        self.next_pool = 1 + max(roles.pool_index(r) for r in self.children if roles.is_pool(r))
+        # Hosts joining or leaving the Convention (this host leads it, or is alone).
+        self.notifyOnSystemRegistrationChanges(True)
         self._wire_all()
         self.apply([After(WATCH_EVERY_S, Watch())] + ([After(ADOPT_WITHIN_S, AdoptDeadline())] if self.adopted else []))
 
@@ -108,6 +124,8 @@ class SupervisorActor(HostActor):
         with_keys, public = self.settings.redacted(api_keys=True).to_wire(), self.settings.redacted().to_wire()
         for role, addr in self.children.items():
             settings = with_keys if roles.is_pool(role) else public
+            if role in self.remote:  # its hub binds that host's interface
+                settings = {**settings, "actor_host": self.members[self.remote[role]]["actor_host"]}
             self.send(addr, m.encode(m.Wire(role, self.directory, settings)))
 
     def _on_ready(self, msg: m.Ready) -> None:
@@ -188,6 +206,7 @@ class SupervisorActor(HostActor):
             "generation": self.generation,
             "draining": self.draining,
             "keys_reloads": self.keys_reloads,
+            "members": {host: {"pools": list(info["pools"])} for host, info in sorted(self.members.items())},
         }
 
     def _admin(self, msg: m.Admin, sender) -> list:
@@ -226,15 +245,62 @@ class SupervisorActor(HostActor):
     def on_system(self, msg, sender) -> None:
         if isinstance(msg, ActorExitRequest):
             self.stopping = True
-            # Thespian stops a Supervisor's own children; adopted ones are not, so tell them.
-            for role in self.adopted:
+            # Thespian stops a Supervisor's own children; adopted ones are not, so tell them
+            # (and the Pools on member hosts, whose admin is their surrogate parent).
+            for role in self.adopted | set(self.remote):
                 self.send(self.children[role], ActorExitRequest())
+            return
+        if isinstance(msg, ActorSystemConventionUpdate):
+            member = placement.member_of(msg.remoteCapabilities or {})
+            if member is not None and not self.stopping:
+                if msg.remoteAdded:
+                    self._member_joined(member, _address_string(msg.remoteAdminAddress))
+                else:
+                    self._member_left(member["host"])
             return
         if isinstance(msg, ChildActorExited) and not self.stopping:
             exited = _address_string(msg.childAddress)
             role = next((r for r, a in self.addresses.items() if a == exited), None)
             if role is not None:
                 self._recreate(role)
+
+    def _member_joined(self, member: dict, admin: str | None) -> None:
+        """A host joined the Convention: its Pools, placed on it, join the directory."""
+        host = member["host"]
+        if host in self.members:
+            return  # a re-registration after a blip: its Pools are there
+        pools = [roles.pool(i) for i in range(self.next_pool, self.next_pool + member["pools"])]
+        self.next_pool += member["pools"]
+        self.members[host] = {"admin": admin, "actor_host": member["actor_host"], "pools": pools}
+        log.warning("host %s joined the cluster: its Pools %s", host, ", ".join(pools))
+        for role in pools:
+            self.remote[role] = host
+            self.children[role] = self._create(role)
+        self._wire_all()
+
+    def _member_left(self, host: str) -> None:
+        """A host left the Convention (or went silent): its Pools are gone with it. The
+        Pacers and shards reclaim what they held, as for a Pool that died here."""
+        info = self.members.pop(host, None)
+        if info is None:
+            return
+        log.warning("host %s left the cluster: its Pools %s are gone", host, ", ".join(info["pools"]))
+        for role in info["pools"]:
+            self.remote.pop(role, None)
+            self.children.pop(role, None)
+            self.pids.pop(role, None)
+            self.hubs.pop(role, None)
+            self.adopted.discard(role)
+            dead = self.addresses.pop(role, None)
+            if dead is not None:
+                self.lost.died(role, dead)
+        self._wire_all()
+        self._announce_lost()
+
+    def _create(self, role: str):
+        if role in self.remote:
+            return self.createActor(PoolActor, targetActorRequirements={placement.HOST: self.remote[role]})
+        return self.createActor(child_roles(self.settings)[role])
 
     def _recreate(self, role: str) -> None:
         log.warning("actor %s exited; recreating it", role)
@@ -246,13 +312,15 @@ class SupervisorActor(HostActor):
         self.adopted.discard(role)
         self.pids.pop(role, None)
         self.hubs.pop(role, None)
-        self.children[role] = self.createActor(child_roles(self.settings)[role])
+        self.children[role] = self._create(role)
         self._wire_all()
 
     def _watch(self) -> list:
         if self.stopping:
             return []
         for role, child_pid in list(self.pids.items()):
+            if role in self.remote:
+                continue  # a pid on another host: its admin tells us when it exits
             if not alive(child_pid):
                 self._recreate(role)
         return [After(WATCH_EVERY_S, Watch())]

@@ -41,23 +41,59 @@ def prepare(host: str, secret: bytes) -> None:
     patches.install_thespian(host, secret)
 
 
-def start(host: str, port: int, secret: bytes, log_defs: dict | None = None):
+def start(host: str, port: int, secret: bytes, log_defs: dict | None = None, join: str | None = None, pools: int = 1):
     """Start (or join) the actor system bound to `host`, its frames authenticated with
     `secret`; -> (ActorSystem, group id or None). `log_defs`: the logging configuration of
-    Thespian's logger process, which writes every actor's log lines (protocols/logfmt.py)."""
+    Thespian's logger process, which writes every actor's log lines (protocols/logfmt.py).
+    `join`: the leader's "host:port": this system is a member of its Convention (see
+    `joined`); `pools`: the Pools this host runs (actors/placement.py)."""
     prepare(host, secret)
     from thespian.actors import ActorSystem
+
+    from actors import placement
 
     before = _children(os.getpid())
     # The admin inherits this disposition: only run.py decides how the system ends.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        asys = ActorSystem(SYSTEM_BASE, capabilities={"Admin Port": port}, logDefs=log_defs)
+        asys = ActorSystem(SYSTEM_BASE, capabilities=placement.capabilities(host, port, join, pools), logDefs=log_defs)
     finally:
         signal.signal(signal.SIGINT, previous)
     new = _children(os.getpid()) - before
     group = next(iter(new), None)  # the daemonizing child: its pid names the group
     return asys, group
+
+
+class MemberStatus(NamedTuple):
+    in_convention: bool  # the leader answered our registration and has not been lost since
+    children: list  # the actors this host's admin started (on a member: the Pools placed here)
+
+
+def member_status(asys, context=None) -> MemberStatus | None:
+    """What this host's admin says of its Convention membership (None: no answer).
+    `context`: the caller's `asys.private()` context when not on the main thread."""
+    from thespian.system.messages.status import Thespian_StatusReq
+
+    admin = asys._systemBase.adminAddr  # Thespian keeps no public name for it
+    status = (context or asys).ask(admin, Thespian_StatusReq(), 1.0)
+    if status is None or not hasattr(status, "conventionAttendees"):
+        return None
+    leader = status.conventionLeader
+    attendees = [address for address, _valid in status.conventionAttendees]
+    return MemberStatus(leader is not None and leader in attendees, list(status.childActors))
+
+
+def joined(asys, within_s: float) -> bool:
+    """Whether this member's admin has registered with its Convention leader and heard back
+    within `within_s` (the leader then lists it: it answers only frames signed with the
+    same secret, so a host with another secret never gets here)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        status = member_status(asys)
+        if status is not None and status.in_convention:
+            return True
+        time.sleep(0.1)  # the registration is the admin's, on its own clock: nothing to wait on
+    return False
 
 
 def stop(asys, group: int | None, grace_s: float = 5.0) -> None:

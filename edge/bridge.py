@@ -15,7 +15,9 @@ taken, and the bridge listens one more slice for the other, which it hands to `o
 (the edge gives back the reference such an `Admitted` holds), then drops the context so
 nothing of it reaches a later question. An answer naming another request id is a stray too.
 The Supervisor is found by its global name again when it stops answering (run.py's
-keeper replaces a dead one).
+keeper replaces a dead one). On a member host of a cluster that lookup goes to the
+leader (docs/scale-out.md); with the leader gone it blocks until Thespian gives up, so one
+thread looks at a time and the others fail at once (the edge answers 503, never hangs).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class ActorBridge:
         self._local = threading.local()
         self._contexts: list = []
         self._lock = threading.Lock()
+        self._lookup = threading.Lock()  # one global-name lookup of the Supervisor at a time
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="actor-bridge")
         self._asys: ActorSystem | None = None
         self.directory: m.Directory | None = None
@@ -112,13 +115,24 @@ class ActorBridge:
             reply = self._ask_address(self._supervisor, m.GetDirectory(), DIRECTORY_ASK_S)
         except BridgeError:
             # Perhaps replaced (run.py's keeper): the global name says where it is now.
-            self._supervisor = self._context().createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
+            self._supervisor = self._find_supervisor()
             reply = self._ask_address(self._supervisor, m.GetDirectory(), DIRECTORY_ASK_S)
         if not isinstance(reply, m.Directory):
             raise BridgeError(f"supervisor answered {type(reply).__name__}")
         self.directory, self._directory_at = reply, time.monotonic()
         self._known_roles |= set(reply.entries)
         return reply
+
+    def _find_supervisor(self):
+        if not self._lookup.acquire(blocking=False):
+            raise BridgeError("no answer from the Supervisor; another thread is looking for it")
+        try:
+            return self._context().createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
+        except Exception as exc:  # Thespian gave up: no leader (ActorSystemRequestTimeout, ...)
+            self._drop_context()
+            raise BridgeError(f"no Supervisor found: {type(exc).__name__}") from None
+        finally:
+            self._lookup.release()
 
     def ask_blocking(self, to: str, msg, timeout: float):
         trace.stamp("ask_thread", "edge", msg)

@@ -18,6 +18,8 @@ where it starts:
 | thespian_transport   | thespian 4.0.x | raises (security)      |
 | thespian_bind        | thespian 4.0.x | raises (security)      |
 | thespian_selector    | thespian 4.0.x | warning, not installed |
+| thespian_convention  | thespian 4.0.x | warning, not installed |
+| thespian_forwarding  | thespian 4.0.x | warning, not installed |
 | httpcore_h2_reads    | httpcore 1.0.x | warning, not installed |
 | httpcore_h2_expiry   | httpcore 1.0.x | warning, not installed |
 | httpcore_rst_stream  | httpcore 1.0.x | raises (cost)          |
@@ -29,18 +31,21 @@ from __future__ import annotations
 
 import sys
 
-THESPIAN = ("thespian_transport", "thespian_bind", "thespian_selector")
+THESPIAN = ("thespian_transport", "thespian_bind", "thespian_selector", "thespian_convention", "thespian_forwarding")
 HTTPCORE = ("httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream")
 
 
 def install_thespian(host: str, secret: bytes) -> None:
-    """Signed frames, sockets bound to `host`, the poll selector; raises if a security
-    patch cannot be installed on this Thespian."""
-    from patches import thespian_bind, thespian_selector, thespian_transport
+    """Signed frames, sockets bound to `host`, the poll selector, Convention timers that
+    notice a lost host in seconds, forwarded creations that do not block later ones; raises
+    if a security patch cannot be installed on this Thespian."""
+    from patches import thespian_bind, thespian_convention, thespian_forwarding, thespian_selector, thespian_transport
 
     thespian_transport.install(secret)
     thespian_bind.install(host)
     thespian_selector.install()
+    thespian_convention.install()
+    thespian_forwarding.install()
 
 
 def install_httpcore() -> None:

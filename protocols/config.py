@@ -104,6 +104,19 @@ def _port(text: str) -> int:
     return value
 
 
+def _join_address(text: str) -> str | None:
+    """SLUICE_JOIN: "host:port" of the leader's actor system ("" = this host leads)."""
+    text = text.strip()
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError("must be host:port, the leader's SLUICE_ACTOR_HOST and SLUICE_ACTOR_PORT")
+    if host.strip() in ("0.0.0.0", "::", "[::]"):
+        raise ValueError("must name the leader's address, not a wildcard")
+    return f"{host}:{int(port)}"
+
+
 def _share(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -178,6 +191,13 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
         "own process; a 16-core server: about 4-8, see docs/operations.md)",
     ),
     "SLUICE_ACTOR_PORT": ("19500", _port, "Thespian admin port of the actor system"),
+    "SLUICE_JOIN": (
+        "",
+        _join_address,
+        "host:port of the leader's actor system: this host joins its Thespian Convention "
+        "(the leader's Pacers, Coalescer shards and Metrics; its own edges and Pools; "
+        "needs SLUICE_CLUSTER_SECRET). Empty: this host leads (docs/scale-out.md)",
+    ),
     "SLUICE_PROVIDER": ("simulated", _provider, "default provider for requests that name none"),
     "SLUICE_SIM_PORT": ("0", _port, "port of the built-in simulated provider (0 = any free port)"),
     "SLUICE_KEEPALIVE_S": ("15", _positive(float), "seconds between keepalive pings on a waiting SSE stream"),
@@ -335,6 +355,10 @@ def load(env: Mapping[str, str]) -> Settings:
             f"SLUICE_ACTOR_HOST={settings['SLUICE_ACTOR_HOST']!r} is off loopback: set SLUICE_CLUSTER_SECRET "
             f"(>= {CLUSTER_SECRET_MIN_CHARS} characters, the same on every process of the cluster) so that "
             "only sluice's own processes can talk to the actors, or bind them to 127.0.0.1"
+        )
+    if settings["SLUICE_JOIN"] is not None and settings["SLUICE_CLUSTER_SECRET"] is None:
+        raise ConfigError(
+            "SLUICE_JOIN needs SLUICE_CLUSTER_SECRET: the leader's own secret (a random one could never match it)"
         )
     settings["alert_thresholds"] = _alert_thresholds(env)
     settings["accounts"] = _accounts(env, settings)

@@ -61,6 +61,7 @@ class Settings:
     port: int
     workers: int
     actor_port: int
+    join: str | None  # the leader's "host:port" (None: this host leads)
     provider: str
     sim_port: int
     keepalive_s: float

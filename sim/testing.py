@@ -73,22 +73,24 @@ def listening_ports(pids: set[int]) -> set[tuple[str, int]]:
     return out
 
 
-def port_in_use(port: int) -> bool:
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError:
             return True
     return False
 
 
 class Gateway:
-    """A running `python run.py` on free ports."""
+    """A running `python run.py` on free ports; `host`: the loopback address its edge and
+    actor system bind (127.0.0.2, ...: several hosts of a cluster on one machine)."""
 
-    def __init__(self, env: dict[str, str] | None = None):
+    def __init__(self, env: dict[str, str] | None = None, host: str = "127.0.0.1"):
         import tempfile
 
+        self.host = host
         self.port = free_port()
         self.actor_port = free_port()
         self.tmp = tempfile.mkdtemp(prefix="sluice-test-")
@@ -100,9 +102,10 @@ class Gateway:
             "SLUICE_LOG_LEVEL": "WARNING",
             "PYTHONPATH": str(ROOT),
             "SLUICE_DB": self.db,
+            **({"SLUICE_HOST": host, "SLUICE_ACTOR_HOST": host} if host != "127.0.0.1" else {}),
             **(env or {}),
         }
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.tree: set[int] = set()
         self.log_path = None
@@ -160,7 +163,7 @@ class Gateway:
     def leftovers(self) -> tuple[set[int], set[int]]:
         """(processes still alive, our ports still bound) once stopped."""
         procs = {pid for pid in self.tree if alive(pid)}
-        ports = {p for p in (self.port, self.actor_port) if port_in_use(p)}
+        ports = {p for p in (self.port, self.actor_port) if port_in_use(p, self.host)}
         return procs, ports
 
     def kill_leftovers(self) -> None:
@@ -188,8 +191,8 @@ def running_sim():
 
 
 @contextmanager
-def running_gateway(env: dict[str, str] | None = None):
-    gw = Gateway(env).start()
+def running_gateway(env: dict[str, str] | None = None, host: str = "127.0.0.1"):
+    gw = Gateway(env, host).start()
     try:
         yield gw
     finally:

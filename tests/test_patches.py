@@ -13,9 +13,12 @@ import pickle
 import selectors
 import subprocess
 import sys
+from datetime import timedelta
 
 import pytest
 from httpcore._async import http2
+from thespian.system.admin import convention
+from thespian.system.admin.convention import ConventioneerAdmin
 from thespian.system.transport import IPBase, TCPTransport, streamBuffer
 
 import patches
@@ -24,6 +27,8 @@ from patches import (
     httpcore_h2_reads,
     httpcore_rst_stream,
     thespian_bind,
+    thespian_convention,
+    thespian_forwarding,
     thespian_selector,
     thespian_transport,
     versions,
@@ -33,6 +38,12 @@ from tests.support import ROOT
 pytestmark = pytest.mark.unit
 
 SECRET = b"patches-test-secret-0123456789abcdef"
+# Thespian's own Convention timers (7 min 22 s, 3 min 22 s, 3 misses), unless a test before us tuned them.
+THESPIAN_TIMERS = {
+    "CONVENTION_REREGISTRATION_PERIOD": timedelta(minutes=7, seconds=22),
+    "CONVENTION_RESTART_PERIOD": timedelta(minutes=3, seconds=22),
+    "CONVENTION_REGISTRATION_MISS_MAX": 3,
+}
 
 
 @pytest.fixture
@@ -43,6 +54,11 @@ def pristine(monkeypatch):
         for name in ("ackMsg", "ackDataErrMsg"):
             monkeypatch.setattr(module, name, getattr(module, name))
     monkeypatch.setattr(TCPTransport, "selectors", selectors)
+    for name, value in THESPIAN_TIMERS.items():
+        monkeypatch.setattr(convention, name, value)
+    if thespian_forwarding.installed():
+        monkeypatch.setattr(ConventioneerAdmin, "_not_compatible", thespian_forwarding._original)
+    monkeypatch.setattr(thespian_forwarding, "_original", thespian_forwarding._original)
     monkeypatch.setattr(IPBase.IPActorAddress, "__init__", IPBase.IPActorAddress.__init__)
     if thespian_bind.installed():  # a test before us bound this process: start from Thespian's own
         monkeypatch.setattr(IPBase.IPActorAddress, "__init__", thespian_bind._original_init)
@@ -64,14 +80,27 @@ def untested(monkeypatch, library: str, version: str) -> None:
     monkeypatch.setattr("importlib.metadata.version", lambda name: version if name == library else real(name))
 
 
-def test_install_thespian_installs_its_three_patches_once(pristine):
+def test_install_thespian_installs_its_patches_once(pristine):
     patches.install_thespian("127.0.0.1", SECRET)
-    assert patches.installed() == ["thespian_transport", "thespian_bind", "thespian_selector"]
+    assert patches.installed() == [
+        "thespian_transport",
+        "thespian_bind",
+        "thespian_selector",
+        "thespian_convention",
+        "thespian_forwarding",
+    ]
+    forwarding = ConventioneerAdmin._not_compatible
     serializer, view, init = TCPTransport.serializer, TCPTransport.selectors, IPBase.IPActorAddress.__init__
     patches.install_thespian("127.0.0.1", SECRET)  # idempotent: nothing is wrapped twice
+    assert ConventioneerAdmin._not_compatible is forwarding
     assert (TCPTransport.serializer, TCPTransport.selectors, IPBase.IPActorAddress.__init__) == (serializer, view, init)
     address = IPBase.TCPv4ActorAddress(None, 0)  # what the transport makes for a listening socket
     assert address.bindname[0] == "127.0.0.1" and os.environ["THESPIAN_BASE_IPADDR"] == "127.0.0.1"
+    # A silently dead Convention member is noticed in seconds, not after 3 x 7 min 22 s.
+    assert convention.CONVENTION_REREGISTRATION_PERIOD * convention.CONVENTION_REGISTRATION_MISS_MAX <= timedelta(
+        seconds=5
+    )
+    assert convention.CONVENTION_RESTART_PERIOD == convention.CONVENTION_REREGISTRATION_PERIOD
 
 
 def test_install_httpcore_installs_its_three_patches_once(pristine):
@@ -105,13 +134,19 @@ def test_a_security_or_cost_patch_refuses_an_untested_version_loudly(pristine, m
     assert not patch.installed() and patches.installed() == []
 
 
-@pytest.mark.parametrize("patch", [thespian_selector, httpcore_h2_reads, httpcore_h2_expiry], ids=lambda p: p.__name__)
+@pytest.mark.parametrize(
+    "patch",
+    [thespian_selector, thespian_convention, thespian_forwarding, httpcore_h2_reads, httpcore_h2_expiry],
+    ids=lambda p: p.__name__,
+)
 def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristine, monkeypatch, caplog, patch):
     untested(monkeypatch, patch.LIBRARY, "9.9.0")
     before = (
         TCPTransport.selectors,
         http2.AsyncHTTP2Connection._receive_stream_event,
         http2.AsyncHTTP2Connection.has_expired,
+        convention.CONVENTION_REREGISTRATION_PERIOD,
+        ConventioneerAdmin._not_compatible,
     )
     with caplog.at_level(logging.WARNING, logger="sluice.patches"):
         assert patch.install() is False
@@ -119,6 +154,8 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         TCPTransport.selectors,
         http2.AsyncHTTP2Connection._receive_stream_event,
         http2.AsyncHTTP2Connection.has_expired,
+        convention.CONVENTION_REREGISTRATION_PERIOD,
+        ConventioneerAdmin._not_compatible,
     ) == before, "the library was changed anyway"
     assert not patch.installed() and patches.installed() == []
     (record,) = caplog.records

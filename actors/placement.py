@@ -1,0 +1,62 @@
+"""Which host of a Convention runs which actor: Thespian capabilities and requirements.
+
+Each host's actor system advertises capabilities (`capabilities`): its name
+(`HOST`: its SLUICE_ACTOR_HOST:SLUICE_ACTOR_PORT, unique in the cluster), whether it
+leads (`LEADER`), the interface its sockets bind (`ACTOR_HOST`) and how many Pools it
+runs (`POOLS`). A member also names its leader (`Convention Address.IPv4`, Thespian's
+own capability: the member's admin registers there, docs/scale-out.md).
+
+Thespian asks an actor class where it may run (`actorSystemCapabilityCheck(capabilities,
+requirements)`) before creating it; an admin whose capabilities do not fit forwards the
+creation to a Convention member whose do (thespian/system/admin/convention.py
+`_not_compatible`). So:
+
+- `leader_only`: the Supervisor, the Pacers, the Coalescer shards, Metrics, the thread
+  store. A member asking its own admin for the Supervisor's global name is forwarded to
+  the leader, whose admin answers with the Supervisor it has: that is how a member's
+  edges find the cluster's one Supervisor.
+- `on_host`: a Pool goes where its requirements say (`{HOST: name}`); the Supervisor
+  places each member's Pools on that member.
+
+An actor system started without these capabilities (a bench, a test probe) counts as a
+leader: everything runs there, as on one host.
+"""
+
+from __future__ import annotations
+
+HOST = "sluice.host"
+LEADER = "sluice.leader"
+ACTOR_HOST = "sluice.actor_host"
+POOLS = "sluice.pools"
+CONVENTION_ADDRESS = "Convention Address.IPv4"  # Thespian's: the leader a member registers with
+
+
+def capabilities(host: str, port: int, join: str | None, pools: int) -> dict:
+    """The capabilities of this host's actor system (`join`: the leader's "host:port")."""
+    caps = {"Admin Port": port, HOST: f"{host}:{port}", LEADER: join is None, ACTOR_HOST: host, POOLS: pools}
+    if join is not None:
+        caps[CONVENTION_ADDRESS] = join
+    return caps
+
+
+def leader_only(capabilities: dict, requirements: dict) -> bool:
+    return capabilities.get(LEADER, True) is not False
+
+
+def on_host(capabilities: dict, requirements: dict) -> bool:
+    """Where the requirements name a host: there only; else on the leader."""
+    wanted = (requirements or {}).get(HOST)
+    if wanted is None:
+        return leader_only(capabilities, requirements)
+    return capabilities.get(HOST) == wanted
+
+
+def member_of(capabilities: dict) -> dict | None:
+    """What the Supervisor needs of a member that joined (its Convention capabilities), or
+    None for a system that is no sluice host."""
+    host, actor_host, pools = capabilities.get(HOST), capabilities.get(ACTOR_HOST), capabilities.get(POOLS)
+    if not isinstance(host, str) or not isinstance(actor_host, str) or capabilities.get(LEADER) is not False:
+        return None
+    if isinstance(pools, bool) or not isinstance(pools, int) or pools < 1:
+        return None
+    return {"host": host, "actor_host": actor_host, "pools": pools}

@@ -35,6 +35,8 @@ MAX_BUFFERED_BYTES = 8 * 1024 * 1024  # a slower edge than this is cut off, not 
 # At most one write per edge per FLUSH_GAP_S: a lone token leaves at once, but under load
 # (hundreds of tokens a second) the frames of a couple of milliseconds share one send,
 # which on loopback TCP costs the sender and the woken edge far more than the bytes do.
+# Except a stream's frames up to its first delta (`urgent`): that one is the client's
+# TTFT, and waiting out another stream's gap added up to 2 ms to it (docs/architecture.md).
 FLUSH_GAP_S = 0.002
 HANDSHAKE_TIMEOUT_S = 5.0  # a peer that has not answered the challenge by then is cut off
 MAX_HANDSHAKES = 64  # connections still in their handshake; more are closed at once
@@ -46,23 +48,29 @@ class EdgeConnection:
         self.edge_id: str | None = None  # set once the handshake proved it
         self._pending: list[bytes] = []
         self._flushed_at = 0.0
+        self._flush_handle: asyncio.Handle | None = None  # the next write, once something waits
+        self._flush_soon = False  # ... and it is at the end of this turn (not after the gap)
 
     def send(self, msg) -> None:
         self.send_encoded(m.encode(msg))
 
-    def send_encoded(self, data: bytes) -> None:
+    def send_encoded(self, data: bytes, urgent: bool = False) -> None:
         """Queue a frame; it leaves with everything else queued until the next write:
-        at the end of this turn of the loop, or FLUSH_GAP_S after the previous write."""
-        if not self._pending:
-            loop = asyncio.get_running_loop()
-            due = self._flushed_at + FLUSH_GAP_S
-            if due <= loop.time():
-                loop.call_soon(self._flush)
-            else:
-                loop.call_at(due, self._flush)
+        at the end of this turn of the loop, or FLUSH_GAP_S after the previous write.
+        An `urgent` frame does not wait for the gap: it and those queued before it leave
+        at the end of this turn."""
         self._pending.append(data)
+        if self._flush_handle is not None and (self._flush_soon or not urgent):
+            return  # a write that takes this frame is already due
+        if self._flush_handle is not None:  # waiting for the gap, and this one may not
+            self._flush_handle.cancel()
+        loop = asyncio.get_running_loop()
+        due = self._flushed_at + FLUSH_GAP_S
+        self._flush_soon = urgent or due <= loop.time()
+        self._flush_handle = loop.call_soon(self._flush) if self._flush_soon else loop.call_at(due, self._flush)
 
     def _flush(self) -> None:
+        self._flush_handle = None
         data, self._pending = b"".join(self._pending), []
         self._flushed_at = asyncio.get_running_loop().time()
         if self.writer.is_closing():
@@ -168,7 +176,9 @@ class StreamHub:
     # --- publishing ---------------------------------------------------------------------
     def publish(self, stream_id: str, events: list[dict]) -> None:
         trace.stamp("hub_publish", "pool", stream_id, events)
-        self._carry_out(self.logic.publish(stream_id, events, time.monotonic()))
+        stream = self.logic.streams.get(stream_id)
+        urgent = stream is None or not stream.has_delta  # up to the first delta: the TTFT
+        self._carry_out(self.logic.publish(stream_id, events, time.monotonic()), urgent)
 
     def mark_open(self, stream_id: str) -> None:
         self.logic.mark_open(stream_id, time.monotonic())
@@ -191,14 +201,14 @@ class StreamHub:
         self.connections.discard(conn)
         self.logic.drop(conn)
 
-    def _carry_out(self, effects: list[Send]) -> None:
+    def _carry_out(self, effects: list[Send], urgent: bool = False) -> None:
         """Send each frame; a frame published to many edges is encoded once."""
         encoded: dict[int, bytes] = {}
         for effect in effects:
             data = encoded.get(id(effect.msg))
             if data is None:
                 data = encoded[id(effect.msg)] = m.encode(effect.msg)
-            effect.to.send_encoded(data)
+            effect.to.send_encoded(data, urgent)
 
     async def _sweep(self) -> None:
         """Once a second: finished streams past their linger dropped, orphans ended."""

@@ -43,6 +43,7 @@ class HubStream:
     subscribers: dict = field(default_factory=dict)  # peer -> None (an ordered set)
     finished_at: float | None = None
     opened: bool = False  # the Pool started (or failed) the upstream call for it
+    has_delta: bool = False  # its first delta is published (the host writes frames up to it at once)
 
 
 class HubLogic:
@@ -65,6 +66,8 @@ class HubLogic:
             return []
         seq = len(stream.events)
         stream.events.extend(events)
+        if not stream.has_delta:
+            stream.has_delta = any(event.get("type") == ev.DELTA for event in events)
         if ev.is_terminal(events[-1]):
             stream.finished_at = now
         if not stream.subscribers:

@@ -23,6 +23,7 @@ where it starts:
 | httpcore_h2_reads    | httpcore 1.0.x | warning, not installed |
 | httpcore_h2_expiry   | httpcore 1.0.x | warning, not installed |
 | httpcore_rst_stream  | httpcore 1.0.x | raises (cost)          |
+| httpcore_fast_locks  | httpcore 1.0.x | warning, not installed |
 
 `installed()` lists the ones in force in this process (tests, the admin `show`).
 """
@@ -32,7 +33,7 @@ from __future__ import annotations
 import sys
 
 THESPIAN = ("thespian_transport", "thespian_bind", "thespian_selector", "thespian_convention", "thespian_forwarding")
-HTTPCORE = ("httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream")
+HTTPCORE = ("httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream", "httpcore_fast_locks")
 
 
 def install_thespian(host: str, secret: bytes) -> None:
@@ -50,11 +51,12 @@ def install_thespian(host: str, secret: bytes) -> None:
 
 def install_httpcore() -> None:
     """The Pool's fixes to httpcore; raises if the RST_STREAM cancel cannot be used."""
-    from patches import httpcore_h2_expiry, httpcore_h2_reads, httpcore_rst_stream
+    from patches import httpcore_fast_locks, httpcore_h2_expiry, httpcore_h2_reads, httpcore_rst_stream
 
     httpcore_rst_stream.install()
     httpcore_h2_reads.install()
     httpcore_h2_expiry.install()
+    httpcore_fast_locks.install()
 
 
 def installed() -> list[str]:

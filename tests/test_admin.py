@@ -119,9 +119,13 @@ def test_show_reports_every_actor(gw):
     assert data["gateway"]["providers"]["simulated"]["account"] == "SIMULATED"
     # the fenced patches in force: the edge's Thespian ones, the Pool's httpcore ones too
     assert {"thespian_transport", "thespian_bind", "thespian_selector"} <= set(data["gateway"]["patches"])
-    assert {"thespian_transport", "httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream"} <= set(
-        results["pool"]["patches"]
-    )
+    assert {
+        "thespian_transport",
+        "httpcore_h2_reads",
+        "httpcore_h2_expiry",
+        "httpcore_rst_stream",
+        "httpcore_fast_locks",
+    } <= set(results["pool"]["patches"])
 
     status, _, one = admin(gw, "GET", "/state?role=coalescer")
     assert status == 200 and set(one["results"]) == {"coalescer:0", "coalescer:1"}

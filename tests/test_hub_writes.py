@@ -1,5 +1,6 @@
 """The hub's writes to an edge (actors/hub.py): a lone frame leaves on the next turn of the
-loop; frames that follow within FLUSH_GAP_S of a write share the next one, in order."""
+loop; frames that follow within FLUSH_GAP_S of a write share the next one, in order; a
+stream's frames up to its first delta (the client's TTFT) do not wait for the gap."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import asyncio
 import pytest
 
 from actors import hub as hub_module
-from actors.hub import EdgeConnection
+from actors.hub import EdgeConnection, StreamHub
+from protocols import auth
+from protocols import events as ev
+from protocols import messages as m
 
 pytestmark = pytest.mark.unit
 
@@ -59,3 +63,59 @@ def test_a_lone_frame_leaves_at_once_and_a_burst_shares_one_write(monkeypatch):
         assert writer.writes == [b"a", b"bcd", b"e"]
 
     asyncio.run(main())
+
+
+def test_an_urgent_frame_does_not_wait_for_the_gap_and_keeps_the_order(monkeypatch):
+    monkeypatch.setattr(hub_module, "FLUSH_GAP_S", 0.3)
+
+    async def main():
+        writer = RecordingWriter()
+        conn = EdgeConnection(None, None, writer)
+        conn.send_encoded(b"a")
+        await asyncio.sleep(0)
+        conn.send_encoded(b"b")  # within the gap: waits
+        await asyncio.sleep(0)
+        assert writer.writes == [b"a"]
+        conn.send_encoded(b"c", urgent=True)  # goes now, with what waited before it
+        conn.send_encoded(b"d")  # queued in the same turn: rides along
+        await asyncio.sleep(0)
+        assert writer.writes == [b"a", b"bcd"]
+        conn.send_encoded(b"e")  # right after that write: the gap again
+        await asyncio.sleep(0)
+        assert writer.writes == [b"a", b"bcd"]
+        assert await next_write(writer) == b"e"
+        await asyncio.sleep(hub_module.FLUSH_GAP_S + 0.05)  # the cancelled timer wrote nothing more
+        assert writer.writes == [b"a", b"bcd", b"e"]
+
+    asyncio.run(main())
+
+
+class RecordingPeer:
+    edge_id = "edge-1"
+
+    def __init__(self):
+        self.frames: list[tuple[list[str], bool]] = []
+
+    def send_encoded(self, data: bytes, urgent: bool = False) -> None:
+        msg = m.decode(data)
+        self.frames.append(([event["type"] for event in msg.events], urgent))
+
+
+def test_a_streams_frames_are_urgent_up_to_its_first_delta():
+    secret = auth.new_secret()
+    hub = StreamHub(secret)
+    peer = RecordingPeer()
+    hub.on_edge_message(peer, m.Subscribe("s-1", auth.ticket(secret, "s-1", "edge-1")))
+    hub.mark_open("s-1")
+    hub.publish("s-1", [ev.started(1.0, 0.0, 1)])
+    hub.publish("s-1", [ev.meta(role="assistant")])  # a provider's role chunk: no text yet
+    hub.publish("s-1", [ev.delta("Hel")])  # the first token: the TTFT
+    hub.publish("s-1", [ev.delta("lo")])
+    hub.publish("s-1", [ev.done("stop")])
+    assert peer.frames == [
+        (["started"], True),
+        (["meta"], True),
+        (["delta"], True),
+        (["delta"], False),
+        (["done"], False),
+    ]

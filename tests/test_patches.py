@@ -7,6 +7,7 @@ pytest process sees Thespian and httpcore as they were."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import pickle
@@ -16,6 +17,7 @@ import sys
 from datetime import timedelta
 
 import pytest
+from httpcore import _synchronization
 from httpcore._async import http2
 from thespian.system.admin import convention
 from thespian.system.admin.convention import ConventioneerAdmin
@@ -23,6 +25,7 @@ from thespian.system.transport import IPBase, TCPTransport, streamBuffer
 
 import patches
 from patches import (
+    httpcore_fast_locks,
     httpcore_h2_expiry,
     httpcore_h2_reads,
     httpcore_rst_stream,
@@ -72,6 +75,7 @@ def pristine(monkeypatch):
     monkeypatch.setattr(http2.AsyncHTTP2Connection, "_receive_stream_event", unpatched_receive)
     monkeypatch.setattr(http2.AsyncHTTP2Connection, "has_expired", httpcore_h2_expiry._original_has_expired)
     monkeypatch.setattr(httpcore_rst_stream, "_checked", False)
+    monkeypatch.setattr(_synchronization.AsyncLock, "setup", httpcore_fast_locks._original_setup)
     assert patches.installed() == []
 
 
@@ -103,13 +107,15 @@ def test_install_thespian_installs_its_patches_once(pristine):
     assert convention.CONVENTION_RESTART_PERIOD == convention.CONVENTION_REREGISTRATION_PERIOD
 
 
-def test_install_httpcore_installs_its_three_patches_once(pristine):
+def test_install_httpcore_installs_its_four_patches_once(pristine):
+    everything = ["httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream", "httpcore_fast_locks"]
     patches.install_httpcore()
-    assert patches.installed() == ["httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream"]
+    assert patches.installed() == everything
     patches.install_httpcore()
     assert http2.AsyncHTTP2Connection._receive_stream_event is httpcore_h2_reads.receive_stream_event
     assert http2.AsyncHTTP2Connection.has_expired is httpcore_h2_expiry.has_expired
-    assert patches.installed() == ["httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream"]
+    assert _synchronization.AsyncLock.setup is httpcore_fast_locks.setup
+    assert patches.installed() == everything
 
 
 @pytest.mark.parametrize(
@@ -136,7 +142,14 @@ def test_a_security_or_cost_patch_refuses_an_untested_version_loudly(pristine, m
 
 @pytest.mark.parametrize(
     "patch",
-    [thespian_selector, thespian_convention, thespian_forwarding, httpcore_h2_reads, httpcore_h2_expiry],
+    [
+        thespian_selector,
+        thespian_convention,
+        thespian_forwarding,
+        httpcore_h2_reads,
+        httpcore_h2_expiry,
+        httpcore_fast_locks,
+    ],
     ids=lambda p: p.__name__,
 )
 def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristine, monkeypatch, caplog, patch):
@@ -147,6 +160,7 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         http2.AsyncHTTP2Connection.has_expired,
         convention.CONVENTION_REREGISTRATION_PERIOD,
         ConventioneerAdmin._not_compatible,
+        _synchronization.AsyncLock.setup,
     )
     with caplog.at_level(logging.WARNING, logger="sluice.patches"):
         assert patch.install() is False
@@ -156,6 +170,7 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         http2.AsyncHTTP2Connection.has_expired,
         convention.CONVENTION_REREGISTRATION_PERIOD,
         ConventioneerAdmin._not_compatible,
+        _synchronization.AsyncLock.setup,
     ) == before, "the library was changed anyway"
     assert not patch.installed() and patches.installed() == []
     (record,) = caplog.records
@@ -183,8 +198,36 @@ def test_the_installed_library_versions_are_the_ones_the_patches_were_written_fo
         httpcore_h2_reads,
         httpcore_h2_expiry,
         httpcore_rst_stream,
+        httpcore_fast_locks,
     ):
         versions.check(patch.__name__, patch.LIBRARY, patch.WRITTEN_FOR)
+
+
+def test_a_fast_lock_is_taken_without_a_yield_when_free_and_waited_for_when_held(pristine):
+    """httpcore_fast_locks: the loop gets no turn inside a free acquire (anyio's own lock
+    yields once there); a held lock still makes the next taker wait, in order."""
+
+    async def yields_while_taking(lock) -> bool:
+        turned = []
+        asyncio.get_running_loop().call_soon(turned.append, True)
+        async with lock:
+            return bool(turned)
+
+    async def contended() -> list[str]:
+        lock, order = _synchronization.AsyncLock(), []
+
+        async def take(name: str) -> None:
+            async with lock:
+                order.append(name)
+                await asyncio.sleep(0.01)
+
+        await asyncio.gather(take("a"), take("b"), take("c"))
+        return order
+
+    assert asyncio.run(yields_while_taking(_synchronization.AsyncLock())) is True  # anyio's own
+    assert httpcore_fast_locks.install() is True
+    assert asyncio.run(yields_while_taking(_synchronization.AsyncLock())) is False
+    assert asyncio.run(contended()) == ["a", "b", "c"]
 
 
 def test_asking_what_is_installed_imports_no_patched_library():

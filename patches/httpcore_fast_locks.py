@@ -46,18 +46,19 @@ def setup(self) -> None:
 def install() -> bool:
     """Patch httpcore's async lock; False (httpcore unchanged, one warning) if httpcore or
     anyio is not the shape this was written against. Idempotent."""
-    try:
-        versions.check(__name__, LIBRARY, WRITTEN_FOR)
-    except versions.UntestedVersion as exc:
-        return versions.fallback(__name__, f"every lock keeps its event-loop yield; {exc}")
-    if installed():
-        return True
     if "fast_acquire" not in inspect.signature(anyio.Lock).parameters:
         return versions.fallback(__name__, "this anyio has no Lock(fast_acquire=...) (4.5+); locks keep their yield")
-    if not hasattr(_synchronization.AsyncLock, "setup"):
-        return versions.fallback(__name__, "httpcore's AsyncLock is not the expected shape; locks keep their yield")
-    _synchronization.AsyncLock.setup = setup  # type: ignore[method-assign]  # the patch itself
-    return True
+    return versions.guarded_install(
+        __name__,
+        LIBRARY,
+        WRITTEN_FOR,
+        _synchronization.AsyncLock,
+        "setup",
+        setup,
+        needs=("setup",),
+        shape="httpcore's AsyncLock",
+        without="every lock keeps its event-loop yield",
+    )
 
 
 def installed() -> bool:

@@ -195,6 +195,8 @@ def test_the_installed_library_versions_are_the_ones_the_patches_were_written_fo
         thespian_transport,
         thespian_bind,
         thespian_selector,
+        thespian_convention,
+        thespian_forwarding,
         httpcore_h2_reads,
         httpcore_h2_expiry,
         httpcore_rst_stream,

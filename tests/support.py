@@ -1,6 +1,7 @@
 """Test helpers: the process and HTTP helpers of sim/testing.py (shared with bench/),
-re-exported so that test modules import them from one place; and the operator's side of a
-gateway (an admin token, the /api/admin routes) that several test modules drive."""
+re-exported so that test modules import them from one place; the operator's side of a
+gateway (an admin token, the /api/admin routes) that several test modules drive; and an
+SSE response read event by event with its ids (`EventStream`: resume tests)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpcore
+
+from protocols.sse import SSEParser
 from sim.testing import (
     ROOT,
     Gateway,
@@ -31,6 +35,7 @@ __all__ = [
     "ADMIN_AUTH",
     "ADMIN_TOKEN",
     "ROOT",
+    "EventStream",
     "Gateway",
     "SSEClient",
     "admin",
@@ -74,3 +79,61 @@ def admin_state(gw: Gateway) -> dict:
     status, _, data = admin(gw, "GET", "/state")
     assert status == 200, data
     return data
+
+
+class EventStream:
+    """One SSE response read event by event, with each event's `id:` (pings skipped). On
+    `pool` when given (a kept-alive connection the test chose), else on a pool of its own,
+    closed with it. `close()` before the end of the body: the client is gone."""
+
+    TIMEOUT = {"connect": 20.0, "read": 20.0, "write": 20.0, "pool": 20.0}
+
+    def __init__(
+        self,
+        method: str,
+        url: str,
+        body: dict | None = None,
+        headers: dict | None = None,
+        pool: httpcore.ConnectionPool | None = None,
+    ):
+        self._own_pool = httpcore.ConnectionPool() if pool is None else None
+        hdrs = dict(headers or {})
+        content = None
+        if body is not None:
+            content, hdrs["content-type"] = json.dumps(body).encode(), "application/json"
+        self._cm = (pool or self._own_pool).stream(
+            method, url, headers=list(hdrs.items()), content=content, extensions={"timeout": self.TIMEOUT}
+        )
+        self.response = self._cm.__enter__()
+        self.status = self.response.status
+        self.headers = {k.decode().lower(): v.decode() for k, v in self.response.headers}
+        self._chunks = self.response.iter_stream()
+        self._parser, self._pending = SSEParser(), []
+
+    def next(self) -> tuple[int | None, dict] | None:
+        while True:
+            while not self._pending:
+                try:
+                    self._pending.extend(self._parser.feed(next(self._chunks)))
+                except StopIteration:
+                    return None
+            item = self._pending.pop(0)
+            if item.event == "message":
+                return (int(item.id) if item.id is not None else None), json.loads(item.data)
+
+    def take(self, n: int) -> list[tuple[int | None, dict] | None]:
+        return [self.next() for _ in range(n)]
+
+    def rest(self) -> list[tuple[int | None, dict]]:
+        out = []
+        while (item := self.next()) is not None:
+            out.append(item)
+        return out
+
+    def json(self) -> dict:
+        return json.loads(self.response.read())
+
+    def close(self) -> None:
+        self._cm.__exit__(None, None, None)
+        if self._own_pool is not None:
+            self._own_pool.close()

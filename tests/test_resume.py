@@ -12,10 +12,9 @@ import re
 import time
 import uuid
 
-import httpcore
 import pytest
 
-from protocols.sse import SSEParser
+from tests.support import EventStream as Stream
 from tests.support import chat_body, get_json, request, running_gateway, wait_until
 
 pytestmark = pytest.mark.integration
@@ -37,54 +36,6 @@ def gw(sim, tmp_path_factory):
 
 def auth(key: str = "a", **extra) -> dict:
     return {"authorization": f"Bearer {KEYS[key]}", **extra}
-
-
-class Stream:
-    """One SSE response read event by event, with each event's `id:` (pings skipped)."""
-
-    def __init__(self, method: str, url: str, body: dict | None = None, headers: dict | None = None):
-        self._pool = httpcore.ConnectionPool()
-        hdrs = dict(headers or {})
-        content = None
-        if body is not None:
-            content = json.dumps(body).encode()
-            hdrs["content-type"] = "application/json"
-        t = {"connect": 20.0, "read": 20.0, "write": 20.0, "pool": 20.0}
-        self._cm = self._pool.stream(
-            method, url, headers=list(hdrs.items()), content=content, extensions={"timeout": t}
-        )
-        self.response = self._cm.__enter__()
-        self.status = self.response.status
-        self.headers = {k.decode().lower(): v.decode() for k, v in self.response.headers}
-        self._chunks = self.response.iter_stream()
-        self._parser, self._pending = SSEParser(), []
-
-    def next(self) -> tuple[int | None, dict] | None:
-        while True:
-            while not self._pending:
-                try:
-                    self._pending.extend(self._parser.feed(next(self._chunks)))
-                except StopIteration:
-                    return None
-            item = self._pending.pop(0)
-            if item.event == "message":
-                return (int(item.id) if item.id is not None else None), json.loads(item.data)
-
-    def take(self, n: int) -> list[tuple[int | None, dict]]:
-        return [self.next() for _ in range(n)]
-
-    def rest(self) -> list[tuple[int | None, dict]]:
-        out = []
-        while (item := self.next()) is not None:
-            out.append(item)
-        return out
-
-    def json(self) -> dict:
-        return json.loads(self.response.read())
-
-    def close(self) -> None:  # before the end of the body: the client is gone
-        self._cm.__exit__(None, None, None)
-        self._pool.close()
 
 
 def prompt(label: str, tokens: int, interval_ms: int) -> tuple[str, dict]:

@@ -22,7 +22,7 @@ import httpcore
 import pytest
 
 from edge.worker_relay import Relay, WorkerRelay, new_request_id, owner_of
-from protocols.sse import SSEParser
+from tests.support import EventStream as Stream
 from tests.support import chat_body, get_json, running_gateway, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -74,54 +74,10 @@ class Connection:
         return r.status, {k.decode().lower(): v.decode() for k, v in r.headers}, r.content
 
     def stream(self, method: str, path: str, headers: dict | None = None, body: dict | None = None) -> Stream:
-        return Stream(self.pool, method, self.url + path, headers, body)
+        return Stream(method, self.url + path, body, headers, pool=self.pool)
 
     def close(self) -> None:
         self.pool.close()
-
-
-class Stream:
-    """One SSE response read event by event, with each event's `id:` (pings skipped)."""
-
-    def __init__(self, pool, method: str, url: str, headers: dict | None, body: dict | None):
-        hdrs = dict(headers or {})
-        content = None
-        if body is not None:
-            content, hdrs["content-type"] = json.dumps(body).encode(), "application/json"
-        self._cm = pool.stream(
-            method, url, headers=list(hdrs.items()), content=content, extensions={"timeout": TIMEOUT}
-        )
-        self.response = self._cm.__enter__()
-        self.status = self.response.status
-        self.headers = {k.decode().lower(): v.decode() for k, v in self.response.headers}
-        self._chunks = self.response.iter_stream()
-        self._parser, self._pending = SSEParser(), []
-
-    def next(self) -> tuple[int | None, dict] | None:
-        while True:
-            while not self._pending:
-                try:
-                    self._pending.extend(self._parser.feed(next(self._chunks)))
-                except StopIteration:
-                    return None
-            item = self._pending.pop(0)
-            if item.event == "message":
-                return (int(item.id) if item.id is not None else None), json.loads(item.data)
-
-    def take(self, n: int) -> list[tuple[int | None, dict]]:
-        return [self.next() for _ in range(n)]
-
-    def rest(self) -> list[tuple[int | None, dict]]:
-        out = []
-        while (item := self.next()) is not None:
-            out.append(item)
-        return out
-
-    def json(self) -> dict:
-        return json.loads(self.response.read())
-
-    def close(self) -> None:
-        self._cm.__exit__(None, None, None)
 
 
 def start(gw, body: dict, headers: dict | None = None) -> tuple[Connection, Stream]:

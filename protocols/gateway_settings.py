@@ -107,11 +107,6 @@ class Settings:
     providers: dict[str, ProviderConfig]  # the providers served, by name
     failover: dict[str, Failover]  # account -> its keys and fallbacks
 
-    def account_of(self, provider: str) -> str:
-        """The account (whose Pacer) `provider` bills to; an unconfigured one: its name, upper case."""
-        entry = self.providers.get(provider)
-        return entry.account if entry is not None else provider.upper()
-
     def redacted(self, api_keys: bool = False) -> Settings:
         """Without the admin token and the cluster secret, and without provider API keys
         unless `api_keys` (the Pool's: it puts them in the upstream auth header). Only the

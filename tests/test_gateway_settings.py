@@ -46,8 +46,7 @@ def test_load_fills_every_field_with_its_type():
     assert (s.port, s.admin_token, s.cluster_secret, s.coalesce_scope) == (8080, "t0ken", SECRET, "key")
     assert s.model_aliases == {"fast": ("openai", "gpt-4o-mini")} and s.cors_origins == ("https://a.example",)
     assert s.accounts["PERPLEXITY"] == PacerSettings(1.0, 2, 3, 50, 1000, 30.0)
-    assert s.providers["openai"].api_keys == ("k1", "k2") and s.account_of("openai_responses") == "OPENAI"
-    assert s.account_of("nowhere") == "NOWHERE"
+    assert s.providers["openai"].api_keys == ("k1", "k2") and s.providers["openai_responses"].account == "OPENAI"
     assert s.failover["SIMULATED"] == Failover(1, (("openai", "gpt-x"),), 0) and s.failover["OPENAI"].keys == 2
     assert s.alert_thresholds == {"ttft_p95_ms": 2000.0}
     with pytest.raises(dataclasses.FrozenInstanceError):

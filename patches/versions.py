@@ -7,7 +7,7 @@ what is installed. A patch that is only an optimisation catches it, logs one war
 leaves the library as it is (`fallback()`); a patch that guards security or money lets
 it propagate, so the process fails at start instead of running unprotected.
 `guarded_install()` is that whole preamble for the common case, an optimisation that
-replaces one method of one class (the HTTP/2 patches).
+replaces one method of one class (the HTTP/2 patches, httpcore_fast_locks).
 pyproject.toml pins each patched library to the series its patches were written for.
 """
 

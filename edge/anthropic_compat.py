@@ -63,7 +63,7 @@ from starlette.routing import Route
 from edge import models
 from edge.admission import Admission
 from edge.chat_request import RequestError, check_number, parse_coalesce, parse_stream, parse_tools
-from edge.openai_compat import RATE_LIMITED, STATUS_FOR_CODE
+from edge.openai_compat import RATE_LIMITED, STATUS_FOR_CODE, status_of_error
 from edge.rejections import Rejection
 from edge.sse_stream import Renderer, SSEStream
 from protocols import events as ev
@@ -487,10 +487,7 @@ class Message:
         end = self.end or ev.error("disconnected", "the client went away")
         if end["type"] == ev.ERROR:
             code = end.get("code", "error")
-            status = STATUS_FOR_CODE.get(code, 502)
-            if code == "upstream_4xx":
-                status = end.get("status") if end.get("status") in (400, 404, 413, 422) else 400
-            return error_response(status, code, end.get("message", ""), headers)
+            return error_response(status_of_error(end), code, end.get("message", ""), headers)
         content: list[dict] = [{"type": "text", "text": "".join(self.text)}] if self.text or not self.tool_calls else []
         for call in self.tool_calls:
             function = call.get("function") or {}
@@ -568,9 +565,7 @@ def routes(edge) -> list[Route]:
         end = end or ev.error("disconnected", "the client went away")
         if end["type"] == ev.ERROR or answer is None:
             code = end.get("code", "upstream_malformed")
-            status = STATUS_FOR_CODE.get(code, 502)
-            if code == "upstream_4xx":
-                status = end.get("status") if end.get("status") in (400, 404, 413, 422) else 400
+            status = status_of_error({**end, "code": code})
             return error_response(status, code, end.get("message", "the provider sent no count"), headers)
         return JSONResponse(answer, headers=headers)
 

@@ -221,6 +221,13 @@ def test_count_tokens_is_forwarded_to_an_anthropic_account(sim):
         counted = c.messages.count_tokens(
             model="anthropic/claude-x", system="Be brief.", messages=messages, tools=tools
         )
+        # A count the provider refuses is the provider's status, in Anthropic's error shape.
+        with pytest.raises(anthropic.RateLimitError) as refused:
+            c.messages.count_tokens(
+                model="anthropic/claude-x",
+                messages=[{"role": "user", "content": unique("fail=429 retry_after_s=none")}],
+            )
+        assert refused.value.body["error"]["type"] == "rate_limit_error"
     turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
     assert counted.input_tokens == sum(len(t["content"].split()) + 3 for t in turns)  # the sim's count
     [call] = [

@@ -408,25 +408,28 @@ def actor_pid(gw: Gateway, role: str) -> int | None:
     return (ready.get("actors", {}).get(role) or {}).get("pid") if status == 200 else None
 
 
-def held_by(gw: Gateway) -> list[str]:
-    """The Coalescer shards (wherever they run) holding a flight now."""
-    return sorted(role for role, state in admin_state(gw, "coalescer").items() if state.get("in_flight"))
+def flights_at(gw: Gateway) -> dict[str, int]:
+    """How many flights each Coalescer shard (wherever it runs) holds now."""
+    return {role: len(state.get("in_flight") or []) for role, state in admin_state(gw, "coalescer").items()}
 
 
 def stream_on_shard(gw: Gateway, shard: str, body_of) -> tuple[SSEClient, dict]:
     """A client streaming `body_of(tag)` from `gw`, for a tag whose key the shard `shard`
-    holds (the key hash decides: try tags until one lands there; nothing else in flight)."""
+    holds (the key hash decides: try tags until one lands there)."""
+    before = flights_at(gw)
+
+    def grown():
+        now = flights_at(gw)
+        return [role for role, n in now.items() if n > before.get(role, 0)] or None
+
     for _ in range(30):
         body = body_of(uuid.uuid4().hex)
         client = SSEClient(gw.url + "/api/chat", body, timeout=90)
         assert client.status == 200
-        held = wait_until(
-            lambda: held_by(gw) or None, timeout=30, interval=0.1, message="the request's flight at a shard"
-        )
-        if held == [shard]:
+        if wait_until(grown, timeout=30, interval=0.1, message="the request's flight at a shard") == [shard]:
             return client, body
         client.close()
-        wait_until(lambda: held_by(gw) == [], timeout=30, interval=0.1, message="the cancelled flight forgotten")
+        wait_until(lambda: flights_at(gw) == before, timeout=30, interval=0.1, message="the cancelled flight forgotten")
     raise AssertionError(f"no key landed on {shard}")
 
 
@@ -441,9 +444,13 @@ def test_a_member_takes_coalescer_shards_and_its_loss_brings_them_back(sim):
         leader = hosts[0]
         old_shard = actor_pid(leader, "coalescer:1")
         assert old_shard in descendants(leader.proc.pid)
-        # A call in flight at coalescer:1 while the member joins: it is not lost.
+        # Two calls in flight at coalescer:1 while the member joins: one runs to its end, the
+        # other's client leaves after the move (its Cancel reaches the new actor, by role).
         moving, _ = stream_on_shard(
-            leader, "coalescer:1", lambda tag: chat_body(f"moving {tag}\n#sim tokens=60 token_interval_ms=100")
+            leader, "coalescer:1", lambda tag: chat_body(f"moving {tag}\n#sim tokens=100 token_interval_ms=100")
+        )
+        leaving, left = stream_on_shard(
+            leader, "coalescer:1", lambda tag: chat_body(f"leaving {tag}\n#sim tokens=400 token_interval_ms=50")
         )
         join = {"SLUICE_JOIN": f"{leader.host}:{leader.actor_port}"}
         member = Gateway({**cluster_env(sim, SIMULATED_RPS="50", SIMULATED_BURST="50"), **join}, "127.0.0.14")
@@ -465,6 +472,15 @@ def test_a_member_takes_coalescer_shards_and_its_loss_brings_them_back(sim):
         )
         print(f"coalescer:1 moved to the member {time.monotonic() - joined_at:.2f} s after its start")
         assert actor_pid(member, "coalescer:0") in descendants(leader.proc.pid)
+        # The new actor passes the Cancel on to the old one, which admitted that stream: the
+        # upstream call is aborted, not run to its end.
+        leaving.close()
+        left_call = wait_until(
+            lambda: [c for c in calls_for(sim, left["messages"][-1]["content"].split("\n")[0]) if c["outcome"]],
+            timeout=60,
+            message="the left call's end at the provider",
+        )
+        assert [c["outcome"] for c in left_call] == ["cancelled"]
         # The old actor finished the flight it held, then stopped.
         [events] = finish([moving])
         assert data_events(events)[-1]["type"] == "done" and len(text_of(events)) > 0

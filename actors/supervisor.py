@@ -29,7 +29,7 @@ Coalescer shards spread over the hosts (actors/placement.py `shards_to_take`, `r
 docs/scale-out.md): a member that joins takes its share of the leader's shards. Each
 moves by creating the shard role's new actor on the member; the directory names the old
 one until the new one is Ready, then the new one, and both hear `ShardMoved` (the old one
-finishes its flights and stops: actors/coalescer.py). A member that leaves has its shards
+finishes its flights and stops: actors/shard_handoff.py). A member that leaves has its shards
 recreated here, and the Pacers hear `MemberLost(coalescer:<n>, old address)`, as for a
 shard that died on this host: the leases its flights asked for come back, their clients
 get an error event.
@@ -382,10 +382,10 @@ class SupervisorActor(HostActor):
         if dead is not None:
             self.lost.died(role, dead)
         self.adopted.discard(role)
-        self.moving.pop(role, None)  # a shard's old actor died while it moved: the new one is made anew
         self.pids.pop(role, None)
         self.hubs.pop(role, None)
-        self.children[role] = self._create(role)
+        if self.moving.pop(role, None) is None:  # else the shard's old actor died as it moved: the new one takes over
+            self.children[role] = self._create(role)
         self._wire_all()
 
     def _watch(self) -> list:

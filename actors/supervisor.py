@@ -319,11 +319,20 @@ class SupervisorActor(HostActor):
             return  # a re-registration after a blip: its Pools are there
         pools = [roles.pool(i) for i in range(self.next_pool, self.next_pool + member["pools"])]
         self.next_pool += member["pools"]
+        # A replacement Supervisor adopted its predecessor's shards wherever they run: those
+        # at this member's address are its own (they stay there and come back if it is lost).
+        claimed = [role for role in self._shard_homes() if self._adopted_on(role, member["actor_host"])]
+        for role in claimed:
+            self.remote[role] = host
         # Only a shard that is up moves (one being recreated stays here).
-        shards = [
-            r for r in placement.shards_to_take(self._shard_homes(), len(self.members) + 2) if r in self.addresses
-        ]
-        self.members[host] = {"admin": admin, "actor_host": member["actor_host"], "pools": pools, "shards": shards}
+        taken = placement.shards_to_take(self._shard_homes(), len(self.members) + 2) if not claimed else []
+        shards = [r for r in taken if r in self.addresses]
+        self.members[host] = {
+            "admin": admin,
+            "actor_host": member["actor_host"],
+            "pools": pools,
+            "shards": claimed + shards,
+        }
         log.warning("host %s joined the cluster: its Pools %s, shards %s", host, ", ".join(pools), ", ".join(shards))
         for role in pools:
             self.remote[role] = host
@@ -333,6 +342,14 @@ class SupervisorActor(HostActor):
             self.remote[role] = host
             self.children[role] = self._create(role)
         self._wire_all()
+
+    def _adopted_on(self, role: str, actor_host: str) -> bool:
+        """Whether `role` is an adopted actor running on the host whose actor system binds
+        `actor_host` (not this host's: several hosts on one address cannot be told apart)."""
+        if role not in self.adopted or role in self.remote or actor_host == self.settings.actor_host:
+            return False
+        address = _address_string(self.children[role])
+        return address is not None and address.rpartition(":")[0] == actor_host
 
     def _shard_homes(self) -> dict[str, str | None]:
         return {role: self.remote.get(role) for role in self.children if roles.is_coalescer(role)}

@@ -500,6 +500,24 @@ def test_a_member_takes_coalescer_shards_and_its_loss_brings_them_back(sim):
         assert len({text_of(events) for events in results}) == 1
         assert len(calls_for(sim, body["messages"][-1]["content"].split("\n")[0])) == 1
 
+        # The Supervisor dies (run.py's keeper replaces it): the new one adopts coalescer:1
+        # where it runs, as the member's (it does not move it again).
+        shard_pid = actor_pid(leader, "coalescer:1")
+        supervisor = admin_state(leader, "supervisor")["supervisor"]["pid"]
+        os.kill(supervisor, signal.SIGKILL)
+
+        def replaced() -> bool:
+            try:  # the admin route answers 503 (or slowly) while there is no Supervisor
+                status, _, body = request("GET", leader.url + "/api/admin/state?role=supervisor", headers=AUTH)
+                state = json.loads(body)["results"]["supervisor"] if status == 200 else {}
+            except Exception:
+                return False
+            return state.get("pid") not in (None, supervisor) and here in state.get("members", {})
+
+        wait_until(replaced, timeout=60, interval=0.2, message="a new Supervisor, the member listed again")
+        assert members(leader)[here]["shards"] == ["coalescer:1"]
+        assert actor_pid(leader, "coalescer:1") == shard_pid, "the member's shard was adopted, not moved"
+
         # A call at coalescer:1 when the member dies: its client gets an error event.
         lost, _ = stream_on_shard(
             leader, "coalescer:1", lambda tag: chat_body(f"lost {tag}\n#sim tokens=200 token_interval_ms=50")

@@ -11,18 +11,29 @@ requirements)`) before creating it; an admin whose capabilities do not fit forwa
 creation to a Convention member whose do (thespian/system/admin/convention.py
 `_not_compatible`). So:
 
-- `leader_only`: the Supervisor, the Pacers, the Coalescer shards, Metrics, the thread
-  store. A member asking its own admin for the Supervisor's global name is forwarded to
+- `leader_only`: the Supervisor, the Pacers, Metrics, the thread store. A member asking its own admin for the Supervisor's global name is forwarded to
   the leader, whose admin answers with the Supervisor it has: that is how a member's
   edges find the cluster's one Supervisor.
-- `on_host`: a Pool goes where its requirements say (`{HOST: name}`); the Supervisor
-  places each member's Pools on that member.
+- `on_host`: a Pool or a Coalescer shard goes where its requirements say (`{HOST:
+  name}`), else on the leader; the Supervisor places each member's Pools on that member,
+  and moves some of the leader's shards there (`shards_to_take`).
+
+Which shards a member runs (`shards_to_take`, `rehome`): the shard count and the key ->
+shard hash never change (every edge sends a key to the same shard role, and finds that
+role's address in the directory), only where each shard role runs. A member that joins
+takes `shards // hosts` of the leader's shards (hosts: the leader and every member, the
+new one included), the highest-numbered first, as many as the leader has; a live
+member's shards never move. A member that is lost has its shards recreated on the
+leader. So the leader keeps the rest, and a member that joins later takes its share from
+them (docs/scale-out.md, "Coalescer shards over the hosts").
 
 An actor system started without these capabilities (a bench, a test probe) counts as a
 leader: everything runs there, as on one host.
 """
 
 from __future__ import annotations
+
+from protocols import roles
 
 HOST = "sluice.host"
 LEADER = "sluice.leader"
@@ -60,3 +71,17 @@ def member_of(capabilities: dict) -> dict | None:
     if isinstance(pools, bool) or not isinstance(pools, int) or pools < 1:
         return None
     return {"host": host, "actor_host": actor_host, "pools": pools}
+
+
+def shards_to_take(homes: dict[str, str | None], hosts: int) -> list[str]:
+    """The shard roles a member that just joined takes from the leader. `homes`: every
+    shard role -> the member host it runs on, None for the leader; `hosts`: how many hosts
+    the cluster has with the new member (the leader included)."""
+    share = len(homes) // max(1, hosts)
+    on_leader = sorted((role for role, host in homes.items() if host is None), key=roles.coalescer_shard, reverse=True)
+    return on_leader[:share]
+
+
+def rehome(homes: dict[str, str | None], lost: str) -> list[str]:
+    """The shard roles that ran on the lost member `lost`: each is recreated on the leader."""
+    return sorted((role for role, host in homes.items() if host == lost), key=roles.coalescer_shard)

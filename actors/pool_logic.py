@@ -179,7 +179,10 @@ class PoolLogic:
 
     def _fail(self, msg: m.FailStream, now: float) -> list[Effect]:
         if msg.stream_id in self.calls:  # the Pacer's grant opened it before everyone left
-            return self._abort(msg.stream_id, now)
+            # or the shard that asked for it died (`coalescer_lost`): whoever still listens
+            # hears why it ends, not "no subscriber left".
+            why = [] if msg.code == "cancelled" else [Publish(msg.stream_id, [ev.error(msg.code, msg.message)])]
+            return why + self._abort(msg.stream_id, now)
         return [MarkOpen(msg.stream_id), Publish(msg.stream_id, [ev.error(msg.code, msg.message)])]
 
     # --- from the host ----------------------------------------------------------------------

@@ -24,6 +24,15 @@ over every host's Pools, the member's edges find this Supervisor by its global n
 member that leaves (de-registered, or silent past Thespian's tuned timers:
 patches/thespian_convention.py) takes its Pools out of the directory, and the Pacers and
 shards hear `MemberLost` for each, as for a Pool that died on this host.
+
+Coalescer shards spread over the hosts (actors/placement.py `shards_to_take`, `rehome`;
+docs/scale-out.md): a member that joins takes its share of the leader's shards. Each
+moves by creating the shard role's new actor on the member; the directory names the old
+one until the new one is Ready, then the new one, and both hear `ShardMoved` (the old one
+finishes its flights and stops: actors/shard_handoff.py). A member that leaves has its shards
+recreated here, and the Pacers hear `MemberLost(coalescer:<n>, old address)`, as for a
+shard that died on this host: the leases its flights asked for come back, their clients
+get an error event.
 """
 
 from __future__ import annotations
@@ -96,6 +105,8 @@ class SupervisorActor(HostActor):
         self.members: dict[str, dict] = {}  # member host -> {"admin", "actor_host", "pools": [roles]}
         self.remote: dict[str, str] = {}  # Pool role -> the member host it runs on
         self.next_pool = 0  # the first Pool index never used yet (a member's Pools never reuse one)
+        self.moving: dict[str, tuple] = {}  # shard role -> (old actor, its address), until the new one is Ready
+        self.retiring: dict[str, str] = {}  # old actor's address -> its shard role, until it stops
 
     def on_wire(self, wire: m.Wire) -> None:
         if self.children:
@@ -127,15 +138,30 @@ class SupervisorActor(HostActor):
             if role in self.remote:  # its hub binds that host's interface
                 settings = {**settings, "actor_host": self.members[self.remote[role]]["actor_host"]}
             self.send(addr, m.encode(m.Wire(role, self.directory, settings)))
+        for old, role in self.retiring.items():  # a moved shard's old actor still runs flights
+            self.send(addressing.from_string(old), m.encode(m.Wire(role, self.directory, public)))
 
     def _on_ready(self, msg: m.Ready) -> None:
-        if msg.role not in self.children or self.addresses.get(msg.role) == msg.address:
+        if msg.role not in self.children or self.addresses.get(msg.role) == msg.address or msg.address in self.retiring:
             return
         self.addresses[msg.role] = msg.address
         self.pids[msg.role] = msg.pid
         if len(self.addresses) == len(self.children):
             self._wire_all()
+            self._hand_off()
             self._announce_lost()
+
+    def _hand_off(self) -> None:
+        """The directory names the moved shards' new actors now: tell old and new."""
+        for role, (old, previous) in list(self.moving.items()):
+            current = self.addresses.get(role)
+            if current is None or current == previous:
+                continue
+            del self.moving[role]
+            self.retiring[previous] = role
+            moved = m.encode(m.ShardMoved(role, previous, current))
+            self.send(old, moved)
+            self.send(self.children[role], moved)
 
     def _announce_lost(self) -> None:
         """Everyone knows the replacements now: tell the Pacers and Coalescers who died,
@@ -144,6 +170,9 @@ class SupervisorActor(HostActor):
             log.warning("announcing the loss of %s at %s", lost.role, lost.incarnation)
             for target in targets:
                 self.send(self.children[target], m.encode(lost))
+            if not roles.is_coalescer(lost.role):  # a moved shard's old actor reclaims as the others
+                for old in self.retiring:
+                    self.send(addressing.from_string(old), m.encode(lost))
 
     def on_message(self, msg, sender, now):
         if isinstance(msg, m.Ready):
@@ -175,7 +204,9 @@ class SupervisorActor(HostActor):
         the references that edge held, Metrics the key usage (the addresses are known
         here, not there)."""
         log.warning("announcing the loss of edge %s", msg.incarnation)
-        return [Send(self.children[role], msg) for role in edge_lost_targets(self.children)]
+        return [Send(self.children[role], msg) for role in edge_lost_targets(self.children)] + [
+            Send(old, msg) for old in self.retiring
+        ]
 
     def _directory(self) -> m.Directory:
         complete = len(self.addresses) == len(self.children) > 0
@@ -206,7 +237,10 @@ class SupervisorActor(HostActor):
             "generation": self.generation,
             "draining": self.draining,
             "keys_reloads": self.keys_reloads,
-            "members": {host: {"pools": list(info["pools"])} for host, info in sorted(self.members.items())},
+            "members": {
+                host: {"pools": list(info["pools"]), "shards": list(info["shards"])}
+                for host, info in sorted(self.members.items())
+            },
         }
 
     def _admin(self, msg: m.Admin, sender) -> list:
@@ -260,9 +294,23 @@ class SupervisorActor(HostActor):
             return
         if isinstance(msg, ChildActorExited) and not self.stopping:
             exited = _address_string(msg.childAddress)
+            if exited in self.retiring:
+                self._retired(exited)
+                return
             role = next((r for r, a in self.addresses.items() if a == exited), None)
             if role is not None:
                 self._recreate(role)
+
+    def _retired(self, old: str) -> None:
+        """A moved shard's old actor stopped. It stops once it holds no flight, but it may
+        have died holding some: the Pacers hear of it either way (a lease it no longer
+        holds is not reclaimed twice), and its successor stops passing Cancels to it."""
+        role = self.retiring.pop(old)
+        self.lost.died(role, old)
+        self._announce_lost()
+        current = self.addresses.get(role)
+        if current is not None:
+            self.send(self.children[role], m.encode(m.ShardMoved(role, "", current)))
 
     def _member_joined(self, member: dict, admin: str | None) -> None:
         """A host joined the Convention: its Pools, placed on it, join the directory."""
@@ -271,20 +319,60 @@ class SupervisorActor(HostActor):
             return  # a re-registration after a blip: its Pools are there
         pools = [roles.pool(i) for i in range(self.next_pool, self.next_pool + member["pools"])]
         self.next_pool += member["pools"]
-        self.members[host] = {"admin": admin, "actor_host": member["actor_host"], "pools": pools}
-        log.warning("host %s joined the cluster: its Pools %s", host, ", ".join(pools))
+        # A replacement Supervisor adopted its predecessor's shards wherever they run: those
+        # at this member's address are its own (they stay there and come back if it is lost).
+        claimed = [role for role in self._shard_homes() if self._adopted_on(role, member["actor_host"])]
+        for role in claimed:
+            self.remote[role] = host
+        # Only a shard that is up moves (one being recreated stays here).
+        taken = placement.shards_to_take(self._shard_homes(), len(self.members) + 2) if not claimed else []
+        shards = [r for r in taken if r in self.addresses]
+        self.members[host] = {
+            "admin": admin,
+            "actor_host": member["actor_host"],
+            "pools": pools,
+            "shards": claimed + shards,
+        }
+        log.warning("host %s joined the cluster: its Pools %s, shards %s", host, ", ".join(pools), ", ".join(shards))
         for role in pools:
+            self.remote[role] = host
+            self.children[role] = self._create(role)
+        for role in shards:  # the old actor serves on until the new one is Ready (_hand_off)
+            self.moving[role] = (self.children[role], self.addresses[role])
             self.remote[role] = host
             self.children[role] = self._create(role)
         self._wire_all()
 
+    def _adopted_on(self, role: str, actor_host: str) -> bool:
+        """Whether `role` is an adopted actor running on the host whose actor system binds
+        `actor_host` (not this host's: several hosts on one address cannot be told apart)."""
+        if role not in self.adopted or role in self.remote or actor_host == self.settings.actor_host:
+            return False
+        address = _address_string(self.children[role])
+        return address is not None and address.rpartition(":")[0] == actor_host
+
+    def _shard_homes(self) -> dict[str, str | None]:
+        return {role: self.remote.get(role) for role in self.children if roles.is_coalescer(role)}
+
     def _member_left(self, host: str) -> None:
         """A host left the Convention (or went silent): its Pools are gone with it. The
         Pacers and shards reclaim what they held, as for a Pool that died here."""
-        info = self.members.pop(host, None)
-        if info is None:
+        if host not in self.members:
             return
+        shards = placement.rehome(self._shard_homes(), host)
+        info = self.members.pop(host)
         log.warning("host %s left the cluster: its Pools %s are gone", host, ", ".join(info["pools"]))
+        for role in shards:
+            self.remote.pop(role)
+            if role in self.moving:  # it never took over: the old actor here plays it on
+                self.children[role] = self.moving.pop(role)[0]
+                continue
+            log.warning("recreating shard %s of host %s here", role, host)
+            self.children[role] = self._create(role)
+            self.pids.pop(role, None)
+            dead = self.addresses.pop(role, None)
+            if dead is not None:
+                self.lost.died(role, dead)
         for role in info["pools"]:
             self.remote.pop(role, None)
             self.children.pop(role, None)
@@ -298,9 +386,10 @@ class SupervisorActor(HostActor):
         self._announce_lost()
 
     def _create(self, role: str):
+        cls = ACTOR_OF_KIND[roles.kind(role)]
         if role in self.remote:
-            return self.createActor(PoolActor, targetActorRequirements={placement.HOST: self.remote[role]})
-        return self.createActor(child_roles(self.settings)[role])
+            return self.createActor(cls, targetActorRequirements={placement.HOST: self.remote[role]})
+        return self.createActor(cls)
 
     def _recreate(self, role: str) -> None:
         log.warning("actor %s exited; recreating it", role)
@@ -312,7 +401,8 @@ class SupervisorActor(HostActor):
         self.adopted.discard(role)
         self.pids.pop(role, None)
         self.hubs.pop(role, None)
-        self.children[role] = self._create(role)
+        if self.moving.pop(role, None) is None:  # else the shard's old actor died as it moved: the new one takes over
+            self.children[role] = self._create(role)
         self._wire_all()
 
     def _watch(self) -> list:

@@ -378,6 +378,19 @@ class MemberLost:
     incarnation: str
 
 
+@message("shard_moved")
+class ShardMoved:
+    """Supervisor -> the old and the new actor of a Coalescer shard `role` that moved to
+    another host (docs/scale-out.md, "Coalescer shards over the hosts"). The old one
+    (`predecessor`) finishes the flights it holds and stops; the new one (`successor`)
+    passes a Cancel for a stream it does not know to the old one, which admitted it.
+    `predecessor` "" tells the successor the old one has stopped."""
+
+    role: str
+    predecessor: str
+    successor: str
+
+
 @message("get_directory")
 class GetDirectory:
     pass

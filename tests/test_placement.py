@@ -13,13 +13,13 @@ from actors.pacer import PacerActor
 from actors.pool import PoolActor
 from actors.supervisor import SupervisorActor
 from actors.threads_store import ThreadStoreActor
-from protocols import config
+from protocols import config, roles
 
 pytestmark = pytest.mark.unit
 
 LEADER = placement.capabilities("10.0.0.1", 19500, None, 2)
 MEMBER = placement.capabilities("10.0.0.2", 19500, "10.0.0.1:19500", 3)
-LEADER_ONLY = (SupervisorActor, PacerActor, CoalescerActor, MetricsActor, ThreadStoreActor)
+LEADER_ONLY = (SupervisorActor, PacerActor, MetricsActor, ThreadStoreActor)
 
 
 def test_a_member_names_its_leader_and_a_leader_names_none():
@@ -36,13 +36,14 @@ def test_the_shared_actors_run_on_the_leader_only(actor):
     assert actor.actorSystemCapabilityCheck(MEMBER, {}) is False
 
 
-def test_a_pool_runs_where_its_requirements_say():
+@pytest.mark.parametrize("actor", (PoolActor, CoalescerActor), ids=lambda a: a.__name__)
+def test_a_pool_or_a_shard_runs_where_its_requirements_say(actor):
     on_member = {placement.HOST: MEMBER[placement.HOST]}
-    assert PoolActor.actorSystemCapabilityCheck(MEMBER, on_member) is True
-    assert PoolActor.actorSystemCapabilityCheck(LEADER, on_member) is False
-    # The leader's own Pools name no host.
-    assert PoolActor.actorSystemCapabilityCheck(LEADER, {}) is True
-    assert PoolActor.actorSystemCapabilityCheck(MEMBER, {}) is False
+    assert actor.actorSystemCapabilityCheck(MEMBER, on_member) is True
+    assert actor.actorSystemCapabilityCheck(LEADER, on_member) is False
+    # The leader's own Pools and shards name no host.
+    assert actor.actorSystemCapabilityCheck(LEADER, {}) is True
+    assert actor.actorSystemCapabilityCheck(MEMBER, {}) is False
 
 
 def test_a_system_without_sluice_capabilities_runs_everything():
@@ -77,3 +78,60 @@ def test_a_bad_sluice_join_is_refused_with_its_name(raw):
 def test_joining_needs_the_clusters_secret():
     with pytest.raises(config.ConfigError, match="SLUICE_JOIN needs SLUICE_CLUSTER_SECRET"):
         config.load({"SLUICE_JOIN": "10.0.0.1:19500"})
+
+
+def shards(n: int) -> dict[str, str | None]:
+    return {roles.coalescer(i): None for i in range(n)}
+
+
+def test_a_member_that_joins_takes_its_share_of_the_leaders_shards():
+    homes = shards(8)
+    assert placement.shards_to_take(homes, 2) == ["coalescer:7", "coalescer:6", "coalescer:5", "coalescer:4"]
+    homes.update(dict.fromkeys(["coalescer:7", "coalescer:6", "coalescer:5", "coalescer:4"], "b"))
+    # The third host's share (8 // 3) comes from the leader; b keeps its four.
+    assert placement.shards_to_take(homes, 3) == ["coalescer:3", "coalescer:2"]
+    # Two shards, two hosts (the default): the member runs coalescer:1.
+    assert placement.shards_to_take(shards(2), 2) == ["coalescer:1"]
+    # Fewer shards than hosts: a late member takes none.
+    assert placement.shards_to_take({"coalescer:0": None, "coalescer:1": "b"}, 3) == []
+    assert placement.shards_to_take(shards(1), 2) == []
+
+
+def test_a_lost_members_shards_come_back_to_the_leader():
+    homes = {"coalescer:0": None, "coalescer:1": "b", "coalescer:2": "c", "coalescer:3": "b"}
+    assert placement.rehome(homes, "b") == ["coalescer:1", "coalescer:3"]
+    assert placement.rehome(homes, "d") == []
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_joins_and_losses_keep_every_shard_on_exactly_one_live_host(seed):
+    """Members join and are lost at random (the Supervisor's two calls, in its order):
+    every shard always has one home, a live host; a member's shards never move while it
+    lives; each member holds at most shards // hosts it saw when it joined."""
+    import random
+
+    rng = random.Random(seed)
+    count = rng.randint(1, 12)
+    homes = shards(count)
+    live: dict[str, int] = {}  # member -> its share when it joined
+    for step in range(30):
+        previous = dict(homes)
+        if live and rng.random() < 0.4:
+            lost = rng.choice(sorted(live))
+            back = placement.rehome(homes, lost)
+            assert back == sorted((r for r, h in homes.items() if h == lost), key=roles.coalescer_shard)
+            homes.update(dict.fromkeys(back, None))
+            del live[lost]
+        else:
+            member = f"m{step}"
+            before = dict(homes)
+            taken = placement.shards_to_take(homes, len(live) + 2)
+            assert all(before[r] is None for r in taken), "only the leader's shards move"
+            homes.update(dict.fromkeys(taken, member))
+            live[member] = count // (len(live) + 2)
+            assert len(taken) <= live[member]
+        assert sorted(homes) == sorted(shards(count)), "the shard count never changes"
+        assert all(homes[r] == h for r, h in previous.items() if h in live), "a live member's shards stay"
+        assert all(h is None or h in live for h in homes.values()), "every shard on a live host"
+        for member, share in live.items():
+            assert sum(1 for h in homes.values() if h == member) <= share

@@ -1,8 +1,8 @@
 """Several hosts, one gateway (docs/scale-out.md): a Thespian Convention of real run.py
 processes, each its own host on its own loopback address (127.0.0.2, .3, .4; Linux routes
 all of 127.0.0.0/8 to lo), its edge and actor system bound there. The leader (no
-SLUICE_JOIN) runs the Pacer, the Coalescer shards and Metrics; each member
-(SLUICE_JOIN=leader) runs its own edge and Pool. One simulated provider, its own process,
+SLUICE_JOIN) runs the Pacer and Metrics; each member (SLUICE_JOIN=leader) runs its own
+edge and Pool and takes a share of the Coalescer shards. One simulated provider, its own process,
 counts the upstream calls (/stats).
 
 - identical requests spread over the three hosts make one upstream call, and every
@@ -11,6 +11,10 @@ counts the upstream calls (/stats).
 - a host without the cluster secret cannot join (it exits 2; the leader never lists it);
 - a member killed with SIGKILL is noticed (the time is printed: docs/scale-out.md), the
   streams on its Pool end with an error event, the others complete, new requests work;
+- a member that joins takes a shard (a flight it held on the leader completes), identical
+  requests at both hosts for a key of that shard make one call, and when the member is
+  killed the shard is recreated on the leader: its flight's client gets an error event,
+  the leases return, the key is served again;
 - Ctrl-C of every host leaves no process and no port (checked after each cluster).
 """
 
@@ -216,7 +220,11 @@ def test_a_host_without_the_cluster_secret_cannot_join(cluster):
 
 
 def test_a_killed_member_is_noticed_its_streams_end_and_the_rest_goes_on(sim):
-    with running_cluster(sim, hosts=("127.0.0.5", "127.0.0.6"), SIMULATED_RPS="50", SIMULATED_BURST="50") as hosts:
+    # One shard: it stays on the leader (a member takes 1 // 2 = 0), so only the lost Pool
+    # ends streams here; a lost member's shards: test_a_member_takes_coalescer_shards_...
+    with running_cluster(
+        sim, hosts=("127.0.0.5", "127.0.0.6"), SIMULATED_RPS="50", SIMULATED_BURST="50", COALESCER_SHARDS="1"
+    ) as hosts:
         leader, member = hosts
         text = f"kill {uuid.uuid4().hex}"
         # Four streams from the leader's edge: the Pacer spreads them over both hosts' Pools.
@@ -397,3 +405,154 @@ def test_a_member_with_another_shard_count_is_refused(cluster):
         odd.kill_leftovers()
     # It left the Convention on its way out.
     wait_until(lambda: len(members(leader)) == len(cluster) - 1, timeout=30, message="only the cluster's members")
+
+
+def actor_pid(gw: Gateway, role: str) -> int | None:
+    status, ready = get_json(gw.url + "/readyz")
+    return (ready.get("actors", {}).get(role) or {}).get("pid") if status == 200 else None
+
+
+def flights_at(gw: Gateway) -> dict[str, int]:
+    """How many flights each Coalescer shard (wherever it runs) holds now."""
+    return {role: len(state.get("in_flight") or []) for role, state in admin_state(gw, "coalescer").items()}
+
+
+def stream_on_shard(gw: Gateway, shard: str, body_of) -> tuple[SSEClient, dict]:
+    """A client streaming `body_of(tag)` from `gw`, for a tag whose key the shard `shard`
+    holds (the key hash decides: try tags until one lands there)."""
+    before = flights_at(gw)
+
+    def grown():
+        now = flights_at(gw)
+        return [role for role, n in now.items() if n > before.get(role, 0)] or None
+
+    for _ in range(30):
+        body = body_of(uuid.uuid4().hex)
+        client = SSEClient(gw.url + "/api/chat", body, timeout=90)
+        assert client.status == 200
+        if wait_until(grown, timeout=30, interval=0.1, message="the request's flight at a shard") == [shard]:
+            return client, body
+        client.close()
+        wait_until(lambda: flights_at(gw) == before, timeout=30, interval=0.1, message="the cancelled flight forgotten")
+    raise AssertionError(f"no key landed on {shard}")
+
+
+def finish(clients: list[SSEClient]) -> list[list]:
+    with ThreadPoolExecutor(len(clients)) as pool:
+        return list(pool.map(lambda c: c.read_all(), clients))
+
+
+def test_a_member_takes_coalescer_shards_and_its_loss_brings_them_back(sim):
+    # Two shards (the default): a member that joins takes coalescer:1 from the leader.
+    with running_cluster(sim, hosts=("127.0.0.13",), SIMULATED_RPS="50", SIMULATED_BURST="50") as hosts:
+        leader = hosts[0]
+        old_shard = actor_pid(leader, "coalescer:1")
+        assert old_shard in descendants(leader.proc.pid)
+        # Two calls in flight at coalescer:1 while the member joins: one runs to its end, the
+        # other's client leaves after the move (its Cancel reaches the new actor, by role).
+        moving, _ = stream_on_shard(
+            leader, "coalescer:1", lambda tag: chat_body(f"moving {tag}\n#sim tokens=100 token_interval_ms=100")
+        )
+        leaving, left = stream_on_shard(
+            leader, "coalescer:1", lambda tag: chat_body(f"leaving {tag}\n#sim tokens=400 token_interval_ms=50")
+        )
+        join = {"SLUICE_JOIN": f"{leader.host}:{leader.actor_port}"}
+        member = Gateway({**cluster_env(sim, SIMULATED_RPS="50", SIMULATED_BURST="50"), **join}, "127.0.0.14")
+        hosts.append(member)
+        joined_at = time.monotonic()
+        member.start(60)
+        member.sim = sim
+        here = f"{member.host}:{member.actor_port}"
+        wait_until(
+            lambda: members(leader) == {here: {"pools": ["pool:1"], "shards": ["coalescer:1"]}},
+            timeout=30,
+            message="the member listed with its Pool and its shard",
+        )
+        # The directory names coalescer:1's new actor, on the member's host; coalescer:0 stays.
+        wait_until(
+            lambda: actor_pid(leader, "coalescer:1") in descendants(member.proc.pid),
+            timeout=30,
+            message="coalescer:1 runs on the member",
+        )
+        print(f"coalescer:1 moved to the member {time.monotonic() - joined_at:.2f} s after its start")
+        assert actor_pid(member, "coalescer:0") in descendants(leader.proc.pid)
+        # The new actor passes the Cancel on to the old one, which admitted that stream: the
+        # upstream call is aborted, not run to its end.
+        leaving.close()
+        left_call = wait_until(
+            lambda: [c for c in calls_for(sim, left["messages"][-1]["content"].split("\n")[0]) if c["outcome"]],
+            timeout=60,
+            message="the left call's end at the provider",
+        )
+        assert [c["outcome"] for c in left_call] == ["cancelled"]
+        # The old actor finished the flight it held, then stopped.
+        [events] = finish([moving])
+        assert data_events(events)[-1]["type"] == "done" and len(text_of(events)) > 0
+        wait_until(lambda: not alive(old_shard), timeout=30, message="the moved shard's old actor stopped")
+
+        # Identical requests at both hosts, their key on the member's shard: one upstream call.
+        first, body = stream_on_shard(
+            member, "coalescer:1", lambda tag: chat_body(f"shared {tag}\n#sim ttft_ms=3000 tokens=6")
+        )
+        others = [SSEClient((leader, member)[i % 2].url + "/api/chat", body, timeout=60) for i in range(8)]
+        results = finish([first, *others])
+        assert all(data_events(events)[-1]["type"] == "done" for events in results)
+        assert len({text_of(events) for events in results}) == 1
+        assert len(calls_for(sim, body["messages"][-1]["content"].split("\n")[0])) == 1
+
+        # The Supervisor dies (run.py's keeper replaces it): the new one adopts coalescer:1
+        # where it runs, as the member's (it does not move it again).
+        shard_pid = actor_pid(leader, "coalescer:1")
+        supervisor = admin_state(leader, "supervisor")["supervisor"]["pid"]
+        os.kill(supervisor, signal.SIGKILL)
+
+        def replaced() -> bool:
+            try:  # the admin route answers 503 (or slowly) while there is no Supervisor
+                status, _, body = request("GET", leader.url + "/api/admin/state?role=supervisor", headers=AUTH)
+                state = json.loads(body)["results"]["supervisor"] if status == 200 else {}
+            except Exception:
+                return False
+            return state.get("pid") not in (None, supervisor) and here in state.get("members", {})
+
+        wait_until(replaced, timeout=60, interval=0.2, message="a new Supervisor, the member listed again")
+        assert members(leader)[here]["shards"] == ["coalescer:1"]
+        assert actor_pid(leader, "coalescer:1") == shard_pid, "the member's shard was adopted, not moved"
+
+        # A call at coalescer:1 when the member dies: its client gets an error event.
+        lost, _ = stream_on_shard(
+            leader, "coalescer:1", lambda tag: chat_body(f"lost {tag}\n#sim tokens=200 token_interval_ms=50")
+        )
+        while (event := lost.next()) is not None and not (event[0] == "message" and event[1]["type"] == "delta"):
+            pass
+        pools = admin_state(leader, "pacer")["pacer:simulated"]["pools"]
+        on = next(role for role, p in pools.items() if p["in_flight"])
+        victims = descendants(member.proc.pid) | {member.proc.pid}
+        member.tree |= victims
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        killed_at = time.monotonic()
+        wait_until(
+            lambda: actor_pid(leader, "coalescer:1") in descendants(leader.proc.pid),
+            timeout=60,
+            message="coalescer:1 re-homed on the leader",
+        )
+        print(f"coalescer:1 re-homed on the leader {time.monotonic() - killed_at:.2f} s after the member's SIGKILL")
+        assert members(leader) == {}
+        [events] = finish([lost])
+        errors = [e for e in data_events(events) if e["type"] == "error"]
+        # Its call ran on the leader's Pool: the Pacer failed it (the shard that asked is
+        # gone); on the member's Pool: the hub went with the member.
+        assert [e["code"] for e in errors] == ["coalescer_lost" if on == "pool" else "hub_disconnected"], (on, errors)
+        wait_until(
+            lambda: sum(p["in_flight"] for p in admin_state(leader, "pacer")["pacer:simulated"]["pools"].values()) == 0,
+            timeout=20,
+            message="the leases of the lost shard's flights back in the budget",
+        )
+        # A new request whose key coalescer:1 holds is served (by its new actor, here).
+        again, _ = stream_on_shard(leader, "coalescer:1", lambda tag: chat_body(f"again {tag}\n#sim tokens=3"))
+        [events] = finish([again])
+        assert data_events(events)[-1]["type"] == "done"
+        member.proc.wait(10)

@@ -121,7 +121,9 @@ class SupervisorActor(HostActor):
                 self.started = True  # the edges are up already: offer the hub as soon as the Pool answers
             else:
                 self.children[role] = self.createActor(cls)
-        self.next_pool = 1 + max(roles.pool_index(r) for r in self.children if roles.is_pool(r))
+        # Past every Pool index in use, the members' too (a replacement's predecessor placed
+        # them and they run on): two live Pools never answer to one role.
+        self.next_pool = 1 + max(roles.pool_index(r) for r in [*self.children, *previous] if roles.is_pool(r))
         # Hosts joining or leaving the Convention (this host leads it, or is alone).
         self.notifyOnSystemRegistrationChanges(True)
         self._wire_all()

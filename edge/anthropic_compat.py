@@ -541,9 +541,7 @@ def routes(edge) -> list[Route]:
             edge.check_in_service()
             data = await edge.json_body(request)
             model, body, coalesce = parse_count_tokens(data, request.headers.get("x-sluice-coalesce"))
-            provider, _ = models.resolve(None, model, edge.settings)
-            provider = provider or edge.settings.provider
-            adapter = p.adapter if (p := edge.settings.providers.get(provider)) else provider
+            provider, _, adapter = models.route(model, edge.settings)
             if adapter not in COUNT_TOKENS_ADAPTERS:
                 raise RequestError(
                     400,

@@ -97,9 +97,7 @@ def routes(edge) -> list[Route]:
             edge.check_in_service()
             data = await edge.json_body(request)
             model, body, coalesce = parse_embeddings(data, request.headers.get("x-sluice-coalesce"))
-            provider, upstream_model = models.resolve(None, model, edge.settings)
-            provider = provider or edge.settings.provider
-            adapter = p.adapter if (p := edge.settings.providers.get(provider)) else provider
+            provider, upstream_model, adapter = models.route(model, edge.settings)
             if adapter not in EMBEDDING_ADAPTERS:
                 raise RequestError(400, "embeddings_not_supported", f"provider {provider!r} has no embeddings API")
             admission = await edge.admit(provider, upstream_model, body, None, coalesce, request.state.key_id)

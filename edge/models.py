@@ -44,6 +44,15 @@ def resolve(provider: str | None, model: str | None, settings: Settings) -> tupl
     return None, model
 
 
+def route(model: str | None, settings: Settings) -> tuple[str, str | None, str]:
+    """(provider, upstream model, adapter name) for a request that names only a model: the
+    endpoints that some adapters serve (embeddings, token counts) check the adapter first."""
+    provider, upstream = resolve(None, model, settings)
+    provider = provider or settings.provider
+    adapter = p.adapter if (p := settings.providers.get(provider)) else provider
+    return provider, upstream, adapter
+
+
 def _entry(model_id: str, owner: str) -> dict:
     return {"id": model_id, "object": "model", "created": 0, "owned_by": owner}
 

@@ -39,7 +39,7 @@ from actors.host import HostActor
 from actors.hub import StreamHub
 from actors.hub_logic import orphan_after
 from actors.key_choice import key_name
-from actors.pool_logic import CallEnd, MarkOpen, PoolLogic, Publish, Start, Stop
+from actors.pool_logic import CANCELLED, CallEnd, MarkOpen, PoolLogic, Publish, Start, Stop
 from actors.retry_policy import RESET, RetryPolicy, RetrySettings, is_idempotent
 from protocols import events as ev
 from protocols import messages as m
@@ -302,7 +302,7 @@ class PoolRuntime:
                 try:
                     await asyncio.sleep(decision.delay_s)
                 except asyncio.CancelledError:
-                    result.outcome, result.error = "cancelled", ev.error("cancelled", "cancelled: no subscriber left")
+                    result.outcome, result.error = "cancelled", ev.error("cancelled", CANCELLED)
                     publish([result.error])
                     raise
             attempt += 1

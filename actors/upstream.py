@@ -22,6 +22,7 @@ import h2.errors
 import h2.events
 import httpcore
 
+from actors.pool_logic import CANCELLED
 from actors.retry_policy import CONNECT, RESET, TIMEOUT, Failure, failure_of_status
 from patches import httpcore_rst_stream
 from protocols import events as ev
@@ -93,7 +94,7 @@ async def run_call(
                 await httpcore_rst_stream.reset(response)
                 raise
     except asyncio.CancelledError:
-        result.outcome, result.error = "cancelled", ev.error("cancelled", "cancelled: no subscriber left")
+        result.outcome, result.error = "cancelled", ev.error("cancelled", CANCELLED)
         publish([result.error])
         result.ended_at = time.time()
         raise

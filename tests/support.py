@@ -6,6 +6,7 @@ SSE response read event by event with its ids (`EventStream`: resume tests)."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -137,3 +138,21 @@ class EventStream:
         self._cm.__exit__(None, None, None)
         if self._own_pool is not None:
             self._own_pool.close()
+
+
+def worker_pids(gw) -> dict[str, int]:
+    """slot -> pid of each live worker, from the processes' command lines."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rpartition(")")[2].split()[1])
+        except OSError:
+            continue
+        if parent == gw.proc.pid and b"edge.worker" in argv:
+            out[argv[argv.index(b"--slot") + 1].decode()] = int(pid)
+    return out

@@ -23,7 +23,7 @@ import pytest
 
 from edge.worker_relay import Relay, WorkerRelay, new_request_id, owner_of
 from tests.support import EventStream as Stream
-from tests.support import chat_body, get_json, running_gateway, wait_until
+from tests.support import chat_body, get_json, running_gateway, wait_until, worker_pids
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -270,24 +270,6 @@ def test_another_key_no_key_or_an_unknown_id_are_refused_on_the_other_worker_as_
             other.close()
 
 
-def worker_pids(gw) -> dict[str, int]:
-    """slot -> pid of each live worker, from the processes' command lines."""
-    out = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            with open(f"/proc/{pid}/stat") as f:
-                parent = int(f.read().rpartition(")")[2].split()[1])
-        except OSError:
-            continue
-        if parent == gw.proc.pid and b"edge.worker" in argv:
-            out[argv[argv.index(b"--slot") + 1].decode()] = int(pid)
-    return out
-
-
 def test_a_dead_workers_requests_are_not_found_from_the_other_worker(gw):
     text, body = prompt("relay dead", 1500, 20)
     owner_connection, stream = start(gw, {**body, "resumable": True})
@@ -310,3 +292,32 @@ def test_a_dead_workers_requests_are_not_found_from_the_other_worker(gw):
         stream.close()
         owner_connection.close()
         other.close()
+
+
+def test_a_workers_private_socket_is_owner_only_and_grants_nothing_the_public_port_does_not(gw):
+    # The relay's Unix sockets (edge/worker_relay.py) sit in a 0700 directory next to
+    # SLUICE_DB; a peer that reaches one anyway (the same user) is asked for a key as on
+    # the public port, and another key's request is as unknown there as anywhere.
+    text, body = prompt("relay socket", 500, 20)
+    owner_connection, stream = start(gw, {**body, "resumable": True})
+    try:
+        request_id, owner = stream.headers["x-request-id"], stream.headers["x-sluice-worker"]
+        until_delta(stream)
+        directory = os.path.join(os.path.dirname(os.path.abspath(gw.db)), f"workers-{gw.actor_port}")
+        path = os.path.join(directory, f"{owner}.sock")
+        assert os.stat(directory).st_mode & 0o777 == 0o700
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        cancel = f"/api/chat/{request_id}/cancel".encode()
+        with httpcore.ConnectionPool(uds=path) as direct:
+            asked = {
+                "no key": (401, direct.request("POST", b"http://worker" + cancel)),
+                "key b": (404, direct.request("POST", b"http://worker" + cancel, headers=auth("b"))),
+            }
+        for what, (expected, response) in asked.items():
+            assert response.status == expected, (what, response.content)
+        for _ in range(5):  # the stream goes on untouched
+            assert stream.next()[1]["type"] == "delta"
+        assert cancellations_for(gw, text) == []
+    finally:
+        stream.close()
+        owner_connection.close()

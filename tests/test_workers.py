@@ -29,6 +29,7 @@ from tests.support import (
     running_gateway,
     running_sim,
     wait_until,
+    worker_pids,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -122,24 +123,6 @@ def pacer_in_flight_after_a_kill(gw) -> int | None:
         return pacer_in_flight(gw)
     except (httpcore.ReadError, httpcore.ConnectError, httpcore.RemoteProtocolError):
         return None
-
-
-def worker_pids(gw) -> dict[str, int]:
-    """slot -> pid of each live worker, from the processes' command lines."""
-    out = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            with open(f"/proc/{pid}/stat") as f:
-                parent = int(f.read().rpartition(")")[2].split()[1])
-        except OSError:
-            continue
-        if parent == gw.proc.pid and b"edge.worker" in argv:
-            out[argv[argv.index(b"--slot") + 1].decode()] = int(pid)
-    return out
 
 
 def test_identical_requests_on_both_workers_make_one_upstream_call(gw):

@@ -147,7 +147,11 @@ class CoalescerLogic:
         flight.waiting.append((sender, msg.request_id, msg.edge_id, "leader"))
         self.by_key[key] = flight
         self.by_stream[flight.stream_id] = flight
-        flight.request = m.LeaseRequest(flight.stream_id, msg.provider, now, msg.model, msg.body, self.me)
+        # The leader's host goes with the request: the Pacer prefers a Pool there, so its
+        # tokens need not cross hosts (followers elsewhere listen at that Pool's hub).
+        flight.request = m.LeaseRequest(
+            flight.stream_id, msg.provider, now, msg.model, msg.body, self.me, host=msg.host
+        )
         return [Send(roles.pacer_for(msg.provider), flight.request)]
 
     def _lease_answer(self, msg: Any, sender: Any) -> list:
@@ -193,6 +197,7 @@ class CoalescerLogic:
             msg.fallback_from,
             list(msg.fallbacks),
             flight.hub,
+            old.host,
         )
         return [Send(roles.pacer_for(msg.provider), flight.request)]
 

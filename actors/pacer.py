@@ -44,9 +44,12 @@ class PacerActor(HostActor):
         # Every Wire carries the directory: grants go to the Pools it names, or wait for one.
         # This host's Pools, the member hosts' (docs/scale-out.md), and those known before
         # (a host that left: its Pools are down for good).
+        # Each Pool's host (Wire.hosts) lets the Pacer prefer a Pool on the request's host.
         pools = [*roles.pools(self.settings.pools), *filter(roles.is_pool, self.directory)]
+        hosts = wire.hosts or {}
         for pool in dict.fromkeys([*pools, *self.logic.pools.at]):
-            self.apply(self.logic.handle(PoolAt(self.directory.get(pool), pool), None, time.time()))
+            at = PoolAt(self.directory.get(pool), pool, str(hosts.get(pool, "")))
+            self.apply(self.logic.handle(at, None, time.time()))
 
     def on_message(self, msg, sender, now):
         if self.logic is None:

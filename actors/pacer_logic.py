@@ -29,7 +29,10 @@ With several Pools (`SLUICE_POOLS`), each request is given its Pool when it arri
 (`actors/pool_choice.py`: the least loaded, counting this Pacer's granted and queued
 calls), named in `LeaseQueued.hub` / `LeaseGranted.hub` (its clients listen at that Pool's
 hub), and its grant goes there. A request that names a Pool (`LeaseRequest.hub`: asked
-again for a flight whose clients listen already) keeps it.
+again for a flight whose clients listen already) keeps it. With several hosts the choice
+prefers a Pool on the host where the flight's first client arrived (`LeaseRequest.host`;
+each Pool's host is in the Supervisor's Wire, `PoolAt.host`), unless those are much more
+loaded than the others (pool_choice.py `spill`).
 
 Every lease belongs to the process incarnations it involves: the Pool incarnation its
 call was sent to (learnt from the directory: `PoolAt`) and the Coalescer shard that
@@ -74,10 +77,12 @@ class Tick:
 @dataclass(frozen=True, slots=True)
 class PoolAt:
     """Local (never on the wire): the directory says the Pool `role` is now at
-    `incarnation` (None: it is down; grants on it wait)."""
+    `incarnation` (None: it is down; grants on it wait), on `host` (the cluster host it
+    runs on, placement HOST name; "": not said)."""
 
     incarnation: str | None
     role: str = roles.POOL
+    host: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +196,7 @@ class PacerLogic:
                 self._tick_at = None
             return self._drain(now)
         if isinstance(msg, PoolAt):
-            self.pools.place(msg.role, msg.incarnation)
+            self.pools.place(msg.role, msg.incarnation, msg.host)
             return self._drain(now)
         if isinstance(msg, m.MemberLost):
             return self._member_lost(msg, now)
@@ -325,6 +330,7 @@ class PacerLogic:
                     "in_flight": sum(1 for h in self.in_flight.values() if h.hub == role),
                     "queued": sum(1 for w in self.queue if w.hub == role),
                     "up": inc is not None,
+                    "host": self.pools.hosts.get(role, ""),
                 }
                 for role, inc in self.pools.at.items()
             },
@@ -368,7 +374,7 @@ class PacerLogic:
         # Those already waiting go first: whatever can be granted now is, before a
         # newcomer is queued behind them (or sees a full queue that is not full).
         out = self._drain(now) if self.queue else []
-        hub = msg.hub if msg.hub and self.pools.known(msg.hub) else self.pools.choose(self._pool_loads())
+        hub = msg.hub if msg.hub and self.pools.known(msg.hub) else self.pools.choose(self._pool_loads(), msg.host)
         waiter = _Waiter(msg.lease_id, sender, now, msg, hub, self.pools.incarnation(hub))
         alternatives = self._alternatives(msg)
         if self._all_open():

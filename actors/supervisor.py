@@ -135,13 +135,17 @@ class SupervisorActor(HostActor):
         self.generation += 1
         self.directory = {**self.addresses, roles.SUPERVISOR: my_address(self)}
         with_keys, public = self.settings.redacted(api_keys=True).to_wire(), self.settings.redacted().to_wire()
+        # Which host each Pool runs on: the Pacers prefer a Pool on the request's host.
+        hosts = {
+            role: self.remote.get(role, self.settings.cluster_host) for role in self.children if roles.is_pool(role)
+        }
         for role, addr in self.children.items():
             settings = with_keys if roles.is_pool(role) else public
             if role in self.remote:  # its hub binds that host's interface
                 settings = {**settings, "actor_host": self.members[self.remote[role]]["actor_host"]}
-            self.send(addr, m.encode(m.Wire(role, self.directory, settings)))
+            self.send(addr, m.encode(m.Wire(role, self.directory, settings, hosts)))
         for old, role in self.retiring.items():  # a moved shard's old actor still runs flights
-            self.send(addressing.from_string(old), m.encode(m.Wire(role, self.directory, public)))
+            self.send(addressing.from_string(old), m.encode(m.Wire(role, self.directory, public, hosts)))
 
     def _on_ready(self, msg: m.Ready) -> None:
         if msg.role not in self.children or self.addresses.get(msg.role) == msg.address or msg.address in self.retiring:

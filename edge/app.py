@@ -99,7 +99,9 @@ class Edge:
         await loop.run_in_executor(None, self.bridge.start)
         await self._wait_for_hub(deadline_s=15.0)
         self.hub = HubClients(self._locate_hub, cluster_secret.get(), self.edge_id)
-        self.streams = LocalStreams(self.bridge, self.hub, self.edge_id, self.settings.coalescer_shards)
+        self.streams = LocalStreams(
+            self.bridge, self.hub, self.edge_id, self.settings.coalescer_shards, self.settings.cluster_host
+        )
         streams = self.streams
         self.bridge.on_stray = lambda role, answer: loop.call_soon_threadsafe(streams.stray_answer, role, answer)
         self.records = RecordSender(self.bridge, self.edge_id)

@@ -60,8 +60,9 @@ class Subscriber:
 
 
 class LocalStreams:
-    def __init__(self, bridge: ActorBridge, hub: HubClients, edge_id: str, shards: int):
+    def __init__(self, bridge: ActorBridge, hub: HubClients, edge_id: str, shards: int, host: str = ""):
         self.bridge, self.hub, self.edge_id, self.shards = bridge, hub, edge_id, shards
+        self.host = host  # this host in the cluster (Submit.host: the Pacer prefers a Pool here)
         self.logic = EdgeFlights(edge_id, shards)
         self.idle = asyncio.Event()  # set while no client is open (a drain waits on it)
         self.idle.set()
@@ -88,7 +89,7 @@ class LocalStreams:
         sub = Subscriber(request_id, "follower", received_at, provider, model)
         sub.admitted = asyncio.get_running_loop().create_future()
         self.idle.clear()
-        submit = m.Submit(request_id, key, provider, model, body, self.edge_id, received_at)
+        submit = m.Submit(request_id, key, provider, model, body, self.edge_id, received_at, self.host)
         self._apply(self.logic.join(sub, submit, time.time()))
         sub.flight = self.logic.flight_of[sub][1]
         try:

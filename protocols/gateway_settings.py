@@ -107,6 +107,12 @@ class Settings:
     providers: dict[str, ProviderConfig]  # the providers served, by name
     failover: dict[str, Failover]  # account -> its keys and fallbacks
 
+    @property
+    def cluster_host(self) -> str:
+        """This host's name in a cluster: SLUICE_ACTOR_HOST:SLUICE_ACTOR_PORT, unique in it
+        (actors/placement.py HOST; Submit.host, Wire.hosts)."""
+        return f"{self.actor_host}:{self.actor_port}"
+
     def redacted(self, api_keys: bool = False) -> Settings:
         """Without the admin token and the cluster secret, and without provider API keys
         unless `api_keys` (the Pool's: it puts them in the upstream auth header). Only the

@@ -49,6 +49,9 @@ class Submit:
     body: dict  # the normalized upstream request (messages + output-changing params)
     edge_id: str
     received_at: float  # wall-clock time the edge accepted the request
+    # The edge's host in the cluster (SLUICE_ACTOR_HOST:SLUICE_ACTOR_PORT, actors/placement.py
+    # HOST): a new flight asks the Pacer for a Pool there (LeaseRequest.host). "": no preference.
+    host: str = ""
 
 
 @message("admitted")
@@ -108,6 +111,9 @@ class LeaseRequest:
     # whose edges already listen at that Pool's hub (a fallback, a replaced Pacer).
     # "": the Pacer chooses (actors/pool_choice.py).
     hub: str = ""
+    # The host where the flight's first client arrived (Submit.host): the Pacer prefers a
+    # Pool on it (docs/scale-out.md, "Pool locality"). "": any.
+    host: str = ""
 
 
 @message("lease_queued")
@@ -347,6 +353,9 @@ class Wire:
     role: str
     directory: dict  # role -> address string
     settings: dict
+    # Pool role -> the host it runs on (actors/placement.py HOST name), for every Pool the
+    # directory may name: the Pacer prefers a Pool on the request's host. None: not said.
+    hosts: dict | None = None
 
 
 @message("ready")

@@ -3,11 +3,13 @@ that name the chosen Pool (LeaseQueued/LeaseGranted.hub, Admitted.hub) and keep 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from actors.coalescer_logic import CoalescerLogic
 from actors.pacer_logic import PacerLogic, PacerSettings, PoolAt
-from actors.pool_choice import PoolChoice
+from actors.pool_choice import LOCAL_FACTOR, LOCAL_SLACK, PoolChoice, spill
 from protocols import messages as m
 
 pytestmark = pytest.mark.unit
@@ -19,8 +21,8 @@ def sends(effects, kind):
     return [e for e in effects if isinstance(getattr(e, "msg", None), kind)]
 
 
-def request(n: int, hub: str = "") -> m.LeaseRequest:
-    return m.LeaseRequest(f"s-{n}", "simulated", 0.0, "sim-1", {"messages": []}, "coalescer:0", hub=hub)
+def request(n: int, hub: str = "", host: str = "") -> m.LeaseRequest:
+    return m.LeaseRequest(f"s-{n}", "simulated", 0.0, "sim-1", {"messages": []}, "coalescer:0", hub=hub, host=host)
 
 
 def pacer(**settings) -> PacerLogic:
@@ -49,7 +51,65 @@ def test_a_pool_that_is_down_is_not_chosen_unless_all_are():
     assert choice.up() == ["pool"] and choice.incarnation("pool") == "127.0.0.1:2"
 
 
+def test_a_pool_on_the_requests_host_is_preferred():
+    # Hosts A (pool, pool:1) and B (pool:2, pool:3).
+    hosts = {"pool": "A", "pool:1": "A", "pool:2": "B", "pool:3": "B"}
+    choice = PoolChoice(list(hosts), hosts)
+    assert [choice.choose({}, near="B") for _ in range(3)] == ["pool:2", "pool:3", "pool:2"]
+    assert choice.choose({"pool:2": 3, "pool:3": 1}, near="B") == "pool:3"  # the least loaded of B's
+    assert choice.choose({"pool:2": 3, "pool:3": 1}, near="A") in ("pool", "pool:1")
+    loads = {"pool": 1, "pool:1": 0, "pool:2": 1, "pool:3": 1}
+    assert choice.choose(loads, near="") == "pool:1"  # no host said: the least loaded of all
+    assert choice.choose(loads, near="C") == "pool:1"  # a host with no Pool: the same
+
+
+def test_a_host_whose_pools_are_down_or_much_busier_sends_the_call_elsewhere():
+    hosts = {"pool": "A", "pool:1": "B"}
+    choice = PoolChoice(list(hosts), hosts)
+    choice.place("pool:1", None)
+    assert choice.choose({}, near="B") == "pool"  # B's Pool is being replaced: not waited for
+    choice.place("pool:1", "10.0.0.2:3", "B")
+    # B keeps its calls up to LOCAL_FACTOR x the other's + LOCAL_SLACK, then spills over.
+    assert choice.choose({"pool:1": LOCAL_SLACK, "pool": 0}, near="B") == "pool:1"
+    assert choice.choose({"pool:1": LOCAL_SLACK + 1, "pool": 0}, near="B") == "pool"
+    busy = LOCAL_FACTOR * 10 + LOCAL_SLACK
+    assert choice.choose({"pool:1": busy, "pool": 10}, near="B") == "pool:1"
+    assert choice.choose({"pool:1": busy + 1, "pool": 10}, near="B") == "pool"
+    assert spill(5, 0) and not spill(4, 0)
+
+
+def test_place_keeps_a_pools_host_when_the_directory_does_not_say():
+    choice = PoolChoice(["pool"], {"pool": "A"})
+    choice.place("pool", None)
+    choice.place("pool", "a:2")
+    assert choice.hosts == {"pool": "A"}
+
+
 # --- the Pacer ---------------------------------------------------------------------------
+
+
+def test_the_pacer_prefers_a_pool_on_the_host_the_request_came_from():
+    logic = pacer(rps=100, burst=100, concurrency=100)
+    logic.handle(PoolAt("a:1", "pool", "10.0.0.1:19500"), None, 0.0)
+    logic.handle(PoolAt("b:1", "pool:1", "10.0.0.2:19500"), None, 0.0)
+    at_b = [logic.handle(request(n, host="10.0.0.2:19500"), "coalescer:0", 0.0) for n in range(3)]
+    assert [sends(o, m.OpenStream)[0].to for o in at_b] == ["pool:1"] * 3  # least loaded would alternate
+    assert [sends(o, m.LeaseGranted)[0].msg.hub for o in at_b] == ["pool:1"] * 3
+    out = logic.handle(request(3, host="10.0.0.1:19500"), "coalescer:0", 0.0)
+    assert sends(out, m.OpenStream)[0].to == "pool"
+    assert logic.state(0.0)["pools"]["pool:1"] == {"in_flight": 3, "queued": 0, "up": True, "host": "10.0.0.2:19500"}
+    logic.handle(PoolAt(None, "pool:1"), None, 0.1)  # B's Pool is down: B's requests go to A's
+    out = logic.handle(request(4, host="10.0.0.2:19500"), "coalescer:0", 0.1)
+    assert sends(out, m.OpenStream)[0].to == "pool"
+
+
+def test_a_queued_request_is_given_a_pool_on_its_host():
+    logic = pacer(rps=1, burst=1, concurrency=10)
+    logic.handle(PoolAt("a:1", "pool", "A"), None, 0.0)
+    logic.handle(PoolAt("b:1", "pool:1", "B"), None, 0.0)
+    logic.handle(request(0, host="B"), "coalescer:0", 0.0)  # granted on pool:1
+    out = logic.handle(request(1, host="B"), "coalescer:0", 0.0)
+    assert sends(out, m.LeaseQueued)[0].msg.hub == "pool:1"
 
 
 def test_grants_alternate_over_the_pools_and_name_the_pool():
@@ -63,8 +123,8 @@ def test_grants_alternate_over_the_pools_and_name_the_pool():
         hubs.append(opened.to)
     assert hubs == ["pool", "pool:1", "pool", "pool:1"]
     assert logic.state(0.0)["pools"] == {
-        "pool": {"in_flight": 2, "queued": 0, "up": True},
-        "pool:1": {"in_flight": 2, "queued": 0, "up": True},
+        "pool": {"in_flight": 2, "queued": 0, "up": True, "host": ""},
+        "pool:1": {"in_flight": 2, "queued": 0, "up": True, "host": ""},
     }
 
 
@@ -116,7 +176,7 @@ def test_a_lost_pool_gives_back_only_its_leases_and_ends_what_was_queued_for_it(
     logic.handle(PoolAt("b:1", "pool:1"), None, 0.0)
     for n in range(4):  # s-0 on pool, s-1 on pool:1 granted; s-2 (pool), s-3 (pool:1) queued
         logic.handle(request(n), "coalescer:0", 0.0)
-    assert logic.state(0.0)["pools"]["pool"] == {"in_flight": 1, "queued": 1, "up": True}
+    assert logic.state(0.0)["pools"]["pool"] == {"in_flight": 1, "queued": 1, "up": True, "host": ""}
     logic.handle(PoolAt(None, "pool"), None, 0.1)  # the Wire without it
     logic.handle(PoolAt("a:2", "pool"), None, 0.4)  # its replacement
     out = logic.handle(m.MemberLost("pool", "a:1"), "supervisor", 0.5)
@@ -165,6 +225,17 @@ def test_admitted_names_the_pool_for_the_leader_and_every_later_follower():
     for edge in ("e1", "e2", "e3", "e3"):
         out = c.handle(m.Cancel("s-0", edge, 0.4), "edge", 0.4)
     assert [(e.to, type(e.msg).__name__) for e in out] == [("pool:1", "AbortStream")]
+
+
+def test_the_leaders_host_goes_with_the_lease_request_and_stays_when_asking_again():
+    c = coalescer()
+    (ask,) = c.handle(replace(submit(1), host="B"), "edge-1", 0.0)
+    assert ask.msg.host == "B"
+    assert c.handle(replace(submit(2, "e2"), host="A"), "edge-2", 0.0) == []  # a follower: the flight's host stays
+    (fallback,) = c.handle(m.LeaseFallback("s-0", "openai", "gpt", [], "simulated", "queue"), "pacer", 0.1)
+    assert fallback.msg.host == "B"
+    (again,) = c.handle(m.MemberLost("pacer:openai", "pacer@1"), "supervisor", 0.5)
+    assert again.msg.host == "B"
 
 
 def test_a_call_that_ends_before_its_grant_admits_at_the_pool_that_ran_it():

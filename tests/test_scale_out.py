@@ -165,12 +165,12 @@ def test_identical_requests_on_three_hosts_make_one_upstream_call(cluster):
 
 
 def test_pacing_is_one_budget_across_hosts(cluster):
-    # Each Pool opens its HTTP/2 connection to the provider on its first call: three calls
-    # one after the other (round-robin over equally idle Pools) so that no connection setup
-    # shortens a gap measured at the provider.
+    # Each Pool opens its HTTP/2 connection to the provider on its first call: a call at
+    # each host first (it runs on that host's Pool) so that no connection setup shortens a
+    # gap measured at the provider.
     warm = f"warm {uuid.uuid4().hex}"
-    for i in range(3):
-        status, _, _ = request("POST", cluster[0].url + "/api/chat", chat_body(f"{warm} {i}\n#sim tokens=1"))
+    for i, gw in enumerate(cluster):
+        status, _, _ = request("POST", gw.url + "/api/chat", chat_body(f"{warm} {i}\n#sim tokens=1"))
         assert status == 200
     text = f"paced {uuid.uuid4().hex}"
     bodies = [(cluster[i % len(cluster)], chat_body(f"{text} {i}\n#sim ttft_ms=10 tokens=2")) for i in range(6)]
@@ -191,6 +191,38 @@ def test_pacing_is_one_budget_across_hosts(cluster):
     gaps = [round(b - a, 3) for a, b in zip(started, started[1:])]
     print(f"upstream calls from three hosts started {gaps} s apart")
     assert len(started) == 6 and min(gaps) >= 0.9, gaps  # granted 1 s apart; the hop to a Pool jitters
+
+
+def test_a_request_runs_on_a_pool_of_the_host_it_arrived_at(cluster):
+    # Pool locality (docs/scale-out.md): the Pacer gives a flight a Pool of the host where
+    # its first client arrived. Three requests at one member, two at the leader and one at
+    # the other member (two edge workers): the least loaded Pool alone would spread them
+    # 2/2/2 over the three Pools.
+    leader = cluster[0]
+    pool_of = {host: info["pools"][0] for host, info in members(leader).items()}
+    at = [cluster[1]] * 3 + [leader] * 2 + [cluster[2]]
+    text = f"local {uuid.uuid4().hex}"
+    clients = []
+    try:
+        for i, gw in enumerate(at):
+            body = chat_body(f"{text} {i}\n#sim ttft_ms=8000 tokens=1")
+            clients.append(SSEClient(gw.url + "/api/chat", body, timeout=60))
+        assert [c.status for c in clients] == [200] * len(at)
+
+        def placed():
+            pools = admin_state(leader, "pacer")["pacer:simulated"]["pools"]
+            counts = {role: p["in_flight"] + p["queued"] for role, p in pools.items()}
+            return pools if sum(counts.values()) == len(at) else None
+
+        pools = wait_until(placed, timeout=30, interval=0.1, message="every request given its Pool")
+        member_1, member_2 = (pool_of[f"{gw.host}:{gw.actor_port}"] for gw in cluster[1:])
+        counts = {role: p["in_flight"] + p["queued"] for role, p in pools.items()}
+        assert counts == {"pool": 2, member_1: 3, member_2: 1}, pools
+        assert pools["pool"]["host"] == f"{leader.host}:{leader.actor_port}"
+        assert pools[member_1]["host"] == f"{cluster[1].host}:{cluster[1].actor_port}"
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_a_host_without_the_cluster_secret_cannot_join(cluster):
@@ -227,14 +259,16 @@ def test_a_killed_member_is_noticed_its_streams_end_and_the_rest_goes_on(sim):
     ) as hosts:
         leader, member = hosts
         text = f"kill {uuid.uuid4().hex}"
-        # Four streams from the leader's edge: the Pacer spreads them over both hosts' Pools.
-        clients = [
-            SSEClient(
-                leader.url + "/api/chat", chat_body(f"{text} {i}\n#sim tokens=200 token_interval_ms=20"), timeout=60
-            )
-            for i in range(4)
-        ]
-        assert [c.status for c in clients] == [200] * 4
+        # Four streams at the leader's edge: two of its own (on its Pool), and two that
+        # follow a call started at the member's edge (on the member's Pool, where the
+        # flight's first client arrived: docs/scale-out.md, "Pool locality").
+        bodies = [chat_body(f"{text} {i}\n#sim tokens=200 token_interval_ms=20") for i in range(4)]
+        firsts = [SSEClient(member.url + "/api/chat", body, timeout=60) for body in bodies[:2]]
+        for client in firsts:
+            while (event := client.next()) is not None and not (event[0] == "message" and event[1]["type"] == "delta"):
+                pass
+        clients = [SSEClient(leader.url + "/api/chat", body, timeout=60) for body in bodies]
+        assert [c.status for c in [*firsts, *clients]] == [200] * 6
         for client in clients:
             while (event := client.next()) is not None and not (event[0] == "message" and event[1]["type"] == "delta"):
                 pass
@@ -261,7 +295,7 @@ def test_a_killed_member_is_noticed_its_streams_end_and_the_rest_goes_on(sim):
         print(f"member loss noticed {time.monotonic() - killed_at:.2f} s after SIGKILL")
         for thread in threads:
             thread.join(30)
-        for client in clients:
+        for client in [*firsts, *clients]:  # the member's own clients lost their edge with it
             client.close()
         assert not any(t.is_alive() for t in threads), "a client is still waiting"
         kinds = sorted(e["type"] + ":" + e.get("code", "") for e in ends.values())

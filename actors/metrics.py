@@ -1,9 +1,10 @@
 """The Metrics actor: hosts MetricsLogic (samples, percentiles, Prometheus text) and the
 AlertEvaluator (the sign-off sheet's four rules, evaluated every few seconds).
 
-With SLUICE_WORKERS > 1 and client keys, it also holds every key's usage across the edge
-workers (actors/key_limits.py): it answers `KeyAdmit`, takes the `key_*` records out of
-the batches, and renders the `sluice_key_*` lines of /metrics.
+When several edge processes serve client keys (SLUICE_WORKERS > 1, several hosts), it also
+holds every key's usage across them (actors/key_limits.py; no keys file here: each ask
+carries the key's entry): it answers `KeyAdmit`, takes the `key_*` records out of the
+batches, and renders the `sluice_key_*` lines of /metrics.
 
 Admin commands (edge/admin_routes.py): show, reset (forget the windowed samples),
 alerts (thresholds + firing/pending), set_thresholds (live, validated all-or-nothing)."""
@@ -37,17 +38,9 @@ class MetricsActor(HostActor):
         super().__init__(*args, **kwargs)
         self.logic = MetricsLogic()
         self.alerts: AlertEvaluator | None = None
-        self.key_limits: KeyLimits | None = None
+        self.key_limits = KeyLimits()
 
     def on_wire(self, wire: m.Wire) -> None:
-        path = self.settings.api_keys_file
-        if self.key_limits is None and path and self.settings.workers > 1:
-            from edge.api_keys import KeysFileError
-
-            try:
-                self.key_limits = KeyLimits(path)
-            except KeysFileError as exc:  # run.py checked it at start; it has changed since
-                log.error("client key limits unavailable: %s", exc)
         if self.alerts is None:
             self.alerts = AlertEvaluator(self.settings.alert_thresholds or None)
             self.apply([After(EVALUATE_EVERY_S, EvaluateAlerts())])
@@ -55,27 +48,17 @@ class MetricsActor(HostActor):
     def on_message(self, msg, sender, now):
         if isinstance(msg, m.Records):
             records = msg.records
-            if self.key_limits is not None:
-                for record in (r for r in records if isinstance(r, dict) and r.get("kind") in KEY_RECORDS):
-                    self.key_limits.ingest(record)
-                records = [r for r in records if not (isinstance(r, dict) and r.get("kind") in KEY_RECORDS)]
+            for record in (r for r in records if isinstance(r, dict) and r.get("kind") in KEY_RECORDS):
+                self.key_limits.ingest(record)
+            records = [r for r in records if not (isinstance(r, dict) and r.get("kind") in KEY_RECORDS)]
             self.logic.ingest(records, now)
             return []
         if isinstance(msg, m.KeyAdmit):
-            if self.key_limits is None:
-                denial = {
-                    "status": 503,
-                    "type": "api_error",
-                    "code": "key_limits_unavailable",
-                    "message": "the gateway cannot count this key's usage now; retry",
-                    "retry_after_s": 1.0,
-                }
-            else:
-                denial = self.key_limits.admit(msg.key_id, msg.provider, msg.model, msg.edge_id)
+            denial = self.key_limits.admit(msg.key_id, msg.provider, msg.model, msg.edge_id, msg.key)
             return [Send(sender, m.KeyVerdict(denial))]
         if isinstance(msg, m.MemberLost) and msg.role == roles.EDGE:
-            if self.key_limits is not None:
-                released = self.key_limits.edge_lost(msg.incarnation)
+            released = self.key_limits.edge_lost(msg.incarnation)
+            if released:
                 log.warning(
                     "edge %s lost: %d requests it held no longer count against their keys", msg.incarnation, released
                 )
@@ -83,7 +66,7 @@ class MetricsActor(HostActor):
         if isinstance(msg, m.QueryPerformance):
             return [Send(sender, m.Performance(self.logic.performance(msg.last_n, now)))]
         if isinstance(msg, m.QueryPrometheus):
-            keys = self.key_limits.prometheus() if self.key_limits is not None else ""
+            keys = self.key_limits.prometheus()
             return [Send(sender, m.PrometheusText(self.logic.prometheus(now) + keys))]
         if isinstance(msg, m.QueryAlerts):
             report = self.alerts.alerts(now) if self.alerts else {"firing": [], "pending": []}

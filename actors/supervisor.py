@@ -225,7 +225,12 @@ class SupervisorActor(HostActor):
             for role, address in self.hubs.items()
             if complete or (self.started and role in self.addresses)
         }
-        settings = {"draining": self.draining, "complete": complete, "keys_reloads": self.keys_reloads}
+        settings = {
+            "draining": self.draining,
+            "complete": complete,
+            "keys_reloads": self.keys_reloads,
+            "hosts": 1 + len(self.members),  # a leader's edges count client keys cluster-wide once > 1
+        }
         return m.Directory(dict(self.directory), hubs.get(roles.POOL, []), settings, self.generation, hubs)
 
     def state(self, now: float) -> dict:

@@ -22,9 +22,10 @@ estimate of `stream_tokens`). tpm is checked before admitting: a key already at 
 its budget waits until enough of the last minute's tokens age out. The clock is injected
 (monotonic seconds), so the limits are unit-tested without waiting.
 
-State is per process. With several edge workers (SLUICE_WORKERS > 1) the Metrics actor
-hosts an `ApiKeys` of its own that does the counting for all of them
-(actors/key_limits.py); each edge then only authenticates here.
+State is per process. When several edge processes serve the gateway (SLUICE_WORKERS > 1,
+or several hosts: docs/scale-out.md) the Metrics actor hosts an `ApiKeys` of its own
+that does the counting for all of them (actors/key_limits.py), with no file: each edge
+authenticates here and sends the key's entry (`ClientKey.to_wire`) with every ask.
 """
 
 from __future__ import annotations
@@ -63,6 +64,24 @@ class ClientKey:
     tpm: int | None = None
     concurrency: int | None = None
     models: tuple[str, ...] = ("*",)
+
+    def to_wire(self) -> dict:
+        """The key's limits and models, as `KeyAdmit.key` carries them (no hash)."""
+        return {"rpm": self.rpm, "tpm": self.tpm, "concurrency": self.concurrency, "models": list(self.models)}
+
+    @classmethod
+    def from_wire(cls, key_id: str, raw: object) -> ClientKey:
+        """The inverse of `to_wire`, checked as the file is (KeysFileError names the problem)."""
+        where = f"key {key_id!r}"
+        if not isinstance(key_id, str) or not KEY_ID.match(key_id):
+            raise KeysFileError("a key id must be 1-64 characters of letters, digits, '.', '_', ':' or '-'")
+        if not isinstance(raw, dict) or set(raw) - {"rpm", "tpm", "concurrency", "models"}:
+            raise KeysFileError(f"{where}: expected {{rpm, tpm, concurrency, models}}")
+        models = raw.get("models", ["*"])
+        if not isinstance(models, list) or not all(isinstance(p, str) and p for p in models):
+            raise KeysFileError(f"{where}: 'models' must be a list of non-empty glob patterns")
+        limits = (_limit(raw, name, where) for name in ("rpm", "tpm", "concurrency"))
+        return cls(key_id, *limits, tuple(models))
 
     def allows(self, provider: str, model: str) -> bool:
         qualified = f"{provider}/{model}"
@@ -214,10 +233,18 @@ class ApiKeys:
     """The key table (re-read when the file changes) and each key's limits.
 
     With `path` None every client is allowed: authenticate() answers the anonymous key id
-    None and admit() never refuses."""
+    None and admit() never refuses. With `counting` (the Metrics actor's count for every
+    edge, actors/key_limits.py) there is no file: the table is what `learn` is told."""
 
-    def __init__(self, path: str | None, clock: Callable[[], float] = time.monotonic, check_every_s: float = 1.0):
+    def __init__(
+        self,
+        path: str | None,
+        clock: Callable[[], float] = time.monotonic,
+        check_every_s: float = 1.0,
+        counting: bool = False,
+    ):
         self.path, self.clock, self.check_every_s = path, clock, check_every_s
+        self.counting = counting
         self.table: dict[str, ClientKey] = {}
         self.by_id: dict[str, ClientKey] = {}
         self.usage: dict[str, _Usage] = {}
@@ -230,7 +257,12 @@ class ApiKeys:
 
     @property
     def enabled(self) -> bool:
-        return self.path is not None
+        return self.path is not None or self.counting
+
+    def learn(self, key: ClientKey) -> None:
+        """(`counting`) The key as the asking edge's file has it now: its limits apply from
+        this request on; its usage so far stays."""
+        self.by_id[key.id] = key
 
     # --- the file -------------------------------------------------------------------------
     def _stat(self):
@@ -256,7 +288,7 @@ class ApiKeys:
     def maybe_reload(self) -> None:
         """Re-read the file if its mtime, size or inode changed; at most once per check_every_s."""
         now = self.clock()
-        if not self.enabled or now - self._checked_at < self.check_every_s:
+        if self.path is None or now - self._checked_at < self.check_every_s:
             return
         self._checked_at = now
         try:

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from actors import secret as cluster_secret
 from edge import anthropic_compat, models, openai_compat, tracing
 from edge.admission import Admission
-from edge.api_keys import ApiKeys, Denial, KeysFileError, presented_key, stream_tokens
+from edge.api_keys import UNAUTHORIZED, ApiKeys, Denial, KeysFileError, presented_key, stream_tokens
 from edge.bridge import ActorBridge, BridgeError
 from edge.chat_request import RequestError, check_content_type, parse_chat, parse_json
 from edge.dataplane import HubClients
@@ -75,8 +75,10 @@ class Edge:
         self.edge_id = f"edge-{os.getpid()}-{secrets.token_hex(8)}"
         self.bridge = ActorBridge(settings.actor_port)
         self.keys = ApiKeys(settings.api_keys_file)
-        # Several workers: the keys' usage is counted by the Metrics actor (actors/key_limits.py)
-        self.shared_key_limits = self.keys.enabled and settings.workers > 1
+        # Several edge processes (workers, hosts): the keys' usage is counted by the Metrics
+        # actor (actors/key_limits.py). A leader with one worker counts here until a member
+        # joins (`_refresh_directory`), then at the Metrics actor for good.
+        self.shared_key_limits = self.keys.enabled and (settings.workers > 1 or settings.join is not None)
         self.coalesce_scope = settings.coalesce_scope
         self._keys_reloads = 0  # the Supervisor's count of reload-keys commands, as last seen
         self.shutting_down = asyncio.Event()
@@ -171,6 +173,15 @@ class Edge:
             if asked_at > self._drain_set_at:
                 self.draining = bool(directory.settings.get("draining"))
             self._follow_keys_reloads(directory.settings.get("keys_reloads", 0))
+            self._follow_hosts(directory.settings.get("hosts", 1))
+
+    def _follow_hosts(self, hosts: object) -> None:
+        """A member joined this edge's cluster: from now on its keys are counted with every
+        other host's, at the Metrics actor (docs/scale-out.md). Requests admitted before
+        finish where they were counted; the switch is for good (a member may join again)."""
+        if self.keys.enabled and not self.shared_key_limits and isinstance(hosts, int) and hosts > 1:
+            self.shared_key_limits = True
+            log.warning("a member joined the cluster: client key limits are counted cluster-wide from now on")
 
     def _follow_keys_reloads(self, reloads: int) -> None:
         """`run.py admin reload-keys` (from any process) bumps the Supervisor's count."""
@@ -244,7 +255,8 @@ class Edge:
         # (docs/providers.md): never dropped silently on the way upstream.
         if (problem := adapter_for(configured.adapter, body).check(body)) is not None:
             raise Rejection(400, "unsupported_parameter", problem)
-        if (denied := await self.admit_key(key_id, provider, model)) is not None:
+        shared = self.shared_key_limits  # where this request's key usage is counted, to its end
+        if (denied := await self.admit_key(key_id, provider, model, shared)) is not None:
             raise key_refusal(denied)  # counted per key (/metrics), not as a gateway error
         client_id = key_id if self.coalesce_scope == "key" else None
         key = coalescing_key(provider, model, body, thread_id, client_id) if coalesce else ""
@@ -253,13 +265,13 @@ class Edge:
         try:
             sub = await self.streams.join(request_id, provider, model, body, key, received_at)
         except Rejection as exc:
-            self.finish_key(key_id, "rejected", 0)
+            self.finish_key(key_id, "rejected", 0, shared)
             self._record(request_id, "leader", received_at, rejected(exc.code, provider, model), key_id)
             raise
         except BaseException:  # the client went away while being admitted
-            self.finish_key(key_id, "cancelled", 0)
+            self.finish_key(key_id, "cancelled", 0, shared)
             raise
-        sub.key_id = key_id  # it owns the request: only this key may cancel it
+        sub.key_id, sub.key_shared = key_id, shared  # it owns the request: only this key may cancel it
         return Admission(sub, body, self.shutting_down, self._release)
 
     def _release(self, admission: Admission, outcome: dict) -> None:
@@ -287,17 +299,22 @@ class Edge:
         """The request is over for good: its key is charged and its one record sent."""
         sub = admission.sub
         if sub.key_id is not None:  # open access charges nothing: skip the count
-            self.finish_key(sub.key_id, outcome["outcome"], stream_tokens(admission.body, admission.received()))
+            tokens = stream_tokens(admission.body, admission.received())
+            self.finish_key(sub.key_id, outcome["outcome"], tokens, sub.key_shared)
         self._record(sub.request_id, sub.role, sub.received_at, outcome, sub.key_id)
 
-    async def admit_key(self, key_id: str | None, provider: str, model: str) -> Denial | None:
+    async def admit_key(self, key_id: str | None, provider: str, model: str, shared: bool) -> Denial | None:
         """The key's model list and limits (edge/api_keys.py): here with one edge process;
-        with several, by one ask to the Metrics actor, which counts for every worker
-        (actors/key_limits.py)."""
-        if not self.shared_key_limits or key_id is None:
+        with several (`shared`), by one ask to the Metrics actor, which counts for every
+        worker and host (actors/key_limits.py), with the key's entry from this edge's file."""
+        if not shared or key_id is None:
             return self.keys.admit(key_id, provider, model)
+        key = self.keys.by_id.get(key_id)
+        if key is None:  # removed by a reload since it authenticated
+            return Denial(401, "invalid_request_error", UNAUTHORIZED, "the API key is not valid")
+        ask = m.KeyAdmit(key_id, provider, model, self.edge_id, key.to_wire())
         try:
-            verdict = await self.bridge.ask("metrics", m.KeyAdmit(key_id, provider, model, self.edge_id), timeout=5.0)
+            verdict = await self.bridge.ask("metrics", ask, timeout=5.0)
         except BridgeError:
             verdict = None
         if not isinstance(verdict, m.KeyVerdict):
@@ -306,12 +323,12 @@ class Edge:
             )
         return Denial(**verdict.denial) if verdict.denial is not None else None
 
-    def finish_key(self, key_id: str | None, outcome: str, tokens: int) -> None:
+    def finish_key(self, key_id: str | None, outcome: str, tokens: int, shared: bool) -> None:
         """An admitted request ended: its stream and tokens are released and charged where
         they were counted (this process, or the Metrics actor through the record batch)."""
         if key_id is None:
             return
-        if self.shared_key_limits:
+        if shared:
             self.records.add(
                 {"kind": "key_finish", "key_id": key_id, "outcome": outcome, "tokens": tokens, "edge_id": self.edge_id}
             )

@@ -49,6 +49,7 @@ class Subscriber:
     admitted: asyncio.Future | None = None  # resolved when the flight logic admits (or refuses) it
     outcome: str | None = None
     key_id: str | None = None  # the API key that owns this request (None: open access)
+    key_shared: bool = False  # its key's usage is counted by the Metrics actor (else by this edge)
     resumable: bool = False  # a disconnect parks it for a resume instead of leaving
 
     def push(self, events: list[dict]) -> None:

@@ -263,14 +263,18 @@ class QueryAlerts:
 
 @message("key_admit")
 class KeyAdmit:
-    """Edge -> Metrics, with SLUICE_WORKERS > 1: may this client key start one more request?
-    The Metrics actor holds every key's usage across all edge workers (actors/key_limits.py).
-    On success the request counts against the key until its `key_finish` record arrives."""
+    """Edge -> Metrics, when several edge processes serve the gateway (SLUICE_WORKERS > 1,
+    several hosts): may this client key start one more request? The Metrics actor holds
+    every key's usage across all of them (actors/key_limits.py). On success the request
+    counts against the key until its `key_finish` record arrives."""
 
     key_id: str
     provider: str
     model: str
     edge_id: str
+    # The key's entry in the asking edge's keys file, without its hash (edge/api_keys.py
+    # `ClientKey.to_wire`: rpm, tpm, concurrency, models): Metrics reads no file.
+    key: dict | None = None
 
 
 @message("key_verdict")

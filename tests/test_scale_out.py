@@ -590,3 +590,66 @@ def test_a_member_takes_coalescer_shards_and_its_loss_brings_them_back(sim):
         [events] = finish([again])
         assert data_events(events)[-1]["type"] == "done"
         member.proc.wait(10)
+
+
+def test_client_key_limits_hold_across_hosts(sim, tmp_path):
+    # A key with concurrency 1, in every host's keys file: a stream open at one host refuses
+    # the key at the other with the one-host answer (429 rate_limit_exceeded), both ways.
+    # The leader runs one edge worker (it counts at the Metrics actor once a member has
+    # joined), the member two; the member's file also has a key the leader's lacks.
+    from edge.api_keys import hash_key
+
+    solo = {"id": "solo", "sha256": hash_key("sk-solo"), "concurrency": 1}
+    extra = {"id": "member-only", "sha256": hash_key("sk-member-only")}
+    leader_keys, member_keys = tmp_path / "leader-keys.json", tmp_path / "member-keys.json"
+    leader_keys.write_text(json.dumps({"keys": [solo]}))
+    member_keys.write_text(json.dumps({"keys": [solo, extra]}))
+    hosts = ("127.0.0.15", "127.0.0.16")
+    per_host = {
+        hosts[0]: {"SLUICE_API_KEYS_FILE": str(leader_keys)},
+        hosts[1]: {"SLUICE_API_KEYS_FILE": str(member_keys), "SLUICE_WORKERS": "2"},
+    }
+    env = {"SIMULATED_RPS": "50", "SIMULATED_BURST": "50"}
+    with running_cluster(sim, hosts=hosts, per_host=per_host, **env) as cluster:
+        leader, member = cluster
+        wait_until(lambda: "counted cluster-wide" in leader.output(), timeout=30, message="the leader counts shared")
+        key = {"authorization": "Bearer sk-solo"}
+
+        def hold(gw: Gateway) -> SSEClient | None:
+            """A long stream of the key at `gw` (None: still refused, the previous stream's
+            end not counted yet: it travels in the edge's record batch)."""
+            long = chat_body(f"solo {uuid.uuid4().hex}\n#sim tokens=1500 token_interval_ms=20")
+            client = SSEClient(gw.url + "/api/chat", long, key, timeout=60)
+            if client.status == 200:
+                return client
+            client.close()
+            return None
+
+        for holder, other in ((leader, member), (member, leader)):
+            stream = wait_until(lambda: hold(holder), timeout=20, interval=0.1, message="the key's stream admitted")
+            try:
+                while (event := stream.next()) is not None and not (
+                    event[0] == "message" and event[1]["type"] == "delta"
+                ):
+                    pass
+                for gw in (other, other, holder):  # the member: either of its workers
+                    status, _, body = request("POST", gw.url + "/api/chat", chat_body("solo again"), headers=key)
+                    assert status == 429, (gw.host, body)
+                    assert json.loads(body)["error"]["code"] == "rate_limit_exceeded", body
+            finally:
+                stream.close()
+
+            def admitted_again(gw=other) -> bool:
+                return (
+                    request("POST", gw.url + "/api/chat", chat_body("solo after\n#sim tokens=1"), headers=key)[0] == 200
+                )
+
+            wait_until(admitted_again, timeout=20, interval=0.1, message="the closed stream no longer counted")
+        # Any host serves the keys of its own file.
+        member_only = {"authorization": "Bearer sk-member-only"}
+        assert (
+            request("POST", member.url + "/api/chat", chat_body("mine\n#sim tokens=1"), headers=member_only)[0] == 200
+        )
+        assert (
+            request("POST", leader.url + "/api/chat", chat_body("mine\n#sim tokens=1"), headers=member_only)[0] == 401
+        )

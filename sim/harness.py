@@ -30,6 +30,9 @@ With `pools=M` there are M `SimPool`s ("pool", "pool:1", ...; SLUICE_POOLS), eac
 own hub, and the Pacer's real routing (actors/pool_choice.py) picks the Pool of each call;
 an edge subscribes at the hub its `Admitted` names, and a dead Pool takes only its own
 hub's streams with it (the check: every client listened at the Pool that ran its call).
+`hosts` places Pools and edges on cluster hosts (`{"pool:1": "B", "e2": "B"}`; unnamed
+ones are on ""): an edge's Submit names its host and the Pacer's choice prefers a Pool
+there (Pool locality, docs/scale-out.md), as the Supervisor's Wire.hosts tells it.
 
 The network: every message between nodes is encoded with `protocols.messages.encode` and
 decoded again (a field msgpack cannot carry fails the run), then delivered after a seeded
@@ -273,8 +276,9 @@ class SimEdge:
     """One edge process: the real `EdgeFlights` (edge/flights.py) and `Listeners`
     (edge/listeners.py), hosted as edge/streams.py, edge/dataplane.py and edge/app.py do."""
 
-    def __init__(self, name: str, shards: int, metrics: bool):
+    def __init__(self, name: str, shards: int, metrics: bool, host: str = ""):
         self.name, self.edge_id, self.shards = f"edge:{name}", name, shards
+        self.host = host  # its cluster host (Submit.host)
         self.logic = EdgeFlights(name, shards)
         # The hub clients' bookkeeping, one per Pool (edge/dataplane.py HubClients).
         self.listeners_at: dict[str, Listeners[Flight]] = {}
@@ -291,7 +295,7 @@ class SimEdge:
             self.clients.append(client)
             self.waiting[client] = []
             submit = m.Submit(
-                client.request_id, client.key, client.provider, client.model, client.body, self.edge_id, now
+                client.request_id, client.key, client.provider, client.model, client.body, self.edge_id, now, self.host
             )
             out = self.logic.join(client, submit, now)
             client.flight = self.logic.flight_of[client][1]
@@ -684,6 +688,7 @@ class Simulation:
         metrics: bool = False,
         max_events: int = 5_000_000,
         pools: int = 1,
+        hosts: dict[str, str] | None = None,
     ):
         if seed is None:
             seed = int(os.environ[SEED_ENV]) if os.environ.get(SEED_ENV) else random.SystemRandom().randrange(2**32)
@@ -720,7 +725,9 @@ class Simulation:
             for i in range(shards)
         ]
         self.pool_roles = roles.pools(pools)
-        self.pacer.pools = PoolChoice(self.pool_roles)  # as the first Wire's directory tells it
+        self.hosts = dict(hosts or {})  # Pool role or edge name -> its host
+        self.pool_hosts = {r: self.hosts.get(r, "") for r in self.pool_roles}
+        self.pacer.pools = PoolChoice(self.pool_roles, self.pool_hosts)  # as the first Wire tells it
         self.pools = [SimPool(metrics, name=role) for role in self.pool_roles]
         self.pool = self.pools[0]  # Pool 0 ("pool"): the only one unless pools > 1
         for pool in self.pools:
@@ -892,7 +899,7 @@ class Simulation:
 
     def _pools_now(self) -> PoolChoice:
         """Where every Pool is now, as a new Wire's directory says (None: down)."""
-        choice = PoolChoice(self.pool_roles)
+        choice = PoolChoice(self.pool_roles, self.pool_hosts)
         for pool in self.pools:
             choice.place(pool.name, None if self.nodes[pool.name].down else pool.incarnation)
         return choice
@@ -1085,7 +1092,7 @@ class Simulation:
     def _edge(self, name: str) -> _Node:
         role = f"edge:{name}"
         if role not in self.nodes:
-            self.edges[name] = SimEdge(name, self.shards, self._metrics_on)
+            self.edges[name] = SimEdge(name, self.shards, self._metrics_on, self.hosts.get(name, ""))
             self._add(role, self.edges[name])
         return self.nodes[role]
 

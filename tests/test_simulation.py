@@ -544,6 +544,37 @@ def test_calls_spread_over_both_pools_and_identical_ones_stay_one(seed):
 
 
 @pytest.mark.parametrize("seed", seeds(10), ids=ids)
+def test_calls_run_on_a_pool_of_the_host_their_first_client_came_to(seed):
+    # Pool locality (docs/scale-out.md): hosts A and B, two Pools and an edge each.
+    hosts = {"pool": "A", "pool:1": "A", "e1": "A", "pool:2": "B", "pool:3": "B", "e2": "B"}
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=100, burst=100, concurrency=100), pools=4, hosts=hosts)
+    sim.upstream(ttft_ms=100, token_interval_ms=20, tokens=10)
+    distinct = [sim.client(at=sim.rng.uniform(0, 0.2), text=f"q{i}", edge=f"e{i % 2 + 1}") for i in range(12)]
+    # Identical requests at both hosts: one call, on the first one's host; the others listen there.
+    same = [sim.client(at=0.5 + 0.02 * i, text="same", edge=("e2", "e1")[i % 2]) for i in range(6)]
+    sim.run()
+    assert {c.outcome for c in distinct + same} == {"done"}
+    for c in distinct:
+        assert hosts[c.flight.hub or "pool"] == hosts[c.edge.removeprefix("edge:")], c.request_id
+    assert {hosts[c.flight.hub] for c in same} == {"B"} and sim.upstream_calls == 13
+    assert all(p.calls >= 2 for p in sim.pools), "each host's calls still spread over its Pools"
+
+
+@pytest.mark.parametrize("seed", seeds(10), ids=ids)
+def test_a_host_whose_pool_is_down_has_its_calls_run_elsewhere(seed):
+    hosts = {"pool": "A", "e1": "A", "pool:1": "B", "e2": "B"}
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=100, burst=100, concurrency=100), pools=2, hosts=hosts)
+    sim.upstream(ttft_ms=50, token_interval_ms=10, tokens=5)
+    sim.kill("pool:1", at=0.1, restart_s=1.0)
+    during = [sim.client(at=0.3 + 0.05 * i, text=f"during{i}", edge="e2") for i in range(4)]
+    after = [sim.client(at=2.0 + 0.05 * i, text=f"after{i}", edge="e2") for i in range(4)]
+    sim.run()
+    assert {c.outcome for c in during + after} == {"done"}
+    assert {c.flight.hub for c in during} == {"pool"}  # B has no Pool up: not waited for
+    assert {c.flight.hub for c in after} == {"pool:1"}  # B's replacement Pool is up again
+
+
+@pytest.mark.parametrize("seed", seeds(10), ids=ids)
 def test_pacing_stays_exact_across_two_pools(seed):
     settings = PacerSettings(rps=1, burst=1, concurrency=3)
     sim = Simulation(seed=seed, pacer=settings, pools=2)

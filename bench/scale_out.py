@@ -8,8 +8,9 @@ on 127.0.0.4 (SLUICE_JOIN, docs/scale-out.md). Each round sends `--requests` dis
 requests one after the other (`#sim ttft_ms=50 tokens=4`) to the single host, to the
 leader and to the member, and takes the client-observed TTFT (request sent -> first
 delta). At the member every request crosses hosts twice before the upstream call (its
-edge's Submit to the leader's shard, the Pacer's grant) and, when the Pacer picks the
-leader's Pool, its tokens cross back. Then a cross-host coalescing block: a slow call
+edge's Submit to the leader's shard, the Pacer's grant to the member's own Pool: the
+Pacer prefers a Pool on the host the request arrived at, docs/scale-out.md "Pool
+locality"), and its tokens stay on the member. Then a cross-host coalescing block: a slow call
 (`ttft_ms=400`) started at the leader, and followers arriving 100 ms later at the leader
 and at the member: their time to the first delta, from their own send.
 

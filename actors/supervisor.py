@@ -159,7 +159,8 @@ class SupervisorActor(HostActor):
             self._wire_all()
             self._hand_off()
             self._announce_lost()
-            self._spread()  # a shard that could not move before (not up, or moving) moves now
+            if self._spread():  # a shard that could not move before (not up, or moving) moves now
+                self._wire_all()
 
     def _hand_off(self) -> None:
         """The directory names the moved shards' new actors now: tell old and new."""
@@ -373,12 +374,13 @@ class SupervisorActor(HostActor):
         else:
             self.remote[role] = host
 
-    def _spread(self) -> None:
-        """Move the shards that placement.spread says must move. Only a shard that is up
-        and not moving already moves now; the others move once every actor is up again
-        (_on_ready calls this again)."""
+    def _spread(self) -> bool:
+        """Move the shards that placement.spread says must move (True if any: the caller
+        wires the new actors). Only a shard that is up and not moving already moves now;
+        the others move once every actor is up again (_on_ready calls this again)."""
         if self.stopping:
-            return
+            return False
+        moved = False
         for role, host in placement.spread(self._shard_homes(), [None, *self.members]).items():
             if role not in self.addresses or role in self.moving:
                 continue
@@ -388,6 +390,8 @@ class SupervisorActor(HostActor):
             self.moving[role] = (self.children[role], self.addresses[role], self.remote.get(role))
             self._place(role, host)
             self.children[role] = self._create(role)
+            moved = True
+        return moved
 
     def _member_left(self, host: str) -> None:
         """A host left the Convention (or went silent): its Pools are gone with it, its

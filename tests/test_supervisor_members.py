@@ -72,11 +72,14 @@ def ip_of(address: str) -> str:
 
 
 def answer(sup: RecordedSupervisor, dead_ips: set[str] = frozenset()) -> None:
-    """Every child that has not answered its Wire yet (and whose host lives) answers Ready."""
+    """Every child that was sent a Wire and has not answered it yet (and whose host lives)
+    answers Ready."""
     while waiting := [
         (role, address)
         for role, child in sup.children.items()
-        if (address := addressing.to_string(child)) != sup.addresses.get(role) and ip_of(address) not in dead_ips
+        if (address := addressing.to_string(child)) != sup.addresses.get(role)
+        and ip_of(address) not in dead_ips
+        and any(to == address and isinstance(msg, m.Wire) for to, msg in sup.sent)
     ]:
         for role, address in waiting:
             sup.on_message(m.Ready(role, address, 4242), None, 0.0)

@@ -607,13 +607,13 @@ def test_a_member_restarted_at_its_address_before_its_loss_is_noticed_serves_aga
         )
         while (event := held.next()) is not None and not (event[0] == "message" and event[1]["type"] == "delta"):
             pass
-        listings: list[dict] = []
+        listings: list[tuple[float, dict]] = []
         watching = threading.Event()
 
         def watch() -> None:  # what the leader lists, as often as it answers
             while not watching.is_set():
                 try:
-                    listings.append(members(leader))
+                    listings.append((time.monotonic(), members(leader)))
                 except Exception:
                     pass
 
@@ -645,9 +645,10 @@ def test_a_member_restarted_at_its_address_before_its_loss_is_noticed_serves_aga
         watching.set()
         watcher.join(10)
         # Whether the restart beat the detection (~3 s) depends on this box's load: printed,
-        # not asserted; what follows must hold either way.
-        noticed_gap = any(listing == {} for listing in listings)
-        print(f"the leader listed no member in between: {noticed_gap} ({len(listings)} looks)")
+        # not asserted; what follows must hold either way. (A loss and a join that come
+        # together may still show one empty listing between them.)
+        gone = [round(at - killed_at, 2) for at, listing in listings if listing == {}]
+        print(f"the leader listed no member {len(gone)} times of {len(listings)}, from {gone[:1]} s after the SIGKILL")
         # No address of the old incarnation is left in the directory: its Pool is gone.
         status, ready = get_json(leader.url + "/readyz")
         assert status == 200 and "pool:1" not in ready["actors"], ready

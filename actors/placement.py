@@ -16,22 +16,23 @@ creation to a Convention member whose do (thespian/system/admin/convention.py
   edges find the cluster's one Supervisor.
 - `on_host`: a Pool or a Coalescer shard goes where its requirements say (`{HOST:
   name}`), else on the leader; the Supervisor places each member's Pools on that member,
-  and moves some of the leader's shards there (`shards_to_take`).
+  and spreads the shards over every host (`spread`).
 
-Which shards a member runs (`shards_to_take`, `rehome`): the shard count and the key ->
-shard hash never change (every edge sends a key to the same shard role, and finds that
-role's address in the directory), only where each shard role runs. A member that joins
-takes `shards // hosts` of the leader's shards (hosts: the leader and every member, the
-new one included), the highest-numbered first, as many as the leader has; a live
-member's shards never move. A member that is lost has its shards recreated on the
-leader. So the leader keeps the rest, and a member that joins later takes its share from
-them (docs/scale-out.md, "Coalescer shards over the hosts").
+Which shards each host runs (`spread`): the shard count and the key -> shard hash never
+change (every edge sends a key to the same shard role, and finds that role's address in
+the directory), only where each shard role runs. After every join and every loss each
+host holds `shards // hosts` shards or one more, and as few shards as possible move to
+get there (a move costs something: docs/scale-out.md, "Coalescer shards over the hosts").
+A lost member's shards are placed where the spread needs them (recreated there), any
+host, not only the leader; a live member may give a shard to a host that joined.
 
 An actor system started without these capabilities (a bench, a test probe) counts as a
 leader: everything runs there, as on one host.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from protocols import roles
 
@@ -73,15 +74,35 @@ def member_of(capabilities: dict) -> dict | None:
     return {"host": host, "actor_host": actor_host, "pools": pools}
 
 
-def shards_to_take(homes: dict[str, str | None], hosts: int) -> list[str]:
-    """The shard roles a member that just joined takes from the leader. `homes`: every
-    shard role -> the member host it runs on, None for the leader; `hosts`: how many hosts
-    the cluster has with the new member (the leader included)."""
-    share = len(homes) // max(1, hosts)
-    on_leader = sorted((role for role, host in homes.items() if host is None), key=roles.coalescer_shard, reverse=True)
-    return on_leader[:share]
+def spread(homes: dict[str, str | None], hosts: Sequence[str | None]) -> dict[str, str | None]:
+    """Where shards must go so that every host holds `len(homes) // len(hosts)` or one more,
+    moving as few as possible: `{role: host}` for each shard that moves, or whose host is
+    gone (it is recreated there). `homes`: every shard role -> the host it runs on (None:
+    the leader); `hosts`: the live hosts, the leader (None) included, in the order they
+    joined.
 
-
-def rehome(homes: dict[str, str | None], lost: str) -> list[str]:
-    """The shard roles that ran on the lost member `lost`: each is recreated on the leader."""
-    return sorted((role for role, host in homes.items() if host == lost), key=roles.coalescer_shard)
+    Fewest moves: the hosts that hold the most keep the extra shards (`shards % hosts` of
+    them hold one more: a member before the leader, which runs every Pacer and Metrics
+    too, then the earlier member); every host gives away what it holds beyond its target,
+    the highest-numbered shards first; the shards given away and those of gone hosts fill
+    the hosts below their target, in `hosts` order. A host above its target must lose that
+    many shards whatever is chosen, so no placement moves fewer (tests/test_placement.py
+    checks it against every placement of small clusters)."""
+    live = list(dict.fromkeys(hosts)) or [None]
+    held: dict[str | None, list[str]] = {host: [] for host in live}
+    loose: list[str] = []  # shards of hosts that are gone
+    for role in sorted(homes, key=roles.coalescer_shard):
+        (held[homes[role]] if homes[role] in held else loose).append(role)
+    share, extra = divmod(len(homes), len(live))
+    keeps_extra = sorted(live, key=lambda host: (-len(held[host]), host is None, live.index(host)))[:extra]
+    target = {host: share + (host in keeps_extra) for host in live}
+    for host in live:
+        surplus = len(held[host]) - target[host]
+        if surplus > 0:
+            loose.extend(held[host][-surplus:])
+    loose.sort(key=roles.coalescer_shard, reverse=True)
+    moves: dict[str, str | None] = {}
+    for host in live:
+        for _ in range(target[host] - len(held[host])):
+            moves[loose.pop(0)] = host
+    return moves

@@ -25,14 +25,19 @@ member that leaves (de-registered, or silent past Thespian's tuned timers:
 patches/thespian_convention.py) takes its Pools out of the directory, and the Pacers and
 shards hear `MemberLost` for each, as for a Pool that died on this host.
 
-Coalescer shards spread over the hosts (actors/placement.py `shards_to_take`, `rehome`;
-docs/scale-out.md): a member that joins takes its share of the leader's shards. Each
-moves by creating the shard role's new actor on the member; the directory names the old
-one until the new one is Ready, then the new one, and both hear `ShardMoved` (the old one
-finishes its flights and stops: actors/shard_handoff.py). A member that leaves has its shards
-recreated here, and the Pacers hear `MemberLost(coalescer:<n>, old address)`, as for a
-shard that died on this host: the leases its flights asked for come back, their clients
-get an error event.
+Coalescer shards spread evenly over the hosts (actors/placement.py `spread`;
+docs/scale-out.md): after every join and loss each host holds its share, and as few
+shards as possible move. A shard moves by creating the role's new actor on its new host;
+the directory names the old one until the new one is Ready, then the new one, and both
+hear `ShardMoved` (the old one finishes its flights and stops: actors/shard_handoff.py).
+A member that leaves has its shards recreated where the spread puts them, and the Pacers
+hear `MemberLost(coalescer:<n>, old address)`, as for a shard that died on this host: the
+leases its flights asked for come back, their clients get an error event.
+
+A member's loss follows the rule of a crash on one host (actors/member_loss.py): the
+deaths are announced once every actor is up again, so the shards recreated for the lost
+ones are in the directory before the Pacers and shards hear `MemberLost` (a loss that
+recreates nothing, a member with Pools only, is announced at once).
 """
 
 from __future__ import annotations
@@ -105,8 +110,10 @@ class SupervisorActor(HostActor):
         self.members: dict[str, dict] = {}  # member host -> {"admin", "actor_host", "pools": [roles]}
         self.remote: dict[str, str] = {}  # Pool role -> the member host it runs on
         self.next_pool = 0  # the first Pool index never used yet (a member's Pools never reuse one)
-        self.moving: dict[str, tuple] = {}  # shard role -> (old actor, its address), until the new one is Ready
+        # shard role -> (old actor, its address, its host: None for this one), until the new one is Ready
+        self.moving: dict[str, tuple] = {}
         self.retiring: dict[str, str] = {}  # old actor's address -> its shard role, until it stops
+        self.retiring_on: dict[str, str | None] = {}  # old actor's address -> its host (None: this one)
 
     def on_wire(self, wire: m.Wire) -> None:
         if self.children:
@@ -156,18 +163,27 @@ class SupervisorActor(HostActor):
             self._wire_all()
             self._hand_off()
             self._announce_lost()
+            if self._spread():  # a shard that could not move before (not up, or moving) moves now
+                self._wire_all()
 
     def _hand_off(self) -> None:
         """The directory names the moved shards' new actors now: tell old and new."""
-        for role, (old, previous) in list(self.moving.items()):
+        for role, (old, previous, old_host) in list(self.moving.items()):
             current = self.addresses.get(role)
             if current is None or current == previous:
                 continue
             del self.moving[role]
             self.retiring[previous] = role
+            self.retiring_on[previous] = old_host
             moved = m.encode(m.ShardMoved(role, previous, current))
             self.send(old, moved)
             self.send(self.children[role], moved)
+
+    def _announce_when_up(self) -> None:
+        """The rule of actors/member_loss.py: deaths are announced once every actor is up
+        (has answered its Wire); else the last one's Ready announces them (_on_ready)."""
+        if len(self.addresses) == len(self.children):
+            self._announce_lost()
 
     def _announce_lost(self) -> None:
         """Everyone knows the replacements now: tell the Pacers and Coalescers who died,
@@ -249,9 +265,10 @@ class SupervisorActor(HostActor):
             "draining": self.draining,
             "keys_reloads": self.keys_reloads,
             "members": {
-                host: {"pools": list(info["pools"]), "shards": list(info["shards"])}
+                host: {"pools": list(info["pools"]), "shards": self._shards_on(host)}
                 for host, info in sorted(self.members.items())
             },
+            "retiring": sorted(self.retiring.values(), key=roles.coalescer_shard),
         }
 
     def _admin(self, msg: m.Admin, sender) -> list:
@@ -307,6 +324,7 @@ class SupervisorActor(HostActor):
             exited = _address_string(msg.childAddress)
             if exited in self.retiring:
                 self._retired(exited)
+                self._announce_when_up()
                 return
             role = next((r for r, a in self.addresses.items() if a == exited), None)
             if role is not None:
@@ -315,10 +333,11 @@ class SupervisorActor(HostActor):
     def _retired(self, old: str) -> None:
         """A moved shard's old actor stopped. It stops once it holds no flight, but it may
         have died holding some: the Pacers hear of it either way (a lease it no longer
-        holds is not reclaimed twice), and its successor stops passing Cancels to it."""
+        holds is not reclaimed twice), and its successor stops passing Cancels to it.
+        The caller announces the death (_announce_when_up)."""
         role = self.retiring.pop(old)
+        self.retiring_on.pop(old, None)
         self.lost.died(role, old)
-        self._announce_lost()
         current = self.addresses.get(role)
         if current is not None:
             self.send(self.children[role], m.encode(m.ShardMoved(role, "", current)))
@@ -331,27 +350,16 @@ class SupervisorActor(HostActor):
         pools = [roles.pool(i) for i in range(self.next_pool, self.next_pool + member["pools"])]
         self.next_pool += member["pools"]
         # A replacement Supervisor adopted its predecessor's shards wherever they run: those
-        # at this member's address are its own (they stay there and come back if it is lost).
-        claimed = [role for role in self._shard_homes() if self._adopted_on(role, member["actor_host"])]
-        for role in claimed:
-            self.remote[role] = host
-        # Only a shard that is up moves (one being recreated stays here).
-        taken = placement.shards_to_take(self._shard_homes(), len(self.members) + 2) if not claimed else []
-        shards = [r for r in taken if r in self.addresses]
-        self.members[host] = {
-            "admin": admin,
-            "actor_host": member["actor_host"],
-            "pools": pools,
-            "shards": claimed + shards,
-        }
-        log.warning("host %s joined the cluster: its Pools %s, shards %s", host, ", ".join(pools), ", ".join(shards))
+        # at this member's address are its own (they stay there, and are re-homed if it is lost).
+        for role in self._shard_homes():
+            if self._adopted_on(role, member["actor_host"]):
+                self.remote[role] = host
+        self.members[host] = {"admin": admin, "actor_host": member["actor_host"], "pools": pools}
+        log.warning("host %s joined the cluster: its Pools %s", host, ", ".join(pools))
         for role in pools:
             self.remote[role] = host
             self.children[role] = self._create(role)
-        for role in shards:  # the old actor serves on until the new one is Ready (_hand_off)
-            self.moving[role] = (self.children[role], self.addresses[role])
-            self.remote[role] = host
-            self.children[role] = self._create(role)
+        self._spread()  # its share of the shards, from the hosts that hold the most
         self._wire_all()
 
     def _adopted_on(self, role: str, actor_host: str) -> bool:
@@ -365,22 +373,71 @@ class SupervisorActor(HostActor):
     def _shard_homes(self) -> dict[str, str | None]:
         return {role: self.remote.get(role) for role in self.children if roles.is_coalescer(role)}
 
+    def _shards_on(self, host: str | None) -> list[str]:
+        return sorted((r for r, h in self._shard_homes().items() if h == host), key=roles.coalescer_shard)
+
+    def _place(self, role: str, host: str | None) -> None:
+        """`role` runs on `host` (None: this one) from its next creation on."""
+        if host is None:
+            self.remote.pop(role, None)
+        else:
+            self.remote[role] = host
+
+    def _spread(self) -> bool:
+        """Move the shards that placement.spread says must move (True if any: the caller
+        wires the new actors). Only a shard that is up and not moving already moves now;
+        the others move once every actor is up again (_on_ready calls this again)."""
+        if self.stopping:
+            return False
+        moved = False
+        for role, host in placement.spread(self._shard_homes(), [None, *self.members]).items():
+            if role not in self.addresses or role in self.moving:
+                continue
+            log.warning(
+                "moving shard %s from %s to %s", role, self.remote.get(role) or "the leader", host or "the leader"
+            )
+            self.moving[role] = (self.children[role], self.addresses[role], self.remote.get(role))
+            self._place(role, host)
+            self.children[role] = self._create(role)
+            moved = True
+        return moved
+
     def _member_left(self, host: str) -> None:
-        """A host left the Convention (or went silent): its Pools are gone with it. The
-        Pacers and shards reclaim what they held, as for a Pool that died here."""
+        """A host left the Convention (or went silent): its Pools are gone with it, its
+        shards are recreated where the spread puts them. The Pacers and shards reclaim what
+        the dead held, as for actors that died here: once every actor is up again."""
         if host not in self.members:
             return
-        shards = placement.rehome(self._shard_homes(), host)
         info = self.members.pop(host)
         log.warning("host %s left the cluster: its Pools %s are gone", host, ", ".join(info["pools"]))
-        for role in shards:
-            self.remote.pop(role)
-            if role in self.moving:  # it never took over: the old actor here plays it on
-                self.children[role] = self.moving.pop(role)[0]
-                continue
-            log.warning("recreating shard %s of host %s here", role, host)
+        for role, (old, previous, old_host) in list(self.moving.items()):
+            if self.remote.get(role) == host:  # its new actor never took over: the old one plays on
+                del self.moving[role]
+                self.children[role] = old
+                self._place(role, old_host)
+                dead = self.addresses.get(role)
+                if dead != previous:  # the new one had answered: the old one answers the next Wire
+                    self.addresses.pop(role)
+                    self.pids.pop(role, None)
+                    self.lost.died(role, dead)
+            elif old_host == host:  # its old actor died as it moved: the new one takes over
+                del self.moving[role]
+                if self.addresses.get(role) == previous:
+                    self.addresses.pop(role)
+                    self.pids.pop(role, None)
+                self.lost.died(role, previous)
+        for old, on in list(self.retiring_on.items()):
+            if on == host:  # a moved shard's old actor, gone with its host
+                self._retired(old)
+        homes = self._shard_homes()
+        for role, to in placement.spread(homes, [None, *self.members]).items():
+            if homes[role] != host:
+                continue  # a live shard's move: _spread, below
+            log.warning("recreating shard %s of host %s on %s", role, host, to or "the leader")
+            self._place(role, to)
             self.children[role] = self._create(role)
             self.pids.pop(role, None)
+            self.adopted.discard(role)
             dead = self.addresses.pop(role, None)
             if dead is not None:
                 self.lost.died(role, dead)
@@ -393,8 +450,9 @@ class SupervisorActor(HostActor):
             dead = self.addresses.pop(role, None)
             if dead is not None:
                 self.lost.died(role, dead)
+        self._spread()
         self._wire_all()
-        self._announce_lost()
+        self._announce_when_up()
 
     def _create(self, role: str):
         cls = ACTOR_OF_KIND[roles.kind(role)]

@@ -4,6 +4,9 @@ real Convention is exercised by tests/test_scale_out.py."""
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 
 from actors import placement
@@ -84,54 +87,108 @@ def shards(n: int) -> dict[str, str | None]:
     return {roles.coalescer(i): None for i in range(n)}
 
 
-def test_a_member_that_joins_takes_its_share_of_the_leaders_shards():
+def apply(homes: dict[str, str | None], moves: dict[str, str | None]) -> dict[str, str | None]:
+    return {**homes, **moves}
+
+
+def counts(homes: dict[str, str | None], hosts) -> list[int]:
+    return [sum(1 for h in homes.values() if h == host) for host in hosts]
+
+
+def even(homes: dict[str, str | None], hosts) -> bool:
+    share = len(homes) // len(hosts)
+    return all(share <= n <= share + 1 for n in counts(homes, hosts)) and sum(counts(homes, hosts)) == len(homes)
+
+
+def fewest_moves(homes: dict[str, str | None], hosts) -> int:
+    """The least number of shards on live hosts that must move to an even spread: a host
+    holding more than share + 1 gives the rest, and of those left with share + 1 only
+    `shards % hosts` may keep it."""
+    share, extra = divmod(len(homes), len(hosts))
+    held = counts(homes, hosts)
+    return sum(max(0, n - share - 1) for n in held) + max(0, sum(1 for n in held if n > share) - extra)
+
+
+def test_a_member_that_joins_takes_its_share_from_the_leader_first():
     homes = shards(8)
-    assert placement.shards_to_take(homes, 2) == ["coalescer:7", "coalescer:6", "coalescer:5", "coalescer:4"]
-    homes.update(dict.fromkeys(["coalescer:7", "coalescer:6", "coalescer:5", "coalescer:4"], "b"))
-    # The third host's share (8 // 3) comes from the leader; b keeps its four.
-    assert placement.shards_to_take(homes, 3) == ["coalescer:3", "coalescer:2"]
+    moves = placement.spread(homes, [None, "b"])
+    assert moves == dict.fromkeys(["coalescer:7", "coalescer:6", "coalescer:5", "coalescer:4"], "b")
+    homes = apply(homes, moves)
+    # A third host: the leader and b give one each (3, 3, 2: the members keep the extras
+    # only where the leader holds no more than they do).
+    assert placement.spread(homes, [None, "b", "c"]) == {"coalescer:7": "c", "coalescer:3": "c"}
     # Two shards, two hosts (the default): the member runs coalescer:1.
-    assert placement.shards_to_take(shards(2), 2) == ["coalescer:1"]
-    # Fewer shards than hosts: a late member takes none.
-    assert placement.shards_to_take({"coalescer:0": None, "coalescer:1": "b"}, 3) == []
-    assert placement.shards_to_take(shards(1), 2) == []
+    assert placement.spread(shards(2), [None, "b"]) == {"coalescer:1": "b"}
+    # Fewer shards than hosts: a late member takes none (every host holds 0 or 1).
+    assert placement.spread({"coalescer:0": None, "coalescer:1": "b"}, [None, "b", "c"]) == {}
+    assert placement.spread(shards(1), [None, "b"]) == {}
 
 
-def test_a_lost_members_shards_come_back_to_the_leader():
+def test_joins_in_turn_leave_an_even_spread_and_a_member_gives_to_a_newcomer():
+    # The uneven spread the first rule left (a: 1/2, b: 1/3, the leader 1/6) cannot happen:
+    # b takes one of the leader's and one of a's.
+    homes = apply(shards(6), placement.spread(shards(6), [None, "a"]))
+    assert counts(homes, [None, "a"]) == [3, 3]
+    moves = placement.spread(homes, [None, "a", "b"])
+    assert sorted(moves.values()) == ["b", "b"] and sorted(homes[r] or "leader" for r in moves) == ["a", "leader"]
+    homes = apply(homes, moves)
+    assert counts(homes, [None, "a", "b"]) == [2, 2, 2]
+    # a is lost: its two shards are recreated where the spread needs them, one each.
+    lost = placement.spread(homes, [None, "b"])
+    assert sorted(lost) == sorted(r for r, h in homes.items() if h == "a")
+    homes = apply(homes, lost)
+    assert counts(homes, [None, "b"]) == [3, 3]
+    # a rejoins: it takes one from each, not only from the leader.
+    rejoin = placement.spread(homes, [None, "b", "a"])
+    assert sorted(homes[r] or "leader" for r in rejoin) == ["b", "leader"]
+    assert counts(apply(homes, rejoin), [None, "b", "a"]) == [2, 2, 2]
+
+
+def test_a_lost_members_shards_come_back_to_the_leader_when_it_is_alone():
     homes = {"coalescer:0": None, "coalescer:1": "b", "coalescer:2": "c", "coalescer:3": "b"}
-    assert placement.rehome(homes, "b") == ["coalescer:1", "coalescer:3"]
-    assert placement.rehome(homes, "d") == []
+    assert placement.spread(homes, [None]) == {"coalescer:1": None, "coalescer:2": None, "coalescer:3": None}
+    assert placement.spread(homes, [None, "b", "c"]) == {}
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_joins_and_losses_keep_every_shard_on_exactly_one_live_host(seed):
-    """Members join and are lost at random (the Supervisor's two calls, in its order):
-    every shard always has one home, a live host; a member's shards never move while it
-    lives; each member holds at most shards // hosts it saw when it joined."""
-    import random
-
+@pytest.mark.parametrize("seed", range(60))
+def test_any_joins_and_losses_keep_the_spread_even_with_the_fewest_moves(seed):
+    """Members join and are lost at random (the Supervisor calls `spread` after each):
+    every shard is on a live host, every host holds shards // hosts or one more, and no
+    placement moves fewer of the shards that run on live hosts."""
     rng = random.Random(seed)
-    count = rng.randint(1, 12)
+    count = rng.randint(1, 16)
     homes = shards(count)
-    live: dict[str, int] = {}  # member -> its share when it joined
-    for step in range(30):
-        previous = dict(homes)
-        if live and rng.random() < 0.4:
-            lost = rng.choice(sorted(live))
-            back = placement.rehome(homes, lost)
-            assert back == sorted((r for r, h in homes.items() if h == lost), key=roles.coalescer_shard)
-            homes.update(dict.fromkeys(back, None))
-            del live[lost]
+    hosts: list[str | None] = [None]
+    for step in range(40):
+        if len(hosts) > 1 and rng.random() < 0.4:
+            hosts.remove(rng.choice(hosts[1:]))
         else:
-            member = f"m{step}"
-            before = dict(homes)
-            taken = placement.shards_to_take(homes, len(live) + 2)
-            assert all(before[r] is None for r in taken), "only the leader's shards move"
-            homes.update(dict.fromkeys(taken, member))
-            live[member] = count // (len(live) + 2)
-            assert len(taken) <= live[member]
+            hosts.append(f"m{step}")
+        moves = placement.spread(homes, hosts)
+        gone = {r for r, h in homes.items() if h not in hosts}
+        assert gone <= set(moves), "every shard of a lost host is placed"
+        assert all(moves[r] != homes[r] for r in moves), "a move goes somewhere else"
+        assert len(set(moves) - gone) == fewest_moves(homes, hosts)
+        homes = apply(homes, moves)
         assert sorted(homes) == sorted(shards(count)), "the shard count never changes"
-        assert all(homes[r] == h for r, h in previous.items() if h in live), "a live member's shards stay"
-        assert all(h is None or h in live for h in homes.values()), "every shard on a live host"
-        for member, share in live.items():
-            assert sum(1 for h in homes.values() if h == member) <= share
+        assert all(h in hosts for h in homes.values()), "every shard on a live host"
+        assert even(homes, hosts), counts(homes, hosts)
+        assert placement.spread(homes, hosts) == {}, "an even spread stays as it is"
+
+
+@pytest.mark.parametrize("count", range(1, 6))
+def test_no_placement_moves_fewer_shards_than_spread(count):
+    """Every placement of `count` shards over a leader, two members and a gone host,
+    against every even placement over the live three: `spread` moves the fewest."""
+    hosts = [None, "b", "c"]
+    for placed in itertools.product([None, "b", "c", "gone"], repeat=count):
+        homes = dict(zip(shards(count), placed))
+        moves = placement.spread(homes, hosts)
+        after = apply(homes, moves)
+        assert even(after, hosts)
+        best = min(
+            sum(1 for (r, h), new in zip(homes.items(), candidate) if h != "gone" and new != h)
+            for candidate in itertools.product(hosts, repeat=count)
+            if even(dict(zip(shards(count), candidate)), hosts)
+        )
+        assert len([r for r in moves if homes[r] != "gone"]) == best, homes

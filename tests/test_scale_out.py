@@ -15,6 +15,10 @@ counts the upstream calls (/stats).
   requests at both hosts for a key of that shard make one call, and when the member is
   killed the shard is recreated on the leader: its flight's client gets an error event,
   the leases return, the key is served again;
+- six shards over three hosts joining in turn end 2 + 2 + 2, one moved from the first
+  member to the last (actors/placement.py `spread`);
+- a member killed and restarted at once at its address (before the leader noticed) gets
+  new Pools and its shard back, the old incarnation's leases return, nothing stale stays;
 - Ctrl-C of every host leaves no process and no port (checked after each cluster).
 """
 
@@ -118,14 +122,41 @@ def text_of(events) -> str:
 def cluster(sim):
     # One budget for the account, exact across the hosts: 1 call/s, no burst. The last
     # member runs two edge workers: each finds the leader's Supervisor by its global name.
+    # Six shards: the first member takes three of the leader's, the second one of the
+    # leader's and one of the first member's (a move between members).
     with running_cluster(
         sim,
         per_host={HOSTS[2]: {"SLUICE_WORKERS": "2"}},
         SIMULATED_RPS="1",
         SIMULATED_BURST="1",
         SIMULATED_CONCURRENCY="20",
+        COALESCER_SHARDS="6",
     ) as hosts:
+        # Every move done, every old actor stopped: an identical request then finds one
+        # actor per shard from any host.
+        wait_until(
+            lambda: admin_state(hosts[0], "supervisor")["supervisor"]["retiring"] == [],
+            timeout=60,
+            message="the moved shards' old actors stopped",
+        )
         yield hosts
+
+
+def test_the_shards_are_spread_evenly_a_member_giving_one_to_the_last(cluster):
+    leader, first, last = cluster
+    expected = {
+        leader: ["coalescer:0", "coalescer:1"],
+        first: ["coalescer:3", "coalescer:4"],
+        last: ["coalescer:2", "coalescer:5"],  # coalescer:5 came from the first member
+    }
+    listed = members(leader)
+    assert {host: info["shards"] for host, info in listed.items()} == {
+        f"{gw.host}:{gw.actor_port}": shards for gw, shards in expected.items() if gw is not leader
+    }
+    # Each shard's actor runs on the host it is listed on.
+    for gw, shards in expected.items():
+        for role in shards:
+            assert actor_pid(leader, role) in descendants(gw.proc.pid), (role, gw.host)
 
 
 def test_every_member_runs_its_own_pool_on_its_own_host(cluster):
@@ -653,3 +684,89 @@ def test_client_key_limits_hold_across_hosts(sim, tmp_path):
         assert (
             request("POST", leader.url + "/api/chat", chat_body("mine\n#sim tokens=1"), headers=member_only)[0] == 401
         )
+
+
+def test_a_member_restarted_at_its_address_before_its_loss_is_noticed_serves_again(sim):
+    # kill -9 of a member and a new run.py at the same address at once, well within the
+    # ~3 s the leader takes to notice a silent member: Thespian's leader hears the new
+    # incarnation's first registration, forgets the old one (its actors exited) and adds the
+    # new one (docs/scale-out.md, "Losing a host"). Its Pools and shard must work again, the
+    # old incarnation's leases come back, and no address of it stays in the directory.
+    with running_cluster(sim, hosts=("127.0.0.15", "127.0.0.16"), SIMULATED_RPS="50", SIMULATED_BURST="50") as hosts:
+        leader, member = hosts
+        here = f"{member.host}:{member.actor_port}"
+        wait_until(lambda: members(leader)[here]["shards"] == ["coalescer:1"], timeout=30, message="its shard")
+        old_pids = {role: actor_pid(leader, role) for role in ("pool:1", "coalescer:1")}
+        assert all(pid in descendants(member.proc.pid) for pid in old_pids.values()), old_pids
+        # A call whose key the member's shard holds, in flight when it dies.
+        held, _ = stream_on_shard(
+            leader, "coalescer:1", lambda tag: chat_body(f"held {tag}\n#sim tokens=400 token_interval_ms=50")
+        )
+        while (event := held.next()) is not None and not (event[0] == "message" and event[1]["type"] == "delta"):
+            pass
+        listings: list[tuple[float, dict]] = []
+        watching = threading.Event()
+
+        def watch() -> None:  # what the leader lists, as often as it answers
+            while not watching.is_set():
+                try:
+                    listings.append((time.monotonic(), members(leader)))
+                except Exception:
+                    pass
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        victims = descendants(member.proc.pid) | {member.proc.pid}
+        member.tree |= victims
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        killed_at = time.monotonic()
+        member.proc.wait(10)
+        again = same_address(member)
+        hosts.append(again)
+        again.start(60)
+        print(f"member restarted at its address, ready {time.monotonic() - killed_at:.2f} s after its SIGKILL")
+
+        def serving() -> bool:
+            listed = members(leader).get(here)
+            if listed is None or listed["shards"] != ["coalescer:1"] or len(listed["pools"]) != 1:
+                return False
+            pids = {role: actor_pid(leader, role) for role in ("coalescer:1", *listed["pools"])}
+            return all(pid in descendants(again.proc.pid) for pid in pids.values())
+
+        wait_until(serving, timeout=60, message="the new incarnation's Pool and shard placed on it")
+        print(f"its Pool and shard on the new incarnation {time.monotonic() - killed_at:.2f} s after its SIGKILL")
+        watching.set()
+        watcher.join(10)
+        # Whether the restart beat the detection (~3 s) depends on this box's load: printed,
+        # not asserted; what follows must hold either way. (A loss and a join that come
+        # together may still show one empty listing between them.)
+        gone = [round(at - killed_at, 2) for at, listing in listings if listing == {}]
+        print(f"the leader listed no member {len(gone)} times of {len(listings)}, from {gone[:1]} s after the SIGKILL")
+        # No address of the old incarnation is left in the directory: its Pool is gone.
+        status, ready = get_json(leader.url + "/readyz")
+        assert status == 200 and "pool:1" not in ready["actors"], ready
+        assert all(alive(actor["pid"]) for actor in ready["actors"].values() if actor.get("pid")), ready
+        # The held call's client got an error event, no hang; its lease came back.
+        [events] = finish([held])
+        errors = [e["code"] for e in data_events(events) if e["type"] == "error"]
+        assert errors in (["coalescer_lost"], ["hub_disconnected"]), data_events(events)[-3:]
+        wait_until(
+            lambda: sum(p["in_flight"] for p in admin_state(leader, "pacer")["pacer:simulated"]["pools"].values()) == 0,
+            timeout=20,
+            message="the dead incarnation's leases back in the budget",
+        )
+        # The restarted member serves, on its own shard too, and identical requests at both
+        # hosts for a key of its shard still make one upstream call.
+        status, _, events = stream_chat(again.url + "/api/chat", chat_body(f"back {uuid.uuid4().hex}\n#sim tokens=3"))
+        assert status == 200 and data_events(events)[-1]["type"] == "done"
+        first, body = stream_on_shard(
+            again, "coalescer:1", lambda tag: chat_body(f"rejoined {tag}\n#sim ttft_ms=2000 tokens=4")
+        )
+        others = [SSEClient((leader, again)[i % 2].url + "/api/chat", body, timeout=60) for i in range(4)]
+        results = finish([first, *others])
+        assert all(data_events(events)[-1]["type"] == "done" for events in results)
+        assert len(calls_for(sim, body["messages"][-1]["content"].split("\n")[0])) == 1

@@ -22,7 +22,10 @@ leader's (the start fails, exit 2, if the leader does not answer: down, unreacha
 another SLUICE_CLUSTER_SECRET), it starts no Supervisor, Pacer, shard or Metrics of its
 own (the leader's Supervisor places this host's Pools on it) and no simulated provider
 (the Pools call what the leader configured); its edges serve as on one host, with the
-leader's actors.
+leader's actors. With SLUICE_JOIN=A:port,B:port (the leader candidates, the same on every
+host) the actor system starts undecided: this host follows the candidate that leads, or
+leads itself (actors/leadership.py `at_start`), and its keeper moves the lead when the
+leader is lost (a standby leader: docs/scale-out.md).
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ class SupervisorKeeper:
             # registrations fail to send: a leader that stalls (SIGSTOP, a long pause) or a
             # network that drops packets still accepts them. So ask the leader itself: one
             # that does not answer for LEADER_SILENT_S is lost; one that answers as a member
-            # (it stepped down for an earlier candidate: a split healed) is lost too.
+            # (it stepped down for a newer leader: two leaders met) is lost too.
             probe = probes.probe(self.leader)
             if probe.reachable:
                 self.silent_since = None

@@ -22,7 +22,10 @@ leader's (the start fails, exit 2, if the leader does not answer: down, unreacha
 another SLUICE_CLUSTER_SECRET), it starts no Supervisor, Pacer, shard or Metrics of its
 own (the leader's Supervisor places this host's Pools on it) and no simulated provider
 (the Pools call what the leader configured); its edges serve as on one host, with the
-leader's actors.
+leader's actors. With SLUICE_JOIN=A:port,B:port (the leader candidates, the same on every
+host) the actor system starts undecided: this host follows the candidate that leads, or
+leads itself (actors/leadership.py `at_start`), and its keeper moves the lead when the
+leader is lost (a standby leader: docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -125,30 +128,62 @@ JOIN_WITHIN_S = 15.0  # a member's first registration with its leader, answered
 
 def _serve_with_secret(settings: Settings, secret: bytes, log) -> int:
     from actors import system
+    from actors.leadership import Leadership, candidates_of
     from actors.supervisor import SupervisorActor
     from protocols import logfmt, roles
     from protocols import messages as m
     from protocols.roles import SUPERVISOR_NAME
 
     host, join = settings.actor_host, settings.join
+    me = f"{host}:{settings.actor_port}"
+    leadership = Leadership(candidates_of(join), me) if join is not None else None
+    standby = leadership is not None and leadership.standby
     asys, group = system.start(
         host,
         settings.actor_port,
         secret,
         logfmt.actor_log_defs(settings),
-        join=join,
+        join=None if standby else join,
         pools=settings.pools,
+        undecided=standby,
     )
     # The secret never travels in a message: every actor inherited it at fork.
     settings = replace(settings, cluster_secret=None)
-    sim = keeper = None
+    sims: list = []
+    keeper = None
     watchdog = _Watchdog(host, settings.actor_port, group)
     try:
+        if standby:
+            assert leadership is not None
+            join = _choose_leader(asys, leadership)
+            if join is None:
+                log.error(
+                    "sluice: no leader candidate of SLUICE_JOIN=%s leads within %.0f s: is one up, reachable "
+                    "from %s, and is SLUICE_CLUSTER_SECRET theirs?",
+                    settings.join,
+                    JOIN_WITHIN_S,
+                    host,
+                )
+                return 2
+            if join == me:
+                system.lead(asys, me, term=1)
+                join = None
+            else:
+                system.follow(asys, join)
+
+        def promote() -> Settings:
+            """This host takes the lead (its keeper decided): the leader's settings."""
+            sim, leader_settings = _start_simulated_provider(settings, log)
+            sims.extend([sim] if sim is not None else [])
+            return leader_settings
+
+        standby_args: dict = {"leadership": leadership, "promote": promote} if standby else {}
         if join is None:
             sim, settings = _start_simulated_provider(settings, log)
+            sims.extend([sim] if sim is not None else [])
             supervisor = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
             asys.tell(supervisor, m.encode(m.Wire(roles.SUPERVISOR, {}, settings.to_wire())))
-            keeper = _start_keeper(asys, settings, watchdog)
+            keeper = _start_keeper(asys, settings, watchdog, **standby_args)
         else:
             if not system.joined(asys, JOIN_WITHIN_S):
                 log.error(
@@ -164,7 +199,9 @@ def _serve_with_secret(settings: Settings, secret: bytes, log) -> int:
                 log.error("sluice: joined the cluster at SLUICE_JOIN=%s, but %s", join, mismatch)
                 return 2
             log.info("joined the cluster led by %s", join)
-            keeper = _start_keeper(asys, settings, watchdog, keep_supervisor=False)
+            if standby:
+                standby_args["leader"] = join
+            keeper = _start_keeper(asys, settings, watchdog, keep_supervisor=False, **standby_args)
         if settings.workers > 1:
             return _serve_workers(settings, secret, asys, log)
         return _serve_http(settings, log)
@@ -173,7 +210,7 @@ def _serve_with_secret(settings: Settings, secret: bytes, log) -> int:
             keeper.stop()
         watchdog.stop()
         system.stop(asys, group)
-        if sim is not None:
+        for sim in sims:
             from sim.provider import stop_subprocess
 
             stop_subprocess(sim)
@@ -222,11 +259,33 @@ def _cluster_mismatch(asys, settings: Settings) -> str | None:
     return f"the leader's Supervisor gave no complete directory within {JOIN_WITHIN_S:.0f} s"
 
 
-def _start_keeper(asys, settings: Settings, watchdog: _Watchdog, keep_supervisor: bool = True):
+def _choose_leader(asys, leadership) -> str | None:
+    """With a standby leader (SLUICE_JOIN lists the candidates): the candidate to follow,
+    this host's own address to lead, or None when none leads within JOIN_WITHIN_S
+    (actors/leadership.py `at_start`: a candidate that already leads wins; with none, the
+    first candidate that is up)."""
+    import time
+
+    from actors import system
+
+    deadline = time.monotonic() + JOIN_WITHIN_S
+    probes = system.Prober(asys)
+    try:
+        while time.monotonic() < deadline:
+            chosen = leadership.at_start(probes.probe)
+            if chosen is not None:
+                return chosen
+            time.sleep(0.25)  # an earlier candidate is starting too: nothing to wait on but its answer
+    finally:
+        probes.close()
+    return None
+
+
+def _start_keeper(asys, settings: Settings, watchdog: _Watchdog, keep_supervisor: bool = True, **standby):
     from actors.keeper import SupervisorKeeper
 
     watchdog.ensure()
-    return SupervisorKeeper(asys, settings, watchdog.ensure, keep_supervisor).start()
+    return SupervisorKeeper(asys, settings, watchdog.ensure, keep_supervisor, **standby).start()
 
 
 def _start_simulated_provider(settings: Settings, log):

@@ -15,8 +15,21 @@ this host loses its leader (gone past Thespian's timers), the Pools the leader's
 Supervisor placed here have no Supervisor any more, so it stops them; a leader that comes
 back places new ones.
 
-Thread safety: the keeper has its own `asys.private()` context, like the edge's bridge
-threads; it never forks.
+With a standby leader (SLUICE_JOIN lists the leader candidates: actors/leadership.py) the
+keeper also moves the lead. On a member, when the leader is lost it stops the orphaned
+Pools as above, then follows the candidate `Leadership.after_loss` names (Thespian
+re-registers at once: actors/system.py `follow`), or, when that is this host, promotes it:
+`system.lead`, run.py's `promote` (the leader's settings, its simulated provider), and from
+then on it keeps the Supervisor as on a leader (a new one, wired with no directory: it
+creates the Pacers, shards, Metrics, thread store and places every member's Pools). A
+candidate it follows that never answers within `FOLLOW_WITHIN_S` counts as lost in turn.
+On a leader it asks the other candidates every `SPLIT_EVERY_S` whether one leads too;
+when one with a newer term does, this host steps down and follows it (`_check_split`);
+a member asks its leader as often whether it still leads (docs/scale-out.md, "A standby
+leader").
+
+Thread safety: the keeper has its own `asys.private()` context (and a `system.Prober`,
+with its own, for asking other hosts), like the edge's bridge threads; it never forks.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from actors.leadership import Leadership
 from actors.system import alive
 from protocols import messages as m
 from protocols import roles
@@ -36,14 +50,35 @@ log = logging.getLogger("sluice.keeper")
 EVERY_S = 0.25
 DIRECTORY_EVERY_S = 1.0
 ASK_TIMEOUT_S = 2.0
+FOLLOW_WITHIN_S = 5.0  # a candidate followed after a loss answers by then, or counts as lost
+LEADER_SILENT_S = 3.0  # a leader that answers no probe for this long is lost (Thespian's own timers: 3 x 1 s)
+SPLIT_EVERY_S = 2.0
 
 
 class SupervisorKeeper:
     def __init__(
-        self, asys, settings: Settings, ensure_watchdog: Callable[[], None] | None = None, keep_supervisor: bool = True
+        self,
+        asys,
+        settings: Settings,
+        ensure_watchdog: Callable[[], None] | None = None,
+        keep_supervisor: bool = True,
+        leadership: Leadership | None = None,
+        leader: str | None = None,
+        promote: Callable[[], Settings] | None = None,
     ):
+        """`leadership`, `leader`, `promote`: with a standby leader, the candidates, the one
+        this host follows now (None: this host leads), and run.py's callback for taking the
+        lead (-> the leader's settings: its simulated provider started)."""
         self.asys, self.settings = asys, settings
         self.keep_supervisor = keep_supervisor
+        self.leadership, self.leader = leadership, leader
+        self.promote = promote
+        self.demotions = 0
+        self.term = 1 if leader is None else 0  # the term this host leads in (actors/leadership.py)
+        self.leader_term = 0  # the term of the leader this host follows, as it last answered
+        self.silent_since: float | None = None  # since when the leader this host follows answers no probe
+        self.followed_at = time.monotonic()  # when this host last chose whom to follow
+        self.promoted_at: float | None = None  # when this host took the lead (monotonic)
         self.in_convention = False  # on a member: whether its leader was there at the last look
         self.ensure_watchdog = ensure_watchdog
         self.directory: dict[str, str] = {}  # the last complete directory seen
@@ -62,8 +97,11 @@ class SupervisorKeeper:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        from actors.system import Prober
+
+        probes = Prober(self.asys)
         with self.asys.private() as context:
-            next_directory = 0.0
+            next_directory = next_split = 0.0
             while not self._stop.wait(EVERY_S):
                 try:
                     if self.ensure_watchdog is not None:
@@ -71,8 +109,13 @@ class SupervisorKeeper:
                     if not self.keep_supervisor:
                         if time.monotonic() >= next_directory:
                             next_directory = time.monotonic() + DIRECTORY_EVERY_S
-                            self._stop_orphans(context)
+                            self._stop_orphans(context, probes)
                         continue
+                    if self.leadership is not None and self.leadership.standby and time.monotonic() >= next_split:
+                        next_split = time.monotonic() + SPLIT_EVERY_S
+                        self._check_split(context, probes)
+                        if not self.keep_supervisor:
+                            continue  # stepped down: a member from now on
                     if self.pid is None or not alive(self.pid):
                         self._find_or_replace(context)
                     elif time.monotonic() >= next_directory:
@@ -80,20 +123,115 @@ class SupervisorKeeper:
                         self._remember_directory(context)
                 except Exception:  # the keeper must outlive whatever went wrong this turn
                     log.exception("supervisor keeper")
+        probes.close()
 
-    def _stop_orphans(self, context) -> None:
+    def _stop_orphans(self, context, probes=None) -> None:
         from thespian.actors import ActorExitRequest
 
-        from actors.system import member_status
+        from actors import system
 
-        status = member_status(self.asys, context)
+        status = system.member_status(self.asys, context)
         if status is None:
             return
-        if self.in_convention and not status.in_convention and status.children:
+        lost = self.in_convention and not status.in_convention
+        if lost and status.children:
             log.warning("lost the cluster's leader: stopping the %d Pools it placed here", len(status.children))
             for child in status.children:
                 context.tell(child, ActorExitRequest())
         self.in_convention = status.in_convention
+        if self.leadership is None or not self.leadership.standby or probes is None:
+            return
+        now = time.monotonic()
+        settled = now - self.followed_at >= FOLLOW_WITHIN_S
+        if status.in_convention and self.leader is not None:
+            # Thespian still lists the leader. It notices a leader's loss only when its
+            # registrations fail to send: a leader that stalls (SIGSTOP, a long pause) or a
+            # network that drops packets still accepts them. So ask the leader itself: one
+            # that does not answer for LEADER_SILENT_S is lost; one that answers as a member
+            # (it stepped down for a newer leader: two leaders met) is lost too.
+            probe = probes.probe(self.leader)
+            if probe.reachable:
+                self.silent_since = None
+                self.leader_term = max(self.leader_term, probe.term)
+                if probe.leads or not settled:
+                    return
+                log.warning("the cluster's leader %s no longer leads", self.leader)
+            elif self.silent_since is None or now - self.silent_since < LEADER_SILENT_S:
+                self.silent_since = self.silent_since or now
+                return
+            else:
+                log.warning("the cluster's leader %s has not answered for %.1f s", self.leader, now - self.silent_since)
+            self.in_convention, self.silent_since = False, None
+            self._after_loss(context, probes, status.children)
+            return
+        if status.in_convention:
+            return
+        if lost or settled:
+            self._after_loss(context, probes, status.children if not lost else [])
+
+    def _after_loss(self, context, probes, orphans: list) -> None:
+        """The leader this host followed is gone (or the candidate it turned to never
+        answered, or it stepped down): follow the next one, or lead."""
+        from thespian.actors import ActorExitRequest
+
+        from actors import system
+
+        assert self.leadership is not None
+        lost = self.leader or ""
+        target = self.leadership.after_loss(lost, probes.probe)
+        for child in orphans:  # Pools a Supervisor placed here before this host lost it
+            context.tell(child, ActorExitRequest())
+        self.followed_at = time.monotonic()
+        if target != self.leadership.me:
+            if target != self.leader:
+                log.warning("the cluster's leader %s is lost: following %s", lost, target)
+                system.follow(context, target)
+                self.leader = target
+            return
+        self.term = self.leader_term + 1
+        log.warning("the cluster's leader %s is lost: this host (%s) takes the lead, term %d", lost, target, self.term)
+        system.lead(context, target, self.term)
+        if self.promote is not None:
+            self.settings = self.promote()
+        self.leader, self.keep_supervisor, self.promoted_at = None, True, time.monotonic()
+        self.pid = self.address = None
+        self.directory = {}  # the lost leader's actors are gone: the new Supervisor creates its own
+
+    def _check_split(self, context, probes) -> None:
+        """This host leads: does another candidate lead too (a partition healed, or a leader
+        that stalled past the loss timers woke up)? The older leader steps down
+        (`Leadership.step_down`): it stops leading (`system.demote`: Thespian stops its
+        leader-only actors and its own Pools and shards, which need a leader) and follows
+        the newer one; its members notice that their leader no longer leads and follow it
+        too."""
+        from actors import system
+
+        assert self.leadership is not None
+        for address in self.leadership.others():
+            probe = probes.probe(address)
+            if not probe.leads:
+                continue
+            if not self.leadership.step_down(address, probe.term, self.term):
+                log.error(
+                    "%s leads the cluster too, in term %d (this host: %d): it steps down",
+                    address,
+                    probe.term,
+                    self.term,
+                )
+                continue
+            log.error(
+                "%s leads the cluster too, in term %d (this host: %d): this host steps down",
+                address,
+                probe.term,
+                self.term,
+            )
+            system.demote(context, address)
+            self.leader, self.leader_term, self.keep_supervisor = address, probe.term, False
+            self.in_convention, self.followed_at = False, time.monotonic()
+            self.pid = self.address = self.promoted_at = None
+            self.directory = {}
+            self.demotions += 1
+            return
 
     def _find_or_replace(self, context) -> None:
         from actors.supervisor import SupervisorActor

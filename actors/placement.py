@@ -40,13 +40,19 @@ HOST = "sluice.host"
 LEADER = "sluice.leader"
 ACTOR_HOST = "sluice.actor_host"
 POOLS = "sluice.pools"
+TERM = "sluice.term"  # with a standby leader: the term this host leads in (actors/leadership.py)
 CONVENTION_ADDRESS = "Convention Address.IPv4"  # Thespian's: the leader a member registers with
 
 
-def capabilities(host: str, port: int, join: str | None, pools: int) -> dict:
-    """The capabilities of this host's actor system (`join`: the leader's "host:port")."""
+def capabilities(host: str, port: int, join: str | None, pools: int, undecided: bool = False) -> dict:
+    """The capabilities of this host's actor system (`join`: the leader's "host:port").
+    `undecided`: a host of a cluster with a standby leader, before it knows whether it
+    leads or whom it follows (actors/leadership.py): no leader named, not leading either;
+    actors/system.py `lead` or `follow` then updates both."""
     caps = {"Admin Port": port, HOST: f"{host}:{port}", LEADER: join is None, ACTOR_HOST: host, POOLS: pools}
-    if join is not None:
+    if undecided:
+        caps[LEADER] = False
+    elif join is not None:
         caps[CONVENTION_ADDRESS] = join
     return caps
 

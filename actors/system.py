@@ -41,12 +41,22 @@ def prepare(host: str, secret: bytes) -> None:
     patches.install_thespian(host, secret)
 
 
-def start(host: str, port: int, secret: bytes, log_defs: dict | None = None, join: str | None = None, pools: int = 1):
+def start(
+    host: str,
+    port: int,
+    secret: bytes,
+    log_defs: dict | None = None,
+    join: str | None = None,
+    pools: int = 1,
+    undecided: bool = False,
+):
     """Start (or join) the actor system bound to `host`, its frames authenticated with
     `secret`; -> (ActorSystem, group id or None). `log_defs`: the logging configuration of
     Thespian's logger process, which writes every actor's log lines (protocols/logfmt.py).
     `join`: the leader's "host:port": this system is a member of its Convention (see
-    `joined`); `pools`: the Pools this host runs (actors/placement.py)."""
+    `joined`); `pools`: the Pools this host runs (actors/placement.py). `undecided`: a host
+    of a cluster with a standby leader: neither leading nor following yet (then `lead` or
+    `follow`)."""
     prepare(host, secret)
     from thespian.actors import ActorSystem
 
@@ -56,7 +66,9 @@ def start(host: str, port: int, secret: bytes, log_defs: dict | None = None, joi
     # The admin inherits this disposition: only run.py decides how the system ends.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        asys = ActorSystem(SYSTEM_BASE, capabilities=placement.capabilities(host, port, join, pools), logDefs=log_defs)
+        asys = ActorSystem(
+            SYSTEM_BASE, capabilities=placement.capabilities(host, port, join, pools, undecided), logDefs=log_defs
+        )
     finally:
         signal.signal(signal.SIGINT, previous)
     new = _children(os.getpid()) - before
@@ -94,6 +106,130 @@ def joined(asys, within_s: float) -> bool:
             return True
         time.sleep(0.1)  # the registration is the admin's, on its own clock: nothing to wait on
     return False
+
+
+PROBE_TIMEOUT_S = 1.0
+
+
+class Prober:
+    """Asks other hosts' actor systems whether they answer and lead (`probe`), each host
+    from a private context of its own. Thespian sends one frame at a time per peer and
+    retries a frame that failed for up to 5 minutes (35 s, 70 s, ... apart: thespian/system/
+    transport/__init__.py `TransmitIntent.retry`), so a context shared by all peers stops
+    reaching any of them once one is dead; and a context dropped while a peer is stalled
+    (SIGSTOP, a network that drops packets) leaves that peer, when it wakes, answering an
+    address that is gone, which Thespian's admin there retries for minutes too, holding
+    the 20 frames it may have in flight (measured: a leader woken after a 50 s stall
+    answered no probe for minutes). So a peer's context is kept while it fails, and
+    replaced only after `RENEW_AFTER_S` of failures (a peer that died and came back)."""
+
+    RENEW_AFTER_S = 30.0
+
+    def __init__(self, asys):
+        self.asys = asys
+        self.contexts: dict[str, object] = {}
+        self.failing_since: dict[str, float] = {}
+
+    def probe(self, address: str):
+        """-> actors/leadership.py `Probe` for the actor system at `address` ("host:port")."""
+        from actors.leadership import UNREACHABLE
+
+        context = self.contexts.get(address)
+        if context is None:
+            from thespian.actors import ExternalContext
+
+            context = self.contexts[address] = ExternalContext(self.asys._systemBase.external_clone())
+        answer = probe_leader(context, address)
+        now = time.monotonic()
+        if answer != UNREACHABLE:
+            self.failing_since.pop(address, None)
+        elif now - self.failing_since.setdefault(address, now) >= self.RENEW_AFTER_S:
+            self.failing_since.pop(address)
+            self._drop(address)
+        return answer
+
+    def _drop(self, address: str) -> None:
+        context = self.contexts.pop(address, None)
+        if context is not None:
+            try:
+                context.exit_clone()  # type: ignore[attr-defined]
+            except Exception:  # its transport is closed either way
+                pass
+
+    def close(self) -> None:
+        for address in list(self.contexts):
+            self._drop(address)
+
+
+def probe_leader(context, address: str):
+    """Whether the actor system at `address` ("host:port") answers, and whether it leads
+    (its `sluice.leader` capability) -> actors/leadership.py `Probe`. `context`: an
+    `asys.private()` context used for probes only (a late answer to an earlier probe is told
+    apart by the host it names); see `Prober`."""
+    from thespian.system.messages.status import Thespian_StatusReq
+    from thespian.system.transport.TCPTransport import TCPTransport
+
+    from actors import placement
+    from actors.leadership import UNREACHABLE, Probe
+
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    try:
+        reply = context.ask(TCPTransport.getAddressFromString(address), Thespian_StatusReq(), PROBE_TIMEOUT_S)
+        while reply is not None:
+            caps = getattr(reply, "capabilities", None)
+            if isinstance(caps, dict) and caps.get(placement.HOST) == address:
+                leads = caps.get(placement.LEADER) is True and not getattr(reply, "inShutdown", False)
+                term = caps.get(placement.TERM)
+                return Probe(True, leads, term if isinstance(term, int) and not isinstance(term, bool) else 0)
+            reply = context.listen(max(0.0, deadline - time.monotonic()))  # a stray answer to an earlier probe
+    except Exception:  # an address Thespian cannot reach or parse: not there
+        return UNREACHABLE
+    return UNREACHABLE
+
+
+def follow(context, leader: str) -> None:
+    """Make this host's actor system a member of `leader`'s Convention, at runtime: Thespian
+    re-registers as soon as its `Convention Address.IPv4` capability changes
+    (thespian/system/admin/convention.py `capabilities_have_changed` -> `setup_convention`)."""
+    from actors import placement
+
+    _update_capability(context, placement.CONVENTION_ADDRESS, leader)
+
+
+def lead(context, me: str, term: int) -> None:
+    """Make this host's actor system the Convention's leader, at runtime. The Convention
+    address is set to this host itself, not removed: Thespian keeps the old leader's
+    address when the capability disappears (`setup_convention`), and counts itself the
+    leader when the address is its own (`isConventionLeader`), so it answers every
+    member's registrations and drops those that stop. Then its `term` (actors/leadership.py)
+    and `sluice.leader`: the leader-only actors (Supervisor, Pacers, Metrics, thread store)
+    may be created here from now on."""
+    from actors import placement
+
+    _update_capability(context, placement.CONVENTION_ADDRESS, me)
+    _update_capability(context, placement.TERM, term)
+    _update_capability(context, placement.LEADER, True)
+
+
+def demote(context, leader: str) -> None:
+    """Stop leading and follow `leader` instead (a split healed: actors/keeper.py). Thespian
+    tells every actor here of the changed capabilities and stops those whose
+    `actorSystemCapabilityCheck` no longer holds (thespian/system/actorManager.py
+    `checkNewCapabilities`): the Supervisor, Pacers, Metrics, thread store, and this host's
+    own Pools and shards (they run on the leader only)."""
+    from actors import placement
+
+    _update_capability(context, placement.LEADER, False)
+    follow(context, leader)
+
+
+def _update_capability(context, name: str, value) -> None:
+    """`ActorSystem.updateCapability` from `context`: the ActorSystem itself or an
+    `asys.private()` context (a thread's), whose Thespian base lacks the method but has
+    what it uses (a transmit to the admin, awaited): so Thespian's own code runs on it."""
+    from thespian.system.systemBase import systemBase
+
+    systemBase.updateCapability(context._systemBase, name, value)
 
 
 def stop(asys, group: int | None, grace_s: float = 5.0) -> None:

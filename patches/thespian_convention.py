@@ -19,6 +19,15 @@ period `PERIOD_S`, the restart period the same, `MISSES` misses. The leader then
 dead member after ~`PERIOD_S * MISSES` (measured 3.3 s with 1 s x 3: docs/scale-out.md);
 each member costs one small signed frame each way per period. No upstream issue.
 
+A fourth timer: how long an external `createActor` (the edge's and the keeper's lookup of
+the Supervisor by its global name) waits for its answer, `MAX_CHILD_ACTOR_CREATE_DELAY`
+in thespian/system/systemBase.py (50 s, read at each call). On a member the lookup is
+forwarded to the leader; a leader that stalls (SIGSTOP, a long pause) or a network that
+drops its packets never answers, and the edge's one lookup thread waited 50 s before it
+could look again, at the standby that had taken over meanwhile (measured: the standby led
+after ~4 s, its own edge served after 53 s). `CREATE_WAIT_S` (10 s) bounds it; creating
+one actor takes well under a second.
+
 Installed by `patches.install_thespian`, before `ActorSystem(...)`. Written for Thespian
 4.0.x (4.0.1); on another version it is left out with a warning (member loss is then
 noticed after Thespian's defaults, minutes).
@@ -34,6 +43,7 @@ LIBRARY, WRITTEN_FOR = "thespian", "4.0."
 
 PERIOD_S = 1.0
 MISSES = 3
+CREATE_WAIT_S = 10.0
 NAMES = ("CONVENTION_REREGISTRATION_PERIOD", "CONVENTION_RESTART_PERIOD", "CONVENTION_REGISTRATION_MISS_MAX")
 
 
@@ -44,13 +54,15 @@ def install() -> bool:
         versions.check(__name__, LIBRARY, WRITTEN_FOR)
     except versions.UntestedVersion as exc:
         return versions.fallback(__name__, str(exc))
+    from thespian.system import systemBase
     from thespian.system.admin import convention
 
-    if not all(hasattr(convention, name) for name in NAMES):
+    if not all(hasattr(convention, name) for name in NAMES) or not hasattr(systemBase, "MAX_CHILD_ACTOR_CREATE_DELAY"):
         return versions.fallback(__name__, "thespian.system.admin.convention has not the timers it expects")
     convention.CONVENTION_REREGISTRATION_PERIOD = timedelta(seconds=PERIOD_S)
     convention.CONVENTION_RESTART_PERIOD = timedelta(seconds=PERIOD_S)
     convention.CONVENTION_REGISTRATION_MISS_MAX = MISSES
+    systemBase.MAX_CHILD_ACTOR_CREATE_DELAY = timedelta(seconds=CREATE_WAIT_S)
     return True
 
 

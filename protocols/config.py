@@ -105,16 +105,25 @@ def _port(text: str) -> int:
 
 
 def _join_address(text: str) -> str | None:
-    """SLUICE_JOIN: "host:port" of the leader's actor system ("" = this host leads)."""
-    text = text.strip()
-    if not text:
+    """SLUICE_JOIN: "host:port" of the leader's actor system, or the leader candidates
+    "host:port,host:port,..." in order ("" = this host leads alone): normalized, comma-joined."""
+    if not text.strip():
         return None
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError("must be host:port, the leader's SLUICE_ACTOR_HOST and SLUICE_ACTOR_PORT")
-    if host.strip() in ("0.0.0.0", "::", "[::]"):
-        raise ValueError("must name the leader's address, not a wildcard")
-    return f"{host}:{int(port)}"
+    addresses = []
+    for part in text.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError(
+                "must be host:port (the leader's SLUICE_ACTOR_HOST and SLUICE_ACTOR_PORT), "
+                "or a comma-separated list of them (the leader candidates, in order)"
+            )
+        if host.strip() in ("0.0.0.0", "::", "[::]"):
+            raise ValueError("must name the leader's address, not a wildcard")
+        address = f"{host.strip()}:{int(port)}"
+        if address in addresses:
+            raise ValueError(f"names {address} twice")
+        addresses.append(address)
+    return ",".join(addresses)
 
 
 def _share(text: str) -> float:
@@ -196,7 +205,9 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
         _join_address,
         "host:port of the leader's actor system: this host joins its Thespian Convention "
         "(the leader's Pacers, Coalescer shards and Metrics; its own edges and Pools; "
-        "needs SLUICE_CLUSTER_SECRET). Empty: this host leads (docs/scale-out.md)",
+        "needs SLUICE_CLUSTER_SECRET). A comma-separated list: the leader candidates in order, "
+        "the same on every host (a standby leader takes over when the leader is lost). "
+        "Empty: this host leads (docs/scale-out.md)",
     ),
     "SLUICE_PROVIDER": ("simulated", _provider, "default provider for requests that name none"),
     "SLUICE_SIM_PORT": ("0", _port, "port of the built-in simulated provider (0 = any free port)"),

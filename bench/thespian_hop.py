@@ -3,7 +3,9 @@
     epoll   Thespian's own selector, plain pickle frames
     poll    patches/thespian_selector.py's PollSelector, plain pickle frames
     signed  poll, and every frame signed and checked with the cluster secret
-            (patches/thespian_transport.py: HMAC-SHA256 before pickle.loads) — production
+            (patches/thespian_transport.py: HMAC-SHA256 before pickle.loads), and every other
+            patch of `patches.install_thespian` — production
+    fiveturns   signed without patches/thespian_turns.py (Thespian's five select turns a message)
 
     .venv/bin/python -m bench.thespian_hop [--messages 2000] [--rounds 2] [--variants poll,signed]
 
@@ -11,7 +13,8 @@ Two actors on multiprocTCPBase bounce `--messages` round trips (2 × messages ho
 wall time per hop and the CPU both actors spent per message (os.times in each, before and
 after). Each variant runs in a child process of its own, alternating, because the
 selector and the serializer are process-wide and inherited by the forked actors. With
-both poll and signed, the last line is the cost of authentication: signed / poll.
+both poll and fiveturns, a line gives the cost of authentication (fiveturns / poll); with
+both fiveturns and signed, the gain of patches/thespian_turns.py (signed / fiveturns).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ class Relay(Actor):
             self.send(sender, t.user + t.system)
 
 
-VARIANTS = ("epoll", "poll", "signed")
+VARIANTS = ("epoll", "poll", "signed", "fiveturns")
 
 
 def child(variant: str, messages: int) -> dict:
@@ -64,8 +67,12 @@ def child(variant: str, messages: int) -> dict:
     from patches import thespian_bind, thespian_selector
     from protocols import auth
 
-    if variant == "signed":
+    if variant in ("signed", "fiveturns"):
         system.prepare("127.0.0.1", auth.new_secret())  # all of patches.install_thespian
+        if variant == "fiveturns":
+            from patches import thespian_turns
+
+            thespian_turns.uninstall()
     else:
         thespian_bind.install("127.0.0.1")  # unsigned frames: the baseline
         if variant == "poll":
@@ -118,24 +125,26 @@ def main(argv=None) -> list[dict]:
             row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
             log(
-                f"round {rnd + 1} {variant:6s}: {row['ms_per_hop']:.3f} ms per hop, "
+                f"round {rnd + 1} {variant:9s}: {row['ms_per_hop']:.3f} ms per hop, "
                 f"{row['cpu_ms_per_message']:.3f} CPU ms per message (both ends)"
             )
-    if "poll" in variants and "signed" in variants:
-        log(signed_ratio(rows))
+    if "poll" in variants and "fiveturns" in variants:
+        log(ratio(rows, "fiveturns", "poll"))
+    if "fiveturns" in variants and "signed" in variants:
+        log(ratio(rows, "signed", "fiveturns"))
     return rows
 
 
-def signed_ratio(rows: list[dict]) -> str:
-    """Median over rounds of signed / poll, for the wall time per hop and the CPU per message."""
+def ratio(rows: list[dict], variant: str, base: str) -> str:
+    """Median over rounds of variant / base, for the wall time per hop and the CPU per message."""
     import statistics
 
-    def median(variant: str, key: str) -> float:
-        return statistics.median(r[key] for r in rows if r["variant"] == variant)
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in rows if r["variant"] == name)
 
-    hop = median("signed", "ms_per_hop") / median("poll", "ms_per_hop")
-    cpu = median("signed", "cpu_ms_per_message") / median("poll", "cpu_ms_per_message")
-    return f"signed / poll (medians): {hop:.3f}× per hop, {cpu:.3f}× CPU per message"
+    hop = median(variant, "ms_per_hop") / median(base, "ms_per_hop")
+    cpu = median(variant, "cpu_ms_per_message") / median(base, "cpu_ms_per_message")
+    return f"{variant} / {base} (medians): {hop:.3f}× per hop, {cpu:.3f}× CPU per message"
 
 
 if __name__ == "__main__":

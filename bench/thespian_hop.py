@@ -35,6 +35,10 @@ class Echo(Actor):
     def receiveMessage(self, msg, sender):
         if isinstance(msg, tuple) and msg[0] == "ping":
             self.send(msg[1], "pong")
+        elif msg == "hi":  # a Peer: one more idle connection in this actor's transport
+            self.peers = getattr(self, "peers", 0) + 1
+        elif msg == "peers":
+            self.send(sender, getattr(self, "peers", 0))
         elif msg == "cpu":
             t = os.times()
             self.send(sender, t.user + t.system)
@@ -54,15 +58,30 @@ class Relay(Actor):
             else:
                 t = os.times()
                 self.send(self.asker, t.user + t.system)
+        elif msg == "hi":
+            self.peers = getattr(self, "peers", 0) + 1
+        elif msg == "peers":
+            self.send(sender, getattr(self, "peers", 0))
         elif msg == "cpu":
             t = os.times()
             self.send(sender, t.user + t.system)
 
 
+class Peer(Actor):
+    """Says hi to each actor it is given: one more connection each of them keeps open and
+    looks at on every turn of its transport loop, as a Coalescer does for every edge
+    bridge thread and every Pool."""
+
+    def receiveMessage(self, msg, sender):
+        if isinstance(msg, tuple) and msg[0] == "greet":
+            for each in msg[1:]:
+                self.send(each, "hi")
+
+
 VARIANTS = ("epoll", "poll", "signed", "fiveturns")
 
 
-def child(variant: str, messages: int) -> dict:
+def child(variant: str, messages: int, idle: int = 0) -> dict:
     from actors import system
     from patches import thespian_bind, thespian_selector
     from protocols import auth
@@ -82,6 +101,13 @@ def child(variant: str, messages: int) -> dict:
     asys = ActorSystem("multiprocTCPBase", capabilities={"Admin Port": free_port()}, logDefs=None)
     try:
         echo, relay = asys.createActor(Echo), asys.createActor(Relay)
+        for _ in range(idle):
+            asys.tell(asys.createActor(Peer), ("greet", echo, relay))
+        deadline = time.monotonic() + 60
+        while min(asys.ask(echo, "peers", 10), asys.ask(relay, "peers", 10)) < idle:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the {idle} peers did not all say hi within 60 s")
+            time.sleep(0.05)
         cpu_echo, cpu_relay = asys.ask(echo, "cpu", 10), asys.ask(relay, "cpu", 10)
         t0 = time.perf_counter()
         cpu_relay_end = asys.ask(relay, ("go", messages, echo), 300)
@@ -91,6 +117,7 @@ def child(variant: str, messages: int) -> dict:
         cpu = (cpu_relay_end - cpu_relay) + (cpu_echo_end - cpu_echo)
         return {
             "variant": variant,
+            "idle": idle,
             "hops": hops,
             "ms_per_hop": wall / hops * 1e3,
             "cpu_ms_per_message": cpu / hops * 1e3,
@@ -103,11 +130,14 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m bench.thespian_hop", description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--idle", type=int, default=0, help="idle connections each of the two actors keeps (from as many peers)"
+    )
     parser.add_argument("--variants", default="poll,signed", help="comma-separated, of: " + ", ".join(VARIANTS))
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.messages)))
+        print(json.dumps(child(args.child, args.messages, args.idle)))
         return []
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not variants or set(variants) - set(VARIANTS):
@@ -116,7 +146,17 @@ def main(argv=None) -> list[dict]:
     for rnd in range(args.rounds):
         for variant in variants:
             done = subprocess.run(
-                [sys.executable, "-m", "bench.thespian_hop", "--child", variant, "--messages", str(args.messages)],
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.thespian_hop",
+                    "--child",
+                    variant,
+                    "--messages",
+                    str(args.messages),
+                    "--idle",
+                    str(args.idle),
+                ],
                 cwd=ROOT,
                 capture_output=True,
                 text=True,

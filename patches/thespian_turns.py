@@ -1,8 +1,9 @@
 """Fewer select turns, and no formatting for disabled logs, per Thespian message.
 
-Every Thespian message costs each end ~0.2 ms of CPU, most of it in the transport's loop
-(`TCPTransport._runWithExpiry`): each turn rebuilds its socket lists, asks every intent and
-incoming socket for its delay, makes a selector and polls. A message on a reused
+A Thespian message cost each end ~0.16 ms of CPU in `bench.thespian_hop` (more with many
+connections open), most of it in the transport's loop (`TCPTransport._runWithExpiry`):
+each turn rebuilds its socket lists, asks every intent and incoming socket for its delay,
+makes a selector, registers every socket, polls and walks every idle connection. A message on a reused
 connection took five turns (`python -m bench.thespian_hop`, cProfile: 10,001 polls for
 2,000 messages at each end):
 
@@ -25,12 +26,17 @@ the next turn would have done:
   Thespian puts on a socket select called readable (so a large frame that arrives in
   pieces is read as it comes, as before); an error or a close is left to Thespian's own
   handling on the next turn, or handled as Thespian handles it;
+- every idle connection is asked on every turn whether it has expired (20 minutes), through
+  two new timer objects and four calls: `IdleSocket.expired` now compares the deadline
+  with Thespian's clock itself;
 - three DEBUG log calls per message end (`'Attempting intent %s'`, `'actualTransmit of
   %s'`, `'ACTOR got %s'`) format the whole message with `identify()` before `thesplog`
   checks its level: `identify()` now returns a lazy text that is formatted only when
   a log line is written (and pickled as the plain text, for a log record that travels).
 
-Measured in bench/NOTES.md ("Thespian messages, third pass"). Installed by
+`python -m bench.thespian_hop --variants fiveturns,signed`: 0.32 → 0.18 ms of CPU per
+message (both ends), a hop 0.33 → 0.19 ms; in the gateway (`bench.cores --quick`) sluice's CPU
+per 1,000 tokens ~600 → ~540 ms (bench/NOTES.md "Thespian messages, third pass"). Installed by
 `patches.install_thespian`, before `ActorSystem(...)`: the admin and every actor are
 forked from that process and inherit it. Written for Thespian 4.0.x (4.0.1); an
 optimisation, so on another version it is left out with a warning. No upstream issue.
@@ -58,11 +64,12 @@ def install() -> bool:
     except versions.UntestedVersion as exc:
         return versions.fallback(__name__, str(exc))
     from thespian.system.transport import ReceiveEnvelope, TransmitIntent
-    from thespian.system.transport.TCPTransport import TCPTransport
+    from thespian.system.transport.TCPTransport import IdleSocket, TCPTransport
 
     if installed():
         return True
     replacements = {
+        (IdleSocket, "expired"): _idle_expired,
         (TCPTransport, "_next_XMIT_2"): _next_XMIT_2,
         (TCPTransport, "_next_XMIT_4"): _next_XMIT_4,
         (TCPTransport, "_handleReadableIncoming"): _handleReadableIncoming,
@@ -78,7 +85,10 @@ def install() -> bool:
     for (owner, name), replacement in replacements.items():
         _originals[(owner, name)] = owner.__dict__[name]
         setattr(owner, name, replacement)
-    global _xmit_2, _xmit_4, _readable
+    global _xmit_2, _xmit_4, _readable, _now
+    from thespian.system.timing import currentTime
+
+    _now = currentTime
     _xmit_2 = _originals[(TCPTransport, "_next_XMIT_2")]
     _xmit_4 = _originals[(TCPTransport, "_next_XMIT_4")]
     _readable = _originals[(TCPTransport, "_handleReadableIncoming")]
@@ -171,6 +181,18 @@ def _frame_incomplete(inc) -> bool:
         and not hasattr(inc, "_pauseUntil")  # Thespian backed off: leave it to do so
         and not inc.receivedAllData()
     )
+
+
+# --- per idle connection per turn --------------------------------------------------------------
+
+_now = None  # Thespian's clock (thespian.system.timing.currentTime), set by install()
+
+
+def _idle_expired(self) -> bool:
+    # Thespian's `self.validity.view().expired()` (two objects and four calls), for every idle
+    # connection on every turn; the same comparison.
+    quit_at = self.validity._time_to_quit
+    return quit_at is not None and _now() >= quit_at
 
 
 # --- identify() for log lines that are not written ---------------------------------------------

@@ -51,6 +51,7 @@ THESPIAN_TIMERS = {
 }
 # What patches/thespian_turns.py replaces.
 TURNS = [
+    (TCPTransport.IdleSocket, "expired"),
     (TCPTransport.TCPTransport, "_next_XMIT_2"),
     (TCPTransport.TCPTransport, "_next_XMIT_4"),
     (TCPTransport.TCPTransport, "_handleReadableIncoming"),
@@ -77,7 +78,7 @@ def pristine(monkeypatch):
         monkeypatch.setattr(owner, name, thespian_turns._originals.get((owner, name), owner.__dict__[name]))
     for name in ("_originals", "_identities"):
         monkeypatch.setattr(thespian_turns, name, {})
-    for name in ("_xmit_2", "_xmit_4", "_readable"):
+    for name in ("_xmit_2", "_xmit_4", "_readable", "_now"):
         monkeypatch.setattr(thespian_turns, name, None)
     monkeypatch.setattr(IPBase.IPActorAddress, "__init__", IPBase.IPActorAddress.__init__)
     if thespian_bind.installed():  # a test before us bound this process: start from Thespian's own

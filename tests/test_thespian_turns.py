@@ -28,6 +28,7 @@ from tests.support import ROOT, free_port
 pytestmark = pytest.mark.unit
 
 TURNS = [
+    (tcp.IdleSocket, "expired"),
     (tcp.TCPTransport, "_next_XMIT_2"),
     (tcp.TCPTransport, "_next_XMIT_4"),
     (tcp.TCPTransport, "_handleReadableIncoming"),
@@ -44,7 +45,7 @@ def variant(request, monkeypatch):
         monkeypatch.setattr(owner, name, thespian_turns._originals.get((owner, name), owner.__dict__[name]))
     for name in ("_originals", "_identities"):
         monkeypatch.setattr(thespian_turns, name, {})
-    for name in ("_xmit_2", "_xmit_4", "_readable"):
+    for name in ("_xmit_2", "_xmit_4", "_readable", "_now"):
         monkeypatch.setattr(thespian_turns, name, None)
     if request.param == "patched":
         assert thespian_turns.install() and thespian_turns.installed()
@@ -231,6 +232,24 @@ def test_an_ack_cut_off_by_a_close_means_a_retry_as_in_thespian(variant, endpoin
     calls_until(lambda: made._nextTransmitStep(intent), lambda: intent.stage != made._XMITStepWaitForAck)
     assert intent.stage == made._XMITStepSendConnect and not hasattr(intent, "socket")  # retried later
     assert not made._finished_intents
+
+
+def test_an_idle_connection_expires_when_thespian_says_it_does(variant):
+    from datetime import timedelta
+
+    from thespian.system.timing import ExpirationTimer
+
+    a, b = socket.socketpair()
+    try:
+        idle = tcp.IdleSocket(a, address(1900))
+        assert not idle.expired()  # 20 minutes
+        for timer, expired in ((ExpirationTimer(timedelta(0)), True), (ExpirationTimer(None), False)):
+            idle.validity = timer
+            assert idle.expired() is expired
+            assert timer.view().expired() is expired  # Thespian's own answer
+    finally:
+        a.close()
+        b.close()
 
 
 # --- identify() ---------------------------------------------------------------------------------

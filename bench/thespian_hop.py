@@ -3,7 +3,9 @@
     epoll   Thespian's own selector, plain pickle frames
     poll    patches/thespian_selector.py's PollSelector, plain pickle frames
     signed  poll, and every frame signed and checked with the cluster secret
-            (patches/thespian_transport.py: HMAC-SHA256 before pickle.loads) — production
+            (patches/thespian_transport.py: HMAC-SHA256 before pickle.loads), and every other
+            patch of `patches.install_thespian` — production
+    fiveturns   signed without patches/thespian_turns.py (Thespian's five select turns a message)
 
     .venv/bin/python -m bench.thespian_hop [--messages 2000] [--rounds 2] [--variants poll,signed]
 
@@ -11,7 +13,8 @@ Two actors on multiprocTCPBase bounce `--messages` round trips (2 × messages ho
 wall time per hop and the CPU both actors spent per message (os.times in each, before and
 after). Each variant runs in a child process of its own, alternating, because the
 selector and the serializer are process-wide and inherited by the forked actors. With
-both poll and signed, the last line is the cost of authentication: signed / poll.
+both poll and fiveturns, a line gives the cost of authentication (fiveturns / poll); with
+both fiveturns and signed, the gain of patches/thespian_turns.py (signed / fiveturns).
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ class Echo(Actor):
     def receiveMessage(self, msg, sender):
         if isinstance(msg, tuple) and msg[0] == "ping":
             self.send(msg[1], "pong")
+        elif msg == "hi":  # a Peer: one more idle connection in this actor's transport
+            self.peers = getattr(self, "peers", 0) + 1
+        elif msg == "peers":
+            self.send(sender, getattr(self, "peers", 0))
         elif msg == "cpu":
             t = os.times()
             self.send(sender, t.user + t.system)
@@ -51,21 +58,40 @@ class Relay(Actor):
             else:
                 t = os.times()
                 self.send(self.asker, t.user + t.system)
+        elif msg == "hi":
+            self.peers = getattr(self, "peers", 0) + 1
+        elif msg == "peers":
+            self.send(sender, getattr(self, "peers", 0))
         elif msg == "cpu":
             t = os.times()
             self.send(sender, t.user + t.system)
 
 
-VARIANTS = ("epoll", "poll", "signed")
+class Peer(Actor):
+    """Says hi to each actor it is given: one more connection each of them keeps open and
+    looks at on every turn of its transport loop, as a Coalescer does for every edge
+    bridge thread and every Pool."""
+
+    def receiveMessage(self, msg, sender):
+        if isinstance(msg, tuple) and msg[0] == "greet":
+            for each in msg[1:]:
+                self.send(each, "hi")
 
 
-def child(variant: str, messages: int) -> dict:
+VARIANTS = ("epoll", "poll", "signed", "fiveturns")
+
+
+def child(variant: str, messages: int, idle: int = 0) -> dict:
     from actors import system
     from patches import thespian_bind, thespian_selector
     from protocols import auth
 
-    if variant == "signed":
+    if variant in ("signed", "fiveturns"):
         system.prepare("127.0.0.1", auth.new_secret())  # all of patches.install_thespian
+        if variant == "fiveturns":
+            from patches import thespian_turns
+
+            thespian_turns.uninstall()
     else:
         thespian_bind.install("127.0.0.1")  # unsigned frames: the baseline
         if variant == "poll":
@@ -75,6 +101,13 @@ def child(variant: str, messages: int) -> dict:
     asys = ActorSystem("multiprocTCPBase", capabilities={"Admin Port": free_port()}, logDefs=None)
     try:
         echo, relay = asys.createActor(Echo), asys.createActor(Relay)
+        for _ in range(idle):
+            asys.tell(asys.createActor(Peer), ("greet", echo, relay))
+        deadline = time.monotonic() + 60
+        while min(asys.ask(echo, "peers", 10), asys.ask(relay, "peers", 10)) < idle:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the {idle} peers did not all say hi within 60 s")
+            time.sleep(0.05)
         cpu_echo, cpu_relay = asys.ask(echo, "cpu", 10), asys.ask(relay, "cpu", 10)
         t0 = time.perf_counter()
         cpu_relay_end = asys.ask(relay, ("go", messages, echo), 300)
@@ -84,6 +117,7 @@ def child(variant: str, messages: int) -> dict:
         cpu = (cpu_relay_end - cpu_relay) + (cpu_echo_end - cpu_echo)
         return {
             "variant": variant,
+            "idle": idle,
             "hops": hops,
             "ms_per_hop": wall / hops * 1e3,
             "cpu_ms_per_message": cpu / hops * 1e3,
@@ -96,11 +130,14 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m bench.thespian_hop", description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--idle", type=int, default=0, help="idle connections each of the two actors keeps (from as many peers)"
+    )
     parser.add_argument("--variants", default="poll,signed", help="comma-separated, of: " + ", ".join(VARIANTS))
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.messages)))
+        print(json.dumps(child(args.child, args.messages, args.idle)))
         return []
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not variants or set(variants) - set(VARIANTS):
@@ -109,7 +146,17 @@ def main(argv=None) -> list[dict]:
     for rnd in range(args.rounds):
         for variant in variants:
             done = subprocess.run(
-                [sys.executable, "-m", "bench.thespian_hop", "--child", variant, "--messages", str(args.messages)],
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.thespian_hop",
+                    "--child",
+                    variant,
+                    "--messages",
+                    str(args.messages),
+                    "--idle",
+                    str(args.idle),
+                ],
                 cwd=ROOT,
                 capture_output=True,
                 text=True,
@@ -118,24 +165,26 @@ def main(argv=None) -> list[dict]:
             row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
             log(
-                f"round {rnd + 1} {variant:6s}: {row['ms_per_hop']:.3f} ms per hop, "
+                f"round {rnd + 1} {variant:9s}: {row['ms_per_hop']:.3f} ms per hop, "
                 f"{row['cpu_ms_per_message']:.3f} CPU ms per message (both ends)"
             )
-    if "poll" in variants and "signed" in variants:
-        log(signed_ratio(rows))
+    if "poll" in variants and "fiveturns" in variants:
+        log(ratio(rows, "fiveturns", "poll"))
+    if "fiveturns" in variants and "signed" in variants:
+        log(ratio(rows, "signed", "fiveturns"))
     return rows
 
 
-def signed_ratio(rows: list[dict]) -> str:
-    """Median over rounds of signed / poll, for the wall time per hop and the CPU per message."""
+def ratio(rows: list[dict], variant: str, base: str) -> str:
+    """Median over rounds of variant / base, for the wall time per hop and the CPU per message."""
     import statistics
 
-    def median(variant: str, key: str) -> float:
-        return statistics.median(r[key] for r in rows if r["variant"] == variant)
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in rows if r["variant"] == name)
 
-    hop = median("signed", "ms_per_hop") / median("poll", "ms_per_hop")
-    cpu = median("signed", "cpu_ms_per_message") / median("poll", "cpu_ms_per_message")
-    return f"signed / poll (medians): {hop:.3f}× per hop, {cpu:.3f}× CPU per message"
+    hop = median(variant, "ms_per_hop") / median(base, "ms_per_hop")
+    cpu = median(variant, "cpu_ms_per_message") / median(base, "cpu_ms_per_message")
+    return f"{variant} / {base} (medians): {hop:.3f}× per hop, {cpu:.3f}× CPU per message"
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ where it starts:
 | thespian_selector    | thespian 4.0.x | warning, not installed |
 | thespian_convention  | thespian 4.0.x | warning, not installed |
 | thespian_forwarding  | thespian 4.0.x | warning, not installed |
+| thespian_turns       | thespian 4.0.x | warning, not installed |
 | httpcore_h2_reads    | httpcore 1.0.x | warning, not installed |
 | httpcore_h2_expiry   | httpcore 1.0.x | warning, not installed |
 | httpcore_rst_stream  | httpcore 1.0.x | raises (cost)          |
@@ -32,21 +33,37 @@ from __future__ import annotations
 
 import sys
 
-THESPIAN = ("thespian_transport", "thespian_bind", "thespian_selector", "thespian_convention", "thespian_forwarding")
+THESPIAN = (
+    "thespian_transport",
+    "thespian_bind",
+    "thespian_selector",
+    "thespian_convention",
+    "thespian_forwarding",
+    "thespian_turns",
+)
 HTTPCORE = ("httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream", "httpcore_fast_locks")
 
 
 def install_thespian(host: str, secret: bytes) -> None:
     """Signed frames, sockets bound to `host`, the poll selector, Convention timers that
-    notice a lost host in seconds, forwarded creations that do not block later ones; raises
-    if a security patch cannot be installed on this Thespian."""
-    from patches import thespian_bind, thespian_convention, thespian_forwarding, thespian_selector, thespian_transport
+    notice a lost host in seconds, forwarded creations that do not block later ones, two
+    select turns a message instead of five; raises if a security patch cannot be installed on
+    this Thespian."""
+    from patches import (
+        thespian_bind,
+        thespian_convention,
+        thespian_forwarding,
+        thespian_selector,
+        thespian_transport,
+        thespian_turns,
+    )
 
     thespian_transport.install(secret)
     thespian_bind.install(host)
     thespian_selector.install()
     thespian_convention.install()
     thespian_forwarding.install()
+    thespian_turns.install()
 
 
 def install_httpcore() -> None:

@@ -19,6 +19,7 @@ from datetime import timedelta
 import pytest
 from httpcore import _synchronization
 from httpcore._async import http2
+from thespian.system import transport
 from thespian.system.admin import convention
 from thespian.system.admin.convention import ConventioneerAdmin
 from thespian.system.transport import IPBase, TCPTransport, streamBuffer
@@ -34,6 +35,7 @@ from patches import (
     thespian_forwarding,
     thespian_selector,
     thespian_transport,
+    thespian_turns,
     versions,
 )
 from tests.support import ROOT
@@ -47,6 +49,16 @@ THESPIAN_TIMERS = {
     "CONVENTION_RESTART_PERIOD": timedelta(minutes=3, seconds=22),
     "CONVENTION_REGISTRATION_MISS_MAX": 3,
 }
+# What patches/thespian_turns.py replaces.
+TURNS = [
+    (TCPTransport.IdleSocket, "expired"),
+    (TCPTransport.TCPTransport, "_next_XMIT_2"),
+    (TCPTransport.TCPTransport, "_next_XMIT_4"),
+    (TCPTransport.TCPTransport, "_handleReadableIncoming"),
+    (transport.TransmitIntent, "identify"),
+    (transport.ReceiveEnvelope, "identify"),
+    (transport.ReceiveEnvelope, "__str__"),
+]
 
 
 @pytest.fixture
@@ -62,6 +74,12 @@ def pristine(monkeypatch):
     if thespian_forwarding.installed():
         monkeypatch.setattr(ConventioneerAdmin, "_not_compatible", thespian_forwarding._original)
     monkeypatch.setattr(thespian_forwarding, "_original", thespian_forwarding._original)
+    for owner, name in TURNS:  # Thespian's own while the test runs, whatever was in before, put back after
+        monkeypatch.setattr(owner, name, thespian_turns._originals.get((owner, name), owner.__dict__[name]))
+    for name in ("_originals", "_identities"):
+        monkeypatch.setattr(thespian_turns, name, {})
+    for name in ("_xmit_2", "_xmit_4", "_readable", "_now"):
+        monkeypatch.setattr(thespian_turns, name, None)
     monkeypatch.setattr(IPBase.IPActorAddress, "__init__", IPBase.IPActorAddress.__init__)
     if thespian_bind.installed():  # a test before us bound this process: start from Thespian's own
         monkeypatch.setattr(IPBase.IPActorAddress, "__init__", thespian_bind._original_init)
@@ -92,11 +110,14 @@ def test_install_thespian_installs_its_patches_once(pristine):
         "thespian_selector",
         "thespian_convention",
         "thespian_forwarding",
+        "thespian_turns",
     ]
     forwarding = ConventioneerAdmin._not_compatible
+    turns = (TCPTransport.TCPTransport._next_XMIT_2, TCPTransport.TCPTransport._handleReadableIncoming)
     serializer, view, init = TCPTransport.serializer, TCPTransport.selectors, IPBase.IPActorAddress.__init__
     patches.install_thespian("127.0.0.1", SECRET)  # idempotent: nothing is wrapped twice
     assert ConventioneerAdmin._not_compatible is forwarding
+    assert (TCPTransport.TCPTransport._next_XMIT_2, TCPTransport.TCPTransport._handleReadableIncoming) == turns
     assert (TCPTransport.serializer, TCPTransport.selectors, IPBase.IPActorAddress.__init__) == (serializer, view, init)
     address = IPBase.TCPv4ActorAddress(None, 0)  # what the transport makes for a listening socket
     assert address.bindname[0] == "127.0.0.1" and os.environ["THESPIAN_BASE_IPADDR"] == "127.0.0.1"
@@ -146,6 +167,7 @@ def test_a_security_or_cost_patch_refuses_an_untested_version_loudly(pristine, m
         thespian_selector,
         thespian_convention,
         thespian_forwarding,
+        thespian_turns,
         httpcore_h2_reads,
         httpcore_h2_expiry,
         httpcore_fast_locks,
@@ -161,6 +183,7 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         convention.CONVENTION_REREGISTRATION_PERIOD,
         ConventioneerAdmin._not_compatible,
         _synchronization.AsyncLock.setup,
+        TCPTransport.TCPTransport._handleReadableIncoming,
     )
     with caplog.at_level(logging.WARNING, logger="sluice.patches"):
         assert patch.install() is False
@@ -171,6 +194,7 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         convention.CONVENTION_REREGISTRATION_PERIOD,
         ConventioneerAdmin._not_compatible,
         _synchronization.AsyncLock.setup,
+        TCPTransport.TCPTransport._handleReadableIncoming,
     ) == before, "the library was changed anyway"
     assert not patch.installed() and patches.installed() == []
     (record,) = caplog.records
@@ -197,6 +221,7 @@ def test_the_installed_library_versions_are_the_ones_the_patches_were_written_fo
         thespian_selector,
         thespian_convention,
         thespian_forwarding,
+        thespian_turns,
         httpcore_h2_reads,
         httpcore_h2_expiry,
         httpcore_rst_stream,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,10 +25,23 @@ from actors.system import alive, descendants
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Ports for servers the tests start are taken below the kernel's ephemeral range
+# (/proc/sys/net/ipv4/ip_local_port_range, 32768-60999 by default): a port the kernel hands
+# out as free can be given to an outgoing connection (Thespian's, from the same host
+# address) before the server binds it, and the server then fails with "address in use".
+SERVER_PORTS = range(20000, 32768)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at `host` now, outside the ephemeral range."""
+    for port in random.sample(SERVER_PORTS, 200):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free server port at {host}")
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"):
@@ -91,8 +105,8 @@ class Gateway:
         import tempfile
 
         self.host = host
-        self.port = free_port()
-        self.actor_port = free_port()
+        self.port = free_port(host)
+        self.actor_port = free_port(host)
         self.tmp = tempfile.mkdtemp(prefix="sluice-test-")
         self.db = os.path.join(self.tmp, "sluice.sqlite3")
         self.env = {

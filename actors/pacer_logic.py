@@ -38,20 +38,32 @@ a dead Pool's leases come back and the requests queued for it are denied (their 
 listened at its hub), a dead shard's queued requests are dropped and its granted calls
 are failed. No grant is made on a Pool that is down: the request at the head of the queue
 waits for its replacement, and those behind it wait in order.
+
+Lease slices (`slice_size` > 0, SLUICE_LEASE_SLICE; docs/architecture.md, "Lease slices"):
+a shard that got a lease, or reports the grants it used (`SliceReport(refill)`), is handed
+up to `slice_size` grants ahead of demand (`SliceGrant`), each a lease in `in_flight` held
+by that shard (`_Held.sliced`: "held" until reported used, then "used" until its call's
+LeaseRelease), with its token and per-minute place taken from surplus only (key_choice.py
+`can_slice`). The shard opens a call with one itself: OpenStream to the Pool, Admitted to
+the edges, nothing to the Pacer. Everything that must stop grants recalls the slices
+(`SliceRecall`): a request that has to queue (so the head of the queue gets them first),
+a key's circuit opening, a 429 pause, a settings change; no slice is handed out while
+anything waits. A dead shard's grants are reclaimed like its leases (`MemberLost`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from actors.circuit import HALF_OPEN, OPEN, STATE_VALUE, CircuitSettings
 from actors.key_choice import KeyBucket, choose, retry_order
 from actors.pool_choice import PoolChoice
+from protocols import auth, roles
 from protocols import messages as m
-from protocols import roles
 from protocols.effects import After, Send
 from protocols.settings import SETTING_TYPES, PacerSettings, settings_from
 
@@ -90,6 +102,7 @@ class _Held:
     key: int = 0  # the API key (index) it was granted on
     probe: bool = False  # the half-open probe of that key's circuit
     hub: str = roles.POOL  # the role of the Pool its OpenStream went to
+    sliced: str = ""  # a slice grant: "held" (by `asker`, unused as far as we know) | "used"
 
 
 @dataclass
@@ -114,6 +127,11 @@ class PacerLogic:
     circuit: CircuitSettings = field(default_factory=CircuitSettings)
     fallbacks: list = field(default_factory=list)
     fallback_queue: int = 0
+    slice_size: int = 0  # grants a shard may hold ahead of demand (0: no slices)
+    me: str = ""  # this incarnation's address: shards drop its slices when it dies
+    # The ids of slice grants (they become stream ids); random in production, a counter in
+    # the simulation so that a run replays from its seed.
+    new_lease_id: Callable[[], str] = lambda: auth.unguessable_id("s-")
     buckets: list = field(init=False)  # KeyBucket per key
     in_flight: dict = field(default_factory=dict, init=False)  # lease_id -> _Held
     pools: PoolChoice = field(default_factory=PoolChoice, init=False)  # where each Pool is; which runs a call
@@ -125,6 +143,10 @@ class PacerLogic:
     _tick_at: float | None = field(default=None, init=False)
     _last_key: int = field(default=-1, init=False)  # the key of the last grant (round-robin among equals)
     _notes: list = field(default_factory=list, init=False)  # metric records to send (circuit changes, fallbacks)
+    holders: dict = field(default_factory=dict, init=False)  # shard address string -> where to send it
+    recalling: set = field(default_factory=set, init=False)  # shards asked to give their slices back
+    sliced_total: int = field(default=0, init=False)
+    _recall_due: bool = field(default=False, init=False)  # a circuit opened: recall in `handle`
 
     def __post_init__(self) -> None:
         self.settings.validated()
@@ -148,6 +170,9 @@ class PacerLogic:
     def handle(self, msg: Any, sender: Any, now: float) -> list:
         self._refill(now)
         out = self._dispatch(msg, sender, now)
+        if self._recall_due:
+            self._recall_due = False
+            out = self._recall() + out
         if self._notes:
             out.append(Send(roles.METRICS, m.Records(roles.pacer(self.provider), self._notes)))
             self._notes = []
@@ -157,21 +182,28 @@ class PacerLogic:
         if isinstance(msg, m.LeaseRequest):
             return self._request(msg, sender, now)
         if isinstance(msg, m.LeaseRelease):
-            held = self.in_flight.pop(msg.lease_id, None)
+            held = self._pop(msg.lease_id, now)
             self._verdicts(held, msg.key_results or [], now)
+            out: list = []
             if msg.retry_after_s and held is not None:
                 bucket = self.buckets[held.key]
                 bucket.paused_until = max(bucket.paused_until, now + msg.retry_after_s)
+                out = self._recall()
             elif msg.retry_after_s:
                 self._pause(None, now + msg.retry_after_s)
-            return self._drain(now)
+                out = self._recall()
+            return out + self._drain(now)
         if isinstance(msg, m.AccountPause):  # a 429 the Pool is waiting out before its retry
+            out = []
             if msg.pause_s > 0:
                 self._pause(msg.key, now + msg.pause_s)
-            return self._drain(now)
+                out = self._recall()
+            return out + self._drain(now)
+        if isinstance(msg, m.SliceReport):
+            return self._slice_report(msg, sender, now)
         if isinstance(msg, m.LeaseCancel):
-            out: list = []
-            held = self.in_flight.pop(msg.lease_id, None)
+            out = []
+            held = self._pop(msg.lease_id, now)
             if held is not None:
                 if held.probe:
                     self.buckets[held.key].circuit.abandoned()
@@ -221,6 +253,7 @@ class PacerLogic:
             return
         circuit = bucket.circuit
         if state == OPEN:
+            self._recall_due = True  # no slice may stay out on a key that keeps failing
             log.warning(
                 "circuit open: account=%s key=%s open_for=%gs opens=%d",
                 self.provider,
@@ -270,7 +303,7 @@ class PacerLogic:
         if roles.is_pool(msg.role):
             # Its calls died with it: no LeaseRelease will ever come for them.
             for lease_id in [k for k, held in self.in_flight.items() if held.pool == msg.incarnation]:
-                held = self.in_flight.pop(lease_id)
+                held = self._pop(lease_id, now)
                 if held.probe:
                     self.buckets[held.key].circuit.abandoned()
             if self.pools.incarnation(msg.role) == msg.incarnation:
@@ -291,11 +324,15 @@ class PacerLogic:
             lost = [w for w in self.queue if w.request.coalescer == msg.incarnation]
             self.queue = deque(w for w in self.queue if w.request.coalescer != msg.incarnation)
             failed = [(w.lease_id, w.hub) for w in lost]
+            # Its slice goes with its leases: the grants it held come back at once (counted
+            # as spent: it may have opened calls with them, which the FailStream ends).
             for lease_id in [k for k, held in self.in_flight.items() if held.asker == msg.incarnation]:
-                held = self.in_flight.pop(lease_id)
+                held = self._pop(lease_id, now)
                 if held.probe:
                     self.buckets[held.key].circuit.abandoned()
                 failed.append((lease_id, held.hub))
+            self.holders.pop(msg.incarnation, None)
+            self.recalling.discard(msg.incarnation)
             text = f"{msg.role} restarted; this request was lost with it, retry it"
             out += [Send(hub, m.FailStream(lease_id, "coalescer_lost", text)) for lease_id, hub in failed]
         return out + self._drain(now)
@@ -307,8 +344,9 @@ class PacerLogic:
         self._refill(now)
         self.settings = new
         for bucket in self.buckets:
-            bucket.tokens = min(bucket.tokens, float(new.burst))
-        return self._drain(now)
+            bucket.tokens = min(bucket.tokens, float(new.burst - bucket.held))
+        # Slices were cut by the old settings: they come back and are cut anew.
+        return self._recall() + self._drain(now)
 
     def state(self, now: float) -> dict:
         self._refill(now)
@@ -333,6 +371,11 @@ class PacerLogic:
             "denials_total": self.denials_total,
             "fallbacks_total": self.fallbacks_total,
             "fallbacks": ["/".join(f) for f in self.fallbacks],
+            # lease slices: grants the shards hold unused, per shard, and all handed out
+            "slices": {
+                asker: n for asker in self.holders if (n := self._held_by(asker))
+            },
+            "sliced_total": self.sliced_total,
             "keys": [
                 {
                     "key": b.name,
@@ -380,7 +423,8 @@ class PacerLogic:
         if not self.queue:
             bucket = self._pick(now, hub)
             if bucket is not None:
-                return out + self._grant(waiter, bucket, now)
+                out += self._grant(waiter, bucket, now)
+                return out + self._top_up(msg.coalescer, sender, now)
         if len(self.queue) >= self.settings.max_queue:
             self.denials_total += 1
             retry = self._retry_after(now)
@@ -397,6 +441,8 @@ class PacerLogic:
                 )
             ]
         self.queue.append(waiter)
+        # FIFO across slice holders: what they hold unused comes back to the queue's head.
+        out += self._recall()
         return out + [Send(sender, m.LeaseQueued(msg.lease_id, len(self.queue), hub))] + self._schedule(now)
 
     def _drain(self, now: float) -> list:
@@ -481,6 +527,71 @@ class PacerLogic:
             ),
             Send(waiter.requester, m.LeaseGranted(waiter.lease_id, wait_ms, pool or "", waiter.hub)),
         ]
+
+    # --- lease slices ---------------------------------------------------------------------
+    def _pop(self, lease_id: str, now: float) -> _Held | None:
+        """A lease ends (released, cancelled, reclaimed): a slice grant still "held" counts
+        as used (its token spent, its per-minute place from now)."""
+        held = self.in_flight.pop(lease_id, None)
+        if held is not None and held.sliced == "held":
+            self.buckets[held.key].slice_used(now)
+        return held
+
+    def _held_by(self, asker: str) -> int:
+        return sum(1 for h in self.in_flight.values() if h.sliced == "held" and h.asker == asker)
+
+    def _slice_report(self, msg: m.SliceReport, sender: Any, now: float) -> list:
+        self.holders[msg.coalescer] = sender
+        for lease_id in msg.used:
+            held = self.in_flight.get(lease_id)
+            if held is not None and held.sliced == "held" and held.asker == msg.coalescer:
+                self.buckets[held.key].slice_used(now)
+                self.in_flight[lease_id] = replace(held, sliced="used")
+        for lease_id in msg.returned:
+            held = self.in_flight.get(lease_id)
+            if held is not None and held.sliced == "held" and held.asker == msg.coalescer:
+                del self.in_flight[lease_id]
+                self.buckets[held.key].slice_returned(self.settings)
+        if not self._held_by(msg.coalescer):
+            self.recalling.discard(msg.coalescer)
+        out = self._drain(now)
+        if msg.refill:
+            out += self._top_up(msg.coalescer, sender, now)
+        return out
+
+    def _top_up(self, asker: str, sender: Any, now: float) -> list:
+        """Hand `asker` grants up to `slice_size`, from surplus only, while nothing waits."""
+        if self.slice_size <= 0 or self.queue or asker in self.recalling or not asker:
+            return []
+        self.holders[asker] = sender
+        grants = []
+        for _ in range(self.slice_size - self._held_by(asker)):
+            loads = self._loads()
+            ready = [b for b in self.buckets if b.can_slice(now, self.settings, loads.get(b.index, 0))]
+            if not ready:
+                break
+            n = len(self.buckets)
+            bucket = min(ready, key=lambda b: (loads.get(b.index, 0), (b.index - self._last_key - 1) % n))
+            hub = self.pools.choose(self._pool_loads())
+            pool = self.pools.incarnation(hub)
+            if pool is None:
+                break  # no Pool up: nothing to open a call on
+            lease_id = self.new_lease_id()
+            bucket.slice_out()
+            self._last_key = bucket.index
+            self.in_flight[lease_id] = _Held(now, pool, asker, bucket.index, False, hub, "held")
+            self.sliced_total += 1
+            grants.append([lease_id, bucket.index, retry_order(self.buckets, bucket), hub, pool])
+        return [Send(sender, m.SliceGrant(roles.pacer(self.provider), self.me, grants, self.slice_size))] if grants else []
+
+    def _recall(self) -> list:
+        """Ask every shard holding grants unused (as far as we know) to give them back."""
+        out = []
+        for asker in sorted({h.asker for h in self.in_flight.values() if h.sliced == "held"}):
+            if asker not in self.recalling and asker in self.holders:
+                self.recalling.add(asker)
+                out.append(Send(self.holders[asker], m.SliceRecall(roles.pacer(self.provider))))
+        return out
 
     def _refill(self, now: float) -> None:
         for bucket in self.buckets:

@@ -684,6 +684,7 @@ class Simulation:
         metrics: bool = False,
         max_events: int = 5_000_000,
         pools: int = 1,
+        lease_slice: int = 0,
     ):
         if seed is None:
             seed = int(os.environ[SEED_ENV]) if os.environ.get(SEED_ENV) else random.SystemRandom().randrange(2**32)
@@ -709,7 +710,14 @@ class Simulation:
         self.nodes: dict[str, _Node] = {}
         self.lost = LostMembers()  # the Supervisor's deaths not announced yet (actors/member_loss.py)
 
-        self.pacer = PacerLogic(roles.pacer_account(roles.pacer_for(provider)), pacer or PacerSettings())
+        self.lease_slice = lease_slice  # SLUICE_LEASE_SLICE: grants a shard may hold ahead of demand
+        self.pacer = PacerLogic(
+            roles.pacer_account(roles.pacer_for(provider)),
+            pacer or PacerSettings(),
+            slice_size=lease_slice,
+            me=roles.pacer_for(provider),
+            new_lease_id=_counted_ids("g-1."),
+        )
         self.coalescers = [
             CoalescerLogic(
                 me=roles.coalescer(i),
@@ -837,7 +845,13 @@ class Simulation:
                     lease.released_at, lease.released_by = self.now, "PacerLost"
             self.old_leases.update(self.leases)  # the new Pacer's leases are counted afresh
             self.leases = {}
-            fresh = PacerLogic(self.pacer.provider, self.pacer.settings)
+            fresh = PacerLogic(
+                self.pacer.provider,
+                self.pacer.settings,
+                slice_size=self.lease_slice,
+                me=f"{name}@{node.incarnation}",
+                new_lease_id=_counted_ids(f"g-{node.incarnation}."),
+            )
             fresh.pools = self._pools_now()
             self.pacer, node.logic = fresh, _PacerHost(fresh, self)
         elif roles.is_coalescer(name):
@@ -1055,6 +1069,8 @@ class Simulation:
             # the Coalescer saw the grant: then its LeaseCancel (sent with a FailStream, which
             # stops the call if it is still running) may reach the Pacer first.
             allowed = {"LeaseCancel"} if call is None else {"LeaseRelease"}
+            if call is None:
+                allowed.add("SliceReport")  # a slice grant given back unused
             if lease.lease_id in self.old_leases or any(sid == lease.lease_id for sid, _ in failed):
                 allowed.add("LeaseRelease")  # a re-grant of a finished stream, given back by the Pool
             if call is not None and (lease.lease_id, "cancelled") in failed:

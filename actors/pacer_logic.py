@@ -303,7 +303,8 @@ class PacerLogic:
         if roles.is_pool(msg.role):
             # Its calls died with it: no LeaseRelease will ever come for them.
             for lease_id in [k for k, held in self.in_flight.items() if held.pool == msg.incarnation]:
-                held = self._pop(lease_id, now)
+                held = self.in_flight[lease_id]
+                self._pop(lease_id, now)
                 if held.probe:
                     self.buckets[held.key].circuit.abandoned()
             if self.pools.incarnation(msg.role) == msg.incarnation:
@@ -327,7 +328,8 @@ class PacerLogic:
             # Its slice goes with its leases: the grants it held come back at once (counted
             # as spent: it may have opened calls with them, which the FailStream ends).
             for lease_id in [k for k, held in self.in_flight.items() if held.asker == msg.incarnation]:
-                held = self._pop(lease_id, now)
+                held = self.in_flight[lease_id]
+                self._pop(lease_id, now)
                 if held.probe:
                     self.buckets[held.key].circuit.abandoned()
                 failed.append((lease_id, held.hub))
@@ -372,9 +374,7 @@ class PacerLogic:
             "fallbacks_total": self.fallbacks_total,
             "fallbacks": ["/".join(f) for f in self.fallbacks],
             # lease slices: grants the shards hold unused, per shard, and all handed out
-            "slices": {
-                asker: n for asker in self.holders if (n := self._held_by(asker))
-            },
+            "slices": {asker: n for asker in self.holders if (n := self._held_by(asker))},
             "sliced_total": self.sliced_total,
             "keys": [
                 {
@@ -532,7 +532,7 @@ class PacerLogic:
     def _pop(self, lease_id: str, now: float) -> _Held | None:
         """A lease ends (released, cancelled, reclaimed): a slice grant still "held" counts
         as used (its token spent, its per-minute place from now)."""
-        held = self.in_flight.pop(lease_id, None)
+        held: _Held | None = self.in_flight.pop(lease_id, None)
         if held is not None and held.sliced == "held":
             self.buckets[held.key].slice_used(now)
         return held
@@ -582,7 +582,9 @@ class PacerLogic:
             self.in_flight[lease_id] = _Held(now, pool, asker, bucket.index, False, hub, "held")
             self.sliced_total += 1
             grants.append([lease_id, bucket.index, retry_order(self.buckets, bucket), hub, pool])
-        return [Send(sender, m.SliceGrant(roles.pacer(self.provider), self.me, grants, self.slice_size))] if grants else []
+        return (
+            [Send(sender, m.SliceGrant(roles.pacer(self.provider), self.me, grants, self.slice_size))] if grants else []
+        )
 
     def _recall(self) -> list:
         """Ask every shard holding grants unused (as far as we know) to give them back."""

@@ -994,8 +994,19 @@ class Simulation:
         return Counter(type(d.msg).__name__ for d in self.trace if not (control_only and isinstance(d.msg, DATA_PLANE)))
 
     def grants(self) -> list[tuple[float, str]]:
-        """(time, lease_id) of every lease the Pacer granted, in order."""
-        return sorted((lease.granted_at, lease.lease_id) for lease in self.leases.values())
+        """(time, lease_id) of every lease the Pacer granted, in order. A slice grant counts
+        when its shard used it (its OpenStream left the shard); one given back unused does
+        not count."""
+        used = {
+            d.msg.lease_id: d.sent_at
+            for d in self.trace
+            if isinstance(d.msg, m.OpenStream) and roles.is_coalescer(d.src.partition("@")[0])
+        }
+        return sorted(
+            (used.get(lease.lease_id, lease.granted_at), lease.lease_id)
+            for lease in self.leases.values()
+            if lease.released_by != "SliceReport"
+        )
 
     def check_invariants(self) -> None:
         """What must hold when the system is quiet; raises SimulationError naming the seed."""

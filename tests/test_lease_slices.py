@@ -187,7 +187,7 @@ def test_a_queued_request_is_not_overtaken_by_a_slice(seed):
     sim.run()
     assert sim.messages(m.SliceRecall), "queueing recalls the slices"
     assert queued.outcome == later.outcome == "done"
-    granted = dict((sid, t) for t, sid in sim.grants())
+    granted = {sid: t for t, sid in sim.grants()}
     assert granted[queued.stream_id] < granted[later.stream_id]
     assert later.stream_id not in sliced_calls(sim)
 

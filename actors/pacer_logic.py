@@ -252,8 +252,10 @@ class PacerLogic:
         if state is None:
             return
         circuit = bucket.circuit
+        # No slice may stay out on a key that keeps failing, and one that recovers takes its
+        # share again: every change of a circuit recalls the slices (they are cut anew).
+        self._recall_due = True
         if state == OPEN:
-            self._recall_due = True  # no slice may stay out on a key that keeps failing
             log.warning(
                 "circuit open: account=%s key=%s open_for=%gs opens=%d",
                 self.provider,
@@ -352,17 +354,18 @@ class PacerLogic:
 
     def state(self, now: float) -> dict:
         self._refill(now)
-        loads = self._loads()
         return {
             "provider": self.provider,
             "settings": {k: getattr(self.settings, k) for k in SETTING_TYPES},
             "tokens": round(self.tokens, 3),
-            "in_flight": len(self.in_flight),
+            # calls granted and not over; grants that shards hold unused (slices) apart
+            "in_flight": sum(1 for h in self.in_flight.values() if h.sliced != "held"),
+            "held": sum(1 for h in self.in_flight.values() if h.sliced == "held"),
             "queue_depth": len(self.queue),
             # per Pool: its calls granted (running) and queued, and whether it is up
             "pools": {
                 role: {
-                    "in_flight": sum(1 for h in self.in_flight.values() if h.hub == role),
+                    "in_flight": sum(1 for h in self.in_flight.values() if h.hub == role and h.sliced != "held"),
                     "queued": sum(1 for w in self.queue if w.hub == role),
                     "up": inc is not None,
                 }
@@ -380,7 +383,8 @@ class PacerLogic:
                 {
                     "key": b.name,
                     "tokens": round(b.tokens, 3),
-                    "in_flight": loads.get(b.index, 0),
+                    "in_flight": sum(1 for h in self.in_flight.values() if h.key == b.index and h.sliced != "held"),
+                    "held": b.held,
                     "paused_for_s": round(max(0.0, b.paused_until - now), 3),
                     "circuit": b.circuit.state,
                     "circuit_opens": b.circuit.opens_total,

@@ -1036,7 +1036,7 @@ class Simulation:
                 if c.events not in expected:
                     self.fail(f"client {c.request_id} got {c.events}, but stream {c.stream_id} published {candidates}")
         pacer = self.pacer.state(self.now + self.nodes[roles.pacer_for(self.provider)].clock_offset)
-        if pacer["in_flight"] or pacer["queue_depth"]:
+        if pacer["in_flight"] or pacer["held"] or pacer["queue_depth"]:
             self.fail(f"pacer not idle at quiescence: {pacer}")
         for logic in self.coalescers:
             if logic.by_key or logic.by_stream:

@@ -366,6 +366,7 @@ class PacerLogic:
             "pools": {
                 role: {
                     "in_flight": sum(1 for h in self.in_flight.values() if h.hub == role and h.sliced != "held"),
+                    "held": sum(1 for h in self.in_flight.values() if h.hub == role and h.sliced == "held"),
                     "queued": sum(1 for w in self.queue if w.hub == role),
                     "up": inc is not None,
                 }

@@ -275,7 +275,7 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
         "default: 1 on up to 4 cores, else cores // 4 (4 on 16 cores)",
     ),
     "SLUICE_LEASE_SLICE": (
-        "0",
+        "8",
         _non_negative(int),
         "lease grants a Coalescer shard may hold ahead of demand, from the Pacer's surplus "
         '(0: off, every call asks the Pacer); see docs/architecture.md, "Lease slices"',

@@ -63,8 +63,8 @@ def test_grants_alternate_over_the_pools_and_name_the_pool():
         hubs.append(opened.to)
     assert hubs == ["pool", "pool:1", "pool", "pool:1"]
     assert logic.state(0.0)["pools"] == {
-        "pool": {"in_flight": 2, "queued": 0, "up": True},
-        "pool:1": {"in_flight": 2, "queued": 0, "up": True},
+        "pool": {"in_flight": 2, "held": 0, "queued": 0, "up": True},
+        "pool:1": {"in_flight": 2, "held": 0, "queued": 0, "up": True},
     }
 
 
@@ -116,7 +116,7 @@ def test_a_lost_pool_gives_back_only_its_leases_and_ends_what_was_queued_for_it(
     logic.handle(PoolAt("b:1", "pool:1"), None, 0.0)
     for n in range(4):  # s-0 on pool, s-1 on pool:1 granted; s-2 (pool), s-3 (pool:1) queued
         logic.handle(request(n), "coalescer:0", 0.0)
-    assert logic.state(0.0)["pools"]["pool"] == {"in_flight": 1, "queued": 1, "up": True}
+    assert logic.state(0.0)["pools"]["pool"] == {"in_flight": 1, "held": 0, "queued": 1, "up": True}
     logic.handle(PoolAt(None, "pool"), None, 0.1)  # the Wire without it
     logic.handle(PoolAt("a:2", "pool"), None, 0.4)  # its replacement
     out = logic.handle(m.MemberLost("pool", "a:1"), "supervisor", 0.5)

@@ -40,7 +40,8 @@ are failed. No grant is made on a Pool that is down: the request at the head of 
 waits for its replacement, and those behind it wait in order.
 
 Lease slices (`slice_size` > 0, SLUICE_LEASE_SLICE; docs/architecture.md, "Lease slices"):
-a shard that got a lease, or reports the grants it used (`SliceReport(refill)`), is handed
+a shard that asks for a lease again within SLICE_DEMAND_S and is granted it at once, or that
+reports the grants it used (`SliceReport(refill)`), is handed
 up to `slice_size` grants ahead of demand (`SliceGrant`), each a lease in `in_flight` held
 by that shard (`_Held.sliced`: "held" until reported used, then "used" until its call's
 LeaseRelease), with its token and per-minute place taken from surplus only (key_choice.py
@@ -74,6 +75,9 @@ log = logging.getLogger("sluice.pacer")
 # the tick finds nothing to do, re-arms for ~0 s and spins until the clock moves on (in
 # a simulation with a virtual clock: forever).
 EPS = 1e-9
+# A shard is cut a slice when it asks for a lease twice within this long (it has demand);
+# as long as a shard's idle slice is kept (actors/lease_slices.py IDLE_S).
+SLICE_DEMAND_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +148,7 @@ class PacerLogic:
     _last_key: int = field(default=-1, init=False)  # the key of the last grant (round-robin among equals)
     _notes: list = field(default_factory=list, init=False)  # metric records to send (circuit changes, fallbacks)
     holders: dict = field(default_factory=dict, init=False)  # shard address string -> where to send it
+    asked_at: dict = field(default_factory=dict, init=False)  # shard address string -> its last LeaseRequest
     recalling: set = field(default_factory=set, init=False)  # shards asked to give their slices back
     sliced_total: int = field(default=0, init=False)
     _recall_due: bool = field(default=False, init=False)  # a circuit opened: recall in `handle`
@@ -321,6 +326,7 @@ class PacerLogic:
                 out.append(Send(waiter.requester, m.LeaseDenied(waiter.lease_id, 503, "pool_lost", text, 1.0)))
                 out.append(Send(waiter.hub, m.FailStream(waiter.lease_id, "pool_lost", text)))
         elif roles.is_coalescer(msg.role):
+            self.asked_at.pop(msg.incarnation, None)
             # Its flights are gone: nobody would admit or cancel them. A queued request is
             # dropped; a granted call is failed (the Pool aborts it; its LeaseRelease then
             # finds the lease already reclaimed). Either way the edges' clients get an error.
@@ -413,6 +419,7 @@ class PacerLogic:
     def _request(self, msg: m.LeaseRequest, sender: Any, now: float) -> list:
         if msg.lease_id in self.in_flight or any(w.lease_id == msg.lease_id for w in self.queue):
             return []  # asked again (a shard re-asking after a Pacer crash): the first ask's answers stand
+        busy = self._busy(msg.coalescer, now)
         # Those already waiting go first: whatever can be granted now is, before a
         # newcomer is queued behind them (or sees a full queue that is not full).
         out = self._drain(now) if self.queue else []
@@ -429,7 +436,9 @@ class PacerLogic:
             bucket = self._pick(now, hub)
             if bucket is not None:
                 out += self._grant(waiter, bucket, now)
-                return out + self._top_up(msg.coalescer, sender, now)
+                if busy:
+                    out += self._top_up(msg.coalescer, sender, now)
+                return out
         if len(self.queue) >= self.settings.max_queue:
             self.denials_total += 1
             retry = self._retry_after(now)
@@ -541,6 +550,12 @@ class PacerLogic:
         if held is not None and held.sliced == "held":
             self.buckets[held.key].slice_used(now)
         return held
+
+    def _busy(self, asker: str, now: float) -> bool:
+        """Did `asker` ask before, within SLICE_DEMAND_S? Only then is it cut a slice: a shard
+        that asks now and then would give it back unused (two messages more than the ask)."""
+        last, self.asked_at[asker] = self.asked_at.get(asker), now
+        return last is not None and now - last < SLICE_DEMAND_S
 
     def _held_by(self, asker: str) -> int:
         return sum(1 for h in self.in_flight.values() if h.sliced == "held" and h.asker == asker)

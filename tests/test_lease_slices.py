@@ -80,6 +80,18 @@ def test_a_slice_takes_the_pacer_off_the_request_path(seed):
 
 
 @pytest.mark.parametrize("seed", seeds(5), ids=ids)
+def test_a_trickle_of_requests_is_cut_no_slice(seed):
+    # A shard that asks now and then would give a slice back unused: 9 messages, not 7.
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=100, burst=50, concurrency=50), lease_slice=8)
+    sim.upstream(ttft_ms=100, token_interval_ms=10, tokens=5)
+    clients = [sim.client(at=3.0 * i, text=f"q{i}", edge="e1") for i in range(6)]
+    sim.run()
+    assert {c.outcome for c in clients} == {"done"}
+    counts = sim.count()
+    assert not any(name.startswith("Slice") for name in counts) and counts["LeaseRequest"] == 6
+
+
+@pytest.mark.parametrize("seed", seeds(5), ids=ids)
 def test_slice_zero_is_todays_path(seed):
     sim = Simulation(seed=seed, pacer=PacerSettings(rps=100, burst=50, concurrency=50), lease_slice=0)
     sim.upstream(ttft_ms=100, token_interval_ms=10, tokens=5)
@@ -111,7 +123,7 @@ def test_low_limits_pace_exactly_as_without_slices(seed):
 
 @pytest.mark.parametrize("seed", seeds(30), ids=ids)
 def test_calls_never_exceed_what_rps_and_burst_allow(seed):
-    settings = PacerSettings(rps=5, burst=6, concurrency=50, max_wait_s=60)
+    settings = PacerSettings(rps=5, burst=10, concurrency=50, max_wait_s=60)
     sim = Simulation(seed=seed, pacer=settings, lease_slice=4)
     sim.upstream(ttft_ms=50, token_interval_ms=10, tokens=3)
     clients = workload(sim, 60, 6.0)
@@ -175,12 +187,13 @@ def test_in_flight_and_held_never_exceed_concurrency(seed):
 
 @pytest.mark.parametrize("seed", seeds(20), ids=ids)
 def test_a_queued_request_is_not_overtaken_by_a_slice(seed):
-    settings = PacerSettings(rps=2, burst=4, concurrency=10, max_wait_s=60)
+    settings = PacerSettings(rps=2, burst=6, concurrency=10, max_wait_s=60)
     sim = Simulation(seed=seed, pacer=settings, lease_slice=4, latency_ms=(0.5, 1.0))
     sim.upstream(ttft_ms=50, token_interval_ms=10, tokens=3)
-    a = texts_on(0, 2, prefix="a")
+    a = texts_on(0, 3, prefix="a")
     b = texts_on(1, 2, prefix="b")
-    sim.client(at=0.0, text=a[0], edge="e1")  # granted, and shard 0 gets a slice
+    sim.client(at=0.0, text=a[0], edge="e1")  # granted
+    sim.client(at=0.05, text=a[2], edge="e1")  # granted, and shard 0 (asking again) gets a slice
     sim.client(at=0.1, text=b[0], edge="e2")  # granted from the bucket
     queued = sim.client(at=0.2, text=b[1], edge="e2")  # must queue: shard 0 holds the tokens
     later = sim.client(at=0.25, text=a[1], edge="e1")  # shard 0 was asked to give its slice back
@@ -204,6 +217,8 @@ def _pacer_with_slices() -> tuple[PacerLogic, list]:
         slice_size=4,
         me=PACER,
     )
+    # A shard is cut a slice when it asks twice within SLICE_DEMAND_S.
+    pacer.handle(m.LeaseRequest("s-0", "simulated", 0.0, "sim-1", {}, "coalescer:0"), "coalescer:0", 0.0)
     out = pacer.handle(m.LeaseRequest("s-1", "simulated", 0.0, "sim-1", {}, "coalescer:0"), "coalescer:0", 0.0)
     grants = [g for e in out if isinstance(e, Send) and isinstance(e.msg, m.SliceGrant) for g in e.msg.grants]
     return pacer, grants
@@ -265,6 +280,7 @@ def test_a_dead_shards_slice_comes_back_at_once(seed):
     sim = Simulation(seed=seed, pacer=PacerSettings(rps=50, burst=20, concurrency=10), lease_slice=4)
     sim.upstream(ttft_ms=50, token_interval_ms=10, tokens=3)
     sim.client(at=0.0, text=text_on(0), edge="e1")
+    sim.client(at=0.05, text=text_on(0, prefix="u"), edge="e1")  # asking again: a slice
     sim.kill("coalescer:0", at=0.5, restart_s=0.2)
     sim.run(until=0.45, check=False)
     assert any(h.asker == "coalescer:0" and h.sliced == "held" for h in sim.pacer.in_flight.values())
@@ -281,8 +297,9 @@ def test_a_dead_shards_slice_comes_back_at_once(seed):
 def test_shards_drop_the_slices_of_a_replaced_pacer(seed):
     sim = Simulation(seed=seed, pacer=PacerSettings(rps=50, burst=20, concurrency=10), lease_slice=4)
     sim.upstream(ttft_ms=50, token_interval_ms=10, tokens=3)
-    sim.client(at=0.0, text=text_on(0), edge="e1")
-    sim.client(at=0.0, text=text_on(1), edge="e2")
+    for i, t in enumerate((0.0, 0.05)):
+        sim.client(at=t, text=text_on(0, prefix=f"v{i}"), edge="e1")
+        sim.client(at=t, text=text_on(1, prefix=f"v{i}"), edge="e2")
     sim.kill(PACER, at=0.5, restart_s=0.2)
     later = [sim.client(at=0.8 + 0.05 * i, text=f"n{i}", edge=f"e{i % 2 + 1}") for i in range(20)]
     sim.run()

@@ -168,7 +168,9 @@ class CoalescerLogic:
             # Granted from this shard's slice: the call goes to the Pool from here.
             flight.phase, flight.pool, flight.hub = STREAMING, grant.pool, grant.hub
             sid = flight.stream_id
-            opened = m.OpenStream(sid, msg.provider, msg.model, msg.body, sid, 0.0, self.me, grant.key, grant.keys)
+            opened = m.OpenStream(
+                sid, msg.provider, msg.model, msg.body, sid, 0.0, self.me, grant.key, grant.keys, "", grant.pool
+            )
             admitted = self._admitted(msg.request_id, sid, "leader", msg.edge_id, hub=grant.hub)
             return [Send(grant.hub, opened), Send(sender, admitted), *report]
         flight.waiting.append((sender, msg.request_id, msg.edge_id, "leader"))

@@ -232,6 +232,9 @@ class OpenStream:
     key: int = 0  # the account's API key (index) the lease was granted on
     keys: list | None = None  # the keys to try, attempt after attempt (default: [key])
     fallback_from: str = ""  # the provider the request was meant for, when it fell back
+    # A lease slice's grant names the Pool incarnation it was cut on: another incarnation
+    # (a replacement) refuses the call, which its Pacer no longer counts ("" = any).
+    pool: str = ""
 
 
 @message("abort_stream")

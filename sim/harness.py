@@ -458,6 +458,7 @@ class SimPool:
         if isinstance(msg, m.FailStream):
             self.failed.append((msg.stream_id, msg.code))
         if isinstance(msg, (m.OpenStream, m.AbortStream, m.FailStream, FlushRecords)):
+            self.logic.incarnation = self.incarnation  # as actors/pool.py tells it its address
             return self._apply(self.logic.handle(msg, now), now)
         if isinstance(msg, _Step):
             call = self.running.get(msg.stream_id)

@@ -314,6 +314,21 @@ def test_shards_drop_the_slices_of_a_replaced_pacer(seed):
         assert all(g.pacer != PACER for e in logic.slices.by_pacer.values() for g in e.grants)
 
 
+@pytest.mark.parametrize("seed", seeds(10), ids=ids)
+def test_a_grant_on_a_dead_pool_does_not_open_a_call_at_its_replacement(seed):
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=50, burst=20, concurrency=10), lease_slice=4)
+    sim.upstream(ttft_ms=50, token_interval_ms=10, tokens=3)
+    sim.client(at=0.0, text=text_on(0), edge="e1")
+    sim.client(at=0.05, text=text_on(0, prefix="u"), edge="e1")  # shard 0 gets a slice on "pool"
+    sim.kill("pool", at=0.5, restart_s=0.1)
+    sim.slow_link("supervisor", "coalescer:0", 500)  # shard 0 hears of the death late
+    late = sim.client(at=0.7, text=text_on(0, prefix="w"), edge="e1")  # the replacement is up
+    sim.run()
+    assert late.stream_id in sliced_calls(sim), "it used a grant cut on the dead Pool"
+    assert late.outcome == "error" and late.error["code"] == "pool_lost"
+    assert late.stream_id not in {c.stream_id for c in sim.pool.log}, "no call ran uncounted"
+
+
 # --- rule 7: live settings -------------------------------------------------------------------------
 
 

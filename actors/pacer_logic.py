@@ -40,15 +40,15 @@ are failed. No grant is made on a Pool that is down: the request at the head of 
 waits for its replacement, and those behind it wait in order.
 
 Lease slices (`slice_size` > 0, SLUICE_LEASE_SLICE; docs/architecture.md, "Lease slices"):
-a shard that asks for a lease again within SLICE_DEMAND_S and is granted it at once, or that
-reports the grants it used (`SliceReport(refill)`), is handed
-up to `slice_size` grants ahead of demand (`SliceGrant`), each a lease in `in_flight` held
+a shard that asks for a lease again within SLICE_DEMAND_S and is granted it at once, or
+that reports the grants it used (`SliceReport(refill)`), is handed up to `slice_size`
+grants ahead of demand (`SliceGrant`), each a lease in `in_flight` held
 by that shard (`_Held.sliced`: "held" until reported used, then "used" until its call's
 LeaseRelease), with its token and per-minute place taken from surplus only (key_choice.py
 `can_slice`). The shard opens a call with one itself: OpenStream to the Pool, Admitted to
 the edges, nothing to the Pacer. Everything that must stop grants recalls the slices
 (`SliceRecall`): a request that has to queue (so the head of the queue gets them first),
-a key's circuit opening, a 429 pause, a settings change; no slice is handed out while
+any change of a key's circuit, a 429 pause, a settings change; no slice is handed out while
 anything waits. A dead shard's grants are reclaimed like its leases (`MemberLost`).
 """
 
@@ -151,7 +151,7 @@ class PacerLogic:
     asked_at: dict = field(default_factory=dict, init=False)  # shard address string -> its last LeaseRequest
     recalling: set = field(default_factory=set, init=False)  # shards asked to give their slices back
     sliced_total: int = field(default=0, init=False)
-    _recall_due: bool = field(default=False, init=False)  # a circuit opened: recall in `handle`
+    _recall_due: bool = field(default=False, init=False)  # a circuit changed: recall in `handle`
 
     def __post_init__(self) -> None:
         self.settings.validated()

@@ -42,7 +42,10 @@ class CoalescerActor(HostActor):
         if isinstance(msg, m.Admin):
             return self._admin(msg, sender, now)
         if isinstance(msg, m.ShardMoved):
-            return self.handoff.moved(msg)
+            effects = self.handoff.moved(msg)
+            if self.handoff.successor:  # moving away: its lease slices go back to their Pacers
+                effects += self.logic.slices.close()
+            return effects
         if isinstance(msg, GraceOver):
             self.handoff.grace_over = True
         else:

@@ -33,6 +33,11 @@ the error TTL, so the next identical request starts a fresh call), flights still
 asking or queued at a dead Pacer ask its replacement again, and a dead edge worker's
 references are dropped as if it had cancelled them (`MemberLost(edge, edge_id)`).
 
+Lease slices (actors/lease_slices.py, SLUICE_LEASE_SLICE): a new flight whose Pacer
+handed this shard a grant ahead of demand opens its call here -- OpenStream to the
+grant's Pool, then Admitted -- with no LeaseRequest; the stream id is the grant's lease id,
+so the Pool's LeaseRelease finds the lease at the Pacer as for any other call.
+
 A request with an empty key (non-idempotent: tools, or the client opted out) or any
 request while coalescing is disabled gets a flight of its own.
 
@@ -48,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from actors.lease_slices import HeldSlices, SliceIdle
 from protocols import auth, roles
 from protocols import messages as m
 from protocols.effects import After, Send
@@ -96,6 +102,10 @@ class CoalescerLogic:
     errors: dict = field(default_factory=dict)  # key -> (error event, expires_at, stream_id)
     leaders_total: int = 0
     followers_total: int = 0
+    slices: HeldSlices = field(default_factory=HeldSlices)
+
+    def __post_init__(self) -> None:
+        self.slices.me = self.me
 
     def set_flags(self, changes: dict) -> None:
         """An operator's live `set_flags` (the admin command; the simulator's `set_flags`):
@@ -115,6 +125,12 @@ class CoalescerLogic:
             return self._finished(msg, now)
         if isinstance(msg, m.MemberLost):
             return self._member_lost(msg, now)
+        if isinstance(msg, m.SliceGrant):
+            return self.slices.receive(msg.role, msg, now)
+        if isinstance(msg, m.SliceRecall):
+            return self.slices.recall(msg.role)
+        if isinstance(msg, SliceIdle):
+            return self.slices.idle(msg, now)
         if isinstance(msg, ForgetError):
             entry = self.errors.get(msg.key)
             if entry and entry[1] <= now + 1e-9:
@@ -142,17 +158,33 @@ class CoalescerLogic:
                 Send(sender, self._admitted(msg.request_id, flight.stream_id, "follower", msg.edge_id, hub=flight.hub))
             ]
         self.leaders_total += 1
-        flight = Flight(key, self.new_stream_id(), msg.provider)
+        pacer = roles.pacer_for(msg.provider)
+        grant, report = (None, []) if self._waits_at(pacer) else self.slices.take(pacer, now, msg.host)
+        flight = Flight(key, grant.lease_id if grant else self.new_stream_id(), msg.provider)
         flight.refs[msg.edge_id] += 1
-        flight.waiting.append((sender, msg.request_id, msg.edge_id, "leader"))
         self.by_key[key] = flight
         self.by_stream[flight.stream_id] = flight
+        if grant is not None:
+            # Granted from this shard's slice: the call goes to the Pool from here.
+            flight.phase, flight.pool, flight.hub = STREAMING, grant.pool, grant.hub
+            sid = flight.stream_id
+            opened = m.OpenStream(
+                sid, msg.provider, msg.model, msg.body, sid, 0.0, self.me, grant.key, grant.keys, "", grant.pool
+            )
+            admitted = self._admitted(msg.request_id, sid, "leader", msg.edge_id, hub=grant.hub)
+            return [Send(grant.hub, opened), Send(sender, admitted), *report]
+        flight.waiting.append((sender, msg.request_id, msg.edge_id, "leader"))
         # The leader's host goes with the request: the Pacer prefers a Pool there, so its
         # tokens need not cross hosts (followers elsewhere listen at that Pool's hub).
         flight.request = m.LeaseRequest(
             flight.stream_id, msg.provider, now, msg.model, msg.body, self.me, host=msg.host
         )
-        return [Send(roles.pacer_for(msg.provider), flight.request)]
+        return [Send(pacer, flight.request)]
+
+    def _waits_at(self, pacer: str) -> bool:
+        """Does a flight of this shard wait for a lease from `pacer`? Then a new one queues
+        behind it rather than overtake it with a slice grant."""
+        return any(f.phase != STREAMING and roles.pacer_for(f.provider) == pacer for f in self.by_stream.values())
 
     def _lease_answer(self, msg: Any, sender: Any) -> list:
         flight = self.by_stream.get(msg.lease_id)
@@ -247,6 +279,7 @@ class CoalescerLogic:
     def _member_lost(self, msg: m.MemberLost, now: float) -> list:
         out: list = []
         if roles.is_pool(msg.role):
+            self.slices.pool_lost(msg.incarnation)
             # Only that Pool's flights: the other Pools' streams go on untouched.
             for flight in [f for f in self.by_stream.values() if f.phase == STREAMING and f.pool == msg.incarnation]:
                 self._forget(flight)  # not remembered as an error: a new request is a new call
@@ -261,6 +294,7 @@ class CoalescerLogic:
                     )
                 )
         elif roles.is_pacer(msg.role):
+            self.slices.pacer_lost(msg.incarnation)
             for flight in self.by_stream.values():
                 if (
                     flight.phase != STREAMING
@@ -328,4 +362,6 @@ class CoalescerLogic:
             "errors_remembered": sum(1 for e in self.errors.values() if e[1] > now),
             "leaders_total": self.leaders_total,
             "followers_total": self.followers_total,
+            "slices": self.slices.state(),
+            "slice_grants_used_total": self.slices.used_total,
         }

@@ -9,12 +9,22 @@ circuit allows a call and whose bucket has a token, the least loaded (fewest cal
 flight), and among equals the next in turn (round-robin), so that a burst and a trickle
 alike spread over the keys.
 
+Lease slices (docs/architecture.md, "Lease slices"): a grant handed to a Coalescer shard
+ahead of demand takes its token at once and stays counted as `held` (the refill stops at
+BURST minus what shards hold, so the bucket and the held tokens together never exceed
+BURST) and as `outstanding` (a place in the per-minute window that never expires) until
+the shard reports it used (then it is stamped at that time, which is no earlier than the
+call) or gives it back (then nothing was spent). A slice only ever takes surplus
+(`can_slice`): never the last token, the last concurrency slot or the last per-minute
+place, so a request that reaches the Pacer is paced as without slices.
+
 Keys are named by their position, "#1", "#2", ... in logs, metrics and admin state: never
 by their value.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -35,6 +45,8 @@ class KeyBucket:
     updated_at: float | None = None
     paused_until: float = 0.0
     recent_grants: deque = field(default_factory=deque)  # grant times, for rpm
+    held: int = 0  # tokens taken by slice grants the shards hold unused
+    outstanding: int = 0  # slice grants not yet stamped in recent_grants (held, or used unreported)
 
     @classmethod
     def new(cls, index: int, burst: int, circuit: CircuitSettings) -> KeyBucket:
@@ -46,7 +58,8 @@ class KeyBucket:
 
     def refill(self, now: float, settings) -> None:
         if self.updated_at is not None and now > self.updated_at:
-            self.tokens = min(float(settings.burst), self.tokens + (now - self.updated_at) * settings.rps)
+            cap = float(settings.burst - self.held)
+            self.tokens = min(cap, self.tokens + (now - self.updated_at) * settings.rps)
         self.updated_at = now if self.updated_at is None else max(self.updated_at, now)
         while self.recent_grants and self.recent_grants[0] <= now - 60.0 + EPS:
             self.recent_grants.popleft()
@@ -57,8 +70,37 @@ class KeyBucket:
             and now >= self.paused_until - EPS
             and load < settings.concurrency
             and self.tokens >= 1.0 - EPS
-            and (settings.rpm is None or len(self.recent_grants) < settings.rpm)
+            and (settings.rpm is None or len(self.recent_grants) + self.outstanding < settings.rpm)
         )
+
+    def can_slice(self, now: float, settings, load: int) -> bool:
+        """May a grant on this key go into a slice: surplus only, on a closed circuit."""
+        return (
+            self.circuit.state == CLOSED
+            and now >= self.paused_until - EPS
+            and load + 1 < settings.concurrency
+            and self.tokens >= 2.0 - EPS
+            and (settings.rpm is None or len(self.recent_grants) + self.outstanding + 1 < settings.rpm)
+        )
+
+    def slice_out(self) -> None:
+        """A grant goes into a slice: its token is held, its per-minute place open-ended."""
+        self.tokens -= 1.0
+        self.held += 1
+        self.outstanding += 1
+
+    def slice_used(self, now: float) -> None:
+        """A held grant was used (reported, or its call ended): the token is spent, its
+        per-minute place counts from now (no earlier than the call)."""
+        self.held -= 1
+        self.outstanding -= 1
+        bisect.insort(self.recent_grants, now)
+
+    def slice_returned(self, settings) -> None:
+        """A held grant came back unused: its token returns, nothing was spent."""
+        self.held -= 1
+        self.outstanding -= 1
+        self.tokens = min(float(settings.burst - self.held), self.tokens + 1.0)
 
     def take(self, now: float) -> bool:
         """Spend a token for a grant; True when the grant is the circuit's half-open probe."""
@@ -77,9 +119,14 @@ class KeyBucket:
         elif not self.circuit.allows():
             return None  # half-open, its probe is out
         if self.tokens < 1.0:
+            if settings.burst - self.held < 1:
+                return None  # the shards hold the bucket: only a report or a return frees it
             waits.append((1.0 - self.tokens) / settings.rps)
-        if settings.rpm is not None and len(self.recent_grants) >= settings.rpm:
-            waits.append(self.recent_grants[0] + 60.0 - now)
+        if settings.rpm is not None and len(self.recent_grants) + self.outstanding >= settings.rpm:
+            expiring = len(self.recent_grants) + self.outstanding - settings.rpm
+            if expiring >= len(self.recent_grants):
+                return None  # held slice grants fill the window: only a report frees a place
+            waits.append(self.recent_grants[expiring] + 60.0 - now)
         return max(0.0, *waits)
 
 

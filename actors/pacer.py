@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from actors.circuit import CircuitSettings
-from actors.host import HostActor
+from actors.host import HostActor, my_address
 from actors.pacer_logic import PacerLogic, PoolAt
 from protocols import messages as m
 from protocols import roles
@@ -39,6 +39,8 @@ class PacerActor(HostActor):
                 circuit=CircuitSettings.from_config(self.settings),
                 fallbacks=[list(f) for f in failover.fallbacks],
                 fallback_queue=failover.fallback_queue,
+                slice_size=self.settings.lease_slice,
+                me=my_address(self),
             )
             self.apply([After(GAUGE_EVERY_S, ReportGauges())])
         # Every Wire carries the directory: grants go to the Pools it names, or wait for one.

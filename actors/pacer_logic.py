@@ -41,20 +41,33 @@ a dead Pool's leases come back and the requests queued for it are denied (their 
 listened at its hub), a dead shard's queued requests are dropped and its granted calls
 are failed. No grant is made on a Pool that is down: the request at the head of the queue
 waits for its replacement, and those behind it wait in order.
+
+Lease slices (`slice_size` > 0, SLUICE_LEASE_SLICE; docs/architecture.md, "Lease slices"):
+a shard that asks for a lease again within SLICE_DEMAND_S and is granted it at once, or
+that reports the grants it used (`SliceReport(refill)`), is handed up to `slice_size`
+grants ahead of demand (`SliceGrant`), each a lease in `in_flight` held
+by that shard (`_Held.sliced`: "held" until reported used, then "used" until its call's
+LeaseRelease), with its token and per-minute place taken from surplus only (key_choice.py
+`can_slice`). The shard opens a call with one itself: OpenStream to the Pool, Admitted to
+the edges, nothing to the Pacer. Everything that must stop grants recalls the slices
+(`SliceRecall`): a request that has to queue (so the head of the queue gets them first),
+any change of a key's circuit, a 429 pause, a settings change; no slice is handed out while
+anything waits. A dead shard's grants are reclaimed like its leases (`MemberLost`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from actors.circuit import HALF_OPEN, OPEN, STATE_VALUE, CircuitSettings
 from actors.key_choice import KeyBucket, choose, retry_order
 from actors.pool_choice import PoolChoice
+from protocols import auth, roles
 from protocols import messages as m
-from protocols import roles
 from protocols.effects import After, Send
 from protocols.settings import SETTING_TYPES, PacerSettings, settings_from
 
@@ -65,6 +78,9 @@ log = logging.getLogger("sluice.pacer")
 # the tick finds nothing to do, re-arms for ~0 s and spins until the clock moves on (in
 # a simulation with a virtual clock: forever).
 EPS = 1e-9
+# A shard is cut a slice when it asks for a lease twice within this long (it has demand);
+# as long as a shard's idle slice is kept (actors/lease_slices.py IDLE_S).
+SLICE_DEMAND_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +111,7 @@ class _Held:
     key: int = 0  # the API key (index) it was granted on
     probe: bool = False  # the half-open probe of that key's circuit
     hub: str = roles.POOL  # the role of the Pool its OpenStream went to
+    sliced: str = ""  # a slice grant: "held" (by `asker`, unused as far as we know) | "used"
 
 
 @dataclass
@@ -119,6 +136,11 @@ class PacerLogic:
     circuit: CircuitSettings = field(default_factory=CircuitSettings)
     fallbacks: list = field(default_factory=list)
     fallback_queue: int = 0
+    slice_size: int = 0  # grants a shard may hold ahead of demand (0: no slices)
+    me: str = ""  # this incarnation's address: shards drop its slices when it dies
+    # The ids of slice grants (they become stream ids); random in production, a counter in
+    # the simulation so that a run replays from its seed.
+    new_lease_id: Callable[[], str] = lambda: auth.unguessable_id("s-")
     buckets: list = field(init=False)  # KeyBucket per key
     in_flight: dict = field(default_factory=dict, init=False)  # lease_id -> _Held
     pools: PoolChoice = field(default_factory=PoolChoice, init=False)  # where each Pool is; which runs a call
@@ -130,6 +152,12 @@ class PacerLogic:
     _tick_at: float | None = field(default=None, init=False)
     _last_key: int = field(default=-1, init=False)  # the key of the last grant (round-robin among equals)
     _notes: list = field(default_factory=list, init=False)  # metric records to send (circuit changes, fallbacks)
+    holders: dict = field(default_factory=dict, init=False)  # shard address string -> where to send it
+    asked_at: dict = field(default_factory=dict, init=False)  # shard address string -> its last LeaseRequest
+    recalling: set = field(default_factory=set, init=False)  # shards asked to give their slices back
+    asker_hosts: dict = field(default_factory=dict, init=False)  # shard -> the host its last request came from
+    sliced_total: int = field(default=0, init=False)
+    _recall_due: bool = field(default=False, init=False)  # a circuit changed: recall in `handle`
 
     def __post_init__(self) -> None:
         self.settings.validated()
@@ -153,6 +181,9 @@ class PacerLogic:
     def handle(self, msg: Any, sender: Any, now: float) -> list:
         self._refill(now)
         out = self._dispatch(msg, sender, now)
+        if self._recall_due:
+            self._recall_due = False
+            out = self._recall() + out
         if self._notes:
             out.append(Send(roles.METRICS, m.Records(roles.pacer(self.provider), self._notes)))
             self._notes = []
@@ -162,21 +193,28 @@ class PacerLogic:
         if isinstance(msg, m.LeaseRequest):
             return self._request(msg, sender, now)
         if isinstance(msg, m.LeaseRelease):
-            held = self.in_flight.pop(msg.lease_id, None)
+            held = self._pop(msg.lease_id, now)
             self._verdicts(held, msg.key_results or [], now)
+            out: list = []
             if msg.retry_after_s and held is not None:
                 bucket = self.buckets[held.key]
                 bucket.paused_until = max(bucket.paused_until, now + msg.retry_after_s)
+                out = self._recall()
             elif msg.retry_after_s:
                 self._pause(None, now + msg.retry_after_s)
-            return self._drain(now)
+                out = self._recall()
+            return out + self._drain(now)
         if isinstance(msg, m.AccountPause):  # a 429 the Pool is waiting out before its retry
+            out = []
             if msg.pause_s > 0:
                 self._pause(msg.key, now + msg.pause_s)
-            return self._drain(now)
+                out = self._recall()
+            return out + self._drain(now)
+        if isinstance(msg, m.SliceReport):
+            return self._slice_report(msg, sender, now)
         if isinstance(msg, m.LeaseCancel):
-            out: list = []
-            held = self.in_flight.pop(msg.lease_id, None)
+            out = []
+            held = self._pop(msg.lease_id, now)
             if held is not None:
                 if held.probe:
                     self.buckets[held.key].circuit.abandoned()
@@ -225,6 +263,9 @@ class PacerLogic:
         if state is None:
             return
         circuit = bucket.circuit
+        # No slice may stay out on a key that keeps failing, and one that recovers takes its
+        # share again: every change of a circuit recalls the slices (they are cut anew).
+        self._recall_due = True
         if state == OPEN:
             log.warning(
                 "circuit open: account=%s key=%s open_for=%gs opens=%d",
@@ -275,7 +316,8 @@ class PacerLogic:
         if roles.is_pool(msg.role):
             # Its calls died with it: no LeaseRelease will ever come for them.
             for lease_id in [k for k, held in self.in_flight.items() if held.pool == msg.incarnation]:
-                held = self.in_flight.pop(lease_id)
+                held = self.in_flight[lease_id]
+                self._pop(lease_id, now)
                 if held.probe:
                     self.buckets[held.key].circuit.abandoned()
             if self.pools.incarnation(msg.role) == msg.incarnation:
@@ -290,17 +332,23 @@ class PacerLogic:
                 out.append(Send(waiter.requester, m.LeaseDenied(waiter.lease_id, 503, "pool_lost", text, 1.0)))
                 out.append(Send(waiter.hub, m.FailStream(waiter.lease_id, "pool_lost", text)))
         elif roles.is_coalescer(msg.role):
+            self.asked_at.pop(msg.incarnation, None)
             # Its flights are gone: nobody would admit or cancel them. A queued request is
             # dropped; a granted call is failed (the Pool aborts it; its LeaseRelease then
             # finds the lease already reclaimed). Either way the edges' clients get an error.
             lost = [w for w in self.queue if w.request.coalescer == msg.incarnation]
             self.queue = deque(w for w in self.queue if w.request.coalescer != msg.incarnation)
             failed = [(w.lease_id, w.hub) for w in lost]
+            # Its slice goes with its leases: the grants it held come back at once (counted
+            # as spent: it may have opened calls with them, which the FailStream ends).
             for lease_id in [k for k, held in self.in_flight.items() if held.asker == msg.incarnation]:
-                held = self.in_flight.pop(lease_id)
+                held = self.in_flight[lease_id]
+                self._pop(lease_id, now)
                 if held.probe:
                     self.buckets[held.key].circuit.abandoned()
                 failed.append((lease_id, held.hub))
+            self.holders.pop(msg.incarnation, None)
+            self.recalling.discard(msg.incarnation)
             text = f"{msg.role} restarted; this request was lost with it, retry it"
             out += [Send(hub, m.FailStream(lease_id, "coalescer_lost", text)) for lease_id, hub in failed]
         return out + self._drain(now)
@@ -312,22 +360,25 @@ class PacerLogic:
         self._refill(now)
         self.settings = new
         for bucket in self.buckets:
-            bucket.tokens = min(bucket.tokens, float(new.burst))
-        return self._drain(now)
+            bucket.tokens = min(bucket.tokens, float(new.burst - bucket.held))
+        # Slices were cut by the old settings: they come back and are cut anew.
+        return self._recall() + self._drain(now)
 
     def state(self, now: float) -> dict:
         self._refill(now)
-        loads = self._loads()
         return {
             "provider": self.provider,
             "settings": {k: getattr(self.settings, k) for k in SETTING_TYPES},
             "tokens": round(self.tokens, 3),
-            "in_flight": len(self.in_flight),
+            # calls granted and not over; grants that shards hold unused (slices) apart
+            "in_flight": sum(1 for h in self.in_flight.values() if h.sliced != "held"),
+            "held": sum(1 for h in self.in_flight.values() if h.sliced == "held"),
             "queue_depth": len(self.queue),
             # per Pool: its calls granted (running) and queued, and whether it is up
             "pools": {
                 role: {
-                    "in_flight": sum(1 for h in self.in_flight.values() if h.hub == role),
+                    "in_flight": sum(1 for h in self.in_flight.values() if h.hub == role and h.sliced != "held"),
+                    "held": sum(1 for h in self.in_flight.values() if h.hub == role and h.sliced == "held"),
                     "queued": sum(1 for w in self.queue if w.hub == role),
                     "up": inc is not None,
                     "host": self.pools.hosts.get(role, ""),
@@ -339,11 +390,15 @@ class PacerLogic:
             "denials_total": self.denials_total,
             "fallbacks_total": self.fallbacks_total,
             "fallbacks": ["/".join(f) for f in self.fallbacks],
+            # lease slices: grants the shards hold unused, per shard, and all handed out
+            "slices": {asker: n for asker in self.holders if (n := self._held_by(asker))},
+            "sliced_total": self.sliced_total,
             "keys": [
                 {
                     "key": b.name,
                     "tokens": round(b.tokens, 3),
-                    "in_flight": loads.get(b.index, 0),
+                    "in_flight": sum(1 for h in self.in_flight.values() if h.key == b.index and h.sliced != "held"),
+                    "held": b.held,
                     "paused_for_s": round(max(0.0, b.paused_until - now), 3),
                     "circuit": b.circuit.state,
                     "circuit_opens": b.circuit.opens_total,
@@ -371,6 +426,7 @@ class PacerLogic:
     def _request(self, msg: m.LeaseRequest, sender: Any, now: float) -> list:
         if msg.lease_id in self.in_flight or any(w.lease_id == msg.lease_id for w in self.queue):
             return []  # asked again (a shard re-asking after a Pacer crash): the first ask's answers stand
+        busy = self._busy(msg.coalescer, now)
         # Those already waiting go first: whatever can be granted now is, before a
         # newcomer is queued behind them (or sees a full queue that is not full).
         out = self._drain(now) if self.queue else []
@@ -386,7 +442,11 @@ class PacerLogic:
         if not self.queue:
             bucket = self._pick(now, hub)
             if bucket is not None:
-                return out + self._grant(waiter, bucket, now)
+                out += self._grant(waiter, bucket, now)
+                if busy:
+                    self.asker_hosts[msg.coalescer] = msg.host
+                    out += self._top_up(msg.coalescer, sender, now)
+                return out
         if len(self.queue) >= self.settings.max_queue:
             self.denials_total += 1
             retry = self._retry_after(now)
@@ -403,6 +463,8 @@ class PacerLogic:
                 )
             ]
         self.queue.append(waiter)
+        # FIFO across slice holders: what they hold unused comes back to the queue's head.
+        out += self._recall()
         return out + [Send(sender, m.LeaseQueued(msg.lease_id, len(self.queue), hub))] + self._schedule(now)
 
     def _drain(self, now: float) -> list:
@@ -444,10 +506,13 @@ class PacerLogic:
         return loads
 
     def _pool_loads(self) -> dict[str, int]:
-        """Calls per Pool (role): granted and still running, and queued for it."""
+        """Calls per Pool (role): granted and still running, and queued for it. Slice grants
+        a shard holds unused are not calls yet: counted, they would make a host's Pools look
+        busy to Pool locality while its shards merely hold budget (they rotate over equals)."""
         loads: dict[str, int] = {}
         for held in self.in_flight.values():
-            loads[held.hub] = loads.get(held.hub, 0) + 1
+            if held.sliced != "held":
+                loads[held.hub] = loads.get(held.hub, 0) + 1
         for waiter in self.queue:
             loads[waiter.hub] = loads.get(waiter.hub, 0) + 1
         return loads
@@ -487,6 +552,83 @@ class PacerLogic:
             ),
             Send(waiter.requester, m.LeaseGranted(waiter.lease_id, wait_ms, pool or "", waiter.hub)),
         ]
+
+    # --- lease slices ---------------------------------------------------------------------
+    def _pop(self, lease_id: str, now: float) -> _Held | None:
+        """A lease ends (released, cancelled, reclaimed): a slice grant still "held" counts
+        as used (its token spent, its per-minute place from now)."""
+        held: _Held | None = self.in_flight.pop(lease_id, None)
+        if held is not None and held.sliced == "held":
+            self.buckets[held.key].slice_used(now)
+        return held
+
+    def _busy(self, asker: str, now: float) -> bool:
+        """Did `asker` ask before, within SLICE_DEMAND_S? Only then is it cut a slice: a shard
+        that asks now and then would give it back unused (two messages more than the ask)."""
+        last, self.asked_at[asker] = self.asked_at.get(asker), now
+        return last is not None and now - last < SLICE_DEMAND_S
+
+    def _held_by(self, asker: str) -> int:
+        return sum(1 for h in self.in_flight.values() if h.sliced == "held" and h.asker == asker)
+
+    def _slice_report(self, msg: m.SliceReport, sender: Any, now: float) -> list:
+        self.holders[msg.coalescer] = sender
+        for lease_id in msg.used:
+            held = self.in_flight.get(lease_id)
+            if held is not None and held.sliced == "held" and held.asker == msg.coalescer:
+                self.buckets[held.key].slice_used(now)
+                self.in_flight[lease_id] = replace(held, sliced="used")
+        for lease_id in msg.returned:
+            held = self.in_flight.get(lease_id)
+            if held is not None and held.sliced == "held" and held.asker == msg.coalescer:
+                del self.in_flight[lease_id]
+                self.buckets[held.key].slice_returned(self.settings)
+        if not self._held_by(msg.coalescer):
+            self.recalling.discard(msg.coalescer)
+        out = self._drain(now)
+        if msg.refill:
+            out += self._top_up(msg.coalescer, sender, now)
+        return out
+
+    def _top_up(self, asker: str, sender: Any, now: float) -> list:
+        """Hand `asker` grants up to `slice_size`, from surplus only, while nothing waits."""
+        if self.slice_size <= 0 or self.queue or asker in self.recalling or not asker:
+            return []
+        self.holders[asker] = sender
+        grants = []
+        for _ in range(self.slice_size - self._held_by(asker)):
+            loads = self._loads()
+            ready = [b for b in self.buckets if b.can_slice(now, self.settings, loads.get(b.index, 0))]
+            if not ready:
+                break
+            n = len(self.buckets)
+            bucket = min(ready, key=lambda b: (loads.get(b.index, 0), (b.index - self._last_key - 1) % n))
+            # On a Pool of the host the shard's requests last came from (Pool locality):
+            # the shard takes a grant only for a request from that host.
+            near = self.asker_hosts.get(asker, "")
+            hub = self.pools.choose(self._pool_loads(), near)
+            pool = self.pools.incarnation(hub)
+            if pool is None:
+                break  # no Pool up: nothing to open a call on
+            lease_id = self.new_lease_id()
+            bucket.slice_out()
+            self._last_key = bucket.index
+            self.in_flight[lease_id] = _Held(now, pool, asker, bucket.index, False, hub, "held")
+            self.sliced_total += 1
+            host = self.pools.hosts.get(hub, "")
+            grants.append([lease_id, bucket.index, retry_order(self.buckets, bucket), hub, pool, host])
+        return (
+            [Send(sender, m.SliceGrant(roles.pacer(self.provider), self.me, grants, self.slice_size))] if grants else []
+        )
+
+    def _recall(self) -> list:
+        """Ask every shard holding grants unused (as far as we know) to give them back."""
+        out = []
+        for asker in sorted({h.asker for h in self.in_flight.values() if h.sliced == "held"}):
+            if asker not in self.recalling and asker in self.holders:
+                self.recalling.add(asker)
+                out.append(Send(self.holders[asker], m.SliceRecall(roles.pacer(self.provider))))
+        return out
 
     def _refill(self, now: float) -> None:
         for bucket in self.buckets:

@@ -35,7 +35,7 @@ from thespian.actors import ActorExitRequest, ThespianWatch, WatchMessage
 import patches
 from actors import placement, secret
 from actors.connections import AccountConnections
-from actors.host import HostActor
+from actors.host import HostActor, my_address
 from actors.hub import StreamHub
 from actors.hub_logic import orphan_after
 from actors.key_choice import key_name
@@ -404,6 +404,7 @@ class PoolActor(HostActor):
         self.role = wire.role  # "pool", "pool:1", ... (SLUICE_POOLS of them, each with its own hub)
         if self.runtime is None:
             self.runtime = PoolRuntime(self.settings, self.outbox, self.role)
+            self.runtime.logic.incarnation = my_address(self)  # before the loop runs: a slice's grant names it
             self.runtime.start()
         else:
             self.runtime.configure(self.settings)

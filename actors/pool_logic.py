@@ -134,6 +134,9 @@ class PoolLogic:
         self.calls: dict[str, PoolCall] = {}
         self.records: list[dict] = []
         self.reported_active: int | None = None  # the active-streams gauge as last sent
+        # This incarnation's address (the host sets it): a lease slice's OpenStream cut on
+        # another incarnation of this Pool is refused (None: accept every one).
+        self.incarnation: str | None = None
         self._flush_set = False
 
     def pacer_of(self, provider: str) -> str:
@@ -166,6 +169,18 @@ class PoolLogic:
             return [
                 Send(self.pacer_of(msg.provider), m.LeaseRelease(msg.stream_id, None)),
                 Send(msg.coalescer, m.StreamFinished(msg.stream_id, outcome, error, self.role)),
+            ]
+        if msg.pool and self.incarnation is not None and msg.pool != self.incarnation:
+            # A shard's grant on this Pool's dead predecessor: its Pacer reclaimed the lease
+            # when that one died, so the call must not run here uncounted.
+            error = ev.error(
+                "pool_lost", f"{self.role} restarted before this request's upstream call started; retry it"
+            )
+            return [
+                MarkOpen(msg.stream_id),
+                Publish(msg.stream_id, [error]),
+                Send(self.pacer_of(msg.provider), m.LeaseRelease(msg.stream_id, None)),
+                Send(msg.coalescer, m.StreamFinished(msg.stream_id, "error", error, self.role)),
             ]
         self.calls[msg.stream_id] = PoolCall(msg, now)
         return [MarkOpen(msg.stream_id), Start(msg)]

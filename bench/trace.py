@@ -126,6 +126,8 @@ STAGES = [
     ("LeaseRequest sent → Pacer gets it", "co_lease_req", "pacer_recv"),
     ("Pacer gets → sends OpenStream (grant)", "pacer_recv", "pacer_open"),
     ("OpenStream sent → Pool actor gets it", "pacer_open", "pool_recv"),
+    ("(slice) Coalescer handles Submit → sends OpenStream", "co_submit", "co_open"),
+    ("(slice) OpenStream sent by the shard → Pool actor gets it", "co_open", "pool_recv"),
     ("Pool actor → Pool loop _open", "pool_recv", "pool_open"),
     ("Pool loop _open → sim receives the call", "pool_open", "sim_started"),
     ("sim call → sim first byte (ttft knob)", "sim_started", "sim_first_byte"),
@@ -182,6 +184,7 @@ POINTS = [
     ("actor_recv", "coalescer", ("LeaseGranted", "LeaseQueued"), "co_granted"),
     ("actor_send", "coalescer", ("Admitted",), "co_admitted"),
     ("actor_send", "pacer", ("OpenStream",), "pacer_open"),
+    ("actor_send", "coalescer", ("OpenStream",), "co_open"),  # from a lease slice
     ("actor_recv", "pool", ("OpenStream",), "pool_recv"),
     ("pool_open", None, None, "pool_open"),
     ("hub_publish", None, ("delta",), "hub_delta"),

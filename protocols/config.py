@@ -285,6 +285,12 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
         "Pool processes (each with its own stream hub) the upstream calls spread over; "
         "default: 1 on up to 4 cores, else cores // 4 (4 on 16 cores)",
     ),
+    "SLUICE_LEASE_SLICE": (
+        "8",
+        _non_negative(int),
+        "lease grants a Coalescer shard may hold ahead of demand, from the Pacer's surplus "
+        '(0: off, every call asks the Pacer); see docs/architecture.md, "Lease slices"',
+    ),
     "PACER_MAX_QUEUE": ("1000", int, "requests that may wait for an upstream slot (429 beyond)"),
     "PACER_MAX_WAIT_MS": ("30000", _positive(float), "longest wait for an upstream slot (429 beyond)"),
     "UPSTREAM_CONNECT_TIMEOUT_S": ("10", _positive(float), "upstream connect timeout"),

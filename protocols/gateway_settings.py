@@ -87,6 +87,7 @@ class Settings:
     coalesce_error_ttl_s: float
     coalescer_shards: int
     pools: int  # load settles the default from the cores
+    lease_slice: int  # grants a shard may hold ahead of demand (0: off)
     pacer_max_queue: int
     pacer_max_wait_ms: float
     upstream_connect_timeout_s: float

@@ -7,6 +7,8 @@ Control plane (through Thespian, a handful per request):
     Coalescer --AbortStream / FailStream--> Pool
     Pool --StreamFinished--> Coalescer          Pool --LeaseRelease / AccountPause--> Pacer
     edge --Cancel--> Coalescer                  anyone --Records--> Metrics
+    Pacer --SliceGrant / SliceRecall--> Coalescer --SliceReport--> Pacer  (lease slices;
+    a shard holding a grant sends OpenStream to the Pool itself)
 
 Data plane (a msgpack stream from the Pool's stream hub to each edge process, see
 docs/architecture.md), after a handshake that authenticates the edge (actors/hub.py):
@@ -183,6 +185,45 @@ class AccountPause:
     key: int | None = None  # the key (index) that got the 429; None: every key of the account
 
 
+# --- lease slices: Pacer <-> Coalescer shard (docs/architecture.md, "Lease slices") -------
+
+
+@message("slice_grant")
+class SliceGrant:
+    """Pacer -> shard: leases granted ahead of demand (SLUICE_LEASE_SLICE). Each grant is
+    `[lease_id, key, keys, hub, pool, host]`: the lease id is the stream id of the call it
+    will open, on API key `key` (try `keys` in order), on the Pool `hub` (role) at
+    incarnation `pool`, which runs on cluster host `host` ("": one host; the shard uses
+    the grant only for a request that arrived there). Its token, concurrency slot and per-minute place are counted at the Pacer as
+    held until the shard reports it used or returns it. `pacer` is the granting Pacer's
+    incarnation (address): a shard drops the grants of a Pacer that died (`MemberLost`)."""
+
+    role: str  # the Pacer's role ("pacer:<account>"): where the shard reports
+    pacer: str
+    grants: list
+    size: int  # the slice the Pacer aims for: the shard asks for more at half of it
+
+
+@message("slice_recall")
+class SliceRecall:
+    """Pacer -> shard: give back every grant you hold unused (a request queued, a key's
+    circuit opened, a 429 pause, a settings change); grant nothing more from them."""
+
+    role: str  # the Pacer's role
+
+
+@message("slice_report")
+class SliceReport:
+    """Shard -> Pacer: the grants it used since its last report (`used`: their calls went
+    to the Pool) and those it gives back unused (`returned`), with `refill` when it wants
+    more (its slice is down to half)."""
+
+    coalescer: str  # the shard's address (who holds the slice)
+    used: list
+    returned: list
+    refill: bool = False
+
+
 # --- Pacer / Coalescer -> Pool -----------------------------------------------------------
 
 
@@ -198,6 +239,9 @@ class OpenStream:
     key: int = 0  # the account's API key (index) the lease was granted on
     keys: list | None = None  # the keys to try, attempt after attempt (default: [key])
     fallback_from: str = ""  # the provider the request was meant for, when it fell back
+    # A lease slice's grant names the Pool incarnation it was cut on: another incarnation
+    # (a replacement) refuses the call, which its Pacer no longer counts ("" = any).
+    pool: str = ""
 
 
 @message("abort_stream")

@@ -462,6 +462,7 @@ class SimPool:
         if isinstance(msg, m.FailStream):
             self.failed.append((msg.stream_id, msg.code))
         if isinstance(msg, (m.OpenStream, m.AbortStream, m.FailStream, FlushRecords)):
+            self.logic.incarnation = self.incarnation  # as actors/pool.py tells it its address
             return self._apply(self.logic.handle(msg, now), now)
         if isinstance(msg, _Step):
             call = self.running.get(msg.stream_id)
@@ -689,6 +690,7 @@ class Simulation:
         max_events: int = 5_000_000,
         pools: int = 1,
         hosts: dict[str, str] | None = None,
+        lease_slice: int = 0,
     ):
         if seed is None:
             seed = int(os.environ[SEED_ENV]) if os.environ.get(SEED_ENV) else random.SystemRandom().randrange(2**32)
@@ -714,7 +716,14 @@ class Simulation:
         self.nodes: dict[str, _Node] = {}
         self.lost = LostMembers()  # the Supervisor's deaths not announced yet (actors/member_loss.py)
 
-        self.pacer = PacerLogic(roles.pacer_account(roles.pacer_for(provider)), pacer or PacerSettings())
+        self.lease_slice = lease_slice  # SLUICE_LEASE_SLICE: grants a shard may hold ahead of demand
+        self.pacer = PacerLogic(
+            roles.pacer_account(roles.pacer_for(provider)),
+            pacer or PacerSettings(),
+            slice_size=lease_slice,
+            me=roles.pacer_for(provider),
+            new_lease_id=_counted_ids("g-1."),
+        )
         self.coalescers = [
             CoalescerLogic(
                 me=roles.coalescer(i),
@@ -844,7 +853,13 @@ class Simulation:
                     lease.released_at, lease.released_by = self.now, "PacerLost"
             self.old_leases.update(self.leases)  # the new Pacer's leases are counted afresh
             self.leases = {}
-            fresh = PacerLogic(self.pacer.provider, self.pacer.settings)
+            fresh = PacerLogic(
+                self.pacer.provider,
+                self.pacer.settings,
+                slice_size=self.lease_slice,
+                me=f"{name}@{node.incarnation}",
+                new_lease_id=_counted_ids(f"g-{node.incarnation}."),
+            )
             fresh.pools = self._pools_now()
             self.pacer, node.logic = fresh, _PacerHost(fresh, self)
         elif roles.is_coalescer(name):
@@ -987,8 +1002,19 @@ class Simulation:
         return Counter(type(d.msg).__name__ for d in self.trace if not (control_only and isinstance(d.msg, DATA_PLANE)))
 
     def grants(self) -> list[tuple[float, str]]:
-        """(time, lease_id) of every lease the Pacer granted, in order."""
-        return sorted((lease.granted_at, lease.lease_id) for lease in self.leases.values())
+        """(time, lease_id) of every lease the Pacer granted, in order. A slice grant counts
+        when its shard used it (its OpenStream left the shard); one given back unused does
+        not count."""
+        used = {
+            d.msg.lease_id: d.sent_at
+            for d in self.trace
+            if isinstance(d.msg, m.OpenStream) and roles.is_coalescer(d.src.partition("@")[0])
+        }
+        return sorted(
+            (used.get(lease.lease_id, lease.granted_at), lease.lease_id)
+            for lease in self.leases.values()
+            if lease.released_by != "SliceReport"
+        )
 
     def check_invariants(self) -> None:
         """What must hold when the system is quiet; raises SimulationError naming the seed."""
@@ -1018,7 +1044,7 @@ class Simulation:
                 if c.events not in expected:
                     self.fail(f"client {c.request_id} got {c.events}, but stream {c.stream_id} published {candidates}")
         pacer = self.pacer.state(self.now + self.nodes[roles.pacer_for(self.provider)].clock_offset)
-        if pacer["in_flight"] or pacer["queue_depth"]:
+        if pacer["in_flight"] or pacer["held"] or pacer["queue_depth"]:
             self.fail(f"pacer not idle at quiescence: {pacer}")
         for logic in self.coalescers:
             if logic.by_key or logic.by_stream:
@@ -1062,6 +1088,8 @@ class Simulation:
             # the Coalescer saw the grant: then its LeaseCancel (sent with a FailStream, which
             # stops the call if it is still running) may reach the Pacer first.
             allowed = {"LeaseCancel"} if call is None else {"LeaseRelease"}
+            if call is None:
+                allowed.add("SliceReport")  # a slice grant given back unused
             if lease.lease_id in self.old_leases or any(sid == lease.lease_id for sid, _ in failed):
                 allowed.add("LeaseRelease")  # a re-grant of a finished stream, given back by the Pool
             if call is not None and (lease.lease_id, "cancelled") in failed:

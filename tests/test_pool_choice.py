@@ -97,7 +97,13 @@ def test_the_pacer_prefers_a_pool_on_the_host_the_request_came_from():
     assert [sends(o, m.LeaseGranted)[0].msg.hub for o in at_b] == ["pool:1"] * 3
     out = logic.handle(request(3, host="10.0.0.1:19500"), "coalescer:0", 0.0)
     assert sends(out, m.OpenStream)[0].to == "pool"
-    assert logic.state(0.0)["pools"]["pool:1"] == {"in_flight": 3, "queued": 0, "up": True, "host": "10.0.0.2:19500"}
+    assert logic.state(0.0)["pools"]["pool:1"] == {
+        "in_flight": 3,
+        "held": 0,
+        "queued": 0,
+        "up": True,
+        "host": "10.0.0.2:19500",
+    }
     logic.handle(PoolAt(None, "pool:1"), None, 0.1)  # B's Pool is down: B's requests go to A's
     out = logic.handle(request(4, host="10.0.0.2:19500"), "coalescer:0", 0.1)
     assert sends(out, m.OpenStream)[0].to == "pool"
@@ -123,8 +129,8 @@ def test_grants_alternate_over_the_pools_and_name_the_pool():
         hubs.append(opened.to)
     assert hubs == ["pool", "pool:1", "pool", "pool:1"]
     assert logic.state(0.0)["pools"] == {
-        "pool": {"in_flight": 2, "queued": 0, "up": True, "host": ""},
-        "pool:1": {"in_flight": 2, "queued": 0, "up": True, "host": ""},
+        "pool": {"in_flight": 2, "held": 0, "queued": 0, "up": True, "host": ""},
+        "pool:1": {"in_flight": 2, "held": 0, "queued": 0, "up": True, "host": ""},
     }
 
 
@@ -176,7 +182,7 @@ def test_a_lost_pool_gives_back_only_its_leases_and_ends_what_was_queued_for_it(
     logic.handle(PoolAt("b:1", "pool:1"), None, 0.0)
     for n in range(4):  # s-0 on pool, s-1 on pool:1 granted; s-2 (pool), s-3 (pool:1) queued
         logic.handle(request(n), "coalescer:0", 0.0)
-    assert logic.state(0.0)["pools"]["pool"] == {"in_flight": 1, "queued": 1, "up": True, "host": ""}
+    assert logic.state(0.0)["pools"]["pool"] == {"in_flight": 1, "held": 0, "queued": 1, "up": True, "host": ""}
     logic.handle(PoolAt(None, "pool"), None, 0.1)  # the Wire without it
     logic.handle(PoolAt("a:2", "pool"), None, 0.4)  # its replacement
     out = logic.handle(m.MemberLost("pool", "a:1"), "supervisor", 0.5)

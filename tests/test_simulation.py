@@ -13,6 +13,7 @@ import pytest
 from actors.coalescer_logic import CoalescerFlags
 from actors.pacer_logic import PacerSettings
 from protocols import messages as m
+from protocols import roles
 from sim.harness import Simulation, SimulationError, Upstream, seeds
 
 pytestmark = pytest.mark.simulation
@@ -543,11 +544,15 @@ def test_calls_spread_over_both_pools_and_identical_ones_stay_one(seed):
     assert len({c.text for c in same}) == 1
 
 
+@pytest.mark.parametrize("lease_slice", [0, 8])
 @pytest.mark.parametrize("seed", seeds(10), ids=ids)
-def test_calls_run_on_a_pool_of_the_host_their_first_client_came_to(seed):
-    # Pool locality (docs/scale-out.md): hosts A and B, two Pools and an edge each.
+def test_calls_run_on_a_pool_of_the_host_their_first_client_came_to(seed, lease_slice):
+    # Pool locality (docs/scale-out.md): hosts A and B, two Pools and an edge each. With
+    # lease slices a shard's grants are on one host's Pools: it uses them only for requests
+    # that arrived there.
     hosts = {"pool": "A", "pool:1": "A", "e1": "A", "pool:2": "B", "pool:3": "B", "e2": "B"}
-    sim = Simulation(seed=seed, pacer=PacerSettings(rps=100, burst=100, concurrency=100), pools=4, hosts=hosts)
+    pacer = PacerSettings(rps=100, burst=100, concurrency=100)
+    sim = Simulation(seed=seed, pacer=pacer, pools=4, hosts=hosts, lease_slice=lease_slice)
     sim.upstream(ttft_ms=100, token_interval_ms=20, tokens=10)
     distinct = [sim.client(at=sim.rng.uniform(0, 0.2), text=f"q{i}", edge=f"e{i % 2 + 1}") for i in range(12)]
     # Identical requests at both hosts: one call, on the first one's host; the others listen there.
@@ -558,6 +563,8 @@ def test_calls_run_on_a_pool_of_the_host_their_first_client_came_to(seed):
         assert hosts[c.flight.hub or "pool"] == hosts[c.edge.removeprefix("edge:")], c.request_id
     assert {hosts[c.flight.hub] for c in same} == {"B"} and sim.upstream_calls == 13
     assert all(p.calls >= 2 for p in sim.pools), "each host's calls still spread over its Pools"
+    sliced = [d for d in sim.messages(m.OpenStream) if roles.is_coalescer(d.src.partition("@")[0])]
+    assert bool(sliced) == bool(lease_slice), "calls opened from slices (with slices only)"
 
 
 @pytest.mark.parametrize("seed", seeds(10), ids=ids)

@@ -87,17 +87,34 @@ def running_cluster(sim: str, hosts=HOSTS, per_host: dict | None = None, **extra
         wait_until(lambda: len(members(leader)) == len(hosts) - 1, timeout=30, message="every member listed")
         yield started
     finally:
-        for gw in reversed(started):  # members first: the leader sees them leave
-            gw.stop()
+        stop_hosts(started)
+
+
+def stop_hosts(started: list[Gateway]) -> None:
+    """Ctrl-C for every host, members first (the leader sees them leave); nothing of any
+    may be left."""
+    for gw in reversed(started):
+        gw.stop()
+    try:
+        wait_until(
+            lambda: all(gw.leftovers() == (set(), set()) for gw in started),
+            timeout=20,
+            message="no process or port left on any host",
+        )
+    finally:
+        for gw in started:
+            gw.kill_leftovers()
+
+
+def signal_tree(gw: Gateway, sig: int) -> None:
+    """`sig` to run.py and everything it started (its actor system, watchdog, workers)."""
+    victims = descendants(gw.proc.pid) | {gw.proc.pid}
+    gw.tree |= victims
+    for pid in victims:
         try:
-            wait_until(
-                lambda: all(gw.leftovers() == (set(), set()) for gw in started),
-                timeout=20,
-                message="no process or port left on any host",
-            )
-        finally:
-            for gw in started:
-                gw.kill_leftovers()
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def admin_state(gw: Gateway, role: str) -> dict:
@@ -322,13 +339,7 @@ def test_a_killed_member_is_noticed_its_streams_end_and_the_rest_goes_on(sim):
         threads = [threading.Thread(target=read, args=(i, c), daemon=True) for i, c in enumerate(clients)]
         for thread in threads:
             thread.start()
-        victims = descendants(member.proc.pid) | {member.proc.pid}
-        member.tree |= victims
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        signal_tree(member, signal.SIGKILL)
         killed_at = time.monotonic()
         wait_until(lambda: members(leader) == {}, timeout=60, message="the leader notices the lost member")
         print(f"member loss noticed {time.monotonic() - killed_at:.2f} s after SIGKILL")
@@ -422,13 +433,7 @@ def test_a_lost_leader_stops_admission_and_its_restart_takes_the_members_back(si
         status, ready = get_json(member.url + "/readyz")
         orphan = ready["actors"]["pool:1"]["pid"]  # the member's Pool, placed by the leader's Supervisor
         assert orphan in descendants(member.proc.pid)
-        victims = descendants(leader.proc.pid) | {leader.proc.pid}
-        leader.tree |= victims
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        signal_tree(leader, signal.SIGKILL)
         killed_at = time.monotonic()
         leader.proc.wait(10)
         # The member's edge stops admitting: /readyz says so (the load balancer's cue) and a
@@ -599,13 +604,7 @@ def test_a_member_takes_coalescer_shards_and_its_loss_brings_them_back(sim):
             pass
         pools = admin_state(leader, "pacer")["pacer:simulated"]["pools"]
         on = next(role for role, p in pools.items() if p["in_flight"])
-        victims = descendants(member.proc.pid) | {member.proc.pid}
-        member.tree |= victims
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        signal_tree(member, signal.SIGKILL)
         killed_at = time.monotonic()
         wait_until(
             lambda: actor_pid(leader, "coalescer:1") in descendants(leader.proc.pid),
@@ -724,13 +723,7 @@ def test_a_member_restarted_at_its_address_before_its_loss_is_noticed_serves_aga
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        victims = descendants(member.proc.pid) | {member.proc.pid}
-        member.tree |= victims
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        signal_tree(member, signal.SIGKILL)
         killed_at = time.monotonic()
         member.proc.wait(10)
         again = same_address(member)

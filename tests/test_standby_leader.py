@@ -13,7 +13,6 @@ order), one simulated provider process counting the upstream calls.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -33,7 +32,15 @@ from tests.support import (
     stream_chat,
     wait_until,
 )
-from tests.test_scale_out import admin_state, calls_for, cluster_env, members, same_address
+from tests.test_scale_out import (
+    admin_state,
+    calls_for,
+    cluster_env,
+    members,
+    same_address,
+    signal_tree,
+    stop_hosts,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -58,17 +65,7 @@ def standby_cluster(sim: str, hosts: tuple[str, ...], **extra: str):
             print(f"===== {gw.host}", *[line for line in lines if "sluice.access" not in line][-40:], sep="\n")
         raise
     finally:
-        for gw in reversed(started):
-            gw.stop()
-        try:
-            wait_until(
-                lambda: all(gw.leftovers() == (set(), set()) for gw in started),
-                timeout=20,
-                message="no process or port left on any host",
-            )
-        finally:
-            for gw in started:
-                gw.kill_leftovers()
+        stop_hosts(started)
 
 
 def address(gw: Gateway) -> str:
@@ -90,17 +87,6 @@ def ready(gw: Gateway) -> bool:
         return request("GET", gw.url + "/readyz", timeout=5)[0] == 200
     except Exception:
         return False
-
-
-def signal_tree(gw: Gateway, sig: int) -> None:
-    """`sig` to run.py and everything it started (its actor system, watchdog, workers)."""
-    victims = descendants(gw.proc.pid) | {gw.proc.pid}
-    gw.tree |= victims
-    for pid in victims:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def served(gw: Gateway, tag: str) -> bool:

@@ -430,7 +430,7 @@ class PacerLogic:
         # Those already waiting go first: whatever can be granted now is, before a
         # newcomer is queued behind them (or sees a full queue that is not full).
         out = self._drain(now) if self.queue else []
-        hub = msg.hub if msg.hub and self.pools.known(msg.hub) else self.pools.choose(self._pool_loads(), msg.host)
+        hub = msg.hub if msg.hub and self.pools.known(msg.hub) else self._choose_pool(msg.host)
         waiter = _Waiter(msg.lease_id, sender, now, msg, hub, self.pools.incarnation(hub))
         alternatives = self._alternatives(msg)
         if self._all_open():
@@ -505,14 +505,20 @@ class PacerLogic:
             loads[held.key] = loads.get(held.key, 0) + 1
         return loads
 
-    def _pool_loads(self) -> dict[str, int]:
-        """Calls per Pool (role): granted and still running, and queued for it. Slice grants
-        a shard holds unused are not calls yet: counted, they would make a host's Pools look
-        busy to Pool locality while its shards merely hold budget (they rotate over equals)."""
+    def _choose_pool(self, near: str) -> str:
+        """The Pool for a call (or a slice grant) whose first client arrived at `near`."""
+        return self.pools.choose(self._pool_loads(), near, busy=self._pool_loads(held=False))
+
+    def _pool_loads(self, held: bool = True) -> dict[str, int]:
+        """Calls per Pool (role): granted and still running, and queued for it; with `held`,
+        also the slice grants shards hold for it unused (calls to come: they spread the
+        grants of a slice over the Pools). Pool locality's "much busier" test counts calls
+        only: held grants are budget, and counted there they made a host whose shards had
+        just been cut slices send its own requests elsewhere (the simulation found it)."""
         loads: dict[str, int] = {}
-        for held in self.in_flight.values():
-            if held.sliced != "held":
-                loads[held.hub] = loads.get(held.hub, 0) + 1
+        for lease in self.in_flight.values():
+            if held or lease.sliced != "held":
+                loads[lease.hub] = loads.get(lease.hub, 0) + 1
         for waiter in self.queue:
             loads[waiter.hub] = loads.get(waiter.hub, 0) + 1
         return loads
@@ -606,7 +612,7 @@ class PacerLogic:
             # On a Pool of the host the shard's requests last came from (Pool locality):
             # the shard takes a grant only for a request from that host.
             near = self.asker_hosts.get(asker, "")
-            hub = self.pools.choose(self._pool_loads(), near)
+            hub = self._choose_pool(near)
             pool = self.pools.incarnation(hub)
             if pool is None:
                 break  # no Pool up: nothing to open a call on

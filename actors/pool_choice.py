@@ -69,9 +69,12 @@ class PoolChoice:
     def up(self) -> list[str]:
         return [r for r, inc in self.at.items() if inc is not None]
 
-    def choose(self, loads: dict[str, int], near: str = "") -> str:
+    def choose(self, loads: dict[str, int], near: str = "", busy: dict[str, int] | None = None) -> str:
         """The Pool for a new call, given the calls (granted + queued) on each; `near`: the
-        host the call's first client arrived at ("": anywhere)."""
+        host the call's first client arrived at ("": anywhere); `busy`: the loads the
+        "much more loaded" test compares (default `loads`; the Pacer leaves out the lease
+        slices' grants held unused)."""
+        busy = loads if busy is None else busy
         order = list(self.at)
         candidates = self.up() or order
         n = len(order)
@@ -82,7 +85,7 @@ class PoolChoice:
         local = [r for r in rotated if near and self.hosts.get(r) == near and self.at.get(r) is not None]
         if local:
             nearest = min(local, key=lambda r: loads.get(r, 0))
-            if not spill(loads.get(nearest, 0), loads.get(best, 0)):
+            if not spill(busy.get(nearest, 0), min(busy.get(r, 0) for r in rotated)):
                 best = nearest
         self._last = order.index(best)
         return best

@@ -90,7 +90,10 @@ def test_streams_spread_over_both_pools_and_a_cancel_aborts_on_each(gw):
             first_delta(client)
         pools = admin_state(gw, "pool")
         assert set(pools) == {"pool", "pool:1"}
-        assert [len(pools[r]["open_calls"]) for r in ("pool", "pool:1")] == [3, 3], pools
+        # Least loaded first: 3 and 3 when the Pacer chooses each; with lease slices a grant's
+        # Pool is chosen when the slice is cut, so a shard's calls can land one off (2 and 4).
+        counts = [len(pools[r]["open_calls"]) for r in ("pool", "pool:1")]
+        assert sum(counts) == 6 and min(counts) >= 2, pools
         # Each Pool's own hub serves its streams: the edge holds a connection to each.
         assert [pools[r]["hub"]["edge_connections"] for r in ("pool", "pool:1")] == [1, 1], pools
         # The Pacer holds a lease on each Pool for every call running there: granted

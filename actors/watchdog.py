@@ -9,7 +9,6 @@ docs/benchmarks.md "Idle memory"). Only when run.py is gone does it load `site` 
 lives in site-packages) and actors/system.py.
 """
 
-import os
 import sys
 import time
 

@@ -13,7 +13,7 @@ The Supervisor is no single point of failure: run.py's `SupervisorKeeper`
 the last directory it saw; the new Supervisor adopts the actors of that directory that
 answer, and recreates those that do not. Watching run.py itself (shutting the actor
 system down when run.py dies) is not done here but by a watchdog process of its own
-(`python -m actors.system watch`), so that it does not die with the Supervisor.
+(`python -S -m actors.watchdog`), so that it does not die with the Supervisor.
 
 Several hosts (docs/scale-out.md): the Supervisor runs on the leader of a Thespian
 Convention and hears of every host that joins or leaves it (Thespian's

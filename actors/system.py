@@ -8,9 +8,10 @@ asking politely we wait a little, then SIGKILL whatever is left in that process 
 
 `python -m actors.system stop HOST PORT PGID` does the same from outside.
 
-`python -m actors.system watch PARENT HOST PORT PGID` is the orphan watchdog: a small
+`python -S -m actors.watchdog PARENT HOST PORT PGID` is the orphan watchdog: a small
 process of its own (run.py starts it, and restarts it if it dies) that waits for run.py
-to end and then stops the actor system if anything of it is left. It lives outside the
+to end and then stops the actor system if anything of it is left (`watch`; `python -m
+actors.system watch ...` does the same with a larger interpreter). It lives outside the
 actor system so that no actor's death (the Supervisor's included) takes it along. Both
 get the cluster secret in their environment (SLUICE_CLUSTER_SECRET), never in argv.
 
@@ -315,7 +316,8 @@ def start_watchdog(parent: int, host: str, port: int, group: int) -> subprocess.
     """The orphan watchdog for the actor system in `group`, watching `parent`."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.Popen(
-        [sys.executable, "-m", "actors.system", "watch", str(parent), host, str(port), str(group)],
+        # -S: no site while it waits (actors/watchdog.py loads it to stop the system).
+        [sys.executable, "-S", "-m", "actors.watchdog", str(parent), host, str(port), str(group)],
         cwd=root,
         # The secret in the environment, never in argv (any local user can read argv).
         env={**os.environ, "SLUICE_CLUSTER_SECRET": cluster_secret.get().decode()},

@@ -276,7 +276,7 @@ class Sluice:
 
         roles = roles_of(self.gw)
         for pid in self.gw.pids():
-            if " actors.system watch " in cmdline(pid):
+            if " actors.watchdog " in cmdline(pid) or " actors.system watch " in cmdline(pid):
                 roles[pid] = "watchdog"
             if self.gw.gw.port in {port for _, port in listening_ports({pid})} and not roles.get(pid, "").startswith(
                 "edge"

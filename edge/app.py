@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import time
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -35,12 +36,14 @@ from edge.records import RecordSender
 from edge.rejections import Rejection
 from edge.sse_stream import SSEStream
 from edge.streams import LocalStreams, new_request_id
-from edge.worker_relay import WorkerRelay
 from protocols import messages as m
 from protocols.config import PROVIDERS
 from protocols.gateway_settings import Settings
 from protocols.keys import coalescing_key
 from protocols.providers import adapter_for
+
+if TYPE_CHECKING:  # the relay (and its httpcore) is loaded only with several workers: edge/worker.py
+    from edge.worker_relay import WorkerRelay
 
 log = logging.getLogger("sluice.edge")
 

@@ -136,6 +136,22 @@ class Upstream:
         return (self.ttft_ms + self.tokens * self.token_interval_ms) / 1000.0
 
 
+def chaotic_upstream(rng: random.Random) -> Callable[[UpstreamRequest], Upstream]:
+    """The chaos runs' provider, every call drawn from `rng`: 10 % a 429 (with or without a
+    Retry-After), 10 % an in-band error after a few tokens, else a stream of random pace
+    and length."""
+
+    def behaviour(req: UpstreamRequest) -> Upstream:
+        kind = rng.random()
+        if kind < 0.1:
+            return Upstream(ttft_ms=rng.uniform(50, 400), fail=429, retry_after_s=rng.choice([None, 0.5, 2.0]))
+        if kind < 0.2:
+            return Upstream(ttft_ms=rng.uniform(50, 400), tokens=10, fail="error", fail_after=rng.randrange(0, 10))
+        return Upstream(ttft_ms=rng.uniform(50, 800), token_interval_ms=rng.uniform(5, 60), tokens=rng.randrange(0, 15))
+
+    return behaviour
+
+
 @dataclass(frozen=True)
 class UpstreamRequest:
     """What a behaviour function sees: the n-th upstream call (1-based) and its request."""

@@ -16,7 +16,7 @@ from protocols import messages as m
 from protocols import roles
 from protocols.effects import Send
 from protocols.keys import coalescing_key, shard_of
-from sim.harness import Simulation, Upstream, seeds
+from sim.harness import Simulation, Upstream, chaotic_upstream, seeds
 
 pytestmark = pytest.mark.simulation
 
@@ -354,16 +354,7 @@ def chaos(seed: int, kills: int) -> Simulation:
     settings = PacerSettings(rps=20, burst=10, concurrency=8, rpm=200, max_queue=30, max_wait_s=8)
     sim = Simulation(seed=seed, shards=3, pacer=settings, latency_ms=(0.3, 5.0), metrics=True, lease_slice=4, pools=2)
     rng = sim.rng
-
-    def behaviour(req):
-        kind = rng.random()
-        if kind < 0.1:
-            return Upstream(ttft_ms=rng.uniform(50, 400), fail=429, retry_after_s=rng.choice([None, 0.5, 2.0]))
-        if kind < 0.2:
-            return Upstream(ttft_ms=rng.uniform(50, 400), tokens=10, fail="error", fail_after=rng.randrange(0, 10))
-        return Upstream(ttft_ms=rng.uniform(50, 800), token_interval_ms=rng.uniform(5, 60), tokens=rng.randrange(0, 15))
-
-    sim.upstream(behaviour)
+    sim.upstream(chaotic_upstream(rng))
     for _ in range(120):
         at = rng.uniform(0, 10)
         leave = at + rng.uniform(0, 2) if rng.random() < 0.3 else None

@@ -14,7 +14,7 @@ from actors.coalescer_logic import CoalescerFlags
 from actors.pacer_logic import PacerSettings
 from protocols import messages as m
 from protocols import roles
-from sim.harness import Simulation, SimulationError, Upstream, seeds
+from sim.harness import Simulation, SimulationError, Upstream, chaotic_upstream, seeds
 
 pytestmark = pytest.mark.simulation
 
@@ -433,16 +433,7 @@ def chaos(seed, latency_ms=(0.3, 5.0), kills=0, flips=0, pools=1):
         pools=pools,
     )
     rng = sim.rng
-
-    def behaviour(req):
-        kind = rng.random()
-        if kind < 0.1:
-            return Upstream(ttft_ms=rng.uniform(50, 400), fail=429, retry_after_s=rng.choice([None, 0.5, 2.0]))
-        if kind < 0.2:
-            return Upstream(ttft_ms=rng.uniform(50, 400), tokens=10, fail="error", fail_after=rng.randrange(0, 10))
-        return Upstream(ttft_ms=rng.uniform(50, 800), token_interval_ms=rng.uniform(5, 60), tokens=rng.randrange(0, 15))
-
-    sim.upstream(behaviour)
+    sim.upstream(chaotic_upstream(rng))
     for _ in range(80):
         at = rng.uniform(0, 10)
         leave = at + rng.uniform(0, 2) if rng.random() < 0.3 else None

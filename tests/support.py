@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -156,3 +157,18 @@ def worker_pids(gw) -> dict[str, int]:
         if parent == gw.proc.pid and b"edge.worker" in argv:
             out[argv[argv.index(b"--slot") + 1].decode()] = int(pid)
     return out
+
+
+def read_in_background(clients: list[SSEClient]) -> tuple[dict[int, dict], list[threading.Thread]]:
+    """Read each client to its end in a thread of its own (a test kills something while
+    they stream): `ends[i]` is client i's last data event once its thread has ended."""
+    ends: dict[int, dict] = {}
+
+    def read(i: int, client: SSEClient) -> None:
+        client.read_all()
+        ends[i] = data_events(client.events)[-1]
+
+    threads = [threading.Thread(target=read, args=(i, c), daemon=True) for i, c in enumerate(clients)]
+    for thread in threads:
+        thread.start()
+    return ends, threads

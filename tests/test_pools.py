@@ -12,14 +12,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.support import SSEClient, chat_body, data_events, get_json, request, running_gateway, stream_chat, wait_until
+from tests.support import (
+    SSEClient,
+    chat_body,
+    data_events,
+    get_json,
+    read_in_background,
+    request,
+    running_gateway,
+    stream_chat,
+    wait_until,
+)
 
 TOKEN = "pools-test-token"
 ENV = {
@@ -152,15 +161,7 @@ def test_a_killed_pool_ends_only_its_own_streams_and_gives_its_leases_back(gw):
     for client in clients:
         first_delta(client)
     assert {r: p["in_flight"] for r, p in pacer_pools(gw).items()} == {"pool": 3, "pool:1": 3}
-    ends: dict[int, dict] = {}
-
-    def read(i: int, client: SSEClient) -> None:
-        client.read_all()
-        ends[i] = data_events(client.events)[-1]
-
-    threads = [threading.Thread(target=read, args=(i, c), daemon=True) for i, c in enumerate(clients)]
-    for thread in threads:
-        thread.start()
+    ends, threads = read_in_background(clients)
     victim = pid_of(gw, "pool")
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()

@@ -46,6 +46,7 @@ from tests.support import (
     data_events,
     descendants,
     get_json,
+    read_in_background,
     request,
     stream_chat,
     wait_until,
@@ -330,15 +331,7 @@ def test_a_killed_member_is_noticed_its_streams_end_and_the_rest_goes_on(sim):
                 pass
         pools = admin_state(leader, "pacer")["pacer:simulated"]["pools"]
         assert {r: p["in_flight"] for r, p in pools.items()} == {"pool": 2, "pool:1": 2}, pools
-        ends: dict[int, dict] = {}
-
-        def read(i: int, client: SSEClient) -> None:
-            client.read_all()
-            ends[i] = data_events(client.events)[-1]
-
-        threads = [threading.Thread(target=read, args=(i, c), daemon=True) for i, c in enumerate(clients)]
-        for thread in threads:
-            thread.start()
+        ends, threads = read_in_background(clients)
         signal_tree(member, signal.SIGKILL)
         killed_at = time.monotonic()
         wait_until(lambda: members(leader) == {}, timeout=60, message="the leader notices the lost member")

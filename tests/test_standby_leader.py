@@ -14,7 +14,6 @@ order), one simulated provider process counting the upstream calls.
 from __future__ import annotations
 
 import signal
-import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from tests.support import (
     chat_body,
     data_events,
     descendants,
+    read_in_background,
     request,
     stream_chat,
     wait_until,
@@ -115,15 +115,7 @@ def test_a_standby_takes_over_from_a_killed_leader_and_the_old_leader_rejoins_as
         for client in clients:
             while (event := client.next()) is not None and not (event[0] == "message" and event[1]["type"] == "delta"):
                 pass
-        ends: dict[int, dict] = {}
-
-        def read(i: int, client: SSEClient) -> None:
-            client.read_all()
-            ends[i] = data_events(client.events)[-1]
-
-        threads = [threading.Thread(target=read, args=(i, cl), daemon=True) for i, cl in enumerate(clients)]
-        for thread in threads:
-            thread.start()
+        ends, threads = read_in_background(clients)
         signal_tree(a, signal.SIGKILL)
         killed_at = time.monotonic()
         a.proc.wait(10)

@@ -9,7 +9,8 @@ Admitted to the edges, with no LeaseRequest / LeaseGranted round trip through th
 What the shard owes the Pacer, in batches (`SliceReport`):
 
 - the grants it used, once its slice is down to half (with `refill`: it wants more), so
-  the Pacer stops counting their tokens as held;
+  the Pacer stops counting their tokens as held (the Pool that ran their calls has
+  usually told it first: `SliceOpened` / `LeaseRelease.opened`; the second word is a no-op);
 - everything it holds, at once, on a `SliceRecall` (a request had to queue at the Pacer,
   a circuit opened, a 429 pause, a settings change), and when none was used for
   `IDLE_S` (an idle shard keeps no budget from the others);

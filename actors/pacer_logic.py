@@ -46,8 +46,9 @@ Lease slices (`slice_size` > 0, SLUICE_LEASE_SLICE; docs/architecture.md, "Lease
 a shard that asks for a lease again within SLICE_DEMAND_S and is granted it at once, or
 that reports the grants it used (`SliceReport(refill)`), is handed up to `slice_size`
 grants ahead of demand (`SliceGrant`), each a lease in `in_flight` held
-by that shard (`_Held.sliced`: "held" until reported used, then "used" until its call's
-LeaseRelease), with its token and per-minute place taken from surplus only (key_choice.py
+by that shard (`_Held.sliced`: "held" until reported used — by the Pool that opened its
+call, `SliceOpened` / `LeaseRelease.opened`, at most OPENED_FLUSH_S late, or by the shard's
+`SliceReport`, whichever comes first — then "used" until its call's LeaseRelease), with its token and per-minute place taken from surplus only (key_choice.py
 `can_slice`). The shard opens a call with one itself: OpenStream to the Pool, Admitted to
 the edges, nothing to the Pacer. Everything that must stop grants recalls the slices
 (`SliceRecall`): a request that has to queue (so the head of the queue gets them first),
@@ -193,6 +194,7 @@ class PacerLogic:
         if isinstance(msg, m.LeaseRequest):
             return self._request(msg, sender, now)
         if isinstance(msg, m.LeaseRelease):
+            self._opened(msg.opened or [], now)
             held = self._pop(msg.lease_id, now)
             self._verdicts(held, msg.key_results or [], now)
             out: list = []
@@ -212,6 +214,9 @@ class PacerLogic:
             return out + self._drain(now)
         if isinstance(msg, m.SliceReport):
             return self._slice_report(msg, sender, now)
+        if isinstance(msg, m.SliceOpened):
+            self._opened(msg.lease_ids, now)
+            return self._drain(now)
         if isinstance(msg, m.LeaseCancel):
             out = []
             held = self._pop(msg.lease_id, now)
@@ -580,10 +585,7 @@ class PacerLogic:
     def _slice_report(self, msg: m.SliceReport, sender: Any, now: float) -> list:
         self.holders[msg.coalescer] = sender
         for lease_id in msg.used:
-            held = self.in_flight.get(lease_id)
-            if held is not None and held.sliced == "held" and held.asker == msg.coalescer:
-                self.buckets[held.key].slice_used(now)
-                self.in_flight[lease_id] = replace(held, sliced="used")
+            self._mark_used(lease_id, now, msg.coalescer)
         for lease_id in msg.returned:
             held = self.in_flight.get(lease_id)
             if held is not None and held.sliced == "held" and held.asker == msg.coalescer:
@@ -595,6 +597,21 @@ class PacerLogic:
         if msg.refill:
             out += self._top_up(msg.coalescer, sender, now)
         return out
+
+    def _opened(self, lease_ids: list, now: float) -> None:
+        """The Pool opened calls with these slice grants (`SliceOpened`, `LeaseRelease.opened`):
+        in flight on it from now, whether or not their shard has reported them yet."""
+        for lease_id in lease_ids:
+            self._mark_used(str(lease_id), now)
+
+    def _mark_used(self, lease_id: str, now: float, asker: str | None = None) -> None:
+        """A held grant was used (the Pool or its shard says so, whichever comes first): its
+        token is spent and its per-minute place stamped now, no earlier than its call. The
+        second word of it finds it "used" and changes nothing."""
+        held = self.in_flight.get(lease_id)
+        if held is not None and held.sliced == "held" and (asker is None or held.asker == asker):
+            self.buckets[held.key].slice_used(now)
+            self.in_flight[lease_id] = replace(held, sliced="used")
 
     def _top_up(self, asker: str, sender: Any, now: float) -> list:
         """Hand `asker` grants up to `slice_size`, from surplus only, while nothing waits."""

@@ -8,7 +8,8 @@ Control plane (through Thespian, a handful per request):
     Pool --StreamFinished--> Coalescer          Pool --LeaseRelease / AccountPause--> Pacer
     edge --Cancel--> Coalescer                  anyone --Records--> Metrics
     Pacer --SliceGrant / SliceRecall--> Coalescer --SliceReport--> Pacer  (lease slices;
-    a shard holding a grant sends OpenStream to the Pool itself)
+    a shard holding a grant sends OpenStream to the Pool itself; the Pool tells the Pacer
+    in LeaseRelease.opened or, if no release goes first, SliceOpened)
 
 Data plane (a msgpack stream from the Pool's stream hub to each edge process, see
 docs/architecture.md), after a handshake that authenticates the edge (actors/hub.py):
@@ -173,6 +174,9 @@ class LeaseRelease:
     retry_after_s: float | None = None  # upstream said 429 Retry-After
     # [[key index, ok]] per attempt that gave a verdict on its key (actors/circuit.py)
     key_results: list | None = None
+    # Lease slices: the ids of other calls this Pool opened from a shard's grant since it
+    # last told this Pacer (`SliceOpened`, which this saves when a release goes first).
+    opened: list | None = None
 
 
 @message("account_pause")
@@ -222,6 +226,17 @@ class SliceReport:
     used: list
     returned: list
     refill: bool = False
+
+
+@message("slice_opened")
+class SliceOpened:
+    """Pool -> Pacer: the calls it opened from shards' slice grants (`lease_ids`), which
+    the Pacer counted as held (unused) until now: from here they count as in flight on
+    this Pool. Sent at most `OPENED_FLUSH_S` after the first of them opened (actors/
+    pool_logic.py), and only when no `LeaseRelease.opened` carried them first."""
+
+    pool: str  # the Pool's role
+    lease_ids: list
 
 
 # --- Pacer / Coalescer -> Pool -----------------------------------------------------------

@@ -76,7 +76,7 @@ from actors.member_loss import LostMembers
 from actors.metrics_logic import MetricsLogic
 from actors.pacer_logic import PacerLogic, PoolAt
 from actors.pool_choice import PoolChoice
-from actors.pool_logic import CANCELLED, CallEnd, FlushRecords, MarkOpen, PoolLogic, Publish, Start, Stop
+from actors.pool_logic import CANCELLED, CallEnd, FlushOpened, FlushRecords, MarkOpen, PoolLogic, Publish, Start, Stop
 from edge.dataplane import hub_lost
 from edge.flights import Admit, EdgeFlights, Flight, Listen, Push, Refuse, Unlisten
 from edge.listeners import Listeners
@@ -477,7 +477,7 @@ class SimPool:
     def _handle(self, msg, sender, now: float) -> list:
         if isinstance(msg, m.FailStream):
             self.failed.append((msg.stream_id, msg.code))
-        if isinstance(msg, (m.OpenStream, m.AbortStream, m.FailStream, FlushRecords)):
+        if isinstance(msg, (m.OpenStream, m.AbortStream, m.FailStream, FlushRecords, FlushOpened)):
             self.logic.incarnation = self.incarnation  # as actors/pool.py tells it its address
             return self._apply(self.logic.handle(msg, now), now)
         if isinstance(msg, _Step):

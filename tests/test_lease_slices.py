@@ -329,6 +329,72 @@ def test_a_grant_on_a_dead_pool_does_not_open_a_call_at_its_replacement(seed):
     assert late.stream_id not in {c.stream_id for c in sim.pool.log}, "no call ran uncounted"
 
 
+# --- what the Pacer counts: a grant in use is in flight on its Pool ------------------------------
+
+
+def _pool_counts(pacer: PacerLogic, now: float) -> dict:
+    return {role: (p["in_flight"], p["held"]) for role, p in pacer.state(now)["pools"].items()}
+
+
+def test_a_grant_its_pool_says_is_used_counts_in_flight_there_before_the_shard_reports():
+    pacer, grants = _pacer_with_slices()
+    g = [grant[0] for grant in grants]
+    assert _pool_counts(pacer, 0.0) == {"pool": (2, 4)}  # s-0 and s-1 granted; four held
+    # The Pool opened a call with g0 (SliceOpened), then with g1 (told in a release).
+    pacer.handle(m.SliceOpened("pool", [g[0]]), "pool", 0.1)
+    assert _pool_counts(pacer, 0.1) == {"pool": (3, 3)}
+    pacer.handle(m.LeaseRelease("s-0", None, None, [g[1]]), "pool", 0.2)
+    assert _pool_counts(pacer, 0.2) == {"pool": (3, 2)}
+    assert pacer.state(0.2)["in_flight"] == 3 and pacer.state(0.2)["slices"] == {"coalescer:0": 2}
+    # Each counted used once: its token spent, its per-minute place stamped at the first word.
+    assert sum(b.held for b in pacer.buckets) == 2 and sum(b.outstanding for b in pacer.buckets) == 2
+    stamped = sorted(t for b in pacer.buckets for t in b.recent_grants)
+    # The shard's report of the same two comes later and changes nothing.
+    pacer.handle(m.SliceReport("coalescer:0", [g[0], g[1]], [], False), "coalescer:0", 0.3)
+    assert _pool_counts(pacer, 0.3) == {"pool": (3, 2)}
+    assert sorted(t for b in pacer.buckets for t in b.recent_grants) == stamped
+    assert sum(b.held for b in pacer.buckets) == 2
+    # Word of a lease that is no slice grant, or gone, changes nothing either.
+    pacer.handle(m.SliceOpened("pool", ["s-1", "nobody"]), "pool", 0.4)
+    assert _pool_counts(pacer, 0.4) == {"pool": (3, 2)}
+
+
+def test_a_dead_pools_used_and_held_grants_come_back_at_its_member_lost():
+    pacer, grants = _pacer_with_slices()
+    g = [grant[0] for grant in grants]
+    pacer.handle(m.SliceOpened("pool", [g[0]]), "pool", 0.1)  # used, and its Pool told us
+    # g1 used too, but the Pool died before telling; g2, g3 unused at the shard.
+    pacer.handle(m.MemberLost("pool", "pool"), None, 0.2)
+    assert pacer.in_flight == {}, "every lease on the dead Pool is back"
+    assert _pool_counts(pacer, 0.2) == {"pool": (0, 0)}
+    assert sum(b.held for b in pacer.buckets) == 0 and sum(b.outstanding for b in pacer.buckets) == 0
+    # The shard's late report of g1 (used) finds nothing to count twice.
+    pacer.handle(m.SliceReport("coalescer:0", [g[1]], [], False), "coalescer:0", 0.3)
+    assert sum(b.held for b in pacer.buckets) == 0 and pacer.in_flight == {}
+
+
+@pytest.mark.parametrize("seed", seeds(10), ids=ids)
+def test_the_pacer_counts_every_call_on_the_pool_that_runs_it_while_the_slices_are_out(seed):
+    # Long calls over two Pools: once they all run, the Pacer's per-Pool in_flight (the
+    # admin state, the pacer_leases gauge) is each Pool's open calls, the ones shards opened
+    # from their slices included, though no shard has reported them (they still hold grants).
+    sim = Simulation(seed=seed, pacer=PacerSettings(rps=100, burst=50, concurrency=50), lease_slice=8, pools=2)
+    sim.upstream(ttft_ms=100, token_interval_ms=20, tokens=100)  # 2.1 s calls
+    # Five and four requests on the two shards: each is cut a slice of 8 at its second ask and
+    # opens the rest from it, never down to half its slice (when it would report them).
+    texts = [(text, f"e{shard + 1}") for shard, n in ((0, 5), (1, 4)) for text in texts_on(shard, n, prefix="k")]
+    clients = [sim.client(at=sim.rng.uniform(0, 0.3), text=text, edge=edge) for text, edge in texts]
+    sim.run(until=1.0, check=False)
+    assert len(sliced_calls(sim)) >= 3, "calls were opened from the slices"
+    assert not sim.messages(m.SliceReport), "and no shard reported them"
+    assert all(not c.outcome for c in clients), "all still running"
+    counts = _pool_counts(sim.pacer, sim.now)
+    assert {role: n for role, (n, _) in counts.items()} == {p.name: len(p.logic.calls) for p in sim.pools}
+    assert sum(held for _, held in counts.values()) > 0, "the slices are still out, unreported"
+    sim.run()
+    assert {c.outcome for c in clients} == {"done"}
+
+
 # --- rule 7: live settings -------------------------------------------------------------------------
 
 

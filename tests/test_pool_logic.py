@@ -9,9 +9,11 @@ import pytest
 
 from actors.hub_logic import HubLogic
 from actors.pool_logic import (
+    OPENED_FLUSH_S,
     RECORD_BATCH,
     RECORD_FLUSH_S,
     CallEnd,
+    FlushOpened,
     FlushRecords,
     MarkOpen,
     PoolLogic,
@@ -285,6 +287,72 @@ def test_a_retry_pauses_the_account_on_a_429_and_is_recorded():
     host.flush()
     assert [(r["reason"], r["attempt"]) for r in host.records("retry")] == [("reset", 2), ("rate_limited", 3)]
     assert host.logic.retrying("gone", "SIMULATED", 0, "reset", 1, 1.0, 0.4) == []
+
+
+# --- calls opened from lease slices: their Pacer hears of them (docs/architecture.md) -----------
+
+
+def slice_open(stream_id: str, pool: str = "pool:1@1") -> m.OpenStream:
+    """A shard's OpenStream from its lease slice: it names the Pool incarnation of the grant."""
+    return m.OpenStream(stream_id, "simulated", "sim-1", {"messages": []}, stream_id, 0.0, SHARD, pool=pool)
+
+
+def opened_timers(host) -> list[After]:
+    return [t for t in host.timers if isinstance(t.msg, FlushOpened)]
+
+
+def test_calls_opened_from_slices_ride_on_the_next_release_to_their_pacer():
+    host = Host()
+    host.handle(slice_open("g-1"), 0.0)
+    host.handle(slice_open("g-2"), 0.05)
+    host.handle(open_stream("s-1"), 0.05)  # the Pacer's own grant: it knows this one
+    assert host.logic.state()["unreported_opens"] == 2
+    host.ended("s-1", CallEnd("done"), now=0.1)
+    [release] = host.of(m.LeaseRelease)
+    assert release.to == PACER and release.msg.lease_id == "s-1" and release.msg.opened == ["g-1", "g-2"]
+    [timer] = opened_timers(host)
+    assert timer.delay_s == pytest.approx(OPENED_FLUSH_S)
+    assert host.handle(FlushOpened(), OPENED_FLUSH_S) == [], "told already: nothing more goes"
+    assert not host.of(m.SliceOpened)
+    # Their own ends say the rest: a release carries no word of itself.
+    host.ended("g-1", CallEnd("done"), now=0.5)
+    assert host.of(m.LeaseRelease)[-1].msg == m.LeaseRelease("g-1", None, None, None)
+
+
+def test_calls_no_release_reports_go_in_one_slice_opened_after_opened_flush_s():
+    host = Host()
+    host.handle(slice_open("g-1"), 0.0)
+    host.handle(slice_open("g-2"), 0.2)
+    assert len(opened_timers(host)) == 1, "one timer for all of them"
+    host.handle(FlushOpened(), OPENED_FLUSH_S)
+    [notice] = host.of(m.SliceOpened)
+    assert notice.to == PACER and notice.msg == m.SliceOpened("pool:1", ["g-1", "g-2"])
+    host.ended("g-2", CallEnd("done"), now=0.5)
+    assert host.of(m.LeaseRelease)[-1].msg.opened is None, "told once"
+
+
+def test_the_notice_timer_waits_for_the_oldest_call_not_yet_told():
+    host = Host()
+    host.handle(open_stream("s-1"), 0.0)
+    host.handle(slice_open("g-1"), 0.0)
+    host.ended("s-1", CallEnd("done"), now=0.1)  # carries g-1
+    host.handle(slice_open("g-2"), 0.2)
+    host.timers.clear()
+    assert host.handle(FlushOpened(), OPENED_FLUSH_S) == [After(pytest.approx(0.2), FlushOpened())]
+    assert not host.of(m.SliceOpened), "g-2 still has time to ride on a release"
+    host.handle(FlushOpened(), 0.2 + OPENED_FLUSH_S)
+    assert [n.msg.lease_ids for n in host.of(m.SliceOpened)] == [["g-2"]]
+
+
+def test_a_slice_open_refused_here_or_its_call_ended_is_not_told_as_opened():
+    host = Host()
+    host.logic.incarnation = "pool:1@2"
+    host.handle(slice_open("g-1", pool="pool:1@1"), 0.0)  # cut on the dead predecessor
+    assert [r.msg.lease_id for r in host.of(m.LeaseRelease)] == ["g-1"] and not opened_timers(host)
+    host.handle(slice_open("g-2", pool="pool:1@2"), 0.1)
+    host.ended("g-2", CallEnd("done"), now=0.2)  # over before any notice: its release says it
+    host.handle(FlushOpened(), 0.1 + OPENED_FLUSH_S)
+    assert not host.of(m.SliceOpened) and host.logic.unreported == {}
 
 
 def test_an_unexpected_message_is_a_type_error():

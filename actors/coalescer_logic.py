@@ -103,6 +103,11 @@ class CoalescerLogic:
     leaders_total: int = 0
     followers_total: int = 0
     slices: HeldSlices = field(default_factory=HeldSlices)
+    # Pacer role -> this shard's flights waiting for a lease from it (asking or queued), so a
+    # new leader learns in O(1) whether it may take a slice grant (`_waits_at`); kept by
+    # `_recount` at every change of a flight's phase, provider or life.
+    asking: Counter = field(default_factory=Counter)
+    _asking_at: dict = field(default_factory=dict)  # stream id -> the Pacer role it counts at
 
     def __post_init__(self) -> None:
         self.slices.me = self.me
@@ -174,6 +179,7 @@ class CoalescerLogic:
             admitted = self._admitted(msg.request_id, sid, "leader", msg.edge_id, hub=grant.hub)
             return [Send(grant.hub, opened), Send(sender, admitted), *report]
         flight.waiting.append((sender, msg.request_id, msg.edge_id, "leader"))
+        self._recount(flight)
         # The leader's host goes with the request: the Pacer prefers a Pool there, so its
         # tokens need not cross hosts (followers elsewhere listen at that Pool's hub).
         flight.request = m.LeaseRequest(
@@ -184,7 +190,24 @@ class CoalescerLogic:
     def _waits_at(self, pacer: str) -> bool:
         """Does a flight of this shard wait for a lease from `pacer`? Then a new one queues
         behind it rather than overtake it with a slice grant."""
-        return any(f.phase != STREAMING and roles.pacer_for(f.provider) == pacer for f in self.by_stream.values())
+        return self.asking.get(pacer, 0) > 0
+
+    def _recount(self, flight: Flight) -> None:
+        """Keep `asking` true for `flight` after its phase, its provider (a fallback) or its
+        life (forgotten) changed: counted at its Pacer while it waits for a lease there."""
+        waits = flight.phase != STREAMING and self.by_stream.get(flight.stream_id) is flight
+        pacer = roles.pacer_for(flight.provider) if waits else None
+        counted = self._asking_at.get(flight.stream_id)
+        if counted == pacer:
+            return
+        if counted is not None:
+            self.asking[counted] -= 1
+            if self.asking[counted] <= 0:
+                del self.asking[counted]
+            del self._asking_at[flight.stream_id]
+        if pacer is not None:
+            self.asking[pacer] += 1
+            self._asking_at[flight.stream_id] = pacer
 
     def _lease_answer(self, msg: Any, sender: Any) -> list:
         flight = self.by_stream.get(msg.lease_id)
@@ -203,6 +226,7 @@ class CoalescerLogic:
             flight.pool, flight.request = msg.pool, None
         else:
             flight.phase = QUEUED
+        self._recount(flight)
         flight.hub = msg.hub or flight.hub
         for sender, request_id, edge_id, role in flight.waiting:
             out.append(Send(sender, self._admitted(request_id, flight.stream_id, role, edge_id, hub=flight.hub)))
@@ -218,6 +242,7 @@ class CoalescerLogic:
             return []
         old = flight.request
         flight.provider = msg.provider
+        self._recount(flight)  # it waits at the fallback's Pacer now
         # Same Pool: those admitted already listen at its hub.
         flight.request = m.LeaseRequest(
             old.lease_id,
@@ -325,6 +350,7 @@ class CoalescerLogic:
         self.by_stream.pop(flight.stream_id, None)
         if self.by_key.get(flight.key) is flight:
             del self.by_key[flight.key]
+        self._recount(flight)
 
     def _admitted(
         self, request_id: str, stream_id: str, role: str, edge_id: str, error: dict | None = None, hub: str = ""

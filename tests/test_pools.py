@@ -110,9 +110,10 @@ def test_streams_spread_over_both_pools_and_a_cancel_aborts_on_each(gw):
         assert sum(counts) == 6 and min(counts) >= 2, pools
         # Each Pool's own hub serves its streams: the edge holds a connection to each.
         assert [pools[r]["hub"]["edge_connections"] for r in ("pool", "pool:1")] == [1, 1], pools
-        # The Pacer holds a lease on each Pool for every call running there: granted
-        # (in_flight), or a grant a shard took from its lease slice and has not reported
-        # yet (held; SLUICE_LEASE_SLICE, docs/architecture.md "Lease slices").
+        # The Pacer holds a lease on each Pool for every call running there (in_flight; a
+        # call a shard opened from its lease slice once the Pool has told the Pacer, at most
+        # OPENED_FLUSH_S later), and for the grants shards hold for it unused (held;
+        # SLUICE_LEASE_SLICE, docs/architecture.md "Lease slices").
         leases = {r: p["in_flight"] + p["held"] for r, p in pacer_pools(gw).items()}
         assert leases["pool"] >= 3 and leases["pool:1"] >= 3, pacer_pools(gw)
     finally:
@@ -185,12 +186,13 @@ def test_a_killed_pool_ends_only_its_own_streams_and_gives_its_leases_back(gw):
     victim = pid_of(gw, "pool")
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
+
     # Its leases come back, those of the calls it ran and the slice grants shards held for it.
-    wait_until(
-        lambda: (lambda p: p["in_flight"] == 0 and p["held"] == 0)(pacer_pools(gw)["pool"]),
-        timeout=10,
-        message="the dead Pool's leases back",
-    )
+    def dead_pool_leases() -> int:
+        pool = pacer_pools(gw)["pool"]
+        return pool["in_flight"] + pool["held"]
+
+    wait_until(lambda: dead_pool_leases() == 0, timeout=10, message="the dead Pool's leases back")
     print(
         f"leases of the killed Pool back {time.monotonic() - killed_at:.2f} s after the kill (calls {running}, sliced: {sliced})"
     )

@@ -46,9 +46,10 @@ Lease slices (`slice_size` > 0, SLUICE_LEASE_SLICE; docs/architecture.md, "Lease
 a shard that asks for a lease again within SLICE_DEMAND_S and is granted it at once, or
 that reports the grants it used (`SliceReport(refill)`), is handed up to `slice_size`
 grants ahead of demand (`SliceGrant`), each a lease in `in_flight` held
-by that shard (`_Held.sliced`: "held" until reported used — by the Pool that opened its
-call, `SliceOpened` / `LeaseRelease.opened`, at most OPENED_FLUSH_S late, or by the shard's
-`SliceReport`, whichever comes first — then "used" until its call's LeaseRelease), with its token and per-minute place taken from surplus only (key_choice.py
+by that shard (`_Held.sliced`: "held" until reported used -- by the Pool that opened its
+call, `SliceOpened` / `LeaseRelease.opened`, at most OPENED_FLUSH_S late, or by the
+shard's `SliceReport`, whichever comes first -- then "used" until its call's
+LeaseRelease), with its token and per-minute place taken from surplus only (key_choice.py
 `can_slice`). The shard opens a call with one itself: OpenStream to the Pool, Admitted to
 the edges, nothing to the Pacer. Everything that must stop grants recalls the slices
 (`SliceRecall`): a request that has to queue (so the head of the queue gets them first),

@@ -7,16 +7,17 @@ pools, the retries inside a call, the stream hub's sockets), and the simulation
 here breaks chaos seeds too.
 
 Inputs: the Pool's control messages (`OpenStream`, `AbortStream`, `FailStream`) and its
-own `FlushRecords` and `FlushOpened` timers, through `handle(msg, now)`; from the host, `ended(stream_id,
-end, now)` once an upstream call is over, however it ended (its task returned, raised,
-was cancelled, even before it ran), and `retrying(...)` when a call is about to try again.
+own timers (`FlushRecords`, `FlushOpened`), through `handle(msg, now)`; from the host,
+`ended(stream_id, end, now)` once an upstream call is over, however it ended (its task
+returned, raised, was cancelled, even before it ran), and `retrying(...)` when a call is
+about to try again.
 
 Effects: `Send(role or address, msg)` (Thespian), `After(delay_s, FlushRecords())` (a
-timer back into `handle`; `FlushOpened` likewise), and for the host's own side of the Pool: `Start(open)` (run
-the upstream call), `Stop(stream_id)` (abort it: the host cancels the call and reports
-its end through `ended` as for any other), `MarkOpen(stream_id)` and
-`Publish(stream_id, events)` (the stream hub, carried out by the host with the hub's own
-clock). The hub's state is read through `HubView` (`actors/hub_logic.py` `HubLogic`).
+timer back into `handle`; `FlushOpened` likewise), and for the host's own side of the
+Pool: `Start(open)` (run the upstream call), `Stop(stream_id)` (abort it: the host
+cancels the call and reports its end through `ended` as for any other), `MarkOpen(stream_id)`
+and `Publish(stream_id, events)` (the stream hub, carried out by the host with the hub's
+own clock). The hub's state is read through `HubView` (`actors/hub_logic.py` `HubLogic`).
 
 Invariants (tests/test_pool_logic.py): a stream has at most one call; every ending (done,
 error, abort, a crash inside the call) sends the Pacer its `LeaseRelease` and the
@@ -316,7 +317,7 @@ class PoolLogic:
         every call of it waiting (the younger ones ride along)."""
         if not self.unreported:
             return []
-        oldest = min(at for _, at in self.unreported.values())
+        oldest = next(iter(self.unreported.values()))[1]  # in the order they opened
         if now - oldest < OPENED_FLUSH_S - 1e-9:  # the one the timer was set for was released
             return self._opened_timer(now)
         out: list[Effect] = []
@@ -329,7 +330,7 @@ class PoolLogic:
         if self._opened_set or not self.unreported:
             return []
         self._opened_set = True
-        oldest = min(at for _, at in self.unreported.values())
+        oldest = next(iter(self.unreported.values()))[1]
         return [After(max(0.0, oldest + OPENED_FLUSH_S - now), FlushOpened())]
 
     # --- records ----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ where it starts:
 | thespian_convention  | thespian 4.0.x | warning, not installed |
 | thespian_forwarding  | thespian 4.0.x | warning, not installed |
 | thespian_turns       | thespian 4.0.x | warning, not installed |
+| thespian_proctitle   | thespian 4.0.x | warning, not installed |
 | httpcore_h2_reads    | httpcore 1.0.x | warning, not installed |
 | httpcore_h2_expiry   | httpcore 1.0.x | warning, not installed |
 | httpcore_rst_stream  | httpcore 1.0.x | raises (cost)          |
@@ -40,6 +41,7 @@ THESPIAN = (
     "thespian_convention",
     "thespian_forwarding",
     "thespian_turns",
+    "thespian_proctitle",
 )
 HTTPCORE = ("httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream", "httpcore_fast_locks")
 
@@ -47,12 +49,13 @@ HTTPCORE = ("httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream", "h
 def install_thespian(host: str, secret: bytes) -> None:
     """Signed frames, sockets bound to `host`, the poll selector, Convention timers that
     notice a lost host in seconds, forwarded creations that do not block later ones, two
-    select turns a message instead of five; raises if a security patch cannot be installed on
-    this Thespian."""
+    select turns a message instead of five, no search for setproctitle in every actor;
+    raises if a security patch cannot be installed on this Thespian."""
     from patches import (
         thespian_bind,
         thespian_convention,
         thespian_forwarding,
+        thespian_proctitle,
         thespian_selector,
         thespian_transport,
         thespian_turns,
@@ -64,6 +67,7 @@ def install_thespian(host: str, secret: bytes) -> None:
     thespian_convention.install()
     thespian_forwarding.install()
     thespian_turns.install()
+    thespian_proctitle.install()
 
 
 def install_httpcore() -> None:

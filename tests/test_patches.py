@@ -8,6 +8,7 @@ pytest process sees Thespian and httpcore as they were."""
 from __future__ import annotations
 
 import asyncio
+import importlib.machinery
 import logging
 import os
 import pickle
@@ -33,6 +34,7 @@ from patches import (
     thespian_bind,
     thespian_convention,
     thespian_forwarding,
+    thespian_proctitle,
     thespian_selector,
     thespian_transport,
     thespian_turns,
@@ -86,6 +88,7 @@ def pristine(monkeypatch):
     monkeypatch.setattr(thespian_bind, "_bind_host", None)
     monkeypatch.setattr(thespian_bind, "_original_init", thespian_bind._original_init)
     monkeypatch.setenv("THESPIAN_BASE_IPADDR", os.environ.get("THESPIAN_BASE_IPADDR", "127.0.0.1"))
+    monkeypatch.delitem(sys.modules, thespian_proctitle.OPTIONAL, raising=False)  # the recorded miss, put back after
 
     async def unpatched_receive(self, request, stream_id):  # stands for httpcore's own
         raise AssertionError("not called here")
@@ -111,6 +114,7 @@ def test_install_thespian_installs_its_patches_once(pristine):
         "thespian_convention",
         "thespian_forwarding",
         "thespian_turns",
+        "thespian_proctitle",
     ]
     forwarding = ConventioneerAdmin._not_compatible
     turns = (TCPTransport.TCPTransport._next_XMIT_2, TCPTransport.TCPTransport._handleReadableIncoming)
@@ -168,6 +172,7 @@ def test_a_security_or_cost_patch_refuses_an_untested_version_loudly(pristine, m
         thespian_convention,
         thespian_forwarding,
         thespian_turns,
+        thespian_proctitle,
         httpcore_h2_reads,
         httpcore_h2_expiry,
         httpcore_fast_locks,
@@ -222,12 +227,53 @@ def test_the_installed_library_versions_are_the_ones_the_patches_were_written_fo
         thespian_convention,
         thespian_forwarding,
         thespian_turns,
+        thespian_proctitle,
         httpcore_h2_reads,
         httpcore_h2_expiry,
         httpcore_rst_stream,
         httpcore_fast_locks,
     ):
         versions.check(patch.__name__, patch.LIBRARY, patch.WRITTEN_FOR)
+
+
+class RecordingFinder:
+    """A meta path finder that only notes which modules the import system searched for."""
+
+    def __init__(self):
+        self.asked: list[str] = []
+
+    def find_spec(self, name, path=None, target=None):
+        self.asked.append(name)
+        return None
+
+
+def test_thespian_names_its_processes_without_searching_for_setproctitle_each_time(pristine, monkeypatch):
+    """thespian_proctitle: Thespian's setProcName (in the admin, the logger and every actor)
+    finds the miss recorded, instead of walking sys.path for a library that is not there."""
+    from thespian.system.utilis import setProcName
+
+    finder = RecordingFinder()
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    setProcName("Actor", "address")  # Thespian's own: a search every time
+    assert finder.asked == ["setproctitle"]
+    assert thespian_proctitle.install() is True and thespian_proctitle.installed()
+    assert thespian_proctitle.install() is True  # idempotent
+    finder.asked.clear()
+    setProcName("Actor", "address")  # goes on as without the library, with no search
+    assert finder.asked == []
+    with pytest.raises(ImportError):
+        import setproctitle  # noqa: F401
+    assert "thespian_proctitle" in patches.installed()
+    thespian_proctitle.uninstall()
+    assert "setproctitle" not in sys.modules
+
+
+def test_setproctitle_is_used_where_it_is_installed(pristine, monkeypatch):
+    """Nothing is recorded where the library can be found: Thespian names processes with it."""
+    found = importlib.machinery.ModuleSpec("setproctitle", None)
+    monkeypatch.setattr(thespian_proctitle.importlib.util, "find_spec", lambda name: found)
+    assert thespian_proctitle.install() is True
+    assert "setproctitle" not in sys.modules and not thespian_proctitle.installed()
 
 
 def test_a_fast_lock_is_taken_without_a_yield_when_free_and_waited_for_when_held(pristine):

@@ -20,7 +20,7 @@ from datetime import timedelta
 import pytest
 from httpcore import _synchronization
 from httpcore._async import http2
-from thespian.system import transport
+from thespian.system import multiprocCommon, transport
 from thespian.system.admin import convention
 from thespian.system.admin.convention import ConventioneerAdmin
 from thespian.system.transport import IPBase, TCPTransport, streamBuffer
@@ -31,6 +31,7 @@ from patches import (
     httpcore_h2_expiry,
     httpcore_h2_reads,
     httpcore_rst_stream,
+    thespian_admin_logs,
     thespian_bind,
     thespian_convention,
     thespian_forwarding,
@@ -61,6 +62,12 @@ TURNS = [
     (transport.ReceiveEnvelope, "identify"),
     (transport.ReceiveEnvelope, "__str__"),
 ]
+# What patches/thespian_admin_logs.py replaces.
+ADMIN_LOGS = [
+    (multiprocCommon, "_startLogger"),
+    (multiprocCommon.MultiProcReplicator, "_handleReplicatorMessages"),
+    (multiprocCommon.MultiProcReplicator, "_cleanupAdmin"),
+]
 
 
 @pytest.fixture
@@ -89,6 +96,9 @@ def pristine(monkeypatch):
     monkeypatch.setattr(thespian_bind, "_original_init", thespian_bind._original_init)
     monkeypatch.setenv("THESPIAN_BASE_IPADDR", os.environ.get("THESPIAN_BASE_IPADDR", "127.0.0.1"))
     monkeypatch.delitem(sys.modules, thespian_proctitle.OPTIONAL, raising=False)  # the recorded miss, put back after
+    for owner, name in ADMIN_LOGS:  # Thespian's own while the test runs, whatever was in before, put back after
+        monkeypatch.setattr(owner, name, thespian_admin_logs._originals.get(name, owner.__dict__[name]))
+    monkeypatch.setattr(thespian_admin_logs, "_originals", {})
 
     async def unpatched_receive(self, request, stream_id):  # stands for httpcore's own
         raise AssertionError("not called here")
@@ -115,11 +125,14 @@ def test_install_thespian_installs_its_patches_once(pristine):
         "thespian_forwarding",
         "thespian_turns",
         "thespian_proctitle",
+        "thespian_admin_logs",
     ]
     forwarding = ConventioneerAdmin._not_compatible
     turns = (TCPTransport.TCPTransport._next_XMIT_2, TCPTransport.TCPTransport._handleReadableIncoming)
     serializer, view, init = TCPTransport.serializer, TCPTransport.selectors, IPBase.IPActorAddress.__init__
+    start_logger = multiprocCommon._startLogger
     patches.install_thespian("127.0.0.1", SECRET)  # idempotent: nothing is wrapped twice
+    assert multiprocCommon._startLogger is start_logger is thespian_admin_logs._start_logging_here
     assert ConventioneerAdmin._not_compatible is forwarding
     assert (TCPTransport.TCPTransport._next_XMIT_2, TCPTransport.TCPTransport._handleReadableIncoming) == turns
     assert (TCPTransport.serializer, TCPTransport.selectors, IPBase.IPActorAddress.__init__) == (serializer, view, init)
@@ -173,6 +186,7 @@ def test_a_security_or_cost_patch_refuses_an_untested_version_loudly(pristine, m
         thespian_forwarding,
         thespian_turns,
         thespian_proctitle,
+        thespian_admin_logs,
         httpcore_h2_reads,
         httpcore_h2_expiry,
         httpcore_fast_locks,
@@ -189,6 +203,7 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         ConventioneerAdmin._not_compatible,
         _synchronization.AsyncLock.setup,
         TCPTransport.TCPTransport._handleReadableIncoming,
+        multiprocCommon._startLogger,
     )
     with caplog.at_level(logging.WARNING, logger="sluice.patches"):
         assert patch.install() is False
@@ -200,6 +215,7 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         ConventioneerAdmin._not_compatible,
         _synchronization.AsyncLock.setup,
         TCPTransport.TCPTransport._handleReadableIncoming,
+        multiprocCommon._startLogger,
     ) == before, "the library was changed anyway"
     assert not patch.installed() and patches.installed() == []
     (record,) = caplog.records
@@ -228,6 +244,7 @@ def test_the_installed_library_versions_are_the_ones_the_patches_were_written_fo
         thespian_forwarding,
         thespian_turns,
         thespian_proctitle,
+        thespian_admin_logs,
         httpcore_h2_reads,
         httpcore_h2_expiry,
         httpcore_rst_stream,
@@ -274,6 +291,15 @@ def test_setproctitle_is_used_where_it_is_installed(pristine, monkeypatch):
     monkeypatch.setattr(thespian_proctitle.importlib.util, "find_spec", lambda name: found)
     assert thespian_proctitle.install() is True
     assert "setproctitle" not in sys.modules and not thespian_proctitle.installed()
+
+
+def test_the_admin_logs_patch_leaves_a_thespian_of_another_shape_alone(pristine, monkeypatch, caplog):
+    monkeypatch.delattr(multiprocCommon.MultiProcReplicator, "_cleanupAdmin")
+    with caplog.at_level(logging.WARNING, logger="sluice.patches"):
+        assert thespian_admin_logs.install() is False
+    assert not thespian_admin_logs.installed() and thespian_admin_logs._originals == {}
+    (record,) = caplog.records
+    assert "multiprocCommon is not the expected shape" in record.getMessage()
 
 
 def test_a_fast_lock_is_taken_without_a_yield_when_free_and_waited_for_when_held(pristine):

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import importlib.machinery
+import io
+import json
 import logging
 import os
 import pickle
 import selectors
 import subprocess
 import sys
+import types
 from datetime import timedelta
 
 import pytest
@@ -300,6 +303,38 @@ def test_the_admin_logs_patch_leaves_a_thespian_of_another_shape_alone(pristine,
     assert not thespian_admin_logs.installed() and thespian_admin_logs._originals == {}
     (record,) = caplog.records
     assert "multiprocCommon is not the expected shape" in record.getMessage()
+
+
+def test_the_admin_writes_a_record_with_the_log_defs_handler_and_passes_warnings_to_the_leader():
+    """thespian_admin_logs.AdminLogs: what the logger process did with each record it got,
+    in a logging hierarchy of its own (this process's logging is left as it was)."""
+    stream = io.StringIO()
+    log_defs = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"sluice": {"()": "protocols.logfmt.JsonFormatter"}},
+        "handlers": {"out": {"class": "logging.StreamHandler", "stream": stream, "formatter": "sluice"}},
+        "root": {"level": "INFO", "handlers": ["out"]},
+    }
+    root, handlers, manager = logging.root, list(logging.root.handlers), logging.Logger.manager
+    logs = thespian_admin_logs.AdminLogs(log_defs, aggregator="the leader's admin")
+    assert (logging.root, logging.root.handlers, logging.Logger.manager) == (root, handlers, manager)
+    sent = []
+    admin = types.SimpleNamespace(_send_intent=sent.append)
+    info = logging.LogRecord("sluice.pacer", logging.INFO, __file__, 1, "granted", None, None)
+    info.actorAddress = "ActorAddr-(T|:1234)"  # what Thespian's forwarder puts on every record
+    warning = logging.LogRecord("sluice.pacer", logging.WARNING, __file__, 1, "circuit open", None, None)
+    logs.write(admin, info)
+    logs.write(admin, warning)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["level"], line["logger"], line["message"]) for line in lines] == [
+        ("INFO", "sluice.pacer", "granted"),
+        ("WARNING", "sluice.pacer", "circuit open"),
+    ]
+    assert lines[0]["actorAddress"] == "ActorAddr-(T|:1234)"
+    assert [(intent.targetAddr, intent.message) for intent in sent] == [("the leader's admin", warning)]
+    logs.close()
+    assert json.loads(stream.getvalue().splitlines()[-1])["message"] == "ActorSystem Logging Shutdown"
 
 
 def test_a_fast_lock_is_taken_without_a_yield_when_free_and_waited_for_when_held(pristine):

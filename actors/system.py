@@ -53,7 +53,8 @@ def start(
 ):
     """Start (or join) the actor system bound to `host`, its frames authenticated with
     `secret`; -> (ActorSystem, group id or None). `log_defs`: the logging configuration of
-    Thespian's logger process, which writes every actor's log lines (protocols/logfmt.py).
+    Thespian's logger, which writes every actor's log lines (protocols/logfmt.py): the admin
+    itself (patches/thespian_admin_logs.py).
     `join`: the leader's "host:port": this system is a member of its Convention (see
     `joined`); `pools`: the Pools this host runs (actors/placement.py). `undecided`: a host
     of a cluster with a standby leader: neither leading nor following yet (then `lead` or

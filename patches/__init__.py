@@ -21,6 +21,8 @@ where it starts:
 | thespian_convention  | thespian 4.0.x | warning, not installed |
 | thespian_forwarding  | thespian 4.0.x | warning, not installed |
 | thespian_turns       | thespian 4.0.x | warning, not installed |
+| thespian_proctitle   | thespian 4.0.x | warning, not installed |
+| thespian_admin_logs  | thespian 4.0.x | warning, not installed |
 | httpcore_h2_reads    | httpcore 1.0.x | warning, not installed |
 | httpcore_h2_expiry   | httpcore 1.0.x | warning, not installed |
 | httpcore_rst_stream  | httpcore 1.0.x | raises (cost)          |
@@ -40,6 +42,8 @@ THESPIAN = (
     "thespian_convention",
     "thespian_forwarding",
     "thespian_turns",
+    "thespian_proctitle",
+    "thespian_admin_logs",
 )
 HTTPCORE = ("httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream", "httpcore_fast_locks")
 
@@ -47,12 +51,14 @@ HTTPCORE = ("httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream", "h
 def install_thespian(host: str, secret: bytes) -> None:
     """Signed frames, sockets bound to `host`, the poll selector, Convention timers that
     notice a lost host in seconds, forwarded creations that do not block later ones, two
-    select turns a message instead of five; raises if a security patch cannot be installed on
-    this Thespian."""
+    select turns a message instead of five, no search for setproctitle in every actor, the
+    actors' log lines written by the admin (no logger process); raises if a security patch cannot be installed on this Thespian."""
     from patches import (
+        thespian_admin_logs,
         thespian_bind,
         thespian_convention,
         thespian_forwarding,
+        thespian_proctitle,
         thespian_selector,
         thespian_transport,
         thespian_turns,
@@ -64,6 +70,8 @@ def install_thespian(host: str, secret: bytes) -> None:
     thespian_convention.install()
     thespian_forwarding.install()
     thespian_turns.install()
+    thespian_proctitle.install()
+    thespian_admin_logs.install()
 
 
 def install_httpcore() -> None:

@@ -50,10 +50,8 @@ NAMES = ("CONVENTION_REREGISTRATION_PERIOD", "CONVENTION_RESTART_PERIOD", "CONVE
 def install() -> bool:
     """Tune the Convention timers of this process (and of every process forked from it);
     False (Thespian unchanged, one warning) on a Thespian this was not written for."""
-    try:
-        versions.check(__name__, LIBRARY, WRITTEN_FOR)
-    except versions.UntestedVersion as exc:
-        return versions.fallback(__name__, str(exc))
+    if not versions.supported(__name__, LIBRARY, WRITTEN_FOR):
+        return False
     from thespian.system import systemBase
     from thespian.system.admin import convention
 

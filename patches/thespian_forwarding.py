@@ -37,10 +37,8 @@ def install() -> bool:
     process forked from it); False (Thespian unchanged, one warning) on a Thespian this was
     not written for. Idempotent."""
     global _original
-    try:
-        versions.check(__name__, LIBRARY, WRITTEN_FOR)
-    except versions.UntestedVersion as exc:
-        return versions.fallback(__name__, str(exc))
+    if not versions.supported(__name__, LIBRARY, WRITTEN_FOR):
+        return False
     from thespian.system.admin.convention import ConventioneerAdmin
 
     if installed():

@@ -90,10 +90,8 @@ class LeanPollSelector:
 def install() -> bool:
     """Give Thespian's transport module LeanPollSelector; False (Thespian unchanged, one
     warning) on a Thespian this was not written for. Idempotent."""
-    try:
-        versions.check(__name__, LIBRARY, WRITTEN_FOR)
-    except versions.UntestedVersion as exc:
-        return versions.fallback(__name__, str(exc))
+    if not versions.supported(__name__, LIBRARY, WRITTEN_FOR):
+        return False
     from thespian.system.transport import TCPTransport
 
     if installed():

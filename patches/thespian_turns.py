@@ -59,10 +59,8 @@ def install() -> bool:
     identify() only for a log line that is written, in this process and every process forked
     from it; False (Thespian unchanged, one warning) on a Thespian this was not written for.
     Idempotent."""
-    try:
-        versions.check(__name__, LIBRARY, WRITTEN_FOR)
-    except versions.UntestedVersion as exc:
-        return versions.fallback(__name__, str(exc))
+    if not versions.supported(__name__, LIBRARY, WRITTEN_FOR):
+        return False
     from thespian.system.transport import ReceiveEnvelope, TransmitIntent
     from thespian.system.transport.TCPTransport import IdleSocket, TCPTransport
 

@@ -6,8 +6,10 @@ one minor series (e.g. httpcore 1.0.x) and refuses any other: `check()` raises
 what is installed. A patch that is only an optimisation catches it, logs one warning and
 leaves the library as it is (`fallback()`); a patch that guards security or money lets
 it propagate, so the process fails at start instead of running unprotected.
-`guarded_install()` is that whole preamble for the common case, an optimisation that
-replaces one method of one class (the HTTP/2 patches, httpcore_fast_locks).
+`supported()` is that version preamble of an optimisation, written once (`if not
+versions.supported(__name__, LIBRARY, WRITTEN_FOR): return False`); `guarded_install()`
+is the whole install for the common case, an optimisation that replaces one method of one
+class (the HTTP/2 patches, httpcore_fast_locks).
 pyproject.toml pins each patched library to the series its patches were written for.
 """
 
@@ -46,6 +48,17 @@ def fallback(patch: str, why: str) -> bool:
     return False
 
 
+def supported(patch: str, library: str, series: str, without: str = "") -> bool:
+    """The version preamble of an optimisation: True where the installed `library` is the
+    `series` it was written for; else log one warning (`fallback`, naming what the process
+    goes `without` when given) and return False, so the patch leaves the library as it is."""
+    try:
+        check(patch, library, series)
+    except UntestedVersion as exc:
+        return fallback(patch, f"{without}; {exc}" if without else str(exc))
+    return True
+
+
 def guarded_install(
     patch: str,
     library: str,
@@ -63,10 +76,8 @@ def guarded_install(
     the attributes in `needs` (`shape` names it in the warning), leave the library as it is,
     log one warning saying what the process goes `without`, and return False. Idempotent:
     True at once when `replacement` is in already."""
-    try:
-        check(patch, library, series)
-    except UntestedVersion as exc:
-        return fallback(patch, f"{without}; {exc}")
+    if not supported(patch, library, series, without):
+        return False
     if getattr(owner, name, None) is replacement:
         return True
     if not all(hasattr(owner, attribute) for attribute in needs):

@@ -8,8 +8,9 @@ passed as `extra=` (the access log's request id, route, status...), in both form
 `configure(settings)` installs the handler in run.py's process (uvicorn's loggers
 propagate to it: run.py gives uvicorn no logging config of its own).
 `actor_log_defs(settings)` is the same configuration for Thespian: the actors forward
-their records to Thespian's logger process, which writes them with these formatters to
-the stderr it inherited from run.py, so the actors' lines have the same shape.
+their records to Thespian's admin (its logger: patches/thespian_admin_logs.py), which
+writes them with these formatters to the stderr it inherited from run.py, so the actors'
+lines have the same shape.
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def configure(settings: Settings) -> None:
 
 
 def actor_log_defs(settings: Settings) -> dict:
-    """Thespian's `logDefs`: the same handler in its logger process. The actors forward
-    records at this level and above, each one a message to the logger process, so they
+    """Thespian's `logDefs`: the same handler in its logger (the admin). The actors forward
+    records at this level and above, each one a message to the admin, so they
     never go below INFO (DEBUG applies to run.py's process only)."""
     level = max(logging.INFO, logging.getLevelName(settings.log_level.upper()))
     return {

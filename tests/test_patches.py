@@ -8,18 +8,22 @@ pytest process sees Thespian and httpcore as they were."""
 from __future__ import annotations
 
 import asyncio
+import importlib.machinery
+import io
+import json
 import logging
 import os
 import pickle
 import selectors
 import subprocess
 import sys
+import types
 from datetime import timedelta
 
 import pytest
 from httpcore import _synchronization
 from httpcore._async import http2
-from thespian.system import transport
+from thespian.system import multiprocCommon, transport
 from thespian.system.admin import convention
 from thespian.system.admin.convention import ConventioneerAdmin
 from thespian.system.transport import IPBase, TCPTransport, streamBuffer
@@ -30,9 +34,11 @@ from patches import (
     httpcore_h2_expiry,
     httpcore_h2_reads,
     httpcore_rst_stream,
+    thespian_admin_logs,
     thespian_bind,
     thespian_convention,
     thespian_forwarding,
+    thespian_proctitle,
     thespian_selector,
     thespian_transport,
     thespian_turns,
@@ -58,6 +64,12 @@ TURNS = [
     (transport.TransmitIntent, "identify"),
     (transport.ReceiveEnvelope, "identify"),
     (transport.ReceiveEnvelope, "__str__"),
+]
+# What patches/thespian_admin_logs.py replaces.
+ADMIN_LOGS = [
+    (multiprocCommon, "_startLogger"),
+    (multiprocCommon.MultiProcReplicator, "_handleReplicatorMessages"),
+    (multiprocCommon.MultiProcReplicator, "_cleanupAdmin"),
 ]
 
 
@@ -86,6 +98,10 @@ def pristine(monkeypatch):
     monkeypatch.setattr(thespian_bind, "_bind_host", None)
     monkeypatch.setattr(thespian_bind, "_original_init", thespian_bind._original_init)
     monkeypatch.setenv("THESPIAN_BASE_IPADDR", os.environ.get("THESPIAN_BASE_IPADDR", "127.0.0.1"))
+    monkeypatch.delitem(sys.modules, thespian_proctitle.OPTIONAL, raising=False)  # the recorded miss, put back after
+    for owner, name in ADMIN_LOGS:  # Thespian's own while the test runs, whatever was in before, put back after
+        monkeypatch.setattr(owner, name, thespian_admin_logs._originals.get(name, owner.__dict__[name]))
+    monkeypatch.setattr(thespian_admin_logs, "_originals", {})
 
     async def unpatched_receive(self, request, stream_id):  # stands for httpcore's own
         raise AssertionError("not called here")
@@ -111,11 +127,15 @@ def test_install_thespian_installs_its_patches_once(pristine):
         "thespian_convention",
         "thespian_forwarding",
         "thespian_turns",
+        "thespian_proctitle",
+        "thespian_admin_logs",
     ]
     forwarding = ConventioneerAdmin._not_compatible
     turns = (TCPTransport.TCPTransport._next_XMIT_2, TCPTransport.TCPTransport._handleReadableIncoming)
     serializer, view, init = TCPTransport.serializer, TCPTransport.selectors, IPBase.IPActorAddress.__init__
+    start_logger = multiprocCommon._startLogger
     patches.install_thespian("127.0.0.1", SECRET)  # idempotent: nothing is wrapped twice
+    assert multiprocCommon._startLogger is start_logger is thespian_admin_logs._start_logging_here
     assert ConventioneerAdmin._not_compatible is forwarding
     assert (TCPTransport.TCPTransport._next_XMIT_2, TCPTransport.TCPTransport._handleReadableIncoming) == turns
     assert (TCPTransport.serializer, TCPTransport.selectors, IPBase.IPActorAddress.__init__) == (serializer, view, init)
@@ -168,6 +188,8 @@ def test_a_security_or_cost_patch_refuses_an_untested_version_loudly(pristine, m
         thespian_convention,
         thespian_forwarding,
         thespian_turns,
+        thespian_proctitle,
+        thespian_admin_logs,
         httpcore_h2_reads,
         httpcore_h2_expiry,
         httpcore_fast_locks,
@@ -184,6 +206,7 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         ConventioneerAdmin._not_compatible,
         _synchronization.AsyncLock.setup,
         TCPTransport.TCPTransport._handleReadableIncoming,
+        multiprocCommon._startLogger,
     )
     with caplog.at_level(logging.WARNING, logger="sluice.patches"):
         assert patch.install() is False
@@ -195,6 +218,7 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         ConventioneerAdmin._not_compatible,
         _synchronization.AsyncLock.setup,
         TCPTransport.TCPTransport._handleReadableIncoming,
+        multiprocCommon._startLogger,
     ) == before, "the library was changed anyway"
     assert not patch.installed() and patches.installed() == []
     (record,) = caplog.records
@@ -222,12 +246,95 @@ def test_the_installed_library_versions_are_the_ones_the_patches_were_written_fo
         thespian_convention,
         thespian_forwarding,
         thespian_turns,
+        thespian_proctitle,
+        thespian_admin_logs,
         httpcore_h2_reads,
         httpcore_h2_expiry,
         httpcore_rst_stream,
         httpcore_fast_locks,
     ):
         versions.check(patch.__name__, patch.LIBRARY, patch.WRITTEN_FOR)
+
+
+class RecordingFinder:
+    """A meta path finder that only notes which modules the import system searched for."""
+
+    def __init__(self):
+        self.asked: list[str] = []
+
+    def find_spec(self, name, path=None, target=None):
+        self.asked.append(name)
+        return None
+
+
+def test_thespian_names_its_processes_without_searching_for_setproctitle_each_time(pristine, monkeypatch):
+    """thespian_proctitle: Thespian's setProcName (in the admin, the logger and every actor)
+    finds the miss recorded, instead of walking sys.path for a library that is not there."""
+    from thespian.system.utilis import setProcName
+
+    finder = RecordingFinder()
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    setProcName("Actor", "address")  # Thespian's own: a search every time
+    assert finder.asked == ["setproctitle"]
+    assert thespian_proctitle.install() is True and thespian_proctitle.installed()
+    assert thespian_proctitle.install() is True  # idempotent
+    finder.asked.clear()
+    setProcName("Actor", "address")  # goes on as without the library, with no search
+    assert finder.asked == []
+    with pytest.raises(ImportError):
+        import setproctitle  # noqa: F401
+    assert "thespian_proctitle" in patches.installed()
+    thespian_proctitle.uninstall()
+    assert "setproctitle" not in sys.modules
+
+
+def test_setproctitle_is_used_where_it_is_installed(pristine, monkeypatch):
+    """Nothing is recorded where the library can be found: Thespian names processes with it."""
+    found = importlib.machinery.ModuleSpec("setproctitle", None)
+    monkeypatch.setattr(thespian_proctitle.importlib.util, "find_spec", lambda name: found)
+    assert thespian_proctitle.install() is True
+    assert "setproctitle" not in sys.modules and not thespian_proctitle.installed()
+
+
+def test_the_admin_logs_patch_leaves_a_thespian_of_another_shape_alone(pristine, monkeypatch, caplog):
+    monkeypatch.delattr(multiprocCommon.MultiProcReplicator, "_cleanupAdmin")
+    with caplog.at_level(logging.WARNING, logger="sluice.patches"):
+        assert thespian_admin_logs.install() is False
+    assert not thespian_admin_logs.installed() and thespian_admin_logs._originals == {}
+    (record,) = caplog.records
+    assert "multiprocCommon is not the expected shape" in record.getMessage()
+
+
+def test_the_admin_writes_a_record_with_the_log_defs_handler_and_passes_warnings_to_the_leader():
+    """thespian_admin_logs.AdminLogs: what the logger process did with each record it got,
+    in a logging hierarchy of its own (this process's logging is left as it was)."""
+    stream = io.StringIO()
+    log_defs = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"sluice": {"()": "protocols.logfmt.JsonFormatter"}},
+        "handlers": {"out": {"class": "logging.StreamHandler", "stream": stream, "formatter": "sluice"}},
+        "root": {"level": "INFO", "handlers": ["out"]},
+    }
+    root, handlers, manager = logging.root, list(logging.root.handlers), logging.Logger.manager
+    logs = thespian_admin_logs.AdminLogs(log_defs, aggregator="the leader's admin")
+    assert (logging.root, logging.root.handlers, logging.Logger.manager) == (root, handlers, manager)
+    sent = []
+    admin = types.SimpleNamespace(_send_intent=sent.append)
+    info = logging.LogRecord("sluice.pacer", logging.INFO, __file__, 1, "granted", None, None)
+    info.actorAddress = "ActorAddr-(T|:1234)"  # what Thespian's forwarder puts on every record
+    warning = logging.LogRecord("sluice.pacer", logging.WARNING, __file__, 1, "circuit open", None, None)
+    logs.write(admin, info)
+    logs.write(admin, warning)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["level"], line["logger"], line["message"]) for line in lines] == [
+        ("INFO", "sluice.pacer", "granted"),
+        ("WARNING", "sluice.pacer", "circuit open"),
+    ]
+    assert lines[0]["actorAddress"] == "ActorAddr-(T|:1234)"
+    assert [(intent.targetAddr, intent.message) for intent in sent] == [("the leader's admin", warning)]
+    logs.close()
+    assert json.loads(stream.getvalue().splitlines()[-1])["message"] == "ActorSystem Logging Shutdown"
 
 
 def test_a_fast_lock_is_taken_without_a_yield_when_free_and_waited_for_when_held(pristine):

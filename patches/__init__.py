@@ -20,6 +20,7 @@ where it starts:
 | thespian_selector    | thespian 4.0.x | warning, not installed |
 | thespian_convention  | thespian 4.0.x | warning, not installed |
 | thespian_forwarding  | thespian 4.0.x | warning, not installed |
+| thespian_child_exit  | thespian 4.0.x | warning, not installed |
 | thespian_turns       | thespian 4.0.x | warning, not installed |
 | thespian_proctitle   | thespian 4.0.x | warning, not installed |
 | thespian_admin_logs  | thespian 4.0.x | warning, not installed |
@@ -41,6 +42,7 @@ THESPIAN = (
     "thespian_selector",
     "thespian_convention",
     "thespian_forwarding",
+    "thespian_child_exit",
     "thespian_turns",
     "thespian_proctitle",
     "thespian_admin_logs",
@@ -50,12 +52,15 @@ HTTPCORE = ("httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream", "h
 
 def install_thespian(host: str, secret: bytes) -> None:
     """Signed frames, sockets bound to `host`, the poll selector, Convention timers that
-    notice a lost host in seconds, forwarded creations that do not block later ones, two
-    select turns a message instead of five, no search for setproctitle in every actor, the
-    actors' log lines written by the admin (no logger process); raises if a security patch cannot be installed on this Thespian."""
+    notice a lost host in seconds, forwarded creations that do not block later ones, an
+    actor that stops although a child of it is on a lost host, two select turns a message
+    instead of five, no search for setproctitle in every actor, the actors' log lines
+    written by the admin (no logger process); raises if a security patch cannot be
+    installed on this Thespian."""
     from patches import (
         thespian_admin_logs,
         thespian_bind,
+        thespian_child_exit,
         thespian_convention,
         thespian_forwarding,
         thespian_proctitle,
@@ -69,6 +74,7 @@ def install_thespian(host: str, secret: bytes) -> None:
     thespian_selector.install()
     thespian_convention.install()
     thespian_forwarding.install()
+    thespian_child_exit.install()
     thespian_turns.install()
     thespian_proctitle.install()
     thespian_admin_logs.install()

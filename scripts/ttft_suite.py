@@ -427,9 +427,9 @@ class Run:
             + (", each also sent straight to the simulated provider (interleaved)" if baseline else "")
         )
         jobs = []
+        # only the first delta is timed: with the simulated provider a short answer keeps the run short
+        short = "\n#sim tokens=3" if up.simulated else ""
         for i in range(n):
-            # only the first delta is timed: with the simulated provider a short answer keeps the run short
-            short = "\n#sim tokens=3" if up.simulated else ""
             jobs.append(("gateway", f"sign-off TTFT probe {run_id}-{i}: answer in one short sentence.{short}"))
             if baseline:
                 jobs.append(("direct", f"sign-off TTFT probe {run_id}-{i} (direct): one short sentence.{short}"))
@@ -439,7 +439,7 @@ class Run:
             # gateway in service has open; the simulated provider costs nothing to warm up.
             many(
                 "warm-up",
-                [f"sign-off warm-up {run_id}-{i}" for i in range(parallel)],
+                [f"sign-off warm-up {run_id}-{i}{short}" for i in range(parallel)],  # read to its end: short too
                 parallel,
                 deadline,
                 lambda prompt: self.to_gateway(prompt, deadline),

@@ -24,6 +24,7 @@ import pytest
 from httpcore import _synchronization
 from httpcore._async import http2
 from thespian.system import multiprocCommon, transport
+from thespian.system.actorManager import ActorManager
 from thespian.system.admin import convention
 from thespian.system.admin.convention import ConventioneerAdmin
 from thespian.system.transport import IPBase, TCPTransport, streamBuffer
@@ -36,6 +37,7 @@ from patches import (
     httpcore_rst_stream,
     thespian_admin_logs,
     thespian_bind,
+    thespian_child_exit,
     thespian_convention,
     thespian_forwarding,
     thespian_proctitle,
@@ -86,6 +88,10 @@ def pristine(monkeypatch):
     if thespian_forwarding.installed():
         monkeypatch.setattr(ConventioneerAdmin, "_not_compatible", thespian_forwarding._original)
     monkeypatch.setattr(thespian_forwarding, "_original", thespian_forwarding._original)
+    monkeypatch.setattr(ActorManager, "_childInaccessible", ActorManager._childInaccessible)  # put back after
+    if thespian_child_exit.installed():
+        monkeypatch.setattr(ActorManager, "_childInaccessible", thespian_child_exit._original)
+    monkeypatch.setattr(thespian_child_exit, "_original", thespian_child_exit._original)
     for owner, name in TURNS:  # Thespian's own while the test runs, whatever was in before, put back after
         monkeypatch.setattr(owner, name, thespian_turns._originals.get((owner, name), owner.__dict__[name]))
     for name in ("_originals", "_identities"):
@@ -126,17 +132,18 @@ def test_install_thespian_installs_its_patches_once(pristine):
         "thespian_selector",
         "thespian_convention",
         "thespian_forwarding",
+        "thespian_child_exit",
         "thespian_turns",
         "thespian_proctitle",
         "thespian_admin_logs",
     ]
-    forwarding = ConventioneerAdmin._not_compatible
+    forwarding, child_exit = ConventioneerAdmin._not_compatible, ActorManager._childInaccessible
     turns = (TCPTransport.TCPTransport._next_XMIT_2, TCPTransport.TCPTransport._handleReadableIncoming)
     serializer, view, init = TCPTransport.serializer, TCPTransport.selectors, IPBase.IPActorAddress.__init__
     start_logger = multiprocCommon._startLogger
     patches.install_thespian("127.0.0.1", SECRET)  # idempotent: nothing is wrapped twice
     assert multiprocCommon._startLogger is start_logger is thespian_admin_logs._start_logging_here
-    assert ConventioneerAdmin._not_compatible is forwarding
+    assert ConventioneerAdmin._not_compatible is forwarding and ActorManager._childInaccessible is child_exit
     assert (TCPTransport.TCPTransport._next_XMIT_2, TCPTransport.TCPTransport._handleReadableIncoming) == turns
     assert (TCPTransport.serializer, TCPTransport.selectors, IPBase.IPActorAddress.__init__) == (serializer, view, init)
     address = IPBase.TCPv4ActorAddress(None, 0)  # what the transport makes for a listening socket
@@ -187,6 +194,7 @@ def test_a_security_or_cost_patch_refuses_an_untested_version_loudly(pristine, m
         thespian_selector,
         thespian_convention,
         thespian_forwarding,
+        thespian_child_exit,
         thespian_turns,
         thespian_proctitle,
         thespian_admin_logs,
@@ -204,6 +212,7 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         http2.AsyncHTTP2Connection.has_expired,
         convention.CONVENTION_REREGISTRATION_PERIOD,
         ConventioneerAdmin._not_compatible,
+        ActorManager._childInaccessible,
         _synchronization.AsyncLock.setup,
         TCPTransport.TCPTransport._handleReadableIncoming,
         multiprocCommon._startLogger,
@@ -216,6 +225,7 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         http2.AsyncHTTP2Connection.has_expired,
         convention.CONVENTION_REREGISTRATION_PERIOD,
         ConventioneerAdmin._not_compatible,
+        ActorManager._childInaccessible,
         _synchronization.AsyncLock.setup,
         TCPTransport.TCPTransport._handleReadableIncoming,
         multiprocCommon._startLogger,
@@ -245,6 +255,7 @@ def test_the_installed_library_versions_are_the_ones_the_patches_were_written_fo
         thespian_selector,
         thespian_convention,
         thespian_forwarding,
+        thespian_child_exit,
         thespian_turns,
         thespian_proctitle,
         thespian_admin_logs,
@@ -368,3 +379,48 @@ def test_asking_what_is_installed_imports_no_patched_library():
     code = "import sys, patches; print(patches.installed(), 'httpcore' in sys.modules, 'thespian' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["[]", "False", "False"]
+
+
+class _Exiting(ActorManager):
+    """Just enough of an actor's manager to run Thespian's own `_shutdownActor` and
+    `_handleChildExited`: what it sends is kept, nothing reaches a socket."""
+
+    def __init__(self, children):
+        from thespian.system.utilis import StatsManager
+
+        class Transport:
+            myAddress, aborted = "me", False
+
+            def deadAddress(self, manager, address):
+                pass
+
+            def abort_run(self, drain=False):
+                self.aborted = True
+
+        self.transport, self._children, self._sCBStats = Transport(), list(children), StatsManager()
+        self._parentAddr, self._srcNotifyEnabled, self._addrManager, self.sent = "parent", False, None, []
+
+    def _send_intent(self, intent):
+        self.sent.append(intent)
+
+    def _childExited(self, child):
+        pass
+
+
+def test_an_actor_whose_child_is_unreachable_exits_once_the_others_have(pristine):
+    """thespian_child_exit: the exit request that cannot be delivered (the child's host is
+    gone) crosses off that child, not the last one; the actor then exits when the other
+    child confirms (Thespian's own callback named the last child: it waited forever)."""
+    from thespian.actors import ActorExitRequest, ChildActorExited
+    from thespian.system.transport import SendStatus
+
+    assert thespian_child_exit.install()
+    actor = _Exiting(["on-the-lost-host", "here"])
+    actor._shutdownActor(True)
+    requests = {intent.targetAddr: intent for intent in actor.sent if isinstance(intent.message, ActorExitRequest)}
+    assert sorted(requests) == ["here", "on-the-lost-host"]
+    requests["on-the-lost-host"].tx_done(SendStatus.DeadTarget)
+    assert actor.childAddresses == ["here"] and not actor.transport.aborted
+    actor._handleChildExited("here")  # its ChildActorExited
+    assert actor.childAddresses == [] and actor.transport.aborted
+    assert [i.message.childAddress for i in actor.sent if isinstance(i.message, ChildActorExited)] == ["me"]

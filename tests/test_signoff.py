@@ -364,7 +364,8 @@ def test_a_real_provider_is_measured_by_the_gateways_upstream_abort(env, proxy):
     # asked for 500 words; this one reads no #sim directive from the suite)
     assert request("POST", proxy.sim + "/config", body={"tokens": 400, "token_interval_ms": 25})[0] == 200
     try:
-        run = sh("run_ttft_suite.sh", "openai", "--rehearsal", env=env)
+        # all 8 TTFT requests at once: each is read to its end, 10 s with these answers
+        run = sh("run_ttft_suite.sh", "openai", "--rehearsal", env={**env, "SLUICE_SIGNOFF_PARALLEL": "8"})
     finally:
         request("POST", proxy.sim + "/config/reset")
     assert run.returncode == 0, run.stdout + run.stderr

@@ -327,6 +327,10 @@ class CuttingProxy:
                 s.close()
 
     def close(self) -> None:
+        # shutdown wakes the accept() blocked in _accept (close alone does not, on Linux:
+        # its join below waited out its whole timeout)
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         with self.lock:
             for s in self.sockets:

@@ -22,6 +22,12 @@ VERSION = 1
 _REGISTRY: dict[str, type] = {}
 _FIELD_TYPES: dict[type, dict[str, Any]] = {}
 _REQUIRED: dict[type, frozenset[str]] = {}
+# Per message class, made once: its field names in order (encode), and a check per field
+# built from the type hints (from_wire). Every token crosses the hub as a StreamData, and
+# reading the hints on every message (`typing.get_origin`, `get_args` per field) cost more
+# than the msgpack work itself.
+_NAMES: dict[type, tuple[str, ...]] = {}
+_CHECKS: dict[type, dict[str, Callable[[Any], bool]]] = {}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -54,7 +60,10 @@ def encode(msg: Any) -> bytes:
     tag = getattr(cls, "TAG", None)
     if tag is None or _REGISTRY.get(tag) is not cls:
         raise TypeError(f"{cls.__name__} is not a registered message")
-    body = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    body = {name: getattr(msg, name) for name in names}
     packed: bytes = msgpack.packb([tag, VERSION, body], use_bin_type=True)
     return packed
 
@@ -82,16 +91,16 @@ def from_wire(raw: Any) -> Any:
         return Invalid(f"{tag}: unsupported version {version!r} (expected {VERSION})")
     if not isinstance(body, dict):
         return Invalid(f"{tag}: body must be a map")
-    hints = _hints(cls)
-    unknown = set(body) - set(hints)
-    if unknown:
-        return Invalid(f"{tag}: unknown field(s) {sorted(unknown)}")
-    missing = _REQUIRED[cls] - set(body)
+    checks = _CHECKS.get(cls) or _checks(cls)
+    if not body.keys() <= checks.keys():
+        return Invalid(f"{tag}: unknown field(s) {sorted(set(body) - set(checks))}")
+    missing = _REQUIRED[cls] - body.keys()
     if missing:
         return Invalid(f"{tag}: missing field(s) {sorted(missing)}")
     for name, value in body.items():
-        if not _conforms(value, hints[name]):
-            return Invalid(f"{tag}.{name}: expected {_type_name(hints[name])}, got {type(value).__name__}")
+        if not checks[name](value):
+            hint = _FIELD_TYPES[cls][name]
+            return Invalid(f"{tag}.{name}: expected {_type_name(hint)}, got {type(value).__name__}")
     return cls(**body)
 
 
@@ -111,6 +120,40 @@ def _hints(cls: type) -> dict[str, Any]:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         )
     return _FIELD_TYPES[cls]
+
+
+def _checks(cls: type) -> dict[str, Callable[[Any], bool]]:
+    checks = _CHECKS[cls] = {name: _checker(hint) for name, hint in _hints(cls).items()}
+    return checks
+
+
+def _checker(hint: Any) -> Callable[[Any], bool]:
+    """`_conforms(value, hint)` as a function of the value alone, the hint read once."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = tuple(_checker(arg) for arg in typing.get_args(hint))
+        return lambda value: any(check(value) for check in options)
+    if hint is type(None):
+        return lambda value: value is None
+    if hint is Any:
+        return lambda value: True
+    if hint is float:
+        return lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return lambda value: isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool, bytes):
+        return lambda value: isinstance(value, hint)
+    if hint is dict or origin is dict:
+        return lambda value: isinstance(value, dict)
+    if hint is list or origin is list:
+        args = typing.get_args(hint)
+        if not args:
+            return lambda value: isinstance(value, list)
+        if args[0] is dict or typing.get_origin(args[0]) is dict:  # list[dict]: StreamData's events
+            return lambda value: isinstance(value, list) and all(isinstance(item, dict) for item in value)
+        item_check = _checker(args[0])
+        return lambda value: isinstance(value, list) and all(item_check(item) for item in value)
+    return lambda value: False
 
 
 def _conforms(value: Any, hint: Any) -> bool:

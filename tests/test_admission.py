@@ -218,3 +218,39 @@ def test_a_follower_without_fan_out_gets_the_whole_answer_in_one_delta_before_th
         assert admission.ending == {"finish_reason": "stop"}
 
     run(scenario())
+
+
+def test_batches_ping_after_idle_s_of_waiting_and_not_while_the_writer_is_busy():
+    # One keepalive timer per stream (edge/admission.py _IdleTimer), not one per wait: an
+    # empty batch comes only once the wait for events has lasted idle_s; time the front end
+    # spends writing a batch does not count, and the timer is gone when the stream ends.
+    from edge.admission import Admission
+    from edge.streams import Subscriber
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        sub = Subscriber("r-1", "leader", time.time(), "openai", "gpt-x")
+        admission = Admission(sub, dict(BODY), asyncio.Event(), release=lambda a, o: None)
+        batches = admission.batches(0.05)
+        started = loop.time()
+        assert await batches.__anext__() == []  # nothing for idle_s: a keepalive
+        assert loop.time() - started >= 0.045
+        sub.push([ev.delta("a")])
+        assert [e["type"] for e in await batches.__anext__()] == ["delta"]
+        await asyncio.sleep(0.12)  # the writer is busy for more than idle_s: no idle wait
+        waited = loop.time()
+        assert await batches.__anext__() == []  # the keepalive after a fresh wait of idle_s
+        assert loop.time() - waited >= 0.045
+        await asyncio.sleep(0.12)
+        sub.push([ev.delta("b")])
+        assert [e["type"] for e in await batches.__anext__()] == ["delta"]  # no empty batch first
+        sub.push([ev.delta("c"), ev.done("stop", None)])
+        assert [e["type"] for e in await batches.__anext__()] == ["delta", "done"]
+        with pytest.raises(StopAsyncIteration):
+            await batches.__anext__()
+        assert sub.queue.empty()
+        # the stream ended: its timer is cancelled (asyncio's own loop here, whose
+        # `_scheduled` lists the timers), so nothing of it stays on the loop
+        assert not [h for h in loop._scheduled if not h.cancelled() and "_IdleTimer" in repr(h)]
+
+    asyncio.run(scenario())

@@ -91,6 +91,32 @@ def test_decoding_random_structures_never_raises(raw):
     assert isinstance(result, codec.Invalid) or hasattr(type(result), "TAG")
 
 
+# Values of every kind a field may be sent, right or wrong for it (bool is an int in Python,
+# not on the wire's terms; int is a float there).
+PROBES = [None, True, 0, 7, -1, 1.5, "", "text", b"\x00", {}, {"k": "v"}, [], [1], ["x"], [{}], [{"a": 1}, {}], [None]]
+
+
+def test_the_compiled_field_checks_say_what_the_type_hints_say():
+    # from_wire checks each field with a function made once per class (codec._checker),
+    # not by reading the hints on every message: it must accept and refuse exactly what
+    # `_conforms` does, for every field of every message type.
+    for cls in m.message_types().values():
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            check = codec._checker(hints[field.name])
+            for value in PROBES:
+                assert check(value) == codec._conforms(value, hints[field.name]), (cls.__name__, field.name, value)
+
+
+def test_a_field_of_the_wrong_type_inside_a_list_is_refused():
+    raw = ["stream_data", 1, {"stream_id": "s", "seq": 0, "events": [{"type": "delta"}, "not a dict"]}]
+    result = m.from_wire(raw)
+    assert isinstance(result, codec.Invalid) and "stream_data.events: expected" in result.reason, result
+    assert m.from_wire(["stream_data", 1, {"stream_id": "s", "seq": 0, "events": [{"type": "delta"}]}]) == m.StreamData(
+        "s", 0, [{"type": "delta"}]
+    )
+
+
 def test_encoding_refuses_objects_that_are_not_messages():
     for thing in ({"a": 1}, "text", codec.Invalid("x")):
         try:

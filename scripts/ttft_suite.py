@@ -67,6 +67,7 @@ import datetime
 import ipaddress
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -682,9 +683,18 @@ def show(verdict: Verdict) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now, below the kernel's ephemeral range (32768-60999 by
+    default): a port the kernel hands out as free can go to an outgoing connection (the
+    gateway's own Thespian ones) before the gateway binds it, which then exits "address in
+    use". As sim/testing.py `free_port`; this script imports nothing of sluice."""
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port for the gateway")
 
 
 def _die_with_parent() -> None:

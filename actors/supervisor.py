@@ -217,6 +217,9 @@ class SupervisorActor(HostActor):
             return self._watch()
         if isinstance(msg, AdoptDeadline):
             for role in sorted(self.adopted - set(self.addresses)):
+                # It may be alive but stalled (it may hold leases, flights): stopped, so that
+                # no second actor of its role runs on beside the new one.
+                self.send(self.children[role], ActorExitRequest())
                 self._recreate(role)
             return []
         return []

@@ -274,6 +274,44 @@ def test_a_replaced_supervisor_adopts_every_actor_and_leaves_no_second_one():
         wait_until(lambda: group_members(group) == expected, timeout=15, message="one process per role")
         assert serves(gw, f"after the Supervisor {uuid.uuid4()}")
         assert group_members(group) == expected, "a second actor of some role appeared"
+        stopped_without_sigkill(gw, group)
+
+
+def stopped_without_sigkill(gw, group: int) -> None:
+    """A normal shutdown (SIGINT) reaches every actor: none is left for the SIGKILL that
+    follows the grace (actors/system.py `kill_group` logs it)."""
+    assert gw.stop() == 0
+    assert group_members(group) == set()
+    assert "after the shutdown: SIGKILL" not in gw.output(), gw.output()
+
+
+def test_a_supervisor_killed_after_it_recreated_a_pool_hands_the_new_pool_on():
+    """The Supervisor SIGKILLed ~0.3 s after it recreated a Pool: run.py's keeper (it looks
+    every second) most likely still remembers the dead Pool. The adopted actors' previous
+    directory names the live one: it is adopted, not created a second time."""
+    with running_gateway(GATEWAY_ENV) as gw:
+        before = wait_until(lambda: supervisor_state(gw), timeout=10, message="the Supervisor's state")
+        group = os.getpgid(before["pid"])
+        members = group_members(group)
+        kill(before["pids"]["pool"])
+        repaired = wait_until(
+            lambda: (s := supervisor_state(gw)) and s["pids"].get("pool") not in (None, before["pids"]["pool"]) and s,
+            timeout=20,
+            interval=0.02,
+            message="the Pool recreated",
+        )
+        kill(before["pid"])
+        after = wait_until(
+            lambda: (s := supervisor_state(gw)) and s["pid"] != before["pid"] and s["ready"] and s,
+            timeout=30,
+            message="a new Supervisor with every actor ready",
+        )
+        assert after["pids"] == repaired["pids"], "an actor was recreated instead of adopted"
+        expected = (members - {before["pid"], before["pids"]["pool"]}) | {after["pid"], repaired["pids"]["pool"]}
+        wait_until(lambda: group_members(group) == expected, timeout=15, message="one process per role")
+        assert serves(gw, f"after the Pool and the Supervisor {uuid.uuid4()}")
+        assert group_members(group) == expected, "a second actor of some role appeared"
+        stopped_without_sigkill(gw, group)
 
 
 # --- the Metrics actor and the thread store (issue 11's remaining kills) -----------------------

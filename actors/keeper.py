@@ -6,7 +6,9 @@ the Supervisor's pid (one /proc read) and, every `DIRECTORY_EVERY_S`, remembers 
 Supervisor's directory. When the Supervisor is gone, it asks the admin for the global name
 again (Thespian drops a global name when its actor exits, so this creates a new
 Supervisor) and wires it with the last directory it saw: the new Supervisor adopts the
-actors that still answer and recreates the others (actors/supervisor.py).
+actors that still answer and recreates the others (actors/supervisor.py). run.py serves
+only once the keeper remembers a first complete directory (`wait_for_directory`), so a
+Supervisor killed from then on never leaves its actors orphaned beside new ones.
 
 It also restarts the orphan watchdog process (actors/system.py `watch`) if that dies. On a
 member host of a cluster (SLUICE_JOIN) the Supervisor is the leader's, kept by the

@@ -11,7 +11,10 @@ reported by run.py (`MemberLost(edge, edge_id)`) and passed on to every Coalesce
 The Supervisor is no single point of failure: run.py's `SupervisorKeeper`
 (actors/keeper.py) replaces a dead Supervisor under the same global name and wires it with
 the last directory it saw; the new Supervisor adopts the actors of that directory that
-answer, and recreates those that do not. Watching run.py itself (shutting the actor
+answer, and recreates those that do not (after telling them to stop: one may be alive but
+stalled). The keeper looks every second, so the adopted actors also tell it the directory
+they had (`Ready.previous`): a live actor named there for a role is adopted too, or
+stopped if its role is taken (`_learn`, `_candidate_ready`): no role runs twice. Watching run.py itself (shutting the actor
 system down when run.py dies) is not done here but by a watchdog process of its own
 (`python -S -m actors.watchdog`), so that it does not die with the Supervisor.
 

@@ -124,6 +124,7 @@ def serve(settings: Settings) -> int:
 
 
 JOIN_WITHIN_S = 15.0  # a member's first registration with its leader, answered
+DIRECTORY_WITHIN_S = 15.0  # the keeper remembers the first complete directory (the actors started) by then
 
 
 def _serve_with_secret(settings: Settings, secret: bytes, log) -> int:
@@ -184,6 +185,10 @@ def _serve_with_secret(settings: Settings, secret: bytes, log) -> int:
             supervisor = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
             asys.tell(supervisor, m.encode(m.Wire(roles.SUPERVISOR, {}, settings.to_wire())))
             keeper = _start_keeper(asys, settings, watchdog, **standby_args)
+            # Serve only once the keeper knows every actor: a Supervisor killed from then on
+            # is replaced by one that adopts them all (docs/reliability.md).
+            if not keeper.wait_for_directory(DIRECTORY_WITHIN_S):
+                log.warning("sluice: no complete directory within %.0f s: serving anyway", DIRECTORY_WITHIN_S)
         else:
             if not system.joined(asys, JOIN_WITHIN_S):
                 log.error(

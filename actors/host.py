@@ -85,11 +85,13 @@ class HostActor(Actor):
                 log.warning("%s: refused a Wire: %s", self.role, exc)
                 self.send(sender, m.encode(m.ErrorReply("bad_message", f"wire: {exc}")))
                 return
+            before = self.directory.get(roles.SUPERVISOR)
+            adopted_from = self.directory if before not in (None, msg.directory.get(roles.SUPERVISOR)) else None
             self.directory = dict(msg.directory)
             self.settings = settings
             self.on_wire(msg)
             if msg.role != roles.SUPERVISOR:
-                self.send(sender, m.encode(m.Ready(msg.role, my_address(self), os.getpid())))
+                self.send(sender, m.encode(m.Ready(msg.role, my_address(self), os.getpid(), adopted_from)))
             return
         if isinstance(msg, m.GetState):  # every actor answers it: readiness, admin "show"
             self.send(sender, m.encode(m.State(self.role, {"pid": os.getpid(), **self.state(time.time())})))

@@ -6,7 +6,9 @@ the Supervisor's pid (one /proc read) and, every `DIRECTORY_EVERY_S`, remembers 
 Supervisor's directory. When the Supervisor is gone, it asks the admin for the global name
 again (Thespian drops a global name when its actor exits, so this creates a new
 Supervisor) and wires it with the last directory it saw: the new Supervisor adopts the
-actors that still answer and recreates the others (actors/supervisor.py).
+actors that still answer and recreates the others (actors/supervisor.py). run.py serves
+only once the keeper remembers a first complete directory (`wait_for_directory`), so a
+Supervisor killed from then on never leaves its actors orphaned beside new ones.
 
 It also restarts the orphan watchdog process (actors/system.py `watch`) if that dies. On a
 member host of a cluster (SLUICE_JOIN) the Supervisor is the leader's, kept by the
@@ -85,12 +87,19 @@ class SupervisorKeeper:
         self.pid: int | None = None
         self.address = None
         self.replacements = 0
+        self.remembered = threading.Event()  # set once a complete directory is remembered
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="supervisor-keeper", daemon=True)
 
     def start(self) -> SupervisorKeeper:
         self._thread.start()
         return self
+
+    def wait_for_directory(self, timeout: float) -> bool:
+        """Block until the keeper remembers a complete directory (run.py waits for it before
+        it serves: a Supervisor killed from then on is replaced by one that adopts every
+        actor, none is started twice)."""
+        return self.remembered.wait(timeout)
 
     def stop(self) -> None:
         self._stop.set()
@@ -118,7 +127,7 @@ class SupervisorKeeper:
                             continue  # stepped down: a member from now on
                     if self.pid is None or not alive(self.pid):
                         self._find_or_replace(context)
-                    elif time.monotonic() >= next_directory:
+                    elif not self.remembered.is_set() or time.monotonic() >= next_directory:
                         next_directory = time.monotonic() + DIRECTORY_EVERY_S
                         self._remember_directory(context)
                 except Exception:  # the keeper must outlive whatever went wrong this turn
@@ -251,8 +260,9 @@ class SupervisorKeeper:
 
     def _remember_directory(self, context) -> None:
         reply = self._ask(context, self.address, m.GetDirectory())
-        if isinstance(reply, m.Directory) and reply.hub:  # only a complete one
+        if isinstance(reply, m.Directory) and reply.hub and reply.settings.get("complete"):  # only a complete one
             self.directory = dict(reply.entries)
+            self.remembered.set()
 
     @staticmethod
     def _ask(context, address, msg):

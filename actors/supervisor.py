@@ -11,7 +11,10 @@ reported by run.py (`MemberLost(edge, edge_id)`) and passed on to every Coalesce
 The Supervisor is no single point of failure: run.py's `SupervisorKeeper`
 (actors/keeper.py) replaces a dead Supervisor under the same global name and wires it with
 the last directory it saw; the new Supervisor adopts the actors of that directory that
-answer, and recreates those that do not. Watching run.py itself (shutting the actor
+answer, and recreates those that do not (after telling them to stop: one may be alive but
+stalled). The keeper looks every second, so the adopted actors also tell it the directory
+they had (`Ready.previous`): a live actor named there for a role is adopted too, or
+stopped if its role is taken (`_learn`, `_candidate_ready`): no role runs twice. Watching run.py itself (shutting the actor
 system down when run.py dies) is not done here but by a watchdog process of its own
 (`python -S -m actors.watchdog`), so that it does not die with the Supervisor.
 
@@ -100,6 +103,12 @@ class SupervisorActor(HostActor):
         self.addresses: dict[str, str] = {}  # role -> "host:port", once the child said Ready
         self.pids: dict[str, int] = {}
         self.adopted: set[str] = set()  # roles taken over from a previous Supervisor
+        # role -> address of an actor the predecessor last named for it (an adopted actor's
+        # previous directory: `_learn`) that is not the one adopted or created for it
+        self.candidates: dict[str, str] = {}
+        # actors stopped here as a second actor of a role (`_candidate_ready`): a late Ready
+        # or HubReady of theirs changes nothing
+        self.superseded: list = []
         self.lost = LostMembers()  # dead incarnations, until announced (actors/member_loss.py)
         self.hubs: dict[str, list] = {}  # Pool role -> [host, port] of its stream hub
         self.generation = 0
@@ -147,14 +156,72 @@ class SupervisorActor(HostActor):
             role: self.remote.get(role, self.settings.cluster_host) for role in self.children if roles.is_pool(role)
         }
         for role, addr in self.children.items():
-            settings = with_keys if roles.is_pool(role) else public
-            if role in self.remote:  # its hub binds that host's interface
-                settings = {**settings, "actor_host": self.members[self.remote[role]]["actor_host"]}
-            self.send(addr, m.encode(m.Wire(role, self.directory, settings, hosts)))
+            self.send(addr, m.encode(self._wire_for(role, hosts, with_keys, public)))
         for old, role in self.retiring.items():  # a moved shard's old actor still runs flights
             self.send(addressing.from_string(old), m.encode(m.Wire(role, self.directory, public, hosts)))
 
+    def _wire_for(self, role: str, hosts: dict, with_keys: dict, public: dict) -> m.Wire:
+        settings = with_keys if roles.is_pool(role) else public
+        if role in self.remote:  # its hub binds that host's interface
+            settings = {**settings, "actor_host": self.members[self.remote[role]]["actor_host"]}
+        return m.Wire(role, self.directory, settings, hosts)
+
+    def _learn(self, previous: dict) -> None:
+        """An adopted actor's directory before the adoption: its Supervisor's last word,
+        newer than the keeper's (which looks every second). An actor it names for a role
+        that is not the one adopted or created here (the predecessor recreated or moved it
+        after the keeper looked, or died before the keeper saw any directory) is a
+        candidate: it is wired too, and `_candidate_ready` keeps one actor per role."""
+        for role, address in previous.items():
+            if role not in self.children or role in self.candidates or self._superseded(address):
+                continue
+            if address in (self.addresses.get(role), _address_string(self.children[role])):
+                continue
+            if address in self.retiring or any(moving[1] == address for moving in self.moving.values()):
+                continue
+            log.warning("adopting: %s at %s was its last actor, unknown to run.py's keeper", role, address)
+            self.candidates[role] = address
+            hosts = {r: self.remote.get(r, self.settings.cluster_host) for r in self.children if roles.is_pool(r)}
+            settings = self.settings.redacted(api_keys=True).to_wire(), self.settings.redacted().to_wire()
+            self.send(addressing.from_string(address), m.encode(self._wire_for(role, hosts, *settings)))
+
+    def _candidate_ready(self, msg: m.Ready) -> None:
+        """A candidate (`_learn`) answered: it is alive. If its role's actor has not
+        answered yet (the keeper's is dead, or the one created here is not up yet), the
+        candidate is adopted and that one is stopped; else it is a second actor of its role,
+        and is stopped, its death announced (it may hold leases, flights)."""
+        role = msg.role
+        del self.candidates[role]
+        if self.stopping:
+            return
+        if role in self.addresses:
+            log.warning("adopting: stopping %s at %s, a second actor of its role", role, msg.address)
+            self.superseded.append(addressing.from_string(msg.address))
+            self.send(self.superseded[-1], ActorExitRequest())
+            self.lost.died(role, msg.address)
+            self._announce_when_up()
+            return
+        replaced = self.children[role]
+        self.superseded.append(replaced)
+        self.send(replaced, ActorExitRequest())  # dead (the keeper's), or not up yet (created here)
+        stale = _address_string(replaced)
+        if role in self.adopted and stale is not None:
+            self.lost.died(role, stale)  # announced before, most likely: reclaiming is idempotent
+        self.children[role] = addressing.from_string(msg.address)
+        self.adopted.add(role)
+        self._on_ready(m.Ready(role, msg.address, msg.pid))
+
+    def _superseded(self, address: str | None) -> bool:
+        return address is not None and any(_address_string(a) == address for a in self.superseded)
+
     def _on_ready(self, msg: m.Ready) -> None:
+        if self.candidates.get(msg.role) == msg.address:
+            self._candidate_ready(msg)
+            return
+        if self._superseded(msg.address):
+            return
+        if msg.previous:
+            self._learn(msg.previous)
         if msg.role not in self.children or self.addresses.get(msg.role) == msg.address or msg.address in self.retiring:
             return
         self.addresses[msg.role] = msg.address
@@ -201,7 +268,10 @@ class SupervisorActor(HostActor):
             self._on_ready(msg)
             return []
         if isinstance(msg, m.HubReady):
-            if roles.is_pool(msg.role) and msg.role in self.children:
+            # Not a candidate's (`_learn`): it re-sends its hub once adopted and wired again.
+            origin = _address_string(sender) if sender is not None else None
+            stray = self._superseded(origin) or origin in self.candidates.values()
+            if roles.is_pool(msg.role) and msg.role in self.children and not stray:
                 self.hubs[msg.role] = [msg.host, msg.port]
                 self.generation += 1
             return []
@@ -217,6 +287,9 @@ class SupervisorActor(HostActor):
             return self._watch()
         if isinstance(msg, AdoptDeadline):
             for role in sorted(self.adopted - set(self.addresses)):
+                # It may be alive but stalled (it may hold leases, flights): stopped, so that
+                # no second actor of its role runs on beside the new one.
+                self.send(self.children[role], ActorExitRequest())
                 self._recreate(role)
             return []
         return []

@@ -423,11 +423,15 @@ class Wire:
 
 @message("ready")
 class Ready:
-    """Child -> Supervisor, in answer to every Wire: I play `role` at `address`."""
+    """Child -> Supervisor, in answer to every Wire: I play `role` at `address`.
+    `previous`: the directory the child had before, when this Wire came from another
+    Supervisor (a replacement adopting it): it names the actors the predecessor created or
+    moved last, which run.py's keeper may not have seen (actors/supervisor.py `_learn`)."""
 
     role: str
     address: str
     pid: int
+    previous: dict | None = None
 
 
 @message("hub_ready")

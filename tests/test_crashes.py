@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from actors.system import descendants
+from actors.system import descendants, process_table
 from tests.support import SSEClient, chat_body, data_events, get_json, request, running_gateway, wait_until
 
 TOKEN = "crash-test-token"
@@ -235,6 +235,83 @@ def test_a_replaced_supervisor_still_repairs_and_a_killed_run_py_leaves_nothing(
         gw.proc.send_signal(signal.SIGKILL)
         gw.proc.wait(10)
         wait_until(lambda: gw.leftovers() == (set(), set()), timeout=30, message="no process or port left")
+
+
+def supervisor_state(gw) -> dict | None:
+    try:
+        status, _, body = request(
+            "GET", gw.url + "/api/admin/state?role=supervisor", headers={"authorization": f"Bearer {TOKEN}"}, timeout=5
+        )
+    except Exception:  # the edge is between Supervisors
+        return None
+    return json.loads(body)["results"]["supervisor"] if status == 200 else None
+
+
+def group_members(group: int) -> set[int]:
+    """The live processes of the actor system's process group (its admin and every actor,
+    orphans included: they keep the group when their Supervisor dies)."""
+    return {pid for pid, proc in process_table().items() if proc.group == group and proc.state not in ("Z", "X")}
+
+
+def test_a_replaced_supervisor_adopts_every_actor_and_leaves_no_second_one():
+    """The Supervisor SIGKILLed at once after start (before run.py's keeper had looked at
+    its directory, before the fix): the new one adopts every actor (the same pids), no
+    actor of any role runs twice (the group holds what it held, the new Supervisor for the
+    old), and a normal shutdown leaves nothing."""
+    with running_gateway(GATEWAY_ENV) as gw:
+        before = wait_until(lambda: supervisor_state(gw), timeout=10, message="the Supervisor's state")
+        group = os.getpgid(before["pid"])
+        members = group_members(group)
+        assert set(before["pids"].values()) | {before["pid"]} <= members
+        kill(before["pid"])
+        after = wait_until(
+            lambda: (s := supervisor_state(gw)) and s["pid"] != before["pid"] and s["ready"] and s,
+            timeout=30,
+            message="a new Supervisor with every actor ready",
+        )
+        assert after["pids"] == before["pids"], "an actor was recreated instead of adopted"
+        expected = (members - {before["pid"]}) | {after["pid"]}
+        wait_until(lambda: group_members(group) == expected, timeout=15, message="one process per role")
+        assert serves(gw, f"after the Supervisor {uuid.uuid4()}")
+        assert group_members(group) == expected, "a second actor of some role appeared"
+        stopped_without_sigkill(gw, group)
+
+
+def stopped_without_sigkill(gw, group: int) -> None:
+    """A normal shutdown (SIGINT) reaches every actor: none is left for the SIGKILL that
+    follows the grace (actors/system.py `kill_group` logs it)."""
+    assert gw.stop() == 0
+    assert group_members(group) == set()
+    assert "after the shutdown: SIGKILL" not in gw.output(), gw.output()
+
+
+def test_a_supervisor_killed_after_it_recreated_a_pool_hands_the_new_pool_on():
+    """The Supervisor SIGKILLed ~0.3 s after it recreated a Pool: run.py's keeper (it looks
+    every second) most likely still remembers the dead Pool. The adopted actors' previous
+    directory names the live one: it is adopted, not created a second time."""
+    with running_gateway(GATEWAY_ENV) as gw:
+        before = wait_until(lambda: supervisor_state(gw), timeout=10, message="the Supervisor's state")
+        group = os.getpgid(before["pid"])
+        members = group_members(group)
+        kill(before["pids"]["pool"])
+        repaired = wait_until(
+            lambda: (s := supervisor_state(gw)) and s["pids"].get("pool") not in (None, before["pids"]["pool"]) and s,
+            timeout=20,
+            interval=0.02,
+            message="the Pool recreated",
+        )
+        kill(before["pid"])
+        after = wait_until(
+            lambda: (s := supervisor_state(gw)) and s["pid"] != before["pid"] and s["ready"] and s,
+            timeout=30,
+            message="a new Supervisor with every actor ready",
+        )
+        assert after["pids"] == repaired["pids"], "an actor was recreated instead of adopted"
+        expected = (members - {before["pid"], before["pids"]["pool"]}) | {after["pid"], repaired["pids"]["pool"]}
+        wait_until(lambda: group_members(group) == expected, timeout=15, message="one process per role")
+        assert serves(gw, f"after the Pool and the Supervisor {uuid.uuid4()}")
+        assert group_members(group) == expected, "a second actor of some role appeared"
+        stopped_without_sigkill(gw, group)
 
 
 # --- the Metrics actor and the thread store (issue 11's remaining kills) -----------------------

@@ -17,46 +17,18 @@ The real processes: tests/test_crashes.py
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 from thespian.actors import ActorExitRequest
 
 from actors import addressing
-from actors.supervisor import AdoptDeadline, SupervisorActor
-from protocols import config, roles
+from actors.supervisor import AdoptDeadline
 from protocols import messages as m
+from protocols import roles
+from tests.recorded_supervisor import RecordedSupervisor
 
 pytestmark = pytest.mark.unit
 
 ROLES = ["metrics", "pool", "threads", "pacer:simulated", "coalescer:0", "coalescer:1"]
-
-
-class RecordedSupervisor(SupervisorActor):
-    """A Supervisor whose Thespian side is a record (created actors, sends decoded)."""
-
-    myAddress = addressing.from_string("127.0.0.1:1900")
-
-    def __init__(self):
-        super().__init__()
-        self.ports = itertools.count(30000)
-        self.created: list[str] = []
-        self.sent: list[tuple[str, object]] = []
-        self.settings = config.load({"COALESCER_SHARDS": "2", "SIMULATED_BASE_URL": "http://127.0.0.1:9"})
-
-    def createActor(self, actorClass, targetActorRequirements=None, globalName=None, sourceHash=None):
-        self.created.append(actorClass.__name__)
-        return addressing.from_string(f"127.0.0.1:{next(self.ports)}")
-
-    def send(self, targetAddr, msg):
-        decoded = m.decode(msg) if isinstance(msg, bytes) else msg
-        self.sent.append((addressing.to_string(targetAddr), decoded))
-
-    def notifyOnSystemRegistrationChanges(self, shouldRegister):
-        pass
-
-    def wakeupAfter(self, timePeriod, payload=None):
-        pass
 
 
 def old_directory(**changes: str) -> dict[str, str]:

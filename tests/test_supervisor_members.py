@@ -20,41 +20,19 @@ import pytest
 from thespian.actors import ActorSystemConventionUpdate, ChildActorExited
 
 from actors import addressing, placement
-from actors.supervisor import SupervisorActor
-from protocols import config, roles
 from protocols import messages as m
+from protocols import roles
+from tests.recorded_supervisor import LEADER_IP, RecordedSupervisor
 
 pytestmark = pytest.mark.unit
 
-LEADER_IP = "127.0.0.1"
 
-
-class RecordedSupervisor(SupervisorActor):
-    """A Supervisor whose Thespian side is a record: each created actor gets an address on
-    the host its requirements name (127.0.0.1 for the leader), each send is kept decoded."""
-
-    myAddress = addressing.from_string(f"{LEADER_IP}:1900")
+class MembersSupervisor(RecordedSupervisor):
+    """Wired at once with `shards` shards, as the leader's Supervisor starts."""
 
     def __init__(self, shards: int):
-        super().__init__()
-        self.ports = itertools.count(20000)
-        self.sent: list[tuple[str, object]] = []
-        self.settings = config.load({"COALESCER_SHARDS": str(shards), "SIMULATED_BASE_URL": "http://127.0.0.1:9"})
+        super().__init__(shards)
         self.on_wire(m.Wire(roles.SUPERVISOR, {}, self.settings.to_wire()))
-
-    def createActor(self, actorClass, targetActorRequirements=None, globalName=None, sourceHash=None):
-        host = (targetActorRequirements or {}).get(placement.HOST, f"{LEADER_IP}:1900")
-        return addressing.from_string(f"{host.rpartition(':')[0]}:{next(self.ports)}")
-
-    def send(self, targetAddr, msg):
-        decoded = m.decode(msg) if isinstance(msg, bytes) else msg
-        self.sent.append((addressing.to_string(targetAddr), decoded))
-
-    def notifyOnSystemRegistrationChanges(self, shouldRegister):
-        pass
-
-    def wakeupAfter(self, timePeriod, payload=None):
-        pass
 
 
 def member(n: int) -> str:
@@ -96,7 +74,7 @@ def host_of(sup: RecordedSupervisor, role: str) -> str | None:
 
 
 def test_a_lost_members_shards_are_up_before_its_losses_are_announced():
-    sup = RecordedSupervisor(shards=2)
+    sup = MembersSupervisor(shards=2)
     answer(sup)
     sup.on_system(convention_update(member(2), True), None)
     answer(sup)
@@ -133,7 +111,7 @@ def test_a_lost_members_shards_are_up_before_its_losses_are_announced():
 
 def test_a_lost_member_with_pools_only_is_announced_at_once():
     # One shard stays on the leader: nothing is recreated, nothing to wait for.
-    sup = RecordedSupervisor(shards=1)
+    sup = MembersSupervisor(shards=1)
     answer(sup)
     sup.on_system(convention_update(member(2), True), None)
     answer(sup)
@@ -148,7 +126,7 @@ def test_a_lost_member_with_pools_only_is_announced_at_once():
 
 
 def test_joins_in_turn_spread_the_shards_evenly_a_member_giving_to_the_newcomer():
-    sup = RecordedSupervisor(shards=6)
+    sup = MembersSupervisor(shards=6)
     answer(sup)
     sup.on_system(convention_update(member(2), True), None)
     answer(sup)
@@ -175,7 +153,7 @@ def test_joins_in_turn_spread_the_shards_evenly_a_member_giving_to_the_newcomer(
 def test_a_shard_that_could_not_move_yet_moves_once_everyone_is_up():
     # 127.0.0.3 joins while 127.0.0.2's three new shards have not answered: the one it
     # should take from 127.0.0.2 is still moving there, so it moves once all are up.
-    sup = RecordedSupervisor(shards=6)
+    sup = MembersSupervisor(shards=6)
     answer(sup)
     sup.on_system(convention_update(member(2), True), None)
     sup.on_system(convention_update(member(3), True), None)
@@ -189,7 +167,7 @@ def test_a_member_lost_with_a_retiring_shard_and_one_moving_away():
     # 127.0.0.2 holds 3 of 6; 127.0.0.3 joins: one shard moves 2 -> 3, and 2 is lost
     # before 3's new actor answers. The moving shard's new actor takes over (its old one
     # died): announced once it is up; 2's other shards are recreated where spread says.
-    sup = RecordedSupervisor(shards=6)
+    sup = MembersSupervisor(shards=6)
     answer(sup)
     sup.on_system(convention_update(member(2), True), None)
     answer(sup)
@@ -215,7 +193,7 @@ def test_any_joins_and_losses_leave_every_shard_up_on_a_live_host_evenly(seed):
     Supervisor says, on a live host, evenly spread, and every dead shard incarnation was
     announced."""
     rng = random.Random(seed)
-    sup = RecordedSupervisor(shards=rng.randint(1, 9))
+    sup = MembersSupervisor(shards=rng.randint(1, 9))
     answer(sup)
     live: list[str] = []
     dead_ips: set[str] = set()

@@ -264,17 +264,28 @@ def test_a_replaced_supervisor_adopts_every_actor_and_leaves_no_second_one():
         members = group_members(group)
         assert set(before["pids"].values()) | {before["pid"]} <= members
         kill(before["pid"])
-        after = wait_until(
-            lambda: (s := supervisor_state(gw)) and s["pid"] != before["pid"] and s["ready"] and s,
-            timeout=30,
-            message="a new Supervisor with every actor ready",
-        )
+        after = new_supervisor(gw, before["pid"])
         assert after["pids"] == before["pids"], "an actor was recreated instead of adopted"
         expected = (members - {before["pid"]}) | {after["pid"]}
-        wait_until(lambda: group_members(group) == expected, timeout=15, message="one process per role")
-        assert serves(gw, f"after the Supervisor {uuid.uuid4()}")
-        assert group_members(group) == expected, "a second actor of some role appeared"
-        stopped_without_sigkill(gw, group)
+        serves_with_one_process_per_role(gw, group, expected, "after the Supervisor")
+
+
+def new_supervisor(gw, old_pid: int) -> dict:
+    """The replacement Supervisor's state, once every actor it wired is ready."""
+    return wait_until(
+        lambda: (s := supervisor_state(gw)) and s["pid"] != old_pid and s["ready"] and s,
+        timeout=30,
+        message="a new Supervisor with every actor ready",
+    )
+
+
+def serves_with_one_process_per_role(gw, group: int, expected: set[int], prompt: str) -> None:
+    """The group settles to `expected` (one process per role), a request is served, no
+    second actor of any role appears meanwhile, and a normal shutdown stops them all."""
+    wait_until(lambda: group_members(group) == expected, timeout=15, message="one process per role")
+    assert serves(gw, f"{prompt} {uuid.uuid4()}")
+    assert group_members(group) == expected, "a second actor of some role appeared"
+    stopped_without_sigkill(gw, group)
 
 
 def stopped_without_sigkill(gw, group: int) -> None:
@@ -301,17 +312,10 @@ def test_a_supervisor_killed_after_it_recreated_a_pool_hands_the_new_pool_on():
             message="the Pool recreated",
         )
         kill(before["pid"])
-        after = wait_until(
-            lambda: (s := supervisor_state(gw)) and s["pid"] != before["pid"] and s["ready"] and s,
-            timeout=30,
-            message="a new Supervisor with every actor ready",
-        )
+        after = new_supervisor(gw, before["pid"])
         assert after["pids"] == repaired["pids"], "an actor was recreated instead of adopted"
         expected = (members - {before["pid"], before["pids"]["pool"]}) | {after["pid"], repaired["pids"]["pool"]}
-        wait_until(lambda: group_members(group) == expected, timeout=15, message="one process per role")
-        assert serves(gw, f"after the Pool and the Supervisor {uuid.uuid4()}")
-        assert group_members(group) == expected, "a second actor of some role appeared"
-        stopped_without_sigkill(gw, group)
+        serves_with_one_process_per_role(gw, group, expected, "after the Pool and the Supervisor")
 
 
 # --- the Metrics actor and the thread store (issue 11's remaining kills) -----------------------

@@ -128,7 +128,8 @@ def _checks(cls: type) -> dict[str, Callable[[Any], bool]]:
 
 
 def _checker(hint: Any) -> Callable[[Any], bool]:
-    """`_conforms(value, hint)` as a function of the value alone, the hint read once."""
+    """Whether a value conforms to `hint` (a field's type hint), as a function of the value
+    alone: the hint is read once per message class, not on every message."""
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         options = tuple(_checker(arg) for arg in typing.get_args(hint))
@@ -154,30 +155,6 @@ def _checker(hint: Any) -> Callable[[Any], bool]:
         item_check = _checker(args[0])
         return lambda value: isinstance(value, list) and all(item_check(item) for item in value)
     return lambda value: False
-
-
-def _conforms(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return any(_conforms(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is Any:
-        return True
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint in (str, bool, bytes):
-        return isinstance(value, hint)
-    if hint is dict or origin is dict:
-        return isinstance(value, dict)
-    if hint is list or origin is list:
-        if not isinstance(value, list):
-            return False
-        args = typing.get_args(hint)
-        return not args or all(_conforms(v, args[0]) for v in value)
-    return False
 
 
 def _type_name(hint: Any) -> str:

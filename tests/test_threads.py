@@ -55,7 +55,9 @@ def test_a_thread_keeps_its_history_and_sends_it_upstream(gateway):
 
 def test_50_identical_sends_store_2_messages_and_make_1_upstream_call(gateway):
     thread = new_thread(gateway.url)
-    text = f"burst {uuid.uuid4().hex}\n#sim ttft_ms=300 tokens=6"
+    # ~1 s in flight: on a loaded machine the last of the 50 sends still finds the reply
+    # streaming (one after its end is a new turn, with its own call; CI once saw that).
+    text = f"burst {uuid.uuid4().hex}\n#sim ttft_ms=300 tokens=6 token_interval_ms=150"
     url = f"{gateway.url}/api/threads/{thread}/messages"
     with ThreadPoolExecutor(max_workers=50) as pool:
         results = list(pool.map(lambda _: stream_chat(url, {"content": text}), range(50)))

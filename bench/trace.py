@@ -1,6 +1,6 @@
 """Where does a request's time go between the client and its first delta? A traced run.
 
-    .venv/bin/python -m bench.trace [--levels 1,20] [--streams 40] [--json out.json]
+    .venv/bin/python -m bench.trace [--levels 1,20] [--streams 40] [--fine] [--json out.json]
 
 Starts the sim and sluice, but sluice through `python -m bench.trace launch`, which
 installs a tracer for the product's `protocols.trace.stamp()` points (no-ops in a normal
@@ -15,6 +15,9 @@ stage's p50/p95:
   (its grant) → Pool receives it → Pool loop `_open` → sim receives the call
   → sim first byte → hub publishes the first delta → edge HubClient gets it
   → edge renders it → client receives it;   and: Admitted back at the edge → subscribe.
+
+`--fine` adds points inside the edge's request handling and the Pool's upstream call
+(bench/trace_fine.py: wrapped methods, no product code), printed as "(fine)" stages.
 
 The tracer costs a little (a line of text per event); the figures are for attribution,
 not for the headline numbers (bench.gateway gives those). Untraced, a stamp is a call
@@ -109,6 +112,10 @@ def launch() -> int:
     from protocols import trace
 
     trace.install(Tracer(directory))
+    if os.environ.get("SLUICE_TRACE_FINE"):
+        from bench import trace_fine
+
+        trace_fine.install()
     import run
 
     return run.main([])
@@ -230,8 +237,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--levels", default="1,20")
     parser.add_argument("--streams", type=int, default=40, help="streams per level")
     parser.add_argument("--cancels", type=int, default=20)
+    parser.add_argument(
+        "--fine", action="store_true", help="finer points in the edge and the Pool (bench/trace_fine.py)"
+    )
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    stages = STAGES
+    if args.fine:
+        from bench import trace_fine
+
+        POINTS[:0] = trace_fine.POINTS
+        stages = STAGES + trace_fine.STAGES
 
     from bench.common import fmt, log, pct, sigterm_as_interrupt, write_json
     from bench.load import GatewayProc, Sim, new_pool, prompt_of, sim_prompt, sim_stats, stream_once
@@ -243,7 +259,10 @@ def main(argv=None) -> dict:
     with sigterm_as_interrupt():
         try:
             sim.start()
-            gw = GatewayProc({"SIMULATED_BASE_URL": sim.url, TRACE_ENV: trace_dir})
+            env = {"SIMULATED_BASE_URL": sim.url, TRACE_ENV: trace_dir}
+            if args.fine:
+                env["SLUICE_TRACE_FINE"] = "1"
+            gw = GatewayProc(env)
             gw.argv = [sys.executable, "-m", "bench.trace", "launch"]
             gw.start()
             for level in [int(x) for x in args.levels.split(",")]:
@@ -287,11 +306,11 @@ def main(argv=None) -> dict:
                     points["client_delta"] = res.first_delta_wall
                     points["sim_started"] = call["started_at"]
                     points["sim_first_byte"] = call["first_byte_at"]
-                    for name, a, b in STAGES:
+                    for name, a, b in stages:
                         if a in points and b in points:
                             stage_values[name].append((points[b] - points[a]) * 1000.0)
                 table = []
-                for name, _, _ in STAGES:
+                for name, _, _ in stages:
                     v = stage_values.get(name, [])
                     table.append({"stage": name, "n": len(v), "p50_ms": pct(v, 50), "p95_ms": pct(v, 95)})
                 result["levels"][level] = table

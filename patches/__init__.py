@@ -28,6 +28,7 @@ where it starts:
 | httpcore_h2_expiry   | httpcore 1.0.x | warning, not installed |
 | httpcore_rst_stream  | httpcore 1.0.x | raises (cost)          |
 | httpcore_fast_locks  | httpcore 1.0.x | warning, not installed |
+| httpcore_h2_one_write | httpcore 1.0.x | warning, not installed |
 
 `installed()` lists the ones in force in this process (tests, the admin `show`).
 """
@@ -47,7 +48,13 @@ THESPIAN = (
     "thespian_proctitle",
     "thespian_admin_logs",
 )
-HTTPCORE = ("httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream", "httpcore_fast_locks")
+HTTPCORE = (
+    "httpcore_h2_reads",
+    "httpcore_h2_expiry",
+    "httpcore_rst_stream",
+    "httpcore_fast_locks",
+    "httpcore_h2_one_write",
+)
 
 
 def install_thespian(host: str, secret: bytes) -> None:
@@ -82,12 +89,19 @@ def install_thespian(host: str, secret: bytes) -> None:
 
 def install_httpcore() -> None:
     """The Pool's fixes to httpcore; raises if the RST_STREAM cancel cannot be used."""
-    from patches import httpcore_fast_locks, httpcore_h2_expiry, httpcore_h2_reads, httpcore_rst_stream
+    from patches import (
+        httpcore_fast_locks,
+        httpcore_h2_expiry,
+        httpcore_h2_one_write,
+        httpcore_h2_reads,
+        httpcore_rst_stream,
+    )
 
     httpcore_rst_stream.install()
     httpcore_h2_reads.install()
     httpcore_h2_expiry.install()
     httpcore_fast_locks.install()
+    httpcore_h2_one_write.install()
 
 
 def installed() -> list[str]:

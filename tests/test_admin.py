@@ -125,6 +125,7 @@ def test_show_reports_every_actor(gw):
         "httpcore_h2_expiry",
         "httpcore_rst_stream",
         "httpcore_fast_locks",
+        "httpcore_h2_one_write",
     } <= set(results["pool"]["patches"])
 
     status, _, one = admin(gw, "GET", "/state?role=coalescer")

@@ -33,6 +33,7 @@ import patches
 from patches import (
     httpcore_fast_locks,
     httpcore_h2_expiry,
+    httpcore_h2_one_write,
     httpcore_h2_reads,
     httpcore_rst_stream,
     thespian_admin_logs,
@@ -116,6 +117,8 @@ def pristine(monkeypatch):
     monkeypatch.setattr(http2.AsyncHTTP2Connection, "has_expired", httpcore_h2_expiry._original_has_expired)
     monkeypatch.setattr(httpcore_rst_stream, "_checked", False)
     monkeypatch.setattr(_synchronization.AsyncLock, "setup", httpcore_fast_locks._original_setup)
+    for name in ("_send_request_headers", "_send_request_body"):
+        monkeypatch.setattr(http2.AsyncHTTP2Connection, name, getattr(httpcore_h2_one_write, f"_original{name}"))
     assert patches.installed() == []
 
 
@@ -155,14 +158,21 @@ def test_install_thespian_installs_its_patches_once(pristine):
     assert convention.CONVENTION_RESTART_PERIOD == convention.CONVENTION_REREGISTRATION_PERIOD
 
 
-def test_install_httpcore_installs_its_four_patches_once(pristine):
-    everything = ["httpcore_h2_reads", "httpcore_h2_expiry", "httpcore_rst_stream", "httpcore_fast_locks"]
+def test_install_httpcore_installs_its_five_patches_once(pristine):
+    everything = [
+        "httpcore_h2_reads",
+        "httpcore_h2_expiry",
+        "httpcore_rst_stream",
+        "httpcore_fast_locks",
+        "httpcore_h2_one_write",
+    ]
     patches.install_httpcore()
     assert patches.installed() == everything
     patches.install_httpcore()
     assert http2.AsyncHTTP2Connection._receive_stream_event is httpcore_h2_reads.receive_stream_event
     assert http2.AsyncHTTP2Connection.has_expired is httpcore_h2_expiry.has_expired
     assert _synchronization.AsyncLock.setup is httpcore_fast_locks.setup
+    assert http2.AsyncHTTP2Connection._send_request_body is httpcore_h2_one_write.send_request_body
     assert patches.installed() == everything
 
 
@@ -201,6 +211,7 @@ def test_a_security_or_cost_patch_refuses_an_untested_version_loudly(pristine, m
         httpcore_h2_reads,
         httpcore_h2_expiry,
         httpcore_fast_locks,
+        httpcore_h2_one_write,
     ],
     ids=lambda p: p.__name__,
 )
@@ -216,6 +227,8 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         _synchronization.AsyncLock.setup,
         TCPTransport.TCPTransport._handleReadableIncoming,
         multiprocCommon._startLogger,
+        http2.AsyncHTTP2Connection._send_request_headers,
+        http2.AsyncHTTP2Connection._send_request_body,
     )
     with caplog.at_level(logging.WARNING, logger="sluice.patches"):
         assert patch.install() is False
@@ -229,6 +242,8 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         _synchronization.AsyncLock.setup,
         TCPTransport.TCPTransport._handleReadableIncoming,
         multiprocCommon._startLogger,
+        http2.AsyncHTTP2Connection._send_request_headers,
+        http2.AsyncHTTP2Connection._send_request_body,
     ) == before, "the library was changed anyway"
     assert not patch.installed() and patches.installed() == []
     (record,) = caplog.records
@@ -263,6 +278,7 @@ def test_the_installed_library_versions_are_the_ones_the_patches_were_written_fo
         httpcore_h2_expiry,
         httpcore_rst_stream,
         httpcore_fast_locks,
+        httpcore_h2_one_write,
     ):
         versions.check(patch.__name__, patch.LIBRARY, patch.WRITTEN_FOR)
 

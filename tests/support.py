@@ -172,3 +172,18 @@ def read_in_background(clients: list[SSEClient]) -> tuple[dict[int, dict], list[
     for thread in threads:
         thread.start()
     return ends, threads
+
+
+def run_with_h2_pool(test) -> None:
+    """`await test(sim, pool)` on a fresh event loop: a simulated provider in this process and
+    an HTTP/2-only httpcore pool (the tests of the Pool's httpcore patches)."""
+    import asyncio
+
+    from sim.provider import SimulatedProvider
+
+    async def main():
+        async with asyncio.timeout(60), SimulatedProvider() as sim:
+            async with httpcore.AsyncConnectionPool(http1=False, http2=True) as pool:
+                await test(sim, pool)
+
+    asyncio.run(main())

@@ -5,15 +5,13 @@ no body go out as httpcore sends them, and arrive whole too."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
-import httpcore
 import pytest
 from httpcore._async import http2
 
 from patches import httpcore_h2_one_write as one_write
-from sim.provider import SimulatedProvider
+from tests.support import run_with_h2_pool as run
 
 pytestmark = pytest.mark.unit
 
@@ -66,15 +64,6 @@ async def post(pool, sim, content, length: int | None = None) -> bytes:
     async with pool.stream("POST", sim.url + "/v1/chat/completions", content=content, headers=headers) as response:
         assert response.status == 200
         return b"".join([chunk async for chunk in response.aiter_stream()])
-
-
-def run(test):
-    async def main():
-        async with asyncio.timeout(60), SimulatedProvider() as sim:
-            async with httpcore.AsyncConnectionPool(http1=False, http2=True) as pool:
-                await test(sim, pool)
-
-    asyncio.run(main())
 
 
 def received(sim) -> str:

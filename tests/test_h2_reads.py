@@ -8,12 +8,11 @@ import asyncio
 import json
 import statistics
 
-import httpcore
 import pytest
 from httpcore._async import http2
 
 from patches import httpcore_h2_reads as h2_reads
-from sim.provider import SimulatedProvider
+from tests.support import run_with_h2_pool as run
 
 pytestmark = pytest.mark.unit
 
@@ -74,15 +73,6 @@ class ReadLag:
     def __exit__(self, *exc):
         cls = http2.AsyncHTTP2Connection
         cls._read_incoming_data, cls._receive_stream_event = self.original_read, self.original_take
-
-
-def run(test):
-    async def main():
-        async with asyncio.timeout(60), SimulatedProvider() as sim:
-            async with httpcore.AsyncConnectionPool(http1=False, http2=True) as pool:
-                await test(sim, pool)
-
-    asyncio.run(main())
 
 
 def test_events_reach_their_stream_without_waiting_for_other_streams_reads():

@@ -108,12 +108,22 @@ def stop_hosts(started: list[Gateway]) -> None:
 
 
 def signal_tree(gw: Gateway, sig: int) -> None:
-    """`sig` to run.py and everything it started (its actor system, watchdog, workers)."""
+    """`sig` to run.py and everything it started (its actor system, watchdog, workers), and to
+    their process groups but this one's: an actor forked after the tree was read (a
+    Supervisor recreating a shard as the host dies) is in its actor system's group, and
+    was left running once its parent had died (seen twice)."""
     victims = descendants(gw.proc.pid) | {gw.proc.pid}
     gw.tree |= victims
+    groups = set()
     for pid in victims:
         try:
+            groups.add(os.getpgid(pid))
             os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    for group in groups - {os.getpgrp()}:
+        try:
+            os.killpg(group, sig)
         except ProcessLookupError:
             pass
 

@@ -174,6 +174,17 @@ def read_in_background(clients: list[SSEClient]) -> tuple[dict[int, dict], list[
     return ends, threads
 
 
+def ends_when_read(ends: dict[int, dict], threads: list[threading.Thread], clients, timeout: float) -> list[str]:
+    """Wait (`timeout` a thread) for `read_in_background`'s readers, close `clients`, and
+    -> each client's last event as "type:code", sorted; a reader still waiting is a hang."""
+    for thread in threads:
+        thread.join(timeout)
+    for client in clients:
+        client.close()
+    assert not any(t.is_alive() for t in threads), "a client is still waiting"
+    return sorted(e["type"] + ":" + e.get("code", "") for e in ends.values())
+
+
 def run_with_h2_pool(test) -> None:
     """`await test(sim, pool)` on a fresh event loop: a simulated provider in this process and
     an HTTP/2-only httpcore pool (the tests of the Pool's httpcore patches)."""

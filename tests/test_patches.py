@@ -23,7 +23,7 @@ from datetime import timedelta
 import pytest
 from httpcore import _synchronization
 from httpcore._async import http2
-from thespian.system import multiprocCommon, transport
+from thespian.system import multiprocCommon
 from thespian.system.actorManager import ActorManager
 from thespian.system.admin import convention
 from thespian.system.admin.convention import ConventioneerAdmin
@@ -48,6 +48,7 @@ from patches import (
     versions,
 )
 from tests.support import ROOT
+from tests.test_thespian_turns import TURNS  # what patches/thespian_turns.py replaces
 
 pytestmark = pytest.mark.unit
 
@@ -58,16 +59,6 @@ THESPIAN_TIMERS = {
     "CONVENTION_RESTART_PERIOD": timedelta(minutes=3, seconds=22),
     "CONVENTION_REGISTRATION_MISS_MAX": 3,
 }
-# What patches/thespian_turns.py replaces.
-TURNS = [
-    (TCPTransport.IdleSocket, "expired"),
-    (TCPTransport.TCPTransport, "_next_XMIT_2"),
-    (TCPTransport.TCPTransport, "_next_XMIT_4"),
-    (TCPTransport.TCPTransport, "_handleReadableIncoming"),
-    (transport.TransmitIntent, "identify"),
-    (transport.ReceiveEnvelope, "identify"),
-    (transport.ReceiveEnvelope, "__str__"),
-]
 # What patches/thespian_admin_logs.py replaces.
 ADMIN_LOGS = [
     (multiprocCommon, "_startLogger"),
@@ -129,17 +120,7 @@ def untested(monkeypatch, library: str, version: str) -> None:
 
 def test_install_thespian_installs_its_patches_once(pristine):
     patches.install_thespian("127.0.0.1", SECRET)
-    assert patches.installed() == [
-        "thespian_transport",
-        "thespian_bind",
-        "thespian_selector",
-        "thespian_convention",
-        "thespian_forwarding",
-        "thespian_child_exit",
-        "thespian_turns",
-        "thespian_proctitle",
-        "thespian_admin_logs",
-    ]
+    assert patches.installed() == list(patches.THESPIAN)  # every one, in its order
     forwarding, child_exit = ConventioneerAdmin._not_compatible, ActorManager._childInaccessible
     turns = (TCPTransport.TCPTransport._next_XMIT_2, TCPTransport.TCPTransport._handleReadableIncoming)
     serializer, view, init = TCPTransport.serializer, TCPTransport.selectors, IPBase.IPActorAddress.__init__

@@ -22,6 +22,7 @@ from tests.support import (
     SSEClient,
     chat_body,
     data_events,
+    ends_when_read,
     get_json,
     read_in_background,
     request,
@@ -204,12 +205,7 @@ def test_a_killed_pool_ends_only_its_own_streams_and_gives_its_leases_back(gw):
         f"leases of the killed Pool back {time.monotonic() - killed_at:.2f} s after the kill (calls {running}, sliced: {sliced})"
     )
     assert pacer_pools(gw)["pool:1"]["in_flight"] == running["pool:1"], "the other Pool's calls go on"
-    for thread in threads:
-        thread.join(30)
-    for client in clients:
-        client.close()
-    assert not any(t.is_alive() for t in threads), "a client is still waiting"
-    kinds = sorted(e["type"] + ":" + e.get("code", "") for e in ends.values())
+    kinds = ends_when_read(ends, threads, clients, 30)
     assert kinds == ["done:"] * running["pool:1"] + ["error:hub_disconnected"] * running["pool"], kinds
     wait_until(lambda: pid_of(gw, "pool") != victim, timeout=20, message="a new Pool")
     wait_until(lambda: request("GET", gw.url + "/readyz")[0] == 200, timeout=20, message="ready again")

@@ -45,6 +45,7 @@ from tests.support import (
     chat_body,
     data_events,
     descendants,
+    ends_when_read,
     get_json,
     read_in_background,
     request,
@@ -346,12 +347,8 @@ def test_a_killed_member_is_noticed_its_streams_end_and_the_rest_goes_on(sim):
         killed_at = time.monotonic()
         wait_until(lambda: members(leader) == {}, timeout=60, message="the leader notices the lost member")
         print(f"member loss noticed {time.monotonic() - killed_at:.2f} s after SIGKILL")
-        for thread in threads:
-            thread.join(30)
-        for client in [*firsts, *clients]:  # the member's own clients lost their edge with it
-            client.close()
-        assert not any(t.is_alive() for t in threads), "a client is still waiting"
-        kinds = sorted(e["type"] + ":" + e.get("code", "") for e in ends.values())
+        # the member's own clients (firsts) lost their edge with it
+        kinds = ends_when_read(ends, threads, [*firsts, *clients], 30)
         assert kinds == ["done:"] * 2 + ["error:hub_disconnected"] * 2, kinds
         wait_until(
             lambda: sum(p["in_flight"] for p in admin_state(leader, "pacer")["pacer:simulated"]["pools"].values()) == 0,

@@ -27,6 +27,7 @@ from tests.support import (
     chat_body,
     data_events,
     descendants,
+    ends_when_read,
     read_in_background,
     request,
     stream_chat,
@@ -129,12 +130,7 @@ def test_a_standby_takes_over_from_a_killed_leader_and_the_old_leader_rejoins_as
         )
 
         # Every stream in flight ended at its client: done, or an error event, never a hang.
-        for thread in threads:
-            thread.join(60)
-        for client in clients:
-            client.close()
-        assert not any(thread.is_alive() for thread in threads), "a client is still waiting"
-        kinds = sorted(e["type"] + ":" + e.get("code", "") for e in ends.values())
+        kinds = ends_when_read(ends, threads, clients, 60)
         print(f"in-flight streams at the survivors ended: {kinds}")
         assert len(kinds) == 4 and all(
             kind == "done:" or (kind.startswith("error:") and kind != "error:") for kind in kinds

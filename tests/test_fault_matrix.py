@@ -130,7 +130,7 @@ def gw():
         env = {
             "SIMULATED_BASE_URL": sim,
             "SLUICE_ADMIN_TOKEN": TOKEN,
-            "UPSTREAM_RETRY_BUDGET": "3",  # bursts of 22 calls that all fail at once: see test_upstream_retries
+            "UPSTREAM_RETRY_MIN": "1000",  # bursts of 22 calls that all fail at once: see test_upstream_retries
             "UPSTREAM_READ_TIMEOUT_S": str(READ_TIMEOUT_S),
             "UPSTREAM_RETRY_BACKOFF_S": str(BACKOFF_S),
             # Rows share the gateway: a breaker opened by one row's failures would answer the

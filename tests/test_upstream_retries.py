@@ -5,9 +5,11 @@ what cannot be retried ends every client's stream with exactly one error event.
 Each retryable fault is run as one burst of 41 clients at once: 1 client alone, 20
 identical clients (one coalesced upstream call) and 20 distinct clients (20 calls). The
 simulated provider fails the first call(s) of each body (`fail_times`) and records every
-call, so the tests count upstream attempts per body. The gateway allows retries for all
-its calls, twice (UPSTREAM_RETRY_BUDGET=2): 22 calls all failing twice at once is just
-what the budget exists to stop, and the budget has its own test (test_retry_policy.py).
+call, so the tests count upstream attempts per body. The retry budget is lifted here
+(UPSTREAM_RETRY_MIN=1000): 22 calls all failing twice at once is just what the budget exists
+to stop, and the budget has its own test (test_retry_policy.py). A ratio alone is not
+enough: the budget's 10 s window can hold an earlier test's retries after its calls have
+left it (a 429 is retried 1 s after its call), which left a later burst without retries.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def gw():
         env = {
             "SIMULATED_BASE_URL": sim,
             "SLUICE_ADMIN_TOKEN": TOKEN,
-            "UPSTREAM_RETRY_BUDGET": "2",
+            "UPSTREAM_RETRY_MIN": "1000",  # see the module's docstring
             "UPSTREAM_READ_TIMEOUT_S": "2",  # the stalled stream's deadline
             # Two more accounts on the same sim, each with its own connection pool and Pacer:
             # OPENAI keeps idle connections 0.3 s (below the sim's idle close), ANTHROPIC

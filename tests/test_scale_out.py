@@ -250,7 +250,12 @@ def test_pacing_is_one_budget_across_hosts(cluster):
     started = sorted(r["started_at"] for r in calls_for(cluster[0].sim, text))
     gaps = [round(b - a, 3) for a, b in zip(started, started[1:])]
     print(f"upstream calls from three hosts started {gaps} s apart")
-    assert len(started) == 6 and min(gaps) >= 0.9, gaps  # granted 1 s apart; the hop to a Pool jitters
+    # The Pacer grants 1 s apart; what the provider sees adds each grant's hop to its Pool,
+    # which a loaded machine once stretched by 0.29 s (a gap of 0.71 s, the next one 1.29).
+    # A jitter moves a start, not the span: six calls take >= 5 s less one hop's jitter,
+    # and no two come together (three hosts pacing apart would start three at once).
+    assert len(started) == 6, started
+    assert started[-1] - started[0] >= 4.7 and min(gaps) >= 0.5, gaps
 
 
 def test_a_request_runs_on_a_pool_of_the_host_it_arrived_at(cluster):

@@ -8,7 +8,10 @@ benchmark could reach), and the upstream's bytes are streamed back as they arriv
 parsing, no pacing, no coalescing, no storage: what any Python ASGI proxy must spend at
 least, so "sluice adds N × what the floor adds" is a fair figure. httpcore is httpx's own
 transport (sluice already depends on it), so the floor costs what the issue's
-Starlette + httpx floor costs, less httpx's thin request/response wrappers.
+Starlette + httpx floor costs, less httpx's request/response wrappers. `FLOOR_CLIENT=httpx`
+runs the issue's floor itself (`httpx.AsyncClient`, `send(stream=True)`, `aiter_raw`): it
+measured ~7 % more CPU a stream (bench/NOTES.md, "The floor with httpx"), so the default
+is the stricter floor.
 
 It imports nothing from sluice.
 """
@@ -20,24 +23,40 @@ from contextlib import asynccontextmanager
 
 import httpcore
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 UPSTREAM = os.environ.get("FLOOR_UPSTREAM", "http://127.0.0.1:8001").rstrip("/")
 POOL: dict[str, httpcore.AsyncConnectionPool] = {}
+CLIENT: dict = {}  # FLOOR_CLIENT=httpx: an httpx.AsyncClient (httpx is imported only then: not a dependency)
+HTTPX = os.environ.get("FLOOR_CLIENT", "httpcore") == "httpx"
 TIMEOUTS = {"connect": 10.0, "read": 60.0, "write": 10.0, "pool": 60.0}
 
 
 @asynccontextmanager
 async def lifespan(app):
-    POOL["upstream"] = httpcore.AsyncConnectionPool(
-        http1=True, http2=False, max_connections=10_000, max_keepalive_connections=10_000, keepalive_expiry=60.0
-    )
+    if HTTPX:
+        import httpx
+
+        CLIENT["upstream"] = httpx.AsyncClient(
+            timeout=httpx.Timeout(60.0, connect=10.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+        )
+    else:
+        POOL["upstream"] = httpcore.AsyncConnectionPool(
+            http1=True, http2=False, max_connections=10_000, max_keepalive_connections=10_000, keepalive_expiry=60.0
+        )
     try:
         yield
     finally:
-        await POOL.pop("upstream").aclose()
+        for pool in POOL.values():
+            await pool.aclose()
+        for client in CLIENT.values():
+            await client.aclose()
+        POOL.clear()
+        CLIENT.clear()
 
 
 async def chat(request: Request):
@@ -62,11 +81,33 @@ async def chat(request: Request):
     return StreamingResponse(relay(), status_code=response.status, media_type=content_type)
 
 
+async def chat_httpx(request: Request):
+    """The same pass-through as users write it with httpx (the issue's floor)."""
+    body = await request.body()
+    headers = {"content-type": "application/json", "accept": "text/event-stream"}
+    auth = request.headers.get("authorization")
+    if auth:
+        headers["authorization"] = auth
+    client = CLIENT["upstream"]
+    upstream = await client.send(
+        client.build_request("POST", UPSTREAM + "/v1/chat/completions", content=body, headers=headers), stream=True
+    )
+    return StreamingResponse(
+        upstream.aiter_raw(),
+        status_code=upstream.status_code,
+        media_type=upstream.headers.get("content-type", "text/event-stream"),
+        background=BackgroundTask(upstream.aclose),
+    )
+
+
 async def health(request: Request):
     return PlainTextResponse("ok")
 
 
 app = Starlette(
-    routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/health", health, methods=["GET"])],
+    routes=[
+        Route("/v1/chat/completions", chat_httpx if HTTPX else chat, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+    ],
     lifespan=lifespan,
 )

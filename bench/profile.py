@@ -71,7 +71,7 @@ def roles_of(gw: GatewayProc) -> dict[int, str]:
         elif pid == gw.gw.proc.pid:
             out[pid] = "edge (run.py: uvicorn)"
         elif gw.gw.actor_port in ports:
-            out[pid] = "thespian admin/logger"
+            out[pid] = "thespian admin"  # it also writes the log lines (patches/thespian_admin_logs.py)
         else:
             out[pid] = "other: " + cmdline(pid)[:60]
     return out

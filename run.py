@@ -14,7 +14,10 @@ terminal event, uvicorn stops, the actor system shuts down, the simulated provid
 stopped, the secret file is removed; nothing is left running. If this process dies
 without that, the orphan watchdog (a process of its own) notices within a second and
 shuts the actor system down. While serving, a keeper thread replaces a dead Supervisor
-(and a dead watchdog). Every process logs in the SLUICE_LOG_FORMAT (protocols/logfmt.py).
+(and a dead watchdog); a Supervisor lost before every actor was up fails the start
+instead: its actor system is stopped, its actors with it, and everything is started
+again, once (docs/reliability.md). Every process logs in the SLUICE_LOG_FORMAT
+(protocols/logfmt.py).
 
 With SLUICE_JOIN=host:port this host is a member of the cluster led by the actor system
 there (a Thespian Convention, docs/scale-out.md): its actor system registers with the
@@ -116,8 +119,16 @@ def serve(settings: Settings) -> int:
                 file=sys.stderr,
             )
             return 2
+    from actors.keeper import SupervisorLostAtStart
+
     try:
-        return _serve_with_secret(settings, secret, log)
+        for attempt in range(1 + START_AGAIN):
+            try:
+                return _serve_with_secret(settings, secret, log)
+            except SupervisorLostAtStart as exc:
+                again = attempt < START_AGAIN
+                log.error("sluice: %s: %s", exc, "starting the actor system again" if again else "giving up")
+        return 1
     finally:
         if secret_path is not None:
             secret_file.remove(secret_path)
@@ -125,10 +136,14 @@ def serve(settings: Settings) -> int:
 
 JOIN_WITHIN_S = 15.0  # a member's first registration with its leader, answered
 DIRECTORY_WITHIN_S = 15.0  # the keeper remembers the first complete directory (the actors started) by then
+# A Supervisor lost before that: its actor system is stopped (its actors with it) and started
+# again this many times (docs/reliability.md); then run.py exits 1.
+START_AGAIN = 1
 
 
 def _serve_with_secret(settings: Settings, secret: bytes, log) -> int:
     from actors import system
+    from actors.keeper import SupervisorLostAtStart
     from actors.leadership import Leadership, candidates_of
     from actors.supervisor import SupervisorActor
     from protocols import logfmt, roles
@@ -152,6 +167,7 @@ def _serve_with_secret(settings: Settings, secret: bytes, log) -> int:
     settings = replace(settings, cluster_secret=None)
     sims: list = []
     keeper = None
+    lost_at_start = False
     watchdog = _Watchdog(host, settings.actor_port, group)
     try:
         if standby:
@@ -184,11 +200,17 @@ def _serve_with_secret(settings: Settings, secret: bytes, log) -> int:
             sims.extend([sim] if sim is not None else [])
             supervisor = asys.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
             asys.tell(supervisor, m.encode(m.Wire(roles.SUPERVISOR, {}, settings.to_wire())))
-            keeper = _start_keeper(asys, settings, watchdog, **standby_args)
+            keeper = _start_keeper(asys, settings, watchdog, first=supervisor, **standby_args)
             # Serve only once the keeper knows every actor: a Supervisor killed from then on
-            # is replaced by one that adopts them all (docs/reliability.md).
-            if not keeper.wait_for_directory(DIRECTORY_WITHIN_S):
-                log.warning("sluice: no complete directory within %.0f s: serving anyway", DIRECTORY_WITHIN_S)
+            # is replaced by one that adopts them all (docs/reliability.md). One killed before
+            # leaves actors nobody knows: this actor system ends, they with it (SIGKILL at once:
+            # nothing was served, they hold nothing for anyone), and serve() starts a new one.
+            try:
+                if not keeper.wait_for_directory(DIRECTORY_WITHIN_S):
+                    log.warning("sluice: no complete directory within %.0f s: serving anyway", DIRECTORY_WITHIN_S)
+            except SupervisorLostAtStart:
+                lost_at_start = True
+                raise
         else:
             if not system.joined(asys, JOIN_WITHIN_S):
                 log.error(
@@ -214,7 +236,7 @@ def _serve_with_secret(settings: Settings, secret: bytes, log) -> int:
         if keeper is not None:
             keeper.stop()
         watchdog.stop()
-        system.stop(asys, group)
+        system.stop(asys, group, 0.0 if lost_at_start else system.STOP_GRACE_S, expected=lost_at_start)
         for sim in sims:
             from sim.provider import stop_subprocess
 

@@ -8,7 +8,11 @@ again (Thespian drops a global name when its actor exits, so this creates a new
 Supervisor) and wires it with the last directory it saw: the new Supervisor adopts the
 actors that still answer and recreates the others (actors/supervisor.py). run.py serves
 only once the keeper remembers a first complete directory (`wait_for_directory`), so a
-Supervisor killed from then on never leaves its actors orphaned beside new ones.
+Supervisor killed from then on never leaves its actors orphaned beside new ones. One
+lost before that (`first`: run.py's, while run.py waits) is not replaced: no directory
+names the actors it created, so a replacement would create every role a second time
+beside them. `wait_for_directory` raises `SupervisorLostAtStart` instead, and run.py
+starts the actor system again (docs/reliability.md).
 
 It also restarts the orphan watchdog process (actors/system.py `watch`) if that dies. On a
 member host of a cluster (SLUICE_JOIN) the Supervisor is the leader's, kept by the
@@ -41,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from actors import addressing
 from actors.leadership import Leadership
 from actors.system import alive
 from protocols import messages as m
@@ -57,6 +62,10 @@ LEADER_SILENT_S = 3.0  # a leader that answers no probe for this long is lost (T
 SPLIT_EVERY_S = 2.0
 
 
+class SupervisorLostAtStart(RuntimeError):
+    """run.py's Supervisor was lost before the keeper saw a complete directory."""
+
+
 class SupervisorKeeper:
     def __init__(
         self,
@@ -67,10 +76,13 @@ class SupervisorKeeper:
         leadership: Leadership | None = None,
         leader: str | None = None,
         promote: Callable[[], Settings] | None = None,
+        first=None,
     ):
         """`leadership`, `leader`, `promote`: with a standby leader, the candidates, the one
         this host follows now (None: this host leads), and run.py's callback for taking the
-        lead (-> the leader's settings: its simulated provider started)."""
+        lead (-> the leader's settings: its simulated provider started). `first`: the
+        address of the Supervisor run.py created and wired; until `wait_for_directory`
+        returns, its loss is not repaired but reported (`SupervisorLostAtStart`)."""
         self.asys, self.settings = asys, settings
         self.keep_supervisor = keep_supervisor
         self.leadership, self.leader = leadership, leader
@@ -88,6 +100,11 @@ class SupervisorKeeper:
         self.address = None
         self.replacements = 0
         self.remembered = threading.Event()  # set once a complete directory is remembered
+        self.first = addressing.to_string(first) if first is not None else None
+        self.starting = first is not None  # run.py waits for the first directory
+        self.lost_at_start: str | None = None  # why run.py's Supervisor counts as lost before it
+        self._settled = threading.Event()  # a first directory remembered, or the Supervisor lost before it
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="supervisor-keeper", daemon=True)
 
@@ -98,8 +115,26 @@ class SupervisorKeeper:
     def wait_for_directory(self, timeout: float) -> bool:
         """Block until the keeper remembers a complete directory (run.py waits for it before
         it serves: a Supervisor killed from then on is replaced by one that adopts every
-        actor, none is started twice)."""
-        return self.remembered.wait(timeout)
+        actor, none is started twice); False after `timeout`. Raises
+        `SupervisorLostAtStart` when run.py's Supervisor was lost before that. Once this
+        returns, a lost Supervisor is replaced, as while serving."""
+        self._settled.wait(timeout)
+        with self._lock:
+            self.starting = False
+            lost = self.lost_at_start
+        if lost is not None:
+            raise SupervisorLostAtStart(lost)
+        return self.remembered.is_set()
+
+    def _lose_at_start(self, why: str) -> bool:
+        """Whether run.py still waits for the first directory; if so, it hears `why` (the
+        keeper stops: run.py stops this actor system, the lost Supervisor's actors with it)."""
+        with self._lock:
+            if not self.starting:
+                return False
+            self.lost_at_start = why
+        self._settled.set()
+        return True
 
     def stop(self) -> None:
         self._stop.set()
@@ -127,6 +162,8 @@ class SupervisorKeeper:
                             continue  # stepped down: a member from now on
                     if self.pid is None or not alive(self.pid):
                         self._find_or_replace(context)
+                        if self.lost_at_start is not None:
+                            break  # run.py stops this actor system
                     elif not self.remembered.is_set() or time.monotonic() >= next_directory:
                         next_directory = time.monotonic() + DIRECTORY_EVERY_S
                         self._remember_directory(context)
@@ -247,9 +284,15 @@ class SupervisorKeeper:
         from protocols.roles import SUPERVISOR_NAME
 
         if self.pid is not None:
+            if self._lose_at_start(f"the Supervisor (pid {self.pid}) died before every actor was up"):
+                return
             log.error("the Supervisor (pid %s) is gone; starting a new one", self.pid)
             self.pid = None
         address = context.createActor(SupervisorActor, globalName=SUPERVISOR_NAME)
+        if self.first not in (None, addressing.to_string(address)) and self._lose_at_start(
+            "the Supervisor died before every actor was up (a new one answers to its global name)"
+        ):
+            return  # never wired: it created nothing
         reply = self._ask(context, address, m.GetState())
         if not isinstance(reply, m.State):
             return  # try again next turn
@@ -263,6 +306,7 @@ class SupervisorKeeper:
         if isinstance(reply, m.Directory) and reply.hub and reply.settings.get("complete"):  # only a complete one
             self.directory = dict(reply.entries)
             self.remembered.set()
+            self._settled.set()
 
     @staticmethod
     def _ask(context, address, msg):

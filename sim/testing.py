@@ -125,11 +125,20 @@ class Gateway:
         self.log_path = None
 
     def start(self, timeout: float = 30.0) -> Gateway:
+        return self.launch().wait_serving(timeout)
+
+    def launch(self) -> Gateway:
+        """Start run.py without waiting for it to serve (`start` waits: `wait_serving`)."""
         self.log_path = os.path.join(self.tmp, "gateway.log")
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "run.py")], cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT
         )
+        return self
+
+    def wait_serving(self, timeout: float = 30.0) -> Gateway:
+        """Until /readyz is 200 (run.py exiting, or not ready by `timeout`, fails)."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -137,7 +146,7 @@ class Gateway:
             try:
                 status, _, _ = request("GET", self.url + "/readyz", timeout=2)
                 if status == 200:
-                    self.tree = descendants(self.proc.pid) | {self.proc.pid}
+                    self.tree |= descendants(self.proc.pid) | {self.proc.pid}
                     return self
             except (httpcore.ConnectError, httpcore.ReadTimeout, httpcore.RemoteProtocolError):
                 pass

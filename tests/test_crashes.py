@@ -14,11 +14,12 @@ import signal
 import threading
 import time
 import uuid
+from typing import NamedTuple
 
 import pytest
 
-from actors.system import descendants, process_table
-from tests.support import SSEClient, chat_body, data_events, get_json, request, running_gateway, wait_until
+from actors.system import alive, descendants, process_table
+from tests.support import Gateway, SSEClient, chat_body, data_events, get_json, request, running_gateway, wait_until
 
 TOKEN = "crash-test-token"
 LONG = "#sim ttft_ms=50 tokens=2000 token_interval_ms=20"  # 40 s: still streaming when killed
@@ -316,6 +317,90 @@ def test_a_supervisor_killed_after_it_recreated_a_pool_hands_the_new_pool_on():
         assert after["pids"] == repaired["pids"], "an actor was recreated instead of adopted"
         expected = (members - {before["pid"], before["pids"]["pool"]}) | {after["pid"], repaired["pids"]["pool"]}
         serves_with_one_process_per_role(gw, group, expected, "after the Pool and the Supervisor")
+
+
+class StoppedSupervisor(NamedTuple):
+    group: int  # its actor system's process group
+    pid: int
+    admin: int  # its parent
+    actors: set[int]  # the actors it had created when it was stopped
+
+
+def supervisor_with_an_actor(run_py: int, skip: frozenset[int]) -> StoppedSupervisor | None:
+    """run.py's Supervisor, SIGSTOPped, once it has created an actor (None: not yet).
+    Found by the process tree, as nothing names the processes: run.py's daemonizing child
+    leads the actor system's process group (a group in `skip` is passed over); in it the
+    admin's parent is outside the group, the Supervisor is the admin's child with children
+    of its own (the actors it creates; no other actor creates one)."""
+    table = process_table()
+    # the group's leader is a zombie: looked up with the dead, the members among the living
+    groups = {pid for pid, p in table.items() if p.parent == run_py and p.group == pid} - skip
+    members = {pid: p for pid, p in table.items() if p.group in groups and p.state not in ("Z", "X")}
+    for pid, proc in members.items():
+        children = {child for child, p in members.items() if p.parent == pid}
+        if proc.parent in members and children:
+            os.kill(pid, signal.SIGSTOP)  # as soon as found: its other actors are forked meanwhile, not up
+            actors = {child for child, p in process_table().items() if p.parent == pid}
+            return StoppedSupervisor(proc.group, pid, proc.parent, actors)
+    return None
+
+
+def kill_supervisor_before_its_actors_are_up(gw, skip: frozenset[int] = frozenset()) -> StoppedSupervisor:
+    """SIGKILL run.py's Supervisor after it created its first actors, long before they
+    are all up (the directory is complete ~0.6 s after the first fork on an idle machine;
+    the Supervisor is stopped within a poll of it, then killed)."""
+    stopped = wait_until(
+        lambda: supervisor_with_an_actor(gw.proc.pid, skip),
+        timeout=30,
+        interval=0.001,
+        message="run.py's Supervisor with an actor",
+    )
+    gw.tree |= stopped.actors | {stopped.pid, stopped.admin}
+    os.kill(stopped.pid, signal.SIGKILL)
+    print(f"the Supervisor {stopped.pid} killed with {len(stopped.actors)} actor(s) created")
+    return stopped
+
+
+def test_a_supervisor_killed_before_its_actors_are_up_leaves_no_second_actor_of_any_role():
+    """The Supervisor killed during startup, before any directory was complete: no
+    replacement can adopt its actors (nobody knows them all), so run.py stops that actor
+    system (they go with it) and starts a new one; it serves with one process per role."""
+    gw = Gateway(GATEWAY_ENV).launch()
+    try:
+        first = kill_supervisor_before_its_actors_are_up(gw)
+        gw.wait_serving(60)
+        wait_until(
+            lambda: not any(alive(pid) for pid in first.actors),
+            timeout=15,
+            message="the dead Supervisor's actors to be gone",
+        )
+        after = new_supervisor(gw, first.pid)
+        group = os.getpgid(after["pid"])
+        assert group != first.group, "the actor system was not started again"
+        expected = {process_table()[after["pid"]].parent, after["pid"], *after["pids"].values()}
+        serves_with_one_process_per_role(gw, group, expected, "after the lost start")
+    finally:
+        gw.stop()
+        try:
+            wait_until(lambda: gw.leftovers() == (set(), set()), timeout=15, message="no process or port left")
+        finally:
+            gw.kill_leftovers()
+
+
+def test_a_supervisor_lost_before_its_actors_are_up_twice_ends_run_py_with_a_clear_error():
+    """Lost at the start and at the start again: run.py gives up (exit 1, the reason in its
+    log), and neither actor system leaves a process or a port behind."""
+    gw = Gateway(GATEWAY_ENV).launch()
+    try:
+        first = kill_supervisor_before_its_actors_are_up(gw)
+        kill_supervisor_before_its_actors_are_up(gw, skip=frozenset({first.group}))
+        assert gw.proc.wait(60) == 1, gw.output()
+        lines = [line for line in gw.output().splitlines() if "died before every actor was up" in line]
+        assert len(lines) == 2 and lines[1].endswith("giving up"), gw.output()
+        wait_until(lambda: gw.leftovers() == (set(), set()), timeout=15, message="no process or port left")
+    finally:
+        gw.stop()
+        gw.kill_leftovers()
 
 
 # --- the Metrics actor and the thread store (issue 11's remaining kills) -----------------------

@@ -317,7 +317,7 @@ class PoolRuntime:
     def _retrying(self, msg: m.OpenStream, account: str, result, attempt: int, decision) -> None:
         reason = result.failure.reason
         log.warning(
-            "upstream retry: account=%s key=%s reason=%s attempt=%d/%d delay=%.3fs error=%s stream=%s",
+            "upstream retry: account=%s key=%s reason=%s attempt=%d/%d delay=%.3fs error=%s stream=%s (%s)",
             account,
             key_name(result.key),
             reason,
@@ -326,6 +326,7 @@ class PoolRuntime:
             decision.delay_s,
             (result.error or {}).get("code"),
             msg.stream_id,
+            (result.error or {}).get("message"),  # what broke, for whoever reads the log
         )
         self._apply(
             self.logic.retrying(msg.stream_id, account, result.key, reason, attempt, decision.pause_s, time.time())

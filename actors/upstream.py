@@ -192,15 +192,25 @@ async def _read_bounded(response) -> bytes:
     return data[:MAX_ERROR_BODY]
 
 
+def _what(exc: Exception) -> str:
+    """The exception's text, or its type and the one it was mapped from when it has none
+    (httpcore's ReadError from anyio's EndOfStream, the peer's close, or ClosedResourceError,
+    a socket closed on our side, both carry no text)."""
+    if str(exc):
+        return str(exc)
+    cause = exc.__cause__ or exc.__context__
+    return type(exc).__name__ + (f" ({type(cause).__name__})" if cause is not None else "")
+
+
 def _classify(exc: Exception) -> tuple[str, str]:
     if isinstance(exc, (httpcore.ConnectError, httpcore.ConnectTimeout)):
         return "upstream_connect", f"could not connect to the provider: {type(exc).__name__}"
     if isinstance(exc, (httpcore.ReadTimeout, httpcore.WriteTimeout, httpcore.PoolTimeout)):
         return "upstream_timeout", f"the provider did not answer in time: {type(exc).__name__}"
     if isinstance(exc, (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)):
-        return "upstream_reset", f"the provider broke the stream off: {exc or type(exc).__name__}"
+        return "upstream_reset", f"the provider broke the stream off: {_what(exc)}"
     if isinstance(exc, httpcore.LocalProtocolError):  # e.g. an answer on a connection h2 had closed
-        return "upstream_reset", f"the connection was closed under the call: {exc or type(exc).__name__}"
+        return "upstream_reset", f"the connection was closed under the call: {_what(exc)}"
     if escaped_the_http_library(exc):
         return "upstream_reset", f"the connection broke: {type(exc).__name__}: {exc}"
     return "upstream_error", f"{type(exc).__name__}: {exc}"

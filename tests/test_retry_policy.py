@@ -20,7 +20,7 @@ from actors.retry_policy import (
     failure_of_status,
     is_idempotent,
 )
-from actors.upstream import failure_of_exception
+from actors.upstream import _classify, failure_of_exception
 from protocols import messages as m
 from protocols.effects import After, Send
 
@@ -66,6 +66,24 @@ def test_an_exception_escaping_the_http_library_is_a_broken_connection():
         raise ValueError("a bug of ours")
     except ValueError as exc:
         assert failure_of_exception(exc) is None  # not the library's: not retried
+
+
+def test_a_broken_connection_without_text_says_what_it_was():
+    """httpcore maps anyio's EndOfStream (the provider closed) and ClosedResourceError (we
+    closed the socket) to a ReadError with no text: the error names both types."""
+    import anyio
+    from httpcore._exceptions import map_exceptions
+
+    for cause, name in ((anyio.EndOfStream(), "EndOfStream"), (anyio.ClosedResourceError(), "ClosedResourceError")):
+        try:
+            with map_exceptions({type(cause): httpcore.ReadError}):  # as httpcore's anyio backend reads
+                raise cause
+        except httpcore.ReadError as mapped:
+            assert _classify(mapped) == ("upstream_reset", f"the provider broke the stream off: ReadError ({name})")
+    assert _classify(httpcore.RemoteProtocolError("Server disconnected")) == (
+        "upstream_reset",
+        "the provider broke the stream off: Server disconnected",
+    )
 
 
 def test_delays_by_reason():

@@ -97,6 +97,9 @@ class Client:
         except Exception as exc:  # noqa: BLE001 - the test reports it
             self.outcome = f"exception: {exc!r}"
 
+    def deltas(self) -> int:
+        return 0 if self.sse is None else sum(1 for e in data_events(list(self.sse.events)) if e.get("type") == "delta")
+
     def streaming(self) -> bool:
         """A delta has arrived (or the request is over)."""
         if self.outcome is not None:
@@ -165,3 +168,42 @@ def test_a_supervisor_killed_while_a_pool_lies_dead_leaves_the_live_actors_wired
         wait_until(lambda: holds_nothing(pacer_holds(gw)), timeout=10, message="the Pacer holding nothing")
         assert served_coalesced(gw) == ["done"] * 8
         wait_until(lambda: holds_nothing(pacer_holds(gw)), timeout=10, message="the Pacer holding nothing again")
+
+
+def flights_on(gw, shard: str) -> int:
+    return len(((admin_state(gw, "coalescer") or {}).get(shard) or {}).get("in_flight", []))
+
+
+def test_a_shard_frozen_then_killed_mid_stream_ends_only_its_own_flights_once():
+    """Six flights, two of them with three identical followers each (spread over both
+    workers), streaming when coalescer:0 is frozen and then SIGKILLed: each client of its
+    flights gets exactly one `coalescer_lost` (the Pacer fails them at the Pool), every
+    other client streams on to `done`, the Pacer holds nothing afterwards and the new shard
+    coalesces again. Requests made while it is frozen are re-admitted at the replacement."""
+    with running_gateway(ENV) as gw:
+        text = uuid.uuid4().hex
+        stream = "#sim ttft_ms=50 tokens=250 token_interval_ms=20"  # 5 s
+        prompts = [f"shard {text} {i}\n{stream}" for i in range(6)]
+        clients = [(p, Client(gw, p)) for p in prompts] + [(p, Client(gw, p)) for p in prompts[:2] for _ in range(3)]
+        wait_until(lambda: all(c.streaming() for _, c in clients), timeout=20, message="every stream streaming")
+        doomed = flights_on(gw, "coalescer:0")
+        assert doomed + flights_on(gw, "coalescer:1") == 6
+        shard = supervisor(gw)["pids"]["coalescer:0"]
+        os.kill(shard, signal.SIGSTOP)
+        # While it is frozen: new requests (those for it wait on their Submit), and the
+        # streams go on for 100 deltas more, all told.
+        late = [Client(gw, f"frozen {i} {uuid.uuid4().hex}\n#sim tokens=3") for i in range(4)]
+        seen = sum(c.deltas() for _, c in clients)
+        wait_until(lambda: sum(c.deltas() for _, c in clients) >= seen + 100, timeout=20, message="100 more deltas")
+        os.kill(shard, signal.SIGKILL)
+        by = time.monotonic() + CLIENT_DEADLINE_S
+        late_outcomes = [c.end(by) for c in late]
+        assert late_outcomes == ["done"] * 4, late_outcomes  # re-admitted at the replacement
+        by_prompt: dict[str, set[str]] = {}
+        for prompt, client in clients:
+            by_prompt.setdefault(prompt, set()).add(client.end(by))
+        outcomes = [sorted(o) for o in by_prompt.values()]
+        print(f"flights on the killed shard: {doomed}; outcomes per prompt: {outcomes}")
+        assert sorted(outcomes) == sorted([["error:coalescer_lost"]] * doomed + [["done"]] * (6 - doomed)), outcomes
+        wait_until(lambda: holds_nothing(pacer_holds(gw)), timeout=10, message="the Pacer holding nothing")
+        assert served_coalesced(gw) == ["done"] * 8

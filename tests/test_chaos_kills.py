@@ -20,7 +20,8 @@ import uuid
 import pytest
 
 from actors.system import alive
-from tests.support import SSEClient, chat_body, data_events, request, running_gateway, wait_until
+from tests import test_worker_relay as relay
+from tests.support import SSEClient, chat_body, data_events, request, running_gateway, wait_until, worker_pids
 
 TOKEN = "chaos-test-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -207,3 +208,30 @@ def test_a_shard_frozen_then_killed_mid_stream_ends_only_its_own_flights_once():
         assert sorted(outcomes) == sorted([["error:coalescer_lost"]] * doomed + [["done"]] * (6 - doomed)), outcomes
         wait_until(lambda: holds_nothing(pacer_holds(gw)), timeout=10, message="the Pacer holding nothing")
         assert served_coalesced(gw) == ["done"] * 8
+
+
+def test_a_resume_relayed_from_a_worker_that_dies_ends_with_one_error_event():
+    """A resumable stream of worker A, its client gone, resumed on worker B (relayed to A's
+    socket, edge/worker_relay.py); A SIGKILLed mid-stream: B's client gets one terminal
+    `worker_lost` event, as a Pool's death reaches its clients in-band. Failed before: the
+    relayed body just ended, no terminal event (a clean end, like a whole answer), while a
+    resume of it could only answer 404."""
+    with running_gateway(ENV) as gw:
+        text, body = relay.prompt("relayed kill", 1500, 20)  # 30 s: streaming when killed
+        owner_connection, first = relay.start(gw, {**body, "resumable": True})
+        request_id, owner = first.headers["x-request-id"], first.headers["x-sluice-worker"]
+        last_id = [event_id for event_id, _ in first.take(5) if event_id is not None][-1]
+        first.close()
+        owner_connection.close()
+        other = relay.other_worker(gw, owner)
+        try:
+            resumed = relay.resume_on(other, request_id, last_id)
+            assert [event["type"] for _, event in resumed.take(3)] == ["delta"] * 3
+            os.kill(worker_pids(gw)[owner], signal.SIGKILL)
+            rest = [event for _, event in resumed.rest()]
+            resumed.close()
+        finally:
+            other.close()
+        ends = [e for e in rest if e["type"] in ("done", "error")]
+        assert [e.get("code") for e in ends] == ["worker_lost"] and rest[-1] is ends[0], rest[-3:]
+        wait_until(lambda: holds_nothing(pacer_holds(gw)), timeout=10, message="the Pacer holding nothing")

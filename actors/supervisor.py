@@ -149,7 +149,17 @@ class SupervisorActor(HostActor):
         """Tell every child who is where. A new child's real address is known only when
         it answers its first Wire with Ready; every change of address re-wires everyone."""
         self.generation += 1
-        self.directory = {**self.addresses, roles.SUPERVISOR: my_address(self)}
+        # An adopted actor keeps its predecessor's address here until it answers (or is
+        # recreated): the live ones go on serving each other meanwhile. Left out, every
+        # actor's directory lost them with the adoption Wire, and a LeaseRelease, OpenStream
+        # or LeaseRequest sent before the last Ready was dropped: a lease leaked for good,
+        # a client waited for a stream nobody opened (a dead adopted actor makes that 3 s).
+        unanswered = {r: _address_string(self.children[r]) for r in self.adopted if r not in self.addresses}
+        self.directory = {
+            **{r: a for r, a in unanswered.items() if a is not None},
+            **self.addresses,
+            roles.SUPERVISOR: my_address(self),
+        }
         with_keys, public = self.settings.redacted(api_keys=True).to_wire(), self.settings.redacted().to_wire()
         # Which host each Pool runs on: the Pacers prefer a Pool on the request's host.
         hosts = {

@@ -38,6 +38,9 @@ import socket
 
 import httpcore
 
+from protocols import events as ev
+from protocols.sse import SSEParser, frame
+
 log = logging.getLogger("sluice.edge.relay")
 
 RELAYED = b"x-sluice-relayed"  # on the request to the owner: answer it, never relay it again
@@ -155,17 +158,33 @@ class Relay:
             for task in (copying, gone, stopping):
                 task.cancel()
             await asyncio.gather(copying, gone, stopping, return_exceptions=True)
-        # Whole, or cut short (the owner died, the client left, this worker stops): the
-        # body ends here; a stream without its terminal event is what a client resumes.
+        # Whole, or cut short (the client left, this worker stops, the owner is stuck): the
+        # body ends here; a stream without its terminal event is what a client resumes. (An
+        # owner that died has had its terminal event written by `_body`.)
         with contextlib.suppress(OSError):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _body(self, response, send) -> None:
+        stream = _Terminal() if _is_sse(response) else None
         try:
             async for chunk in response.aiter_stream():
+                if stream is not None:
+                    stream.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (httpcore.NetworkError, httpcore.TimeoutException, httpcore.RemoteProtocolError) as exc:
+        except httpcore.TimeoutException as exc:
             log.info("relay of %s from worker %d cut: %r", self.request_id, self.owner, exc)
+        except (httpcore.NetworkError, httpcore.RemoteProtocolError) as exc:
+            log.info("relay of %s from worker %d cut: %r", self.request_id, self.owner, exc)
+            # The owner's socket broke mid-stream: its worker died, and the stream with it
+            # (a resume would find no such id). Its client hears that as the one terminal
+            # event its stream owes it, as a Pool's death reaches a client in-band; a clean
+            # end without one would look like a stream to resume, or to a careless client,
+            # like a whole answer.
+            if stream is not None and not stream.ended:
+                lost = ev.error(
+                    "worker_lost", f"the edge worker that held this stream ({self.owner}) is gone; it ended with it"
+                )
+                await send({"type": "http.response.body", "body": frame(lost), "more_body": True})
 
     async def _gone(self, send) -> None:
         """The owner's socket does not answer: that worker died (or is being replaced), and
@@ -182,6 +201,23 @@ class Relay:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 404, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _is_sse(response) -> bool:
+    return any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in response.headers)
+
+
+class _Terminal:
+    """Whether the relayed SSE stream has carried its terminal event (done or error)."""
+
+    def __init__(self):
+        self.parser, self.ended = SSEParser(), False
+
+    def feed(self, chunk: bytes) -> None:
+        for item in self.parser.feed(chunk):
+            if item.event == "message" and item.data.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    self.ended = self.ended or json.loads(item.data).get("type") in ev.TERMINAL
 
 
 async def _disconnected(receive) -> None:

@@ -15,6 +15,17 @@ The keepalive below the server's idle timeout (<ACCOUNT>_KEEPALIVE_S) makes the 
 narrow; this closes the rest, except a close that crosses our request on the wire (the
 Pool retries that reset on a fresh connection, actors/retry_policy.py). No upstream issue.
 
+"Idle" must mean idle, and httpcore's state alone does not: a request marks the connection
+ACTIVE, then waits a loop turn for its stream slot (anyio's semaphore checkpoints) before
+its stream is registered; a stream that ends in that turn finds no stream registered and
+sets the connection IDLE, and it stays IDLE while the new stream runs. Expired then — by a
+readable socket (the trailing WINDOW_UPDATE of the stream that ended) or, in httpcore
+itself, by the keepalive on a stream longer than it —, the pool closed it under the
+request: "SEND_HEADERS in state CLOSED", ReadError/WriteError (ClosedResourceError). Seen
+under load as a burst's retries (tests/test_upstream_retries.py, 3 of 60 bursts of 22
+calls). So here a connection with a stream registered, or a request between its first step
+and its stream, has not expired (`handle_async_request` counts the latter).
+
 Installed by `patches.install_httpcore()` in the Pool process. Written for httpcore 1.0.x
 (1.0.9). On another version it logs a warning and leaves httpcore as it is: the retry of a
 reset before the first byte still covers the reused dead connection, at one more attempt.
@@ -29,9 +40,21 @@ from patches import versions
 LIBRARY, WRITTEN_FOR = "httpcore", "1.0."
 
 _original_has_expired = http2.AsyncHTTP2Connection.has_expired
+_original_handle_async_request = http2.AsyncHTTP2Connection.handle_async_request
+
+
+async def handle_async_request(self, request):
+    """httpcore's, counted: the connection is in use from the request's first step."""
+    self.__dict__["_sluice_starting"] = self.__dict__.get("_sluice_starting", 0) + 1
+    try:
+        return await _original_handle_async_request(self, request)
+    finally:
+        self._sluice_starting -= 1
 
 
 def has_expired(self) -> bool:
+    if self.__dict__.get("_sluice_starting") or getattr(self, "_events", None):
+        return False  # in use, whatever httpcore's state says (above)
     if _original_has_expired(self):
         return True
     stream = getattr(self, "_network_stream", None)
@@ -41,18 +64,22 @@ def has_expired(self) -> bool:
 def install() -> bool:
     """Patch httpcore's async HTTP/2 connection; False (httpcore unchanged, one warning) if
     it is not the version and shape this was written against. Idempotent."""
-    return versions.guarded_install(
+    if not versions.guarded_install(
         __name__,
         LIBRARY,
         WRITTEN_FOR,
         http2.AsyncHTTP2Connection,
         "has_expired",
         has_expired,
-        needs=("has_expired", "is_idle"),
+        needs=("has_expired", "is_idle", "handle_async_request"),
         shape="httpcore's HTTP/2 connection",
         without="closed idle connections may be reused",
-    )
+    ):
+        return False
+    http2.AsyncHTTP2Connection.handle_async_request = handle_async_request
+    return True
 
 
 def installed() -> bool:
-    return http2.AsyncHTTP2Connection.has_expired is has_expired
+    connection = http2.AsyncHTTP2Connection
+    return connection.has_expired is has_expired and connection.handle_async_request is handle_async_request

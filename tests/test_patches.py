@@ -106,6 +106,9 @@ def pristine(monkeypatch):
 
     monkeypatch.setattr(http2.AsyncHTTP2Connection, "_receive_stream_event", unpatched_receive)
     monkeypatch.setattr(http2.AsyncHTTP2Connection, "has_expired", httpcore_h2_expiry._original_has_expired)
+    monkeypatch.setattr(
+        http2.AsyncHTTP2Connection, "handle_async_request", httpcore_h2_expiry._original_handle_async_request
+    )
     monkeypatch.setattr(httpcore_rst_stream, "_checked", False)
     monkeypatch.setattr(_synchronization.AsyncLock, "setup", httpcore_fast_locks._original_setup)
     for name in ("_send_request_headers", "_send_request_body"):
@@ -152,6 +155,7 @@ def test_install_httpcore_installs_its_five_patches_once(pristine):
     patches.install_httpcore()
     assert http2.AsyncHTTP2Connection._receive_stream_event is httpcore_h2_reads.receive_stream_event
     assert http2.AsyncHTTP2Connection.has_expired is httpcore_h2_expiry.has_expired
+    assert http2.AsyncHTTP2Connection.handle_async_request is httpcore_h2_expiry.handle_async_request
     assert _synchronization.AsyncLock.setup is httpcore_fast_locks.setup
     assert http2.AsyncHTTP2Connection._send_request_body is httpcore_h2_one_write.send_request_body
     assert patches.installed() == everything

@@ -90,7 +90,9 @@ def test_events_reach_their_stream_without_waiting_for_other_streams_reads():
         assert lag.reads > STREAMS  # the streams interleaved on the socket
         # Unpatched httpcore: median ~STREAMS/2, max ~STREAMS (every waiter ahead reads once).
         assert statistics.median(lag.lags) <= 1, sorted(lag.lags)
-        assert max(lag.lags) <= 3, sorted(lag.lags)
+        # A woken stream runs in the loop's next turn; under load the reader may read a few
+        # times more before it (4 once in CI), never the convoy's ~STREAMS.
+        assert max(lag.lags) < STREAMS // 2, sorted(lag.lags)
 
     run(test)
 

@@ -26,8 +26,15 @@ from actors.pool_logic import CANCELLED
 from actors.retry_policy import CONNECT, RESET, TIMEOUT, Failure, failure_of_status
 from patches import httpcore_rst_stream
 from protocols import events as ev
+from protocols.providers.base import header, message_from_body
 
 MAX_ERROR_BODY = 64 * 1024
+# Every call asks for a stream (SSE, or NDJSON for Ollama). A 200 with one of these types
+# is a failure's page under the wrong status -- a provider's error JSON, a CDN's or a
+# proxy's HTML page -- and is handled as the 502 it stands for: nothing of it is published,
+# the provider's message is kept, and it is retried like a 5xx before the first byte.
+NOT_A_STREAM = ("application/json", "text/html")
+NOT_A_STREAM_STATUS = 502
 
 
 @dataclass
@@ -73,11 +80,18 @@ async def run_call(
             method, url, headers=headers, content=body, extensions={"timeout": timeouts}
         ) as response:
             try:
-                if response.status != 200:
+                page = _not_a_stream(response.headers) if response.status == 200 else None
+                if response.status != 200 or page:
                     data = await _read_bounded(response)
-                    result.error = adapter.error_from_response(response.status, response.headers, data)
+                    status = NOT_A_STREAM_STATUS if page else response.status
+                    result.error = adapter.error_from_response(status, response.headers, data)
+                    if page:
+                        said = message_from_body(data)
+                        result.error["message"] = f"the provider answered 200 with {page}, not a stream" + (
+                            f": {said}" if said else ""
+                        )
                     result.retry_after_s = result.error.pop("retry_after_s", None)
-                    result.failure = failure_of_status(response.status, result.retry_after_s)
+                    result.failure = failure_of_status(status, result.retry_after_s)
                 else:
                     await _stream_body(
                         response,
@@ -181,6 +195,13 @@ def _translate(events: list[dict]) -> tuple[list[dict], dict | None]:
         else:
             out.append(event)
     return out, ended
+
+
+def _not_a_stream(headers) -> str | None:
+    """The media type of a 200 that cannot be the stream asked for (NOT_A_STREAM), else None."""
+    value = header(headers, b"content-type") or b""
+    kind = value.split(b";")[0].strip().lower().decode("latin-1")
+    return kind if kind in NOT_A_STREAM else None
 
 
 async def _read_bounded(response) -> bytes:

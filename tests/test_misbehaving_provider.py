@@ -75,7 +75,10 @@ def gw():
             "OPENAI_BASE_URL": f"http://127.0.0.1:{silent.port}",
             "OPENAI_API_KEY": "k",
             "OPENAI_H2C": "1",
-            **{f"{account}_{k}": v for account in ("SIMULATED", "OPENAI") for k, v in fast.items()},
+            "ANTHROPIC_BASE_URL": sim,  # an account of its own that a long 429 pauses
+            "ANTHROPIC_API_KEY": "k",
+            "ANTHROPIC_H2C": "1",
+            **{f"{a}_{k}": v for a in ("SIMULATED", "OPENAI", "ANTHROPIC") for k, v in fast.items()},
         }
         gateway = stack.enter_context(running_gateway(env))
         gateway.sim = sim
@@ -147,11 +150,14 @@ class Answer:
             for chunk in response.iter_stream():
                 raw += chunk
         self.seconds = time.monotonic() - started
-        assert self.status == 200, raw[:300]
         assert self.seconds < DEADLINE_S
         self.front_end = front_end
-        self.events = [e for e in SSEParser().feed(raw) if e.event != "ping"]
         self.text, self.message = "", ""
+        if self.status != 200:  # refused before the stream: the front end's error JSON
+            error = json.loads(raw)["error"]
+            self.message, self.outcome = error["message"], error["type" if front_end == "anthropic" else "code"]
+            return
+        self.events = [e for e in SSEParser().feed(raw) if e.event != "ping"]
         self.outcome = getattr(self, "_" + front_end)()
 
     def _openai(self) -> str:
@@ -277,6 +283,18 @@ def test_a_provider_that_never_answers_is_one_timeout_error(gw):
     for _, answer in burst(gw, "fail=none", provider="openai"):
         expected = "timeout_error" if answer.front_end == "anthropic" else "upstream_timeout"
         assert answer.outcome in (expected, "api_error"), (answer.front_end, answer.outcome, answer.message)
+
+
+def test_a_429_pausing_the_account_past_the_max_wait_is_told_at_once(gw):
+    """Retry-After 60 s (past the retry deadline and the Pacer's 30 s max wait): the first
+    client gets the 429 at once, and so does everyone after it while the account is paused,
+    on every front end -- none waits 30 s for a 429 that is certain (they did)."""
+    first = Answer(gw, "sluice", f"pause {uuid.uuid4().hex}:\n#sim fail=429 retry_after_s=60", provider="anthropic")
+    assert first.outcome == "upstream_429", first.message
+    for _, answer in burst(gw, "fail=none", provider="anthropic"):
+        expected = "rate_limit_error" if answer.front_end == "anthropic" else "pacer_queue_timeout"
+        assert answer.outcome == expected and "Retry-After" in answer.message, (answer.front_end, answer.message)
+        assert answer.seconds < 10, answer.seconds
 
 
 # --- clients that leave ---------------------------------------------------------------------

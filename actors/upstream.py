@@ -29,7 +29,7 @@ from protocols import events as ev
 from protocols.providers.base import header, message_from_body
 
 MAX_ERROR_BODY = 64 * 1024
-# Every call asks for a stream (SSE, or NDJSON for Ollama). A 200 with one of these types
+# A chat call asks for a stream (SSE, or NDJSON for Ollama). A 200 with one of these types
 # is a failure's page under the wrong status -- a provider's error JSON, a CDN's or a
 # proxy's HTML page -- and is handled as the 502 it stands for: nothing of it is published,
 # the provider's message is kept, and it is retried like a 5xx before the first byte.
@@ -80,7 +80,8 @@ async def run_call(
             method, url, headers=headers, content=body, extensions={"timeout": timeouts}
         ) as response:
             try:
-                page = _not_a_stream(response.headers) if response.status == 200 else None
+                streamed = response.status == 200 and adapter.Parser.STREAMED
+                page = _not_a_stream(response.headers) if streamed else None
                 if response.status != 200 or page:
                     data = await _read_bounded(response)
                     status = NOT_A_STREAM_STATUS if page else response.status

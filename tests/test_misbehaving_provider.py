@@ -323,3 +323,76 @@ def test_clients_leaving_right_after_their_200_abort_every_upstream_call(gw):
         return [r for r in calls_for(gw, f"leave {tag}") if r["outcome"] != "cancelled"]
 
     wait_until(lambda: not still_generating(), timeout=10, message="every upstream call reset")
+
+
+# --- clients that send bad input --------------------------------------------------------------
+
+USER = [{"role": "user", "content": "x"}]
+BAD_INPUT = [
+    # (path, body, status, words the error message must hold)
+    ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/chat/completions", b"[1, 2]", 422, "JSON object"),
+    ("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400, "nests deeper"),
+    ("/v1/chat/completions", b'{"model": "simulated", "messages": ' + b'"x' * 700_000 + b'"}', 413, "limit"),
+    ("/v1/chat/completions", {"model": "simulated", "messages": "hi"}, 422, "'messages'"),
+    ("/v1/chat/completions", {"model": 5, "messages": USER}, 422, "'model'"),
+    ("/v1/chat/completions", {"model": "simulated", "stream": "yes", "messages": USER}, 422, "'stream'"),
+    (
+        "/v1/chat/completions",
+        {"model": "simulated", "stream": True, "stream_options": {"include_usage": "yes"}, "messages": USER},
+        422,
+        "'stream_options.include_usage' must be true or false",
+    ),
+    (
+        "/v1/messages",
+        {"model": "simulated", "max_tokens": 9, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+        400,
+        "messages[0].content[0].text: must be a string",
+    ),
+    (
+        "/v1/messages",
+        {"model": "simulated", "max_tokens": 9, "messages": [{"role": "user", "content": [5]}]},
+        400,
+        "messages[0].content[0]: must be a content block",
+    ),
+    (
+        "/v1/responses",
+        {"model": "simulated", "input": [{"role": "user", "content": [{"type": "input_text"}]}]},
+        422,
+        "input[0].content[0].text: must be a string",
+    ),
+    (
+        "/v1/responses",
+        {"model": "simulated", "input": [{"role": "user", "content": [5]}]},
+        422,
+        "input[0].content[0]: must be a content part",
+    ),
+]
+
+
+BAD_INPUT_IDS = [
+    "not-json",
+    "an-array",
+    "nested-100000-deep",
+    "1.4-MB",
+    "messages-a-string",
+    "model-a-number",
+    "stream-a-string",
+    "include-usage-a-string",
+    "anthropic-text-block-without-text",
+    "anthropic-block-not-an-object",
+    "responses-input-text-without-text",
+    "responses-part-not-an-object",
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "words"), BAD_INPUT, ids=BAD_INPUT_IDS)
+def test_bad_client_input_is_a_clear_error_on_either_worker(gw, path, body, status, words):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    for _ in range(2):  # fresh connections: either worker may answer
+        got, headers, raw = request(
+            "POST", gw.url + path, content, {"content-type": "application/json", "connection": "close"}
+        )
+        gw.workers_seen.add(headers["x-sluice-worker"])
+        error = json.loads(raw)["error"]
+        assert got == status and words in error["message"], (got, error)

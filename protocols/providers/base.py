@@ -69,6 +69,9 @@ class Parser:
 
     FRAMING = "sse"
     TERMINATOR = "its terminator"
+    # The call's answer is a stream (SSE / NDJSON): a 200 of JSON or HTML is then a failure's
+    # page (actors/upstream.py NOT_A_STREAM). False for an answer that is one JSON body.
+    STREAMED = True
 
     def __init__(self) -> None:
         self._sse = SSEParser()

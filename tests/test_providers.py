@@ -896,3 +896,28 @@ def test_count_tokens_adapter_reads_one_json_answer():
     assert bad == [ev.error("upstream_5xx", "busy")]
     parser = anthropic_count_tokens.Parser()
     assert [e["code"] for e in parser.feed(b'{"tokens": 1}') + parser.close()] == ["upstream_malformed"]
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        pytest.param([b"data: " + b"x" * 65536] * 130, id="one-endless-line"),
+        pytest.param(
+            [b'data: {"choices": [{"delta": {"content": "' + b"y" * 65000 + b'"}}]}\n'] * 130, id="no-blank-line"
+        ),
+    ],
+)
+def test_an_sse_event_past_the_frame_limit_is_malformed_and_not_held(pieces):
+    """8 MB of one line, or of data lines that no blank line ends (events separated by a
+    single newline): an upstream_malformed error once past MAX_FRAME_BYTES, not a Pool
+    holding the provider's whole output (it held the data lines without bound)."""
+    parser = openai_chat.Parser()
+    out: list[dict] = []
+    for piece in pieces:
+        out += parser.feed(piece)
+        if out:
+            break
+    out += parser.close()
+    assert [e["type"] for e in out] == [ev.ERROR] and out[0]["code"] == "upstream_malformed", out
+    assert "longer than" in out[0]["message"]
+    assert parser._sse.pending_size <= base.MAX_FRAME_BYTES + 65536 + 64

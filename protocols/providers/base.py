@@ -50,7 +50,7 @@ from typing import Any
 from protocols import events
 from protocols.sse import SSEParser
 
-MAX_FRAME_BYTES = 8 * 1024 * 1024  # a line/frame larger than this is treated as malformed
+MAX_FRAME_BYTES = 8 * 1024 * 1024  # a line/event larger than this is treated as malformed
 MAX_MESSAGE_CHARS = 1000  # provider error messages are cut to this length
 
 Headers = list[tuple[bytes, bytes]]
@@ -263,8 +263,10 @@ class Parser:
             for sse in self._sse.feed(chunk):
                 if sse.data.strip():
                     yield sse.event, sse.data
-            if len(self._sse._buffer) > MAX_FRAME_BYTES:
-                raise Malformed(f"SSE line longer than {MAX_FRAME_BYTES} bytes")
+            if self._sse.pending_size > MAX_FRAME_BYTES:
+                # One endless line, or data lines with no blank line to end their event (a
+                # provider separating events by a single newline): either would be held whole.
+                raise Malformed(f"SSE event longer than {MAX_FRAME_BYTES} bytes")
         else:
             buffer = self._lines + chunk
             *lines, self._lines = buffer.split(b"\n")

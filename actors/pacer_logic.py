@@ -13,9 +13,9 @@ and nobody is ahead in the queue (FIFO). A grant sends the call the request carr
 the Pool (`OpenStream`) and `LeaseGranted` to the Coalescer. A request that cannot be
 granted waits in the queue; when the queue holds `max_queue` leases, or a lease waited
 `max_wait_s`, it is denied with 429 and a Retry-After estimated from the bucket. A request
-that could not be granted before its `max_wait_s` is up because every key is paused past
-it (a provider's 429 with a long Retry-After) is denied so at once, new or queued, rather
-than kept waiting for a certain 429 (`_doomed`). Settings change live (`configure`), and
+that cannot be granted before its `max_wait_s` is up -- every key paused past it by a
+provider's 429 with a long Retry-After, or the per-minute cap full for longer -- is denied
+so at once, new or queued, rather than kept waiting for a certain 429 (`_doomed`). Settings change live (`configure`), and
 the change applies to the queue already waiting.
 
 An account may have several API keys: each has its own bucket, per-minute cap,
@@ -522,14 +522,29 @@ class PacerLogic:
         return out + self._schedule(now)
 
     def _doomed(self, enqueued_at: float, now: float) -> bool:
-        """Is every key paused past the end of the wait of a request queued at `enqueued_at`?
-        Then no grant can come in time: it would wait out `max_wait_s` for a certain 429."""
-        return self.paused_until - now > 0 and self.paused_until >= enqueued_at + self.settings.max_wait_s - EPS
+        """Is the earliest a grant can come after the end of the wait of a request queued at
+        `enqueued_at`? Then it would wait out `max_wait_s` for a certain 429."""
+        earliest = self._earliest_grant_in(now)
+        return earliest > 0 and now + earliest >= enqueued_at + self.settings.max_wait_s - EPS
+
+    def _earliest_grant_in(self, now: float) -> float:
+        """A lower bound of the seconds until the next grant: every key's 429 pause, and what
+        `_next_grant_in` knows (the per-minute cap, the bucket); 0 when a release may come
+        any moment and nothing else stands in the way."""
+        grant_in = self._next_grant_in(now)
+        return max(grant_in or 0.0, self.paused_until - now)
 
     def _paused_text(self, now: float) -> str:
+        earliest = self._earliest_grant_in(now)
+        if self.paused_until - now >= earliest - EPS:
+            why = "by the provider's Retry-After"
+        elif self.settings.rpm is not None:
+            why = f"by the per-minute cap, {self.settings.rpm} a minute"
+        else:
+            why = "by the rate"
         return (
-            f"{self.provider}: paused {self.paused_until - now:.3g} s by the provider's Retry-After, "
-            f"longer than a request may wait for an upstream slot ({self.settings.max_wait_s:g} s)"
+            f"{self.provider}: no upstream slot for {earliest:.3g} s ({why}), "
+            f"longer than a request may wait for one ({self.settings.max_wait_s:g} s)"
         )
 
     def _loads(self) -> dict[int, int]:

@@ -189,3 +189,21 @@ def test_a_pause_shorter_than_the_max_wait_still_queues():
     pacer.handle(m.AccountPause("SIMULATED", 29.0), None, T0)
     out = pacer.handle(m.LeaseRequest("a", "simulated", T0, "sim-1", {}, "c:1"), "shard", T0)
     assert [type(e.msg) for e in out if isinstance(e, Send)] == [m.LeaseQueued]
+
+
+def test_a_full_per_minute_cap_that_frees_too_late_denies_at_once():
+    """RPM 2, a 30 s max wait: after two grants the next place frees 60 s after the first,
+    so a third request is told 429 now; once that is under 30 s away, it waits."""
+    pacer = PacerLogic("simulated", PacerSettings(rps=100, burst=100, concurrency=10, rpm=2, max_wait_s=30))
+
+    def request(lease: str, now: float) -> list:
+        return pacer.handle(m.LeaseRequest(lease, "simulated", now, "sim-1", {}, "c:1"), "shard", now)
+
+    def sent(effects) -> list:
+        return [type(e.msg) for e in effects if isinstance(e, Send)]
+
+    assert m.OpenStream in sent(request("a", T0)) and m.OpenStream in sent(request("b", T0 + 1))
+    out = request("c", T0 + 2)
+    (denied,) = [e.msg for e in out if isinstance(e, Send) and isinstance(e.msg, m.LeaseDenied)]
+    assert denied.code == "pacer_queue_timeout" and "per-minute cap" in denied.message
+    assert sent(request("d", T0 + 31)) == [m.LeaseQueued]  # its place frees at T0 + 60: in time

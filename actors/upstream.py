@@ -103,6 +103,7 @@ async def run_call(
                         attempt,
                         served,
                         first_sent_at or result.sent_at,
+                        timeouts.get("read"),
                     )
             except (asyncio.CancelledError, httpcore.ReadTimeout):
                 # Whoever gave up on it, the provider must stop generating: reset the stream.
@@ -132,8 +133,15 @@ async def _stream_body(
     attempt: int,
     served: dict | None = None,
     first_sent_at: float | None = None,
+    read_timeout_s: float | None = None,
 ) -> None:
+    """Publish the body's events as they come. The read timeout bounds silence; bytes
+    that are no frame (SSE comments, empty lines: keepalives) must not reset it, so for a
+    streamed answer the same timeout also bounds the time between two frames: a provider
+    that sends only keepalives is timed out like one that sends nothing."""
     ending = _Ending()
+    progress_at, frames = time.monotonic(), 0
+    watch = read_timeout_s is not None and parser.STREAMED
     async for chunk in response.aiter_stream():
         if result.first_byte_at is None:
             result.first_byte_at = time.time()
@@ -149,7 +157,12 @@ async def _stream_body(
                     )
                 ]
             )
-        if ending.take(parser.feed(chunk), publish):
+        events = parser.feed(chunk)
+        if parser.frames != frames:
+            progress_at, frames = time.monotonic(), parser.frames
+        elif watch and time.monotonic() - progress_at > read_timeout_s:
+            raise httpcore.ReadTimeout(f"nothing but keepalives from the provider for {read_timeout_s:g} s")
+        if ending.take(events, publish):
             break
     else:
         if result.first_byte_at is None:  # a 200 with an empty body: broken off, nothing delivered

@@ -810,7 +810,15 @@ class SimulatedProvider:
         meta = formats.Meta(call_id=call["call_id"], created=int(time.time()))
         ttft = knobs["ttft_ms"] / 1000
         interval = knobs["token_interval_ms"] / 1000
-        stops_early = fail in ("reset_mid", "stall", "error_mid", "malformed", "cut_utf8", "goaway_mid")
+        stops_early = fail in (
+            "reset_mid",
+            "stall",
+            "error_mid",
+            "malformed",
+            "cut_utf8",
+            "goaway_mid",
+            "keepalive_only",
+        )
         sent_tokens = min(knobs["fail_after_tokens"], len(tokens)) if stops_early else len(tokens)
 
         # The plan: (seconds after the headers, bytes, tokens in them).
@@ -862,6 +870,10 @@ class SimulatedProvider:
             # Keep the stream open and silent; the connection cancels this task
             # the moment the client goes away.
             await loop.create_future()
+        elif fail == "keepalive_only" and fmt.wants_stream(body):
+            while True:  # until the client goes away (ClientGone, or the task cancelled)
+                await asyncio.sleep(max(interval, 0.01))
+                await responder.send(formats.keepalive_frame(fmt))
         elif fail in ("reset_mid", "goaway_mid"):
             if not steps:
                 await asyncio.sleep(ttft)

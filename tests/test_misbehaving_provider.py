@@ -12,7 +12,7 @@ its own (no hang); after each burst every Pacer is idle again and the gateway ke
 
 Faults (sim/formats.py): a 200 whose body is an error JSON or an HTML page (retried like
 the 502 it stands for), a stream that stops without its terminator, GOAWAY mid-stream, a
-token of 3 MB, a provider that accepts the connection and never answers (`SilentPort`),
+token of 3 MB, keepalives and nothing else after a few tokens (timed out like silence), a provider that accepts the connection and never answers (`SilentPort`),
 and a burst of clients leaving right after their 200 (every upstream call must be reset).
 Real processes throughout (`Gateway`, the simulated provider). docs/reliability.md,
 "Probed" lists what was tried.
@@ -149,6 +149,8 @@ class Answer:
             self.worker = dict(response.headers).get(b"x-sluice-worker", b"").decode()
             for chunk in response.iter_stream():
                 raw += chunk
+                if time.monotonic() - started > DEADLINE_S:
+                    break  # a hang (sluice's keepalive pings keep the read alive): judged below
         self.seconds = time.monotonic() - started
         assert self.seconds < DEADLINE_S
         self.front_end = front_end
@@ -261,6 +263,8 @@ AFTER_THE_FIRST_BYTE = [
     pytest.param("fail=reset_mid", "upstream_reset", id="rst-stream-mid-stream"),
     pytest.param("fail=malformed", "upstream_malformed", id="malformed-sse"),
     pytest.param("fail=stall", "upstream_timeout", id="stall-mid-stream"),
+    # bytes keep coming, none of them a frame: clients waited forever (sluice's pings too)
+    pytest.param("fail=keepalive_only token_interval_ms=100", "upstream_timeout", id="keepalives-only"),
 ]
 
 

@@ -921,3 +921,19 @@ def test_an_sse_event_past_the_frame_limit_is_malformed_and_not_held(pieces):
     assert [e["type"] for e in out] == [ev.ERROR] and out[0]["code"] == "upstream_malformed", out
     assert "longer than" in out[0]["message"]
     assert parser._sse.pending_size <= base.MAX_FRAME_BYTES + 65536 + 64
+
+
+def test_keepalives_are_no_frames_and_a_ping_event_is_one():
+    """What the Pool's read timeout counts as progress (actors/upstream.py): a frame with data,
+    never an SSE comment or an empty NDJSON line."""
+    chat = openai_chat.Parser()
+    chat.feed(b": keepalive\n\n: OPENROUTER PROCESSING\n\n\n")
+    assert chat.frames == 0
+    chat.feed(b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n')
+    assert chat.frames == 1
+    claude = anthropic.Parser()
+    claude.feed(b'event: ping\ndata: {"type": "ping"}\n\n')
+    assert claude.frames == 1
+    lines = ollama.Parser()
+    lines.feed(b"\n\n\n")
+    assert lines.frames == 0

@@ -81,6 +81,7 @@ class Parser:
         self._finish: str | None = None
         self._usage: dict[str, int | None] = {}
         self._tools: dict[Any, dict] = {}
+        self.frames = 0  # frames with data read so far (keepalive comments and empty lines are none)
 
     # public interface
 
@@ -254,6 +255,7 @@ class Parser:
 
     def _consume(self, chunk: bytes) -> None:
         for name, payload in self._frames(chunk):
+            self.frames += 1
             self.on_frame(name, payload)
             if self._over:
                 return

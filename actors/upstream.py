@@ -137,10 +137,11 @@ async def _stream_body(
 ) -> None:
     """Publish the body's events as they come. The read timeout bounds silence; bytes
     that are no frame (SSE comments, empty lines: keepalives) must not reset it, so for a
-    streamed answer the same timeout also bounds the time between two frames: a provider
-    that sends only keepalives is timed out like one that sends nothing."""
+    streamed answer the same timeout also bounds the time between two frames, or between
+    two pieces of a long frame still arriving: a provider that sends only keepalives is
+    timed out like one that sends nothing."""
     ending = _Ending()
-    progress_at, frames = time.monotonic(), 0
+    progress_at, frames, pending = time.monotonic(), 0, 0
     watch = read_timeout_s is not None and parser.STREAMED
     async for chunk in response.aiter_stream():
         if result.first_byte_at is None:
@@ -158,9 +159,10 @@ async def _stream_body(
                 ]
             )
         events = parser.feed(chunk)
-        if parser.frames != frames:
+        if parser.frames != frames or parser.pending_size > pending:
             progress_at, frames = time.monotonic(), parser.frames
-        elif watch and time.monotonic() - progress_at > read_timeout_s:
+        pending = parser.pending_size
+        if watch and time.monotonic() - progress_at > read_timeout_s:
             raise httpcore.ReadTimeout(f"nothing but keepalives from the provider for {read_timeout_s:g} s")
         if ending.take(events, publish):
             break

@@ -937,3 +937,8 @@ def test_keepalives_are_no_frames_and_a_ping_event_is_one():
     lines = ollama.Parser()
     lines.feed(b"\n\n\n")
     assert lines.frames == 0
+    # A long frame still arriving is progress too: what it holds so far grows.
+    chat.feed(b'data: {"choices": [{"delta": {"content": "' + b"x" * 1000)
+    assert chat.pending_size > 1000 and chat.frames == 1
+    lines.feed(b'{"message": {"content": "' + b"y" * 500)
+    assert lines.pending_size > 500 and lines.frames == 0

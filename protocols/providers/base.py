@@ -99,6 +99,11 @@ class Parser:
             self.fail("upstream_truncated", f"stream ended before {self.TERMINATOR}")
         return self._out
 
+    @property
+    def pending_size(self) -> int:
+        """Bytes held for a frame not yet complete (a long line still arriving)."""
+        return self._sse.pending_size if self.FRAMING == "sse" else len(self._lines)
+
     # subclass hooks
 
     def on_frame(self, name: str, payload: str | bytes) -> None:

@@ -142,7 +142,7 @@ async def _stream_body(
     timed out like one that sends nothing."""
     ending = _Ending()
     progress_at, frames, pending = time.monotonic(), 0, 0
-    watch = read_timeout_s is not None and parser.STREAMED
+    limit = read_timeout_s if parser.STREAMED else None
     async for chunk in response.aiter_stream():
         if result.first_byte_at is None:
             result.first_byte_at = time.time()
@@ -162,8 +162,8 @@ async def _stream_body(
         if parser.frames != frames or parser.pending_size > pending:
             progress_at, frames = time.monotonic(), parser.frames
         pending = parser.pending_size
-        if watch and time.monotonic() - progress_at > read_timeout_s:
-            raise httpcore.ReadTimeout(f"nothing but keepalives from the provider for {read_timeout_s:g} s")
+        if limit is not None and time.monotonic() - progress_at > limit:
+            raise httpcore.ReadTimeout(f"nothing but keepalives from the provider for {limit:g} s")
         if ending.take(events, publish):
             break
     else:

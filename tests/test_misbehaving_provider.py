@@ -81,7 +81,8 @@ def gw():
             "ANTHROPIC_BASE_URL": sim,  # an account of its own that a long 429 pauses
             "ANTHROPIC_API_KEY": "k",
             "ANTHROPIC_H2C": "1",
-            **{f"{a}_{k}": v for a in ("SIMULATED", "OPENAI", "ANTHROPIC") for k, v in fast.items()},
+            "OLLAMA_BASE_URL": sim,  # NDJSON, over HTTP/1.1 (no OLLAMA_H2C)
+            **{f"{a}_{k}": v for a in ("SIMULATED", "OPENAI", "ANTHROPIC", "OLLAMA") for k, v in fast.items()},
         }
         gateway = stack.enter_context(running_gateway(env))
         gateway.sim = sim
@@ -278,6 +279,29 @@ def test_a_fault_after_the_first_byte_is_one_error_in_each_front_ends_format(gw,
         expected = {"anthropic": ("api_error", "timeout_error", "overloaded_error")}.get(answer.front_end, (code,))
         assert answer.outcome in expected, (answer.front_end, answer.outcome, answer.message)
         assert answer.message
+
+
+HTTP1_ROWS = [
+    pytest.param("fail=json_200 fail_times=1", "done", id="json-200-once"),
+    pytest.param("fail=no_done", "upstream_truncated", id="no-terminator"),
+    pytest.param("fail=goaway_mid", "upstream_reset", id="connection-closed-mid-stream"),
+    pytest.param("fail=keepalive_only token_interval_ms=100", "upstream_timeout", id="keepalives-only"),
+    pytest.param("fail=huge_frame", "done", id="3-mb-token"),
+]
+
+
+@pytest.mark.parametrize(("directive", "outcome"), HTTP1_ROWS)
+def test_an_ndjson_provider_over_http1_misbehaving_the_same_ways(gw, directive, outcome):
+    """Ollama's NDJSON over HTTP/1.1 (a cancel closes the connection; keepalives are empty
+    lines): the same outcomes as SSE over HTTP/2."""
+    for _, answer in burst(gw, directive, provider="ollama"):
+        expected = (
+            {"api_error", "timeout_error"} if answer.front_end == "anthropic" and outcome != "done" else {outcome}
+        )
+        assert answer.outcome in expected, (answer.front_end, answer.outcome, answer.message)
+    assert {r["protocol"] for r in get_json(gw.sim + "/stats")[1]["requests"] if r["path"] == "/api/chat"} == {
+        "http/1.1"
+    }
 
 
 def test_a_token_of_several_mb_arrives_whole_on_every_front_end(gw):

@@ -31,7 +31,13 @@ from protocols.effects import Send
 
 log = logging.getLogger("sluice.hub")
 
-MAX_BUFFERED_BYTES = 8 * 1024 * 1024  # a slower edge than this is cut off, not waited for
+# An edge that stays this far behind for SLOW_EDGE_S is cut off, not waited for; one that
+# gets HARD_MAX_BUFFERED_BYTES behind, at once. A burst alone (a few streams each sending a
+# frame of megabytes: a long token, an image, a tool call's arguments) must not cut an edge
+# that is keeping up: that ended every stream of the edge on this Pool (hub_disconnected).
+MAX_BUFFERED_BYTES = 8 * 1024 * 1024
+SLOW_EDGE_S = 5.0
+HARD_MAX_BUFFERED_BYTES = 64 * 1024 * 1024
 # At most one write per edge per FLUSH_GAP_S: a lone token leaves at once, but under load
 # (hundreds of tokens a second) the frames of a couple of milliseconds share one send,
 # which on loopback TCP costs the sender and the woken edge far more than the bytes do.
@@ -50,6 +56,7 @@ class EdgeConnection:
         self._flushed_at = 0.0
         self._flush_handle: asyncio.Handle | None = None  # the next write, once something waits
         self._flush_soon = False  # ... and it is at the end of this turn (not after the gap)
+        self._behind_since: float | None = None  # since when the edge is MAX_BUFFERED_BYTES behind
 
     def send(self, msg) -> None:
         self.send_encoded(m.encode(msg))
@@ -72,11 +79,18 @@ class EdgeConnection:
     def _flush(self) -> None:
         self._flush_handle = None
         data, self._pending = b"".join(self._pending), []
-        self._flushed_at = asyncio.get_running_loop().time()
+        now = self._flushed_at = asyncio.get_running_loop().time()
         if self.writer.is_closing():
             return
-        if self.writer.transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
-            log.warning("edge connection too slow, closing it")
+        behind = self.writer.transport.get_write_buffer_size()
+        if behind <= MAX_BUFFERED_BYTES:
+            self._behind_since = None
+        elif self._behind_since is None:
+            self._behind_since = now
+        if behind > HARD_MAX_BUFFERED_BYTES or (
+            self._behind_since is not None and now - self._behind_since > SLOW_EDGE_S
+        ):
+            log.warning("edge connection too slow (%d bytes behind), closing it", behind)
             self.writer.close()
             return
         self.writer.write(data)

@@ -12,8 +12,11 @@ never reach the Pacer). A lease is granted on a key when all of these hold for t
 and nobody is ahead in the queue (FIFO). A grant sends the call the request carries to
 the Pool (`OpenStream`) and `LeaseGranted` to the Coalescer. A request that cannot be
 granted waits in the queue; when the queue holds `max_queue` leases, or a lease waited
-`max_wait_s`, it is denied with 429 and a Retry-After estimated from the bucket. Settings
-change live (`configure`), and the change applies to the queue already waiting.
+`max_wait_s`, it is denied with 429 and a Retry-After estimated from the bucket. A request
+that cannot be granted before its `max_wait_s` is up -- every key paused past it by a
+provider's 429 with a long Retry-After, or the per-minute cap full for longer -- is denied
+so at once, new or queued, rather than kept waiting for a certain 429 (`_doomed`). Settings change live (`configure`), and
+the change applies to the queue already waiting.
 
 An account may have several API keys: each has its own bucket, per-minute cap,
 concurrency, 429 pause and circuit breaker (`KeyBucket`, actors/key_choice.py, with the
@@ -453,6 +456,12 @@ class PacerLogic:
                     self.asker_hosts[msg.coalescer] = msg.host
                     out += self._top_up(msg.coalescer, sender, now)
                 return out
+        if self._doomed(now, now):
+            self.denials_total += 1
+            text = self._paused_text(now)
+            return out + [
+                Send(sender, m.LeaseDenied(msg.lease_id, 429, "pacer_queue_timeout", text, self._retry_after(now)))
+            ]
         if len(self.queue) >= self.settings.max_queue:
             self.denials_total += 1
             retry = self._retry_after(now)
@@ -475,10 +484,17 @@ class PacerLogic:
 
     def _drain(self, now: float) -> list:
         out = []
-        while self.queue and now - self.queue[0].enqueued_at >= self.settings.max_wait_s - EPS:
+        while self.queue and (
+            now - self.queue[0].enqueued_at >= self.settings.max_wait_s - EPS
+            or self._doomed(self.queue[0].enqueued_at, now)
+        ):
             waiter = self.queue.popleft()
             self.denials_total += 1
-            text = f"{self.provider}: no upstream slot within {self.settings.max_wait_s:g} s"
+            text = (
+                self._paused_text(now)
+                if self._doomed(waiter.enqueued_at, now)
+                else f"{self.provider}: no upstream slot within {self.settings.max_wait_s:g} s"
+            )
             out.append(
                 Send(
                     waiter.requester,
@@ -504,6 +520,32 @@ class PacerLogic:
                 break
             out += self._grant(self.queue.popleft(), bucket, now)
         return out + self._schedule(now)
+
+    def _doomed(self, enqueued_at: float, now: float) -> bool:
+        """Is the earliest a grant can come after the end of the wait of a request queued at
+        `enqueued_at`? Then it would wait out `max_wait_s` for a certain 429."""
+        earliest = self._earliest_grant_in(now)
+        return earliest > 0 and now + earliest >= enqueued_at + self.settings.max_wait_s - EPS
+
+    def _earliest_grant_in(self, now: float) -> float:
+        """A lower bound of the seconds until the next grant: every key's 429 pause, and what
+        `_next_grant_in` knows (the per-minute cap, the bucket); 0 when a release may come
+        any moment and nothing else stands in the way."""
+        grant_in = self._next_grant_in(now)
+        return max(grant_in or 0.0, self.paused_until - now)
+
+    def _paused_text(self, now: float) -> str:
+        earliest = self._earliest_grant_in(now)
+        if self.paused_until - now >= earliest - EPS:
+            why = "by the provider's Retry-After"
+        elif self.settings.rpm is not None:
+            why = f"by the per-minute cap, {self.settings.rpm} a minute"
+        else:
+            why = "by the rate"
+        return (
+            f"{self.provider}: no upstream slot for {earliest:.3g} s ({why}), "
+            f"longer than a request may wait for one ({self.settings.max_wait_s:g} s)"
+        )
 
     def _loads(self) -> dict[int, int]:
         loads: dict[int, int] = {}

@@ -26,8 +26,15 @@ from actors.pool_logic import CANCELLED
 from actors.retry_policy import CONNECT, RESET, TIMEOUT, Failure, failure_of_status
 from patches import httpcore_rst_stream
 from protocols import events as ev
+from protocols.providers.base import header, message_from_body
 
 MAX_ERROR_BODY = 64 * 1024
+# A chat call asks for a stream (SSE, or NDJSON for Ollama). A 200 with one of these types
+# is a failure's page under the wrong status -- a provider's error JSON, a CDN's or a
+# proxy's HTML page -- and is handled as the 502 it stands for: nothing of it is published,
+# the provider's message is kept, and it is retried like a 5xx before the first byte.
+NOT_A_STREAM = ("application/json", "text/html")
+NOT_A_STREAM_STATUS = 502
 
 
 @dataclass
@@ -73,11 +80,19 @@ async def run_call(
             method, url, headers=headers, content=body, extensions={"timeout": timeouts}
         ) as response:
             try:
-                if response.status != 200:
+                streamed = response.status == 200 and adapter.Parser.STREAMED
+                page = _not_a_stream(response.headers) if streamed else None
+                if response.status != 200 or page:
                     data = await _read_bounded(response)
-                    result.error = adapter.error_from_response(response.status, response.headers, data)
+                    status = NOT_A_STREAM_STATUS if page else response.status
+                    result.error = adapter.error_from_response(status, response.headers, data)
+                    if page:
+                        said = message_from_body(data)
+                        result.error["message"] = f"the provider answered 200 with {page}, not a stream" + (
+                            f": {said}" if said else ""
+                        )
                     result.retry_after_s = result.error.pop("retry_after_s", None)
-                    result.failure = failure_of_status(response.status, result.retry_after_s)
+                    result.failure = failure_of_status(status, result.retry_after_s)
                 else:
                     await _stream_body(
                         response,
@@ -88,6 +103,7 @@ async def run_call(
                         attempt,
                         served,
                         first_sent_at or result.sent_at,
+                        timeouts.get("read"),
                     )
             except (asyncio.CancelledError, httpcore.ReadTimeout):
                 # Whoever gave up on it, the provider must stop generating: reset the stream.
@@ -117,8 +133,16 @@ async def _stream_body(
     attempt: int,
     served: dict | None = None,
     first_sent_at: float | None = None,
+    read_timeout_s: float | None = None,
 ) -> None:
+    """Publish the body's events as they come. The read timeout bounds silence; bytes
+    that are no frame (SSE comments, empty lines: keepalives) must not reset it, so for a
+    streamed answer the same timeout also bounds the time between two frames, or between
+    two pieces of a long frame still arriving: a provider that sends only keepalives is
+    timed out like one that sends nothing."""
     ending = _Ending()
+    progress_at, frames, pending = time.monotonic(), 0, 0
+    limit = read_timeout_s if parser.STREAMED else None
     async for chunk in response.aiter_stream():
         if result.first_byte_at is None:
             result.first_byte_at = time.time()
@@ -134,7 +158,13 @@ async def _stream_body(
                     )
                 ]
             )
-        if ending.take(parser.feed(chunk), publish):
+        events = parser.feed(chunk)
+        if parser.frames != frames or parser.pending_size > pending:
+            progress_at, frames = time.monotonic(), parser.frames
+        pending = parser.pending_size
+        if limit is not None and time.monotonic() - progress_at > limit:
+            raise httpcore.ReadTimeout(f"nothing but keepalives from the provider for {limit:g} s")
+        if ending.take(events, publish):
             break
     else:
         if result.first_byte_at is None:  # a 200 with an empty body: broken off, nothing delivered
@@ -181,6 +211,13 @@ def _translate(events: list[dict]) -> tuple[list[dict], dict | None]:
         else:
             out.append(event)
     return out, ended
+
+
+def _not_a_stream(headers) -> str | None:
+    """The media type of a 200 that cannot be the stream asked for (NOT_A_STREAM), else None."""
+    value = header(headers, b"content-type") or b""
+    kind = value.split(b";")[0].strip().lower().decode("latin-1")
+    return kind if kind in NOT_A_STREAM else None
 
 
 async def _read_bounded(response) -> bytes:

@@ -159,8 +159,12 @@ def _message(i: int, msg) -> list[dict]:
     results: list[dict] = []
     for j, block in enumerate(content):
         at = f"{where}.content[{j}]"
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text" and isinstance(block.get("text"), str):
+        if not isinstance(block, dict):
+            raise _refuse(at, "must be a content block (an object with a type)")
+        kind = block.get("type")
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                raise _refuse(f"{at}.text", "must be a string")
             parts.append({"type": "text", "text": block["text"]})
         elif kind == "image" and role == "user":
             parts.append(_image_part(block, at))

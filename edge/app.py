@@ -514,13 +514,21 @@ class Edge:
         if declared and declared.isascii() and declared.isdigit() and (len(declared) > 19 or int(declared) > limit):
             raise RequestError(413, "body_too_large", f"request body is {declared} bytes; the limit is {limit}")
         raw = bytearray()
+        deadline = self.settings.body_timeout_s
         try:
-            async for chunk in request.stream():
-                raw += chunk
-                if len(raw) > limit:
-                    break
+            # A body sent slowly or not at all would hold the connection for ever (the
+            # header deadline stops at the headers: edge/http_limits.py).
+            async with asyncio.timeout(deadline):
+                async for chunk in request.stream():
+                    raw += chunk
+                    if len(raw) > limit:
+                        break
         except ClientDisconnect:  # gone before its body was whole: nobody reads an answer
             raise RequestError(400, "client_disconnected", "the client left before sending its whole body") from None
+        except TimeoutError:
+            raise RequestError(
+                408, "body_timeout", f"the request body was not complete within {deadline:g} s ({len(raw)} bytes came)"
+            ) from None
         return parse_json(bytes(raw), limit)
 
     def _record(self, request_id: str, role: str, received_at: float, outcome: dict, key_id: str | None = None) -> None:

@@ -125,6 +125,8 @@ def parse_openai(data: dict, coalesce_header: str | None):
     options = data.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError(422, "invalid_request", "'stream_options' must be an object")
+    if options.get("include_usage") is not None and not isinstance(options["include_usage"], bool):
+        raise RequestError(422, "invalid_request", "'stream_options.include_usage' must be true or false")
     chat = parse_chat(data, coalesce_header)
     return chat, stream, bool(options.get("include_usage"))
 

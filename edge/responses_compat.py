@@ -128,10 +128,14 @@ def _content(content, where: str, images: bool = False) -> str | list[dict]:
         raise _refuse(where, "must be a string or an array of content parts")
     parts: list[dict] = []
     for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(part, dict):
+            raise _refuse(f"{where}[{j}]", "must be a content part (an object with a type)")
+        kind = part.get("type")
         if kind == "input_image" and images:
             parts.append(_image_part(part, f"{where}[{j}]"))
-        elif kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
+        elif kind in TEXT_PARTS and not isinstance(part.get("text"), str):
+            raise _refuse(f"{where}[{j}].text", "must be a string")
+        elif kind not in TEXT_PARTS:
             allowed = "text and input_image" if images else "text only"
             raise _refuse(f"{where}[{j}]", f"{kind or 'this'} parts are not supported ({allowed})")
         else:

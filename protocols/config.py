@@ -224,6 +224,11 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
         _positive(float),
         "seconds a connection may take to send complete request headers (closed beyond)",
     ),
+    "SLUICE_BODY_TIMEOUT_S": (
+        "30",
+        _positive(float),
+        "seconds a request may take to send its whole body once its headers are in (408 beyond)",
+    ),
     "SLUICE_MAX_CONNECTIONS_PER_CLIENT": (
         "256",
         _non_negative(int),

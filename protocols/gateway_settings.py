@@ -68,6 +68,7 @@ class Settings:
     resume_grace_s: float
     max_body_bytes: int
     header_timeout_s: float
+    body_timeout_s: float
     max_connections_per_client: int
     db: str
     admin_token: str | None

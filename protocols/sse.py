@@ -35,6 +35,7 @@ class SSEParser:
     _event: str = ""
     _data: list[str] = field(default_factory=list)
     _id: str | None = None
+    _data_size: int = 0  # characters in `_data`: a reader bounds a half-built event by it
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         buffer = self._buffer + chunk if self._buffer else bytes(chunk)
@@ -56,7 +57,7 @@ class SSEParser:
             if not self._data and not self._event:
                 return None
             event = SSEEvent(self._event or "message", "\n".join(self._data), self._id)
-            self._event, self._data = "", []
+            self._event, self._data, self._data_size = "", [], 0
             return event
         if line.startswith(":"):
             return None
@@ -65,11 +66,18 @@ class SSEParser:
             value = value[1:]
         if name == "data":
             self._data.append(value)
+            self._data_size += len(value) + 1
         elif name == "event":
             self._event = value
         elif name == "id":
             self._id = value
         return None
+
+    @property
+    def pending_size(self) -> int:
+        """How much is held for the event not yet complete: its unfinished line and its data
+        lines so far (a stream whose events never end must not grow without bound)."""
+        return len(self._buffer) + self._data_size
 
     @property
     def pending(self) -> bool:

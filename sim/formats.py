@@ -47,9 +47,10 @@ from typing import Any
 # Knobs and their defaults.  The server merges: DEFAULT_KNOBS <- /config <- #sim.
 DEFAULT_KNOBS: dict[str, Any] = {
     "ttft_ms": 50,  # delay before the first byte of the response body
+    "headers_ms": 0,  # delay before the response headers of a 200 (a provider still queueing the call)
     "token_interval_ms": 10,  # delay between token chunks
     "tokens": 12,  # number of tokens in a full answer
-    "fail": "none",  # none | 429 | 500 | 503 | reset_first | reset_mid | stall | stall_first | truncate | error_mid | malformed | cut_utf8
+    "fail": "none",  # none | 429 | 500 | 503 | reset_first | reset_mid | stall | stall_first | truncate | error_mid | malformed | cut_utf8 | no_done | json_200 | html_200 | huge_frame | goaway_mid | keepalive_only
     "fail_after_tokens": 3,  # tokens sent before reset_mid / stall / error_mid take effect
     "retry_after_s": 1,  # Retry-After header value with fail=429 ("none": no header)
     "fail_times": 0,  # fail only the first N calls with this exact body, then answer (0: always)
@@ -67,6 +68,17 @@ DEFAULT_KNOBS: dict[str, Any] = {
 # cut_utf8: after fail_after_tokens tokens, the next frame (a token with a two-byte
 # character) cut inside that character, then a clean end: the body stops mid-UTF-8.
 # (Non-streamed calls: malformed and cut_utf8 behave like truncate.)
+# no_done: every token, then a clean end without the format's tail (no finish, no [DONE],
+# no message_stop): a stream that stops as if complete (non-streamed: like truncate).
+# json_200: status 200 with the API's JSON error body (application/json), streamed or not:
+# a proxy or provider that reports a failure with the wrong status.
+# html_200: status 200, content-type text/html, an HTML page (a CDN or captive portal).
+# huge_frame: after fail_after_tokens tokens, one token of HUGE_TOKEN_BYTES (one SSE line of
+# several MB), then the rest of the answer as usual.
+# goaway_mid: after fail_after_tokens tokens, GOAWAY(INTERNAL_ERROR) and the connection
+# closed (HTTP/1.1: the socket closed): every other call on the connection is cut too.
+# keepalive_only: after fail_after_tokens tokens, only keepalives (an SSE comment; NDJSON:
+# an empty line) every token_interval_ms, forever: bytes that never carry an answer.
 # OpenAI chat also answers as a real provider would: JSON when response_format asks for it
 # (json_object: {"answer": <the tokens>}; json_schema: an example of the schema), logprobs
 # when logprobs is true (top_logprobs alternatives each), n choices for n > 1, and with
@@ -88,7 +100,15 @@ FAIL_MODES = (
     "error_mid",
     "malformed",
     "cut_utf8",
+    "no_done",
+    "json_200",
+    "html_200",
+    "huge_frame",
+    "goaway_mid",
+    "keepalive_only",
 )
+HUGE_TOKEN_BYTES = 3 * 1024 * 1024
+HTML_PAGE = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>\n"
 
 # Small fixed vocabulary: answers are readable and tokens are easy to assert on.
 WORDS = (
@@ -1026,6 +1046,11 @@ def malformed_frame(fmt: WireFormat) -> bytes:
     if fmt.stream_content_type == "application/x-ndjson":
         return b'{"message": {"content": "unterminated\n'
     return b'this line is no SSE field\ndata: {"choices": [{"delta": {"content": "oops"\n\n'
+
+
+def keepalive_frame(fmt: WireFormat) -> bytes:
+    """Bytes every parser of `fmt` skips: an SSE comment, or an empty NDJSON line."""
+    return b"\n" if fmt.stream_content_type == "application/x-ndjson" else b": keepalive\n\n"
 
 
 def cut_utf8_frame(fmt: WireFormat, body: dict, meta: Meta) -> bytes:

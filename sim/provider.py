@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -95,6 +96,10 @@ class _Responder:
     async def abort(self) -> None:
         raise NotImplementedError
 
+    async def goaway(self) -> None:
+        """The whole connection ends under this response (HTTP/1.1: the same as abort)."""
+        await self.abort()
+
     async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         await self.start(status, headers + [(b"content-length", str(len(body)).encode())])
         if body:
@@ -150,6 +155,14 @@ class _H2Stream(_Responder):
             self.conn.h2.reset_stream(self.stream_id, error_code=h2.errors.ErrorCodes.INTERNAL_ERROR)
         self.finished = True
         await self.conn.flush()
+
+    async def goaway(self):
+        # GOAWAY(INTERNAL_ERROR) and the socket closed: every stream of the connection is cut.
+        self.finished = True
+        self.conn.h2.close_connection(error_code=h2.errors.ErrorCodes.INTERNAL_ERROR)
+        with contextlib.suppress(ClientGone):
+            await self.conn.flush()
+        self.conn.writer.close()
 
 
 class _H1Response(_Responder):
@@ -772,6 +785,17 @@ class SimulatedProvider:
         if fail == "500" or (fail == "error_mid" and not fmt.wants_stream(body)):
             # A non-streamed answer has no room for an in-band error: it fails as a whole.
             return await error(500, "The server had an error while processing your request (simulated).")
+        if fail in ("json_200", "html_200"):
+            # The failure's body (the API's 500 error JSON, or an HTML page) under a 200.
+            call["status"] = 200
+            call["first_byte_at"] = time.time()
+            if fail == "json_200":
+                page, kind = fmt.error(500, "The server had an error (simulated, sent as 200)."), JSON_HEADERS
+            else:
+                page, kind = formats.HTML_PAGE, [(b"content-type", b"text/html")]
+            await responder.respond(200, kind + headers, page)
+            self._finish(call, "completed")
+            return
         if fail == "reset_first":
             await responder.abort()  # before any header: RST_STREAM / the socket closed
             self._finish(call, "aborted")
@@ -781,10 +805,20 @@ class SimulatedProvider:
             await asyncio.get_running_loop().create_future()
 
         tokens = formats.make_tokens(fmt.conversation(body), knobs["tokens"])
+        if fail == "huge_frame" and tokens:
+            tokens[min(knobs["fail_after_tokens"], len(tokens) - 1)] = "x" * formats.HUGE_TOKEN_BYTES + " "
         meta = formats.Meta(call_id=call["call_id"], created=int(time.time()))
         ttft = knobs["ttft_ms"] / 1000
         interval = knobs["token_interval_ms"] / 1000
-        stops_early = fail in ("reset_mid", "stall", "error_mid", "malformed", "cut_utf8")
+        stops_early = fail in (
+            "reset_mid",
+            "stall",
+            "error_mid",
+            "malformed",
+            "cut_utf8",
+            "goaway_mid",
+            "keepalive_only",
+        )
         sent_tokens = min(knobs["fail_after_tokens"], len(tokens)) if stops_early else len(tokens)
 
         # The plan: (seconds after the headers, bytes, tokens in them).
@@ -796,7 +830,7 @@ class SimulatedProvider:
             steps.append((ttft, head, 0))
             for i in range(sent_tokens):
                 steps.append((ttft + i * interval, frames.tokens[i], 1))
-            if fail == "none":
+            if fail in ("none", "huge_frame"):
                 steps.append((steps[-1][0], b"".join(frames.tail), 0))
             elif fail == "error_mid":  # the API's own in-band error, then a clean end
                 steps.append((steps[-1][0], fmt.midstream_error(body, tokens, meta, sent_tokens), 0))
@@ -807,16 +841,18 @@ class SimulatedProvider:
         else:
             payload = fmt.complete(body, tokens, meta)
             headers += JSON_HEADERS
-            if fail == "none":
+            if fail in ("none", "huge_frame"):
                 headers.append((b"content-length", str(len(payload)).encode()))
                 # A non-streamed answer arrives when the last token would have.
                 steps.append((ttft + max(len(tokens) - 1, 0) * interval, payload, len(tokens)))
-            elif fail in ("truncate", "malformed", "cut_utf8"):
+            elif fail in ("truncate", "malformed", "cut_utf8", "no_done"):
                 steps.append((ttft, payload[: len(payload) // 2], 0))
             # reset_mid / stall: headers, then nothing (stall) or a reset after ttft.
 
+        if knobs["headers_ms"]:
+            await asyncio.sleep(knobs["headers_ms"] / 1000)
         call["status"] = 200
-        await responder.start(200, headers)  # headers at once, body after ttft
+        await responder.start(200, headers)  # headers at once (or after headers_ms), body after ttft
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         for offset, data, ntokens in steps:
@@ -834,10 +870,14 @@ class SimulatedProvider:
             # Keep the stream open and silent; the connection cancels this task
             # the moment the client goes away.
             await loop.create_future()
-        elif fail == "reset_mid":
+        elif fail == "keepalive_only" and fmt.wants_stream(body):
+            while True:  # until the client goes away (ClientGone, or the task cancelled)
+                await asyncio.sleep(max(interval, 0.01))
+                await responder.send(formats.keepalive_frame(fmt))
+        elif fail in ("reset_mid", "goaway_mid"):
             if not steps:
                 await asyncio.sleep(ttft)
-            await responder.abort()
+            await (responder.abort() if fail == "reset_mid" else responder.goaway())
             self._finish(call, "aborted")
         else:
             await responder.end()

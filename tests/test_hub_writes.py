@@ -119,3 +119,59 @@ def test_a_streams_frames_are_urgent_up_to_its_first_delta():
         (["delta"], False),
         (["done"], False),
     ]
+
+
+class BehindTransport:
+    def __init__(self):
+        self.size = 0
+
+    def get_write_buffer_size(self) -> int:
+        return self.size
+
+
+class ClosingWriter(RecordingWriter):
+    def __init__(self):
+        super().__init__()
+        self.transport = BehindTransport()
+        self.closed = False
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_an_edge_behind_by_a_burst_keeps_its_connection_and_one_that_stays_behind_is_cut():
+    """Frames of megabytes for a few streams at once put an edge that keeps up 8 MB behind
+    for a moment: it was cut off at once (every stream of that edge on the Pool ended
+    hub_disconnected). Now only an edge that stays behind SLOW_EDGE_S, or gets
+    HARD_MAX_BUFFERED_BYTES behind, is."""
+
+    async def main():
+        writer = ClosingWriter()
+        conn = EdgeConnection(None, None, writer)
+        writer.transport.size = hub_module.MAX_BUFFERED_BYTES + 1  # a burst is on its way
+        conn._flush_handle, conn._pending = None, [b"big"]
+        conn._flush()
+        assert not writer.closed and writer.writes == [b"big"]
+        writer.transport.size = 0  # it drained: the clock starts again next time
+        conn._pending = [b"next"]
+        conn._flush()
+        assert conn._behind_since is None and not writer.closed
+        writer.transport.size = hub_module.MAX_BUFFERED_BYTES + 1
+        conn._pending = [b"more"]
+        conn._flush()
+        conn._behind_since -= hub_module.SLOW_EDGE_S + 0.1  # ... and it stayed behind since
+        conn._pending = [b"late"]
+        conn._flush()
+        assert writer.closed and writer.writes[-1] == b"more"
+
+        far = ClosingWriter()
+        conn = EdgeConnection(None, None, far)
+        far.transport.size = hub_module.HARD_MAX_BUFFERED_BYTES + 1
+        conn._pending = [b"x"]
+        conn._flush()
+        assert far.closed and far.writes == []
+
+    asyncio.run(main())

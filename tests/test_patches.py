@@ -110,6 +110,7 @@ def pristine(monkeypatch):
         http2.AsyncHTTP2Connection, "handle_async_request", httpcore_h2_expiry._original_handle_async_request
     )
     monkeypatch.setattr(httpcore_rst_stream, "_checked", False)
+    monkeypatch.setattr(http2.AsyncHTTP2Connection, "_response_closed", httpcore_rst_stream._original_response_closed)
     monkeypatch.setattr(_synchronization.AsyncLock, "setup", httpcore_fast_locks._original_setup)
     for name in ("_send_request_headers", "_send_request_body"):
         monkeypatch.setattr(http2.AsyncHTTP2Connection, name, getattr(httpcore_h2_one_write, f"_original{name}"))

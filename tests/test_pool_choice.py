@@ -194,7 +194,8 @@ def test_a_lost_pool_gives_back_only_its_leases_and_ends_what_was_queued_for_it(
 
 
 def test_cancel_and_queue_timeout_fail_the_stream_at_its_own_pool():
-    logic = pacer(rps=1, burst=1, concurrency=10, max_wait_s=1.0)
+    # max wait 1.2 s: its token is back at 1.0 s, in time (a wait that cannot end in time is denied at once)
+    logic = pacer(rps=1, burst=1, concurrency=10, max_wait_s=1.2)
     logic.handle(request(0), "coalescer:0", 0.0)  # granted on pool
     logic.handle(request(1), "coalescer:0", 0.0)  # queued for pool:1
     out = logic.handle(m.LeaseCancel("s-0"), "coalescer:0", 0.1)

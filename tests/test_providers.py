@@ -896,3 +896,49 @@ def test_count_tokens_adapter_reads_one_json_answer():
     assert bad == [ev.error("upstream_5xx", "busy")]
     parser = anthropic_count_tokens.Parser()
     assert [e["code"] for e in parser.feed(b'{"tokens": 1}') + parser.close()] == ["upstream_malformed"]
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        pytest.param([b"data: " + b"x" * 65536] * 130, id="one-endless-line"),
+        pytest.param(
+            [b'data: {"choices": [{"delta": {"content": "' + b"y" * 65000 + b'"}}]}\n'] * 130, id="no-blank-line"
+        ),
+    ],
+)
+def test_an_sse_event_past_the_frame_limit_is_malformed_and_not_held(pieces):
+    """8 MB of one line, or of data lines that no blank line ends (events separated by a
+    single newline): an upstream_malformed error once past MAX_FRAME_BYTES, not a Pool
+    holding the provider's whole output (it held the data lines without bound)."""
+    parser = openai_chat.Parser()
+    out: list[dict] = []
+    for piece in pieces:
+        out += parser.feed(piece)
+        if out:
+            break
+    out += parser.close()
+    assert [e["type"] for e in out] == [ev.ERROR] and out[0]["code"] == "upstream_malformed", out
+    assert "longer than" in out[0]["message"]
+    assert parser._sse.pending_size <= base.MAX_FRAME_BYTES + 65536 + 64
+
+
+def test_keepalives_are_no_frames_and_a_ping_event_is_one():
+    """What the Pool's read timeout counts as progress (actors/upstream.py): a frame with data,
+    never an SSE comment or an empty NDJSON line."""
+    chat = openai_chat.Parser()
+    chat.feed(b": keepalive\n\n: OPENROUTER PROCESSING\n\n\n")
+    assert chat.frames == 0
+    chat.feed(b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n')
+    assert chat.frames == 1
+    claude = anthropic.Parser()
+    claude.feed(b'event: ping\ndata: {"type": "ping"}\n\n')
+    assert claude.frames == 1
+    lines = ollama.Parser()
+    lines.feed(b"\n\n\n")
+    assert lines.frames == 0
+    # A long frame still arriving is progress too: what it holds so far grows.
+    chat.feed(b'data: {"choices": [{"delta": {"content": "' + b"x" * 1000)
+    assert chat.pending_size > 1000 and chat.frames == 1
+    lines.feed(b'{"message": {"content": "' + b"y" * 500)
+    assert lines.pending_size > 500 and lines.frames == 0

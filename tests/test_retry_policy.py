@@ -178,3 +178,50 @@ def test_account_pause_stops_grants_for_its_duration():
     (tick,) = [e for e in queued if isinstance(e, After)]
     assert abs(T0 + 0.1 + tick.delay_s - (T0 + 1.0)) < 1e-6  # the queue is looked at when the pause ends
     assert opened(pacer.handle(tick.msg, None, T0 + 1.0))
+
+
+def test_a_pause_longer_than_the_max_wait_denies_at_once_rather_than_after_the_wait():
+    """A 429 with Retry-After 60 s and a 30 s max wait: new requests, and those already
+    queued, are told 429 now (with the pause as Retry-After), not after waiting 30 s."""
+    pacer = PacerLogic("simulated", PacerSettings(rps=100, burst=100, concurrency=1, max_wait_s=30))
+
+    def request(lease: str, now: float) -> list:
+        return pacer.handle(m.LeaseRequest(lease, "simulated", now, "sim-1", {}, "c:1"), "shard", now)
+
+    def denied(effects) -> list:
+        return [e.msg for e in effects if isinstance(e, Send) and isinstance(e.msg, m.LeaseDenied)]
+
+    assert not denied(request("running", T0))  # granted: holds the one slot
+    assert not denied(request("queued", T0 + 0.1))  # waits for the slot
+    out = pacer.handle(m.AccountPause("SIMULATED", 60.0), None, T0 + 0.2)
+    (queued,) = denied(out)  # it could only be granted after its wait is over
+    assert queued.lease_id == "queued" and queued.code == "pacer_queue_timeout" and queued.retry_after_s >= 59
+    assert any(isinstance(e, Send) and isinstance(e.msg, m.FailStream) for e in out)  # its clients listen
+    (new,) = denied(request("new", T0 + 0.3))
+    assert new.code == "pacer_queue_timeout" and "Retry-After" in new.message and new.retry_after_s >= 59
+    assert pacer.state(T0 + 0.3)["queue_depth"] == 0
+
+
+def test_a_pause_shorter_than_the_max_wait_still_queues():
+    pacer = PacerLogic("simulated", PacerSettings(rps=100, burst=100, concurrency=10, max_wait_s=30))
+    pacer.handle(m.AccountPause("SIMULATED", 29.0), None, T0)
+    out = pacer.handle(m.LeaseRequest("a", "simulated", T0, "sim-1", {}, "c:1"), "shard", T0)
+    assert [type(e.msg) for e in out if isinstance(e, Send)] == [m.LeaseQueued]
+
+
+def test_a_full_per_minute_cap_that_frees_too_late_denies_at_once():
+    """RPM 2, a 30 s max wait: after two grants the next place frees 60 s after the first,
+    so a third request is told 429 now; once that is under 30 s away, it waits."""
+    pacer = PacerLogic("simulated", PacerSettings(rps=100, burst=100, concurrency=10, rpm=2, max_wait_s=30))
+
+    def request(lease: str, now: float) -> list:
+        return pacer.handle(m.LeaseRequest(lease, "simulated", now, "sim-1", {}, "c:1"), "shard", now)
+
+    def sent(effects) -> list:
+        return [type(e.msg) for e in effects if isinstance(e, Send)]
+
+    assert m.OpenStream in sent(request("a", T0)) and m.OpenStream in sent(request("b", T0 + 1))
+    out = request("c", T0 + 2)
+    (denied,) = [e.msg for e in out if isinstance(e, Send) and isinstance(e.msg, m.LeaseDenied)]
+    assert denied.code == "pacer_queue_timeout" and "per-minute cap" in denied.message
+    assert sent(request("d", T0 + 31)) == [m.LeaseQueued]  # its place frees at T0 + 60: in time

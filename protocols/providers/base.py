@@ -50,7 +50,7 @@ from typing import Any
 from protocols import events
 from protocols.sse import SSEParser
 
-MAX_FRAME_BYTES = 8 * 1024 * 1024  # a line/frame larger than this is treated as malformed
+MAX_FRAME_BYTES = 8 * 1024 * 1024  # a line/event larger than this is treated as malformed
 MAX_MESSAGE_CHARS = 1000  # provider error messages are cut to this length
 
 Headers = list[tuple[bytes, bytes]]
@@ -69,6 +69,9 @@ class Parser:
 
     FRAMING = "sse"
     TERMINATOR = "its terminator"
+    # The call's answer is a stream (SSE / NDJSON): a 200 of JSON or HTML is then a failure's
+    # page (actors/upstream.py NOT_A_STREAM). False for an answer that is one JSON body.
+    STREAMED = True
 
     def __init__(self) -> None:
         self._sse = SSEParser()
@@ -78,6 +81,7 @@ class Parser:
         self._finish: str | None = None
         self._usage: dict[str, int | None] = {}
         self._tools: dict[Any, dict] = {}
+        self.frames = 0  # frames with data read so far (keepalive comments and empty lines are none)
 
     # public interface
 
@@ -94,6 +98,11 @@ class Parser:
         if not self._over:
             self.fail("upstream_truncated", f"stream ended before {self.TERMINATOR}")
         return self._out
+
+    @property
+    def pending_size(self) -> int:
+        """Bytes held for a frame not yet complete (a long line still arriving)."""
+        return self._sse.pending_size if self.FRAMING == "sse" else len(self._lines)
 
     # subclass hooks
 
@@ -251,6 +260,7 @@ class Parser:
 
     def _consume(self, chunk: bytes) -> None:
         for name, payload in self._frames(chunk):
+            self.frames += 1
             self.on_frame(name, payload)
             if self._over:
                 return
@@ -260,8 +270,10 @@ class Parser:
             for sse in self._sse.feed(chunk):
                 if sse.data.strip():
                     yield sse.event, sse.data
-            if len(self._sse._buffer) > MAX_FRAME_BYTES:
-                raise Malformed(f"SSE line longer than {MAX_FRAME_BYTES} bytes")
+            if self._sse.pending_size > MAX_FRAME_BYTES:
+                # One endless line, or data lines with no blank line to end their event (a
+                # provider separating events by a single newline): either would be held whole.
+                raise Malformed(f"SSE event longer than {MAX_FRAME_BYTES} bytes")
         else:
             buffer = self._lines + chunk
             *lines, self._lines = buffer.split(b"\n")

@@ -38,6 +38,7 @@ def is_embeddings(body: dict) -> bool:
 
 class Parser(base.Parser):
     TERMINATOR = "the end of the JSON body"
+    STREAMED = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -32,7 +32,7 @@ import hmac
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -40,6 +40,7 @@ import patches
 from edge.api_keys import KeysFileError
 from edge.body_limits import BodyError, load_json
 from edge.bridge import BridgeError
+from edge.chat_request import RequestError
 from protocols import messages as m
 from protocols import roles as role_names
 from protocols.config import PROVIDERS
@@ -279,10 +280,10 @@ class AdminRoutes:
         return JSONResponse({**out, **(extra() if extra else {})})
 
     async def body(self, request: Request) -> dict:
-        try:
-            raw = await request.body()
-        except ClientDisconnect:
-            raise AdminError(400, "client_disconnected", "the client left before sending its whole body") from None
+        try:  # the edge's reader: the same size limit and SLUICE_BODY_TIMEOUT_S (a 408)
+            raw = await self.edge.read_body(request)
+        except RequestError as exc:
+            raise AdminError(exc.status, exc.code, exc.message) from None
         limit = self.edge.settings.max_body_bytes
         if len(raw) > limit:
             raise AdminError(413, "body_too_large", f"request body is {len(raw)} bytes; the limit is {limit}")

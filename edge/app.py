@@ -509,6 +509,12 @@ class Edge:
     # --- helpers ------------------------------------------------------------------------------
     async def json_body(self, request: Request) -> dict:
         check_content_type(request.headers.get("content-type"))
+        return parse_json(await self.read_body(request), self.settings.max_body_bytes)
+
+    async def read_body(self, request: Request) -> bytes:
+        """The request's body, read against SLUICE_MAX_BODY_BYTES (at most one chunk over:
+        the caller refuses it) and SLUICE_BODY_TIMEOUT_S; every body the edge reads comes
+        through here (the admin routes' too). Raises RequestError (413, 408, 400)."""
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isascii() and declared.isdigit() and (len(declared) > 19 or int(declared) > limit):
@@ -529,7 +535,7 @@ class Edge:
             raise RequestError(
                 408, "body_timeout", f"the request body was not complete within {deadline:g} s ({len(raw)} bytes came)"
             ) from None
-        return parse_json(bytes(raw), limit)
+        return bytes(raw)
 
     def _record(self, request_id: str, role: str, received_at: float, outcome: dict, key_id: str | None = None) -> None:
         """The request's one record (edge/measures.py), batched to Metrics."""

@@ -436,13 +436,16 @@ def test_bad_client_input_is_a_clear_error_on_either_worker(gw, path, body, stat
         assert got == status and words in error["message"], (got, error)
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/api/chat"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/api/chat", "/api/admin/flags"])
 def test_a_body_that_never_ends_is_a_408_not_a_held_connection(gw, path):
     """Headers, then 9 of the 100 body bytes announced, then nothing: a 408 in the front
-    end's error shape once SLUICE_BODY_TIMEOUT_S is up (the connection was held for ever)."""
+    end's error shape once SLUICE_BODY_TIMEOUT_S is up (the connection was held for ever;
+    the admin routes read their bodies through the same reader)."""
     port = int(gw.url.rsplit(":", 1)[1])
+    admin = path.startswith("/api/admin/")
+    auth = f"authorization: Bearer {TOKEN}\r\n" if admin else ""
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as sock:
-        head = f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n"
+        head = f"POST {path} HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\ncontent-length: 100\r\n\r\n"
         sock.sendall(head.encode() + b'{"model":')
         started, answer = time.monotonic(), b""
         while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
@@ -455,3 +458,7 @@ def test_a_body_that_never_ends_is_a_408_not_a_held_connection(gw, path):
     error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
     assert "not complete within 1 s" in error["message"]
     assert error.get("code", error.get("type")) in ("body_timeout", "request_timeout", "invalid_request_error")
+    if admin:  # sluice's own shape, and the admin surface still answers
+        assert error["code"] == "body_timeout", error
+        status, _, raw = request("GET", gw.url + "/api/admin/state", headers={"authorization": f"Bearer {TOKEN}"})
+        assert status == 200, raw

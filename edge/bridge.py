@@ -51,6 +51,11 @@ class BridgeError(Exception):
         self.code = code
 
 
+class BridgeTimeout(BridgeError):
+    """No answer within the ask's deadline (code "unavailable", as any BridgeError that is
+    not an answer): the caller may say what the silence means for its question."""
+
+
 class ActorBridge:
     def __init__(self, actor_port: int, workers: int = 16):
         self.actor_port = actor_port
@@ -191,7 +196,7 @@ class ActorBridge:
                 continue
             if reply is None:
                 self._drop_context()
-                raise BridgeError(f"no answer to {type(msg).__name__} within {timeout:g} s")
+                raise BridgeTimeout(f"no answer to {type(msg).__name__} within {timeout:g} s")
             decoded = (
                 m.decode(reply)
                 if isinstance(reply, (bytes, bytearray))

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edge.bridge import ActorBridge, BridgeError
+from edge.bridge import ActorBridge, BridgeError, BridgeTimeout
 from edge.dataplane import HubClients
 from edge.flights import Admit, EdgeFlights, Flight, Listen, Push, Refuse, Unlisten, Wake
 from edge.rejections import Rejection
@@ -32,6 +32,20 @@ from protocols import trace
 from protocols.effects import Send
 
 log = logging.getLogger("sluice.edge.streams")
+
+SUBMIT_TIMEOUT_S = 10.0  # the Coalescer answers a Submit once the request is admitted or refused
+
+
+def unanswered_submit(exc: BridgeError) -> str:
+    """The 503's message when a Submit got no answer. A timeout says only what the edge
+    knows: the request was not admitted in time; the Coalescer answers after the account's
+    Pacer (or a lease slice) admits, so either may be the one that is stuck."""
+    if isinstance(exc, BridgeTimeout):
+        return (
+            f"the request was not admitted within {SUBMIT_TIMEOUT_S:g} s: "
+            "the Coalescer or the account's Pacer did not answer in time"
+        )
+    return f"the coalescer did not answer: {exc}"
 
 
 @dataclass(eq=False)
@@ -194,7 +208,7 @@ class LocalStreams:
         a failure here must never leave clients waiting on a dead flight."""
         try:
             try:
-                reply = await self.bridge.ask(shard, submit, timeout=10.0)
+                reply = await self.bridge.ask(shard, submit, timeout=SUBMIT_TIMEOUT_S)
             except BridgeError as exc:
                 if exc.code == "unencodable":  # edge/body_limits.py should have refused it
                     log.error("request %s not submitted: %s", submit.request_id, exc)
@@ -202,9 +216,7 @@ class LocalStreams:
                         submit.request_id, 422, "invalid_request", f"the request cannot be forwarded: {exc}"
                     )
                 else:
-                    reply = m.Rejected(
-                        submit.request_id, 503, "gateway_unavailable", f"the coalescer did not answer: {exc}"
-                    )
+                    reply = m.Rejected(submit.request_id, 503, "gateway_unavailable", unanswered_submit(exc))
             self._apply(self.logic.answer(submit.request_id, reply, time.time()))
         except Exception:
             log.exception("submitting request %s failed", submit.request_id)

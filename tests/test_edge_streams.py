@@ -203,3 +203,60 @@ def test_clients_waiting_on_a_flight_the_coalescer_will_not_share_ask_on_their_o
         assert (a.flight.stream_id, a.role, b.flight.stream_id, b.role) == ("s-a", "leader", "s-b", "leader")
 
     run(scenario())
+
+
+class SilentBridge(GatedBridge):
+    """A Submit nobody answers in time (a frozen Coalescer, or a Coalescer waiting on a
+    frozen Pacer): the bridge's timeout."""
+
+    async def ask(self, to, msg, timeout=5.0):
+        from edge.bridge import BridgeTimeout
+
+        self.asked.append((msg, timeout))
+        raise BridgeTimeout(f"no answer to {type(msg).__name__} within {timeout:g} s")
+
+
+def test_a_submit_nobody_answers_says_the_request_was_not_admitted_in_time():
+    async def scenario():
+        bridge = SilentBridge(admitted)
+        streams = LocalStreams(bridge, RecordingHub(), "edge-1", 2)
+        results = await asyncio.gather(
+            *(streams.join(r, "simulated", "m", {}, KEY, 0.0) for r in "ab"), return_exceptions=True
+        )
+        assert [timeout for _, timeout in bridge.asked] == [10.0]
+        for r in results:
+            assert isinstance(r, Rejection) and (r.status, r.code) == (503, "gateway_unavailable"), r
+            assert r.message == (
+                "the request was not admitted within 10 s: the Coalescer or the account's Pacer did not answer in time"
+            )
+        assert streams.by_key == {} and streams.by_request == {}
+
+    run(scenario())
+
+
+def test_a_submit_that_fails_otherwise_still_names_the_coalescer():
+    from edge.bridge import BridgeError
+    from edge.streams import unanswered_submit
+
+    message = unanswered_submit(BridgeError("no actor plays 'coalescer:0'"))
+    assert message == "the coalescer did not answer: no actor plays 'coalescer:0'"
+
+
+def test_the_bridge_raises_its_timeout_when_no_answer_comes():
+    from edge.bridge import ActorBridge, BridgeTimeout
+
+    class Quiet:  # a Thespian context whose asks and listens all time out
+        def ask(self, address, msg, timeout):
+            return None
+
+        def listen(self, timeout):
+            return None
+
+    bridge = ActorBridge(0, workers=1)
+    bridge._context = Quiet  # type: ignore[method-assign]
+    try:
+        with pytest.raises(BridgeTimeout, match="no answer to GetDirectory within 0.01 s") as info:
+            bridge._ask_address("addr", m.GetDirectory(), 0.01)
+        assert info.value.code == "unavailable"  # callers that check the code see what they did
+    finally:
+        bridge.close()

@@ -64,7 +64,7 @@ def has_expired(self) -> bool:
 def install() -> bool:
     """Patch httpcore's async HTTP/2 connection; False (httpcore unchanged, one warning) if
     it is not the version and shape this was written against. Idempotent."""
-    if not versions.guarded_install(
+    return versions.guarded_install(
         __name__,
         LIBRARY,
         WRITTEN_FOR,
@@ -74,12 +74,11 @@ def install() -> bool:
         needs=("has_expired", "is_idle", "handle_async_request"),
         shape="httpcore's HTTP/2 connection",
         without="closed idle connections may be reused",
-    ):
-        return False
-    http2.AsyncHTTP2Connection.handle_async_request = handle_async_request
-    return True
+        also={"handle_async_request": handle_async_request},
+    )
 
 
 def installed() -> bool:
-    connection = http2.AsyncHTTP2Connection
-    return connection.has_expired is has_expired and connection.handle_async_request is handle_async_request
+    return versions.replaced(
+        http2.AsyncHTTP2Connection, {"has_expired": has_expired, "handle_async_request": handle_async_request}
+    )

@@ -96,7 +96,7 @@ async def send_request_body(self, request, stream_id: int) -> None:
 def install() -> bool:
     """Patch httpcore's async HTTP/2 connection; False (httpcore unchanged, one warning) if
     it is not the version and shape this was written against. Idempotent."""
-    if not versions.guarded_install(
+    return versions.guarded_install(
         __name__,
         LIBRARY,
         WRITTEN_FOR,
@@ -106,14 +106,12 @@ def install() -> bool:
         needs=("_send_request_headers", "_send_request_body", "_write_outgoing_data"),
         shape="httpcore's HTTP/2 connection",
         without="a request goes out in three writes",
-    ):
-        return False
-    http2.AsyncHTTP2Connection._send_request_body = send_request_body
-    return True
+        also={"_send_request_body": send_request_body},
+    )
 
 
 def installed() -> bool:
-    return (
-        http2.AsyncHTTP2Connection._send_request_headers is send_request_headers
-        and http2.AsyncHTTP2Connection._send_request_body is send_request_body
+    return versions.replaced(
+        http2.AsyncHTTP2Connection,
+        {"_send_request_headers": send_request_headers, "_send_request_body": send_request_body},
     )

@@ -70,17 +70,25 @@ def guarded_install(
     needs: tuple[str, ...],
     shape: str,
     without: str,
+    also: dict[str, object] | None = None,
 ) -> bool:
-    """Install an optimisation that replaces `owner.<name>` with `replacement`, the way every
-    such patch does: on another `library` series than `series`, or where `owner` lacks one of
-    the attributes in `needs` (`shape` names it in the warning), leave the library as it is,
-    log one warning saying what the process goes `without`, and return False. Idempotent:
-    True at once when `replacement` is in already."""
+    """Install an optimisation that replaces `owner.<name>` with `replacement` (and each
+    `owner.<key>` of `also` with its value, all or none), the way every such patch does: on
+    another `library` series than `series`, or where `owner` lacks one of the attributes in
+    `needs` (`shape` names it in the warning), leave the library as it is, log one warning
+    saying what the process goes `without`, and return False. Idempotent: True at once when
+    `replacement` is in already."""
     if not supported(patch, library, series, without):
         return False
     if getattr(owner, name, None) is replacement:
         return True
     if not all(hasattr(owner, attribute) for attribute in needs):
         return fallback(patch, f"{shape} is not the expected shape; {without}")
-    setattr(owner, name, replacement)
+    for attribute, value in {name: replacement, **(also or {})}.items():
+        setattr(owner, attribute, value)
     return True
+
+
+def replaced(owner: type, replacements: dict[str, object]) -> bool:
+    """Whether every `owner.<key>` is its value (a patch's `installed()`)."""
+    return all(getattr(owner, attribute, None) is value for attribute, value in replacements.items())

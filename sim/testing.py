@@ -219,11 +219,16 @@ def running_gateway(env: dict[str, str] | None = None, host: str = "127.0.0.1"):
     try:
         yield gw
     finally:
-        gw.stop()
-        try:
-            wait_until(lambda: gw.leftovers() == (set(), set()), timeout=15, message="no process or port left")
-        finally:
-            gw.kill_leftovers()
+        stop_leaving_nothing(gw)
+
+
+def stop_leaving_nothing(gw: Gateway) -> None:
+    """Stop the gateway and insist that no process or port of it is left (killed if so)."""
+    gw.stop()
+    try:
+        wait_until(lambda: gw.leftovers() == (set(), set()), timeout=15, message="no process or port left")
+    finally:
+        gw.kill_leftovers()
 
 
 # --- HTTP ------------------------------------------------------------------------------------

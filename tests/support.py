@@ -29,6 +29,7 @@ from sim.testing import (
     request,
     running_gateway,
     running_sim,
+    stop_leaving_nothing,
     stream_chat,
     wait_until,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "port_in_use",
     "request",
     "running_gateway",
+    "stop_leaving_nothing",
     "running_sim",
     "stream_chat",
     "wait_until",

@@ -19,7 +19,17 @@ from typing import NamedTuple
 import pytest
 
 from actors.system import alive, descendants, process_table
-from tests.support import Gateway, SSEClient, chat_body, data_events, get_json, request, running_gateway, wait_until
+from tests.support import (
+    Gateway,
+    SSEClient,
+    chat_body,
+    data_events,
+    get_json,
+    request,
+    running_gateway,
+    stop_leaving_nothing,
+    wait_until,
+)
 
 TOKEN = "crash-test-token"
 LONG = "#sim ttft_ms=50 tokens=2000 token_interval_ms=20"  # 40 s: still streaming when killed
@@ -380,11 +390,7 @@ def test_a_supervisor_killed_before_its_actors_are_up_leaves_no_second_actor_of_
         expected = {process_table()[after["pid"]].parent, after["pid"], *after["pids"].values()}
         serves_with_one_process_per_role(gw, group, expected, "after the lost start")
     finally:
-        gw.stop()
-        try:
-            wait_until(lambda: gw.leftovers() == (set(), set()), timeout=15, message="no process or port left")
-        finally:
-            gw.kill_leftovers()
+        stop_leaving_nothing(gw)
 
 
 def test_a_supervisor_lost_before_its_actors_are_up_twice_ends_run_py_with_a_clear_error():

@@ -159,11 +159,12 @@ async def _stream_body(
                 ]
             )
         events = parser.feed(chunk)
+        now = time.monotonic()  # once a chunk: this is the token path
         if parser.frames != frames or parser.pending_size > pending:
-            progress_at, frames = time.monotonic(), parser.frames
-        pending = parser.pending_size
-        if limit is not None and time.monotonic() - progress_at > limit:
+            progress_at, frames = now, parser.frames
+        elif limit is not None and now - progress_at > limit:
             raise httpcore.ReadTimeout(f"nothing but keepalives from the provider for {limit:g} s")
+        pending = parser.pending_size
         if ending.take(events, publish):
             break
     else:

@@ -221,10 +221,21 @@ def _serve_with_secret(settings: Settings, secret: bytes, log) -> int:
                     host,
                 )
                 return 2
-            mismatch = _cluster_mismatch(asys, settings)
-            if mismatch:
-                log.error("sluice: joined the cluster at SLUICE_JOIN=%s, but %s", join, mismatch)
+            shards = _leader_shards(asys)
+            if isinstance(shards, str):
+                log.error("sluice: joined the cluster at SLUICE_JOIN=%s, but %s", join, shards)
                 return 2
+            if shards != settings.coalescer_shards:
+                if "COALESCER_SHARDS" in os.environ:
+                    log.error(
+                        "sluice: joined the cluster at SLUICE_JOIN=%s, but COALESCER_SHARDS=%d here and %d on the "
+                        "leader: set the same",
+                        join,
+                        settings.coalescer_shards,
+                        shards,
+                    )
+                    return 2
+                settings = replace(settings, coalescer_shards=shards)  # unset here: the leader's count
             log.info("joined the cluster led by %s", join)
             if standby:
                 standby_args["leader"] = join
@@ -262,10 +273,10 @@ class _Watchdog:
             self.proc.wait(5)
 
 
-def _cluster_mismatch(asys, settings: Settings) -> str | None:
-    """What of this member's settings contradicts the leader's actors (None: nothing). Its
-    edges hash each request to one of COALESCER_SHARDS shards: with another count than the
-    leader's, identical requests at two hosts would reach different shards (or none)."""
+def _leader_shards(asys) -> int | str:
+    """The leader's Coalescer shard count, or what went wrong. Edges hash each request to
+    one of COALESCER_SHARDS shards: a member host counting otherwise than the leader would
+    send identical requests at two hosts to different shards (or to none)."""
     import time
 
     from actors.supervisor import SupervisorActor
@@ -278,10 +289,7 @@ def _cluster_mismatch(asys, settings: Settings) -> str | None:
         reply = asys.ask(supervisor, m.encode(m.GetDirectory()), 2.0)
         directory = m.decode(reply) if isinstance(reply, (bytes, bytearray)) else None
         if isinstance(directory, m.Directory) and directory.settings.get("complete"):
-            shards = sum(1 for role in directory.entries if is_coalescer(role))
-            if shards != settings.coalescer_shards:
-                return f"COALESCER_SHARDS={settings.coalescer_shards} here and {shards} on the leader: set the same"
-            return None
+            return sum(1 for role in directory.entries if is_coalescer(role))
         time.sleep(0.1)  # the leader is still wiring this host's Pools: nothing to wait on
     return f"the leader's Supervisor gave no complete directory within {JOIN_WITHIN_S:.0f} s"
 

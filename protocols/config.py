@@ -283,7 +283,12 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
         "(default key with SLUICE_API_KEYS_FILE, else global)",
     ),
     "COALESCE_ERROR_TTL_S": ("2", float, "seconds a failure is replayed to identical requests"),
-    "COALESCER_SHARDS": ("2", _positive(int), "number of key-sharded Coalescer actors"),
+    "COALESCER_SHARDS": (
+        None,
+        _positive(int),
+        "number of key-sharded Coalescer actors; default: 1 with one edge worker, else 2 "
+        "(a member host where it is unset takes the leader's)",
+    ),
     "SLUICE_POOLS": (
         None,
         _positive(int),
@@ -353,6 +358,14 @@ def default_pools(cores: int | None) -> int:
     return 1 if cores <= 4 else cores // 4
 
 
+def default_shards(workers: int) -> int:
+    """COALESCER_SHARDS when unset. One edge worker sends a shard a third of the CPU it
+    spends itself (~1.8 vs ~6 ms a stream), so one shard keeps up with it, and a second
+    would idle as a process of ~6 MiB (docs/benchmarks.md, "Idle memory"); more workers
+    get two, so that one busy or lost shard is not every key's."""
+    return 1 if workers <= 1 else 2
+
+
 def load(env: Mapping[str, str]) -> Settings:
     """Parse the whole configuration; ConfigError names the first bad variable."""
     settings: dict[str, Any] = {}
@@ -371,6 +384,8 @@ def load(env: Mapping[str, str]) -> Settings:
     settings["SLUICE_API_KEYS_FILE"] = settings["SLUICE_API_KEYS_FILE"] or None  # empty = unset
     if settings["SLUICE_POOLS"] is None:
         settings["SLUICE_POOLS"] = default_pools(os.cpu_count())
+    if settings["COALESCER_SHARDS"] is None:
+        settings["COALESCER_SHARDS"] = default_shards(settings["SLUICE_WORKERS"])
     settings["COALESCE_SCOPE"] = _coalesce_scope(settings)
     if not is_loopback(settings["SLUICE_ACTOR_HOST"]) and settings["SLUICE_CLUSTER_SECRET"] is None:
         raise ConfigError(

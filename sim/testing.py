@@ -101,7 +101,7 @@ class Gateway:
     """A running `python run.py` on free ports; `host`: the loopback address its edge and
     actor system bind (127.0.0.2, ...: several hosts of a cluster on one machine)."""
 
-    def __init__(self, env: dict[str, str] | None = None, host: str = "127.0.0.1"):
+    def __init__(self, env: dict[str, str | None] | None = None, host: str = "127.0.0.1"):
         import tempfile
 
         self.host = host
@@ -116,9 +116,13 @@ class Gateway:
             "SLUICE_LOG_LEVEL": "WARNING",
             "PYTHONPATH": str(ROOT),
             "SLUICE_DB": self.db,
+            # Two shards, not the one-worker default of one: most tests send keys to both, so
+            # that what crosses shards (a shard lost beside a live one, moves) is exercised.
+            "COALESCER_SHARDS": "2",
             **({"SLUICE_HOST": host, "SLUICE_ACTOR_HOST": host} if host != "127.0.0.1" else {}),
             **(env or {}),
         }
+        self.env = {name: value for name, value in self.env.items() if value is not None}  # None: leave it unset
         self.url = f"http://{host}:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.tree: set[int] = set()
@@ -214,7 +218,7 @@ def running_sim():
 
 
 @contextmanager
-def running_gateway(env: dict[str, str] | None = None, host: str = "127.0.0.1"):
+def running_gateway(env: dict[str, str | None] | None = None, host: str = "127.0.0.1"):
     gw = Gateway(env, host).start()
     try:
         yield gw

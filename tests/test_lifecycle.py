@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from tests.support import ROOT, Gateway, SSEClient, chat_body, data_events, listening_ports, wait_until
+from tests.support import ROOT, Gateway, SSEClient, chat_body, data_events, get_json, listening_ports, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -47,8 +47,11 @@ def test_bad_configuration_fails_fast_naming_the_variable():
 
 
 def test_ctrl_c_mid_stream_ends_the_stream_and_leaves_nothing():
-    gw = Gateway().start()  # its own simulated provider: run.py starts one
+    # run.py's defaults (its own simulated provider; one worker, so one Coalescer shard).
+    gw = Gateway({"COALESCER_SHARDS": None}).start()
     try:
+        actors = get_json(gw.url + "/readyz")[1]["actors"]
+        assert [role for role in actors if role.startswith("coalescer:")] == ["coalescer:0"]
         client = SSEClient(
             gw.url + "/api/chat", chat_body(f"long {uuid.uuid4()}\n#sim tokens=1000 token_interval_ms=20")
         )

@@ -140,3 +140,11 @@ def test_the_supervisor_creates_every_pool():
 @pytest.mark.parametrize(("cores", "pools"), [(None, 1), (1, 1), (2, 1), (4, 1), (8, 2), (16, 4), (64, 16)])
 def test_default_pools_one_per_four_cores(cores, pools):
     assert config.default_pools(cores) == pools
+
+
+@pytest.mark.parametrize(("workers", "shards"), [(1, 1), (2, 2), (8, 2)])
+def test_default_shards_follow_the_edge_workers(workers, shards):
+    assert config.default_shards(workers) == shards
+    settings = config.load({"SIMULATED_BASE_URL": "http://127.0.0.1:1", "SLUICE_WORKERS": str(workers)})
+    assert settings.coalescer_shards == shards
+    assert config.load({"SLUICE_WORKERS": str(workers), "COALESCER_SHARDS": "3"}).coalescer_shards == 3

@@ -526,7 +526,9 @@ def finish(clients: list[SSEClient]) -> list[list]:
 
 
 def test_a_member_takes_coalescer_shards_and_its_loss_brings_them_back(sim):
-    # Two shards (the default): a member that joins takes coalescer:1 from the leader.
+    # Two shards (the tests' Gateway sets them): a member that joins takes coalescer:1 from
+    # the leader. The member leaves COALESCER_SHARDS unset: its own default (one worker: one
+    # shard) gives way to the leader's count, or no key of it would land on coalescer:1 below.
     with running_cluster(sim, hosts=("127.0.0.13",), SIMULATED_RPS="50", SIMULATED_BURST="50") as hosts:
         leader = hosts[0]
         old_shard = actor_pid(leader, "coalescer:1")
@@ -540,7 +542,8 @@ def test_a_member_takes_coalescer_shards_and_its_loss_brings_them_back(sim):
             leader, "coalescer:1", lambda tag: chat_body(f"leaving {tag}\n#sim tokens=400 token_interval_ms=50")
         )
         join = {"SLUICE_JOIN": f"{leader.host}:{leader.actor_port}"}
-        member = Gateway({**cluster_env(sim, SIMULATED_RPS="50", SIMULATED_BURST="50"), **join}, "127.0.0.14")
+        member_env = {**cluster_env(sim, SIMULATED_RPS="50", SIMULATED_BURST="50"), **join, "COALESCER_SHARDS": None}
+        member = Gateway(member_env, "127.0.0.14")
         hosts.append(member)
         joined_at = time.monotonic()
         member.start(60)

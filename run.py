@@ -12,12 +12,13 @@ SIGTERM drains first (/readyz 503, new requests 503, open streams finish for up 
 SLUICE_DRAIN_S: edge/server.py); SIGINT does not wait. Then open streams get a
 terminal event, uvicorn stops, the actor system shuts down, the simulated provider is
 stopped, the secret file is removed; nothing is left running. If this process dies
-without that, the orphan watchdog (a process of its own) notices within a second and
-shuts the actor system down. While serving, a keeper thread replaces a dead Supervisor
-(and a dead watchdog); a Supervisor lost before every actor was up fails the start
-instead: its actor system is stopped, its actors with it, and everything is started
-again, once (docs/reliability.md). Every process logs in the SLUICE_LOG_FORMAT
-(protocols/logfmt.py).
+without that, the actor system's admin notices within a second and shuts the actor
+system down (patches/thespian_admin_watch.py); with the admin gone, the orphan watchdog
+(a process of its own) does. While serving, a keeper thread replaces a dead Supervisor
+(and starts the watchdog once the admin is gone, and again if it dies); a Supervisor
+lost before every actor was up fails the start instead: its actor system is stopped, its
+actors with it, and everything is started again, once (docs/reliability.md). Every
+process logs in the SLUICE_LOG_FORMAT (protocols/logfmt.py).
 
 With SLUICE_JOIN=host:port this host is a member of the cluster led by the actor system
 there (a Thespian Convention, docs/scale-out.md): its actor system registers with the
@@ -256,15 +257,32 @@ def _serve_with_secret(settings: Settings, secret: bytes, log) -> int:
 
 
 class _Watchdog:
-    """The orphan watchdog process (actors/system.py `watch`), restarted if it dies."""
+    """The orphan watchdog process (actors/system.py `watch`), restarted if it dies; none
+    while the actor system's admin lives and watches run.py itself (patches/
+    thespian_admin_watch.py, armed by `system.start`). `ensure` (the keeper, every 0.25 s)
+    starts one once that admin is gone, and from then on."""
 
     def __init__(self, host: str, port: int, group: int | None):
+        from actors import system
+        from patches import thespian_admin_watch
+
         self.args, self.proc = (os.getpid(), host, port, group), None
+        # Found now, while the admin is the only member of its group with a parent outside it.
+        self.admin = system.admin_pid(group) if group is not None and thespian_admin_watch.installed() else None
 
     def ensure(self) -> None:
-        if self.args[3] is not None and (self.proc is None or self.proc.poll() is not None):
-            from actors.system import start_watchdog
+        from actors.system import alive, start_watchdog
 
+        if self.args[3] is None:
+            return
+        if self.admin is not None:
+            if alive(self.admin):
+                return
+            logging.getLogger("sluice").warning(
+                "the actor system's admin (pid %d) is gone: starting the orphan watchdog process", self.admin
+            )
+            self.admin = None
+        if self.proc is None or self.proc.poll() is not None:
             self.proc = start_watchdog(*self.args)
 
     def stop(self) -> None:

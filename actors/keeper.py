@@ -14,12 +14,14 @@ names the actors it created, so a replacement would create every role a second t
 beside them. `wait_for_directory` raises `SupervisorLostAtStart` instead, and run.py
 starts the actor system again (docs/reliability.md).
 
-It also restarts the orphan watchdog process (actors/system.py `watch`) if that dies. On a
-member host of a cluster (SLUICE_JOIN) the Supervisor is the leader's, kept by the
-leader's keeper (docs/scale-out.md); there the keeper watches the Convention instead: when
-this host loses its leader (gone past Thespian's timers), the Pools the leader's
-Supervisor placed here have no Supervisor any more, so it stops them; a leader that comes
-back places new ones.
+It also calls run.py's `_Watchdog.ensure` each turn: no orphan watchdog process while the
+actor system's admin lives (the admin watches run.py: patches/thespian_admin_watch.py);
+once the admin is gone, the watchdog process (actors/system.py `watch`) is started, and
+restarted if it dies. On a member host of a cluster (SLUICE_JOIN) the Supervisor is the
+leader's, kept by the leader's keeper (docs/scale-out.md); there the keeper watches the
+Convention instead: when this host loses its leader (gone past Thespian's timers), the
+Pools the leader's Supervisor placed here have no Supervisor any more, so it stops them;
+a leader that comes back places new ones.
 
 With a standby leader (SLUICE_JOIN lists the leader candidates: actors/leadership.py) the
 keeper also moves the lead. On a member, when the leader is lost it stops the orphaned

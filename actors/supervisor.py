@@ -15,7 +15,8 @@ answer, and recreates those that do not (after telling them to stop: one may be 
 stalled). The keeper looks every second, so the adopted actors also tell it the directory
 they had (`Ready.previous`): a live actor named there for a role is adopted too, or
 stopped if its role is taken (`_learn`, `_candidate_ready`): no role runs twice. Watching run.py itself (shutting the actor
-system down when run.py dies) is not done here but by a watchdog process of its own
+system down when run.py dies) is not done here but in the admin (patches/
+thespian_admin_watch.py) or, with the admin gone, by a watchdog process of its own
 (`python -S -m actors.watchdog`), so that it does not die with the Supervisor.
 
 Several hosts (docs/scale-out.md): the Supervisor runs on the leader of a Thespian

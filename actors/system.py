@@ -8,12 +8,16 @@ asking politely we wait a little, then SIGKILL whatever is left in that process 
 
 `python -m actors.system stop HOST PORT PGID` does the same from outside.
 
-`python -S -m actors.watchdog PARENT HOST PORT PGID` is the orphan watchdog: a small
-process of its own (run.py starts it, and restarts it if it dies) that waits for run.py
-to end and then stops the actor system if anything of it is left (`watch`; `python -m
-actors.system watch ...` does the same with a larger interpreter). It lives outside the
-actor system so that no actor's death (the Supervisor's included) takes it along. Both
-get the cluster secret in their environment (SLUICE_CLUSTER_SECRET), never in argv.
+The orphan watch: when run.py dies without stopping the actor system, something outside
+run.py stops it. While the admin lives, the admin does (`watch_from_admin`, on a thread
+that `start` arms there: patches/thespian_admin_watch.py); it starts `python -m
+actors.system stop ...` once run.py is gone. When the admin is gone (or the patch is left
+out), `python -S -m actors.watchdog PARENT HOST PORT PGID` does: a small process of its
+own (run.py starts it, and restarts it if it dies) that waits for run.py to end and then
+stops the actor system if anything of it is left (`watch`; `python -m actors.system watch
+...` does the same with a larger interpreter). Each lives outside the actors, so that no
+actor's death (the Supervisor's included) takes it along. The commands get the cluster
+secret in their environment (SLUICE_CLUSTER_SECRET), never in argv.
 
 `prepare(host, secret)` is what every process that calls `ActorSystem(...)` does first:
 run.py, the admin CLI, the stop command and the watchdog, benches and test probes.
@@ -21,6 +25,7 @@ run.py, the admin CLI, the stop command and the watchdog, benches and test probe
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -64,14 +69,18 @@ def start(
     from thespian.actors import ActorSystem
 
     from actors import placement
+    from patches import thespian_admin_watch
 
     before = _children(os.getpid())
     # The admin inherits this disposition: only run.py decides how the system ends.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The admin forked here stops the system if this process dies without doing so.
+    watch = functools.partial(watch_from_admin, os.getpid(), host, port)
     try:
-        asys = ActorSystem(
-            SYSTEM_BASE, capabilities=placement.capabilities(host, port, join, pools, undecided), logDefs=log_defs
-        )
+        with thespian_admin_watch.armed(watch):
+            asys = ActorSystem(
+                SYSTEM_BASE, capabilities=placement.capabilities(host, port, join, pools, undecided), logDefs=log_defs
+            )
     finally:
         signal.signal(signal.SIGINT, previous)
     new = _children(os.getpid()) - before
@@ -314,6 +323,19 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+def admin_pid(group: int, table: dict[int, Proc] | None = None) -> int | None:
+    """The Thespian admin of the actor system in `group` (None: not found): the one live
+    member whose parent is no other live member. The group's leader, the daemonizing child
+    that forked it, is left out (a zombie, or about to exit); every actor descends from the
+    admin. Asked right after `start`: once the admin is gone its orphaned actors have
+    parents outside the group too."""
+    table = process_table() if table is None else table
+    members = {pid for pid, proc in table.items() if proc.group == group and proc.state not in ("Z", "X")}
+    members.discard(group)
+    roots = [pid for pid in members if table[pid].parent not in members]
+    return roots[0] if len(roots) == 1 else None
+
+
 def _children(pid: int) -> set[int]:
     """Children of `pid`, zombies included (the daemonizing child exits at once)."""
     return {p for p, proc in process_table().items() if proc.parent == pid}
@@ -327,19 +349,41 @@ WATCH_EVERY_S = 0.5
 
 
 def start_watchdog(parent: int, host: str, port: int, group: int) -> subprocess.Popen:
-    """The orphan watchdog for the actor system in `group`, watching `parent`."""
+    """The orphan watchdog process for the actor system in `group`, watching `parent`."""
+    # -S: no site while it waits (actors/watchdog.py loads it to stop the system).
+    return _command(["-S", "-m", "actors.watchdog", str(parent), host, str(port), str(group)])
+
+
+def watch_from_admin(parent: int, host: str, port: int) -> None:
+    """The orphan watch, in the admin process (on its thread: patches/thespian_admin_watch.py):
+    once `parent` (the process that started the system: run.py) is gone, start the stop
+    command, which stops the system politely and then kills its group, the admin with it.
+    A parent that exits normally has stopped the system first (`stop` waits for the group
+    to be empty), so the admin is gone before it could see that."""
+    while alive(parent):
+        time.sleep(WATCH_EVERY_S)  # a poll of one /proc entry: nothing to wait on instead
+    start_stop(host, port, os.getpgrp())  # the admin's group is the system's
+
+
+def _command(args: list[str]) -> subprocess.Popen:
+    """`python ARGS` from the project's root, detached: its own session (a Ctrl-C meant for
+    run.py must not reach it), the cluster secret in its environment."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.Popen(
-        # -S: no site while it waits (actors/watchdog.py loads it to stop the system).
-        [sys.executable, "-S", "-m", "actors.watchdog", str(parent), host, str(port), str(group)],
+        [sys.executable, *args],
         cwd=root,
         # The secret in the environment, never in argv (any local user can read argv).
         env={**os.environ, "SLUICE_CLUSTER_SECRET": cluster_secret.get().decode()},
-        start_new_session=True,  # a Ctrl-C meant for run.py must not reach it
+        start_new_session=True,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def start_stop(host: str, port: int, group: int) -> subprocess.Popen:
+    """`python -m actors.system stop HOST PORT GROUP`, detached (`stop_from_outside`)."""
+    return _command(["-m", "actors.system", "stop", host, str(port), str(group)])
 
 
 def watch(parent: int, host: str, port: int, group: int) -> int:
@@ -360,6 +404,10 @@ def main(argv: list[str]) -> int:
 
 
 def stop_from_outside(host: str, port: int, group: int) -> int:
+    if not _group_members(group):
+        # Nothing of the system is left (run.py stopped it after all): nothing to stop, and no
+        # `ActorSystem(...)` that would start a fresh admin on its port only to stop it.
+        return 0
     secret = os.environ.get("SLUICE_CLUSTER_SECRET", "").encode()
     if not secret:
         kill_group(group, 0)  # cannot talk to the admin without the secret: no polite way left

@@ -24,6 +24,7 @@ where it starts:
 | thespian_turns       | thespian 4.0.x | warning, not installed |
 | thespian_proctitle   | thespian 4.0.x | warning, not installed |
 | thespian_admin_logs  | thespian 4.0.x | warning, not installed |
+| thespian_admin_watch | thespian 4.0.x | warning, not installed |
 | httpcore_h2_reads    | httpcore 1.0.x | warning, not installed |
 | httpcore_h2_expiry   | httpcore 1.0.x | warning, not installed |
 | httpcore_rst_stream  | httpcore 1.0.x | raises (cost)          |
@@ -47,6 +48,7 @@ THESPIAN = (
     "thespian_turns",
     "thespian_proctitle",
     "thespian_admin_logs",
+    "thespian_admin_watch",
 )
 HTTPCORE = (
     "httpcore_h2_reads",
@@ -62,10 +64,12 @@ def install_thespian(host: str, secret: bytes) -> None:
     notice a lost host in seconds, forwarded creations that do not block later ones, an
     actor that stops although a child of it is on a lost host, two select turns a message
     instead of five, no search for setproctitle in every actor, the actors' log lines
-    written by the admin (no logger process); raises if a security patch cannot be
-    installed on this Thespian."""
+    written by the admin (no logger process), an admin that runs the orphan watch when
+    armed (no watchdog process); raises if a security patch cannot be installed on this
+    Thespian."""
     from patches import (
         thespian_admin_logs,
+        thespian_admin_watch,
         thespian_bind,
         thespian_child_exit,
         thespian_convention,
@@ -85,6 +89,7 @@ def install_thespian(host: str, secret: bytes) -> None:
     thespian_turns.install()
     thespian_proctitle.install()
     thespian_admin_logs.install()
+    thespian_admin_watch.install()
 
 
 def install_httpcore() -> None:

@@ -3,6 +3,7 @@ gateway, and sockets that stay on loopback. Each test runs a gateway of its own.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,7 +11,18 @@ import uuid
 
 import pytest
 
-from tests.support import ROOT, Gateway, SSEClient, chat_body, data_events, get_json, listening_ports, wait_until
+from tests.support import (
+    ROOT,
+    Gateway,
+    SSEClient,
+    chat_body,
+    data_events,
+    descendants,
+    get_json,
+    listening_ports,
+    running_gateway,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -81,12 +93,76 @@ def test_every_socket_listens_on_loopback_only():
         gw.kill_leftovers()
 
 
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def watchdogs(gw) -> set[int]:
+    """The orphan watchdog processes of `gw` (actors/watchdog.py, or `actors.system watch`)."""
+    return {
+        pid
+        for pid in descendants(gw.proc.pid)
+        if " actors.watchdog " in cmdline(pid) or " actors.system watch " in cmdline(pid)
+    }
+
+
+def stop_commands(gw) -> set[int]:
+    """`python -m actors.system stop HOST PORT GROUP` for `gw`'s actor system, wherever it runs
+    (the admin's watch starts it detached: after run.py's death nothing of `gw.tree` names it)."""
+    needle = f" actors.system stop {gw.host} {gw.actor_port} "
+    return {int(entry) for entry in os.listdir("/proc") if entry.isdigit() and needle in cmdline(int(entry)) + " "}
+
+
+def admin_of(gw) -> int:
+    """The Thespian admin's pid (actors/system.py `admin_pid`) in the system's process group,
+    named by the daemonizing child of run.py that leads it."""
+    from actors.system import admin_pid, process_table
+
+    table = process_table()
+    [group] = [pid for pid, proc in table.items() if proc.parent == gw.proc.pid and proc.group == pid]
+    admin = admin_pid(group, table)
+    assert admin is not None, group
+    return admin
+
+
+def test_while_the_admin_lives_no_watchdog_process_runs():
+    """The admin watches run.py itself (patches/thespian_admin_watch.py): the gateway's
+    process set has no watchdog process, the admin is in it."""
+    with running_gateway() as gw:
+        assert admin_of(gw) in gw.tree
+        assert watchdogs(gw) == set(), [cmdline(pid) for pid in watchdogs(gw)]
+
+
 def test_a_killed_gateway_takes_its_actors_and_provider_with_it():
+    """With no watchdog process: the admin's watch stops the system (its stop command ends too)."""
     gw = Gateway().start()
     try:
+        assert watchdogs(gw) == set()
         gw.proc.send_signal(signal.SIGKILL)
         gw.proc.wait(10)
         wait_until(lambda: gw.leftovers() == (set(), set()), timeout=20, message="actors to notice and shut down")
+        wait_until(lambda: stop_commands(gw) == set(), timeout=20, message="the stop command to end")
+    finally:
+        gw.kill_leftovers()
+
+
+def test_with_the_admin_killed_a_watchdog_process_takes_over():
+    """The admin SIGKILLed: run.py's keeper starts the watchdog process (within its 0.25 s
+    turn); run.py SIGKILLed then: the watchdog stops what is left of the system."""
+    gw = Gateway().start()
+    try:
+        admin = admin_of(gw)
+        os.kill(admin, signal.SIGKILL)
+        watchdog = wait_until(lambda: watchdogs(gw), timeout=15, message="a watchdog process")
+        wait_until(lambda: f"admin (pid {admin}) is gone" in gw.output(), timeout=5, message="run.py's warning")
+        gw.tree |= descendants(gw.proc.pid) | watchdog
+        gw.proc.send_signal(signal.SIGKILL)
+        gw.proc.wait(10)
+        wait_until(lambda: gw.leftovers() == (set(), set()), timeout=30, message="the watchdog to stop the system")
     finally:
         gw.kill_leftovers()
 

@@ -37,6 +37,7 @@ from patches import (
     httpcore_h2_reads,
     httpcore_rst_stream,
     thespian_admin_logs,
+    thespian_admin_watch,
     thespian_bind,
     thespian_child_exit,
     thespian_convention,
@@ -100,6 +101,8 @@ def pristine(monkeypatch):
     for owner, name in ADMIN_LOGS:  # Thespian's own while the test runs, whatever was in before, put back after
         monkeypatch.setattr(owner, name, thespian_admin_logs._originals.get(name, owner.__dict__[name]))
     monkeypatch.setattr(thespian_admin_logs, "_originals", {})
+    monkeypatch.setattr(multiprocCommon, "startAdmin", thespian_admin_watch._original or multiprocCommon.startAdmin)
+    monkeypatch.setattr(thespian_admin_watch, "_original", None)
 
     async def unpatched_receive(self, request, stream_id):  # stands for httpcore's own
         raise AssertionError("not called here")
@@ -131,6 +134,7 @@ def test_install_thespian_installs_its_patches_once(pristine):
     start_logger = multiprocCommon._startLogger
     patches.install_thespian("127.0.0.1", SECRET)  # idempotent: nothing is wrapped twice
     assert multiprocCommon._startLogger is start_logger is thespian_admin_logs._start_logging_here
+    assert multiprocCommon.startAdmin is thespian_admin_watch._start_admin
     assert ConventioneerAdmin._not_compatible is forwarding and ActorManager._childInaccessible is child_exit
     assert (TCPTransport.TCPTransport._next_XMIT_2, TCPTransport.TCPTransport._handleReadableIncoming) == turns
     assert (TCPTransport.serializer, TCPTransport.selectors, IPBase.IPActorAddress.__init__) == (serializer, view, init)
@@ -194,6 +198,7 @@ def test_a_security_or_cost_patch_refuses_an_untested_version_loudly(pristine, m
         thespian_turns,
         thespian_proctitle,
         thespian_admin_logs,
+        thespian_admin_watch,
         httpcore_h2_reads,
         httpcore_h2_expiry,
         httpcore_fast_locks,
@@ -213,6 +218,7 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         _synchronization.AsyncLock.setup,
         TCPTransport.TCPTransport._handleReadableIncoming,
         multiprocCommon._startLogger,
+        multiprocCommon.startAdmin,
         http2.AsyncHTTP2Connection._send_request_headers,
         http2.AsyncHTTP2Connection._send_request_body,
     )
@@ -228,6 +234,7 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         _synchronization.AsyncLock.setup,
         TCPTransport.TCPTransport._handleReadableIncoming,
         multiprocCommon._startLogger,
+        multiprocCommon.startAdmin,
         http2.AsyncHTTP2Connection._send_request_headers,
         http2.AsyncHTTP2Connection._send_request_body,
     ) == before, "the library was changed anyway"
@@ -260,6 +267,7 @@ def test_the_installed_library_versions_are_the_ones_the_patches_were_written_fo
         thespian_turns,
         thespian_proctitle,
         thespian_admin_logs,
+        thespian_admin_watch,
         httpcore_h2_reads,
         httpcore_h2_expiry,
         httpcore_rst_stream,
@@ -316,6 +324,24 @@ def test_the_admin_logs_patch_leaves_a_thespian_of_another_shape_alone(pristine,
     assert not thespian_admin_logs.installed() and thespian_admin_logs._originals == {}
     (record,) = caplog.records
     assert "multiprocCommon is not the expected shape" in record.getMessage()
+
+
+def test_the_admin_watch_patch_leaves_a_thespian_of_another_shape_alone(pristine, monkeypatch, caplog):
+    monkeypatch.delattr(multiprocCommon, "startAdmin")
+    with caplog.at_level(logging.WARNING, logger="sluice.patches"):
+        assert thespian_admin_watch.install() is False
+    assert not thespian_admin_watch.installed() and thespian_admin_watch._original is None
+    (record,) = caplog.records
+    assert "not the expected shape" in record.getMessage() and "watchdog process stays" in record.getMessage()
+
+
+def test_the_admin_watch_patch_wraps_startAdmin_once_and_uninstalls(pristine):
+    original = multiprocCommon.startAdmin
+    assert thespian_admin_watch.install() is True and thespian_admin_watch.install() is True
+    assert multiprocCommon.startAdmin is thespian_admin_watch._start_admin
+    assert thespian_admin_watch._original is original  # not the wrapper wrapping itself
+    thespian_admin_watch.uninstall()
+    assert multiprocCommon.startAdmin is original and not thespian_admin_watch.installed()
 
 
 def test_the_admin_writes_a_record_with_the_log_defs_handler_and_passes_warnings_to_the_leader():

@@ -19,6 +19,8 @@ counts the upstream calls (/stats).
   member to the last (actors/placement.py `spread`);
 - a member killed and restarted at once at its address (before the leader noticed) gets
   new Pools and its shard back, the old incarnation's leases return, nothing stale stays;
+- a member's run.py SIGKILLed alone: its admin's watch stops its actor system (no
+  watchdog process ran there);
 - Ctrl-C of every host leaves no process and no port (checked after each cluster).
 """
 
@@ -366,6 +368,29 @@ def test_a_killed_member_is_noticed_its_streams_end_and_the_rest_goes_on(sim):
             status, _, body = request("POST", leader.url + "/api/chat", chat_body(f"{after} {i}\n#sim tokens=3"))
             assert status == 200, body
         member.proc.wait(10)
+
+
+def test_a_member_whose_run_py_alone_is_killed_leaves_nothing_by_its_admins_watch(sim):
+    """A member runs its own admin, which watches its run.py (patches/thespian_admin_watch.py):
+    no watchdog process on the member; its run.py SIGKILLed alone, the admin stops the
+    member's actor system (nothing of its tree, no port left) and the leader sees it go."""
+    with running_cluster(sim, hosts=("127.0.0.7", "127.0.0.8"), COALESCER_SHARDS="1") as hosts:
+        leader, member = hosts
+        tree = descendants(member.proc.pid)
+        assert not [pid for pid in tree if "actors.watchdog" in _cmdline(pid)], "a watchdog process on the member"
+        member.tree |= tree
+        member.proc.send_signal(signal.SIGKILL)
+        member.proc.wait(10)
+        wait_until(lambda: member.leftovers() == (set(), set()), timeout=30, message="the member's system stopped")
+        wait_until(lambda: members(leader) == {}, timeout=60, message="the leader notices the lost member")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def test_metrics_and_admin_answer_for_the_whole_cluster_from_any_host(cluster):

@@ -1,0 +1,242 @@
+"""The orphan watch in Thespian's admin (patches/thespian_admin_watch.py, actors/system.py
+`watch_from_admin`, run.py `_Watchdog`; docs/reliability.md "The orphan watch"), without
+an actor system: the arming and the admin class the patch hands to Thespian's
+`startAdmin`, the thread's signal mask, the admin found in a process table, what the
+watch does once its parent is gone, and when run.py starts the watchdog process.
+The real processes: tests/test_lifecycle.py (a gateway with no watchdog process; run.py
+SIGKILLed; the admin SIGKILLed, then run.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import run
+from actors import system
+from actors.system import Proc
+from patches import thespian_admin_watch
+
+pytestmark = pytest.mark.unit
+
+GROUP = 500  # the daemonizing child's pid: the system's process group
+
+
+def proc(parent: int, group: int = GROUP, state: str = "S") -> Proc:
+    return Proc(parent, group, GROUP, state)
+
+
+# --- finding the admin -----------------------------------------------------------------------
+
+
+def test_the_admin_is_the_member_whose_parent_is_outside_the_group():
+    table = {
+        GROUP: proc(400, state="Z"),  # the daemonizing child, a zombie of run.py (400)
+        501: proc(1),  # the admin, reparented
+        502: proc(501),  # the Supervisor
+        503: proc(502),  # an actor the Supervisor created
+        600: proc(1, group=600),  # a process of another group
+    }
+    assert system.admin_pid(GROUP, table) == 501
+
+
+def test_the_admin_is_found_while_the_daemonizing_child_has_not_exited_yet():
+    table = {GROUP: proc(400), 501: proc(GROUP)}
+    assert system.admin_pid(GROUP, table) == 501
+
+
+def test_no_admin_when_the_group_is_empty_or_has_several_roots():
+    assert system.admin_pid(GROUP, {GROUP: proc(400, state="Z")}) is None
+    # The admin gone: its orphaned actors' parents are outside the group; none is the admin.
+    assert system.admin_pid(GROUP, {502: proc(1), 503: proc(1)}) is None
+    assert system.admin_pid(GROUP, {501: proc(1, state="Z"), 502: proc(1)}) == 502  # a dead member is no member
+
+
+# --- the patch: arming, the admin class, the thread ---------------------------------------------
+
+
+class FakeAdmin:
+    """Stands for Thespian's MultiProcAdmin: records its arguments."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+@pytest.fixture
+def fake_start_admin(monkeypatch):
+    """Thespian's startAdmin replaced by one that constructs the admin and names the process
+    after its class, as the real one does after daemonizing; -> what it saw."""
+    seen: dict = {}
+
+    def start_admin(adminClass, *args):
+        seen["name"] = adminClass.__name__
+        seen["admin"] = adminClass("transport", "address", kw="arg")
+        seen["args"] = args
+
+    monkeypatch.setattr(thespian_admin_watch, "_original", start_admin)
+    monkeypatch.setattr(thespian_admin_watch, "_armed", None)
+    return seen
+
+
+def test_an_unarmed_admin_is_thespians_own(fake_start_admin, monkeypatch):
+    started: list = []
+    monkeypatch.setattr(thespian_admin_watch, "start_watch", started.append)
+    thespian_admin_watch._start_admin(FakeAdmin, "starter", "endpoint")
+    assert fake_start_admin["name"] == "FakeAdmin" and fake_start_admin["args"] == ("starter", "endpoint")
+    assert type(fake_start_admin["admin"]) is FakeAdmin and started == []
+
+
+def test_an_armed_admin_starts_the_watch_once_constructed_and_disarms(fake_start_admin, monkeypatch):
+    started: list = []
+    monkeypatch.setattr(thespian_admin_watch, "start_watch", started.append)
+
+    def watch():
+        pass
+
+    with thespian_admin_watch.armed(watch):
+        assert thespian_admin_watch._armed is watch
+        thespian_admin_watch._start_admin(FakeAdmin, "starter", "endpoint")
+    admin = fake_start_admin["admin"]
+    assert type(admin) is FakeAdmin and admin.args == ("transport", "address") and admin.kwargs == {"kw": "arg"}
+    assert fake_start_admin["name"] == "FakeAdmin"  # Thespian names the admin's process after it
+    assert started == [watch]
+    assert thespian_admin_watch._armed is None  # only the ActorSystem(...) inside the block
+
+
+def test_an_admin_that_cannot_be_constructed_starts_no_watch(fake_start_admin, monkeypatch):
+    started: list = []
+    monkeypatch.setattr(thespian_admin_watch, "start_watch", started.append)
+
+    class TakenAddress(FakeAdmin):
+        def __init__(self, *args, **kwargs):
+            raise OSError("address in use")
+
+    with thespian_admin_watch.armed(lambda: None), pytest.raises(OSError):
+        thespian_admin_watch._start_admin(TakenAddress, "starter")
+    assert started == []
+
+
+def test_the_watch_thread_takes_no_signal_and_the_caller_keeps_its_mask(monkeypatch):
+    monkeypatch.setattr(thespian_admin_watch, "_armed", lambda: None)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    seen: dict = {}
+
+    def watch():
+        seen["mask"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        seen["daemon"] = threading.current_thread().daemon
+
+    thread = thespian_admin_watch.start_watch(watch)
+    thread.join(5)
+    assert {signal.SIGCHLD, signal.SIGTERM, signal.SIGUSR1, signal.SIGINT} <= seen["mask"]
+    assert seen["daemon"] is True
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    assert thespian_admin_watch._armed is None  # nothing forked from the admin inherits it
+
+
+def test_armed_says_whether_the_patch_is_in_force(monkeypatch):
+    monkeypatch.setattr(thespian_admin_watch, "installed", lambda: False)
+    with thespian_admin_watch.armed(lambda: None) as in_force:
+        assert in_force is False
+
+
+# --- the watch and the stop command -------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_the_admins_watch_starts_the_stop_command_for_its_group_once_its_parent_is_gone(monkeypatch):
+    stops: list = []
+    monkeypatch.setattr(system, "start_stop", lambda *args: stops.append(args))
+    system.watch_from_admin(dead_pid(), "127.0.0.1", 1900)
+    assert stops == [("127.0.0.1", 1900, os.getpgrp())]
+
+
+def test_the_stop_command_and_the_watchdog_get_the_secret_in_their_environment_only(monkeypatch):
+    launched: list = []
+
+    class Recorded:
+        def __init__(self, args, **kwargs):
+            launched.append((args, kwargs))
+
+    monkeypatch.setattr(system.subprocess, "Popen", Recorded)
+    monkeypatch.setattr(system.cluster_secret, "get", lambda: b"the-secret")
+    system.start_stop("127.0.0.1", 1900, GROUP)
+    system.start_watchdog(4242, "127.0.0.1", 1900, GROUP)
+    (stop_args, stop_kwargs), (watchdog_args, watchdog_kwargs) = launched
+    assert stop_args[1:] == ["-m", "actors.system", "stop", "127.0.0.1", "1900", str(GROUP)]
+    assert watchdog_args[1:] == ["-S", "-m", "actors.watchdog", "4242", "127.0.0.1", "1900", str(GROUP)]
+    for args, kwargs in launched:
+        assert "the-secret" not in " ".join(args)
+        assert kwargs["env"]["SLUICE_CLUSTER_SECRET"] == "the-secret"
+        assert kwargs["start_new_session"] is True
+
+
+def test_the_stop_command_does_nothing_when_nothing_of_the_system_is_left(monkeypatch):
+    monkeypatch.setattr(system, "_group_members", lambda group: set())
+
+    def no_actor_system(*args):
+        raise AssertionError("an ActorSystem(...) here would start a fresh admin on the port")
+
+    monkeypatch.setattr(system, "prepare", no_actor_system)
+    monkeypatch.setattr(system, "kill_group", no_actor_system)
+    monkeypatch.setenv("SLUICE_CLUSTER_SECRET", "the-secret")
+    assert system.stop_from_outside("127.0.0.1", 1900, GROUP) == 0
+
+
+# --- run.py: the watchdog process only once the admin is gone ------------------------------------
+
+
+@pytest.fixture
+def watchdogs(monkeypatch):
+    """start_watchdog recorded (a stand-in process that runs on); the admin found at pid 501."""
+    started: list = []
+
+    class Running:
+        def poll(self):
+            return None
+
+    monkeypatch.setattr(system, "start_watchdog", lambda *args: started.append(args) or Running())
+    monkeypatch.setattr(system, "admin_pid", lambda group: 501)
+    return started
+
+
+def test_no_watchdog_process_while_the_admin_lives_then_one_once_it_is_gone(watchdogs, monkeypatch):
+    monkeypatch.setattr(thespian_admin_watch, "installed", lambda: True)
+    admin = {"alive": True}
+    monkeypatch.setattr(system, "alive", lambda pid: pid == 501 and admin["alive"])
+    watchdog = run._Watchdog("127.0.0.1", 1900, GROUP)
+    assert watchdog.admin == 501
+    for _ in range(3):
+        watchdog.ensure()
+    assert watchdogs == []
+    admin["alive"] = False
+    watchdog.ensure()
+    watchdog.ensure()  # it runs: not started twice
+    assert watchdogs == [(os.getpid(), "127.0.0.1", 1900, GROUP)]
+    watchdog.proc = None  # it died: the keeper's next turn starts another
+    watchdog.ensure()
+    assert len(watchdogs) == 2
+
+
+def test_without_the_patch_the_watchdog_process_runs_from_the_start(watchdogs, monkeypatch):
+    monkeypatch.setattr(thespian_admin_watch, "installed", lambda: False)
+    monkeypatch.setattr(system, "alive", lambda pid: True)
+    watchdog = run._Watchdog("127.0.0.1", 1900, GROUP)
+    assert watchdog.admin is None
+    watchdog.ensure()
+    assert watchdogs == [(os.getpid(), "127.0.0.1", 1900, GROUP)]
+
+
+def test_no_group_no_watchdog(watchdogs, monkeypatch):
+    monkeypatch.setattr(thespian_admin_watch, "installed", lambda: True)
+    watchdog = run._Watchdog("127.0.0.1", 1900, None)
+    watchdog.ensure()
+    assert watchdog.admin is None and watchdogs == []

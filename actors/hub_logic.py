@@ -34,7 +34,12 @@ from protocols import events as ev
 from protocols import messages as m
 from protocols.effects import Send
 
-LOST_OWNERS_KEPT = 1024  # dead shard incarnations remembered (a few per crash; bounded anyway)
+# How long a dead shard incarnation is remembered, for a subscription that arrives after
+# its death (the edge got the shard's Admitted as it died: it subscribes within a hop or
+# two). Not for ever: an address is reused once the kernel's ports wrap around, and a new
+# shard on a remembered address would see its queued streams ended at subscription.
+LOST_OWNER_KEPT_S = 60.0
+LOST_OWNERS_KEPT = 1024  # and at most this many (a few per crash)
 
 
 def orphan_after(max_wait_s: float) -> float:
@@ -66,8 +71,9 @@ class HubLogic:
         self.refused_subscribes = 0
         self.streams: dict[str, HubStream] = {}
         self.peers: dict[Hashable, dict[str, None]] = {}  # peer -> the streams it subscribed to
-        # Owner tags of dead shard incarnations -> the error their unopened streams end with.
-        self.lost_owners: dict[str, dict] = {}
+        # Owner tags of dead shard incarnations -> (the error their unopened streams end
+        # with, when it was learnt), oldest first.
+        self.lost_owners: dict[str, tuple[dict, float]] = {}
 
     # --- publishing (the Pool's upstream calls) ---------------------------------------------
     def publish(self, stream_id: str, events: list[dict], now: float) -> list[Send]:
@@ -120,7 +126,7 @@ class HubLogic:
             replay = [Send(peer, m.StreamData(msg.stream_id, 0, list(stream.events)))] if stream.events else []
             # Admitted by a shard that has died since (its answer crossed its death): the
             # stream will never open.
-            lost = self._lost_owner_of(stream)
+            lost = self._lost_owner_of(stream, now)
             return replay + (self.publish(stream.stream_id, [dict(lost)], now) if lost is not None else [])
         if isinstance(msg, m.Unsubscribe):
             stream = self.streams.get(msg.stream_id)
@@ -144,22 +150,26 @@ class HubLogic:
         never opened ends with `coalescer_lost` (as the Pacer fails the requests such a
         shard had queued, when it lives), its subscribers now, a later subscriber at once."""
         error = ev.error("coalescer_lost", f"{role} restarted; this request was lost with it, retry it")
-        self.lost_owners[stream_ids.owner_tag(owner)] = error
-        while len(self.lost_owners) > LOST_OWNERS_KEPT:
-            del self.lost_owners[next(iter(self.lost_owners))]
+        tag = stream_ids.owner_tag(owner)
+        self.lost_owners.pop(tag, None)  # told again: remembered from now
+        self.lost_owners[tag] = (error, now)
+        for old, (_, lost_at) in list(self.lost_owners.items()):
+            if len(self.lost_owners) > LOST_OWNERS_KEPT or lost_at + LOST_OWNER_KEPT_S < now:
+                del self.lost_owners[old]
         out: list[Send] = []
         for stream in list(self.streams.values()):
-            lost = self._lost_owner_of(stream)
+            lost = self._lost_owner_of(stream, now)
             if lost is not None:
                 out += self.publish(stream.stream_id, [dict(lost)], now)
         return out
 
-    def _lost_owner_of(self, stream: HubStream) -> dict | None:
+    def _lost_owner_of(self, stream: HubStream, now: float) -> dict | None:
         """The error a stream ends with because its owner died (None: it does not)."""
         if stream.opened or stream.finished_at is not None:
             return None
         tag = stream_ids.tag_of(stream.stream_id)
-        return self.lost_owners.get(tag) if tag is not None else None
+        error, lost_at = self.lost_owners.get(tag, (None, 0.0)) if tag is not None else (None, 0.0)
+        return error if error is not None and now <= lost_at + LOST_OWNER_KEPT_S else None
 
     # --- time -----------------------------------------------------------------------------
     def sweep(self, now: float) -> list[Send]:

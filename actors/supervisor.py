@@ -5,8 +5,9 @@ actor system (the edge, `run.py admin`) can find it and ask for the `Directory`.
 
 When a child dies it is recreated, and once the replacement is wired every Pacer and
 Coalescer (and for a shard's death every Pool) hears `MemberLost(role, old address)`, so
-that what the dead one held (leases, flights, streams it left unopened) is reclaimed (docs/reliability.md, "Process crashes"). An edge worker's death is
-reported by run.py (`MemberLost(edge, edge_id)`) and passed on to every Coalescer shard.
+that what the dead one held (leases, flights, streams it left unopened) is reclaimed
+(docs/reliability.md, "Process crashes"). An edge worker's death is reported by run.py
+(`MemberLost(edge, edge_id)`) and passed on to every Coalescer shard.
 
 The Supervisor is no single point of failure: run.py's `SupervisorKeeper`
 (actors/keeper.py) replaces a dead Supervisor under the same global name and wires it with

@@ -68,6 +68,17 @@ def test_a_subscribe_after_the_loss_gets_the_error_at_once():
     assert [[e["code"] for e in s.msg.events] for s in again] == [["coalescer_lost"]]
 
 
+def test_a_dead_shard_is_forgotten_after_a_minute_so_a_reused_address_is_not_taken_for_it():
+    # Ports wrap around: a later shard incarnation may get the dead one's address.
+    hub = HubLogic(SECRET)
+    hub.owner_lost("coalescer:0", DEAD, 1.0)
+    reborn = stream_ids.new(DEAD)
+    assert subscribe(hub, reborn, now=1.0 + hub_logic.LOST_OWNER_KEPT_S + 0.1) == []
+    assert not hub.is_finished(reborn), "its stream waits for its lease as any other"
+    hub.owner_lost("coalescer:1", ALIVE, 100.0)  # the next loss drops what has expired
+    assert list(hub.lost_owners) == [stream_ids.owner_tag(ALIVE)]
+
+
 def test_a_grant_that_arrives_after_the_loss_goes_straight_back():
     # The dead Pacer's OpenStream, or a live Pacer's sent before it heard of the death.
     hub = HubLogic(SECRET)

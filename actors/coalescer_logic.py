@@ -42,8 +42,10 @@ A request with an empty key (non-idempotent: tools, or the client opted out) or 
 request while coalescing is disabled gets a flight of its own.
 
 Stream ids are random (`auth.unguessable_id`), never derived from the request id the
-client sees, and every `Admitted` carries the ticket (`auth.ticket`) that lets the
-submitting edge -- and only that edge -- subscribe to the stream at the hub.
+client sees, and name this shard incarnation (`protocols/stream_ids.py`: the hub ends the
+streams a dead shard left unopened, which a Pacer that died with it cannot tell anyone).
+Every `Admitted` carries the ticket (`auth.ticket`) that lets the submitting edge -- and
+only that edge -- subscribe to the stream at the hub.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from actors.lease_slices import HeldSlices, SliceIdle
-from protocols import auth, roles
+from protocols import auth, roles, stream_ids
 from protocols import messages as m
 from protocols.effects import After, Send
 from protocols.settings import CoalescerFlags, flags_from
@@ -94,8 +96,10 @@ class CoalescerLogic:
 
     me: str = ""
     secret: bytes = b""
-    # Random in production; the simulation gives a counter so a run replays from its seed.
-    new_stream_id: Callable[[], str] = lambda: auth.unguessable_id("s-")
+    # None in production: random, tagged with this incarnation (protocols/stream_ids.py, so
+    # the hub can end what it leaves unopened if it dies); the simulation gives a counter
+    # (tagged the same way) so a run replays from its seed.
+    new_stream_id: Callable[[], str] | None = None
     flags: CoalescerFlags = field(default_factory=CoalescerFlags)
     by_key: dict = field(default_factory=dict)
     by_stream: dict = field(default_factory=dict)
@@ -165,7 +169,7 @@ class CoalescerLogic:
         self.leaders_total += 1
         pacer = roles.pacer_for(msg.provider)
         grant, report = (None, []) if self._waits_at(pacer) else self.slices.take(pacer, now, msg.host)
-        flight = Flight(key, grant.lease_id if grant else self.new_stream_id(), msg.provider)
+        flight = Flight(key, grant.lease_id if grant else self._new_stream_id(), msg.provider)
         flight.refs[msg.edge_id] += 1
         self.by_key[key] = flight
         self.by_stream[flight.stream_id] = flight
@@ -186,6 +190,9 @@ class CoalescerLogic:
             flight.stream_id, msg.provider, now, msg.model, msg.body, self.me, host=msg.host
         )
         return [Send(pacer, flight.request)]
+
+    def _new_stream_id(self) -> str:
+        return self.new_stream_id() if self.new_stream_id is not None else stream_ids.new(self.me)
 
     def _waits_at(self, pacer: str) -> bool:
         """Does a flight of this shard wait for a lease from `pacer`? Then a new one queues

@@ -200,6 +200,10 @@ class StreamHub:
     def is_finished(self, stream_id: str) -> bool:
         return self.logic.is_finished(stream_id)
 
+    def owner_lost(self, role: str, owner: str) -> None:
+        """A Coalescer shard incarnation died: its streams that never opened end now."""
+        self._carry_out(self.logic.owner_lost(role, owner, time.monotonic()), urgent=True)
+
     def subscriber_count(self, stream_id: str) -> int:
         return self.logic.subscriber_count(stream_id)
 

@@ -15,6 +15,13 @@ authenticated as (`protocols.auth.ticket_ok`); otherwise the answer is
 `SubscribeRefused` and nothing of the stream. A finished stream lingers `linger_s` for
 late subscribers, then is dropped; a stream subscribed to but never opened (an actor
 lost a message) ends with an error after `orphan_s`, so no client waits forever.
+
+A stream id names the Coalescer shard incarnation that owns its flight
+(protocols/stream_ids.py). When that incarnation dies (`owner_lost`, the Pool's
+`MemberLost`), its streams that never opened end at once with `coalescer_lost`, and so does
+one subscribed to later: their lease request was queued at a Pacer, and if that Pacer died
+with the shard nobody alive knows the flight, so nobody would open or fail the stream
+(docs/reliability.md, "Process crashes"). Streams that opened go on: their call runs here.
 """
 
 from __future__ import annotations
@@ -22,10 +29,17 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from protocols import auth
+from protocols import auth, stream_ids
 from protocols import events as ev
 from protocols import messages as m
 from protocols.effects import Send
+
+# How long a dead shard incarnation is remembered, for a subscription that arrives after
+# its death (the edge got the shard's Admitted as it died: it subscribes within a hop or
+# two). Not for ever: an address is reused once the kernel's ports wrap around, and a new
+# shard on a remembered address would see its queued streams ended at subscription.
+LOST_OWNER_KEPT_S = 60.0
+LOST_OWNERS_KEPT = 1024  # and at most this many (a few per crash)
 
 
 def orphan_after(max_wait_s: float) -> float:
@@ -57,6 +71,9 @@ class HubLogic:
         self.refused_subscribes = 0
         self.streams: dict[str, HubStream] = {}
         self.peers: dict[Hashable, dict[str, None]] = {}  # peer -> the streams it subscribed to
+        # Owner tags of dead shard incarnations -> (the error their unopened streams end
+        # with, when it was learnt), oldest first.
+        self.lost_owners: dict[str, tuple[dict, float]] = {}
 
     # --- publishing (the Pool's upstream calls) ---------------------------------------------
     def publish(self, stream_id: str, events: list[dict], now: float) -> list[Send]:
@@ -106,7 +123,11 @@ class HubLogic:
             stream = self._stream(msg.stream_id, now)
             stream.subscribers[peer] = None
             self.peers.setdefault(peer, {})[msg.stream_id] = None
-            return [Send(peer, m.StreamData(msg.stream_id, 0, list(stream.events)))] if stream.events else []
+            replay = [Send(peer, m.StreamData(msg.stream_id, 0, list(stream.events)))] if stream.events else []
+            # Admitted by a shard that has died since (its answer crossed its death): the
+            # stream will never open.
+            lost = self._lost_owner_of(stream, now)
+            return replay + (self.publish(stream.stream_id, [dict(lost)], now) if lost is not None else [])
         if isinstance(msg, m.Unsubscribe):
             stream = self.streams.get(msg.stream_id)
             if stream:
@@ -122,6 +143,33 @@ class HubLogic:
             stream = self.streams.get(stream_id)
             if stream:
                 stream.subscribers.pop(peer, None)
+
+    # --- crashes --------------------------------------------------------------------------
+    def owner_lost(self, role: str, owner: str, now: float) -> list[Send]:
+        """The shard `role`'s incarnation at address `owner` died: each of its streams that
+        never opened ends with `coalescer_lost` (as the Pacer fails the requests such a
+        shard had queued, when it lives), its subscribers now, a later subscriber at once."""
+        error = ev.error("coalescer_lost", f"{role} restarted; this request was lost with it, retry it")
+        tag = stream_ids.owner_tag(owner)
+        self.lost_owners.pop(tag, None)  # told again: remembered from now
+        self.lost_owners[tag] = (error, now)
+        for old, (_, lost_at) in list(self.lost_owners.items()):
+            if len(self.lost_owners) > LOST_OWNERS_KEPT or lost_at + LOST_OWNER_KEPT_S < now:
+                del self.lost_owners[old]
+        out: list[Send] = []
+        for stream in list(self.streams.values()):
+            lost = self._lost_owner_of(stream, now)
+            if lost is not None:
+                out += self.publish(stream.stream_id, [dict(lost)], now)
+        return out
+
+    def _lost_owner_of(self, stream: HubStream, now: float) -> dict | None:
+        """The error a stream ends with because its owner died (None: it does not)."""
+        if stream.opened or stream.finished_at is not None:
+            return None
+        tag = stream_ids.tag_of(stream.stream_id)
+        error, lost_at = self.lost_owners.get(tag, (None, 0.0)) if tag is not None else (None, 0.0)
+        return error if error is not None and now <= lost_at + LOST_OWNER_KEPT_S else None
 
     # --- time -----------------------------------------------------------------------------
     def sweep(self, now: float) -> list[Send]:
@@ -168,4 +216,5 @@ class HubLogic:
             "refused_subscribes": self.refused_subscribes,
             "streams": len(self.streams),
             "open_streams": sum(1 for s in self.streams.values() if s.finished_at is None),
+            "lost_owners": len(self.lost_owners),
         }

@@ -5,7 +5,9 @@
 A dead Pool, Pacer or Coalescer shard held something for others (a Pool: calls, and the
 leases and flights that name it; a Pacer: leases; a shard: flights and the leases it asked
 for), so every Pacer and every Coalescer shard but the role itself hears
-`MemberLost(role, old address)` and reclaims what the dead incarnation held. Metrics and the
+`MemberLost(role, old address)` and reclaims what the dead incarnation held. Every Pool
+hears a shard's death too: its hub ends the streams the shard left unopened (a Pacer that
+died with the shard cannot; actors/hub_logic.py `owner_lost`). Metrics and the
 thread store hold nothing for others: their deaths are not announced. The announcement
 waits until every member is up again (each has answered its new Wire): the replacement
 is known to everyone first, and a member being recreated hears it too. A dead edge worker
@@ -33,6 +35,14 @@ def reclaims(role: str) -> bool:
     return roles.is_pacer(role) or roles.is_coalescer(role)
 
 
+def hears(target: str, dead: str) -> bool:
+    """Whether `target` hears of the death of `dead`: a Pacer or a shard of every other
+    member's; a Pool of a shard's (the streams it admitted edges to)."""
+    if target == dead:
+        return False
+    return reclaims(target) or (roles.is_pool(target) and roles.is_coalescer(dead))
+
+
 class LostMembers:
     """Deaths not announced yet: `died(role, address)` when a member's death is seen;
     `announce(members)` once every member is up again -> `[(MemberLost, [target roles])]`,
@@ -47,9 +57,9 @@ class LostMembers:
 
     def announce(self, members: Iterable[str]) -> list[tuple[m.MemberLost, list[str]]]:
         lost, self.pending = self.pending, {}
-        hearing = [member for member in members if reclaims(member)]
+        members = list(members)
         return [
-            (m.MemberLost(role, address), [target for target in hearing if target != role])
+            (m.MemberLost(role, address), [target for target in members if hears(target, role)])
             for role, addresses in lost.items()
             if holds_for_others(role)
             for address in addresses

@@ -43,7 +43,10 @@ asked. `MemberLost` for one of them reclaims what it held at once (docs/reliabil
 a dead Pool's leases come back and the requests queued for it are denied (their clients
 listened at its hub), a dead shard's queued requests are dropped and its granted calls
 are failed. No grant is made on a Pool that is down: the request at the head of the queue
-waits for its replacement, and those behind it wait in order.
+waits for its replacement, and those behind it wait in order. A denied request whose
+clients were admitted (queued here, or one that names its hub: asked again after this
+Pacer replaced a dead one, or a fallback) has its stream ended at that hub (`FailStream`),
+since the shard answers only clients still waiting for it.
 
 Lease slices (`slice_size` > 0, SLUICE_LEASE_SLICE; docs/architecture.md, "Lease slices"):
 a shard that asks for a lease again within SLICE_DEMAND_S and is granted it at once, or
@@ -445,7 +448,7 @@ class PacerLogic:
         if self._all_open():
             if alternatives:
                 return out + self._fall_back(waiter, alternatives, "circuits_open", now)
-            return out + self._unavailable(waiter, False, now)
+            return out + self._unavailable(waiter, bool(msg.hub), now)
         if alternatives and self.fallback_queue and len(self.queue) >= self.fallback_queue:
             return out + self._fall_back(waiter, alternatives, "queue", now)
         if not self.queue:
@@ -459,28 +462,27 @@ class PacerLogic:
         if self._doomed(now, now):
             self.denials_total += 1
             text = self._paused_text(now)
-            return out + [
-                Send(sender, m.LeaseDenied(msg.lease_id, 429, "pacer_queue_timeout", text, self._retry_after(now)))
-            ]
+            return out + self._denied_on_arrival(msg, sender, 429, "pacer_queue_timeout", text, self._retry_after(now))
         if len(self.queue) >= self.settings.max_queue:
             self.denials_total += 1
-            retry = self._retry_after(now)
-            return out + [
-                Send(
-                    sender,
-                    m.LeaseDenied(
-                        msg.lease_id,
-                        429,
-                        "pacer_queue_full",
-                        f"{self.provider}: {len(self.queue)} requests already wait for an upstream slot",
-                        retry,
-                    ),
-                )
-            ]
+            text = f"{self.provider}: {len(self.queue)} requests already wait for an upstream slot"
+            return out + self._denied_on_arrival(msg, sender, 429, "pacer_queue_full", text, self._retry_after(now))
         self.queue.append(waiter)
         # FIFO across slice holders: what they hold unused comes back to the queue's head.
         out += self._recall()
         return out + [Send(sender, m.LeaseQueued(msg.lease_id, len(self.queue), hub))] + self._schedule(now)
+
+    def _denied_on_arrival(
+        self, msg: m.LeaseRequest, sender: Any, status: int, code: str, text: str, retry: float | None
+    ) -> list:
+        """A request denied as it arrives. One that names its hub (`LeaseRequest.hub`: asked
+        again of a replaced Pacer, or of a fallback's, after it was queued) has its clients
+        admitted and listening there: its stream ends there too, as a queued one's does
+        (the shard only rejects those still waiting for its answer)."""
+        out = [Send(sender, m.LeaseDenied(msg.lease_id, status, code, text, retry))]
+        if msg.hub:
+            out.append(Send(msg.hub, m.FailStream(msg.lease_id, code, text)))
+        return out
 
     def _drain(self, now: float) -> list:
         out = []

@@ -175,6 +175,12 @@ class PoolRuntime:
     def fail(self, msg: m.FailStream) -> None:
         self.loop.call_soon_threadsafe(self._handle, msg)
 
+    def member_lost(self, msg: m.MemberLost) -> None:
+        """A Coalescer shard died: the streams it left unopened end at the hub (the Pacer
+        it queued them at may have died with it: actors/hub_logic.py `owner_lost`)."""
+        if roles.is_coalescer(msg.role):
+            self.loop.call_soon_threadsafe(self.hub.owner_lost, msg.role, msg.incarnation)
+
     def configure(self, settings: Settings) -> None:
         """A new Wire's settings (the provider entries are read at each call's start)."""
         self.settings = settings
@@ -422,6 +428,8 @@ class PoolActor(HostActor):
             self.runtime.abort(msg)
         elif isinstance(msg, m.FailStream):
             self.runtime.fail(msg)
+        elif isinstance(msg, m.MemberLost):
+            self.runtime.member_lost(msg)
         elif isinstance(msg, m.Admin):
             if msg.command == "show":
                 return [Send(sender, m.AdminResult(True, self.runtime.state()))]

@@ -4,9 +4,10 @@ Started by run.py under the global name `SUPERVISOR_NAME` (protocols/roles.py), 
 actor system (the edge, `run.py admin`) can find it and ask for the `Directory`.
 
 When a child dies it is recreated, and once the replacement is wired every Pacer and
-Coalescer hears `MemberLost(role, old address)`, so that what the dead one held (leases,
-flights) is reclaimed (docs/reliability.md, "Process crashes"). An edge worker's death is
-reported by run.py (`MemberLost(edge, edge_id)`) and passed on to every Coalescer shard.
+Coalescer (and for a shard's death every Pool) hears `MemberLost(role, old address)`, so
+that what the dead one held (leases, flights, streams it left unopened) is reclaimed
+(docs/reliability.md, "Process crashes"). An edge worker's death is reported by run.py
+(`MemberLost(edge, edge_id)`) and passed on to every Coalescer shard.
 
 The Supervisor is no single point of failure: run.py's `SupervisorKeeper`
 (actors/keeper.py) replaces a dead Supervisor under the same global name and wires it with
@@ -264,8 +265,9 @@ class SupervisorActor(HostActor):
             self._announce_lost()
 
     def _announce_lost(self) -> None:
-        """Everyone knows the replacements now: tell the Pacers and Coalescers who died,
-        so they reclaim what the dead held (after the Wire: same sender, so in order)."""
+        """Everyone knows the replacements now: tell the Pacers and Coalescers (and the
+        Pools, of a shard) who died, so they reclaim what the dead held (after the Wire:
+        same sender, so in order)."""
         for lost, targets in self.lost.announce(self.children):
             log.warning("announcing the loss of %s at %s", lost.role, lost.incarnation)
             for target in targets:

@@ -445,7 +445,8 @@ class HubReady:
 
 @message("member_lost")
 class MemberLost:
-    """Supervisor -> every Pacer and Coalescer: the process that played `role` at
+    """Supervisor -> every Pacer and Coalescer (a shard's death: every Pool too, whose hub
+    ends the streams it left unopened): the process that played `role` at
     `incarnation` (its address) died and has been replaced (this is sent once the
     replacement is wired, so "role" already names the new one). Whatever the dead one
     held is reclaimed, whatever waited on it is re-asked or failed (docs/reliability.md)."""

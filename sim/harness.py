@@ -44,7 +44,7 @@ jumps). Messages are never dropped or reordered within a pair, except by a crash
 is lost, messages and timers addressed to that incarnation vanish, the edges lose their
 hub connection when the Pool dies, and after `restart_s` the Supervisor's part is played:
 the replacement is wired, and once every killed node is up again `MemberLost` goes to the
-Pacer and the shards, by the Supervisor's own rule (actors/member_loss.py `LostMembers`;
+Pacer and the shards (a shard's death to the Pools too), by the Supervisor's own rule (actors/member_loss.py `LostMembers`;
 docs/reliability.md, "Process crashes").
 
 Use (see docs/simulation.md):
@@ -84,7 +84,7 @@ from edge.measures import DISCONNECTED, Measures, rejected, request_record
 from edge.records import RecordBatch, RecordsDue
 from protocols import events as ev
 from protocols import messages as m
-from protocols import roles
+from protocols import roles, stream_ids
 from protocols.effects import After, Send
 from protocols.keys import coalescing_key
 from protocols.providers.base import error_from_response
@@ -97,10 +97,13 @@ SIM_SECRET = b"the simulation's cluster secret"
 DATA_PLANE = (m.Subscribe, m.Unsubscribe, m.StreamData)
 
 
-def _counted_ids(prefix: str) -> Callable[[], str]:
-    """Stream ids for a shard: a counter, not random, so a run replays from its seed."""
+def _counted_ids(prefix: str, owner: str | None = None) -> Callable[[], str]:
+    """Stream ids for a shard: a counter, not random, so a run replays from its seed;
+    tagged with the shard incarnation `owner` as the real ones are (protocols/stream_ids.py)."""
     counter = itertools.count(1)
-    return lambda: f"{prefix}{next(counter)}"
+    if owner is None:
+        return lambda: f"{prefix}{next(counter)}"
+    return lambda: stream_ids.owned(f"{prefix}{next(counter)}", owner)
 
 
 def seeds(n: int, first: int = 0) -> list[int]:
@@ -474,18 +477,36 @@ class SimPool:
             self._observe(stream_id)
         return out + self._sweep_timer(now)
 
+    def _owner_lost(self, msg: m.MemberLost, now: float) -> list:
+        """A shard died (actors/pool.py `member_lost`): the hub ends the streams it left
+        unopened; they count as failed for the checker (a grant of one comes straight back)."""
+        if not roles.is_coalescer(msg.role):
+            raise TypeError(f"{self.name}: told of the death of {msg.role}, which holds nothing here")
+        waiting = [sid for sid, stream in self.hub.streams.items() if stream.finished_at is None]
+        out = self.hub.owner_lost(msg.role, msg.incarnation, now)
+        for sid in waiting:
+            if self.hub.is_finished(sid):  # nothing else ends a stream here meanwhile
+                self.failed.append((sid, "coalescer_lost"))
+                self._observe(sid)
+        return out
+
     def _handle(self, msg, sender, now: float) -> list:
         if isinstance(msg, m.FailStream):
             self.failed.append((msg.stream_id, msg.code))
         if isinstance(msg, (m.OpenStream, m.AbortStream, m.FailStream, FlushRecords, FlushOpened)):
             self.logic.incarnation = self.incarnation  # as actors/pool.py tells it its address
             return self._apply(self.logic.handle(msg, now), now)
+        if isinstance(msg, m.MemberLost):
+            return self._owner_lost(msg, now)
         if isinstance(msg, _Step):
             call = self.running.get(msg.stream_id)
             return self._step(call, msg.index, now) if call is not None else []
         if isinstance(msg, (m.Subscribe, m.Unsubscribe)):
             edge_id = sender.partition(":")[2]  # node "edge:<edge id>" (the hub's handshake)
+            was_over = self.hub.is_finished(msg.stream_id)
             out = self.hub.handle(msg, sender, edge_id, now)
+            if not was_over and self.hub.is_finished(msg.stream_id):  # its shard died since
+                self.failed.append((msg.stream_id, "coalescer_lost"))
             refused = [e.msg for e in out if isinstance(e.msg, m.SubscribeRefused)]
             if refused:
                 raise PermissionError(f"the hub refuses {sender}'s Subscribe to {msg.stream_id}: not its ticket")
@@ -744,7 +765,7 @@ class Simulation:
             CoalescerLogic(
                 me=roles.coalescer(i),
                 secret=SIM_SECRET,
-                new_stream_id=_counted_ids(f"s-{i}."),
+                new_stream_id=_counted_ids(f"s-{i}.", roles.coalescer(i)),
                 flags=replace(flags or CoalescerFlags()),
             )
             for i in range(shards)
@@ -884,7 +905,7 @@ class Simulation:
             fresh = CoalescerLogic(
                 me=f"{name}@{node.incarnation}",
                 secret=SIM_SECRET,
-                new_stream_id=_counted_ids(f"s-{index}@{node.incarnation}."),
+                new_stream_id=_counted_ids(f"s-{index}@{node.incarnation}.", f"{name}@{node.incarnation}"),
                 flags=replace(old.flags),
             )
             self.coalescers[index], node.logic = fresh, _CoalescerHost(fresh)

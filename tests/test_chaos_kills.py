@@ -77,7 +77,9 @@ class Client:
     event's "error:<code>", an error response's "http <status>:<code>", or the exception."""
 
     def __init__(self, gw, text: str):
+        self.text = text
         self.outcome: str | None = None
+        self.ended_at: float | None = None  # time.monotonic() when it ended
         self.sse: SSEClient | None = None
         self.thread = threading.Thread(target=self._run, args=(gw, text), daemon=True)
         self.thread.start()
@@ -97,6 +99,8 @@ class Client:
             self.outcome = "done" if ends[0]["type"] == "done" else f"error:{ends[0]['code']}"
         except Exception as exc:  # noqa: BLE001 - the test reports it
             self.outcome = f"exception: {exc!r}"
+        finally:
+            self.ended_at = time.monotonic()
 
     def deltas(self) -> int:
         return 0 if self.sse is None else sum(1 for e in data_events(list(self.sse.events)) if e.get("type") == "delta")
@@ -208,6 +212,60 @@ def test_a_shard_frozen_then_killed_mid_stream_ends_only_its_own_flights_once():
         assert sorted(outcomes) == sorted([["error:coalescer_lost"]] * doomed + [["done"]] * (6 - doomed)), outcomes
         wait_until(lambda: holds_nothing(pacer_holds(gw)), timeout=10, message="the Pacer holding nothing")
         assert served_coalesced(gw) == ["done"] * 8
+
+
+def queued_on(gw, shard: str) -> int:
+    flights = ((admin_state(gw, "coalescer") or {}).get(shard) or {}).get("in_flight", [])
+    return sum(1 for f in flights if f["phase"] == "queued")
+
+
+@pytest.mark.parametrize(
+    "first, gap_s",
+    [("pacer:simulated", 0.0), ("pacer:simulated", 0.005), ("coalescer:0", 0.005)],
+    ids=["together", "pacer-first", "shard-first"],
+)
+def test_a_pacer_killed_with_the_shard_that_queued_at_it_leaves_no_client_waiting(first, gap_s):
+    """The double crash of docs/reliability.md: the Pacer and coalescer:0 SIGKILLed at the
+    same instant (or a few ms apart) while flights of both shards wait in the Pacer's
+    queue. coalescer:0's queued flights were known only to the two dead processes: each of
+    their clients gets one `coalescer_lost` (the Pools hear the shard's death and end the
+    streams it left unopened); coalescer:1's are re-asked at the new Pacer and served, and
+    so are the calls already running. The Pacer holds nothing afterwards, and the lost
+    prompts are served when asked again. Failed before: the lost clients waited for the
+    hub's orphan timeout (91 s) and got `stream_not_started`."""
+    with running_gateway({**ENV, "SIMULATED_CONCURRENCY": "2"}) as gw:
+        text = uuid.uuid4().hex
+        slot = "#sim ttft_ms=50 tokens=400 token_interval_ms=20"  # 8 s: both slots taken past the kill
+        running = [Client(gw, f"holds a slot {text} {i}\n{slot}") for i in range(2)]
+        wait_until(lambda: all(c.streaming() for c in running), timeout=20, message="both slots streaming")
+        queued: list[Client] = []
+        while len(queued) < 24 and not (queued_on(gw, "coalescer:0") and queued_on(gw, "coalescer:1")):
+            queued += [Client(gw, f"queued {text} {len(queued) + i}\n#sim tokens=3") for i in range(4)]
+            wait_until(
+                lambda: (pacer_holds(gw) or {}).get("queue_depth") == len(queued), timeout=20, message="all queued"
+            )
+        doomed = queued_on(gw, "coalescer:0")
+        assert doomed and queued_on(gw, "coalescer:1"), "flights of both shards wait at the Pacer"
+        pids = supervisor(gw)["pids"]
+        second = "coalescer:0" if first == "pacer:simulated" else "pacer:simulated"
+        os.kill(pids[first], signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_until(lambda: time.monotonic() >= killed_at + gap_s, interval=0.001, message="the gap")
+        os.kill(pids[second], signal.SIGKILL)
+        by = killed_at + CLIENT_DEADLINE_S
+        outcomes = [c.end(by) for c in queued]
+        lost = [c for c in queued if c.outcome == "error:coalescer_lost"]
+        print(
+            f"{len(queued)} queued, {doomed} of them at coalescer:0; outcomes {sorted(outcomes)}; "
+            f"the lost ended {sorted(round(c.ended_at - killed_at, 2) for c in lost)} s after the first kill"
+        )
+        assert sorted(outcomes) == sorted(["error:coalescer_lost"] * doomed + ["done"] * (len(queued) - doomed))
+        assert [c.end(by) for c in running] == ["done", "done"]  # their calls run on
+        wait_until(lambda: holds_nothing(pacer_holds(gw)), timeout=15, message="the Pacer holding nothing")
+        again = [Client(gw, c.text) for c in lost]
+        assert [c.end(time.monotonic() + CLIENT_DEADLINE_S) for c in again] == ["done"] * len(lost)
+        assert served_coalesced(gw) == ["done"] * 8
+        wait_until(lambda: holds_nothing(pacer_holds(gw)), timeout=15, message="the Pacer holding nothing again")
 
 
 def test_a_resume_relayed_from_a_worker_that_dies_ends_with_one_error_event():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from actors.coalescer_logic import CoalescerLogic
-from protocols import auth
+from protocols import auth, stream_ids
 from protocols import messages as m
 
 pytestmark = pytest.mark.unit
@@ -40,7 +40,10 @@ def test_each_admitted_edge_gets_its_own_ticket_and_no_other():
         assert not any(
             auth.ticket_ok(SECRET, stream_id, other, ticket) for other in {"edge-a", "edge-b", "edge-c"} - {edge_id}
         )
-    assert "r-leader" not in stream_id and len(stream_id) == len("s-") + 32
+    # 128 random bits, then the tag of the shard that owns it (protocols/stream_ids.py)
+    random_part, _, tag = stream_id.partition("~")
+    assert "r-leader" not in stream_id and len(random_part) == len("s-") + 32
+    assert tag == stream_ids.owner_tag("coalescer:0")
 
 
 def test_an_error_replayed_within_its_ttl_carries_the_new_edges_ticket():

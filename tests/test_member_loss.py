@@ -24,13 +24,15 @@ def test_a_dead_pool_is_announced_to_every_pacer_and_shard_and_nobody_else():
 
 
 def test_a_dead_pacer_or_shard_is_not_told_of_its_own_death():
+    # A shard's death goes to the Pools too: their hubs end the streams it left unopened.
     lost = LostMembers()
     lost.died("coalescer:1", "127.0.0.1:4002")
     lost.died("pacer:simulated", "127.0.0.1:4003")
     lost.died("coalescer:1", "127.0.0.1:4004")  # died again before the announcement
+    shard_hearers = ["pool", "pool:1", "pacer:openai", "pacer:simulated", "coalescer:0"]
     assert lost.announce(MEMBERS) == [
-        (m.MemberLost("coalescer:1", "127.0.0.1:4002"), ["pacer:openai", "pacer:simulated", "coalescer:0"]),
-        (m.MemberLost("coalescer:1", "127.0.0.1:4004"), ["pacer:openai", "pacer:simulated", "coalescer:0"]),
+        (m.MemberLost("coalescer:1", "127.0.0.1:4002"), shard_hearers),
+        (m.MemberLost("coalescer:1", "127.0.0.1:4004"), shard_hearers),
         (m.MemberLost("pacer:simulated", "127.0.0.1:4003"), ["pacer:openai", "coalescer:0", "coalescer:1"]),
     ]
 
@@ -60,5 +62,6 @@ def test_the_simulated_supervisor_announces_once_every_member_is_up_again():
         ("coalescer:1", "pool"),
         ("pacer:simulated", "coalescer:0"),
         ("pacer:simulated", "pool"),
+        ("pool", "coalescer:0"),
     ]
     assert min(d.sent_at for d in announced) == pytest.approx(0.6)  # the shard's restart, not the Pool's

@@ -701,6 +701,54 @@ def test_a_killed_shard_loses_its_flights_but_no_lease_and_no_client(seed):
 
 
 @pytest.mark.parametrize("seed", seeds(30), ids=ids)
+def test_a_re_ask_the_new_pacer_refuses_on_arrival_ends_the_stream_its_clients_hear(seed):
+    # Found by the crash chaos (seeds 51, 104, 134, ...: clients ended stream_not_started
+    # after 68 s): a flight queued at a killed Pacer, its clients admitted and listening,
+    # is asked again and the new Pacer refuses it as it arrives (its queue full, or every
+    # key paused past the longest wait). Only a refusal from the queue ended the stream;
+    # the shard rejects only clients still waiting for its answer, so these heard nothing.
+    sim = Simulation(seed=seed, shards=2, pacer=PacerSettings(rps=10, burst=10, concurrency=1, max_queue=10))
+    sim.upstream(ttft_ms=100, token_interval_ms=20, tokens=20)  # 0.5 s a call: 1 runs, 3 queue
+    clients = [sim.client(at=0.01 * i, text=f"q{i}", edge=f"e{i % 2 + 1}") for i in range(4)]
+    sim.configure_pacer(at=0.1, max_queue=1)  # the new Pacer starts with it: 1 re-ask granted, 1 queued, 1 refused
+    sim.kill("pacer:simulated", at=0.2, restart_s=0.3)
+    sim.run()
+    refused = [c for c in clients if c.outcome != "done"]
+    assert len(refused) == 1, [(c.outcome, c.error) for c in clients]
+    assert refused[0].error["code"] == "pacer_queue_full" and refused[0].ended_at < 1.0, refused[0].events
+
+
+@pytest.mark.parametrize("gap_s", [0.0, 0.005, -0.005], ids=["together", "pacer-first", "shard-first"])
+@pytest.mark.parametrize("seed", seeds(20), ids=ids)
+def test_a_pacer_killed_with_a_shard_leaves_no_client_of_its_queue_waiting(seed, gap_s):
+    # The double crash of docs/reliability.md: the shard's queued flights were known only
+    # to it and to the Pacer. The Pools hear the shard's death and end the streams it left
+    # unopened (coalescer_lost); before, their clients waited for the hub's orphan timeout
+    # (PACER_MAX_WAIT + 60 s) and got stream_not_started.
+    sim = Simulation(seed=seed, shards=2, pacer=PacerSettings(rps=20, burst=20, concurrency=2))
+    sim.upstream(ttft_ms=100, token_interval_ms=20, tokens=20)  # 0.5 s a call: 2 run, the rest queue
+    before = [sim.client(at=0.01 * i, text=f"q{i}", edge=f"e{i % 2 + 1}") for i in range(8)]
+    followers = [sim.client(at=0.15, text=f"q{i}", edge=f"e{(i + 1) % 2 + 1}") for i in range(8)]
+    kill_at = 0.2
+    sim.kill("pacer:simulated", at=kill_at + max(gap_s, 0.0), restart_s=0.3)
+    sim.kill("coalescer:0", at=kill_at + max(-gap_s, 0.0), restart_s=0.3)
+    again = [sim.client(at=1.5, text=f"q{i}", edge="e1") for i in range(8)]  # the same prompts, afresh
+    sim.run()  # the checker: the Pacer holds nothing, every client ended exactly once
+    clients = before + followers
+    queued = {call.stream_id for call in sim.pool.log if call.opened_at > kill_at}
+    running = {call.stream_id for call in sim.pool.log if call.opened_at <= kill_at}
+    assert all(c.outcome == "done" for c in clients if c.stream_id in running), "running calls go on"
+    lost = [c for c in clients if c.outcome != "done"]
+    assert lost, "some flight of the dead shard was queued at the dead Pacer"
+    for c in lost:  # only the dead shard's, each with one clear error, soon after the kill
+        assert c.flight.shard == "coalescer:0" and c.error["code"] == "coalescer_lost"
+        assert c.ended_at < kill_at + 1.0, f"{c.request_id} ended at {c.ended_at}"
+        assert c.stream_id not in queued
+    assert all(c.outcome == "done" for c in clients if c.flight.shard == "coalescer:1")
+    assert [c.outcome for c in again] == ["done"] * 8
+
+
+@pytest.mark.parametrize("seed", seeds(30), ids=ids)
 def test_a_paused_pool_delays_but_completes_every_stream(seed):
     sim = Simulation(seed=seed)
     sim.upstream(ttft_ms=200, token_interval_ms=20, tokens=10)

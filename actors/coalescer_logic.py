@@ -192,7 +192,7 @@ class CoalescerLogic:
         return [Send(pacer, flight.request)]
 
     def _new_stream_id(self) -> str:
-        return self.new_stream_id() if self.new_stream_id is not None else stream_ids.new(self.me)
+        return self.new_stream_id() if self.new_stream_id is not None else stream_ids.new(self.secret, self.me)
 
     def _waits_at(self, pacer: str) -> bool:
         """Does a flight of this shard wait for a lease from `pacer`? Then a new one queues

@@ -150,7 +150,7 @@ class HubLogic:
         never opened ends with `coalescer_lost` (as the Pacer fails the requests such a
         shard had queued, when it lives), its subscribers now, a later subscriber at once."""
         error = ev.error("coalescer_lost", f"{role} restarted; this request was lost with it, retry it")
-        tag = stream_ids.owner_tag(owner)
+        tag = stream_ids.owner_tag(self.secret, owner)
         self.lost_owners.pop(tag, None)  # told again: remembered from now
         self.lost_owners[tag] = (error, now)
         for old, (_, lost_at) in list(self.lost_owners.items()):

@@ -204,8 +204,10 @@ class GatewayProc:
 
         # One load generator on loopback is one client address holding up to 1,000
         # connections: the per-address cap (edge/http_limits.py) is off for benchmarks.
-        # COALESCER_SHARDS unset: run.py's default, not the tests' two shards.
-        self.gw = Gateway({"SLUICE_MAX_CONNECTIONS_PER_CLIENT": "0", "COALESCER_SHARDS": None, **(env or {})})
+        # COALESCER_SHARDS as the caller's environment has it (unset: run.py's default, not
+        # the tests' two shards).
+        shards = os.environ.get("COALESCER_SHARDS")
+        self.gw = Gateway({"SLUICE_MAX_CONNECTIONS_PER_CLIENT": "0", "COALESCER_SHARDS": shards, **(env or {})})
         self.ready_s: float | None = None
         self.argv = [sys.executable, str(ROOT / "run.py")]
 

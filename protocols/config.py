@@ -286,8 +286,8 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
     "COALESCER_SHARDS": (
         None,
         _positive(int),
-        "number of key-sharded Coalescer actors; default: 1 with one edge worker, else 2 "
-        "(a member host where it is unset takes the leader's)",
+        "number of key-sharded Coalescer actors; default: 1 with one edge worker and no "
+        "SLUICE_JOIN or SLUICE_CLUSTER_SECRET, else 2 (a member host where it is unset takes the leader's)",
     ),
     "SLUICE_POOLS": (
         None,
@@ -358,12 +358,14 @@ def default_pools(cores: int | None) -> int:
     return 1 if cores <= 4 else cores // 4
 
 
-def default_shards(workers: int) -> int:
+def default_shards(workers: int, clustered: bool) -> int:
     """COALESCER_SHARDS when unset. One edge worker sends a shard a third of the CPU it
     spends itself (~1.8 vs ~6 ms a stream), so one shard keeps up with it, and a second
-    would idle as a process of ~6 MiB (docs/benchmarks.md, "Idle memory"); more workers
-    get two, so that one busy or lost shard is not every key's."""
-    return 1 if workers <= 1 else 2
+    would idle as a process of ~6 MiB (docs/benchmarks.md, "Idle memory"). More workers
+    get two, so that one busy or lost shard is not every key's; so does a host of a cluster
+    (it joins one, or has a cluster secret of its own for members to join with), so that a
+    member holds a shard and the count does not change with the leader's workers."""
+    return 1 if workers <= 1 and not clustered else 2
 
 
 def load(env: Mapping[str, str]) -> Settings:
@@ -385,7 +387,8 @@ def load(env: Mapping[str, str]) -> Settings:
     if settings["SLUICE_POOLS"] is None:
         settings["SLUICE_POOLS"] = default_pools(os.cpu_count())
     if settings["COALESCER_SHARDS"] is None:
-        settings["COALESCER_SHARDS"] = default_shards(settings["SLUICE_WORKERS"])
+        clustered = settings["SLUICE_JOIN"] is not None or settings["SLUICE_CLUSTER_SECRET"] is not None
+        settings["COALESCER_SHARDS"] = default_shards(settings["SLUICE_WORKERS"], clustered)
     settings["COALESCE_SCOPE"] = _coalesce_scope(settings)
     if not is_loopback(settings["SLUICE_ACTOR_HOST"]) and settings["SLUICE_CLUSTER_SECRET"] is None:
         raise ConfigError(

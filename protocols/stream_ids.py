@@ -5,9 +5,11 @@ what makes it a secret, the tag is a hash of the address of the shard incarnatio
 created the flight (`CoalescerLogic.me`, the address `MemberLost.incarnation` names when
 it dies). The stream hub reads the tag to end the streams a dead shard left unopened: when
 the Pacer died with it, nobody alive knew those flights (docs/reliability.md, "Process
-crashes"). The tag is a hash so that no internal address reaches a client (the SSE meta
-event carries the stream id); it needs no secret, since the hub takes a stream id only with
-the Coalescer's ticket for it (`auth.ticket` signs the whole id, tag included).
+crashes"). The tag is keyed with the cluster secret so that no internal address reaches a
+client (the SSE meta event carries the stream id): a plain hash of `host:port` is undone
+by hashing every port. What a client can still tell is that two of its streams had the
+same shard incarnation. The hub takes a stream id only with the Coalescer's ticket for it
+(`auth.ticket` signs the whole id, tag included).
 
 A stream id without a tag (a lease slice's grant, whose id the Pacer made; an older shard)
 has no owner the hub knows: it is never ended for a shard's death by the hub (such a call
@@ -16,27 +18,25 @@ is opened by its shard before the shard answers).
 
 from __future__ import annotations
 
-import hashlib
-
 from protocols import auth
 
 TAG_SEPARATOR = "~"
-TAG_CHARS = 16  # 64 bits of SHA-256: shard incarnations of one cluster never collide
+TAG_CHARS = 16  # 64 bits of HMAC-SHA256: shard incarnations of one cluster never collide
 
 
-def owner_tag(owner: str) -> str:
+def owner_tag(secret: bytes, owner: str) -> str:
     """The tag of the shard incarnation whose address is `owner`."""
-    return hashlib.sha256(owner.encode("utf-8", "surrogatepass")).hexdigest()[:TAG_CHARS]
+    return auth.mac(secret, b"stream-owner", owner).hex()[:TAG_CHARS]
 
 
-def owned(base: str, owner: str) -> str:
+def owned(base: str, secret: bytes, owner: str) -> str:
     """`base` (a random id; the simulator's counted one) tagged with its owner."""
-    return f"{base}{TAG_SEPARATOR}{owner_tag(owner)}"
+    return f"{base}{TAG_SEPARATOR}{owner_tag(secret, owner)}"
 
 
-def new(owner: str) -> str:
+def new(secret: bytes, owner: str) -> str:
     """A new stream id for a flight of the shard incarnation `owner`."""
-    return owned(auth.unguessable_id("s-"), owner)
+    return owned(auth.unguessable_id("s-"), secret, owner)
 
 
 def tag_of(stream_id: str) -> str | None:

@@ -103,7 +103,7 @@ def _counted_ids(prefix: str, owner: str | None = None) -> Callable[[], str]:
     counter = itertools.count(1)
     if owner is None:
         return lambda: f"{prefix}{next(counter)}"
-    return lambda: stream_ids.owned(f"{prefix}{next(counter)}", owner)
+    return lambda: stream_ids.owned(f"{prefix}{next(counter)}", SIM_SECRET, owner)
 
 
 def seeds(n: int, first: int = 0) -> list[int]:

@@ -43,7 +43,7 @@ def test_each_admitted_edge_gets_its_own_ticket_and_no_other():
     # 128 random bits, then the tag of the shard that owns it (protocols/stream_ids.py)
     random_part, _, tag = stream_id.partition("~")
     assert "r-leader" not in stream_id and len(random_part) == len("s-") + 32
-    assert tag == stream_ids.owner_tag("coalescer:0")
+    assert tag == stream_ids.owner_tag(SECRET, "coalescer:0")
 
 
 def test_an_error_replayed_within_its_ttl_carries_the_new_edges_ticket():

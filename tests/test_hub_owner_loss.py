@@ -5,6 +5,8 @@ were queued at may have died with the shard: docs/reliability.md, "Process crash
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from actors import hub_logic
@@ -34,9 +36,9 @@ def frames(sends: list) -> dict[str, list]:
 
 def test_a_dead_shards_unopened_streams_end_with_coalescer_lost_and_nothing_else_does():
     hub = HubLogic(SECRET)
-    queued = stream_ids.new(DEAD)  # queued at a Pacer: subscribed to, never opened
-    running = stream_ids.new(DEAD)  # its call runs here: served to the end
-    other = stream_ids.new(ALIVE)  # another shard's, queued
+    queued = stream_ids.new(SECRET, DEAD)  # queued at a Pacer: subscribed to, never opened
+    running = stream_ids.new(SECRET, DEAD)  # its call runs here: served to the end
+    other = stream_ids.new(SECRET, ALIVE)  # another shard's, queued
     untagged = auth.unguessable_id("s-")  # a lease slice's id: no owner known here
     for sid in (queued, running, other, untagged):
         subscribe(hub, sid, "edge-1")
@@ -59,10 +61,12 @@ def test_a_subscribe_after_the_loss_gets_the_error_at_once():
     # The dead shard's Admitted crossed its death: the edge subscribes afterwards.
     hub = HubLogic(SECRET)
     hub.owner_lost("coalescer:1", DEAD, 1.0)
-    late = stream_ids.new(DEAD)
+    late = stream_ids.new(SECRET, DEAD)
     sent = subscribe(hub, late, "edge-1", now=1.5)
     assert [(s.to, [e["code"] for e in s.msg.events]) for s in sent] == [("edge-1", ["coalescer_lost"])]
-    assert subscribe(hub, stream_ids.new(ALIVE), "edge-1", now=1.5) == [], "another shard's stream waits as before"
+    assert subscribe(hub, stream_ids.new(SECRET, ALIVE), "edge-1", now=1.5) == [], (
+        "another shard's stream waits as before"
+    )
     # a second subscriber of the ended stream gets the replay (the error), as for any finished stream
     again = subscribe(hub, late, "edge-2", now=1.6)
     assert [[e["code"] for e in s.msg.events] for s in again] == [["coalescer_lost"]]
@@ -72,18 +76,18 @@ def test_a_dead_shard_is_forgotten_after_a_minute_so_a_reused_address_is_not_tak
     # Ports wrap around: a later shard incarnation may get the dead one's address.
     hub = HubLogic(SECRET)
     hub.owner_lost("coalescer:0", DEAD, 1.0)
-    reborn = stream_ids.new(DEAD)
+    reborn = stream_ids.new(SECRET, DEAD)
     assert subscribe(hub, reborn, now=1.0 + hub_logic.LOST_OWNER_KEPT_S + 0.1) == []
     assert not hub.is_finished(reborn), "its stream waits for its lease as any other"
     hub.owner_lost("coalescer:1", ALIVE, 100.0)  # the next loss drops what has expired
-    assert list(hub.lost_owners) == [stream_ids.owner_tag(ALIVE)]
+    assert list(hub.lost_owners) == [stream_ids.owner_tag(SECRET, ALIVE)]
 
 
 def test_a_grant_that_arrives_after_the_loss_goes_straight_back():
     # The dead Pacer's OpenStream, or a live Pacer's sent before it heard of the death.
     hub = HubLogic(SECRET)
     pool = PoolLogic("pool", hub)
-    sid = stream_ids.new(DEAD)
+    sid = stream_ids.new(SECRET, DEAD)
     subscribe(hub, sid)
     hub.owner_lost("coalescer:0", DEAD, 1.0)
     effects = pool.handle(m.OpenStream(sid, "simulated", "sim-1", {}, sid, 0.0, DEAD), 1.2)
@@ -97,14 +101,19 @@ def test_the_hub_remembers_a_bounded_number_of_dead_shards(monkeypatch):
     for n in range(5):
         hub.owner_lost("coalescer:0", f"127.0.0.1:{41000 + n}", float(n))
     assert len(hub.lost_owners) == 3 and hub.state()["lost_owners"] == 3
-    assert stream_ids.owner_tag("127.0.0.1:41004") in hub.lost_owners
-    assert stream_ids.owner_tag("127.0.0.1:41000") not in hub.lost_owners
+    assert stream_ids.owner_tag(SECRET, "127.0.0.1:41004") in hub.lost_owners
+    assert stream_ids.owner_tag(SECRET, "127.0.0.1:41000") not in hub.lost_owners
 
 
 def test_stream_ids_are_unguessable_and_name_their_owner():
-    a, b = stream_ids.new(DEAD), stream_ids.new(DEAD)
+    a, b = stream_ids.new(SECRET, DEAD), stream_ids.new(SECRET, DEAD)
     assert a != b and a.startswith("s-")
-    assert stream_ids.tag_of(a) == stream_ids.tag_of(b) == stream_ids.owner_tag(DEAD) != stream_ids.owner_tag(ALIVE)
+    assert (
+        stream_ids.tag_of(a)
+        == stream_ids.tag_of(b)
+        == stream_ids.owner_tag(SECRET, DEAD)
+        != stream_ids.owner_tag(SECRET, ALIVE)
+    )
     assert DEAD not in a, "no internal address reaches a client (the meta event carries the id)"
     assert stream_ids.tag_of(auth.unguessable_id("s-")) is None
     assert stream_ids.tag_of("s-1~not-a-tag") is None
@@ -114,4 +123,11 @@ def test_a_shards_new_flights_carry_its_own_tag():
     shard = CoalescerLogic(me=DEAD, secret=SECRET)
     out = shard.handle(m.Submit("r-1", "k", "simulated", "sim-1", {}, "edge-1", 0.0), "edge", 0.0)
     (request,) = [s.msg for s in out if isinstance(s.msg, m.LeaseRequest)]
-    assert stream_ids.tag_of(request.lease_id) == stream_ids.owner_tag(DEAD)
+    assert stream_ids.tag_of(request.lease_id) == stream_ids.owner_tag(SECRET, DEAD)
+
+
+def test_the_owner_tag_is_keyed_so_no_address_can_be_read_back_from_it():
+    # A plain hash of host:port is undone by hashing every port; the cluster secret's MAC is not.
+    tag = stream_ids.owner_tag(SECRET, DEAD)
+    assert tag != hashlib.sha256(DEAD.encode()).hexdigest()[: stream_ids.TAG_CHARS]
+    assert tag != stream_ids.owner_tag(b"another cluster's secret", DEAD)

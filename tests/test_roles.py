@@ -142,9 +142,19 @@ def test_default_pools_one_per_four_cores(cores, pools):
     assert config.default_pools(cores) == pools
 
 
-@pytest.mark.parametrize(("workers", "shards"), [(1, 1), (2, 2), (8, 2)])
-def test_default_shards_follow_the_edge_workers(workers, shards):
-    assert config.default_shards(workers) == shards
-    settings = config.load({"SIMULATED_BASE_URL": "http://127.0.0.1:1", "SLUICE_WORKERS": str(workers)})
-    assert settings.coalescer_shards == shards
-    assert config.load({"SLUICE_WORKERS": str(workers), "COALESCER_SHARDS": "3"}).coalescer_shards == 3
+@pytest.mark.parametrize(
+    ("workers", "clustered", "shards"), [(1, False, 1), (2, False, 2), (8, False, 2), (1, True, 2)]
+)
+def test_default_shards_follow_the_edge_workers_and_the_cluster(workers, clustered, shards):
+    assert config.default_shards(workers, clustered) == shards
+
+
+def test_a_host_of_a_cluster_defaults_to_two_shards_and_a_set_count_wins():
+    base = {"SIMULATED_BASE_URL": "http://127.0.0.1:1"}
+    secret = "s" * 32
+    assert config.load(base).coalescer_shards == 1
+    assert config.load({**base, "SLUICE_WORKERS": "3"}).coalescer_shards == 2
+    assert config.load({**base, "SLUICE_CLUSTER_SECRET": secret}).coalescer_shards == 2  # members may join it
+    joining = {**base, "SLUICE_CLUSTER_SECRET": secret, "SLUICE_JOIN": "127.0.0.2:19500"}
+    assert config.load(joining).coalescer_shards == 2
+    assert config.load({**base, "SLUICE_WORKERS": "4", "COALESCER_SHARDS": "3"}).coalescer_shards == 3

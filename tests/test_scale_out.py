@@ -515,6 +515,35 @@ def test_a_member_with_another_shard_count_is_refused(cluster):
     wait_until(lambda: len(members(leader)) == len(cluster) - 1, timeout=30, message="only the cluster's members")
 
 
+def test_a_member_without_a_shard_count_takes_the_leaders(cluster):
+    # The cluster runs 6 shards; a member's own default is 2. Left unset, it counts the
+    # leader's 6 (else it would be refused as above): a key goes to the same shard from
+    # either host, so identical requests at the leader and at it make one upstream call.
+    leader = cluster[0]
+    join = {"SLUICE_JOIN": f"{leader.host}:{leader.actor_port}", "COALESCER_SHARDS": None}
+    member = Gateway({**cluster_env(leader.sim), **join}, "127.0.0.15")
+    try:
+        member.start(90)
+        texts = [f"unset {i} {uuid.uuid4().hex}" for i in range(3)]  # 3 keys: a 2-shard hash misses ~all
+
+        def one(job: tuple[Gateway, str]):
+            gw, text = job
+            client = SSEClient(gw.url + "/api/chat", chat_body(f"{text}\n#sim ttft_ms=3000 tokens=4"), timeout=60)
+            try:
+                assert client.status == 200
+                return data_events(client.read_all())[-1]["type"]
+            finally:
+                client.close()
+
+        with ThreadPoolExecutor(6) as pool:
+            ends = list(pool.map(one, [(gw, text) for text in texts for gw in (leader, member)]))
+        assert ends == ["done"] * 6
+        assert [len(calls_for(leader.sim, text)) for text in texts] == [1, 1, 1], "one call a key, from both hosts"
+    finally:
+        stop_hosts([member])
+    wait_until(lambda: len(members(leader)) == len(cluster) - 1, timeout=30, message="only the cluster's members")
+
+
 def actor_pid(gw: Gateway, role: str) -> int | None:
     status, ready = get_json(gw.url + "/readyz")
     return (ready.get("actors", {}).get(role) or {}).get("pid") if status == 200 else None
@@ -551,9 +580,7 @@ def finish(clients: list[SSEClient]) -> list[list]:
 
 
 def test_a_member_takes_coalescer_shards_and_its_loss_brings_them_back(sim):
-    # Two shards (the tests' Gateway sets them): a member that joins takes coalescer:1 from
-    # the leader. The member leaves COALESCER_SHARDS unset: its own default (one worker: one
-    # shard) gives way to the leader's count, or no key of it would land on coalescer:1 below.
+    # Two shards (the tests' Gateway sets them): a member that joins takes coalescer:1 from the leader.
     with running_cluster(sim, hosts=("127.0.0.13",), SIMULATED_RPS="50", SIMULATED_BURST="50") as hosts:
         leader = hosts[0]
         old_shard = actor_pid(leader, "coalescer:1")
@@ -567,8 +594,7 @@ def test_a_member_takes_coalescer_shards_and_its_loss_brings_them_back(sim):
             leader, "coalescer:1", lambda tag: chat_body(f"leaving {tag}\n#sim tokens=400 token_interval_ms=50")
         )
         join = {"SLUICE_JOIN": f"{leader.host}:{leader.actor_port}"}
-        member_env = {**cluster_env(sim, SIMULATED_RPS="50", SIMULATED_BURST="50"), **join, "COALESCER_SHARDS": None}
-        member = Gateway(member_env, "127.0.0.14")
+        member = Gateway({**cluster_env(sim, SIMULATED_RPS="50", SIMULATED_BURST="50"), **join}, "127.0.0.14")
         hosts.append(member)
         joined_at = time.monotonic()
         member.start(60)

@@ -276,7 +276,7 @@ class _Watchdog:
         if self.args[3] is None:
             return
         if self.admin is not None:
-            if alive(self.admin):
+            if alive(self.admin, self.args[3]):  # in the group: not a reused pid
                 return
             logging.getLogger("sluice").warning(
                 "the actor system's admin (pid %d) is gone: starting the orphan watchdog process", self.admin

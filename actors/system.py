@@ -298,14 +298,20 @@ def process_table() -> dict[int, Proc]:
     return table
 
 
-def alive(pid: int) -> bool:
+def alive(pid: int, group: int | None = None) -> bool:
     """True unless the process is gone or a zombie (reads one /proc entry: the Supervisor
-    asks this for every actor every second)."""
+    asks this for every actor every second); with `group`, also unless it has left that
+    process group (a pid reused by another process). An error other than "no such entry"
+    (no file descriptor left: EMFILE) cannot tell, and says alive: a live run.py taken for
+    dead would have its whole actor system stopped."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except OSError:
+            fields = f.read().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
         return False
+    except OSError:
+        return True
+    return fields[0] not in ("Z", "X") and (group is None or int(fields[2]) == group)
 
 
 def descendants(pid: int) -> set[int]:
@@ -359,10 +365,25 @@ def watch_from_admin(parent: int, host: str, port: int) -> None:
     once `parent` (the process that started the system: run.py) is gone, start the stop
     command, which stops the system politely and then kills its group, the admin with it.
     A parent that exits normally has stopped the system first (`stop` waits for the group
-    to be empty), so the admin is gone before it could see that."""
+    to be empty), so the admin is gone before it could see that. A stop command that cannot
+    be started (no fork: EAGAIN, ENOMEM, as when the OOM killer has just taken run.py) is
+    tried again for `STOP_TRIES_S`; then the group is killed from here, the admin included."""
     while alive(parent):
         time.sleep(WATCH_EVERY_S)  # a poll of one /proc entry: nothing to wait on instead
-    start_stop(host, port, os.getpgrp())  # the admin's group is the system's
+    group = os.getpgrp()  # the admin's group is the system's
+    deadline = time.monotonic() + STOP_TRIES_S
+    while True:
+        try:
+            start_stop(host, port, group)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                kill_group(group, 0)
+                return
+            time.sleep(WATCH_EVERY_S)  # the machine is short of processes or memory: a moment
+
+
+STOP_TRIES_S = 5.0
 
 
 def _command(args: list[str]) -> subprocess.Popen:
@@ -395,6 +416,9 @@ def watch(parent: int, host: str, port: int, group: int) -> int:
 
 
 def main(argv: list[str]) -> int:
+    # Started by the admin's watch thread, which blocks every signal: take them again, so
+    # that SIGTERM stops this command and an admin it forks is not born deaf to SIGCHLD.
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     if len(argv) == 5 and argv[0] == "watch":
         return watch(int(argv[1]), argv[2], int(argv[3]), int(argv[4]))
     if len(argv) != 4 or argv[0] != "stop":

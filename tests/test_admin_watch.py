@@ -159,6 +159,46 @@ def test_the_admins_watch_starts_the_stop_command_for_its_group_once_its_parent_
     assert stops == [("127.0.0.1", 1900, os.getpgrp())]
 
 
+def test_a_stop_command_that_cannot_be_started_is_tried_again_then_the_group_is_killed(monkeypatch):
+    tries: list = []
+    killed: list = []
+
+    def no_fork(*args):
+        tries.append(args)
+        raise BlockingIOError(11, "Resource temporarily unavailable")  # fork's EAGAIN
+
+    monkeypatch.setattr(system, "start_stop", no_fork)
+    monkeypatch.setattr(system, "kill_group", lambda group, grace_s: killed.append((group, grace_s)))
+    monkeypatch.setattr(system, "STOP_TRIES_S", 0.2)
+    monkeypatch.setattr(system, "WATCH_EVERY_S", 0.01)
+    system.watch_from_admin(dead_pid(), "127.0.0.1", 1900)
+    assert len(tries) > 1 and killed == [(os.getpgrp(), 0)]
+
+
+def test_alive_says_dead_only_for_a_process_that_is_gone_or_left_its_group(monkeypatch):
+    me = os.getpid()
+    assert system.alive(me) and system.alive(me, os.getpgrp())
+    assert not system.alive(me, os.getpgrp() + 1), "a reused pid in another group"
+    gone = dead_pid()
+    assert not system.alive(gone)
+
+    def out_of_descriptors(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr("builtins.open", out_of_descriptors)
+    assert system.alive(gone), "EMFILE cannot tell: alive"
+
+
+def test_the_stop_command_takes_the_signals_its_starter_blocked(monkeypatch):
+    monkeypatch.setattr(system, "stop_from_outside", lambda *args: 0)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
+    try:
+        assert system.main(["stop", "127.0.0.1", "1900", "12345"]) == 0
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def test_the_stop_command_and_the_watchdog_get_the_secret_in_their_environment_only(monkeypatch):
     launched: list = []
 
@@ -211,7 +251,7 @@ def watchdogs(monkeypatch):
 def test_no_watchdog_process_while_the_admin_lives_then_one_once_it_is_gone(watchdogs, monkeypatch):
     monkeypatch.setattr(thespian_admin_watch, "installed", lambda: True)
     admin = {"alive": True}
-    monkeypatch.setattr(system, "alive", lambda pid: pid == 501 and admin["alive"])
+    monkeypatch.setattr(system, "alive", lambda pid, group=None: pid == 501 and group == GROUP and admin["alive"])
     watchdog = run._Watchdog("127.0.0.1", 1900, GROUP)
     assert watchdog.admin == 501
     for _ in range(3):
@@ -228,7 +268,7 @@ def test_no_watchdog_process_while_the_admin_lives_then_one_once_it_is_gone(watc
 
 def test_without_the_patch_the_watchdog_process_runs_from_the_start(watchdogs, monkeypatch):
     monkeypatch.setattr(thespian_admin_watch, "installed", lambda: False)
-    monkeypatch.setattr(system, "alive", lambda pid: True)
+    monkeypatch.setattr(system, "alive", lambda pid, group=None: True)
     watchdog = run._Watchdog("127.0.0.1", 1900, GROUP)
     assert watchdog.admin is None
     watchdog.ensure()

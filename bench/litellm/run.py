@@ -226,6 +226,8 @@ class Sluice:
                 "SIMULATED_CONCURRENCY": conc,
                 "SLUICE_LOG_LEVEL": "WARNING",
                 "SLUICE_MAX_CONNECTIONS_PER_CLIENT": "0",
+                # As a user runs it: run.py's default unless the caller's environment sets it.
+                "COALESCER_SHARDS": os.environ.get("COALESCER_SHARDS"),
             }
         )  # one loopback load generator
         self.pacer = f"RPS={rps} BURST={burst} CONCURRENCY={conc}"

@@ -259,7 +259,7 @@ def _serve_with_secret(settings: Settings, secret: bytes, log) -> int:
 class _Watchdog:
     """The orphan watchdog process (actors/system.py `watch`), restarted if it dies; none
     while the actor system's admin lives and watches run.py itself (patches/
-    thespian_admin_watch.py, armed by `system.start`). `ensure` (the keeper, every 0.25 s)
+    thespian_admin_watch.py, armed by `system.start`). `ensure` (the keeper, each turn)
     starts one once that admin is gone, and from then on."""
 
     def __init__(self, host: str, port: int, group: int | None):

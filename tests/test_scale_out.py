@@ -515,16 +515,26 @@ def test_a_member_with_another_shard_count_is_refused(cluster):
     wait_until(lambda: len(members(leader)) == len(cluster) - 1, timeout=30, message="only the cluster's members")
 
 
-def test_a_member_without_a_shard_count_takes_the_leaders(cluster):
-    # The cluster runs 6 shards; a member's own default is 2. Left unset, it counts the
-    # leader's 6 (else it would be refused as above): a key goes to the same shard from
-    # either host, so identical requests at the leader and at it make one upstream call.
-    leader = cluster[0]
-    join = {"SLUICE_JOIN": f"{leader.host}:{leader.actor_port}", "COALESCER_SHARDS": None}
-    member = Gateway({**cluster_env(leader.sim), **join}, "127.0.0.15")
-    try:
+def test_a_member_without_a_shard_count_takes_the_leaders(sim):
+    # The leader runs 3 shards; a member's own default is 2 (a host of a cluster). Left
+    # unset, it counts the leader's 3 (else it would be refused, as above): a key goes to
+    # the same shard from either host, so identical requests at both make one upstream call.
+    with running_cluster(sim, hosts=("127.0.0.17",), COALESCER_SHARDS="3", SIMULATED_RPS="50") as hosts:
+        leader = hosts[0]
+        join = {"SLUICE_JOIN": f"{leader.host}:{leader.actor_port}", "COALESCER_SHARDS": None}
+        member = Gateway({**cluster_env(sim, SIMULATED_RPS="50"), **join}, "127.0.0.18")
+        hosts.append(member)
         member.start(90)
-        texts = [f"unset {i} {uuid.uuid4().hex}" for i in range(3)]  # 3 keys: a 2-shard hash misses ~all
+        # Settled: the member holds its share and the moved shards' old actors have stopped
+        # (an identical request meeting a shard mid-move may start a second call: scale-out.md).
+        here = f"{member.host}:{member.actor_port}"
+        wait_until(lambda: members(leader).get(here, {}).get("shards"), timeout=30, message="the member's shards")
+        wait_until(
+            lambda: admin_state(leader, "supervisor")["supervisor"]["retiring"] == [],
+            timeout=60,
+            message="the moved shards' old actors stopped",
+        )
+        texts = [f"unset {i} {uuid.uuid4().hex}" for i in range(3)]  # a 2-shard hash would miss ~2 of 3
 
         def one(job: tuple[Gateway, str]):
             gw, text = job
@@ -538,10 +548,7 @@ def test_a_member_without_a_shard_count_takes_the_leaders(cluster):
         with ThreadPoolExecutor(6) as pool:
             ends = list(pool.map(one, [(gw, text) for text in texts for gw in (leader, member)]))
         assert ends == ["done"] * 6
-        assert [len(calls_for(leader.sim, text)) for text in texts] == [1, 1, 1], "one call a key, from both hosts"
-    finally:
-        stop_hosts([member])
-    wait_until(lambda: len(members(leader)) == len(cluster) - 1, timeout=30, message="only the cluster's members")
+        assert [len(calls_for(sim, text)) for text in texts] == [1, 1, 1], "one call a key, from both hosts"
 
 
 def actor_pid(gw: Gateway, role: str) -> int | None:

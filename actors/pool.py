@@ -175,6 +175,16 @@ class PoolRuntime:
     def fail(self, msg: m.FailStream) -> None:
         self.loop.call_soon_threadsafe(self._handle, msg)
 
+    def report_active(self) -> None:
+        """Send the active-streams gauge again, changed or not (a Metrics actor that has not
+        had it: the first, or a replacement)."""
+
+        def report() -> None:
+            self.logic.reported_active = None
+            self._apply(self.logic.flush(time.time()))
+
+        self.loop.call_soon_threadsafe(report)
+
     def member_lost(self, msg: m.MemberLost) -> None:
         """A Coalescer shard died: the streams it left unopened end at the hub (the Pacer
         it queued them at may have died with it: actors/hub_logic.py `owner_lost`)."""
@@ -406,6 +416,7 @@ class PoolActor(HostActor):
         super().__init__(*args, **kwargs)
         self.runtime: PoolRuntime | None = None
         self.outbox = Outbox()
+        self.metrics_told: str | None = None  # the Metrics actor that has this Pool's gauge
 
     def on_wire(self, wire: m.Wire) -> None:
         self.role = wire.role  # "pool", "pool:1", ... (SLUICE_POOLS of them, each with its own hub)
@@ -418,6 +429,12 @@ class PoolActor(HostActor):
         # On every Wire, not only the first: a replacement Supervisor that adopted this
         # Pool learns where its hub is the same way.
         self.apply([Send(roles.SUPERVISOR, m.HubReady(self.settings.actor_host, self.runtime.hub_port, self.role))])
+        # The active-streams gauge (0 while idle) to each new Metrics actor: every Pool's series
+        # is in /metrics from the start, not only once it has carried a stream.
+        metrics = self.directory.get(roles.METRICS)
+        if metrics is not None and metrics != self.metrics_told:
+            self.metrics_told = metrics
+            self.runtime.report_active()
 
     def on_message(self, msg, sender, now):
         if self.runtime is None:

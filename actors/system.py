@@ -329,6 +329,15 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+def cmdline(pid: int) -> str:
+    """The command line of `pid`, its arguments space-separated ("" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def admin_pid(group: int, table: dict[int, Proc] | None = None) -> int | None:
     """The Thespian admin of the actor system in `group` (None: not found): the one live
     member whose parent is no other live member. The group's leader, the daemonizing child

@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from actors.system import alive, descendants, process_table  # noqa: F401  (the benches use them)
+from actors.system import alive, cmdline, descendants, process_table  # noqa: F401  (the benches use them)
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -95,14 +95,6 @@ def pss_kib(pid: int) -> int | None:
     except OSError:
         return None
     return None
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 def loadavg() -> tuple[float, float, float]:

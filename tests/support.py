@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import httpcore
 
+from actors.system import cmdline
 from protocols.sse import SSEParser
 from sim.testing import (
     ROOT,
@@ -45,6 +46,7 @@ __all__ = [
     "admin_gateway",
     "admin_state",
     "alive",
+    "cmdline",
     "chat_body",
     "data_events",
     "descendants",

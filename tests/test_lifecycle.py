@@ -16,6 +16,7 @@ from tests.support import (
     Gateway,
     SSEClient,
     chat_body,
+    cmdline,
     data_events,
     descendants,
     get_json,
@@ -91,14 +92,6 @@ def test_every_socket_listens_on_loopback_only():
         gw.stop()
         wait_until(lambda: gw.leftovers() == (set(), set()), timeout=15, message="no process or port left")
         gw.kill_leftovers()
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def watchdogs(gw) -> set[int]:

@@ -224,3 +224,16 @@ def test_a_killed_pool_ends_only_its_own_streams_and_gives_its_leases_back(gw):
     after = f"after {uuid.uuid4().hex}"
     results = [stream_chat(gw.url + "/api/chat", chat_body(f"{after} {i}\n#sim tokens=3")) for i in range(2)]
     assert [data_events(events)[-1]["type"] for _, _, events in results] == ["done", "done"]
+
+
+def test_every_pool_has_its_active_streams_series_before_its_first_call(sim):
+    # A fresh gateway, no request yet: each Pool reports its gauge (0) once it is up, so an
+    # operator's dashboard and alerts see every Pool from the start.
+    with running_gateway({**ENV, "SIMULATED_BASE_URL": sim}) as fresh:
+
+        def series():
+            status, _, body = request("GET", fresh.url + "/metrics")
+            text = body.decode() if status == 200 else ""
+            return all(f'sluice_active_streams{{pool="{pool}"}} 0' in text for pool in ("pool", "pool:1"))
+
+        wait_until(series, timeout=20, message="both Pools' active_streams series, at 0")

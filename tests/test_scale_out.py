@@ -45,6 +45,7 @@ from tests.support import (
     SSEClient,
     alive,
     chat_body,
+    cmdline,
     data_events,
     descendants,
     ends_when_read,
@@ -377,20 +378,12 @@ def test_a_member_whose_run_py_alone_is_killed_leaves_nothing_by_its_admins_watc
     with running_cluster(sim, hosts=("127.0.0.7", "127.0.0.8"), COALESCER_SHARDS="1") as hosts:
         leader, member = hosts
         tree = descendants(member.proc.pid)
-        assert not [pid for pid in tree if "actors.watchdog" in _cmdline(pid)], "a watchdog process on the member"
+        assert not [pid for pid in tree if "actors.watchdog" in cmdline(pid)], "a watchdog process on the member"
         member.tree |= tree
         member.proc.send_signal(signal.SIGKILL)
         member.proc.wait(10)
         wait_until(lambda: member.leftovers() == (set(), set()), timeout=30, message="the member's system stopped")
         wait_until(lambda: members(leader) == {}, timeout=60, message="the leader notices the lost member")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def test_metrics_and_admin_answer_for_the_whole_cluster_from_any_host(cluster):

@@ -312,14 +312,16 @@ class PacerLogic:
             Send(waiter.requester, m.LeaseFallback(request.lease_id, provider, model, alternatives[1:], origin, reason))
         ]
 
-    def _unavailable(self, waiter: _Waiter, queued: bool, now: float) -> list:
-        """Every key's circuit is open and there is no fallback: fail fast."""
+    def _unavailable(self, waiter: _Waiter, listening: str, now: float) -> list:
+        """Every key's circuit is open and there is no fallback: fail fast. `listening`: the
+        hub its admitted clients listen at, where its stream ends too ("": none admitted
+        yet, the shard rejects them); see `_denied_on_arrival` for which hub that is."""
         self.denials_total += 1
         retry = round(max(1.0, min(b.circuit.half_opens_at for b in self.buckets) - now), 3)
         text = f"{self.provider}: the provider keeps failing (every API key's circuit is open); retry in {retry:g} s"
         out = [Send(waiter.requester, m.LeaseDenied(waiter.lease_id, 503, "upstream_unavailable", text, retry))]
-        if queued:  # its clients were admitted and listen at the hub
-            out.append(Send(waiter.hub, m.FailStream(waiter.lease_id, "upstream_unavailable", text)))
+        if listening:
+            out.append(Send(listening, m.FailStream(waiter.lease_id, "upstream_unavailable", text)))
         return out
 
     # --- crashes of others -----------------------------------------------------------------
@@ -448,7 +450,7 @@ class PacerLogic:
         if self._all_open():
             if alternatives:
                 return out + self._fall_back(waiter, alternatives, "circuits_open", now)
-            return out + self._unavailable(waiter, bool(msg.hub), now)
+            return out + self._unavailable(waiter, msg.hub, now)
         if alternatives and self.fallback_queue and len(self.queue) >= self.fallback_queue:
             return out + self._fall_back(waiter, alternatives, "queue", now)
         if not self.queue:
@@ -478,7 +480,11 @@ class PacerLogic:
         """A request denied as it arrives. One that names its hub (`LeaseRequest.hub`: asked
         again of a replaced Pacer, or of a fallback's, after it was queued) has its clients
         admitted and listening there: its stream ends there too, as a queued one's does
-        (the shard only rejects those still waiting for its answer)."""
+        (the shard only rejects those still waiting for its answer). Always the hub it
+        names, not the Pool this Pacer would give it: the shard's `Admitted` named that one
+        and every edge subscribed there. One this Pacer does not know (its host left the
+        cluster, or a Wire not yet here) has no address: the host drops the FailStream with
+        a warning, and no other hub has a client of this stream to tell."""
         out = [Send(sender, m.LeaseDenied(msg.lease_id, status, code, text, retry))]
         if msg.hub:
             out.append(Send(msg.hub, m.FailStream(msg.lease_id, code, text)))
@@ -515,7 +521,7 @@ class PacerLogic:
                 if alternatives:
                     out += self._fall_back(waiter, alternatives, "circuits_open", now)
                 else:
-                    out += self._unavailable(waiter, True, now)
+                    out += self._unavailable(waiter, waiter.hub, now)  # queued: LeaseQueued named it
         while self.queue:
             bucket = self._pick(now, self.queue[0].hub)
             if bucket is None:

@@ -718,6 +718,24 @@ def test_a_re_ask_the_new_pacer_refuses_on_arrival_ends_the_stream_its_clients_h
     assert refused[0].error["code"] == "pacer_queue_full" and refused[0].ended_at < 1.0, refused[0].events
 
 
+@pytest.mark.parametrize("seed", seeds(30), ids=ids)
+def test_a_re_ask_the_new_pacer_finds_doomed_on_arrival_ends_the_stream_its_clients_hear(seed):
+    # The other refusal on arrival (pacer_queue_timeout at once): the new Pacer's bucket
+    # starts full and it counts none of the calls still running, so it grants re-asks
+    # until its token is spent, and the next one could only be granted long after its
+    # wait (RPS 0.01: a token in 100 s, MAX_WAIT 30 s). The dead Pacer queued them on its
+    # concurrency (a release may come any moment), so it refused none of them itself.
+    sim = Simulation(seed=seed, shards=2, pacer=PacerSettings(rps=10, burst=1, concurrency=2, max_wait_s=30))
+    sim.upstream(ttft_ms=100, token_interval_ms=20, tokens=20)  # 0.5 s a call: 2 run at the kill, 2 queue
+    clients = [sim.client(at=at, text=f"q{i}", edge=f"e{i % 2 + 1}") for i, at in enumerate([0.0, 0.12, 0.14, 0.15])]
+    sim.configure_pacer(at=0.17, rps=0.01)  # the new Pacer starts with it
+    sim.kill("pacer:simulated", at=0.2, restart_s=0.3)
+    sim.run()
+    refused = [c for c in clients if c.outcome != "done"]
+    assert len(refused) == 1 and refused[0] in clients[2:], [(c.outcome, c.error) for c in clients]
+    assert refused[0].error["code"] == "pacer_queue_timeout" and refused[0].ended_at < 1.0, refused[0].events
+
+
 @pytest.mark.parametrize("gap_s", [0.0, 0.005, -0.005], ids=["together", "pacer-first", "shard-first"])
 @pytest.mark.parametrize("seed", seeds(20), ids=ids)
 def test_a_pacer_killed_with_a_shard_leaves_no_client_of_its_queue_waiting(seed, gap_s):

@@ -178,12 +178,7 @@ class PoolRuntime:
     def report_active(self) -> None:
         """Send the active-streams gauge again, changed or not (a Metrics actor that has not
         had it: the first, or a replacement)."""
-
-        def report() -> None:
-            self.logic.reported_active = None
-            self._apply(self.logic.flush(time.time()))
-
-        self.loop.call_soon_threadsafe(report)
+        self.loop.call_soon_threadsafe(lambda: self._apply(self.logic.flush_with_gauge(time.time())))
 
     def member_lost(self, msg: m.MemberLost) -> None:
         """A Coalescer shard died: the streams it left unopened end at the hub (the Pacer

@@ -344,6 +344,12 @@ class PoolLogic:
             self.records.append({**gauge, "at": now})
         return self._send_records()
 
+    def flush_with_gauge(self, now: float) -> list[Effect]:
+        """`flush`, with the active-streams gauge whether it changed or not (for a Metrics
+        actor that has not had it: the first, or a replacement)."""
+        self.reported_active = None
+        return self.flush(now)
+
     def _record(self, record: dict) -> list[Effect]:
         self.records.append(record)
         return self._send_records() if len(self.records) >= RECORD_BATCH else []

@@ -368,3 +368,12 @@ def test_a_stream_nobody_opened_is_an_orphan_a_minute_after_the_pacers_longest_w
     assert orphan_after(30.0) == 90.0
     sim = Simulation(seed=1, pacer=PacerSettings(max_wait_s=8.0))  # the simulated Pool's hub: the same rule
     assert sim.pool.hub.orphan_s == orphan_after(8.0) == 68.0
+
+
+def test_the_gauge_goes_again_unchanged_for_a_new_metrics_actor():
+    logic = Host().logic
+    [first] = logic.flush_with_gauge(0.0)
+    assert [r["value"] for r in first.msg.records if r["kind"] == "gauge"] == [0]
+    assert logic.flush(1.0) == [], "unchanged: not again"
+    [again] = logic.flush_with_gauge(2.0)
+    assert [r["value"] for r in again.msg.records if r["kind"] == "gauge"] == [0]

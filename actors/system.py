@@ -25,6 +25,7 @@ run.py, the admin CLI, the stop command and the watchdog, benches and test probe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -376,20 +377,29 @@ def watch_from_admin(parent: int, host: str, port: int) -> None:
     A parent that exits normally has stopped the system first (`stop` waits for the group
     to be empty), so the admin is gone before it could see that. A stop command that cannot
     be started (no fork: EAGAIN, ENOMEM, as when the OOM killer has just taken run.py) is
-    tried again for `STOP_TRIES_S`; then the group is killed from here, the admin included."""
+    tried again for `STOP_TRIES_S`; then the group is killed from here, the admin included.
+    A stop command that ends (killed, say) or runs past `STOP_WITHIN_S` while this admin
+    still lives has not stopped the system: the group is killed from here too."""
     while alive(parent):
         time.sleep(WATCH_EVERY_S)  # a poll of one /proc entry: nothing to wait on instead
     group = os.getpgrp()  # the admin's group is the system's
     deadline = time.monotonic() + STOP_TRIES_S
     while True:
         try:
-            start_stop(host, port, group)
-            return
+            command = start_stop(host, port, group)
+            break
         except OSError:
             if time.monotonic() > deadline:
                 kill_group(group, 0)
                 return
             time.sleep(WATCH_EVERY_S)  # the machine is short of processes or memory: a moment
+    # A stop that works ends this admin, and this thread with it, before the wait returns.
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        command.wait(STOP_WITHIN_S)
+    kill_group(group, 0)
+
+
+STOP_WITHIN_S = 60.0  # a polite stop takes seconds (Thespian's shutdown, then STOP_GRACE_S)
 
 
 STOP_TRIES_S = 5.0

@@ -152,27 +152,58 @@ def dead_pid() -> int:
     return child.pid
 
 
-def test_the_admins_watch_starts_the_stop_command_for_its_group_once_its_parent_is_gone(monkeypatch):
+class StopCommand:
+    """What `start_stop` returns, as far as the watch uses it: a stop that ends at once, or
+    one that is still running when the watch stops waiting for it."""
+
+    def __init__(self, ends: bool):
+        self.ends, self.waited = ends, []
+
+    def wait(self, timeout=None):
+        self.waited.append(timeout)
+        if not self.ends:
+            raise subprocess.TimeoutExpired("stop", timeout)
+        return -signal.SIGKILL
+
+
+@pytest.fixture
+def killed_groups(monkeypatch) -> list:
+    """Record the watch's `kill_group` calls (the real one would SIGKILL this test's group)."""
+    killed: list = []
+    monkeypatch.setattr(system, "kill_group", lambda group, grace_s: killed.append((group, grace_s)))
+    return killed
+
+
+def test_the_admins_watch_starts_the_stop_command_for_its_group_once_its_parent_is_gone(monkeypatch, killed_groups):
     stops: list = []
-    monkeypatch.setattr(system, "start_stop", lambda *args: stops.append(args))
+    monkeypatch.setattr(system, "start_stop", lambda *args: stops.append(args) or StopCommand(ends=True))
     system.watch_from_admin(dead_pid(), "127.0.0.1", 1900)
     assert stops == [("127.0.0.1", 1900, os.getpgrp())]
 
 
-def test_a_stop_command_that_cannot_be_started_is_tried_again_then_the_group_is_killed(monkeypatch):
+@pytest.mark.parametrize("ends", [True, False], ids=["stop command killed", "stop command stuck"])
+def test_a_stop_command_that_did_not_stop_the_system_gets_the_group_killed(monkeypatch, killed_groups, ends):
+    """A stop that works ends the admin, this watch with it; a watch still running once its
+    stop command has ended (SIGKILLed, say) or has run past STOP_WITHIN_S kills the group."""
+    command = StopCommand(ends)
+    monkeypatch.setattr(system, "start_stop", lambda *args: command)
+    system.watch_from_admin(dead_pid(), "127.0.0.1", 1900)
+    assert command.waited == [system.STOP_WITHIN_S]
+    assert killed_groups == [(os.getpgrp(), 0)]
+
+
+def test_a_stop_command_that_cannot_be_started_is_tried_again_then_the_group_is_killed(monkeypatch, killed_groups):
     tries: list = []
-    killed: list = []
 
     def no_fork(*args):
         tries.append(args)
         raise BlockingIOError(11, "Resource temporarily unavailable")  # fork's EAGAIN
 
     monkeypatch.setattr(system, "start_stop", no_fork)
-    monkeypatch.setattr(system, "kill_group", lambda group, grace_s: killed.append((group, grace_s)))
     monkeypatch.setattr(system, "STOP_TRIES_S", 0.2)
     monkeypatch.setattr(system, "WATCH_EVERY_S", 0.01)
     system.watch_from_admin(dead_pid(), "127.0.0.1", 1900)
-    assert len(tries) > 1 and killed == [(os.getpgrp(), 0)]
+    assert len(tries) > 1 and killed_groups == [(os.getpgrp(), 0)]
 
 
 def test_alive_says_dead_only_for_a_process_that_is_gone_or_left_its_group(monkeypatch):

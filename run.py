@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import sys
+import threading
 from dataclasses import replace
 
 from protocols import config
@@ -260,32 +262,58 @@ class _Watchdog:
     """The orphan watchdog process (actors/system.py `watch`), restarted if it dies; none
     while the actor system's admin lives and watches run.py itself (patches/
     thespian_admin_watch.py, armed by `system.start`). `ensure` (the keeper, each turn)
-    starts one once that admin is gone, and from then on."""
+    starts one once that admin is gone, and from then on; so does a thread woken by the
+    admin's exit (`_on_admin_exit`), at once rather than at the keeper's next turn."""
 
     def __init__(self, host: str, port: int, group: int | None):
         from actors import system
         from patches import thespian_admin_watch
 
         self.args, self.proc = (os.getpid(), host, port, group), None
+        self._lock, self._stopped = threading.Lock(), False
         # Found now, while the admin is the only member of its group with a parent outside it.
         self.admin = system.admin_pid(group) if group is not None and thespian_admin_watch.installed() else None
+        self._watch_admin_exit()
+
+    def _watch_admin_exit(self) -> None:
+        """run.py and the admin killed within one keeper turn (0.25 s, or seconds while an
+        ask waits) left the actors running: nobody watched run.py any more. A pidfd of the
+        admin wakes a thread the moment it exits; where there is none (not Linux 5.3+, or
+        the admin already gone), the keeper's turn still notices."""
+        if self.admin is None or not hasattr(os, "pidfd_open"):
+            return
+        try:
+            fd = os.pidfd_open(self.admin)
+        except OSError:
+            return
+        threading.Thread(target=self._on_admin_exit, args=(fd,), name="admin-exit", daemon=True).start()
+
+    def _on_admin_exit(self, fd: int) -> None:
+        try:
+            select.select([fd], [], [])  # readable once the process has exited
+        finally:
+            os.close(fd)
+        self.ensure()
 
     def ensure(self) -> None:
         from actors.system import alive, start_watchdog
 
-        if self.args[3] is None:
-            return
-        if self.admin is not None:
-            if alive(self.admin, self.args[3]):  # in the group: not a reused pid
+        with self._lock:
+            if self.args[3] is None or self._stopped:
                 return
-            logging.getLogger("sluice").warning(
-                "the actor system's admin (pid %d) is gone: starting the orphan watchdog process", self.admin
-            )
-            self.admin = None
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = start_watchdog(*self.args)
+            if self.admin is not None:
+                if alive(self.admin, self.args[3]):  # in the group: not a reused pid
+                    return
+                logging.getLogger("sluice").warning(
+                    "the actor system's admin (pid %d) is gone: starting the orphan watchdog process", self.admin
+                )
+                self.admin = None
+            if self.proc is None or self.proc.poll() is not None:
+                self.proc = start_watchdog(*self.args)
 
     def stop(self) -> None:
+        with self._lock:
+            self._stopped = True  # run.py stops the system next: the admin's exit is expected
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(5)

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -311,3 +312,40 @@ def test_no_group_no_watchdog(watchdogs, monkeypatch):
     watchdog = run._Watchdog("127.0.0.1", 1900, None)
     watchdog.ensure()
     assert watchdog.admin is None and watchdogs == []
+
+
+@pytest.fixture
+def real_admin(watchdogs, monkeypatch):
+    """A child process stands in for the admin: its exit wakes run.py's admin-exit thread."""
+    monkeypatch.setattr(thespian_admin_watch, "installed", lambda: True)
+    real_alive = system.alive
+    monkeypatch.setattr(system, "alive", lambda pid, group=None: real_alive(pid))  # it is not in GROUP
+    admin = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(system, "admin_pid", lambda group: admin.pid)
+    yield admin
+    admin.kill()
+    admin.wait()
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfd: the keeper's turn alone notices")
+def test_the_admins_exit_starts_the_watchdog_process_at_once_without_a_keeper_turn(real_admin, watchdogs):
+    """run.py and the admin killed within one keeper turn left the actors running."""
+    watchdog = run._Watchdog("127.0.0.1", 1900, GROUP)
+    assert watchdog.admin == real_admin.pid and watchdogs == []
+    real_admin.kill()  # nobody calls ensure(): only the thread woken by the exit can start it
+    deadline = time.monotonic() + 30
+    while not watchdogs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert watchdogs == [(os.getpid(), "127.0.0.1", 1900, GROUP)]
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfd: the keeper's turn alone notices")
+def test_the_admins_exit_after_run_py_began_stopping_starts_nothing(real_admin, watchdogs):
+    watchdog = run._Watchdog("127.0.0.1", 1900, GROUP)
+    watchdog.stop()  # run.py stops the system next: the admin's exit is expected
+    real_admin.kill()
+    real_admin.wait()
+    threads = [t for t in threading.enumerate() if t.name == "admin-exit"]
+    for thread in threads:
+        thread.join(30)
+    assert not any(t.is_alive() for t in threads) and watchdogs == []

@@ -60,7 +60,10 @@ LeaseRelease), with its token and per-minute place taken from surplus only (key_
 the edges, nothing to the Pacer. Everything that must stop grants recalls the slices
 (`SliceRecall`): a request that has to queue (so the head of the queue gets them first),
 any change of a key's circuit, a 429 pause, a settings change; no slice is handed out while
-anything waits. A dead shard's grants are reclaimed like its leases (`MemberLost`).
+anything waits. A dead shard's grants are reclaimed like its leases (`MemberLost`). A
+grant's id (the stream id of the call it opens) is tagged with the shard it is handed to
+(protocols/stream_ids.py), so the hub ends its stream if that shard dies before opening
+it, even when this Pacer died with it.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ from typing import Any
 from actors.circuit import HALF_OPEN, OPEN, STATE_VALUE, CircuitSettings
 from actors.key_choice import KeyBucket, choose, retry_order
 from actors.pool_choice import PoolChoice
-from protocols import auth, roles
+from protocols import auth, roles, stream_ids
 from protocols import messages as m
 from protocols.effects import After, Send
 from protocols.settings import SETTING_TYPES, PacerSettings, settings_from
@@ -147,8 +150,11 @@ class PacerLogic:
     slice_size: int = 0  # grants a shard may hold ahead of demand (0: no slices)
     me: str = ""  # this incarnation's address: shards drop its slices when it dies
     # The ids of slice grants (they become stream ids); random in production, a counter in
-    # the simulation so that a run replays from its seed.
+    # the simulation so that a run replays from its seed. Each is tagged with the shard it
+    # is handed to (`secret`: the cluster secret; protocols/stream_ids.py), as that shard's
+    # own stream ids are, so that a Pool ends it if the shard dies with it unopened.
     new_lease_id: Callable[[], str] = lambda: auth.unguessable_id("s-")
+    secret: bytes = b""
     buckets: list = field(init=False)  # KeyBucket per key
     in_flight: dict = field(default_factory=dict, init=False)  # lease_id -> _Held
     pools: PoolChoice = field(default_factory=PoolChoice, init=False)  # where each Pool is; which runs a call
@@ -684,7 +690,10 @@ class PacerLogic:
             pool = self.pools.incarnation(hub)
             if pool is None:
                 break  # no Pool up: nothing to open a call on
-            lease_id = self.new_lease_id()
+            # The grant's holder is its owner: if the shard dies before its OpenStream leaves,
+            # the hub ends the stream its clients were admitted to (`owner_lost`), even with
+            # this Pacer dead too.
+            lease_id = stream_ids.owned(self.new_lease_id(), self.secret, asker)
             bucket.slice_out()
             self._last_key = bucket.index
             self.in_flight[lease_id] = _Held(now, pool, asker, bucket.index, False, hub, "held")

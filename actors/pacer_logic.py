@@ -32,7 +32,8 @@ With several Pools (`SLUICE_POOLS`), each request is given its Pool when it arri
 (`actors/pool_choice.py`: the least loaded, counting this Pacer's granted and queued
 calls), named in `LeaseQueued.hub` / `LeaseGranted.hub` (its clients listen at that Pool's
 hub), and its grant goes there. A request that names a Pool (`LeaseRequest.hub`: asked
-again for a flight whose clients listen already) keeps it. With several hosts the choice
+again for a flight whose clients listen already) keeps it; one naming a Pool this Pacer
+does not know (gone with its host) is refused at once, `pool_lost` (`_pool_gone`). With several hosts the choice
 prefers a Pool on the host where the flight's first client arrived (`LeaseRequest.host`;
 each Pool's host is in the Supervisor's Wire, `PoolAt.host`), unless those are much more
 loaded than the others (pool_choice.py `spill`).
@@ -450,7 +451,9 @@ class PacerLogic:
         # Those already waiting go first: whatever can be granted now is, before a
         # newcomer is queued behind them (or sees a full queue that is not full).
         out = self._drain(now) if self.queue else []
-        hub = msg.hub if msg.hub and self.pools.known(msg.hub) else self._choose_pool(msg.host)
+        if msg.hub and not self.pools.known(msg.hub):
+            return out + self._pool_gone(msg, sender)
+        hub = msg.hub or self._choose_pool(msg.host)
         waiter = _Waiter(msg.lease_id, sender, now, msg, hub, self.pools.incarnation(hub))
         alternatives = self._alternatives(msg)
         if self._all_open():
@@ -480,6 +483,19 @@ class PacerLogic:
         out += self._recall()
         return out + [Send(sender, m.LeaseQueued(msg.lease_id, len(self.queue), hub))] + self._schedule(now)
 
+    def _pool_gone(self, msg: m.LeaseRequest, sender: Any) -> list:
+        """A request that names a Pool this Pacer does not know: its clients were admitted
+        and listen at that Pool's hub, and only there. A Pool leaves the directory only
+        with its host (it never comes back), and every Pool a shard is told of was in some
+        Pacer's directory, so this one is gone: denied as the requests queued for a dead
+        Pool are (`pool_lost`), its stream ended at the hub it names. Run on a Pool chosen
+        here instead, its stream would go where none of its clients listen (they waited
+        for the hub's orphan timeout); kept waiting for the named one, it would hold the
+        queue's head for a Pool that will not return."""
+        self.denials_total += 1
+        text = f"{msg.hub} left the gateway before this request's upstream call started; retry it"
+        return self._denied_on_arrival(msg, sender, 503, "pool_lost", text, 1.0)
+
     def _denied_on_arrival(
         self, msg: m.LeaseRequest, sender: Any, status: int, code: str, text: str, retry: float | None
     ) -> list:
@@ -488,9 +504,9 @@ class PacerLogic:
         admitted and listening there: its stream ends there too, as a queued one's does
         (the shard only rejects those still waiting for its answer). Always the hub it
         names, not the Pool this Pacer would give it: the shard's `Admitted` named that one
-        and every edge subscribed there. One this Pacer does not know (its host left the
-        cluster, or a Wire not yet here) has no address: the host drops the FailStream with
-        a warning, and no other hub has a client of this stream to tell."""
+        and every edge subscribed there. One this Pacer does not know (`_pool_gone`: its
+        host left the cluster) has no address: the host drops the FailStream with a warning,
+        and no other hub has a client of this stream to tell."""
         out = [Send(sender, m.LeaseDenied(msg.lease_id, status, code, text, retry))]
         if msg.hub:
             out.append(Send(msg.hub, m.FailStream(msg.lease_id, code, text)))

@@ -33,8 +33,9 @@ With several Pools (`SLUICE_POOLS`), each request is given its Pool when it arri
 calls), named in `LeaseQueued.hub` / `LeaseGranted.hub` (its clients listen at that Pool's
 hub), and its grant goes there. A request that names a Pool (`LeaseRequest.hub`: asked
 again for a flight whose clients listen already) keeps it; one naming a Pool this Pacer
-does not know (gone with its host) is refused at once, `pool_lost` (`_pool_gone`). With several hosts the choice
-prefers a Pool on the host where the flight's first client arrived (`LeaseRequest.host`;
+does not know (gone with its host) is refused at once, `pool_lost` (`_pool_gone`). With
+several hosts the choice prefers a Pool on the host where the flight's first client
+arrived (`LeaseRequest.host`;
 each Pool's host is in the Supervisor's Wire, `PoolAt.host`), unless those are much more
 loaded than the others (pool_choice.py `spill`).
 

@@ -35,9 +35,8 @@ hub), and its grant goes there. A request that names a Pool (`LeaseRequest.hub`:
 again for a flight whose clients listen already) keeps it; one naming a Pool this Pacer
 does not know (gone with its host) is refused at once, `pool_lost` (`_pool_gone`). With
 several hosts the choice prefers a Pool on the host where the flight's first client
-arrived (`LeaseRequest.host`;
-each Pool's host is in the Supervisor's Wire, `PoolAt.host`), unless those are much more
-loaded than the others (pool_choice.py `spill`).
+arrived (`LeaseRequest.host`; each Pool's host is in the Supervisor's Wire, `PoolAt.host`),
+unless those are much more loaded than the others (pool_choice.py `spill`).
 
 Every lease belongs to the process incarnations it involves: the Pool incarnation its
 call was sent to (learnt from the directory: `PoolAt`) and the Coalescer shard that

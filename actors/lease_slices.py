@@ -35,7 +35,7 @@ EPS = 1e-9
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    lease_id: str  # also the stream id of the call it opens
+    lease_id: str  # also the stream id of the call it opens (tagged with this shard: stream_ids.py)
     key: int
     keys: list
     hub: str  # the Pool (role) the call goes to

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from actors import secret
 from actors.circuit import CircuitSettings
 from actors.host import HostActor, my_address
 from actors.pacer_logic import PacerLogic, PoolAt
@@ -41,6 +42,7 @@ class PacerActor(HostActor):
                 fallback_queue=failover.fallback_queue,
                 slice_size=self.settings.lease_slice,
                 me=my_address(self),
+                secret=secret.get(),
             )
             self.apply([After(GAUGE_EVERY_S, ReportGauges())])
         # Every Wire carries the directory: grants go to the Pools it names, or wait for one.

@@ -32,10 +32,11 @@ With several Pools (`SLUICE_POOLS`), each request is given its Pool when it arri
 (`actors/pool_choice.py`: the least loaded, counting this Pacer's granted and queued
 calls), named in `LeaseQueued.hub` / `LeaseGranted.hub` (its clients listen at that Pool's
 hub), and its grant goes there. A request that names a Pool (`LeaseRequest.hub`: asked
-again for a flight whose clients listen already) keeps it. With several hosts the choice
-prefers a Pool on the host where the flight's first client arrived (`LeaseRequest.host`;
-each Pool's host is in the Supervisor's Wire, `PoolAt.host`), unless those are much more
-loaded than the others (pool_choice.py `spill`).
+again for a flight whose clients listen already) keeps it; one naming a Pool this Pacer
+does not know (gone with its host) is refused at once, `pool_lost` (`_pool_gone`). With
+several hosts the choice prefers a Pool on the host where the flight's first client
+arrived (`LeaseRequest.host`; each Pool's host is in the Supervisor's Wire, `PoolAt.host`),
+unless those are much more loaded than the others (pool_choice.py `spill`).
 
 Every lease belongs to the process incarnations it involves: the Pool incarnation its
 call was sent to (learnt from the directory: `PoolAt`) and the Coalescer shard that
@@ -60,7 +61,10 @@ LeaseRelease), with its token and per-minute place taken from surplus only (key_
 the edges, nothing to the Pacer. Everything that must stop grants recalls the slices
 (`SliceRecall`): a request that has to queue (so the head of the queue gets them first),
 any change of a key's circuit, a 429 pause, a settings change; no slice is handed out while
-anything waits. A dead shard's grants are reclaimed like its leases (`MemberLost`).
+anything waits. A dead shard's grants are reclaimed like its leases (`MemberLost`). A
+grant's id (the stream id of the call it opens) is tagged with the shard it is handed to
+(protocols/stream_ids.py), so the hub ends its stream if that shard dies before opening
+it, even when this Pacer died with it.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ from typing import Any
 from actors.circuit import HALF_OPEN, OPEN, STATE_VALUE, CircuitSettings
 from actors.key_choice import KeyBucket, choose, retry_order
 from actors.pool_choice import PoolChoice
-from protocols import auth, roles
+from protocols import auth, roles, stream_ids
 from protocols import messages as m
 from protocols.effects import After, Send
 from protocols.settings import SETTING_TYPES, PacerSettings, settings_from
@@ -147,8 +151,11 @@ class PacerLogic:
     slice_size: int = 0  # grants a shard may hold ahead of demand (0: no slices)
     me: str = ""  # this incarnation's address: shards drop its slices when it dies
     # The ids of slice grants (they become stream ids); random in production, a counter in
-    # the simulation so that a run replays from its seed.
+    # the simulation so that a run replays from its seed. Each is tagged with the shard it
+    # is handed to (`secret`: the cluster secret; protocols/stream_ids.py), as that shard's
+    # own stream ids are, so that a Pool ends it if the shard dies with it unopened.
     new_lease_id: Callable[[], str] = lambda: auth.unguessable_id("s-")
+    secret: bytes = b""
     buckets: list = field(init=False)  # KeyBucket per key
     in_flight: dict = field(default_factory=dict, init=False)  # lease_id -> _Held
     pools: PoolChoice = field(default_factory=PoolChoice, init=False)  # where each Pool is; which runs a call
@@ -444,7 +451,9 @@ class PacerLogic:
         # Those already waiting go first: whatever can be granted now is, before a
         # newcomer is queued behind them (or sees a full queue that is not full).
         out = self._drain(now) if self.queue else []
-        hub = msg.hub if msg.hub and self.pools.known(msg.hub) else self._choose_pool(msg.host)
+        if msg.hub and not self.pools.known(msg.hub):
+            return out + self._pool_gone(msg, sender)
+        hub = msg.hub or self._choose_pool(msg.host)
         waiter = _Waiter(msg.lease_id, sender, now, msg, hub, self.pools.incarnation(hub))
         alternatives = self._alternatives(msg)
         if self._all_open():
@@ -474,6 +483,19 @@ class PacerLogic:
         out += self._recall()
         return out + [Send(sender, m.LeaseQueued(msg.lease_id, len(self.queue), hub))] + self._schedule(now)
 
+    def _pool_gone(self, msg: m.LeaseRequest, sender: Any) -> list:
+        """A request that names a Pool this Pacer does not know: its clients were admitted
+        and listen at that Pool's hub, and only there. A Pool leaves the directory only
+        with its host (it never comes back), and every Pool a shard is told of was in some
+        Pacer's directory, so this one is gone: denied as the requests queued for a dead
+        Pool are (`pool_lost`), its stream ended at the hub it names. Run on a Pool chosen
+        here instead, its stream would go where none of its clients listen (they waited
+        for the hub's orphan timeout); kept waiting for the named one, it would hold the
+        queue's head for a Pool that will not return."""
+        self.denials_total += 1
+        text = f"{msg.hub} left the gateway before this request's upstream call started; retry it"
+        return self._denied_on_arrival(msg, sender, 503, "pool_lost", text, 1.0)
+
     def _denied_on_arrival(
         self, msg: m.LeaseRequest, sender: Any, status: int, code: str, text: str, retry: float | None
     ) -> list:
@@ -482,9 +504,9 @@ class PacerLogic:
         admitted and listening there: its stream ends there too, as a queued one's does
         (the shard only rejects those still waiting for its answer). Always the hub it
         names, not the Pool this Pacer would give it: the shard's `Admitted` named that one
-        and every edge subscribed there. One this Pacer does not know (its host left the
-        cluster, or a Wire not yet here) has no address: the host drops the FailStream with
-        a warning, and no other hub has a client of this stream to tell."""
+        and every edge subscribed there. One this Pacer does not know (`_pool_gone`: its
+        host left the cluster) has no address: the host drops the FailStream with a warning,
+        and no other hub has a client of this stream to tell."""
         out = [Send(sender, m.LeaseDenied(msg.lease_id, status, code, text, retry))]
         if msg.hub:
             out.append(Send(msg.hub, m.FailStream(msg.lease_id, code, text)))
@@ -684,7 +706,10 @@ class PacerLogic:
             pool = self.pools.incarnation(hub)
             if pool is None:
                 break  # no Pool up: nothing to open a call on
-            lease_id = self.new_lease_id()
+            # The grant's holder is its owner: if the shard dies before its OpenStream leaves,
+            # the hub ends the stream its clients were admitted to (`owner_lost`), even with
+            # this Pacer dead too.
+            lease_id = stream_ids.owned(self.new_lease_id(), self.secret, asker)
             bucket.slice_out()
             self._last_key = bucket.index
             self.in_flight[lease_id] = _Held(now, pool, asker, bucket.index, False, hub, "held")

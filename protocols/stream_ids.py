@@ -11,9 +11,11 @@ by hashing every port. What a client can still tell is that two of its streams h
 same shard incarnation. The hub takes a stream id only with the Coalescer's ticket for it
 (`auth.ticket` signs the whole id, tag included).
 
-A stream id without a tag (a lease slice's grant, whose id the Pacer made; an older shard)
-has no owner the hub knows: it is never ended for a shard's death by the hub (such a call
-is opened by its shard before the shard answers).
+A lease slice's grant is a stream id too, made by the Pacer (it is the lease's id): the
+Pacer tags it with the shard it hands the grant to (`LeaseRequest.coalescer`, that shard's
+own `me`), so it names its owner as the shard's own ids do. A stream id without a tag (an
+older shard or Pacer) has no owner the hub knows: it is never ended for a shard's death by
+the hub.
 """
 
 from __future__ import annotations

@@ -760,6 +760,7 @@ class Simulation:
             slice_size=lease_slice,
             me=roles.pacer_for(provider),
             new_lease_id=_counted_ids("g-1."),
+            secret=SIM_SECRET,
         )
         self.coalescers = [
             CoalescerLogic(
@@ -896,6 +897,7 @@ class Simulation:
                 slice_size=self.lease_slice,
                 me=f"{name}@{node.incarnation}",
                 new_lease_id=_counted_ids(f"g-{node.incarnation}."),
+                secret=SIM_SECRET,
             )
             fresh.pools = self._pools_now()
             self.pacer, node.logic = fresh, _PacerHost(fresh, self)

@@ -12,6 +12,7 @@ import pytest
 from actors import hub_logic
 from actors.coalescer_logic import CoalescerLogic
 from actors.hub_logic import HubLogic
+from actors.pacer_logic import PacerLogic, PacerSettings
 from actors.pool_logic import PoolLogic, Publish, Start
 from protocols import auth, stream_ids
 from protocols import events as ev
@@ -39,7 +40,7 @@ def test_a_dead_shards_unopened_streams_end_with_coalescer_lost_and_nothing_else
     queued = stream_ids.new(SECRET, DEAD)  # queued at a Pacer: subscribed to, never opened
     running = stream_ids.new(SECRET, DEAD)  # its call runs here: served to the end
     other = stream_ids.new(SECRET, ALIVE)  # another shard's, queued
-    untagged = auth.unguessable_id("s-")  # a lease slice's id: no owner known here
+    untagged = auth.unguessable_id("s-")  # an older shard's id: no owner known here
     for sid in (queued, running, other, untagged):
         subscribe(hub, sid, "edge-1")
     subscribe(hub, queued, "edge-2")
@@ -124,6 +125,34 @@ def test_a_shards_new_flights_carry_its_own_tag():
     out = shard.handle(m.Submit("r-1", "k", "simulated", "sim-1", {}, "edge-1", 0.0), "edge", 0.0)
     (request,) = [s.msg for s in out if isinstance(s.msg, m.LeaseRequest)]
     assert stream_ids.tag_of(request.lease_id) == stream_ids.owner_tag(SECRET, DEAD)
+
+
+def test_a_lease_slice_grant_carries_the_tag_of_the_shard_it_is_handed_to():
+    """A grant's id is the stream id of the call its shard opens with it: the Pacer makes it,
+    tagged with the shard that asked (`LeaseRequest.coalescer`). If that shard dies after it
+    admitted the clients but before its OpenStream left, with the Pacer dead too, the hub
+    ends the stream for the shard's death as for any of its flights."""
+    pacer = PacerLogic("simulated", PacerSettings(rps=100, burst=20, concurrency=20), slice_size=2, secret=SECRET)
+    ask = [m.LeaseRequest(f"s-{i}~x", "simulated", 0.0, "sim-1", {}, DEAD) for i in range(2)]
+    pacer.handle(ask[0], "shard", 0.0)
+    out = pacer.handle(ask[1], "shard", 0.1)  # asked twice in a row: cut a slice
+    (grant,) = [s.msg for s in out if isinstance(s.msg, m.SliceGrant)]
+    assert len(grant.grants) == 2
+    assert {stream_ids.tag_of(g[0]) for g in grant.grants} == {stream_ids.owner_tag(SECRET, DEAD)}
+    assert len({g[0] for g in grant.grants}) == 2, "each grant its own stream id"
+
+    shard = CoalescerLogic(me=DEAD, secret=SECRET)
+    shard.handle(grant, "pacer", 0.1)
+    out = shard.handle(m.Submit("r-1", "k", "simulated", "sim-1", {}, "edge-1", 0.2), "edge", 0.2)
+    (admitted,) = [s.msg for s in out if isinstance(s.msg, m.Admitted)]
+    assert admitted.stream_id in {g[0] for g in grant.grants}, "opened with a grant, no LeaseRequest"
+    assert not [s for s in out if isinstance(s.msg, m.LeaseRequest)]
+
+    # The OpenStream is lost with the shard; the edge subscribed with the Admitted's ticket.
+    hub = HubLogic(SECRET)
+    hub.handle(m.Subscribe(admitted.stream_id, admitted.ticket), "edge-1", "edge-1", 0.3)
+    sent = hub.owner_lost("coalescer:0", DEAD, 1.0)
+    assert [(s.to, [e["code"] for e in s.msg.events]) for s in sent] == [("edge-1", ["coalescer_lost"])]
 
 
 def test_the_owner_tag_is_keyed_so_no_address_can_be_read_back_from_it():

@@ -7,14 +7,19 @@ A request that names its hub (`LeaseRequest.hub`: a re-ask of a replaced Pacer, 
 fallback, after its flight was queued) has clients admitted and listening at that hub:
 the shard rejects only those still waiting, so the Pacer ends the stream there
 (`FailStream`, with the refusal's code and text). A first ask names none: nobody was
-admitted, the shard rejects its clients, and nothing goes to a hub."""
+admitted, the shard rejects its clients, and nothing goes to a hub.
+
+A request that names a Pool this Pacer does not know (gone with its host) is refused on
+arrival whatever else holds (`_pool_gone`, 503 `pool_lost`), its stream ended at the hub it
+names: run on a Pool chosen here, it used to stream where none of its clients listen."""
 
 from __future__ import annotations
 
 import pytest
 
 from actors.circuit import OPEN, CircuitSettings
-from actors.pacer_logic import PacerLogic, PacerSettings
+from actors.coalescer_logic import CoalescerLogic
+from actors.pacer_logic import PacerLogic, PacerSettings, PoolAt
 from actors.pool_choice import PoolChoice
 from protocols import messages as m
 from protocols.effects import Send
@@ -71,16 +76,7 @@ REFUSALS = {
 
 
 @pytest.mark.parametrize("refusal", list(REFUSALS))
-@pytest.mark.parametrize(
-    "hub",
-    [
-        "pool",
-        "pool:1",
-        # A Pool this Pacer does not know (its host left, or a Wire not yet here): its clients
-        # listen there and nowhere else, so that is still where the FailStream goes.
-        "pool:7",
-    ],
-)
+@pytest.mark.parametrize("hub", ["pool", "pool:1"])
 def test_a_request_that_names_its_hub_refused_on_arrival_ends_its_stream_at_that_hub(refusal, hub):
     setup, status, code = REFUSALS[refusal]
     logic = setup()
@@ -123,3 +119,76 @@ def test_a_queued_request_whose_circuits_open_ends_at_the_hub_it_was_queued_for(
     assert [(e.to, e.msg.stream_id, e.msg.code) for e in sent(out, m.FailStream)] == [
         ("pool:1", "fourth", "upstream_unavailable")
     ]
+
+
+def could_grant() -> PacerLogic:
+    return pacer(rps=100, burst=100, concurrency=10)
+
+
+def would_queue() -> PacerLogic:
+    logic = pacer(rps=100, burst=100, concurrency=1)
+    assert sent(logic.handle(request("running"), "coalescer:0", T0), m.OpenStream)
+    return logic
+
+
+@pytest.mark.parametrize("state", ["could_grant", "would_queue", *REFUSALS])
+def test_a_request_that_names_a_pool_this_pacer_does_not_know_ends_at_that_hub(state):
+    """A Pool leaves the directory only with its host, never to return: its clients listen
+    at its hub and nowhere else. Denied at once as the requests queued for a dead Pool are,
+    whatever else would have happened to it; never queued or run on a Pool chosen here."""
+    setup = {"could_grant": could_grant, "would_queue": would_queue}.get(state) or REFUSALS[state][0]
+    logic = setup()
+    out = logic.handle(request("re-ask", hub="pool:7"), "coalescer:0", T0 + 0.1)
+    (denied,) = sent(out, m.LeaseDenied)
+    assert denied.to == "coalescer:0"
+    assert (denied.msg.lease_id, denied.msg.status, denied.msg.code) == ("re-ask", 503, "pool_lost")
+    assert denied.msg.retry_after_s == 1.0 and "pool:7" in denied.msg.message
+    assert [(e.to, e.msg.stream_id, e.msg.code) for e in sent(out, m.FailStream)] == [("pool:7", "re-ask", "pool_lost")]
+    assert not sent(out, m.LeaseQueued) and not sent(out, m.LeaseGranted) and not sent(out, m.OpenStream)
+    assert "re-ask" not in logic.in_flight and all(w.lease_id != "re-ask" for w in logic.queue)
+    # Nothing of it is dispatched later either: a release grants the others only.
+    later = logic.handle(m.LeaseRelease("running", None), None, T0 + 0.2)
+    assert all(e.msg.stream_id != "re-ask" for e in sent(later, m.OpenStream))
+
+
+def test_a_named_pool_that_is_known_but_down_is_kept_and_waited_for():
+    """Down is not gone: its replacement comes (the directory still names it), and the
+    request's clients subscribe at its hub again. The request waits for it, then runs there."""
+    logic = would_queue()
+    logic.handle(PoolAt(None, "pool:1"), None, T0)
+    (queued,) = sent(logic.handle(request("re-ask", hub="pool:1"), "coalescer:0", T0 + 0.1), m.LeaseQueued)
+    assert queued.msg.hub == "pool:1"
+    logic.handle(m.LeaseRelease("running", None), None, T0 + 0.2)
+    out = logic.handle(PoolAt("127.0.0.1:9", "pool:1"), None, T0 + 0.3)
+    assert [(e.to, e.msg.stream_id) for e in sent(out, m.OpenStream)] == [("pool:1", "re-ask")]
+
+
+def test_the_shard_that_re_asks_for_a_gone_pool_forgets_the_flight_and_serves_the_next_request_afresh():
+    """The shard side: its flight was queued at a Pacer that died, for a Pool whose host left
+    meanwhile. The replacement Pacer (it never knew that Pool) denies the re-ask; the shard
+    forgets the flight (its admitted clients got the FailStream at their hub), so an identical
+    request starts a new flight on a Pool that exists rather than joining the dead one."""
+    old = pacer(rps=100, burst=100, concurrency=1)
+    old.pools = PoolChoice(["pool", "pool:7"])
+    shard = CoalescerLogic(me="coalescer:0", secret=b"s")
+    submit = m.Submit("r-1", "k", "simulated", "sim-1", {}, "edge-1", T0)
+    (ask,) = [e.msg for e in shard.handle(submit, "edge", T0) if isinstance(e.msg, m.LeaseRequest)]
+    assert sent(old.handle(request("running"), "coalescer:0", T0), m.OpenStream)
+    old.handle(request("other", hub="pool"), "coalescer:0", T0)  # pool is busier: ask goes to pool:7
+    (queued,) = sent(old.handle(ask, "shard", T0), m.LeaseQueued)
+    assert queued.msg.hub == "pool:7"
+    (admitted,) = [e.msg for e in shard.handle(queued.msg, "pacer", T0) if isinstance(e.msg, m.Admitted)]
+    assert admitted.hub == "pool:7"
+
+    new = pacer(rps=100, burst=100, concurrency=10)  # its directory: pool, pool:1
+    (re_ask,) = [e.msg for e in shard.handle(m.MemberLost("pacer:simulated", "old"), None, T0 + 1)]
+    assert re_ask.hub == "pool:7"
+    out = new.handle(re_ask, "shard", T0 + 1)
+    (denied,) = sent(out, m.LeaseDenied)
+    assert [(e.to, e.msg.code) for e in sent(out, m.FailStream)] == [("pool:7", "pool_lost")]
+    assert shard.handle(denied.msg, "pacer", T0 + 1) == [], "its clients were admitted: nobody waits"
+    again = shard.handle(m.Submit("r-2", "k", "simulated", "sim-1", {}, "edge-1", T0 + 2), "edge", T0 + 2)
+    (fresh,) = [e.msg for e in again if isinstance(e.msg, m.LeaseRequest)]
+    assert fresh.lease_id != ask.lease_id and fresh.hub == ""
+    (granted,) = sent(new.handle(fresh, "shard", T0 + 2), m.LeaseGranted)
+    assert granted.msg.hub in {"pool", "pool:1"}

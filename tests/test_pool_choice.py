@@ -160,8 +160,11 @@ def test_a_request_that_names_its_pool_keeps_it():
     logic = pacer(rps=100, burst=100, concurrency=100)
     out = [logic.handle(request(n, hub="pool:1"), "coalescer:0", 0.0) for n in range(3)]
     assert [sends(o, m.OpenStream)[0].to for o in out] == ["pool:1"] * 3
-    out = logic.handle(request(7, hub="pool:9"), "coalescer:0", 0.0)  # not a Pool it knows: chosen anew
-    assert sends(out, m.OpenStream)[0].to == "pool"
+    # Not a Pool it knows: gone with its host, where the request's clients listen. Denied,
+    # its stream ended there; never run on another Pool (tests/test_pacer_refusals.py).
+    out = logic.handle(request(7, hub="pool:9"), "coalescer:0", 0.0)
+    assert not sends(out, m.OpenStream)
+    assert [(e.to, e.msg.code) for e in sends(out, m.FailStream)] == [("pool:9", "pool_lost")]
 
 
 def test_the_head_of_the_queue_waits_for_its_pool_and_those_behind_wait_in_order():

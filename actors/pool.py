@@ -283,7 +283,16 @@ class PoolRuntime:
                 served["fallback_from"] = msg.fallback_from
             with connections.lease() as http:
                 result = await run_call(
-                    http, adapter, request, publish, msg.queue_wait_ms, self._timeouts(), attempt, served, first_sent
+                    http,
+                    adapter,
+                    request,
+                    publish,
+                    msg.queue_wait_ms,
+                    self._timeouts(),
+                    attempt,
+                    served,
+                    first_sent,
+                    max_duration_s=self.settings.upstream_max_duration_s,
                 )
             if result.failure is not None and result.failure.reason == RESET and not result.delivered:
                 connections.retire(http)  # the retry goes out on a fresh connection

@@ -68,17 +68,22 @@ async def run_call(
     attempt: int = 1,
     served: dict | None = None,
     first_sent_at: float | None = None,
+    max_duration_s: float | None = None,
 ) -> CallResult:
     """One attempt. Errors before the first byte are returned, not published (the caller
     retries or publishes `result.error`); a cancellation is always published. `served`
     (provider, model, key, fallback_from) goes into the stream's `started` event, with the
-    provider's TTFT counted from `first_sent_at` (the first attempt; this one's by default)."""
+    provider's TTFT counted from `first_sent_at` (the first attempt; this one's by default).
+    `max_duration_s` (UPSTREAM_MAX_DURATION_S) bounds the attempt from sending the request
+    to its last byte: past it the call is aborted (the stream reset) and ends as a timeout."""
     method, url, headers, body = request
     result = CallResult("error", sent_at=time.time())
+    bound = asyncio.timeout(max_duration_s)
     try:
-        async with http.stream(
-            method, url, headers=headers, content=body, extensions={"timeout": timeouts}
-        ) as response:
+        async with (
+            bound,
+            http.stream(method, url, headers=headers, content=body, extensions={"timeout": timeouts}) as response,
+        ):
             try:
                 streamed = response.status == 200 and adapter.Parser.STREAMED
                 page = _not_a_stream(response.headers) if streamed else None
@@ -115,11 +120,15 @@ async def run_call(
         result.ended_at = time.time()
         raise
     except Exception as exc:  # any transport failure ends the stream with an in-band error
-        result.outcome, result.error = "error", ev.error(*_classify(exc))
+        # asyncio's TimeoutError from our own bound (httpcore raises its own timeout types)
+        overran = isinstance(exc, TimeoutError) and bound.expired()
+        why = _overran(max_duration_s) if overran else _classify(exc)
+        result.outcome, result.error = "error", ev.error(*why)
         if result.delivered:
             publish([result.error])
         else:
-            result.failure = failure_of_exception(exc)
+            # Before the first byte it is a stall like a read timeout's: the retry policy decides.
+            result.failure = Failure(TIMEOUT) if overran else failure_of_exception(exc)
     result.ended_at = time.time()
     return result
 
@@ -238,6 +247,10 @@ def _what(exc: Exception) -> str:
         return str(exc)
     cause = exc.__cause__ or exc.__context__
     return type(exc).__name__ + (f" ({type(cause).__name__})" if cause is not None else "")
+
+
+def _overran(max_duration_s: float | None) -> tuple[str, str]:
+    return "upstream_timeout", f"the call exceeded UPSTREAM_MAX_DURATION_S ({max_duration_s:g} s)"
 
 
 def _classify(exc: Exception) -> tuple[str, str]:

@@ -305,6 +305,11 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
     "PACER_MAX_WAIT_MS": ("30000", _positive(float), "longest wait for an upstream slot (429 beyond)"),
     "UPSTREAM_CONNECT_TIMEOUT_S": ("10", _positive(float), "upstream connect timeout"),
     "UPSTREAM_READ_TIMEOUT_S": ("60", _positive(float), "upstream read timeout (longest silence mid-stream)"),
+    "UPSTREAM_MAX_DURATION_S": (
+        "600",
+        _positive(float),
+        "longest an upstream call (each attempt) may take, from sending the request to its last byte",
+    ),
     "UPSTREAM_MAX_ATTEMPTS": (
         "3",
         _positive(int),

@@ -93,6 +93,7 @@ class Settings:
     pacer_max_wait_ms: float
     upstream_connect_timeout_s: float
     upstream_read_timeout_s: float
+    upstream_max_duration_s: float
     upstream_max_attempts: int
     upstream_retry_deadline_s: float
     upstream_retry_budget: float

@@ -50,7 +50,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "headers_ms": 0,  # delay before the response headers of a 200 (a provider still queueing the call)
     "token_interval_ms": 10,  # delay between token chunks
     "tokens": 12,  # number of tokens in a full answer
-    "fail": "none",  # none | 429 | 500 | 503 | reset_first | reset_mid | stall | stall_first | truncate | error_mid | malformed | cut_utf8 | no_done | json_200 | html_200 | huge_frame | goaway_mid | keepalive_only
+    "fail": "none",  # none | 429 | 500 | 503 | reset_first | reset_mid | stall | stall_first | truncate | error_mid | malformed | cut_utf8 | no_done | json_200 | html_200 | huge_frame | goaway_mid | keepalive_only | pings_only
     "fail_after_tokens": 3,  # tokens sent before reset_mid / stall / error_mid take effect
     "retry_after_s": 1,  # Retry-After header value with fail=429 ("none": no header)
     "fail_times": 0,  # fail only the first N calls with this exact body, then answer (0: always)
@@ -79,6 +79,9 @@ DEFAULT_KNOBS: dict[str, Any] = {
 # closed (HTTP/1.1: the socket closed): every other call on the connection is cut too.
 # keepalive_only: after fail_after_tokens tokens, only keepalives (an SSE comment; NDJSON:
 # an empty line) every token_interval_ms, forever: bytes that never carry an answer.
+# pings_only: the same with the format's own ping, a frame with data (Anthropic's
+# `event: ping`; formats without one send keepalive_only's bytes): a provider stuck in a
+# "thinking" phase for ever, which only UPSTREAM_MAX_DURATION_S ends.
 # OpenAI chat also answers as a real provider would: JSON when response_format asks for it
 # (json_object: {"answer": <the tokens>}; json_schema: an example of the schema), logprobs
 # when logprobs is true (top_logprobs alternatives each), n choices for n > 1, and with
@@ -106,6 +109,7 @@ FAIL_MODES = (
     "huge_frame",
     "goaway_mid",
     "keepalive_only",
+    "pings_only",
 )
 HUGE_TOKEN_BYTES = 3 * 1024 * 1024
 HTML_PAGE = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>\n"
@@ -1051,6 +1055,12 @@ def malformed_frame(fmt: WireFormat) -> bytes:
 def keepalive_frame(fmt: WireFormat) -> bytes:
     """Bytes every parser of `fmt` skips: an SSE comment, or an empty NDJSON line."""
     return b"\n" if fmt.stream_content_type == "application/x-ndjson" else b": keepalive\n\n"
+
+
+def ping_frame(fmt: WireFormat) -> bytes:
+    """The format's own ping, a frame its parser counts: Anthropic's `event: ping`; the
+    others have none and get `keepalive_frame`'s bytes."""
+    return _event("ping", {"type": "ping"}) if fmt.name == "anthropic" else keepalive_frame(fmt)
 
 
 def cut_utf8_frame(fmt: WireFormat, body: dict, meta: Meta) -> bytes:

@@ -818,6 +818,7 @@ class SimulatedProvider:
             "cut_utf8",
             "goaway_mid",
             "keepalive_only",
+            "pings_only",
         )
         sent_tokens = min(knobs["fail_after_tokens"], len(tokens)) if stops_early else len(tokens)
 
@@ -870,10 +871,11 @@ class SimulatedProvider:
             # Keep the stream open and silent; the connection cancels this task
             # the moment the client goes away.
             await loop.create_future()
-        elif fail == "keepalive_only" and fmt.wants_stream(body):
+        elif fail in ("keepalive_only", "pings_only") and fmt.wants_stream(body):
+            ping = formats.ping_frame(fmt) if fail == "pings_only" else formats.keepalive_frame(fmt)
             while True:  # until the client goes away (ClientGone, or the task cancelled)
                 await asyncio.sleep(max(interval, 0.01))
-                await responder.send(formats.keepalive_frame(fmt))
+                await responder.send(ping)
         elif fail in ("reset_mid", "goaway_mid"):
             if not steps:
                 await asyncio.sleep(ttft)

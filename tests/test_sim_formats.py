@@ -359,3 +359,15 @@ def test_stall_first_sends_nothing_until_the_client_leaves():
         assert record["fail"] == "stall_first" and record["status"] is None and record["first_byte_at"] is None
 
     run(test)
+
+
+def test_pings_only_sends_the_formats_own_ping_a_frame_the_parser_counts_but_no_event():
+    """fail=pings_only: Anthropic's `event: ping` is a frame (the read timeout's keepalive
+    rule does not catch it, only UPSTREAM_MAX_DURATION_S does); formats without a ping of
+    their own send keepalive_only's bytes, which are no frame."""
+    anthropic = get_adapter("anthropic").Parser()
+    assert anthropic.feed(formats.ping_frame(formats.anthropic_messages) * 3) == [] and anthropic.frames == 3
+    openai = get_adapter("openai").Parser()
+    assert formats.ping_frame(formats.openai_chat) == formats.keepalive_frame(formats.openai_chat)
+    assert openai.feed(formats.ping_frame(formats.openai_chat)) == [] and openai.frames == 0
+    assert formats.validate_knobs({"fail": "pings_only"}) == {"fail": "pings_only"}

@@ -30,6 +30,7 @@ where it starts:
 | httpcore_rst_stream  | httpcore 1.0.x | raises (cost)          |
 | httpcore_fast_locks  | httpcore 1.0.x | warning, not installed |
 | httpcore_h2_one_write | httpcore 1.0.x | warning, not installed |
+| httpcore_h2_empty_writes | httpcore 1.0.x, h2 4.x | warning, not installed |
 
 `installed()` lists the ones in force in this process (tests, the admin `show`).
 """
@@ -56,6 +57,7 @@ HTTPCORE = (
     "httpcore_rst_stream",
     "httpcore_fast_locks",
     "httpcore_h2_one_write",
+    "httpcore_h2_empty_writes",
 )
 
 
@@ -96,6 +98,7 @@ def install_httpcore() -> None:
     """The Pool's fixes to httpcore; raises if the RST_STREAM cancel cannot be used."""
     from patches import (
         httpcore_fast_locks,
+        httpcore_h2_empty_writes,
         httpcore_h2_expiry,
         httpcore_h2_one_write,
         httpcore_h2_reads,
@@ -107,6 +110,7 @@ def install_httpcore() -> None:
     httpcore_h2_expiry.install()
     httpcore_fast_locks.install()
     httpcore_h2_one_write.install()
+    httpcore_h2_empty_writes.install()
 
 
 def installed() -> list[str]:

@@ -13,10 +13,18 @@ from dataclasses import dataclass, field
 PING = b"event: ping\ndata: {}\n\n"
 
 
+# `json.dumps` with these arguments builds a new JSONEncoder on every call, and the edge
+# frames every token of every stream: the encoder is made once.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def frame(data: dict | str, event: str | None = None) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     head = f"event: {event}\n" if event else ""
-    lines = "".join(f"data: {line}\n" for line in payload.split("\n"))
+    if not isinstance(data, str):
+        # Compact JSON holds no line break (a CR or LF inside a string is escaped): one
+        # data line, without splitting the payload into lines first.
+        return (head + "data: " + _ENCODE(data) + "\n\n").encode()
+    lines = "".join(f"data: {line}\n" for line in data.split("\n"))
     return (head + lines + "\n").encode()
 
 

@@ -32,6 +32,7 @@ from thespian.system.transport import IPBase, TCPTransport, streamBuffer
 import patches
 from patches import (
     httpcore_fast_locks,
+    httpcore_h2_empty_writes,
     httpcore_h2_expiry,
     httpcore_h2_one_write,
     httpcore_h2_reads,
@@ -117,6 +118,9 @@ def pristine(monkeypatch):
     monkeypatch.setattr(_synchronization.AsyncLock, "setup", httpcore_fast_locks._original_setup)
     for name in ("_send_request_headers", "_send_request_body"):
         monkeypatch.setattr(http2.AsyncHTTP2Connection, name, getattr(httpcore_h2_one_write, f"_original{name}"))
+    monkeypatch.setattr(
+        http2.AsyncHTTP2Connection, "_write_outgoing_data", httpcore_h2_empty_writes._original_write_outgoing_data
+    )
     assert patches.installed() == []
 
 
@@ -147,13 +151,14 @@ def test_install_thespian_installs_its_patches_once(pristine):
     assert convention.CONVENTION_RESTART_PERIOD == convention.CONVENTION_REREGISTRATION_PERIOD
 
 
-def test_install_httpcore_installs_its_five_patches_once(pristine):
+def test_install_httpcore_installs_its_six_patches_once(pristine):
     everything = [
         "httpcore_h2_reads",
         "httpcore_h2_expiry",
         "httpcore_rst_stream",
         "httpcore_fast_locks",
         "httpcore_h2_one_write",
+        "httpcore_h2_empty_writes",
     ]
     patches.install_httpcore()
     assert patches.installed() == everything
@@ -163,6 +168,7 @@ def test_install_httpcore_installs_its_five_patches_once(pristine):
     assert http2.AsyncHTTP2Connection.handle_async_request is httpcore_h2_expiry.handle_async_request
     assert _synchronization.AsyncLock.setup is httpcore_fast_locks.setup
     assert http2.AsyncHTTP2Connection._send_request_body is httpcore_h2_one_write.send_request_body
+    assert http2.AsyncHTTP2Connection._write_outgoing_data is httpcore_h2_empty_writes.write_outgoing_data
     assert patches.installed() == everything
 
 
@@ -203,6 +209,7 @@ def test_a_security_or_cost_patch_refuses_an_untested_version_loudly(pristine, m
         httpcore_h2_expiry,
         httpcore_fast_locks,
         httpcore_h2_one_write,
+        httpcore_h2_empty_writes,
     ],
     ids=lambda p: p.__name__,
 )
@@ -221,6 +228,7 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         multiprocCommon.startAdmin,
         http2.AsyncHTTP2Connection._send_request_headers,
         http2.AsyncHTTP2Connection._send_request_body,
+        http2.AsyncHTTP2Connection._write_outgoing_data,
     )
     with caplog.at_level(logging.WARNING, logger="sluice.patches"):
         assert patch.install() is False
@@ -237,6 +245,7 @@ def test_an_optimisation_falls_back_with_a_warning_on_an_untested_version(pristi
         multiprocCommon.startAdmin,
         http2.AsyncHTTP2Connection._send_request_headers,
         http2.AsyncHTTP2Connection._send_request_body,
+        http2.AsyncHTTP2Connection._write_outgoing_data,
     ) == before, "the library was changed anyway"
     assert not patch.installed() and patches.installed() == []
     (record,) = caplog.records
@@ -273,8 +282,12 @@ def test_the_installed_library_versions_are_the_ones_the_patches_were_written_fo
         httpcore_rst_stream,
         httpcore_fast_locks,
         httpcore_h2_one_write,
+        httpcore_h2_empty_writes,
     ):
         versions.check(patch.__name__, patch.LIBRARY, patch.WRITTEN_FOR)
+    versions.check(
+        httpcore_h2_empty_writes.__name__, httpcore_h2_empty_writes.H2_LIBRARY, httpcore_h2_empty_writes.H2_WRITTEN_FOR
+    )
 
 
 class RecordingFinder:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import socket
 import sys
 import threading
@@ -280,19 +279,15 @@ class _Watchdog:
         ask waits) left the actors running: nobody watched run.py any more. A pidfd of the
         admin wakes a thread the moment it exits; where there is none (not Linux 5.3+, or
         the admin already gone), the keeper's turn still notices."""
-        if self.admin is None or not hasattr(os, "pidfd_open"):
-            return
-        try:
-            fd = os.pidfd_open(self.admin)
-        except OSError:
-            return
-        threading.Thread(target=self._on_admin_exit, args=(fd,), name="admin-exit", daemon=True).start()
+        from actors.system import pidfd
+
+        if self.admin is not None and (fd := pidfd(self.admin)) is not None:
+            threading.Thread(target=self._on_admin_exit, args=(fd,), name="admin-exit", daemon=True).start()
 
     def _on_admin_exit(self, fd: int) -> None:
-        try:
-            select.select([fd], [], [])  # readable once the process has exited
-        finally:
-            os.close(fd)
+        from actors.system import wait_for_exit
+
+        wait_for_exit(fd)
         self.ensure()
 
     def ensure(self) -> None:

@@ -29,6 +29,7 @@ import contextlib
 import functools
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -380,8 +381,11 @@ def watch_from_admin(parent: int, host: str, port: int) -> None:
     tried again for `STOP_TRIES_S`; then the group is killed from here, the admin included.
     A stop command that ends (killed, say) or runs past `STOP_WITHIN_S` while this admin
     still lives has not stopped the system: the group is killed from here too."""
+    fd = pidfd(parent)
+    if fd is not None:
+        wait_for_exit(fd)  # woken the moment run.py exits (run.py + admin killed ms apart)
     while alive(parent):
-        time.sleep(WATCH_EVERY_S)  # a poll of one /proc entry: nothing to wait on instead
+        time.sleep(WATCH_EVERY_S)  # no pidfd here: a poll of one /proc entry
     group = os.getpgrp()  # the admin's group is the system's
     deadline = time.monotonic() + STOP_TRIES_S
     while True:
@@ -397,6 +401,25 @@ def watch_from_admin(parent: int, host: str, port: int) -> None:
     with contextlib.suppress(subprocess.TimeoutExpired):
         command.wait(STOP_WITHIN_S)
     kill_group(group, 0)
+
+
+def pidfd(pid: int) -> int | None:
+    """A pidfd of `pid`, readable once it has exited; None when it is gone already or this
+    kernel has none (before Linux 5.3): then poll `alive`."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def wait_for_exit(fd: int) -> None:
+    """Block until the process of pidfd `fd` has exited; closes `fd`."""
+    try:
+        poller = select.poll()  # not select.select: an fd past 1023 is fine
+        poller.register(fd, select.POLLIN)
+        poller.poll()
+    finally:
+        os.close(fd)
 
 
 STOP_WITHIN_S = 60.0  # a polite stop takes seconds (Thespian's shutdown, then STOP_GRACE_S)

@@ -74,11 +74,12 @@ async def run_call(
     retries or publishes `result.error`); a cancellation is always published. `served`
     (provider, model, key, fallback_from) goes into the stream's `started` event, with the
     provider's TTFT counted from `first_sent_at` (the first attempt; this one's by default).
-    `max_duration_s` (UPSTREAM_MAX_DURATION_S) bounds the attempt from sending the request
-    to its last byte: past it the call is aborted (the stream reset) and ends as a timeout."""
+    `max_duration_s` (UPSTREAM_MAX_DURATION_S; None or 0: no bound) bounds the attempt from
+    asking for a connection to its last byte: past it the call is aborted (the stream reset)
+    and ends as a timeout."""
     method, url, headers, body = request
     result = CallResult("error", sent_at=time.time())
-    bound = asyncio.timeout(max_duration_s)
+    bound = asyncio.timeout(max_duration_s or None)
     try:
         async with (
             bound,
@@ -110,6 +111,9 @@ async def run_call(
                         first_sent_at or result.sent_at,
                         timeouts.get("read"),
                     )
+                # The answer is whole: closing the response must not run into the bound
+                # (that turned a delivered answer into an error after its `done`).
+                bound.reschedule(None)
             except (asyncio.CancelledError, httpcore.ReadTimeout):
                 # Whoever gave up on it, the provider must stop generating: reset the stream.
                 await httpcore_rst_stream.reset(response)

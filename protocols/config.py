@@ -307,8 +307,8 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
     "UPSTREAM_READ_TIMEOUT_S": ("60", _positive(float), "upstream read timeout (longest silence mid-stream)"),
     "UPSTREAM_MAX_DURATION_S": (
         "600",
-        _positive(float),
-        "longest an upstream call (each attempt) may take, from sending the request to its last byte",
+        _non_negative(float),
+        "longest an upstream call (each attempt) may take, from asking for a connection to its last byte (0: no bound)",
     ),
     "UPSTREAM_MAX_ATTEMPTS": (
         "3",

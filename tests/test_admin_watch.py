@@ -25,6 +25,7 @@ from patches import thespian_admin_watch
 pytestmark = pytest.mark.unit
 
 GROUP = 500  # the daemonizing child's pid: the system's process group
+WATCH_ADMIN_EXIT = run._Watchdog._watch_admin_exit
 
 
 def proc(parent: int, group: int = GROUP, state: str = "S") -> Proc:
@@ -182,6 +183,24 @@ def test_the_admins_watch_starts_the_stop_command_for_its_group_once_its_parent_
     assert stops == [("127.0.0.1", 1900, os.getpgrp())]
 
 
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfd: the watch polls")
+def test_the_admins_watch_wakes_the_moment_its_parent_exits_not_at_its_next_poll(monkeypatch, killed_groups):
+    """run.py killed, then the admin within the poll's 0.5 s, left the actors running."""
+    monkeypatch.setattr(system, "WATCH_EVERY_S", 3600.0)  # only the pidfd can wake it in time
+    stops: list = []
+    monkeypatch.setattr(system, "start_stop", lambda *args: stops.append(args) or StopCommand(ends=True))
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        watch = threading.Thread(target=system.watch_from_admin, args=(parent.pid, "127.0.0.1", 1900), daemon=True)
+        watch.start()
+        parent.kill()
+        watch.join(30)
+        assert not watch.is_alive() and stops == [("127.0.0.1", 1900, os.getpgrp())]
+    finally:
+        parent.kill()
+        parent.wait()
+
+
 @pytest.mark.parametrize("ends", [True, False], ids=["stop command killed", "stop command stuck"])
 def test_a_stop_command_that_did_not_stop_the_system_gets_the_group_killed(monkeypatch, killed_groups, ends):
     """A stop that works ends the admin, this watch with it; a watch still running once its
@@ -277,6 +296,8 @@ def watchdogs(monkeypatch):
 
     monkeypatch.setattr(system, "start_watchdog", lambda *args: started.append(args) or Running())
     monkeypatch.setattr(system, "admin_pid", lambda group: 501)
+    # No thread on a pidfd of whatever real process has pid 501 (real_admin puts it back).
+    monkeypatch.setattr(run._Watchdog, "_watch_admin_exit", lambda self: None)
     return started
 
 
@@ -322,6 +343,7 @@ def real_admin(watchdogs, monkeypatch):
     monkeypatch.setattr(system, "alive", lambda pid, group=None: real_alive(pid))  # it is not in GROUP
     admin = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     monkeypatch.setattr(system, "admin_pid", lambda group: admin.pid)
+    monkeypatch.setattr(run._Watchdog, "_watch_admin_exit", WATCH_ADMIN_EXIT)
     yield admin
     admin.kill()
     admin.wait()

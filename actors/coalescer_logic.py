@@ -227,7 +227,12 @@ class CoalescerLogic:
             self._forget(flight)
             for sender, request_id, _edge, _role in flight.waiting:
                 out.append(Send(sender, m.Rejected(request_id, msg.status, msg.code, msg.message, msg.retry_after_s)))
-            return out  # a queued one: the Pacer ended its stream (FailStream) with the denial
+            if flight.phase == QUEUED and flight.hub:
+                # Its admitted clients listen at its hub. The Pacer ends the stream there too,
+                # but a Pacer that does not know that Pool (`pool_lost`) has no address for
+                # it; the hub takes the second FailStream as a no-op.
+                out.append(Send(flight.hub, m.FailStream(flight.stream_id, msg.code, msg.message)))
+            return out
         if isinstance(msg, m.LeaseGranted):
             flight.phase = STREAMING  # the Pacer sent the Pool its OpenStream with the grant
             flight.pool, flight.request = msg.pool, None

@@ -485,15 +485,17 @@ class PacerLogic:
 
     def _pool_gone(self, msg: m.LeaseRequest, sender: Any) -> list:
         """A request that names a Pool this Pacer does not know: its clients were admitted
-        and listen at that Pool's hub, and only there. A Pool leaves the directory only
-        with its host (it never comes back), and every Pool a shard is told of was in some
-        Pacer's directory, so this one is gone: denied as the requests queued for a dead
-        Pool are (`pool_lost`), its stream ended at the hub it names. Run on a Pool chosen
+        and listen at that Pool's hub, and only there. Every Pool a shard is told of was in
+        some Pacer's directory; one missing from this Pacer's has left with its host (it
+        never comes back), or died and is being replaced (its clients got `hub_disconnected`
+        when it died). Either way it is denied as the requests queued for a dead Pool are
+        (`pool_lost`), its stream ended at the hub it names (by the shard as well: this
+        Pacer may have no address for it). Run on a Pool chosen
         here instead, its stream would go where none of its clients listen (they waited
         for the hub's orphan timeout); kept waiting for the named one, it would hold the
         queue's head for a Pool that will not return."""
         self.denials_total += 1
-        text = f"{msg.hub} left the gateway before this request's upstream call started; retry it"
+        text = f"{msg.hub} was lost before this request's upstream call started; retry it"
         return self._denied_on_arrival(msg, sender, 503, "pool_lost", text, 1.0)
 
     def _denied_on_arrival(

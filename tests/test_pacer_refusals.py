@@ -163,10 +163,10 @@ def test_a_named_pool_that_is_known_but_down_is_kept_and_waited_for():
     assert [(e.to, e.msg.stream_id) for e in sent(out, m.OpenStream)] == [("pool:1", "re-ask")]
 
 
-def test_the_shard_that_re_asks_for_a_gone_pool_forgets_the_flight_and_serves_the_next_request_afresh():
+def test_the_shard_that_re_asks_for_a_gone_pool_ends_its_stream_forgets_the_flight_and_serves_afresh():
     """The shard side: its flight was queued at a Pacer that died, for a Pool whose host left
     meanwhile. The replacement Pacer (it never knew that Pool) denies the re-ask; the shard
-    forgets the flight (its admitted clients got the FailStream at their hub), so an identical
+    ends the stream at the hub its admitted clients listen at and forgets the flight, so an identical
     request starts a new flight on a Pool that exists rather than joining the dead one."""
     old = pacer(rps=100, burst=100, concurrency=1)
     old.pools = PoolChoice(["pool", "pool:7"])
@@ -186,9 +186,20 @@ def test_the_shard_that_re_asks_for_a_gone_pool_forgets_the_flight_and_serves_th
     out = new.handle(re_ask, "shard", T0 + 1)
     (denied,) = sent(out, m.LeaseDenied)
     assert [(e.to, e.msg.code) for e in sent(out, m.FailStream)] == [("pool:7", "pool_lost")]
-    assert shard.handle(denied.msg, "pacer", T0 + 1) == [], "its clients were admitted: nobody waits"
+    # Its clients were admitted (nobody waits for an answer), and listen at pool:7: the shard
+    # ends the stream there itself, since this Pacer has no address for pool:7.
+    shard_out = shard.handle(denied.msg, "pacer", T0 + 1)
+    assert [(e.to, e.msg.stream_id, e.msg.code) for e in shard_out] == [("pool:7", ask.lease_id, "pool_lost")]
     again = shard.handle(m.Submit("r-2", "k", "simulated", "sim-1", {}, "edge-1", T0 + 2), "edge", T0 + 2)
     (fresh,) = [e.msg for e in again if isinstance(e.msg, m.LeaseRequest)]
     assert fresh.lease_id != ask.lease_id and fresh.hub == ""
     (granted,) = sent(new.handle(fresh, "shard", T0 + 2), m.LeaseGranted)
     assert granted.msg.hub in {"pool", "pool:1"}
+
+
+def test_a_first_ask_denied_ends_no_stream_at_the_shard_only_its_waiting_clients_are_rejected():
+    shard = CoalescerLogic(me="coalescer:0", secret=b"s")
+    submit = m.Submit("r-1", "k", "simulated", "sim-1", {}, "edge-1", T0)
+    (ask,) = [e.msg for e in shard.handle(submit, "edge", T0) if isinstance(e.msg, m.LeaseRequest)]
+    out = shard.handle(m.LeaseDenied(ask.lease_id, 429, "pacer_queue_full", "full", 1.0), "pacer", T0)
+    assert [type(e.msg) for e in out] == [m.Rejected]

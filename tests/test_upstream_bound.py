@@ -22,6 +22,7 @@ DONE = b"data: [DONE]\n\n"
 class Response:
     status = 200
     headers = [(b"content-type", b"text/event-stream")]
+    stream = None  # no HTTP/2 stream for patches/httpcore_rst_stream.py to reset
 
     def __init__(self, chunks: list[bytes], gap_s: float):
         self.chunks, self.gap_s = chunks, gap_s

@@ -15,6 +15,12 @@ a write lock. A turn is a user message plus the assistant reply that answers it:
 On start, replies left "streaming" by a crash are marked "interrupted": nothing is lost
 silently, and a client reading the thread sees what happened.
 
+A turn's history is what goes upstream as one request body, so it is held to the limit a
+client's own body is (`SLUICE_MAX_BODY_BYTES`): a new turn that would take the stored
+history past it is refused (`thread_too_long`, 413) and stores nothing. Without it a
+client could grow one thread by a megabyte a send and have every later send carry all of
+it through the actors and upstream (30 MB per send after 30 sends).
+
 A thread belongs to the API key id that created it (`owner`; NULL with open access). A
 caller with a key sees only its own threads: any other is "not found", so thread ids
 of other tenants cannot even be confirmed. A caller without one (open access, no keys
@@ -61,6 +67,10 @@ class ThreadNotFound(LookupError):
     pass
 
 
+class ThreadTooLong(ValueError):
+    pass
+
+
 class ThreadStore:
     def __init__(self, path: str):
         import sqlite3  # here, not at the top: only the thread store's process needs it
@@ -97,8 +107,11 @@ class ThreadStore:
         keys = ("id", "role", "content", "status", "error_code", "created_at")
         return [dict(zip(keys, row)) for row in rows]
 
-    def begin(self, thread_id: str, content: str, owner: str | None = None) -> tuple[list[dict], int, int, bool]:
-        """-> (history to send upstream, user message id, assistant message id, joined)."""
+    def begin(
+        self, thread_id: str, content: str, owner: str | None = None, max_bytes: int | None = None
+    ) -> tuple[list[dict], int, int, bool]:
+        """-> (history to send upstream, user message id, assistant message id, joined).
+        ThreadTooLong when a new turn's history would hold more than `max_bytes` of text."""
         self._require(thread_id, owner)
         self.db.execute("BEGIN IMMEDIATE")
         try:
@@ -116,6 +129,8 @@ class ThreadStore:
             if joined:
                 assistant_id, user_id = last_two[0][0], last_two[1][0]
             else:
+                if max_bytes is not None:
+                    self._check_size(thread_id, content, max_bytes)
                 now = time.time()
                 user_id = self._insert(thread_id, "user", content, "complete", now)
                 assistant_id = self._insert(thread_id, "assistant", "", "streaming", now)
@@ -142,6 +157,20 @@ class ThreadStore:
             f"UPDATE messages SET content=?, status=?, error_code=?, updated_at=? WHERE id=? AND status IN ({marks})",
             (content, status, error_code, time.time(), assistant_id, *replaceable),
         )
+
+    def _check_size(self, thread_id: str, content: str, max_bytes: int) -> None:
+        """The history a new turn would send (what `begin` selects), in UTF-8 bytes."""
+        (stored,) = self.db.execute(
+            "SELECT COALESCE(SUM(LENGTH(CAST(content AS BLOB))), 0) FROM messages WHERE thread_id=? AND "
+            "(role='user' OR status IN ('done', 'complete'))",
+            (thread_id,),
+        ).fetchone()
+        total = stored + len(content.encode())
+        if total > max_bytes:
+            raise ThreadTooLong(
+                f"thread {thread_id!r}: its history with this message would be {total} bytes, over "
+                f"SLUICE_MAX_BODY_BYTES ({max_bytes}), the most one request sends upstream; start a new thread"
+            )
 
     def _insert(self, thread_id: str, role: str, content: str, status: str, now: float) -> int:
         cursor = self.db.execute(
@@ -174,6 +203,8 @@ class ThreadStoreActor(HostActor):
             return self._handle(msg, sender)
         except ThreadNotFound as exc:
             return [Send(sender, m.ErrorReply("thread_not_found", f"no thread {exc.args[0]!r}"))]
+        except ThreadTooLong as exc:
+            return [Send(sender, m.ErrorReply("thread_too_long", str(exc)))]
 
     def _handle(self, msg, sender) -> list:
         if isinstance(msg, m.ThreadCreate):
@@ -181,7 +212,9 @@ class ThreadStoreActor(HostActor):
         if isinstance(msg, m.ThreadGet):
             return [Send(sender, m.ThreadMessages(msg.thread_id, self.store.messages(msg.thread_id, msg.owner)))]
         if isinstance(msg, m.TurnBegin):
-            history, user_id, assistant_id, joined = self.store.begin(msg.thread_id, msg.content, msg.owner)
+            history, user_id, assistant_id, joined = self.store.begin(
+                msg.thread_id, msg.content, msg.owner, self.settings.max_body_bytes
+            )
             return [Send(sender, m.TurnBegun(msg.thread_id, history, user_id, assistant_id, joined))]
         if isinstance(msg, m.TurnEnd):
             self.store.end(msg.assistant_id, msg.content, msg.status, msg.error_code)

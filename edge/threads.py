@@ -156,6 +156,8 @@ class ThreadRoutes:
         except BridgeError as exc:
             if exc.code == "thread_not_found":
                 return error_response(404, "thread_not_found", str(exc))
+            if exc.code == "thread_too_long":
+                return error_response(413, "thread_too_long", str(exc))
             if exc.code == "unencodable":  # edge/body_limits.py should have refused it
                 log.error("thread store not asked: %s", exc)
                 return error_response(422, "invalid_request", f"the request cannot be stored: {exc}")

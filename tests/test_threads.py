@@ -124,3 +124,26 @@ def test_a_crash_mid_stream_leaves_the_reply_marked_interrupted():
     finally:
         gw.stop()
         gw.kill_leftovers()
+
+
+def test_a_send_that_would_take_the_history_past_the_body_limit_is_413_and_stores_nothing(sim):
+    # The history goes upstream as one body: on main a thread grew by a body's worth per send,
+    # and every later send carried all of it (30 MB after 30 sends of 1 MB).
+    gw = Gateway({"SIMULATED_BASE_URL": sim, "SLUICE_MAX_BODY_BYTES": "4096"}).start()
+    try:
+        thread = new_thread(gw.url)
+        first = "x" * 3000 + "\n#sim tokens=3"
+        status, _, events = stream_chat(f"{gw.url}/api/threads/{thread}/messages", {"content": first})
+        assert status == 200 and data_events(events)[-1]["type"] == "done"
+        stored = messages(gw.url, thread)
+        status, _, body = request("POST", f"{gw.url}/api/threads/{thread}/messages", {"content": "y" * 1500})
+        assert status == 413, body  # on main: 200, a reply to a 4,500-byte history
+        error = json.loads(body)["error"]
+        assert error["code"] == "thread_too_long", body
+        assert "SLUICE_MAX_BODY_BYTES (4096)" in error["message"] and "new thread" in error["message"]
+        assert messages(gw.url, thread) == stored  # nothing stored for the refused turn
+        status, _, events = stream_chat(f"{gw.url}/api/threads/{thread}/messages", {"content": "short\n#sim tokens=2"})
+        assert status == 200 and data_events(events)[-1]["type"] == "done"  # what still fits is served
+    finally:
+        gw.stop()
+        gw.kill_leftovers()

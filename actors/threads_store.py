@@ -13,7 +13,10 @@ a write lock. A turn is a user message plus the assistant reply that answers it:
                 "cancelled" never replaces a final status.
 
 On start, replies left "streaming" by a crash are marked "interrupted": nothing is lost
-silently, and a client reading the thread sees what happened.
+silently, and a client reading the thread sees what happened. The same for the replies an
+edge worker was streaming when it died (`MemberLost(edge)` from the Supervisor): the
+store remembers which edges stream each reply until its TurnEnd, and marks a reply whose
+edges are all gone "interrupted" (its text so far died with them).
 
 A turn's history is what goes upstream as one request body, so it is held to the limit a
 client's own body is (`SLUICE_MAX_BODY_BYTES`): a new turn that would take the stored
@@ -172,6 +175,16 @@ class ThreadStore:
                 f"SLUICE_MAX_BODY_BYTES ({max_bytes}), the most one request sends upstream; start a new thread"
             )
 
+    def interrupt(self, assistant_ids) -> int:
+        """Replies still streaming whose edges died: -> how many were marked."""
+        now, marked = time.time(), 0
+        for assistant_id in assistant_ids:
+            marked += self.db.execute(
+                "UPDATE messages SET status='interrupted', updated_at=? WHERE id=? AND status='streaming'",
+                (now, assistant_id),
+            ).rowcount
+        return marked
+
     def _insert(self, thread_id: str, role: str, content: str, status: str, now: float) -> int:
         cursor = self.db.execute(
             "INSERT INTO messages(thread_id, role, content, status, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -191,6 +204,7 @@ class ThreadStoreActor(HostActor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.store: ThreadStore | None = None
+        self.streaming: dict[int, set[str]] = {}  # assistant message id -> edges streaming it, until its TurnEnd
 
     def on_wire(self, wire: m.Wire) -> None:
         if self.store is None:
@@ -215,11 +229,26 @@ class ThreadStoreActor(HostActor):
             history, user_id, assistant_id, joined = self.store.begin(
                 msg.thread_id, msg.content, msg.owner, self.settings.max_body_bytes
             )
+            if msg.edge_id is not None:
+                self.streaming.setdefault(assistant_id, set()).add(msg.edge_id)
             return [Send(sender, m.TurnBegun(msg.thread_id, history, user_id, assistant_id, joined))]
         if isinstance(msg, m.TurnEnd):
+            self.streaming.pop(msg.assistant_id, None)
             self.store.end(msg.assistant_id, msg.content, msg.status, msg.error_code)
             return [Send(sender, m.TurnEnded(msg.assistant_id))]
+        if isinstance(msg, m.MemberLost) and msg.role == roles.EDGE:
+            self._edge_lost(msg.incarnation)
         return []
+
+    def _edge_lost(self, edge_id: str) -> None:
+        orphaned = []
+        for assistant_id, edges in list(self.streaming.items()):
+            edges.discard(edge_id)
+            if not edges:  # nobody left to store this reply's end
+                del self.streaming[assistant_id]
+                orphaned.append(assistant_id)
+        if marked := self.store.interrupt(orphaned):
+            log.warning("%d replies were cut off by the loss of edge %s; marked interrupted", marked, edge_id)
 
     def state(self, now: float) -> dict:
         return {"db": self.settings.db if self.settings else None, "open": self.store is not None}

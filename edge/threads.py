@@ -75,7 +75,7 @@ class ThreadRoutes:
             if data.get(name) is not None and not isinstance(data[name], str):
                 return error_response(422, "invalid_request", f"'{name}' must be a string")
         thread_id = request.path_params["thread_id"]
-        turn = await self._ask(m.TurnBegin(thread_id, content, request.state.key_id))
+        turn = await self._ask(m.TurnBegin(thread_id, content, request.state.key_id, edge.edge_id))
         if not isinstance(turn, m.TurnBegun):
             return turn
         assistant_id = turn.assistant_id

@@ -382,6 +382,9 @@ class TurnBegin:
     thread_id: str
     content: str
     owner: str | None = None  # as ThreadGet's
+    # The edge process that streams the reply: if it dies (MemberLost(edge)) before its
+    # TurnEnd, the store marks the reply "interrupted" rather than "streaming" for ever.
+    edge_id: str | None = None
 
 
 @message("turn_begun")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import httpcore
 import pytest
 
-from tests.support import Gateway, SSEClient, data_events, get_json, request, stream_chat, wait_until
+from tests.support import Gateway, SSEClient, data_events, get_json, request, stream_chat, wait_until, worker_pids
 
 pytestmark = pytest.mark.integration
 
@@ -144,6 +146,38 @@ def test_a_send_that_would_take_the_history_past_the_body_limit_is_413_and_store
         assert messages(gw.url, thread) == stored  # nothing stored for the refused turn
         status, _, events = stream_chat(f"{gw.url}/api/threads/{thread}/messages", {"content": "short\n#sim tokens=2"})
         assert status == 200 and data_events(events)[-1]["type"] == "done"  # what still fits is served
+    finally:
+        gw.stop()
+        gw.kill_leftovers()
+
+
+def test_a_reply_whose_edge_worker_dies_is_marked_interrupted(sim):
+    # On main the row stayed "streaming" until the thread store itself restarted: the store
+    # learnt of a gateway crash, not of one edge worker's.
+    gw = Gateway({"SIMULATED_BASE_URL": sim, "SLUICE_WORKERS": "2"}).start()
+    try:
+        wait_until(lambda: len(worker_pids(gw)) == 2, timeout=20, message="two workers")
+        thread = new_thread(gw.url)
+        client = SSEClient(
+            f"{gw.url}/api/threads/{thread}/messages", {"content": "long\n#sim tokens=1000 token_interval_ms=20"}
+        )
+        while client.next()[1].get("type") != "delta":
+            pass
+        gw.tree |= set(worker_pids(gw).values())
+        os.kill(worker_pids(gw)[client.headers["x-sluice-worker"]], signal.SIGKILL)
+        client.close()
+
+        def settled():
+            try:
+                stored = messages(gw.url, thread)
+            except httpcore.ReadError:  # a kept-alive connection to the killed worker
+                return None
+            return stored if stored[-1]["status"] != "streaming" else None
+
+        stored = wait_until(settled, timeout=20, message="the reply no longer streaming")
+        assert [m["status"] for m in stored] == ["complete", "interrupted"]
+        status, _, events = stream_chat(f"{gw.url}/api/threads/{thread}/messages", {"content": "again\n#sim tokens=2"})
+        assert status == 200 and data_events(events)[-1]["type"] == "done"  # the thread goes on
     finally:
         gw.stop()
         gw.kill_leftovers()

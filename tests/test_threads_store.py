@@ -33,3 +33,14 @@ def test_a_send_that_joins_the_turn_streaming_is_not_counted_again(store):
     thread, _ = store.create()
     store.begin(thread, "a" * 600, max_bytes=1000)
     assert store.begin(thread, "a" * 600, max_bytes=1000)[3] is True  # joined, nothing stored
+
+
+def test_interrupt_marks_only_replies_still_streaming(store):
+    thread, _ = store.create()
+    _, _, streaming, _ = store.begin(thread, "one")
+    _, _, finished, _ = store.begin(thread, "two")
+    store.end(finished, "answer", "done", None)
+    assert store.interrupt([streaming, finished]) == 1
+    assert [m["status"] for m in store.messages(thread)] == ["complete", "interrupted", "complete", "done"]
+    store.end(streaming, "late but whole", "done", None)  # an edge still alive may yet store it
+    assert store.messages(thread)[1]["status"] == "done"

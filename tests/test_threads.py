@@ -181,3 +181,26 @@ def test_a_reply_whose_edge_worker_dies_is_marked_interrupted(sim):
     finally:
         gw.stop()
         gw.kill_leftovers()
+
+
+def test_a_send_answered_503_because_the_store_was_frozen_stores_nothing(gateway):
+    # On main the store did the TurnBegin once it thawed: a user message the client was told
+    # was not taken sat in the thread, was sent upstream with every later turn, and its
+    # reply stayed "streaming" for ever.
+    thread = new_thread(gateway.url)
+    store = get_json(gateway.url + "/readyz")[1]["actors"]["threads"]["pid"]
+    os.kill(store, signal.SIGSTOP)
+    try:
+        status, _, body = request(
+            "POST", f"{gateway.url}/api/threads/{thread}/messages", {"content": "lost\n#sim tokens=2"}, timeout=30
+        )
+    finally:
+        os.kill(store, signal.SIGCONT)
+    assert status == 503 and json.loads(body)["error"]["code"] == "threads_unavailable", body
+    second = f"kept {uuid.uuid4().hex}\n#sim tokens=2"
+    status, _, events = stream_chat(f"{gateway.url}/api/threads/{thread}/messages", {"content": second})
+    assert status == 200 and data_events(events)[-1]["type"] == "done"
+    stored = messages(gateway.url, thread)
+    assert [(m["role"], m["status"]) for m in stored] == [("user", "complete"), ("assistant", "done")], stored
+    assert stored[0]["content"] == second
+    assert [m["content"] for m in calls_for(gateway, second)[0]["body"]["messages"]] == [second]

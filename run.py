@@ -54,6 +54,7 @@ def main(argv: list[str]) -> int:
         settings = config.load(os.environ)
         _check_alert_thresholds(settings.alert_thresholds)
         _check_keys_file(settings.api_keys_file)
+        _check_thread_store_file(settings)
     except config.ConfigError as exc:
         print(f"sluice: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -79,6 +80,24 @@ def _check_keys_file(path: str | None) -> None:
         read_keys_file(path)
     except KeysFileError as exc:
         raise config.ConfigError(f"SLUICE_API_KEYS_FILE: {exc}") from None
+
+
+def _check_thread_store_file(settings: Settings) -> None:
+    """A SLUICE_DB that SQLite cannot open (a directory, another kind of file, a folder that
+    cannot be made) stops the start (exit 2), on a host that may run the thread store (it
+    leads, or is a leader candidate). Otherwise the store's Wire failed, the directory never
+    became whole, and run.py gave up 30 s later with "the Pool's stream hub did not come up"."""
+    import sqlite3
+
+    from actors.leadership import candidates_of
+    from actors.threads_store import ThreadStore
+
+    if settings.join is not None and f"{settings.actor_host}:{settings.actor_port}" not in candidates_of(settings.join):
+        return  # a member: the leader's thread store holds the threads
+    try:
+        ThreadStore(settings.db).close()  # what the actor does first: the folder, the file, its schema
+    except (OSError, sqlite3.Error) as exc:
+        raise config.ConfigError(f"SLUICE_DB={settings.db!r}: {exc}") from None
 
 
 def serve(settings: Settings) -> int:

@@ -67,5 +67,6 @@ class LostMembers:
 
 
 def edge_lost_targets(members: Iterable[str]) -> list[str]:
-    """Who hears `MemberLost(edge, edge_id)`: every Coalescer shard and Metrics."""
-    return [role for role in members if roles.is_coalescer(role) or role == roles.METRICS]
+    """Who hears `MemberLost(edge, edge_id)`: every Coalescer shard, Metrics and the thread
+    store (the replies that edge was streaming)."""
+    return [role for role in members if roles.is_coalescer(role) or role in (roles.METRICS, roles.THREADS)]

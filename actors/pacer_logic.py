@@ -93,6 +93,12 @@ EPS = 1e-9
 # A shard is cut a slice when it asks for a lease twice within this long (it has demand);
 # as long as a shard's idle slice is kept (actors/lease_slices.py IDLE_S).
 SLICE_DEMAND_S = 2.0
+# The longest a provider's Retry-After pauses a key. One 429 saying 1,000,000 s (a bug, a
+# ms/s mix-up) paused the key for 11.6 days, every request refused at once until the Pacer
+# restarted; past this the key is tried again, and a provider that still refuses pauses it
+# again, at the cost of one call per pause. Rate limits are per minute; a daily quota
+# costs one call every 5 minutes.
+LONGEST_PAUSE_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,18 +218,19 @@ class PacerLogic:
             held = self._pop(msg.lease_id, now)
             self._verdicts(held, msg.key_results or [], now)
             out: list = []
-            if msg.retry_after_s and held is not None:
+            pause = min(msg.retry_after_s or 0.0, LONGEST_PAUSE_S)
+            if pause and held is not None:
                 bucket = self.buckets[held.key]
-                bucket.paused_until = max(bucket.paused_until, now + msg.retry_after_s)
+                bucket.paused_until = max(bucket.paused_until, now + pause)
                 out = self._recall()
-            elif msg.retry_after_s:
-                self._pause(None, now + msg.retry_after_s)
+            elif pause:
+                self._pause(None, now + pause)
                 out = self._recall()
             return out + self._drain(now)
         if isinstance(msg, m.AccountPause):  # a 429 the Pool is waiting out before its retry
             out = []
             if msg.pause_s > 0:
-                self._pause(msg.key, now + msg.pause_s)
+                self._pause(msg.key, now + min(msg.pause_s, LONGEST_PAUSE_S))
                 out = self._recall()
             return out + self._drain(now)
         if isinstance(msg, m.SliceReport):

@@ -13,7 +13,22 @@ a write lock. A turn is a user message plus the assistant reply that answers it:
                 "cancelled" never replaces a final status.
 
 On start, replies left "streaming" by a crash are marked "interrupted": nothing is lost
-silently, and a client reading the thread sees what happened.
+silently, and a client reading the thread sees what happened. While running, `Listeners`
+keeps which requests (their TurnBegin's token and edge) stream each reply until its
+TurnEnd, so that a reply nobody will end does not stay "streaming":
+
+    MemberLost(edge)  the replies only that edge streamed are marked "interrupted" (their
+                      clients saw the stream cut; its text so far died with the edge).
+    TurnAbandon       the edge stopped waiting for a TurnBegin's answer (the store was
+                      busy or frozen past the ask's 5 s) and answered its client 503: a
+                      turn it stored that nobody else joined is deleted again, and one
+                      that arrives after the abandon is refused, so a 503 stores nothing.
+
+A turn's history is what goes upstream as one request body, so it is held to the limit a
+client's own body is (`SLUICE_MAX_BODY_BYTES`): a new turn that would take the stored
+history past it is refused (`thread_too_long`, 413) and stores nothing. Without it a
+client could grow one thread by a megabyte a send and have every later send carry all of
+it through the actors and upstream (30 MB per send after 30 sends).
 
 A thread belongs to the API key id that created it (`owner`; NULL with open access). A
 caller with a key sees only its own threads: any other is "not found", so thread ids
@@ -23,10 +38,12 @@ file) sees every thread.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass, field
 
 from actors.host import HostActor
 from protocols import messages as m
@@ -59,6 +76,70 @@ FINAL = ("done", "error")
 
 class ThreadNotFound(LookupError):
     pass
+
+
+class ThreadTooLong(ValueError):
+    pass
+
+
+@dataclass
+class Reply:
+    user_id: int | None  # the user message stored with it by a request that is tracked
+    tokens: dict[str, str | None] = field(default_factory=dict)  # request token -> its edge id
+
+
+class Listeners:
+    """Which requests stream each reply still "streaming" (pure bookkeeping, no I/O)."""
+
+    def __init__(self, remember: int = 1024):
+        self.replies: dict[int, Reply] = {}  # assistant message id -> who streams it
+        self.turn_of: dict[str, int] = {}  # request token -> assistant message id
+        self.abandoned: collections.OrderedDict[str, None] = collections.OrderedDict()  # before their TurnBegin
+        self.remember = remember
+
+    def begun(self, token: str, edge_id: str | None, assistant_id: int, user_id: int, joined: bool) -> None:
+        reply = self.replies.setdefault(assistant_id, Reply(None if joined else user_id))
+        reply.tokens[token] = edge_id
+        self.turn_of[token] = assistant_id
+
+    def was_abandoned(self, token: str) -> bool:
+        """True (once) when `token`'s TurnAbandon came first: its TurnBegin must store nothing."""
+        if token in self.abandoned:
+            del self.abandoned[token]
+            return True
+        return False
+
+    def ended(self, assistant_id: int) -> None:
+        for token in self.replies.pop(assistant_id, Reply(None)).tokens:
+            self.turn_of.pop(token, None)
+
+    def edge_lost(self, edge_id: str) -> list[int]:
+        """The replies nobody streams any more now that `edge_id` is gone."""
+        orphaned = []
+        for assistant_id, reply in list(self.replies.items()):
+            for token in [t for t, edge in reply.tokens.items() if edge == edge_id]:
+                del reply.tokens[token]
+                self.turn_of.pop(token, None)
+            if not reply.tokens:
+                del self.replies[assistant_id]
+                orphaned.append(assistant_id)
+        return orphaned
+
+    def abandon(self, token: str) -> tuple[int, int | None] | None:
+        """(assistant id, user id to delete with it or None) when nobody else streams that
+        reply; None otherwise (then a TurnBegin yet to come with `token` is refused)."""
+        assistant_id = self.turn_of.pop(token, None)
+        if assistant_id is None:
+            self.abandoned[token] = None
+            while len(self.abandoned) > self.remember:
+                self.abandoned.popitem(last=False)
+            return None
+        reply = self.replies[assistant_id]
+        del reply.tokens[token]
+        if reply.tokens:
+            return None
+        del self.replies[assistant_id]
+        return assistant_id, reply.user_id
 
 
 class ThreadStore:
@@ -97,8 +178,11 @@ class ThreadStore:
         keys = ("id", "role", "content", "status", "error_code", "created_at")
         return [dict(zip(keys, row)) for row in rows]
 
-    def begin(self, thread_id: str, content: str, owner: str | None = None) -> tuple[list[dict], int, int, bool]:
-        """-> (history to send upstream, user message id, assistant message id, joined)."""
+    def begin(
+        self, thread_id: str, content: str, owner: str | None = None, max_bytes: int | None = None
+    ) -> tuple[list[dict], int, int, bool]:
+        """-> (history to send upstream, user message id, assistant message id, joined).
+        ThreadTooLong when a new turn's history would hold more than `max_bytes` of text."""
         self._require(thread_id, owner)
         self.db.execute("BEGIN IMMEDIATE")
         try:
@@ -116,6 +200,8 @@ class ThreadStore:
             if joined:
                 assistant_id, user_id = last_two[0][0], last_two[1][0]
             else:
+                if max_bytes is not None:
+                    self._check_size(thread_id, content, max_bytes)
                 now = time.time()
                 user_id = self._insert(thread_id, "user", content, "complete", now)
                 assistant_id = self._insert(thread_id, "assistant", "", "streaming", now)
@@ -143,6 +229,46 @@ class ThreadStore:
             (content, status, error_code, time.time(), assistant_id, *replaceable),
         )
 
+    def _check_size(self, thread_id: str, content: str, max_bytes: int) -> None:
+        """The history a new turn would send (what `begin` selects), in UTF-8 bytes."""
+        (stored,) = self.db.execute(
+            "SELECT COALESCE(SUM(LENGTH(CAST(content AS BLOB))), 0) FROM messages WHERE thread_id=? AND "
+            "(role='user' OR status IN ('done', 'complete'))",
+            (thread_id,),
+        ).fetchone()
+        total = stored + len(content.encode())
+        if total > max_bytes:
+            raise ThreadTooLong(
+                f"thread {thread_id!r}: its history with this message would be {total} bytes, over "
+                f"SLUICE_MAX_BODY_BYTES ({max_bytes}), the most one request sends upstream; start a new thread"
+            )
+
+    def interrupt(self, assistant_ids) -> int:
+        """Replies still streaming whose edges died: -> how many were marked."""
+        now, marked = time.time(), 0
+        for assistant_id in assistant_ids:
+            marked += self.db.execute(
+                "UPDATE messages SET status='interrupted', updated_at=? WHERE id=? AND status='streaming'",
+                (now, assistant_id),
+            ).rowcount
+        return marked
+
+    def unbegin(self, assistant_id: int, user_id: int | None) -> bool:
+        """Delete a turn nobody streams (the reply, and the user message stored with it),
+        if the reply is still "streaming": -> whether it was."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = self.db.execute(
+                "DELETE FROM messages WHERE id=? AND role='assistant' AND status='streaming'", (assistant_id,)
+            ).rowcount
+            if deleted and user_id is not None:
+                self.db.execute("DELETE FROM messages WHERE id=? AND role='user'", (user_id,))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return bool(deleted)
+
     def _insert(self, thread_id: str, role: str, content: str, status: str, now: float) -> int:
         cursor = self.db.execute(
             "INSERT INTO messages(thread_id, role, content, status, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -162,6 +288,7 @@ class ThreadStoreActor(HostActor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.store: ThreadStore | None = None
+        self.listeners = Listeners()
 
     def on_wire(self, wire: m.Wire) -> None:
         if self.store is None:
@@ -174,6 +301,8 @@ class ThreadStoreActor(HostActor):
             return self._handle(msg, sender)
         except ThreadNotFound as exc:
             return [Send(sender, m.ErrorReply("thread_not_found", f"no thread {exc.args[0]!r}"))]
+        except ThreadTooLong as exc:
+            return [Send(sender, m.ErrorReply("thread_too_long", str(exc)))]
 
     def _handle(self, msg, sender) -> list:
         if isinstance(msg, m.ThreadCreate):
@@ -181,12 +310,30 @@ class ThreadStoreActor(HostActor):
         if isinstance(msg, m.ThreadGet):
             return [Send(sender, m.ThreadMessages(msg.thread_id, self.store.messages(msg.thread_id, msg.owner)))]
         if isinstance(msg, m.TurnBegin):
-            history, user_id, assistant_id, joined = self.store.begin(msg.thread_id, msg.content, msg.owner)
+            if msg.token is not None and self.listeners.was_abandoned(msg.token):
+                return [Send(sender, m.ErrorReply("abandoned", "this turn was abandoned before it was stored"))]
+            history, user_id, assistant_id, joined = self.store.begin(
+                msg.thread_id, msg.content, msg.owner, self.settings.max_body_bytes
+            )
+            if msg.token is not None:
+                self.listeners.begun(msg.token, msg.edge_id, assistant_id, user_id, joined)
             return [Send(sender, m.TurnBegun(msg.thread_id, history, user_id, assistant_id, joined))]
+        if isinstance(msg, m.TurnAbandon):
+            if (unstreamed := self.listeners.abandon(msg.token)) is not None:
+                if self.store.unbegin(*unstreamed):
+                    log.warning("a turn stored after its request gave up waiting was deleted (reply %d)", unstreamed[0])
+            return []
         if isinstance(msg, m.TurnEnd):
+            self.listeners.ended(msg.assistant_id)
             self.store.end(msg.assistant_id, msg.content, msg.status, msg.error_code)
             return [Send(sender, m.TurnEnded(msg.assistant_id))]
+        if isinstance(msg, m.MemberLost) and msg.role == roles.EDGE:
+            self._edge_lost(msg.incarnation)
         return []
+
+    def _edge_lost(self, edge_id: str) -> None:
+        if marked := self.store.interrupt(self.listeners.edge_lost(edge_id)):
+            log.warning("%d replies were cut off by the loss of edge %s; marked interrupted", marked, edge_id)
 
     def state(self, now: float) -> dict:
         return {"db": self.settings.db if self.settings else None, "open": self.store is not None}

@@ -107,12 +107,20 @@ class Denial:
 # --- the file -------------------------------------------------------------------------------
 
 
+# With several edge processes every ask carries the key's limits to the Metrics actor in
+# msgpack, whose integers stop at 64 bits: a larger limit loaded fine and then made every
+# request of that key a 503 "retry", for ever and with nothing in the log.
+LARGEST_LIMIT = 2**63 - 1
+
+
 def _limit(entry: dict, name: str, where: str) -> int | None:
     value = entry.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise KeysFileError(f"{where}: {name!r} must be a positive integer or null")
+    if value > LARGEST_LIMIT:
+        raise KeysFileError(f"{where}: {name!r} must be at most {LARGEST_LIMIT} (null: no limit)")
     return value
 
 

@@ -253,6 +253,10 @@ class Edge:
         configured = self.settings.providers.get(provider)
         if configured is None:
             raise self._provider_missing(provider)
+        if model is not None and len(model) > models.MAX_MODEL_CHARS:  # a client's (a metrics label)
+            raise Rejection(
+                422, "invalid_request", f"model: at most {models.MAX_MODEL_CHARS} characters, got {len(model)}"
+            )
         model = model or configured.model
         # A field the provider's API cannot honour is refused here, before any admission
         # (docs/providers.md): never dropped silently on the way upstream.

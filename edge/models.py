@@ -30,6 +30,12 @@ from edge.openai_compat import error_response
 from protocols.config import PROVIDERS
 from protocols.gateway_settings import Settings
 
+# The longest model name a request may give (after its provider prefix): longer than any
+# provider's ids, short enough to be a metrics label. Unbounded, five requests naming 200 KB
+# models made /metrics 104 MB (each series repeats its labels; the first 50 models of a
+# provider are kept as labels).
+MAX_MODEL_CHARS = 256
+
 
 def resolve(provider: str | None, model: str | None, settings: Settings) -> tuple[str | None, str | None]:
     """(provider, model) for a request; None means the configured default."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -20,7 +21,7 @@ from starlette.routing import Route
 
 from edge.admission import Admission
 from edge.app import Edge, error_response, opted_in, rejection_response
-from edge.bridge import BridgeError
+from edge.bridge import BridgeError, BridgeTimeout
 from edge.rejections import Rejection
 from edge.sse_stream import SSEStream
 from protocols import events as ev
@@ -75,7 +76,8 @@ class ThreadRoutes:
             if data.get(name) is not None and not isinstance(data[name], str):
                 return error_response(422, "invalid_request", f"'{name}' must be a string")
         thread_id = request.path_params["thread_id"]
-        turn = await self._ask(m.TurnBegin(thread_id, content, request.state.key_id))
+        token = secrets.token_hex(8)
+        turn = await self._ask(m.TurnBegin(thread_id, content, request.state.key_id, edge.edge_id, token), token)
         if not isinstance(turn, m.TurnBegun):
             return turn
         assistant_id = turn.assistant_id
@@ -150,12 +152,20 @@ class ThreadRoutes:
         self.listeners[assistant_id] = left
         return False
 
-    async def _ask(self, msg):
+    async def _ask(self, msg, abandon: str | None = None):
+        """The store's answer, or the error response to give. `abandon`: the TurnBegin's
+        token, to undo the turn if the store does it after this request stopped waiting."""
         try:
             return await self.edge.bridge.ask("threads", msg, timeout=5.0)
-        except BridgeError as exc:
+        except BaseException as exc:
+            if abandon is not None and isinstance(exc, (BridgeTimeout, asyncio.CancelledError)):
+                self.edge.streams.spawn(self.edge.bridge.tell("threads", m.TurnAbandon(abandon)))
+            if not isinstance(exc, BridgeError):
+                raise
             if exc.code == "thread_not_found":
                 return error_response(404, "thread_not_found", str(exc))
+            if exc.code == "thread_too_long":
+                return error_response(413, "thread_too_long", str(exc))
             if exc.code == "unencodable":  # edge/body_limits.py should have refused it
                 log.error("thread store not asked: %s", exc)
                 return error_response(422, "invalid_request", f"the request cannot be stored: {exc}")

@@ -56,6 +56,9 @@ def load_static(folder: Path = STATIC) -> dict[str, tuple[bytes, str]]:
     return files
 
 
+HISTORY_FRAME = 60  # samples per history frame (~80 KB)
+
+
 class WebRoutes:
     def __init__(self, edge, files: dict[str, tuple[bytes, str]] | None = None):
         self.edge = edge
@@ -87,7 +90,14 @@ class WebRoutes:
         async def stream():
             try:
                 yield PING
-                yield frame({"type": "history", "interval_s": feed.interval_s, "snapshots": list(feed.history)})
+                # In frames of HISTORY_FRAME samples: the server writes the next frame only
+                # once the client has read enough of the last, so a viewer that never reads
+                # holds about one frame here, not the ten minutes (~800 KB) of one frame of all.
+                snapshots = list(feed.history)
+                for start in range(0, max(len(snapshots), 1), HISTORY_FRAME):
+                    part = {"type": "history", "interval_s": feed.interval_s}
+                    part["snapshots"] = snapshots[start : start + HISTORY_FRAME]
+                    yield frame({**part, "append": True} if start else part)
                 while True:
                     snapshot = await queue.get()
                     if snapshot is None:  # the gateway stops

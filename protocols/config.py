@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from protocols.gateway_settings import Settings, field_name
+from protocols.settings import MAX_SECONDS, PacerSettings
 
 
 class ConfigError(ValueError):
@@ -72,6 +73,15 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
         return value
 
     return parse
+
+
+def _error_ttl(text: str) -> float:
+    """COALESCE_ERROR_TTL_S: as the admin's set-flags takes it (inf made the Coalescer's
+    timer raise, and its state unreadable as JSON)."""
+    value = float(text)
+    if not 0 <= value <= MAX_SECONDS:
+        raise ValueError(f"must be >= 0 and <= {MAX_SECONDS:.0f} (a year)")
+    return value
 
 
 def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -282,7 +292,7 @@ KEYS: dict[str, tuple[str | None, Callable[[str], Any], str]] = {
         "key: only requests of the same API key share a call; global: any "
         "(default key with SLUICE_API_KEYS_FILE, else global)",
     ),
-    "COALESCE_ERROR_TTL_S": ("2", float, "seconds a failure is replayed to identical requests"),
+    "COALESCE_ERROR_TTL_S": ("2", _error_ttl, "seconds a failure is replayed to identical requests"),
     "COALESCER_SHARDS": (
         None,
         _positive(int),
@@ -486,7 +496,7 @@ def _accounts(env: Mapping[str, str], settings: dict) -> dict:
     """Pacer settings per account: <PREFIX>_RPS, _BURST, _CONCURRENCY, _RPM."""
     accounts = {}
     for prefix, (rps, burst, concurrency, rpm) in PACER_DEFAULTS.items():
-        values = {}
+        values: dict[str, Any] = {}
         for suffix, default, parse in (
             ("RPS", rps, _positive(float)),
             ("BURST", burst, _positive(int)),
@@ -506,6 +516,12 @@ def _accounts(env: Mapping[str, str], settings: dict) -> dict:
             values["rpm"] = None  # 0 switches the per-minute cap off
         values["max_queue"] = settings["PACER_MAX_QUEUE"]
         values["max_wait_s"] = settings["PACER_MAX_WAIT_MS"] / 1000.0
+        try:  # the bounds the admin's set-pacer is held to, so the Pacer starts with what it accepts
+            PacerSettings(**values).validated()
+        except ValueError as exc:
+            raise ConfigError(
+                f"{prefix}_RPS/_BURST/_CONCURRENCY/_RPM, PACER_MAX_QUEUE, PACER_MAX_WAIT_MS: {exc}"
+            ) from None
         accounts[prefix] = values
     return accounts
 

@@ -382,6 +382,11 @@ class TurnBegin:
     thread_id: str
     content: str
     owner: str | None = None  # as ThreadGet's
+    # The edge process that streams the reply: if it dies (MemberLost(edge)) before its
+    # TurnEnd, the store marks the reply "interrupted" rather than "streaming" for ever.
+    edge_id: str | None = None
+    # This request's own name for the turn, for a TurnAbandon should it stop waiting.
+    token: str | None = None
 
 
 @message("turn_begun")
@@ -404,6 +409,15 @@ class TurnEnd:
 @message("turn_ended")
 class TurnEnded:
     assistant_id: int
+
+
+@message("turn_abandon")
+class TurnAbandon:
+    """Edge -> thread store (a tell): the TurnBegin named `token` was not answered in time
+    and its client got a 503, so the turn must not stay stored: undone if the store did it
+    (unless another request joined it), refused if it arrives later."""
+
+    token: str
 
 
 # --- supervision, discovery, admin -------------------------------------------------------

@@ -15,6 +15,14 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+# Upper bounds of the live settings: far beyond any real budget, and small enough that every
+# value stays one that msgpack and JSON carry (an int beyond 2^64 cannot be put in the
+# actor's State reply: /readyz and `show` failed for good) and one that Thespian's timers
+# (datetime arithmetic) can wait for (a delay of 1e15 s or inf raised in the actor).
+MAX_COUNT = 1_000_000_000
+MAX_SECONDS = 365 * 86400.0  # a year
+
+
 # --- the Pacer (one per account) ------------------------------------------------------------
 
 
@@ -31,16 +39,16 @@ class PacerSettings:
         problems = []
         if not (self.rps > 0 and math.isfinite(self.rps)):
             problems.append("rps must be a positive number")
-        if self.burst < 1:
-            problems.append("burst must be >= 1")
-        if self.concurrency < 1:
-            problems.append("concurrency must be >= 1")
-        if self.rpm is not None and self.rpm < 1:
-            problems.append("rpm must be >= 1 or unset")
-        if self.max_queue < 0:
-            problems.append("max_queue must be >= 0")
-        if not (self.max_wait_s > 0):
-            problems.append("max_wait_s must be > 0")
+        if not 1 <= self.burst <= MAX_COUNT:
+            problems.append(f"burst must be >= 1 and <= {MAX_COUNT}")
+        if not 1 <= self.concurrency <= MAX_COUNT:
+            problems.append(f"concurrency must be >= 1 and <= {MAX_COUNT}")
+        if self.rpm is not None and not 1 <= self.rpm <= MAX_COUNT:
+            problems.append(f"rpm must be >= 1 and <= {MAX_COUNT}, or unset")
+        if not 0 <= self.max_queue <= MAX_COUNT:
+            problems.append(f"max_queue must be >= 0 and <= {MAX_COUNT}")
+        if not (0 < self.max_wait_s <= MAX_SECONDS):  # NaN and inf fail here too
+            problems.append(f"max_wait_s must be > 0 and <= {MAX_SECONDS:.0f} (a year)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -97,8 +105,10 @@ def flags_from(base: CoalescerFlags, changes: dict) -> CoalescerFlags:
             raise ValueError(f"unknown coalescer flag {key!r} (known: {sorted(FLAG_TYPES)})")
         if kind is bool and not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false, got {value!r}")
-        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+        if kind is float and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_SECONDS
+        ):  # NaN and inf fail the range too
+            raise ValueError(f"{key} must be a number >= 0 and <= {MAX_SECONDS:.0f} (a year), got {value!r}")
         values[key] = kind(value)
     return replace(base, **values)
 
@@ -156,6 +166,8 @@ def validate_thresholds(thresholds: dict | None) -> dict:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"alert threshold {key!r} must be an integer, got {value!r}")
             value = int(value)
+            if value > MAX_COUNT:  # 1e30 is an integral float: as an int, no message can carry it
+                raise ValueError(f"alert threshold {key!r} must be <= {MAX_COUNT}, got {value!r}")
         else:
             value = float(value)
             if not math.isfinite(value):

@@ -155,6 +155,12 @@ def test_show_reports_every_actor(gw):
         ("/alerts/thresholds", {"error_rate": 5}, 422, "invalid_value"),
         ("/pacer/simulated", "{not json", 400, "invalid_json"),
         ("/flags", [1, 2], 400, "invalid_request"),
+        # absurd values: each was applied, and then the actor's state could not be shown
+        # (no msgpack int for 1e30, no JSON for inf): /readyz 503 until an operator undid it
+        ("/pacer/simulated", {"burst": 1e30}, 422, "invalid_value"),
+        ("/pacer/simulated", {"max_wait_s": "inf"}, 422, "invalid_value"),
+        ("/flags", {"error_ttl_s": 1e308}, 422, "invalid_value"),
+        ("/alerts/thresholds", {"perf_window": 1e30}, 422, "invalid_value"),
     ],
 )
 def test_invalid_commands_are_4xx_and_change_nothing(gw, path, body, status, code):
@@ -166,6 +172,7 @@ def test_invalid_commands_are_4xx_and_change_nothing(gw, path, body, status, cod
     assert after["pacer:simulated"]["settings"] == before["pacer:simulated"]["settings"]
     assert [after[f"coalescer:{i}"]["flags"] for i in (0, 1)] == [before[f"coalescer:{i}"]["flags"] for i in (0, 1)]
     assert after["supervisor"]["draining"] is False
+    assert request("GET", gw.url + "/readyz")[0] == 200
 
 
 # --- live changes the traffic obeys ------------------------------------------------------------------

@@ -74,6 +74,9 @@ def test_a_good_file_is_a_table_by_digest_with_defaults():
         ({"keys": [{"id": "a", "sha256": "ab" * 32, "rpm": 0}]}, "'rpm' must be a positive integer"),
         ({"keys": [{"id": "a", "sha256": "ab" * 32, "tpm": "10"}]}, "'tpm' must be a positive integer"),
         ({"keys": [{"id": "a", "sha256": "ab" * 32, "concurrency": True}]}, "'concurrency'"),
+        # beyond a message's 64 bits: with several workers every request of the key was a 503
+        ({"keys": [{"id": "a", "sha256": "ab" * 32, "rpm": 10**20}]}, "'rpm' must be at most"),
+        ({"keys": [{"id": "a", "sha256": "ab" * 32, "tpm": 2**64}]}, "'tpm' must be at most"),
         ({"keys": [{"id": "a", "sha256": "ab" * 32, "models": "*"}]}, "'models' must be a list"),
         ({"keys": [{"id": "a", "sha256": "ab" * 32}, {"id": "a", "sha256": "cd" * 32}]}, "duplicate id"),
         ({"keys": [{"id": "a", "sha256": "ab" * 32}, {"id": "b", "sha256": "AB" * 32}]}, "same key hash as 'a'"),

@@ -9,7 +9,7 @@ import pytest
 from actors.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitSettings
 from actors.coalescer_logic import CoalescerLogic
 from actors.key_choice import KeyBucket, choose, retry_order
-from actors.pacer_logic import PacerLogic, PacerSettings
+from actors.pacer_logic import LONGEST_PAUSE_S, PacerLogic, PacerSettings
 from actors.pool import key_verdict
 from actors.upstream import CallResult
 from protocols import config
@@ -280,6 +280,19 @@ def test_a_429_pauses_only_the_key_that_got_it():
     opened = sent(p.handle(request("a", 0.1), "shard", 0.1), m.OpenStream)
     assert opened[0].key == 1
     assert [k["paused_for_s"] for k in p.state(0.1)["keys"]] == [4.9, 0.0]
+
+
+def test_a_provider_retry_after_pauses_a_key_at_most_longest_pause_s():
+    # One 429 with Retry-After 1,000,000 (a provider's bug, a ms/s mix-up) paused the key
+    # 11.6 days: every request 429 at once, until the Pacer restarted.
+    p = pacer(keys=2, rps=100, burst=100)
+    p.handle(m.AccountPause("SIMULATED", 1e6, 0), None, 0.0)
+    (opened,) = sent(p.handle(request("a", 0.0), "shard", 0.0), m.OpenStream)
+    assert opened.key == 1
+    p.handle(m.LeaseRelease("a", retry_after_s=1e300), "pool", 0.0)  # the same through a release
+    assert [k["paused_for_s"] for k in p.state(0.0)["keys"]] == [LONGEST_PAUSE_S, LONGEST_PAUSE_S]
+    after = LONGEST_PAUSE_S + 0.1  # then the account is tried again
+    assert sent(p.handle(request("b", after), "shard", after), m.OpenStream)
 
 
 def test_set_pacer_applies_to_every_key():

@@ -19,6 +19,7 @@ from tests.support import (
     cmdline,
     data_events,
     descendants,
+    free_port,
     get_json,
     listening_ports,
     running_gateway,
@@ -57,6 +58,17 @@ def test_bad_configuration_fails_fast_naming_the_variable():
         result = run_py(env)
         assert result.returncode == 2, (env, result.stderr)
         assert name in result.stderr and "configuration error" in result.stderr
+
+
+def test_a_thread_store_file_that_cannot_be_opened_fails_fast_naming_sluice_db(tmp_path):
+    # On main the start went on, the thread store's Wire failed, and 31 s later run.py
+    # exited 3 with "the Pool's stream hub did not come up" (the SQLite error buried above).
+    not_a_database = tmp_path / "notes.txt"
+    not_a_database.write_text("not SQLite " * 200)
+    for db in (str(tmp_path), str(not_a_database)):
+        result = run_py({"SLUICE_DB": db, "SLUICE_PORT": str(free_port()), "SLUICE_ACTOR_PORT": str(free_port())})
+        assert result.returncode == 2, (db, result.stderr[-2000:])
+        assert f"SLUICE_DB={db!r}" in result.stderr and "configuration error" in result.stderr
 
 
 def test_ctrl_c_mid_stream_ends_the_stream_and_leaves_nothing():

@@ -44,8 +44,8 @@ def test_metrics_and_the_thread_store_hold_nothing_for_others():
     assert lost.announce(MEMBERS) == [] and lost.pending == {}
 
 
-def test_a_dead_edge_is_told_to_every_shard_and_metrics():
-    assert edge_lost_targets(MEMBERS) == ["metrics", "coalescer:0", "coalescer:1"]
+def test_a_dead_edge_is_told_to_every_shard_metrics_and_the_thread_store():
+    assert edge_lost_targets(MEMBERS) == ["metrics", "threads", "coalescer:0", "coalescer:1"]
 
 
 def test_the_simulated_supervisor_announces_once_every_member_is_up_again():

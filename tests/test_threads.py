@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import httpcore
 import pytest
 
-from tests.support import Gateway, SSEClient, data_events, get_json, request, stream_chat, wait_until
+from tests.support import Gateway, SSEClient, data_events, get_json, request, stream_chat, wait_until, worker_pids
 
 pytestmark = pytest.mark.integration
 
@@ -124,3 +126,81 @@ def test_a_crash_mid_stream_leaves_the_reply_marked_interrupted():
     finally:
         gw.stop()
         gw.kill_leftovers()
+
+
+def test_a_send_that_would_take_the_history_past_the_body_limit_is_413_and_stores_nothing(sim):
+    # The history goes upstream as one body: on main a thread grew by a body's worth per send,
+    # and every later send carried all of it (30 MB after 30 sends of 1 MB).
+    gw = Gateway({"SIMULATED_BASE_URL": sim, "SLUICE_MAX_BODY_BYTES": "4096"}).start()
+    try:
+        thread = new_thread(gw.url)
+        first = "x" * 3000 + "\n#sim tokens=3"
+        status, _, events = stream_chat(f"{gw.url}/api/threads/{thread}/messages", {"content": first})
+        assert status == 200 and data_events(events)[-1]["type"] == "done"
+        stored = messages(gw.url, thread)
+        status, _, body = request("POST", f"{gw.url}/api/threads/{thread}/messages", {"content": "y" * 1500})
+        assert status == 413, body  # on main: 200, a reply to a 4,500-byte history
+        error = json.loads(body)["error"]
+        assert error["code"] == "thread_too_long", body
+        assert "SLUICE_MAX_BODY_BYTES (4096)" in error["message"] and "new thread" in error["message"]
+        assert messages(gw.url, thread) == stored  # nothing stored for the refused turn
+        status, _, events = stream_chat(f"{gw.url}/api/threads/{thread}/messages", {"content": "short\n#sim tokens=2"})
+        assert status == 200 and data_events(events)[-1]["type"] == "done"  # what still fits is served
+    finally:
+        gw.stop()
+        gw.kill_leftovers()
+
+
+def test_a_reply_whose_edge_worker_dies_is_marked_interrupted(sim):
+    # On main the row stayed "streaming" until the thread store itself restarted: the store
+    # learnt of a gateway crash, not of one edge worker's.
+    gw = Gateway({"SIMULATED_BASE_URL": sim, "SLUICE_WORKERS": "2"}).start()
+    try:
+        wait_until(lambda: len(worker_pids(gw)) == 2, timeout=20, message="two workers")
+        thread = new_thread(gw.url)
+        client = SSEClient(
+            f"{gw.url}/api/threads/{thread}/messages", {"content": "long\n#sim tokens=1000 token_interval_ms=20"}
+        )
+        while client.next()[1].get("type") != "delta":
+            pass
+        gw.tree |= set(worker_pids(gw).values())
+        os.kill(worker_pids(gw)[client.headers["x-sluice-worker"]], signal.SIGKILL)
+        client.close()
+
+        def settled():
+            try:
+                stored = messages(gw.url, thread)
+            except httpcore.ReadError:  # a kept-alive connection to the killed worker
+                return None
+            return stored if stored[-1]["status"] != "streaming" else None
+
+        stored = wait_until(settled, timeout=20, message="the reply no longer streaming")
+        assert [m["status"] for m in stored] == ["complete", "interrupted"]
+        status, _, events = stream_chat(f"{gw.url}/api/threads/{thread}/messages", {"content": "again\n#sim tokens=2"})
+        assert status == 200 and data_events(events)[-1]["type"] == "done"  # the thread goes on
+    finally:
+        gw.stop()
+        gw.kill_leftovers()
+
+
+def test_a_send_answered_503_because_the_store_was_frozen_stores_nothing(gateway):
+    # On main the store did the TurnBegin once it thawed: a user message the client was told
+    # was not taken sat in the thread, was sent upstream with every later turn, and its
+    # reply stayed "streaming" for ever.
+    thread = new_thread(gateway.url)
+    store = get_json(gateway.url + "/readyz")[1]["actors"]["threads"]["pid"]
+    os.kill(store, signal.SIGSTOP)
+    try:
+        status, _, body = request(
+            "POST", f"{gateway.url}/api/threads/{thread}/messages", {"content": "lost\n#sim tokens=2"}, timeout=30
+        )
+    finally:
+        os.kill(store, signal.SIGCONT)
+    assert status == 503 and json.loads(body)["error"]["code"] == "threads_unavailable", body
+    second = f"kept {uuid.uuid4().hex}\n#sim tokens=2"
+    status, _, events = stream_chat(f"{gateway.url}/api/threads/{thread}/messages", {"content": second})
+    assert status == 200 and data_events(events)[-1]["type"] == "done"
+    stored = messages(gateway.url, thread)
+    assert [(m["role"], m["status"]) for m in stored] == [("user", "complete"), ("assistant", "done")], stored
+    assert stored[0]["content"] == second
+    assert [m["content"] for m in calls_for(gateway, second)[0]["body"]["messages"]] == [second]

@@ -5,6 +5,7 @@ the files, every file a page names is shipped, alert states map to their thresho
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import pytest
@@ -80,3 +81,39 @@ def test_figures_compute_the_coalescing_ratio_only_with_leaders():
     assert _figures({"coalesce": {"leaders": 2, "followers": 7}})["coalesce"]["ratio"] == 3.5
     assert _figures({"coalesce": {"leaders": 0, "followers": 0}})["coalesce"]["ratio"] is None
     assert _figures({})["ttft_ms"] == {"p50": None, "p95": None, "count": None}
+
+
+class _FullFeed:
+    """A feed holding ten minutes of samples, as a gateway up for ten minutes has."""
+
+    interval_s = 1.0
+
+    def __init__(self):
+        sample = {"at": 0.0, "alerts": {"rules": [{"name": "x" * 40, "threshold": 1.0}] * 4}, "pad": "p" * 900}
+        self.history = [{**sample, "at": float(i)} for i in range(600)]
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def subscribe(self):
+        self.queue.put_nowait(None)  # the gateway stops right after the history
+        return self.queue
+
+    def unsubscribe(self, queue) -> None:
+        pass
+
+
+def test_the_dashboard_history_goes_out_in_frames_a_viewer_that_never_reads_holds_one_of():
+    # One frame of all 600 samples (~800 KB) was buffered whole for every viewer that does
+    # not read, 256 of them per address with no key needed: ~200 MB from one client. In
+    # frames, the server's flow control stops each such viewer after about one frame.
+    web = WebRoutes(edge=None, files={})
+    web.feed = _FullFeed()
+
+    async def frames() -> list[bytes]:
+        response = await web.events(Request({"type": "http", "method": "GET", "path": "/", "headers": []}))
+        return [chunk if isinstance(chunk, bytes) else chunk.encode() async for chunk in response.body_iterator]
+
+    sent = asyncio.run(frames())
+    history = [json.loads(f.split(b"data: ", 1)[1]) for f in sent if b'"type":"history"' in f.replace(b" ", b"")]
+    assert len(history) > 1 and max(len(f) for f in sent) <= 128 * 1024
+    assert [h.get("append", False) for h in history] == [False] + [True] * (len(history) - 1)
+    assert [s["at"] for h in history for s in h["snapshots"]] == [float(i) for i in range(600)]

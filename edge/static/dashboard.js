@@ -120,7 +120,8 @@ function connect() {
       return;
     }
     if (data.type === "history") {
-      history = data.snapshots || [];
+      // the kept samples come in several frames: the first replaces, the rest append
+      history = data.append ? history.concat(data.snapshots || []) : data.snapshots || [];
     } else if (data.type === "snapshot") {
       history.push(data.snapshot);
     } else if (data.type === "error") {

@@ -91,9 +91,12 @@ class ThreadRoutes:
                 True,
                 request.state.key_id,
             )
-        except Rejection as exc:  # refused before streaming (429, 503, ...)
+        except Rejection as exc:  # refused before streaming (429, 503, 422, ...)
+            # Undo the turn (unless another request joined it), as for a 503 from the store:
+            # a refused message kept in the thread went upstream with every later turn, and
+            # the client's retry stored it twice.
             self._release(assistant_id)
-            await edge.bridge.tell("threads", m.TurnEnd(assistant_id, "", "error", "rejected"))
+            await edge.bridge.tell("threads", m.TurnAbandon(token))
             return rejection_response(exc)
         except BaseException:  # the client went away while being admitted
             if self._release(assistant_id):

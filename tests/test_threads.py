@@ -204,3 +204,18 @@ def test_a_send_answered_503_because_the_store_was_frozen_stores_nothing(gateway
     assert [(m["role"], m["status"]) for m in stored] == [("user", "complete"), ("assistant", "done")], stored
     assert stored[0]["content"] == second
     assert [m["content"] for m in calls_for(gateway, second)[0]["body"]["messages"]] == [second]
+
+
+def test_a_send_refused_at_admission_stores_nothing(gateway):
+    """A refusal after the turn was stored (here a model name over 256 characters, 422) used
+    to leave the user message and an `error` reply in the thread: the message went upstream
+    with every later turn, and the client's retry stored it twice."""
+    thread = new_thread(gateway.url)
+    refused = {"content": "refused\n#sim tokens=2", "model": "m" * 300}
+    status, _, body = request("POST", f"{gateway.url}/api/threads/{thread}/messages", refused)
+    assert status == 422, body
+    assert messages(gateway.url, thread) == []
+    second = f"kept {uuid.uuid4().hex}\n#sim tokens=2"
+    status, _, events = stream_chat(f"{gateway.url}/api/threads/{thread}/messages", {"content": second})
+    assert status == 200 and data_events(events)[-1]["type"] == "done"
+    assert [m["content"] for m in calls_for(gateway, second)[0]["body"]["messages"]] == [second]

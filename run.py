@@ -83,21 +83,43 @@ def _check_keys_file(path: str | None) -> None:
 
 
 def _check_thread_store_file(settings: Settings) -> None:
-    """A SLUICE_DB that SQLite cannot open (a directory, another kind of file, a folder that
-    cannot be made) stops the start (exit 2), on a host that may run the thread store (it
-    leads, or is a leader candidate). Otherwise the store's Wire failed, the directory never
-    became whole, and run.py gave up 30 s later with "the Pool's stream hub did not come up"."""
-    import sqlite3
-
+    """A SLUICE_DB the thread store could not open (a directory, another kind of file, a
+    folder it cannot write) stops the start (exit 2), on a host that may run the thread
+    store (it leads, or is a leader candidate). Otherwise the store's Wire failed, the
+    directory never became whole, and run.py gave up 30 s later with "the Pool's stream hub
+    did not come up". Looked at, never opened: a second run.py started by mistake beside a
+    running gateway must not write its file (the store's open runs the crash recovery,
+    which marks every reply still streaming `interrupted`)."""
     from actors.leadership import candidates_of
-    from actors.threads_store import ThreadStore
 
     if settings.join is not None and f"{settings.actor_host}:{settings.actor_port}" not in candidates_of(settings.join):
         return  # a member: the leader's thread store holds the threads
-    try:
-        ThreadStore(settings.db).close()  # what the actor does first: the folder, the file, its schema
-    except (OSError, sqlite3.Error) as exc:
-        raise config.ConfigError(f"SLUICE_DB={settings.db!r}: {exc}") from None
+    if problem := _sqlite_file_problem(settings.db):
+        raise config.ConfigError(f"SLUICE_DB={settings.db!r}: {problem}")
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
+
+
+def _sqlite_file_problem(path: str) -> str | None:
+    """Why SQLite could not open or create a database at `path`, or None."""
+    if os.path.isdir(path):
+        return "is a directory"
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(SQLITE_HEADER))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        if head and head != SQLITE_HEADER:  # an empty file is one SQLite makes a database of
+            return "is not an SQLite database"
+        return None if os.access(path, os.W_OK) else "is not writable"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # the store makes the missing folders
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{folder} is not a directory"
+    return None if os.access(folder, os.W_OK | os.X_OK) else f"cannot create it: {folder} is not writable"
 
 
 def serve(settings: Settings) -> int:

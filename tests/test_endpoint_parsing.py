@@ -303,6 +303,19 @@ def test_embeddings_request_and_its_coalescing_key():
             parse_embeddings(bad)
 
 
+@pytest.mark.parametrize("field", ["embeddings", "count_tokens"])
+def test_a_chat_body_cannot_name_another_kind_of_call(field):
+    """`embeddings` / `count_tokens` in a normalized body pick another adapter (adapter_for):
+    taken from a chat body as it came, they turned a chat request into an embeddings or a
+    count call (an empty 200 answer), past the embeddings route's provider check."""
+    data = {"model": "m", "messages": [{"role": "user", "content": "hi"}], field: {"input": "x"}}
+    with pytest.raises(RequestError) as info:
+        parse_chat(data)
+    assert info.value.status == 400 and info.value.code == "unsupported_parameter" and field in info.value.message
+    with pytest.raises(RequestError):
+        parse_openai(data, None)
+
+
 def test_embeddings_adapter_reads_one_json_body_split_anywhere():
     answer = json.dumps(
         {

@@ -27,7 +27,16 @@ from starlette.routing import Route
 from actors import secret as cluster_secret
 from edge import anthropic_compat, models, openai_compat, tracing
 from edge.admission import Admission
-from edge.api_keys import UNAUTHORIZED, ApiKeys, Denial, KeysFileError, presented_key, stream_tokens
+from edge.api_keys import (
+    UNAUTHORIZED,
+    ApiKeys,
+    ClientKey,
+    Denial,
+    KeysFileError,
+    conflicting_credentials,
+    presented_key,
+    stream_tokens,
+)
 from edge.bridge import ActorBridge, BridgeError
 from edge.chat_request import RequestError, check_content_type, parse_chat, parse_json
 from edge.dataplane import HubClients
@@ -220,7 +229,12 @@ class Edge:
         or answers the 401. Every client route calls this first."""
         request.state.key_id = None
         presented = presented_key(request.headers)
-        found = self.keys.authenticate(presented)
+        conflict = conflicting_credentials(request.headers) if self.keys.enabled else None
+        if conflict is not None:
+            self.keys.failures["invalid"] += 1
+            found: ClientKey | Denial | None = Denial(401, "invalid_request_error", UNAUTHORIZED, conflict)
+        else:
+            found = self.keys.authenticate(presented)
         if isinstance(found, Denial):
             if self.shared_key_limits:
                 self.records.add({"kind": "key_auth_failure", "reason": "missing" if presented is None else "invalid"})

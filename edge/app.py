@@ -22,7 +22,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from actors import secret as cluster_secret
 from edge import anthropic_compat, models, openai_compat, tracing
@@ -574,9 +574,26 @@ def opted_in(request: Request) -> bool:
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed"}
     message = {404: f"no route for {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(_allowed_methods(request))
     return _error_shape(request.url.path)(
-        exc.status_code, codes.get(exc.status_code, "http_error"), message.get(exc.status_code, str(exc.detail))
+        exc.status_code,
+        codes.get(exc.status_code, "http_error"),
+        message.get(exc.status_code, str(exc.detail)),
+        headers or None,
     )
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes on this path (RFC 9110: a 405 names them in Allow).
+    Starlette's own Allow names only the first route that matched the path, and a path may
+    be served by two (GET and POST /api/threads/{id}/messages)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:

@@ -124,6 +124,21 @@ def _error(status_body):
     return status, json.loads(body)["error"]
 
 
+def test_a_405_names_every_method_the_path_takes(gateway):
+    """Probed: a 405 carried no Allow header (RFC 9110 requires one), and for a path served
+    by two routes (GET and POST /api/threads/{id}/messages) Starlette's names one route's."""
+    for method, path, allowed in (
+        ("GET", "/v1/chat/completions", {"POST"}),
+        ("DELETE", "/v1/messages", {"POST"}),
+        ("PUT", "/v1/models", {"GET", "HEAD"}),
+        ("PUT", "/api/threads/t1/messages", {"GET", "HEAD", "POST"}),
+        ("DELETE", "/api/chat/r1/events", {"GET", "HEAD"}),
+    ):
+        status, headers, body = request(method, gateway.url + path)
+        assert status == 405 and body, (method, path)
+        assert {m.strip() for m in headers["allow"].split(",")} == allowed, (path, headers.get("allow"))
+
+
 def test_bad_input_gets_clear_json_errors(gateway):
     url = gateway.url + "/api/chat"
     json_ct = {"content-type": "application/json"}

@@ -11,7 +11,8 @@ Requests (`parse_responses`): `input` is a string (one user message) or a list o
 messages (`role` user / assistant / system / developer — developer is system — with a
 string or `input_text` / `output_text` parts), `function_call` items (an assistant's
 OpenAI-style `tool_calls`) and `function_call_output` items (`tool` messages), which is the
-normalized body's shape for tools; `reasoning` items are dropped; any other item or part
+normalized body's shape for tools; `reasoning` items are dropped (an input of
+nothing else is refused: no conversation is left to send); any other item or part
 (images, files, ...) is refused with 422 naming it. `instructions` becomes the first
 system message; `max_output_tokens` is `max_tokens`; `temperature`, `top_p` are passed
 on; function `tools` ({type: function, name, description, parameters, strict}) become
@@ -158,7 +159,8 @@ def _items(value) -> list[dict]:
             raise _refuse(where, "must be an object")
         kind = item.get("type", "message")
         if kind == "message":
-            role = ROLES.get(item.get("role"))
+            role = item.get("role")
+            role = ROLES.get(role) if isinstance(role, str) else None  # a list or object: not a key
             if role is None:
                 raise _refuse(f"{where}.role", "must be user, assistant, system or developer")
             content = _content(item.get("content"), f"{where}.content", images=role == "user")
@@ -187,6 +189,8 @@ def _items(value) -> list[dict]:
             continue
         else:
             raise _refuse(f"{where}.type", f"{kind!r} items are not supported")
+    if not out:  # reasoning items only: no conversation to send (chat refuses empty messages)
+        raise _refuse("input", "must hold a message or function call item (reasoning items are not sent)")
     return out
 
 

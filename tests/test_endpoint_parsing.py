@@ -191,6 +191,12 @@ def test_consecutive_function_calls_share_one_assistant_turn():
         ({"input": [{"type": "file_search_call"}]}, "input[0].type"),
         ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0]"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        # an unhashable role was looked up in a dict: TypeError, a 500 (probed)
+        ({"input": [{"type": "message", "role": ["user"], "content": "hi"}]}, "input[0].role"),
+        ({"input": [{"role": {"a": 1}, "content": "hi"}]}, "input[0].role"),
+        # only reasoning items: nothing left to send (chat refuses empty messages too)
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+        ({"input": [{"type": "reasoning"}], "instructions": "be brief"}, "input"),
     ],
 )
 def test_responses_bad_requests_name_the_field(data, field):

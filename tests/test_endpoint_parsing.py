@@ -197,6 +197,12 @@ def test_consecutive_function_calls_share_one_assistant_turn():
         # only reasoning items: nothing left to send (chat refuses empty messages too)
         ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
         ({"input": [{"type": "reasoning"}], "instructions": "be brief"}, "input"),
+        # values of a type OpenAI's API does not take went upstream as sent (chat refuses them)
+        ({"input": "x", "user": 5}, "user"),
+        ({"input": "x", "service_tier": ["auto"]}, "service_tier"),
+        ({"input": "x", "prompt_cache_key": {}}, "prompt_cache_key"),
+        ({"input": "x", "reasoning": {"effort": {"level": "high"}}}, "reasoning.effort"),
+        ({"input": "x", "text": {"verbosity": 3}}, "text.verbosity"),
     ],
 )
 def test_responses_bad_requests_name_the_field(data, field):

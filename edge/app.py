@@ -38,7 +38,7 @@ from edge.api_keys import (
     stream_tokens,
 )
 from edge.bridge import ActorBridge, BridgeError
-from edge.chat_request import RequestError, check_content_type, parse_chat, parse_json
+from edge.chat_request import RequestError, check_content_encoding, check_content_type, parse_chat, parse_json
 from edge.dataplane import HubClients
 from edge.measures import rejected, request_record
 from edge.records import RecordSender
@@ -523,6 +523,7 @@ class Edge:
     # --- helpers ------------------------------------------------------------------------------
     async def json_body(self, request: Request) -> dict:
         check_content_type(request.headers.get("content-type"))
+        check_content_encoding(request.headers.get("content-encoding"))
         return parse_json(await self.read_body(request), self.settings.max_body_bytes)
 
     async def read_body(self, request: Request) -> bytes:

@@ -65,6 +65,17 @@ def check_content_type(content_type: str | None) -> None:
         )
 
 
+def check_content_encoding(encoding: str | None) -> None:
+    """The body is read as sent: a compressed one would be parsed as JSON and refused as
+    malformed (misleading), a plain one labelled compressed served as if it were not. A
+    content coding the edge does not decode is a 415 (RFC 9110, 15.5.16)."""
+    coding = (encoding or "").strip().lower()
+    if coding not in ("", "identity"):
+        raise RequestError(
+            415, "unsupported_media_type", f"content-encoding {coding!r} is not supported: send the body uncompressed"
+        )
+
+
 def parse_json(raw: bytes, limit: int) -> dict:
     if len(raw) > limit:
         raise RequestError(413, "body_too_large", f"request body is {len(raw)} bytes; the limit is {limit}")

@@ -425,6 +425,8 @@ class Edge:
                 "invalid_request",
                 f"Last-Event-ID {after} is not an event of this stream (ids 0..{known - 1} so far)",
             )
+        if request.method == "HEAD":  # safe (RFC 9110): says a GET would resume it, takes nothing
+            return Response(status_code=200, media_type="text/event-stream")
         if not self.streams.resume(admission.sub):  # its deadline passed this very moment
             return error_response(404, "not_found", f"no resumable stream with request id {request_id!r}")
         del self.parked[request_id]

@@ -192,6 +192,20 @@ def presented_key(headers) -> str | None:
     return value or None
 
 
+# The headers that carry a client key (presented_key): each holds one key.
+CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+
+
+def conflicting_credentials(headers) -> str | None:
+    """Why a request's key is ambiguous (`headers`: Starlette's, which keeps repeats), or
+    None: two different values of one credential header. sluice would read the first; a
+    proxy in front may have checked the last, so which key is billed is not guessed."""
+    for name in CREDENTIAL_HEADERS:
+        if len({value.strip() for value in headers.getlist(name)}) > 1:
+            return f"more than one {name} header, with different values: send one key"
+    return None
+
+
 # --- tokens ---------------------------------------------------------------------------------
 
 

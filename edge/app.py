@@ -22,14 +22,23 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from actors import secret as cluster_secret
 from edge import anthropic_compat, models, openai_compat, tracing
 from edge.admission import Admission
-from edge.api_keys import UNAUTHORIZED, ApiKeys, Denial, KeysFileError, presented_key, stream_tokens
+from edge.api_keys import (
+    UNAUTHORIZED,
+    ApiKeys,
+    ClientKey,
+    Denial,
+    KeysFileError,
+    conflicting_credentials,
+    presented_key,
+    stream_tokens,
+)
 from edge.bridge import ActorBridge, BridgeError
-from edge.chat_request import RequestError, check_content_type, parse_chat, parse_json
+from edge.chat_request import RequestError, check_content_encoding, check_content_type, parse_chat, parse_json
 from edge.dataplane import HubClients
 from edge.measures import rejected, request_record
 from edge.records import RecordSender
@@ -220,7 +229,12 @@ class Edge:
         or answers the 401. Every client route calls this first."""
         request.state.key_id = None
         presented = presented_key(request.headers)
-        found = self.keys.authenticate(presented)
+        conflict = conflicting_credentials(request.headers) if self.keys.enabled else None
+        if conflict is not None:
+            self.keys.failures["invalid"] += 1
+            found: ClientKey | Denial | None = Denial(401, "invalid_request_error", UNAUTHORIZED, conflict)
+        else:
+            found = self.keys.authenticate(presented)
         if isinstance(found, Denial):
             if self.shared_key_limits:
                 self.records.add({"kind": "key_auth_failure", "reason": "missing" if presented is None else "invalid"})
@@ -415,6 +429,8 @@ class Edge:
                 "invalid_request",
                 f"Last-Event-ID {after} is not an event of this stream (ids 0..{known - 1} so far)",
             )
+        if request.method == "HEAD":  # safe (RFC 9110): says a GET would resume it, takes nothing
+            return Response(status_code=200, media_type="text/event-stream")
         if not self.streams.resume(admission.sub):  # its deadline passed this very moment
             return error_response(404, "not_found", f"no resumable stream with request id {request_id!r}")
         del self.parked[request_id]
@@ -513,6 +529,7 @@ class Edge:
     # --- helpers ------------------------------------------------------------------------------
     async def json_body(self, request: Request) -> dict:
         check_content_type(request.headers.get("content-type"))
+        check_content_encoding(request.headers.get("content-encoding"))
         return parse_json(await self.read_body(request), self.settings.max_body_bytes)
 
     async def read_body(self, request: Request) -> bytes:
@@ -564,9 +581,26 @@ def opted_in(request: Request) -> bool:
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed"}
     message = {404: f"no route for {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(_allowed_methods(request))
     return _error_shape(request.url.path)(
-        exc.status_code, codes.get(exc.status_code, "http_error"), message.get(exc.status_code, str(exc.detail))
+        exc.status_code,
+        codes.get(exc.status_code, "http_error"),
+        message.get(exc.status_code, str(exc.detail)),
+        headers or None,
     )
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes on this path (RFC 9110: a 405 names them in Allow).
+    Starlette's own Allow names only the first route that matched the path, and a path may
+    be served by two (GET and POST /api/threads/{id}/messages)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:

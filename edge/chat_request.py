@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from edge.body_limits import BodyError, load_json
 from edge.rejections import Rejection
+from protocols.providers.anthropic_count_tokens import BODY_FIELD as COUNT_TOKENS_FIELD
+from protocols.providers.openai_embeddings import BODY_FIELD as EMBEDDINGS_FIELD
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 # The body fields that are sluice's, not the provider's: they choose where the request goes
@@ -22,6 +24,11 @@ ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 # `model`/`provider` are mapped. (`system`, sluice's shorthand for a leading system message,
 # stays in the body: each adapter turns it into its provider's system prompt.)
 OWNED = ("provider", "model", "thread_id", "coalesce", "resumable", "stream", "stream_options")
+# The normalized body's fields that make a call another kind than chat (an embeddings or a
+# token count call: protocols/providers adapter_for). Only their own routes set them; taken
+# from a chat body as it came, they would turn the chat request into that call, past the
+# route's own checks, answered as an empty chat answer.
+CALL_KIND_FIELDS = (EMBEDDINGS_FIELD, COUNT_TOKENS_FIELD)
 CONTENT_PARTS = ("text", "image_url", "input_audio", "file", "refusal")
 # X-Sluice-Coalesce values that turn coalescing off for one request, whatever the body says.
 COALESCE_OFF = ("off", "0", "false", "no")
@@ -55,6 +62,17 @@ def check_content_type(content_type: str | None) -> None:
     if media != "application/json" and not media.endswith("+json"):
         raise RequestError(
             415, "unsupported_media_type", f"expected content-type application/json, got {media or 'none'!r}"
+        )
+
+
+def check_content_encoding(encoding: str | None) -> None:
+    """The body is read as sent: a compressed one would be parsed as JSON and refused as
+    malformed (misleading), a plain one labelled compressed served as if it were not. A
+    content coding the edge does not decode is a 415 (RFC 9110, 15.5.16)."""
+    coding = (encoding or "").strip().lower()
+    if coding not in ("", "identity"):
+        raise RequestError(
+            415, "unsupported_media_type", f"content-encoding {coding!r} is not supported: send the body uncompressed"
         )
 
 
@@ -258,6 +276,9 @@ def check_openai_types(data: dict) -> None:
 
 
 def parse_chat(data: dict, coalesce_header: str | None = None) -> ChatRequest:
+    for name in CALL_KIND_FIELDS:
+        if name in data:
+            raise RequestError(400, "unsupported_parameter", f"'{name}' is not a chat parameter")
     messages = validate_messages(data.get("messages"))
     check_number(data, "temperature", 2, refuse_field)
     check_number(data, "top_p", 1, refuse_field)

@@ -11,7 +11,8 @@ Requests (`parse_responses`): `input` is a string (one user message) or a list o
 messages (`role` user / assistant / system / developer — developer is system — with a
 string or `input_text` / `output_text` parts), `function_call` items (an assistant's
 OpenAI-style `tool_calls`) and `function_call_output` items (`tool` messages), which is the
-normalized body's shape for tools; `reasoning` items are dropped; any other item or part
+normalized body's shape for tools; `reasoning` items are dropped (an input of
+nothing else is refused: no conversation is left to send); any other item or part
 (images, files, ...) is refused with 422 naming it. `instructions` becomes the first
 system message; `max_output_tokens` is `max_tokens`; `temperature`, `top_p` are passed
 on; function `tools` ({type: function, name, description, parameters, strict}) become
@@ -22,7 +23,8 @@ silently): `text.format` is `response_format` (json_object; json_schema's flat `
 `schema`, `description`, `strict` nested under `json_schema`; `text` is nothing),
 `text.verbosity` is `verbosity`, `reasoning.effort` is `reasoning_effort`; `user`,
 `metadata`, `parallel_tool_calls`, `service_tier`, `safety_identifier`,
-`prompt_cache_key`, `prompt_cache_retention` keep their names. sluice stores no
+`prompt_cache_key`, `prompt_cache_retention` keep their names (a value of a type
+OpenAI does not take is a 422 naming it, as on chat). sluice stores no
 responses: `store` is accepted and ignored (answers are never retrievable), and what
 needs stored state (`previous_response_id`, `conversation`, `prompt`, `background`) is
 refused (422). Accepted and ignored, as they ask nothing of the model: `include`,
@@ -76,6 +78,9 @@ SAME_NAME = (
     "prompt_cache_key",
     "prompt_cache_retention",
 )
+# Of those, the ones OpenAI's API takes as strings only (a value of another type is refused
+# here, as chat's OPENAI_TYPES refuses it, rather than sent upstream as it came).
+STRING_FIELDS = ("user", "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention")
 # Fields read or mapped by parse_responses (sluice's own `coalesce` included).
 MAPPED = (
     "model",
@@ -158,7 +163,8 @@ def _items(value) -> list[dict]:
             raise _refuse(where, "must be an object")
         kind = item.get("type", "message")
         if kind == "message":
-            role = ROLES.get(item.get("role"))
+            role = item.get("role")
+            role = ROLES.get(role) if isinstance(role, str) else None  # a list or object: not a key
             if role is None:
                 raise _refuse(f"{where}.role", "must be user, assistant, system or developer")
             content = _content(item.get("content"), f"{where}.content", images=role == "user")
@@ -187,6 +193,8 @@ def _items(value) -> list[dict]:
             continue
         else:
             raise _refuse(f"{where}.type", f"{kind!r} items are not supported")
+    if not out:  # reasoning items only: no conversation to send (chat refuses empty messages)
+        raise _refuse("input", "must hold a message or function call item (reasoning items are not sent)")
     return out
 
 
@@ -290,6 +298,8 @@ def _text_fields(text) -> dict:
     if unknown:
         raise RequestError(400, "unsupported_parameter", f"'text.{unknown[0]}' is not supported on /v1/responses")
     if text.get("verbosity") is not None:
+        if not isinstance(text["verbosity"], str):
+            raise _refuse("text.verbosity", "must be a string (low, medium or high)")
         fields["verbosity"] = text["verbosity"]
     fmt = text.get("format")
     if fmt is None:
@@ -314,7 +324,10 @@ def _reasoning_fields(reasoning) -> dict:
         return {}
     if not isinstance(reasoning, dict):
         raise _refuse("reasoning", "must be an object ({effort, summary})")
-    return {"reasoning_effort": reasoning["effort"]} if reasoning.get("effort") is not None else {}
+    effort = reasoning.get("effort")
+    if effort is not None and not isinstance(effort, str):
+        raise _refuse("reasoning.effort", "must be a string (minimal, low, medium or high)")
+    return {"reasoning_effort": effort} if effort is not None else {}
 
 
 def _same_name_fields(data: dict) -> dict:
@@ -322,6 +335,9 @@ def _same_name_fields(data: dict) -> dict:
         raise _refuse("metadata", "must be an object")
     if data.get("parallel_tool_calls") is not None and not isinstance(data["parallel_tool_calls"], bool):
         raise _refuse("parallel_tool_calls", "must be true or false")
+    for name in STRING_FIELDS:
+        if data.get(name) is not None and not isinstance(data[name], str):
+            raise _refuse(name, "must be a string")
     return {name: data[name] for name in SAME_NAME if data.get(name) is not None}
 
 

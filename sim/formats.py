@@ -360,7 +360,8 @@ def _forced_tool(choice: Any, tools: list[dict]) -> dict | None:
     """The tool a `tool_choice` forces (a named function, or "required": the first), else None."""
     if choice == "required" and tools:
         return tools[0]
-    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None  # any other shape forces nothing
     return next((t for t in tools if t.get("name") == name), None) if name else None
 
 

@@ -14,6 +14,7 @@ from edge.api_keys import (
     ClientKey,
     Denial,
     KeysFileError,
+    conflicting_credentials,
     hash_key,
     parse_keys,
     presented_key,
@@ -100,6 +101,23 @@ def test_the_key_arrives_as_bearer_or_x_api_key():
     assert presented_key({"authorization": "Basic abc"}) is None
     assert presented_key({"authorization": "Bearer "}) is None
     assert presented_key({}) is None
+
+
+def test_two_different_keys_in_one_request_are_a_conflict():
+    """A proxy in front may check the last of two Authorization headers while sluice reads
+    the first: two different values of one credential header are refused, not guessed."""
+    from starlette.datastructures import Headers
+
+    def headers(*pairs):
+        return Headers(raw=[(k.encode(), v.encode()) for k, v in pairs])
+
+    for name in ("authorization", "x-api-key"):
+        value = "Bearer sk-%s" if name == "authorization" else "sk-%s"
+        problem = conflicting_credentials(headers((name, value % "a"), (name, value % "b")))
+        assert problem is not None and name in problem
+        assert conflicting_credentials(headers((name, value % "a"), (name, value % "a"))) is None
+    assert conflicting_credentials(headers(("authorization", "Bearer sk-a"), ("x-api-key", "sk-b"))) is None
+    assert conflicting_credentials(headers()) is None
 
 
 # --- authentication and models ------------------------------------------------------------

@@ -97,6 +97,27 @@ def test_no_key_or_a_wrong_key_is_401_in_openai_shape(gw):
     assert "sk-wrong" not in gw.output()
 
 
+def test_two_different_keys_in_one_request_are_refused(gw):
+    """Probed: with two Authorization (or x-api-key) headers the first was used, whatever a
+    proxy in front had checked; now a 401 naming the conflict, on every client route."""
+    import httpx
+
+    pairs = (
+        [("authorization", "Bearer sk-team-a"), ("authorization", "Bearer sk-team-b")],
+        [("authorization", "Bearer sk-wrong"), ("authorization", "Bearer sk-team-a")],
+        [("x-api-key", "sk-team-a"), ("x-api-key", "sk-team-b")],
+    )
+    with httpx.Client(base_url=gw.url, timeout=20) as client:
+        for headers in pairs:
+            for path in ("/api/chat", "/v1/chat/completions", "/v1/messages"):
+                response = client.post(path, json=chat_body("hi"), headers=headers)
+                assert response.status_code == 401, (path, headers, response.text)
+                assert "more than one" in response.text  # in the route's own format
+            assert client.get("/v1/models", headers=headers).status_code == 401
+        same = [("authorization", "Bearer sk-team-a"), ("authorization", "Bearer sk-team-a")]
+        assert client.get("/v1/models", headers=same).status_code == 200
+
+
 def test_the_openai_sdk_sees_authentication_errors_and_streams_with_a_key(gw):
     with openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-wrong", max_retries=0, timeout=20) as bad:
         with pytest.raises(openai.AuthenticationError) as info:

@@ -191,6 +191,18 @@ def test_consecutive_function_calls_share_one_assistant_turn():
         ({"input": [{"type": "file_search_call"}]}, "input[0].type"),
         ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0]"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        # an unhashable role was looked up in a dict: TypeError, a 500 (probed)
+        ({"input": [{"type": "message", "role": ["user"], "content": "hi"}]}, "input[0].role"),
+        ({"input": [{"role": {"a": 1}, "content": "hi"}]}, "input[0].role"),
+        # only reasoning items: nothing left to send (chat refuses empty messages too)
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+        ({"input": [{"type": "reasoning"}], "instructions": "be brief"}, "input"),
+        # values of a type OpenAI's API does not take went upstream as sent (chat refuses them)
+        ({"input": "x", "user": 5}, "user"),
+        ({"input": "x", "service_tier": ["auto"]}, "service_tier"),
+        ({"input": "x", "prompt_cache_key": {}}, "prompt_cache_key"),
+        ({"input": "x", "reasoning": {"effort": {"level": "high"}}}, "reasoning.effort"),
+        ({"input": "x", "text": {"verbosity": 3}}, "text.verbosity"),
     ],
 )
 def test_responses_bad_requests_name_the_field(data, field):
@@ -301,6 +313,19 @@ def test_embeddings_request_and_its_coalescing_key():
     ):
         with pytest.raises(RequestError):
             parse_embeddings(bad)
+
+
+@pytest.mark.parametrize("field", ["embeddings", "count_tokens"])
+def test_a_chat_body_cannot_name_another_kind_of_call(field):
+    """`embeddings` / `count_tokens` in a normalized body pick another adapter (adapter_for):
+    taken from a chat body as it came, they turned a chat request into an embeddings or a
+    count call (an empty 200 answer), past the embeddings route's provider check."""
+    data = {"model": "m", "messages": [{"role": "user", "content": "hi"}], field: {"input": "x"}}
+    with pytest.raises(RequestError) as info:
+        parse_chat(data)
+    assert info.value.status == 400 and info.value.code == "unsupported_parameter" and field in info.value.message
+    with pytest.raises(RequestError):
+        parse_openai(data, None)
 
 
 def test_embeddings_adapter_reads_one_json_body_split_anywhere():

@@ -124,6 +124,36 @@ def _error(status_body):
     return status, json.loads(body)["error"]
 
 
+def test_a_405_names_every_method_the_path_takes(gateway):
+    """Probed: a 405 carried no Allow header (RFC 9110 requires one), and for a path served
+    by two routes (GET and POST /api/threads/{id}/messages) Starlette's names one route's."""
+    for method, path, allowed in (
+        ("GET", "/v1/chat/completions", {"POST"}),
+        ("DELETE", "/v1/messages", {"POST"}),
+        ("PUT", "/v1/models", {"GET", "HEAD"}),
+        ("PUT", "/api/threads/t1/messages", {"GET", "HEAD", "POST"}),
+        ("DELETE", "/api/chat/r1/events", {"GET", "HEAD"}),
+    ):
+        status, headers, body = request(method, gateway.url + path)
+        assert status == 405 and body, (method, path)
+        assert {m.strip() for m in headers["allow"].split(",")} == allowed, (path, headers.get("allow"))
+
+
+def test_a_compressed_body_is_a_415_not_malformed_json(gateway):
+    """Probed: `Content-Encoding: gzip` was ignored, so a gzipped body was a 400
+    malformed_json (misleading) and a plain one with the header was served as if unsent."""
+    import gzip
+
+    body = json.dumps(chat_body("hi")).encode()
+    for path in ("/api/chat", "/v1/chat/completions", "/v1/messages", "/v1/embeddings", "/v1/responses"):
+        for payload in (gzip.compress(body), body):
+            headers = {"content-type": "application/json", "content-encoding": "gzip"}
+            status, _, raw = request("POST", gateway.url + path, payload, headers)
+            assert status == 415 and "content-encoding" in raw.decode(), (path, status, raw[:200])
+    headers = {"content-type": "application/json", "content-encoding": "identity"}
+    assert request("POST", gateway.url + "/v1/chat/completions", body, headers)[0] == 200
+
+
 def test_bad_input_gets_clear_json_errors(gateway):
     url = gateway.url + "/api/chat"
     json_ct = {"content-type": "application/json"}

@@ -177,6 +177,20 @@ def test_invalid_requests_are_openai_errors(client, gateway):
         assert got == status and set(error) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.parametrize("field", ["embeddings", "count_tokens"])
+def test_a_chat_body_cannot_turn_into_another_kind_of_call(gateway, field):
+    """Probed: a chat body carrying the normalized body's marker of an embeddings or count
+    call was sent upstream as that call and answered 200 with empty content."""
+    text = unique("tokens=3")
+    body = {"model": "sim-1", "messages": user(text), field: {"input": text, "messages": user(text)}}
+    status, _, raw = request("POST", gateway.url + "/v1/chat/completions", body, {"content-type": "application/json"})
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["code"] == "unsupported_parameter" and field in error["message"]
+    status, _, raw = request("POST", gateway.url + "/api/chat", body, {"content-type": "application/json"})
+    assert status == 400 and json.loads(raw)["error"]["code"] == "unsupported_parameter"
+    assert sim_calls(gateway, text) == []  # nothing went upstream
+
+
 def test_upstream_errors(client):
     # Streaming: the failure arrives after the 200, as OpenAI's in-band error frame.
     with pytest.raises(openai.APIError) as info:

@@ -137,6 +137,11 @@ def test_errors(client):
     assert "input[0].content[0]" in info.value.message and info.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.UnprocessableEntityError):
         client.responses.create(model="sim-1", input="hi", previous_response_id="resp_1")
+    with pytest.raises(openai.UnprocessableEntityError) as info:  # was a 500: an unhashable role
+        client.responses.create(model="sim-1", input=[{"role": ["user"], "content": "hi"}])
+    assert "input[0].role" in info.value.message
+    with pytest.raises(openai.UnprocessableEntityError):  # was sent upstream with no message at all
+        client.responses.create(model="sim-1", input=[{"type": "reasoning", "id": "rs_1", "summary": []}])
     with pytest.raises(openai.InternalServerError):
         client.responses.create(model="sim-1", input=unique("fail=500"))
     events = list(client.responses.create(model="sim-1", input=unique("tokens=8 fail=error_mid"), stream=True))

@@ -156,6 +156,30 @@ def test_only_the_key_that_owns_a_request_may_resume_it(gw):
     assert len(calls_for(gw, text)) == 1
 
 
+def test_a_head_says_a_stream_can_be_resumed_without_taking_it(gw):
+    """Probed: HEAD (which Starlette adds to every GET route) resumed the parked stream into
+    a response with no body, so the owner's GET that followed found nothing: 404."""
+    text, body = prompt("head", 40, 40)
+    request_id, first = start_and_drop(gw, {**body, "resumable": True}, 5)
+    url = f"{gw.url}/api/chat/{request_id}/events"
+    heads: list = []
+
+    def head_ok() -> bool:
+        heads.append(request("HEAD", url, headers=auth(**{"last-event-id": "4"})))
+        return heads[-1][0] != 409  # the dropped connection not seen yet
+
+    wait_until(head_ok, timeout=GRACE_S, message="the dropped connection was seen")
+    status, headers, content = heads[-1]
+    assert status == 200 and headers["content-type"].startswith("text/event-stream") and content == b""
+    assert request("HEAD", url, headers=auth("b"))[0] == 404  # another key's: as unknown
+    assert request("HEAD", url, headers=auth(**{"last-event-id": "999"}))[0] == 422
+    stream = resume(gw, request_id, 4)  # still parked: the GET gets the rest
+    rest = stream.rest()
+    stream.close()
+    assert [i for i, _ in rest] == list(range(5, 5 + len(rest))) and rest[-1][1]["type"] == "done"
+    assert len(calls_for(gw, text)) == 1
+
+
 def test_a_stream_that_finished_while_parked_gives_its_tail(gw):
     text, body = prompt("finished", 8, 30)
     request_id, first = start_and_drop(gw, {**body, "resumable": True}, 3)

@@ -163,6 +163,29 @@ def test_ollama_streams_when_stream_is_not_given():
     run(test)
 
 
+def test_a_tool_choice_of_an_odd_shape_is_no_sim_failure():
+    """Probed through the gateway: a `tool_choice` whose `function` is not an object (the
+    edge passes it on as sent) made the sim answer 500 "simulated provider bug"."""
+
+    async def test(sim):
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        async with pool_for("h2") as pool:
+            for function in (True, "f", [1], None):
+                body = {
+                    "model": "m",
+                    "messages": [{"role": "user", "content": "hi #sim tokens=2"}],
+                    "tools": tools,
+                    "tool_choice": {"type": "function", "function": function},
+                    "stream": True,
+                }
+                response = await pool.request(
+                    "POST", sim.url + "/v1/chat/completions", content=json.dumps(body).encode()
+                )
+                assert response.status == 200, (function, response.content[:200])
+
+    run(test)
+
+
 # Where each API puts the text of a non-streamed answer.
 COMPLETE_TEXT = {
     "openai": lambda o: o["choices"][0]["message"]["content"],

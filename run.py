@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import stat
 import sys
 import threading
 from dataclasses import replace
@@ -102,10 +103,21 @@ SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 d
 
 
 def _sqlite_file_problem(path: str) -> str | None:
-    """Why SQLite could not open or create a database at `path`, or None."""
-    if os.path.isdir(path):
-        return "is a directory"
-    if os.path.exists(path):
+    """Why the thread store could not open or create a database at `path`, or None. The
+    store opens it in WAL mode: SQLite writes `-wal` and `-shm` files beside it, so the
+    folder must be writable too."""
+    path = os.path.realpath(path)  # a symlink's target is what SQLite opens or creates
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            return "is a directory"
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read below for ever
+            return "is not a regular file"
         try:
             with open(path, "rb") as f:
                 head = f.read(len(SQLITE_HEADER))
@@ -113,13 +125,14 @@ def _sqlite_file_problem(path: str) -> str | None:
             return exc.strerror or str(exc)
         if head and head != SQLITE_HEADER:  # an empty file is one SQLite makes a database of
             return "is not an SQLite database"
-        return None if os.access(path, os.W_OK) else "is not writable"
-    folder = os.path.dirname(os.path.abspath(path))
+        if not os.access(path, os.W_OK):
+            return "is not writable"
+    folder = os.path.dirname(path)
     while not os.path.exists(folder):  # the store makes the missing folders
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         return f"{folder} is not a directory"
-    return None if os.access(folder, os.W_OK | os.X_OK) else f"cannot create it: {folder} is not writable"
+    return None if os.access(folder, os.W_OK | os.X_OK) else f"{folder} is not writable (SQLite writes beside the file)"
 
 
 def serve(settings: Settings) -> int:

@@ -20,9 +20,10 @@ TurnEnd, so that a reply nobody will end does not stay "streaming":
     MemberLost(edge)  the replies only that edge streamed are marked "interrupted" (their
                       clients saw the stream cut; its text so far died with the edge).
     TurnAbandon       the edge stopped waiting for a TurnBegin's answer (the store was
-                      busy or frozen past the ask's 5 s) and answered its client 503: a
+                      busy or frozen past the ask's 5 s) and answered its client 503, or
+                      the request was refused at admission after its turn was stored: a
                       turn it stored that nobody else joined is deleted again, and one
-                      that arrives after the abandon is refused, so a 503 stores nothing.
+                      that arrives after the abandon is refused, so a refusal stores nothing.
 
 A turn's history is what goes upstream as one request body, so it is held to the limit a
 client's own body is (`SLUICE_MAX_BODY_BYTES`): a new turn that would take the stored

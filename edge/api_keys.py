@@ -185,11 +185,12 @@ def hash_key(key: str) -> str:
 
 def presented_key(headers) -> str | None:
     """The key a request carries: `Authorization: Bearer <key>`, else `x-api-key: <key>`."""
-    scheme, _, value = (headers.get("authorization") or "").strip().partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    value = (headers.get("x-api-key") or "").strip()
-    return value or None
+    return _bearer(headers.get("authorization") or "") or (headers.get("x-api-key") or "").strip() or None
+
+
+def _bearer(value: str) -> str | None:
+    scheme, _, key = value.strip().partition(" ")
+    return key.strip() or None if scheme.lower() == "bearer" else None
 
 
 # The headers that carry a client key (presented_key): each holds one key.
@@ -199,9 +200,12 @@ CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 def conflicting_credentials(headers) -> str | None:
     """Why a request's key is ambiguous (`headers`: Starlette's, which keeps repeats), or
     None: two different values of one credential header. sluice would read the first; a
-    proxy in front may have checked the last, so which key is billed is not guessed."""
+    proxy in front may have checked the last, so which key is billed is not guessed. The
+    keys are compared, not the raw values: `Bearer k` and `bearer  k` are one key."""
     for name in CREDENTIAL_HEADERS:
-        if len({value.strip() for value in headers.getlist(name)}) > 1:
+        values = headers.getlist(name)
+        keys = {_bearer(v) or v.strip() for v in values} if name == "authorization" else {v.strip() for v in values}
+        if len(keys) > 1:
             return f"more than one {name} header, with different values: send one key"
     return None
 

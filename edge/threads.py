@@ -96,7 +96,7 @@ class ThreadRoutes:
             # a refused message kept in the thread went upstream with every later turn, and
             # the client's retry stored it twice.
             self._release(assistant_id)
-            await edge.bridge.tell("threads", m.TurnAbandon(token))
+            edge.streams.spawn(edge.bridge.tell("threads", m.TurnAbandon(token)))  # the client's answer stays its own
             return rejection_response(exc)
         except BaseException:  # the client went away while being admitted
             if self._release(assistant_id):

@@ -414,8 +414,9 @@ class TurnEnded:
 @message("turn_abandon")
 class TurnAbandon:
     """Edge -> thread store (a tell): the TurnBegin named `token` was not answered in time
-    and its client got a 503, so the turn must not stay stored: undone if the store did it
-    (unless another request joined it), refused if it arrives later."""
+    (its client got a 503), or its request was then refused at admission (429, 422, 503):
+    the turn must not stay stored. Undone if the store did it (unless another request
+    joined it), refused if it arrives later."""
 
     token: str
 

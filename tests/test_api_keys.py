@@ -118,6 +118,22 @@ def test_two_different_keys_in_one_request_are_a_conflict():
         assert conflicting_credentials(headers((name, value % "a"), (name, value % "a"))) is None
     assert conflicting_credentials(headers(("authorization", "Bearer sk-a"), ("x-api-key", "sk-b"))) is None
     assert conflicting_credentials(headers()) is None
+    # One key spelt twice (a proxy that re-adds the header its own way) is one key.
+    assert (
+        conflicting_credentials(headers(("authorization", "Bearer sk-a"), ("authorization", "bearer  sk-a "))) is None
+    )
+
+
+def test_the_presented_key_is_the_bearer_else_x_api_key():
+    from starlette.datastructures import Headers
+
+    def key(**h):
+        return presented_key(Headers({k.replace("_", "-"): v for k, v in h.items()}))
+
+    assert key(authorization="Bearer sk-a", x_api_key="sk-b") == "sk-a"
+    assert key(authorization="bearer   sk-a ") == "sk-a"
+    assert key(authorization="Basic dXNlcg==", x_api_key=" sk-b ") == "sk-b"
+    assert key(authorization="Bearer ") is None and key() is None
 
 
 # --- authentication and models ------------------------------------------------------------

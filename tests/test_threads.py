@@ -214,7 +214,7 @@ def test_a_send_refused_at_admission_stores_nothing(gateway):
     refused = {"content": "refused\n#sim tokens=2", "model": "m" * 300}
     status, _, body = request("POST", f"{gateway.url}/api/threads/{thread}/messages", refused)
     assert status == 422, body
-    assert messages(gateway.url, thread) == []
+    wait_until(lambda: messages(gateway.url, thread) == [], timeout=10, message="the refused turn to be undone")
     second = f"kept {uuid.uuid4().hex}\n#sim tokens=2"
     status, _, events = stream_chat(f"{gateway.url}/api/threads/{thread}/messages", {"content": second})
     assert status == 200 and data_events(events)[-1]["type"] == "done"

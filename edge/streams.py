@@ -231,11 +231,12 @@ class LocalStreams:
             return
         self._apply(self.logic.listened(flight))
 
-    def spawn(self, coro) -> None:
+    def spawn(self, coro) -> asyncio.Task:
         """Cancels are owned here and awaited on shutdown: nothing runs detached."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)

@@ -30,6 +30,9 @@ from protocols import messages as m
 log = logging.getLogger("sluice.edge.threads")
 
 PER_CLIENT_CODES = ("cancelled", "shutting_down")  # end one client's stream, not the reply
+# How long a send waits for the delivery of an earlier send's TurnAbandon on its thread
+# (one to a frozen store is delivered only once it thaws; the TurnBegin would wait as long).
+ABANDON_WAIT_S = 5.0
 
 
 class ThreadRoutes:
@@ -37,6 +40,7 @@ class ThreadRoutes:
         self.edge = edge
         self.listeners: dict[int, int] = {}  # assistant message id -> clients on this edge
         self.finals: dict[int, asyncio.Future] = {}  # assistant message id -> its final write
+        self.abandoning: dict[str, asyncio.Task] = {}  # thread id -> its TurnAbandon, until delivered
 
     async def create(self, request: Request):
         if (denied := self.edge.authenticate(request)) is not None:
@@ -77,7 +81,8 @@ class ThreadRoutes:
                 return error_response(422, "invalid_request", f"'{name}' must be a string")
         thread_id = request.path_params["thread_id"]
         token = secrets.token_hex(8)
-        turn = await self._ask(m.TurnBegin(thread_id, content, request.state.key_id, edge.edge_id, token), token)
+        await self._abandoned_first(thread_id)
+        turn = await self._ask(m.TurnBegin(thread_id, content, request.state.key_id, edge.edge_id, token))
         if not isinstance(turn, m.TurnBegun):
             return turn
         assistant_id = turn.assistant_id
@@ -96,7 +101,7 @@ class ThreadRoutes:
             # a refused message kept in the thread went upstream with every later turn, and
             # the client's retry stored it twice.
             self._release(assistant_id)
-            edge.streams.spawn(edge.bridge.tell("threads", m.TurnAbandon(token)))  # the client's answer stays its own
+            self._abandon(thread_id, token)
             return rejection_response(exc)
         except BaseException:  # the client went away while being admitted
             if self._release(assistant_id):
@@ -155,14 +160,29 @@ class ThreadRoutes:
         self.listeners[assistant_id] = left
         return False
 
-    async def _ask(self, msg, abandon: str | None = None):
-        """The store's answer, or the error response to give. `abandon`: the TurnBegin's
-        token, to undo the turn if the store does it after this request stopped waiting."""
+    def _abandon(self, thread_id: str, token: str) -> None:
+        """Undo turn `token` at the store (unless another request joined it). A task, so the
+        client's answer stays its own whatever the tell meets; the thread's next send on this
+        edge waits for its delivery (`_abandoned_first`)."""
+        task = self.edge.streams.spawn(self.edge.bridge.tell("threads", m.TurnAbandon(token)))
+        self.abandoning[thread_id] = task
+        task.add_done_callback(lambda done: self.abandoning.get(thread_id) is done and self.abandoning.pop(thread_id))
+
+    async def _abandoned_first(self, thread_id: str) -> None:
+        """A send right after a refused one (the client's retry) must not overtake the
+        refused turn's TurnAbandon: its TurnBegin would take the undone message into the
+        history it sends upstream. A tell returns once the store has the message."""
+        if (pending := self.abandoning.get(thread_id)) is not None:
+            await asyncio.wait([pending], timeout=ABANDON_WAIT_S)  # its failure: logged by spawn
+
+    async def _ask(self, msg):
+        """The store's answer, or the error response to give. A TurnBegin the store may do
+        after this request stopped waiting is undone (`_abandon`)."""
         try:
             return await self.edge.bridge.ask("threads", msg, timeout=5.0)
         except BaseException as exc:
-            if abandon is not None and isinstance(exc, (BridgeTimeout, asyncio.CancelledError)):
-                self.edge.streams.spawn(self.edge.bridge.tell("threads", m.TurnAbandon(abandon)))
+            if isinstance(msg, m.TurnBegin) and isinstance(exc, (BridgeTimeout, asyncio.CancelledError)):
+                self._abandon(msg.thread_id, msg.token)
             if not isinstance(exc, BridgeError):
                 raise
             if exc.code == "thread_not_found":

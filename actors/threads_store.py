@@ -322,7 +322,10 @@ class ThreadStoreActor(HostActor):
         if isinstance(msg, m.TurnAbandon):
             if (unstreamed := self.listeners.abandon(msg.token)) is not None:
                 if self.store.unbegin(*unstreamed):
-                    log.warning("a turn stored after its request gave up waiting was deleted (reply %d)", unstreamed[0])
+                    # Routine since a refused send (a 429 under load) is undone this way too.
+                    log.info(
+                        "a turn whose request was refused or gave up waiting was deleted (reply %d)", unstreamed[0]
+                    )
             return []
         if isinstance(msg, m.TurnEnd):
             self.listeners.ended(msg.assistant_id)
